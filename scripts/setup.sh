@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vinfra and its tests need. Idempotent; run as root.
+#
+# Why backports: the machine ships qemu-utils 10 from bookworm-backports, and
+# bookworm's qemu-system-x86 (7.2) conflicts with it — a plain
+# `apt-get install qemu-system-x86` would REMOVE qemu-img/qemu-nbd. So QEMU comes
+# from the same suite as qemu-utils. (See docs/OPERATIONS.md.)
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+need() { for b in "$@"; do command -v "$b" >/dev/null 2>&1 || return 1; done; }
+
+# Never let a package postinst start a daemon on default ports (etcd would
+# grab 127.0.0.1:2379): tests start their own on free ports.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod +x /usr/sbin/policy-rc.d
+fi
+
+BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc"
+if need $BINS && [ -x /bin/busybox ] && busybox --list | grep -qx cpio; then
+  echo "setup: all packages present"
+else
+  $SUDO apt-get update -qq
+  sfx=""
+  if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q 'bpo'; then
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      S=/etc/apt/sources.list.d/debian.sources
+      uri=$(awk '/^URIs:/{print $2; exit}' "$S" 2>/dev/null || true)
+      key=$(awk '/^Signed-By:/{print $2; exit}' "$S" 2>/dev/null || true)
+      [ -n "$uri" ] || { echo "setup: cannot find the Debian mirror in $S" >&2; exit 1; }
+      printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+        "$uri" "${key:-/usr/share/keyrings/debian-archive-keyring.gpg}" |
+        $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null
+      $SUDO apt-get update -qq
+    fi
+    sfx="-t bookworm-backports"
+  fi
+  # shellcheck disable=SC2086
+  $SUDO apt-get install -y -qq --no-install-recommends $sfx qemu-system-x86 qemu-utils >/dev/null
+  $SUDO apt-get install -y -qq --no-install-recommends \
+    busybox-static nbdkit libnbd-bin fio socat etcd-server etcd-client iproute2 iputils-ping \
+    xz-utils cpio gzip protobuf-compiler >/dev/null
+fi
+
+# Both halves of QEMU must be present: the conflict above is silent otherwise.
+for b in $BINS; do
+  command -v "$b" >/dev/null 2>&1 || { echo "setup: $b missing after install" >&2; exit 1; }
+done
+echo "setup: $(qemu-system-x86_64 --version | head -1); $(qemu-img --version | head -1)"
