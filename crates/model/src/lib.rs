@@ -1,1 +1,23 @@
-//! model
+//! The domain types of vinfra: typed ids, hosts, images, VMs, tenants and
+//! tokens, and the rules that make a value valid.
+//!
+//! Owns: the shapes stored in the state store and sent over the REST API
+//! ([`api`] holds the request/response bodies), and validation that names the
+//! offending field (`vcpus: must be between 1 and 64, got 0`).
+//! Must not depend on: any I/O (no tokio, no store, no HTTP stack). Clocks are
+//! passed in as unix milliseconds so that every rule here is a pure function.
+#![warn(missing_docs)]
+
+pub mod api;
+mod ids;
+mod types;
+mod validate;
+
+pub use ids::{HostId, IdParseError, ImageId, TenantId, VmId};
+pub use types::{
+    DesiredState, Host, HostState, Image, ObservedState, Role, Tenant, TokenRecord, Vm,
+};
+pub use validate::{
+    validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range, Name,
+    ValidationError,
+};

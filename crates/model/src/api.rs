@@ -1,0 +1,494 @@
+//! REST wire bodies of the control-plane API, shared by the server (`api`)
+//! and the typed client (`client`).
+//!
+//! Requests reject unknown fields so that a typo (`vcpu`) is an error rather
+//! than a silently ignored field; each has a `validate` that checks the rules
+//! the type system cannot, naming the field.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{
+    validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range,
+    DesiredState, Image, Name, ObservedState, Role, Tenant, TenantId, ValidationError, Vm,
+};
+
+/// Most vCPUs one VM may have.
+pub const MAX_VCPUS: u32 = 64;
+/// Least memory one VM may have, MiB.
+pub const MIN_VM_MEMORY_MIB: u64 = 16;
+/// Most memory one VM may have, MiB (1 TiB).
+pub const MAX_VM_MEMORY_MIB: u64 = 1 << 20;
+/// Most CPUs a host may offer.
+pub const MAX_HOST_CPUS: u32 = 4096;
+/// Most memory a host may offer, MiB (64 TiB).
+pub const MAX_HOST_MEMORY_MIB: u64 = 1 << 26;
+/// Most disk a host may offer, GiB (1 PiB).
+pub const MAX_HOST_DISK_GIB: u64 = 1 << 20;
+/// Largest image disk, MiB (16 TiB).
+pub const MAX_DISK_MIB: u64 = 1 << 24;
+/// Most drivers a host may list.
+pub const MAX_DRIVERS: usize = 16;
+/// Largest console tail an agent may report, bytes. The server keeps only
+/// the latest tail per VM, in memory.
+pub const MAX_CONSOLE_TAIL: usize = 64 * 1024;
+/// Longest error text an agent may report, bytes.
+pub const MAX_ERROR_LEN: usize = 4096;
+
+/// An RFC 9457 problem document: the body of every error response
+/// (`Content-Type: application/problem+json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// A URN naming the class of problem, e.g. `urn:vinfra:problem:validation`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Short summary of the class (the HTTP reason phrase).
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What was wrong with this request, naming the field when there is one.
+    pub detail: String,
+}
+
+/// `POST /v1/tenants`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    /// Unique tenant name.
+    pub name: String,
+}
+
+impl CreateTenant {
+    /// Checks the name.
+    pub fn validate(&self) -> Result<Name, ValidationError> {
+        validate_name("name", &self.name)
+    }
+}
+
+/// Answer to `POST /v1/tenants`: the tenant and its first member token,
+/// shown only this once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TenantCreated {
+    /// The new tenant.
+    pub tenant: Tenant,
+    /// A member token for the tenant. The server keeps only its hash.
+    pub token: String,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Role of the new token.
+    pub role: Role,
+    /// Tenant name: required for `member`, forbidden for `admin` and `agent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl CreateToken {
+    /// Checks that `tenant` is given exactly when the role needs one.
+    pub fn validate(&self) -> Result<Option<Name>, ValidationError> {
+        match (self.role, &self.tenant) {
+            (Role::Member, Some(t)) => validate_name("tenant", t).map(Some),
+            (Role::Member, None) => Err(ValidationError::new(
+                "tenant",
+                "is required for a member token",
+            )),
+            (role, Some(_)) => Err(ValidationError::new(
+                "tenant",
+                format!("must be absent for a {} token", role.as_str()),
+            )),
+            (_, None) => Ok(None),
+        }
+    }
+}
+
+/// Answer to `POST /v1/tokens`: the token, shown only this once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    /// The bearer token. The server keeps only its hash.
+    pub token: String,
+    /// Its role.
+    pub role: Role,
+    /// Its tenant (member tokens).
+    pub tenant: Option<TenantId>,
+}
+
+/// `POST /v1/hosts`: register a host, or re-register it under the same name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHost {
+    /// Unique host name.
+    pub name: String,
+    /// CPUs offered to VMs (1..=4096).
+    pub cpus: u32,
+    /// Memory offered to VMs, MiB.
+    pub memory_mib: u64,
+    /// Disk offered to VMs, GiB.
+    pub disk_gib: u64,
+    /// Compute drivers the agent supports.
+    #[serde(default)]
+    pub drivers: Vec<String>,
+    /// Where the agent's own API listens, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
+}
+
+impl RegisterHost {
+    /// Checks every field; returns the validated name.
+    pub fn validate(&self) -> Result<Name, ValidationError> {
+        let name = validate_name("name", &self.name)?;
+        validate_range("cpus", self.cpus, 1, MAX_HOST_CPUS)?;
+        validate_range("memory_mib", self.memory_mib, 1, MAX_HOST_MEMORY_MIB)?;
+        validate_range("disk_gib", self.disk_gib, 0, MAX_HOST_DISK_GIB)?;
+        if self.drivers.len() > MAX_DRIVERS {
+            return Err(ValidationError::new(
+                "drivers",
+                format!(
+                    "must list at most {MAX_DRIVERS} drivers, got {}",
+                    self.drivers.len()
+                ),
+            ));
+        }
+        for (i, d) in self.drivers.iter().enumerate() {
+            validate_name(&format!("drivers[{i}]"), d)?;
+        }
+        if let Some(url) = &self.agent_url {
+            validate_agent_url("agent_url", url)?;
+        }
+        Ok(name)
+    }
+}
+
+/// `POST /v1/images`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImage {
+    /// Name, unique within the tenant (or among public images).
+    pub name: String,
+    /// Kernel path on the hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Initrd path on the hosts; needs `kernel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Disk template path on the hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_template: Option<String>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Size of each VM's disk, MiB.
+    pub disk_mib: u64,
+    /// Admin only: the tenant that owns the image. An admin's image without
+    /// a tenant is public; a member's image always belongs to its tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl CreateImage {
+    /// Checks every field; returns the validated name and tenant name.
+    pub fn validate(&self) -> Result<(Name, Option<Name>), ValidationError> {
+        let name = validate_name("name", &self.name)?;
+        if self.kernel.is_none() && self.disk_template.is_none() {
+            return Err(ValidationError::new(
+                "kernel",
+                "an image needs a kernel or a disk_template",
+            ));
+        }
+        if let Some(p) = &self.kernel {
+            validate_path("kernel", p)?;
+        }
+        if let Some(p) = &self.initrd {
+            if self.kernel.is_none() {
+                return Err(ValidationError::new("initrd", "needs a kernel"));
+            }
+            validate_path("initrd", p)?;
+        }
+        if let Some(p) = &self.disk_template {
+            validate_path("disk_template", p)?;
+        }
+        validate_cmdline("cmdline", &self.cmdline)?;
+        validate_range("disk_mib", self.disk_mib, 0, MAX_DISK_MIB)?;
+        let tenant = match &self.tenant {
+            Some(t) => Some(validate_name("tenant", t)?),
+            None => None,
+        };
+        Ok((name, tenant))
+    }
+}
+
+/// `POST /v1/vms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Name, unique within the tenant.
+    pub name: String,
+    /// Image name (the tenant's own first, then public) or id.
+    pub image: String,
+    /// Virtual CPUs (1..=64).
+    pub vcpus: u32,
+    /// Memory, MiB (16..=1048576).
+    pub memory_mib: u64,
+    /// Host to place it on; when absent the scheduler picks an up host with room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Admin only: the owning tenant (default: the tenant named `default`,
+    /// created on first use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// A [`CreateVm`] whose fields passed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmRequest {
+    /// VM name.
+    pub name: Name,
+    /// Image name or id, as given.
+    pub image: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Requested host.
+    pub host: Option<Name>,
+    /// Requested tenant (admin only).
+    pub tenant: Option<Name>,
+}
+
+impl CreateVm {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<VmRequest, ValidationError> {
+        let name = validate_name("name", &self.name)?;
+        // An image is named either by name or by id.
+        if self.image.parse::<uuid::Uuid>().is_err() {
+            validate_name("image", &self.image)?;
+        }
+        let vcpus = validate_range("vcpus", self.vcpus, 1, MAX_VCPUS)?;
+        let memory_mib = validate_range(
+            "memory_mib",
+            self.memory_mib,
+            MIN_VM_MEMORY_MIB,
+            MAX_VM_MEMORY_MIB,
+        )?;
+        let host = match &self.host {
+            Some(h) => Some(validate_name("host", h)?),
+            None => None,
+        };
+        let tenant = match &self.tenant {
+            Some(t) => Some(validate_name("tenant", t)?),
+            None => None,
+        };
+        Ok(VmRequest {
+            name,
+            image: self.image.clone(),
+            vcpus,
+            memory_mib,
+            host,
+            tenant,
+        })
+    }
+}
+
+/// The state an agent reports for a VM: the observed states, plus `deleted`
+/// to confirm that a VM whose desired state is `deleted` is gone from the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportedState {
+    /// Booting.
+    Starting,
+    /// Running.
+    Running,
+    /// Shutting down.
+    Stopping,
+    /// Stopped.
+    Stopped,
+    /// Failed; put the reason in `error`.
+    Failed,
+    /// Torn down after `desired: deleted`; the server then forgets the VM.
+    Deleted,
+}
+
+impl ReportedState {
+    /// The observed state this report sets, or `None` for `deleted`.
+    pub fn observed(self) -> Option<ObservedState> {
+        match self {
+            ReportedState::Starting => Some(ObservedState::Starting),
+            ReportedState::Running => Some(ObservedState::Running),
+            ReportedState::Stopping => Some(ObservedState::Stopping),
+            ReportedState::Stopped => Some(ObservedState::Stopped),
+            ReportedState::Failed => Some(ObservedState::Failed),
+            ReportedState::Deleted => None,
+        }
+    }
+}
+
+/// `PUT /v1/vms/{id}/observed`: an agent's report about one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObservedReport {
+    /// The reporting host; must be the VM's assigned host, so that a stale
+    /// agent cannot overwrite the state of a VM that moved.
+    pub host: String,
+    /// What the agent sees.
+    pub state: ReportedState,
+    /// Why it failed; cleared when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The latest console output (at most 64 KiB); replaces the previous tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_tail: Option<String>,
+}
+
+impl ObservedReport {
+    /// Checks every field; returns the validated host name.
+    pub fn validate(&self) -> Result<Name, ValidationError> {
+        let host = validate_name("host", &self.host)?;
+        if let Some(e) = &self.error {
+            if e.len() > MAX_ERROR_LEN {
+                return Err(ValidationError::new(
+                    "error",
+                    format!("must be at most {MAX_ERROR_LEN} bytes, got {}", e.len()),
+                ));
+            }
+        }
+        if let Some(c) = &self.console_tail {
+            if c.len() > MAX_CONSOLE_TAIL {
+                return Err(ValidationError::new(
+                    "console_tail",
+                    format!("must be at most {MAX_CONSOLE_TAIL} bytes, got {}", c.len()),
+                ));
+            }
+        }
+        Ok(host)
+    }
+}
+
+/// One VM an agent must run, with everything it needs to do so.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Assignment {
+    /// The VM (its `desired` field is what the agent converges to).
+    pub vm: Vm,
+    /// The VM's image (paths on the host).
+    pub image: Image,
+}
+
+impl Assignment {
+    /// Shorthand for `self.vm.desired`.
+    pub fn desired(&self) -> DesiredState {
+        self.vm.desired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_vm_rejects_unknown_fields() {
+        let err = serde_json::from_str::<CreateVm>(
+            r#"{"name":"a","image":"i","vcpus":1,"memory_mib":64,"vcpu":2}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `vcpu`"), "{err}");
+    }
+
+    #[test]
+    fn create_vm_validation_names_field() {
+        let mut req = CreateVm {
+            name: "web-1".into(),
+            image: "debian".into(),
+            vcpus: 0,
+            memory_mib: 512,
+            host: None,
+            tenant: None,
+        };
+        assert_eq!(
+            req.validate().unwrap_err().to_string(),
+            "vcpus: must be between 1 and 64, got 0"
+        );
+        req.vcpus = 2;
+        req.memory_mib = 8;
+        assert_eq!(req.validate().unwrap_err().field, "memory_mib");
+        req.memory_mib = 512;
+        req.host = Some("Bad".into());
+        assert_eq!(req.validate().unwrap_err().field, "host");
+        req.host = None;
+        req.image = String::new();
+        assert_eq!(req.validate().unwrap_err().field, "image");
+        req.image = "debian".into();
+        assert_eq!(req.validate().unwrap().vcpus, 2);
+    }
+
+    #[test]
+    fn create_token_tenant_rules() {
+        let t = |role, tenant: Option<&str>| CreateToken {
+            role,
+            tenant: tenant.map(str::to_owned),
+        };
+        assert!(t(Role::Member, Some("acme")).validate().is_ok());
+        assert_eq!(
+            t(Role::Member, None).validate().unwrap_err().field,
+            "tenant"
+        );
+        assert_eq!(
+            t(Role::Agent, Some("acme"))
+                .validate()
+                .unwrap_err()
+                .to_string(),
+            "tenant: must be absent for a agent token"
+        );
+        assert_eq!(t(Role::Admin, None).validate().unwrap(), None);
+    }
+
+    #[test]
+    fn register_host_validation() {
+        let mut h = RegisterHost {
+            name: "h1".into(),
+            cpus: 8,
+            memory_mib: 8192,
+            disk_gib: 100,
+            drivers: vec!["process".into(), "Q".into()],
+            agent_url: None,
+        };
+        assert_eq!(h.validate().unwrap_err().field, "drivers[1]");
+        h.drivers.pop();
+        h.agent_url = Some("localhost:1".into());
+        assert_eq!(h.validate().unwrap_err().field, "agent_url");
+        h.agent_url = Some("http://127.0.0.1:1".into());
+        assert_eq!(h.validate().unwrap().as_str(), "h1");
+        h.cpus = 0;
+        assert_eq!(h.validate().unwrap_err().field, "cpus");
+    }
+
+    #[test]
+    fn image_needs_something_to_boot() {
+        let mut i = CreateImage {
+            name: "img".into(),
+            kernel: None,
+            initrd: Some("/boot/initrd".into()),
+            disk_template: None,
+            cmdline: String::new(),
+            disk_mib: 0,
+            tenant: None,
+        };
+        assert_eq!(i.validate().unwrap_err().field, "kernel");
+        i.disk_template = Some("/var/lib/img.qcow2".into());
+        assert_eq!(i.validate().unwrap_err().field, "initrd");
+        i.initrd = None;
+        assert!(i.validate().is_ok());
+    }
+
+    #[test]
+    fn report_limits() {
+        let r = ObservedReport {
+            host: "h1".into(),
+            state: ReportedState::Running,
+            error: None,
+            console_tail: Some("x".repeat(MAX_CONSOLE_TAIL + 1)),
+        };
+        assert_eq!(r.validate().unwrap_err().field, "console_tail");
+        assert_eq!(ReportedState::Deleted.observed(), None);
+    }
+}

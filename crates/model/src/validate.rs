@@ -1,0 +1,226 @@
+//! Validation rules. Every error names the field it is about, so that the API
+//! can hand it to the user unchanged.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A value that breaks a rule; `Display` is `field: message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// The field (JSON name, dotted for nesting: `drivers[2]`).
+    pub field: String,
+    /// What is wrong, with the offending value where it helps.
+    pub message: String,
+}
+
+impl ValidationError {
+    /// An error about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A validated name: `[a-z0-9][a-z0-9-]{0,62}`. Safe to embed in a store key
+/// or a URL path segment without escaping.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+pub struct Name(String);
+
+impl Name {
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        validate_name("name", &s)
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> String {
+        n.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks `value` against the name rule `[a-z0-9][a-z0-9-]{0,62}`.
+pub fn validate_name(field: &str, value: &str) -> Result<Name, ValidationError> {
+    const RULE: &str = "must match [a-z0-9][a-z0-9-]{0,62}";
+    let bytes = value.as_bytes();
+    let Some(first) = bytes.first() else {
+        return Err(ValidationError::new(field, format!("{RULE}, got empty")));
+    };
+    let ok = bytes.len() <= 63
+        && (first.is_ascii_lowercase() || first.is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    if ok {
+        Ok(Name(value.to_owned()))
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!("{RULE}, got {:?}", truncate(value, 80)),
+        ))
+    }
+}
+
+/// Checks `min <= value <= max`.
+pub fn validate_range<T>(field: &str, value: T, min: T, max: T) -> Result<T, ValidationError>
+where
+    T: PartialOrd + fmt::Display + Copy,
+{
+    if value < min || value > max {
+        Err(ValidationError::new(
+            field,
+            format!("must be between {min} and {max}, got {value}"),
+        ))
+    } else {
+        Ok(value)
+    }
+}
+
+/// Checks a host-local file path: absolute, at most 4096 bytes, no NUL.
+pub fn validate_path(field: &str, value: &str) -> Result<(), ValidationError> {
+    if !value.starts_with('/') {
+        return Err(ValidationError::new(
+            field,
+            format!("must be an absolute path, got {:?}", truncate(value, 80)),
+        ));
+    }
+    if value.len() > 4096 {
+        return Err(ValidationError::new(field, "must be at most 4096 bytes"));
+    }
+    if value.contains('\0') {
+        return Err(ValidationError::new(field, "must not contain NUL"));
+    }
+    Ok(())
+}
+
+/// Checks a kernel command line: at most 4096 bytes, no control characters.
+pub fn validate_cmdline(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.len() > 4096 {
+        return Err(ValidationError::new(field, "must be at most 4096 bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ValidationError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an agent URL: `http://` or `https://`, at most 2048 bytes, no whitespace.
+pub fn validate_agent_url(field: &str, value: &str) -> Result<(), ValidationError> {
+    let scheme_ok = value
+        .strip_prefix("http://")
+        .or_else(|| value.strip_prefix("https://"))
+        .is_some_and(|rest| !rest.is_empty());
+    if !scheme_ok {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "must be an http:// or https:// URL, got {:?}",
+                truncate(value, 80)
+            ),
+        ));
+    }
+    if value.len() > 2048 {
+        return Err(ValidationError::new(field, "must be at most 2048 bytes"));
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ValidationError::new(
+            field,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary, for error messages.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "0", "web-1", "a-", &"a".repeat(63)] {
+            assert!(validate_name("name", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "A", "web_1", "wéb", "a b", &"a".repeat(64), "a/b"] {
+            let err = validate_name("name", bad).unwrap_err();
+            assert_eq!(err.field, "name", "{bad}");
+        }
+        let err = validate_name("image", "Bad").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "image: must match [a-z0-9][a-z0-9-]{0,62}, got \"Bad\""
+        );
+    }
+
+    #[test]
+    fn name_deserialize_checks_rule() {
+        assert!(serde_json::from_str::<Name>("\"ok-1\"").is_ok());
+        assert!(serde_json::from_str::<Name>("\"NO\"").is_err());
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(
+            validate_range("vcpus", 0u32, 1, 64)
+                .unwrap_err()
+                .to_string(),
+            "vcpus: must be between 1 and 64, got 0"
+        );
+        assert_eq!(validate_range("vcpus", 64u32, 1, 64).unwrap(), 64);
+    }
+
+    #[test]
+    fn paths_urls_cmdlines() {
+        assert!(validate_path("kernel", "/boot/vmlinuz").is_ok());
+        assert!(validate_path("kernel", "boot/vmlinuz").is_err());
+        assert!(validate_path("kernel", "/a\0b").is_err());
+        assert!(validate_agent_url("agent_url", "http://127.0.0.1:7071").is_ok());
+        assert!(validate_agent_url("agent_url", "ftp://x").is_err());
+        assert!(validate_agent_url("agent_url", "http://").is_err());
+        assert!(validate_agent_url("agent_url", "http://a b").is_err());
+        assert!(validate_cmdline("cmdline", "console=ttyS0 quiet").is_ok());
+        assert!(validate_cmdline("cmdline", "a\nb").is_err());
+        assert_eq!(truncate("ééé", 3), "é");
+    }
+}
