@@ -1,1 +1,23 @@
-//! cache
+//! Migration cache: a per-disk block cache that can be rebuilt on another host in the
+//! order the VM will need it, and that survives a crash of its host.
+//!
+//! Owns: the heat map and access pattern learned from a disk's reads, the fetch planner,
+//! the on-disk cache (data file + crash-consistent metadata), block sources (origin file,
+//! another cache, NBD peers), the rebuild engine, block-trace readers and the migration
+//! benchmark. Must not depend on: the control plane, the agent, tokio. Depends on `nbd`
+//! only for the [`nbd::BlockDevice`] trait it implements.
+//!
+//! Threads: a [`BlockCache`] is shared by reference (`Send + Sync`, short internal locks,
+//! I/O outside them); a rebuild runs one background prefetch thread per destination.
+#![warn(missing_docs)]
+
+pub mod heat;
+pub mod pattern;
+pub mod plan;
+pub mod rng;
+pub mod types;
+
+pub use heat::{HeatMap, HeatSnapshot};
+pub use pattern::{AccessPattern, PatternSnapshot};
+pub use plan::{plan_fetch, Strategy, UnknownStrategy};
+pub use types::{BlockIdx, BlockSet, BlockSize, Generation};

@@ -1,0 +1,328 @@
+//! Access pattern: an online, bounded model of what block follows what.
+//!
+//! Three parts, all learned from the stream of block accesses:
+//! - a successor table: for each block, its most frequent next blocks (at most
+//!   [`FANOUT`], kept with the Misra–Gries frequent-items rule so memory is fixed);
+//! - sequential-run statistics: how often a `+1` step is followed by another `+1`,
+//!   which lets the planner extrapolate a scan into blocks it has never seen;
+//! - the recent history tail, whose newest entry is the cursor: where the VM reads now.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::BlockIdx;
+
+/// Successors kept per block.
+pub const FANOUT: usize = 4;
+/// Distinct recent blocks kept in the history tail.
+pub const HISTORY: usize = 16;
+
+#[derive(Clone, Debug, Default)]
+struct Succ {
+    next: Vec<(BlockIdx, u32)>,
+    total: u32,
+    last: u64,
+}
+
+/// Online successor model of one disk's block accesses.
+#[derive(Clone, Debug)]
+pub struct AccessPattern {
+    max_blocks: usize,
+    accesses: u64,
+    transitions: u64,
+    succ: HashMap<BlockIdx, Succ>,
+    run_len: u64,
+    seq_continue: [u64; RUN_BUCKETS],
+    seq_break: [u64; RUN_BUCKETS],
+    history: VecDeque<BlockIdx>,
+}
+
+/// Run-length buckets for the continuation statistics: 0, 1, 2–3, 4–7, 8–15, 16+.
+pub const RUN_BUCKETS: usize = 6;
+
+fn bucket(run_len: u64) -> usize {
+    // A short +1 blip inside random I/O and a 1000-block scan continue with very
+    // different odds, so continuation is learned per (log2) run length.
+    let b = if run_len == 0 {
+        0
+    } else {
+        1 + run_len.ilog2() as usize
+    };
+    b.min(RUN_BUCKETS - 1)
+}
+
+/// Serializable form of an [`AccessPattern`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PatternSnapshot {
+    /// Bound on the number of blocks with a successor list.
+    pub max_blocks: usize,
+    /// Accesses recorded, repeats of the same block included.
+    pub accesses: u64,
+    /// Transitions between distinct blocks recorded.
+    pub transitions: u64,
+    /// `(block, transitions out of it, [(successor, count)])`, by block index.
+    pub succ: Vec<(u64, u32, Vec<(u64, u32)>)>,
+    /// Length of the sequential run in progress.
+    pub run_len: u64,
+    /// Per run-length bucket: steps that were `+1`.
+    pub seq_continue: Vec<u64>,
+    /// Per run-length bucket: steps that were not.
+    pub seq_break: Vec<u64>,
+    /// Recent distinct blocks, oldest first; the last is the cursor.
+    pub history: Vec<u64>,
+}
+
+impl AccessPattern {
+    /// An empty model keeping successor lists for at most about `max_blocks` blocks.
+    pub fn new(max_blocks: usize) -> Self {
+        Self {
+            max_blocks: max_blocks.max(1),
+            accesses: 0,
+            transitions: 0,
+            succ: HashMap::new(),
+            run_len: 0,
+            seq_continue: [0; RUN_BUCKETS],
+            seq_break: [0; RUN_BUCKETS],
+            history: VecDeque::with_capacity(HISTORY),
+        }
+    }
+
+    /// Records an access to `b`. Repeated accesses to the block under the cursor (several
+    /// small reads inside one cache block) count as accesses but not as transitions, so
+    /// they do not teach the model that a block follows itself.
+    pub fn record(&mut self, b: BlockIdx) {
+        self.accesses += 1;
+        let prev = self.history.back().copied();
+        if prev == Some(b) {
+            return;
+        }
+        if let Some(p) = prev {
+            self.transitions += 1;
+            let tick = self.transitions;
+            let e = self.succ.entry(p).or_default();
+            e.total = e.total.saturating_add(1);
+            e.last = tick;
+            if let Some(slot) = e.next.iter_mut().find(|(n, _)| *n == b) {
+                slot.1 = slot.1.saturating_add(1);
+            } else if e.next.len() < FANOUT {
+                e.next.push((b, 1));
+            } else {
+                // Misra–Gries: a newcomer that finds no room wears every counter down by
+                // one, so only successors seen more than total/(FANOUT+1) times survive.
+                for slot in &mut e.next {
+                    slot.1 -= 1;
+                }
+                e.next.retain(|(_, c)| *c > 0);
+            }
+            e.next.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+            let k = bucket(self.run_len);
+            if p.0.checked_add(1) == Some(b.0) {
+                self.seq_continue[k] += 1;
+                self.run_len += 1;
+            } else {
+                self.seq_break[k] += 1;
+                self.run_len = 0;
+            }
+            if self.succ.len() > self.max_blocks + self.max_blocks / 4 {
+                self.prune();
+            }
+        }
+        self.history.retain(|h| *h != b);
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(b);
+    }
+
+    /// Forgets the least recently updated successor lists down to `max_blocks`.
+    fn prune(&mut self) {
+        let mut lasts: Vec<u64> = self.succ.values().map(|s| s.last).collect();
+        lasts.sort_unstable();
+        let cut = lasts[lasts.len() - self.max_blocks];
+        self.succ.retain(|_, s| s.last >= cut);
+    }
+
+    /// The block the VM touched last, if any.
+    pub fn cursor(&self) -> Option<BlockIdx> {
+        self.history.back().copied()
+    }
+
+    /// Recent distinct blocks, newest first (the cursor first).
+    pub fn recent(&self) -> impl Iterator<Item = BlockIdx> + '_ {
+        self.history.iter().rev().copied()
+    }
+
+    /// Known successors of `b` with their estimated probability of coming next.
+    pub fn successors(&self, b: BlockIdx) -> impl Iterator<Item = (BlockIdx, f64)> + '_ {
+        self.succ.get(&b).into_iter().flat_map(|s| {
+            let total = f64::from(s.total.max(1));
+            s.next.iter().map(move |(n, c)| (*n, f64::from(*c) / total))
+        })
+    }
+
+    /// Probability that the next step is `+1` when the current run has `run_len` steps
+    /// (smoothed towards 1/4 when there is little evidence).
+    pub fn seq_continue_prob(&self, run_len: u64) -> f64 {
+        let k = bucket(run_len);
+        // Counts fit f64 exactly far beyond any run length we record.
+        #[allow(clippy::cast_precision_loss)]
+        let p = (self.seq_continue[k] as f64 + 0.5)
+            / ((self.seq_continue[k] + self.seq_break[k]) as f64 + 2.0);
+        p
+    }
+
+    /// Length (in `+1` steps) of the sequential run the VM is in right now; 0 if none.
+    pub fn run_len(&self) -> u64 {
+        self.run_len
+    }
+
+    /// Accesses per transition: how many accesses one step along the pattern is worth.
+    pub fn accesses_per_transition(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let r = self.accesses as f64 / self.transitions.max(1) as f64;
+        r.max(1.0)
+    }
+
+    /// Number of blocks with a successor list.
+    pub fn len(&self) -> usize {
+        self.succ.len()
+    }
+
+    /// Whether nothing has been learned yet.
+    pub fn is_empty(&self) -> bool {
+        self.succ.is_empty() && self.history.is_empty()
+    }
+
+    /// The model as plain data, sorted for deterministic output.
+    pub fn snapshot(&self) -> PatternSnapshot {
+        let mut succ: Vec<(u64, u32, Vec<(u64, u32)>)> = self
+            .succ
+            .iter()
+            .map(|(b, s)| {
+                (
+                    b.0,
+                    s.total,
+                    s.next.iter().map(|(n, c)| (n.0, *c)).collect(),
+                )
+            })
+            .collect();
+        succ.sort_by_key(|e| e.0);
+        PatternSnapshot {
+            max_blocks: self.max_blocks,
+            accesses: self.accesses,
+            transitions: self.transitions,
+            succ,
+            run_len: self.run_len,
+            seq_continue: self.seq_continue.to_vec(),
+            seq_break: self.seq_break.to_vec(),
+            history: self.history.iter().map(|b| b.0).collect(),
+        }
+    }
+
+    /// Rebuilds a model from a snapshot, clamping anything out of bounds.
+    pub fn from_snapshot(s: &PatternSnapshot) -> Self {
+        let mut m = Self::new(s.max_blocks);
+        m.accesses = s.accesses;
+        m.transitions = s.transitions;
+        m.run_len = s.run_len;
+        for (dst, src) in m.seq_continue.iter_mut().zip(&s.seq_continue) {
+            *dst = *src;
+        }
+        for (dst, src) in m.seq_break.iter_mut().zip(&s.seq_break) {
+            *dst = *src;
+        }
+        for (i, (b, total, next)) in s.succ.iter().enumerate() {
+            let mut next: Vec<(BlockIdx, u32)> = next
+                .iter()
+                .take(FANOUT)
+                .map(|(n, c)| (BlockIdx(*n), *c))
+                .collect();
+            next.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+            let total = (*total).max(next.iter().map(|(_, c)| *c).sum());
+            m.succ.insert(
+                BlockIdx(*b),
+                Succ {
+                    next,
+                    total,
+                    last: i as u64,
+                },
+            );
+        }
+        let skip = s.history.len().saturating_sub(HISTORY);
+        m.history = s.history.iter().skip(skip).map(|b| BlockIdx(*b)).collect();
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_most_frequent_successor() {
+        let mut p = AccessPattern::new(100);
+        for _ in 0..10 {
+            p.record(BlockIdx(1));
+            p.record(BlockIdx(5));
+        }
+        p.record(BlockIdx(1));
+        p.record(BlockIdx(9));
+        let s: Vec<_> = p.successors(BlockIdx(1)).collect();
+        assert_eq!(s[0].0, BlockIdx(5));
+        assert!(s[0].1 > 0.8);
+        assert_eq!(p.cursor(), Some(BlockIdx(9)));
+    }
+
+    #[test]
+    fn repeats_are_not_transitions() {
+        let mut p = AccessPattern::new(100);
+        for _ in 0..5 {
+            p.record(BlockIdx(3));
+        }
+        assert_eq!(p.successors(BlockIdx(3)).count(), 0);
+        assert!((p.accesses_per_transition() - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn fan_out_and_table_are_bounded() {
+        let mut p = AccessPattern::new(50);
+        for i in 0..10_000u64 {
+            p.record(BlockIdx(0));
+            p.record(BlockIdx(1 + i));
+        }
+        assert!(p.successors(BlockIdx(0)).count() <= FANOUT);
+        assert!(p.len() <= 50 + 50 / 4 + 1, "{}", p.len());
+        assert!(p.recent().count() <= HISTORY);
+    }
+
+    #[test]
+    fn detects_sequential_runs() {
+        let mut seq = AccessPattern::new(1000);
+        for i in 0..200 {
+            seq.record(BlockIdx(i));
+        }
+        assert_eq!(seq.run_len(), 199);
+        assert!(seq.seq_continue_prob(199) > 0.95);
+        let mut rnd = AccessPattern::new(1000);
+        for i in 0..200u64 {
+            rnd.record(BlockIdx(i.wrapping_mul(7919) % 1009));
+        }
+        assert!(rnd.seq_continue_prob(0) < 0.01);
+        // A fresh +1 blip in random I/O is not evidence of a scan.
+        assert!(rnd.seq_continue_prob(1) <= 0.25);
+    }
+
+    #[test]
+    fn snapshot_round_trips() {
+        let mut p = AccessPattern::new(100);
+        for i in 0..300u64 {
+            p.record(BlockIdx(i % 13));
+            p.record(BlockIdx((i * 5) % 17));
+        }
+        let s = p.snapshot();
+        let json = serde_json::to_string(&s).unwrap();
+        let back = AccessPattern::from_snapshot(&serde_json::from_str(&json).unwrap());
+        assert_eq!(back.snapshot(), s);
+    }
+}
