@@ -1,1 +1,384 @@
-//! compute
+//! Compute: runs virtual machines on one host, behind the [`ComputeDriver`] trait.
+//!
+//! Owns: the `qemu` driver ([`qemu::QemuDriver`]: QEMU processes, their QMP connections,
+//! adoption after an agent restart, live migration), the QMP client ([`qmp`]), the default
+//! test guest image ([`guest`]), and a stop-gap disk server ([`disk::QemuNbdDisk`], qemu-nbd)
+//! until the block cache serves VM disks.
+//! Must not depend on: the control plane, the store, the API. The node agent calls us.
+//!
+//! Tasks: one QMP actor per QEMU (owns the socket) and one watcher per QEMU (reaps the
+//! process and records why it exited). The driver's VM table is a `std` mutex that is never
+//! held across an `.await`.
+#![warn(missing_docs)]
+
+pub mod disk;
+pub mod guest;
+mod proc;
+pub mod qemu;
+pub mod qmp;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use disk::{prepare_vm_disk, DiskError, NbdListen, QemuNbdDisk};
+pub use guest::{default_cache_dir, ensure_default_image, GuestImage, GuestImageError};
+pub use qemu::QemuDriver;
+pub use qmp::{QmpClient, QmpError, QmpEvent};
+
+/// What to run: everything a driver needs to start one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Stable id, unique on the host: `[A-Za-z0-9._-]`, at most 64 bytes.
+    pub id: String,
+    /// Human-readable name (shown by QEMU as the guest name).
+    pub name: String,
+    /// Virtual CPUs (1..=64).
+    pub vcpus: u32,
+    /// Guest RAM in MiB (16..=65536).
+    pub memory_mib: u32,
+    /// Kernel image for direct boot.
+    pub kernel: PathBuf,
+    /// Initramfs for direct boot.
+    pub initrd: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// The VM's one disk.
+    pub disk: DiskTarget,
+    /// Per-VM directory for the console log, QMP socket and pidfile. Keep it short: unix
+    /// socket paths must stay under 108 bytes.
+    pub run_dir: PathBuf,
+    /// Accelerator.
+    pub accel: Accel,
+}
+
+/// Where the VM's disk lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskTarget {
+    /// An NBD export over TCP.
+    NbdTcp {
+        /// Server host (loopback in tests).
+        host: String,
+        /// Server port.
+        port: u16,
+        /// Export name.
+        export: String,
+    },
+    /// An NBD export over a unix socket.
+    NbdUnix {
+        /// Socket path.
+        path: PathBuf,
+        /// Export name.
+        export: String,
+    },
+    /// A raw image file opened by QEMU itself (not migratable between hosts).
+    File(PathBuf),
+}
+
+/// Accelerator choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Accel {
+    /// KVM when `/dev/kvm` is usable and is not `kvm_pvm` (stock kernels crawl under it),
+    /// else TCG.
+    Auto,
+    /// Hardware virtualization; fails to start if `/dev/kvm` is not usable.
+    Kvm,
+    /// Software emulation: slow, but works everywhere and migrates the same way.
+    Tcg,
+}
+
+impl Accel {
+    /// The accelerator [`Accel::Auto`] picks on this host (never returns `Auto`).
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto if kvm_usable() => Accel::Kvm,
+            Accel::Auto => Accel::Tcg,
+            a => a,
+        }
+    }
+}
+
+/// Whether stock guest kernels can use `/dev/kvm` here.
+pub fn kvm_usable() -> bool {
+    // kvm_pvm is a nested "pagetable-based VM" hypervisor: a stock kernel did not finish
+    // decompressing in 10 minutes under it (qemu-migration-notes.md), so it counts as no KVM.
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        return false;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// A started (or adopted) VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRuntime {
+    /// The VM id.
+    pub id: String,
+    /// Host process id of the hypervisor.
+    pub pid: u32,
+    /// The accelerator actually used (never `Auto`).
+    pub accel: Accel,
+    /// Serial console log.
+    pub console_log: PathBuf,
+    /// QMP socket.
+    pub qmp_socket: PathBuf,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// For a VM started with [`ComputeDriver::start_incoming`]: where it listens for the
+    /// migration stream (the real port when port 0 was asked for).
+    pub incoming: Option<SocketAddr>,
+}
+
+/// What a VM is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStatus {
+    /// Guest CPUs execute.
+    Running,
+    /// The hypervisor is up but the guest does not execute; `state` is QEMU's RunState
+    /// (`paused`, `inmigrate`, `postmigrate`, ...).
+    Paused {
+        /// QEMU's RunState.
+        state: String,
+    },
+    /// The hypervisor exited in an orderly way (guest poweroff, stop, after migration).
+    Stopped {
+        /// Why.
+        reason: String,
+    },
+    /// The hypervisor died or exited with an error.
+    Crashed {
+        /// Why (exit code or signal, and QEMU's last log line when known).
+        reason: String,
+    },
+}
+
+impl VmStatus {
+    /// Whether the hypervisor process is gone.
+    pub fn is_exited(&self) -> bool {
+        matches!(self, VmStatus::Stopped { .. } | VmStatus::Crashed { .. })
+    }
+}
+
+/// Knobs of one live migration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    /// Maximum tolerated downtime in ms (QEMU default 300).
+    pub downtime_limit_ms: Option<u64>,
+    /// Bandwidth cap in bytes/s (QEMU default 128 MiB/s).
+    pub max_bandwidth: Option<u64>,
+    /// Give up (and cancel) after this long.
+    pub timeout: Duration,
+    /// Quit the source QEMU once the migration completed (it sits in `postmigrate` otherwise).
+    pub quit_source: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            downtime_limit_ms: None,
+            max_bandwidth: None,
+            timeout: Duration::from_secs(300),
+            quit_source: true,
+        }
+    }
+}
+
+/// The outcome of a completed live migration, from the source's point of view.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStats {
+    /// QEMU's total migration time in ms.
+    pub total_time_ms: u64,
+    /// QEMU's downtime in ms (guest paused).
+    pub downtime_ms: u64,
+    /// QEMU's setup time in ms.
+    pub setup_time_ms: u64,
+    /// RAM bytes sent.
+    pub ram_transferred_bytes: u64,
+    /// Guest RAM size.
+    pub ram_total_bytes: u64,
+    /// Dirty-bitmap sync passes.
+    pub dirty_sync_count: u64,
+    /// Host wall time from the `migrate` command to `completed`.
+    pub wall_time: Duration,
+    /// Host wall clock (µs since the epoch, QEMU's event timestamp) when the source
+    /// stopped the guest; compare with the destination's `RESUME` for host-seen downtime.
+    pub source_stopped_at_us: Option<i64>,
+    /// `query-migrate` polls made.
+    pub polls: u32,
+}
+
+/// Errors of compute drivers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ComputeError {
+    /// No VM with this id on this driver.
+    #[error("vm {id} not found")]
+    NotFound {
+        /// The VM id.
+        id: String,
+    },
+    /// A VM with this id is already running here.
+    #[error("vm {id} is already running")]
+    AlreadyRunning {
+        /// The VM id.
+        id: String,
+    },
+    /// The spec cannot be run.
+    #[error("invalid spec for vm {id}: {reason}")]
+    InvalidSpec {
+        /// The VM id.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The run dir is too deep for a unix socket path.
+    #[error(
+        "socket path {path} is {len} bytes, unix sockets allow at most 107: use a shorter run dir"
+    )]
+    SocketPathTooLong {
+        /// The socket path.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// A file or directory operation failed.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What we tried.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        err: std::io::Error,
+    },
+    /// The hypervisor binary could not be started.
+    #[error("cannot run {binary} (install it with scripts/setup.sh)")]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The cause.
+        #[source]
+        err: std::io::Error,
+    },
+    /// The hypervisor exited while starting.
+    #[error("qemu for vm {id} exited during startup ({status}): {log_tail}")]
+    StartFailed {
+        /// The VM id.
+        id: String,
+        /// Exit status.
+        status: String,
+        /// The end of QEMU's own log.
+        log_tail: String,
+    },
+    /// Something did not happen in time.
+    #[error("vm {id}: timed out waiting for {what}")]
+    Timeout {
+        /// The VM id.
+        id: String,
+        /// What we waited for.
+        what: &'static str,
+    },
+    /// A QMP exchange failed.
+    #[error("qmp with vm {id} failed")]
+    Qmp {
+        /// The VM id.
+        id: String,
+        /// The cause.
+        #[source]
+        err: QmpError,
+    },
+    /// A VM could not be re-attached after an agent restart.
+    #[error("cannot adopt vm {id} from {run_dir}: {reason}")]
+    Adopt {
+        /// The VM id.
+        id: String,
+        /// Its run dir.
+        run_dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The migration ended in a state other than `completed`.
+    #[error("migration of vm {id} ended as {status}: {desc}")]
+    MigrationFailed {
+        /// The VM id.
+        id: String,
+        /// QEMU's final status.
+        status: String,
+        /// QEMU's error description.
+        desc: String,
+    },
+    /// The driver cannot do this.
+    #[error("{driver} driver does not support {op}")]
+    Unsupported {
+        /// The driver.
+        driver: &'static str,
+        /// The operation.
+        op: &'static str,
+    },
+}
+
+/// A way to run VMs on this host. Dyn-safe: the agent holds `Arc<dyn ComputeDriver>`.
+///
+/// Lifecycle contract: VMs outlive the driver value (dropping the driver does not stop
+/// them); after an agent restart, [`ComputeDriver::adopt`] re-attaches to them.
+#[async_trait::async_trait]
+pub trait ComputeDriver: Send + Sync + std::fmt::Debug {
+    /// Driver name, e.g. `qemu`.
+    fn name(&self) -> &'static str;
+
+    /// Starts a VM and returns once its hypervisor answers (not when the guest booted).
+    async fn start(&self, spec: &VmSpec) -> Result<VmRuntime, ComputeError>;
+
+    /// Stops a VM: orderly first, then forcibly. Returns its final status.
+    async fn stop(&self, id: &str) -> Result<VmStatus, ComputeError>;
+
+    /// Current status. Exited VMs stay known (as stopped/crashed) until started again.
+    async fn status(&self, id: &str) -> Result<VmStatus, ComputeError>;
+
+    /// Path of the VM's serial console log.
+    fn console_path(&self, id: &str) -> Result<PathBuf, ComputeError>;
+
+    /// Re-attaches to a VM left running by a previous agent.
+    async fn adopt(&self, id: &str, run_dir: &std::path::Path) -> Result<VmRuntime, ComputeError> {
+        let _ = (id, run_dir);
+        Err(ComputeError::Unsupported {
+            driver: self.name(),
+            op: "adopt",
+        })
+    }
+
+    /// Starts a migration destination: the VM waits for a migration stream on `listen`
+    /// (port 0 picks a free port, reported in [`VmRuntime::incoming`]).
+    async fn start_incoming(
+        &self,
+        spec: &VmSpec,
+        listen: SocketAddr,
+    ) -> Result<VmRuntime, ComputeError> {
+        let _ = (spec, listen);
+        Err(ComputeError::Unsupported {
+            driver: self.name(),
+            op: "start_incoming",
+        })
+    }
+
+    /// Live-migrates a running VM to a destination started with
+    /// [`ComputeDriver::start_incoming`] (`to_uri` like `tcp:127.0.0.1:4444`).
+    async fn migrate(
+        &self,
+        id: &str,
+        to_uri: &str,
+        opts: &MigrateOptions,
+    ) -> Result<MigrationStats, ComputeError> {
+        let _ = (id, to_uri, opts);
+        Err(ComputeError::Unsupported {
+            driver: self.name(),
+            op: "migrate",
+        })
+    }
+}

@@ -1,0 +1,296 @@
+//! The default guest image: a Debian kernel and a busybox initramfs whose `/init` runs a
+//! disk workload and reports on the serial console (see `scripts/build-guest.sh`).
+//!
+//! The builder script is embedded in the binary, so this works outside the repository.
+//! Images are cached in a directory; a cache entry is used only if its `manifest.json`
+//! matches the embedded builder and every file's size and sha256.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// `scripts/build-guest.sh`, embedded.
+pub const BUILD_SCRIPT: &str = include_str!("../../../scripts/build-guest.sh");
+
+/// Name of the image directory inside the cache dir.
+const IMAGE_DIR: &str = "default";
+const MANIFEST_FORMAT: u32 = 1;
+
+/// A bootable guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestImage {
+    /// Kernel for `-kernel`.
+    pub kernel: PathBuf,
+    /// Initramfs for `-initrd`.
+    pub initrd: PathBuf,
+    /// Raw disk template: copy it per VM (see [`crate::prepare_vm_disk`]).
+    pub disk_template: PathBuf,
+    /// Kernel command line to boot with (append `vinfra.ticks=N` to power off after N ticks).
+    pub cmdline: String,
+    /// The Debian kernel package it came from.
+    pub kernel_package: String,
+}
+
+/// Errors getting the guest image.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GuestImageError {
+    /// A file operation failed.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What we tried.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        err: std::io::Error,
+    },
+    /// The cached image is incomplete or stale (rebuilt by [`ensure_default_image`]).
+    #[error("guest image in {dir} is not valid: {reason}")]
+    Invalid {
+        /// The image dir.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The builder failed.
+    #[error("building the guest image failed ({status}); needs root, apt and busybox-static (scripts/setup.sh): {stderr}")]
+    Build {
+        /// Exit status.
+        status: String,
+        /// The end of its stderr.
+        stderr: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    format: u32,
+    builder_sha256: String,
+    kernel_package: String,
+    cmdline: String,
+    files: std::collections::BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileEntry {
+    size: u64,
+    sha256: String,
+}
+
+/// `$VINFRA_GUEST_CACHE`, else `/var/cache/vinfra/guest`.
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("VINFRA_GUEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/vinfra/guest"))
+}
+
+fn hex(d: impl AsRef<[u8]>) -> String {
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn builder_sha256() -> String {
+    hex(Sha256::digest(BUILD_SCRIPT.as_bytes()))
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> GuestImageError {
+    let path = path.to_owned();
+    move |err| GuestImageError::Io { action, path, err }
+}
+
+fn sha256_file(path: &Path) -> Result<String, GuestImageError> {
+    let mut f = std::fs::File::open(path).map_err(io("open", path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io("read", path))?;
+        if n == 0 {
+            return Ok(hex(h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Loads and verifies the image in `dir` (built by `scripts/build-guest.sh dir`).
+pub fn load_image(dir: &Path) -> Result<GuestImage, GuestImageError> {
+    let invalid = |reason: String| GuestImageError::Invalid {
+        dir: dir.to_owned(),
+        reason,
+    };
+    let mpath = dir.join("manifest.json");
+    let body = match std::fs::read(&mpath) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(invalid("no manifest.json".into()))
+        }
+        Err(e) => return Err(io("read", &mpath)(e)),
+    };
+    let m: Manifest =
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("bad manifest.json: {e}")))?;
+    if m.format != MANIFEST_FORMAT {
+        return Err(invalid(format!("manifest format {}", m.format)));
+    }
+    if m.builder_sha256 != builder_sha256() {
+        return Err(invalid("built by another version of build-guest.sh".into()));
+    }
+    for name in ["vmlinuz", "initramfs.cpio.gz", "disk.img"] {
+        let e = m
+            .files
+            .get(name)
+            .ok_or_else(|| invalid(format!("manifest lacks {name}")))?;
+        let p = dir.join(name);
+        let size = match std::fs::metadata(&p) {
+            Ok(md) => md.len(),
+            Err(_) => return Err(invalid(format!("{name} missing"))),
+        };
+        if size != e.size {
+            return Err(invalid(format!(
+                "{name} is {size} bytes, manifest says {}",
+                e.size
+            )));
+        }
+        if sha256_file(&p)? != e.sha256 {
+            return Err(invalid(format!("{name} sha256 mismatch")));
+        }
+    }
+    Ok(GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.cpio.gz"),
+        disk_template: dir.join("disk.img"),
+        cmdline: m.cmdline,
+        kernel_package: m.kernel_package,
+    })
+}
+
+/// Returns the cached default guest image under `cache_dir`, building it first if it is
+/// missing, incomplete or stale. `progress` gets the builder's progress lines.
+///
+/// Blocking (it may download ~70 MiB and take ~10 s): call it from `spawn_blocking` in
+/// async code. Concurrent callers (threads or processes) serialize on a lock file, and the
+/// builder publishes the image with a rename, so nobody sees half an image.
+pub fn ensure_default_image(
+    cache_dir: &Path,
+    progress: impl Fn(&str),
+) -> Result<GuestImage, GuestImageError> {
+    let dir = cache_dir.join(IMAGE_DIR);
+    if let Ok(img) = load_image(&dir) {
+        return Ok(img);
+    }
+    std::fs::create_dir_all(cache_dir).map_err(io("create", cache_dir))?;
+    let lock_path = cache_dir.join(".build.lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io("create", &lock_path))?;
+    lock.lock().map_err(io("lock", &lock_path))?;
+    // Someone may have built it while we waited for the lock.
+    match load_image(&dir) {
+        Ok(img) => return Ok(img),
+        Err(e) => progress(&format!("building guest image: {e}")),
+    }
+    run_builder(&dir, &progress)?;
+    let img = load_image(&dir)?;
+    progress(&format!("guest image ready in {}", dir.display()));
+    Ok(img)
+}
+
+fn run_builder(dir: &Path, progress: &dyn Fn(&str)) -> Result<(), GuestImageError> {
+    let mut child = Command::new("bash")
+        .arg("-s")
+        .arg(dir)
+        .env("GUEST_BUILDER_SHA256", builder_sha256())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io("run bash for", dir))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(BUILD_SCRIPT.as_bytes())
+            .map_err(io("feed the builder script for", dir))?;
+    }
+    // stderr on its own thread so neither pipe can fill up and stall the builder.
+    let err_thread = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = e.read_to_string(&mut s);
+            s
+        })
+    });
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            match line {
+                Ok(l) => {
+                    tracing::debug!(line = %l, "build-guest");
+                    progress(&l);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    let status = child.wait().map_err(io("wait for the builder of", dir))?;
+    let stderr = err_thread.and_then(|t| t.join().ok()).unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        return Err(GuestImageError::Build {
+            status: status.to_string(),
+            stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_missing_and_tampered_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(matches!(
+            load_image(d),
+            Err(GuestImageError::Invalid { .. })
+        ));
+        for (n, body) in [
+            ("vmlinuz", "k"),
+            ("initramfs.cpio.gz", "i"),
+            ("disk.img", "d"),
+        ] {
+            std::fs::write(d.join(n), body).unwrap();
+        }
+        let entry = |n: &str| {
+            let p = d.join(n);
+            format!(
+                "\"{n}\": {{\"size\": 1, \"sha256\": \"{}\"}}",
+                sha256_file(&p).unwrap()
+            )
+        };
+        let manifest = |builder: &str| {
+            format!(
+                "{{\"format\": 1, \"builder_sha256\": \"{builder}\", \"kernel_package\": \"linux-image-x\", \"kernel_version\": \"x\", \"cmdline\": \"console=ttyS0\", \"disk_mib\": 1, \"files\": {{{}, {}, {}}}}}",
+                entry("vmlinuz"),
+                entry("initramfs.cpio.gz"),
+                entry("disk.img")
+            )
+        };
+        std::fs::write(d.join("manifest.json"), manifest(&builder_sha256())).unwrap();
+        let img = load_image(d).unwrap();
+        assert_eq!(img.cmdline, "console=ttyS0");
+        assert_eq!(img.kernel, d.join("vmlinuz"));
+        // Same size, other content.
+        std::fs::write(d.join("initramfs.cpio.gz"), "X").unwrap();
+        let e = load_image(d).unwrap_err();
+        assert!(e.to_string().contains("sha256"), "{e}");
+        std::fs::write(d.join("initramfs.cpio.gz"), "i").unwrap();
+        // Built by another builder.
+        std::fs::write(d.join("manifest.json"), manifest("0000")).unwrap();
+        assert!(load_image(d)
+            .unwrap_err()
+            .to_string()
+            .contains("another version"));
+        std::fs::write(d.join("manifest.json"), "{").unwrap();
+        assert!(load_image(d).is_err());
+    }
+}

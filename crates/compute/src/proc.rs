@@ -1,0 +1,71 @@
+//! Small helpers about host processes we may not be the parent of (adopted QEMUs).
+
+use std::time::{Duration, Instant};
+
+/// Whether `pid` exists and is not a zombie (a zombie has exited; only its parent's
+/// `wait` is missing).
+pub(crate) fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Format: "pid (comm) S ...": comm may contain spaces and parens, so split at the last ')'.
+    match stat.rfind(')').and_then(|i| stat.get(i + 2..)) {
+        Some(rest) => !matches!(rest.chars().next(), Some('Z' | 'X')),
+        None => false,
+    }
+}
+
+/// The process's argv, or `None` if it is gone.
+pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect(),
+    )
+}
+
+/// Sends SIGKILL. A process that is already gone is not an error.
+pub(crate) fn kill9(pid: u32) -> std::io::Result<()> {
+    let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    match rustix::process::kill_process(p, rustix::process::Signal::KILL) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::SRCH => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Polls until `pid` is gone or the deadline passes; returns whether it is gone.
+pub(crate) async fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !alive(pid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_and_has_a_cmdline() {
+        let me = std::process::id();
+        assert!(alive(me));
+        assert!(!cmdline(me).unwrap().is_empty());
+        // Pid numbers are capped well below this (pid_max <= 2^22).
+        assert!(!alive(u32::MAX - 1));
+        assert!(cmdline(u32::MAX - 1).is_none());
+    }
+}

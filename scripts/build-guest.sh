@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# build-guest.sh OUTDIR — builds vinfra's default test guest, offline from Debian packages:
+#   OUTDIR/vmlinuz            the Debian kernel (downloaded and unpacked, NOT installed: installing
+#                             linux-image-amd64 would pull systemd, udev and run boot hooks)
+#   OUTDIR/initramfs.cpio.gz  busybox-static + 6 virtio modules + /init (a disk workload)
+#   OUTDIR/disk.img           disk template: DISK_MIB MiB, MiB k begins with "BLK%06d", last MiB scratch
+#   OUTDIR/manifest.json      what was built (kernel package, sizes, sha256); written last
+#
+# The build happens in a temporary sibling directory that is renamed onto OUTDIR at the end,
+# so an interrupted build never leaves a half image behind. Progress goes to stdout as
+# "build-guest: ..." lines; errors go to stderr. Run as root (mknod for /dev/console).
+# The Rust side (compute::guest) embeds this file and runs it with `bash -s OUTDIR`.
+#
+# Environment knobs:
+#   DISK_MIB=64                  size of the disk template
+#   GUEST_BUILDER_SHA256=        recorded in the manifest; the Rust side uses it to notice
+#                                that the builder changed and the cached image is stale
+set -euo pipefail
+
+OUT=${1:?usage: build-guest.sh OUTDIR}
+DISK_MIB=${DISK_MIB:-64}
+BUILDER_SHA=${GUEST_BUILDER_SHA256:-unknown}
+CMDLINE="console=ttyS0 quiet panic=-1"
+
+say() { printf 'build-guest: %s\n' "$*"; }
+die() { printf 'build-guest: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (mknod /dev/console in the initramfs)"
+for b in apt-get apt-cache dpkg sha256sum gzip; do
+  command -v "$b" >/dev/null 2>&1 || die "$b not found (Debian host needed; run scripts/setup.sh)"
+done
+BUSYBOX=""
+for c in /bin/busybox /usr/bin/busybox; do [ -x "$c" ] && { BUSYBOX=$c; break; }; done
+[ -n "$BUSYBOX" ] || die "busybox not found: install busybox-static (scripts/setup.sh)"
+"$BUSYBOX" --list | grep -qx cpio || die "$BUSYBOX has no cpio applet: install busybox-static (scripts/setup.sh)"
+# The guest has no libc: a dynamically linked busybox would not start as /init.
+if command -v ldd >/dev/null 2>&1 && ldd "$BUSYBOX" >/dev/null 2>&1; then
+  die "$BUSYBOX is dynamically linked: install busybox-static (scripts/setup.sh)"
+fi
+
+mkdir -p "$(dirname "$OUT")"
+OUT=$(cd "$(dirname "$OUT")" && pwd)/$(basename "$OUT")
+TMP="$OUT.tmp.$$"
+rm -rf "$TMP"; mkdir -p "$TMP"
+trap 'rm -rf "$TMP"' EXIT
+
+# ------------------------------------------------------------------ kernel
+KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}' || true)
+if [ -z "$KPKG" ]; then
+  say "apt lists are empty, running apt-get update"
+  apt-get update -qq || die "apt-get update failed"
+  KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+fi
+[ -n "$KPKG" ] || die "cannot resolve the kernel package behind linux-image-amd64"
+say "downloading $KPKG"
+mkdir -p "$TMP/deb"
+(cd "$TMP/deb" && apt-get download -q -o APT::Sandbox::User=root "$KPKG" >/dev/null) \
+  || die "apt-get download $KPKG failed"
+say "unpacking $KPKG"
+dpkg -x "$TMP"/deb/*.deb "$TMP/root"
+KVER=$(ls "$TMP/root/lib/modules" | head -1)
+[ -n "$KVER" ] && [ -f "$TMP/root/boot/vmlinuz-$KVER" ] || die "no vmlinuz in $KPKG"
+cp "$TMP/root/boot/vmlinuz-$KVER" "$TMP/vmlinuz"
+
+# ------------------------------------------------------------------ initramfs
+R="$TMP/initramfs"
+mkdir -p "$R"/{bin,dev,proc,sys,tmp,lib/modules}
+cp "$BUSYBOX" "$R/bin/busybox"
+# Load order matters: each module needs the ones before it.
+MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
+for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
+         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk; do
+  f="$TMP/root/lib/modules/$KVER/kernel/$m.ko"
+  dst="$R/lib/modules/$(basename "$m").ko"
+  if [ -f "$f" ]; then cp "$f" "$dst"
+  elif [ -f "$f.xz" ]; then   # newer kernels (6.12 in backports) compress their modules
+    if command -v xz >/dev/null 2>&1; then xz -dc "$f.xz" > "$dst"; else "$BUSYBOX" xz -dc "$f.xz" > "$dst"; fi
+  else die "module $m not found in $KPKG"; fi
+done
+rm -rf "$TMP/root" "$TMP/deb"   # ~400 MiB unpacked; only vmlinuz and the modules are kept
+
+mknod -m 600 "$R/dev/console" c 5 1   # else /init has no stdout until devtmpfs is mounted
+mknod -m 666 "$R/dev/null" c 1 3
+cat > "$R/init" <<'EOF'
+#!/bin/busybox sh
+# vinfra test guest. Serial protocol (the host's tests parse these lines):
+#   GUEST: init started ...           once per boot (a second one after a migration = a reboot)
+#   GUEST: READY vda=<MiB>MiB ...     the disk is there, the workload starts
+#   TICK <i> up=<s> off=<MiB>MiB read=ok|BAD(..) write=ok|BAD(..)   one per tick
+#   GUEST: POWEROFF reason=<why>      last line before the guest powers off
+# Kernel command line knobs: vinfra.tick_ms=100  vinfra.ticks=0 (0 = forever)  vinfra.dirty=0 (MiB of RAM to rewrite)
+/bin/busybox mkdir -p /usr/bin /sbin /usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec 0</dev/console 1>/dev/console 2>&1
+off() { echo "GUEST: POWEROFF reason=$1"; sync; poweroff -f; sleep 10; }
+echo "GUEST: init started, uptime $(cut -d' ' -f1 /proc/uptime)s"
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+  insmod /lib/modules/$m.ko || echo "GUEST: insmod $m failed"
+done
+n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do usleep 50000; n=$((n+1)); done
+[ -b /dev/vda ] || { echo "GUEST: FATAL no /dev/vda"; off no-disk; }
+MIB=$(( $(cat /sys/block/vda/size) / 2048 ))
+[ "$MIB" -ge 2 ] || { echo "GUEST: FATAL disk too small"; off disk-too-small; }
+TICK_MS=100; TICKS=0; DIRTY=0
+for a in $(cat /proc/cmdline); do
+  case $a in
+    vinfra.tick_ms=*) TICK_MS=${a#*=};; vinfra.ticks=*) TICKS=${a#*=};; vinfra.dirty=*) DIRTY=${a#*=};;
+  esac
+done
+if [ "$DIRTY" -gt 0 ]; then
+  # memory dirtier: rewrite DIRTY MiB of tmpfs (guest RAM) with non-zero data, forever
+  dd if=/dev/urandom of=/tmp/chunk bs=1M count=1 2>/dev/null
+  ( while :; do k=0; while [ $k -lt $DIRTY ]; do dd if=/tmp/chunk of=/tmp/dirty bs=1M seek=$k count=1 conv=notrunc 2>/dev/null; k=$((k+1)); done; done ) &
+  echo "GUEST: dirtying ${DIRTY}MiB of RAM in a loop"
+fi
+echo "GUEST: READY vda=${MIB}MiB uptime $(cut -d' ' -f1 /proc/uptime)s"
+# Each tick: O_DIRECT read of 1 MiB at a strided offset + header check (data came through the
+# disk path, not the page cache), then a 4 KiB sequence record written with fsync into the last
+# MiB and read back O_DIRECT. `i` lives in guest RAM: after a live migration it continues.
+LAST=$((MIB-1)); i=0
+while [ "$TICKS" = 0 ] || [ $i -lt "$TICKS" ]; do
+  o=$(( (i*37) % LAST ))
+  hdr=$(dd if=/dev/vda bs=1M skip=$o count=1 iflag=direct 2>/dev/null | head -c 9)
+  [ "$hdr" = "$(printf 'BLK%06d' $o)" ] && r=ok || r="BAD($hdr)"
+  printf 'SEQ%08d' $i | dd of=/dev/vda bs=4096 seek=$((LAST*256)) count=1 conv=sync,notrunc,fsync 2>/dev/null
+  back=$(dd if=/dev/vda bs=4096 skip=$((LAST*256)) count=1 iflag=direct 2>/dev/null | head -c 11)
+  [ "$back" = "$(printf 'SEQ%08d' $i)" ] && w=ok || w="BAD($back)"
+  echo "TICK $i up=$(cut -d' ' -f1 /proc/uptime) off=${o}MiB read=$r write=$w"
+  i=$((i+1))
+  usleep $((TICK_MS*1000))
+done
+off "ticks-done"
+EOF
+chmod +x "$R/init"
+say "packing initramfs"
+(cd "$R" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1 > "$TMP/initramfs.cpio.gz")
+rm -rf "$R"
+
+# ------------------------------------------------------------------ disk template
+say "writing ${DISK_MIB} MiB disk template"
+truncate -s "${DISK_MIB}M" "$TMP/disk.img"
+i=0
+while [ $i -lt "$DISK_MIB" ]; do
+  printf 'BLK%06d\n' "$i" | dd of="$TMP/disk.img" bs=1M seek="$i" conv=notrunc status=none
+  i=$((i+1))
+done
+
+# ------------------------------------------------------------------ manifest (last: its presence marks a complete build)
+entry() { printf '"%s": {"size": %s, "sha256": "%s"}' "$1" "$(stat -c %s "$TMP/$1")" "$(sha256sum "$TMP/$1" | cut -d' ' -f1)"; }
+cat > "$TMP/manifest.json.tmp" <<EOF
+{
+  "format": 1,
+  "builder_sha256": "$BUILDER_SHA",
+  "kernel_package": "$KPKG",
+  "kernel_version": "$KVER",
+  "cmdline": "$CMDLINE",
+  "disk_mib": $DISK_MIB,
+  "files": {
+    $(entry vmlinuz),
+    $(entry initramfs.cpio.gz),
+    $(entry disk.img)
+  }
+}
+EOF
+sync -f "$TMP/disk.img" 2>/dev/null || sync
+mv "$TMP/manifest.json.tmp" "$TMP/manifest.json"
+
+# ------------------------------------------------------------------ publish atomically
+if [ -e "$OUT" ]; then
+  mv "$OUT" "$OUT.old.$$"
+fi
+mv "$TMP" "$OUT"
+trap - EXIT
+rm -rf "$OUT.old.$$"
+say "done: $OUT ($KPKG, initramfs $(( $(stat -c %s "$OUT/initramfs.cpio.gz") / 1024 )) KiB)"
