@@ -11,13 +11,23 @@
 //! I/O outside them); a rebuild runs one background prefetch thread per destination.
 #![warn(missing_docs)]
 
+pub mod block_cache;
 pub mod heat;
+pub mod meta;
 pub mod pattern;
 pub mod plan;
+pub mod rebuild;
 pub mod rng;
+pub mod source;
 pub mod types;
 
+pub use block_cache::{
+    BlockCache, CacheConfig, CacheError, CacheOpenError, CacheStats, Fetched, MigrationSnapshot,
+    OpenReport,
+};
 pub use heat::{HeatMap, HeatSnapshot};
 pub use pattern::{AccessPattern, PatternSnapshot};
 pub use plan::{plan_fetch, Strategy, UnknownStrategy};
+pub use rebuild::{prepare_destination, Rebuild, RebuildProgress};
+pub use source::{BlockOrigin, BlockSource, CacheSource, FileOrigin, SourceError, Throttle};
 pub use types::{BlockIdx, BlockSet, BlockSize, Generation};
