@@ -9,6 +9,23 @@
 //! Tasks: one QMP actor per QEMU (owns the socket) and one watcher per QEMU (reaps the
 //! process and records why it exited). The driver's VM table is a `std` mutex that is never
 //! held across an `.await`.
+//!
+//! ```no_run
+//! use compute::{ComputeDriver, NbdListen, QemuDriver, QemuNbdDisk, VmSpec, Accel};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let img = compute::ensure_default_image(&compute::default_cache_dir(), |l| println!("{l}"))?;
+//! compute::prepare_vm_disk(&img.disk_template, "/srv/vm/web-1.img".as_ref()).await?;
+//! let disk = QemuNbdDisk::spawn("/srv/vm/web-1.img".as_ref(), NbdListen::Tcp("127.0.0.1:0".parse()?), "web-1").await?;
+//! let driver = QemuDriver::new();
+//! let vm = driver.start(&VmSpec {
+//!     id: "web-1".into(), name: "web-1".into(), vcpus: 1, memory_mib: 256,
+//!     kernel: img.kernel, initrd: img.initrd, cmdline: img.cmdline,
+//!     disk: disk.target(), run_dir: "/run/vinfra/web-1".into(), accel: Accel::Auto,
+//! }).await?;
+//! println!("console: {}", vm.console_log.display());
+//! driver.stop("web-1").await?;
+//! # Ok(()) }
+//! ```
 #![warn(missing_docs)]
 
 pub mod disk;

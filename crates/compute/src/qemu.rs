@@ -296,7 +296,7 @@ impl QemuDriver {
         tracing::info!(
             pid,
             ?accel,
-            elapsed_ms = t0.elapsed().as_millis() as u64,
+            elapsed_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
             "vm started"
         );
         Ok(rt)

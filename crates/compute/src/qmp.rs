@@ -340,6 +340,9 @@ pub struct MigrationParameters {
     pub max_bandwidth: Option<u64>,
 }
 
+/// Commands awaiting a reply, by id: the command name (for errors) and where to reply.
+type Pending = HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)>;
+
 #[derive(Debug)]
 struct Request {
     execute: String,
@@ -569,8 +572,7 @@ async fn actor<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut pending: HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)> =
-        HashMap::new();
+    let mut pending: Pending = HashMap::new();
     let mut next_id: u64 = 1;
     let mut chunk = vec![0u8; 8192];
     // Lines may already be buffered behind the greeting.
@@ -616,21 +618,14 @@ async fn actor<R, W>(
     finish(pending, &closed);
 }
 
-fn finish(
-    pending: HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)>,
-    closed: &watch::Sender<bool>,
-) {
+fn finish(pending: Pending, closed: &watch::Sender<bool>) {
     for (_, (_, reply)) in pending {
         let _ = reply.send(Err(QmpError::Disconnected));
     }
     closed.send_replace(true);
 }
 
-fn route(
-    line: &[u8],
-    pending: &mut HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)>,
-    events: &broadcast::Sender<QmpEvent>,
-) {
+fn route(line: &[u8], pending: &mut Pending, events: &broadcast::Sender<QmpEvent>) {
     match decode(line) {
         Ok(QmpMessage::Return {
             id: Some(id),

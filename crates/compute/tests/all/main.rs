@@ -1,0 +1,361 @@
+//! Integration tests of the compute crate against real QEMU, qemu-nbd and the default guest.
+//!
+//! The guest image is cached in `$VINFRA_GUEST_CACHE` (default `/var/cache/vinfra/guest`), so
+//! only the first run builds it (~10 s). VM tests run one at a time: each TCG QEMU eats a core.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use compute::{
+    default_cache_dir, ensure_default_image, prepare_vm_disk, Accel, ComputeDriver, DiskTarget,
+    GuestImage, MigrateOptions, NbdListen, QemuDriver, QemuNbdDisk, VmSpec, VmStatus,
+};
+
+/// Serializes the VM tests (2 cores, one per TCG QEMU).
+static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn need_tools() {
+    for bin in ["qemu-system-x86_64", "qemu-nbd", "busybox"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()));
+        assert!(found, "{bin} not found: run scripts/setup.sh");
+    }
+}
+
+fn image() -> GuestImage {
+    need_tools();
+    ensure_default_image(&default_cache_dir(), |l| eprintln!("{l}"))
+        .unwrap_or_else(|e| panic!("guest image: {e} (run scripts/setup.sh as root)"))
+}
+
+/// Short scratch dir: unix socket paths must stay under 108 bytes.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vc")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+fn spec(id: &str, img: &GuestImage, disk: DiskTarget, run_dir: PathBuf) -> VmSpec {
+    VmSpec {
+        id: id.into(),
+        name: format!("test {id}"),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: img.kernel.clone(),
+        initrd: img.initrd.clone(),
+        cmdline: img.cmdline.clone(),
+        disk,
+        run_dir,
+        accel: Accel::Auto,
+    }
+}
+
+/// SIGKILLs leftover QEMUs if a test fails halfway (only pids still serving our run dirs).
+#[derive(Default)]
+struct KillGuard(Vec<(u32, PathBuf)>);
+
+impl KillGuard {
+    fn add(&mut self, pid: u32, run_dir: &Path) {
+        self.0.push((pid, run_dir.to_owned()));
+    }
+}
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        for (pid, dir) in &self.0 {
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+                .unwrap_or(false);
+            if ours {
+                if let Some(p) = i32::try_from(*pid)
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
+            }
+        }
+    }
+}
+
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s.get(i + 2..i + 3))
+            .is_some_and(|st| st == "Z" || st == "X"),
+    }
+}
+
+async fn wait_gone(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if gone(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Polls `path` until `pred` holds for its content; panics with the content on timeout.
+async fn wait_console(path: &Path, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = read(path);
+        if pred(&text) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what} in {}:\n{text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `(tick, ok)` for each complete TICK line.
+fn ticks(text: &str) -> Vec<(u64, bool)> {
+    text.lines()
+        .filter(|l| l.starts_with("TICK ") && l.contains(" write="))
+        .filter_map(|l| {
+            let n = l.split_whitespace().nth(1)?.parse().ok()?;
+            Some((n, l.contains("read=ok write=ok")))
+        })
+        .collect()
+}
+
+fn has_tick(text: &str, n: u64) -> bool {
+    ticks(text).iter().any(|&(t, _)| t >= n)
+}
+
+async fn wait_running(drv: &QemuDriver, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = drv.status(id).await.expect("status");
+        if st == VmStatus::Running {
+            return;
+        }
+        assert!(Instant::now() < deadline, "vm {id} not running: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn boots_on_qemu_nbd_ticks_survives_agent_restart_and_stops() {
+    let img = image();
+    let _one_at_a_time = VM_LOCK.lock().await;
+    let tmp = scratch();
+    let disk = tmp.path().join("disk.img");
+    assert!(prepare_vm_disk(&img.disk_template, &disk).await.unwrap());
+    let nbd = QemuNbdDisk::spawn(&disk, NbdListen::Unix(tmp.path().join("nbd.sock")), "disk0")
+        .await
+        .unwrap();
+    let run_dir = tmp.path().join("run");
+    let spec = spec("boot-1", &img, nbd.target(), run_dir.clone());
+    let mut guard = KillGuard::default();
+
+    let drv = QemuDriver::new();
+    let t0 = Instant::now();
+    let rt = drv.start(&spec).await.unwrap();
+    guard.add(rt.pid, &run_dir);
+    assert_eq!(drv.console_path("boot-1").unwrap(), rt.console_log);
+    assert!(matches!(
+        drv.start(&spec).await,
+        Err(compute::ComputeError::AlreadyRunning { .. })
+    ));
+    wait_console(
+        &rt.console_log,
+        "GUEST: READY",
+        Duration::from_secs(120),
+        |t| t.contains("GUEST: READY"),
+    )
+    .await;
+    eprintln!(
+        "boot (exec -> GUEST: READY, accel {:?}): {:.2} s",
+        rt.accel,
+        t0.elapsed().as_secs_f64()
+    );
+    wait_console(&rt.console_log, "TICK 3", Duration::from_secs(30), |t| {
+        has_tick(t, 3)
+    })
+    .await;
+    assert_eq!(drv.status("boot-1").await.unwrap(), VmStatus::Running);
+
+    // Agent restart: the old driver goes away (the VM keeps running), a new one adopts it.
+    drop(drv);
+    let drv = QemuDriver::new();
+    let adopted = drv.adopt("boot-1", &run_dir).await.unwrap();
+    assert_eq!(adopted.pid, rt.pid);
+    assert_eq!(drv.status("boot-1").await.unwrap(), VmStatus::Running);
+    let seen = ticks(&read(&rt.console_log)).last().unwrap().0;
+    wait_console(
+        &rt.console_log,
+        "a tick after adoption",
+        Duration::from_secs(30),
+        |t| has_tick(t, seen + 2),
+    )
+    .await;
+    let all = ticks(&read(&rt.console_log));
+    assert!(all.iter().all(|&(_, ok)| ok), "bad I/O check: {all:?}");
+
+    let st = drv.stop("boot-1").await.unwrap();
+    assert!(
+        matches!(&st, VmStatus::Stopped { reason } if reason.contains("stopped by request")),
+        "{st:?}"
+    );
+    assert!(wait_gone(rt.pid).await, "qemu {} still running", rt.pid);
+    assert_eq!(drv.status("boot-1").await.unwrap(), st);
+    nbd.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn qemu_killed_from_outside_is_reported_crashed() {
+    let img = image();
+    let _one_at_a_time = VM_LOCK.lock().await;
+    let tmp = scratch();
+    let disk = tmp.path().join("disk.img");
+    prepare_vm_disk(&img.disk_template, &disk).await.unwrap();
+    let run_dir = tmp.path().join("run");
+    let mut guard = KillGuard::default();
+    let drv = QemuDriver::new();
+    let rt = drv
+        .start(&spec(
+            "crash-1",
+            &img,
+            DiskTarget::File(disk),
+            run_dir.clone(),
+        ))
+        .await
+        .unwrap();
+    guard.add(rt.pid, &run_dir);
+    let p = rustix::process::Pid::from_raw(i32::try_from(rt.pid).unwrap()).unwrap();
+    rustix::process::kill_process(p, rustix::process::Signal::KILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = drv.status("crash-1").await.unwrap();
+        if st.is_exited() || Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        matches!(&st, VmStatus::Crashed { reason } if reason.contains("signal 9")),
+        "{st:?}"
+    );
+}
+
+#[tokio::test]
+async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
+    let img = image();
+    let _one_at_a_time = VM_LOCK.lock().await;
+    let tmp = scratch();
+    let disk = tmp.path().join("disk.img");
+    prepare_vm_disk(&img.disk_template, &disk).await.unwrap();
+    let nbd = QemuNbdDisk::spawn(
+        &disk,
+        NbdListen::Tcp("127.0.0.1:0".parse().unwrap()),
+        "disk0",
+    )
+    .await
+    .unwrap();
+    let mut guard = KillGuard::default();
+    // Two "hosts": one driver each, the same VM id on both.
+    let (host_a, host_b) = (QemuDriver::new(), QemuDriver::new());
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let src = host_a
+        .start(&spec("web-1", &img, nbd.target(), dir_a.clone()))
+        .await
+        .unwrap();
+    guard.add(src.pid, &dir_a);
+    wait_console(
+        &src.console_log,
+        "TICK 5 on the source",
+        Duration::from_secs(120),
+        |t| has_tick(t, 5),
+    )
+    .await;
+
+    let dst = host_b
+        .start_incoming(
+            &spec("web-1", &img, nbd.target(), dir_b.clone()),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    guard.add(dst.pid, &dir_b);
+    let listen = dst.incoming.expect("incoming address");
+    assert_ne!(listen.port(), 0);
+    assert_eq!(
+        host_b.status("web-1").await.unwrap(),
+        VmStatus::Paused {
+            state: "inmigrate".into()
+        }
+    );
+
+    let stats = host_a
+        .migrate(
+            "web-1",
+            &format!("tcp:{listen}"),
+            &MigrateOptions::default(),
+        )
+        .await
+        .unwrap();
+    eprintln!("migration: {stats:?}");
+    assert!(stats.ram_transferred_bytes > 1 << 20, "{stats:?}");
+    assert!(stats.total_time_ms > 0 && stats.polls > 0, "{stats:?}");
+    assert!(stats.source_stopped_at_us.is_some(), "no STOP event seen");
+
+    // The source quit after completing; the destination runs on by itself.
+    let st = host_a.status("web-1").await.unwrap();
+    assert!(
+        matches!(&st, VmStatus::Stopped { reason } if reason.contains("migrated")),
+        "{st:?}"
+    );
+    assert!(
+        wait_gone(src.pid).await,
+        "source qemu {} still running",
+        src.pid
+    );
+    wait_running(&host_b, "web-1").await;
+    let src_text = read(&src.console_log);
+    let last_src = ticks(&src_text).last().expect("source ticks").0;
+    wait_console(
+        &dst.console_log,
+        "5 ticks on the destination",
+        Duration::from_secs(60),
+        |t| has_tick(t, last_src + 6),
+    )
+    .await;
+    let dst_text = read(&dst.console_log);
+    assert!(
+        !dst_text.contains("GUEST: init"),
+        "guest rebooted:\n{dst_text}"
+    );
+    // The UART may be migrated mid-line: the source's unfinished last line ends on the
+    // destination. Joined, the two logs must count 0, 1, 2, ... without a gap or a repeat.
+    let all = ticks(&format!("{src_text}{dst_text}"));
+    let numbers: Vec<u64> = all.iter().map(|&(n, _)| n).collect();
+    let expected: Vec<u64> = (0..numbers.len() as u64).collect();
+    assert_eq!(
+        numbers, expected,
+        "tick sequence broken across the migration"
+    );
+    assert!(all.iter().all(|&(_, ok)| ok), "bad I/O check: {all:?}");
+    let first_dst = ticks(&dst_text).first().unwrap().0;
+    eprintln!("last source TICK {last_src} -> first destination TICK {first_dst}");
+    assert!(first_dst <= last_src + 2);
+
+    assert!(host_b.stop("web-1").await.unwrap().is_exited());
+    assert!(wait_gone(dst.pid).await);
+    nbd.stop().await.unwrap();
+}
