@@ -19,6 +19,7 @@ pub mod plan;
 pub mod rebuild;
 pub mod rng;
 pub mod source;
+pub mod trace;
 pub mod types;
 
 pub use block_cache::{

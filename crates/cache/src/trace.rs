@@ -1,0 +1,487 @@
+//! Block I/O workloads: readers for public trace formats and seeded synthetic generators.
+//!
+//! Every reader turns a trace into [`IoRequest`]s (time in µs from the first request,
+//! byte offset and length) and fails on a malformed line with an error naming the file and
+//! the line, never a panic.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rng::SplitMix64;
+
+/// Read or write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// A read.
+    Read,
+    /// A write.
+    Write,
+}
+
+/// One request of a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoRequest {
+    /// Microseconds since the first request.
+    pub time_us: u64,
+    /// Read or write.
+    pub op: Op,
+    /// Byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// A trace could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The file could not be opened or read.
+    #[error("cannot read trace {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        err: io::Error,
+    },
+    /// A line is not in the expected format.
+    #[error("trace {path} line {line}: {what}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        what: String,
+    },
+}
+
+/// Supported trace formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TraceFormat {
+    /// CloudPhysics CSV: `version,time,op,size,lbn` (op `28` read, `2a` write; size in
+    /// bytes; lbn in 512-byte sectors; time in seconds).
+    CloudPhysics,
+    /// SNIA / MSR Cambridge CSV: `Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime`
+    /// (Windows filetime ticks of 100 ns; `Read`/`Write`; bytes).
+    Msr,
+    /// Alibaba block traces 2020: `device_id,opcode,offset,length,timestamp` (`R`/`W`;
+    /// bytes; µs).
+    Alibaba,
+}
+
+/// Reads the trace at `path` in `format`.
+pub fn read_trace(path: &Path, format: TraceFormat) -> Result<Vec<IoRequest>, TraceError> {
+    let f = File::open(path).map_err(|err| TraceError::Io {
+        path: path.to_owned(),
+        err,
+    })?;
+    parse_trace(BufReader::new(f), path, format)
+}
+
+/// Parses a trace from `r`; `path` only names it in errors.
+pub fn parse_trace(
+    r: impl BufRead,
+    path: &Path,
+    format: TraceFormat,
+) -> Result<Vec<IoRequest>, TraceError> {
+    let mut out = Vec::new();
+    let mut t0: Option<u64> = None;
+    for (i, line) in r.lines().enumerate() {
+        let lineno = i + 1;
+        let line = line.map_err(|err| TraceError::Io {
+            path: path.to_owned(),
+            err,
+        })?;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |what: String| TraceError::Parse {
+            path: path.to_owned(),
+            line: lineno,
+            what,
+        };
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let num = |idx: usize, name: &str| -> Result<u64, TraceError> {
+            let s = f
+                .get(idx)
+                .ok_or_else(|| bad(format!("missing field {name}")))?;
+            s.parse::<u64>()
+                .map_err(|_| bad(format!("field {name} is not a number: {s:?}")))
+        };
+        let parsed: Option<(u64, Op, u64, u64)> = match format {
+            TraceFormat::CloudPhysics => {
+                if lineno == 1 && f.first() == Some(&"version") {
+                    None
+                } else {
+                    let op = match f.get(2).copied() {
+                        Some("28") => Op::Read,
+                        Some("2a") | Some("2A") => Op::Write,
+                        other => {
+                            return Err(bad(format!("unknown op {other:?} (expected 28 or 2a)")))
+                        }
+                    };
+                    let lbn = num(4, "lbn")?;
+                    let off = lbn
+                        .checked_mul(512)
+                        .ok_or_else(|| bad(format!("lbn {lbn} overflows")))?;
+                    let secs = num(1, "time")?;
+                    Some((secs.saturating_mul(1_000_000), op, off, num(3, "size")?))
+                }
+            }
+            TraceFormat::Msr => {
+                if lineno == 1
+                    && f.first()
+                        .is_some_and(|s| s.eq_ignore_ascii_case("timestamp"))
+                {
+                    None
+                } else {
+                    let op = match f.get(3).map(|s| s.to_ascii_lowercase()) {
+                        Some(s) if s == "read" => Op::Read,
+                        Some(s) if s == "write" => Op::Write,
+                        other => {
+                            return Err(bad(format!(
+                                "unknown type {other:?} (expected Read or Write)"
+                            )))
+                        }
+                    };
+                    // Filetime ticks are 100 ns.
+                    Some((
+                        num(0, "Timestamp")? / 10,
+                        op,
+                        num(4, "Offset")?,
+                        num(5, "Size")?,
+                    ))
+                }
+            }
+            TraceFormat::Alibaba => {
+                if lineno == 1 && f.first() == Some(&"device_id") {
+                    None
+                } else {
+                    let op = match f.get(1).copied() {
+                        Some("R") | Some("r") => Op::Read,
+                        Some("W") | Some("w") => Op::Write,
+                        other => {
+                            return Err(bad(format!("unknown opcode {other:?} (expected R or W)")))
+                        }
+                    };
+                    Some((
+                        num(4, "timestamp")?,
+                        op,
+                        num(2, "offset")?,
+                        num(3, "length")?,
+                    ))
+                }
+            }
+        };
+        let Some((t, op, offset, len)) = parsed else {
+            continue;
+        };
+        let len = u32::try_from(len).map_err(|_| bad(format!("length {len} is too large")))?;
+        if len == 0 {
+            continue;
+        }
+        let base = *t0.get_or_insert(t);
+        out.push(IoRequest {
+            time_us: t.saturating_sub(base),
+            op,
+            offset,
+            len,
+        });
+    }
+    Ok(out)
+}
+
+/// Parameters of a synthetic workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SynthSpec {
+    /// RNG seed: equal seeds give equal workloads.
+    pub seed: u64,
+    /// Requests to generate.
+    pub requests: usize,
+    /// Size of the region addressed, in bytes.
+    pub span_bytes: u64,
+    /// Request size in bytes.
+    pub io_size: u32,
+    /// Requests per second (sets `time_us`).
+    pub iops: u64,
+}
+
+fn time_of(i: usize, iops: u64) -> u64 {
+    (i as u64).saturating_mul(1_000_000) / iops.max(1)
+}
+
+/// Zipf-distributed ranks over `n` items with exponent `theta`, by inverse CDF.
+#[derive(Debug, Clone)]
+pub struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    /// A sampler over ranks `0..n` (rank 0 most popular).
+    pub fn new(n: usize, theta: f64) -> Self {
+        let mut acc = 0.0;
+        let mut cdf = Vec::with_capacity(n.max(1));
+        for k in 1..=n.max(1) {
+            // k fits f64 exactly for any n we can allocate.
+            #[allow(clippy::cast_precision_loss)]
+            let w = 1.0 / (k as f64).powf(theta);
+            acc += w;
+            cdf.push(acc);
+        }
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Self { cdf }
+    }
+
+    /// Draws one rank.
+    pub fn sample(&self, rng: &mut SplitMix64) -> usize {
+        let u = rng.next_f64();
+        self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
+    }
+}
+
+/// Scatters rank `r` over `n` slots (as fio does, so hot blocks are not adjacent): a
+/// multiplicative permutation with a multiplier coprime to `n`.
+fn scatter(r: u64, n: u64) -> u64 {
+    let mut m = 0x9E37_79B9_7F4A_7C15u64 % n.max(1);
+    while gcd(m, n) != 1 {
+        m += 1;
+    }
+    ((u128::from(r) * u128::from(m)) % u128::from(n.max(1))) as u64
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Random reads with a zipf(`theta`) popularity over the span (fio
+/// `rw=randread random_distribution=zipf:theta`).
+pub fn zipf_random(spec: &SynthSpec, theta: f64, read_pct: u8) -> Vec<IoRequest> {
+    let io = u64::from(spec.io_size.max(1));
+    let slots = (spec.span_bytes / io).max(1);
+    let zipf = Zipf::new(usize::try_from(slots).unwrap_or(usize::MAX), theta);
+    let mut rng = SplitMix64::new(spec.seed);
+    (0..spec.requests)
+        .map(|i| {
+            let slot = scatter(zipf.sample(&mut rng) as u64, slots);
+            let op = if rng.below(100) < u64::from(read_pct) {
+                Op::Read
+            } else {
+                Op::Write
+            };
+            IoRequest {
+                time_us: time_of(i, spec.iops),
+                op,
+                offset: slot * io,
+                len: spec.io_size,
+            }
+        })
+        .collect()
+}
+
+/// Sequential reads looping over the span (fio `rw=read`).
+pub fn sequential(spec: &SynthSpec) -> Vec<IoRequest> {
+    let io = u64::from(spec.io_size.max(1));
+    let slots = (spec.span_bytes / io).max(1);
+    (0..spec.requests)
+        .map(|i| IoRequest {
+            time_us: time_of(i, spec.iops),
+            op: Op::Read,
+            offset: (i as u64 % slots) * io,
+            len: spec.io_size,
+        })
+        .collect()
+}
+
+/// A mixed job, as a fio job file with two sections run together would produce:
+/// `randrw` with zipf(`theta`) popularity and `read_pct`% reads over the span, and
+/// sequential readers (128 KiB requests) that each scan a region of `scan_bytes` from a
+/// random start, a new region when one ends (a backup or a table scan next to an OLTP
+/// load). One request in `seq_every` belongs to the scanners.
+pub fn mixed(
+    spec: &SynthSpec,
+    theta: f64,
+    read_pct: u8,
+    seq_every: u32,
+    scan_bytes: u64,
+) -> Vec<IoRequest> {
+    let random = zipf_random(spec, theta, read_pct);
+    let mut rng = SplitMix64::new(spec.seed ^ u64_mask());
+    let scan_io: u64 = 128 * 1024;
+    let scan_len = (scan_bytes / scan_io).max(1);
+    let regions = (spec.span_bytes / scan_io).saturating_sub(scan_len).max(1);
+    let (mut pos, mut left) = (0u64, 0u64);
+    random
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if seq_every > 0 && i % seq_every as usize == 0 {
+                if left == 0 {
+                    pos = rng.below(regions);
+                    left = scan_len;
+                }
+                let req = IoRequest {
+                    time_us: r.time_us,
+                    op: Op::Read,
+                    offset: pos * scan_io,
+                    len: 128 * 1024,
+                };
+                pos += 1;
+                left -= 1;
+                req
+            } else {
+                r
+            }
+        })
+        .collect()
+}
+
+const fn u64_mask() -> u64 {
+    0x00ff_00ff_00ff_00ff
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str, f: TraceFormat) -> Result<Vec<IoRequest>, TraceError> {
+        parse_trace(s.as_bytes(), Path::new("t.csv"), f)
+    }
+
+    #[test]
+    fn parses_cloudphysics() {
+        let r = parse(
+            "version,time,op,size,lbn\n1,100,28,4096,8\n1,102,2a,512,16\n",
+            TraceFormat::CloudPhysics,
+        )
+        .unwrap();
+        assert_eq!(
+            r[0],
+            IoRequest {
+                time_us: 0,
+                op: Op::Read,
+                offset: 4096,
+                len: 4096
+            }
+        );
+        assert_eq!(
+            r[1],
+            IoRequest {
+                time_us: 2_000_000,
+                op: Op::Write,
+                offset: 8192,
+                len: 512
+            }
+        );
+    }
+
+    #[test]
+    fn parses_msr_and_alibaba() {
+        let msr = "128166372003061629,hm,0,Read,383496192,32768,1153\n128166372013061629,hm,0,Write,0,512,10\n";
+        let r = parse(msr, TraceFormat::Msr).unwrap();
+        assert_eq!(
+            r[1],
+            IoRequest {
+                time_us: 1_000_000,
+                op: Op::Write,
+                offset: 0,
+                len: 512
+            }
+        );
+        let ali = "device_id,opcode,offset,length,timestamp\n3,R,4096,8192,1577808000000\n3,W,0,4096,1577808000500\n";
+        let r = parse(ali, TraceFormat::Alibaba).unwrap();
+        assert_eq!(
+            r[1],
+            IoRequest {
+                time_us: 500,
+                op: Op::Write,
+                offset: 0,
+                len: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_lines_name_file_and_line() {
+        let e = parse(
+            "version,time,op,size,lbn\n1,1,28,4096,8\n1,1,99,4096,8\n",
+            TraceFormat::CloudPhysics,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "trace t.csv line 3: unknown op Some(\"99\") (expected 28 or 2a)"
+        );
+        let e = parse("1,x,28,4096,8\n", TraceFormat::CloudPhysics).unwrap_err();
+        assert!(
+            e.to_string().contains("line 1: field time is not a number"),
+            "{e}"
+        );
+        let e = parse("1,R,4096\n", TraceFormat::Alibaba).unwrap_err();
+        assert!(e.to_string().contains("missing field"), "{e}");
+        let e = parse("1,1,2a,99999999999,8\n", TraceFormat::CloudPhysics).unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn reads_the_real_cloudphysics_trace() {
+        let p = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/traces/cloudphysics.csv"
+        ));
+        let r = read_trace(p, TraceFormat::CloudPhysics).unwrap();
+        assert_eq!(r.len(), 113_872);
+        let reads = r.iter().filter(|x| x.op == Op::Read).count();
+        assert_eq!(reads, 46_974);
+        assert_eq!(r.last().unwrap().time_us, 7_200_000_000);
+    }
+
+    #[test]
+    fn synthetic_workloads_are_seeded_and_shaped() {
+        let spec = SynthSpec {
+            seed: 1,
+            requests: 20_000,
+            span_bytes: 1 << 30,
+            io_size: 4096,
+            iops: 1000,
+        };
+        let a = zipf_random(&spec, 1.1, 100);
+        assert_eq!(a, zipf_random(&spec, 1.1, 100));
+        assert_ne!(
+            a,
+            zipf_random(
+                &SynthSpec {
+                    seed: 2,
+                    ..spec.clone()
+                },
+                1.1,
+                100
+            )
+        );
+        let mut counts = std::collections::HashMap::new();
+        for r in &a {
+            *counts.entry(r.offset).or_insert(0u32) += 1;
+        }
+        let top = counts.values().max().copied().unwrap();
+        assert!(top > 1000, "zipf head too flat: {top}");
+        assert_eq!(a[1000].time_us, 1_000_000);
+        let s = sequential(&spec);
+        assert!(s
+            .windows(2)
+            .take(100)
+            .all(|w| w[1].offset == w[0].offset + 4096));
+        let m = mixed(&spec, 1.1, 70, 4, 64 << 20);
+        let writes = m.iter().filter(|r| r.op == Op::Write).count();
+        assert!(writes > 3000 && writes < 6000, "{writes}");
+        assert!(m.iter().filter(|r| r.len == 128 * 1024).count() >= 5000);
+    }
+}
