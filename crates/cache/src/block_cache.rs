@@ -211,6 +211,10 @@ struct State {
     tick: u64,
     journal: Journal,
     rng: SplitMix64,
+    /// Blocks written since the peer was attached: the peer's copy is older than the
+    /// origin's, so misses on them must skip the peer.
+    peer_stale: std::collections::HashSet<BlockIdx>,
+    peer_attached: bool,
 }
 
 impl State {
@@ -487,6 +491,8 @@ impl BlockCache {
             tick: 0,
             journal,
             rng: SplitMix64::new(0x5eed_cace),
+            peer_stale: std::collections::HashSet::new(),
+            peer_attached: false,
         };
         let mut state = state;
         state.tick = state.heat.now();
@@ -546,6 +552,11 @@ impl BlockCache {
 
     /// Sets (or clears) the peer that misses try before the origin.
     pub fn set_peer(&self, peer: Option<Arc<dyn BlockSource>>) {
+        {
+            let mut st = lock(&self.state);
+            st.peer_attached = peer.is_some();
+            st.peer_stale.clear();
+        }
         *self.peer.write().unwrap_or_else(PoisonError::into_inner) = peer;
     }
 
@@ -712,6 +723,7 @@ impl BlockCache {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let peer = peer.filter(|_| !lock(&self.state).peer_stale.contains(&b));
         let len = buf.len() as u64;
         if let Some(p) = peer {
             match p.read_block(b, buf) {
@@ -851,6 +863,9 @@ impl BlockCache {
                 let g = st.gen(b).next();
                 st.journal.append(&Record::Bump { block: b, gen: g })?;
                 st.gens.insert(b, g);
+                if st.peer_attached {
+                    st.peer_stale.insert(b);
+                }
                 let old = st.map.remove(&b);
                 if let Some(m) = old {
                     let i = State::slot_index(m.slot);

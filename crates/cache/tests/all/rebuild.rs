@@ -66,6 +66,29 @@ fn demand_misses_fall_back_to_the_origin_for_blocks_the_peer_lacks() {
     assert_eq!((s.bytes_from_peer, s.bytes_from_origin), (BSU, BSU));
 }
 
+#[test]
+fn a_block_written_on_the_destination_is_never_read_back_from_the_older_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = origin(dir.path(), 16);
+    let (src, _) = open(dir.path(), "src", 8, &o);
+    let mut buf = vec![0u8; BS as usize];
+    src.read(&mut buf, 2 * BSU).unwrap();
+    let snap = src.migration_snapshot();
+    let (dst, _) = open(dir.path(), "dst", 8, &o);
+    let _ = prepare_destination(
+        &dst,
+        &snap,
+        Arc::new(CacheSource::new(src.clone())),
+        Strategy::Redirect,
+    );
+    // Partial write to a block the destination does not cache: write-around to the origin.
+    dst.write(&[0xeeu8; 100], 2 * BSU + 5, false).unwrap();
+    assert!(!dst.contains(BlockIdx(2)));
+    dst.read(&mut buf, 2 * BSU).unwrap();
+    assert_eq!(&buf[5..105], &[0xeeu8; 100][..]);
+    assert_eq!(buf, image(dir.path())[2 * BS as usize..3 * BS as usize]);
+}
+
 /// A peer whose reads stop in the middle until the test lets them go.
 #[derive(Debug)]
 struct GatedPeer {
