@@ -56,6 +56,24 @@ pub struct QemuDriver {
     binary: PathBuf,
     quit_timeout: Duration,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Ids with a start or adoption in progress.
+    starting: Mutex<std::collections::HashSet<String>>,
+}
+
+#[derive(Debug)]
+struct Reservation<'a> {
+    drv: &'a QemuDriver,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.drv
+            .starting
+            .lock()
+            .expect("starting lock poisoned")
+            .remove(&self.id);
+    }
 }
 
 #[derive(Debug)]
@@ -136,6 +154,7 @@ impl QemuDriver {
             binary: binary.into(),
             quit_timeout: Duration::from_secs(5),
             vms: Mutex::new(HashMap::new()),
+            starting: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -159,14 +178,19 @@ impl QemuDriver {
             .ok_or_else(|| ComputeError::NotFound { id: id.to_owned() })
     }
 
-    fn ensure_free(&self, id: &str) -> Result<(), ComputeError> {
+    /// Claims `id` for a start or adoption in progress, so that two concurrent starts of
+    /// one VM cannot both spawn a QEMU. Released when the returned guard drops.
+    fn reserve(&self, id: &str) -> Result<Reservation<'_>, ComputeError> {
         let vms = self.vms.lock().expect("vm table lock poisoned");
-        match vms.get(id) {
-            Some(vm) if vm.exited().is_none() => {
-                Err(ComputeError::AlreadyRunning { id: id.into() })
-            }
-            _ => Ok(()),
+        let mut busy = self.starting.lock().expect("starting lock poisoned");
+        let running = vms.get(id).is_some_and(|vm| vm.exited().is_none());
+        if running || !busy.insert(id.to_owned()) {
+            return Err(ComputeError::AlreadyRunning { id: id.into() });
         }
+        Ok(Reservation {
+            drv: self,
+            id: id.to_owned(),
+        })
     }
 
     #[tracing::instrument(skip_all, fields(vm = %spec.id, incoming = ?incoming))]
@@ -176,7 +200,7 @@ impl QemuDriver {
         incoming: Option<SocketAddr>,
     ) -> Result<VmRuntime, ComputeError> {
         validate(spec)?;
-        self.ensure_free(&spec.id)?;
+        let _claim = self.reserve(&spec.id)?;
         let accel = spec.accel.resolve();
         if spec.accel == Accel::Kvm && !crate::kvm_usable() {
             return Err(invalid(
@@ -390,7 +414,7 @@ impl ComputeDriver for QemuDriver {
 
     #[tracing::instrument(skip(self), fields(vm = %id))]
     async fn adopt(&self, id: &str, run_dir: &Path) -> Result<VmRuntime, ComputeError> {
-        self.ensure_free(id)?;
+        let _claim = self.reserve(id)?;
         let run_dir = std::path::absolute(run_dir).map_err(|err| ComputeError::Io {
             action: "resolve run dir",
             path: run_dir.to_owned(),

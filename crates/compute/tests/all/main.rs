@@ -238,6 +238,30 @@ async fn qemu_killed_from_outside_is_reported_crashed() {
         .await
         .unwrap();
     guard.add(rt.pid, &run_dir);
+
+    // A migration to a port nobody listens on fails and leaves the source running.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = drv
+        .migrate(
+            "crash-1",
+            &format!("tcp:{closed}"),
+            &MigrateOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            compute::ComputeError::MigrationFailed { .. } | compute::ComputeError::Qmp { .. }
+        ),
+        "{e}"
+    );
+    eprintln!("failed migration reported as: {e}");
+    assert_eq!(drv.status("crash-1").await.unwrap(), VmStatus::Running);
+
     let p = rustix::process::Pid::from_raw(i32::try_from(rt.pid).unwrap()).unwrap();
     rustix::process::kill_process(p, rustix::process::Signal::KILL).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -358,4 +382,42 @@ async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
     assert!(host_b.stop("web-1").await.unwrap().is_exited());
     assert!(wait_gone(dst.pid).await);
     nbd.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn guest_poweroff_is_reported_stopped() {
+    let img = image();
+    let _one_at_a_time = VM_LOCK.lock().await;
+    let tmp = scratch();
+    let disk = tmp.path().join("disk.img");
+    prepare_vm_disk(&img.disk_template, &disk).await.unwrap();
+    let run_dir = tmp.path().join("run");
+    let mut guard = KillGuard::default();
+    let drv = QemuDriver::new();
+    let mut s = spec("off-1", &img, DiskTarget::File(disk), run_dir.clone());
+    s.cmdline.push_str(" vinfra.ticks=2 vinfra.tick_ms=10");
+    let rt = drv.start(&s).await.unwrap();
+    guard.add(rt.pid, &run_dir);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let st = loop {
+        let st = drv.status("off-1").await.unwrap();
+        if st.is_exited() || Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let console = read(&rt.console_log);
+    assert_eq!(
+        st,
+        VmStatus::Stopped {
+            reason: "guest powered off".into()
+        },
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("GUEST: POWEROFF reason=ticks-done"),
+        "{console}"
+    );
+    assert_eq!(ticks(&console), vec![(0, true), (1, true)]);
+    assert!(wait_gone(rt.pid).await);
 }
