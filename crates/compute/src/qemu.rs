@@ -76,6 +76,15 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// What the VM's watcher and the driver both see.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Why we are stopping it, set before an intended quit so the exit reads as orderly.
+    stop_note: Mutex<Option<String>>,
+    /// QEMU's timestamp of the last `RESUME` event (µs since the epoch).
+    resumed_at_us: Mutex<Option<i64>>,
+}
+
 #[derive(Debug)]
 struct Vm {
     id: String,
@@ -89,8 +98,8 @@ struct Vm {
     qmp: QmpClient,
     /// `Some` once the process is gone.
     exit: watch::Receiver<Option<VmStatus>>,
-    /// Why we are stopping it, set before an intended quit so the exit reads as orderly.
-    stop_note: Arc<Mutex<Option<String>>>,
+    /// Shared with the watcher.
+    shared: Arc<Shared>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -129,7 +138,11 @@ impl Vm {
     }
 
     fn note(&self, why: &str) {
-        let mut n = self.stop_note.lock().expect("stop note lock poisoned");
+        let mut n = self
+            .shared
+            .stop_note
+            .lock()
+            .expect("stop note lock poisoned");
         if n.is_none() {
             *n = Some(why.to_owned());
         }
@@ -167,6 +180,19 @@ impl QemuDriver {
     /// Runtime facts about a known VM.
     pub fn runtime(&self, id: &str) -> Result<VmRuntime, ComputeError> {
         Ok(self.get(id)?.runtime())
+    }
+
+    /// QEMU's timestamp (µs since the epoch) of the VM's last `RESUME` event, if any. On a
+    /// migration destination this is the end of the switch-over: minus the source's
+    /// [`MigrationStats::source_stopped_at_us`] it gives the downtime as the host saw it.
+    pub fn resumed_at_us(&self, id: &str) -> Result<Option<i64>, ComputeError> {
+        let vm = self.get(id)?;
+        let t = *vm
+            .shared
+            .resumed_at_us
+            .lock()
+            .expect("resume lock poisoned");
+        Ok(t)
     }
 
     fn get(&self, id: &str) -> Result<Arc<Vm>, ComputeError> {
@@ -292,11 +318,11 @@ impl QemuDriver {
         };
 
         let (exit_tx, exit) = watch::channel(None);
-        let stop_note = Arc::new(Mutex::new(None));
+        let shared = Arc::new(Shared::default());
         let watcher = tokio::spawn(watch_child(
             child,
             events,
-            stop_note.clone(),
+            shared.clone(),
             exit_tx,
             log_path,
         ));
@@ -309,7 +335,7 @@ impl QemuDriver {
             adopted: false,
             qmp,
             exit,
-            stop_note,
+            shared,
             watcher,
         });
         let rt = vm.runtime();
@@ -448,12 +474,12 @@ impl ComputeDriver for QemuDriver {
             .map_err(|e| fail(format!("qmp: {e}")))?;
         let events = qmp.subscribe();
         let (exit_tx, exit) = watch::channel(None);
-        let stop_note = Arc::new(Mutex::new(None));
+        let shared = Arc::new(Shared::default());
         let watcher = tokio::spawn(watch_adopted(
             pid,
             qmp.clone(),
             events,
-            stop_note.clone(),
+            shared.clone(),
             exit_tx,
         ));
         let vm = Arc::new(Vm {
@@ -465,7 +491,7 @@ impl ComputeDriver for QemuDriver {
             adopted: true,
             qmp,
             exit,
-            stop_note,
+            shared,
             watcher,
         });
         let rt = vm.runtime();
@@ -653,8 +679,12 @@ struct Observed {
 }
 
 impl Observed {
-    fn see(&mut self, ev: &QmpEvent) {
+    fn see(&mut self, ev: &QmpEvent, shared: &Shared) {
         match ev.name.as_str() {
+            "RESUME" => {
+                *shared.resumed_at_us.lock().expect("resume lock poisoned") =
+                    ev.timestamp.map(|t| t.as_micros());
+            }
             "SHUTDOWN" => {
                 self.shutdown_reason = ev.data["reason"].as_str().map(str::to_owned);
             }
@@ -668,7 +698,7 @@ impl Observed {
 async fn watch_child(
     mut child: tokio::process::Child,
     mut events: broadcast::Receiver<QmpEvent>,
-    note: Arc<Mutex<Option<String>>>,
+    shared: Arc<Shared>,
     exit: watch::Sender<Option<VmStatus>>,
     log_path: PathBuf,
 ) {
@@ -678,7 +708,7 @@ async fn watch_child(
         tokio::select! {
             st = child.wait() => break st.ok(),
             ev = events.recv(), if events_open => match ev {
-                Ok(ev) => seen.see(&ev),
+                Ok(ev) => seen.see(&ev, &shared),
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => events_open = false,
             },
@@ -686,9 +716,13 @@ async fn watch_child(
     };
     // SHUTDOWN precedes the exit but may still sit in the channel.
     while let Ok(ev) = events.try_recv() {
-        seen.see(&ev);
+        seen.see(&ev, &shared);
     }
-    let note = note.lock().expect("stop note lock poisoned").clone();
+    let note = shared
+        .stop_note
+        .lock()
+        .expect("stop note lock poisoned")
+        .clone();
     let st = classify(
         status.map(Some).unwrap_or(None),
         &seen,
@@ -704,7 +738,7 @@ async fn watch_adopted(
     pid: u32,
     qmp: QmpClient,
     mut events: broadcast::Receiver<QmpEvent>,
-    note: Arc<Mutex<Option<String>>>,
+    shared: Arc<Shared>,
     exit: watch::Sender<Option<VmStatus>>,
 ) {
     let mut seen = Observed::default();
@@ -712,18 +746,22 @@ async fn watch_adopted(
         tokio::select! {
             _ = qmp.closed() => break,
             ev = events.recv() => match ev {
-                Ok(ev) => seen.see(&ev),
+                Ok(ev) => seen.see(&ev, &shared),
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => break,
             },
         }
     }
     while let Ok(ev) = events.try_recv() {
-        seen.see(&ev);
+        seen.see(&ev, &shared);
     }
     // The monitor closes as QEMU exits; the process may linger a moment.
     while !proc::wait_gone(pid, Duration::from_secs(1)).await {}
-    let note = note.lock().expect("stop note lock poisoned").clone();
+    let note = shared
+        .stop_note
+        .lock()
+        .expect("stop note lock poisoned")
+        .clone();
     let st = classify(None, &seen, note, "");
     tracing::info!(status = ?st, "adopted qemu exited");
     exit.send_replace(Some(st));

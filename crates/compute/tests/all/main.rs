@@ -351,6 +351,16 @@ async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
         src.pid
     );
     wait_running(&host_b, "web-1").await;
+    let resumed = host_b
+        .resumed_at_us("web-1")
+        .unwrap()
+        .expect("RESUME event on destination");
+    let stopped = stats.source_stopped_at_us.unwrap();
+    assert!(resumed > stopped, "resume {resumed} before stop {stopped}");
+    eprintln!(
+        "host-seen downtime (source STOP -> destination RESUME): {:.1} ms",
+        (resumed - stopped) as f64 / 1000.0
+    );
     let src_text = read(&src.console_log);
     let last_src = ticks(&src_text).last().expect("source ticks").0;
     wait_console(
