@@ -43,6 +43,7 @@ OUT=$(cd "$(dirname "$OUT")" && pwd)/$(basename "$OUT")
 TMP="$OUT.tmp.$$"
 rm -rf "$TMP"; mkdir -p "$TMP"
 trap 'rm -rf "$TMP"' EXIT
+trap 'exit 130' INT TERM   # bash skips the EXIT trap on a fatal signal unless it is trapped
 
 # ------------------------------------------------------------------ kernel
 KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}' || true)

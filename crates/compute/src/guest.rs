@@ -189,10 +189,28 @@ pub fn ensure_default_image(
         Ok(img) => return Ok(img),
         Err(e) => progress(&format!("building guest image: {e}")),
     }
+    remove_stale_builds(cache_dir);
     run_builder(&dir, &progress)?;
     let img = load_image(&dir)?;
     progress(&format!("guest image ready in {}", dir.display()));
     Ok(img)
+}
+
+/// Removes what a killed builder left behind (`default.tmp.PID`, `default.old.PID`). Only
+/// called under the build lock, so no live build owns them.
+fn remove_stale_builds(cache_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    let prefixes = [format!("{IMAGE_DIR}.tmp."), format!("{IMAGE_DIR}.old.")];
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            tracing::info!(path = %e.path().display(), "removing stale guest build");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn run_builder(dir: &Path, progress: &dyn Fn(&str)) -> Result<(), GuestImageError> {
@@ -244,6 +262,21 @@ fn run_builder(dir: &Path, progress: &dyn Fn(&str)) -> Result<(), GuestImageErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_build_dirs_are_removed_but_the_image_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["default", "default.tmp.123", "default.old.9", "other"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        remove_stale_builds(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["default", "other"]);
+    }
 
     #[test]
     fn rejects_missing_and_tampered_images() {
