@@ -1,1 +1,196 @@
-//! api
+//! The control plane's REST API: an axum [`router`] over a [`store::Store`],
+//! token auth, tenancy, scheduling of new VMs onto hosts, the agent protocol,
+//! an OpenAPI document and Prometheus metrics.
+//!
+//! Owns: request handling and the store key layout of hosts, images, VMs,
+//! tenants and tokens; the in-memory console tails and HTTP counters.
+//! Must not depend on: store backends (it holds an `Arc<dyn Store>`), the
+//! agent, compute drivers. Wire bodies come from `model::api`.
+//!
+//! Tasks: [`serve`] spawns one axum server task; [`ServerHandle::shutdown`]
+//! stops it gracefully. Nothing else runs in the background: host liveness
+//! is computed from the last heartbeat whenever a host is read.
+#![warn(missing_docs)]
+
+mod auth;
+mod error;
+mod extract;
+mod metrics;
+mod openapi;
+mod routes;
+mod sched;
+mod store_io;
+pub mod testing;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use model::VmId;
+use store::Store;
+
+pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
+pub use error::ApiError;
+pub use extract::{AppJson, Caller, Scope};
+pub use openapi::{openapi, openapi_json};
+pub use sched::{place, PlaceError, Usage};
+
+/// Default port of the control-plane API.
+pub const DEFAULT_PORT: u16 = 7070;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:7070`: loopback unless the
+    /// operator asks for more.
+    pub listen: SocketAddr,
+    /// A host is `down` when its last heartbeat is older than this
+    /// (default 6 s: three missed heartbeats at the agents' 2 s period).
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
+            heartbeat_timeout: Duration::from_secs(6),
+        }
+    }
+}
+
+/// Shared state of every request: the store, settings, and the two pieces of
+/// state kept in memory only (console tails, HTTP counters).
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    heartbeat_timeout_ms: u64,
+    /// Latest console tail per VM. In memory on purpose: it is large,
+    /// changes every report, and losing it on restart costs nothing.
+    consoles: Mutex<HashMap<VmId, String>>,
+    http: metrics::HttpCounters,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("heartbeat_timeout_ms", &self.inner.heartbeat_timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// State over `store` with `config`'s settings.
+    pub fn new(store: Arc<dyn Store>, config: &ServerConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                heartbeat_timeout_ms: u64::try_from(config.heartbeat_timeout.as_millis())
+                    .unwrap_or(u64::MAX),
+                consoles: Mutex::new(HashMap::new()),
+                http: metrics::HttpCounters::default(),
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.inner.store.as_ref()
+    }
+
+    pub(crate) fn heartbeat_timeout_ms(&self) -> u64 {
+        self.inner.heartbeat_timeout_ms
+    }
+
+    pub(crate) fn set_console(&self, vm: VmId, tail: String) {
+        self.consoles().insert(vm, tail);
+    }
+
+    pub(crate) fn console(&self, vm: VmId) -> String {
+        self.consoles().get(&vm).cloned().unwrap_or_default()
+    }
+
+    pub(crate) fn forget_console(&self, vm: VmId) {
+        self.consoles().remove(&vm);
+    }
+
+    fn consoles(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, String>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (single insert/remove), so a poisoned lock is still usable.
+        self.inner
+            .consoles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn http(&self) -> &metrics::HttpCounters {
+        &self.inner.http
+    }
+}
+
+/// The API router: every route under `/v1`, plus `/metrics`.
+pub fn router(state: AppState) -> Router {
+    routes::router(state)
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl ServerHandle {
+    /// The bound address (the real port when the config asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish, and waits
+    /// for the server task.
+    pub async fn shutdown(self) -> Result<(), ApiError> {
+        // The task may already have ended (and dropped the receiver); then
+        // its result below says why.
+        let _ = self.shutdown.send(());
+        match self.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ApiError::Serve(Box::new(e))),
+            Err(e) => Err(ApiError::Serve(Box::new(e))),
+        }
+    }
+}
+
+/// Binds `config.listen` and serves the API on it in a spawned task.
+pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<ServerHandle, ApiError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ApiError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ApiError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let app = router(AppState::new(store, &config));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "API listening");
+    Ok(ServerHandle {
+        addr,
+        shutdown: tx,
+        task,
+    })
+}

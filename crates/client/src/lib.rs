@@ -1,1 +1,423 @@
-//! client
+//! Typed async client of the vinfra control-plane REST API, used by the CLI
+//! and the node agent.
+//!
+//! Owns: one method per route, returning `model` types, and [`ClientError`],
+//! which carries the HTTP status and the server's problem `detail`.
+//! Must not depend on: the server (`api`); the two meet only through the
+//! wire bodies in `model::api`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), client::ClientError> {
+//! let c = client::Client::new("http://127.0.0.1:7070", "vinfra_...")?;
+//! for vm in c.list_vms().await? {
+//!     println!("{} {:?}", vm.name, vm.observed);
+//! }
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+use std::time::Duration;
+
+use model::api::{
+    Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, ObservedReport, Problem,
+    RegisterHost, TenantCreated, TokenCreated,
+};
+use model::{Host, Image, Tenant, Vm, VmId};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The base URL is not an absolute http(s) URL.
+    #[error("invalid server URL {url:?}")]
+    InvalidUrl {
+        /// The rejected URL.
+        url: String,
+        /// Why it was rejected.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The server answered with an error status.
+    #[error("{method} {path}: HTTP {status}: {detail}")]
+    Api {
+        /// Request method.
+        method: Method,
+        /// Request path.
+        path: String,
+        /// HTTP status.
+        status: u16,
+        /// The problem's `title` (or the reason phrase).
+        title: String,
+        /// The problem's `detail` (or the raw body if it was not a problem).
+        detail: String,
+    },
+    /// The request could not be sent or the response not read.
+    #[error("{method} {path}: request failed")]
+    Transport {
+        /// Request method.
+        method: Method,
+        /// Request path.
+        path: String,
+        /// The HTTP client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A success response whose body is not what the route promises.
+    #[error("{method} {path}: cannot decode the response")]
+    Decode {
+        /// Request method.
+        method: Method,
+        /// Request path.
+        path: String,
+        /// The decoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status, if the server answered with an error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The server's problem detail, if it answered with an error.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { detail, .. } => Some(detail),
+            _ => None,
+        }
+    }
+}
+
+/// What `DELETE /v1/vms/{id}` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmDeletion {
+    /// `desired` is now `deleted`; the record goes when the agent confirms.
+    Pending(Box<Vm>),
+    /// The record is gone (its host was down or gone).
+    Deleted,
+}
+
+/// A client bound to one server and one bearer token. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: String,
+}
+
+impl Client {
+    /// A client for the server at `base_url` (e.g. `http://127.0.0.1:7070`)
+    /// with a 30 s timeout per request.
+    pub fn new(base_url: &str, token: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ClientError::InvalidUrl {
+                url: base_url.to_owned(),
+                source: Box::new(e),
+            })?;
+        Self::with_http(http, base_url, token)
+    }
+
+    /// A client using a preconfigured `reqwest::Client`.
+    pub fn with_http(
+        http: reqwest::Client,
+        base_url: &str,
+        token: &str,
+    ) -> Result<Self, ClientError> {
+        let invalid = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::InvalidUrl {
+            url: base_url.to_owned(),
+            source,
+        };
+        let base = Url::parse(base_url).map_err(|e| invalid(Box::new(e)))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(invalid("must be an http:// or https:// URL".into()));
+        }
+        Ok(Self {
+            http,
+            base,
+            token: token.to_owned(),
+        })
+    }
+
+    /// The server's base URL.
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    // ---- tenants and tokens (admin) ----
+
+    /// `POST /v1/tenants`: creates a tenant; the answer holds its first member token.
+    pub async fn create_tenant(&self, name: &str) -> Result<TenantCreated, ClientError> {
+        let body = CreateTenant {
+            name: name.to_owned(),
+        };
+        self.json(Method::POST, &["v1", "tenants"], Some(&body))
+            .await
+    }
+
+    /// `GET /v1/tenants`.
+    pub async fn list_tenants(&self) -> Result<Vec<Tenant>, ClientError> {
+        self.json(Method::GET, &["v1", "tenants"], NO_BODY).await
+    }
+
+    /// `POST /v1/tokens`: mints a token.
+    pub async fn create_token(&self, req: &CreateToken) -> Result<TokenCreated, ClientError> {
+        self.json(Method::POST, &["v1", "tokens"], Some(req)).await
+    }
+
+    // ---- hosts ----
+
+    /// `POST /v1/hosts`: registers (or re-registers) a host.
+    pub async fn register_host(&self, req: &RegisterHost) -> Result<Host, ClientError> {
+        self.json(Method::POST, &["v1", "hosts"], Some(req)).await
+    }
+
+    /// `POST /v1/hosts/{name}/heartbeat`.
+    pub async fn heartbeat(&self, host: &str) -> Result<Host, ClientError> {
+        self.json(Method::POST, &["v1", "hosts", host, "heartbeat"], NO_BODY)
+            .await
+    }
+
+    /// `GET /v1/hosts`.
+    pub async fn list_hosts(&self) -> Result<Vec<Host>, ClientError> {
+        self.json(Method::GET, &["v1", "hosts"], NO_BODY).await
+    }
+
+    /// `GET /v1/hosts/{name}`.
+    pub async fn get_host(&self, host: &str) -> Result<Host, ClientError> {
+        self.json(Method::GET, &["v1", "hosts", host], NO_BODY)
+            .await
+    }
+
+    // ---- images ----
+
+    /// `POST /v1/images`.
+    pub async fn create_image(&self, req: &CreateImage) -> Result<Image, ClientError> {
+        self.json(Method::POST, &["v1", "images"], Some(req)).await
+    }
+
+    /// `GET /v1/images`.
+    pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {
+        self.json(Method::GET, &["v1", "images"], NO_BODY).await
+    }
+
+    /// `GET /v1/images/{name}` (name or id).
+    pub async fn get_image(&self, name_or_id: &str) -> Result<Image, ClientError> {
+        self.json(Method::GET, &["v1", "images", name_or_id], NO_BODY)
+            .await
+    }
+
+    /// `DELETE /v1/images/{name}` (name or id).
+    pub async fn delete_image(&self, name_or_id: &str) -> Result<(), ClientError> {
+        self.send(Method::DELETE, &["v1", "images", name_or_id], NO_BODY)
+            .await
+            .map(drop)
+    }
+
+    // ---- VMs ----
+
+    /// `POST /v1/vms`: creates and places a VM.
+    pub async fn create_vm(&self, req: &CreateVm) -> Result<Vm, ClientError> {
+        self.json(Method::POST, &["v1", "vms"], Some(req)).await
+    }
+
+    /// `GET /v1/vms`.
+    pub async fn list_vms(&self) -> Result<Vec<Vm>, ClientError> {
+        self.json(Method::GET, &["v1", "vms"], NO_BODY).await
+    }
+
+    /// `GET /v1/vms/{id}` (id or name).
+    pub async fn get_vm(&self, id_or_name: &str) -> Result<Vm, ClientError> {
+        self.json(Method::GET, &["v1", "vms", id_or_name], NO_BODY)
+            .await
+    }
+
+    /// `POST /v1/vms/{id}/start`.
+    pub async fn start_vm(&self, id_or_name: &str) -> Result<Vm, ClientError> {
+        self.json(Method::POST, &["v1", "vms", id_or_name, "start"], NO_BODY)
+            .await
+    }
+
+    /// `POST /v1/vms/{id}/stop`.
+    pub async fn stop_vm(&self, id_or_name: &str) -> Result<Vm, ClientError> {
+        self.json(Method::POST, &["v1", "vms", id_or_name, "stop"], NO_BODY)
+            .await
+    }
+
+    /// `DELETE /v1/vms/{id}`.
+    pub async fn delete_vm(&self, id_or_name: &str) -> Result<VmDeletion, ClientError> {
+        let path = ["v1", "vms", id_or_name];
+        let res = self.send(Method::DELETE, &path, NO_BODY).await?;
+        if res.status() == StatusCode::NO_CONTENT {
+            return Ok(VmDeletion::Deleted);
+        }
+        let vm = self.decode(Method::DELETE, &path, res).await?;
+        Ok(VmDeletion::Pending(Box::new(vm)))
+    }
+
+    /// `GET /v1/vms/{id}/console`: the latest console tail the agent reported.
+    pub async fn console(&self, id_or_name: &str) -> Result<String, ClientError> {
+        let path = ["v1", "vms", id_or_name, "console"];
+        let res = self.send(Method::GET, &path, NO_BODY).await?;
+        res.text().await.map_err(|source| ClientError::Transport {
+            method: Method::GET,
+            path: path.join("/"),
+            source,
+        })
+    }
+
+    // ---- agent side ----
+
+    /// `GET /v1/hosts/{name}/assignments`: what the host must run.
+    pub async fn assignments(&self, host: &str) -> Result<Vec<Assignment>, ClientError> {
+        self.json(Method::GET, &["v1", "hosts", host, "assignments"], NO_BODY)
+            .await
+    }
+
+    /// `PUT /v1/vms/{id}/observed`: reports a VM's state on this host.
+    pub async fn report_observed(
+        &self,
+        vm: VmId,
+        report: &ObservedReport,
+    ) -> Result<(), ClientError> {
+        let id = vm.to_string();
+        self.send(Method::PUT, &["v1", "vms", &id, "observed"], Some(report))
+            .await
+            .map(drop)
+    }
+
+    // ---- meta ----
+
+    /// `GET /v1/openapi.json`.
+    pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
+        self.json(Method::GET, &["v1", "openapi.json"], NO_BODY)
+            .await
+    }
+
+    /// `GET /metrics`: Prometheus text.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let res = self.send(Method::GET, &["metrics"], NO_BODY).await?;
+        res.text().await.map_err(|source| ClientError::Transport {
+            method: Method::GET,
+            path: "metrics".to_owned(),
+            source,
+        })
+    }
+
+    // ---- plumbing ----
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        // `with_http` rejected cannot-be-a-base URLs, so this is `Ok`; each
+        // segment is percent-encoded, so a name cannot smuggle `/` or `?`.
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&B>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let path = segments.join("/");
+        let mut req = self
+            .http
+            .request(method.clone(), self.url(segments))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await.map_err(|source| ClientError::Transport {
+            method: method.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        let status = res.status();
+        if status.is_success() {
+            return Ok(res);
+        }
+        let text = res.text().await.unwrap_or_default();
+        let (title, detail) = match serde_json::from_str::<Problem>(&text) {
+            Ok(p) => (p.title, p.detail),
+            Err(_) => (
+                status.canonical_reason().unwrap_or("error").to_owned(),
+                text,
+            ),
+        };
+        Err(ClientError::Api {
+            method,
+            path,
+            status: status.as_u16(),
+            title,
+            detail,
+        })
+    }
+
+    async fn decode<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        res: reqwest::Response,
+    ) -> Result<T, ClientError> {
+        let path = segments.join("/");
+        let bytes = res.bytes().await.map_err(|source| ClientError::Transport {
+            method: method.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
+            method,
+            path,
+            source,
+        })
+    }
+
+    async fn json<T: DeserializeOwned, B: Serialize>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let res = self.send(method.clone(), segments, body).await?;
+        self.decode(method, segments, res).await
+    }
+}
+
+/// `None` with a concrete body type, for routes without a body.
+const NO_BODY: Option<&()> = None;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_encode_segments() {
+        let c = Client::new("http://127.0.0.1:7070/", "t").unwrap();
+        assert_eq!(
+            c.url(&["v1", "vms", "a/b?c"]).as_str(),
+            "http://127.0.0.1:7070/v1/vms/a%2Fb%3Fc"
+        );
+        let c = Client::new("http://h:1/prefix", "t").unwrap();
+        assert_eq!(
+            c.url(&["v1", "hosts"]).as_str(),
+            "http://h:1/prefix/v1/hosts"
+        );
+        assert!(matches!(
+            Client::new("mailto:x@y", "t"),
+            Err(ClientError::InvalidUrl { .. })
+        ));
+        assert!(Client::new("not a url", "t").is_err());
+    }
+}

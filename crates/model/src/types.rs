@@ -146,6 +146,17 @@ pub enum DesiredState {
     Deleted,
 }
 
+impl DesiredState {
+    /// The lowercase wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Stopped => "stopped",
+            DesiredState::Deleted => "deleted",
+        }
+    }
+}
+
 /// What the agent last reported about a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

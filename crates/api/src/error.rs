@@ -1,0 +1,225 @@
+//! [`ApiError`]: every way a request can fail, and its problem+json shape.
+
+use std::path::PathBuf;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use model::api::Problem;
+use model::ValidationError;
+use store::StoreError;
+
+/// Why a request (or starting the server) failed. A 4xx's `Display` is the
+/// `detail` the client sees; a 5xx shows only "internal error" and the chain
+/// is logged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The body is not JSON, or a path segment is unreadable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is JSON but breaks a rule; names the field.
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    /// The body is JSON of the wrong shape (wrong type, unknown or missing
+    /// field); names the field.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// No token, or a token the store does not know.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// The token's role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such object, or one the caller may not see.
+    #[error("{kind} {id} not found")]
+    NotFound {
+        /// `vm`, `host`, `image`, `tenant`.
+        kind: &'static str,
+        /// What the caller asked for.
+        id: String,
+    },
+    /// No route matches the path.
+    #[error("no route for {path}")]
+    NoRoute {
+        /// The requested path.
+        path: String,
+    },
+    /// The path exists but not with this method.
+    #[error("method {method} not allowed here")]
+    MethodNotAllowed {
+        /// The requested method.
+        method: String,
+    },
+    /// The request conflicts with current state (duplicate name, no capacity).
+    #[error("{0}")]
+    Conflict(String),
+    /// The body is not `application/json`.
+    #[error("body: Content-Type must be application/json")]
+    UnsupportedMediaType,
+    /// The body exceeds the server's limit.
+    #[error("body: too large")]
+    PayloadTooLarge,
+    /// The store failed.
+    #[error("store operation failed")]
+    Store(#[from] StoreError),
+    /// A stored record could not be decoded, or another invariant broke.
+    #[error("internal error: {context}")]
+    Internal {
+        /// What the server was doing.
+        context: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// Reading or writing a file in the data directory failed.
+    #[error("cannot access {path}")]
+    DataDir {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server task failed or panicked.
+    #[error("server task failed")]
+    Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    /// An internal error with context and a source.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        ApiError::Internal {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// An internal error without a source (a broken invariant).
+    pub fn invariant(context: impl Into<String>) -> Self {
+        ApiError::Internal {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// The HTTP status and problem type slug.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+            ApiError::Validation(_) | ApiError::Unprocessable(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "validation")
+            }
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound { .. } | ApiError::NoRoute { .. } => {
+                (StatusCode::NOT_FOUND, "not-found")
+            }
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed")
+            }
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+            ApiError::Store(_)
+            | ApiError::Internal { .. }
+            | ApiError::DataDir { .. }
+            | ApiError::Bind { .. }
+            | ApiError::Serve(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// The problem document for this error.
+    pub fn problem(&self) -> Problem {
+        let (status, slug) = self.status();
+        let detail = if status.is_server_error() {
+            "internal error".to_owned()
+        } else {
+            self.to_string()
+        };
+        Problem {
+            type_: format!("urn:vinfra:problem:{slug}"),
+            title: status.canonical_reason().unwrap_or("error").to_owned(),
+            status: status.as_u16(),
+            detail,
+        }
+    }
+}
+
+/// `err` and its sources, `: `-separated, for logs.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.problem();
+        let status =
+            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %chain(&self), "request failed");
+        } else {
+            tracing::debug!(status = problem.status, detail = %problem.detail, "request rejected");
+        }
+        let body = match serde_json::to_vec(&problem) {
+            Ok(b) => b,
+            Err(_) => br#"{"type":"urn:vinfra:problem:internal","title":"Internal Server Error","status":500,"detail":"internal error"}"#.to_vec(),
+        };
+        let mut res = (status, body).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if matches!(self, ApiError::Unauthorized) {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_hide_detail() {
+        let e = ApiError::internal("decoding vm", std::io::Error::other("secret path"));
+        let p = e.problem();
+        assert_eq!(p.status, 500);
+        assert_eq!(p.detail, "internal error");
+        assert!(chain(&e).contains("secret path"));
+    }
+
+    #[test]
+    fn client_errors_show_detail() {
+        let p = ApiError::from(ValidationError::new(
+            "vcpus",
+            "must be between 1 and 64, got 0",
+        ))
+        .problem();
+        assert_eq!(p.status, 422);
+        assert_eq!(p.detail, "vcpus: must be between 1 and 64, got 0");
+        assert_eq!(p.type_, "urn:vinfra:problem:validation");
+    }
+}

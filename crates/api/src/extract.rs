@@ -1,0 +1,230 @@
+//! Request extractors whose rejections are [`ApiError`]s, so that a bad body,
+//! path or token gets the same problem+json shape as every other error.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::{header, request::Parts, HeaderMap, StatusCode};
+use model::{Role, TenantId, TokenRecord};
+use serde::de::DeserializeOwned;
+
+use crate::store_io::{get_json, keys};
+use crate::{auth, ApiError, AppState};
+
+/// A JSON body. Unlike `axum::Json`, its errors name the field in our shape:
+/// syntax errors are 400, shape errors (wrong type, unknown or missing
+/// field) are 422.
+#[derive(Debug, Clone)]
+pub struct AppJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for AppJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest("body: cannot be read".to_owned())
+            }
+        })?;
+        parse_json(&bytes).map(AppJson)
+    }
+}
+
+/// Deserializes `bytes`, naming the field of the first error.
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = if path == "." { "body".to_owned() } else { path };
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::Unprocessable(format!("{field}: {inner}"))
+            }
+            _ => ApiError::BadRequest(format!("body: invalid JSON: {inner}")),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))?;
+    Ok(value)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    mime.eq_ignore_ascii_case("application/json")
+        || mime
+            .rsplit_once('+')
+            .is_some_and(|(_, suffix)| suffix.eq_ignore_ascii_case("json"))
+}
+
+/// One path parameter, with a problem+json rejection.
+#[derive(Debug, Clone)]
+pub struct AppPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for AppPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(s)| AppPath(s))
+            .map_err(|_| ApiError::BadRequest("path: invalid parameter".to_owned()))
+    }
+}
+
+/// The authenticated caller, from `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's role.
+    pub role: Role,
+    /// The token's tenant (member tokens).
+    pub tenant: Option<TenantId>,
+}
+
+/// Which objects a caller may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every tenant's.
+    All,
+    /// One tenant's (and public images).
+    Tenant(TenantId),
+}
+
+impl Scope {
+    /// Whether an object owned by `tenant` is visible.
+    pub fn sees(self, tenant: TenantId) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => t == tenant,
+        }
+    }
+}
+
+impl Caller {
+    /// Fails with 403 unless the caller has one of `roles`.
+    pub fn require(&self, roles: &[Role], what: &str) -> Result<(), ApiError> {
+        if roles.contains(&self.role) {
+            Ok(())
+        } else {
+            let allowed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            Err(ApiError::Forbidden(format!(
+                "{what} needs a token with role {}, this token has role {}",
+                allowed.join(" or "),
+                self.role.as_str()
+            )))
+        }
+    }
+
+    /// The caller's scope over tenant objects.
+    pub fn scope(&self) -> Result<Scope, ApiError> {
+        match (self.role, self.tenant) {
+            (Role::Admin, _) => Ok(Scope::All),
+            (Role::Member, Some(t)) => Ok(Scope::Tenant(t)),
+            (Role::Member, None) => Err(ApiError::invariant("member token without a tenant")),
+            (Role::Agent, _) => Err(ApiError::Forbidden(
+                "an agent token may not access tenant objects".to_owned(),
+            )),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        let key = keys::token(&auth::hash_token(token));
+        let Some((rec, _)) = get_json::<TokenRecord>(state.store(), &key).await? else {
+            return Err(ApiError::Unauthorized);
+        };
+        Ok(Caller {
+            role: rec.role,
+            tenant: rec.tenant,
+        })
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        n: u32,
+        inner: Option<Inner>,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        m: u8,
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let e = parse_json::<Body>(br#"{"n":"x"}"#).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::Unprocessable(d) if d.starts_with("n: invalid type")),
+            "{e}"
+        );
+        let e = parse_json::<Body>(br#"{"n":1,"inner":{"m":300}}"#).unwrap_err();
+        assert!(e.to_string().starts_with("inner.m: invalid value"), "{e}");
+        let e = parse_json::<Body>(br#"{"n":1,"x":2}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `x`"), "{e}");
+        let e = parse_json::<Body>(br#"{"n":1"#).unwrap_err();
+        assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
+        let e = parse_json::<Body>(br#"{"n":1} x"#).unwrap_err();
+        assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
+        let e = parse_json::<Body>(br#"{}"#).unwrap_err();
+        assert_eq!(e.to_string(), "body: missing field `n` at line 1 column 2");
+    }
+
+    #[test]
+    fn content_types_and_bearer() {
+        let mut h = HeaderMap::new();
+        assert!(!is_json(&h));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(is_json(&h));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!is_json(&h));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer(&h), None);
+    }
+}

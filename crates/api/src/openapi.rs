@@ -1,0 +1,70 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "vinfra",
+        description = "vinfra control-plane API. Errors are application/problem+json.",
+    ),
+    paths(
+        routes::meta::openapi_doc,
+        routes::meta::metrics,
+        routes::tenants::create_tenant,
+        routes::tenants::list_tenants,
+        routes::tenants::create_token,
+        routes::hosts::register_host,
+        routes::hosts::list_hosts,
+        routes::hosts::get_host,
+        routes::hosts::heartbeat,
+        routes::images::create_image,
+        routes::images::list_images,
+        routes::images::get_image,
+        routes::images::delete_image,
+        routes::vms::create_vm,
+        routes::vms::list_vms,
+        routes::vms::get_vm,
+        routes::vms::start_vm,
+        routes::vms::stop_vm,
+        routes::vms::delete_vm,
+        routes::vms::console,
+        routes::vms::assignments,
+        routes::vms::report_observed,
+    ),
+    components(schemas(model::api::Problem)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc
+}
+
+/// The OpenAPI document as pretty JSON (what `GET /v1/openapi.json` serves).
+pub fn openapi_json() -> String {
+    // Serializing a document of plain maps and strings cannot fail; fall back
+    // to an empty object rather than panic.
+    openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|_| "{}".to_owned())
+}

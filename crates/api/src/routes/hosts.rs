@@ -1,0 +1,153 @@
+//! Host registration, heartbeats and listing.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use model::api::{Problem, RegisterHost};
+use model::{Host, HostId, Name, Role};
+use store::{Revision, StoreError};
+
+use crate::extract::AppPath;
+use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
+use crate::{ApiError, AppJson, AppState, Caller};
+
+/// Registers a host, or re-registers it under the same name (keeping its id;
+/// capacity, drivers and agent URL are replaced). Counts as a heartbeat.
+#[utoipa::path(post, path = "/v1/hosts", tag = "hosts", request_body = RegisterHost,
+    responses(
+        (status = 201, description = "registered for the first time", body = Host),
+        (status = 200, description = "re-registered", body = Host),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn register_host(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<RegisterHost>,
+) -> Result<(StatusCode, Json<Host>), ApiError> {
+    caller.require(&[Role::Agent, Role::Admin], "registering a host")?;
+    let name = body.validate()?;
+    let key = keys::host(&name);
+    for _ in 0..CAS_ATTEMPTS {
+        let existing = get_json::<Host>(state.store(), &key).await?;
+        let (id, expect) = match &existing {
+            Some((h, rev)) => (h.id, Some(*rev)),
+            None => (HostId::new_random(), None),
+        };
+        let mut host = Host {
+            id,
+            name: name.clone(),
+            cpus: body.cpus,
+            memory_mib: body.memory_mib,
+            disk_gib: body.disk_gib,
+            drivers: body.drivers.clone(),
+            agent_url: body.agent_url.clone(),
+            last_heartbeat: now_ms(),
+            state: model::HostState::Up,
+        };
+        match state.store().cas(&key, expect, to_bytes(&host)?).await {
+            Ok(_) => {
+                host.refresh_state(now_ms(), state.heartbeat_timeout_ms());
+                let status = if existing.is_some() {
+                    StatusCode::OK
+                } else {
+                    tracing::info!(host = %name, id = %id, "host registered");
+                    StatusCode::CREATED
+                };
+                return Ok((status, Json(host)));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "host {name} is being updated concurrently, retry"
+    )))
+}
+
+/// Records a heartbeat from the host's agent.
+#[utoipa::path(post, path = "/v1/hosts/{name}/heartbeat", tag = "hosts",
+    params(("name" = String, Path, description = "host name")),
+    responses(
+        (status = 200, body = Host),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn heartbeat(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(name): AppPath,
+) -> Result<Json<Host>, ApiError> {
+    caller.require(&[Role::Agent, Role::Admin], "sending a heartbeat")?;
+    let name = host_name(&name)?;
+    let key = keys::host(&name);
+    for _ in 0..CAS_ATTEMPTS {
+        let (mut host, rev) = load(&state, &name).await?;
+        host.last_heartbeat = now_ms().max(host.last_heartbeat);
+        match state.store().cas(&key, Some(rev), to_bytes(&host)?).await {
+            Ok(_) => {
+                host.refresh_state(now_ms(), state.heartbeat_timeout_ms());
+                return Ok(Json(host));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "host {name} is being updated concurrently, retry"
+    )))
+}
+
+/// Lists hosts with their liveness.
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts",
+    responses((status = 200, body = Vec<Host>), (status = 401, body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn list_hosts(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<Vec<Host>>, ApiError> {
+    Ok(Json(all_hosts(&state).await?))
+}
+
+/// One host with its liveness.
+#[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts",
+    params(("name" = String, Path, description = "host name")),
+    responses((status = 200, body = Host), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn get_host(
+    State(state): State<AppState>,
+    _caller: Caller,
+    AppPath(name): AppPath,
+) -> Result<Json<Host>, ApiError> {
+    let name = host_name(&name)?;
+    let (mut host, _) = load(&state, &name).await?;
+    host.refresh_state(now_ms(), state.heartbeat_timeout_ms());
+    Ok(Json(host))
+}
+
+/// A path segment as a host name; a malformed one cannot exist, so it is 404.
+pub(crate) fn host_name(s: &str) -> Result<Name, ApiError> {
+    model::validate_name("host", s).map_err(|_| ApiError::NotFound {
+        kind: "host",
+        id: s.to_owned(),
+    })
+}
+
+async fn load(state: &AppState, name: &Name) -> Result<(Host, Revision), ApiError> {
+    get_json::<Host>(state.store(), &keys::host(name))
+        .await?
+        .ok_or_else(|| ApiError::NotFound {
+            kind: "host",
+            id: name.to_string(),
+        })
+}
+
+/// Every host, with `state` computed for now.
+pub(crate) async fn all_hosts(state: &AppState) -> Result<Vec<Host>, ApiError> {
+    let now = now_ms();
+    Ok(list_json::<Host>(state.store(), keys::HOSTS)
+        .await?
+        .into_iter()
+        .map(|(mut h, _)| {
+            h.refresh_state(now, state.heartbeat_timeout_ms());
+            h
+        })
+        .collect())
+}

@@ -1,0 +1,236 @@
+//! Images: tenant-owned or public.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use model::api::{CreateImage, Problem};
+use model::{Image, ImageId, Role, Vm};
+use store::{Compare, Revision, StoreError, TxnOp};
+
+use crate::extract::AppPath;
+use crate::routes::tenants::write_tenant;
+use crate::store_io::{get_json, keys, list_json, list_keyed, now_ms, to_bytes};
+use crate::{ApiError, AppJson, AppState, Caller, Scope};
+
+/// Creates an image. A member's image belongs to its tenant; an admin's is
+/// public unless the admin names a tenant.
+#[utoipa::path(post, path = "/v1/images", tag = "images", request_body = CreateImage,
+    responses(
+        (status = 201, body = Image),
+        (status = 409, description = "name taken in this scope", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create_image(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreateImage>,
+) -> Result<(StatusCode, Json<Image>), ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "creating an image")?;
+    let (name, tenant) = body.validate()?;
+    let tenant = match (caller.scope()?, tenant) {
+        // An admin without a tenant makes a public image.
+        (Scope::All, None) => None,
+        (_, tenant) => Some(write_tenant(&state, &caller, tenant.as_ref()).await?),
+    };
+    let image = Image {
+        id: ImageId::new_random(),
+        tenant,
+        name,
+        kernel: body.kernel,
+        initrd: body.initrd,
+        disk_template: body.disk_template,
+        cmdline: body.cmdline,
+        disk_mib: body.disk_mib,
+        created_at: now_ms(),
+    };
+    let name_key = keys::image_name(tenant, &image.name);
+    let res = state
+        .store()
+        .txn(
+            vec![Compare::ModRevision {
+                key: name_key.clone(),
+                expect: None,
+            }],
+            vec![
+                TxnOp::Put {
+                    key: keys::image(image.id),
+                    value: to_bytes(&image)?,
+                },
+                TxnOp::Put {
+                    key: name_key,
+                    value: to_bytes(&image.id)?,
+                },
+            ],
+        )
+        .await;
+    match res {
+        Ok(_) => Ok((StatusCode::CREATED, Json(image))),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "name: image {} already exists",
+            image.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Lists the images the caller can see: its tenant's and the public ones
+/// (an admin: all).
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, body = Vec<Image>), (status = 403, body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn list_images(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Image>>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "listing images")?;
+    let scope = caller.scope()?;
+    let mut images: Vec<Image> = list_json::<Image>(state.store(), keys::IMAGES)
+        .await?
+        .into_iter()
+        .map(|(i, _)| i)
+        .filter(|i| visible(scope, i))
+        .collect();
+    images.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
+    Ok(Json(images))
+}
+
+/// One image, by name or id.
+#[utoipa::path(get, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "image name or id")),
+    responses(
+        (status = 200, body = Image),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "an admin named an image that several tenants have; use the id", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn get_image(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(name): AppPath,
+) -> Result<Json<Image>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "reading an image")?;
+    let (image, _) = resolve(&state, caller.scope()?, &name).await?;
+    Ok(Json(image))
+}
+
+/// Deletes an image that no VM uses. Only an admin may delete a public image.
+#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "image name or id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "a VM uses it", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn delete_image(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(name): AppPath,
+) -> Result<StatusCode, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "deleting an image")?;
+    let scope = caller.scope()?;
+    let (image, rev) = resolve(&state, scope, &name).await?;
+    if image.tenant.is_none() && scope != Scope::All {
+        return Err(ApiError::Forbidden(format!(
+            "image {} is public; only an admin may delete it",
+            image.name
+        )));
+    }
+    if let Some((vm, _)) = list_json::<Vm>(state.store(), keys::VMS)
+        .await?
+        .into_iter()
+        .find(|(vm, _)| vm.image == image.id)
+    {
+        return Err(ApiError::Conflict(format!(
+            "image {} is used by vm {}",
+            image.name, vm.name
+        )));
+    }
+    let key = keys::image(image.id);
+    let res = state
+        .store()
+        .txn(
+            vec![Compare::ModRevision {
+                key: key.clone(),
+                expect: Some(rev),
+            }],
+            vec![
+                TxnOp::Delete { key },
+                TxnOp::Delete {
+                    key: keys::image_name(image.tenant, &image.name),
+                },
+            ],
+        )
+        .await;
+    match res {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "image {} changed concurrently, retry",
+            image.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn visible(scope: Scope, image: &Image) -> bool {
+    match image.tenant {
+        None => true,
+        Some(t) => scope.sees(t),
+    }
+}
+
+/// Finds an image by id or name as seen from `scope`: a tenant's own image
+/// shadows a public one of the same name.
+pub(crate) async fn resolve(
+    state: &AppState,
+    scope: Scope,
+    s: &str,
+) -> Result<(Image, Revision), ApiError> {
+    let not_found = || ApiError::NotFound {
+        kind: "image",
+        id: s.to_owned(),
+    };
+    if let Ok(id) = s.parse::<ImageId>() {
+        return match get_json::<Image>(state.store(), &keys::image(id)).await? {
+            Some((image, rev)) if visible(scope, &image) => Ok((image, rev)),
+            _ => Err(not_found()),
+        };
+    }
+    let name = model::validate_name("image", s).map_err(|_| not_found())?;
+    let ids: Vec<ImageId> = match scope {
+        Scope::Tenant(t) => {
+            let own = get_json::<ImageId>(state.store(), &keys::image_name(Some(t), &name)).await?;
+            match own {
+                Some((id, _)) => vec![id],
+                None => get_json::<ImageId>(state.store(), &keys::image_name(None, &name))
+                    .await?
+                    .map(|(id, _)| id)
+                    .into_iter()
+                    .collect(),
+            }
+        }
+        Scope::All => {
+            match get_json::<ImageId>(state.store(), &keys::image_name(None, &name)).await? {
+                Some((id, _)) => vec![id],
+                None => {
+                    let suffix = format!("/{name}");
+                    // Names hold no `/`, so the suffix matches whole names only.
+                    list_keyed::<ImageId>(state.store(), keys::IMAGE_NAMES)
+                        .await?
+                        .into_iter()
+                        .filter(|(key, _)| key.ends_with(&suffix))
+                        .map(|(_, id)| id)
+                        .collect()
+                }
+            }
+        }
+    };
+    match ids.as_slice() {
+        [] => Err(not_found()),
+        [id] => get_json::<Image>(state.store(), &keys::image(*id))
+            .await?
+            .ok_or_else(not_found),
+        _ => Err(ApiError::Conflict(format!(
+            "image name {name} exists in {} tenants; use the image id",
+            ids.len()
+        ))),
+    }
+}

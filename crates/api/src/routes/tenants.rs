@@ -1,0 +1,191 @@
+//! Tenants and tokens (admin only).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use model::api::{CreateTenant, CreateToken, Problem, TenantCreated, TokenCreated};
+use model::{Name, Role, Tenant, TenantId, TokenRecord};
+use store::{Compare, StoreError, TxnOp};
+
+use crate::auth::{hash_token, mint, new_token};
+use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes};
+use crate::{ApiError, AppJson, AppState, Caller};
+
+/// Name of the tenant that an admin's VMs and tenant images go to when the
+/// admin names none.
+pub(crate) const DEFAULT_TENANT: &str = "default";
+
+/// Creates a tenant and returns its first member token (shown only once).
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = CreateTenant,
+    responses(
+        (status = 201, body = TenantCreated),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "name taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create_tenant(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreateTenant>,
+) -> Result<(StatusCode, Json<TenantCreated>), ApiError> {
+    caller.require(&[Role::Admin], "creating a tenant")?;
+    let name = body.validate()?;
+    let (tenant, token) = insert_tenant(&state, name, true).await?;
+    let token = token.ok_or_else(|| ApiError::invariant("tenant created without its token"))?;
+    tracing::info!(tenant = %tenant.name, id = %tenant.id, "tenant created");
+    Ok((StatusCode::CREATED, Json(TenantCreated { tenant, token })))
+}
+
+/// Writes a new tenant, its name index and (with `with_token`) a member
+/// token in one transaction, so that a tenant never exists without its
+/// first token or vice versa.
+async fn insert_tenant(
+    state: &AppState,
+    name: Name,
+    with_token: bool,
+) -> Result<(Tenant, Option<String>), ApiError> {
+    let tenant = Tenant {
+        id: TenantId::new_random(),
+        name,
+        created_at: now_ms(),
+    };
+    let name_key = keys::tenant_name(&tenant.name);
+    let mut ops = vec![
+        TxnOp::Put {
+            key: keys::tenant(tenant.id),
+            value: to_bytes(&tenant)?,
+        },
+        TxnOp::Put {
+            key: name_key.clone(),
+            value: to_bytes(&tenant.id)?,
+        },
+    ];
+    let token = if with_token {
+        let token = new_token()?;
+        let rec = TokenRecord {
+            role: Role::Member,
+            tenant: Some(tenant.id),
+            created_at: tenant.created_at,
+        };
+        ops.push(TxnOp::Put {
+            key: keys::token(&hash_token(&token)),
+            value: to_bytes(&rec)?,
+        });
+        Some(token)
+    } else {
+        None
+    };
+    let compare = Compare::ModRevision {
+        key: name_key,
+        expect: None,
+    };
+    let res = state.store().txn(vec![compare], ops).await;
+    match res {
+        Ok(_) => Ok((tenant, token)),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+            "name: tenant {} already exists",
+            tenant.name
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Lists tenants.
+#[utoipa::path(get, path = "/v1/tenants", tag = "tenants",
+    responses((status = 200, body = Vec<Tenant>), (status = 403, body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn list_tenants(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Tenant>>, ApiError> {
+    caller.require(&[Role::Admin], "listing tenants")?;
+    let mut tenants: Vec<Tenant> = list_json::<Tenant>(state.store(), keys::TENANTS)
+        .await?
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    tenants.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(tenants))
+}
+
+/// Mints a token (shown only once).
+#[utoipa::path(post, path = "/v1/tokens", tag = "tenants", request_body = CreateToken,
+    responses(
+        (status = 201, body = TokenCreated),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "bad role/tenant combination or unknown tenant", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreateToken>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    caller.require(&[Role::Admin], "minting a token")?;
+    let tenant = match body.validate()? {
+        Some(name) => Some(
+            tenant_by_name(&state, &name)
+                .await?
+                .ok_or_else(|| ApiError::Unprocessable(format!("tenant: no tenant named {name}")))?
+                .id,
+        ),
+        None => None,
+    };
+    let token = mint(state.store(), body.role, tenant).await?;
+    tracing::info!(role = body.role.as_str(), ?tenant, "token minted");
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            token,
+            role: body.role,
+            tenant,
+        }),
+    ))
+}
+
+/// The tenant named `name`, if any.
+pub(crate) async fn tenant_by_name(
+    state: &AppState,
+    name: &Name,
+) -> Result<Option<Tenant>, ApiError> {
+    let Some((id, _)) = get_json::<TenantId>(state.store(), &keys::tenant_name(name)).await? else {
+        return Ok(None);
+    };
+    Ok(get_json::<Tenant>(state.store(), &keys::tenant(id))
+        .await?
+        .map(|(t, _)| t))
+}
+
+/// The tenant a write goes to: the member's own; for an admin the named one
+/// or `default` (created on first use).
+pub(crate) async fn write_tenant(
+    state: &AppState,
+    caller: &Caller,
+    requested: Option<&Name>,
+) -> Result<TenantId, ApiError> {
+    match (caller.scope()?, requested) {
+        (crate::Scope::Tenant(_), Some(_)) => Err(ApiError::Forbidden(
+            "tenant: only an admin may choose the tenant".to_owned(),
+        )),
+        (crate::Scope::Tenant(t), None) => Ok(t),
+        (crate::Scope::All, Some(name)) => tenant_by_name(state, name)
+            .await?
+            .map(|t| t.id)
+            .ok_or_else(|| ApiError::Unprocessable(format!("tenant: no tenant named {name}"))),
+        (crate::Scope::All, None) => default_tenant(state).await,
+    }
+}
+
+async fn default_tenant(state: &AppState) -> Result<TenantId, ApiError> {
+    let name = model::validate_name("tenant", DEFAULT_TENANT)?;
+    if let Some(t) = tenant_by_name(state, &name).await? {
+        return Ok(t.id);
+    }
+    match insert_tenant(state, name.clone(), false).await {
+        Ok((t, _)) => Ok(t.id),
+        // Another request created it first.
+        Err(ApiError::Conflict(_)) => tenant_by_name(state, &name)
+            .await?
+            .map(|t| t.id)
+            .ok_or_else(|| ApiError::invariant("default tenant vanished after a conflict")),
+        Err(e) => Err(e),
+    }
+}

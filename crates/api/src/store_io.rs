@@ -1,0 +1,122 @@
+//! The store's key layout and JSON (de)serialization of records.
+//!
+//! Records live under their id; names are unique through a separate index
+//! key written in the same transaction, so that two concurrent creates of
+//! one name cannot both succeed (the index key's compare fails for one).
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use store::{KeyValue, Revision, Store};
+
+use crate::ApiError;
+
+/// Store keys. Every name in a key has passed `validate_name`, so it has no `/`.
+pub(crate) mod keys {
+    use model::{ImageId, Name, TenantId, VmId};
+
+    pub const TOKENS: &str = "/vinfra/tokens/";
+    pub const TENANTS: &str = "/vinfra/tenants/";
+    pub const HOSTS: &str = "/vinfra/hosts/";
+    pub const IMAGES: &str = "/vinfra/images/";
+    pub const IMAGE_NAMES: &str = "/vinfra/image-names/";
+    pub const VMS: &str = "/vinfra/vms/";
+    pub const VM_NAMES: &str = "/vinfra/vm-names/";
+
+    /// A token record, under the hex SHA-256 of the token.
+    pub fn token(hash: &str) -> String {
+        format!("{TOKENS}{hash}")
+    }
+    pub fn tenant(id: TenantId) -> String {
+        format!("{TENANTS}{id}")
+    }
+    /// Tenant name index: value is the tenant id (JSON).
+    pub fn tenant_name(name: &Name) -> String {
+        format!("/vinfra/tenant-names/{name}")
+    }
+    pub fn host(name: &Name) -> String {
+        format!("{HOSTS}{name}")
+    }
+    /// Bumped by every placement on the host: creates compare its revision,
+    /// so two concurrent placements cannot both take the last free capacity.
+    pub fn host_alloc(name: &Name) -> String {
+        format!("/vinfra/host-alloc/{name}")
+    }
+    pub fn image(id: ImageId) -> String {
+        format!("{IMAGES}{id}")
+    }
+    /// Image name index, per scope (`public` or a tenant id): value is the image id.
+    pub fn image_name(tenant: Option<TenantId>, name: &Name) -> String {
+        match tenant {
+            Some(t) => format!("{IMAGE_NAMES}{t}/{name}"),
+            None => format!("{IMAGE_NAMES}public/{name}"),
+        }
+    }
+    pub fn vm(id: VmId) -> String {
+        format!("{VMS}{id}")
+    }
+    /// VM name index, per tenant: value is the VM id.
+    pub fn vm_name(tenant: TenantId, name: &Name) -> String {
+        format!("{VM_NAMES}{tenant}/{name}")
+    }
+}
+
+/// Encodes a record.
+pub(crate) fn to_bytes<T: Serialize>(value: &T) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::internal("encoding a record", e))
+}
+
+fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::internal(format!("decoding {}", kv.key), e))
+}
+
+/// Reads and decodes one record with its revision.
+pub(crate) async fn get_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    key: &str,
+) -> Result<Option<(T, Revision)>, ApiError> {
+    match store.get(key).await? {
+        Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
+        None => Ok(None),
+    }
+}
+
+/// Reads and decodes every record under `prefix`, in key order.
+pub(crate) async fn list_json<T: DeserializeOwned>(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<Vec<(T, Revision)>, ApiError> {
+    store
+        .list(prefix)
+        .await?
+        .iter()
+        .map(|kv| Ok((decode(kv)?, kv.mod_revision)))
+        .collect()
+}
+
+/// Reads and decodes every record under `prefix` with its key, in key order.
+pub(crate) async fn list_keyed<T: DeserializeOwned>(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<Vec<(String, T)>, ApiError> {
+    store
+        .list(prefix)
+        .await?
+        .iter()
+        .map(|kv| Ok((kv.key.clone(), decode(kv)?)))
+        .collect()
+}
+
+/// Wall-clock time in unix milliseconds (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// How many times a read-modify-write is retried after losing a race.
+pub(crate) const CAS_ATTEMPTS: usize = 16;

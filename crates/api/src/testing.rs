@@ -1,0 +1,257 @@
+//! An in-memory [`Store`] for tests: etcd semantics (revisions, cas, txn,
+//! watch), no durability. Used by this crate's tests and by other crates'
+//! tests that need an API server without a store backend.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use store::{
+    validate_key, Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent, WatchStream,
+};
+use tokio::sync::broadcast;
+
+/// An in-memory store. Watchers that fall behind by more than 1024 events
+/// get a `Backend` error and their stream ends.
+#[derive(Debug)]
+pub struct MemStore {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<WatchEvent>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    rev: u64,
+    data: BTreeMap<String, (Bytes, Revision)>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            inner: Mutex::new(Inner::default()),
+            events,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn emit(&self, ev: Vec<WatchEvent>) {
+        for e in ev {
+            // No receivers is fine.
+            let _ = self.events.send(e);
+        }
+    }
+}
+
+impl Inner {
+    fn holds(&self, c: &Compare) -> bool {
+        match c {
+            Compare::ModRevision { key, expect } => self.data.get(key).map(|(_, r)| *r) == *expect,
+        }
+    }
+
+    fn put(&mut self, key: &str, value: Bytes, rev: Revision) -> WatchEvent {
+        self.data.insert(key.to_owned(), (value.clone(), rev));
+        WatchEvent::Put(KeyValue {
+            key: key.to_owned(),
+            value,
+            mod_revision: rev,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MemStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        validate_key(key)?;
+        Ok(self.lock().data.get(key).map(|(v, r)| KeyValue {
+            key: key.to_owned(),
+            value: v.clone(),
+            mod_revision: *r,
+        }))
+    }
+
+    async fn put(&self, key: &str, value: Bytes) -> Result<Revision, StoreError> {
+        validate_key(key)?;
+        let (rev, ev) = {
+            let mut g = self.lock();
+            g.rev += 1;
+            let rev = Revision(g.rev);
+            (rev, g.put(key, value, rev))
+        };
+        self.emit(vec![ev]);
+        Ok(rev)
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        validate_key(key)?;
+        let ev = {
+            let mut g = self.lock();
+            if g.data.contains_key(key) {
+                g.rev += 1;
+                let rev = Revision(g.rev);
+                g.data.remove(key);
+                Some(WatchEvent::Delete {
+                    key: key.to_owned(),
+                    revision: rev,
+                })
+            } else {
+                None
+            }
+        };
+        let existed = ev.is_some();
+        self.emit(ev.into_iter().collect());
+        Ok(existed)
+    }
+
+    async fn cas(
+        &self,
+        key: &str,
+        expect: Option<Revision>,
+        value: Bytes,
+    ) -> Result<Revision, StoreError> {
+        self.txn(
+            vec![Compare::ModRevision {
+                key: key.to_owned(),
+                expect,
+            }],
+            vec![TxnOp::Put {
+                key: key.to_owned(),
+                value,
+            }],
+        )
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+        let g = self.lock();
+        Ok(g.data
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (v, r))| KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+                mod_revision: *r,
+            })
+            .collect())
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Revision, StoreError> {
+        for c in &compares {
+            let Compare::ModRevision { key, .. } = c;
+            validate_key(key)?;
+        }
+        for op in &ops {
+            match op {
+                TxnOp::Put { key, .. } | TxnOp::Delete { key } => validate_key(key)?,
+            }
+        }
+        let (rev, events) = {
+            let mut g = self.lock();
+            if let Some(Compare::ModRevision { key, .. }) = compares.iter().find(|c| !g.holds(c)) {
+                return Err(StoreError::Conflict { key: key.clone() });
+            }
+            g.rev += 1;
+            let rev = Revision(g.rev);
+            let mut events = Vec::new();
+            for op in ops {
+                match op {
+                    TxnOp::Put { key, value } => events.push(g.put(&key, value, rev)),
+                    TxnOp::Delete { key } => {
+                        if g.data.remove(&key).is_some() {
+                            events.push(WatchEvent::Delete { key, revision: rev });
+                        }
+                    }
+                }
+            }
+            (rev, events)
+        };
+        self.emit(events);
+        Ok(rev)
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
+        let rx = self.events.subscribe();
+        let prefix = prefix.to_owned();
+        let stream = futures_util::stream::unfold(Some(rx), move |rx| {
+            let prefix = prefix.clone();
+            async move {
+                let mut rx = rx?;
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) => {
+                            let key = match &ev {
+                                WatchEvent::Put(kv) => &kv.key,
+                                WatchEvent::Delete { key, .. } => key,
+                            };
+                            if key.starts_with(&prefix) {
+                                return Some((Ok(ev), Some(rx)));
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let err = StoreError::backend(
+                                "in-memory watch",
+                                format!("watcher fell behind by {n} events"),
+                            );
+                            return Some((Err(err), None));
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cas_and_txn_follow_revisions() {
+        let s = MemStore::new();
+        let r1 = s.cas("/a", None, Bytes::from_static(b"1")).await.unwrap();
+        assert!(matches!(
+            s.cas("/a", None, Bytes::from_static(b"2")).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let r2 = s
+            .cas("/a", Some(r1), Bytes::from_static(b"2"))
+            .await
+            .unwrap();
+        assert!(r2 > r1);
+        let err = s
+            .txn(
+                vec![
+                    Compare::ModRevision {
+                        key: "/a".into(),
+                        expect: Some(r2),
+                    },
+                    Compare::ModRevision {
+                        key: "/b".into(),
+                        expect: Some(r1),
+                    },
+                ],
+                vec![TxnOp::Delete { key: "/a".into() }],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { key } if key == "/b"));
+        assert_eq!(s.list("/").await.unwrap().len(), 1);
+        assert!(s.delete("/a").await.unwrap());
+        assert!(s.get("/a").await.unwrap().is_none());
+    }
+}
