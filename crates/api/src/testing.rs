@@ -10,8 +10,11 @@ use store::{
     validate_key, Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent, WatchStream,
 };
 use tokio::sync::broadcast;
+use tokio::task::yield_now;
 
-/// An in-memory store. Watchers that fall behind by more than 1024 events
+/// An in-memory store. Every operation first yields to the scheduler, as a
+/// real store's I/O would, so that concurrent requests interleave between
+/// their reads and writes and races show up in tests. Watchers that fall behind by more than 1024 events
 /// get a `Backend` error and their stream ends.
 #[derive(Debug)]
 pub struct MemStore {
@@ -75,6 +78,7 @@ impl Inner {
 #[async_trait::async_trait]
 impl Store for MemStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        yield_now().await;
         validate_key(key)?;
         Ok(self.lock().data.get(key).map(|(v, r)| KeyValue {
             key: key.to_owned(),
@@ -84,6 +88,7 @@ impl Store for MemStore {
     }
 
     async fn put(&self, key: &str, value: Bytes) -> Result<Revision, StoreError> {
+        yield_now().await;
         validate_key(key)?;
         let (rev, ev) = {
             let mut g = self.lock();
@@ -96,6 +101,7 @@ impl Store for MemStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        yield_now().await;
         validate_key(key)?;
         let ev = {
             let mut g = self.lock();
@@ -136,6 +142,8 @@ impl Store for MemStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+        yield_now().await;
+        validate_key(prefix)?;
         let g = self.lock();
         Ok(g.data
             .range(prefix.to_owned()..)
@@ -149,6 +157,7 @@ impl Store for MemStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Revision, StoreError> {
+        yield_now().await;
         for c in &compares {
             let Compare::ModRevision { key, .. } = c;
             validate_key(key)?;
@@ -183,6 +192,8 @@ impl Store for MemStore {
     }
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
+        yield_now().await;
+        validate_key(prefix)?;
         let rx = self.events.subscribe();
         let prefix = prefix.to_owned();
         let stream = futures_util::stream::unfold(Some(rx), move |rx| {

@@ -72,3 +72,97 @@ async fn method_not_allowed(method: Method) -> ApiError {
         method: method.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::testing::MemStore;
+    use crate::ServerConfig;
+
+    const METHODS: [Method; 5] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ];
+
+    /// (METHOD, path) of every operation in the OpenAPI document.
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc = serde_json::to_value(crate::openapi()).unwrap();
+        let mut out = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if METHODS
+                    .iter()
+                    .any(|m| m.as_str().eq_ignore_ascii_case(method))
+                {
+                    out.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Probes the router with every method on every table path: whatever is
+    /// not 405 is served, and must be documented; and every documented
+    /// operation must be served.
+    #[tokio::test]
+    async fn openapi_lists_every_route_and_nothing_else() {
+        let store = Arc::new(MemStore::new());
+        let app = router(AppState::new(store, &ServerConfig::default()));
+        let mut served = BTreeSet::new();
+        for (path, _) in table() {
+            let concrete = path
+                .replace("{name}", "x")
+                .replace("{id}", "00000000-0000-4000-8000-000000000000");
+            for m in METHODS {
+                let req = Request::builder()
+                    .method(m.clone())
+                    .uri(&concrete)
+                    .body(Body::empty())
+                    .unwrap();
+                let res = app.clone().oneshot(req).await.unwrap();
+                assert_ne!(res.status(), StatusCode::NOT_FOUND, "{m} {concrete}");
+                if res.status() != StatusCode::METHOD_NOT_ALLOWED {
+                    served.insert((m.to_string(), path.to_owned()));
+                }
+            }
+        }
+        assert_eq!(served, documented());
+        assert_eq!(served.len(), 22, "{served:?}");
+    }
+
+    #[test]
+    fn openapi_has_schemas_and_bearer_auth() {
+        let doc = serde_json::to_value(crate::openapi()).unwrap();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for s in [
+            "Vm",
+            "Host",
+            "Image",
+            "CreateVm",
+            "Problem",
+            "Assignment",
+            "ObservedReport",
+        ] {
+            assert!(schemas.contains_key(s), "missing schema {s}");
+        }
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        // The document itself is public.
+        assert_eq!(
+            doc["paths"]["/v1/openapi.json"]["get"]["security"],
+            serde_json::json!([{}])
+        );
+    }
+}

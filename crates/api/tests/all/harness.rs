@@ -1,0 +1,224 @@
+//! A router over an in-memory store, with an admin token, two tenants, an
+//! agent token, and helpers to call it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::testing::MemStore;
+use api::{AppState, ServerConfig};
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// Asserts a problem+json error with `status` whose detail contains `needle`.
+    pub fn problem(&self, status: u16, needle: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text);
+        assert_eq!(
+            self.content_type, "application/problem+json",
+            "{}",
+            self.text
+        );
+        let p = self.json();
+        assert_eq!(p["status"], status);
+        assert!(p["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:vinfra:problem:"));
+        assert!(p["title"].is_string());
+        let detail = p["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(needle),
+            "detail {detail:?} lacks {needle:?}"
+        );
+    }
+}
+
+pub struct App {
+    pub router: Router,
+    pub admin: String,
+    pub _dir: tempfile::TempDir,
+}
+
+pub struct World {
+    pub app: App,
+    pub a: String,
+    pub b: String,
+    pub agent: String,
+}
+
+impl App {
+    pub async fn new() -> Self {
+        Self::with_timeout(Duration::from_secs(6)).await
+    }
+
+    pub async fn with_timeout(heartbeat_timeout: Duration) -> Self {
+        let store = Arc::new(MemStore::new());
+        let dir = tempfile::tempdir().unwrap();
+        let admin = api::bootstrap_admin(store.as_ref(), dir.path())
+            .await
+            .unwrap()
+            .expect("first start mints a token");
+        let config = ServerConfig {
+            heartbeat_timeout,
+            ..ServerConfig::default()
+        };
+        let router = api::router(AppState::new(store, &config));
+        Self {
+            router,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: &str,
+    ) -> Resp {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        let req = req.body(Body::from(body.to_owned())).unwrap();
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let content_type = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 24)
+            .await
+            .unwrap();
+        Resp {
+            status,
+            content_type,
+            text: String::from_utf8(bytes.to_vec()).unwrap(),
+        }
+    }
+
+    pub async fn call(&self, method: Method, path: &str, token: &str, body: Option<Value>) -> Resp {
+        match body {
+            Some(b) => {
+                self.raw(
+                    method,
+                    path,
+                    Some(token),
+                    Some("application/json"),
+                    &b.to_string(),
+                )
+                .await
+            }
+            None => self.raw(method, path, Some(token), None, "").await,
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Resp {
+        self.call(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Resp {
+        self.call(Method::POST, path, token, Some(body)).await
+    }
+
+    /// Creates a tenant and returns its member token.
+    pub async fn tenant(&self, name: &str) -> String {
+        let r = self
+            .post("/v1/tenants", &self.admin, json!({ "name": name }))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn token(&self, role: &str) -> String {
+        let r = self
+            .post("/v1/tokens", &self.admin, json!({ "role": role }))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn host(&self, token: &str, name: &str, cpus: u32, memory_mib: u64) -> Value {
+        let r = self
+            .post(
+                "/v1/hosts",
+                token,
+                json!({ "name": name, "cpus": cpus, "memory_mib": memory_mib, "disk_gib": 100,
+                        "drivers": ["process"], "agent_url": "http://127.0.0.1:7071" }),
+            )
+            .await;
+        assert!(r.status.is_success(), "{}", r.text);
+        r.json()
+    }
+
+    pub async fn image(&self, token: &str, name: &str) -> Value {
+        let r = self
+            .post(
+                "/v1/images",
+                token,
+                json!({ "name": name, "kernel": "/boot/vmlinuz", "initrd": "/boot/initrd",
+                        "cmdline": "console=ttyS0", "disk_mib": 1024 }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.json()
+    }
+
+    pub async fn vm(&self, token: &str, name: &str, vcpus: u32, memory_mib: u64) -> Resp {
+        self.post(
+            "/v1/vms",
+            token,
+            json!({ "name": name, "image": "debian", "vcpus": vcpus, "memory_mib": memory_mib }),
+        )
+        .await
+    }
+}
+
+impl World {
+    /// Admin, tenants `a` and `b`, an agent, host `h1` (8 CPUs, 8 GiB) and a
+    /// public image `debian`.
+    pub async fn new() -> Self {
+        Self::from(App::new().await).await
+    }
+
+    pub async fn from(app: App) -> Self {
+        let a = app.tenant("a").await;
+        let b = app.tenant("b").await;
+        let agent = app.token("agent").await;
+        app.host(&agent, "h1", 8, 8192).await;
+        app.image(&app.admin, "debian").await;
+        Self { app, a, b, agent }
+    }
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    while !cond().await {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests of the API: the router without a socket, and one
+//! round trip over TCP through the `client` crate.
+
+mod harness;
+mod routes;
+mod tcp;

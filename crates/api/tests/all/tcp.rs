@@ -1,0 +1,145 @@
+//! One round trip over a real socket through the typed client.
+
+use std::sync::Arc;
+
+use client::{Client, VmDeletion};
+use model::api::{CreateImage, CreateToken, CreateVm, ObservedReport, RegisterHost, ReportedState};
+use model::{ObservedState, Role};
+
+#[tokio::test]
+async fn client_drives_the_server_over_tcp() {
+    let store = Arc::new(api::testing::MemStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let admin_token = api::bootstrap_admin(store.as_ref(), dir.path())
+        .await
+        .unwrap()
+        .unwrap();
+    let config = api::ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..api::ServerConfig::default()
+    };
+    let server = api::serve(config, store).await.unwrap();
+    let base = format!("http://{}", server.addr());
+    let admin = Client::new(&base, &admin_token).unwrap();
+
+    let tenant = admin.create_tenant("acme").await.unwrap();
+    let member = Client::new(&base, &tenant.token).unwrap();
+    let agent_token = admin
+        .create_token(&CreateToken {
+            role: Role::Agent,
+            tenant: None,
+        })
+        .await
+        .unwrap();
+    let agent = Client::new(&base, &agent_token.token).unwrap();
+
+    let host = agent
+        .register_host(&RegisterHost {
+            name: "h1".into(),
+            cpus: 4,
+            memory_mib: 4096,
+            disk_gib: 20,
+            drivers: vec!["process".into()],
+            agent_url: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(agent.heartbeat("h1").await.unwrap().id, host.id);
+    admin
+        .create_image(&CreateImage {
+            name: "debian".into(),
+            kernel: Some("/boot/vmlinuz".into()),
+            initrd: None,
+            disk_template: None,
+            cmdline: String::new(),
+            disk_mib: 512,
+            tenant: None,
+        })
+        .await
+        .unwrap();
+    let vm = member
+        .create_vm(&CreateVm {
+            name: "web".into(),
+            image: "debian".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            host: None,
+            tenant: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.host.as_str(), "h1");
+    assert_eq!(member.list_vms().await.unwrap(), vec![vm.clone()]);
+
+    let assigned = agent.assignments("h1").await.unwrap();
+    assert_eq!(assigned.len(), 1);
+    assert_eq!(assigned[0].image.name.as_str(), "debian");
+    agent
+        .report_observed(
+            vm.id,
+            &ObservedReport {
+                host: "h1".into(),
+                state: ReportedState::Running,
+                error: None,
+                console_tail: Some("booted\n".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        member.get_vm("web").await.unwrap().observed,
+        ObservedState::Running
+    );
+    assert_eq!(member.console("web").await.unwrap(), "booted\n");
+
+    // Errors carry the status and the problem detail.
+    let err = member.get_vm("nope").await.unwrap_err();
+    assert_eq!(err.status(), Some(404));
+    assert_eq!(err.detail(), Some("vm nope not found"));
+    let err = member
+        .create_vm(&CreateVm {
+            name: "big".into(),
+            image: "debian".into(),
+            vcpus: 0,
+            memory_mib: 256,
+            host: None,
+            tenant: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(422));
+    assert_eq!(err.detail(), Some("vcpus: must be between 1 and 64, got 0"));
+    let err = Client::new(&base, "wrong")
+        .unwrap()
+        .list_vms()
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401));
+
+    match member.delete_vm("web").await.unwrap() {
+        VmDeletion::Pending(vm) => assert_eq!(vm.desired, model::DesiredState::Deleted),
+        VmDeletion::Deleted => panic!("host is up: deletion must wait for the agent"),
+    }
+    agent
+        .report_observed(
+            vm.id,
+            &ObservedReport {
+                host: "h1".into(),
+                state: ReportedState::Deleted,
+                error: None,
+                console_tail: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(member.list_vms().await.unwrap().is_empty());
+
+    let doc = member.openapi().await.unwrap();
+    assert!(doc["paths"]["/v1/vms"].is_object());
+    assert!(admin
+        .metrics()
+        .await
+        .unwrap()
+        .contains("vinfra_hosts{state=\"up\"} 1"));
+    server.shutdown().await.unwrap();
+}
