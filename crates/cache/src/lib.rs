@@ -11,6 +11,7 @@
 //! I/O outside them); a rebuild runs one background prefetch thread per destination.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod block_cache;
 pub mod heat;
 pub mod meta;
@@ -28,7 +29,7 @@ pub use block_cache::{
 };
 pub use heat::{HeatMap, HeatSnapshot};
 pub use pattern::{AccessPattern, PatternSnapshot};
-pub use plan::{plan_fetch, Strategy, UnknownStrategy};
+pub use plan::{lookahead, plan_fetch, Strategy, UnknownStrategy};
 pub use rebuild::{prepare_destination, Rebuild, RebuildProgress};
 pub use source::{BlockOrigin, BlockSource, CacheSource, FileOrigin, SourceError, Throttle};
 pub use types::{BlockIdx, BlockSet, BlockSize, Generation};

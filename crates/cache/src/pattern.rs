@@ -3,8 +3,10 @@
 //! Three parts, all learned from the stream of block accesses:
 //! - a successor table: for each block, its most frequent next blocks (at most
 //!   [`FANOUT`], kept with the Misra–Gries frequent-items rule so memory is fixed);
-//! - sequential-run statistics: how often a `+1` step is followed by another `+1`,
-//!   which lets the planner extrapolate a scan into blocks it has never seen;
+//! - sequential streams: up to [`STREAMS`] concurrent `+1` runs, tracked separately so
+//!   that a scan interleaved with random I/O (or with other scans) is still recognised,
+//!   with statistics of how often a run of a given length continues; this lets the
+//!   planner extrapolate a scan into blocks it has never seen;
 //! - the recent history tail, whose newest entry is the cursor: where the VM reads now.
 
 use std::collections::{HashMap, VecDeque};
@@ -17,6 +19,21 @@ use crate::types::BlockIdx;
 pub const FANOUT: usize = 4;
 /// Distinct recent blocks kept in the history tail.
 pub const HISTORY: usize = 16;
+/// Concurrent sequential streams tracked (like a readahead engine's stream table).
+pub const STREAMS: usize = 16;
+
+/// One sequential stream: its head, length, and when it was active.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stream {
+    /// The last block the stream read.
+    pub last: u64,
+    /// `+1` steps taken so far.
+    pub run: u64,
+    /// Access count when the stream started.
+    pub first_tick: u64,
+    /// Access count when the stream last read.
+    pub last_tick: u64,
+}
 
 #[derive(Clone, Debug, Default)]
 struct Succ {
@@ -32,7 +49,7 @@ pub struct AccessPattern {
     accesses: u64,
     transitions: u64,
     succ: HashMap<BlockIdx, Succ>,
-    run_len: u64,
+    streams: Vec<Stream>,
     seq_continue: [u64; RUN_BUCKETS],
     seq_break: [u64; RUN_BUCKETS],
     history: VecDeque<BlockIdx>,
@@ -63,8 +80,9 @@ pub struct PatternSnapshot {
     pub transitions: u64,
     /// `(block, transitions out of it, [(successor, count)])`, by block index.
     pub succ: Vec<(u64, u32, Vec<(u64, u32)>)>,
-    /// Length of the sequential run in progress.
-    pub run_len: u64,
+    /// Active sequential streams.
+    #[serde(default)]
+    pub streams: Vec<Stream>,
     /// Per run-length bucket: steps that were `+1`.
     pub seq_continue: Vec<u64>,
     /// Per run-length bucket: steps that were not.
@@ -81,7 +99,7 @@ impl AccessPattern {
             accesses: 0,
             transitions: 0,
             succ: HashMap::new(),
-            run_len: 0,
+            streams: Vec::with_capacity(STREAMS),
             seq_continue: [0; RUN_BUCKETS],
             seq_break: [0; RUN_BUCKETS],
             history: VecDeque::with_capacity(HISTORY),
@@ -93,46 +111,93 @@ impl AccessPattern {
     /// they do not teach the model that a block follows itself.
     pub fn record(&mut self, b: BlockIdx) {
         self.accesses += 1;
+        let tick = self.accesses;
         let prev = self.history.back().copied();
         if prev == Some(b) {
+            if let Some(st) = self.streams.iter_mut().find(|st| st.last == b.0) {
+                st.last_tick = tick;
+            }
             return;
         }
         if let Some(p) = prev {
             self.transitions += 1;
-            let tick = self.transitions;
-            let e = self.succ.entry(p).or_default();
-            e.total = e.total.saturating_add(1);
-            e.last = tick;
-            if let Some(slot) = e.next.iter_mut().find(|(n, _)| *n == b) {
-                slot.1 = slot.1.saturating_add(1);
-            } else if e.next.len() < FANOUT {
-                e.next.push((b, 1));
-            } else {
-                // Misra–Gries: a newcomer that finds no room wears every counter down by
-                // one, so only successors seen more than total/(FANOUT+1) times survive.
-                for slot in &mut e.next {
-                    slot.1 -= 1;
-                }
-                e.next.retain(|(_, c)| *c > 0);
-            }
-            e.next.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
-            let k = bucket(self.run_len);
-            if p.0.checked_add(1) == Some(b.0) {
-                self.seq_continue[k] += 1;
-                self.run_len += 1;
-            } else {
-                self.seq_break[k] += 1;
-                self.run_len = 0;
-            }
-            if self.succ.len() > self.max_blocks + self.max_blocks / 4 {
-                self.prune();
-            }
+            self.learn(p, b);
         }
+        self.follow_stream(b, prev, tick);
         self.history.retain(|h| *h != b);
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
         self.history.push_back(b);
+    }
+
+    /// Counts `p -> b` in `p`'s successor list.
+    fn learn(&mut self, p: BlockIdx, b: BlockIdx) {
+        let tick = self.transitions;
+        let e = self.succ.entry(p).or_default();
+        e.total = e.total.saturating_add(1);
+        e.last = tick;
+        if let Some(slot) = e.next.iter_mut().find(|(n, _)| *n == b) {
+            slot.1 = slot.1.saturating_add(1);
+        } else if e.next.len() < FANOUT {
+            e.next.push((b, 1));
+        } else {
+            // Misra–Gries: a newcomer that finds no room wears every counter down by
+            // one, so only successors seen more than total/(FANOUT+1) times survive.
+            for slot in &mut e.next {
+                slot.1 -= 1;
+            }
+            e.next.retain(|(_, c)| *c > 0);
+        }
+        e.next.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+        if self.succ.len() > self.max_blocks + self.max_blocks / 4 {
+            self.prune();
+        }
+    }
+
+    /// Extends the stream that `b` continues, or starts a new one. A stream that ages out
+    /// of the table without continuing counts as a run that broke at its length.
+    fn follow_stream(&mut self, b: BlockIdx, prev: Option<BlockIdx>, tick: u64) {
+        if let Some(st) = self.streams.iter_mut().find(|st| st.last == b.0) {
+            st.last_tick = tick;
+            return;
+        }
+        if let Some(i) = self
+            .streams
+            .iter()
+            .position(|st| st.last.checked_add(1) == Some(b.0))
+        {
+            let st = self.streams[i];
+            self.seq_continue[bucket(st.run)] += 1;
+            if prev != Some(BlockIdx(st.last)) {
+                // Interleaved with other I/O: teach the table the stream's own order too.
+                self.learn(BlockIdx(st.last), b);
+            }
+            self.streams[i] = Stream {
+                last: b.0,
+                run: st.run + 1,
+                last_tick: tick,
+                ..st
+            };
+            return;
+        }
+        if self.streams.len() >= STREAMS {
+            let (i, old) = self
+                .streams
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, st)| st.last_tick)
+                .map(|(i, st)| (i, *st))
+                .expect("the table is full, so not empty");
+            self.seq_break[bucket(old.run)] += 1;
+            self.streams.swap_remove(i);
+        }
+        self.streams.push(Stream {
+            last: b.0,
+            run: 0,
+            first_tick: tick,
+            last_tick: tick,
+        });
     }
 
     /// Forgets the least recently updated successor lists down to `max_blocks`.
@@ -154,10 +219,17 @@ impl AccessPattern {
     }
 
     /// Known successors of `b` with their estimated probability of coming next.
+    ///
+    /// Absolute discounting (as in Kneser–Ney smoothing): one observation is subtracted
+    /// from every count, so a successor seen once — in random I/O, almost always chance —
+    /// gets no weight, while one seen n times out of n gets (n−1)/n.
     pub fn successors(&self, b: BlockIdx) -> impl Iterator<Item = (BlockIdx, f64)> + '_ {
         self.succ.get(&b).into_iter().flat_map(|s| {
             let total = f64::from(s.total.max(1));
-            s.next.iter().map(move |(n, c)| (*n, f64::from(*c) / total))
+            s.next
+                .iter()
+                .filter(|(_, c)| *c > 1)
+                .map(move |(n, c)| (*n, f64::from(*c - 1) / total))
         })
     }
 
@@ -172,9 +244,34 @@ impl AccessPattern {
         p
     }
 
-    /// Length (in `+1` steps) of the sequential run the VM is in right now; 0 if none.
+    /// Length (in `+1` steps) of the sequential stream whose head is `b`; 0 if none.
+    pub fn run_len_at(&self, b: BlockIdx) -> u64 {
+        self.streams
+            .iter()
+            .find(|st| st.last == b.0)
+            .map_or(0, |st| st.run)
+    }
+
+    /// Length of the run the cursor is in; 0 if none.
     pub fn run_len(&self) -> u64 {
-        self.run_len
+        self.cursor().map_or(0, |c| self.run_len_at(c))
+    }
+
+    /// Active sequential streams (at least one `+1` step), newest first.
+    pub fn streams(&self) -> Vec<Stream> {
+        let mut v: Vec<Stream> = self
+            .streams
+            .iter()
+            .filter(|st| st.run > 0)
+            .copied()
+            .collect();
+        v.sort_by(|a, b| b.last_tick.cmp(&a.last_tick).then(a.last.cmp(&b.last)));
+        v
+    }
+
+    /// Accesses recorded so far (the pattern's logical clock).
+    pub fn accesses(&self) -> u64 {
+        self.accesses
     }
 
     /// Accesses per transition: how many accesses one step along the pattern is worth.
@@ -213,7 +310,7 @@ impl AccessPattern {
             accesses: self.accesses,
             transitions: self.transitions,
             succ,
-            run_len: self.run_len,
+            streams: self.streams.clone(),
             seq_continue: self.seq_continue.to_vec(),
             seq_break: self.seq_break.to_vec(),
             history: self.history.iter().map(|b| b.0).collect(),
@@ -225,7 +322,7 @@ impl AccessPattern {
         let mut m = Self::new(s.max_blocks);
         m.accesses = s.accesses;
         m.transitions = s.transitions;
-        m.run_len = s.run_len;
+        m.streams = s.streams.iter().take(STREAMS).copied().collect();
         for (dst, src) in m.seq_continue.iter_mut().zip(&s.seq_continue) {
             *dst = *src;
         }
@@ -271,6 +368,8 @@ mod tests {
         let s: Vec<_> = p.successors(BlockIdx(1)).collect();
         assert_eq!(s[0].0, BlockIdx(5));
         assert!(s[0].1 > 0.8);
+        // 1 -> 9 was seen once: chance, not a pattern.
+        assert_eq!(s.len(), 1);
         assert_eq!(p.cursor(), Some(BlockIdx(9)));
     }
 
@@ -304,6 +403,23 @@ mod tests {
         }
         assert_eq!(seq.run_len(), 199);
         assert!(seq.seq_continue_prob(199) > 0.95);
+        // Interleaved with random I/O, a scan is still recognised as one stream.
+        let mut mix = AccessPattern::new(1000);
+        for pass in 0..2u64 {
+            for i in 0..200u64 {
+                mix.record(BlockIdx(10_000 + i));
+                mix.record(BlockIdx((i + pass * 200).wrapping_mul(7919) % 1009));
+                mix.record(BlockIdx(
+                    (i + pass * 200).wrapping_mul(104_729) % 5003 + 2000,
+                ));
+            }
+        }
+        assert!(mix.seq_continue_prob(150) > 0.9);
+        assert_eq!(mix.run_len_at(BlockIdx(10_199)), 199);
+        // Seen in two scans, the stream's own order is in the successor table.
+        assert!(mix
+            .successors(BlockIdx(10_100))
+            .any(|(n, _)| n == BlockIdx(10_101)));
         let mut rnd = AccessPattern::new(1000);
         for i in 0..200u64 {
             rnd.record(BlockIdx(i.wrapping_mul(7919) % 1009));

@@ -93,6 +93,9 @@ impl FromStr for Strategy {
     }
 }
 
+/// How far ahead (in expected guest accesses) [`lookahead`] guesses.
+pub const LOOKAHEAD_HORIZON: f64 = 256.0;
+
 /// Bound on blocks visited by the pattern walk, so planning stays O(plan) for huge tables.
 const MAX_WALK: usize = 1 << 18;
 /// Recent blocks the walk starts from besides the cursor: the VM may be running a few
@@ -178,6 +181,7 @@ struct Node {
     depth: u32,
     prob: f64,
     run: u64,
+    scale: f64,
     block: BlockIdx,
 }
 impl Eq for Node {}
@@ -201,7 +205,43 @@ fn pattern_costs(
     cursor: Option<BlockIdx>,
     total_blocks: u64,
 ) -> HashMap<BlockIdx, f64> {
+    walk(pattern, cursor, total_blocks, MAX_WALK)
+        .into_iter()
+        .collect()
+}
+
+/// The blocks the VM is expected to read next from where it reads now, by the access
+/// pattern alone, cheapest first: at most `k`, excluding the blocks it just read. The
+/// rebuild engine prefetches these ahead of its static plan as the VM moves (the plan was
+/// made at switch-over; the cursor has moved on since).
+///
+/// Only blocks expected within [`LOOKAHEAD_HORIZON`] guest accesses qualify: a guess
+/// further out would displace cached blocks for data that may never be read.
+pub fn lookahead(pattern: &AccessPattern, k: usize, total_blocks: u64) -> Vec<BlockIdx> {
+    let recent: Vec<BlockIdx> = pattern.recent().collect();
+    walk(
+        pattern,
+        pattern.cursor(),
+        total_blocks,
+        k + recent.len() + crate::pattern::STREAMS,
+    )
+    .into_iter()
+    .filter(|(_, cost)| *cost <= LOOKAHEAD_HORIZON)
+    .map(|(b, _)| b)
+    .filter(|b| !recent.contains(b))
+    .take(k)
+    .collect()
+}
+
+/// Best-first walk; returns up to `limit` blocks with their costs, cheapest first.
+fn walk(
+    pattern: &AccessPattern,
+    cursor: Option<BlockIdx>,
+    total_blocks: u64,
+    limit: usize,
+) -> Vec<(BlockIdx, f64)> {
     let scale = pattern.accesses_per_transition();
+    let now = pattern.accesses();
     let mut heap = BinaryHeap::new();
     let mut starts: Vec<BlockIdx> = cursor.into_iter().collect();
     starts.extend(
@@ -214,36 +254,60 @@ fn pattern_costs(
         // The i-th most recent block: the VM is likely still near it, less so the older it is.
         let rank = u32::try_from(rank).unwrap_or(u32::MAX);
         let prob = 0.5f64.powi(i32::try_from(rank).unwrap_or(i32::MAX));
-        let run = if rank == 0 { pattern.run_len() } else { 0 };
+        let run = pattern.run_len_at(b);
         heap.push(Node {
             cost: f64::from(rank) * scale,
             depth: 0,
             prob,
             run,
+            scale,
             block: b,
         });
     }
+    // Every live sequential stream is a start point too, paced by its own rate: a scan
+    // that reads one block per 4 guest accesses reaches its k-th next block after ~4k.
+    for st in pattern.streams() {
+        #[allow(clippy::cast_precision_loss)]
+        let spacing = ((st.last_tick - st.first_tick) as f64 / st.run.max(1) as f64).max(1.0);
+        #[allow(clippy::cast_precision_loss)]
+        let idle = now.saturating_sub(st.last_tick) as f64;
+        // A stream that has missed several of its expected steps has probably ended.
+        let prob = 0.5f64.powf(idle / (4.0 * spacing));
+        // The head itself was read `idle` accesses ago: that, not 0, is its own cost (a
+        // stream head is not a prediction); its successors are priced by the stream's pace.
+        heap.push(Node {
+            cost: idle,
+            depth: 0,
+            prob,
+            run: st.run,
+            scale: spacing,
+            block: BlockIdx(st.last),
+        });
+    }
     let mut done: HashMap<BlockIdx, f64> = HashMap::new();
+    let mut order: Vec<(BlockIdx, f64)> = Vec::new();
     while let Some(n) = heap.pop() {
-        if done.len() >= MAX_WALK {
+        if done.len() >= limit {
             break;
         }
         if done.contains_key(&n.block) {
             continue;
         }
         done.insert(n.block, n.cost);
+        order.push((n.block, n.cost));
         let depth = n.depth + 1;
         let next = n.block.0.checked_add(1).map(BlockIdx);
         let mut push = |b: BlockIdx, p: f64| {
             let prob = n.prob * p;
             if b.0 < total_blocks && prob > 1e-9 && !done.contains_key(&b) {
-                let cost = f64::from(depth) / prob * scale;
+                let cost = f64::from(depth) / prob * n.scale;
                 let run = if Some(b) == next { n.run + 1 } else { 0 };
                 heap.push(Node {
                     cost,
                     depth,
                     prob,
                     run,
+                    scale: n.scale,
                     block: b,
                 });
             }
@@ -264,7 +328,7 @@ fn pattern_costs(
             push(b, seq);
         }
     }
-    done
+    order
 }
 
 #[cfg(test)]
@@ -395,6 +459,20 @@ mod tests {
                 assert_eq!(plan, again, "case {case} {s}: not deterministic");
             }
         }
+    }
+
+    #[test]
+    fn lookahead_follows_the_scan_from_where_the_vm_reads_now() {
+        let (_, mut pat, _) = scenario();
+        assert_eq!(
+            lookahead(&pat, 4, 2000),
+            [51, 52, 53, 54].map(BlockIdx).to_vec()
+        );
+        // The VM moves on: the look-ahead moves with it.
+        for b in 51..=60 {
+            pat.record(BlockIdx(b));
+        }
+        assert_eq!(lookahead(&pat, 2, 2000), vec![BlockIdx(61), BlockIdx(62)]);
     }
 
     #[test]

@@ -302,23 +302,26 @@ pub fn sequential(spec: &SynthSpec) -> Vec<IoRequest> {
         .collect()
 }
 
-/// A mixed job, as a fio job file with two sections run together would produce:
-/// `randrw` with zipf(`theta`) popularity and `read_pct`% reads over the span, and
-/// sequential readers (128 KiB requests) that each scan a region of `scan_bytes` from a
-/// random start, a new region when one ends (a backup or a table scan next to an OLTP
-/// load). One request in `seq_every` belongs to the scanners.
+/// A mixed job, as a fio job file with two sections run together would produce: an
+/// OLTP-like `randrw` with zipf(`theta`) popularity and `read_pct`% reads over the span,
+/// next to a reporting job that scans tables (128 KiB sequential reads). There are
+/// `tables` tables of `table_bytes` each, placed at seeded offsets; the scanner reads one
+/// table start to end, then picks the next at random. One request in `seq_every` is the
+/// scanner's.
 pub fn mixed(
     spec: &SynthSpec,
     theta: f64,
     read_pct: u8,
     seq_every: u32,
-    scan_bytes: u64,
+    tables: u32,
+    table_bytes: u64,
 ) -> Vec<IoRequest> {
     let random = zipf_random(spec, theta, read_pct);
     let mut rng = SplitMix64::new(spec.seed ^ u64_mask());
     let scan_io: u64 = 128 * 1024;
-    let scan_len = (scan_bytes / scan_io).max(1);
-    let regions = (spec.span_bytes / scan_io).saturating_sub(scan_len).max(1);
+    let table_len = (table_bytes / scan_io).max(1);
+    let regions = (spec.span_bytes / scan_io).saturating_sub(table_len).max(1);
+    let starts: Vec<u64> = (0..tables.max(1)).map(|_| rng.below(regions)).collect();
     let (mut pos, mut left) = (0u64, 0u64);
     random
         .into_iter()
@@ -326,8 +329,9 @@ pub fn mixed(
         .map(|(i, r)| {
             if seq_every > 0 && i % seq_every as usize == 0 {
                 if left == 0 {
-                    pos = rng.below(regions);
-                    left = scan_len;
+                    pos = starts[usize::try_from(rng.below(starts.len() as u64))
+                        .expect("below table count")];
+                    left = table_len;
                 }
                 let req = IoRequest {
                     time_us: r.time_us,
@@ -479,7 +483,7 @@ mod tests {
             .windows(2)
             .take(100)
             .all(|w| w[1].offset == w[0].offset + 4096));
-        let m = mixed(&spec, 1.1, 70, 4, 64 << 20);
+        let m = mixed(&spec, 1.1, 70, 4, 8, 64 << 20);
         let writes = m.iter().filter(|r| r.op == Op::Write).count();
         assert!(writes > 3000 && writes < 6000, "{writes}");
         assert!(m.iter().filter(|r| r.len == 128 * 1024).count() >= 5000);

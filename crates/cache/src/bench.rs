@@ -1,0 +1,949 @@
+//! Migration-cache benchmark: a deterministic simulation with a virtual clock.
+//!
+//! For each workload: replay the first part on a *source* cache (it learns heat and
+//! pattern), migrate (snapshot → plan → destination), then replay the rest on the
+//! *destination* while it warms up under each strategy, and on a *twin* cache that never
+//! moved. The model (documented in docs/CACHE.md):
+//! - requests arrive at their (re-timed) trace times, open loop;
+//! - a cache hit costs `hit_latency_us`;
+//! - the peer and the origin are each one link with a bandwidth and a per-request latency;
+//!   transfers on a link are serial, latency overlaps (pipelined requests);
+//! - prefetches use the peer link only when it is idle, and a guest miss waits for at most
+//!   the one prefetch transfer in progress (demand goes first);
+//! - a write bumps the block's generation: a prefetch in flight for it is discarded, and
+//!   the peer's copy is never used for it again;
+//! - cache policy (capacity, heat-sampled eviction, write-allocate of full blocks,
+//!   write-around of partial ones) mirrors [`crate::BlockCache`].
+//!
+//! Nothing here reads a wall clock, so a run is reproducible and takes seconds.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::heat::HeatMap;
+use crate::pattern::AccessPattern;
+use crate::plan::{lookahead, plan_fetch, Strategy};
+use crate::rng::SplitMix64;
+use crate::trace::{self, IoRequest, Op, SynthSpec, TraceError, TraceFormat};
+use crate::types::{BlockIdx, BlockSet, BlockSize};
+
+/// A link (to the peer or to the origin).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkModel {
+    /// Bandwidth in bytes per second.
+    pub bytes_per_sec: f64,
+    /// Per-request latency in microseconds.
+    pub latency_us: f64,
+}
+
+impl LinkModel {
+    fn xfer_s(&self, bytes: u64) -> f64 {
+        // Block sizes are far below 2^53.
+        #[allow(clippy::cast_precision_loss)]
+        let b = bytes as f64;
+        b / self.bytes_per_sec
+    }
+}
+
+/// A workload to replay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WorkloadSpec {
+    /// fio-like random reads, zipf popularity.
+    Zipf {
+        /// Generator parameters.
+        spec: SynthSpec,
+        /// Zipf exponent.
+        theta: f64,
+    },
+    /// fio-like sequential reads.
+    Sequential {
+        /// Generator parameters.
+        spec: SynthSpec,
+    },
+    /// fio-like mixed job (see [`trace::mixed`]).
+    Mixed {
+        /// Generator parameters.
+        spec: SynthSpec,
+        /// Zipf exponent of the random part.
+        theta: f64,
+        /// Percentage of reads in the random part.
+        read_pct: u8,
+        /// One request in this many belongs to the sequential scanners.
+        seq_every: u32,
+        /// Tables the scanner reads.
+        tables: u32,
+        /// Bytes per table.
+        table_bytes: u64,
+    },
+    /// A block trace file, replayed `speedup` times faster than recorded.
+    Trace {
+        /// Name in the table.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// Its format.
+        format: TraceFormat,
+        /// Time compression factor.
+        speedup: f64,
+    },
+}
+
+impl WorkloadSpec {
+    /// The name used in the table.
+    pub fn name(&self) -> String {
+        match self {
+            WorkloadSpec::Zipf { .. } => "zipf".into(),
+            WorkloadSpec::Sequential { .. } => "sequential".into(),
+            WorkloadSpec::Mixed { .. } => "mixed".into(),
+            WorkloadSpec::Trace { name, .. } => name.clone(),
+        }
+    }
+
+    /// Generates or reads the requests.
+    pub fn requests(&self) -> Result<Vec<IoRequest>, TraceError> {
+        Ok(match self {
+            WorkloadSpec::Zipf { spec, theta } => trace::zipf_random(spec, *theta, 100),
+            WorkloadSpec::Sequential { spec } => trace::sequential(spec),
+            WorkloadSpec::Mixed {
+                spec,
+                theta,
+                read_pct,
+                seq_every,
+                tables,
+                table_bytes,
+            } => trace::mixed(spec, *theta, *read_pct, *seq_every, *tables, *table_bytes),
+            WorkloadSpec::Trace {
+                path,
+                format,
+                speedup,
+                ..
+            } => {
+                let mut r = trace::read_trace(path, *format)?;
+                let k = speedup.max(1e-9);
+                for q in &mut r {
+                    // Truncation to whole µs is intended.
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        clippy::cast_precision_loss
+                    )]
+                    let t = (q.time_us as f64 / k) as u64;
+                    q.time_us = t;
+                }
+                r
+            }
+        })
+    }
+}
+
+/// Benchmark parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchOptions {
+    /// Workloads, each run under every strategy.
+    pub workloads: Vec<WorkloadSpec>,
+    /// Strategies to compare.
+    pub strategies: Vec<Strategy>,
+    /// Cache block size in bytes.
+    pub block_size: u32,
+    /// Cache capacity in blocks (source, destination and twin alike).
+    pub cache_blocks: u64,
+    /// Fraction of each workload replayed on the source before the migration.
+    pub warm_fraction: f64,
+    /// Link to the peer (the source host's cache).
+    pub peer: LinkModel,
+    /// Link to the origin (a SAN).
+    pub origin: LinkModel,
+    /// Latency of a cache hit in microseconds.
+    pub hit_latency_us: f64,
+    /// Block reads per hit-ratio interval (intervals by count, not time, so that every
+    /// interval has the same statistical weight however bursty the trace).
+    pub interval_reads: usize,
+    /// "Warm" means an interval hit ratio of at least this fraction of the twin's.
+    pub warm_threshold: f64,
+    /// Misses and latencies are measured over this many seconds after switch-over.
+    pub early_s: f64,
+}
+
+impl BenchOptions {
+    /// The standard suite: zipf, mixed, and the CloudPhysics trace if `cloudphysics` is
+    /// given. `quick` shrinks the synthetic workloads (a few seconds on 2 cores).
+    pub fn standard(quick: bool, cloudphysics: Option<PathBuf>) -> Self {
+        let requests = if quick { 240_000 } else { 1_000_000 };
+        let spec = |seed| SynthSpec {
+            seed,
+            requests,
+            span_bytes: 4 << 30,
+            io_size: 4096,
+            iops: 4000,
+        };
+        let mut workloads = vec![
+            WorkloadSpec::Zipf {
+                spec: spec(1),
+                theta: 1.2,
+            },
+            WorkloadSpec::Mixed {
+                spec: spec(2),
+                theta: 1.2,
+                read_pct: 70,
+                seq_every: 4,
+                tables: 8,
+                table_bytes: 64 << 20,
+            },
+        ];
+        if let Some(path) = cloudphysics {
+            workloads.push(WorkloadSpec::Trace {
+                name: "cloudphysics".into(),
+                path,
+                format: TraceFormat::CloudPhysics,
+                speedup: 100.0,
+            });
+        }
+        Self {
+            workloads,
+            strategies: Strategy::ALL.to_vec(),
+            block_size: BlockSize::DEFAULT.bytes(),
+            cache_blocks: 16_384,
+            warm_fraction: 0.5,
+            peer: LinkModel {
+                bytes_per_sec: 250e6,
+                latency_us: 200.0,
+            },
+            origin: LinkModel {
+                bytes_per_sec: 100e6,
+                latency_us: 1000.0,
+            },
+            hit_latency_us: 20.0,
+            interval_reads: 250,
+            warm_threshold: 0.95,
+            early_s: 10.0,
+        }
+    }
+}
+
+/// One row of the result table: one workload under one strategy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchRow {
+    /// Workload name.
+    pub workload: String,
+    /// Strategy name.
+    pub strategy: String,
+    /// Seconds from the migration until the destination's interval hit ratio reached
+    /// `warm_threshold` of the twin's and stayed there; `None` if not within the run.
+    pub time_to_warm_s: Option<f64>,
+    /// Seconds from the migration start until the VM runs on the destination.
+    pub switchover_s: f64,
+    /// Destination block-read misses in the first `early_s` seconds after switch-over.
+    pub misses_first_10s: u64,
+    /// Bytes read from the origin by the destination.
+    pub origin_bytes: u64,
+    /// Bytes read from the peer by the destination (demand and prefetch).
+    pub peer_bytes: u64,
+    /// Median guest read latency in the first `early_s` seconds, µs.
+    pub read_p50_us: f64,
+    /// 99th-percentile guest read latency in the first `early_s` seconds, µs.
+    pub read_p99_us: f64,
+    /// Blocks in the fetch plan.
+    pub planned_blocks: u64,
+    /// Seconds of workload replayed after the migration.
+    pub run_s: f64,
+    /// Destination hit ratio per interval: `(end of interval in s, ratio)`.
+    #[serde(skip)]
+    pub curve: Vec<(f64, f64)>,
+    /// The twin's hit ratio per interval.
+    #[serde(skip)]
+    pub twin_curve: Vec<(f64, f64)>,
+}
+
+/// The simulated cache: the same policy as [`crate::BlockCache`], in memory.
+#[derive(Clone, Debug)]
+struct SimCache {
+    map: HashMap<u64, usize>,
+    slots: Vec<Option<u64>>,
+    free: Vec<usize>,
+    heat: HeatMap,
+    pattern: AccessPattern,
+    tick: u64,
+    rng: SplitMix64,
+}
+
+impl SimCache {
+    fn new(capacity: u64) -> Self {
+        let cap = usize::try_from(capacity.max(1)).unwrap_or(usize::MAX);
+        let d = crate::CacheConfig::new("", capacity);
+        Self {
+            map: HashMap::new(),
+            slots: vec![None; cap],
+            free: (0..cap).rev().collect(),
+            heat: HeatMap::new(d.heat_half_life, d.heat_max_tracked),
+            pattern: AccessPattern::new(d.pattern_max_blocks),
+            tick: 0,
+            rng: SplitMix64::new(0x5eed_cace),
+        }
+    }
+
+    fn touch(&mut self, b: u64) -> bool {
+        self.tick += 1;
+        self.heat.record(BlockIdx(b), self.tick);
+        self.pattern.record(BlockIdx(b));
+        self.map.contains_key(&b)
+    }
+
+    fn insert(&mut self, b: u64) {
+        if self.map.contains_key(&b) {
+            return;
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                let n = self.slots.len() as u64;
+                let mut victim: Option<(f64, u64, usize)> = None;
+                for _ in 0..16 {
+                    let s = usize::try_from(self.rng.below(n)).expect("below slot count");
+                    if let Some(v) = self.slots[s] {
+                        let h = self.heat.heat(BlockIdx(v));
+                        if victim.is_none_or(|(vh, vb, _)| h < vh || (h == vh && v < vb)) {
+                            victim = Some((h, v, s));
+                        }
+                    }
+                }
+                let Some((_, v, s)) = victim else { return };
+                self.map.remove(&v);
+                s
+            }
+        };
+        self.slots[slot] = Some(b);
+        self.map.insert(b, slot);
+    }
+
+    /// Applies a request the way [`crate::BlockCache`] would, ignoring timing; returns
+    /// (block reads, hits).
+    fn apply(&mut self, r: &IoRequest, bs: u64) -> (u64, u64) {
+        let (mut reads, mut hits) = (0, 0);
+        for (b, full) in blocks_of(r, bs) {
+            match r.op {
+                Op::Read => {
+                    reads += 1;
+                    if self.touch(b) {
+                        hits += 1;
+                    } else {
+                        self.insert(b);
+                    }
+                }
+                Op::Write => {
+                    if full {
+                        self.insert(b);
+                    }
+                }
+            }
+        }
+        (reads, hits)
+    }
+}
+
+/// Blocks a request touches, each with whether the request covers it fully.
+fn blocks_of(r: &IoRequest, bs: u64) -> impl Iterator<Item = (u64, bool)> {
+    let start = r.offset;
+    let end = r.offset.saturating_add(u64::from(r.len));
+    let (first, last) = (start / bs, end.saturating_sub(1) / bs);
+    (first..=last).map(move |b| (b, start <= b * bs && end >= (b + 1) * bs))
+}
+
+fn secs(us: u64) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let s = us as f64 / 1e6;
+    s
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Runs the benchmark: every workload under every strategy. A workload whose trace cannot
+/// be read is skipped with a warning.
+pub fn run_bench(opts: BenchOptions) -> Vec<BenchRow> {
+    let mut rows = Vec::new();
+    for w in &opts.workloads {
+        match w.requests() {
+            Ok(reqs) => rows.extend(run_workload(&opts, &w.name(), &reqs)),
+            Err(e) => {
+                tracing::warn!(workload = %w.name(), error = %crate::block_cache::error_chain(&e), "workload skipped")
+            }
+        }
+    }
+    rows
+}
+
+/// Runs every strategy of `opts` on one workload given as requests.
+pub fn run_workload(opts: &BenchOptions, name: &str, reqs: &[IoRequest]) -> Vec<BenchRow> {
+    let bs = u64::from(opts.block_size.max(512));
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let split = ((reqs.len() as f64) * opts.warm_fraction.clamp(0.0, 1.0)) as usize;
+    let (warm, rest) = reqs.split_at(split.min(reqs.len()));
+    let mut source = SimCache::new(opts.cache_blocks);
+    for r in warm {
+        source.apply(r, bs);
+    }
+    let t0 = rest.first().map_or(0, |r| r.time_us);
+    let run_s = rest.last().map_or(0.0, |r| secs(r.time_us - t0));
+    let have: BlockSet = source.map.keys().map(|b| BlockIdx(*b)).collect();
+    let total_blocks = reqs
+        .iter()
+        .map(|r| (r.offset + u64::from(r.len)).div_ceil(bs))
+        .max()
+        .unwrap_or(0);
+
+    // The twin: the source cache carrying on as if nothing moved.
+    let mut twin = source.clone();
+    let mut twin_reads: Vec<(f64, bool)> = Vec::new();
+    for r in rest {
+        let t = secs(r.time_us - t0);
+        if r.op == Op::Read {
+            for (b, _) in blocks_of(r, bs) {
+                let hit = twin.touch(b);
+                if !hit {
+                    twin.insert(b);
+                }
+                twin_reads.push((t, hit));
+            }
+        } else {
+            twin.apply(r, bs);
+        }
+    }
+    let twin_curve = curve(&twin_reads, opts.interval_reads);
+
+    let mut rows = Vec::new();
+    for &s in &opts.strategies {
+        let plan = plan_fetch(
+            s,
+            &source.heat,
+            &source.pattern,
+            &have,
+            source.pattern.cursor(),
+            total_blocks,
+        );
+        let mut row = simulate(
+            opts,
+            s,
+            &source,
+            &have,
+            &plan,
+            rest,
+            t0,
+            &twin_reads,
+            total_blocks,
+        );
+        row.workload = name.to_owned();
+        row.run_s = run_s;
+        row.twin_curve.clone_from(&twin_curve);
+        tracing::info!(workload = name, strategy = %s, time_to_warm_s = ?row.time_to_warm_s, "strategy simulated");
+        rows.push(row);
+    }
+    rows
+}
+
+/// Hit ratio per interval of `n` reads: `(time of the interval's last read, ratio)`.
+fn curve(reads: &[(f64, bool)], n: usize) -> Vec<(f64, f64)> {
+    reads
+        .chunks(n.max(1))
+        .map(|c| {
+            let hits = c.iter().filter(|r| r.1).count();
+            #[allow(clippy::cast_precision_loss)]
+            let ratio = hits as f64 / c.len() as f64;
+            (c.last().map_or(0.0, |r| r.0), ratio)
+        })
+        .collect()
+}
+
+/// Intervals smoothed together when judging warmth (one unlucky interval of a few
+/// hundred reads must not decide).
+const SMOOTH: usize = 4;
+
+/// When the destination became warm for good: the end of the first interval from which on
+/// every run of [`SMOOTH`] intervals has at least `threshold` times the twin's hits. Asking
+/// for "from then on" rather than "first touched" matters on real traces, where the twin
+/// itself goes through cold phases that a cold destination can match by chance.
+fn time_to_warm(
+    dest: &[(f64, bool)],
+    twin: &[(f64, bool)],
+    n: usize,
+    threshold: f64,
+) -> Option<f64> {
+    let n = n.max(1);
+    let len = dest.len().min(twin.len());
+    let chunks = len.div_ceil(n);
+    let hits = |v: &[(f64, bool)], i: usize| {
+        v[i * n..((i + 1) * n).min(len)]
+            .iter()
+            .filter(|r| r.1)
+            .count()
+    };
+    let d: Vec<usize> = (0..chunks).map(|i| hits(dest, i)).collect();
+    let t: Vec<usize> = (0..chunks).map(|i| hits(twin, i)).collect();
+    // Scan backwards for the earliest start of an unbroken warm suffix.
+    let mut warm_from = None;
+    for i in (0..chunks).rev() {
+        let end = (i + SMOOTH).min(chunks);
+        let (dh, th): (usize, usize) = (d[i..end].iter().sum(), t[i..end].iter().sum());
+        #[allow(clippy::cast_precision_loss)]
+        let ok = dh as f64 >= threshold * th as f64;
+        if !ok {
+            break;
+        }
+        warm_from = Some(i);
+    }
+    warm_from.map(|i| dest[((i + 1) * n).min(len) - 1].0)
+}
+
+/// Blocks the look-ahead proposes per guest read.
+const LOOKAHEAD: usize = 16;
+/// Bound on look-ahead blocks waiting for the link (the oldest guesses go first).
+const LANE_MAX: usize = 256;
+
+/// One strategy on the destination. Times are in seconds from the migration start.
+#[allow(clippy::too_many_arguments)]
+fn simulate(
+    opts: &BenchOptions,
+    strategy: Strategy,
+    source: &SimCache,
+    have: &BlockSet,
+    plan: &[BlockIdx],
+    rest: &[IoRequest],
+    t0: u64,
+    twin_reads: &[(f64, bool)],
+    total_blocks: u64,
+) -> BenchRow {
+    // The pattern strategies also follow the VM as it moves (see `plan::lookahead`).
+    let follow = matches!(strategy, Strategy::Pattern | Strategy::HeatPattern);
+    let mut lane: VecDeque<u64> = VecDeque::new();
+    let mut lane_set: HashSet<u64> = HashSet::new();
+    let bs = u64::from(opts.block_size.max(512));
+    let (p_xfer, o_xfer) = (opts.peer.xfer_s(bs), opts.origin.xfer_s(bs));
+    let (p_lat, o_lat) = (opts.peer.latency_us / 1e6, opts.origin.latency_us / 1e6);
+    let mut dest = SimCache::new(opts.cache_blocks);
+    dest.heat = source.heat.clone();
+    dest.pattern = source.pattern.clone();
+    dest.tick = source.tick;
+    let peer_has = |b: u64| have.contains(&BlockIdx(b));
+    let mut peer_stale: HashSet<u64> = HashSet::new();
+    let mut gens: HashMap<u64, u64> = HashMap::new();
+    let (mut peer_free, mut origin_free) = (0.0f64, 0.0f64);
+    let (mut peer_bytes, mut origin_bytes) = (0u64, 0u64);
+
+    // Full copy: the whole plan crosses the peer link before the VM switches over; until
+    // then the VM runs on the source, and at switch-over the destination holds what the
+    // source holds then (writes during the copy are re-sent, as dirty tracking would).
+    let mut switchover = 0.0;
+    let mut queue: &[BlockIdx] = plan;
+    if strategy == Strategy::FullCopy {
+        #[allow(clippy::cast_precision_loss)]
+        let n = plan.len() as f64;
+        switchover = n * p_xfer + p_lat;
+        dest = source.clone();
+        peer_bytes += plan.len() as u64 * bs;
+        queue = &[];
+    }
+    let mut next = 0usize;
+    let mut inflight: VecDeque<(u64, f64, u64)> = VecDeque::new();
+    let mut inflight_set: HashMap<u64, f64> = HashMap::new();
+    let mut reads: Vec<(f64, bool)> = Vec::with_capacity(twin_reads.len());
+    let mut early_lat: Vec<f64> = Vec::new();
+    let mut early_misses = 0u64;
+
+    for r in rest {
+        let t = secs(r.time_us - t0);
+        if t < switchover {
+            // Still on the source (`dest` is its copy until switch-over).
+            if r.op == Op::Read {
+                for (b, _) in blocks_of(r, bs) {
+                    let hit = dest.touch(b);
+                    if !hit {
+                        dest.insert(b);
+                    }
+                    reads.push((t, hit));
+                }
+            } else {
+                dest.apply(r, bs);
+            }
+            continue;
+        }
+        // Prefetches that completed by now are installed, if no write raced them.
+        while inflight.front().is_some_and(|f| f.1 <= t) {
+            if let Some((b, _, g)) = inflight.pop_front() {
+                inflight_set.remove(&b);
+                if gens.get(&b).copied().unwrap_or(0) == g {
+                    dest.insert(b);
+                }
+            }
+        }
+        // The prefetcher uses the peer link whenever it was idle before now; blocks the
+        // look-ahead found go before the static plan.
+        while (next < queue.len() || !lane.is_empty()) && peer_free <= t {
+            let b = if let Some(b) = lane.pop_front() {
+                lane_set.remove(&b);
+                b
+            } else {
+                next += 1;
+                queue[next - 1].0
+            };
+            if dest.map.contains_key(&b) || peer_stale.contains(&b) || inflight_set.contains_key(&b)
+            {
+                continue;
+            }
+            let start = peer_free.max(switchover);
+            peer_free = start + p_xfer;
+            let done = peer_free + p_lat;
+            inflight.push_back((b, done, gens.get(&b).copied().unwrap_or(0)));
+            inflight_set.insert(b, done);
+            peer_bytes += bs;
+        }
+        let early = t - switchover < opts.early_s;
+        let mut req_lat: f64 = 0.0;
+        for (b, full) in blocks_of(r, bs) {
+            if r.op == Op::Write {
+                *gens.entry(b).or_insert(0) += 1;
+                if strategy.uses_peer() {
+                    peer_stale.insert(b);
+                }
+                if full {
+                    dest.insert(b);
+                }
+                continue;
+            }
+            let hit = dest.touch(b);
+            reads.push((t, hit));
+            if follow {
+                for a in lookahead(&dest.pattern, LOOKAHEAD, total_blocks) {
+                    let a = a.0;
+                    let useful =
+                        peer_has(a) && !peer_stale.contains(&a) && !dest.map.contains_key(&a);
+                    if useful && !inflight_set.contains_key(&a) && lane_set.insert(a) {
+                        lane.push_back(a);
+                        if lane.len() > LANE_MAX {
+                            if let Some(old) = lane.pop_front() {
+                                lane_set.remove(&old);
+                            }
+                        }
+                    }
+                }
+            }
+            let lat = if hit {
+                opts.hit_latency_us / 1e6
+            } else {
+                if early {
+                    early_misses += 1;
+                }
+                if let Some(done) = inflight_set.get(&b) {
+                    // A prefetch is bringing it: wait for that, not a second fetch.
+                    (done - t).max(0.0)
+                } else if strategy.uses_peer() && peer_has(b) && !peer_stale.contains(&b) {
+                    let start = peer_free.max(t);
+                    peer_free = start + p_xfer;
+                    peer_bytes += bs;
+                    dest.insert(b);
+                    peer_free - t + p_lat
+                } else {
+                    let start = origin_free.max(t);
+                    origin_free = start + o_xfer;
+                    origin_bytes += bs;
+                    dest.insert(b);
+                    origin_free - t + o_lat
+                }
+            };
+            req_lat = req_lat.max(lat);
+        }
+        if r.op == Op::Read && early {
+            early_lat.push(req_lat * 1e6);
+        }
+    }
+
+    let time_to_warm = time_to_warm(&reads, twin_reads, opts.interval_reads, opts.warm_threshold)
+        .map(|t| t.max(switchover));
+    BenchRow {
+        workload: String::new(),
+        strategy: strategy.name().to_owned(),
+        time_to_warm_s: time_to_warm,
+        switchover_s: switchover,
+        misses_first_10s: early_misses,
+        origin_bytes,
+        peer_bytes,
+        read_p50_us: percentile(&mut early_lat, 0.5),
+        read_p99_us: percentile(&mut early_lat, 0.99),
+        planned_blocks: plan.len() as u64,
+        run_s: 0.0,
+        curve: curve(&reads, opts.interval_reads),
+        twin_curve: Vec::new(),
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let m = b as f64 / (1024.0 * 1024.0);
+    m
+}
+
+/// The rows as an aligned text table.
+pub fn format_table(rows: &[BenchRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<13} {:<13} {:>10} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "workload",
+        "strategy",
+        "warm_s",
+        "switch_s",
+        "miss_10s",
+        "origin_MiB",
+        "peer_MiB",
+        "p50_us",
+        "p99_us"
+    );
+    for r in rows {
+        let warm = r
+            .time_to_warm_s
+            .map_or_else(|| format!(">{:.1}", r.run_s), |t| format!("{t:.1}"));
+        let _ = writeln!(
+            s,
+            "{:<13} {:<13} {:>10} {:>11.2} {:>11} {:>11.1} {:>11.1} {:>10.0} {:>10.0}",
+            r.workload,
+            r.strategy,
+            warm,
+            r.switchover_s,
+            r.misses_first_10s,
+            mib(r.origin_bytes),
+            mib(r.peer_bytes),
+            r.read_p50_us,
+            r.read_p99_us
+        );
+    }
+    s
+}
+
+/// Prints [`format_table`] to stdout.
+pub fn print_table(rows: &[BenchRow]) {
+    print!("{}", format_table(rows));
+}
+
+/// The rows as a JSON array (`workload`, `strategy`, `time_to_warm_s`, `switchover_s`,
+/// `misses_first_10s`, `origin_bytes`, `peer_bytes`, `read_p50_us`, `read_p99_us`, …).
+pub fn to_json(rows: &[BenchRow]) -> String {
+    serde_json::to_string_pretty(rows).unwrap_or_else(|_| "[]".to_owned())
+}
+
+const COLORS: [&str; 8] = [
+    "#888888", "#b07aa1", "#9c755f", "#edc948", "#4e79a7", "#59a14f", "#e15759", "#000000",
+];
+
+/// Writes an SVG of destination hit ratio over time, one curve per strategy (the twin
+/// dashed), one panel per workload.
+pub fn write_svg(rows: &[BenchRow], path: &Path) -> io::Result<()> {
+    std::fs::write(path, render_svg(rows))
+}
+
+/// The SVG text of [`write_svg`].
+pub fn render_svg(rows: &[BenchRow]) -> String {
+    let mut workloads: Vec<&str> = Vec::new();
+    for r in rows {
+        if !workloads.contains(&r.workload.as_str()) {
+            workloads.push(&r.workload);
+        }
+    }
+    let (pw, ph, ml, mt) = (720.0, 260.0, 60.0, 40.0);
+    #[allow(clippy::cast_precision_loss)]
+    let height = mt + workloads.len() as f64 * (ph + 70.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#,
+        w = ml + pw + 170.0
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{ml}" y="20" font-size="15">Destination cache hit ratio after migration</text>"#
+    );
+    for (wi, wl) in workloads.iter().enumerate() {
+        #[allow(clippy::cast_precision_loss)]
+        let top = mt + wi as f64 * (ph + 70.0);
+        let mine: Vec<&BenchRow> = rows.iter().filter(|r| r.workload == *wl).collect();
+        let tmax = mine
+            .iter()
+            .flat_map(|r| r.curve.iter().chain(&r.twin_curve))
+            .map(|p| p.0)
+            .fold(1.0f64, f64::max);
+        let x = |t: f64| ml + t / tmax * pw;
+        let y = |v: f64| top + ph - v.clamp(0.0, 1.0) * ph;
+        let _ = writeln!(
+            s,
+            r#"<text x="{ml}" y="{}" font-weight="bold">{wl}</text>"#,
+            top - 6.0
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{ml}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##
+        );
+        for k in 0..=4 {
+            let v = f64::from(k) / 4.0;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{ml}" x2="{}" y1="{yy}" y2="{yy}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.2}</text>"##,
+                ml + pw,
+                ml - 6.0,
+                y(v) + 4.0,
+                yy = y(v)
+            );
+            let tv = tmax * v;
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{tv:.1}s</text>"#,
+                x(tv),
+                top + ph + 16.0
+            );
+        }
+        let poly = |pts: &[(f64, f64)]| {
+            pts.iter()
+                .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        if let Some(r) = mine.first() {
+            let _ = writeln!(
+                s,
+                r##"<polyline points="{}" fill="none" stroke="#000" stroke-dasharray="5,4" stroke-width="1.5"/>"##,
+                poly(&r.twin_curve)
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}">twin (never moved)</text>"#,
+                ml + pw + 12.0,
+                top + 14.0
+            );
+        }
+        for (i, r) in mine.iter().enumerate() {
+            let c = COLORS[Strategy::ALL
+                .iter()
+                .position(|st| st.name() == r.strategy)
+                .unwrap_or(7)
+                % COLORS.len()];
+            let wdt = if r.strategy == Strategy::HeatPattern.name() {
+                2.5
+            } else {
+                1.5
+            };
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="{wdt}"/>"#,
+                poly(&r.curve)
+            );
+            #[allow(clippy::cast_precision_loss)]
+            let ly = top + 32.0 + i as f64 * 18.0;
+            let _ = writeln!(
+                s,
+                r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{c}" stroke-width="{wdt}"/><text x="{}" y="{}">{}</text>"#,
+                ml + pw + 12.0,
+                ml + pw + 32.0,
+                ml + pw + 38.0,
+                ly + 4.0,
+                r.strategy
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> BenchOptions {
+        let mut o = BenchOptions::standard(true, None);
+        let spec = SynthSpec {
+            seed: 3,
+            requests: 60_000,
+            span_bytes: 4 << 30,
+            io_size: 4096,
+            iops: 4000,
+        };
+        o.workloads = vec![WorkloadSpec::Mixed {
+            spec,
+            theta: 1.0,
+            read_pct: 70,
+            seq_every: 4,
+            tables: 4,
+            table_bytes: 16 << 20,
+        }];
+        o.cache_blocks = 4096;
+        o
+    }
+
+    #[test]
+    fn bench_is_deterministic_and_reports_every_strategy() {
+        let a = run_bench(small());
+        let b = run_bench(small());
+        assert_eq!(a, b);
+        assert_eq!(a.len(), Strategy::ALL.len());
+        let row = |s: Strategy| a.iter().find(|r| r.strategy == s.name()).unwrap();
+        // Cold: everything from the origin, nothing from the peer.
+        assert_eq!(row(Strategy::None).peer_bytes, 0);
+        assert!(row(Strategy::None).origin_bytes > 0);
+        // Only full copy pays before switch-over.
+        assert!(row(Strategy::FullCopy).switchover_s > 0.0);
+        assert_eq!(row(Strategy::HeatPattern).switchover_s, 0.0);
+        // Prefetching from the peer saves origin traffic.
+        assert!(row(Strategy::HeatPattern).origin_bytes < row(Strategy::None).origin_bytes);
+        let json: serde_json::Value = serde_json::from_str(&to_json(&a)).unwrap();
+        for key in [
+            "workload",
+            "strategy",
+            "time_to_warm_s",
+            "switchover_s",
+            "misses_first_10s",
+            "origin_bytes",
+            "peer_bytes",
+            "read_p50_us",
+            "read_p99_us",
+        ] {
+            assert!(json[0].get(key).is_some(), "missing {key}");
+        }
+        let table = format_table(&a);
+        assert_eq!(table.lines().count(), 1 + Strategy::ALL.len());
+        let svg = render_svg(&a);
+        assert!(
+            svg.starts_with("<svg")
+                && svg.contains("heat+pattern")
+                && svg.trim_end().ends_with("</svg>")
+        );
+    }
+
+    #[test]
+    fn blocks_of_marks_full_coverage() {
+        let r = IoRequest {
+            time_us: 0,
+            op: Op::Write,
+            offset: 100,
+            len: 300,
+        };
+        assert_eq!(
+            blocks_of(&r, 128).collect::<Vec<_>>(),
+            vec![(0, false), (1, true), (2, true), (3, false)]
+        );
+    }
+}
