@@ -10,6 +10,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use model::{HostState, ObservedState};
+use tracing::Instrument;
 
 use crate::AppState;
 
@@ -50,8 +51,18 @@ pub(crate) async fn count_requests(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let res = next.run(req).await;
-    state.http().incr(method, route, res.status().as_u16());
+    let span = tracing::debug_span!("request", method, route = %route);
+    let started = std::time::Instant::now();
+    let res = next.run(req).instrument(span.clone()).await;
+    let status = res.status().as_u16();
+    span.in_scope(|| {
+        tracing::debug!(
+            status,
+            elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "request done"
+        );
+    });
+    state.http().incr(method, route, status);
     res
 }
 

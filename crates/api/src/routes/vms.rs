@@ -128,7 +128,8 @@ pub(crate) async fn create_vm(
                 tracing::info!(vm = %vm.name, id = %vm.id, host = %vm.host, "vm created");
                 return Ok((StatusCode::CREATED, Json(vm)));
             }
-            Err(StoreError::Conflict { key }) if key == name_key => return Err(name_taken()),
+            // Either compare may have failed: the next round's name check
+            // tells a taken name from a lost placement race.
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }

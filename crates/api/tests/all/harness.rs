@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
+use store::Store;
 use tower::ServiceExt;
 
 pub struct Resp {
@@ -65,7 +66,11 @@ impl App {
     }
 
     pub async fn with_timeout(heartbeat_timeout: Duration) -> Self {
-        let store = Arc::new(MemStore::new());
+        Self::with_store(Arc::new(MemStore::new()), heartbeat_timeout).await
+    }
+
+    /// The one place that picks the store: swap in another backend here.
+    pub async fn with_store(store: Arc<dyn Store>, heartbeat_timeout: Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let admin = api::bootstrap_admin(store.as_ref(), dir.path())
             .await
