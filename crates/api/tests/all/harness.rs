@@ -49,6 +49,7 @@ impl Resp {
 
 pub struct App {
     pub router: Router,
+    pub store: Arc<dyn Store>,
     pub admin: String,
     pub _dir: tempfile::TempDir,
 }
@@ -80,9 +81,10 @@ impl App {
             heartbeat_timeout,
             ..ServerConfig::default()
         };
-        let router = api::router(AppState::new(store, &config));
+        let router = api::router(AppState::new(store.clone(), &config));
         Self {
             router,
+            store,
             admin,
             _dir: dir,
         }

@@ -610,3 +610,21 @@ async fn admin_vms_go_to_the_default_tenant_or_a_named_one() {
     assert_eq!(app.get("/v1/vms/for-a", &w.a).await.status, StatusCode::OK);
     app.get("/v1/vms/ops", &w.a).await.problem(404, "not found");
 }
+
+#[tokio::test]
+async fn server_errors_say_only_internal_error() {
+    let w = World::new().await;
+    let app = &w.app;
+    // A record no version of the server wrote.
+    app.store
+        .put(
+            "/vinfra/vms/corrupt",
+            bytes::Bytes::from_static(b"{\"not\": \"a vm\"}"),
+        )
+        .await
+        .unwrap();
+    let r = app.get("/v1/vms", &w.a).await;
+    r.problem(500, "internal error");
+    assert_eq!(r.json()["detail"], "internal error");
+    assert!(!r.text.contains("corrupt"), "{}", r.text);
+}
