@@ -452,7 +452,7 @@ impl BlockCache {
         })?;
         let total_blocks = cfg.block_size.blocks_for(disk_size);
         let mut slots: Vec<Option<BlockIdx>> = vec![None; cap];
-        let mut buf = vec![0u8; cfg.block_size.len()];
+        let mut buf = vec![0u8; cfg.block_size.as_usize()];
         let mut entries: Vec<(BlockIdx, Mapping)> = map.into_iter().collect();
         entries.sort_by_key(|(b, _)| *b);
         let mut map = HashMap::new();
@@ -686,7 +686,7 @@ impl BlockCache {
                 continue; // evicted or rewritten under us: look again
             }
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
-            let mut buf = vec![0u8; self.cfg.block_size.len()];
+            let mut buf = vec![0u8; self.cfg.block_size.as_usize()];
             self.demand_inflight.fetch_add(1, Ordering::AcqRel);
             let r = self.fetch_and_install(b, &mut buf);
             if self.demand_inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -786,7 +786,7 @@ impl BlockCache {
         if self.contains(b) || b.0 >= self.total_blocks() {
             return Ok(None);
         }
-        let mut buf = vec![0u8; self.cfg.block_size.len()];
+        let mut buf = vec![0u8; self.cfg.block_size.as_usize()];
         let (from, installed) = self.fetch_and_install(b, &mut buf)?;
         if installed {
             self.counters.prefetched.fetch_add(1, Ordering::Relaxed);
@@ -828,7 +828,7 @@ impl BlockCache {
             let pos = offset + done as u64;
             let b = BlockIdx(pos / bs);
             let within = usize::try_from(pos % bs).expect("below block size");
-            let n = (self.cfg.block_size.len() - within).min(buf.len() - done);
+            let n = (self.cfg.block_size.as_usize() - within).min(buf.len() - done);
             self.read_in_block(b, within, &mut buf[done..done + n])?;
             done += n;
         }
@@ -882,7 +882,7 @@ impl BlockCache {
         let origin_result = self.origin.write_at(data, offset, fua);
         // 3. Update cached copies (read-modify-write for partial blocks); on an origin
         //    error, drop them instead: the origin's contents are now unknown.
-        let mut buf = vec![0u8; self.cfg.block_size.len()];
+        let mut buf = vec![0u8; self.cfg.block_size.as_usize()];
         let mut first_err: Option<CacheError> = origin_result.err().map(CacheError::from);
         for (b, g, old) in touched {
             let bstart = b.0 * bs;

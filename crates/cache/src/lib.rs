@@ -15,6 +15,8 @@ pub mod bench;
 pub mod block_cache;
 pub mod heat;
 pub mod meta;
+#[cfg(feature = "nbd")]
+pub mod nbd_source;
 pub mod pattern;
 pub mod plan;
 pub mod rebuild;
@@ -28,6 +30,8 @@ pub use block_cache::{
     OpenReport,
 };
 pub use heat::{HeatMap, HeatSnapshot};
+#[cfg(feature = "nbd")]
+pub use nbd_source::{OriginNbdSource, PeerExport, PeerNbdSource};
 pub use pattern::{AccessPattern, PatternSnapshot};
 pub use plan::{lookahead, plan_fetch, Strategy, UnknownStrategy};
 pub use rebuild::{prepare_destination, Rebuild, RebuildProgress};

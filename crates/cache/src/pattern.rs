@@ -69,6 +69,9 @@ fn bucket(run_len: u64) -> usize {
     b.min(RUN_BUCKETS - 1)
 }
 
+/// One successor list in a snapshot: `(block, transitions out of it, [(successor, count)])`.
+pub type SuccRow = (u64, u32, Vec<(u64, u32)>);
+
 /// Serializable form of an [`AccessPattern`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PatternSnapshot {
@@ -79,7 +82,7 @@ pub struct PatternSnapshot {
     /// Transitions between distinct blocks recorded.
     pub transitions: u64,
     /// `(block, transitions out of it, [(successor, count)])`, by block index.
-    pub succ: Vec<(u64, u32, Vec<(u64, u32)>)>,
+    pub succ: Vec<SuccRow>,
     /// Active sequential streams.
     #[serde(default)]
     pub streams: Vec<Stream>,
@@ -293,7 +296,7 @@ impl AccessPattern {
 
     /// The model as plain data, sorted for deterministic output.
     pub fn snapshot(&self) -> PatternSnapshot {
-        let mut succ: Vec<(u64, u32, Vec<(u64, u32)>)> = self
+        let mut succ: Vec<SuccRow> = self
             .succ
             .iter()
             .map(|(b, s)| {

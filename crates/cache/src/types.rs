@@ -32,7 +32,7 @@ impl BlockSize {
 
     /// A block size of `bytes`, which must be a non-zero multiple of 512.
     pub fn new(bytes: u32) -> Option<Self> {
-        (bytes != 0 && bytes % 512 == 0).then_some(Self(bytes))
+        (bytes != 0 && bytes.is_multiple_of(512)).then_some(Self(bytes))
     }
 
     /// The size in bytes.
@@ -41,7 +41,7 @@ impl BlockSize {
     }
 
     /// The size in bytes, as a `usize` for buffers.
-    pub fn len(self) -> usize {
+    pub fn as_usize(self) -> usize {
         // u32 always fits in usize on the 64-bit targets we support.
         usize::try_from(self.0).expect("u32 fits in usize")
     }

@@ -1,6 +1,8 @@
 //! Integration tests of the cache crate: one binary (STYLE.md §12).
 
 mod block_cache;
+#[cfg(feature = "nbd")]
+mod nbd;
 mod rebuild;
 
 use std::path::Path;
