@@ -890,7 +890,7 @@ mod tests {
             tables: 4,
             table_bytes: 16 << 20,
         }];
-        o.cache_blocks = 4096;
+        o.cache_blocks = 2048;
         o
     }
 

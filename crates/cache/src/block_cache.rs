@@ -599,6 +599,18 @@ impl BlockCache {
         }
     }
 
+    /// The next `k` blocks the guest is expected to read, from where it reads now
+    /// (see [`crate::plan::lookahead`]).
+    pub fn lookahead(&self, k: usize) -> Vec<BlockIdx> {
+        let st = lock(&self.state);
+        crate::plan::lookahead(&st.pattern, k, self.total_blocks())
+    }
+
+    /// Guest block accesses recorded (the logical clock of heat and pattern).
+    pub fn accesses(&self) -> u64 {
+        lock(&self.state).tick
+    }
+
     /// Seeds this (new, destination) cache's heat map and pattern from a migration
     /// snapshot, so that eviction and a later migration know the VM's history.
     pub fn adopt_history(&self, snap: &MigrationSnapshot) {

@@ -34,6 +34,6 @@ pub use heat::{HeatMap, HeatSnapshot};
 pub use nbd_source::{OriginNbdSource, PeerExport, PeerNbdSource};
 pub use pattern::{AccessPattern, PatternSnapshot};
 pub use plan::{lookahead, plan_fetch, Strategy, UnknownStrategy};
-pub use rebuild::{prepare_destination, Rebuild, RebuildProgress};
+pub use rebuild::{prepare_destination, Rebuild, RebuildPlan, RebuildProgress};
 pub use source::{BlockOrigin, BlockSource, CacheSource, FileOrigin, SourceError, Throttle};
 pub use types::{BlockIdx, BlockSet, BlockSize, Generation};

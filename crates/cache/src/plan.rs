@@ -182,6 +182,8 @@ struct Node {
     prob: f64,
     run: u64,
     scale: f64,
+    /// Cost of the start point this path began at (how long ago its stream was active).
+    base: f64,
     block: BlockIdx,
 }
 impl Eq for Node {}
@@ -207,6 +209,7 @@ fn pattern_costs(
 ) -> HashMap<BlockIdx, f64> {
     walk(pattern, cursor, total_blocks, MAX_WALK)
         .into_iter()
+        .map(|(b, c, _)| (b, c))
         .collect()
 }
 
@@ -218,28 +221,23 @@ fn pattern_costs(
 /// Only blocks expected within [`LOOKAHEAD_HORIZON`] guest accesses qualify: a guess
 /// further out would displace cached blocks for data that may never be read.
 pub fn lookahead(pattern: &AccessPattern, k: usize, total_blocks: u64) -> Vec<BlockIdx> {
-    let recent: Vec<BlockIdx> = pattern.recent().collect();
-    walk(
-        pattern,
-        pattern.cursor(),
-        total_blocks,
-        k + recent.len() + crate::pattern::STREAMS,
-    )
-    .into_iter()
-    .filter(|(_, cost)| *cost <= LOOKAHEAD_HORIZON)
-    .map(|(b, _)| b)
-    .filter(|b| !recent.contains(b))
-    .take(k)
-    .collect()
+    let limit = k + START_POINTS + crate::pattern::STREAMS + 1;
+    walk(pattern, pattern.cursor(), total_blocks, limit)
+        .into_iter()
+        // Start points (the cursor, recent blocks, stream heads) were read already.
+        .filter(|(_, cost, depth)| *depth > 0 && *cost <= LOOKAHEAD_HORIZON)
+        .map(|(b, _, _)| b)
+        .take(k)
+        .collect()
 }
 
-/// Best-first walk; returns up to `limit` blocks with their costs, cheapest first.
+/// Best-first walk; returns up to `limit` blocks with their costs and depths, cheapest first.
 fn walk(
     pattern: &AccessPattern,
     cursor: Option<BlockIdx>,
     total_blocks: u64,
     limit: usize,
-) -> Vec<(BlockIdx, f64)> {
+) -> Vec<(BlockIdx, f64, u32)> {
     let scale = pattern.accesses_per_transition();
     let now = pattern.accesses();
     let mut heap = BinaryHeap::new();
@@ -255,12 +253,14 @@ fn walk(
         let rank = u32::try_from(rank).unwrap_or(u32::MAX);
         let prob = 0.5f64.powi(i32::try_from(rank).unwrap_or(i32::MAX));
         let run = pattern.run_len_at(b);
+        let base = f64::from(rank) * scale;
         heap.push(Node {
-            cost: f64::from(rank) * scale,
+            cost: base,
             depth: 0,
             prob,
             run,
             scale,
+            base,
             block: b,
         });
     }
@@ -281,11 +281,12 @@ fn walk(
             prob,
             run: st.run,
             scale: spacing,
+            base: idle,
             block: BlockIdx(st.last),
         });
     }
     let mut done: HashMap<BlockIdx, f64> = HashMap::new();
-    let mut order: Vec<(BlockIdx, f64)> = Vec::new();
+    let mut order: Vec<(BlockIdx, f64, u32)> = Vec::new();
     while let Some(n) = heap.pop() {
         if done.len() >= limit {
             break;
@@ -294,13 +295,13 @@ fn walk(
             continue;
         }
         done.insert(n.block, n.cost);
-        order.push((n.block, n.cost));
+        order.push((n.block, n.cost, n.depth));
         let depth = n.depth + 1;
         let next = n.block.0.checked_add(1).map(BlockIdx);
         let mut push = |b: BlockIdx, p: f64| {
             let prob = n.prob * p;
             if b.0 < total_blocks && prob > 1e-9 && !done.contains_key(&b) {
-                let cost = f64::from(depth) / prob * n.scale;
+                let cost = n.base + f64::from(depth) / prob * n.scale;
                 let run = if Some(b) == next { n.run + 1 } else { 0 };
                 heap.push(Node {
                     cost,
@@ -308,6 +309,7 @@ fn walk(
                     prob,
                     run,
                     scale: n.scale,
+                    base: n.base,
                     block: b,
                 });
             }

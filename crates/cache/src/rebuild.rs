@@ -19,7 +19,7 @@ use crate::heat::HeatMap;
 use crate::pattern::AccessPattern;
 use crate::plan::{plan_fetch, Strategy};
 use crate::source::BlockSource;
-use crate::types::{BlockIdx, BlockSize};
+use crate::types::{BlockIdx, BlockSet, BlockSize};
 
 /// Progress of a rebuild, as numbers for a bar or the migration object.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,15 +69,28 @@ pub struct Rebuild {
     handle: Option<JoinHandle<()>>,
 }
 
+/// What a rebuild executes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildPlan {
+    /// The static fetch order made at switch-over.
+    pub blocks: Vec<BlockIdx>,
+    /// For the pattern strategies: the peer's blocks, among which the engine also
+    /// prefetches [`BlockCache::lookahead`] as the guest moves, ahead of the static order.
+    pub follow: Option<BlockSet>,
+}
+
+/// Blocks of look-ahead taken each time the guest has moved.
+const LOOKAHEAD: usize = 16;
+
 /// Prepares a destination for a migration: adopts the source's history, points misses at
-/// `peer` and returns the fetch plan for `strategy` (empty for `none` and `redirect`;
-/// `none` also leaves the peer unset, so misses go to the origin).
+/// `peer` and returns the plan for `strategy` (empty for `none` and `redirect`; `none`
+/// also leaves the peer unset, so misses go to the origin).
 pub fn prepare_destination(
     dest: &BlockCache,
     snap: &MigrationSnapshot,
     peer: Arc<dyn BlockSource>,
     strategy: Strategy,
-) -> Vec<BlockIdx> {
+) -> RebuildPlan {
     dest.adopt_history(snap);
     if strategy.uses_peer() {
         dest.set_peer(Some(peer));
@@ -87,21 +100,17 @@ pub fn prepare_destination(
     let total = BlockSize::new(snap.block_size)
         .map_or(0, |bs| bs.blocks_for(snap.disk_size))
         .min(dest.total_blocks());
-    plan_fetch(
-        strategy,
-        &heat,
-        &pattern,
-        &snap.block_set(),
-        pattern.cursor(),
-        total,
-    )
+    let have = snap.block_set();
+    let blocks = plan_fetch(strategy, &heat, &pattern, &have, pattern.cursor(), total);
+    let follow = matches!(strategy, Strategy::Pattern | Strategy::HeatPattern).then_some(have);
+    RebuildPlan { blocks, follow }
 }
 
 impl Rebuild {
     /// Starts prefetching `plan` into `dest` on a background thread.
-    pub fn start(dest: Arc<BlockCache>, plan: Vec<BlockIdx>) -> Self {
+    pub fn start(dest: Arc<BlockCache>, plan: RebuildPlan) -> Self {
         let shared = Arc::new(Shared::default());
-        let planned = plan.len() as u64;
+        let planned = plan.blocks.len() as u64;
         let sh = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("cache-rebuild".into())
@@ -151,6 +160,33 @@ impl Rebuild {
     }
 }
 
+/// Prefetches one block, demand first, and accounts for it.
+fn fetch_one(dest: &BlockCache, b: BlockIdx, bs: u64, sh: &Shared) {
+    // Guest misses first: they share the link to the peer and a guest is waiting.
+    dest.wait_for_demand_idle(Duration::from_millis(50));
+    match dest.prefetch(b) {
+        Ok(None) => {
+            sh.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some((from, installed))) => {
+            let ctr = if from == Fetched::Peer {
+                &sh.peer
+            } else {
+                &sh.origin
+            };
+            ctr.fetch_add(bs, Ordering::Relaxed);
+            let ctr = if installed { &sh.installed } else { &sh.raced };
+            ctr.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            // One unreadable block must not stop the warm-up; the guest will fetch it on
+            // demand (and see the error then, if it persists).
+            tracing::warn!(block = b.0, error = %error_chain(&e), "prefetch failed");
+            sh.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Drop for Rebuild {
     fn drop(&mut self) {
         self.cancel();
@@ -160,37 +196,32 @@ impl Drop for Rebuild {
     }
 }
 
-fn run(dest: &BlockCache, plan: &[BlockIdx], sh: &Shared) {
+fn run(dest: &BlockCache, plan: &RebuildPlan, sh: &Shared) {
     let bs = u64::from(dest.block_size().bytes());
-    tracing::info!(planned = plan.len(), "rebuild started");
-    for &b in plan {
+    tracing::info!(
+        planned = plan.blocks.len(),
+        follow = plan.follow.is_some(),
+        "rebuild started"
+    );
+    let mut seen = dest.accesses();
+    for &b in &plan.blocks {
         if sh.cancel.load(Ordering::Relaxed) {
             tracing::info!("rebuild cancelled");
             return;
         }
-        // Guest misses first: they share the link to the peer and a guest is waiting.
-        dest.wait_for_demand_idle(Duration::from_millis(50));
-        match dest.prefetch(b) {
-            Ok(None) => {
-                sh.skipped.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Some((from, installed))) => {
-                let ctr = if from == Fetched::Peer {
-                    &sh.peer
-                } else {
-                    &sh.origin
-                };
-                ctr.fetch_add(bs, Ordering::Relaxed);
-                let ctr = if installed { &sh.installed } else { &sh.raced };
-                ctr.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                // One unreadable block must not stop the warm-up; the guest will fetch
-                // it on demand (and see the error then, if it persists).
-                tracing::warn!(block = b.0, error = %error_chain(&e), "prefetch failed");
-                sh.failed.fetch_add(1, Ordering::Relaxed);
+        // The guest moved since we last looked: fetch what it will read next first.
+        if let Some(have) = &plan.follow {
+            let now = dest.accesses();
+            if now != seen {
+                seen = now;
+                for a in dest.lookahead(LOOKAHEAD) {
+                    if have.contains(&a) && !dest.contains(a) {
+                        fetch_one(dest, a, bs, sh);
+                    }
+                }
             }
         }
+        fetch_one(dest, b, bs, sh);
         sh.done.fetch_add(1, Ordering::Relaxed);
     }
     tracing::info!(

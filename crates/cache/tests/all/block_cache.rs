@@ -198,3 +198,20 @@ fn a_corrupt_checkpoint_starts_the_cache_empty_and_says_why() {
     assert!(why.contains("c/meta"), "{why}");
     assert_eq!(c.stats().cached_blocks, 0);
 }
+
+#[test]
+fn lookahead_follows_the_guest_as_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = origin(dir.path(), 64);
+    let (c, _) = open(dir.path(), "c", 32, &o);
+    let mut buf = vec![0u8; 512];
+    for b in (0..10).chain(0..=5) {
+        c.read(&mut buf, b * BSU).unwrap();
+    }
+    assert_eq!(c.lookahead(3), vec![BlockIdx(6), BlockIdx(7), BlockIdx(8)]);
+    for b in 6..=20 {
+        c.read(&mut buf, b * BSU).unwrap();
+    }
+    // Past anything seen before: the scan is extrapolated.
+    assert_eq!(c.lookahead(2), vec![BlockIdx(21), BlockIdx(22)]);
+}

@@ -29,7 +29,7 @@ fn destination_rebuilds_from_the_peer_without_touching_the_origin() {
         Arc::new(CacheSource::new(src.clone())),
         Strategy::HeatPattern,
     );
-    assert_eq!(plan.len(), snap.blocks.len());
+    assert_eq!(plan.blocks.len(), snap.blocks.len());
     let progress = Rebuild::start(dst.clone(), plan).join();
     assert_eq!(progress.left(), 0);
     assert_eq!(progress.installed, snap.blocks.len() as u64, "{progress:?}");
