@@ -242,6 +242,9 @@ pub struct BenchRow {
     pub origin_bytes: u64,
     /// Bytes read from the peer by the destination (demand and prefetch).
     pub peer_bytes: u64,
+    /// Bytes the twin (which never moved) read from the origin over the same requests:
+    /// the part of `origin_bytes` that no warm-up strategy can avoid.
+    pub twin_origin_bytes: u64,
     /// Median guest read latency in the first `early_s` seconds, µs.
     pub read_p50_us: f64,
     /// 99th-percentile guest read latency in the first `early_s` seconds, µs.
@@ -413,6 +416,7 @@ pub fn run_workload(opts: &BenchOptions, name: &str, reqs: &[IoRequest]) -> Vec<
     // The twin: the source cache carrying on as if nothing moved.
     let mut twin = source.clone();
     let mut twin_reads: Vec<(f64, bool)> = Vec::new();
+    let mut twin_origin_bytes = 0u64;
     for r in rest {
         let t = secs(r.time_us - t0);
         if r.op == Op::Read {
@@ -420,6 +424,7 @@ pub fn run_workload(opts: &BenchOptions, name: &str, reqs: &[IoRequest]) -> Vec<
                 let hit = twin.touch(b);
                 if !hit {
                     twin.insert(b);
+                    twin_origin_bytes += bs;
                 }
                 twin_reads.push((t, hit));
             }
@@ -452,6 +457,7 @@ pub fn run_workload(opts: &BenchOptions, name: &str, reqs: &[IoRequest]) -> Vec<
         );
         row.workload = name.to_owned();
         row.run_s = run_s;
+        row.twin_origin_bytes = twin_origin_bytes;
         row.twin_curve.clone_from(&twin_curve);
         tracing::info!(workload = name, strategy = %s, time_to_warm_s = ?row.time_to_warm_s, "strategy simulated");
         rows.push(row);
@@ -684,6 +690,7 @@ fn simulate(
         misses_first_10s: early_misses,
         origin_bytes,
         peer_bytes,
+        twin_origin_bytes: 0,
         read_p50_us: percentile(&mut early_lat, 0.5),
         read_p99_us: percentile(&mut early_lat, 0.99),
         planned_blocks: plan.len() as u64,
@@ -704,13 +711,14 @@ pub fn format_table(rows: &[BenchRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<13} {:<13} {:>10} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "{:<13} {:<13} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9}",
         "workload",
         "strategy",
         "warm_s",
         "switch_s",
         "miss_10s",
         "origin_MiB",
+        "excess_MiB",
         "peer_MiB",
         "p50_us",
         "p99_us"
@@ -721,13 +729,14 @@ pub fn format_table(rows: &[BenchRow]) -> String {
             .map_or_else(|| format!(">{:.1}", r.run_s), |t| format!("{t:.1}"));
         let _ = writeln!(
             s,
-            "{:<13} {:<13} {:>10} {:>11.2} {:>11} {:>11.1} {:>11.1} {:>10.0} {:>10.0}",
+            "{:<13} {:<13} {:>8} {:>9.2} {:>9} {:>11.1} {:>11.1} {:>9.1} {:>9.0} {:>9.0}",
             r.workload,
             r.strategy,
             warm,
             r.switchover_s,
             r.misses_first_10s,
             mib(r.origin_bytes),
+            mib(r.origin_bytes.saturating_sub(r.twin_origin_bytes)),
             mib(r.peer_bytes),
             r.read_p50_us,
             r.read_p99_us
