@@ -1,4 +1,125 @@
 //! `vinfra`: one binary for the control plane, node agents, the CLI and benchmarks.
-fn main() {
-    println!("vinfra");
+//!
+//! This crate is the only one that uses `anyhow`: library crates return typed
+//! errors, and here they are printed as a chain for the user.
+
+mod cmd;
+mod lifeline;
+mod locate;
+mod output;
+mod progress;
+mod store_spec;
+
+use clap::{Parser, Subcommand};
+
+use crate::output::Format;
+
+/// vinfra: virtual infrastructure and network functions, with warm live migration.
+#[derive(Debug, Parser)]
+#[command(name = "vinfra", version, propagate_version = true)]
+struct Cli {
+    /// API base URL (default: the one `vinfra up` wrote to .vinfra/url).
+    #[arg(long, global = true, env = "VINFRA_URL")]
+    server: Option<String>,
+    /// API token (default: .vinfra/admin-token).
+    #[arg(long, global = true, env = "VINFRA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    /// Exit when stdin closes (used by `vinfra up` for its children).
+    #[arg(long, global = true, hide = true)]
+    exit_with_stdin: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane and three local hosts on this machine (the main job).
+    Up(cmd::up::UpArgs),
+    /// Run the control plane (REST API + state store).
+    Server(cmd::server::ServerArgs),
+    /// Run a node agent on this host.
+    Agent(cmd::agent::AgentArgs),
+    /// Hosts (nodes running an agent).
+    #[command(subcommand)]
+    Host(cmd::host::HostCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(cmd::vm::VmCmd),
+    /// Guest images.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCmd),
+    /// Print the OpenAPI document of the REST API.
+    Openapi,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.command);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        if cli.exit_with_stdin {
+            tokio::select! {
+                r = dispatch(cli) => r,
+                _ = lifeline::parent_gone() => {
+                    tracing::warn!("parent process went away; exiting");
+                    Ok(())
+                }
+            }
+        } else {
+            dispatch(cli).await
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(command: &Command) {
+    // Daemons log at info; CLI commands stay quiet unless RUST_LOG says otherwise.
+    let default = match command {
+        Command::Server(_) | Command::Agent(_) | Command::Up(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let ctx = cmd::Ctx {
+        server: cli.server,
+        token: cli.token,
+        format: cli.output,
+    };
+    match cli.command {
+        Command::Up(a) => cmd::up::run(a).await,
+        Command::Server(a) => cmd::server::run(a).await,
+        Command::Agent(a) => cmd::agent::run(a, ctx.server.clone(), ctx.token.clone()).await,
+        Command::Host(c) => cmd::host::run(&ctx, c).await,
+        Command::Vm(c) => cmd::vm::run(&ctx, c).await,
+        Command::Image(c) => cmd::image::run(&ctx, c).await,
+        Command::Openapi => {
+            println!("{}", api::openapi_json());
+            Ok(())
+        }
+    }
 }

@@ -1,1 +1,386 @@
-//! agent
+//! The node agent: makes this host run what the control plane assigns to it.
+//!
+//! Owns: host registration and heartbeats, the set of VMs on this host (their run
+//! dirs, disks and hypervisor processes), and the reconcile loop.
+//! Must not depend on: the server's internals; it talks to the control plane only
+//! through `client` (the REST API), so an agent on another machine works the same.
+//!
+//! Tasks: one heartbeat task (every `heartbeat`), and the reconcile loop, which alone
+//! owns the VM table (no locks): every `poll` it fetches the host's assignments, plans
+//! with [`reconcile::plan`] and executes the actions, then reports each VM's observed
+//! state with its console tail.
+//!
+//! Lifecycle: on shutdown the agent stops its VMs and reports them stopped; their
+//! desired state stays in the store, so the next agent start boots them again. After a
+//! crash (`kill -9`) the VMs keep running and the next agent adopts them through their
+//! pidfile and QMP socket.
+#![warn(missing_docs)]
+
+mod hostinfo;
+mod local;
+pub mod reconcile;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::Client;
+use compute::{Accel, ComputeDriver, QemuDriver};
+use model::api::{ObservedReport, RegisterHost, ReportedState};
+use model::{DesiredState, VmId};
+
+use crate::local::{LocalVm, VmFiles};
+use crate::reconcile::{Action, Have, Want};
+
+/// How to run an agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Control plane base URL, e.g. `http://127.0.0.1:7070`.
+    pub server_url: String,
+    /// Token with the `agent` (or `admin`) role.
+    pub token: String,
+    /// This host's name (`[a-z0-9][a-z0-9-]*`).
+    pub host_name: String,
+    /// Where VM run dirs and disks live.
+    pub data_dir: PathBuf,
+    /// Accelerator for the VMs.
+    pub accel: Accel,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Reconcile period.
+    pub poll: Duration,
+}
+
+impl AgentConfig {
+    /// A config with the default periods (heartbeat 2 s, reconcile 1 s).
+    pub fn new(server_url: &str, token: &str, host_name: &str, data_dir: PathBuf) -> Self {
+        Self {
+            server_url: server_url.to_owned(),
+            token: token.to_owned(),
+            host_name: host_name.to_owned(),
+            data_dir,
+            accel: Accel::Auto,
+            heartbeat: Duration::from_secs(2),
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The server URL or token cannot be used.
+    #[error("cannot create the API client for {url}")]
+    Client {
+        /// The server URL.
+        url: String,
+        /// The cause.
+        #[source]
+        err: client::ClientError,
+    },
+    /// The data dir cannot be used.
+    #[error("cannot use data dir {path}")]
+    DataDir {
+        /// The data dir.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        err: std::io::Error,
+    },
+    /// The server refused our registration (bad token, invalid host name, ...).
+    #[error("the server refused to register host {host}")]
+    Register {
+        /// Our host name.
+        host: String,
+        /// The cause.
+        #[source]
+        err: client::ClientError,
+    },
+}
+
+/// Runs the agent until `shutdown` resolves, then stops this host's VMs.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let client = Client::new(&cfg.server_url, &cfg.token).map_err(|err| AgentError::Client {
+        url: cfg.server_url.clone(),
+        err,
+    })?;
+    std::fs::create_dir_all(cfg.data_dir.join(local::VMS_DIR)).map_err(|err| {
+        AgentError::DataDir {
+            path: cfg.data_dir.clone(),
+            err,
+        }
+    })?;
+    let driver: Arc<dyn ComputeDriver> = Arc::new(QemuDriver::new());
+    tokio::pin!(shutdown);
+
+    let registration = hostinfo::registration(&cfg);
+    tokio::select! {
+        r = register(&client, &registration) => r?,
+        _ = &mut shutdown => return Ok(()),
+    }
+    tracing::info!(host = %cfg.host_name, "registered");
+
+    let hb = tokio::spawn(heartbeat_loop(client.clone(), registration, cfg.heartbeat));
+    let mut agent = Agent {
+        cfg,
+        client,
+        driver,
+        vms: BTreeMap::new(),
+    };
+    agent.adopt_existing().await;
+    let mut tick = tokio::time::interval(agent.cfg.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => agent.reconcile_once().await,
+        }
+    }
+    hb.abort();
+    agent.stop_all().await;
+    Ok(())
+}
+
+/// Registers, retrying while the server is unreachable; a refusal (4xx) is final.
+async fn register(client: &Client, req: &RegisterHost) -> Result<(), AgentError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match client.register_host(req).await {
+            Ok(_) => return Ok(()),
+            Err(err) if err.status().is_some_and(|s| (400..500).contains(&s)) => {
+                return Err(AgentError::Register {
+                    host: req.name.clone(),
+                    err,
+                })
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "server not reachable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(client: Client, registration: RegisterHost, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match client.heartbeat(&registration.name).await {
+            Ok(_) => {}
+            // The server forgot us (new store): register again.
+            Err(e) if e.status() == Some(404) => {
+                if let Err(e) = client.register_host(&registration).await {
+                    tracing::warn!(error = %e, "re-registration failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    client: Client,
+    driver: Arc<dyn ComputeDriver>,
+    vms: BTreeMap<VmId, LocalVm>,
+}
+
+impl Agent {
+    fn files(&self, id: VmId) -> VmFiles {
+        VmFiles::new(&self.cfg.data_dir, id)
+    }
+
+    /// Re-attaches to VMs a previous agent process left running.
+    async fn adopt_existing(&mut self) {
+        for (id, files) in local::scan(&self.cfg.data_dir) {
+            let mut vm = LocalVm::default();
+            if files.pidfile().exists() {
+                match self.driver.adopt(&files.driver_id(), files.run_dir()).await {
+                    Ok(rt) => {
+                        tracing::info!(vm = %id, pid = rt.pid, "adopted running vm");
+                        vm.running = true;
+                    }
+                    Err(e) => tracing::warn!(vm = %id, error = %e, "cannot adopt vm"),
+                }
+            }
+            self.vms.insert(id, vm);
+        }
+    }
+
+    async fn reconcile_once(&mut self) {
+        let assignments = match self.client.assignments(&self.cfg.host_name).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fetch assignments");
+                return;
+            }
+        };
+        // Notice VMs whose hypervisor exited on its own (guest poweroff, crash).
+        for (id, vm) in self.vms.iter_mut() {
+            if vm.running {
+                if let Ok(st) = self
+                    .driver
+                    .status(&VmFiles::new(&self.cfg.data_dir, *id).driver_id())
+                    .await
+                {
+                    if st.is_exited() {
+                        tracing::info!(vm = %id, status = ?st, "vm exited");
+                        vm.running = false;
+                        vm.exit_note = Some(format!("{st:?}"));
+                    }
+                }
+            }
+        }
+        let mut wanted = BTreeMap::new();
+        let mut specs = BTreeMap::new();
+        for a in assignments {
+            let want = match a.vm.desired {
+                DesiredState::Running => Want::Running,
+                DesiredState::Stopped => Want::Stopped,
+                DesiredState::Deleted => Want::Deleted,
+            };
+            // A new desired state clears a sticky failure, so the user can retry.
+            if let Some(vm) = self.vms.get_mut(&a.vm.id) {
+                if vm.failed.as_ref().is_some_and(|(d, _)| *d != a.vm.desired) {
+                    vm.failed = None;
+                }
+            }
+            wanted.insert(a.vm.id, want);
+            specs.insert(a.vm.id, a);
+        }
+        let have: BTreeMap<VmId, Have> = self.vms.iter().map(|(id, vm)| (*id, vm.have())).collect();
+        for action in reconcile::plan(&wanted, &have) {
+            self.execute(action, &specs).await;
+        }
+        for (id, a) in &specs {
+            if a.vm.desired != DesiredState::Deleted {
+                self.report(*id).await;
+            }
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        action: Action<VmId>,
+        specs: &BTreeMap<VmId, model::api::Assignment>,
+    ) {
+        match action {
+            Action::Start(id) => {
+                let Some(a) = specs.get(&id) else { return };
+                let files = self.files(id);
+                self.send(id, ReportedState::Starting, None).await;
+                let result = local::start(self.driver.as_ref(), &files, a, self.cfg.accel).await;
+                let vm = self.vms.entry(id).or_default();
+                match result {
+                    Ok(disk) => {
+                        tracing::info!(vm = %id, name = %a.vm.name, "vm started");
+                        vm.running = true;
+                        vm.disk = Some(disk);
+                        vm.exit_note = None;
+                    }
+                    Err(e) => {
+                        let reason = error_chain(&e);
+                        tracing::error!(vm = %id, error = %reason, "vm failed to start");
+                        vm.running = false;
+                        vm.failed = Some((a.vm.desired, reason));
+                    }
+                }
+            }
+            Action::Stop(id) => {
+                self.send(id, ReportedState::Stopping, None).await;
+                let files = self.files(id);
+                if let Some(vm) = self.vms.get_mut(&id) {
+                    local::stop(self.driver.as_ref(), &files, vm).await;
+                }
+            }
+            Action::Destroy(id) => {
+                let files = self.files(id);
+                let mut vm = self.vms.remove(&id).unwrap_or_default();
+                local::stop(self.driver.as_ref(), &files, &mut vm).await;
+                if let Err(e) = files.remove() {
+                    tracing::warn!(vm = %id, error = %e, "cannot remove vm files");
+                }
+                self.send(id, ReportedState::Deleted, None).await;
+                tracing::info!(vm = %id, "vm deleted");
+            }
+            Action::DropOrphan(id) => {
+                let files = self.files(id);
+                let mut vm = self.vms.remove(&id).unwrap_or_default();
+                local::stop(self.driver.as_ref(), &files, &mut vm).await;
+                if let Err(e) = files.remove() {
+                    tracing::warn!(vm = %id, error = %e, "cannot remove orphan vm files");
+                }
+                tracing::info!(vm = %id, "removed a vm no longer assigned to this host");
+            }
+        }
+    }
+
+    /// Reports a VM's state with its console tail.
+    async fn report(&mut self, id: VmId) {
+        let Some(vm) = self.vms.get(&id) else {
+            return;
+        };
+        let (state, error) = match (&vm.failed, vm.running) {
+            (Some((_, reason)), _) => (ReportedState::Failed, Some(reason.clone())),
+            (None, true) => (ReportedState::Running, None),
+            (None, false) => (ReportedState::Stopped, vm.exit_note.clone()),
+        };
+        self.send(id, state, error).await;
+    }
+
+    async fn send(&mut self, id: VmId, state: ReportedState, error: Option<String>) {
+        let files = self.files(id);
+        let console_tail = files.console_tail(16 * 1024);
+        let report = ObservedReport {
+            host: self.cfg.host_name.clone(),
+            state,
+            error,
+            console_tail,
+        };
+        // Skip identical reports: the console tail changes while a guest runs, so a
+        // running VM is still reported every pass, an idle one is not.
+        if let Some(vm) = self.vms.get_mut(&id) {
+            if vm.last_report.as_ref() == Some(&report) {
+                return;
+            }
+            vm.last_report = Some(report.clone());
+        }
+        if let Err(e) = self.client.report_observed(id, &report).await {
+            tracing::warn!(vm = %id, error = %e, "cannot report observed state");
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        let ids: Vec<VmId> = self.vms.keys().copied().collect();
+        for id in ids {
+            let files = self.files(id);
+            if let Some(vm) = self.vms.get_mut(&id) {
+                if vm.running {
+                    local::stop(self.driver.as_ref(), &files, vm).await;
+                    self.send(
+                        id,
+                        ReportedState::Stopped,
+                        Some("host agent shut down".into()),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+}
+
+/// `a: b: c` from an error and its sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,80 @@
+//! `vinfra agent`: the node agent on one host.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use model::api::CreateToken;
+use model::Role;
+
+use crate::locate;
+
+/// Options of `vinfra agent`.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// This host's name.
+    #[arg(long)]
+    pub host_name: String,
+    /// Where this host keeps VM disks and run dirs.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// File holding a token with the `agent` role (or use --token / VINFRA_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Accelerator: auto (KVM only where it really works), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+}
+
+/// Parses `auto|kvm|tcg`.
+pub fn parse_accel(s: &str) -> anyhow::Result<compute::Accel> {
+    match s {
+        "auto" => Ok(compute::Accel::Auto),
+        "kvm" => Ok(compute::Accel::Kvm),
+        "tcg" => Ok(compute::Accel::Tcg),
+        other => anyhow::bail!("--accel {other:?}: expected auto, kvm or tcg"),
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+/// The control plane URL comes from the global `--server` (or `VINFRA_URL`).
+pub async fn run(
+    args: AgentArgs,
+    server: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let Some(server_url) = server else {
+        anyhow::bail!("the agent needs the control plane URL: pass --server URL or set VINFRA_URL");
+    };
+    let token = match (&args.token_file, token) {
+        (Some(f), _) => locate::read_trimmed(f)?,
+        (None, Some(t)) => t,
+        (None, None) => {
+            anyhow::bail!("the agent needs a token: pass --token-file FILE or set VINFRA_TOKEN")
+        }
+    };
+    let mut cfg = agent::AgentConfig::new(&server_url, &token, &args.host_name, args.data_dir);
+    cfg.accel = parse_accel(&args.accel)?;
+    tracing::info!(host = %cfg.host_name, server = %cfg.server_url, "agent starting");
+    agent::run(cfg, async {
+        let _ = crate::cmd::server::wait_for_signal().await;
+    })
+    .await
+    .context("agent failed")
+}
+
+/// The agent token of a `vinfra up` data dir, minted once and kept (0600).
+pub async fn agent_token(client: &client::Client, data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = data_dir.join("agent-token");
+    if locate::read_trimmed(&path).is_ok() {
+        return Ok(path);
+    }
+    let created = client
+        .create_token(&CreateToken {
+            role: Role::Agent,
+            tenant: None,
+        })
+        .await
+        .context("cannot mint the agent token")?;
+    locate::write_private(&path, &created.token, 0o600)?;
+    Ok(path)
+}

@@ -1,0 +1,26 @@
+//! One module per top-level command.
+
+pub mod agent;
+pub mod host;
+pub mod image;
+pub mod server;
+pub mod up;
+pub mod vm;
+
+use crate::output::Format;
+
+/// What every CLI client command needs: where the API is and how to print.
+#[derive(Debug)]
+pub struct Ctx {
+    pub server: Option<String>,
+    pub token: Option<String>,
+    pub format: Format,
+}
+
+impl Ctx {
+    /// A REST client for the configured server.
+    pub fn client(&self) -> anyhow::Result<client::Client> {
+        let (url, token) = crate::locate::endpoint(self.server.clone(), self.token.clone())?;
+        Ok(client::Client::new(&url, &token)?)
+    }
+}

@@ -1,0 +1,74 @@
+//! `vinfra server`: the control plane.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::store_spec;
+
+/// Options of `vinfra server`.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// State store: `redb:PATH` (embedded) or `etcd:URL[,URL…]`.
+    #[arg(long)]
+    pub store: String,
+    /// Address to listen on. Loopback unless you mean otherwise.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Where the admin token is written (mode 0600) on first start.
+    /// Default: the redb file's directory, or the current directory for etcd.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// A host is `down` after this many seconds without a heartbeat.
+    #[arg(long, default_value_t = 6)]
+    pub heartbeat_timeout_s: u64,
+}
+
+/// Runs the control plane until SIGINT/SIGTERM.
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let spec = store_spec::parse_store_spec(&args.store)?;
+    let data_dir = match (&args.data_dir, &spec) {
+        (Some(d), _) => d.clone(),
+        (None, store_spec::StoreSpec::Redb { path: p }) => p
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| PathBuf::from(".")),
+        (None, _) => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let store = store_spec::open_store(&spec).await?;
+    if let Some(token) = api::bootstrap_admin(store.as_ref(), &data_dir).await? {
+        // Printed once, on the first start only; it is also in the file (0600).
+        println!(
+            "admin token (also in {}): {token}",
+            data_dir.join("admin-token").display()
+        );
+    }
+    let listen = args.listen.parse().with_context(|| {
+        format!(
+            "--listen {:?} is not an address such as 127.0.0.1:7070",
+            args.listen
+        )
+    })?;
+    let config = api::ServerConfig {
+        listen,
+        heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_s),
+    };
+    let handle = api::serve(config, store).await?;
+    tracing::info!(addr = %handle.addr(), "vinfra server listening");
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    handle.shutdown().await?;
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
