@@ -1,0 +1,156 @@
+//! Real `vinfra` processes for end-to-end tests: a server on a free loopback port
+//! with its own data dir, and agents pointed at it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use test_utils::ChildGuard;
+
+pub const VINFRA: &str = env!("CARGO_BIN_EXE_vinfra");
+
+/// A `vinfra server` process.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub store: String,
+    pub listen: String,
+    pub child: ChildGuard,
+}
+
+impl Server {
+    /// Starts a server on a redb store in a fresh temp dir.
+    pub async fn start() -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("vi")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let store = format!("redb:{}", dir.path().join("state.redb").display());
+        Self::start_with(dir, store).await
+    }
+
+    /// Starts a server with the given store spec, data dir `dir`.
+    pub async fn start_with(dir: tempfile::TempDir, store: String) -> Server {
+        let port = test_utils::free_tcp_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = spawn_server(dir.path(), &store, &listen);
+        let mut s = Server {
+            url: format!("http://{listen}"),
+            dir,
+            store,
+            listen,
+            child,
+        };
+        s.wait_ready().await;
+        s
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    pub fn admin(&self) -> client::Client {
+        client::Client::new(&self.url, &self.admin_token()).unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        test_utils::log_tail(&self.dir.path().join("server.log"), 40)
+    }
+
+    async fn wait_ready(&mut self) {
+        let token_path = self.dir.path().join("admin-token");
+        let url = self.url.clone();
+        let ok = test_utils::wait_for(Duration::from_secs(30), || {
+            let token_path = token_path.clone();
+            let url = url.clone();
+            async move {
+                let Ok(t) = std::fs::read_to_string(&token_path) else {
+                    return false;
+                };
+                let c = client::Client::new(&url, t.trim()).unwrap();
+                c.list_hosts().await.is_ok()
+            }
+        })
+        .await;
+        assert!(ok.is_ok(), "server did not come up:\n{}", self.log());
+    }
+
+    /// SIGKILL, then the same command line again on the same data.
+    pub async fn kill9_and_restart(&mut self) {
+        let status = self.child.kill();
+        assert!(status.is_some(), "server was not running");
+        self.child = spawn_server(self.dir.path(), &self.store, &self.listen);
+        self.wait_ready().await;
+    }
+}
+
+fn spawn_server(dir: &Path, store: &str, listen: &str) -> ChildGuard {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .unwrap();
+    let child = Command::new(VINFRA)
+        .args(["server", "--store", store, "--listen", listen, "--data-dir"])
+        .arg(dir)
+        .args(["--heartbeat-timeout-s", "3"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn vinfra server");
+    ChildGuard::new(child)
+}
+
+/// A `vinfra agent` process.
+pub fn spawn_agent(server: &Server, host: &str, data_dir: &Path, token_file: &Path) -> ChildGuard {
+    std::fs::create_dir_all(data_dir).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir.join("agent.log"))
+        .unwrap();
+    let child = Command::new(VINFRA)
+        .args([
+            "agent",
+            "--server",
+            &server.url,
+            "--host-name",
+            host,
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .arg("--token-file")
+        .arg(token_file)
+        .args(["--accel", "tcg"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn vinfra agent");
+    ChildGuard::new(child)
+}
+
+/// Runs the CLI with the given server and token; returns (success, stdout, stderr).
+pub fn cli(server: &Server, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(VINFRA)
+        .args(args)
+        .env("VINFRA_URL", &server.url)
+        .env("VINFRA_TOKEN", token)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vinfra cli");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A path with `name` under the server's dir.
+pub fn path_in(server: &Server, name: &str) -> PathBuf {
+    server.dir.path().join(name)
+}
