@@ -1,5 +1,9 @@
 //! Debug helper: prints the first hit-ratio intervals of each strategy next to the twin's.
 fn main() {
+    let skip: usize = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let quick = true;
     let trace = std::path::PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -14,7 +18,8 @@ fn main() {
         let c: Vec<String> = r
             .curve
             .iter()
-            .take(16)
+            .skip(skip)
+            .take(24)
             .map(|p| format!("{:.2}", p.1))
             .collect();
         println!("{:<12} {:<13} {}", r.workload, r.strategy, c.join(" "));
@@ -31,7 +36,8 @@ fn main() {
         let c: Vec<String> = r
             .twin_curve
             .iter()
-            .take(16)
+            .skip(skip)
+            .take(24)
             .map(|p| format!("{:.2}", p.1))
             .collect();
         println!("{:<12} {:<13} {}", r.workload, "TWIN", c.join(" "));

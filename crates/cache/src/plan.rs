@@ -94,7 +94,7 @@ impl FromStr for Strategy {
 }
 
 /// How far ahead (in expected guest accesses) [`lookahead`] guesses.
-pub const LOOKAHEAD_HORIZON: f64 = 256.0;
+pub const LOOKAHEAD_HORIZON: f64 = 64.0;
 
 /// Bound on blocks visited by the pattern walk, so planning stays O(plan) for huge tables.
 const MAX_WALK: usize = 1 << 18;
@@ -160,6 +160,15 @@ pub fn plan_fetch(
                 .map(|b| {
                     let h = heat.heat(b);
                     let by_heat = if h > 0.0 { total / h } else { f64::INFINITY };
+                    // A block that reliably follows its predecessor (inside a table scan)
+                    // is fetched just in time by the look-ahead once the guest reaches
+                    // that predecessor; spending the link on it early delays blocks that
+                    // nothing predicts.
+                    let by_heat = if followable(pattern, have, b) {
+                        by_heat * FOLLOW_DEFER
+                    } else {
+                        by_heat
+                    };
                     let by_pattern = walk.get(&b).copied().unwrap_or(f64::INFINITY);
                     (b, by_heat.min(by_pattern))
                 })
@@ -168,6 +177,19 @@ pub fn plan_fetch(
             v.into_iter().map(|(b, _)| b).collect()
         }
     }
+}
+
+/// Factor by which [`Strategy::HeatPattern`] defers the heat-based cost of a followable
+/// block (see [`followable`]).
+const FOLLOW_DEFER: f64 = 4.0;
+
+/// Whether `b`'s predecessor is on the peer too and `b` was seen following it more than
+/// once: the look-ahead will then bring `b` right after the guest reads `b − 1`.
+fn followable(pattern: &AccessPattern, have: &BlockSet, b: BlockIdx) -> bool {
+    let Some(prev) = b.0.checked_sub(1).map(BlockIdx) else {
+        return false;
+    };
+    have.contains(&prev) && pattern.successors(prev).any(|(n, p)| n == b && p > 0.0)
 }
 
 /// Ascending cost, ties (and the infinite tail) in block order.

@@ -1,0 +1,51 @@
+//! Runs the strategies on workload variants outside the standard suite, to check that
+//! the method (not the benchmark) carries over. Prints the table.
+use cache::bench::{print_table, run_bench, BenchOptions, WorkloadSpec};
+use cache::trace::SynthSpec;
+
+fn main() {
+    let mut o = BenchOptions::standard(true, None);
+    let spec = |seed, iops| SynthSpec {
+        seed,
+        requests: 200_000,
+        span_bytes: 4 << 30,
+        io_size: 4096,
+        iops,
+    };
+    o.workloads = vec![
+        WorkloadSpec::Sequential {
+            spec: SynthSpec {
+                span_bytes: 768 << 20,
+                io_size: 65536,
+                ..spec(5, 3000)
+            },
+        },
+        WorkloadSpec::Zipf {
+            spec: spec(6, 4000),
+            theta: 0.9,
+        },
+        WorkloadSpec::Mixed {
+            spec: spec(7, 4000),
+            theta: 1.1,
+            read_pct: 80,
+            seq_every: 8,
+            tables: 32,
+            table_bytes: 16 << 20,
+        },
+        WorkloadSpec::Mixed {
+            spec: spec(8, 6000),
+            theta: 1.3,
+            read_pct: 50,
+            seq_every: 2,
+            tables: 4,
+            table_bytes: 128 << 20,
+        },
+    ];
+    o.strategies = vec![
+        cache::Strategy::None,
+        cache::Strategy::Heat,
+        cache::Strategy::Pattern,
+        cache::Strategy::HeatPattern,
+    ];
+    print_table(&run_bench(o));
+}
