@@ -1,1 +1,567 @@
-//! store-redb
+//! [`RedbStore`]: the embedded [`Store`], one redb file on local disk.
+//!
+//! Owns: the redb file format of the state store (tables below), its revision
+//! counter, and the in-process watch fan-out.
+//! Must not depend on: anything above `store` (the control plane talks to
+//! `Arc<dyn Store>` only).
+//!
+//! # Layout (format 1)
+//! - table `kv`: key `&str` → `(mod_revision: u64, value: &[u8])`.
+//! - table `meta`: `"format"` → `1`; `"revision"` → the store-wide revision of
+//!   the last write (0 or absent: nothing written yet).
+//!
+//! Every write is one redb write transaction that reads `revision`, writes the
+//! keys with `revision + 1`, stores the new `revision`, and commits with
+//! [`Durability::Immediate`] (fsync'd before `Ok` is returned), so a write that
+//! returned `Ok` survives `kill -9` and the revision never goes backwards after
+//! a restart. A write that changes nothing (a delete of an absent key, a failed
+//! compare) takes no revision, as in etcd. Opening a file with an unknown
+//! `format` fails instead of guessing. After an unclean shutdown redb repairs
+//! the file on open; that walks the whole file, which is fine at control-plane
+//! sizes (megabytes).
+//!
+//! # Threads and tasks
+//! redb is a blocking API. Each operation runs on tokio's blocking pool
+//! ([`tokio::task::spawn_blocking`]): a commit waits for an fsync (milliseconds),
+//! which must not stall a runtime worker. Consequence for cancellation: if the
+//! caller drops the future of a write, the write still runs to completion (or
+//! not) in the background, the same "maybe applied" outcome as a cancelled etcd
+//! request. Calls need a tokio runtime.
+//!
+//! # Watch
+//! Watchers are in-process: a write commits, then sends its events (one batch
+//! per commit) on a [`tokio::sync::broadcast`] channel of
+//! [`WATCH_CHANNEL_COMMITS`] batches. Writers hold a mutex from `begin_write`
+//! through the send, so batches go out in revision order. Each watcher filters
+//! by its prefix. A watcher that falls more than that many commits behind gets
+//! one `Err` item and its stream ends (the caller re-lists), never a silent gap.
+//! Another process opening the same file is refused by redb's file lock, so no
+//! write can bypass the watchers.
+#![warn(missing_docs)]
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::stream;
+use redb::{
+    Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
+use store::{
+    validate_key, validate_txn, Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent,
+    WatchStream,
+};
+use tokio::sync::broadcast;
+
+/// key → (mod_revision, value)
+const KV: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("kv");
+/// "format" and "revision" → u64
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META_FORMAT: &str = "format";
+const META_REVISION: &str = "revision";
+/// The layout this code reads and writes (see the crate docs).
+const FORMAT: u64 = 1;
+
+/// How many commits a watcher may fall behind before it gets an error.
+pub const WATCH_CHANNEL_COMMITS: usize = 4096;
+
+/// A [`Store`] in one redb file. Cheap to clone; clones share the database.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use store::Store;
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = store_redb::RedbStore::open(&dir.path().join("state.redb")).unwrap();
+/// let rev = store.put("/vinfra/hosts/h1", "up".into()).await.unwrap();
+/// // Only succeeds if nobody wrote the key since we read `rev`.
+/// store.cas("/vinfra/hosts/h1", Some(rev), "down".into()).await.unwrap();
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct RedbStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    /// Held from `begin_write` until the commit's events are sent, so that
+    /// watchers get batches in revision order. Guards no data: a panic while
+    /// holding it leaves nothing inconsistent (redb aborts the transaction).
+    writer: Mutex<()>,
+    events: broadcast::Sender<Arc<[WatchEvent]>>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A redb error, carried as the source of [`StoreError::Backend`].
+///
+/// redb's own error types are not all `Sync` (one variant holds a read
+/// transaction), so the error is kept as its message.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RedbError(String);
+
+fn backend<E: std::fmt::Display>(context: impl Into<String>) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::backend(context, RedbError(e.to_string()))
+}
+
+/// Says what redb's open error means for an operator: its own messages for a
+/// foreign or damaged file ("invalid data") do not say which.
+fn describe_open_error(e: redb::DatabaseError) -> RedbError {
+    use redb::{DatabaseError, StorageError};
+    let what = match &e {
+        DatabaseError::Storage(StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            "not a redb database, or its header is corrupt"
+        }
+        DatabaseError::Storage(StorageError::Corrupted(_)) => "the redb file is corrupt",
+        DatabaseError::DatabaseAlreadyOpen => {
+            "already open (by this process or another one holding the file lock)"
+        }
+        DatabaseError::UpgradeRequired(_) => "written by an incompatible redb version",
+        _ => return RedbError(e.to_string()),
+    };
+    RedbError(format!("{what} ({e})"))
+}
+
+/// The stored `format` is not one this code understands.
+#[derive(Debug, thiserror::Error)]
+#[error("unsupported store format {found} (this build reads format {FORMAT})")]
+struct UnsupportedFormat {
+    found: u64,
+}
+
+/// A watcher fell too far behind the writers.
+#[derive(Debug, thiserror::Error)]
+#[error("watcher fell behind and missed {missed} commits")]
+struct WatchLagged {
+    missed: u64,
+}
+
+impl RedbStore {
+    /// Opens the database at `path`, creating the file if it does not exist.
+    ///
+    /// Fails, naming `path`, if the file is not a redb database, is corrupt
+    /// beyond redb's repair, has an unknown format, or is already open (in this
+    /// or another process). Blocks: after a crash redb repairs the file here.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let context = || format!("cannot open redb database {}", path.display());
+        // A file that exists but is not a redb database must fail, not be
+        // reinitialised: redb's `create` only initialises empty files.
+        let db = Database::builder()
+            .create(path)
+            .map_err(|e| StoreError::backend(context(), describe_open_error(e)))?;
+        let mut tx = db.begin_write().map_err(backend(context()))?;
+        tx.set_durability(Durability::Immediate);
+        {
+            let kv = tx.open_table(KV).map_err(backend(context()))?;
+            let mut meta = tx.open_table(META).map_err(backend(context()))?;
+            let format = meta
+                .get(META_FORMAT)
+                .map_err(backend(context()))?
+                .map(|g| g.value());
+            match format {
+                Some(FORMAT) => {}
+                Some(found) => {
+                    return Err(StoreError::backend(context(), UnsupportedFormat { found }));
+                }
+                None => {
+                    // A fresh file. Refuse a redb file written by someone else.
+                    let other_tables = tx
+                        .list_tables()
+                        .map_err(backend(context()))?
+                        .any(|t| t.name() != KV.name() && t.name() != META.name());
+                    let foreign = other_tables
+                        || !kv.is_empty().map_err(backend(context()))?
+                        || meta.len().map_err(backend(context()))? != 0;
+                    if foreign {
+                        return Err(StoreError::backend(
+                            context(),
+                            RedbError("redb file without a vinfra store format marker".into()),
+                        ));
+                    }
+                    meta.insert(META_FORMAT, FORMAT)
+                        .map_err(backend(context()))?;
+                }
+            }
+        }
+        tx.commit().map_err(backend(context()))?;
+        tracing::info!(path = %path.display(), "opened redb store");
+        let (events, _) = broadcast::channel(WATCH_CHANNEL_COMMITS);
+        Ok(RedbStore {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_owned(),
+                writer: Mutex::new(()),
+                events,
+            }),
+        })
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the blocking pool with the shared state.
+    async fn blocking<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Inner) -> Result<R, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || f(&inner)).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StoreError::backend("redb task cancelled", e)),
+        }
+    }
+
+    /// Runs `f` in one durable write transaction (see [`Inner::write`]).
+    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.blocking(move |inner| inner.write(f)).await
+    }
+}
+
+/// What a write closure sees: the `kv` table and the revision it writes at.
+struct WriteCtx<'t> {
+    kv: redb::Table<'t, &'static str, (u64, &'static [u8])>,
+    /// The revision of the last commit.
+    current: Revision,
+    /// The revision this transaction writes at if it changes anything.
+    next: Revision,
+    events: Vec<WatchEvent>,
+}
+
+impl WriteCtx<'_> {
+    fn mod_revision(&self, key: &str) -> Result<Option<Revision>, StoreError> {
+        Ok(self
+            .kv
+            .get(key)
+            .map_err(backend(format!("cannot read {key}")))?
+            .map(|g| Revision(g.value().0)))
+    }
+
+    fn put(&mut self, key: &str, value: Bytes) -> Result<(), StoreError> {
+        self.kv
+            .insert(key, (self.next.0, &value[..]))
+            .map_err(backend(format!("cannot write {key}")))?;
+        self.events.push(WatchEvent::Put(KeyValue {
+            key: key.to_owned(),
+            value,
+            mod_revision: self.next,
+        }));
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &str) -> Result<bool, StoreError> {
+        let existed = self
+            .kv
+            .remove(key)
+            .map_err(backend(format!("cannot delete {key}")))?
+            .is_some();
+        if existed {
+            self.events.push(WatchEvent::Delete {
+                key: key.to_owned(),
+                revision: self.next,
+            });
+        }
+        Ok(existed)
+    }
+
+    /// Fails with [`StoreError::Conflict`] unless `key`'s revision is `expect`.
+    fn check(&self, key: &str, expect: Option<Revision>) -> Result<(), StoreError> {
+        if self.mod_revision(key)? == expect {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict {
+                key: key.to_owned(),
+            })
+        }
+    }
+
+    /// The revision to report: `next` if this transaction wrote, else `current`.
+    fn result_revision(&self) -> Revision {
+        if self.events.is_empty() {
+            self.current
+        } else {
+            self.next
+        }
+    }
+}
+
+impl Inner {
+    /// One write transaction: `f` reads and writes through the [`WriteCtx`];
+    /// if it returns `Ok` and changed something, the revision is bumped, the
+    /// transaction committed durably, and the events sent to watchers. On
+    /// `Err` nothing is written.
+    fn write<R>(
+        &self,
+        f: impl FnOnce(&mut WriteCtx<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tx = self
+            .db
+            .begin_write()
+            .map_err(backend("cannot begin a redb write"))?;
+        tx.set_durability(Durability::Immediate);
+        let (result, events) = {
+            let mut meta = tx
+                .open_table(META)
+                .map_err(backend("cannot open the meta table"))?;
+            let current = meta
+                .get(META_REVISION)
+                .map_err(backend("cannot read the store revision"))?
+                .map_or(0, |g| g.value());
+            let kv = tx
+                .open_table(KV)
+                .map_err(backend("cannot open the kv table"))?;
+            let mut ctx = WriteCtx {
+                kv,
+                current: Revision(current),
+                next: Revision(current + 1),
+                events: Vec::new(),
+            };
+            // On error the transaction is dropped, which aborts it.
+            let result = f(&mut ctx)?;
+            if !ctx.events.is_empty() {
+                meta.insert(META_REVISION, ctx.next.0)
+                    .map_err(backend("cannot write the store revision"))?;
+            }
+            (result, ctx.events)
+        };
+        if events.is_empty() {
+            // Nothing changed: no commit, no fsync, no revision.
+            tx.abort().map_err(backend("cannot end a redb write"))?;
+            return Ok(result);
+        }
+        tx.commit()
+            .map_err(backend(format!("cannot commit to {}", self.path.display())))?;
+        // No receivers is not an error: nobody is watching.
+        let _ = self.events.send(events.into());
+        Ok(result)
+    }
+}
+
+fn read_error<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::backend("cannot read from redb", RedbError(e.to_string()))
+}
+
+#[async_trait::async_trait]
+impl Store for RedbStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        validate_key(key)?;
+        let key = key.to_owned();
+        self.blocking(move |inner| {
+            let tx = inner.db.begin_read().map_err(read_error)?;
+            let table = tx.open_table(KV).map_err(read_error)?;
+            let kv = table.get(key.as_str()).map_err(read_error)?.map(|g| {
+                let (rev, value) = g.value();
+                KeyValue {
+                    key: key.clone(),
+                    value: Bytes::copy_from_slice(value),
+                    mod_revision: Revision(rev),
+                }
+            });
+            Ok(kv)
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, value: Bytes) -> Result<Revision, StoreError> {
+        validate_key(key)?;
+        let key = key.to_owned();
+        self.write(move |ctx| {
+            ctx.put(&key, value)?;
+            Ok(ctx.next)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        validate_key(key)?;
+        let key = key.to_owned();
+        self.write(move |ctx| ctx.delete(&key)).await
+    }
+
+    async fn cas(
+        &self,
+        key: &str,
+        expect: Option<Revision>,
+        value: Bytes,
+    ) -> Result<Revision, StoreError> {
+        validate_key(key)?;
+        let key = key.to_owned();
+        self.write(move |ctx| {
+            ctx.check(&key, expect)?;
+            ctx.put(&key, value)?;
+            Ok(ctx.next)
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+        validate_key(prefix)?;
+        let prefix = prefix.to_owned();
+        self.blocking(move |inner| {
+            let tx = inner.db.begin_read().map_err(read_error)?;
+            let table = tx.open_table(KV).map_err(read_error)?;
+            let mut out = Vec::new();
+            // Keys sort bytewise, so everything under `prefix` is one run
+            // starting at `prefix`.
+            for entry in table.range(prefix.as_str()..).map_err(read_error)? {
+                let (k, v) = entry.map_err(read_error)?;
+                let key = k.value();
+                if !key.starts_with(prefix.as_str()) {
+                    break;
+                }
+                let (rev, value) = v.value();
+                out.push(KeyValue {
+                    key: key.to_owned(),
+                    value: Bytes::copy_from_slice(value),
+                    mod_revision: Revision(rev),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Revision, StoreError> {
+        validate_txn(&compares, &ops)?;
+        self.write(move |ctx| {
+            for c in &compares {
+                match c {
+                    Compare::ModRevision { key, expect } => ctx.check(key, *expect)?,
+                }
+            }
+            for op in ops {
+                match op {
+                    TxnOp::Put { key, value } => ctx.put(&key, value)?,
+                    TxnOp::Delete { key } => {
+                        ctx.delete(&key)?;
+                    }
+                }
+            }
+            Ok(ctx.result_revision())
+        })
+        .await
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
+        validate_key(prefix)?;
+        // Subscribing is synchronous: every commit after this line is seen.
+        let rx = self.inner.events.subscribe();
+        Ok(watch_stream(rx, prefix.to_owned()))
+    }
+}
+
+fn event_key(ev: &WatchEvent) -> &str {
+    match ev {
+        WatchEvent::Put(kv) => &kv.key,
+        WatchEvent::Delete { key, .. } => key,
+    }
+}
+
+struct WatchState {
+    rx: broadcast::Receiver<Arc<[WatchEvent]>>,
+    prefix: String,
+    pending: VecDeque<WatchEvent>,
+    done: bool,
+}
+
+fn watch_stream(rx: broadcast::Receiver<Arc<[WatchEvent]>>, prefix: String) -> WatchStream {
+    let state = WatchState {
+        rx,
+        prefix,
+        pending: VecDeque::new(),
+        done: false,
+    };
+    Box::pin(stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(ev) = st.pending.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.rx.recv().await {
+                Ok(batch) => st.pending.extend(
+                    batch
+                        .iter()
+                        .filter(|ev| event_key(ev).starts_with(st.prefix.as_str()))
+                        .cloned(),
+                ),
+                // The store is gone: nobody can write any more.
+                Err(broadcast::error::RecvError::Closed) => return None,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(prefix = %st.prefix, missed, "redb watcher fell behind");
+                    st.done = true;
+                    let e = StoreError::backend(
+                        format!("watch on {}", st.prefix),
+                        WatchLagged { missed },
+                    );
+                    return Some((Err(e), st));
+                }
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut src = e.source();
+        while let Some(e) = src {
+            s.push_str(": ");
+            s.push_str(&e.to_string());
+            src = e.source();
+        }
+        s
+    }
+
+    #[tokio::test]
+    async fn lagging_watcher_gets_an_error_then_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("db")).unwrap();
+        let mut w = store.watch("/").await.unwrap();
+        // Not polled while more commits than the channel holds go by. Sent
+        // straight into the channel: 4097 fsync'd commits would be slow.
+        for i in 0..=WATCH_CHANNEL_COMMITS as u64 {
+            let ev = WatchEvent::Delete {
+                key: "/x".into(),
+                revision: Revision(i + 1),
+            };
+            store.inner.events.send(Arc::from(vec![ev])).unwrap();
+        }
+        let e = w.next().await.unwrap().unwrap_err();
+        assert!(chain(&e).contains("missed 1 commits"), "{}", chain(&e));
+        assert!(w.next().await.is_none(), "ends after the error");
+    }
+
+    #[tokio::test]
+    async fn watch_ends_when_store_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("db")).unwrap();
+        let mut w = store.watch("/").await.unwrap();
+        drop(store);
+        assert!(w.next().await.is_none());
+    }
+}

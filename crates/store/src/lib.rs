@@ -146,6 +146,43 @@ pub fn validate_key(key: &str) -> Result<(), StoreError> {
     })
 }
 
+impl Compare {
+    /// The key this compare checks.
+    pub fn key(&self) -> &str {
+        match self {
+            Compare::ModRevision { key, .. } => key,
+        }
+    }
+}
+
+impl TxnOp {
+    /// The key this operation writes.
+    pub fn key(&self) -> &str {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } => key,
+        }
+    }
+}
+
+/// Checks a transaction against the rules shared by every backend: every key
+/// valid, and no key written twice (etcd rejects that, so no backend allows it).
+pub fn validate_txn(compares: &[Compare], ops: &[TxnOp]) -> Result<(), StoreError> {
+    for c in compares {
+        validate_key(c.key())?;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(ops.len());
+    for op in ops {
+        validate_key(op.key())?;
+        if !seen.insert(op.key()) {
+            return Err(StoreError::InvalidKey {
+                key: op.key().to_owned(),
+                reason: "written twice in one transaction",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The state store. `Arc<dyn Store>` is what the control plane holds.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -167,7 +204,8 @@ pub trait Store: Send + Sync + 'static {
         value: Bytes,
     ) -> Result<Revision, StoreError>;
 
-    /// All keys starting with `prefix`, sorted by key.
+    /// All keys starting with `prefix`, sorted by key. `prefix` follows the
+    /// key rules ([`validate_key`]): `/` lists everything.
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError>;
 
     /// Applies `ops` atomically if every compare holds. Returns the revision of
@@ -175,5 +213,11 @@ pub trait Store: Send + Sync + 'static {
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Revision, StoreError>;
 
     /// Changes under `prefix` that happen after this call returns.
+    ///
+    /// `prefix` follows the key rules ([`validate_key`]). Events arrive in
+    /// revision order; the ops of one transaction share its revision. An `Err`
+    /// item (a lagging watcher, a lost connection) is the last item: the stream
+    /// ends after it, and the caller re-lists and watches again. Nothing is lost
+    /// silently.
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError>;
 }
