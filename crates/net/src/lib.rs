@@ -1,0 +1,32 @@
+//! Virtual switching and traffic statistics for vinfra (seed 7, "advanced statistics collection").
+//!
+//! One job: move Ethernet frames between a host's VM ports and its uplink, classify and count
+//! them, and merge the counts of every switch of a domain at that domain's controller.
+//!
+//! - [`core`] (pure): MAC learning, the controller's address table, classification
+//!   (intra-server / inter-server / inter-domain), per-class and per-VM-pair counters, flow aging.
+//! - [`switch`] (I/O shell): one thread per switch polling AF_PACKET sockets ([`rawsock`]) and
+//!   reporting to the controller over TCP with length-prefixed JSON ([`proto`]).
+//! - [`controller`]: one per domain; aggregates and versions the address table, merges counters
+//!   with reset epochs ([`stats`], pure), serves `GET /v1/traffic` and Prometheus text, and
+//!   exports IPFIX ([`ipfix`]).
+//! - [`bench`]: `vinfra bench vswitch`.
+//!
+//! Depends on no other vinfra crate. `unsafe` is confined to one block in [`rawsock`].
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod controller;
+pub mod core;
+pub mod frame;
+pub mod ipfix;
+pub mod netns;
+pub mod proto;
+pub mod rawsock;
+pub mod stats;
+pub mod switch;
+pub mod types;
+
+pub use controller::{router, serve_switches, Controller, TrafficQuery, TrafficReport};
+pub use switch::{PortConfig, Switch, SwitchConfig, SwitchHandle, SwitchStatus};
+pub use types::{AddressTable, ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId, TrafficClass};
