@@ -252,15 +252,21 @@ fn classes_counts_restart_errors_ipfix_and_http() {
     let before = class(&topo.ctl_a, TrafficClass::InterServer).0;
     v2a.received = 0;
     let frame = build(v2a.mac, v1a.mac, ETHERTYPE_TEST, 128);
+    let restarted = std::sync::atomic::AtomicBool::new(false);
     let (sent, at_restart) = std::thread::scope(|sc| {
         // The sender runs on its own thread so the restart happens while frames are in flight.
         let sender = sc.spawn(|| {
+            // Until the restart is done, then 200 more frames (capped in case it never is).
             let mut sent = 0u64;
-            while sent < 600 {
+            let mut after = 0u64;
+            while after < 200 && sent < 50_000 {
                 for _ in 0..10 {
                     v1a.port.send(&frame).expect("send");
                 }
                 sent += 10;
+                if restarted.load(std::sync::atomic::Ordering::Acquire) {
+                    after += 10;
+                }
                 // Pacing (about 10k frames/s), not waiting for a condition.
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -275,6 +281,7 @@ fn classes_counts_restart_errors_ipfix_and_http() {
         let st = old.stop().expect("graceful stop with final report");
         assert!(st.counters.class(TrafficClass::InterServer).packets > 0);
         topo.switches[0] = Some(Switch::start(topo.configs[0].clone()).expect("restart h1"));
+        restarted.store(true, std::sync::atomic::Ordering::Release);
         (sender.join().expect("sender"), at_restart)
     });
     wait_for("restart counts to settle", Duration::from_secs(10), || {
