@@ -259,6 +259,8 @@ impl Planner {
                 pairs.push((reasons.len(), score, a, b, reasons));
             }
         }
+        // A pair failing nothing exists only in a dry run; it is no candidate for blame.
+        pairs.retain(|p| !p.4.is_empty());
         pairs.sort_by_key(|p| (p.0, p.1, p.2, p.3));
         pairs.truncate(EXPLAIN_PAIRS);
 
@@ -305,8 +307,14 @@ impl Planner {
             candidates.extend(self.server_reports(st, req));
         }
 
+        // `place` calls this only on refusal; a direct call (a dry run) may find one.
+        let verdict = if self.search(req).is_some() {
+            "a redundant placement exists"
+        } else {
+            "no redundant placement"
+        };
         let mut summary = format!(
-            "no redundant placement for {req}: {n} storage{}, {} server{}",
+            "{verdict} for {req}: {n} storage{}, {} server{}",
             plural(n),
             self.servers.len(),
             plural(self.servers.len())

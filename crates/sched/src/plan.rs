@@ -294,7 +294,7 @@ impl Planner {
     }
 
     /// Returns (primary storage, primary server, standby storage, standby server).
-    fn search(&self, req: &Request) -> Option<(u32, u32, u32, u32)> {
+    pub(crate) fn search(&self, req: &Request) -> Option<(u32, u32, u32, u32)> {
         let mut tops = vec![Top2::default(); self.n_tags];
         let mut pos_of: Vec<u32> = vec![UNSEEN; self.storages.len()];
         let mut walked: Vec<u32> = Vec::new();

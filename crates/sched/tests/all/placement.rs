@@ -424,3 +424,17 @@ fn standby_takes_over_when_the_primary_is_down() {
     inv.servers.remove(ix);
     assert!(takeover(&p, &inv.servers).restart().is_some());
 }
+
+#[test]
+fn explain_as_a_dry_run_says_when_a_placement_exists() {
+    let planner = Planner::new(&inv(TWO_ROOMS)).unwrap();
+    let e = planner.explain(&req(100, 2, 4096));
+    assert!(
+        e.summary.starts_with("a redundant placement exists for "),
+        "{}",
+        e.summary
+    );
+    // c pairs with nobody: the candidates say so.
+    assert!(e.to_string().contains("share no replication group"), "{e}");
+    assert!(e.candidates.iter().all(|c| !c.reasons.is_empty()), "{e}");
+}
