@@ -9,14 +9,14 @@
 //! [`Explanation`] naming the failed constraint for the best candidates.
 //!
 //! It owns no state and does no I/O besides [`Inventory::load_file`]; no clock, no
-//! randomness except the seeded generator used by [`bench`]. It depends on no other
+//! randomness except the seeded generator used by [`bench`](mod@bench). It depends on no other
 //! vinfra crate: the API and the agent call it, never the other way round.
 //!
 //! - [`model`]: the inventory types, YAML/JSON loading with per-path errors.
 //! - [`Planner`]: indexes built once per inventory snapshot; `place`, `explain`, `commit`.
 //! - [`takeover`]: the decision to restart a VM on its standby when the primary is down.
 //! - [`baseline`]: the naive brute force, for tests and the benchmark.
-//! - [`bench`]: seeded random clusters and the side-by-side benchmark.
+//! - [`bench`](mod@bench): seeded random clusters and the side-by-side benchmark.
 //!
 //! See `docs/PLACEMENT.md` for the algorithm and the measured rates.
 
