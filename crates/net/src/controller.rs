@@ -184,7 +184,11 @@ impl Controller {
                     tx: Counter::default(),
                     rx: Counter::default(),
                 });
-                if tx { v.tx.add(*c) } else { v.rx.add(*c) }
+                if tx {
+                    v.tx.add(*c)
+                } else {
+                    v.rx.add(*c)
+                }
             }
             pair_rows.push(PairTraffic {
                 src_vm: name(src),
@@ -196,7 +200,7 @@ impl Controller {
                 bytes: c.bytes,
             });
         }
-        pair_rows.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        pair_rows.sort_by_key(|p| std::cmp::Reverse(p.bytes));
         TrafficReport {
             domain: self.domain.clone(),
             from: from_s,
@@ -205,7 +209,11 @@ impl Controller {
                 .iter()
                 .map(|&class| {
                     let c = counters.class(class);
-                    ClassTraffic { class, packets: c.packets, bytes: c.bytes }
+                    ClassTraffic {
+                        class,
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    }
                 })
                 .collect(),
             flood: counters.flood,
@@ -222,8 +230,16 @@ impl Controller {
         let mut o = String::new();
         let t = st.stats.totals();
         for (metric, help, pick) in [
-            ("vinfra_traffic_packets_total", "Frames counted by the domain's virtual switches.", true),
-            ("vinfra_traffic_bytes_total", "Bytes of the frames counted by the domain's virtual switches.", false),
+            (
+                "vinfra_traffic_packets_total",
+                "Frames counted by the domain's virtual switches.",
+                true,
+            ),
+            (
+                "vinfra_traffic_bytes_total",
+                "Bytes of the frames counted by the domain's virtual switches.",
+                false,
+            ),
         ] {
             let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
             for class in TrafficClass::ALL {
@@ -236,7 +252,12 @@ impl Controller {
         }
         let _ = writeln!(o, "# HELP vinfra_traffic_errors_total Malformed frames dropped, by switch.\n# TYPE vinfra_traffic_errors_total counter");
         for (sw, c) in st.stats.per_switch() {
-            let _ = writeln!(o, "vinfra_traffic_errors_total{{domain=\"{d}\",switch=\"{}\"}} {}", escape(&sw.0), c.errors);
+            let _ = writeln!(
+                o,
+                "vinfra_traffic_errors_total{{domain=\"{d}\",switch=\"{}\"}} {}",
+                escape(&sw.0),
+                c.errors
+            );
         }
         let _ = writeln!(o, "# HELP vinfra_switch_restarts_total Switch restarts (new counter epochs) seen.\n# TYPE vinfra_switch_restarts_total counter\nvinfra_switch_restarts_total{{domain=\"{d}\"}} {}", st.stats.restarts());
         let _ = writeln!(o, "# HELP vinfra_address_table_version Version of the domain's address table.\n# TYPE vinfra_address_table_version gauge\nvinfra_address_table_version{{domain=\"{d}\"}} {}", st.table.version);
@@ -246,7 +267,9 @@ impl Controller {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// `GET /v1/traffic` parameters: a window of the last `window_s` seconds, or `[from, to)` in
@@ -396,7 +419,11 @@ mod tests {
             known_table_version: known,
             ports: macs
                 .iter()
-                .map(|&n| PortAddress { vm: format!("vm{n}"), mac: MacAddr([2, 0, 0, 0, 0, n]), ip: None })
+                .map(|&n| PortAddress {
+                    vm: format!("vm{n}"),
+                    mac: MacAddr([2, 0, 0, 0, 0, n]),
+                    ip: None,
+                })
                 .collect(),
             counters: ClassCounters::default(),
             flows: vec![],
@@ -407,15 +434,27 @@ mod tests {
     fn table_aggregates_switches_and_is_sent_only_when_newer() {
         let c = Controller::new("d".into());
         let a1 = c.handle_report(&report("h1", 1, 1, 0, &[1, 2]));
-        assert_eq!(a1.table.as_ref().map(|t| (t.version, t.entries.len())), Some((1, 2)));
+        assert_eq!(
+            a1.table.as_ref().map(|t| (t.version, t.entries.len())),
+            Some((1, 2))
+        );
         let a2 = c.handle_report(&report("h2", 1, 1, 0, &[3]));
-        assert_eq!(a2.table.as_ref().map(|t| (t.version, t.entries.len())), Some((2, 3)));
+        assert_eq!(
+            a2.table.as_ref().map(|t| (t.version, t.entries.len())),
+            Some((2, 3))
+        );
         // Same addresses again: no new version; a switch already at 2 gets nothing.
         assert_eq!(c.handle_report(&report("h1", 1, 2, 2, &[1, 2])).table, None);
         assert_eq!(c.table().version, 2);
         // h1 is behind: it gets version 2 with h2's VM.
-        let t = c.handle_report(&report("h1", 1, 3, 1, &[1, 2])).table.unwrap();
-        assert!(t.entries.iter().any(|e| e.switch.0 == "h2" && e.vm == "vm3"));
+        let t = c
+            .handle_report(&report("h1", 1, 3, 1, &[1, 2]))
+            .table
+            .unwrap();
+        assert!(t
+            .entries
+            .iter()
+            .any(|e| e.switch.0 == "h2" && e.vm == "vm3"));
         let mut other = report("h9", 1, 1, 0, &[9]);
         other.domain = "x".into();
         assert_eq!(c.handle_report(&other).outcome, ReportOutcome::WrongDomain);
@@ -427,11 +466,21 @@ mod tests {
         let c = Controller::new("d\"x".into());
         let mut r = report("h1", 1, 1, 0, &[1]);
         r.domain = "d\"x".into();
-        *r.counters.class_mut(TrafficClass::InterDomain) = Counter { packets: 7, bytes: 700 };
+        *r.counters.class_mut(TrafficClass::InterDomain) = Counter {
+            packets: 7,
+            bytes: 700,
+        };
         c.handle_report(&r);
         let text = c.prometheus();
-        assert!(text.contains("vinfra_traffic_packets_total{domain=\"d\\\"x\",class=\"inter_domain\"} 7"), "{text}");
-        assert!(text.contains("vinfra_traffic_bytes_total{domain=\"d\\\"x\",class=\"inter_domain\"} 700"));
-        assert!(text.contains("vinfra_traffic_packets_total{domain=\"d\\\"x\",class=\"intra_server\"} 0"));
+        assert!(
+            text.contains(
+                "vinfra_traffic_packets_total{domain=\"d\\\"x\",class=\"inter_domain\"} 7"
+            ),
+            "{text}"
+        );
+        assert!(text
+            .contains("vinfra_traffic_bytes_total{domain=\"d\\\"x\",class=\"inter_domain\"} 700"));
+        assert!(text
+            .contains("vinfra_traffic_packets_total{domain=\"d\\\"x\",class=\"intra_server\"} 0"));
     }
 }

@@ -244,7 +244,8 @@ impl SwitchCore {
         };
         let from_uplink = Some(ingress) == self.uplink;
         // Configured VM addresses are authoritative; learning covers what the table does not know.
-        if !self.local.contains_key(&h.src) && !(from_uplink && self.in_domain.contains_key(&h.src)) {
+        if !(self.local.contains_key(&h.src) || from_uplink && self.in_domain.contains_key(&h.src))
+        {
             self.learned.insert(h.src, (ingress, now_ms));
         }
         if h.dst.is_multicast() {
@@ -377,9 +378,18 @@ mod tests {
     #[test]
     fn classification_and_forwarding() {
         let mut c = core();
-        assert_eq!(c.process(PortId(0), &f(2, 1), 0), Verdict::Forward(PortId(1)));
-        assert_eq!(c.process(PortId(0), &f(3, 1), 0), Verdict::Forward(PortId(2)));
-        assert_eq!(c.process(PortId(0), &f(9, 1), 0), Verdict::Flood { except: PortId(0) });
+        assert_eq!(
+            c.process(PortId(0), &f(2, 1), 0),
+            Verdict::Forward(PortId(1))
+        );
+        assert_eq!(
+            c.process(PortId(0), &f(3, 1), 0),
+            Verdict::Forward(PortId(2))
+        );
+        assert_eq!(
+            c.process(PortId(0), &f(9, 1), 0),
+            Verdict::Flood { except: PortId(0) }
+        );
         let k = c.counters();
         assert_eq!(k.class(TrafficClass::IntraServer).packets, 1);
         assert_eq!(k.class(TrafficClass::InterServer).packets, 1);
@@ -391,17 +401,32 @@ mod tests {
     fn uplink_frames_are_counted_once_per_domain() {
         let mut c = core();
         // From vm3 (same domain, counted on h2): forwarded, not counted.
-        assert_eq!(c.process(PortId(2), &f(1, 3), 0), Verdict::Forward(PortId(0)));
+        assert_eq!(
+            c.process(PortId(2), &f(1, 3), 0),
+            Verdict::Forward(PortId(0))
+        );
         // From outside the domain to a local VM: counted here as inter-domain.
-        assert_eq!(c.process(PortId(2), &f(1, 9), 0), Verdict::Forward(PortId(0)));
+        assert_eq!(
+            c.process(PortId(2), &f(1, 9), 0),
+            Verdict::Forward(PortId(0))
+        );
         // Flooded by the fabric, for a VM elsewhere: neither counted nor forwarded.
-        assert_eq!(c.process(PortId(2), &f(3, 9), 0), Verdict::Drop(DropReason::NotForUs));
-        assert_eq!(c.process(PortId(2), &f(8, 9), 0), Verdict::Drop(DropReason::NotForUs));
+        assert_eq!(
+            c.process(PortId(2), &f(3, 9), 0),
+            Verdict::Drop(DropReason::NotForUs)
+        );
+        assert_eq!(
+            c.process(PortId(2), &f(8, 9), 0),
+            Verdict::Drop(DropReason::NotForUs)
+        );
         let k = c.counters();
         assert_eq!(k.class(TrafficClass::InterServer).packets, 0);
         assert_eq!(k.class(TrafficClass::InterDomain).packets, 1);
         // The outsider was learned behind the uplink.
-        assert_eq!(c.process(PortId(0), &f(9, 1), 0), Verdict::Forward(PortId(2)));
+        assert_eq!(
+            c.process(PortId(0), &f(9, 1), 0),
+            Verdict::Forward(PortId(2))
+        );
     }
 
     #[test]

@@ -80,19 +80,13 @@ pub fn parse(frame: &[u8]) -> Result<EthHeader, MalformedFrame> {
     }
     let payload = frame.get(off..).unwrap_or(&[]);
     match ethertype {
-        0..=1500 => {
-            if usize::from(ethertype) > payload.len() {
-                return Err(MalformedFrame::BadEthertype { value: ethertype });
-            }
+        0..=1500 if usize::from(ethertype) > payload.len() => {
+            return Err(MalformedFrame::BadEthertype { value: ethertype })
         }
         1501..=1535 => return Err(MalformedFrame::BadEthertype { value: ethertype }),
         ETHERTYPE_IPV4 => check_ipv4(payload)?,
         ETHERTYPE_IPV6 => check_ipv6(payload)?,
-        ETHERTYPE_ARP => {
-            if payload.len() < 28 {
-                return Err(MalformedFrame::BadArp);
-            }
-        }
+        ETHERTYPE_ARP if payload.len() < 28 => return Err(MalformedFrame::BadArp),
         _ => {}
     }
     Ok(EthHeader {
@@ -181,21 +175,37 @@ mod tests {
         assert_eq!(parse(&ipv4(46, 0x44, 60)), Err(MalformedFrame::BadIpv4));
         assert_eq!(parse(&ipv4(47, 0x45, 60)), Err(MalformedFrame::BadIpv4));
         assert_eq!(parse(&ipv4(46, 0x45, 30)), Err(MalformedFrame::BadIpv4));
-        assert_eq!(parse(&build(B, A, ETHERTYPE_VLAN, 16)), Err(MalformedFrame::TruncatedVlan));
-        assert_eq!(parse(&build(B, A, ETHERTYPE_ARP, 20)), Err(MalformedFrame::BadArp));
-        assert_eq!(parse(&build(B, A, ETHERTYPE_IPV6, 40)), Err(MalformedFrame::BadIpv6));
+        assert_eq!(
+            parse(&build(B, A, ETHERTYPE_VLAN, 16)),
+            Err(MalformedFrame::TruncatedVlan)
+        );
+        assert_eq!(
+            parse(&build(B, A, ETHERTYPE_ARP, 20)),
+            Err(MalformedFrame::BadArp)
+        );
+        assert_eq!(
+            parse(&build(B, A, ETHERTYPE_IPV6, 40)),
+            Err(MalformedFrame::BadIpv6)
+        );
         assert_eq!(
             parse(&build(B, A, 1520, 60)),
             Err(MalformedFrame::BadEthertype { value: 1520 })
         );
         assert_eq!(
             parse(&build(B, A, 40, 60)),
-            Ok(EthHeader { dst: B, src: A, ethertype: 40 })
+            Ok(EthHeader {
+                dst: B,
+                src: A,
+                ethertype: 40
+            })
         );
         assert_eq!(
             parse(&build(B, A, 100, 60)),
             Err(MalformedFrame::BadEthertype { value: 100 })
         );
-        assert_eq!(parse(&build(B, MacAddr::BROADCAST, 0x88b5, 60)), Err(MalformedFrame::MulticastSource));
+        assert_eq!(
+            parse(&build(B, MacAddr::BROADCAST, 0x88b5, 60)),
+            Err(MalformedFrame::MulticastSource)
+        );
     }
 }

@@ -36,13 +36,41 @@ pub struct FieldSpec {
 
 /// The exporter's template, in record order.
 pub const FIELDS: [FieldSpec; 7] = [
-    FieldSpec { ie: 56, len: 6, enterprise: None },  // sourceMacAddress
-    FieldSpec { ie: 80, len: 6, enterprise: None },  // destinationMacAddress
-    FieldSpec { ie: 1, len: 8, enterprise: None },   // octetDeltaCount
-    FieldSpec { ie: 2, len: 8, enterprise: None },   // packetDeltaCount
-    FieldSpec { ie: 152, len: 8, enterprise: None }, // flowStartMilliseconds
-    FieldSpec { ie: 153, len: 8, enterprise: None }, // flowEndMilliseconds
-    FieldSpec { ie: IE_TRAFFIC_CLASS, len: 1, enterprise: Some(ENTERPRISE) },
+    FieldSpec {
+        ie: 56,
+        len: 6,
+        enterprise: None,
+    }, // sourceMacAddress
+    FieldSpec {
+        ie: 80,
+        len: 6,
+        enterprise: None,
+    }, // destinationMacAddress
+    FieldSpec {
+        ie: 1,
+        len: 8,
+        enterprise: None,
+    }, // octetDeltaCount
+    FieldSpec {
+        ie: 2,
+        len: 8,
+        enterprise: None,
+    }, // packetDeltaCount
+    FieldSpec {
+        ie: 152,
+        len: 8,
+        enterprise: None,
+    }, // flowStartMilliseconds
+    FieldSpec {
+        ie: 153,
+        len: 8,
+        enterprise: None,
+    }, // flowEndMilliseconds
+    FieldSpec {
+        ie: IE_TRAFFIC_CLASS,
+        len: 1,
+        enterprise: Some(ENTERPRISE),
+    },
 ];
 
 const RECORD_LEN: usize = 6 + 6 + 8 + 8 + 8 + 8 + 1;
@@ -58,7 +86,10 @@ pub struct IpfixExporter {
 impl IpfixExporter {
     /// An exporter for one observation domain (one vinfra domain).
     pub fn new(observation_domain: u32) -> IpfixExporter {
-        IpfixExporter { observation_domain, sequence: 0 }
+        IpfixExporter {
+            observation_domain,
+            sequence: 0,
+        }
     }
 
     fn template_set() -> Vec<u8> {
@@ -68,7 +99,11 @@ impl IpfixExporter {
         s.extend_from_slice(&TEMPLATE_ID.to_be_bytes());
         s.extend_from_slice(&(FIELDS.len() as u16).to_be_bytes());
         for f in FIELDS {
-            let ie = if f.enterprise.is_some() { f.ie | 0x8000 } else { f.ie };
+            let ie = if f.enterprise.is_some() {
+                f.ie | 0x8000
+            } else {
+                f.ie
+            };
             s.extend_from_slice(&ie.to_be_bytes());
             s.extend_from_slice(&f.len.to_be_bytes());
             if let Some(e) = f.enterprise {
@@ -182,7 +217,10 @@ pub fn parse_message(b: &[u8]) -> Result<IpfixMessage, IpfixParseError> {
     }
     let len = usize::from(rd16(b, 2)?);
     if len != b.len() {
-        return Err(IpfixParseError::Length { header: len, actual: b.len() });
+        return Err(IpfixParseError::Length {
+            header: len,
+            actual: b.len(),
+        });
     }
     let mut msg = IpfixMessage {
         export_time: rd32(b, 4)?,
@@ -219,7 +257,11 @@ pub fn parse_message(b: &[u8]) -> Result<IpfixMessage, IpfixParseError> {
                     } else {
                         None
                     };
-                    fields.push(FieldSpec { ie: ie & 0x7fff, len: flen, enterprise });
+                    fields.push(FieldSpec {
+                        ie: ie & 0x7fff,
+                        len: flen,
+                        enterprise,
+                    });
                 }
                 if p > end {
                     return Err(IpfixParseError::Truncated { at: p });
@@ -236,11 +278,16 @@ pub fn parse_message(b: &[u8]) -> Result<IpfixMessage, IpfixParseError> {
                 return Err(IpfixParseError::Layout);
             }
             while p + RECORD_LEN <= end {
-                let mac = |o: usize| MacAddr::from_slice(&b[o..o + 6]).ok_or(IpfixParseError::Truncated { at: o });
+                let mac = |o: usize| {
+                    MacAddr::from_slice(&b[o..o + 6]).ok_or(IpfixParseError::Truncated { at: o })
+                };
                 msg.records.push(FlowDelta {
                     src: mac(p)?,
                     dst: mac(p + 6)?,
-                    counter: Counter { bytes: rd64(b, p + 12)?, packets: rd64(b, p + 20)? },
+                    counter: Counter {
+                        bytes: rd64(b, p + 12)?,
+                        packets: rd64(b, p + 20)?,
+                    },
                     start_ms: rd64(b, p + 28)?,
                     end_ms: rd64(b, p + 36)?,
                     class: TrafficClass::from_code(b[p + 44]).ok_or(IpfixParseError::Layout)?,
@@ -262,7 +309,10 @@ mod tests {
             src: MacAddr([2, 0, 0, 0, 0, n]),
             dst: MacAddr([2, 0, 0, 0, 1, n]),
             class: TrafficClass::InterServer,
-            counter: Counter { packets: u64::from(n), bytes: 100 * u64::from(n) },
+            counter: Counter {
+                packets: u64::from(n),
+                bytes: 100 * u64::from(n),
+            },
             start_ms: 1,
             end_ms: 2,
         }
@@ -277,7 +327,10 @@ mod tests {
         let a = parse_message(&msgs[0]).unwrap();
         let b = parse_message(&msgs[1]).unwrap();
         assert_eq!(a.set_ids, vec![2, 256]);
-        assert_eq!((a.sequence, a.observation_domain, a.export_time), (0, 7, 1234));
+        assert_eq!(
+            (a.sequence, a.observation_domain, a.export_time),
+            (0, 7, 1234)
+        );
         assert_eq!(b.sequence as usize, a.records.len());
         let back: Vec<_> = a.records.into_iter().chain(b.records).collect();
         assert_eq!(back, flows);
@@ -298,6 +351,9 @@ mod tests {
         let tlen = usize::from(u16::from_be_bytes([m[18], m[19]]));
         swapped.extend_from_slice(&m[16 + tlen..]);
         swapped.extend_from_slice(&m[16..16 + tlen]);
-        assert_eq!(parse_message(&swapped), Err(IpfixParseError::UnknownTemplate(256)));
+        assert_eq!(
+            parse_message(&swapped),
+            Err(IpfixParseError::UnknownTemplate(256))
+        );
     }
 }

@@ -29,4 +29,6 @@ pub mod types;
 
 pub use controller::{router, serve_switches, Controller, TrafficQuery, TrafficReport};
 pub use switch::{PortConfig, Switch, SwitchConfig, SwitchHandle, SwitchStatus};
-pub use types::{AddressTable, ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId, TrafficClass};
+pub use types::{
+    AddressTable, ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId, TrafficClass,
+};

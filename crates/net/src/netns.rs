@@ -13,8 +13,14 @@ pub struct LabError {
 
 /// Runs `ip ARGS`.
 pub fn ip(args: &[&str]) -> Result<(), LabError> {
-    let err = |stderr: String| LabError { args: args.join(" "), stderr };
-    let out = Command::new("ip").args(args).output().map_err(|e| err(e.to_string()))?;
+    let err = |stderr: String| LabError {
+        args: args.join(" "),
+        stderr,
+    };
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| err(e.to_string()))?;
     if !out.status.success() {
         return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
     }
@@ -40,13 +46,28 @@ impl NetnsLab {
         self.names.push(name.to_owned());
         ip(&["-n", name, "link", "set", "lo", "up"])?;
         let _ = Command::new("ip")
-            .args(["netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+            .args([
+                "netns",
+                "exec",
+                name,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ])
             .status();
         Ok(())
     }
 
     /// A veth pair `a`@`ns_a` <-> `b`@`ns_b`, both up, optionally with fixed MACs.
-    pub fn veth(&self, ns_a: &str, a: &str, ns_b: &str, b: &str, mac_a: Option<&str>) -> Result<(), LabError> {
+    pub fn veth(
+        &self,
+        ns_a: &str,
+        a: &str,
+        ns_b: &str,
+        b: &str,
+        mac_a: Option<&str>,
+    ) -> Result<(), LabError> {
         let mut args = vec!["link", "add", a, "netns", ns_a];
         if let Some(m) = mac_a {
             args.extend(["address", m]);
@@ -62,7 +83,11 @@ impl Drop for NetnsLab {
     fn drop(&mut self) {
         for n in self.names.drain(..).rev() {
             if let Err(e) = ip(&["netns", "del", &n]) {
-                tracing::warn!(netns = n, error = &e as &dyn std::error::Error, "cannot delete namespace");
+                tracing::warn!(
+                    netns = n,
+                    error = &e as &dyn std::error::Error,
+                    "cannot delete namespace"
+                );
             }
         }
     }

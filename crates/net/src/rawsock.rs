@@ -81,10 +81,17 @@ impl RawPort {
         std::thread::Builder::new()
             .name("netns-open".into())
             .spawn(move || {
-                let f = File::open(format!("/run/netns/{ns}"))
-                    .map_err(|err| RawPortError::Netns { netns: ns.clone(), err })?;
-                nix::sched::setns(f.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| RawPortError::Netns { netns: ns.clone(), err: e.into() })?;
+                let f =
+                    File::open(format!("/run/netns/{ns}")).map_err(|err| RawPortError::Netns {
+                        netns: ns.clone(),
+                        err,
+                    })?;
+                nix::sched::setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    RawPortError::Netns {
+                        netns: ns.clone(),
+                        err: e.into(),
+                    }
+                })?;
                 Self::open_here(&ifname)
             })
             .map_err(|_| RawPortError::Thread)?
@@ -93,10 +100,15 @@ impl RawPort {
     }
 
     fn open_here(ifname: &str) -> Result<RawPort, RawPortError> {
-        let ifindex = nix::net::if_::if_nametoindex(ifname).map_err(|err| {
-            RawPortError::NoInterface { ifname: ifname.to_owned(), err }
-        })?;
-        let sock_err = |err| RawPortError::Socket { ifname: ifname.to_owned(), err };
+        let ifindex =
+            nix::net::if_::if_nametoindex(ifname).map_err(|err| RawPortError::NoInterface {
+                ifname: ifname.to_owned(),
+                err,
+            })?;
+        let sock_err = |err| RawPortError::Socket {
+            ifname: ifname.to_owned(),
+            err,
+        };
         let fd = socket::socket(
             AddressFamily::Packet,
             SockType::Raw,
@@ -121,7 +133,11 @@ impl RawPort {
         socket::bind(fd.as_raw_fd(), &addr).map_err(sock_err)?;
         // A deeper receive queue absorbs bursts while the switch thread is reporting.
         let _ = socket::setsockopt(&fd, socket::sockopt::RcvBuf, &(4 << 20));
-        Ok(RawPort { fd, ifname: ifname.to_owned(), ifindex })
+        Ok(RawPort {
+            fd,
+            ifname: ifname.to_owned(),
+            ifindex,
+        })
     }
 
     /// Interface name.

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::core::FlowRecord;
-use crate::types::{ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId, TrafficClass};
+use crate::types::{
+    ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId, TrafficClass,
+};
 
 /// What a switch sends the controller every report interval (and once more when it stops).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +47,9 @@ pub enum ReportOutcome {
     /// Not for this controller's domain.
     WrongDomain,
 }
+
+/// Counts per (source MAC, destination MAC), with the pair's class.
+pub type PairCounts = BTreeMap<(MacAddr, MacAddr), (TrafficClass, Counter)>;
 
 /// A VM pair's counts not yet exported, for IPFIX.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,21 +147,33 @@ impl DomainStats {
                 Some(&(seq, last)) if f.flow_seq == seq => f.counter.since(last),
                 _ => f.counter,
             };
-            let prev = st.flows.get(&key).filter(|(s, _)| *s == f.flow_seq).map(|(_, c)| *c);
-            st.flows
-                .insert(key, (f.flow_seq, prev.map_or(f.counter, |p| p.max(f.counter))));
+            let prev = st
+                .flows
+                .get(&key)
+                .filter(|(s, _)| *s == f.flow_seq)
+                .map(|(_, c)| *c);
+            st.flows.insert(
+                key,
+                (f.flow_seq, prev.map_or(f.counter, |p| p.max(f.counter))),
+            );
             if !d.is_zero() {
                 pair_deltas.push((key, f.class, d));
             }
         }
 
         self.totals.add(&delta);
-        self.per_switch.entry(r.switch.clone()).or_default().add(&delta);
+        self.per_switch
+            .entry(r.switch.clone())
+            .or_default()
+            .add(&delta);
         let sec = now_ms / 1000;
         let bucket = self.buckets.entry(sec).or_default();
         bucket.counters.add(&delta);
         for &(key, class, d) in &pair_deltas {
-            let b = bucket.pairs.entry(key).or_insert((class, Counter::default()));
+            let b = bucket
+                .pairs
+                .entry(key)
+                .or_insert((class, Counter::default()));
             b.0 = class;
             b.1.add(d);
             let t = self.pairs.entry(key).or_insert((class, Counter::default()));
@@ -200,11 +217,7 @@ impl DomainStats {
     }
 
     /// Counts in `[from_s, to_s)` (unix seconds; `None` = unbounded), lifetime when both are `None`.
-    pub fn window(
-        &self,
-        from_s: Option<u64>,
-        to_s: Option<u64>,
-    ) -> (ClassCounters, BTreeMap<(MacAddr, MacAddr), (TrafficClass, Counter)>) {
+    pub fn window(&self, from_s: Option<u64>, to_s: Option<u64>) -> (ClassCounters, PairCounts) {
         if from_s.is_none() && to_s.is_none() {
             return (self.totals, self.pairs.clone());
         }
@@ -231,7 +244,13 @@ mod tests {
     fn mac(n: u8) -> MacAddr {
         MacAddr([2, 0, 0, 0, 0, n])
     }
-    fn report(epoch: u64, seq: u64, packets: u64, flow_seq: u64, flow_packets: u64) -> SwitchReport {
+    fn report(
+        epoch: u64,
+        seq: u64,
+        packets: u64,
+        flow_seq: u64,
+        flow_packets: u64,
+    ) -> SwitchReport {
         let mut counters = ClassCounters::default();
         *counters.class_mut(TrafficClass::InterServer) = Counter {
             packets,
@@ -268,10 +287,16 @@ mod tests {
     fn retries_and_reordering_never_double_count_or_go_back() {
         let mut s = DomainStats::default();
         assert_eq!(s.apply(&report(10, 1, 5, 1, 5), 0), ReportOutcome::Applied);
-        assert_eq!(s.apply(&report(10, 1, 5, 1, 5), 0), ReportOutcome::Duplicate);
+        assert_eq!(
+            s.apply(&report(10, 1, 5, 1, 5), 0),
+            ReportOutcome::Duplicate
+        );
         assert_eq!(s.apply(&report(10, 3, 9, 1, 9), 0), ReportOutcome::Applied);
         // seq 2 arrives late: it is older than what was applied.
-        assert_eq!(s.apply(&report(10, 2, 7, 1, 7), 0), ReportOutcome::Duplicate);
+        assert_eq!(
+            s.apply(&report(10, 2, 7, 1, 7), 0),
+            ReportOutcome::Duplicate
+        );
         assert_eq!((inter(&s), pair(&s)), (9, 9));
     }
 
@@ -283,7 +308,10 @@ mod tests {
         // Restart: counters start at 0 again; seq restarts too.
         assert_eq!(s.apply(&report(20, 1, 3, 1, 3), 0), ReportOutcome::Applied);
         assert_eq!((inter(&s), pair(&s)), (11, 11));
-        assert_eq!(s.apply(&report(10, 3, 100, 1, 100), 0), ReportOutcome::StaleEpoch);
+        assert_eq!(
+            s.apply(&report(10, 3, 100, 1, 100), 0),
+            ReportOutcome::StaleEpoch
+        );
         assert_eq!(s.apply(&report(20, 2, 4, 1, 4), 0), ReportOutcome::Applied);
         assert_eq!((inter(&s), pair(&s)), (12, 12));
         assert_eq!(s.restarts(), 1);
@@ -298,8 +326,14 @@ mod tests {
         assert_eq!((inter(&s), pair(&s)), (7, 7));
         // A late record of the old flow is ignored.
         let mut r = report(10, 3, 7, 1, 6);
-        r.flows.push(FlowRecord { flow_seq: 2, ..r.flows[0] });
-        r.flows[1].counter = Counter { packets: 2, bytes: 200 };
+        r.flows.push(FlowRecord {
+            flow_seq: 2,
+            ..r.flows[0]
+        });
+        r.flows[1].counter = Counter {
+            packets: 2,
+            bytes: 200,
+        };
         s.apply(&r, 0);
         assert_eq!(pair(&s), 7);
     }
@@ -309,12 +343,33 @@ mod tests {
         let mut s = DomainStats::default();
         s.apply(&report(10, 1, 5, 1, 5), 1_000);
         s.apply(&report(10, 2, 8, 1, 8), 5_500);
-        assert_eq!(s.window(Some(0), Some(5)).0.class(TrafficClass::InterServer).packets, 5);
-        assert_eq!(s.window(Some(5), None).0.class(TrafficClass::InterServer).packets, 3);
-        assert_eq!(s.window(Some(6), Some(5)).0.class(TrafficClass::InterServer).packets, 0);
+        assert_eq!(
+            s.window(Some(0), Some(5))
+                .0
+                .class(TrafficClass::InterServer)
+                .packets,
+            5
+        );
+        assert_eq!(
+            s.window(Some(5), None)
+                .0
+                .class(TrafficClass::InterServer)
+                .packets,
+            3
+        );
+        assert_eq!(
+            s.window(Some(6), Some(5))
+                .0
+                .class(TrafficClass::InterServer)
+                .packets,
+            0
+        );
         let d = s.take_flow_deltas();
         assert_eq!(d.len(), 1);
-        assert_eq!((d[0].counter.packets, d[0].start_ms, d[0].end_ms), (8, 1_000, 5_500));
+        assert_eq!(
+            (d[0].counter.packets, d[0].start_ms, d[0].end_ms),
+            (8, 1_000, 5_500)
+        );
         assert!(s.take_flow_deltas().is_empty());
     }
 }

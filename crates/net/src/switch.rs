@@ -149,7 +149,10 @@ pub struct SwitchHandle {
 impl SwitchHandle {
     /// The latest status (updated at each report interval).
     pub fn status(&self) -> SwitchStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Stops the switch after a final report; returns its final status.
@@ -159,8 +162,12 @@ impl SwitchHandle {
 
     fn join(&mut self) -> Result<SwitchStatus, SwitchError> {
         self.stop.store(true, Ordering::Release);
-        let t = self.thread.take().ok_or(SwitchError::Thread { switch: self.switch.clone() })?;
-        t.join().map_err(|_| SwitchError::Thread { switch: self.switch.clone() })?
+        let t = self.thread.take().ok_or(SwitchError::Thread {
+            switch: self.switch.clone(),
+        })?;
+        t.join().map_err(|_| SwitchError::Thread {
+            switch: self.switch.clone(),
+        })?
     }
 }
 
@@ -195,7 +202,10 @@ fn next_epoch() -> u64 {
 impl Switch {
     /// Opens the ports and starts the switch thread.
     pub fn start(cfg: SwitchConfig) -> Result<SwitchHandle, SwitchError> {
-        let port_err = |err| SwitchError::Port { switch: cfg.switch.clone(), err };
+        let port_err = |err| SwitchError::Port {
+            switch: cfg.switch.clone(),
+            err,
+        };
         let mut kinds = Vec::new();
         let mut socks = Vec::new();
         for p in &cfg.ports {
@@ -211,7 +221,10 @@ impl Switch {
         }
         let core = SwitchCore::new(cfg.switch.clone(), cfg.domain.clone(), kinds, cfg.timeouts);
         let stop = Arc::new(AtomicBool::new(false));
-        let status = Arc::new(Mutex::new(SwitchStatus { epoch: next_epoch(), ..Default::default() }));
+        let status = Arc::new(Mutex::new(SwitchStatus {
+            epoch: next_epoch(),
+            ..Default::default()
+        }));
         let worker = Worker {
             link: cfg.controller.map(ControllerLink::new),
             cfg: cfg.clone(),
@@ -228,9 +241,16 @@ impl Switch {
         let thread = std::thread::Builder::new()
             .name(format!("vswitch-{}", cfg.switch))
             .spawn(move || worker.run())
-            .map_err(|_| SwitchError::Thread { switch: cfg.switch.clone() })?;
+            .map_err(|_| SwitchError::Thread {
+                switch: cfg.switch.clone(),
+            })?;
         tracing::info!(switch = %cfg.switch, domain = %cfg.domain, "switch started");
-        Ok(SwitchHandle { switch: cfg.switch, stop, status, thread: Some(thread) })
+        Ok(SwitchHandle {
+            switch: cfg.switch,
+            stop,
+            status,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -302,7 +322,9 @@ impl Worker {
         let epoch = self.status.lock().unwrap_or_else(|e| e.into_inner()).epoch;
         let start = Instant::now();
         let base_ms = unix_ms();
-        let now_ms = |start: Instant| base_ms + u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now_ms = |start: Instant| {
+            base_ms + u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+        };
         let mut buf = vec![0u8; 65536];
         // Register first so the controller's table is in place before the first frame is
         // classified (a restarted switch would otherwise count its first frames as inter-domain).
@@ -317,7 +339,10 @@ impl Worker {
                 break Ok(());
             }
             if let Err(err) = self.poll_once(&mut buf, now_ms(start)) {
-                break Err(SwitchError::Poll { switch: self.cfg.switch.clone(), err });
+                break Err(SwitchError::Poll {
+                    switch: self.cfg.switch.clone(),
+                    err,
+                });
             }
             if Instant::now() >= next_report {
                 next_report = Instant::now() + self.cfg.report_interval;
@@ -335,25 +360,37 @@ impl Worker {
                 Ok(()) if self.pending.is_none() => break,
                 Ok(()) => {}
                 Err(err) if Instant::now() >= deadline => {
-                    return Err(SwitchError::FinalReport { switch: self.cfg.switch.clone(), err });
+                    return Err(SwitchError::FinalReport {
+                        switch: self.cfg.switch.clone(),
+                        err,
+                    });
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
         tracing::info!(switch = %self.cfg.switch, "switch stopped");
-        Ok(self.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        Ok(self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
     }
 
     fn poll_once(&mut self, buf: &mut [u8], now_ms: u64) -> Result<(), nix::errno::Errno> {
         let ready: Vec<bool> = {
-            let mut fds: Vec<PollFd<'_>> =
-                self.socks.iter().map(|s| PollFd::new(s.fd(), PollFlags::POLLIN)).collect();
+            let mut fds: Vec<PollFd<'_>> = self
+                .socks
+                .iter()
+                .map(|s| PollFd::new(s.fd(), PollFlags::POLLIN))
+                .collect();
             match nix::poll::poll(&mut fds, PollTimeout::from(10u8)) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => return Ok(()),
                 Err(e) => return Err(e),
             }
-            fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect()
+            fds.iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect()
         };
         for (i, r) in ready.into_iter().enumerate() {
             if !r {
@@ -416,7 +453,11 @@ impl Worker {
         } else {
             self.pending.as_ref().map_or(0, |p| p.1)
         };
-        let counters = self.pending.as_ref().map(|p| p.0.counters).unwrap_or_default();
+        let counters = self
+            .pending
+            .as_ref()
+            .map(|p| p.0.counters)
+            .unwrap_or_default();
         let result = match (&mut self.link, &self.pending) {
             (Some(link), Some((r, _))) => link.exchange(r).map(Some),
             _ => Ok(None),
@@ -426,7 +467,10 @@ impl Worker {
                 self.pending = None;
                 self.core.ack(marker);
                 if let Some(ack) = ack {
-                    if matches!(ack.outcome, ReportOutcome::Applied | ReportOutcome::Duplicate) {
+                    if matches!(
+                        ack.outcome,
+                        ReportOutcome::Applied | ReportOutcome::Duplicate
+                    ) {
                         self.reports_applied += 1;
                     } else {
                         tracing::warn!(switch = %self.cfg.switch, outcome = ?ack.outcome, "controller refused report");
@@ -462,7 +506,9 @@ impl Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("switch", &self.cfg.switch).finish_non_exhaustive()
+        f.debug_struct("Worker")
+            .field("switch", &self.cfg.switch)
+            .finish_non_exhaustive()
     }
 }
 

@@ -29,7 +29,11 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -49,7 +53,9 @@ pub struct ParseMacError {
 impl FromStr for MacAddr {
     type Err = ParseMacError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseMacError { input: s.to_owned() };
+        let err = || ParseMacError {
+            input: s.to_owned(),
+        };
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for o in &mut out {
