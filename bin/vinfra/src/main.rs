@@ -48,6 +48,9 @@ enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(cmd::vm::VmCmd),
+    /// Live migrations.
+    #[command(subcommand)]
+    Migration(cmd::migration::MigrationCmd),
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -117,6 +120,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Host(c) => cmd::host::run(&ctx, c).await,
         Command::Vm(c) => cmd::vm::run(&ctx, c).await,
         Command::Image(c) => cmd::image::run(&ctx, c).await,
+        Command::Migration(c) => cmd::migration::run(&ctx, c).await,
         Command::Openapi => {
             println!("{}", api::openapi_json());
             Ok(())

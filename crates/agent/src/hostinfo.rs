@@ -5,7 +5,7 @@ use model::api::RegisterHost;
 use crate::AgentConfig;
 
 /// The registration body for this host.
-pub fn registration(cfg: &AgentConfig) -> RegisterHost {
+pub fn registration(cfg: &AgentConfig, nbd: std::net::SocketAddr) -> RegisterHost {
     let cpus = std::thread::available_parallelism()
         .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
         .unwrap_or(1);
@@ -24,6 +24,7 @@ pub fn registration(cfg: &AgentConfig) -> RegisterHost {
         disk_gib: disk_free_gib(&cfg.data_dir).unwrap_or(0),
         drivers,
         agent_url: None,
+        nbd_addr: Some(nbd.to_string()),
     }
 }
 
@@ -67,7 +68,7 @@ mod tests {
     fn registration_is_valid_for_the_server() {
         let dir = std::env::temp_dir();
         let cfg = AgentConfig::new("http://127.0.0.1:1", "t", "host-a", dir);
-        let r = registration(&cfg);
+        let r = registration(&cfg, "127.0.0.1:10809".parse().unwrap());
         assert!(r.cpus >= 1);
         r.validate()
             .expect("the server would accept this registration");

@@ -16,8 +16,10 @@
 //! pidfile and QMP socket.
 #![warn(missing_docs)]
 
+pub mod disks;
 mod hostinfo;
 mod local;
+mod migrate;
 pub mod reconcile;
 
 use std::collections::BTreeMap;
@@ -51,6 +53,8 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Reconcile period.
     pub poll: Duration,
+    /// The disk stack (origin dir, SAN model, cache size).
+    pub disks: disks::DiskConfig,
 }
 
 impl AgentConfig {
@@ -60,10 +64,16 @@ impl AgentConfig {
             server_url: server_url.to_owned(),
             token: token.to_owned(),
             host_name: host_name.to_owned(),
-            data_dir,
             accel: Accel::Auto,
             heartbeat: Duration::from_secs(2),
             poll: Duration::from_secs(1),
+            disks: disks::DiskConfig {
+                origin_dir: data_dir.join("origin"),
+                origin_rate: 0,
+                origin_latency: Duration::ZERO,
+                max_cache_blocks: 16384,
+            },
+            data_dir,
         }
     }
 }
@@ -90,6 +100,9 @@ pub enum AgentError {
         #[source]
         err: std::io::Error,
     },
+    /// The disk stack (NBD server, origin dir) could not start.
+    #[error("cannot start the disk stack")]
+    Disks(#[from] disks::DiskError),
     /// The server refused our registration (bad token, invalid host name, ...).
     #[error("the server refused to register host {host}")]
     Register {
@@ -114,9 +127,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
     })?;
     let driver: Arc<dyn ComputeDriver> = Arc::new(QemuDriver::new());
+    let disks = Arc::new(disks::DiskStack::start(&cfg.data_dir, cfg.disks.clone())?);
     tokio::pin!(shutdown);
 
-    let registration = hostinfo::registration(&cfg);
+    let registration = hostinfo::registration(&cfg, disks.addr());
     tokio::select! {
         r = register(&client, &registration) => r?,
         _ = &mut shutdown => return Ok(()),
@@ -128,15 +142,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg,
         client,
         driver,
+        disks,
         vms: BTreeMap::new(),
     };
     agent.adopt_existing().await;
-    let mut tick = tokio::time::interval(agent.cfg.poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // While a migration is in flight the next step is usually due at once
+        // (switch-over, progress): poll faster then.
+        let pause = if agent.migrating() {
+            agent.cfg.poll.min(Duration::from_millis(200))
+        } else {
+            agent.cfg.poll
+        };
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => agent.reconcile_once().await,
+            _ = tokio::time::sleep(pause) => agent.reconcile_once().await,
         }
     }
     hb.abort();
@@ -182,16 +202,21 @@ async fn heartbeat_loop(client: Client, registration: RegisterHost, every: Durat
     }
 }
 
-struct Agent {
-    cfg: AgentConfig,
-    client: Client,
-    driver: Arc<dyn ComputeDriver>,
-    vms: BTreeMap<VmId, LocalVm>,
+pub(crate) struct Agent {
+    pub(crate) cfg: AgentConfig,
+    pub(crate) client: Client,
+    pub(crate) driver: Arc<dyn ComputeDriver>,
+    pub(crate) disks: Arc<disks::DiskStack>,
+    pub(crate) vms: BTreeMap<VmId, LocalVm>,
 }
 
 impl Agent {
     fn files(&self, id: VmId) -> VmFiles {
         VmFiles::new(&self.cfg.data_dir, id)
+    }
+
+    fn migrating(&self) -> bool {
+        self.vms.values().any(|v| v.mig.is_some())
     }
 
     /// Re-attaches to VMs a previous agent process left running.
@@ -237,7 +262,25 @@ impl Agent {
         }
         let mut wanted = BTreeMap::new();
         let mut specs = BTreeMap::new();
+        let mut migrations = Vec::new();
+        // VMs whose life here is driven by a migration, not by the plain planner: a
+        // destination before switch-over, a source after it (or after QEMU moved it).
+        let mut by_migration = std::collections::BTreeSet::new();
         for a in assignments {
+            if let Some(m) = a.migration.clone() {
+                let here = a.vm.host.as_str() == self.cfg.host_name;
+                let moved_away = self
+                    .vms
+                    .get(&a.vm.id)
+                    .and_then(|v| v.mig.as_ref())
+                    .is_some_and(|x| x.migrated_away);
+                let incoming = m.to_host.as_str() == self.cfg.host_name;
+                migrations.push((a.clone(), m));
+                if !here || moved_away || incoming {
+                    by_migration.insert(a.vm.id);
+                    continue;
+                }
+            }
             let want = match a.vm.desired {
                 DesiredState::Running => Want::Running,
                 DesiredState::Stopped => Want::Stopped,
@@ -252,13 +295,37 @@ impl Agent {
             wanted.insert(a.vm.id, want);
             specs.insert(a.vm.id, a);
         }
-        let have: BTreeMap<VmId, Have> = self.vms.iter().map(|(id, vm)| (*id, vm.have())).collect();
+        let have: BTreeMap<VmId, Have> = self
+            .vms
+            .iter()
+            .filter(|(id, _)| !by_migration.contains(id))
+            .map(|(id, vm)| (*id, vm.have()))
+            .collect();
         for action in reconcile::plan(&wanted, &have) {
             self.execute(action, &specs).await;
+        }
+        for (a, m) in &migrations {
+            self.migration_step(a, m).await;
+        }
+        // A migration that ended (vm.migration cleared) leaves no trace here.
+        for (id, vm) in self.vms.iter_mut() {
+            if !migrations.iter().any(|(a, _)| a.vm.id == *id) {
+                if let Some(x) = vm.mig.take() {
+                    if let Some(r) = x.rebuild {
+                        r.cancel();
+                    }
+                }
+            }
         }
         for (id, a) in &specs {
             if a.vm.desired != DesiredState::Deleted {
                 self.report(*id).await;
+            }
+        }
+        // A destination after switch-over runs the VM: it reports it.
+        for (a, _) in &migrations {
+            if a.vm.host.as_str() == self.cfg.host_name && !specs.contains_key(&a.vm.id) {
+                self.report(a.vm.id).await;
             }
         }
     }
@@ -273,13 +340,21 @@ impl Agent {
                 let Some(a) = specs.get(&id) else { return };
                 let files = self.files(id);
                 self.send(id, ReportedState::Starting, None).await;
-                let result = local::start(self.driver.as_ref(), &files, a, self.cfg.accel).await;
-                let vm = self.vms.entry(id).or_default();
+                let mut vm = self.vms.remove(&id).unwrap_or_default();
+                let result = local::start(
+                    self.driver.as_ref(),
+                    &self.disks,
+                    &files,
+                    a,
+                    self.cfg.accel,
+                    &mut vm,
+                )
+                .await;
+                let vm = self.vms.entry(id).or_insert(vm);
                 match result {
-                    Ok(disk) => {
+                    Ok(()) => {
                         tracing::info!(vm = %id, name = %a.vm.name, "vm started");
                         vm.running = true;
-                        vm.disk = Some(disk);
                         vm.exit_note = None;
                     }
                     Err(e) => {
@@ -294,23 +369,25 @@ impl Agent {
                 self.send(id, ReportedState::Stopping, None).await;
                 let files = self.files(id);
                 if let Some(vm) = self.vms.get_mut(&id) {
-                    local::stop(self.driver.as_ref(), &files, vm).await;
+                    local::stop(self.driver.as_ref(), &self.disks, &files, vm).await;
                 }
             }
             Action::Destroy(id) => {
                 let files = self.files(id);
                 let mut vm = self.vms.remove(&id).unwrap_or_default();
-                local::stop(self.driver.as_ref(), &files, &mut vm).await;
+                local::stop(self.driver.as_ref(), &self.disks, &files, &mut vm).await;
                 if let Err(e) = files.remove() {
                     tracing::warn!(vm = %id, error = %e, "cannot remove vm files");
                 }
+                // The VM is gone for good: its disk too.
+                self.disks.remove_origin(id);
                 self.send(id, ReportedState::Deleted, None).await;
                 tracing::info!(vm = %id, "vm deleted");
             }
             Action::DropOrphan(id) => {
                 let files = self.files(id);
                 let mut vm = self.vms.remove(&id).unwrap_or_default();
-                local::stop(self.driver.as_ref(), &files, &mut vm).await;
+                local::stop(self.driver.as_ref(), &self.disks, &files, &mut vm).await;
                 if let Err(e) = files.remove() {
                     tracing::warn!(vm = %id, error = %e, "cannot remove orphan vm files");
                 }
@@ -359,8 +436,9 @@ impl Agent {
         for id in ids {
             let files = self.files(id);
             if let Some(vm) = self.vms.get_mut(&id) {
-                if vm.running {
-                    local::stop(self.driver.as_ref(), &files, vm).await;
+                // Also a VM whose state we lost track of: `stop` checks the pidfile.
+                if vm.running || files.pidfile().exists() {
+                    local::stop(self.driver.as_ref(), &self.disks, &files, vm).await;
                     self.send(
                         id,
                         ReportedState::Stopped,
@@ -374,7 +452,7 @@ impl Agent {
 }
 
 /// `a: b: c` from an error and its sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -1,33 +1,41 @@
 //! A VM's files on this host and the steps to start and stop it.
 //!
 //! Layout: `<data_dir>/vms/<first 12 hex digits of the id>/` holds `vm-id` (the full
-//! id), `disk.img`, `nbd.sock` + `nbd.pid` (the disk server) and the driver's files
+//! id), `cache/` (the VM's block cache on this host) and the driver's files
 //! (`console.log`, `qmp.sock`, pidfile). The short directory name keeps unix socket
-//! paths under the 108-byte limit even in a deep checkout.
+//! paths under the 108-byte limit even in a deep checkout. The disk itself (the
+//! origin) lives in the shared origin dir, see [`crate::disks`].
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use compute::{Accel, ComputeDriver, DiskTarget, NbdListen, QemuNbdDisk, VmSpec};
+use cache::BlockCache;
+use compute::{Accel, ComputeDriver, DiskTarget, VmSpec};
 use model::api::{Assignment, ObservedReport};
 use model::VmId;
 
+use crate::disks::{guest_export, DiskStack};
+use crate::migrate::MigLocal;
+
 /// Subdirectory of the data dir holding one directory per VM.
 pub const VMS_DIR: &str = "vms";
-const NBD_EXPORT: &str = "disk0";
 
 /// What this agent knows about one VM.
 #[derive(Debug, Default)]
 pub struct LocalVm {
-    /// Its hypervisor runs.
+    /// Its hypervisor runs (the guest executes here).
     pub running: bool,
-    /// The disk server, when started by this agent process.
-    pub disk: Option<QemuNbdDisk>,
+    /// Its block cache on this host, when open.
+    pub cache: Option<Arc<BlockCache>>,
     /// A start failure for this desired state: (desired state, reason).
     pub failed: Option<(model::DesiredState, String)>,
     /// Why the hypervisor exited on its own, if it did.
     pub exit_note: Option<String>,
     /// The last report sent, to skip identical ones.
     pub last_report: Option<ObservedReport>,
+    /// This host's part in a live migration of the VM.
+    pub mig: Option<MigLocal>,
 }
 
 impl LocalVm {
@@ -70,14 +78,14 @@ impl VmFiles {
     pub fn pidfile(&self) -> PathBuf {
         self.dir.join(compute::qemu::files::PID)
     }
-    fn disk(&self) -> PathBuf {
-        self.dir.join("disk.img")
+    /// The VM's cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.join("cache")
     }
-    fn nbd_sock(&self) -> PathBuf {
-        self.dir.join("nbd.sock")
-    }
-    fn nbd_pid(&self) -> PathBuf {
-        self.dir.join("nbd.pid")
+    /// Creates the run dir and records the VM id in it (found again by [`scan`]).
+    pub fn create(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(self.dir.join("vm-id"), self.driver_id())
     }
     /// The last `max` bytes of the console log, if any.
     pub fn console_tail(&self, max: u64) -> Option<String> {
@@ -135,107 +143,113 @@ pub enum StartError {
         /// The image name.
         image: String,
     },
-    /// The disk could not be prepared or served.
+    /// The disk stack failed.
     #[error("cannot serve the disk")]
-    Disk(#[from] compute::DiskError),
+    Disk(#[from] crate::disks::DiskError),
     /// The hypervisor did not start.
     #[error("the hypervisor did not start")]
     Compute(#[from] compute::ComputeError),
+    /// A blocking task died.
+    #[error("a background task failed")]
+    Join(#[from] tokio::task::JoinError),
 }
 
-/// Prepares the disk (first start only), serves it over NBD and boots the VM.
-pub async fn start(
-    driver: &dyn ComputeDriver,
+/// The VM's spec for the driver, with its disk on this host's NBD server.
+pub fn vm_spec(
     files: &VmFiles,
     a: &Assignment,
     accel: Accel,
-) -> Result<QemuNbdDisk, StartError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |err| StartError::Files { path, err }
-    };
-    std::fs::create_dir_all(&files.dir).map_err(io(&files.dir))?;
-    std::fs::write(files.dir.join("vm-id"), files.driver_id()).map_err(io(&files.dir))?;
-    let (Some(kernel), initrd) = (&a.image.kernel, &a.image.initrd) else {
+    nbd: SocketAddr,
+) -> Result<VmSpec, StartError> {
+    let Some(kernel) = &a.image.kernel else {
         return Err(StartError::NoKernel {
             image: a.image.name.to_string(),
         });
     };
-    let disk = files.disk();
-    if !disk.exists() {
-        match &a.image.disk_template {
-            Some(t) => {
-                compute::prepare_vm_disk(Path::new(t), &disk).await?;
-            }
-            None => {
-                let f = std::fs::File::create(&disk).map_err(io(&disk))?;
-                f.set_len(a.image.disk_mib.max(1) << 20)
-                    .map_err(io(&disk))?;
-            }
-        }
-    }
-    kill_stale_disk_server(files);
-    let server = QemuNbdDisk::spawn(&disk, NbdListen::Unix(files.nbd_sock()), NBD_EXPORT).await?;
-    std::fs::write(files.nbd_pid(), server.pid().to_string()).map_err(io(&files.nbd_pid()))?;
-    let spec = VmSpec {
+    Ok(VmSpec {
         id: files.driver_id(),
         name: a.vm.name.to_string(),
         vcpus: a.vm.vcpus,
         memory_mib: u32::try_from(a.vm.memory_mib).unwrap_or(u32::MAX),
         kernel: PathBuf::from(kernel),
-        initrd: initrd.as_ref().map(PathBuf::from).unwrap_or_default(),
+        initrd: a
+            .image
+            .initrd
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_default(),
         cmdline: a.image.cmdline.clone(),
-        disk: DiskTarget::NbdUnix {
-            path: files.nbd_sock(),
-            export: NBD_EXPORT.to_owned(),
+        disk: DiskTarget::NbdTcp {
+            host: Ipv4Addr::LOCALHOST.to_string(),
+            port: nbd.port(),
+            export: guest_export(a.vm.id),
         },
         run_dir: files.dir.clone(),
         accel,
-    };
-    match driver.start(&spec).await {
-        Ok(_) => Ok(server),
-        Err(e) => {
-            let _ = server.stop().await;
-            Err(e.into())
-        }
-    }
+    })
 }
 
-/// Stops the hypervisor and the disk server (also one left by an earlier agent).
-pub async fn stop(driver: &dyn ComputeDriver, files: &VmFiles, vm: &mut LocalVm) {
+/// Opens the VM's cache on this host unless it is open (after an agent restart this
+/// verifies every cached block), creating the origin image first if needed.
+pub async fn ensure_cache(
+    disks: &Arc<DiskStack>,
+    files: &VmFiles,
+    a: &Assignment,
+    vm: &mut LocalVm,
+) -> Result<Arc<BlockCache>, StartError> {
+    if let Some(c) = &vm.cache {
+        return Ok(c.clone());
+    }
+    files.create().map_err(|err| StartError::Files {
+        path: files.dir.clone(),
+        err,
+    })?;
+    disks
+        .ensure_origin(
+            a.vm.id,
+            a.image.disk_template.as_deref().map(Path::new),
+            a.image.disk_mib,
+        )
+        .await?;
+    let (d, id, dir) = (disks.clone(), a.vm.id, files.cache_dir());
+    let cache = tokio::task::spawn_blocking(move || d.open_cache(id, &dir)).await??;
+    vm.cache = Some(cache.clone());
+    Ok(cache)
+}
+
+/// Opens the cache, exports the disk through it and boots the VM.
+pub async fn start(
+    driver: &dyn ComputeDriver,
+    disks: &Arc<DiskStack>,
+    files: &VmFiles,
+    a: &Assignment,
+    accel: Accel,
+    vm: &mut LocalVm,
+) -> Result<(), StartError> {
+    let spec = vm_spec(files, a, accel, disks.addr())?;
+    let cache = ensure_cache(disks, files, a, vm).await?;
+    disks.export(a.vm.id, &cache);
+    driver.start(&spec).await?;
+    Ok(())
+}
+
+/// Stops the hypervisor (if any) and the VM's exports; closes its cache.
+pub async fn stop(
+    driver: &dyn ComputeDriver,
+    disks: &DiskStack,
+    files: &VmFiles,
+    vm: &mut LocalVm,
+) {
     if vm.running || files.pidfile().exists() {
         if let Err(e) = driver.stop(&files.driver_id()).await {
             tracing::warn!(vm = %files.driver_id(), error = %e, "stop failed");
         }
     }
     vm.running = false;
-    if let Some(disk) = vm.disk.take() {
-        let _ = disk.stop().await;
-    }
-    kill_stale_disk_server(files);
-}
-
-/// A disk server started by a previous agent process is not our child: find it by its
-/// pidfile, check that it really is qemu-nbd, and end it.
-fn kill_stale_disk_server(files: &VmFiles) {
-    let Ok(pid) = std::fs::read_to_string(files.nbd_pid()) else {
-        return;
-    };
-    let _ = std::fs::remove_file(files.nbd_pid());
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return;
-    };
-    let is_qemu_nbd = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| {
-            c.split(|b| *b == 0)
-                .next()
-                .is_some_and(|a0| a0.ends_with(b"qemu-nbd"))
-        })
-        .unwrap_or(false);
-    if is_qemu_nbd {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+    disks.unexport(files.id);
+    if let Some(c) = vm.cache.take() {
+        if let Err(e) = tokio::task::spawn_blocking(move || c.checkpoint()).await {
+            tracing::warn!(error = %e, "cache checkpoint task failed");
+        }
     }
 }

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use model::VmId;
+use model::{MigrationId, VmId};
 use store::Store;
 
 pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
@@ -73,6 +73,9 @@ struct Inner {
     /// Latest console tail per VM. In memory on purpose: it is large,
     /// changes every report, and losing it on restart costs nothing.
     consoles: Mutex<HashMap<VmId, String>>,
+    /// Migration cache snapshots, from the source agent to the destination agent.
+    /// In memory: used once within seconds; a server restart fails the migration.
+    snapshots: Mutex<HashMap<MigrationId, axum::body::Bytes>>,
     http: metrics::HttpCounters,
 }
 
@@ -93,6 +96,7 @@ impl AppState {
                 heartbeat_timeout_ms: u64::try_from(config.heartbeat_timeout.as_millis())
                     .unwrap_or(u64::MAX),
                 consoles: Mutex::new(HashMap::new()),
+                snapshots: Mutex::new(HashMap::new()),
                 http: metrics::HttpCounters::default(),
             }),
         }
@@ -128,9 +132,27 @@ impl AppState {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    pub(crate) fn set_snapshot(&self, m: MigrationId, snap: axum::body::Bytes) {
+        lock(&self.inner.snapshots).insert(m, snap);
+    }
+
+    pub(crate) fn snapshot(&self, m: MigrationId) -> Option<axum::body::Bytes> {
+        lock(&self.inner.snapshots).get(&m).cloned()
+    }
+
+    pub(crate) fn forget_snapshot(&self, m: MigrationId) {
+        lock(&self.inner.snapshots).remove(&m);
+    }
+
     pub(crate) fn http(&self) -> &metrics::HttpCounters {
         &self.inner.http
     }
+}
+
+/// Locks a map whose updates are single inserts/removes: a panic elsewhere cannot
+/// leave it half-updated, so a poisoned lock is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The API router: every route under `/v1`, plus `/metrics`.

@@ -129,6 +129,7 @@ mod tests {
             disk_gib: 10,
             drivers: vec![],
             agent_url: None,
+            nbd_addr: None,
             last_heartbeat: 0,
             state,
         }

@@ -13,7 +13,7 @@ use crate::ApiError;
 
 /// Store keys. Every name in a key has passed `validate_name`, so it has no `/`.
 pub(crate) mod keys {
-    use model::{ImageId, Name, TenantId, VmId};
+    use model::{ImageId, MigrationId, Name, TenantId, VmId};
 
     pub const TOKENS: &str = "/vinfra/tokens/";
     pub const TENANTS: &str = "/vinfra/tenants/";
@@ -22,6 +22,7 @@ pub(crate) mod keys {
     pub const IMAGE_NAMES: &str = "/vinfra/image-names/";
     pub const VMS: &str = "/vinfra/vms/";
     pub const VM_NAMES: &str = "/vinfra/vm-names/";
+    pub const MIGRATIONS: &str = "/vinfra/migrations/";
 
     /// A token record, under the hex SHA-256 of the token.
     pub fn token(hash: &str) -> String {
@@ -54,6 +55,9 @@ pub(crate) mod keys {
     }
     pub fn vm(id: VmId) -> String {
         format!("{VMS}{id}")
+    }
+    pub fn migration(id: MigrationId) -> String {
+        format!("{MIGRATIONS}{id}")
     }
     /// VM name index, per tenant: value is the VM id.
     pub fn vm_name(tenant: TenantId, name: &Name) -> String {

@@ -19,10 +19,10 @@
 use std::time::Duration;
 
 use model::api::{
-    Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, ObservedReport, Problem,
-    RegisterHost, TenantCreated, TokenCreated,
+    Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, MigrateVm, MigrationReport,
+    ObservedReport, Problem, RegisterHost, TenantCreated, TokenCreated,
 };
-use model::{Host, Image, Tenant, Vm, VmId};
+use model::{Host, Image, Migration, MigrationId, Tenant, Vm, VmId};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -295,6 +295,96 @@ impl Client {
             .map(drop)
     }
 
+    // ---- migrations ----
+
+    /// `POST /v1/vms/{id}/migrate`: starts a live migration.
+    pub async fn migrate_vm(
+        &self,
+        id_or_name: &str,
+        req: &MigrateVm,
+    ) -> Result<Migration, ClientError> {
+        self.json(
+            Method::POST,
+            &["v1", "vms", id_or_name, "migrate"],
+            Some(req),
+        )
+        .await
+    }
+
+    /// `GET /v1/migrations`.
+    pub async fn list_migrations(&self) -> Result<Vec<Migration>, ClientError> {
+        self.json(Method::GET, &["v1", "migrations"], NO_BODY).await
+    }
+
+    /// `GET /v1/migrations/{id}`.
+    pub async fn get_migration(&self, id: MigrationId) -> Result<Migration, ClientError> {
+        let id = id.to_string();
+        self.json(Method::GET, &["v1", "migrations", &id], NO_BODY)
+            .await
+    }
+
+    /// `PUT /v1/migrations/{id}/report` (agent).
+    pub async fn report_migration(
+        &self,
+        id: MigrationId,
+        report: &MigrationReport,
+    ) -> Result<Migration, ClientError> {
+        let id = id.to_string();
+        self.json(
+            Method::PUT,
+            &["v1", "migrations", &id, "report"],
+            Some(report),
+        )
+        .await
+    }
+
+    /// `PUT /v1/migrations/{id}/snapshot` (source agent): the cache snapshot.
+    pub async fn put_migration_snapshot(
+        &self,
+        id: MigrationId,
+        snapshot: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let id = id.to_string();
+        let segments = ["v1", "migrations", &id, "snapshot"];
+        let path = segments.join("/");
+        let res = self
+            .http
+            .put(self.url(&segments))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(snapshot)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: Method::PUT,
+                path: path.clone(),
+                source,
+            })?;
+        Self::check(Method::PUT, path, res).await.map(drop)
+    }
+
+    /// `GET /v1/migrations/{id}/snapshot` (destination agent); `None` until uploaded.
+    pub async fn get_migration_snapshot(
+        &self,
+        id: MigrationId,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        let id = id.to_string();
+        let segments = ["v1", "migrations", &id, "snapshot"];
+        match self.send(Method::GET, &segments, NO_BODY).await {
+            Ok(res) => res
+                .bytes()
+                .await
+                .map(|b| Some(b.to_vec()))
+                .map_err(|source| ClientError::Transport {
+                    method: Method::GET,
+                    path: segments.join("/"),
+                    source,
+                }),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     // ---- meta ----
 
     /// `GET /v1/openapi.json`.
@@ -344,6 +434,15 @@ impl Client {
             path: path.clone(),
             source,
         })?;
+        Self::check(method, path, res).await
+    }
+
+    /// Turns a non-2xx response into [`ClientError::Api`] with the problem detail.
+    async fn check(
+        method: Method,
+        path: String,
+        res: reqwest::Response,
+    ) -> Result<reqwest::Response, ClientError> {
         let status = res.status();
         if status.is_success() {
             return Ok(res);

@@ -27,6 +27,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const RECORD_FORMAT: u32 = 1;
 
+/// Seconds QEMU keeps retrying a lost NBD connection before failing guest I/O: the
+/// disk server (the host's block cache) restarts with its agent, and a guest must ride
+/// through that rather than see I/O errors.
+pub const NBD_RECONNECT_DELAY_S: u32 = 30;
+
 /// File names inside a VM's run dir.
 pub mod files {
     /// Serial console log.
@@ -950,7 +955,7 @@ pub fn qemu_args(
         DiskTarget::NbdTcp { host, port, export } => push(&[
             "-blockdev",
             &format!(
-                "driver=nbd,node-name=disk0,server.type=inet,server.host={},server.port={port},export={}",
+                "driver=nbd,node-name=disk0,server.type=inet,server.host={},server.port={port},export={},reconnect-delay={NBD_RECONNECT_DELAY_S}",
                 esc(host),
                 esc(export)
             ),
@@ -958,7 +963,7 @@ pub fn qemu_args(
         DiskTarget::NbdUnix { path, export } => push(&[
             "-blockdev",
             &format!(
-                "driver=nbd,node-name=disk0,server.type=unix,server.path={},export={}",
+                "driver=nbd,node-name=disk0,server.type=unix,server.path={},export={},reconnect-delay={NBD_RECONNECT_DELAY_S}",
                 esc(utf8(spec, path)?),
                 esc(export)
             ),
@@ -1085,7 +1090,7 @@ mod tests {
         let j = a.join(" ");
         assert!(j.contains("-name guest=web,, one"), "{j}");
         assert!(j.contains("-accel tcg -machine q35 -m 256 -smp 1 -nodefaults"));
-        assert!(j.contains("-blockdev driver=nbd,node-name=disk0,server.type=inet,server.host=127.0.0.1,server.port=10809,export=disk0"));
+        assert!(j.contains("-blockdev driver=nbd,node-name=disk0,server.type=inet,server.host=127.0.0.1,server.port=10809,export=disk0,reconnect-delay=30"));
         assert!(j.contains("-device virtio-blk-pci,drive=disk0,id=vblk0"));
         assert!(j.contains("socket,id=qmp0,path=/r,,x/qmp.sock,server=on,wait=off"));
         assert!(j.contains("file,id=serial0,path=/r,,x/console.log"));

@@ -10,7 +10,8 @@ use utoipa::ToSchema;
 
 use crate::{
     validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range,
-    DesiredState, Image, Name, ObservedState, Role, Tenant, TenantId, ValidationError, Vm,
+    CacheProgress, DesiredState, Image, Migration, MigrationState, Name, ObservedState,
+    QemuMigrationStats, Role, Tenant, TenantId, ValidationError, Vm,
 };
 
 /// Most vCPUs one VM may have.
@@ -133,6 +134,9 @@ pub struct RegisterHost {
     /// Where the agent's own API listens, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_url: Option<String>,
+    /// Where the host's NBD server listens (`IP:PORT`), if it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_addr: Option<String>,
 }
 
 impl RegisterHost {
@@ -156,6 +160,14 @@ impl RegisterHost {
         }
         if let Some(url) = &self.agent_url {
             validate_agent_url("agent_url", url)?;
+        }
+        if let Some(addr) = &self.nbd_addr {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ValidationError::new(
+                    "nbd_addr",
+                    format!("must be IP:PORT, got {addr:?}"),
+                ));
+            }
         }
         Ok(name)
     }
@@ -366,12 +378,16 @@ impl ObservedReport {
 }
 
 /// One VM an agent must run, with everything it needs to do so.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Assignment {
     /// The VM (its `desired` field is what the agent converges to).
     pub vm: Vm,
     /// The VM's image (paths on the host).
     pub image: Image,
+    /// The VM's live migration, when one is in progress and this host is its
+    /// source or destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
 }
 
 impl Assignment {
@@ -451,6 +467,7 @@ mod tests {
             disk_gib: 100,
             drivers: vec!["process".into(), "Q".into()],
             agent_url: None,
+            nbd_addr: None,
         };
         assert_eq!(h.validate().unwrap_err().field, "drivers[1]");
         h.drivers.pop();
@@ -490,5 +507,94 @@ mod tests {
         };
         assert_eq!(r.validate().unwrap_err().field, "console_tail");
         assert_eq!(ReportedState::Deleted.observed(), None);
+    }
+}
+
+/// The fetch orders a migration's cache rebuild can use (see `docs/CACHE.md`).
+pub const STRATEGIES: [&str; 7] = [
+    "none",
+    "redirect",
+    "linear",
+    "full-copy",
+    "heat",
+    "pattern",
+    "heat+pattern",
+];
+
+/// The default fetch order: the seed's method.
+pub const DEFAULT_STRATEGY: &str = "heat+pattern";
+
+/// `POST /v1/vms/{id}/migrate`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    /// Destination host.
+    pub to: String,
+    /// Fetch order of the cache rebuild; default `heat+pattern`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+}
+
+impl MigrateVm {
+    /// Checks the host name and the strategy.
+    pub fn validate(&self) -> Result<(Name, String), ValidationError> {
+        let to = validate_name("to", &self.to)?;
+        let strategy = self.strategy.as_deref().unwrap_or(DEFAULT_STRATEGY);
+        if !STRATEGIES.contains(&strategy) {
+            return Err(ValidationError::new(
+                "strategy",
+                format!("must be one of {}, got {strategy:?}", STRATEGIES.join(", ")),
+            ));
+        }
+        Ok((to, strategy.to_owned()))
+    }
+}
+
+/// `PUT /v1/migrations/{id}/report`: an agent moves a migration along.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationReport {
+    /// The reporting host: the migration's source or destination.
+    pub host: String,
+    /// The new state.
+    pub state: MigrationState,
+    /// Destination, with `ready`: where QEMU waits for the stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming_uri: Option<String>,
+    /// Source, with `warming`: QEMU's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<QemuMigrationStats>,
+    /// Destination: cache rebuild progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<CacheProgress>,
+    /// With `failed`: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl MigrationReport {
+    /// Checks the host name and field lengths.
+    pub fn validate(&self) -> Result<Name, ValidationError> {
+        let host = validate_name("host", &self.host)?;
+        if let Some(e) = &self.error {
+            if e.len() > MAX_ERROR_LEN {
+                return Err(ValidationError::new(
+                    "error",
+                    format!("must be at most {MAX_ERROR_LEN} bytes"),
+                ));
+            }
+        }
+        if let Some(u) = &self.incoming_uri {
+            let ok = u
+                .strip_prefix("tcp:")
+                .is_some_and(|a| a.parse::<std::net::SocketAddr>().is_ok());
+            if !ok {
+                return Err(ValidationError::new(
+                    "incoming_uri",
+                    format!("must be tcp:IP:PORT, got {u:?}"),
+                ));
+            }
+        }
+        Ok(host)
     }
 }

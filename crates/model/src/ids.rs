@@ -72,6 +72,11 @@ typed_id!(
     ImageId,
     "image"
 );
+typed_id!(
+    /// Identifies a live migration.
+    MigrationId,
+    "migration"
+);
 
 #[cfg(test)]
 mod tests {

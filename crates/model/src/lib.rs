@@ -13,9 +13,10 @@ mod ids;
 mod types;
 mod validate;
 
-pub use ids::{HostId, IdParseError, ImageId, TenantId, VmId};
+pub use ids::{HostId, IdParseError, ImageId, MigrationId, TenantId, VmId};
 pub use types::{
-    DesiredState, Host, HostState, Image, ObservedState, Role, Tenant, TokenRecord, Vm,
+    CacheProgress, DesiredState, Host, HostState, Image, Migration, MigrationState, ObservedState,
+    QemuMigrationStats, Role, Tenant, TokenRecord, Vm,
 };
 pub use validate::{
     validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range, Name,

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{HostId, ImageId, Name, TenantId, VmId};
+use crate::{HostId, ImageId, MigrationId, Name, TenantId, VmId};
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -97,6 +97,10 @@ pub struct Host {
     pub drivers: Vec<String>,
     /// Where the agent's own API listens, if it has one.
     pub agent_url: Option<String>,
+    /// Where the host's NBD server listens (`IP:PORT`): VM disks through the host's
+    /// block cache, and the cache itself for migration peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_addr: Option<String>,
     /// Last heartbeat, unix milliseconds.
     pub last_heartbeat: u64,
     /// Computed from `last_heartbeat` whenever the host is read; the stored
@@ -224,6 +228,9 @@ pub struct Vm {
     pub error: Option<String>,
     /// Creation time, unix milliseconds.
     pub created_at: u64,
+    /// The live migration in progress, if any (the VM cannot start another one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationId>,
 }
 
 #[cfg(test)]
@@ -251,4 +258,116 @@ mod tests {
             );
         }
     }
+}
+
+/// Where a live migration is.
+///
+/// `pending` (created; the source uploads its cache snapshot) → `ready` (the destination
+/// opened its cache with the source as peer and started QEMU waiting for the stream) →
+/// `migrating` (QEMU moves memory) → `warming` (switched over: the VM runs on the
+/// destination, whose cache is rebuilt from the source's) → `completed`; or `failed`
+/// from any state before `completed` (the VM stays where it ran).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Created, waiting for the source's snapshot and the destination's preparation.
+    Pending,
+    /// The destination waits for the migration stream.
+    Ready,
+    /// QEMU is moving the VM's memory.
+    Migrating,
+    /// The VM runs on the destination; its cache is being rebuilt.
+    Warming,
+    /// Done.
+    Completed,
+    /// Gave up; `error` says why.
+    Failed,
+}
+
+impl MigrationState {
+    /// The state as text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Pending => "pending",
+            MigrationState::Ready => "ready",
+            MigrationState::Migrating => "migrating",
+            MigrationState::Warming => "warming",
+            MigrationState::Completed => "completed",
+            MigrationState::Failed => "failed",
+        }
+    }
+
+    /// Whether the migration is over (completed or failed).
+    pub fn is_final(self) -> bool {
+        matches!(self, MigrationState::Completed | MigrationState::Failed)
+    }
+}
+
+/// QEMU's own numbers for the memory move.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QemuMigrationStats {
+    /// Total time, ms.
+    pub total_ms: u64,
+    /// Guest paused, ms (QEMU's figure).
+    pub downtime_ms: u64,
+    /// RAM bytes sent.
+    pub ram_bytes: u64,
+}
+
+/// How the destination's cache rebuild is going.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CacheProgress {
+    /// Blocks in the fetch plan.
+    pub planned: u64,
+    /// Plan entries processed.
+    pub done: u64,
+    /// Plan entries left.
+    pub left: u64,
+    /// Bytes read from the source host's cache.
+    pub peer_bytes: u64,
+    /// Bytes read from the origin.
+    pub origin_bytes: u64,
+    /// Guest reads served from the destination cache since switch-over.
+    pub hits: u64,
+    /// Guest reads that missed since switch-over.
+    pub misses: u64,
+    /// `hits / (hits + misses)`, 0 when there were none.
+    pub hit_ratio: f64,
+}
+
+/// A live migration of one VM from one host to another, with its cache.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Migration {
+    /// Stable id.
+    pub id: MigrationId,
+    /// The VM.
+    pub vm: VmId,
+    /// The VM's tenant (migrations are visible to it).
+    pub tenant: TenantId,
+    /// The VM's name, for display.
+    pub vm_name: Name,
+    /// Source host.
+    pub from_host: Name,
+    /// Destination host.
+    pub to_host: Name,
+    /// Fetch order of the cache rebuild (`heat+pattern`, `heat`, ...).
+    pub strategy: String,
+    /// Where it is.
+    pub state: MigrationState,
+    /// The source host's NBD server, where the destination pulls blocks from.
+    pub peer_nbd: Option<String>,
+    /// Where the destination QEMU listens for the migration stream (`tcp:IP:PORT`).
+    pub incoming_uri: Option<String>,
+    /// QEMU's figures, once switched over.
+    pub qemu: Option<QemuMigrationStats>,
+    /// Cache rebuild progress, reported by the destination.
+    pub progress: Option<CacheProgress>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Creation time, unix ms.
+    pub created_at: u64,
+    /// Switch-over time, unix ms.
+    pub switched_at: Option<u64>,
+    /// Completion (or failure) time, unix ms.
+    pub finished_at: Option<u64>,
 }

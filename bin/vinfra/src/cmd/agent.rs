@@ -23,6 +23,20 @@ pub struct AgentArgs {
     /// Accelerator: auto (KVM only where it really works), kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: String,
+    /// Directory with the VMs' origin disk images, shared by every host (a SAN or
+    /// NFS mount in production). Default: DATA_DIR/origin (migration then needs the
+    /// hosts to share it).
+    #[arg(long)]
+    pub origin_dir: Option<PathBuf>,
+    /// Model a remote SAN: origin bandwidth limit in MB/s (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub origin_rate_mbps: u64,
+    /// Model a remote SAN: origin latency per request in ms.
+    #[arg(long, default_value_t = 0)]
+    pub origin_latency_ms: u64,
+    /// Most 64 KiB blocks each VM's cache holds on this host.
+    #[arg(long, default_value_t = 16384)]
+    pub cache_blocks: u64,
 }
 
 /// Parses `auto|kvm|tcg`.
@@ -52,8 +66,15 @@ pub async fn run(
             anyhow::bail!("the agent needs a token: pass --token-file FILE or set VINFRA_TOKEN")
         }
     };
-    let mut cfg = agent::AgentConfig::new(&server_url, &token, &args.host_name, args.data_dir);
+    let mut cfg =
+        agent::AgentConfig::new(&server_url, &token, &args.host_name, args.data_dir.clone());
     cfg.accel = parse_accel(&args.accel)?;
+    if let Some(d) = args.origin_dir {
+        cfg.disks.origin_dir = d;
+    }
+    cfg.disks.origin_rate = args.origin_rate_mbps.saturating_mul(1_000_000);
+    cfg.disks.origin_latency = std::time::Duration::from_millis(args.origin_latency_ms);
+    cfg.disks.max_cache_blocks = args.cache_blocks.max(1);
     tracing::info!(host = %cfg.host_name, server = %cfg.server_url, "agent starting");
     agent::run(cfg, async {
         let _ = crate::cmd::server::wait_for_signal().await;

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod host;
 pub mod image;
+pub mod migration;
 pub mod server;
 pub mod up;
 pub mod vm;

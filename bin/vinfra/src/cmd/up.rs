@@ -100,6 +100,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                     agent_token.display().to_string(),
                     "--accel".into(),
                     args.accel.clone(),
+                    // One shared origin dir stands in for the SAN all hosts see.
+                    "--origin-dir".into(),
+                    dd.join("origin").display().to_string(),
                 ],
                 &hdir.join("agent.log"),
             )?;

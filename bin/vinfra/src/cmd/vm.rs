@@ -54,6 +54,21 @@ pub enum VmCmd {
         /// VM name or id.
         vm: String,
     },
+    /// Live-migrate a running VM to another host, rebuilding its disk cache there
+    /// from this host's cache (fetch order: --strategy).
+    Migrate {
+        /// VM name or id.
+        vm: String,
+        /// Destination host.
+        #[arg(long)]
+        to: String,
+        /// Fetch order: none, redirect, linear, full-copy, heat, pattern, heat+pattern.
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Return at once instead of following the migration.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print the VM's serial console output.
     Console {
         /// VM name or id.
@@ -115,6 +130,12 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             show(ctx, &[vm])
         }
         VmCmd::List => show(ctx, &c.list_vms().await?),
+        VmCmd::Migrate {
+            vm,
+            to,
+            strategy,
+            no_wait,
+        } => crate::cmd::migration::migrate(ctx, &vm, to, strategy, no_wait).await,
         VmCmd::Show { vm } => show(ctx, &[c.get_vm(&vm).await?]),
         VmCmd::Start { vm } => {
             let vm = c.start_vm(&vm).await?;

@@ -121,6 +121,7 @@ async fn tenants_never_see_each_other() {
             disk_gib: 10,
             drivers: vec!["qemu".into()],
             agent_url: None,
+            nbd_addr: None,
         })
         .await
         .unwrap();

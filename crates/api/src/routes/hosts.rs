@@ -42,6 +42,7 @@ pub(crate) async fn register_host(
             disk_gib: body.disk_gib,
             drivers: body.drivers.clone(),
             agent_url: body.agent_url.clone(),
+            nbd_addr: body.nbd_addr.clone(),
             last_heartbeat: now_ms(),
             state: model::HostState::Up,
         };

@@ -3,6 +3,7 @@
 pub(crate) mod hosts;
 pub(crate) mod images;
 pub(crate) mod meta;
+pub(crate) mod migrations;
 pub(crate) mod tenants;
 pub(crate) mod vms;
 
@@ -44,6 +45,21 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/vms/{id}/stop", post(vms::stop_vm)),
         ("/v1/vms/{id}/console", get(vms::console)),
         ("/v1/vms/{id}/observed", put(vms::report_observed)),
+        ("/v1/vms/{id}/migrate", post(migrations::migrate_vm)),
+        ("/v1/migrations", get(migrations::list_migrations)),
+        ("/v1/migrations/{id}", get(migrations::get_migration)),
+        (
+            "/v1/migrations/{id}/report",
+            put(migrations::report_migration),
+        ),
+        (
+            "/v1/migrations/{id}/snapshot",
+            put(migrations::put_snapshot)
+                .get(migrations::get_snapshot)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    migrations::MAX_SNAPSHOT,
+                )),
+        ),
     ]
 }
 
@@ -137,7 +153,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 22, "{served:?}");
+        assert_eq!(served.len(), 28, "{served:?}");
     }
 
     #[test]

@@ -8,7 +8,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use model::api::{Assignment, CreateVm, ObservedReport, Problem, ReportedState};
-use model::{DesiredState, HostState, Image, ImageId, Name, ObservedState, Role, Vm, VmId};
+use model::{
+    DesiredState, HostState, Image, ImageId, Migration, Name, ObservedState, Role, Vm, VmId,
+};
 use store::{Compare, Revision, StoreError, TxnOp};
 
 use crate::extract::AppPath;
@@ -94,6 +96,7 @@ pub(crate) async fn create_vm(
             observed: ObservedState::Pending,
             error: None,
             created_at: now_ms(),
+            migration: None,
         };
         let res = store
             .txn(
@@ -141,7 +144,7 @@ pub(crate) async fn create_vm(
 
 /// Reserved resources per host: every VM record counts, whatever its state,
 /// until the record is gone.
-fn usage<'a>(vms: impl Iterator<Item = &'a Vm>) -> HashMap<Name, Usage> {
+pub(crate) fn usage<'a>(vms: impl Iterator<Item = &'a Vm>) -> HashMap<Name, Usage> {
     let mut out: HashMap<Name, Usage> = HashMap::new();
     for vm in vms {
         let u = out.entry(vm.host.clone()).or_default();
@@ -377,7 +380,15 @@ pub(crate) async fn assignments(
     let mut images: HashMap<ImageId, Image> = HashMap::new();
     let mut out = Vec::new();
     for (vm, _) in list_json::<Vm>(state.store(), keys::VMS).await? {
-        if vm.host != name {
+        // A migrating VM is assigned to both ends until the migration is over.
+        let migration = match vm.migration {
+            Some(m) => get_json::<Migration>(state.store(), &keys::migration(m))
+                .await?
+                .map(|(m, _)| m)
+                .filter(|m| m.from_host == name || m.to_host == name),
+            None => None,
+        };
+        if vm.host != name && migration.is_none() {
             continue;
         }
         let image = match images.get(&vm.image) {
@@ -393,7 +404,11 @@ pub(crate) async fn assignments(
                 i
             }
         };
-        out.push(Assignment { vm, image });
+        out.push(Assignment {
+            vm,
+            image,
+            migration,
+        });
     }
     Ok(Json(out))
 }

@@ -41,6 +41,7 @@ async fn client_drives_the_server_over_tcp() {
             disk_gib: 20,
             drivers: vec!["process".into()],
             agent_url: None,
+            nbd_addr: None,
         })
         .await
         .unwrap();

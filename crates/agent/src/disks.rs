@@ -1,0 +1,234 @@
+//! This host's disk stack: one NBD server, and per VM a block cache in front of the
+//! VM's origin image.
+//!
+//! Exports, per VM id `ID`: `ID` — the VM's disk through this host's cache (what QEMU
+//! attaches to), and `peer-ID` — the cache itself, read-only, serving only blocks it
+//! holds (what a migration destination pulls from).
+//!
+//! The NBD server runs inside the agent on purpose: when the agent dies, the host's
+//! cache service dies with it, which is the crash the cache must survive. The server
+//! binds the same TCP port after a restart (remembered in `nbd.port`), so QEMU
+//! (`reconnect-delay`) and migration peers (`ReconnectingClient`) find it again.
+//!
+//! The origin is the VM's image in a directory every host sees (`--origin-dir`, a
+//! shared filesystem standing in for a SAN), optionally throttled to model a remote
+//! array's bandwidth and latency.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cache::{BlockCache, BlockOrigin, BlockSize, CacheConfig, FileOrigin, PeerExport, Throttle};
+use model::VmId;
+use nbd::{NbdAddr, ServeConfig, ServerHandle};
+
+/// Settings of the disk stack.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    /// Directory holding every VM's origin image (shared between hosts).
+    pub origin_dir: PathBuf,
+    /// Origin bandwidth limit in bytes/s (0: none).
+    pub origin_rate: u64,
+    /// Origin latency per request.
+    pub origin_latency: std::time::Duration,
+    /// Most blocks a VM's cache holds.
+    pub max_cache_blocks: u64,
+}
+
+/// Errors of the disk stack.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The NBD server could not start.
+    #[error("cannot start the NBD server on {addr}")]
+    Serve {
+        /// Where.
+        addr: String,
+        /// Why.
+        #[source]
+        err: nbd::NbdError,
+    },
+    /// A file could not be prepared.
+    #[error("cannot prepare {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        err: std::io::Error,
+    },
+    /// The origin image could not be created from the template.
+    #[error("cannot create the origin image")]
+    Template(#[from] compute::DiskError),
+    /// The origin could not be opened.
+    #[error("cannot open the origin")]
+    Origin(#[from] cache::SourceError),
+    /// The cache could not be opened.
+    #[error("cannot open the block cache")]
+    Cache(#[from] cache::CacheOpenError),
+}
+
+/// The host's NBD server and settings.
+#[derive(Debug)]
+pub struct DiskStack {
+    cfg: DiskConfig,
+    server: ServerHandle,
+    addr: SocketAddr,
+}
+
+/// The guest export of VM `id`.
+pub fn guest_export(id: VmId) -> String {
+    id.to_string()
+}
+
+/// The peer export of VM `id`.
+pub fn peer_export(id: VmId) -> String {
+    format!("peer-{id}")
+}
+
+impl DiskStack {
+    /// Starts the NBD server on 127.0.0.1, on the port used last time if there was one.
+    pub fn start(data_dir: &Path, cfg: DiskConfig) -> Result<Self, DiskError> {
+        let port_file = data_dir.join("nbd.port");
+        let old_port = std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok());
+        let bind = |port: u16| {
+            let mut sc =
+                ServeConfig::new(NbdAddr::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+            // A miss may wait on a peer or the origin: let hits on the same
+            // connection overtake it.
+            sc.threads_per_connection = 4;
+            nbd::serve(sc)
+        };
+        let server = match old_port.map(bind) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                // The old port is taken by someone else: a new port still serves new
+                // clients; old ones will not find us (logged, not fatal).
+                tracing::warn!(port = old_port, error = %e, "cannot rebind the previous NBD port");
+                bind(0).map_err(|err| DiskError::Serve {
+                    addr: "127.0.0.1:0".into(),
+                    err,
+                })?
+            }
+            None => bind(0).map_err(|err| DiskError::Serve {
+                addr: "127.0.0.1:0".into(),
+                err,
+            })?,
+        };
+        let addr = match server.local_addr() {
+            NbdAddr::Tcp(a) => a,
+            NbdAddr::Unix(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        };
+        std::fs::write(&port_file, addr.port().to_string()).map_err(|err| DiskError::Io {
+            path: port_file.clone(),
+            err,
+        })?;
+        std::fs::create_dir_all(&cfg.origin_dir).map_err(|err| DiskError::Io {
+            path: cfg.origin_dir.clone(),
+            err,
+        })?;
+        tracing::info!(%addr, "nbd server listening");
+        Ok(Self { cfg, server, addr })
+    }
+
+    /// Where the NBD server listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The VM's origin image path.
+    pub fn origin_path(&self, id: VmId) -> PathBuf {
+        self.cfg.origin_dir.join(format!("{id}.img"))
+    }
+
+    /// Creates the VM's origin image from `template` (or empty, `size_mib`) if missing.
+    pub async fn ensure_origin(
+        &self,
+        id: VmId,
+        template: Option<&Path>,
+        size_mib: u64,
+    ) -> Result<PathBuf, DiskError> {
+        let path = self.origin_path(id);
+        if path.exists() {
+            return Ok(path);
+        }
+        match template {
+            Some(t) => {
+                compute::prepare_vm_disk(t, &path).await?;
+            }
+            None => {
+                let f = std::fs::File::create(&path).map_err(|err| DiskError::Io {
+                    path: path.clone(),
+                    err,
+                })?;
+                f.set_len(size_mib.max(1) << 20)
+                    .map_err(|err| DiskError::Io {
+                        path: path.clone(),
+                        err,
+                    })?;
+            }
+        }
+        Ok(path)
+    }
+
+    /// Opens (or reopens after a crash, verifying every block) the VM's cache in
+    /// `cache_dir` in front of its origin. Blocking: call from `spawn_blocking`.
+    pub fn open_cache(&self, id: VmId, cache_dir: &Path) -> Result<Arc<BlockCache>, DiskError> {
+        let origin_path = self.origin_path(id);
+        let throttle = (self.cfg.origin_rate > 0 || !self.cfg.origin_latency.is_zero())
+            .then(|| Throttle::new(self.cfg.origin_rate, self.cfg.origin_latency));
+        let origin = FileOrigin::open(&origin_path, BlockSize::DEFAULT, throttle)?;
+        let disk_size = std::fs::metadata(&origin_path)
+            .map_err(|err| DiskError::Io {
+                path: origin_path.clone(),
+                err,
+            })?
+            .len();
+        let blocks = BlockSize::DEFAULT.blocks_for(disk_size).max(1);
+        let cfg = CacheConfig::new(cache_dir, blocks.min(self.cfg.max_cache_blocks));
+        let origin: Arc<dyn BlockOrigin> = Arc::new(origin);
+        let (cache, report) = BlockCache::open(cfg, origin)?;
+        if report.dropped_checksum + report.dropped_generation + report.dropped_invalid > 0
+            || report.journal_torn
+        {
+            tracing::warn!(vm = %id, ?report, "cache reopened after a crash: bad blocks dropped");
+        } else {
+            tracing::info!(vm = %id, verified = report.verified, "cache opened");
+        }
+        Ok(Arc::new(cache))
+    }
+
+    /// Exports the VM's disk (through `cache`) and the cache itself for peers.
+    pub fn export(&self, id: VmId, cache: &Arc<BlockCache>) {
+        self.server.add_export(guest_export(id), cache.clone());
+        self.export_peer(id, cache);
+    }
+
+    /// Exports only the cache for peers (a migration source after switch-over).
+    pub fn export_peer(&self, id: VmId, cache: &Arc<BlockCache>) {
+        self.server
+            .add_export(peer_export(id), Arc::new(PeerExport(cache.clone())));
+    }
+
+    /// Removes the guest export (QEMU is gone) but keeps serving peers.
+    pub fn unexport_guest(&self, id: VmId) {
+        self.server.remove_export(&guest_export(id));
+    }
+
+    /// Removes both exports.
+    pub fn unexport(&self, id: VmId) {
+        self.server.remove_export(&guest_export(id));
+        self.server.remove_export(&peer_export(id));
+    }
+
+    /// Removes the VM's origin image (the VM is deleted).
+    pub fn remove_origin(&self, id: VmId) {
+        let p = self.origin_path(id);
+        if let Err(e) = std::fs::remove_file(&p) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove origin image");
+            }
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! This host's side of a live migration with cache rebuild (seed 1).
+//!
+//! Source: uploads its cache snapshot (heat map, access pattern, which blocks it holds)
+//! while the migration is `pending`; when the destination is `ready` it moves the VM's
+//! memory with QEMU's live migration and reports `warming` (the switch-over); then it
+//! keeps serving its cache to the destination (`peer-ID` export) until the migration
+//! is over. After a crash the restarted agent reopens and verifies that cache and
+//! serves it again on the same port, so the destination still fetches from it.
+//!
+//! Destination: with the snapshot, opens its own cache for the VM with the source's
+//! cache as peer (misses go to the peer, the origin only for blocks the peer lacks),
+//! plans the fetch order (`heat+pattern` by default), exports the disk and starts QEMU
+//! waiting for the stream (`ready`). At switch-over it starts the background rebuild;
+//! guest misses go first. It reports progress, and `completed` when the plan is done.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cache::{
+    prepare_destination, BlockSize, CacheStats, MigrationSnapshot, PeerNbdSource, Rebuild,
+    RebuildPlan, Strategy,
+};
+use model::api::{Assignment, MigrationReport};
+use model::{CacheProgress, Migration, MigrationId, MigrationState, QemuMigrationStats};
+use nbd::{NbdAddr, ReconnectPolicy};
+
+use crate::disks::peer_export;
+use crate::local::{self, VmFiles};
+use crate::Agent;
+
+/// This host's part in one migration.
+#[derive(Debug)]
+pub struct MigLocal {
+    /// The migration.
+    pub id: MigrationId,
+    /// Source: the snapshot was uploaded.
+    pub snapshot_sent: bool,
+    /// Source: QEMU moved the VM away (never restart it here).
+    pub migrated_away: bool,
+    /// Source: QEMU's figures, kept to re-send if the `warming` report failed.
+    pub qemu: Option<QemuMigrationStats>,
+    /// Destination: where QEMU waits (kept to re-send `ready`).
+    pub incoming_uri: Option<String>,
+    /// Destination: the fetch plan, until the rebuild starts.
+    pub plan: Option<RebuildPlan>,
+    /// Destination: the running rebuild.
+    pub rebuild: Option<Rebuild>,
+    /// Destination: cache counters at switch-over, to report hits since then.
+    pub base: Option<CacheStats>,
+}
+
+impl MigLocal {
+    fn new(id: MigrationId) -> Self {
+        Self {
+            id,
+            snapshot_sent: false,
+            migrated_away: false,
+            qemu: None,
+            incoming_uri: None,
+            plan: None,
+            rebuild: None,
+            base: None,
+        }
+    }
+}
+
+/// Errors of a migration step on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Starting or using the VM's disk or hypervisor failed.
+    #[error(transparent)]
+    Start(#[from] local::StartError),
+    /// The snapshot from the source cannot be read.
+    #[error("the source's cache snapshot is not valid JSON")]
+    Snapshot(#[source] serde_json::Error),
+    /// The peer address is missing or not IP:PORT.
+    #[error("migration {0} has no usable peer address")]
+    NoPeer(MigrationId),
+    /// The strategy is unknown to this agent.
+    #[error("unknown fetch strategy {0:?}")]
+    Strategy(String),
+    /// The source's cache could not be reached.
+    #[error("cannot reach the source's cache")]
+    Peer(#[source] cache::SourceError),
+    /// The migration was interrupted in a way it cannot resume from.
+    #[error("{0}")]
+    Interrupted(&'static str),
+    /// A blocking task died.
+    #[error("a background task failed")]
+    Join(#[from] tokio::task::JoinError),
+    /// The API refused or failed.
+    #[error("control plane request failed")]
+    Api(#[from] client::ClientError),
+    /// The hypervisor failed.
+    #[error("the hypervisor failed")]
+    Compute(#[from] compute::ComputeError),
+}
+
+/// Which end of the migration this host is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Moving away from here.
+    Source,
+    /// Moving here.
+    Destination,
+}
+
+/// This host's side of `m`, if any.
+pub fn side(m: &Migration, me: &str) -> Option<Side> {
+    if m.from_host.as_str() == me {
+        Some(Side::Source)
+    } else if m.to_host.as_str() == me {
+        Some(Side::Destination)
+    } else {
+        None
+    }
+}
+
+impl Agent {
+    fn mig_report(&self, state: MigrationState) -> MigrationReport {
+        MigrationReport {
+            host: self.cfg.host_name.clone(),
+            state,
+            incoming_uri: None,
+            qemu: None,
+            progress: None,
+            error: None,
+        }
+    }
+
+    /// Reports a failure; logs if even that fails (the next pass retries).
+    async fn mig_fail(&mut self, m: &Migration, e: &dyn std::error::Error) {
+        let reason = crate::error_chain(e);
+        tracing::error!(migration = %m.id, vm = %m.vm_name, error = %reason, "migration failed");
+        let mut r = self.mig_report(MigrationState::Failed);
+        r.error = Some(reason);
+        if let Err(e) = self.client.report_migration(m.id, &r).await {
+            tracing::warn!(error = %e, "cannot report the migration failure");
+        }
+    }
+
+    /// One reconcile step for a VM with a migration in progress.
+    pub(crate) async fn migration_step(&mut self, a: &Assignment, m: &Migration) {
+        let Some(side) = side(m, &self.cfg.host_name) else {
+            return;
+        };
+        let id = a.vm.id;
+        let vm = self.vms.entry(id).or_default();
+        if vm.mig.as_ref().is_none_or(|x| x.id != m.id) {
+            vm.mig = Some(MigLocal::new(m.id));
+        }
+        let result = match side {
+            Side::Source => self.source_step(a, m).await,
+            Side::Destination => self.dest_step(a, m).await,
+        };
+        if let Err(e) = result {
+            self.mig_fail(m, &e).await;
+        }
+    }
+
+    async fn source_step(&mut self, a: &Assignment, m: &Migration) -> Result<(), MigrateError> {
+        let id = a.vm.id;
+        let files = VmFiles::new(&self.cfg.data_dir, id);
+        match m.state {
+            MigrationState::Pending => {
+                let sent = self
+                    .vms
+                    .get(&id)
+                    .and_then(|v| v.mig.as_ref())
+                    .is_some_and(|x| x.snapshot_sent);
+                if sent {
+                    return Ok(());
+                }
+                let vm = self.vms.entry(id).or_default();
+                let cache = local::ensure_cache(&self.disks, &files, a, vm).await?;
+                let snap = tokio::task::spawn_blocking(move || cache.migration_snapshot()).await?;
+                let bytes = serde_json::to_vec(&snap).map_err(MigrateError::Snapshot)?;
+                tracing::info!(migration = %m.id, blocks = snap.blocks.len(), bytes = bytes.len(), "uploading cache snapshot");
+                self.client.put_migration_snapshot(m.id, bytes).await?;
+                if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {
+                    x.snapshot_sent = true;
+                }
+                Ok(())
+            }
+            MigrationState::Ready | MigrationState::Migrating => {
+                let away = self
+                    .vms
+                    .get(&id)
+                    .and_then(|v| v.mig.as_ref())
+                    .is_some_and(|x| x.migrated_away);
+                if !away {
+                    if m.state == MigrationState::Migrating {
+                        // We restarted in the middle of moving memory: whatever QEMU did,
+                        // the destination cannot know; fail, the VM stays here.
+                        return Err(MigrateError::Interrupted(
+                            "the source agent restarted while QEMU was moving memory",
+                        ));
+                    }
+                    let Some(uri) = m.incoming_uri.clone() else {
+                        return Ok(());
+                    };
+                    self.client
+                        .report_migration(m.id, &self.mig_report(MigrationState::Migrating))
+                        .await?;
+                    let opts = compute::MigrateOptions {
+                        downtime_limit_ms: Some(50),
+                        max_bandwidth: Some(1 << 30),
+                        ..Default::default()
+                    };
+                    let stats = self.driver.migrate(&files.driver_id(), &uri, &opts).await?;
+                    tracing::info!(migration = %m.id, total_ms = stats.total_time_ms, downtime_ms = stats.downtime_ms, "memory moved");
+                    self.disks.unexport_guest(id);
+                    let vm = self.vms.entry(id).or_default();
+                    vm.running = false;
+                    if let Some(x) = vm.mig.as_mut() {
+                        x.migrated_away = true;
+                        x.qemu = Some(QemuMigrationStats {
+                            total_ms: stats.total_time_ms,
+                            downtime_ms: stats.downtime_ms,
+                            ram_bytes: stats.ram_transferred_bytes,
+                        });
+                    }
+                }
+                let qemu = self
+                    .vms
+                    .get(&id)
+                    .and_then(|v| v.mig.as_ref())
+                    .and_then(|x| x.qemu.clone());
+                let mut r = self.mig_report(MigrationState::Warming);
+                r.qemu = qemu;
+                self.client.report_migration(m.id, &r).await?;
+                Ok(())
+            }
+            MigrationState::Warming => {
+                // Serve the cache to the destination; after a crash, reopen (verify) it.
+                let vm = self.vms.entry(id).or_default();
+                if vm.cache.is_none() {
+                    let cache = local::ensure_cache(&self.disks, &files, a, vm).await?;
+                    self.disks.export_peer(id, &cache);
+                    tracing::info!(migration = %m.id, "serving the cache to the destination again");
+                }
+                if let Some(x) = vm.mig.as_mut() {
+                    x.migrated_away = true;
+                }
+                vm.running = false;
+                Ok(())
+            }
+            MigrationState::Completed | MigrationState::Failed => Ok(()),
+        }
+    }
+
+    async fn dest_step(&mut self, a: &Assignment, m: &Migration) -> Result<(), MigrateError> {
+        let id = a.vm.id;
+        match m.state {
+            MigrationState::Pending => {
+                let uri = match self
+                    .vms
+                    .get(&id)
+                    .and_then(|v| v.mig.as_ref())
+                    .and_then(|x| x.incoming_uri.clone())
+                {
+                    Some(u) => u,
+                    None => match self.prepare_incoming(a, m).await? {
+                        Some(u) => u,
+                        None => return Ok(()), // no snapshot yet
+                    },
+                };
+                let mut r = self.mig_report(MigrationState::Ready);
+                r.incoming_uri = Some(uri);
+                self.client.report_migration(m.id, &r).await?;
+                Ok(())
+            }
+            MigrationState::Ready | MigrationState::Migrating => Ok(()),
+            MigrationState::Warming => {
+                let vm = self.vms.entry(id).or_default();
+                vm.running = true;
+                let cache = vm.cache.clone();
+                let Some(x) = vm.mig.as_mut() else {
+                    return Ok(());
+                };
+                if x.base.is_none() {
+                    x.base = cache.as_ref().map(|c| c.stats());
+                }
+                if let Some(plan) = x.plan.take() {
+                    if let Some(c) = &cache {
+                        tracing::info!(migration = %m.id, planned = plan.blocks.len(), strategy = %m.strategy, "switched over: rebuilding the cache");
+                        x.rebuild = Some(Rebuild::start(c.clone(), plan));
+                    }
+                }
+                let finished = x.rebuild.as_ref().is_none_or(|r| r.is_finished());
+                let progress = progress(x, cache.as_deref());
+                let mut r = self.mig_report(if finished {
+                    MigrationState::Completed
+                } else {
+                    MigrationState::Warming
+                });
+                r.progress = Some(progress);
+                self.client.report_migration(m.id, &r).await?;
+                if finished {
+                    tracing::info!(migration = %m.id, "cache rebuilt: migration complete");
+                    if let Some(vm) = self.vms.get_mut(&id) {
+                        vm.mig = None;
+                    }
+                }
+                Ok(())
+            }
+            MigrationState::Completed | MigrationState::Failed => Ok(()),
+        }
+    }
+
+    /// Opens the destination cache with the source as peer, plans, exports the disk and
+    /// starts QEMU waiting for the stream. `None` while the snapshot is not there yet.
+    async fn prepare_incoming(
+        &mut self,
+        a: &Assignment,
+        m: &Migration,
+    ) -> Result<Option<String>, MigrateError> {
+        let id = a.vm.id;
+        let Some(bytes) = self.client.get_migration_snapshot(m.id).await? else {
+            return Ok(None);
+        };
+        let snap: MigrationSnapshot =
+            serde_json::from_slice(&bytes).map_err(MigrateError::Snapshot)?;
+        let strategy = Strategy::from_str(&m.strategy)
+            .map_err(|_| MigrateError::Strategy(m.strategy.clone()))?;
+        let peer_addr: std::net::SocketAddr = m
+            .peer_nbd
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .ok_or(MigrateError::NoPeer(m.id))?;
+        let files = VmFiles::new(&self.cfg.data_dir, id);
+        let spec = local::vm_spec(&files, a, self.cfg.accel, self.disks.addr())?;
+        let vm = self.vms.entry(id).or_default();
+        let cache = local::ensure_cache(&self.disks, &files, a, vm).await?;
+        let block_size = BlockSize::new(snap.block_size).unwrap_or(BlockSize::DEFAULT);
+        let have = snap.block_set();
+        let export = peer_export(id);
+        let peer = tokio::task::spawn_blocking(move || {
+            PeerNbdSource::connect(
+                NbdAddr::Tcp(peer_addr),
+                &export,
+                ReconnectPolicy::default(),
+                have,
+                block_size,
+            )
+        })
+        .await?
+        .map_err(MigrateError::Peer)?;
+        let c2 = cache.clone();
+        let mut plan = Some(
+            tokio::task::spawn_blocking(move || {
+                prepare_destination(&c2, &snap, Arc::new(peer), strategy)
+            })
+            .await?,
+        );
+        if strategy == Strategy::FullCopy {
+            // vSphere-style: the whole cache crosses before switch-over.
+            if let Some(p) = plan.take() {
+                let c3 = cache.clone();
+                let done =
+                    tokio::task::spawn_blocking(move || Rebuild::start(c3, p).join()).await?;
+                tracing::info!(migration = %m.id, installed = done.installed, "full copy done before switch-over");
+            }
+        }
+        self.disks.export(id, &cache);
+        let rt = self
+            .driver
+            .start_incoming(&spec, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await?;
+        let Some(incoming) = rt.incoming else {
+            return Err(MigrateError::NoPeer(m.id));
+        };
+        let uri = format!("tcp:{incoming}");
+        if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {
+            x.plan = plan;
+            x.incoming_uri = Some(uri.clone());
+        }
+        tracing::info!(migration = %m.id, %uri, "ready for the migration stream");
+        Ok(Some(uri))
+    }
+}
+
+fn progress(x: &MigLocal, cache: Option<&cache::BlockCache>) -> CacheProgress {
+    let (planned, done, left) = match &x.rebuild {
+        Some(r) => {
+            let p = r.progress();
+            (p.planned, p.done, p.left())
+        }
+        None => (0, 0, 0),
+    };
+    let mut out = CacheProgress {
+        planned,
+        done,
+        left,
+        ..Default::default()
+    };
+    if let Some(c) = cache {
+        let s = c.stats();
+        let base = x.base.unwrap_or_default();
+        out.peer_bytes = s.bytes_from_peer;
+        out.origin_bytes = s.bytes_from_origin;
+        out.hits = s.hits.saturating_sub(base.hits);
+        out.misses = s.misses.saturating_sub(base.misses);
+        let total = out.hits + out.misses;
+        #[allow(clippy::cast_precision_loss)] // a ratio for display
+        {
+            out.hit_ratio = if total == 0 {
+                0.0
+            } else {
+                out.hits as f64 / total as f64
+            };
+        }
+    }
+    out
+}
