@@ -12,6 +12,18 @@
 //!   exports IPFIX ([`ipfix`]).
 //! - [`bench`]: `vinfra bench vswitch`.
 //!
+//! ```
+//! use net::core::{CoreTimeouts, PortId, PortKind, SwitchCore};
+//! use net::{MacAddr, PortAddress, TrafficClass};
+//! let vm = |n: u8| PortKind::Vm(PortAddress { vm: format!("vm{n}"), mac: MacAddr([2, 0, 0, 0, 0, n]), ip: None });
+//! let mut sw = SwitchCore::new("h1".into(), "dom-a".into(), vec![vm(1), vm(2)], CoreTimeouts::default());
+//! let frame = net::frame::build("02:00:00:00:00:02".parse().unwrap(), MacAddr([2, 0, 0, 0, 0, 1]), 0x88b5, 64);
+//! sw.process(PortId(0), &frame, 0);
+//! assert_eq!(sw.counters().class(TrafficClass::IntraServer).packets, 1);
+//! assert_eq!(sw.process(PortId(0), &frame[..10], 0), net::core::Verdict::Drop(net::core::DropReason::Malformed(net::frame::MalformedFrame::Runt { len: 10 })));
+//! assert_eq!(sw.counters().errors, 1);
+//! ```
+//!
 //! Depends on no other vinfra crate. `unsafe` is confined to one block in [`rawsock`].
 #![warn(missing_docs)]
 
