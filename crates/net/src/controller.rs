@@ -159,6 +159,29 @@ impl Controller {
         Ok(n)
     }
 
+    /// Exports new flow deltas to `collector` every `interval` until the task is dropped.
+    pub async fn export_ipfix_every(
+        &self,
+        collector: SocketAddr,
+        observation_domain: u32,
+        interval: std::time::Duration,
+    ) -> std::io::Result<()> {
+        let socket = UdpSocket::bind(if collector.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })?;
+        let mut exporter = IpfixExporter::new(observation_domain);
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            // A UDP send to a loopback or LAN collector does not block in practice.
+            if let Err(e) = self.export_ipfix(&mut exporter, &socket, collector) {
+                tracing::warn!(%collector, error = &e as &dyn std::error::Error, "ipfix export failed");
+            }
+        }
+    }
+
     /// Traffic over a time window, by class, by VM and by VM pair.
     pub fn traffic(&self, q: &TrafficQuery) -> TrafficReport {
         let st = self.lock();

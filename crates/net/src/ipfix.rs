@@ -75,6 +75,11 @@ pub const FIELDS: [FieldSpec; 7] = [
 
 const RECORD_LEN: usize = 6 + 6 + 8 + 8 + 8 + 8 + 1;
 
+/// Every length this module writes is bounded by `MAX_MESSAGE` (< 2^16) by construction.
+fn len16(n: usize) -> u16 {
+    u16::try_from(n).expect("ipfix lengths are bounded by MAX_MESSAGE")
+}
+
 /// Builds IPFIX messages; keeps the sequence number across calls as RFC 7011 requires.
 #[derive(Debug)]
 pub struct IpfixExporter {
@@ -97,7 +102,7 @@ impl IpfixExporter {
         s.extend_from_slice(&TEMPLATE_SET_ID.to_be_bytes());
         s.extend_from_slice(&[0, 0]); // length, patched below
         s.extend_from_slice(&TEMPLATE_ID.to_be_bytes());
-        s.extend_from_slice(&(FIELDS.len() as u16).to_be_bytes());
+        s.extend_from_slice(&len16(FIELDS.len()).to_be_bytes());
         for f in FIELDS {
             let ie = if f.enterprise.is_some() {
                 f.ie | 0x8000
@@ -110,7 +115,7 @@ impl IpfixExporter {
                 s.extend_from_slice(&e.to_be_bytes());
             }
         }
-        let len = s.len() as u16; // < 64 bytes by construction
+        let len = len16(s.len());
         s[2..4].copy_from_slice(&len.to_be_bytes());
         s
     }
@@ -131,7 +136,7 @@ impl IpfixExporter {
             m.extend_from_slice(&template);
             let set_len = 4 + chunk.len() * RECORD_LEN;
             m.extend_from_slice(&TEMPLATE_ID.to_be_bytes());
-            m.extend_from_slice(&(set_len as u16).to_be_bytes()); // <= MAX_MESSAGE
+            m.extend_from_slice(&len16(set_len).to_be_bytes());
             for f in chunk {
                 m.extend_from_slice(&f.src.0);
                 m.extend_from_slice(&f.dst.0);
@@ -141,10 +146,11 @@ impl IpfixExporter {
                 m.extend_from_slice(&f.end_ms.to_be_bytes());
                 m.push(f.class.code());
             }
-            let len = m.len() as u16; // <= MAX_MESSAGE
+            let len = len16(m.len());
             m[2..4].copy_from_slice(&len.to_be_bytes());
-            // chunk.len() <= per_msg < 2^32
-            self.sequence = self.sequence.wrapping_add(chunk.len() as u32);
+            // A chunk holds at most ~30 records.
+            let n = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+            self.sequence = self.sequence.wrapping_add(n);
             out.push(m);
         }
         out

@@ -10,7 +10,7 @@
 //! - [`controller`]: one per domain; aggregates and versions the address table, merges counters
 //!   with reset epochs ([`stats`], pure), serves `GET /v1/traffic` and Prometheus text, and
 //!   exports IPFIX ([`ipfix`]).
-//! - [`bench`]: `vinfra bench vswitch`.
+//! - [`mod@bench`]: `vinfra bench vswitch`.
 //!
 //! ```
 //! use net::core::{CoreTimeouts, PortId, PortKind, SwitchCore};
