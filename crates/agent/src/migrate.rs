@@ -17,8 +17,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use cache::{
-    prepare_destination, BlockSize, CacheStats, MigrationSnapshot, PeerNbdSource, Rebuild,
-    RebuildPlan, Strategy,
+    prepare_destination, BlockIdx, BlockSize, BlockSource, CacheStats, Generation,
+    MigrationSnapshot, PeerNbdSource, Rebuild, RebuildPlan, SourceError, Strategy,
 };
 use model::api::{Assignment, MigrationReport};
 use model::{CacheProgress, Migration, MigrationId, MigrationState, QemuMigrationStats};
@@ -346,12 +346,14 @@ impl Agent {
         })
         .await?
         .map_err(MigrateError::Peer)?;
+        let peer: Arc<dyn BlockSource> = match peer_delay() {
+            Some(delay) => Arc::new(SlowSource { inner: peer, delay }),
+            None => Arc::new(peer),
+        };
         let c2 = cache.clone();
         let mut plan = Some(
-            tokio::task::spawn_blocking(move || {
-                prepare_destination(&c2, &snap, Arc::new(peer), strategy)
-            })
-            .await?,
+            tokio::task::spawn_blocking(move || prepare_destination(&c2, &snap, peer, strategy))
+                .await?,
         );
         if strategy == Strategy::FullCopy {
             // vSphere-style: the whole cache crosses before switch-over.
@@ -412,4 +414,33 @@ fn progress(x: &MigLocal, cache: Option<&cache::BlockCache>) -> CacheProgress {
         }
     }
     out
+}
+
+/// Fail point for crash tests: `VINFRA_PEER_DELAY_MS` slows every block read from a
+/// migration peer, so that a test can kill the source host in the middle of the
+/// rebuild instead of racing a sub-second warm-up. Unset in production.
+fn peer_delay() -> Option<std::time::Duration> {
+    std::env::var("VINFRA_PEER_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+}
+
+/// A peer slowed down by [`peer_delay`].
+#[derive(Debug)]
+struct SlowSource {
+    inner: PeerNbdSource,
+    delay: std::time::Duration,
+}
+
+impl BlockSource for SlowSource {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn read_block(&self, idx: BlockIdx, buf: &mut [u8]) -> Result<Option<Generation>, SourceError> {
+        std::thread::sleep(self.delay);
+        self.inner.read_block(idx, buf)
+    }
 }

@@ -105,8 +105,20 @@ fn spawn_server(dir: &Path, store: &str, listen: &str) -> ChildGuard {
     ChildGuard::new(child)
 }
 
-/// A `vinfra agent` process.
+/// A `vinfra agent` process with its origin dir under the server's dir (shared by
+/// every agent of the test, like a SAN).
 pub fn spawn_agent(server: &Server, host: &str, data_dir: &Path, token_file: &Path) -> ChildGuard {
+    spawn_agent_env(server, host, data_dir, token_file, &[])
+}
+
+/// [`spawn_agent`] with extra environment variables (fail points).
+pub fn spawn_agent_env(
+    server: &Server,
+    host: &str,
+    data_dir: &Path,
+    token_file: &Path,
+    env: &[(&str, &str)],
+) -> ChildGuard {
     std::fs::create_dir_all(data_dir).unwrap();
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -126,6 +138,9 @@ pub fn spawn_agent(server: &Server, host: &str, data_dir: &Path, token_file: &Pa
         .arg("--token-file")
         .arg(token_file)
         .args(["--accel", "tcg"])
+        .arg("--origin-dir")
+        .arg(server.dir.path().join("origin"))
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -153,4 +168,69 @@ pub fn cli(server: &Server, token: &str, args: &[&str]) -> (bool, String, String
 /// A path with `name` under the server's dir.
 pub fn path_in(server: &Server, name: &str) -> PathBuf {
     server.dir.path().join(name)
+}
+
+/// A server with an agent token file and the default image registered, ready for agents.
+pub async fn cluster() -> (Server, PathBuf) {
+    test_utils::require_tool("qemu-system-x86_64", "run scripts/setup.sh").unwrap();
+    let image = tokio::task::spawn_blocking(|| {
+        compute::ensure_default_image(&compute::default_cache_dir(), |_| {})
+    })
+    .await
+    .unwrap()
+    .expect("default guest image (scripts/setup.sh installs what it needs)");
+    let s = Server::start().await;
+    let admin = s.admin();
+    let agent_token = admin
+        .create_token(&model::api::CreateToken {
+            role: model::Role::Agent,
+            tenant: None,
+        })
+        .await
+        .unwrap()
+        .token;
+    let token_file = path_in(&s, "agent-token");
+    std::fs::write(&token_file, &agent_token).unwrap();
+    admin
+        .create_image(&model::api::CreateImage {
+            name: "default".into(),
+            kernel: Some(image.kernel.display().to_string()),
+            initrd: Some(image.initrd.display().to_string()),
+            disk_template: Some(image.disk_template.display().to_string()),
+            cmdline: image.cmdline.clone(),
+            disk_mib: 64,
+            tenant: None,
+        })
+        .await
+        .unwrap();
+    (s, token_file)
+}
+
+/// Waits until `host` is registered and up.
+pub async fn wait_host_up(s: &Server, host: &str) {
+    let admin = s.admin();
+    test_utils::wait_for(Duration::from_secs(30), || async {
+        admin
+            .get_host(host)
+            .await
+            .is_ok_and(|h| h.state == model::HostState::Up)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("agent {host} did not register"));
+}
+
+/// The highest `TICK n` on the console with its read/write checks, and whether any
+/// check failed.
+pub fn ticks(console: &str) -> (Option<u64>, bool) {
+    let mut last = None;
+    let mut bad = false;
+    for l in console.lines() {
+        if let Some(rest) = l.strip_prefix("TICK ") {
+            if let Some(n) = rest.split_whitespace().next().and_then(|n| n.parse().ok()) {
+                last = Some(n);
+            }
+            bad |= l.contains("BAD");
+        }
+    }
+    (last, bad)
 }

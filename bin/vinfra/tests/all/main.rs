@@ -4,4 +4,5 @@
 mod api_process;
 mod crash;
 mod harness;
+mod migration;
 mod vm_lifecycle;
