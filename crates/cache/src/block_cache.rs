@@ -785,6 +785,7 @@ impl BlockCache {
             lock(&self.state).free.push(slot);
             return Err(self.data_err(slot)(e));
         }
+        crate::failpoint::hit("install::after_data");
         let crc = crc32fast::hash(data);
         let mut st = lock(&self.state);
         st.map_block(b, Mapping { slot, gen: g0, crc })?;
@@ -890,8 +891,10 @@ impl BlockCache {
                 st.journal.sync()?;
             }
         }
+        crate::failpoint::hit("write::after_bump");
         // 2. Write through.
         let origin_result = self.origin.write_at(data, offset, fua);
+        crate::failpoint::hit("write::after_origin");
         // 3. Update cached copies (read-modify-write for partial blocks); on an origin
         //    error, drop them instead: the origin's contents are now unknown.
         let mut buf = vec![0u8; self.cfg.block_size.as_usize()];
@@ -933,6 +936,7 @@ impl BlockCache {
                 first_err.get_or_insert(self.data_err(slot)(e));
                 continue;
             }
+            crate::failpoint::hit("write::after_slot");
             let crc = crc32fast::hash(&buf);
             lock(&self.state).map_block(b, Mapping { slot, gen: g, crc })?;
         }
@@ -988,7 +992,9 @@ impl BlockCache {
             heat: st.heat.snapshot(),
             pattern: st.pattern.snapshot(),
         };
+        crate::failpoint::hit("checkpoint::before_save");
         meta::save_checkpoint(&self.meta_path, &body)?;
+        crate::failpoint::hit("checkpoint::before_journal_reset");
         st.journal.reset(epoch)?;
         tracing::debug!(epoch, blocks = body.blocks.len(), "cache checkpoint");
         Ok(())

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod block_cache;
+mod failpoint;
 pub mod heat;
 pub mod meta;
 #[cfg(feature = "nbd")]

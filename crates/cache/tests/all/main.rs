@@ -1,6 +1,7 @@
 //! Integration tests of the cache crate: one binary (STYLE.md §12).
 
 mod block_cache;
+mod crash;
 #[cfg(feature = "nbd")]
 mod nbd;
 mod rebuild;
