@@ -204,7 +204,9 @@ struct State {
     map: HashMap<BlockIdx, Mapping>,
     gens: HashMap<BlockIdx, Generation>,
     slots: Vec<Option<BlockIdx>>,
-    epochs: Vec<u64>,
+    /// Per-slot change counters, bumped (under this state's lock) whenever a slot is
+    /// unmapped, reassigned or rewritten; read without the lock by the hit path.
+    epochs: Arc<[AtomicU64]>,
     free: Vec<u64>,
     heat: HeatMap,
     pattern: AccessPattern,
@@ -248,7 +250,7 @@ impl State {
         self.journal.append(&Record::Unmap { block: b })?;
         self.map.remove(&b);
         self.slots[Self::slot_index(s)] = None;
-        self.epochs[Self::slot_index(s)] += 1;
+        self.epochs[Self::slot_index(s)].fetch_add(1, Ordering::SeqCst);
         evictions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(block = b.0, slot = s, "evicted");
         Ok(Some(s))
@@ -263,7 +265,7 @@ impl State {
         })?;
         self.map.insert(b, m);
         self.slots[Self::slot_index(m.slot)] = Some(b);
-        self.epochs[Self::slot_index(m.slot)] += 1;
+        self.epochs[Self::slot_index(m.slot)].fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -290,6 +292,7 @@ pub struct BlockCache {
     peer: RwLock<Option<Arc<dyn BlockSource>>>,
     state: Mutex<State>,
     stripes: Vec<Mutex<()>>,
+    epochs: Arc<[AtomicU64]>,
     counters: Counters,
     demand_inflight: AtomicUsize,
     demand_done: (Mutex<()>, Condvar),
@@ -480,11 +483,12 @@ impl BlockCache {
             .rev()
             .filter(|s| slots[State::slot_index(*s)].is_none())
             .collect();
+        let epochs: Arc<[AtomicU64]> = (0..cap).map(|_| AtomicU64::new(0)).collect();
         let state = State {
             map,
             gens,
             slots,
-            epochs: vec![0; cap],
+            epochs: epochs.clone(),
             free,
             heat,
             pattern,
@@ -504,6 +508,7 @@ impl BlockCache {
             peer: RwLock::new(None),
             state: Mutex::new(state),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            epochs,
             counters: Counters::default(),
             demand_inflight: AtomicUsize::new(0),
             demand_done: (Mutex::new(()), Condvar::new()),
@@ -648,15 +653,17 @@ impl BlockCache {
             let (m, epoch) = {
                 let st = lock(&self.state);
                 match st.map.get(&b) {
-                    Some(m) => (*m, st.epochs[State::slot_index(m.slot)]),
+                    Some(m) => (
+                        *m,
+                        st.epochs[State::slot_index(m.slot)].load(Ordering::SeqCst),
+                    ),
                     None => return Ok(None),
                 }
             };
             self.data
                 .read_exact_at(buf, self.slot_offset(m.slot))
                 .map_err(self.data_err(m.slot))?;
-            let st = lock(&self.state);
-            if st.epochs[State::slot_index(m.slot)] != epoch {
+            if self.epochs[State::slot_index(m.slot)].load(Ordering::SeqCst) != epoch {
                 continue;
             }
             if crc32fast::hash(buf) != m.crc {
@@ -673,25 +680,31 @@ impl BlockCache {
 
     /// Reads part of one block: `within` bytes into it, `out.len()` bytes long.
     fn read_in_block(&self, b: BlockIdx, within: usize, out: &mut [u8]) -> Result<(), CacheError> {
-        {
-            let mut st = lock(&self.state);
-            st.tick += 1;
-            let t = st.tick;
-            st.heat.record(b, t);
-            st.pattern.record(b);
-        }
+        let mut first = true;
         loop {
+            // One lock per block on the hit path: record the access and look the block up
+            // together; the epoch is re-checked after the read without the lock.
             let hit = {
-                let st = lock(&self.state);
-                st.map
-                    .get(&b)
-                    .map(|m| (m.slot, st.epochs[State::slot_index(m.slot)]))
+                let mut st = lock(&self.state);
+                if first {
+                    st.tick += 1;
+                    let t = st.tick;
+                    st.heat.record(b, t);
+                    st.pattern.record(b);
+                    first = false;
+                }
+                st.map.get(&b).map(|m| {
+                    (
+                        m.slot,
+                        self.epochs[State::slot_index(m.slot)].load(Ordering::SeqCst),
+                    )
+                })
             };
             if let Some((slot, epoch)) = hit {
                 self.data
                     .read_exact_at(out, self.slot_offset(slot) + within as u64)
                     .map_err(self.data_err(slot))?;
-                if lock(&self.state).epochs[State::slot_index(slot)] == epoch {
+                if self.epochs[State::slot_index(slot)].load(Ordering::SeqCst) == epoch {
                     self.counters.hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
@@ -883,7 +896,7 @@ impl BlockCache {
                 if let Some(m) = old {
                     let i = State::slot_index(m.slot);
                     st.slots[i] = None;
-                    st.epochs[i] += 1;
+                    st.epochs[i].fetch_add(1, Ordering::SeqCst);
                 }
                 touched.push((b, g, old));
             }
