@@ -886,8 +886,8 @@ mod tests {
         let mut o = BenchOptions::standard(true, None);
         let spec = SynthSpec {
             seed: 3,
-            requests: 60_000,
-            span_bytes: 4 << 30,
+            requests: 10_000,
+            span_bytes: 512 << 20,
             io_size: 4096,
             iops: 4000,
         };
@@ -899,7 +899,7 @@ mod tests {
             tables: 4,
             table_bytes: 16 << 20,
         }];
-        o.cache_blocks = 2048;
+        o.cache_blocks = 1024;
         o
     }
 

@@ -450,7 +450,7 @@ mod tests {
     #[test]
     fn plan_is_a_permutation_of_needed_blocks() {
         let mut rng = SplitMix64::new(42);
-        for case in 0..200 {
+        for case in 0..100 {
             let total = 1 + rng.below(300);
             let mut heat = HeatMap::new(1 + rng.below(500), 1 + rng.below(200) as usize);
             let mut pat = AccessPattern::new(1 + rng.below(200) as usize);
