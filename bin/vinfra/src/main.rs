@@ -54,6 +54,12 @@ enum Command {
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
+    /// Serve a disk through a block cache over NBD (like qemu-nbd).
+    #[command(subcommand)]
+    Nbd(cmd::nbd::NbdCmd),
+    /// Benchmarks, each printed side by side with its baseline.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCmd),
     /// Print the OpenAPI document of the REST API.
     Openapi,
 }
@@ -96,7 +102,7 @@ fn main() -> std::process::ExitCode {
 fn init_tracing(command: &Command) {
     // Daemons log at info; CLI commands stay quiet unless RUST_LOG says otherwise.
     let default = match command {
-        Command::Server(_) | Command::Agent(_) | Command::Up(_) => "info",
+        Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Nbd(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -121,6 +127,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => cmd::vm::run(&ctx, c).await,
         Command::Image(c) => cmd::image::run(&ctx, c).await,
         Command::Migration(c) => cmd::migration::run(&ctx, c).await,
+        Command::Nbd(c) => cmd::nbd::run(c).await,
+        Command::Bench(c) => cmd::bench::run(c).await,
         Command::Openapi => {
             println!("{}", api::openapi_json());
             Ok(())

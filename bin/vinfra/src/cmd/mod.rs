@@ -1,9 +1,11 @@
 //! One module per top-level command.
 
 pub mod agent;
+pub mod bench;
 pub mod host;
 pub mod image;
 pub mod migration;
+pub mod nbd;
 pub mod server;
 pub mod up;
 pub mod vm;

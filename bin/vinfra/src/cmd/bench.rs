@@ -1,0 +1,99 @@
+//! `vinfra bench …`: benchmarks that print a comparison against a baseline run side by
+//! side in the same process. No pass/fail: the numbers are for people.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// Benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCmd {
+    /// Cache rebuild after migration: every fetch order on the same workloads.
+    MigrateCache {
+        /// A run of a few minutes on a 2-core machine.
+        #[arg(long)]
+        quick: bool,
+        /// Print rows as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Draw hit ratio over time, one curve per strategy, to this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// CloudPhysics CSV trace (default: ../shared/traces/cloudphysics.csv if present).
+        #[arg(long)]
+        trace: Option<PathBuf>,
+    },
+    /// Redundant placement decisions per second at 100 / 1,000 / 10,000 servers.
+    Placement {
+        /// Decisions per row.
+        #[arg(long, default_value_t = 10_000)]
+        decisions: usize,
+    },
+    /// vSwitch classification + forwarding, in memory and on veth, against the Linux bridge.
+    Vswitch {
+        /// Seconds per row.
+        #[arg(long, default_value_t = 2)]
+        secs: u64,
+        /// Only the in-memory rows (no root needed).
+        #[arg(long)]
+        memory_only: bool,
+    },
+}
+
+fn default_trace() -> Option<PathBuf> {
+    let candidates = [
+        PathBuf::from("../shared/traces/cloudphysics.csv"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/traces/cloudphysics.csv"),
+    ];
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Runs a benchmark.
+pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::MigrateCache {
+            quick,
+            json,
+            plot,
+            trace,
+        } => {
+            let trace = trace.or_else(default_trace);
+            if trace.is_none() {
+                eprintln!("note: no CloudPhysics trace found; pass --trace FILE to include it");
+            }
+            let rows = tokio::task::spawn_blocking(move || {
+                cache::bench::run_bench(cache::bench::BenchOptions::standard(quick, trace))
+            })
+            .await?;
+            if json {
+                println!("{}", cache::bench::to_json(&rows));
+            } else {
+                cache::bench::print_table(&rows);
+            }
+            if let Some(p) = plot {
+                cache::bench::write_svg(&rows, &p)
+                    .with_context(|| format!("cannot write {}", p.display()))?;
+                eprintln!("plot written to {}", p.display());
+            }
+            Ok(())
+        }
+        BenchCmd::Placement { decisions } => {
+            let rows =
+                tokio::task::spawn_blocking(move || sched::bench_table(decisions, 6)).await?;
+            print!("{}", sched::format_table(&rows));
+            Ok(())
+        }
+        BenchCmd::Vswitch { secs, memory_only } => {
+            let cfg = net::bench::BenchConfig {
+                duration: std::time::Duration::from_secs(secs.max(1)),
+                veth: !memory_only,
+                ..Default::default()
+            };
+            let table = tokio::task::spawn_blocking(move || net::bench::bench_vswitch(&cfg))
+                .await?
+                .context("vswitch benchmark failed")?;
+            println!("{table}");
+            Ok(())
+        }
+    }
+}
