@@ -27,8 +27,8 @@ pub mod trace;
 pub mod types;
 
 pub use block_cache::{
-    BlockCache, CacheConfig, CacheError, CacheOpenError, CacheStats, Fetched, MigrationSnapshot,
-    OpenReport,
+    BlockCache, CacheConfig, CacheError, CacheOpenError, CacheStats, Checkpointer, Fetched,
+    MigrationSnapshot, OpenReport,
 };
 pub use heat::{HeatMap, HeatSnapshot};
 #[cfg(feature = "nbd")]

@@ -257,3 +257,43 @@ fn concurrent_reads_writes_and_evictions_never_return_mixed_blocks() {
     c.read(&mut all, 0).unwrap();
     assert!(all == img);
 }
+
+#[test]
+fn the_checkpointer_persists_heat_learned_from_hits_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = origin(dir.path(), 16);
+    let (c, _) = open(dir.path(), "c", 8, &o);
+    let mut buf = vec![0u8; 512];
+    c.read(&mut buf, 3 * BSU).unwrap();
+    c.checkpoint().unwrap();
+    assert!(!c.checkpoint_if_changed().unwrap(), "nothing changed");
+    for _ in 0..50 {
+        c.read(&mut buf, 3 * BSU).unwrap(); // hits: journal nothing
+    }
+    let ck = c.spawn_checkpointer(std::time::Duration::from_millis(10));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !checkpoint_has_heat(dir.path(), 51.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no periodic checkpoint"
+        );
+        std::thread::yield_now();
+    }
+    ck.stop();
+    drop(c);
+    let (c, _) = open(dir.path(), "c", 8, &o);
+    let heat = c.migration_snapshot().heat;
+    assert!(heat.entries[0].1 > 40.0, "{:?}", heat.entries);
+}
+
+fn checkpoint_has_heat(dir: &std::path::Path, at_least: f64) -> bool {
+    cache::meta::load_checkpoint(&dir.join("c/meta"))
+        .ok()
+        .flatten()
+        .is_some_and(|c| {
+            c.heat
+                .entries
+                .first()
+                .is_some_and(|e| e.1 >= at_least * 0.9)
+        })
+}
