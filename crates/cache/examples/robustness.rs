@@ -41,6 +41,19 @@ fn main() {
             table_bytes: 128 << 20,
         },
     ];
+    let trace = std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/traces/cloudphysics.csv"
+    ));
+    if trace.exists() {
+        // The same real trace replayed 10x faster than in the standard suite.
+        o.workloads.push(WorkloadSpec::Trace {
+            name: "cloudphys-1000x".into(),
+            path: trace,
+            format: cache::trace::TraceFormat::CloudPhysics,
+            speedup: 1000.0,
+        });
+    }
     o.strategies = vec![
         cache::Strategy::None,
         cache::Strategy::Heat,

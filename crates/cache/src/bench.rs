@@ -792,11 +792,22 @@ pub fn render_svg(rows: &[BenchRow]) -> String {
         #[allow(clippy::cast_precision_loss)]
         let top = mt + wi as f64 * (ph + 70.0);
         let mine: Vec<&BenchRow> = rows.iter().filter(|r| r.workload == *wl).collect();
-        let tmax = mine
+        let run = mine
             .iter()
             .flat_map(|r| r.curve.iter().chain(&r.twin_curve))
             .map(|p| p.0)
             .fold(1.0f64, f64::max);
+        // Zoom on the warm-up: twice the slowest strategy that got warm, at least 5 s.
+        let slowest = mine
+            .iter()
+            .filter_map(|r| r.time_to_warm_s)
+            .fold(0.0f64, f64::max);
+        // A bursty trace may pack its first intervals into a moment: show at least 60.
+        let sixty = mine
+            .first()
+            .and_then(|r| r.twin_curve.get(59))
+            .map_or(run, |p| p.0);
+        let tmax = (2.0 * slowest).max(5.0).max(sixty).min(run);
         let x = |t: f64| ml + t / tmax * pw;
         let y = |v: f64| top + ph - v.clamp(0.0, 1.0) * ph;
         let _ = writeln!(
@@ -826,25 +837,19 @@ pub fn render_svg(rows: &[BenchRow]) -> String {
                 top + ph + 16.0
             );
         }
+        // Mean over SMOOTH intervals, the same smoothing the warm metric uses.
         let poly = |pts: &[(f64, f64)]| {
-            pts.iter()
-                .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
+            pts.windows(SMOOTH.min(pts.len()).max(1))
+                .map(|w| {
+                    #[allow(clippy::cast_precision_loss)]
+                    let mean = w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64;
+                    (w[w.len() - 1].0, mean)
+                })
+                .take_while(|(t, _)| *t <= tmax)
+                .map(|(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        if let Some(r) = mine.first() {
-            let _ = writeln!(
-                s,
-                r##"<polyline points="{}" fill="none" stroke="#000" stroke-dasharray="5,4" stroke-width="1.5"/>"##,
-                poly(&r.twin_curve)
-            );
-            let _ = writeln!(
-                s,
-                r#"<text x="{}" y="{}">twin (never moved)</text>"#,
-                ml + pw + 12.0,
-                top + 14.0
-            );
-        }
         for (i, r) in mine.iter().enumerate() {
             let c = COLORS[Strategy::ALL
                 .iter()
@@ -871,6 +876,22 @@ pub fn render_svg(rows: &[BenchRow]) -> String {
                 ml + pw + 38.0,
                 ly + 4.0,
                 r.strategy
+            );
+        }
+        if let Some(r) = mine.first() {
+            let _ = writeln!(
+                s,
+                r##"<polyline points="{}" fill="none" stroke="#000" stroke-dasharray="5,4" stroke-width="1"/>"##,
+                poly(&r.twin_curve)
+            );
+            let _ = writeln!(
+                s,
+                r##"<line x1="{}" x2="{}" y1="{ty}" y2="{ty}" stroke="#000" stroke-dasharray="5,4"/><text x="{}" y="{}">twin (never moved)</text>"##,
+                ml + pw + 12.0,
+                ml + pw + 32.0,
+                ml + pw + 38.0,
+                top + 14.0,
+                ty = top + 10.0
             );
         }
     }
