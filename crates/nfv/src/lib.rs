@@ -1,0 +1,23 @@
+//! Network functions for vinfra: VNF/NS descriptors, multi-site NS orchestration through
+//! generic commands (seed 3), and link establishment between VNF connection points (seed 2).
+//!
+//! Layers, pure first:
+//! - [`descriptor`]: VNFD/NSD YAML modelled on ETSI NFV SOL001 (TOSCA), validated with every
+//!   error reported at its path in the file. No I/O except the `load_*` helpers.
+//! - [`plan`]: NS → per-site lists of [`plan::GenericCommand`]s, with IP address management.
+//!   Pure: no clock, no sockets.
+//! - [`driver`]: the [`driver::SiteDriver`] trait, one implementation per cloud-management
+//!   software (`openstack`, `kubernetes`, `libvirt`) and the conformance suite they all pass.
+//! - [`link`]: seed 2's procedure and the per-VNF link agent (sockets in network namespaces).
+//! - [`ns`]: the executor: sites and VNFs in parallel, rollback on failure, terminate.
+//!
+//! This crate depends on no other vinfra crate: the API and CLI call into it, never the
+//! reverse. It owns no long-lived tasks except those of a [`link::LinkAgent`], which stop
+//! when the agent is dropped.
+#![warn(missing_docs)]
+
+pub mod descriptor;
+pub mod driver;
+pub mod link;
+pub mod ns;
+pub mod plan;

@@ -1,0 +1,316 @@
+//! NS lifecycle executor: runs an [`NsPlan`] on its sites, in parallel, all or nothing.
+//!
+//! Sites work at the same time, and so do the VNFs on one site (OSM creates VNFs one after
+//! another; an NS of N VNFs then takes N times as long). Per site, networks come first; per
+//! VNF, its commands run in order. If anything fails, every site is torn down (deletes are
+//! idempotent, so a teardown of what was never created is harmless) and the error says
+//! which site and VNF failed first. Links are established after every VNF runs, by seed 2's
+//! procedure ([`crate::link`]), each with a deadline.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{apply, CpInfo, DriverError, SiteDriver};
+use crate::link::{establish, LinkRecord, LinkState, LinkTable};
+use crate::plan::{GenericCommand, NsPlan, SitePlan};
+
+/// A progress report, per VNF and per link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Progress {
+    /// A site's networks exist.
+    NetworksReady {
+        /// Site.
+        site: String,
+    },
+    /// A VNF's VDUs run and its CPs are attached.
+    VnfReady {
+        /// Site.
+        site: String,
+        /// VNF.
+        vnf: String,
+        /// Milliseconds since instantiation started.
+        ms: u64,
+    },
+    /// A link ended up or failed.
+    Link(LinkRecord),
+    /// Rolling back after a failure.
+    RollingBack,
+}
+
+/// A running NS instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NsInstance {
+    /// Its plan (what terminate undoes).
+    pub plan: NsPlan,
+    /// Run-time CP information by CP id (SOL003 `extCpInfo[].cpProtocolInfo`).
+    pub cps: BTreeMap<String, CpInfo>,
+    /// Its links.
+    pub links: Vec<LinkRecord>,
+    /// Wall-clock time of the instantiation.
+    pub elapsed_ms: u64,
+}
+
+/// Why an instantiation failed (everything was rolled back before this is returned).
+#[derive(Debug, thiserror::Error)]
+pub enum InstantiateError {
+    /// The plan names a site the executor has no driver for.
+    #[error("no driver for site '{0}'")]
+    UnknownSite(String),
+    /// A site command failed.
+    #[error("site '{site}'{} failed; rolled back every site{}", vnf.as_ref().map(|v| format!(", VNF '{v}',")).unwrap_or_default(), rollback_note(.rollback))]
+    Site {
+        /// Site.
+        site: String,
+        /// VNF, if the failure was in one.
+        vnf: Option<String>,
+        /// Cause.
+        #[source]
+        err: DriverError,
+        /// Teardown errors during rollback.
+        rollback: Vec<String>,
+    },
+    /// A link could not be established.
+    #[error("link '{link}' failed: {reason}; rolled back every site{}", rollback_note(.rollback))]
+    Link {
+        /// Link.
+        link: String,
+        /// Why.
+        reason: String,
+        /// All link records.
+        records: Vec<LinkRecord>,
+        /// Teardown errors during rollback.
+        rollback: Vec<String>,
+    },
+}
+
+fn rollback_note(errors: &[String]) -> String {
+    if errors.is_empty() {
+        String::new()
+    } else {
+        format!(" (rollback errors: {})", errors.join("; "))
+    }
+}
+
+/// Errors of a terminate; it tried everything on every site regardless.
+#[derive(Debug, thiserror::Error)]
+#[error("terminate left errors: {}", .0.join("; "))]
+pub struct TerminateError(pub Vec<String>);
+
+/// Runs NS plans on a set of sites.
+#[derive(Debug, Clone)]
+pub struct NsExecutor {
+    sites: BTreeMap<String, Arc<dyn SiteDriver>>,
+    link_deadline: Duration,
+}
+
+fn ms(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl NsExecutor {
+    /// An executor over named sites; links fail after `link_deadline`.
+    pub fn new(sites: BTreeMap<String, Arc<dyn SiteDriver>>, link_deadline: Duration) -> Self {
+        NsExecutor {
+            sites,
+            link_deadline,
+        }
+    }
+
+    /// The names of the sites it drives (for the planner's `available`).
+    pub fn site_names(&self) -> Vec<String> {
+        self.sites.keys().cloned().collect()
+    }
+
+    fn driver(&self, site: &str) -> Result<&Arc<dyn SiteDriver>, InstantiateError> {
+        self.sites
+            .get(site)
+            .ok_or_else(|| InstantiateError::UnknownSite(site.to_owned()))
+    }
+
+    /// Instantiates the plan; `endpoints` maps VNF id → its link agent's address.
+    #[tracing::instrument(skip_all, fields(ns = %plan.ns))]
+    pub async fn instantiate(
+        &self,
+        plan: &NsPlan,
+        endpoints: &BTreeMap<String, SocketAddr>,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<NsInstance, InstantiateError> {
+        let start = Instant::now();
+        for sp in &plan.sites {
+            self.driver(&sp.site)?;
+        }
+        let results = join_all(
+            plan.sites
+                .iter()
+                .map(|sp| self.run_site(sp, start, progress)),
+        )
+        .await;
+        let mut cps = BTreeMap::new();
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(c) => cps.extend(c),
+                Err(e) if first_err.is_none() => first_err = Some(e),
+                Err(_) => {}
+            }
+        }
+        if let Some((site, vnf, err)) = first_err {
+            tracing::error!(site, vnf, error = %err, "instantiation failed; rolling back");
+            progress(Progress::RollingBack);
+            let rollback = self.teardown(plan).await;
+            return Err(InstantiateError::Site {
+                site,
+                vnf,
+                err,
+                rollback,
+            });
+        }
+        let links = self.links(plan, &cps, endpoints, progress).await;
+        if let Some(bad) = links
+            .iter()
+            .find(|l| matches!(l.state, LinkState::Failed { .. }))
+        {
+            let reason = match &bad.state {
+                LinkState::Failed { reason } => reason.clone(),
+                _ => String::new(),
+            };
+            progress(Progress::RollingBack);
+            let rollback = self.teardown(plan).await;
+            return Err(InstantiateError::Link {
+                link: bad.link.clone(),
+                reason,
+                records: links,
+                rollback,
+            });
+        }
+        Ok(NsInstance {
+            plan: plan.clone(),
+            cps,
+            links,
+            elapsed_ms: ms(start),
+        })
+    }
+
+    async fn run_site(
+        &self,
+        sp: &SitePlan,
+        start: Instant,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<BTreeMap<String, CpInfo>, (String, Option<String>, DriverError)> {
+        let d = self.sites.get(&sp.site).map(Arc::as_ref).ok_or_else(|| {
+            (
+                sp.site.clone(),
+                None,
+                DriverError::NotASiteCommand("(no driver)"),
+            )
+        })?;
+        for cmd in &sp.networks {
+            apply(d, cmd)
+                .await
+                .map_err(|e| (sp.site.clone(), None, e))?;
+        }
+        progress(Progress::NetworksReady {
+            site: sp.site.clone(),
+        });
+        let vnfs = sp.vnfs.iter().map(|v| async move {
+            let mut cps = BTreeMap::new();
+            for cmd in &v.commands {
+                if let Some(info) = apply(d, cmd)
+                    .await
+                    .map_err(|e| (sp.site.clone(), Some(v.vnf.clone()), e))?
+                {
+                    cps.insert(info.cp.clone(), info);
+                }
+            }
+            progress(Progress::VnfReady {
+                site: sp.site.clone(),
+                vnf: v.vnf.clone(),
+                ms: ms(start),
+            });
+            Ok(cps)
+        });
+        let mut all = BTreeMap::new();
+        let mut first_err = None;
+        // Wait for every VNF even after a failure: a VDU still being created must finish
+        // (or fail) before the rollback deletes it, or the rollback could miss it.
+        for r in join_all(vnfs).await {
+            match r {
+                Ok(c) => all.extend(c),
+                Err(e) if first_err.is_none() => first_err = Some(e),
+                Err(_) => {}
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(all),
+        }
+    }
+
+    async fn links(
+        &self,
+        plan: &NsPlan,
+        cps: &BTreeMap<String, CpInfo>,
+        endpoints: &BTreeMap<String, SocketAddr>,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Vec<LinkRecord> {
+        let table = LinkTable::from_plan(plan);
+        // Step 1 per first CP: its id and the IP the *site* reports (not the planned one).
+        let mut firsts = BTreeMap::new();
+        for cmd in plan.links() {
+            if let GenericCommand::ConnectLink { first, .. } = cmd {
+                let ip = cps
+                    .get(&first.resource)
+                    .and_then(|i| i.ips.first().copied());
+                firsts.insert(first.resource.clone(), (first.vnf.clone(), ip));
+            }
+        }
+        let futs = firsts
+            .iter()
+            .map(|(cp, (vnf, ip))| establish(&table, vnf, cp, *ip, endpoints, self.link_deadline));
+        let records: Vec<LinkRecord> = join_all(futs).await.into_iter().flatten().collect();
+        for r in &records {
+            progress(Progress::Link(r.clone()));
+        }
+        records
+    }
+
+    /// Removes everything the plan creates, on every site, in parallel; absent is fine.
+    pub async fn terminate(&self, plan: &NsPlan) -> Result<(), TerminateError> {
+        let errors = self.teardown(plan).await;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(TerminateError(errors))
+        }
+    }
+
+    async fn teardown(&self, plan: &NsPlan) -> Vec<String> {
+        let per_site = plan.sites.iter().map(|sp| async move {
+            let Some(d) = self.sites.get(&sp.site).map(Arc::as_ref) else {
+                return vec![format!("no driver for site '{}'", sp.site)];
+            };
+            let (vdus, nets): (Vec<_>, Vec<_>) = sp
+                .teardown()
+                .into_iter()
+                .partition(|c| matches!(c, GenericCommand::DeleteVdu { .. }));
+            let mut errors: Vec<String> = join_all(vdus.iter().map(|c| apply(d, c)))
+                .await
+                .into_iter()
+                .filter_map(|r| r.err().map(|e| format!("{}: {e}", sp.site)))
+                .collect();
+            for c in &nets {
+                if let Err(e) = apply(d, c).await {
+                    errors.push(format!("{}: {e}", sp.site));
+                }
+            }
+            errors
+        });
+        join_all(per_site).await.into_iter().flatten().collect()
+    }
+}
