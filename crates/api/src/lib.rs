@@ -7,9 +7,9 @@
 //! Must not depend on: store backends (it holds an `Arc<dyn Store>`), the
 //! agent, compute drivers. Wire bodies come from `model::api`.
 //!
-//! Tasks: [`serve`] spawns one axum server task; [`ServerHandle::shutdown`]
-//! stops it gracefully. Nothing else runs in the background: host liveness
-//! is computed from the last heartbeat whenever a host is read.
+//! Tasks: [`serve`] spawns one task running the axum server and the maintenance
+//! drain driver; [`ServerHandle::shutdown`] stops both. Host liveness is computed
+//! from the last heartbeat whenever a host is read.
 #![warn(missing_docs)]
 
 mod auth;
@@ -200,14 +200,19 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         addr: config.listen,
         source,
     })?;
-    let app = router(AppState::new(store, &config));
+    let state = AppState::new(store, &config);
+    let app = router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    // Background work of the control plane: the maintenance drain driver. It stops
+    // with the server (same task).
+    let driver = routes::maintenance::drive(state);
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
+        tokio::select! {
+            r = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = rx.await;
-            })
-            .await
+            }) => r,
+            _ = driver => Ok(()),
+        }
     });
     tracing::info!(%addr, "API listening");
     Ok(ServerHandle {

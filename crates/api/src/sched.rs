@@ -23,6 +23,9 @@ pub enum PlaceError {
     /// The requested host missed its heartbeats.
     #[error("host: {0} is down")]
     HostDown(Name),
+    /// The requested host is cordoned for maintenance.
+    #[error("host: {0} is in maintenance")]
+    InMaintenance(Name),
     /// The requested host lacks room.
     #[error("host: {host} has {free_vcpus} free vCPUs and {free_mib} MiB free memory, the vm needs {vcpus} vCPUs and {memory_mib} MiB")]
     NoRoom {
@@ -81,6 +84,9 @@ pub fn place(
         if host.state != HostState::Up {
             return Err(PlaceError::HostDown(name.clone()));
         }
+        if host.maintenance.is_some() {
+            return Err(PlaceError::InMaintenance(name.clone()));
+        }
         let (ok, free_vcpus, free_mib) = fits(host);
         return if ok {
             Ok(name.clone())
@@ -96,7 +102,7 @@ pub fn place(
     }
     hosts
         .iter()
-        .filter(|h| h.state == HostState::Up)
+        .filter(|h| h.state == HostState::Up && h.maintenance.is_none())
         .filter_map(|h| {
             let (ok, fc, fm) = fits(h);
             ok.then_some((fm, fc, h))
@@ -130,6 +136,7 @@ mod tests {
             drivers: vec![],
             agent_url: None,
             nbd_addr: None,
+            maintenance: None,
             last_heartbeat: 0,
             state,
         }

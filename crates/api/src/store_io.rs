@@ -13,7 +13,7 @@ use crate::ApiError;
 
 /// Store keys. Every name in a key has passed `validate_name`, so it has no `/`.
 pub(crate) mod keys {
-    use model::{ImageId, MigrationId, Name, TenantId, VmId};
+    use model::{ImageId, MaintenanceId, MigrationId, Name, TenantId, VmId};
 
     pub const TOKENS: &str = "/vinfra/tokens/";
     pub const TENANTS: &str = "/vinfra/tenants/";
@@ -23,6 +23,7 @@ pub(crate) mod keys {
     pub const VMS: &str = "/vinfra/vms/";
     pub const VM_NAMES: &str = "/vinfra/vm-names/";
     pub const MIGRATIONS: &str = "/vinfra/migrations/";
+    pub const MAINTENANCE: &str = "/vinfra/maintenance/";
 
     /// A token record, under the hex SHA-256 of the token.
     pub fn token(hash: &str) -> String {
@@ -55,6 +56,9 @@ pub(crate) mod keys {
     }
     pub fn vm(id: VmId) -> String {
         format!("{VMS}{id}")
+    }
+    pub fn maintenance(id: MaintenanceId) -> String {
+        format!("{MAINTENANCE}{id}")
     }
     pub fn migration(id: MigrationId) -> String {
         format!("{MIGRATIONS}{id}")

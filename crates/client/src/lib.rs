@@ -19,10 +19,10 @@
 use std::time::Duration;
 
 use model::api::{
-    Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, MigrateVm, MigrationReport,
-    ObservedReport, Problem, RegisterHost, TenantCreated, TokenCreated,
+    Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, EnterMaintenance, MigrateVm,
+    MigrationReport, ObservedReport, Problem, RegisterHost, TenantCreated, TokenCreated,
 };
-use model::{Host, Image, Migration, MigrationId, Tenant, Vm, VmId};
+use model::{Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Tenant, Vm, VmId};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -383,6 +383,52 @@ impl Client {
             Err(e) if e.status() == Some(404) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    // ---- maintenance ----
+
+    /// `POST /v1/hosts/{name}/maintenance`: cordon and drain (or plan, with `dry_run`).
+    pub async fn enter_maintenance(
+        &self,
+        host: &str,
+        req: &EnterMaintenance,
+    ) -> Result<Maintenance, ClientError> {
+        self.json(
+            Method::POST,
+            &["v1", "hosts", host, "maintenance"],
+            Some(req),
+        )
+        .await
+    }
+
+    /// `POST /v1/hosts/{name}/maintenance/exit`.
+    pub async fn exit_maintenance(&self, host: &str) -> Result<Maintenance, ClientError> {
+        self.json(
+            Method::POST,
+            &["v1", "hosts", host, "maintenance", "exit"],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /v1/maintenance/{id}`.
+    pub async fn get_maintenance(&self, id: MaintenanceId) -> Result<Maintenance, ClientError> {
+        let id = id.to_string();
+        self.json(Method::GET, &["v1", "maintenance", &id], NO_BODY)
+            .await
+    }
+
+    /// `GET /v1/maintenance`.
+    pub async fn list_maintenance(&self) -> Result<Vec<Maintenance>, ClientError> {
+        self.json(Method::GET, &["v1", "maintenance"], NO_BODY)
+            .await
+    }
+
+    /// `POST /v1/maintenance/{id}/abort`.
+    pub async fn abort_maintenance(&self, id: MaintenanceId) -> Result<Maintenance, ClientError> {
+        let id = id.to_string();
+        self.json(Method::POST, &["v1", "maintenance", &id, "abort"], NO_BODY)
+            .await
     }
 
     // ---- meta ----

@@ -598,3 +598,36 @@ impl MigrationReport {
         Ok(host)
     }
 }
+
+/// `POST /v1/hosts/{name}/maintenance`: cordon the host and move its VMs away.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnterMaintenance {
+    /// Move every VM to this host (default: the scheduler picks hosts that fit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Only return the plan (which VM goes where); change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Fetch order for the live migrations (default `heat+pattern`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+}
+
+impl EnterMaintenance {
+    /// Checks the target name and the strategy.
+    pub fn validate(&self) -> Result<(Option<Name>, String), ValidationError> {
+        let to = match &self.to {
+            Some(t) => Some(validate_name("to", t)?),
+            None => None,
+        };
+        let strategy = self.strategy.as_deref().unwrap_or(DEFAULT_STRATEGY);
+        if !STRATEGIES.contains(&strategy) {
+            return Err(ValidationError::new(
+                "strategy",
+                format!("must be one of {}, got {strategy:?}", STRATEGIES.join(", ")),
+            ));
+        }
+        Ok((to, strategy.to_owned()))
+    }
+}

@@ -77,6 +77,11 @@ typed_id!(
     MigrationId,
     "migration"
 );
+typed_id!(
+    /// Identifies a host maintenance session.
+    MaintenanceId,
+    "maintenance"
+);
 
 #[cfg(test)]
 mod tests {

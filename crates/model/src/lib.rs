@@ -13,10 +13,11 @@ mod ids;
 mod types;
 mod validate;
 
-pub use ids::{HostId, IdParseError, ImageId, MigrationId, TenantId, VmId};
+pub use ids::{HostId, IdParseError, ImageId, MaintenanceId, MigrationId, TenantId, VmId};
 pub use types::{
-    CacheProgress, DesiredState, Host, HostState, Image, Migration, MigrationState, ObservedState,
-    QemuMigrationStats, Role, Tenant, TokenRecord, Vm,
+    CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image, Maintenance,
+    MaintenanceState, Migration, MigrationState, ObservedState, QemuMigrationStats, Role, Tenant,
+    TokenRecord, Vm,
 };
 pub use validate::{
     validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range, Name,

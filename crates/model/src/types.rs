@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{HostId, ImageId, MigrationId, Name, TenantId, VmId};
+use crate::{HostId, ImageId, MaintenanceId, MigrationId, Name, TenantId, VmId};
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -101,6 +101,10 @@ pub struct Host {
     /// block cache, and the cache itself for migration peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_addr: Option<String>,
+    /// The maintenance session holding this host, if any: the host is cordoned (no new
+    /// VMs) while it is set, across agent restarts and crashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceId>,
     /// Last heartbeat, unix milliseconds.
     pub last_heartbeat: u64,
     /// Computed from `last_heartbeat` whenever the host is read; the stored
@@ -370,4 +374,108 @@ pub struct Migration {
     pub switched_at: Option<u64>,
     /// Completion (or failure) time, unix ms.
     pub finished_at: Option<u64>,
+}
+
+/// Where a host maintenance session is.
+///
+/// `entering` → `draining` (VMs move away one by one, live) → `in_maintenance` (empty,
+/// cordoned) → `releasing` → `released`; or `aborted` (the drain stopped on request) or
+/// `failed` (a VM could not move: the ones already moved stay where they are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MaintenanceState {
+    /// Accepted, cordoned, not yet draining.
+    Entering,
+    /// Moving VMs away.
+    Draining,
+    /// Empty and cordoned.
+    InMaintenance,
+    /// Being released.
+    Releasing,
+    /// Released: the host takes VMs again.
+    Released,
+    /// Stopped on request; see the items for what stays where.
+    Aborted,
+    /// A VM could not move; see `error`.
+    Failed,
+}
+
+impl MaintenanceState {
+    /// The state as text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MaintenanceState::Entering => "entering",
+            MaintenanceState::Draining => "draining",
+            MaintenanceState::InMaintenance => "in_maintenance",
+            MaintenanceState::Releasing => "releasing",
+            MaintenanceState::Released => "released",
+            MaintenanceState::Aborted => "aborted",
+            MaintenanceState::Failed => "failed",
+        }
+    }
+
+    /// Whether the session still holds its host (cordoned).
+    pub fn holds_host(self) -> bool {
+        matches!(
+            self,
+            MaintenanceState::Entering
+                | MaintenanceState::Draining
+                | MaintenanceState::InMaintenance
+                | MaintenanceState::Releasing
+        )
+    }
+}
+
+/// One VM of a drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainItemState {
+    /// Not started.
+    Pending,
+    /// Live migration in progress.
+    Migrating,
+    /// On its new host.
+    Moved,
+    /// Could not move; still on the host in maintenance.
+    Failed,
+}
+
+/// A VM to move off a host in maintenance, and where to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainItem {
+    /// The VM.
+    pub vm: VmId,
+    /// Its name.
+    pub vm_name: Name,
+    /// Its target host.
+    pub to: Name,
+    /// Live migration (a running VM) or a cold move (a stopped one).
+    pub live: bool,
+    /// Its migration, once started.
+    pub migration: Option<MigrationId>,
+    /// Where it is.
+    pub state: DrainItemState,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// A maintenance session of one host (seed 5: maintenance mode, VDUs moved, release).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Maintenance {
+    /// Stable id.
+    pub id: MaintenanceId,
+    /// The host.
+    pub host: Name,
+    /// Where it is.
+    pub state: MaintenanceState,
+    /// The VMs to move, in order.
+    pub items: Vec<DrainItem>,
+    /// Fetch order used by the live migrations.
+    pub strategy: String,
+    /// Why it failed or was aborted.
+    pub error: Option<String>,
+    /// Creation time, unix ms.
+    pub created_at: u64,
+    /// Last change, unix ms.
+    pub updated_at: u64,
 }

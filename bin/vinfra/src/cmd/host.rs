@@ -13,6 +13,9 @@ pub enum HostCmd {
         /// Host name.
         name: String,
     },
+    /// Maintenance mode: cordon, drain by live migration, release.
+    #[command(subcommand)]
+    Maintenance(crate::cmd::maintenance::MaintenanceCmd),
 }
 
 /// Runs a host command.
@@ -21,11 +24,20 @@ pub async fn run(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<()> {
     let hosts = match cmd {
         HostCmd::List => c.list_hosts().await?,
         HostCmd::Show { name } => vec![c.get_host(&name).await?],
+        HostCmd::Maintenance(m) => return crate::cmd::maintenance::run(ctx, m).await,
     };
     output::emit(
         ctx.format,
         &hosts,
-        &["name", "state", "cpus", "memory", "disk", "drivers"],
+        &[
+            "name",
+            "state",
+            "cpus",
+            "memory",
+            "disk",
+            "drivers",
+            "maintenance",
+        ],
         || {
             hosts
                 .iter()
@@ -37,6 +49,7 @@ pub async fn run(ctx: &Ctx, cmd: HostCmd) -> anyhow::Result<()> {
                         format!("{} MiB", h.memory_mib),
                         format!("{} GiB", h.disk_gib),
                         h.drivers.join(","),
+                        h.maintenance.map(|m| m.to_string()).unwrap_or_default(),
                     ]
                 })
                 .collect()

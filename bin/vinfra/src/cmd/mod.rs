@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bench;
 pub mod host;
 pub mod image;
+pub mod maintenance;
 pub mod migration;
 pub mod nbd;
 pub mod server;

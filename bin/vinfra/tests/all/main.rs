@@ -4,5 +4,6 @@
 mod api_process;
 mod crash;
 mod harness;
+mod maintenance;
 mod migration;
 mod vm_lifecycle;

@@ -50,107 +50,122 @@ pub(crate) async fn migrate_vm(
     let (to, strategy) = body.validate()?;
     let scope = caller.scope()?;
     for _ in 0..CAS_ATTEMPTS {
-        let (mut vm, rev) = resolve(&state, scope, &id).await?;
-        if let Some(m) = vm.migration {
-            return Err(ApiError::Conflict(format!(
-                "vm {} is already migrating (migration {m})",
-                vm.name
-            )));
-        }
-        if vm.desired != DesiredState::Running || vm.observed != ObservedState::Running {
-            return Err(ApiError::Conflict(format!(
-                "vm {} must be running to migrate live; it is {} (desired {})",
-                vm.name,
-                vm.observed.as_str(),
-                vm.desired.as_str()
-            )));
-        }
-        if vm.host == to {
-            return Err(ApiError::Unprocessable(format!(
-                "to: vm {} already runs on {to}",
-                vm.name
-            )));
-        }
-        let hosts = all_hosts(&state).await?;
-        let source = hosts.iter().find(|h| h.name == vm.host);
-        let peer_nbd = source.and_then(|h| h.nbd_addr.clone()).ok_or_else(|| {
-            ApiError::Conflict(format!(
-                "host {} serves no block cache (no nbd_addr): cannot migrate from it",
-                vm.host
-            ))
-        })?;
-        if source.is_some_and(|h| h.state != HostState::Up) {
-            return Err(ApiError::Conflict(format!("host {} is down", vm.host)));
-        }
-        let vms = list_json::<Vm>(state.store(), keys::VMS).await?;
-        place(
-            &hosts,
-            &usage(vms.iter().map(|(v, _)| v)),
-            vm.vcpus,
-            vm.memory_mib,
-            Some(&to),
-        )
-        .map_err(|e| match e {
-            crate::PlaceError::NoSuchHost(_) => {
-                ApiError::Unprocessable(format!("to: no host named {to}"))
-            }
-            other => ApiError::Conflict(other.to_string().replacen("host:", "to:", 1)),
-        })?;
-        if !hosts.iter().any(|h| h.name == to && h.nbd_addr.is_some()) {
-            return Err(ApiError::Conflict(format!(
-                "to: host {to} serves no block cache (no nbd_addr)"
-            )));
-        }
-        let m = Migration {
-            id: MigrationId::new_random(),
-            vm: vm.id,
-            tenant: vm.tenant,
-            vm_name: vm.name.clone(),
-            from_host: vm.host.clone(),
-            to_host: to.clone(),
-            strategy: strategy.clone(),
-            state: MigrationState::Pending,
-            peer_nbd: Some(peer_nbd),
-            incoming_uri: None,
-            qemu: None,
-            progress: None,
-            error: None,
-            created_at: now_ms(),
-            switched_at: None,
-            finished_at: None,
-        };
-        vm.migration = Some(m.id);
-        let res = state
-            .store()
-            .txn(
-                vec![Compare::ModRevision {
-                    key: keys::vm(vm.id),
-                    expect: Some(rev),
-                }],
-                vec![
-                    TxnOp::Put {
-                        key: keys::vm(vm.id),
-                        value: to_bytes(&vm)?,
-                    },
-                    TxnOp::Put {
-                        key: keys::migration(m.id),
-                        value: to_bytes(&m)?,
-                    },
-                ],
-            )
-            .await;
-        match res {
-            Ok(_) => {
-                tracing::info!(vm = %vm.name, from = %m.from_host, to = %m.to_host, strategy = %m.strategy, "migration requested");
-                return Ok((StatusCode::ACCEPTED, Json(m)));
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
+        let (vm, rev) = resolve(&state, scope, &id).await?;
+        if let Some(m) = try_start(&state, vm, rev, &to, &strategy).await? {
+            return Ok((StatusCode::ACCEPTED, Json(m)));
         }
     }
     Err(ApiError::Conflict(format!(
         "vm {id} is being updated concurrently, retry"
     )))
+}
+
+/// Starts a migration of `vm` (read at `rev`) to `to`: checks, then one transaction
+/// writing the migration and the VM's link to it. `None` when the VM changed meanwhile
+/// (the caller re-reads and retries).
+pub(crate) async fn try_start(
+    state: &AppState,
+    mut vm: Vm,
+    rev: store::Revision,
+    to: &Name,
+    strategy: &str,
+) -> Result<Option<Migration>, ApiError> {
+    if let Some(m) = vm.migration {
+        return Err(ApiError::Conflict(format!(
+            "vm {} is already migrating (migration {m})",
+            vm.name
+        )));
+    }
+    if vm.desired != DesiredState::Running || vm.observed != ObservedState::Running {
+        return Err(ApiError::Conflict(format!(
+            "vm {} must be running to migrate live; it is {} (desired {})",
+            vm.name,
+            vm.observed.as_str(),
+            vm.desired.as_str()
+        )));
+    }
+    if vm.host == *to {
+        return Err(ApiError::Unprocessable(format!(
+            "to: vm {} already runs on {to}",
+            vm.name
+        )));
+    }
+    let hosts = all_hosts(state).await?;
+    let source = hosts.iter().find(|h| h.name == vm.host);
+    let peer_nbd = source.and_then(|h| h.nbd_addr.clone()).ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "host {} serves no block cache (no nbd_addr): cannot migrate from it",
+            vm.host
+        ))
+    })?;
+    if source.is_some_and(|h| h.state != HostState::Up) {
+        return Err(ApiError::Conflict(format!("host {} is down", vm.host)));
+    }
+    let vms = list_json::<Vm>(state.store(), keys::VMS).await?;
+    place(
+        &hosts,
+        &usage(vms.iter().map(|(v, _)| v)),
+        vm.vcpus,
+        vm.memory_mib,
+        Some(to),
+    )
+    .map_err(|e| match e {
+        crate::PlaceError::NoSuchHost(_) => {
+            ApiError::Unprocessable(format!("to: no host named {to}"))
+        }
+        other => ApiError::Conflict(other.to_string().replacen("host:", "to:", 1)),
+    })?;
+    if !hosts.iter().any(|h| h.name == *to && h.nbd_addr.is_some()) {
+        return Err(ApiError::Conflict(format!(
+            "to: host {to} serves no block cache (no nbd_addr)"
+        )));
+    }
+    let m = Migration {
+        id: MigrationId::new_random(),
+        vm: vm.id,
+        tenant: vm.tenant,
+        vm_name: vm.name.clone(),
+        from_host: vm.host.clone(),
+        to_host: to.clone(),
+        strategy: strategy.to_owned(),
+        state: MigrationState::Pending,
+        peer_nbd: Some(peer_nbd),
+        incoming_uri: None,
+        qemu: None,
+        progress: None,
+        error: None,
+        created_at: now_ms(),
+        switched_at: None,
+        finished_at: None,
+    };
+    vm.migration = Some(m.id);
+    let res = state
+        .store()
+        .txn(
+            vec![Compare::ModRevision {
+                key: keys::vm(vm.id),
+                expect: Some(rev),
+            }],
+            vec![
+                TxnOp::Put {
+                    key: keys::vm(vm.id),
+                    value: to_bytes(&vm)?,
+                },
+                TxnOp::Put {
+                    key: keys::migration(m.id),
+                    value: to_bytes(&m)?,
+                },
+            ],
+        )
+        .await;
+    match res {
+        Ok(_) => {
+            tracing::info!(vm = %vm.name, from = %m.from_host, to = %m.to_host, strategy = %m.strategy, "migration requested");
+            Ok(Some(m))
+        }
+        Err(StoreError::Conflict { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The caller's migrations, newest first.

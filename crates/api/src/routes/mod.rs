@@ -2,6 +2,7 @@
 
 pub(crate) mod hosts;
 pub(crate) mod images;
+pub(crate) mod maintenance;
 pub(crate) mod meta;
 pub(crate) mod migrations;
 pub(crate) mod tenants;
@@ -47,6 +48,11 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/vms/{id}/observed", put(vms::report_observed)),
         ("/v1/vms/{id}/migrate", post(migrations::migrate_vm)),
         ("/v1/migrations", get(migrations::list_migrations)),
+        ("/v1/hosts/{name}/maintenance", post(maintenance::enter)),
+        ("/v1/hosts/{name}/maintenance/exit", post(maintenance::exit)),
+        ("/v1/maintenance", get(maintenance::list)),
+        ("/v1/maintenance/{id}", get(maintenance::get)),
+        ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
         ("/v1/migrations/{id}", get(migrations::get_migration)),
         (
             "/v1/migrations/{id}/report",
@@ -153,7 +159,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 28, "{served:?}");
+        assert_eq!(served.len(), 33, "{served:?}");
     }
 
     #[test]
