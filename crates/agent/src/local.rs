@@ -28,6 +28,9 @@ pub struct LocalVm {
     pub running: bool,
     /// Its block cache on this host, when open.
     pub cache: Option<Arc<BlockCache>>,
+    /// Saves the cache's heat map and pattern every few seconds (a hit-only workload
+    /// journals nothing), so that they too survive a crash.
+    pub checkpointer: Option<cache::Checkpointer>,
     /// A start failure for this desired state: (desired state, reason).
     pub failed: Option<(model::DesiredState, String)>,
     /// Why the hypervisor exited on its own, if it did.
@@ -213,6 +216,7 @@ pub async fn ensure_cache(
         .await?;
     let (d, id, dir) = (disks.clone(), a.vm.id, files.cache_dir());
     let cache = tokio::task::spawn_blocking(move || d.open_cache(id, &dir)).await??;
+    vm.checkpointer = Some(cache.spawn_checkpointer(std::time::Duration::from_secs(5)));
     vm.cache = Some(cache.clone());
     Ok(cache)
 }
@@ -247,9 +251,12 @@ pub async fn stop(
     }
     vm.running = false;
     disks.unexport(files.id);
+    vm.checkpointer = None;
     if let Some(c) = vm.cache.take() {
-        if let Err(e) = tokio::task::spawn_blocking(move || c.checkpoint()).await {
-            tracing::warn!(error = %e, "cache checkpoint task failed");
+        match tokio::task::spawn_blocking(move || c.checkpoint()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot checkpoint the cache"),
+            Err(e) => tracing::warn!(error = %e, "cache checkpoint task failed"),
         }
     }
 }

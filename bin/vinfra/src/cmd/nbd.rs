@@ -110,7 +110,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open the cache in {}", a.cache_dir.display()))?;
     let (cache, report) = cache;
     tracing::info!(verified = report.verified, "cache opened");
-    let mut sc = ServeConfig::new(listen).export(a.export.clone(), Arc::new(cache));
+    let cache = Arc::new(cache);
+    // Heat and pattern learned from hits are saved only by checkpoints.
+    let _checkpointer = cache.spawn_checkpointer(std::time::Duration::from_secs(5));
+    let mut sc = ServeConfig::new(listen).export(a.export.clone(), cache.clone());
     sc.threads_per_connection = 4;
     let handle = nbd::serve(sc).context("cannot start the NBD server")?;
     println!(
@@ -121,6 +124,9 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     );
     crate::cmd::server::wait_for_signal().await?;
     handle.shutdown();
+    tokio::task::spawn_blocking(move || cache.checkpoint())
+        .await?
+        .context("cannot write the final cache checkpoint")?;
     Ok(())
 }
 
