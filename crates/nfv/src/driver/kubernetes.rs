@@ -98,6 +98,29 @@ impl KubernetesDriver {
                 }
                 (Some(p), false) => match p["status"]["phase"].as_str() {
                     Some("Running") => return Ok(()),
+                    // An image the registry does not have: the kubelet waits forever in
+                    // ErrImagePull/ImagePullBackOff; report it instead of timing out.
+                    Some("Pending")
+                        if p["status"]["containerStatuses"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|c| {
+                                matches!(
+                                    c["state"]["waiting"]["reason"].as_str(),
+                                    Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
+                                )
+                            }) =>
+                    {
+                        return Err(DriverError::NotFound {
+                            site: SITE,
+                            kind: "image",
+                            name: p["spec"]["containers"][0]["image"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_owned(),
+                        })
+                    }
                     Some("Failed") => {
                         return Err(DriverError::Failed {
                             site: SITE,
