@@ -4,3 +4,5 @@
 mod descriptors;
 mod drivers;
 mod fakes;
+mod links;
+mod netns;
