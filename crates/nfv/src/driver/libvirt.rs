@@ -82,10 +82,18 @@ pub fn mac_for(ip: Ipv4Addr) -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", o[1], o[2], o[3])
 }
 
+/// virsh's ways of saying "no such object" (libvirt 9: `failed to get domain 'x'` on some
+/// verbs, `Domain not found: no domain with matching name` on others).
 fn not_found(stderr: &str) -> bool {
-    stderr.contains("not found")
-        || stderr.contains("no domain with matching")
-        || stderr.contains("no network with matching")
+    [
+        "not found",
+        "no domain with matching",
+        "no network with matching",
+        "failed to get domain",
+        "failed to get network",
+    ]
+    .iter()
+    .any(|p| stderr.contains(p))
 }
 
 impl LibvirtDriver {

@@ -3,10 +3,16 @@
 use nfv::descriptor::{load_nsd, validate_nsd, validate_vnfd, Vnfd};
 
 fn example(name: &str) -> String {
-    std::fs::read_to_string(format!("{}/../../examples/nfv/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read_to_string(format!(
+        "{}/../../examples/nfv/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
-fn errors_of(result: Result<impl std::fmt::Debug, Vec<nfv::descriptor::DescriptorError>>) -> Vec<String> {
+fn errors_of(
+    result: Result<impl std::fmt::Debug, Vec<nfv::descriptor::DescriptorError>>,
+) -> Vec<String> {
     match result {
         Ok(v) => panic!("expected errors, got {v:?}"),
         Err(e) => e.iter().map(ToString::to_string).collect(),
@@ -19,9 +25,19 @@ const N: &str = "topology_template.node_templates";
 fn examples_are_valid() {
     let fw = validate_vnfd(&example("vnfd-firewall.yaml")).unwrap();
     assert_eq!(fw.vdus.len(), 1);
-    assert_eq!((fw.vdus[0].vcpus, fw.vdus[0].memory_mib, fw.vdus[0].storage_mib), (1, 256, 16));
+    assert_eq!(
+        (
+            fw.vdus[0].vcpus,
+            fw.vdus[0].memory_mib,
+            fw.vdus[0].storage_mib
+        ),
+        (1, 256, 16)
+    );
     assert_eq!(fw.ext_cp("wan").unwrap().id, "fw_wan_cp");
-    let dir = format!("{}/../../examples/nfv/nsd-edge.yaml", env!("CARGO_MANIFEST_DIR"));
+    let dir = format!(
+        "{}/../../examples/nfv/nsd-edge.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let (nsd, vnfds) = load_nsd(std::path::Path::new(&dir)).unwrap();
     assert_eq!(vnfds.len(), 2);
     assert_eq!(nsd.vnfs[1].sites, ["site-b", "site-a"]);
@@ -72,12 +88,18 @@ fn broken_vnfds_report_every_error_at_its_path() {
     for (name, edits, want) in cases {
         let mut text = base.clone();
         for (from, to) in &edits {
-            assert!(text.contains(from), "case '{name}': pattern {from:?} not in the example");
+            assert!(
+                text.contains(from),
+                "case '{name}': pattern {from:?} not in the example"
+            );
             text = text.replacen(from, to, 1);
         }
         let got = errors_of(validate_vnfd(&text));
         if want.is_empty() {
-            assert!(got.len() == 1 && got[0].starts_with("(document): invalid YAML: "), "case '{name}': {got:#?}");
+            assert!(
+                got.len() == 1 && got[0].starts_with("(document): invalid YAML: "),
+                "case '{name}': {got:#?}"
+            );
         } else {
             assert_eq!(got, want, "case '{name}'");
         }
@@ -85,7 +107,10 @@ fn broken_vnfds_report_every_error_at_its_path() {
 }
 
 fn vnfds() -> Vec<Vnfd> {
-    vec![validate_vnfd(&example("vnfd-firewall.yaml")).unwrap(), validate_vnfd(&example("vnfd-web.yaml")).unwrap()]
+    vec![
+        validate_vnfd(&example("vnfd-firewall.yaml")).unwrap(),
+        validate_vnfd(&example("vnfd-web.yaml")).unwrap(),
+    ]
 }
 
 #[test]
@@ -111,9 +136,16 @@ fn broken_nsds_report_every_error_at_its_path() {
     for (name, edits, want) in cases {
         let mut text = base.clone();
         for (from, to) in &edits {
-            assert!(text.contains(from), "case '{name}': pattern {from:?} not in the example");
+            assert!(
+                text.contains(from),
+                "case '{name}': pattern {from:?} not in the example"
+            );
             text = text.replacen(from, to, 1);
         }
-        assert_eq!(errors_of(validate_nsd(&text, &vnfds())), want, "case '{name}'");
+        assert_eq!(
+            errors_of(validate_nsd(&text, &vnfds())),
+            want,
+            "case '{name}'"
+        );
     }
 }

@@ -15,33 +15,67 @@ async fn openstack_driver_passes_conformance_against_the_fake() {
     let d = OpenStackDriver::new(cloud.config());
     run_all(&d, "conf-os", "default").await.unwrap();
     let log = cloud.log();
-    assert_eq!(log[0], "POST /identity/v3/auth/tokens", "authenticates first, once");
-    assert_eq!(log.iter().filter(|l| l.ends_with("/auth/tokens")).count(), 1);
+    assert_eq!(
+        log[0], "POST /identity/v3/auth/tokens",
+        "authenticates first, once"
+    );
+    assert_eq!(
+        log.iter().filter(|l| l.ends_with("/auth/tokens")).count(),
+        1
+    );
     // Nova is asynchronous: the driver polled a BUILD server before it was ACTIVE.
-    let polls = log.iter().filter(|l| l.starts_with("GET /compute/v2.1/servers/")).count();
+    let polls = log
+        .iter()
+        .filter(|l| l.starts_with("GET /compute/v2.1/servers/"))
+        .count();
     assert!(polls >= 3, "{log:#?}");
-    assert!(cloud.port_names().is_empty(), "ports left: {:?}", cloud.port_names());
+    assert!(
+        cloud.port_names().is_empty(),
+        "ports left: {:?}",
+        cloud.port_names()
+    );
 }
 
 #[tokio::test]
 async fn openstack_reports_nova_faults_and_bad_credentials() {
     let cloud = FakeOpenStack::start(Duration::from_millis(30)).await;
     let d = OpenStackDriver::new(cloud.config());
-    d.create_network("f-net", "10.98.0.0/24".parse().unwrap()).await.unwrap();
+    d.create_network("f-net", "10.98.0.0/24".parse().unwrap())
+        .await
+        .unwrap();
     let spec = nfv::plan::VduSpec {
-        name: "f-vdu".into(), vcpus: 1, memory_mib: 256, storage_mib: 0, image: "broken".into(),
-        cps: vec![nfv::plan::CpSpec { name: "f-vdu-cp".into(), network: "f-net".into(), ip: "10.98.0.5".parse().unwrap(), prefix: 24 }],
+        name: "f-vdu".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        storage_mib: 0,
+        image: "broken".into(),
+        cps: vec![nfv::plan::CpSpec {
+            name: "f-vdu-cp".into(),
+            network: "f-net".into(),
+            ip: "10.98.0.5".parse().unwrap(),
+            prefix: 24,
+        }],
     };
     let err = d.create_vdu(&spec).await.unwrap_err().to_string();
     assert_eq!(err, "openstack: server 'f-vdu' failed: No valid host was found. There are not enough hosts available.");
-    assert!(d.inventory().await.unwrap().vdus.is_empty(), "the ERROR server was cleaned up");
+    assert!(
+        d.inventory().await.unwrap().vdus.is_empty(),
+        "the ERROR server was cleaned up"
+    );
     assert!(cloud.port_names().is_empty());
     d.delete_network("f-net").await.unwrap();
 
     let mut cfg = cloud.config();
     cfg.password = "wrong".into();
-    let err = OpenStackDriver::new(cfg).inventory().await.unwrap_err().to_string();
-    assert!(err.starts_with("openstack: POST /v3/auth/tokens: HTTP 401"), "{err}");
+    let err = OpenStackDriver::new(cfg)
+        .inventory()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("openstack: POST /v3/auth/tokens: HTTP 401"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -52,6 +86,10 @@ async fn kubernetes_driver_passes_conformance_against_the_fake() {
     assert_eq!(api.pod_count(), 0);
     let mut cfg = api.config();
     cfg.token = "nope".into();
-    let err = KubernetesDriver::new(cfg).inventory().await.unwrap_err().to_string();
+    let err = KubernetesDriver::new(cfg)
+        .inventory()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("HTTP 401"), "{err}");
 }

@@ -4,5 +4,7 @@
 mod descriptors;
 mod drivers;
 mod fakes;
+mod libvirtd;
+mod lifecycle;
 mod links;
 mod netns;
