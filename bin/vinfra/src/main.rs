@@ -51,6 +51,9 @@ enum Command {
     /// Live migrations.
     #[command(subcommand)]
     Migration(cmd::migration::MigrationCmd),
+    /// Traffic statistics of the virtual switches.
+    #[command(subcommand)]
+    Traffic(cmd::traffic::TrafficCmd),
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -127,6 +130,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => cmd::vm::run(&ctx, c).await,
         Command::Image(c) => cmd::image::run(&ctx, c).await,
         Command::Migration(c) => cmd::migration::run(&ctx, c).await,
+        Command::Traffic(c) => cmd::traffic::run(&ctx, c).await,
         Command::Nbd(c) => cmd::nbd::run(c).await,
         Command::Bench(c) => cmd::bench::run(c).await,
         Command::Openapi => {

@@ -49,6 +49,13 @@ pub struct ServerConfig {
     /// A host is `down` when its last heartbeat is older than this
     /// (default 6 s: three missed heartbeats at the agents' 2 s period).
     pub heartbeat_timeout: Duration,
+    /// Traffic statistics (seed 7): where this server's vSwitch controller listens
+    /// for switch reports; `None` turns statistics off.
+    pub vswitch_listen: Option<SocketAddr>,
+    /// The controller's domain name.
+    pub domain: String,
+    /// Where to export flow records as IPFIX (RFC 7011) over UDP, if anywhere.
+    pub ipfix_collector: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +63,9 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
             heartbeat_timeout: Duration::from_secs(6),
+            vswitch_listen: None,
+            domain: "default".to_owned(),
+            ipfix_collector: None,
         }
     }
 }
@@ -77,6 +87,8 @@ struct Inner {
     /// In memory: used once within seconds; a server restart fails the migration.
     snapshots: Mutex<HashMap<MigrationId, axum::body::Bytes>>,
     http: metrics::HttpCounters,
+    /// The vSwitch controller of this server's domain, when statistics are on.
+    traffic: Option<net::Controller>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -98,6 +110,9 @@ impl AppState {
                 consoles: Mutex::new(HashMap::new()),
                 snapshots: Mutex::new(HashMap::new()),
                 http: metrics::HttpCounters::default(),
+                traffic: config
+                    .vswitch_listen
+                    .map(|_| net::Controller::new(net::DomainId(config.domain.clone()))),
             }),
         }
     }
@@ -142,6 +157,10 @@ impl AppState {
 
     pub(crate) fn forget_snapshot(&self, m: MigrationId) {
         lock(&self.inner.snapshots).remove(&m);
+    }
+
+    pub(crate) fn traffic(&self) -> Option<&net::Controller> {
+        self.inner.traffic.as_ref()
     }
 
     pub(crate) fn http(&self) -> &metrics::HttpCounters {
@@ -202,16 +221,52 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     })?;
     let state = AppState::new(store, &config);
     let app = router(state.clone());
+    let switches = match (config.vswitch_listen, state.traffic().cloned()) {
+        (Some(at), Some(ctrl)) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|source| ApiError::Bind { addr: at, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| ApiError::Bind { addr: at, source })?;
+            tracing::info!(addr = %bound, domain = %config.domain, "vswitch controller listening");
+            if let Some(collector) = config.ipfix_collector {
+                let c = ctrl.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = c
+                        .export_ipfix_every(collector, 1, Duration::from_secs(10))
+                        .await
+                    {
+                        tracing::error!(error = %e, "ipfix export stopped");
+                    }
+                });
+            }
+            Some((l, ctrl))
+        }
+        _ => None,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Background work of the control plane: the maintenance drain driver. It stops
     // with the server (same task).
     let driver = routes::maintenance::drive(state);
+    let switch_server = async move {
+        match switches {
+            Some((l, ctrl)) => {
+                if let Err(e) = net::controller::serve_switches(l, ctrl).await {
+                    tracing::error!(error = %e, "vswitch controller stopped");
+                }
+            }
+            None => {}
+        }
+        std::future::pending::<()>().await
+    };
     let task = tokio::spawn(async move {
         tokio::select! {
             r = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = rx.await;
             }) => r,
             _ = driver => Ok(()),
+            _ = switch_server => Ok(()),
         }
     });
     tracing::info!(%addr, "API listening");

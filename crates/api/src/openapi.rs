@@ -45,6 +45,7 @@ use crate::routes;
         routes::maintenance::list,
         routes::maintenance::get,
         routes::maintenance::abort,
+        routes::traffic::get_traffic,
     ),
     components(schemas(model::api::Problem)),
     modifiers(&BearerAuth),

@@ -431,6 +431,30 @@ impl Client {
             .await
     }
 
+    // ---- traffic ----
+
+    /// `GET /v1/traffic?window_s=N`: the domain's traffic report (JSON as served).
+    pub async fn traffic(&self, window_s: Option<u64>) -> Result<serde_json::Value, ClientError> {
+        let segments = ["v1", "traffic"];
+        let mut url = self.url(&segments);
+        if let Some(s) = window_s {
+            url.set_query(Some(&format!("window_s={s}")));
+        }
+        let res = self
+            .http
+            .get(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: Method::GET,
+                path: segments.join("/"),
+                source,
+            })?;
+        let res = Self::check(Method::GET, segments.join("/"), res).await?;
+        self.decode(Method::GET, &segments, res).await
+    }
+
     // ---- meta ----
 
     /// `GET /v1/openapi.json`.

@@ -22,6 +22,25 @@ pub struct ServerArgs {
     /// A host is `down` after this many seconds without a heartbeat.
     #[arg(long, default_value_t = 6)]
     pub heartbeat_timeout_s: u64,
+    /// Run this domain's vSwitch controller: where switches report VM addresses and
+    /// traffic counters (statistics are off without it).
+    #[arg(long)]
+    pub vswitch_listen: Option<String>,
+    /// The controller's domain name.
+    #[arg(long, default_value = "default")]
+    pub domain: String,
+    /// Export flow records as IPFIX (RFC 7011) over UDP to this collector.
+    #[arg(long)]
+    pub ipfix_collector: Option<String>,
+}
+
+fn addr(flag: &str, v: &Option<String>) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    v.as_deref()
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("--{flag} {s:?} is not an address such as 127.0.0.1:7071"))
+        })
+        .transpose()
 }
 
 /// Runs the control plane until SIGINT/SIGTERM.
@@ -54,6 +73,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let config = api::ServerConfig {
         listen,
         heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_s),
+        vswitch_listen: addr("vswitch-listen", &args.vswitch_listen)?,
+        domain: args.domain.clone(),
+        ipfix_collector: addr("ipfix-collector", &args.ipfix_collector)?,
     };
     let handle = api::serve(config, store).await?;
     tracing::info!(addr = %handle.addr(), "vinfra server listening");

@@ -71,6 +71,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 args.listen.clone(),
                 "--data-dir".into(),
                 dd.display().to_string(),
+                "--vswitch-listen".into(),
+                "127.0.0.1:7071".into(),
             ],
             &dd.join("server.log"),
         )?;

@@ -15,6 +15,7 @@ pub struct Server {
     pub url: String,
     pub store: String,
     pub listen: String,
+    pub extra: Vec<String>,
     pub child: ChildGuard,
 }
 
@@ -31,14 +32,21 @@ impl Server {
 
     /// Starts a server with the given store spec, data dir `dir`.
     pub async fn start_with(dir: tempfile::TempDir, store: String) -> Server {
+        Self::start_with_args(dir, store, &[]).await
+    }
+
+    /// [`Server::start_with`] with extra `vinfra server` arguments.
+    pub async fn start_with_args(dir: tempfile::TempDir, store: String, extra: &[&str]) -> Server {
         let port = test_utils::free_tcp_port();
         let listen = format!("127.0.0.1:{port}");
-        let child = spawn_server(dir.path(), &store, &listen);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let child = spawn_server(dir.path(), &store, &listen, &extra);
         let mut s = Server {
             url: format!("http://{listen}"),
             dir,
             store,
             listen,
+            extra,
             child,
         };
         s.wait_ready().await;
@@ -82,12 +90,12 @@ impl Server {
     pub async fn kill9_and_restart(&mut self) {
         let status = self.child.kill();
         assert!(status.is_some(), "server was not running");
-        self.child = spawn_server(self.dir.path(), &self.store, &self.listen);
+        self.child = spawn_server(self.dir.path(), &self.store, &self.listen, &self.extra);
         self.wait_ready().await;
     }
 }
 
-fn spawn_server(dir: &Path, store: &str, listen: &str) -> ChildGuard {
+fn spawn_server(dir: &Path, store: &str, listen: &str, extra: &[String]) -> ChildGuard {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -97,6 +105,7 @@ fn spawn_server(dir: &Path, store: &str, listen: &str) -> ChildGuard {
         .args(["server", "--store", store, "--listen", listen, "--data-dir"])
         .arg(dir)
         .args(["--heartbeat-timeout-s", "3"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

@@ -6,4 +6,5 @@ mod crash;
 mod harness;
 mod maintenance;
 mod migration;
+mod traffic;
 mod vm_lifecycle;

@@ -45,7 +45,10 @@ pub(crate) async fn metrics(
         }
     }
     let hosts = [(HostState::Up, up), (HostState::Down, down)];
-    let text = crate::metrics::render(&hosts, &vms, state.http());
+    let mut text = crate::metrics::render(&hosts, &vms, state.http());
+    if let Some(c) = state.traffic() {
+        text.push_str(&c.prometheus());
+    }
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -6,6 +6,7 @@ pub(crate) mod maintenance;
 pub(crate) mod meta;
 pub(crate) mod migrations;
 pub(crate) mod tenants;
+pub(crate) mod traffic;
 pub(crate) mod vms;
 
 use axum::http::{Method, Uri};
@@ -51,6 +52,7 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/hosts/{name}/maintenance", post(maintenance::enter)),
         ("/v1/hosts/{name}/maintenance/exit", post(maintenance::exit)),
         ("/v1/maintenance", get(maintenance::list)),
+        ("/v1/traffic", get(traffic::get_traffic)),
         ("/v1/maintenance/{id}", get(maintenance::get)),
         ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
         ("/v1/migrations/{id}", get(migrations::get_migration)),
@@ -159,7 +161,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 33, "{served:?}");
+        assert_eq!(served.len(), 34, "{served:?}");
     }
 
     #[test]
