@@ -250,13 +250,10 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     // with the server (same task).
     let driver = routes::maintenance::drive(state);
     let switch_server = async move {
-        match switches {
-            Some((l, ctrl)) => {
-                if let Err(e) = net::controller::serve_switches(l, ctrl).await {
-                    tracing::error!(error = %e, "vswitch controller stopped");
-                }
+        if let Some((l, ctrl)) = switches {
+            if let Err(e) = net::controller::serve_switches(l, ctrl).await {
+                tracing::error!(error = %e, "vswitch controller stopped");
             }
-            None => {}
         }
         std::future::pending::<()>().await
     };
