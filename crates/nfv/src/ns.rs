@@ -69,9 +69,9 @@ pub enum InstantiateError {
         site: String,
         /// VNF, if the failure was in one.
         vnf: Option<String>,
-        /// Cause.
+        /// Cause (boxed: keeps the Ok path of every Result small).
         #[source]
-        err: DriverError,
+        err: Box<DriverError>,
         /// Teardown errors during rollback.
         rollback: Vec<String>,
     },
@@ -167,7 +167,7 @@ impl NsExecutor {
             return Err(InstantiateError::Site {
                 site,
                 vnf,
-                err,
+                err: Box::new(err),
                 rollback,
             });
         }

@@ -12,6 +12,7 @@ pub mod conformance;
 pub mod kubernetes;
 pub mod libvirt;
 pub mod openstack;
+pub mod vinfra;
 
 /// Run-time information about a CP, as SOL003's `cpProtocolInfo[].ipOverEthernet` has it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +138,15 @@ pub enum DriverError {
         cmd: String,
         /// Its error output.
         stderr: String,
+    },
+    /// A vinfra control-plane call failed.
+    #[error("vinfra: {op}")]
+    Vinfra {
+        /// What we were doing.
+        op: String,
+        /// The client's error.
+        #[source]
+        err: Box<client::ClientError>,
     },
     /// The command is not one a site driver executes (ConnectLink is the link module's).
     #[error("{0} is not a site command")]

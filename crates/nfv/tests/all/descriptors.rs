@@ -21,6 +21,9 @@ fn errors_of(
 
 const N: &str = "topology_template.node_templates";
 
+/// (name, text replacements applied to the example, expected messages in order)
+type Case = (&'static str, Vec<(&'static str, &'static str)>, Vec<String>);
+
 #[test]
 fn examples_are_valid() {
     let fw = validate_vnfd(&example("vnfd-firewall.yaml")).unwrap();
@@ -47,7 +50,7 @@ fn examples_are_valid() {
 fn broken_vnfds_report_every_error_at_its_path() {
     let base = example("vnfd-firewall.yaml");
     #[rustfmt::skip]
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<String>)> = vec![
+    let cases: Vec<Case> = vec![
         ("unknown node type", vec![("type: tosca.nodes.nfv.VnfVirtualLink", "type: tosca.nodes.nfv.VirtualLink")],
          vec![format!("{N}.fw_mgmt_vl.type: unknown node type 'tosca.nodes.nfv.VirtualLink' (known: tosca.nodes.nfv.VDU.Compute, tosca.nodes.nfv.VduCp, tosca.nodes.nfv.VnfVirtualLink)"),
               format!("{N}.fw_mgmt_cp.requirements[1].virtual_link: unknown node 'fw_mgmt_vl'")]),
@@ -117,7 +120,7 @@ fn vnfds() -> Vec<Vnfd> {
 fn broken_nsds_report_every_error_at_its_path() {
     let base = example("nsd-edge.yaml");
     #[rustfmt::skip]
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<String>)> = vec![
+    let cases: Vec<Case> = vec![
         ("unknown VNFD, unknown VL, no sites",
          vec![("descriptor_id: vnfd-web", "descriptor_id: vnfd-mail"), ("- wan: edge_vl", "- wan: core_vl"), ("vinfra_sites: [site-a]", "vinfra_sites: []")],
          vec![format!("{N}.fw.properties.vinfra_sites: must name at least one site"),

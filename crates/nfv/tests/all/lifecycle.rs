@@ -168,11 +168,11 @@ async fn a_failure_on_one_site_rolls_back_every_site() {
     assert_eq!(leftovers(sites).await, Vec::<String>::new());
 }
 
-/// Done-means: one VNF on an OpenStack-API site (the fake stands in for a second cloud
-/// software; see docs/NFV.md), one on a real libvirtd; seed-2 link with real packets across
+/// Done-means: one VNF on a vinfra site (a real control plane; the agent is simulated, see
+/// `vinfra_site.rs`), one on a real libvirtd (a real TCG guest boots); seed-2 link with real packets across
 /// the libvirt network's bridge; terminate leaves nothing on either site.
 #[tokio::test]
-async fn libvirt_conformance_then_ns_across_openstack_and_libvirt() {
+async fn libvirt_conformance_then_ns_across_vinfra_and_libvirt() {
     let lv = crate::libvirtd::Libvirtd::start();
     let libvirt = Arc::new(LibvirtDriver::new(lv.config()));
     let t = Instant::now();
@@ -181,11 +181,11 @@ async fn libvirt_conformance_then_ns_across_openstack_and_libvirt() {
         .unwrap();
     eprintln!("libvirt conformance: {:?}", t.elapsed());
 
-    let os = FakeOpenStack::start(Duration::from_millis(100)).await;
+    let vf = crate::vinfra_site::VinfraSite::start().await;
     let sites: BTreeMap<String, Arc<dyn SiteDriver>> = BTreeMap::from([
         (
             "site-a".to_owned(),
-            Arc::new(OpenStackDriver::new(os.config())) as Arc<dyn SiteDriver>,
+            Arc::new(vf.driver()) as Arc<dyn SiteDriver>,
         ),
         ("site-b".to_owned(), libvirt.clone() as Arc<dyn SiteDriver>),
     ]);
@@ -260,7 +260,7 @@ async fn libvirt_conformance_then_ns_across_openstack_and_libvirt() {
     let t = Instant::now();
     let inst = exec.instantiate(&plan, &endpoints, &plug).await.unwrap();
     eprintln!(
-        "NS over openstack(fake)+libvirt instantiated with link up in {:?}",
+        "NS over vinfra+libvirt instantiated with link up in {:?}",
         t.elapsed()
     );
     assert_eq!(inst.links.len(), 1);
@@ -303,7 +303,12 @@ async fn libvirt_conformance_then_ns_across_openstack_and_libvirt() {
         let inv = s.inventory().await.unwrap().with_prefix("e2e-");
         assert!(inv.is_empty(), "{name} still has {inv:?}");
     }
-    assert_eq!(os.port_names(), Vec::<String>::new());
+    let vms = client::Client::new(&vf.url, &vf.admin)
+        .unwrap()
+        .list_vms()
+        .await
+        .unwrap();
+    assert!(vms.is_empty(), "vinfra still has {vms:?}");
     let files: Vec<_> = std::fs::read_dir(&lv.work)
         .unwrap()
         .flatten()

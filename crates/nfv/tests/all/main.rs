@@ -8,3 +8,4 @@ mod libvirtd;
 mod lifecycle;
 mod links;
 mod netns;
+mod vinfra_site;
