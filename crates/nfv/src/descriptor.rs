@@ -782,6 +782,22 @@ pub fn validate_vnfd(text: &str) -> Result<Vnfd, Vec<DescriptorError>> {
         }
     }
 
+    // Two CPs at the same interface order on one VDU would make the NIC order ambiguous.
+    let mut orders: BTreeMap<(String, u32), String> = BTreeMap::new();
+    for cp in &cps {
+        if let Some(prev) = orders.insert((cp.vdu.clone(), cp.order), cp.id.clone()) {
+            w.err(
+                &join(
+                    &join("topology_template.node_templates", &cp.id),
+                    "properties.order",
+                ),
+                format!(
+                    "duplicate: CP '{prev}' already has order {} on VDU '{}'",
+                    cp.order, cp.vdu
+                ),
+            );
+        }
+    }
     let ext_cps = substitution(&mut w, &doc, &types, &cps);
     for (name, ty, _) in &nodes {
         if *ty != VDU_CP {

@@ -56,6 +56,47 @@ pub struct NsInstance {
     pub elapsed_ms: u64,
 }
 
+impl NsInstance {
+    /// One VNF's run-time record in the shape of ETSI SOL003's `VnfInstance`
+    /// (`instantiatedVnfInfo.extCpInfo[].cpProtocolInfo[].ipOverEthernet.ipAddresses`), with
+    /// the addresses the sites reported. `None` for a VNF not in this NS.
+    pub fn vnf_instance_sol003(&self, vnf: &str) -> Option<serde_json::Value> {
+        let (site, vp) = self
+            .plan
+            .sites
+            .iter()
+            .find_map(|s| s.vnfs.iter().find(|v| v.vnf == vnf).map(|v| (&s.site, v)))?;
+        let ext: Vec<serde_json::Value> = vp
+            .ext_cps
+            .iter()
+            .map(|(cpd, res)| {
+                let info = self.cps.get(res);
+                let ips: Vec<String> = info
+                    .map(|i| i.ips.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default();
+                serde_json::json!({"id": res, "cpdId": cpd, "cpProtocolInfo": [{
+                    "layerProtocol": "IP_OVER_ETHERNET",
+                    "ipOverEthernet": {"macAddress": info.and_then(|i| i.mac.clone()),
+                        "ipAddresses": [{"type": "IPV4", "addresses": ips, "isDynamic": false}]}}]})
+            })
+            .collect();
+        let vnfcs: Vec<serde_json::Value> = vp
+            .commands
+            .iter()
+            .filter_map(|c| match c {
+                GenericCommand::CreateVdu(v) => Some(serde_json::json!({"id": v.name,
+                    "computeResource": {"vimConnectionId": site, "resourceId": v.name}})),
+                _ => None,
+            })
+            .collect();
+        Some(serde_json::json!({
+            "id": format!("{}-{vnf}", self.plan.ns), "vnfInstanceName": vnf, "vnfdId": vp.vnfd,
+            "instantiationState": "INSTANTIATED",
+            "instantiatedVnfInfo": {"vnfState": "STARTED", "extCpInfo": ext, "vnfcResourceInfo": vnfcs}
+        }))
+    }
+}
+
 /// Why an instantiation failed (everything was rolled back before this is returned).
 #[derive(Debug, thiserror::Error)]
 pub enum InstantiateError {

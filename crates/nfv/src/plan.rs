@@ -106,6 +106,10 @@ pub enum GenericCommand {
 pub struct VnfPlan {
     /// VNF id in the NSD.
     pub vnf: String,
+    /// Its VNFD id.
+    pub vnfd: String,
+    /// Its external CPs: (CP id in the VNFD, CP resource name), for SOL003's `extCpInfo`.
+    pub ext_cps: Vec<(String, String)>,
     /// CreateVdu and AttachCp commands.
     pub commands: Vec<GenericCommand>,
 }
@@ -287,6 +291,7 @@ pub fn plan_ns(
             links: Vec::new(),
         });
         let mut commands = Vec::new();
+        let mut ext_cps = Vec::new();
         let mut internal_nets = BTreeMap::new();
         for vl in &vnfd.virtual_links {
             let name = resource(&[ns, &vnf.id, &vl.id]);
@@ -336,6 +341,9 @@ pub fn plan_ns(
                         }
                     };
                     let ip = ipam.take(&vl_key, cidr)?;
+                    if cp.virtual_link.is_none() {
+                        ext_cps.push((cp.id.clone(), cp_name.clone()));
+                    }
                     if cp.virtual_link.is_none() && i == 0 {
                         ends.entry(vl_key.clone()).or_default().push(PlannedCp {
                             site: site.clone(),
@@ -373,6 +381,8 @@ pub fn plan_ns(
         }
         sp.vnfs.push(VnfPlan {
             vnf: vnf.id.clone(),
+            vnfd: vnfd.id.clone(),
+            ext_cps,
             commands,
         });
     }

@@ -12,6 +12,7 @@ pub mod conformance;
 pub mod kubernetes;
 pub mod libvirt;
 pub mod openstack;
+pub mod sim;
 pub mod vinfra;
 
 /// Run-time information about a CP, as SOL003's `cpProtocolInfo[].ipOverEthernet` has it.

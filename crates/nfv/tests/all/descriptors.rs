@@ -83,6 +83,8 @@ fn broken_vnfds_report_every_error_at_its_path() {
          // Names are checked while the templates are listed, before any template's contents.
          vec![format!("{N}.Fw-Mgmt: invalid name (start with a-z; then a-z, 0-9, '_' or '-'; at most 40)"),
               format!("{N}.fw_wan_cp.requirements: missing virtual_binding")]),
+        ("duplicate interface order on one VDU", vec![("order: 1", "order: 0")],
+         vec![format!("{N}.fw_mgmt_cp.properties.order: duplicate: CP 'fw_wan_cp' already has order 0 on VDU 'fw_vdu'")]),
         ("header", vec![("tosca_definitions_version: tosca_simple_yaml_1_3", "tosca_definitions_version: tosca_simple_yaml_2_0\nnode_typez: {}"), ("  descriptor_id: vnfd-firewall\n", "")],
          vec!["tosca_definitions_version: unsupported 'tosca_simple_yaml_2_0' (want tosca_simple_yaml_1_x)".into(),
               "node_typez: unknown key".into(), "metadata.descriptor_id: required".into()]),

@@ -93,3 +93,9 @@ async fn kubernetes_driver_passes_conformance_against_the_fake() {
         .to_string();
     assert!(err.contains("HTTP 401"), "{err}");
 }
+
+#[tokio::test]
+async fn sim_driver_passes_conformance() {
+    let d = nfv::driver::sim::SimDriver::new(Duration::from_millis(10), &["default"]);
+    run_all(&d, "conf-sim", "default").await.unwrap();
+}

@@ -275,6 +275,15 @@ async fn libvirt_conformance_then_ns_across_vinfra_and_libvirt() {
         (web_cp.ips.as_slice(), web_cp.mac.as_deref()),
         ([second.ip].as_slice(), Some("52:54:00:3c:00:02"))
     );
+    // SOL003's shape, with the address and MAC the libvirt site reported.
+    let rec = inst.vnf_instance_sol003("web").unwrap();
+    let pi = &rec["instantiatedVnfInfo"]["extCpInfo"][0]["cpProtocolInfo"][0]["ipOverEthernet"];
+    assert_eq!(pi["ipAddresses"][0]["addresses"][0], second.ip.to_string());
+    assert_eq!(pi["macAddress"], "52:54:00:3c:00:02");
+    assert_eq!(
+        rec["instantiatedVnfInfo"]["extCpInfo"][0]["cpdId"],
+        "web_cp"
+    );
     // The link's packets crossed the libvirt network's bridge.
     assert!(lv.netns.stat("upb", "tx_packets") >= 3 && lv.netns.stat("upa", "rx_packets") >= 3);
     let ev = events.lock().unwrap().clone();
