@@ -54,6 +54,12 @@ enum Command {
     /// Traffic statistics of the virtual switches.
     #[command(subcommand)]
     Traffic(cmd::traffic::TrafficCmd),
+    /// Storage resources and which hosts reach them (redundant placement).
+    #[command(subcommand)]
+    Storage(cmd::storage::StorageCmd),
+    /// Redundant placement decisions.
+    #[command(subcommand)]
+    Placement(cmd::storage::PlacementCmd),
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -131,6 +137,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Image(c) => cmd::image::run(&ctx, c).await,
         Command::Migration(c) => cmd::migration::run(&ctx, c).await,
         Command::Traffic(c) => cmd::traffic::run(&ctx, c).await,
+        Command::Storage(c) => cmd::storage::run(&ctx, c).await,
+        Command::Placement(c) => cmd::storage::run_placement(&ctx, c).await,
         Command::Nbd(c) => cmd::nbd::run(c).await,
         Command::Bench(c) => cmd::bench::run(c).await,
         Command::Openapi => {

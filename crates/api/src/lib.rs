@@ -248,7 +248,8 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Background work of the control plane: the maintenance drain driver. It stops
     // with the server (same task).
-    let driver = routes::maintenance::drive(state);
+    let driver = routes::maintenance::drive(state.clone());
+    let takeovers = routes::storage::watch_takeovers(state);
     let switch_server = async move {
         if let Some((l, ctrl)) = switches {
             if let Err(e) = net::controller::serve_switches(l, ctrl).await {
@@ -263,6 +264,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
                 let _ = rx.await;
             }) => r,
             _ = driver => Ok(()),
+            _ = takeovers => Ok(()),
             _ = switch_server => Ok(()),
         }
     });

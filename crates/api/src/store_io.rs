@@ -24,6 +24,8 @@ pub(crate) mod keys {
     pub const VM_NAMES: &str = "/vinfra/vm-names/";
     pub const MIGRATIONS: &str = "/vinfra/migrations/";
     pub const MAINTENANCE: &str = "/vinfra/maintenance/";
+    /// The operator's storage inventory (one document).
+    pub const STORAGE: &str = "/vinfra/storage";
 
     /// A token record, under the hex SHA-256 of the token.
     pub fn token(hash: &str) -> String {

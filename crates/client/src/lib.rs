@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use model::api::{
     Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, EnterMaintenance, MigrateVm,
-    MigrationReport, ObservedReport, Problem, RegisterHost, TenantCreated, TokenCreated,
+    MigrationReport, ObservedReport, PlacementQuery, Problem, RegisterHost, StorageInventory,
+    TenantCreated, TokenCreated,
 };
 use model::{Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Tenant, Vm, VmId};
 use reqwest::{Method, StatusCode, Url};
@@ -428,6 +429,30 @@ impl Client {
     pub async fn abort_maintenance(&self, id: MaintenanceId) -> Result<Maintenance, ClientError> {
         let id = id.to_string();
         self.json(Method::POST, &["v1", "maintenance", &id, "abort"], NO_BODY)
+            .await
+    }
+
+    // ---- storage and placement ----
+
+    /// `PUT /v1/storage`: replaces the storage inventory.
+    pub async fn put_storage(
+        &self,
+        inv: &StorageInventory,
+    ) -> Result<StorageInventory, ClientError> {
+        self.json(Method::PUT, &["v1", "storage"], Some(inv)).await
+    }
+
+    /// `GET /v1/storage`.
+    pub async fn get_storage(&self) -> Result<StorageInventory, ClientError> {
+        self.json(Method::GET, &["v1", "storage"], NO_BODY).await
+    }
+
+    /// `POST /v1/placements:explain`: `{placed, placement?, explanation?, text}`.
+    pub async fn explain_placement(
+        &self,
+        q: &PlacementQuery,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.json(Method::POST, &["v1", "placements:explain"], Some(q))
             .await
     }
 

@@ -250,6 +250,12 @@ pub struct CreateVm {
     /// created on first use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Place on a redundant storage pair with a paired standby host (seed 6).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub redundant: bool,
+    /// Disk size to reserve on the storage pair, GiB (redundant VMs; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
 }
 
 /// A [`CreateVm`] whose fields passed validation.
@@ -267,6 +273,8 @@ pub struct VmRequest {
     pub host: Option<Name>,
     /// Requested tenant (admin only).
     pub tenant: Option<Name>,
+    /// Redundant placement: disk GiB to reserve on the storage pair.
+    pub redundant_disk_gib: Option<u64>,
 }
 
 impl CreateVm {
@@ -292,6 +300,27 @@ impl CreateVm {
             Some(t) => Some(validate_name("tenant", t)?),
             None => None,
         };
+        let redundant_disk_gib = match (self.redundant, self.disk_gib) {
+            (false, Some(_)) => {
+                return Err(ValidationError::new(
+                    "disk_gib",
+                    "is only used with redundant: true",
+                ))
+            }
+            (false, None) => None,
+            (true, d) => Some(validate_range(
+                "disk_gib",
+                d.unwrap_or(1),
+                1,
+                MAX_DISK_MIB >> 10,
+            )?),
+        };
+        if self.redundant && host.is_some() {
+            return Err(ValidationError::new(
+                "host",
+                "a redundant VM is placed by its storage pair; leave host out",
+            ));
+        }
         Ok(VmRequest {
             name,
             image: self.image.clone(),
@@ -299,6 +328,7 @@ impl CreateVm {
             memory_mib,
             host,
             tenant,
+            redundant_disk_gib,
         })
     }
 }
@@ -419,6 +449,8 @@ mod tests {
             memory_mib: 512,
             host: None,
             tenant: None,
+            redundant: false,
+            disk_gib: None,
         };
         assert_eq!(
             req.validate().unwrap_err().to_string(),
@@ -630,4 +662,31 @@ impl EnterMaintenance {
         }
         Ok((to, strategy.to_owned()))
     }
+}
+
+/// `PUT /v1/storage`: the storage resources and which host reaches which storage.
+/// Servers are the registered hosts; their capacity and liveness come from them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StorageInventory {
+    /// Storage resources (arrays, pools), in the `sched` crate's format: `name`,
+    /// `capacity_gib`, `free_gib`, `replication` (tags), `peers`, `failure_domain`.
+    #[schema(value_type = Vec<Object>)]
+    pub storage: Vec<serde_json::Value>,
+    /// Host name → storage names it can connect to.
+    #[serde(default)]
+    pub connectivity: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// `POST /v1/placements:explain`: what a redundant VM of this size would get, and
+/// why not when nothing fits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementQuery {
+    /// Disk size on each storage of the pair, GiB.
+    pub disk_gib: u64,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
 }

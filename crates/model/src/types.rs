@@ -235,6 +235,26 @@ pub struct Vm {
     /// The live migration in progress, if any (the VM cannot start another one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationId>,
+    /// Redundant placement (seed 6): replicated storage pair and a standby host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redundancy: Option<Redundancy>,
+}
+
+/// Where a redundant VM's two replicas are: the primary (the VM's `host` with
+/// `primary_storage`) and the standby (`standby_host` with `standby_storage`), which
+/// takes over when the primary host goes down.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Redundancy {
+    /// Disk size reserved on both storages, GiB.
+    pub disk_gib: u64,
+    /// Storage of the primary replica.
+    pub primary_storage: String,
+    /// Host that takes over.
+    pub standby_host: Name,
+    /// Storage of the standby replica.
+    pub standby_storage: String,
+    /// How many takeovers happened.
+    pub takeovers: u32,
 }
 
 #[cfg(test)]

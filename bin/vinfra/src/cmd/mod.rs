@@ -8,6 +8,7 @@ pub mod maintenance;
 pub mod migration;
 pub mod nbd;
 pub mod server;
+pub mod storage;
 pub mod traffic;
 pub mod up;
 pub mod vm;

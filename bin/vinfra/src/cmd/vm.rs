@@ -31,6 +31,13 @@ pub enum VmCmd {
         /// Return at once instead of waiting for the VM to boot.
         #[arg(long)]
         no_wait: bool,
+        /// Place on a redundant storage pair with a paired standby host, which takes
+        /// over if this VM's host goes down (see `vinfra storage load`).
+        #[arg(long, conflicts_with = "host")]
+        redundant: bool,
+        /// Disk to reserve on each storage of the pair, GiB (with --redundant).
+        #[arg(long, requires = "redundant")]
+        disk_gib: Option<u64>,
     },
     /// List VMs.
     List,
@@ -111,6 +118,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             memory,
             host,
             no_wait,
+            redundant,
+            disk_gib,
         } => {
             let vm = c
                 .create_vm(&CreateVm {
@@ -120,6 +129,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                     memory_mib: memory,
                     host,
                     tenant: None,
+                    redundant,
+                    disk_gib,
                 })
                 .await?;
             let vm = if no_wait {

@@ -147,6 +147,8 @@ async fn tenants_never_see_each_other() {
             memory_mib: 64,
             host: None,
             tenant: None,
+            redundant: false,
+            disk_gib: None,
         })
         .await
         .unwrap();
@@ -164,6 +166,8 @@ async fn tenants_never_see_each_other() {
         memory_mib: 64,
         host: None,
         tenant: None,
+        redundant: false,
+        disk_gib: None,
     })
     .await
     .unwrap();

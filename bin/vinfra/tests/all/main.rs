@@ -6,5 +6,6 @@ mod crash;
 mod harness;
 mod maintenance;
 mod migration;
+mod redundancy;
 mod traffic;
 mod vm_lifecycle;

@@ -29,6 +29,8 @@ async fn a_host_in_maintenance_is_drained_live_kept_cordoned_and_released() {
                 memory_mib: 256,
                 host: Some("host-a".into()),
                 tenant: None,
+                redundant: false,
+                disk_gib: None,
             })
             .await
             .unwrap();
@@ -119,6 +121,8 @@ async fn a_host_in_maintenance_is_drained_live_kept_cordoned_and_released() {
             memory_mib: 64,
             host: Some("host-a".into()),
             tenant: None,
+            redundant: false,
+            disk_gib: None,
         })
         .await
         .unwrap_err();

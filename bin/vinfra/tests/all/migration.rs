@@ -18,6 +18,8 @@ async fn boot_and_warm(admin: &client::Client, host: &str, min_tick: u64) {
             memory_mib: 256,
             host: Some(host.into()),
             tenant: None,
+            redundant: false,
+            disk_gib: None,
         })
         .await
         .unwrap();

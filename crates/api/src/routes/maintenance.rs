@@ -551,6 +551,7 @@ mod tests {
             error: None,
             created_at: 0,
             migration: None,
+            redundancy: None,
         }
     }
 

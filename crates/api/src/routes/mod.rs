@@ -5,6 +5,7 @@ pub(crate) mod images;
 pub(crate) mod maintenance;
 pub(crate) mod meta;
 pub(crate) mod migrations;
+pub(crate) mod storage;
 pub(crate) mod tenants;
 pub(crate) mod traffic;
 pub(crate) mod vms;
@@ -53,6 +54,11 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/hosts/{name}/maintenance/exit", post(maintenance::exit)),
         ("/v1/maintenance", get(maintenance::list)),
         ("/v1/traffic", get(traffic::get_traffic)),
+        (
+            "/v1/storage",
+            put(storage::put_storage).get(storage::get_storage),
+        ),
+        ("/v1/placements:explain", post(storage::explain)),
         ("/v1/maintenance/{id}", get(maintenance::get)),
         ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
         ("/v1/migrations/{id}", get(migrations::get_migration)),
@@ -161,7 +167,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 34, "{served:?}");
+        assert_eq!(served.len(), 37, "{served:?}");
     }
 
     #[test]

@@ -68,17 +68,45 @@ pub(crate) async fn create_vm(
             .collect::<Result<_, ApiError>>()?;
         let hosts = all_hosts(&state).await?;
         let vms = list_json::<Vm>(store, keys::VMS).await?;
-        let host = place(
-            &hosts,
-            &usage(vms.iter().map(|(v, _)| v)),
-            req.vcpus,
-            req.memory_mib,
-            req.host.as_ref(),
-        )
-        .map_err(|e| match e {
-            PlaceError::NoSuchHost(_) => ApiError::Unprocessable(e.to_string()),
-            _ => ApiError::Conflict(e.to_string()),
-        })?;
+        let (host, redundancy) = match req.redundant_disk_gib {
+            // Seed 6: storage pair first, then a connectable server for each, paired.
+            Some(disk_gib) => {
+                let planner = crate::routes::storage::planner(&state).await?;
+                let p = planner
+                    .place(&sched::Request {
+                        disk_gib,
+                        vcpus: req.vcpus,
+                        memory_mib: req.memory_mib,
+                    })
+                    .map_err(|ex| ApiError::Conflict(format!("redundant: {ex}")))?;
+                let primary = model::validate_name("host", p.primary.server.as_str())?;
+                let standby = model::validate_name("host", p.standby.server.as_str())?;
+                (
+                    primary,
+                    Some(model::Redundancy {
+                        disk_gib,
+                        primary_storage: p.primary.storage.to_string(),
+                        standby_host: standby,
+                        standby_storage: p.standby.storage.to_string(),
+                        takeovers: 0,
+                    }),
+                )
+            }
+            None => {
+                let host = place(
+                    &hosts,
+                    &usage(vms.iter().map(|(v, _)| v)),
+                    req.vcpus,
+                    req.memory_mib,
+                    req.host.as_ref(),
+                )
+                .map_err(|e| match e {
+                    PlaceError::NoSuchHost(_) => ApiError::Unprocessable(e.to_string()),
+                    _ => ApiError::Conflict(e.to_string()),
+                })?;
+                (host, None)
+            }
+        };
         let alloc_key = keys::host_alloc(&host);
         let (count, alloc_rev) = match allocs.get(&alloc_key) {
             Some((n, rev)) => (*n, Some(*rev)),
@@ -97,6 +125,7 @@ pub(crate) async fn create_vm(
             error: None,
             created_at: now_ms(),
             migration: None,
+            redundancy,
         };
         let res = store
             .txn(
@@ -147,9 +176,13 @@ pub(crate) async fn create_vm(
 pub(crate) fn usage<'a>(vms: impl Iterator<Item = &'a Vm>) -> HashMap<Name, Usage> {
     let mut out: HashMap<Name, Usage> = HashMap::new();
     for vm in vms {
-        let u = out.entry(vm.host.clone()).or_default();
-        u.vcpus = u.vcpus.saturating_add(u64::from(vm.vcpus));
-        u.memory_mib = u.memory_mib.saturating_add(vm.memory_mib);
+        // A redundant VM also holds room on its standby, so a takeover always fits.
+        let standby = vm.redundancy.as_ref().map(|r| &r.standby_host);
+        for host in std::iter::once(&vm.host).chain(standby) {
+            let u = out.entry(host.clone()).or_default();
+            u.vcpus = u.vcpus.saturating_add(u64::from(vm.vcpus));
+            u.memory_mib = u.memory_mib.saturating_add(vm.memory_mib);
+        }
     }
     out
 }

@@ -66,6 +66,8 @@ async fn client_drives_the_server_over_tcp() {
             memory_mib: 256,
             host: None,
             tenant: None,
+            redundant: false,
+            disk_gib: None,
         })
         .await
         .unwrap();
@@ -105,6 +107,8 @@ async fn client_drives_the_server_over_tcp() {
             memory_mib: 256,
             host: None,
             tenant: None,
+            redundant: false,
+            disk_gib: None,
         })
         .await
         .unwrap_err();
