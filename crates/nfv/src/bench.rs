@@ -128,6 +128,9 @@ mod tests {
         let boot = std::time::Duration::from_millis(50);
         let rows = super::bench_ns(&[2, 10, 50], boot).await.unwrap();
         assert_eq!(rows.iter().map(|r| r.vnfs).collect::<Vec<_>>(), [2, 10, 50]);
+        for r in &rows {
+            eprintln!("{r:?}");
+        }
         // 50 VNFs one after another would take 2.5 s; in parallel, about one boot.
         assert!(
             rows[2].instantiate < rows[2].sequential_estimate / 5,

@@ -10,7 +10,7 @@
 //!   software (`openstack`, `kubernetes`, `libvirt`) and the conformance suite they all pass.
 //! - [`link`]: seed 2's procedure and the per-VNF link agent (sockets in network namespaces).
 //! - [`ns`]: the executor: sites and VNFs in parallel, rollback on failure, terminate.
-//! - [`bench`]: `vinfra bench ns` over simulated sites ([`driver::sim`]).
+//! - [`bench`](mod@bench): `vinfra bench ns` over simulated sites ([`driver::sim`]).
 //!
 //! This crate depends on no other vinfra crate: the API and CLI call into it, never the
 //! reverse. It owns no long-lived tasks except those of a [`link::LinkAgent`], which stop
