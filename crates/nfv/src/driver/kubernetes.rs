@@ -169,7 +169,8 @@ impl SiteDriver for KubernetesDriver {
     #[tracing::instrument(skip_all, fields(site = SITE, network = name))]
     async fn create_network(&self, name: &str, cidr: Ipv4Cidr) -> Result<(), DriverError> {
         // A bridge per network; addresses are static (the NS planner's), so IPAM is `static`.
-        let bridge: String = format!("nf{}", name).chars().take(15).collect();
+        // Hashed, not truncated: two long names with a common prefix must not share a bridge.
+        let bridge = super::libvirt::bridge_name(name);
         let config = json!({"cniVersion": "0.3.1", "name": name, "type": "bridge",
             "bridge": bridge, "ipam": {"type": "static"}, "vinfraSubnet": cidr.to_string()});
         let body = json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",

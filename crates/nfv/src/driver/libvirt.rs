@@ -68,7 +68,7 @@ fn xml_escape(s: &str) -> String {
 }
 
 /// A bridge name ≤ 15 chars, stable per network name.
-fn bridge_name(net: &str) -> String {
+pub(crate) fn bridge_name(net: &str) -> String {
     // FNV-1a: stable across runs and Rust versions, unlike DefaultHasher.
     let h = net.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
