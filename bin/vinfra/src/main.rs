@@ -60,6 +60,12 @@ enum Command {
     /// Redundant placement decisions.
     #[command(subcommand)]
     Placement(cmd::storage::PlacementCmd),
+    /// VNF descriptors (ETSI SOL001 style).
+    #[command(subcommand)]
+    Vnfd(cmd::nfv::DescriptorCmd),
+    /// Network-service descriptors.
+    #[command(subcommand)]
+    Nsd(cmd::nfv::DescriptorCmd),
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -140,6 +146,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Storage(c) => cmd::storage::run(&ctx, c).await,
         Command::Placement(c) => cmd::storage::run_placement(&ctx, c).await,
         Command::Nbd(c) => cmd::nbd::run(c).await,
+        Command::Vnfd(c) => cmd::nfv::run_vnfd(c),
+        Command::Nsd(c) => cmd::nfv::run_nsd(c),
         Command::Bench(c) => cmd::bench::run(c).await,
         Command::Openapi => {
             println!("{}", api::openapi_json());

@@ -29,6 +29,13 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 10_000)]
         decisions: usize,
     },
+    /// Network-service instantiation time for 2 / 10 / 50 VNFs (sites in parallel)
+    /// against the one-after-another estimate.
+    Ns {
+        /// Simulated boot time of one VNF, ms.
+        #[arg(long, default_value_t = 200)]
+        boot_ms: u64,
+    },
     /// vSwitch classification + forwarding, in memory and on veth, against the Linux bridge.
     Vswitch {
         /// Seconds per row.
@@ -74,6 +81,24 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
                 cache::bench::write_svg(&rows, &p)
                     .with_context(|| format!("cannot write {}", p.display()))?;
                 eprintln!("plot written to {}", p.display());
+            }
+            Ok(())
+        }
+        BenchCmd::Ns { boot_ms } => {
+            let rows =
+                nfv::bench::bench_ns(&[2, 10, 50], std::time::Duration::from_millis(boot_ms))
+                    .await
+                    .context("ns benchmark failed")?;
+            println!("| VNFs | instantiate (parallel sites) | one after another (estimate) | terminate |");
+            println!("| ---: | ---: | ---: | ---: |");
+            for r in rows {
+                println!(
+                    "| {} | {:.0} ms | {:.0} ms | {:.0} ms |",
+                    r.vnfs,
+                    r.instantiate.as_secs_f64() * 1e3,
+                    r.sequential_estimate.as_secs_f64() * 1e3,
+                    r.terminate.as_secs_f64() * 1e3
+                );
             }
             Ok(())
         }
