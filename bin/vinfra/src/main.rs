@@ -155,3 +155,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The API contract is committed (`openapi/vinfra.json`) so that a change to it shows
+    /// in review; this fails when the code and the file drift apart.
+    #[test]
+    fn committed_openapi_matches_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi/vinfra.json");
+        let committed = std::fs::read_to_string(path).expect("openapi/vinfra.json exists");
+        assert!(
+            committed.trim_end() == api::openapi_json().trim_end(),
+            "the API changed: run `cargo run -- openapi > openapi/vinfra.json` and commit it"
+        );
+    }
+}
