@@ -438,6 +438,7 @@ impl Agent {
             if let Some(vm) = self.vms.get_mut(&id) {
                 // Also a VM whose state we lost track of: `stop` checks the pidfile.
                 if vm.running || files.pidfile().exists() {
+                    tracing::info!(vm = %id, "stopping vm: agent shutting down");
                     local::stop(self.driver.as_ref(), &self.disks, &files, vm).await;
                     self.send(
                         id,

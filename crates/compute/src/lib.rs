@@ -31,6 +31,7 @@
 pub mod disk;
 pub mod guest;
 mod proc;
+pub use proc::kill_qemus_under;
 pub mod qemu;
 pub mod qmp;
 

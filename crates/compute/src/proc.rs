@@ -41,6 +41,33 @@ pub(crate) fn kill9(pid: u32) -> std::io::Result<()> {
     }
 }
 
+/// SIGKILLs every live `qemu-system-*` process whose command line mentions `dir` (its
+/// run dir, console log or QMP socket is under it); returns how many. The last resort of
+/// a supervisor that owns `dir`: VMs outlive their agents by design, so whoever removes
+/// a whole data dir (`vinfra up` on exit, a test fixture) must end them.
+pub fn kill_qemus_under(dir: &std::path::Path) -> usize {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Some(argv) = cmdline(pid) else { continue };
+        let is_qemu = argv.first().is_some_and(|a0| {
+            a0.rsplit('/')
+                .next()
+                .is_some_and(|b| b.starts_with("qemu-system"))
+        });
+        if is_qemu && alive(pid) && argv.iter().any(|a| a.contains(&needle)) && kill9(pid).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Polls until `pid` is gone or the deadline passes; returns whether it is gone.
 pub(crate) async fn wait_gone(pid: u32, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

@@ -133,6 +133,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     .await;
     shutdown(&mut procs).await;
+    // Agents stop their VMs on SIGTERM; a VM an agent lost track of (or an agent that
+    // died) would outlive us: nothing under our data dir keeps running after `up`.
+    let stray = compute::kill_qemus_under(&dd);
+    if stray > 0 {
+        tracing::warn!(count = stray, "ended QEMU processes the agents left behind");
+    }
     result
 }
 

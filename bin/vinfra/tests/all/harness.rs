@@ -100,26 +100,7 @@ impl Drop for Server {
     /// QEMUs would outlive the test: end every QEMU whose files are under this server's
     /// temp dir (all agents of a test keep their data dirs there).
     fn drop(&mut self) {
-        kill_qemus_under(self.dir.path());
-    }
-}
-
-/// SIGKILLs every `qemu-system-*` process whose command line mentions `dir`.
-pub fn kill_qemus_under(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.starts_with("qemu-system") && cmd.contains(&needle) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
+        compute::kill_qemus_under(self.dir.path());
     }
 }
 
