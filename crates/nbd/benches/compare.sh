@@ -12,6 +12,10 @@
 #   nbdcopy            nbdcopy nbd://... null:   (whole export, its default 4 connections)
 # Each cell is the best of ROUNDS; servers alternate within a round so that
 # background load hits them alike. Not run by CI (timings only, no asserts).
+#
+# With a release `vinfra` binary (VINFRA=path, default $TARGET/release/vinfra if it
+# exists) a fourth row measures the block cache's hit path: `vinfra nbd serve` with
+# the whole file already in its cache (one nbdcopy pass warms it first).
 set -euo pipefail
 
 SECS=${SECS:-5}
@@ -57,6 +61,15 @@ wait_port "$P_OURS"; wait_port "$P_KIT"; wait_port "$P_QEMU"
 
 NAMES=(vinfra nbdkit qemu-nbd)
 PORTS=("$P_OURS" "$P_KIT" "$P_QEMU")
+VINFRA=${VINFRA:-$TARGET/release/vinfra}
+if [ -x "$VINFRA" ]; then
+  P_CACHE=$(pick_port)
+  "$VINFRA" nbd serve --origin "$W/disk.raw" --cache-dir "$W/cache" --listen "127.0.0.1:$P_CACHE" >/dev/null 2>&1 & PIDS+=($!)
+  wait_port "$P_CACHE"
+  nbdcopy "nbd://127.0.0.1:$P_CACHE/" null:   # warm: every block now in the cache
+  NAMES+=(vinfra-cache); PORTS+=("$P_CACHE")
+fi
+IDX=$(seq 0 $((${#NAMES[@]} - 1)))
 
 # fio terse v3: field 7 = read bandwidth KiB/s, field 8 = read IOPS.
 fio_job() { # port rw bs iodepth -> "iops kib_s"
@@ -73,9 +86,9 @@ max() { awk -v a="$1" -v b="$2" 'BEGIN{print (a+0 > b+0) ? a : b}'; }
 min() { awk -v a="$1" -v b="$2" 'BEGIN{print (b == "" || a+0 < b+0) ? a : b}'; }
 
 declare -A RR BW CP
-for i in 0 1 2; do RR[$i]=0; BW[$i]=0; CP[$i]=""; done
+for i in $IDX; do RR[$i]=0; BW[$i]=0; CP[$i]=""; done
 for r in $(seq 1 "$ROUNDS"); do
-  for i in 0 1 2; do
+  for i in $IDX; do
     read -r iops _ < <(fio_job "${PORTS[$i]}" randread 4k 16); RR[$i]=$(max "$iops" "${RR[$i]}")
     read -r _ kib < <(fio_job "${PORTS[$i]}" read 1M 4); BW[$i]=$(max "$kib" "${BW[$i]}")
     s=$(nbdcopy_secs "${PORTS[$i]}"); CP[$i]=$(min "$s" "${CP[$i]}")
@@ -85,10 +98,10 @@ done
 
 printf '\nNBD servers, %s MiB random file, TCP loopback, %s s fio jobs, best of %s (nproc=%s)\n' \
   "$SIZE_MB" "$SECS" "$ROUNDS" "$(nproc)"
-printf '| %-9s | %22s | %18s | %22s |\n' server "fio randread 4k QD16" "fio read 1M QD4" "nbdcopy -> null:"
-printf '|%s|%s|%s|%s|\n' ----------- ------------------------ -------------------- ------------------------
-for i in 0 1 2; do
+printf '| %-12s | %22s | %18s | %22s |\n' server "fio randread 4k QD16" "fio read 1M QD4" "nbdcopy -> null:"
+printf '|%s|%s|%s|%s|\n' -------------- ------------------------ -------------------- ------------------------
+for i in $IDX; do
   mibs=$(awk -v k="${BW[$i]}" 'BEGIN{printf "%.0f", k / 1024}')
   cps=$(awk -v s="${CP[$i]}" -v m="$SIZE_MB" 'BEGIN{printf "%.3f s (%.0f MiB/s)", s, m / s}')
-  printf '| %-9s | %17s IOPS | %13s MiB/s | %22s |\n' "${NAMES[$i]}" "${RR[$i]}" "$mibs" "$cps"
+  printf '| %-12s | %17s IOPS | %13s MiB/s | %22s |\n' "${NAMES[$i]}" "${RR[$i]}" "$mibs" "$cps"
 done
