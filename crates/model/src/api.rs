@@ -556,6 +556,19 @@ pub const STRATEGIES: [&str; 7] = [
 /// The default fetch order: the seed's method.
 pub const DEFAULT_STRATEGY: &str = "heat+pattern";
 
+/// A fetch order name (default [`DEFAULT_STRATEGY`]), checked against [`STRATEGIES`].
+pub fn validate_strategy(strategy: Option<&str>) -> Result<String, ValidationError> {
+    let s = strategy.unwrap_or(DEFAULT_STRATEGY);
+    if STRATEGIES.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(ValidationError::new(
+            "strategy",
+            format!("must be one of {}, got {s:?}", STRATEGIES.join(", ")),
+        ))
+    }
+}
+
 /// `POST /v1/vms/{id}/migrate`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -571,14 +584,7 @@ impl MigrateVm {
     /// Checks the host name and the strategy.
     pub fn validate(&self) -> Result<(Name, String), ValidationError> {
         let to = validate_name("to", &self.to)?;
-        let strategy = self.strategy.as_deref().unwrap_or(DEFAULT_STRATEGY);
-        if !STRATEGIES.contains(&strategy) {
-            return Err(ValidationError::new(
-                "strategy",
-                format!("must be one of {}, got {strategy:?}", STRATEGIES.join(", ")),
-            ));
-        }
-        Ok((to, strategy.to_owned()))
+        Ok((to, validate_strategy(self.strategy.as_deref())?))
     }
 }
 
@@ -653,14 +659,7 @@ impl EnterMaintenance {
             Some(t) => Some(validate_name("to", t)?),
             None => None,
         };
-        let strategy = self.strategy.as_deref().unwrap_or(DEFAULT_STRATEGY);
-        if !STRATEGIES.contains(&strategy) {
-            return Err(ValidationError::new(
-                "strategy",
-                format!("must be one of {}, got {strategy:?}", STRATEGIES.join(", ")),
-            ));
-        }
-        Ok((to, strategy.to_owned()))
+        Ok((to, validate_strategy(self.strategy.as_deref())?))
     }
 }
 
