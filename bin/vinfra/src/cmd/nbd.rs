@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// Cache capacity, e.g. 512M, 2G (default: the whole disk).
     #[arg(long)]
     pub cache_size: Option<String>,
+    /// Threads running requests per connection. 1 runs them inline, in order (fastest
+    /// when the cache is warm); more lets hits overtake a miss that waits on the origin.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
 }
 
 /// Parses `512M`, `2G`, `65536` (bytes; suffixes K/M/G/T are powers of 1024).
@@ -114,7 +118,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     // Heat and pattern learned from hits are saved only by checkpoints.
     let _checkpointer = cache.spawn_checkpointer(std::time::Duration::from_secs(5));
     let mut sc = ServeConfig::new(listen).export(a.export.clone(), cache.clone());
-    sc.threads_per_connection = 4;
+    sc.threads_per_connection = a.workers.max(1);
     let handle = nbd::serve(sc).context("cannot start the NBD server")?;
     println!(
         "serving {} as export {:?} on {}",
