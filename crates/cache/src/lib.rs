@@ -12,6 +12,8 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+#[cfg(feature = "nbd")]
+pub mod bench_nbd;
 pub mod block_cache;
 mod failpoint;
 pub mod heat;

@@ -22,6 +22,10 @@ pub enum BenchCmd {
         /// CloudPhysics CSV trace (default: ../shared/traces/cloudphysics.csv if present).
         #[arg(long)]
         trace: Option<PathBuf>,
+        /// Run on the real stack instead of the simulation: caches on disk, the source
+        /// exported over NBD, the workload replayed through an NBD client (wall clock).
+        #[arg(long)]
+        real: bool,
     },
     /// Redundant placement decisions per second at 100 / 1,000 / 10,000 servers.
     Placement {
@@ -61,8 +65,24 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::MigrateCache {
             quick,
             json,
+            plot: _,
+            trace: _,
+            real: true,
+        } => {
+            let rows = tokio::task::spawn_blocking(move || real_bench(quick)).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", cache::bench_nbd::format_table(&rows));
+            }
+            Ok(())
+        }
+        BenchCmd::MigrateCache {
+            quick,
+            json,
             plot,
             trace,
+            real: false,
         } => {
             let trace = trace.or_else(default_trace);
             if trace.is_none() {
@@ -121,4 +141,29 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The real-stack migration benchmark on a zipf and a mixed read/write workload.
+fn real_bench(quick: bool) -> anyhow::Result<Vec<cache::bench_nbd::NbdBenchRow>> {
+    use cache::trace::{mixed, zipf_random, SynthSpec};
+    let opts = cache::bench_nbd::NbdBenchOptions::standard();
+    let spec = |seed| SynthSpec {
+        seed,
+        requests: if quick { 40_000 } else { 160_000 },
+        span_bytes: opts.disk_mib << 20,
+        io_size: 4096,
+        iops: 4000,
+    };
+    let workloads = [
+        ("zipf", zipf_random(&spec(1), 1.2, 100)),
+        ("mixed", mixed(&spec(2), 1.2, 70, 4, 8, 16 << 20)),
+    ];
+    let mut rows = Vec::new();
+    for (name, reqs) in &workloads {
+        rows.extend(
+            cache::bench_nbd::run_nbd_bench(&opts, name, reqs, &|m| eprintln!("{m}"))
+                .map_err(anyhow::Error::from)?,
+        );
+    }
+    Ok(rows)
 }
