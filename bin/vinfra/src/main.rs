@@ -146,8 +146,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Storage(c) => cmd::storage::run(&ctx, c).await,
         Command::Placement(c) => cmd::storage::run_placement(&ctx, c).await,
         Command::Nbd(c) => cmd::nbd::run(c).await,
-        Command::Vnfd(c) => cmd::nfv::run_vnfd(c),
-        Command::Nsd(c) => cmd::nfv::run_nsd(c),
+        Command::Vnfd(c) => cmd::nfv::run_vnfd(&ctx, c).await,
+        Command::Nsd(c) => cmd::nfv::run_nsd(&ctx, c).await,
         Command::Bench(c) => cmd::bench::run(c).await,
         Command::Openapi => {
             println!("{}", api::openapi_json());

@@ -24,6 +24,15 @@ pub(crate) mod keys {
     pub const VM_NAMES: &str = "/vinfra/vm-names/";
     pub const MIGRATIONS: &str = "/vinfra/migrations/";
     pub const MAINTENANCE: &str = "/vinfra/maintenance/";
+    /// A VNF or NS descriptor of a tenant, by descriptor id.
+    pub fn descriptor(kind: &str, tenant: TenantId, id: &str) -> String {
+        // Descriptor ids are free text in SOL001: hex-encode so no `/` reaches the key.
+        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("/vinfra/{kind}s/{tenant}/{hex}")
+    }
+    pub fn descriptors(kind: &str) -> String {
+        format!("/vinfra/{kind}s/")
+    }
     /// The operator's storage inventory (one document).
     pub const STORAGE: &str = "/vinfra/storage";
 

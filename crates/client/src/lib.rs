@@ -19,9 +19,9 @@
 use std::time::Duration;
 
 use model::api::{
-    Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, EnterMaintenance, MigrateVm,
-    MigrationReport, ObservedReport, PlacementQuery, Problem, RegisterHost, StorageInventory,
-    TenantCreated, TokenCreated,
+    Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, DescriptorUpload,
+    EnterMaintenance, MigrateVm, MigrationReport, ObservedReport, PlacementQuery, Problem,
+    RegisterHost, StorageInventory, StoredDescriptor, TenantCreated, TokenCreated,
 };
 use model::{Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Tenant, Vm, VmId};
 use reqwest::{Method, StatusCode, Url};
@@ -454,6 +454,27 @@ impl Client {
     ) -> Result<serde_json::Value, ClientError> {
         self.json(Method::POST, &["v1", "placements:explain"], Some(q))
             .await
+    }
+
+    // ---- descriptors ----
+
+    /// `POST /v1/{kind}s` (`kind`: `vnfd` or `nsd`): validates and stores a descriptor.
+    pub async fn upload_descriptor(
+        &self,
+        kind: &str,
+        yaml: &str,
+    ) -> Result<StoredDescriptor, ClientError> {
+        let path = format!("{kind}s");
+        let body = DescriptorUpload {
+            descriptor: yaml.to_owned(),
+        };
+        self.json(Method::POST, &["v1", &path], Some(&body)).await
+    }
+
+    /// `GET /v1/{kind}s`.
+    pub async fn list_descriptors(&self, kind: &str) -> Result<Vec<StoredDescriptor>, ClientError> {
+        let path = format!("{kind}s");
+        self.json(Method::GET, &["v1", &path], NO_BODY).await
     }
 
     // ---- traffic ----

@@ -689,3 +689,26 @@ pub struct PlacementQuery {
     /// Memory, MiB.
     pub memory_mib: u64,
 }
+
+/// `POST /v1/vnfds` and `POST /v1/nsds`: a descriptor's YAML text (ETSI SOL001 style).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorUpload {
+    /// The YAML document.
+    pub descriptor: String,
+}
+
+/// A stored VNF or NS descriptor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StoredDescriptor {
+    /// `metadata.descriptor_id`.
+    pub id: String,
+    /// `vnfd` or `nsd`.
+    pub kind: String,
+    /// The owning tenant.
+    pub tenant: TenantId,
+    /// The YAML text as uploaded.
+    pub descriptor: String,
+    /// Upload time, unix ms.
+    pub created_at: u64,
+}

@@ -2,6 +2,11 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
+use crate::cmd::Ctx;
+use crate::output;
+
 /// Descriptor commands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DescriptorCmd {
@@ -10,10 +15,35 @@ pub enum DescriptorCmd {
         /// The YAML file.
         file: PathBuf,
     },
+    /// Upload a descriptor to the control plane (refused with the same errors).
+    Create {
+        /// The YAML file.
+        file: PathBuf,
+    },
+    /// List the descriptors stored in the control plane.
+    List,
+}
+
+/// Uploads or lists descriptors of `kind` (`vnfd`, `nsd`); `Validate` runs locally.
+async fn run_remote(ctx: &Ctx, kind: &str, cmd: DescriptorCmd) -> anyhow::Result<()> {
+    let c = ctx.client()?;
+    let ds = match cmd {
+        DescriptorCmd::Create { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            vec![c.upload_descriptor(kind, &text).await?]
+        }
+        DescriptorCmd::List | DescriptorCmd::Validate { .. } => c.list_descriptors(kind).await?,
+    };
+    output::emit(ctx.format, &ds, &["id", "kind", "tenant"], || {
+        ds.iter()
+            .map(|d| vec![d.id.clone(), d.kind.clone(), d.tenant.to_string()])
+            .collect()
+    })
 }
 
 /// `vinfra vnfd …`
-pub fn run_vnfd(cmd: DescriptorCmd) -> anyhow::Result<()> {
+pub async fn run_vnfd(ctx: &Ctx, cmd: DescriptorCmd) -> anyhow::Result<()> {
     match cmd {
         DescriptorCmd::Validate { file } => {
             let v = nfv::descriptor::load_vnfd(&file)?;
@@ -27,16 +57,18 @@ pub fn run_vnfd(cmd: DescriptorCmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        other => run_remote(ctx, "vnfd", other).await,
     }
 }
 
 /// `vinfra nsd …`
-pub fn run_nsd(cmd: DescriptorCmd) -> anyhow::Result<()> {
+pub async fn run_nsd(ctx: &Ctx, cmd: DescriptorCmd) -> anyhow::Result<()> {
     match cmd {
         DescriptorCmd::Validate { file } => {
             let (_nsd, vnfds) = nfv::descriptor::load_nsd(&file)?;
             println!("{}: valid NSD over {} VNFDs", file.display(), vnfds.len());
             Ok(())
         }
+        other => run_remote(ctx, "nsd", other).await,
     }
 }

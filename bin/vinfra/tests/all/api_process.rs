@@ -188,3 +188,39 @@ async fn tenants_never_see_each_other() {
     assert!(!ok);
     assert!(err.contains("not found"), "{err}");
 }
+
+#[tokio::test]
+async fn descriptors_are_refused_by_the_api_with_the_validators_messages() {
+    let s = Server::start().await;
+    let t = s.admin_token();
+    let ex = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/nfv");
+    let bad = s.dir.path().join("bad.yaml");
+    let good = std::fs::read_to_string(format!("{ex}/vnfd-web.yaml")).unwrap();
+    // Break a reference: the CP binds to a VDU that does not exist.
+    let broken = good.replacen("virtual_binding: ", "virtual_binding: nosuch", 1);
+    assert_ne!(broken, good, "the example has a virtual_binding to break");
+    std::fs::write(&bad, &broken).unwrap();
+    let (ok, _, local) = cli(&s, &t, &["vnfd", "validate", bad.to_str().unwrap()]);
+    assert!(!ok);
+    let (ok, _, remote) = cli(&s, &t, &["vnfd", "create", bad.to_str().unwrap()]);
+    assert!(!ok, "the API must refuse it");
+    let first = local
+        .lines()
+        .find(|l| l.contains("virtual_binding"))
+        .unwrap_or_else(|| panic!("local validation names the field: {local}"))
+        .trim();
+    assert!(
+        remote.contains(first),
+        "same message from the API:\nlocal: {local}\nremote: {remote}"
+    );
+    for f in ["vnfd-web.yaml", "vnfd-firewall.yaml"] {
+        let (ok, out, err) = cli(&s, &t, &["vnfd", "create", &format!("{ex}/{f}")]);
+        assert!(ok, "{f}: {out}{err}");
+    }
+    let (ok, out, err) = cli(&s, &t, &["nsd", "create", &format!("{ex}/nsd-edge.yaml")]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = cli(&s, &t, &["vnfd", "list", "-o", "json"]);
+    assert!(ok);
+    let l: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(l.as_array().map(|a| a.len()), Some(2), "{out}");
+}

@@ -1,5 +1,6 @@
 //! Route table and handlers.
 
+pub(crate) mod descriptors;
 pub(crate) mod hosts;
 pub(crate) mod images;
 pub(crate) mod maintenance;
@@ -59,6 +60,14 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             put(storage::put_storage).get(storage::get_storage),
         ),
         ("/v1/placements:explain", post(storage::explain)),
+        (
+            "/v1/vnfds",
+            post(descriptors::create_vnfd).get(descriptors::list_vnfds),
+        ),
+        (
+            "/v1/nsds",
+            post(descriptors::create_nsd).get(descriptors::list_nsds),
+        ),
         ("/v1/maintenance/{id}", get(maintenance::get)),
         ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
         ("/v1/migrations/{id}", get(migrations::get_migration)),
@@ -167,7 +176,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 37, "{served:?}");
+        assert_eq!(served.len(), 41, "{served:?}");
     }
 
     #[test]
