@@ -383,18 +383,22 @@ pub struct ObservedReport {
     pub console_tail: Option<String>,
 }
 
+/// An agent's `error` text is bounded: it is stored with the record.
+fn validate_error_len(error: Option<&str>) -> Result<(), ValidationError> {
+    match error {
+        Some(e) if e.len() > MAX_ERROR_LEN => Err(ValidationError::new(
+            "error",
+            format!("must be at most {MAX_ERROR_LEN} bytes, got {}", e.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl ObservedReport {
     /// Checks every field; returns the validated host name.
     pub fn validate(&self) -> Result<Name, ValidationError> {
         let host = validate_name("host", &self.host)?;
-        if let Some(e) = &self.error {
-            if e.len() > MAX_ERROR_LEN {
-                return Err(ValidationError::new(
-                    "error",
-                    format!("must be at most {MAX_ERROR_LEN} bytes, got {}", e.len()),
-                ));
-            }
-        }
+        validate_error_len(self.error.as_deref())?;
         if let Some(c) = &self.console_tail {
             if c.len() > MAX_CONSOLE_TAIL {
                 return Err(ValidationError::new(
@@ -614,14 +618,7 @@ impl MigrationReport {
     /// Checks the host name and field lengths.
     pub fn validate(&self) -> Result<Name, ValidationError> {
         let host = validate_name("host", &self.host)?;
-        if let Some(e) = &self.error {
-            if e.len() > MAX_ERROR_LEN {
-                return Err(ValidationError::new(
-                    "error",
-                    format!("must be at most {MAX_ERROR_LEN} bytes"),
-                ));
-            }
-        }
+        validate_error_len(self.error.as_deref())?;
         if let Some(u) = &self.incoming_uri {
             let ok = u
                 .strip_prefix("tcp:")
