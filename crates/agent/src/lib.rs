@@ -286,10 +286,15 @@ impl Agent {
                 DesiredState::Stopped => Want::Stopped,
                 DesiredState::Deleted => Want::Deleted,
             };
-            // A new desired state clears a sticky failure, so the user can retry.
+            // A new desired state clears a failure at once, so the user can retry; time
+            // clears it too (a transient cause).
             if let Some(vm) = self.vms.get_mut(&a.vm.id) {
-                if vm.failed.as_ref().is_some_and(|(d, _)| *d != a.vm.desired) {
+                let retry = vm
+                    .failed_at
+                    .is_some_and(|t| t.elapsed() >= local::RETRY_FAILED_AFTER);
+                if retry || vm.failed.as_ref().is_some_and(|(d, _)| *d != a.vm.desired) {
                     vm.failed = None;
+                    vm.failed_at = None;
                 }
             }
             wanted.insert(a.vm.id, want);
@@ -362,6 +367,7 @@ impl Agent {
                         tracing::error!(vm = %id, error = %reason, "vm failed to start");
                         vm.running = false;
                         vm.failed = Some((a.vm.desired, reason));
+                        vm.failed_at = Some(std::time::Instant::now());
                     }
                 }
             }

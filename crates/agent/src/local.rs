@@ -18,6 +18,10 @@ use model::VmId;
 use crate::disks::{guest_export, DiskStack};
 use crate::migrate::MigLocal;
 
+/// A failed start is retried after this long (a transient cause, e.g. a busy port or
+/// a full disk that was cleaned, should not need the user to stop and start the VM).
+pub const RETRY_FAILED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Subdirectory of the data dir holding one directory per VM.
 pub const VMS_DIR: &str = "vms";
 
@@ -33,6 +37,8 @@ pub struct LocalVm {
     pub checkpointer: Option<cache::Checkpointer>,
     /// A start failure for this desired state: (desired state, reason).
     pub failed: Option<(model::DesiredState, String)>,
+    /// When the start failed: it is retried after [`RETRY_FAILED_AFTER`].
+    pub failed_at: Option<std::time::Instant>,
     /// Why the hypervisor exited on its own, if it did.
     pub exit_note: Option<String>,
     /// The last report sent, to skip identical ones.

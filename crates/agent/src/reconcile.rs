@@ -40,8 +40,8 @@ pub enum Action<Id> {
 }
 
 /// Plans the actions for one reconcile pass. Failed VMs are not restarted in a
-/// loop: a failure sticks until the server's desired state changes (the executor
-/// clears `Failed` when it sees a new desired state).
+/// tight loop: a failure sticks until the server's desired state changes or
+/// `RETRY_FAILED_AFTER` passes (the executor clears `Failed` then).
 pub fn plan<Id: Ord + Clone>(
     wanted: &BTreeMap<Id, Want>,
     have: &BTreeMap<Id, Have>,
