@@ -312,14 +312,26 @@ impl Agent {
         for (a, m) in &migrations {
             self.migration_step(a, m).await;
         }
-        // A migration that ended (vm.migration cleared) leaves no trace here.
+        // A migration that ended (vm.migration cleared) leaves no trace here; a source
+        // that paused its guest for a full copy that then failed resumes it.
+        let mut resume = Vec::new();
         for (id, vm) in self.vms.iter_mut() {
             if !migrations.iter().any(|(a, _)| a.vm.id == *id) {
                 if let Some(x) = vm.mig.take() {
                     if let Some(r) = x.rebuild {
                         r.cancel();
                     }
+                    if x.paused_at.is_some() && !x.migrated_away {
+                        resume.push(*id);
+                    }
                 }
+            }
+        }
+        for id in resume {
+            let files = self.files(id);
+            match self.driver.resume(&files.driver_id()).await {
+                Ok(()) => tracing::info!(vm = %id, "migration ended here: guest resumed"),
+                Err(e) => tracing::error!(vm = %id, error = %e, "cannot resume the guest"),
             }
         }
         for (id, a) in &specs {

@@ -47,6 +47,10 @@ pub struct MigLocal {
     pub rebuild: Option<Rebuild>,
     /// Destination: cache counters at switch-over, to report hits since then.
     pub base: Option<CacheStats>,
+    /// Source, `full-copy`: when the guest was paused for the copy (None: not paused).
+    pub paused_at: Option<std::time::Instant>,
+    /// Destination, `full-copy`: the guest (which arrives paused) was resumed.
+    pub resumed: bool,
 }
 
 impl MigLocal {
@@ -60,6 +64,8 @@ impl MigLocal {
             plan: None,
             rebuild: None,
             base: None,
+            paused_at: None,
+            resumed: false,
         }
     }
 }
@@ -171,6 +177,21 @@ impl Agent {
                 if sent {
                     return Ok(());
                 }
+                if m.strategy == Strategy::FullCopy.name()
+                    && self
+                        .vms
+                        .get(&id)
+                        .and_then(|v| v.mig.as_ref())
+                        .is_some_and(|x| x.paused_at.is_none())
+                {
+                    // vSphere-style full copy: the whole cache crosses while the guest is
+                    // paused, so no write on this side can make a copied block stale; the
+                    // pause is the price, and it counts in the reported downtime.
+                    self.driver.pause(&files.driver_id()).await?;
+                    if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {
+                        x.paused_at = Some(std::time::Instant::now());
+                    }
+                }
                 let vm = self.vms.entry(id).or_default();
                 let cache = local::ensure_cache(&self.disks, &files, a, vm).await?;
                 let snap = tokio::task::spawn_blocking(move || cache.migration_snapshot()).await?;
@@ -214,9 +235,13 @@ impl Agent {
                     vm.running = false;
                     if let Some(x) = vm.mig.as_mut() {
                         x.migrated_away = true;
+                        // Guest-visible downtime: QEMU's, plus a full copy's pause.
+                        let paused_ms = x.paused_at.map_or(0, |t| {
+                            u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+                        });
                         x.qemu = Some(QemuMigrationStats {
                             total_ms: stats.total_time_ms,
-                            downtime_ms: stats.downtime_ms,
+                            downtime_ms: stats.downtime_ms.max(paused_ms),
                             ram_bytes: stats.ram_transferred_bytes,
                         });
                     }
@@ -272,6 +297,20 @@ impl Agent {
             }
             MigrationState::Ready | MigrationState::Migrating => Ok(()),
             MigrationState::Warming => {
+                let resume = m.strategy == Strategy::FullCopy.name()
+                    && self
+                        .vms
+                        .get(&id)
+                        .and_then(|v| v.mig.as_ref())
+                        .is_some_and(|x| !x.resumed);
+                if resume {
+                    // The source was paused for the copy, so the guest arrived paused.
+                    let files = VmFiles::new(&self.cfg.data_dir, id);
+                    self.driver.resume(&files.driver_id()).await?;
+                    if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {
+                        x.resumed = true;
+                    }
+                }
                 let vm = self.vms.entry(id).or_default();
                 vm.running = true;
                 let cache = vm.cache.clone();

@@ -385,6 +385,24 @@ pub trait ComputeDriver: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// Pauses the guest's CPUs (the hypervisor keeps running).
+    async fn pause(&self, id: &str) -> Result<(), ComputeError> {
+        let _ = id;
+        Err(ComputeError::Unsupported {
+            driver: self.name(),
+            op: "pause",
+        })
+    }
+
+    /// Resumes a paused guest (also a migration destination that arrived paused).
+    async fn resume(&self, id: &str) -> Result<(), ComputeError> {
+        let _ = id;
+        Err(ComputeError::Unsupported {
+            driver: self.name(),
+            op: "resume",
+        })
+    }
+
     /// Live-migrates a running VM to a destination started with
     /// [`ComputeDriver::start_incoming`] (`to_uri` like `tcp:127.0.0.1:4444`).
     async fn migrate(

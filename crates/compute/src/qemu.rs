@@ -360,6 +360,22 @@ impl QemuDriver {
 
 #[async_trait::async_trait]
 impl ComputeDriver for QemuDriver {
+    async fn pause(&self, id: &str) -> Result<(), ComputeError> {
+        let qmp = self.qmp(id)?;
+        qmp.stop().await.map_err(|err| ComputeError::Qmp {
+            id: id.to_owned(),
+            err,
+        })
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), ComputeError> {
+        let qmp = self.qmp(id)?;
+        qmp.cont().await.map_err(|err| ComputeError::Qmp {
+            id: id.to_owned(),
+            err,
+        })
+    }
+
     fn name(&self) -> &'static str {
         "qemu"
     }

@@ -383,10 +383,19 @@ impl QmpClient {
             let mut chunk = vec![0u8; 8192];
             loop {
                 if let Some(line) = framer.next_line().map_err(QmpError::Codec)? {
-                    return match decode(&line).map_err(QmpError::Codec)? {
-                        QmpMessage::Greeting(g) => Ok(g),
-                        _ => Err(QmpError::Codec(QmpCodecError::UnknownShape)),
-                    };
+                    // Seen rarely at VM start: a line that is not the greeting arrives
+                    // first. Skip it (bounded by the timeout) rather than fail the start.
+                    match decode(&line) {
+                        Ok(QmpMessage::Greeting(g)) => return Ok(g),
+                        other => {
+                            tracing::warn!(
+                                line = %String::from_utf8_lossy(&line),
+                                decoded = ?other,
+                                "qmp line before the greeting, skipped"
+                            );
+                            continue;
+                        }
+                    }
                 }
                 let n = rd.read(&mut chunk).await.map_err(QmpError::Io)?;
                 if n == 0 {
