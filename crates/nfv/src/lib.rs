@@ -23,3 +23,4 @@ pub mod driver;
 pub mod link;
 pub mod ns;
 pub mod plan;
+pub mod scale;

@@ -321,6 +321,63 @@ impl NsExecutor {
         records
     }
 
+    /// Scales `vnf` of a running NS by one VDU, out (`out`) or in, on its site. A failed
+    /// scale-out deletes what it created and leaves the instance as it was. Returns the
+    /// VDU's site resource name.
+    pub async fn scale(
+        &self,
+        inst: &mut NsInstance,
+        vnf: &str,
+        out: bool,
+    ) -> Result<String, ScaleExecError> {
+        let mut plan = inst.plan.clone();
+        if out {
+            let (site, cmds) = crate::scale::plan_scale_out(&mut plan, vnf)?;
+            let d = self.site_driver(&site)?;
+            let name = match cmds.first() {
+                Some(GenericCommand::CreateVdu(spec)) => spec.name.clone(),
+                _ => String::new(),
+            };
+            let mut new_cps = Vec::new();
+            for c in &cmds {
+                match apply(d, c).await {
+                    Ok(Some(info)) => new_cps.push(info),
+                    Ok(None) => {}
+                    Err(e) => {
+                        let _ = apply(d, &GenericCommand::DeleteVdu { name: name.clone() }).await;
+                        return Err(ScaleExecError::Driver { site, err: e });
+                    }
+                }
+            }
+            for info in new_cps {
+                inst.cps.insert(info.cp.clone(), info);
+            }
+            inst.plan = plan;
+            Ok(name)
+        } else {
+            let (site, vdu, cmds) = crate::scale::plan_scale_in(&mut plan, vnf)?;
+            let d = self.site_driver(&site)?;
+            for c in &cmds {
+                apply(d, c).await.map_err(|err| ScaleExecError::Driver {
+                    site: site.clone(),
+                    err,
+                })?;
+            }
+            for cp in &vdu.cps {
+                inst.cps.remove(&cp.name);
+            }
+            inst.plan = plan;
+            Ok(vdu.name)
+        }
+    }
+
+    fn site_driver(&self, site: &str) -> Result<&dyn SiteDriver, ScaleExecError> {
+        self.sites
+            .get(site)
+            .map(Arc::as_ref)
+            .ok_or_else(|| ScaleExecError::NoSite(site.to_owned()))
+    }
+
     /// Removes everything the plan creates, on every site, in parallel; absent is fine.
     pub async fn terminate(&self, plan: &NsPlan) -> Result<(), TerminateError> {
         let errors = self.teardown(plan).await;
@@ -354,4 +411,24 @@ impl NsExecutor {
         });
         join_all(per_site).await.into_iter().flatten().collect()
     }
+}
+
+/// Why a scale operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleExecError {
+    /// The plan cannot be scaled.
+    #[error(transparent)]
+    Plan(#[from] crate::scale::ScaleError),
+    /// No driver for the VNF's site.
+    #[error("no driver for site '{0}'")]
+    NoSite(String),
+    /// The site refused.
+    #[error("site {site} failed")]
+    Driver {
+        /// Site.
+        site: String,
+        /// Cause.
+        #[source]
+        err: DriverError,
+    },
 }

@@ -8,4 +8,5 @@ mod libvirtd;
 mod lifecycle;
 mod links;
 mod netns;
+mod scale;
 mod vinfra_site;
