@@ -66,6 +66,9 @@ enum Command {
     /// Network-service descriptors.
     #[command(subcommand)]
     Nsd(cmd::nfv::DescriptorCmd),
+    /// Network services across sites.
+    #[command(subcommand)]
+    Ns(cmd::nfv::NsCmd),
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -148,6 +151,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Nbd(c) => cmd::nbd::run(c).await,
         Command::Vnfd(c) => cmd::nfv::run_vnfd(&ctx, c).await,
         Command::Nsd(c) => cmd::nfv::run_nsd(&ctx, c).await,
+        Command::Ns(c) => cmd::nfv::run_ns(&ctx, c),
         Command::Bench(c) => cmd::bench::run(c).await,
         Command::Openapi => {
             println!("{}", api::openapi_json());

@@ -72,3 +72,40 @@ pub async fn run_nsd(ctx: &Ctx, cmd: DescriptorCmd) -> anyhow::Result<()> {
         other => run_remote(ctx, "nsd", other).await,
     }
 }
+
+/// Network-service commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum NsCmd {
+    /// Print the generic commands (seed 3) an NS turns into, per site: the commands
+    /// each site's driver translates into its own cloud-management API.
+    Plan {
+        /// The NSD file (its `imports` name the VNFDs, relative to it).
+        nsd: PathBuf,
+        /// NS instance name (prefix of every site resource).
+        #[arg(long, default_value = "demo")]
+        name: String,
+        /// Sites available, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "site-a,site-b")]
+        sites: Vec<String>,
+    },
+}
+
+/// `vinfra ns …`
+pub fn run_ns(ctx: &Ctx, cmd: NsCmd) -> anyhow::Result<()> {
+    match cmd {
+        NsCmd::Plan { nsd, name, sites } => {
+            let (nsd, vnfds) = nfv::descriptor::load_nsd(&nsd)?;
+            let plan = nfv::plan::plan_ns(&name, &nsd, &vnfds, &sites)?;
+            if ctx.format == output::Format::Json {
+                return output::emit(ctx.format, &plan, &[], Vec::new);
+            }
+            for sp in &plan.sites {
+                println!("site {}:", sp.site);
+                for c in sp.commands() {
+                    println!("  {}", serde_json::to_string(&c)?);
+                }
+            }
+            Ok(())
+        }
+    }
+}
