@@ -409,7 +409,9 @@ impl Agent {
             .start_incoming(&spec, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
             .await?;
         let Some(incoming) = rt.incoming else {
-            return Err(MigrateError::NoPeer(m.id));
+            return Err(MigrateError::Interrupted(
+                "the destination QEMU reported no incoming address",
+            ));
         };
         let uri = format!("tcp:{incoming}");
         if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {

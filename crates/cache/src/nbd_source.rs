@@ -80,6 +80,22 @@ pub struct PeerNbdSource {
     disk_size: u64,
 }
 
+/// Connects a reconnecting client, naming the source (`nbd peer ADDR/EXPORT`) for errors.
+fn open_client(
+    role: &str,
+    addr: NbdAddr,
+    export: &str,
+    policy: ReconnectPolicy,
+) -> Result<(String, ReconnectingClient), SourceError> {
+    let name = format!("nbd {role} {addr}/{export}");
+    let client =
+        ReconnectingClient::connect(addr, export, policy).map_err(|e| SourceError::Open {
+            source_name: name.clone(),
+            err: io::Error::other(e),
+        })?;
+    Ok((name, client))
+}
+
 impl PeerNbdSource {
     /// Connects to `export` at `addr`; only blocks in `have` (the source's migration
     /// snapshot) are asked for.
@@ -90,12 +106,7 @@ impl PeerNbdSource {
         have: BlockSet,
         block_size: BlockSize,
     ) -> Result<Self, SourceError> {
-        let name = format!("nbd peer {addr}/{export}");
-        let client =
-            ReconnectingClient::connect(addr, export, policy).map_err(|e| SourceError::Open {
-                source_name: name.clone(),
-                err: io::Error::other(e),
-            })?;
+        let (name, client) = open_client("peer", addr, export, policy)?;
         let disk_size = client.size();
         Ok(Self {
             name,
@@ -196,12 +207,7 @@ impl OriginNbdSource {
         policy: ReconnectPolicy,
         block_size: BlockSize,
     ) -> Result<Self, SourceError> {
-        let name = format!("nbd origin {addr}/{export}");
-        let client =
-            ReconnectingClient::connect(addr, export, policy).map_err(|e| SourceError::Open {
-                source_name: name.clone(),
-                err: io::Error::other(e),
-            })?;
+        let (name, client) = open_client("origin", addr, export, policy)?;
         let disk_size = client.size();
         Ok(Self {
             name,

@@ -17,10 +17,10 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
         /// Draw hit ratio over time, one curve per strategy, to this SVG file.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "real")]
         plot: Option<PathBuf>,
         /// CloudPhysics CSV trace (default: ../shared/traces/cloudphysics.csv if present).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "real")]
         trace: Option<PathBuf>,
         /// Run on the real stack instead of the simulation: caches on disk, the source
         /// exported over NBD, the workload replayed through an NBD client (wall clock).
