@@ -72,6 +72,9 @@ enum Command {
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
+    /// Virtual networks for VM NICs (vinfra's IPAM).
+    #[command(subcommand)]
+    Network(cmd::network::NetworkCmd),
     /// Serve a disk through a block cache over NBD (like qemu-nbd).
     #[command(subcommand)]
     Nbd(cmd::nbd::NbdCmd),
@@ -144,6 +147,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Host(c) => cmd::host::run(&ctx, c).await,
         Command::Vm(c) => cmd::vm::run(&ctx, c).await,
         Command::Image(c) => cmd::image::run(&ctx, c).await,
+        Command::Network(c) => cmd::network::run(&ctx, c).await,
         Command::Migration(c) => cmd::migration::run(&ctx, c).await,
         Command::Traffic(c) => cmd::traffic::run(&ctx, c).await,
         Command::Storage(c) => cmd::storage::run(&ctx, c).await,

@@ -13,7 +13,7 @@ use crate::ApiError;
 
 /// Store keys. Every name in a key has passed `validate_name`, so it has no `/`.
 pub(crate) mod keys {
-    use model::{ImageId, MaintenanceId, MigrationId, Name, TenantId, VmId};
+    use model::{ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, VmId};
 
     pub const TOKENS: &str = "/vinfra/tokens/";
     pub const TENANTS: &str = "/vinfra/tenants/";
@@ -78,6 +78,23 @@ pub(crate) mod keys {
     pub fn vm_name(tenant: TenantId, name: &Name) -> String {
         format!("{VM_NAMES}{tenant}/{name}")
     }
+    pub const NETWORKS: &str = "/vinfra/networks/";
+    pub const NETWORK_NAMES: &str = "/vinfra/network-names/";
+    pub fn network(id: NetworkId) -> String {
+        format!("{NETWORKS}{id}")
+    }
+    /// Network name index, per tenant: value is the network id.
+    pub fn network_name(tenant: TenantId, name: &Name) -> String {
+        format!("{NETWORK_NAMES}{tenant}/{name}")
+    }
+    /// IPAM: one key per address in use on a network; value is the VM id. Created in
+    /// the VM's create transaction (compare: absent), so two VMs never get one address.
+    pub fn ipam(net: NetworkId, ip: std::net::Ipv4Addr) -> String {
+        format!("/vinfra/ipam/{net}/{ip}")
+    }
+    pub fn ipam_prefix(net: NetworkId) -> String {
+        format!("/vinfra/ipam/{net}/")
+    }
 }
 
 /// Encodes a record.
@@ -127,6 +144,64 @@ pub(crate) async fn list_keyed<T: DeserializeOwned>(
         .iter()
         .map(|kv| Ok((kv.key.clone(), decode(kv)?)))
         .collect()
+}
+
+/// Finds a tenant-owned record by id or by name as `scope` sees it. Names are indexed
+/// under `{names}{tenant}/{name}`; an admin naming a name several tenants use gets 409.
+/// Another tenant's record is 404, like a missing one.
+pub(crate) async fn resolve_named<I, T>(
+    store: &dyn Store,
+    scope: crate::Scope,
+    s: &str,
+    kind: &'static str,
+    names: &str,
+    record_key: impl Fn(I) -> String,
+    tenant_of: impl Fn(&T) -> model::TenantId,
+) -> Result<(T, Revision), ApiError>
+where
+    I: std::str::FromStr + DeserializeOwned,
+    T: DeserializeOwned,
+{
+    let not_found = || ApiError::NotFound {
+        kind,
+        id: s.to_owned(),
+    };
+    let id = match s.parse::<I>() {
+        Ok(id) => id,
+        Err(_) => {
+            let name = model::validate_name(kind, s).map_err(|_| not_found())?;
+            let mut ids: Vec<I> = match scope {
+                crate::Scope::Tenant(t) => get_json::<I>(store, &format!("{names}{t}/{name}"))
+                    .await?
+                    .map(|(id, _)| id)
+                    .into_iter()
+                    .collect(),
+                crate::Scope::All => {
+                    // Names hold no `/`, so the suffix matches whole names only.
+                    let suffix = format!("/{name}");
+                    list_keyed::<I>(store, names)
+                        .await?
+                        .into_iter()
+                        .filter(|(key, _)| key.ends_with(&suffix))
+                        .map(|(_, id)| id)
+                        .collect()
+                }
+            };
+            match ids.len() {
+                0 => return Err(not_found()),
+                1 => ids.remove(0),
+                n => {
+                    return Err(ApiError::Conflict(format!(
+                        "{kind} name {name} exists in {n} tenants; use the {kind} id"
+                    )))
+                }
+            }
+        }
+    };
+    match get_json::<T>(store, &record_key(id)).await? {
+        Some((rec, rev)) if scope.sees(tenant_of(&rec)) => Ok((rec, rev)),
+        _ => Err(not_found()),
+    }
 }
 
 /// Wall-clock time in unix milliseconds (0 if the clock is before 1970).

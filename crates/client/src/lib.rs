@@ -19,11 +19,13 @@
 use std::time::Duration;
 
 use model::api::{
-    Assignment, CreateImage, CreateTenant, CreateToken, CreateVm, DescriptorUpload,
+    Assignment, CreateImage, CreateNetwork, CreateTenant, CreateToken, CreateVm, DescriptorUpload,
     EnterMaintenance, MigrateVm, MigrationReport, ObservedReport, PlacementQuery, Problem,
     RegisterHost, StorageInventory, StoredDescriptor, TenantCreated, TokenCreated,
 };
-use model::{Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Tenant, Vm, VmId};
+use model::{
+    Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Network, Tenant, Vm, VmId,
+};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -220,6 +222,32 @@ impl Client {
     /// `DELETE /v1/images/{name}` (name or id).
     pub async fn delete_image(&self, name_or_id: &str) -> Result<(), ClientError> {
         self.send(Method::DELETE, &["v1", "images", name_or_id], NO_BODY)
+            .await
+            .map(drop)
+    }
+
+    // ---- networks ----
+
+    /// `POST /v1/networks`.
+    pub async fn create_network(&self, req: &CreateNetwork) -> Result<Network, ClientError> {
+        self.json(Method::POST, &["v1", "networks"], Some(req))
+            .await
+    }
+
+    /// `GET /v1/networks`.
+    pub async fn list_networks(&self) -> Result<Vec<Network>, ClientError> {
+        self.json(Method::GET, &["v1", "networks"], NO_BODY).await
+    }
+
+    /// `GET /v1/networks/{name}` (name or id).
+    pub async fn get_network(&self, name_or_id: &str) -> Result<Network, ClientError> {
+        self.json(Method::GET, &["v1", "networks", name_or_id], NO_BODY)
+            .await
+    }
+
+    /// `DELETE /v1/networks/{name}` (name or id).
+    pub async fn delete_network(&self, name_or_id: &str) -> Result<(), ClientError> {
+        self.send(Method::DELETE, &["v1", "networks", name_or_id], NO_BODY)
             .await
             .map(drop)
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{
-    validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range,
+    parse_cidr, validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range,
     CacheProgress, DesiredState, Image, Migration, MigrationState, Name, ObservedState,
     QemuMigrationStats, Role, Tenant, TenantId, ValidationError, Vm,
 };
@@ -231,8 +231,53 @@ impl CreateImage {
     }
 }
 
-/// `POST /v1/vms`.
+/// Most NICs one VM may have.
+pub const MAX_NICS: usize = 8;
+/// Longest `kernel_args`, bytes.
+pub const MAX_KERNEL_ARGS: usize = 1024;
+/// Kernel argument the agent sets for each NIC; users may not set it themselves.
+pub const NIC_KERNEL_ARG: &str = "vinfra.nic=";
+
+/// `POST /v1/networks`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetwork {
+    /// Name, unique within the tenant.
+    pub name: String,
+    /// IPv4 subnet `a.b.c.d/p`, prefix 8..=30, no host bits.
+    pub cidr: String,
+    /// Admin only: the owning tenant (default: `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl CreateNetwork {
+    /// Checks every field: the name, the tenant and the canonical CIDR.
+    pub fn validate(&self) -> Result<(Name, String, Option<Name>), ValidationError> {
+        let name = validate_name("name", &self.name)?;
+        let (ip, prefix) = parse_cidr("cidr", &self.cidr)?;
+        let tenant = match &self.tenant {
+            Some(t) => Some(validate_name("tenant", t)?),
+            None => None,
+        };
+        Ok((name, format!("{ip}/{prefix}"), tenant))
+    }
+}
+
+/// One NIC asked for in [`CreateVm`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicRequest {
+    /// Network name or id (the VM's tenant's).
+    pub network: String,
+    /// A fixed address in the network's subnet; when absent IPAM gives the lowest free one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub ip: Option<std::net::Ipv4Addr>,
+}
+
+/// `POST /v1/vms`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// Name, unique within the tenant.
@@ -256,6 +301,13 @@ pub struct CreateVm {
     /// Disk size to reserve on the storage pair, GiB (redundant VMs; default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_gib: Option<u64>,
+    /// Network interfaces, in guest order (at most 8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicRequest>,
+    /// Extra kernel arguments appended to the image's command line (at most 1024 bytes;
+    /// `vinfra.nic=` is reserved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_args: Option<String>,
 }
 
 /// A [`CreateVm`] whose fields passed validation.
@@ -275,6 +327,10 @@ pub struct VmRequest {
     pub tenant: Option<Name>,
     /// Redundant placement: disk GiB to reserve on the storage pair.
     pub redundant_disk_gib: Option<u64>,
+    /// NICs, as asked.
+    pub nics: Vec<NicRequest>,
+    /// Extra kernel arguments.
+    pub kernel_args: Option<String>,
 }
 
 impl CreateVm {
@@ -315,6 +371,32 @@ impl CreateVm {
                 MAX_DISK_MIB >> 10,
             )?),
         };
+        if self.nics.len() > MAX_NICS {
+            return Err(ValidationError::new(
+                "nics",
+                format!("at most {MAX_NICS} NICs, got {}", self.nics.len()),
+            ));
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            if n.network.parse::<uuid::Uuid>().is_err() {
+                validate_name(&format!("nics[{i}].network"), &n.network)?;
+            }
+        }
+        if let Some(k) = &self.kernel_args {
+            validate_cmdline("kernel_args", k)?;
+            if k.len() > MAX_KERNEL_ARGS {
+                return Err(ValidationError::new(
+                    "kernel_args",
+                    format!("must be at most {MAX_KERNEL_ARGS} bytes"),
+                ));
+            }
+            if k.split_whitespace().any(|a| a.starts_with(NIC_KERNEL_ARG)) {
+                return Err(ValidationError::new(
+                    "kernel_args",
+                    format!("{NIC_KERNEL_ARG} is set by vinfra from nics"),
+                ));
+            }
+        }
         if self.redundant && host.is_some() {
             return Err(ValidationError::new(
                 "host",
@@ -329,6 +411,8 @@ impl CreateVm {
             host,
             tenant,
             redundant_disk_gib,
+            nics: self.nics.clone(),
+            kernel_args: self.kernel_args.clone(),
         })
     }
 }
@@ -455,6 +539,7 @@ mod tests {
             tenant: None,
             redundant: false,
             disk_gib: None,
+            ..Default::default()
         };
         assert_eq!(
             req.validate().unwrap_err().to_string(),

@@ -82,6 +82,11 @@ typed_id!(
     MaintenanceId,
     "maintenance"
 );
+typed_id!(
+    /// Identifies a virtual network.
+    NetworkId,
+    "network"
+);
 
 #[cfg(test)]
 mod tests {

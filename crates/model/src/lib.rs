@@ -13,13 +13,15 @@ mod ids;
 mod types;
 mod validate;
 
-pub use ids::{HostId, IdParseError, ImageId, MaintenanceId, MigrationId, TenantId, VmId};
+pub use ids::{
+    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, VmId,
+};
 pub use types::{
     CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image, Maintenance,
-    MaintenanceState, Migration, MigrationState, ObservedState, QemuMigrationStats, Redundancy,
-    Role, Tenant, TokenRecord, Vm,
+    MaintenanceState, Migration, MigrationState, Network, Nic, ObservedState, QemuMigrationStats,
+    Redundancy, Role, Tenant, TokenRecord, Vm,
 };
 pub use validate::{
-    validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range, Name,
-    ValidationError,
+    parse_cidr, validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range,
+    Name, ValidationError,
 };

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{HostId, ImageId, MaintenanceId, MigrationId, Name, TenantId, VmId};
+use crate::{HostId, ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, VmId};
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -238,6 +238,58 @@ pub struct Vm {
     /// Redundant placement (seed 6): replicated storage pair and a standby host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redundancy: Option<Redundancy>,
+    /// Network interfaces, in guest order, with the addresses vinfra's IPAM gave them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+    /// Extra kernel arguments appended to the image's command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_args: Option<String>,
+}
+
+/// A virtual network: one L2 segment with one IPv4 subnet, owned by a tenant. VM NICs
+/// attach to it and get their addresses from it (vinfra's IPAM).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Network {
+    /// Stable id.
+    pub id: NetworkId,
+    /// Owning tenant.
+    pub tenant: TenantId,
+    /// Name, unique within the tenant.
+    pub name: Name,
+    /// Its subnet, canonical (`10.70.0.0/24`).
+    pub cidr: String,
+    /// Creation time, unix milliseconds.
+    pub created_at: u64,
+}
+
+/// One VM network interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Nic {
+    /// The network it is on.
+    pub network: NetworkId,
+    /// That network's name (for display; the id is what counts).
+    pub network_name: Name,
+    /// Its address, from the network's subnet.
+    #[schema(value_type = String)]
+    pub ip: std::net::Ipv4Addr,
+    /// The subnet's prefix length.
+    pub prefix: u8,
+    /// Its MAC address (`02:…`, locally administered), derived from the network and IP.
+    pub mac: String,
+}
+
+impl Nic {
+    /// The MAC for `ip` on `network`: locally administered, two bytes of the network id
+    /// and the IP's last three octets. Unique on a network (a prefix is at least /8, so
+    /// the first octet is the same for every address of a subnet).
+    pub fn mac_for(network: NetworkId, ip: std::net::Ipv4Addr) -> String {
+        let n = network.0.as_bytes();
+        let o = ip.octets();
+        format!(
+            "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            n[0], n[1], o[1], o[2], o[3]
+        )
+    }
 }
 
 /// Where a redundant VM's two replicas are: the primary (the VM's `host` with

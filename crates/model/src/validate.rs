@@ -134,6 +134,25 @@ pub fn validate_cmdline(field: &str, value: &str) -> Result<(), ValidationError>
     Ok(())
 }
 
+/// Parses an IPv4 subnet `a.b.c.d/p` for a network: prefix 8..=30 (room for at least two
+/// hosts), no host bits set. Returns the network address and the prefix.
+pub fn parse_cidr(field: &str, value: &str) -> Result<(std::net::Ipv4Addr, u8), ValidationError> {
+    let bad = |why: &str| ValidationError::new(field, format!("bad CIDR '{value}': {why}"));
+    let (ip, prefix) = value
+        .split_once('/')
+        .ok_or_else(|| bad("expected a.b.c.d/prefix"))?;
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad("not an IPv4 address"))?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad("prefix is not a number"))?;
+    if !(8..=30).contains(&prefix) {
+        return Err(bad("prefix must be 8..=30"));
+    }
+    let mask = u32::MAX << (32 - u32::from(prefix));
+    if u32::from(ip) & !mask != 0 {
+        return Err(bad("host bits are set"));
+    }
+    Ok((ip, prefix))
+}
+
 /// Checks an agent URL: `http://` or `https://`, at most 2048 bytes, no whitespace.
 pub fn validate_agent_url(field: &str, value: &str) -> Result<(), ValidationError> {
     let scheme_ok = value

@@ -7,6 +7,7 @@ pub mod image;
 pub mod maintenance;
 pub mod migration;
 pub mod nbd;
+pub mod network;
 pub mod nfv;
 pub mod server;
 pub mod storage;

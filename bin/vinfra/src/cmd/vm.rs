@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use model::api::CreateVm;
+use model::api::{CreateVm, NicRequest};
 use model::{DesiredState, ObservedState, Vm};
 
 use crate::cmd::Ctx;
@@ -38,6 +38,13 @@ pub enum VmCmd {
         /// Disk to reserve on each storage of the pair, GiB (with --redundant).
         #[arg(long, requires = "redundant")]
         disk_gib: Option<u64>,
+        /// A network interface on NETWORK, with a fixed address or the next free one;
+        /// repeat for more (guest order).
+        #[arg(long = "nic", value_name = "NETWORK[=IP]", value_parser = parse_nic)]
+        nics: Vec<NicRequest>,
+        /// Extra kernel arguments for the guest (e.g. `vinfra.ping=10.70.0.1`).
+        #[arg(long)]
+        kernel_args: Option<String>,
     },
     /// List VMs.
     List,
@@ -86,8 +93,25 @@ pub enum VmCmd {
     },
 }
 
+fn parse_nic(s: &str) -> Result<NicRequest, String> {
+    let (network, ip) = match s.split_once('=') {
+        Some((n, ip)) => (
+            n,
+            Some(
+                ip.parse()
+                    .map_err(|_| format!("'{ip}' is not an IPv4 address"))?,
+            ),
+        ),
+        None => (s, None),
+    };
+    Ok(NicRequest {
+        network: network.to_owned(),
+        ip,
+    })
+}
+
 const HEADER: &[&str] = &[
-    "name", "id", "host", "desired", "observed", "vcpus", "memory", "error",
+    "name", "id", "host", "desired", "observed", "vcpus", "memory", "nics", "error",
 ];
 
 fn row(v: &Vm) -> Vec<String> {
@@ -99,6 +123,11 @@ fn row(v: &Vm) -> Vec<String> {
         v.observed.as_str().to_owned(),
         v.vcpus.to_string(),
         format!("{} MiB", v.memory_mib),
+        v.nics
+            .iter()
+            .map(|n| format!("{}:{}", n.network_name, n.ip))
+            .collect::<Vec<_>>()
+            .join(","),
         v.error.clone().unwrap_or_default(),
     ]
 }
@@ -120,6 +149,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             no_wait,
             redundant,
             disk_gib,
+            nics,
+            kernel_args,
         } => {
             let vm = c
                 .create_vm(&CreateVm {
@@ -131,6 +162,8 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                     tenant: None,
                     redundant,
                     disk_gib,
+                    nics,
+                    kernel_args,
                 })
                 .await?;
             let vm = if no_wait {

@@ -149,6 +149,7 @@ async fn tenants_never_see_each_other() {
             tenant: None,
             redundant: false,
             disk_gib: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -168,6 +169,7 @@ async fn tenants_never_see_each_other() {
         tenant: None,
         redundant: false,
         disk_gib: None,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -31,6 +31,7 @@ async fn a_host_in_maintenance_is_drained_live_kept_cordoned_and_released() {
                 tenant: None,
                 redundant: false,
                 disk_gib: None,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -123,6 +124,7 @@ async fn a_host_in_maintenance_is_drained_live_kept_cordoned_and_released() {
             tenant: None,
             redundant: false,
             disk_gib: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();

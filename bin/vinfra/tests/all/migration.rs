@@ -20,6 +20,7 @@ async fn boot_and_warm(admin: &client::Client, host: &str, min_tick: u64) {
             tenant: None,
             redundant: false,
             disk_gib: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -552,6 +552,8 @@ mod tests {
             created_at: 0,
             migration: None,
             redundancy: None,
+            nics: Vec::new(),
+            kernel_args: None,
         }
     }
 

@@ -6,6 +6,7 @@ pub(crate) mod images;
 pub(crate) mod maintenance;
 pub(crate) mod meta;
 pub(crate) mod migrations;
+pub(crate) mod networks;
 pub(crate) mod storage;
 pub(crate) mod tenants;
 pub(crate) mod traffic;
@@ -42,6 +43,14 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         (
             "/v1/images/{name}",
             get(images::get_image).delete(images::delete_image),
+        ),
+        (
+            "/v1/networks",
+            post(networks::create_network).get(networks::list_networks),
+        ),
+        (
+            "/v1/networks/{name}",
+            get(networks::get_network).delete(networks::delete_network),
         ),
         ("/v1/vms", post(vms::create_vm).get(vms::list_vms)),
         ("/v1/vms/{id}", get(vms::get_vm).delete(vms::delete_vm)),
@@ -176,7 +185,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 41, "{served:?}");
+        assert_eq!(served.len(), 45, "{served:?}");
     }
 
     #[test]

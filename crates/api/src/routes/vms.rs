@@ -15,10 +15,10 @@ use store::{Compare, Revision, StoreError, TxnOp};
 
 use crate::extract::AppPath;
 use crate::routes::hosts::{all_hosts, host_name};
-use crate::routes::images;
 use crate::routes::tenants::write_tenant;
+use crate::routes::{images, networks};
 use crate::sched::{place, PlaceError, Usage};
-use crate::store_io::{get_json, keys, list_json, list_keyed, now_ms, to_bytes, CAS_ATTEMPTS};
+use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
 /// Creates a VM and places it on a host: the requested one, or the up host
@@ -112,8 +112,10 @@ pub(crate) async fn create_vm(
             Some((n, rev)) => (*n, Some(*rev)),
             None => (0, None),
         };
+        let id = VmId::new_random();
+        let nets = networks::allocate(&state, tenant, &req.nics, id).await?;
         let vm = Vm {
-            id: VmId::new_random(),
+            id,
             tenant,
             name: req.name.clone(),
             image: image.id,
@@ -126,10 +128,12 @@ pub(crate) async fn create_vm(
             created_at: now_ms(),
             migration: None,
             redundancy,
+            nics: nets.nics,
+            kernel_args: req.kernel_args.clone(),
         };
         let res = store
             .txn(
-                vec![
+                [
                     Compare::ModRevision {
                         key: name_key.clone(),
                         expect: None,
@@ -138,8 +142,11 @@ pub(crate) async fn create_vm(
                         key: alloc_key.clone(),
                         expect: alloc_rev,
                     },
-                ],
-                vec![
+                ]
+                .into_iter()
+                .chain(nets.compares)
+                .collect(),
+                [
                     TxnOp::Put {
                         key: keys::vm(vm.id),
                         value: to_bytes(&vm)?,
@@ -152,7 +159,10 @@ pub(crate) async fn create_vm(
                         key: alloc_key,
                         value: to_bytes(&count.wrapping_add(1))?,
                     },
-                ],
+                ]
+                .into_iter()
+                .chain(nets.ops)
+                .collect(),
             )
             .await;
         match res {
@@ -160,8 +170,8 @@ pub(crate) async fn create_vm(
                 tracing::info!(vm = %vm.name, id = %vm.id, host = %vm.host, "vm created");
                 return Ok((StatusCode::CREATED, Json(vm)));
             }
-            // Either compare may have failed: the next round's name check
-            // tells a taken name from a lost placement race.
+            // Any compare may have failed: the next round's name check tells a
+            // taken name from a lost placement or address race.
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -352,12 +362,15 @@ async fn remove(state: &AppState, vm: &Vm, rev: Revision) -> Result<Revision, St
                 key: key.clone(),
                 expect: Some(rev),
             }],
-            vec![
+            [
                 TxnOp::Delete { key },
                 TxnOp::Delete {
                     key: keys::vm_name(vm.tenant, &vm.name),
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(networks::release(&vm.nics))
+            .collect(),
         )
         .await;
     if res.is_ok() {
@@ -527,45 +540,14 @@ pub(crate) async fn resolve(
     scope: Scope,
     s: &str,
 ) -> Result<(Vm, Revision), ApiError> {
-    let not_found = || ApiError::NotFound {
-        kind: "vm",
-        id: s.to_owned(),
-    };
-    let id = match s.parse::<VmId>() {
-        Ok(id) => id,
-        Err(_) => {
-            let name = model::validate_name("vm", s).map_err(|_| not_found())?;
-            let ids: Vec<VmId> = match scope {
-                Scope::Tenant(t) => get_json::<VmId>(state.store(), &keys::vm_name(t, &name))
-                    .await?
-                    .map(|(id, _)| id)
-                    .into_iter()
-                    .collect(),
-                Scope::All => {
-                    // Names hold no `/`, so the suffix matches whole names only.
-                    let suffix = format!("/{name}");
-                    list_keyed::<VmId>(state.store(), keys::VM_NAMES)
-                        .await?
-                        .into_iter()
-                        .filter(|(key, _)| key.ends_with(&suffix))
-                        .map(|(_, id)| id)
-                        .collect()
-                }
-            };
-            match ids.as_slice() {
-                [] => return Err(not_found()),
-                [id] => *id,
-                _ => {
-                    return Err(ApiError::Conflict(format!(
-                        "vm name {name} exists in {} tenants; use the vm id",
-                        ids.len()
-                    )))
-                }
-            }
-        }
-    };
-    match get_json::<Vm>(state.store(), &keys::vm(id)).await? {
-        Some((vm, rev)) if scope.sees(vm.tenant) => Ok((vm, rev)),
-        _ => Err(not_found()),
-    }
+    crate::store_io::resolve_named::<VmId, Vm>(
+        state.store(),
+        scope,
+        s,
+        "vm",
+        keys::VM_NAMES,
+        keys::vm,
+        |v| v.tenant,
+    )
+    .await
 }

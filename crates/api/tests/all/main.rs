@@ -2,5 +2,6 @@
 //! round trip over TCP through the `client` crate.
 
 mod harness;
+mod networks;
 mod routes;
 mod tcp;

@@ -68,6 +68,7 @@ async fn client_drives_the_server_over_tcp() {
             tenant: None,
             redundant: false,
             disk_gib: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -109,6 +110,7 @@ async fn client_drives_the_server_over_tcp() {
             tenant: None,
             redundant: false,
             disk_gib: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
