@@ -2,7 +2,8 @@
 # build-guest.sh OUTDIR — builds vinfra's default test guest, offline from Debian packages:
 #   OUTDIR/vmlinuz            the Debian kernel (downloaded and unpacked, NOT installed: installing
 #                             linux-image-amd64 would pull systemd, udev and run boot hooks)
-#   OUTDIR/initramfs.cpio.gz  busybox-static + 6 virtio modules + /init (a disk workload)
+#   OUTDIR/initramfs.cpio.gz  busybox-static + 9 virtio modules + /init (a disk workload; NICs
+#                             configured from vinfra.nic= on the kernel command line)
 #   OUTDIR/disk.img           disk template: DISK_MIB MiB, MiB k begins with "BLK%06d", last MiB scratch
 #   OUTDIR/manifest.json      what was built (kernel package, sizes, sha256); written last
 #
@@ -68,9 +69,9 @@ R="$TMP/initramfs"
 mkdir -p "$R"/{bin,dev,proc,sys,tmp,lib/modules}
 cp "$BUSYBOX" "$R/bin/busybox"
 # Load order matters: each module needs the ones before it.
-MODS="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk"
 for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
-         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk; do
+         drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
+         net/core/failover drivers/net/net_failover drivers/net/virtio_net; do
   f="$TMP/root/lib/modules/$KVER/kernel/$m.ko"
   dst="$R/lib/modules/$(basename "$m").ko"
   if [ -f "$f" ]; then cp "$f" "$dst"
@@ -89,7 +90,11 @@ cat > "$R/init" <<'EOF'
 #   GUEST: READY vda=<MiB>MiB ...     the disk is there, the workload starts
 #   TICK <i> up=<s> off=<MiB>MiB read=ok|BAD(..) write=ok|BAD(..)   one per tick
 #   GUEST: POWEROFF reason=<why>      last line before the guest powers off
+#   GUEST: NIC <if> mac=<mac> ip=<a.b.c.d/p>   one per vinfra.nic= (before READY)
+#   PING <ip> ok|fail                 one per tick with vinfra.ping=<ip> (after the TICK line)
 # Kernel command line knobs: vinfra.tick_ms=100  vinfra.ticks=0 (0 = forever)  vinfra.dirty=0 (MiB of RAM to rewrite)
+#   vinfra.nic=<mac>,<ip>/<prefix> (repeatable; set by the vinfra agent from the VM's NICs)
+#   vinfra.ping=<ip> (ping it once per tick and say whether it answered)
 /bin/busybox mkdir -p /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -98,18 +103,31 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec 0</dev/console 1>/dev/console 2>&1
 off() { echo "GUEST: POWEROFF reason=$1"; sync; poweroff -f; sleep 10; }
 echo "GUEST: init started, uptime $(cut -d' ' -f1 /proc/uptime)s"
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net; do
   insmod /lib/modules/$m.ko || echo "GUEST: insmod $m failed"
 done
 n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do usleep 50000; n=$((n+1)); done
 [ -b /dev/vda ] || { echo "GUEST: FATAL no /dev/vda"; off no-disk; }
 MIB=$(( $(cat /sys/block/vda/size) / 2048 ))
 [ "$MIB" -ge 2 ] || { echo "GUEST: FATAL disk too small"; off disk-too-small; }
-TICK_MS=100; TICKS=0; DIRTY=0
+TICK_MS=100; TICKS=0; DIRTY=0; NICS=""; PING=""
 for a in $(cat /proc/cmdline); do
   case $a in
     vinfra.tick_ms=*) TICK_MS=${a#*=};; vinfra.ticks=*) TICKS=${a#*=};; vinfra.dirty=*) DIRTY=${a#*=};;
+    vinfra.nic=*) NICS="$NICS ${a#*=}";; vinfra.ping=*) PING=${a#*=};;
   esac
+done
+ip link set lo up
+for nic in $NICS; do
+  mac=${nic%%,*}; addr=${nic#*,}; dev=""; n=0
+  # virtio-net probes asynchronously: wait for the interface with this MAC.
+  while [ -z "$dev" ] && [ $n -lt 100 ]; do
+    for d in /sys/class/net/*; do [ "$(cat $d/address)" = "$mac" ] && dev=${d##*/}; done
+    [ -n "$dev" ] || { usleep 50000; n=$((n+1)); }
+  done
+  if [ -z "$dev" ]; then echo "GUEST: NIC missing mac=$mac"; continue; fi
+  ip link set "$dev" up && ip addr add "$addr" dev "$dev" && echo "GUEST: NIC $dev mac=$mac ip=$addr" \
+    || echo "GUEST: NIC $dev mac=$mac failed to configure $addr"
 done
 if [ "$DIRTY" -gt 0 ]; then
   # memory dirtier: rewrite DIRTY MiB of tmpfs (guest RAM) with non-zero data, forever
@@ -130,6 +148,7 @@ while [ "$TICKS" = 0 ] || [ $i -lt "$TICKS" ]; do
   back=$(dd if=/dev/vda bs=4096 skip=$((LAST*256)) count=1 iflag=direct 2>/dev/null | head -c 11)
   [ "$back" = "$(printf 'SEQ%08d' $i)" ] && w=ok || w="BAD($back)"
   echo "TICK $i up=$(cut -d' ' -f1 /proc/uptime) off=${o}MiB read=$r write=$w"
+  if [ -n "$PING" ]; then ping -c 1 -W 1 "$PING" >/dev/null 2>&1 && echo "PING $PING ok" || echo "PING $PING fail"; fi
   i=$((i+1))
   usleep $((TICK_MS*1000))
 done

@@ -20,6 +20,7 @@ pub mod disks;
 mod hostinfo;
 mod local;
 mod migrate;
+pub mod netdev;
 pub mod reconcile;
 
 use std::collections::BTreeMap;

@@ -17,6 +17,7 @@ use model::VmId;
 
 use crate::disks::{guest_export, DiskStack};
 use crate::migrate::MigLocal;
+use crate::netdev;
 
 /// A failed start is retried after this long (a transient cause, e.g. a busy port or
 /// a full disk that was cleaned, should not need the user to stop and start the VM).
@@ -158,6 +159,9 @@ pub enum StartError {
     /// The hypervisor did not start.
     #[error("the hypervisor did not start")]
     Compute(#[from] compute::ComputeError),
+    /// The VM's NICs could not be plugged.
+    #[error("cannot plug the VM's NICs")]
+    Netdev(#[from] crate::netdev::NetdevError),
     /// A blocking task died.
     #[error("a background task failed")]
     Join(#[from] tokio::task::JoinError),
@@ -187,12 +191,22 @@ pub fn vm_spec(
             .as_ref()
             .map(PathBuf::from)
             .unwrap_or_default(),
-        cmdline: a.image.cmdline.clone(),
+        cmdline: [
+            a.image.cmdline.as_str(),
+            &netdev::kernel_args(&a.vm.nics),
+            a.vm.kernel_args.as_deref().unwrap_or_default(),
+        ]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" "),
         disk: DiskTarget::NbdTcp {
             host: Ipv4Addr::LOCALHOST.to_string(),
             port: nbd.port(),
             export: guest_export(a.vm.id),
         },
+        nics: netdev::attachments(&files.dir, &a.vm.nics),
         run_dir: files.dir.clone(),
         accel,
     })
@@ -238,6 +252,7 @@ pub async fn start(
 ) -> Result<(), StartError> {
     let spec = vm_spec(files, a, accel, disks.addr())?;
     let cache = ensure_cache(disks, files, a, vm).await?;
+    netdev::plug(&files.dir, &a.vm.nics).await?;
     disks.export(a.vm.id, &cache);
     driver.start(&spec).await?;
     Ok(())
@@ -256,6 +271,7 @@ pub async fn stop(
         }
     }
     vm.running = false;
+    netdev::unplug(&files.dir);
     disks.unexport(files.id);
     vm.checkpointer = None;
     if let Some(c) = vm.cache.take() {

@@ -403,6 +403,9 @@ impl Agent {
                 tracing::info!(migration = %m.id, installed = done.installed, "full copy done before switch-over");
             }
         }
+        crate::netdev::plug(files.run_dir(), &a.vm.nics)
+            .await
+            .map_err(local::StartError::from)?;
         self.disks.export(id, &cache);
         let rt = self
             .driver

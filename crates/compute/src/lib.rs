@@ -20,7 +20,7 @@
 //! let vm = driver.start(&VmSpec {
 //!     id: "web-1".into(), name: "web-1".into(), vcpus: 1, memory_mib: 256,
 //!     kernel: img.kernel, initrd: img.initrd, cmdline: img.cmdline,
-//!     disk: disk.target(), run_dir: "/run/vinfra/web-1".into(), accel: Accel::Auto,
+//!     disk: disk.target(), nics: vec![], run_dir: "/run/vinfra/web-1".into(), accel: Accel::Auto,
 //! }).await?;
 //! println!("console: {}", vm.console_log.display());
 //! driver.stop("web-1").await?;
@@ -65,11 +65,24 @@ pub struct VmSpec {
     pub cmdline: String,
     /// The VM's one disk.
     pub disk: DiskTarget,
+    /// Network interfaces, in guest order.
+    #[serde(default)]
+    pub nics: Vec<NicAttach>,
     /// Per-VM directory for the console log, QMP socket and pidfile. Keep it short: unix
     /// socket paths must stay under 108 bytes.
     pub run_dir: PathBuf,
     /// Accelerator.
     pub accel: Accel,
+}
+
+/// One virtio NIC on a tap device that the caller created (and bridged) beforehand.
+/// QEMU opens the tap by name, so it needs no helper and no privileges beyond that.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicAttach {
+    /// Tap interface name (`[a-z0-9-]`, at most 15 bytes: IFNAMSIZ).
+    pub tap: String,
+    /// The guest's MAC, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
 }
 
 /// Where the VM's disk lives.

@@ -890,6 +890,30 @@ fn validate(spec: &VmSpec) -> Result<(), ComputeError> {
             ));
         }
     }
+    for (i, n) in spec.nics.iter().enumerate() {
+        let tap_ok = !n.tap.is_empty()
+            && n.tap.len() <= 15
+            && n.tap
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !tap_ok {
+            return Err(invalid(
+                spec,
+                format!("nics[{i}].tap must be 1-15 bytes of [a-z0-9-]"),
+            ));
+        }
+        let mac_ok = n.mac.len() == 17
+            && n.mac.split(':').count() == 6
+            && n.mac
+                .split(':')
+                .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !mac_ok {
+            return Err(invalid(
+                spec,
+                format!("nics[{i}].mac '{}' is not xx:xx:xx:xx:xx:xx", n.mac),
+            ));
+        }
+    }
     match &spec.disk {
         DiskTarget::NbdTcp { host, port, export } => {
             if host.is_empty() || *port == 0 || export.is_empty() {
@@ -995,6 +1019,14 @@ pub fn qemu_args(
         ]),
     }
     push(&["-device", "virtio-blk-pci,drive=disk0,id=vblk0"]);
+    for (i, n) in spec.nics.iter().enumerate() {
+        push(&[
+            "-netdev",
+            &format!("tap,id=net{i},ifname={},script=no,downscript=no", n.tap),
+            "-device",
+            &format!("virtio-net-pci,netdev=net{i},mac={},id=vnic{i}", n.mac),
+        ]);
+    }
     let console = run_dir.join(files::CONSOLE);
     let qmp = run_dir.join(files::QMP);
     let pid = run_dir.join(files::PID);
@@ -1093,6 +1125,7 @@ mod tests {
                 port: 10809,
                 export: "disk0".into(),
             },
+            nics: vec![],
             run_dir: dir.join("run"),
             accel: Accel::Tcg,
         }
@@ -1115,6 +1148,16 @@ mod tests {
         assert!(a.iter().any(|x| x == "console=ttyS0 quiet"));
         let k = qemu_args(&s, Accel::Kvm, Path::new("/r"), false).unwrap();
         assert!(k.join(" ").contains("-accel kvm -cpu host"));
+        assert!(!j.contains("-netdev"));
+        let mut n = spec(dir.path());
+        n.nics = vec![crate::NicAttach {
+            tap: "vtp1234abcd0".into(),
+            mac: "02:aa:bb:46:00:01".into(),
+        }];
+        let j = qemu_args(&n, Accel::Tcg, Path::new("/r"), false)
+            .unwrap()
+            .join(" ");
+        assert!(j.contains("-netdev tap,id=net0,ifname=vtp1234abcd0,script=no,downscript=no -device virtio-net-pci,netdev=net0,mac=02:aa:bb:46:00:01,id=vnic0"), "{j}");
         assert!(!k.iter().any(|x| x == "-incoming"));
     }
 
@@ -1144,6 +1187,20 @@ mod tests {
             validate(&s),
             Err(ComputeError::SocketPathTooLong { len: 121, .. })
         ));
+        for (tap, mac, why) in [
+            ("tap-name-too-long", "02:00:00:00:00:01", "nics[0].tap"),
+            ("tap,x", "02:00:00:00:00:01", "nics[0].tap"),
+            ("tap0", "02:00:00:00:00", "nics[0].mac"),
+            ("tap0", "02:00:00:00:00:0g", "nics[0].mac"),
+        ] {
+            let mut s = good.clone();
+            s.nics = vec![crate::NicAttach {
+                tap: tap.into(),
+                mac: mac.into(),
+            }];
+            let e = validate(&s).unwrap_err().to_string();
+            assert!(e.contains(why), "{tap} {mac}: {e}");
+        }
     }
 
     #[tokio::test]

@@ -101,6 +101,8 @@ impl Drop for Server {
     /// temp dir (all agents of a test keep their data dirs there).
     fn drop(&mut self) {
         compute::kill_qemus_under(self.dir.path());
+        // Their taps are persistent: remove them (and bridges left empty) too.
+        agent::netdev::unplug_all_under(self.dir.path());
     }
 }
 

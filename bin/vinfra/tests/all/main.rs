@@ -9,3 +9,4 @@ mod migration;
 mod redundancy;
 mod traffic;
 mod vm_lifecycle;
+mod vm_network;

@@ -46,6 +46,7 @@ fn spec(id: &str, img: &GuestImage, disk: DiskTarget, run_dir: PathBuf) -> VmSpe
         initrd: img.initrd.clone(),
         cmdline: img.cmdline.clone(),
         disk,
+        nics: vec![],
         run_dir,
         accel: Accel::Auto,
     }

@@ -1,0 +1,138 @@
+//! VM NICs: two real guests on one vinfra network on two hosts exchange packets, keep
+//! doing so across a live migration, and leave no tap or bridge behind.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::{cli, cluster, path_in, spawn_agent, wait_host_up};
+
+fn bridge_ports(br: &str) -> Vec<String> {
+    std::fs::read_dir(Path::new("/sys/class/net").join(br).join("brif"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn count(console: &str, needle: &str) -> usize {
+    console.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[tokio::test]
+async fn guests_on_one_network_ping_across_hosts_and_a_migration() {
+    test_utils::require_tool("ip", "install iproute2 (scripts/setup.sh)").unwrap();
+    let (s, token_file) = cluster().await;
+    let admin = s.admin();
+    let (dir_a, dir_b) = (path_in(&s, "ha"), path_in(&s, "hb"));
+    let _agent_a = spawn_agent(&s, "host-a", &dir_a, &token_file);
+    let _agent_b = spawn_agent(&s, "host-b", &dir_b, &token_file);
+    wait_host_up(&s, "host-a").await;
+    wait_host_up(&s, "host-b").await;
+    let t = s.admin_token();
+    let logs = || {
+        format!(
+            "{}\n{}",
+            test_utils::log_tail(&dir_a.join("agent.log"), 20),
+            test_utils::log_tail(&dir_b.join("agent.log"), 20)
+        )
+    };
+
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &["network", "create", "blue", "--cidr", "10.70.0.0/24"],
+    );
+    assert!(ok, "{out}{err}");
+    let net = admin.get_network("blue").await.unwrap();
+    let br = agent::netdev::bridge_name(net.id);
+
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &["vm", "create", "a", "--host", "host-a", "--nic", "blue"],
+    );
+    assert!(ok, "vm a: {out}{err}\n{}", logs());
+    assert!(out.contains("blue:10.70.0.1"), "{out}");
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &[
+            "vm",
+            "create",
+            "b",
+            "--host",
+            "host-b",
+            "--nic",
+            "blue=10.70.0.9",
+            "--kernel-args",
+            "vinfra.ping=10.70.0.1",
+        ],
+    );
+    assert!(ok, "vm b: {out}{err}\n{}", logs());
+    assert!(out.contains("blue:10.70.0.9"), "{out}");
+    let a = admin.get_vm("a").await.unwrap();
+
+    // Inside the guests: the interface has the MAC and address IPAM gave.
+    if test_utils::wait_for(Duration::from_secs(60), || async {
+        admin
+            .console("a")
+            .await
+            .unwrap_or_default()
+            .contains(&format!("mac={} ip=10.70.0.1/24", a.nics[0].mac))
+    })
+    .await
+    .is_err()
+    {
+        let c = admin.console("a").await.unwrap_or_default();
+        panic!("a's NIC: {c}\n{}", logs());
+    }
+    // b reaches a across the two hosts' taps on the network's bridge.
+    if test_utils::wait_for(Duration::from_secs(60), || async {
+        count(
+            &admin.console("b").await.unwrap_or_default(),
+            "PING 10.70.0.1 ok",
+        ) >= 3
+    })
+    .await
+    .is_err()
+    {
+        let c = admin.console("b").await.unwrap_or_default();
+        panic!("b pings a: {c}\n{}", logs());
+    }
+    assert_eq!(bridge_ports(&br).len(), 2, "{:?}", bridge_ports(&br));
+
+    // Live migration keeps the NIC: b keeps reaching a, now on host-b.
+    let (ok, out, err) = cli(&s, &t, &["vm", "migrate", "a", "--to", "host-b"]);
+    assert!(ok, "migrate: {out}{err}\n{}", logs());
+    let before = count(&admin.console("b").await.unwrap(), "PING 10.70.0.1 ok");
+    if test_utils::wait_for(Duration::from_secs(60), || async {
+        count(
+            &admin.console("b").await.unwrap_or_default(),
+            "PING 10.70.0.1 ok",
+        ) >= before + 3
+    })
+    .await
+    .is_err()
+    {
+        let c = admin.console("b").await.unwrap_or_default();
+        panic!("b pings a after migration: {c}\n{}", logs());
+    }
+    // The source's tap went with the source QEMU.
+    test_utils::wait_until(Duration::from_secs(20), || bridge_ports(&br).len() == 2)
+        .await
+        .unwrap_or_else(|_| panic!("ports after migration: {:?}", bridge_ports(&br)));
+
+    for vm in ["a", "b"] {
+        let (ok, out, err) = cli(&s, &t, &["vm", "delete", vm]);
+        assert!(ok, "{out}{err}");
+    }
+    test_utils::wait_until(Duration::from_secs(20), || {
+        !Path::new("/sys/class/net").join(&br).exists()
+    })
+    .await
+    .expect("the bridge goes with the network's last tap");
+    let (ok, out, err) = cli(&s, &t, &["network", "delete", "blue"]);
+    assert!(ok, "{out}{err}");
+}

@@ -1,0 +1,239 @@
+//! The host side of VM NICs: one Linux bridge per vinfra network on this machine, one
+//! persistent tap per NIC, enslaved to its network's bridge. QEMU opens the tap by name.
+//!
+//! Decisions:
+//! - The bridge is named after the network (`vbr` + 8 hex digits of its id), not after
+//!   the host, so every agent on one machine plugs into the same segment: VMs of one
+//!   network on two hosts of a single-machine deployment (`vinfra up`, the tests) reach
+//!   each other through it. Joining bridges of different machines (VXLAN over the data
+//!   network) is not built yet; see docs/NET.md.
+//! - Bridges carry no IP address, so the host never routes or answers for guest
+//!   traffic; guests only reach guests on their own network.
+//! - Tap names derive from the VM's run dir (unique per host and VM), so the source and
+//!   destination of a migration on one machine never share a tap.
+//! - Everything is done with `ip` (iproute2), whose errors are clear and logged verbatim.
+
+use std::path::Path;
+
+use model::{NetworkId, Nic};
+
+/// Prefix of every bridge vinfra makes.
+pub const BRIDGE_PREFIX: &str = "vbr";
+/// Prefix of every tap vinfra makes.
+pub const TAP_PREFIX: &str = "vtp";
+
+/// Why a NIC could not be plugged.
+#[derive(Debug, thiserror::Error)]
+pub enum NetdevError {
+    /// `ip` failed.
+    #[error("ip {args}: {stderr}")]
+    Ip {
+        /// The arguments.
+        args: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// `ip` could not be run at all.
+    #[error("cannot run ip (install iproute2: scripts/setup.sh): {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// The bridge of `net` on this machine.
+pub fn bridge_name(net: NetworkId) -> String {
+    format!("{BRIDGE_PREFIX}{}", &net.0.simple().to_string()[..8])
+}
+
+/// The tap prefix of the VM whose run dir is `run_dir`; NIC `i` is `<prefix><i>`.
+pub fn tap_prefix(run_dir: &Path) -> String {
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let h = run_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+        });
+    format!("{TAP_PREFIX}{h:08x}")
+}
+
+/// The tap of NIC `i` (at most 8 NICs: one digit).
+pub fn tap_name(run_dir: &Path, i: usize) -> String {
+    format!("{}{i:x}", tap_prefix(run_dir))
+}
+
+fn exists(dev: &str) -> bool {
+    Path::new("/sys/class/net").join(dev).exists()
+}
+
+async fn ip(args: &[&str]) -> Result<(), NetdevError> {
+    let out = tokio::process::Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map_err(NetdevError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetdevError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+async fn ensure_bridge(br: &str) -> Result<(), NetdevError> {
+    if !exists(br) {
+        match ip(&["link", "add", br, "type", "bridge"]).await {
+            // Another agent on this machine made it first.
+            Err(NetdevError::Ip { .. }) if exists(br) => {}
+            r => r?,
+        }
+    }
+    ip(&["link", "set", br, "up"]).await
+}
+
+/// What QEMU gets for a VM's NICs: the taps [`plug`] makes and the MACs.
+pub fn attachments(run_dir: &Path, nics: &[Nic]) -> Vec<compute::NicAttach> {
+    nics.iter()
+        .enumerate()
+        .map(|(i, n)| compute::NicAttach {
+            tap: tap_name(run_dir, i),
+            mac: n.mac.clone(),
+        })
+        .collect()
+}
+
+/// Creates (or reuses) the taps of a VM's NICs and plugs each into its network's bridge.
+pub async fn plug(run_dir: &Path, nics: &[Nic]) -> Result<(), NetdevError> {
+    for (i, nic) in nics.iter().enumerate() {
+        let (br, tap) = (bridge_name(nic.network), tap_name(run_dir, i));
+        if !exists(&tap) {
+            ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]).await?;
+        }
+        ensure_bridge(&br).await?;
+        // A bridge another agent removed just now (its last port went) is made again.
+        if ip(&["link", "set", &tap, "master", &br, "up"])
+            .await
+            .is_err()
+        {
+            ensure_bridge(&br).await?;
+            ip(&["link", "set", &tap, "master", &br, "up"]).await?;
+        }
+        tracing::debug!(tap, bridge = br, ip = %nic.ip, "nic plugged");
+    }
+    Ok(())
+}
+
+fn ip_sync(args: &[&str]) -> Result<(), NetdevError> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(NetdevError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetdevError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Removes the taps of every VM under every agent data dir in `root` (`root/*/vms/*`):
+/// for test harnesses, whose QEMUs are killed without their agents' help.
+pub fn unplug_all_under(root: &Path) {
+    let Ok(hosts) = std::fs::read_dir(root) else {
+        return;
+    };
+    for h in hosts.flatten() {
+        if let Ok(vms) = std::fs::read_dir(h.path().join(crate::local::VMS_DIR)) {
+            for vm in vms.flatten() {
+                unplug(&vm.path());
+            }
+        }
+    }
+}
+
+/// Removes a VM's taps (whatever they were) and every bridge left without ports.
+/// Best effort: a failure is logged, never fatal (the VM is going away). Synchronous:
+/// a few `ip` calls of a millisecond each.
+pub fn unplug(run_dir: &Path) {
+    let prefix = tap_prefix(run_dir);
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return;
+    };
+    let taps: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    for tap in taps {
+        let master = std::fs::read_link(Path::new("/sys/class/net").join(&tap).join("master"))
+            .ok()
+            .and_then(|p| p.file_name()?.to_str().map(str::to_owned));
+        if let Err(e) = ip_sync(&["link", "del", &tap]) {
+            tracing::warn!(tap, error = %e, "cannot remove tap");
+        }
+        if let Some(br) = master.filter(|b| b.starts_with(BRIDGE_PREFIX)) {
+            let empty = std::fs::read_dir(Path::new("/sys/class/net").join(&br).join("brif"))
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+            if empty {
+                if let Err(e) = ip_sync(&["link", "del", &br]) {
+                    tracing::debug!(bridge = br, error = %e, "bridge not removed");
+                }
+            }
+        }
+    }
+}
+
+/// The kernel arguments that tell the guest its addresses (see `scripts/build-guest.sh`).
+pub fn kernel_args(nics: &[Nic]) -> String {
+    nics.iter()
+        .map(|n| {
+            format!(
+                "{}{},{}/{}",
+                model::api::NIC_KERNEL_ARG,
+                n.mac,
+                n.ip,
+                n.prefix
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_ifnamsiz_and_differ_per_run_dir() {
+        let a = tap_name(Path::new("/var/lib/vinfra/host-a/vms/0123456789ab"), 7);
+        let b = tap_name(Path::new("/var/lib/vinfra/host-b/vms/0123456789ab"), 7);
+        assert!(a.len() <= 15 && b.len() <= 15, "{a} {b}");
+        assert_ne!(a, b);
+        assert!(a.starts_with(&tap_prefix(Path::new(
+            "/var/lib/vinfra/host-a/vms/0123456789ab"
+        ))));
+        let br = bridge_name(NetworkId::new_random());
+        assert!(br.len() <= 15 && br.starts_with(BRIDGE_PREFIX), "{br}");
+    }
+
+    #[test]
+    fn kernel_args_list_every_nic() {
+        let net = NetworkId::new_random();
+        let nic = |ip: [u8; 4]| Nic {
+            network: net,
+            network_name: model::validate_name("n", "blue").unwrap(),
+            ip: ip.into(),
+            prefix: 24,
+            mac: Nic::mac_for(net, ip.into()),
+        };
+        let args = kernel_args(&[nic([10, 70, 0, 1]), nic([10, 70, 0, 2])]);
+        let parts: Vec<&str> = args.split(' ').collect();
+        assert_eq!(parts.len(), 2);
+        assert!(parts[0].starts_with("vinfra.nic=02:"));
+        assert!(parts[0].ends_with(":46:00:01,10.70.0.1/24"), "{args}");
+        assert!(parts[1].ends_with(",10.70.0.2/24"), "{args}");
+    }
+}
