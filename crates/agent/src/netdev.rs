@@ -223,6 +223,7 @@ mod tests {
     fn kernel_args_list_every_nic() {
         let net = NetworkId::new_random();
         let nic = |ip: [u8; 4]| Nic {
+            name: None,
             network: net,
             network_name: model::validate_name("n", "blue").unwrap(),
             ip: ip.into(),

@@ -270,6 +270,9 @@ impl CreateNetwork {
 pub struct NicRequest {
     /// Network name or id (the VM's tenant's).
     pub network: String,
+    /// A name for the interface (a port name: an NFV connection point's), unique in the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// A fixed address in the network's subnet; when absent IPAM gives the lowest free one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
@@ -380,6 +383,13 @@ impl CreateVm {
         for (i, n) in self.nics.iter().enumerate() {
             if n.network.parse::<uuid::Uuid>().is_err() {
                 validate_name(&format!("nics[{i}].network"), &n.network)?;
+            }
+            if let Some(name) = &n.name {
+                let field = format!("nics[{i}].name");
+                validate_name(&field, name)?;
+                if self.nics[..i].iter().any(|o| o.name.as_ref() == Some(name)) {
+                    return Err(ValidationError::new(field, format!("duplicate: {name}")));
+                }
             }
         }
         if let Some(k) = &self.kernel_args {

@@ -265,6 +265,9 @@ pub struct Network {
 /// One VM network interface.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Nic {
+    /// Its name, if it was given one (an NFV connection point's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
     /// The network it is on.
     pub network: NetworkId,
     /// That network's name (for display; the id is what counts).

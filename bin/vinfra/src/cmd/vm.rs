@@ -106,6 +106,7 @@ fn parse_nic(s: &str) -> Result<NicRequest, String> {
     };
     Ok(NicRequest {
         network: network.to_owned(),
+        name: None,
         ip,
     })
 }

@@ -249,6 +249,11 @@ pub(crate) async fn allocate(
                 })?,
         };
         let nic = Nic {
+            name: r
+                .name
+                .as_deref()
+                .map(|n| model::validate_name(&format!("{field}.name"), n))
+                .transpose()?,
             network: net.id,
             network_name: net.name.clone(),
             ip,

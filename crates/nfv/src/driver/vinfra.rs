@@ -4,23 +4,20 @@
 //! and reports `observed`), so `create_vdu` polls until `running` or `failed`, and
 //! `delete_vdu` until the record is gone.
 //!
-//! Gap, stated plainly: vinfra's REST API has no network or port objects yet (the vSwitch of
-//! the `net` crate is per host, not an API resource). Until it has, this driver keeps the
-//! site's networks and CP addresses in its own memory: they are correct for the life of the
-//! driver, are not seen by the agents, and a new driver process does not know them (deletes
-//! of unknown networks succeed, as for every driver).
+//! Networks are vinfra networks (`/v1/networks`), CPs are named VM NICs with the planned
+//! fixed addresses, allocated by vinfra's IPAM (which refuses an address in use), plugged by
+//! the agent into the network's bridge and configured in the guest. The driver holds no
+//! state of its own: a new driver process finds everything through the API.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use client::{Client, ClientError, VmDeletion};
-use model::api::CreateVm;
+use model::api::{CreateNetwork, CreateVm, NicRequest};
 use model::ObservedState;
-use tokio::sync::Mutex;
 
 use super::{CpInfo, DriverError, SiteDriver, SiteInventory};
 use crate::descriptor::Ipv4Cidr;
-use crate::plan::{CpSpec, VduSpec};
+use crate::plan::VduSpec;
 
 const SITE: &str = "vinfra";
 
@@ -39,18 +36,11 @@ pub struct VinfraConfig {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Default)]
-struct Local {
-    networks: BTreeMap<String, Ipv4Cidr>,
-    cps: BTreeMap<String, Vec<CpSpec>>,
-}
-
 /// A site run by vinfra.
 #[derive(Debug)]
 pub struct VinfraDriver {
     cfg: VinfraConfig,
     client: Client,
-    local: Mutex<Local>,
 }
 
 fn api(op: &str, err: ClientError) -> DriverError {
@@ -64,11 +54,7 @@ impl VinfraDriver {
     /// A driver for one control plane.
     pub fn new(cfg: VinfraConfig) -> Result<Self, DriverError> {
         let client = Client::new(&cfg.base_url, &cfg.token).map_err(|e| api("connect", e))?;
-        Ok(VinfraDriver {
-            cfg,
-            client,
-            local: Mutex::new(Local::default()),
-        })
+        Ok(VinfraDriver { cfg, client })
     }
 
     async fn wait(&self, name: &str, gone: bool) -> Result<(), DriverError> {
@@ -118,67 +104,85 @@ impl SiteDriver for VinfraDriver {
     }
 
     async fn create_network(&self, name: &str, cidr: Ipv4Cidr) -> Result<(), DriverError> {
-        self.local
-            .lock()
-            .await
-            .networks
-            .insert(name.to_owned(), cidr);
-        Ok(())
+        let req = CreateNetwork {
+            name: name.to_owned(),
+            cidr: cidr.to_string(),
+            tenant: None,
+        };
+        match self.client.create_network(&req).await {
+            Ok(_) => Ok(()),
+            // Idempotent like the other drivers: the same network again is fine.
+            Err(e) if e.status() == Some(409) => match self.client.get_network(name).await {
+                Ok(n) if n.cidr == req.cidr => Ok(()),
+                Ok(n) => Err(DriverError::Failed {
+                    site: SITE,
+                    kind: "network",
+                    name: name.into(),
+                    reason: format!("exists with subnet {}, not {}", n.cidr, req.cidr),
+                }),
+                Err(e) => Err(api("GET /v1/networks/{name}", e)),
+            },
+            Err(e) => Err(api("POST /v1/networks", e)),
+        }
     }
 
     async fn delete_network(&self, name: &str) -> Result<(), DriverError> {
-        self.local.lock().await.networks.remove(name);
-        Ok(())
+        match self.client.delete_network(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.status() == Some(404) => Ok(()),
+            Err(e) => Err(api("DELETE /v1/networks/{name}", e)),
+        }
     }
 
     #[tracing::instrument(skip_all, fields(site = SITE, vdu = %spec.name))]
     async fn create_vdu(&self, spec: &VduSpec) -> Result<(), DriverError> {
-        {
-            let local = self.local.lock().await;
-            if let Some(cp) = spec
+        let req = CreateVm {
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            host: self.cfg.host.clone(),
+            nics: spec
                 .cps
                 .iter()
-                .find(|c| !local.networks.contains_key(&c.network))
-            {
-                return Err(DriverError::NotFound {
-                    site: SITE,
-                    kind: "network",
-                    name: cp.network.clone(),
-                });
-            }
-        }
-        // Built through serde so that fields other crates add to CreateVm later, all optional
-        // with defaults, do not break this crate.
-        let mut body = serde_json::json!({"name": spec.name, "image": spec.image,
-            "vcpus": spec.vcpus, "memory_mib": spec.memory_mib});
-        if let Some(h) = &self.cfg.host {
-            body["host"] = serde_json::json!(h);
-        }
-        let req: CreateVm = serde_json::from_value(body).map_err(|e| DriverError::Protocol {
-            site: SITE,
-            op: "POST /v1/vms".into(),
-            what: format!("cannot build the request: {e}"),
-        })?;
+                .map(|c| NicRequest {
+                    network: c.network.clone(),
+                    name: Some(c.name.clone()),
+                    ip: Some(c.ip),
+                })
+                .collect(),
+            ..CreateVm::default()
+        };
         match self.client.create_vm(&req).await {
             Ok(_) => {}
-            // The API answers 422 `image: no image named X` for an unknown image.
-            Err(e)
-                if e.status() == Some(422)
-                    && e.detail().is_some_and(|d| d.starts_with("image:")) =>
-            {
-                return Err(DriverError::NotFound {
-                    site: SITE,
-                    kind: "image",
-                    name: spec.image.clone(),
-                })
+            // The API answers 422 `image: no image named X` for an unknown image and
+            // `nics[i].network: no network named X` for an unknown network.
+            Err(e) if e.status() == Some(422) => {
+                let detail = e.detail().unwrap_or_default();
+                if detail.starts_with("image:") {
+                    return Err(DriverError::NotFound {
+                        site: SITE,
+                        kind: "image",
+                        name: spec.image.clone(),
+                    });
+                }
+                if let Some(i) = detail
+                    .strip_prefix("nics[")
+                    .and_then(|r| r.split_once("].network: no network"))
+                    .and_then(|(i, _)| i.parse::<usize>().ok())
+                {
+                    if let Some(cp) = spec.cps.get(i) {
+                        return Err(DriverError::NotFound {
+                            site: SITE,
+                            kind: "network",
+                            name: cp.network.clone(),
+                        });
+                    }
+                }
+                return Err(api("POST /v1/vms", e));
             }
             Err(e) => return Err(api("POST /v1/vms", e)),
         }
-        self.local
-            .lock()
-            .await
-            .cps
-            .insert(spec.name.clone(), spec.cps.clone());
         let r = self.wait(&spec.name, false).await;
         if r.is_err() {
             if let Err(e) = self.delete_vdu(&spec.name).await {
@@ -189,7 +193,6 @@ impl SiteDriver for VinfraDriver {
     }
 
     async fn delete_vdu(&self, name: &str) -> Result<(), DriverError> {
-        self.local.lock().await.cps.remove(name);
         match self.client.delete_vm(name).await {
             Ok(VmDeletion::Deleted) => Ok(()),
             Ok(VmDeletion::Pending(_)) => self.wait(name, true).await,
@@ -199,7 +202,7 @@ impl SiteDriver for VinfraDriver {
     }
 
     async fn cp_info(&self, vdu: &str, cp: &str) -> Result<CpInfo, DriverError> {
-        match self.client.get_vm(vdu).await {
+        let vm = match self.client.get_vm(vdu).await {
             Err(e) if e.status() == Some(404) => {
                 return Err(DriverError::NotFound {
                     site: SITE,
@@ -208,13 +211,12 @@ impl SiteDriver for VinfraDriver {
                 })
             }
             Err(e) => return Err(api("GET /v1/vms/{id}", e)),
-            Ok(_) => {}
-        }
-        let local = self.local.lock().await;
-        let spec = local
-            .cps
-            .get(vdu)
-            .and_then(|cps| cps.iter().find(|c| c.name == cp))
+            Ok(vm) => vm,
+        };
+        let nic = vm
+            .nics
+            .iter()
+            .find(|n| n.name.as_ref().is_some_and(|n| n.as_str() == cp))
             .ok_or_else(|| DriverError::NotFound {
                 site: SITE,
                 kind: "cp",
@@ -222,9 +224,9 @@ impl SiteDriver for VinfraDriver {
             })?;
         Ok(CpInfo {
             cp: cp.to_owned(),
-            port_id: None,
-            mac: None,
-            ips: vec![spec.ip],
+            port_id: Some(format!("{}/{}", vm.id, nic.network)),
+            mac: Some(nic.mac.clone()),
+            ips: vec![nic.ip],
         })
     }
 
@@ -234,8 +236,13 @@ impl SiteDriver for VinfraDriver {
             .list_vms()
             .await
             .map_err(|e| api("GET /v1/vms", e))?;
+        let networks = self
+            .client
+            .list_networks()
+            .await
+            .map_err(|e| api("GET /v1/networks", e))?;
         Ok(SiteInventory {
-            networks: self.local.lock().await.networks.keys().cloned().collect(),
+            networks: networks.into_iter().map(|n| n.name.to_string()).collect(),
             vdus: vms.into_iter().map(|v| v.name.to_string()).collect(),
         })
     }
