@@ -89,6 +89,8 @@ struct Inner {
     http: metrics::HttpCounters,
     /// The vSwitch controller of this server's domain, when statistics are on.
     traffic: Option<net::Controller>,
+    /// This server's own URL (set by `serve` once bound): the `vinfra` site of an NS.
+    self_url: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -113,8 +115,15 @@ impl AppState {
                 traffic: config
                     .vswitch_listen
                     .map(|_| net::Controller::new(net::DomainId(config.domain.clone()))),
+                self_url: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// This server's URL, once `serve` bound it (loopback when it listens on all
+    /// addresses).
+    pub fn self_url(&self) -> Option<String> {
+        self.inner.self_url.get().cloned()
     }
 
     /// The store.
@@ -220,6 +229,13 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         source,
     })?;
     let state = AppState::new(store, &config);
+    let own = if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    let _ = state.inner.self_url.set(format!("http://{own}"));
+    routes::ns_instances::recover(&state).await;
     let app = router(state.clone());
     let switches = match (config.vswitch_listen, state.traffic().cloned()) {
         (Some(at), Some(ctrl)) => {

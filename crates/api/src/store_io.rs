@@ -78,6 +78,12 @@ pub(crate) mod keys {
     pub fn vm_name(tenant: TenantId, name: &Name) -> String {
         format!("{VM_NAMES}{tenant}/{name}")
     }
+    pub const NS_INSTANCES: &str = "/vinfra/ns-instances/";
+    pub const NS_NAMES: &str = "/vinfra/ns-names/";
+    /// NS instance name index, per tenant: value is the instance id.
+    pub fn ns_name(tenant: TenantId, name: &Name) -> String {
+        format!("{NS_NAMES}{tenant}/{name}")
+    }
     pub const NETWORKS: &str = "/vinfra/networks/";
     pub const NETWORK_NAMES: &str = "/vinfra/network-names/";
     pub fn network(id: NetworkId) -> String {

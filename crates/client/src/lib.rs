@@ -19,9 +19,10 @@
 use std::time::Duration;
 
 use model::api::{
-    Assignment, CreateImage, CreateNetwork, CreateTenant, CreateToken, CreateVm, DescriptorUpload,
-    EnterMaintenance, MigrateVm, MigrationReport, ObservedReport, PlacementQuery, Problem,
-    RegisterHost, StorageInventory, StoredDescriptor, TenantCreated, TokenCreated,
+    Assignment, CreateImage, CreateNetwork, CreateNsInstance, CreateTenant, CreateToken, CreateVm,
+    DescriptorUpload, EnterMaintenance, MigrateVm, MigrationReport, NsInstanceRecord,
+    ObservedReport, PlacementQuery, Problem, RegisterHost, StorageInventory, StoredDescriptor,
+    TenantCreated, TokenCreated,
 };
 use model::{
     Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Network, Tenant, Vm, VmId,
@@ -224,6 +225,38 @@ impl Client {
         self.send(Method::DELETE, &["v1", "images", name_or_id], NO_BODY)
             .await
             .map(drop)
+    }
+
+    // ---- NS instances ----
+
+    /// `POST /v1/ns-instances` (202: follow with [`Client::get_ns_instance`]).
+    pub async fn create_ns_instance(
+        &self,
+        req: &CreateNsInstance,
+    ) -> Result<NsInstanceRecord, ClientError> {
+        self.json(Method::POST, &["v1", "ns-instances"], Some(req))
+            .await
+    }
+
+    /// `GET /v1/ns-instances`.
+    pub async fn list_ns_instances(&self) -> Result<Vec<NsInstanceRecord>, ClientError> {
+        self.json(Method::GET, &["v1", "ns-instances"], NO_BODY)
+            .await
+    }
+
+    /// `GET /v1/ns-instances/{name}` (name or id).
+    pub async fn get_ns_instance(&self, name_or_id: &str) -> Result<NsInstanceRecord, ClientError> {
+        self.json(Method::GET, &["v1", "ns-instances", name_or_id], NO_BODY)
+            .await
+    }
+
+    /// `DELETE /v1/ns-instances/{name}` (202: the record goes when every site is empty).
+    pub async fn delete_ns_instance(
+        &self,
+        name_or_id: &str,
+    ) -> Result<NsInstanceRecord, ClientError> {
+        self.json(Method::DELETE, &["v1", "ns-instances", name_or_id], NO_BODY)
+            .await
     }
 
     // ---- networks ----

@@ -525,6 +525,207 @@ impl Assignment {
     }
 }
 
+/// Where one site of a network service is and which software runs it (seed 3). The
+/// orchestrator builds that software's driver from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "driver", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SiteSpec {
+    /// This vinfra control plane (acting with the caller's token), on one host or where
+    /// the scheduler puts each VDU.
+    Vinfra {
+        /// Host for every VDU of the site.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+    },
+    /// A libvirtd on the server's machine (admin only). Images come from vinfra's catalog.
+    Libvirt {
+        /// Connection URI (`qemu:///system`).
+        uri: String,
+        /// Absolute directory for VDU disks and logs (mode 0755 up to `/`).
+        work_dir: String,
+    },
+    /// An OpenStack cloud (Keystone v3 password auth; Nova, Neutron, Glance).
+    Openstack {
+        /// Keystone URL without `/v3`.
+        auth_url: String,
+        /// User.
+        username: String,
+        /// Password (never shown back).
+        password: String,
+        /// Project.
+        project: String,
+        /// Domain of user and project (default `Default`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        domain: Option<String>,
+    },
+    /// A Kubernetes namespace (Pods with Multus networks).
+    Kubernetes {
+        /// API server URL.
+        api_url: String,
+        /// Bearer token (never shown back).
+        token: String,
+        /// Namespace.
+        namespace: String,
+    },
+}
+
+impl SiteSpec {
+    /// The same spec with its secrets replaced, for responses.
+    pub fn redacted(&self) -> SiteSpec {
+        let mut s = self.clone();
+        match &mut s {
+            SiteSpec::Openstack { password, .. } => *password = "********".into(),
+            SiteSpec::Kubernetes { token, .. } => *token = "********".into(),
+            SiteSpec::Vinfra { .. } | SiteSpec::Libvirt { .. } => {}
+        }
+        s
+    }
+}
+
+/// `POST /v1/ns-instances`: instantiate a stored NSD across sites.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNsInstance {
+    /// Instance name: the prefix of every resource on every site (`[a-z][a-z0-9-]`, at
+    /// most 20 bytes).
+    pub name: String,
+    /// The stored NSD's descriptor id.
+    pub nsd: String,
+    /// Site name (as in the NSD's `vinfra_sites`) → where it is and what runs it.
+    pub sites: std::collections::BTreeMap<String, SiteSpec>,
+    /// VNF id → its link agent's management address (`127.0.0.1:port`; loopback only):
+    /// where seed 2's link request for that VNF goes.
+    #[serde(default)]
+    pub endpoints: std::collections::BTreeMap<String, String>,
+    /// How long a link may take before it fails with a reason (default 10000 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_deadline_ms: Option<u64>,
+}
+
+/// Most ms a link may be given.
+pub const MAX_LINK_DEADLINE_MS: u64 = 600_000;
+
+impl CreateNsInstance {
+    /// Checks the fields that need no store: the name, the site names, the endpoint
+    /// addresses (loopback only), the deadline. Returns the parsed endpoints.
+    pub fn validate(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, std::net::SocketAddr>, ValidationError> {
+        let name = validate_name("name", &self.name)?;
+        if name.as_str().len() > 20 || !name.as_str().starts_with(|c: char| c.is_ascii_lowercase())
+        {
+            return Err(ValidationError::new(
+                "name",
+                "must start with a letter and be at most 20 bytes (it prefixes every site resource)",
+            ));
+        }
+        if self.nsd.is_empty() {
+            return Err(ValidationError::new("nsd", "must name a stored NSD"));
+        }
+        if self.sites.is_empty() {
+            return Err(ValidationError::new("sites", "at least one site is needed"));
+        }
+        for (site, spec) in &self.sites {
+            validate_name(&format!("sites.{site}"), site)?;
+            if let SiteSpec::Libvirt { work_dir, .. } = spec {
+                validate_path(&format!("sites.{site}.work_dir"), work_dir)?;
+            }
+            if let SiteSpec::Vinfra { host: Some(h) } = spec {
+                validate_name(&format!("sites.{site}.host"), h)?;
+            }
+        }
+        let mut eps = std::collections::BTreeMap::new();
+        for (vnf, addr) in &self.endpoints {
+            let field = format!("endpoints.{vnf}");
+            let a: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| ValidationError::new(&field, format!("'{addr}' is not ip:port")))?;
+            if !a.ip().is_loopback() {
+                return Err(ValidationError::new(
+                    field,
+                    format!(
+                        "{addr} is not a loopback address; link agents are reached on 127.0.0.1"
+                    ),
+                ));
+            }
+            eps.insert(vnf.clone(), a);
+        }
+        if let Some(ms) = self.link_deadline_ms {
+            validate_range("link_deadline_ms", ms, 100, MAX_LINK_DEADLINE_MS)?;
+        }
+        Ok(eps)
+    }
+}
+
+/// Where an NS instance is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NsState {
+    /// Sites are creating networks and VNFs, then links are being established.
+    Instantiating,
+    /// Every VNF runs and every link is up.
+    Instantiated,
+    /// Instantiation failed and was rolled back, or a terminate failed: see `error`.
+    Failed,
+    /// Every site is removing what it made.
+    Terminating,
+}
+
+/// One VNF of an NS instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NsVnfStatus {
+    /// VNF id in the NSD.
+    pub vnf: String,
+    /// Site it went to.
+    pub site: String,
+    /// `pending`, `ready`.
+    pub state: String,
+    /// Milliseconds from the start to ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
+}
+
+/// `GET /v1/ns-instances/{id}`: an NS instance with per-VNF and per-link progress.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NsInstanceRecord {
+    /// Id (a UUID).
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: TenantId,
+    /// Name, unique within the tenant.
+    pub name: Name,
+    /// NSD descriptor id.
+    pub nsd: String,
+    /// State.
+    pub state: NsState,
+    /// Sites (secrets redacted in responses).
+    pub sites: std::collections::BTreeMap<String, SiteSpec>,
+    /// Link agent addresses by VNF.
+    pub endpoints: std::collections::BTreeMap<String, String>,
+    /// Link deadline, ms.
+    pub link_deadline_ms: u64,
+    /// Per VNF.
+    pub vnfs: Vec<NsVnfStatus>,
+    /// Per link: seed 2's state machine (requested → connecting → up | failed with a
+    /// reason) with the ms of every step.
+    #[schema(value_type = Vec<Object>)]
+    pub links: Vec<serde_json::Value>,
+    /// SOL003 `VnfInstance` records, once instantiated.
+    #[schema(value_type = Vec<Object>)]
+    pub vnf_instances: Vec<serde_json::Value>,
+    /// The plan: per-site generic commands (what terminate undoes).
+    #[schema(value_type = Object)]
+    pub plan: serde_json::Value,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Wall-clock ms of the instantiation, once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
+    /// Creation time, unix ms.
+    pub created_at: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

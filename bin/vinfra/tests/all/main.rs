@@ -6,6 +6,7 @@ mod crash;
 mod harness;
 mod maintenance;
 mod migration;
+mod ns;
 mod redundancy;
 mod traffic;
 mod vm_lifecycle;

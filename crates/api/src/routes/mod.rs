@@ -7,6 +7,7 @@ pub(crate) mod maintenance;
 pub(crate) mod meta;
 pub(crate) mod migrations;
 pub(crate) mod networks;
+pub(crate) mod ns_instances;
 pub(crate) mod storage;
 pub(crate) mod tenants;
 pub(crate) mod traffic;
@@ -76,6 +77,14 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         (
             "/v1/nsds",
             post(descriptors::create_nsd).get(descriptors::list_nsds),
+        ),
+        (
+            "/v1/ns-instances",
+            post(ns_instances::create).get(ns_instances::list),
+        ),
+        (
+            "/v1/ns-instances/{name}",
+            get(ns_instances::get).delete(ns_instances::delete),
         ),
         ("/v1/maintenance/{id}", get(maintenance::get)),
         ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
@@ -185,7 +194,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 45, "{served:?}");
+        assert_eq!(served.len(), 49, "{served:?}");
     }
 
     #[test]

@@ -127,11 +127,41 @@ impl SiteDriver for VinfraDriver {
     }
 
     async fn delete_network(&self, name: &str) -> Result<(), DriverError> {
-        match self.client.delete_network(name).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.status() == Some(404) => Ok(()),
-            Err(e) => Err(api("DELETE /v1/networks/{name}", e)),
+        // A concurrent change (another site deleting the same shared network) answers
+        // 409 "changed concurrently"; the next round sees 404 or the truth.
+        for _ in 0..5 {
+            match self.client.delete_network(name).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.status() == Some(404) => return Ok(()),
+                // Two sites of one NS on one vinfra control plane share the NS virtual
+                // link's network (same name, same subnet). Teardown deletes a site's VDUs
+                // before its networks, so NICs still on it are the other site's: that site
+                // deletes the network after its own VDUs.
+                Err(e)
+                    if e.status() == Some(409)
+                        && e.detail().is_some_and(|d| d.contains("NIC(s) on it")) =>
+                {
+                    tracing::info!(
+                        network = name,
+                        "network still used by another site's VDUs; left to it"
+                    );
+                    return Ok(());
+                }
+                Err(e)
+                    if e.status() == Some(409)
+                        && e.detail().is_some_and(|d| d.contains("concurrently")) =>
+                {
+                    tokio::time::sleep(self.cfg.poll).await;
+                }
+                Err(e) => return Err(api("DELETE /v1/networks/{name}", e)),
+            }
         }
+        Err(DriverError::Failed {
+            site: SITE,
+            kind: "network",
+            name: name.into(),
+            reason: "kept changing concurrently while being deleted".into(),
+        })
     }
 
     #[tracing::instrument(skip_all, fields(site = SITE, vdu = %spec.name))]

@@ -1,0 +1,267 @@
+//! `vinfra ns instantiate|show|terminate` through a real server and two agents booting
+//! real guests: one NS over two sites, each VNF's CPs real NICs with addresses from
+//! vinfra's IPAM, the link between them established by seed 2's procedure and shown as an
+//! API object; a link whose peer never answers fails by its deadline and rolls back.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use nfv::link::{AgentCp, LinkAgent, LINK_PORT};
+use nfv::plan::GenericCommand;
+
+use crate::harness::{cli, cluster, path_in, spawn_agent, wait_host_up, Server};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ip ({e}): install iproute2 (scripts/setup.sh)"));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace made by this test, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("nv{tag}{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    fn rx_packets(&self, dev: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["-n", &self.0, "-s", "-j", "link", "show", dev])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nfv")
+}
+
+async fn start_agent(cp: &nfv::plan::PlannedCp, ns: &Netns) -> LinkAgent {
+    LinkAgent::start(
+        &cp.vnf,
+        vec![AgentCp {
+            id: cp.resource.clone(),
+            ip: cp.ip,
+            netns: Some(ns.0.clone()),
+        }],
+        LINK_PORT,
+    )
+    .await
+    .unwrap()
+}
+
+async fn vms_named(s: &Server, prefix: &str) -> Vec<model::Vm> {
+    s.admin()
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.name.as_str().starts_with(prefix))
+        .collect()
+}
+
+// Multi-threaded: the link agents run on this runtime while the CLI blocks a thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ns_across_two_sites_links_its_vnfs_then_terminates_to_nothing() {
+    let (s, token_file) = cluster().await;
+    let admin = s.admin();
+    let (dir_a, dir_b) = (path_in(&s, "ha"), path_in(&s, "hb"));
+    let _agent_a = spawn_agent(&s, "host-a", &dir_a, &token_file);
+    let _agent_b = spawn_agent(&s, "host-b", &dir_b, &token_file);
+    wait_host_up(&s, "host-a").await;
+    wait_host_up(&s, "host-b").await;
+    let t = s.admin_token();
+    let ex = examples();
+    for (kind, file) in [
+        ("vnfd", "vnfd-firewall.yaml"),
+        ("vnfd", "vnfd-web.yaml"),
+        ("nsd", "nsd-edge.yaml"),
+    ] {
+        let (ok, out, err) = cli(&s, &t, &[kind, "create", ex.join(file).to_str().unwrap()]);
+        assert!(ok, "{kind} create {file}: {out}{err}");
+    }
+
+    // The link agents of both VNFs, with their CPs' planned addresses in namespaces made
+    // here, joined by a veth: seed 2's endpoint beside each guest.
+    let (nsd, vnfds) = nfv::descriptor::load_nsd(&ex.join("nsd-edge.yaml")).unwrap();
+    let sites = ["site-a".to_owned(), "site-b".to_owned()];
+    let plan = nfv::plan::plan_ns("edge", &nsd, &vnfds, &sites).unwrap();
+    let Some(GenericCommand::ConnectLink { first, second, .. }) = plan.links().next().cloned()
+    else {
+        panic!("the example NS plans one link")
+    };
+    let (na, nb) = (Netns::new("a"), Netns::new("b"));
+    ip(&[
+        "link", "add", "cp0", "netns", &na.0, "type", "veth", "peer", "name", "cp0", "netns", &nb.0,
+    ]);
+    for (ns, addr) in [(&na, first.ip), (&nb, second.ip)] {
+        ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "cp0",
+        ]);
+        ip(&["-n", &ns.0, "link", "set", "cp0", "up"]);
+    }
+    let fw = start_agent(&first, &na).await;
+    let web = start_agent(&second, &nb).await;
+    let ep = |a: &LinkAgent, vnf: &str| format!("{vnf}={}", a.endpoint());
+
+    let rx_before = na.rx_packets("cp0");
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &[
+            "ns",
+            "instantiate",
+            "nsd-edge",
+            "--name",
+            "edge",
+            "--site-map",
+            "site-a=vinfra:host-a,site-b=vinfra:host-b",
+            "--endpoint",
+            &ep(&fw, &first.vnf),
+            "--endpoint",
+            &ep(&web, &second.vnf),
+        ],
+    );
+    let logs = || {
+        format!(
+            "{}\n{}\n{}",
+            s.log(),
+            test_utils::log_tail(&dir_a.join("agent.log"), 20),
+            test_utils::log_tail(&dir_b.join("agent.log"), 20)
+        )
+    };
+    assert!(ok, "ns instantiate: {out}{err}\n{}", logs());
+    assert!(
+        out.contains("instantiated") && out.contains("1/1 up"),
+        "{out}"
+    );
+
+    // The API object: every VNF ready on its site, the link up with its history.
+    let rec = admin.get_ns_instance("edge").await.unwrap();
+    assert_eq!(rec.state, model::api::NsState::Instantiated);
+    assert!(
+        rec.vnfs.iter().all(|v| v.state == "ready"),
+        "{:?}",
+        rec.vnfs
+    );
+    let link = &rec.links[0];
+    assert_eq!(link["state"]["state"], "up", "{link}");
+    assert_eq!(link["first_cp"], first.resource.as_str());
+    assert_eq!(link["first_ip"], first.ip.to_string());
+    let steps: Vec<&str> = link["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h[0]["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["requested", "connecting", "up"], "{link}");
+    assert!(
+        na.rx_packets("cp0") > rx_before,
+        "link traffic crossed the veth"
+    );
+    // SOL003 records carry the addresses vinfra's IPAM gave the CPs.
+    let fw_rec = rec
+        .vnf_instances
+        .iter()
+        .find(|v| v["vnfInstanceName"] == first.vnf.as_str())
+        .unwrap();
+    let ips = &fw_rec["instantiatedVnfInfo"]["extCpInfo"][0]["cpProtocolInfo"][0]["ipOverEthernet"]
+        ["ipAddresses"][0]["addresses"];
+    assert_eq!(ips[0], first.ip.to_string(), "{fw_rec}");
+
+    // The VDUs are real guests on the two hosts, their CPs real NICs with those addresses.
+    let vms = vms_named(&s, "edge-").await;
+    assert_eq!(vms.len(), 2, "{vms:?}");
+    let hosts: std::collections::BTreeSet<&str> = vms.iter().map(|v| v.host.as_str()).collect();
+    assert_eq!(hosts.len(), 2, "one VDU per site/host: {hosts:?}");
+    let fw_vm = vms.iter().find(|v| v.name.as_str() == first.vdu).unwrap();
+    let cp_nic = fw_vm
+        .nics
+        .iter()
+        .find(|n| n.name.as_ref().map(|n| n.as_str()) == Some(first.resource.as_str()))
+        .expect("the CP is a named NIC");
+    assert_eq!(cp_nic.ip, first.ip);
+    let want = format!("mac={} ip={}/24", cp_nic.mac, first.ip);
+    test_utils::wait_for(Duration::from_secs(60), || async {
+        admin
+            .console(fw_vm.name.as_str())
+            .await
+            .unwrap_or_default()
+            .contains(&want)
+    })
+    .await
+    .expect("the guest configured its CP interface");
+    assert!(!admin.list_networks().await.unwrap().is_empty());
+
+    // Terminate: nothing left on either site.
+    let (ok, out, err) = cli(&s, &t, &["ns", "terminate", "edge"]);
+    assert!(ok, "ns terminate: {out}{err}\n{}", logs());
+    assert_eq!(
+        admin.get_ns_instance("edge").await.unwrap_err().status(),
+        Some(404)
+    );
+    assert!(vms_named(&s, "edge-").await.is_empty());
+    assert_eq!(admin.list_networks().await.unwrap(), vec![]);
+
+    // A link whose peer never answers (no endpoint for the second VNF... here: a mute
+    // one) fails by the deadline with a reason, and the whole NS is rolled back.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &[
+            "ns",
+            "instantiate",
+            "nsd-edge",
+            "--name",
+            "mute",
+            "--site-map",
+            "site-a=vinfra:host-a,site-b=vinfra:host-b",
+            "--endpoint",
+            &ep(&fw, &first.vnf),
+            "--endpoint",
+            &format!("{}={}", second.vnf, mute.local_addr().unwrap()),
+            "--link-deadline-ms",
+            "1500",
+        ],
+    );
+    assert!(!ok, "a mute peer must fail the NS: {out}");
+    assert!(
+        err.contains("no answer from VNF") && err.contains("rolled back"),
+        "{err}"
+    );
+    let rec = admin.get_ns_instance("mute").await.unwrap();
+    assert_eq!(rec.state, model::api::NsState::Failed);
+    assert_eq!(rec.links[0]["state"]["state"], "failed", "{:?}", rec.links);
+    assert!(vms_named(&s, "mute-").await.is_empty(), "rolled back");
+    let (ok, out, err) = cli(&s, &t, &["ns", "terminate", "mute"]);
+    assert!(ok, "{out}{err}");
+    assert_eq!(admin.list_networks().await.unwrap(), vec![]);
+}

@@ -1,0 +1,548 @@
+//! Network-service instances (seeds 2 and 3): a stored NSD instantiated across sites,
+//! each run by its own cloud-management software through its driver, with seed 2's link
+//! establishment between the VNFs' connection points.
+//!
+//! `POST` checks everything it can at once (the NSD, the plan, the drivers), records the
+//! instance as `instantiating` and answers 202; a background task runs the executor and
+//! writes per-VNF and per-link progress into the record as it happens. The plan is stored
+//! with the record, so `DELETE` can terminate after a server restart. Drivers act with the
+//! token of the request that made them (the `vinfra` site is this control plane): the
+//! server keeps no token.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use model::api::{
+    CreateNsInstance, NsInstanceRecord, NsState, NsVnfStatus, Problem, SiteSpec, StoredDescriptor,
+};
+use model::{Image, Role, TenantId};
+use nfv::driver::SiteDriver;
+use nfv::ns::{NsExecutor, Progress};
+use store::{Compare, Revision, StoreError, TxnOp};
+
+use crate::extract::AppPath;
+use crate::routes::tenants::write_tenant;
+use crate::store_io::{keys, list_json, now_ms, resolve_named, to_bytes};
+use crate::{ApiError, AppJson, AppState, Caller, Scope};
+
+const DEFAULT_LINK_DEADLINE_MS: u64 = 10_000;
+
+fn ns_key(id: uuid::Uuid) -> String {
+    format!("{}{id}", keys::NS_INSTANCES)
+}
+
+fn redacted(mut r: NsInstanceRecord) -> NsInstanceRecord {
+    r.sites = r
+        .sites
+        .iter()
+        .map(|(k, v)| (k.clone(), v.redacted()))
+        .collect();
+    r
+}
+
+/// Instantiates a stored NSD across the given sites (202; follow with GET).
+#[utoipa::path(post, path = "/v1/ns-instances", tag = "nfv", request_body = CreateNsInstance,
+    responses(
+        (status = 202, body = NsInstanceRecord),
+        (status = 403, description = "a libvirt site needs an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "name taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "bad field, unknown NSD, no site for a VNF", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    AppJson(body): AppJson<CreateNsInstance>,
+) -> Result<(StatusCode, Json<NsInstanceRecord>), ApiError> {
+    caller.require(
+        &[Role::Admin, Role::Member],
+        "instantiating a network service",
+    )?;
+    let endpoints = body.validate()?;
+    let tenant = write_tenant(&state, &caller, None).await?;
+    let (nsd, vnfds) = load_nsd(&state, tenant, &body.nsd).await?;
+    let sites: Vec<String> = body.sites.keys().cloned().collect();
+    let plan = nfv::plan::plan_ns(&body.name, &nsd, &vnfds, &sites)
+        .map_err(|e| ApiError::Unprocessable(format!("sites: {e}")))?;
+    let token = crate::extract::bearer(&headers)
+        .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
+        .to_owned();
+    let drivers = build_drivers(&state, &caller, tenant, &body.sites, &token).await?;
+    let name = model::validate_name("name", &body.name)?;
+    let id = uuid::Uuid::new_v4();
+    let rec = NsInstanceRecord {
+        id: id.to_string(),
+        tenant,
+        name: name.clone(),
+        nsd: body.nsd.clone(),
+        state: NsState::Instantiating,
+        sites: body.sites.clone(),
+        endpoints: body.endpoints.clone(),
+        link_deadline_ms: body.link_deadline_ms.unwrap_or(DEFAULT_LINK_DEADLINE_MS),
+        vnfs: plan
+            .sites
+            .iter()
+            .flat_map(|s| {
+                s.vnfs.iter().map(|v| NsVnfStatus {
+                    vnf: v.vnf.clone(),
+                    site: s.site.clone(),
+                    state: "pending".into(),
+                    ready_ms: None,
+                })
+            })
+            .collect(),
+        links: Vec::new(),
+        vnf_instances: Vec::new(),
+        plan: serde_json::to_value(&plan)
+            .map_err(|e| ApiError::internal("encoding an NS plan", e))?,
+        error: None,
+        elapsed_ms: None,
+        created_at: now_ms(),
+    };
+    let name_key = keys::ns_name(tenant, &name);
+    let res = state
+        .store()
+        .txn(
+            vec![Compare::ModRevision {
+                key: name_key.clone(),
+                expect: None,
+            }],
+            vec![
+                TxnOp::Put {
+                    key: ns_key(id),
+                    value: to_bytes(&rec)?,
+                },
+                TxnOp::Put {
+                    key: name_key,
+                    value: to_bytes(&id)?,
+                },
+            ],
+        )
+        .await;
+    match res {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::Conflict(format!(
+                "name: ns instance {name} already exists"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(ns = %name, %id, sites = ?sites, "instantiating network service");
+    let deadline = Duration::from_millis(rec.link_deadline_ms);
+    tokio::spawn(run_instantiate(
+        state.clone(),
+        rec.clone(),
+        plan,
+        NsExecutor::new(drivers, deadline),
+        endpoints,
+    ));
+    Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
+}
+
+/// The caller's NS instances.
+#[utoipa::path(get, path = "/v1/ns-instances", tag = "nfv",
+    responses((status = 200, body = Vec<NsInstanceRecord>)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<NsInstanceRecord>>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "listing network services")?;
+    let scope = caller.scope()?;
+    let mut out: Vec<NsInstanceRecord> =
+        list_json::<NsInstanceRecord>(state.store(), keys::NS_INSTANCES)
+            .await?
+            .into_iter()
+            .map(|(r, _)| redacted(r))
+            .filter(|r| scope.sees(r.tenant))
+            .collect();
+    out.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
+    Ok(Json(out))
+}
+
+/// One NS instance, by name or id, with its VNFs, links and SOL003 records.
+#[utoipa::path(get, path = "/v1/ns-instances/{name}", tag = "nfv",
+    params(("name" = String, Path, description = "instance name or id")),
+    responses((status = 200, body = NsInstanceRecord), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(name): AppPath,
+) -> Result<Json<NsInstanceRecord>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "reading a network service")?;
+    Ok(Json(redacted(
+        resolve(&state, caller.scope()?, &name).await?.0,
+    )))
+}
+
+/// Terminates an NS instance on every site (202; the record goes when every site is
+/// empty, or turns `failed` with the reasons).
+#[utoipa::path(delete, path = "/v1/ns-instances/{name}", tag = "nfv",
+    params(("name" = String, Path, description = "instance name or id")),
+    responses(
+        (status = 202, body = NsInstanceRecord),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "still instantiating or terminating", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    AppPath(name): AppPath,
+) -> Result<(StatusCode, Json<NsInstanceRecord>), ApiError> {
+    caller.require(
+        &[Role::Admin, Role::Member],
+        "terminating a network service",
+    )?;
+    let (mut rec, rev) = resolve(&state, caller.scope()?, &name).await?;
+    if matches!(rec.state, NsState::Instantiating | NsState::Terminating) {
+        return Err(ApiError::Conflict(format!(
+            "ns instance {} is {}; wait for it to finish",
+            rec.name,
+            if rec.state == NsState::Instantiating {
+                "instantiating"
+            } else {
+                "terminating"
+            }
+        )));
+    }
+    let plan: nfv::plan::NsPlan = serde_json::from_value(rec.plan.clone())
+        .map_err(|e| ApiError::internal(format!("decoding the plan of {}", rec.name), e))?;
+    let token = crate::extract::bearer(&headers)
+        .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
+        .to_owned();
+    let drivers = build_drivers(&state, &caller, rec.tenant, &rec.sites, &token).await?;
+    rec.state = NsState::Terminating;
+    rec.error = None;
+    let id: uuid::Uuid = rec
+        .id
+        .parse()
+        .map_err(|e| ApiError::internal("stored ns instance id", e))?;
+    match state
+        .store()
+        .cas(&ns_key(id), Some(rev), to_bytes(&rec)?)
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::Conflict(format!(
+                "ns instance {} changed concurrently, retry",
+                rec.name
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let executor = NsExecutor::new(drivers, Duration::from_millis(rec.link_deadline_ms));
+    let (st, r) = (state.clone(), rec.clone());
+    tokio::spawn(async move {
+        match executor.terminate(&plan).await {
+            Ok(()) => {
+                let res = st
+                    .store()
+                    .txn(
+                        vec![],
+                        vec![
+                            TxnOp::Delete { key: ns_key(id) },
+                            TxnOp::Delete {
+                                key: keys::ns_name(r.tenant, &r.name),
+                            },
+                        ],
+                    )
+                    .await;
+                match res {
+                    Ok(_) => tracing::info!(ns = %r.name, "network service terminated"),
+                    Err(e) => tracing::error!(ns = %r.name, error = %e, "cannot remove the record"),
+                }
+            }
+            Err(e) => {
+                let mut r = r;
+                r.state = NsState::Failed;
+                r.error = Some(format!("terminate: {}", error_chain(&e)));
+                save(&st, id, &r).await;
+            }
+        }
+    });
+    Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
+}
+
+/// Marks instances a previous server process left mid-way as failed: their tasks died
+/// with it. Their plans are stored, so `DELETE` cleans up every site.
+pub(crate) async fn recover(state: &AppState) {
+    let recs = match list_json::<NsInstanceRecord>(state.store(), keys::NS_INSTANCES).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list ns instances");
+            return;
+        }
+    };
+    for (mut r, _) in recs {
+        if matches!(r.state, NsState::Instantiating | NsState::Terminating) {
+            let Ok(id) = r.id.parse::<uuid::Uuid>() else {
+                continue;
+            };
+            r.error = Some(format!(
+                "interrupted by a server restart while {}; DELETE it to remove what was made",
+                if r.state == NsState::Instantiating {
+                    "instantiating"
+                } else {
+                    "terminating"
+                }
+            ));
+            r.state = NsState::Failed;
+            save(state, id, &r).await;
+        }
+    }
+}
+
+async fn save(state: &AppState, id: uuid::Uuid, rec: &NsInstanceRecord) {
+    let res = match to_bytes(rec) {
+        Ok(b) => state.store().put(&ns_key(id), b).await.map(drop),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an ns instance");
+            return;
+        }
+    };
+    if let Err(e) = res {
+        tracing::error!(ns = %rec.name, error = %e, "cannot save ns instance progress");
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The background half of `POST`: runs the executor, folding its progress into the
+/// stored record as it comes (one writer: this task).
+async fn run_instantiate(
+    state: AppState,
+    rec: NsInstanceRecord,
+    plan: nfv::plan::NsPlan,
+    executor: NsExecutor,
+    endpoints: BTreeMap<String, std::net::SocketAddr>,
+) {
+    let Ok(id) = rec.id.parse::<uuid::Uuid>() else {
+        return;
+    };
+    let rec = Arc::new(tokio::sync::Mutex::new(rec));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+    let writer = {
+        let (state, rec) = (state.clone(), rec.clone());
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let mut r = rec.lock().await;
+                match p {
+                    Progress::VnfReady { vnf, ms, .. } => {
+                        if let Some(v) = r.vnfs.iter_mut().find(|v| v.vnf == vnf) {
+                            v.state = "ready".into();
+                            v.ready_ms = Some(ms);
+                        }
+                    }
+                    Progress::Link(l) => {
+                        if let Ok(v) = serde_json::to_value(&l) {
+                            r.links.retain(|x| x["link"] != v["link"]);
+                            r.links.push(v);
+                        }
+                    }
+                    Progress::NetworksReady { .. } | Progress::RollingBack => continue,
+                }
+                save(&state, id, &r).await;
+            }
+        })
+    };
+    let progress = move |p: Progress| {
+        let _ = tx.send(p);
+    };
+    let result = executor.instantiate(&plan, &endpoints, &progress).await;
+    drop(progress);
+    let _ = writer.await;
+    let mut r = rec.lock().await;
+    match result {
+        Ok(inst) => {
+            r.state = NsState::Instantiated;
+            r.elapsed_ms = Some(inst.elapsed_ms);
+            r.links = inst
+                .links
+                .iter()
+                .filter_map(|l| serde_json::to_value(l).ok())
+                .collect();
+            r.vnf_instances = r
+                .vnfs
+                .iter()
+                .filter_map(|v| inst.vnf_instance_sol003(&v.vnf))
+                .collect();
+            tracing::info!(ns = %r.name, ms = inst.elapsed_ms, "network service instantiated");
+        }
+        Err(e) => {
+            r.state = NsState::Failed;
+            r.error = Some(error_chain(&e));
+            for v in &mut r.vnfs {
+                v.state = "rolled_back".into();
+            }
+            tracing::warn!(ns = %r.name, error = %error_chain(&e), "network service failed");
+        }
+    }
+    save(&state, id, &r).await;
+}
+
+pub(crate) async fn resolve(
+    state: &AppState,
+    scope: Scope,
+    s: &str,
+) -> Result<(NsInstanceRecord, Revision), ApiError> {
+    resolve_named::<uuid::Uuid, NsInstanceRecord>(
+        state.store(),
+        scope,
+        s,
+        "ns instance",
+        keys::NS_NAMES,
+        ns_key,
+        |r| r.tenant,
+    )
+    .await
+}
+
+/// The tenant's stored NSD `id` and every stored VNFD it may import.
+async fn load_nsd(
+    state: &AppState,
+    tenant: TenantId,
+    id: &str,
+) -> Result<(nfv::descriptor::Nsd, Vec<nfv::descriptor::Vnfd>), ApiError> {
+    let mine = |kind: &'static str| async move {
+        Ok::<_, ApiError>(
+            list_json::<StoredDescriptor>(state.store(), &keys::descriptors(kind))
+                .await?
+                .into_iter()
+                .map(|(d, _)| d)
+                .filter(|d| d.tenant == tenant)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let vnfds: Vec<nfv::descriptor::Vnfd> = mine("vnfd")
+        .await?
+        .iter()
+        .filter_map(|d| nfv::descriptor::validate_vnfd(&d.descriptor).ok())
+        .collect();
+    let text = mine("nsd")
+        .await?
+        .into_iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| ApiError::Unprocessable(format!("nsd: no NSD named {id}")))?
+        .descriptor;
+    let nsd = nfv::descriptor::validate_nsd(&text, &vnfds).map_err(|errs| {
+        ApiError::Unprocessable(format!(
+            "nsd: {id} no longer validates against the stored VNFDs: {}",
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    })?;
+    Ok((nsd, vnfds))
+}
+
+/// One driver per site, acting with `token` on this control plane.
+async fn build_drivers(
+    state: &AppState,
+    caller: &Caller,
+    tenant: TenantId,
+    sites: &BTreeMap<String, SiteSpec>,
+    token: &str,
+) -> Result<BTreeMap<String, Arc<dyn SiteDriver>>, ApiError> {
+    use nfv::driver::{kubernetes, libvirt, openstack, vinfra};
+    let mut out: BTreeMap<String, Arc<dyn SiteDriver>> = BTreeMap::new();
+    for (name, spec) in sites {
+        let d: Arc<dyn SiteDriver> = match spec {
+            SiteSpec::Vinfra { host } => {
+                let base_url = state.self_url().ok_or_else(|| {
+                    ApiError::Unprocessable(format!(
+                        "sites.{name}: this server does not know its own URL (not started by serve)"
+                    ))
+                })?;
+                Arc::new(
+                    vinfra::VinfraDriver::new(vinfra::VinfraConfig {
+                        base_url,
+                        token: token.to_owned(),
+                        host: host.clone(),
+                        poll: Duration::from_millis(200),
+                        timeout: Duration::from_secs(180),
+                    })
+                    .map_err(|e| ApiError::internal("building the vinfra driver", e))?,
+                )
+            }
+            SiteSpec::Libvirt { uri, work_dir } => {
+                if caller.role != Role::Admin {
+                    return Err(ApiError::Forbidden(format!(
+                        "sites.{name}: a libvirt site runs on the server's machine; only an admin may use one"
+                    )));
+                }
+                // Images come from vinfra's own catalog, as the tenant sees it.
+                let images = list_json::<Image>(state.store(), keys::IMAGES)
+                    .await?
+                    .into_iter()
+                    .map(|(i, _)| i)
+                    .filter(|i| i.tenant.is_none_or(|t| t == tenant))
+                    .filter_map(|i| {
+                        Some((
+                            i.name.to_string(),
+                            libvirt::LibvirtImage {
+                                kernel: i.kernel?.into(),
+                                initrd: i.initrd.unwrap_or_default().into(),
+                                disk_template: i.disk_template?.into(),
+                                cmdline: i.cmdline,
+                            },
+                        ))
+                    })
+                    .collect();
+                Arc::new(libvirt::LibvirtDriver::new(libvirt::LibvirtConfig {
+                    uri: uri.clone(),
+                    work_dir: work_dir.into(),
+                    images,
+                    domain_type: "qemu".into(),
+                }))
+            }
+            SiteSpec::Openstack {
+                auth_url,
+                username,
+                password,
+                project,
+                domain,
+            } => Arc::new(openstack::OpenStackDriver::new(
+                openstack::OpenStackConfig {
+                    auth_url: auth_url.clone(),
+                    username: username.clone(),
+                    password: password.clone(),
+                    project: project.clone(),
+                    domain: domain.clone().unwrap_or_else(|| "Default".into()),
+                    poll: Duration::from_secs(1),
+                    timeout: Duration::from_secs(300),
+                },
+            )),
+            SiteSpec::Kubernetes {
+                api_url,
+                token,
+                namespace,
+            } => Arc::new(kubernetes::KubernetesDriver::new(
+                kubernetes::KubernetesConfig {
+                    base_url: api_url.clone(),
+                    token: token.clone(),
+                    namespace: namespace.clone(),
+                    poll: Duration::from_secs(1),
+                    timeout: Duration::from_secs(300),
+                },
+            )),
+        };
+        out.insert(name.clone(), d);
+    }
+    Ok(out)
+}
