@@ -2,8 +2,9 @@
 # build-guest.sh OUTDIR — builds vinfra's default test guest, offline from Debian packages:
 #   OUTDIR/vmlinuz            the Debian kernel (downloaded and unpacked, NOT installed: installing
 #                             linux-image-amd64 would pull systemd, udev and run boot hooks)
-#   OUTDIR/initramfs.cpio.gz  busybox-static + 9 virtio modules + /init (a disk workload; NICs
-#                             configured from vinfra.nic= on the kernel command line)
+#   OUTDIR/initramfs.cpio.gz  busybox-static + 10 virtio modules + /init (a disk workload; NICs
+#                             configured from vinfra.nic= on the kernel command line; the
+#                             seed-2 link endpoint on its CPs, driven over a virtio-serial port)
 #   OUTDIR/disk.img           disk template: DISK_MIB MiB, MiB k begins with "BLK%06d", last MiB scratch
 #   OUTDIR/manifest.json      what was built (kernel package, sizes, sha256); written last
 #
@@ -71,7 +72,7 @@ cp "$BUSYBOX" "$R/bin/busybox"
 # Load order matters: each module needs the ones before it.
 for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
          drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
-         net/core/failover drivers/net/net_failover drivers/net/virtio_net; do
+         net/core/failover drivers/net/net_failover drivers/net/virtio_net drivers/char/virtio_console; do
   f="$TMP/root/lib/modules/$KVER/kernel/$m.ko"
   dst="$R/lib/modules/$(basename "$m").ko"
   if [ -f "$f" ]; then cp "$f" "$dst"
@@ -93,7 +94,8 @@ cat > "$R/init" <<'EOF'
 #   GUEST: NIC <if> mac=<mac> ip=<a.b.c.d/p>   one per vinfra.nic= (before READY)
 #   PING <ip> ok|fail                 one per tick with vinfra.ping=<ip> (after the TICK line)
 # Kernel command line knobs: vinfra.tick_ms=100  vinfra.ticks=0 (0 = forever)  vinfra.dirty=0 (MiB of RAM to rewrite)
-#   vinfra.nic=<mac>,<ip>/<prefix> (repeatable; set by the vinfra agent from the VM's NICs)
+#   vinfra.nic=<mac>,<ip>/<prefix>[,<cp name>] (repeatable; set by the vinfra agent from the VM's NICs)
+#   GUEST: LINK <link> up|failed|accepted ...   seed 2 in the guest (see /bin/link-ctl, /bin/link-ack)
 #   vinfra.ping=<ip> (ping it once per tick and say whether it answered)
 /bin/busybox mkdir -p /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s
@@ -103,7 +105,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec 0</dev/console 1>/dev/console 2>&1
 off() { echo "GUEST: POWEROFF reason=$1"; sync; poweroff -f; sleep 10; }
 echo "GUEST: init started, uptime $(cut -d' ' -f1 /proc/uptime)s"
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net virtio_console; do
   insmod /lib/modules/$m.ko || echo "GUEST: insmod $m failed"
 done
 n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do usleep 50000; n=$((n+1)); done
@@ -118,8 +120,10 @@ for a in $(cat /proc/cmdline); do
   esac
 done
 ip link set lo up
+: > /tmp/cps
 for nic in $NICS; do
-  mac=${nic%%,*}; addr=${nic#*,}; dev=""; n=0
+  mac=${nic%%,*}; rest=${nic#*,}; addr=${rest%%,*}; name=""; dev=""; n=0
+  case $rest in *,*) name=${rest#*,};; esac
   # virtio-net probes asynchronously: wait for the interface with this MAC.
   while [ -z "$dev" ] && [ $n -lt 100 ]; do
     for d in /sys/class/net/*; do [ "$(cat $d/address)" = "$mac" ] && dev=${d##*/}; done
@@ -128,7 +132,19 @@ for nic in $NICS; do
   if [ -z "$dev" ]; then echo "GUEST: NIC missing mac=$mac"; continue; fi
   ip link set "$dev" up && ip addr add "$addr" dev "$dev" && echo "GUEST: NIC $dev mac=$mac ip=$addr" \
     || echo "GUEST: NIC $dev mac=$mac failed to configure $addr"
+  [ -n "$name" ] && echo "$name" >> /tmp/cps
 done
+# Seed 2: named CPs accept link hellos on port 7946, and the host agent asks this guest to
+# connect one of its CPs to another VNF's CP over the virtio-serial port "vinfra.link".
+if [ -s /tmp/cps ]; then
+  nc -ll -p 7946 -e /bin/link-ack &
+  port=""; n=0
+  while [ -z "$port" ] && [ $n -lt 40 ]; do
+    for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name 2>/dev/null)" = vinfra.link ] && port=/dev/${p##*/}; done
+    [ -n "$port" ] || { usleep 50000; n=$((n+1)); }
+  done
+  if [ -n "$port" ]; then /bin/link-ctl "$port" & else echo "GUEST: no vinfra.link port"; fi
+fi
 if [ "$DIRTY" -gt 0 ]; then
   # memory dirtier: rewrite DIRTY MiB of tmpfs (guest RAM) with non-zero data, forever
   dd if=/dev/urandom of=/tmp/chunk bs=1M count=1 2>/dev/null
@@ -155,6 +171,53 @@ done
 off "ticks-done"
 EOF
 chmod +x "$R/init"
+cat > "$R/bin/link-ack" <<'EOF'
+#!/bin/busybox sh
+# The first CP's side of seed 2: answer "LINK <link> FROM <cp2> TO <cp1>" addressed to one
+# of this guest's CPs with "ACK <link> FROM <cp2> TO <cp1> BY <cp1>".
+read -r l
+rest=${l#LINK }
+set -- $rest
+if [ "${l%% *}" = LINK ] && [ "$2" = FROM ] && [ "$4" = TO ] && grep -qx "$5" /tmp/cps; then
+  echo "ACK $rest BY $5"
+  echo "GUEST: LINK $1 accepted from $3 on $5" > /dev/console
+else
+  echo "NAK $l"
+fi
+EOF
+cat > "$R/bin/link-ctl" <<'EOF'
+#!/bin/busybox sh
+# The second CP's side of seed 2, driven by the host agent over a virtio-serial port:
+#   in:  CONNECT <link> <cp2> <cp1> <ip> <port> <secs>
+#   out: UP <link> <ack>  |  FAIL <link> <reason>
+# The port reads EOF while the host side is not connected: wait and reopen. A request the
+# host gave up on may still be answered later: the link name lets the host skip that answer.
+while :; do
+  exec 3<>"$1"
+  while read -r cmd link cp2 cp1 ip port secs <&3; do
+    [ "$cmd" = CONNECT ] || { echo "FAIL - unknown command $cmd" >&3; continue; }
+    if ! grep -qx "$cp2" /tmp/cps; then echo "FAIL $link this guest has no CP $cp2" >&3; continue; fi
+    # The first VNF may still be booting: retry until the deadline.
+    end=$(( $(cut -d. -f1 /proc/uptime) + secs ))
+    while :; do
+      ack=$(echo "LINK $link FROM $cp2 TO $cp1" | timeout 2 nc -w 2 "$ip" "$port" 2>&1)
+      [ "$ack" = "ACK $link FROM $cp2 TO $cp1 BY $cp1" ] && break
+      [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ] || break
+      usleep 300000
+    done
+    if [ "$ack" = "ACK $link FROM $cp2 TO $cp1 BY $cp1" ]; then
+      echo "UP $link $ack" >&3
+      echo "GUEST: LINK $link up from $cp2 to $cp1 at $ip:$port" > /dev/console
+    else
+      echo "FAIL $link ${ack:-no answer from $ip:$port within ${secs}s}" >&3
+      echo "GUEST: LINK $link failed from $cp2 to $cp1 at $ip:$port: ${ack:-no answer}" > /dev/console
+    fi
+  done
+  exec 3>&-
+  usleep 200000
+done
+EOF
+chmod +x "$R/bin/link-ack" "$R/bin/link-ctl"
 say "packing initramfs"
 (cd "$R" && find . | "$BUSYBOX" cpio -o -H newc 2>/dev/null | gzip -1 > "$TMP/initramfs.cpio.gz")
 rm -rf "$R"

@@ -5,7 +5,11 @@ use model::api::RegisterHost;
 use crate::AgentConfig;
 
 /// The registration body for this host.
-pub fn registration(cfg: &AgentConfig, nbd: std::net::SocketAddr) -> RegisterHost {
+pub fn registration(
+    cfg: &AgentConfig,
+    nbd: std::net::SocketAddr,
+    link: std::net::SocketAddr,
+) -> RegisterHost {
     let cpus = std::thread::available_parallelism()
         .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
         .unwrap_or(1);
@@ -25,6 +29,7 @@ pub fn registration(cfg: &AgentConfig, nbd: std::net::SocketAddr) -> RegisterHos
         drivers,
         agent_url: None,
         nbd_addr: Some(nbd.to_string()),
+        link_addr: Some(link.to_string()),
     }
 }
 
@@ -68,8 +73,13 @@ mod tests {
     fn registration_is_valid_for_the_server() {
         let dir = std::env::temp_dir();
         let cfg = AgentConfig::new("http://127.0.0.1:1", "t", "host-a", dir);
-        let r = registration(&cfg, "127.0.0.1:10809".parse().unwrap());
+        let r = registration(
+            &cfg,
+            "127.0.0.1:10809".parse().unwrap(),
+            "127.0.0.1:7947".parse().unwrap(),
+        );
         assert!(r.cpus >= 1);
+        assert_eq!(r.link_addr.as_deref(), Some("127.0.0.1:7947"));
         r.validate()
             .expect("the server would accept this registration");
     }

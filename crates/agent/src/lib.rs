@@ -18,6 +18,7 @@
 
 pub mod disks;
 mod hostinfo;
+pub mod linkrelay;
 mod local;
 mod migrate;
 pub mod netdev;
@@ -56,6 +57,8 @@ pub struct AgentConfig {
     pub poll: Duration,
     /// The disk stack (origin dir, SAN model, cache size).
     pub disks: disks::DiskConfig,
+    /// Where link requests for this host's guests are taken ([`linkrelay`]).
+    pub link_listen: std::net::SocketAddr,
 }
 
 impl AgentConfig {
@@ -75,6 +78,7 @@ impl AgentConfig {
                 max_cache_blocks: 16384,
             },
             data_dir,
+            link_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -104,6 +108,15 @@ pub enum AgentError {
     /// The disk stack (NBD server, origin dir) could not start.
     #[error("cannot start the disk stack")]
     Disks(#[from] disks::DiskError),
+    /// The link relay could not listen.
+    #[error("cannot listen for link requests on {addr}")]
+    LinkListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        err: std::io::Error,
+    },
     /// The server refused our registration (bad token, invalid host name, ...).
     #[error("the server refused to register host {host}")]
     Register {
@@ -131,7 +144,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let disks = Arc::new(disks::DiskStack::start(&cfg.data_dir, cfg.disks.clone())?);
     tokio::pin!(shutdown);
 
-    let registration = hostinfo::registration(&cfg, disks.addr());
+    let link_err = |err| AgentError::LinkListen {
+        addr: cfg.link_listen,
+        err,
+    };
+    let links = tokio::net::TcpListener::bind(cfg.link_listen)
+        .await
+        .map_err(link_err)?;
+    let link_addr = links.local_addr().map_err(link_err)?;
+    let relay = tokio::spawn(linkrelay::serve(links, cfg.data_dir.clone()));
+    let registration = hostinfo::registration(&cfg, disks.addr(), link_addr);
     tokio::select! {
         r = register(&client, &registration) => r?,
         _ = &mut shutdown => return Ok(()),
@@ -161,6 +183,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
     }
     hb.abort();
+    relay.abort();
     agent.stop_all().await;
     Ok(())
 }

@@ -33,6 +33,9 @@ pub enum NetdevError {
         /// What it said.
         stderr: String,
     },
+    /// The CP names could not be recorded.
+    #[error("cannot write the VM's CP list")]
+    CpsFile(#[source] std::io::Error),
     /// `ip` could not be run at all.
     #[error("cannot run ip (install iproute2: scripts/setup.sh): {0}")]
     Spawn(#[source] std::io::Error),
@@ -103,8 +106,20 @@ pub fn attachments(run_dir: &Path, nics: &[Nic]) -> Vec<compute::NicAttach> {
         .collect()
 }
 
-/// Creates (or reuses) the taps of a VM's NICs and plugs each into its network's bridge.
+/// The file in a VM's run dir naming its CPs (named NICs), one per line: how the link
+/// relay finds the guest that owns a CP, also after an agent restart.
+pub const CPS_FILE: &str = "cps";
+
+/// Creates (or reuses) the taps of a VM's NICs and plugs each into its network's bridge,
+/// and records the VM's CP names for the link relay.
 pub async fn plug(run_dir: &Path, nics: &[Nic]) -> Result<(), NetdevError> {
+    let names: String = nics
+        .iter()
+        .filter_map(|n| n.name.as_ref().map(|n| format!("{n}\n")))
+        .collect();
+    if !names.is_empty() {
+        std::fs::write(run_dir.join(CPS_FILE), names).map_err(NetdevError::CpsFile)?;
+    }
     for (i, nic) in nics.iter().enumerate() {
         let (br, tap) = (bridge_name(nic.network), tap_name(run_dir, i));
         if !exists(&tap) {
@@ -186,12 +201,14 @@ pub fn unplug(run_dir: &Path) {
     }
 }
 
-/// The kernel arguments that tell the guest its addresses (see `scripts/build-guest.sh`).
+/// The kernel arguments that tell the guest its addresses and CP names (see
+/// `scripts/build-guest.sh`).
 pub fn kernel_args(nics: &[Nic]) -> String {
     nics.iter()
         .map(|n| {
+            let name = n.name.as_ref().map(|n| format!(",{n}")).unwrap_or_default();
             format!(
-                "{}{},{}/{}",
+                "{}{},{}/{}{name}",
                 model::api::NIC_KERNEL_ARG,
                 n.mac,
                 n.ip,
@@ -223,7 +240,7 @@ mod tests {
     fn kernel_args_list_every_nic() {
         let net = NetworkId::new_random();
         let nic = |ip: [u8; 4]| Nic {
-            name: None,
+            name: Some(model::validate_name("n", "fw-cp").unwrap()),
             network: net,
             network_name: model::validate_name("n", "blue").unwrap(),
             ip: ip.into(),
@@ -234,7 +251,7 @@ mod tests {
         let parts: Vec<&str> = args.split(' ').collect();
         assert_eq!(parts.len(), 2);
         assert!(parts[0].starts_with("vinfra.nic=02:"));
-        assert!(parts[0].ends_with(":46:00:01,10.70.0.1/24"), "{args}");
-        assert!(parts[1].ends_with(",10.70.0.2/24"), "{args}");
+        assert!(parts[0].ends_with(":46:00:01,10.70.0.1/24,fw-cp"), "{args}");
+        assert!(parts[1].ends_with(",10.70.0.2/24,fw-cp"), "{args}");
     }
 }

@@ -136,6 +136,7 @@ mod tests {
             drivers: vec![],
             agent_url: None,
             nbd_addr: None,
+            link_addr: None,
             maintenance: None,
             last_heartbeat: 0,
             state,

@@ -44,6 +44,9 @@ pub mod files {
     pub const LOG: &str = "qemu.log";
     /// Our record for adoption.
     pub const RECORD: &str = "vm.json";
+    /// The guest's control port (virtio-serial `vinfra.link`, a unix socket QEMU serves)
+    /// for VMs with NICs: the agent drives seed 2's link establishment through it.
+    pub const LINK: &str = "link.sock";
 }
 
 /// What a restarted agent needs to re-attach (`vm.json`).
@@ -1027,6 +1030,20 @@ pub fn qemu_args(
             &format!("virtio-net-pci,netdev=net{i},mac={},id=vnic{i}", n.mac),
         ]);
     }
+    if !spec.nics.is_empty() {
+        let link = run_dir.join(files::LINK);
+        push(&[
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            &format!(
+                "socket,id=link0,path={},server=on,wait=off",
+                esc(utf8(spec, &link)?)
+            ),
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=link0,name=vinfra.link",
+        ]);
+    }
     let console = run_dir.join(files::CONSOLE);
     let qmp = run_dir.join(files::QMP);
     let pid = run_dir.join(files::PID);
@@ -1158,6 +1175,7 @@ mod tests {
             .unwrap()
             .join(" ");
         assert!(j.contains("-netdev tap,id=net0,ifname=vtp1234abcd0,script=no,downscript=no -device virtio-net-pci,netdev=net0,mac=02:aa:bb:46:00:01,id=vnic0"), "{j}");
+        assert!(j.contains("socket,id=link0,path=/r/link.sock,server=on,wait=off -device virtserialport,bus=vser0.0,chardev=link0,name=vinfra.link"), "{j}");
         assert!(!k.iter().any(|x| x == "-incoming"));
     }
 

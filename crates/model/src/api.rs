@@ -137,6 +137,9 @@ pub struct RegisterHost {
     /// Where the host's NBD server listens (`IP:PORT`), if it runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_addr: Option<String>,
+    /// Where the agent relays seed-2 link requests into its guests (`IP:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_addr: Option<String>,
 }
 
 impl RegisterHost {
@@ -161,12 +164,14 @@ impl RegisterHost {
         if let Some(url) = &self.agent_url {
             validate_agent_url("agent_url", url)?;
         }
-        if let Some(addr) = &self.nbd_addr {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(ValidationError::new(
-                    "nbd_addr",
-                    format!("must be IP:PORT, got {addr:?}"),
-                ));
+        for (field, addr) in [("nbd_addr", &self.nbd_addr), ("link_addr", &self.link_addr)] {
+            if let Some(addr) = addr {
+                if addr.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("must be IP:PORT, got {addr:?}"),
+                    ));
+                }
             }
         }
         Ok(name)
@@ -525,6 +530,35 @@ impl Assignment {
     }
 }
 
+/// Seed 2, step 3: the first CP's IP and id, sent to the second VNF's link endpoint (a
+/// link agent, or the vinfra agent of the host running the VNF, which relays it into the
+/// guest). One JSON line; the answer is one [`LinkReply`] line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRequest {
+    /// Link name.
+    pub link: String,
+    /// First CP id.
+    pub first_cp: String,
+    /// First CP address.
+    pub first_ip: std::net::Ipv4Addr,
+    /// Port the first CP accepts on.
+    pub port: u16,
+    /// Which of the second VNF's CPs must connect.
+    pub second_cp: String,
+    /// Milliseconds the second side may spend connecting.
+    pub timeout_ms: u64,
+}
+
+/// The second VNF's answer to a [`LinkRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkReply {
+    /// `true` when the data-plane exchange succeeded.
+    pub up: bool,
+    /// What the first CP answered, or why it failed.
+    pub detail: String,
+}
+
 /// Where one site of a network service is and which software runs it (seed 3). The
 /// orchestrator builds that software's driver from it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -800,6 +834,7 @@ mod tests {
             drivers: vec!["process".into(), "Q".into()],
             agent_url: None,
             nbd_addr: None,
+            link_addr: None,
         };
         assert_eq!(h.validate().unwrap_err().field, "drivers[1]");
         h.drivers.pop();

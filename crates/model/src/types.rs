@@ -101,6 +101,9 @@ pub struct Host {
     /// block cache, and the cache itself for migration peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_addr: Option<String>,
+    /// Where the agent relays seed-2 link requests into its guests (`IP:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_addr: Option<String>,
     /// The maintenance session holding this host, if any: the host is cordoned (no new
     /// VMs) while it is set, across agent restarts and crashes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -100,32 +100,7 @@ impl LinkTable {
     }
 }
 
-/// Step 3's message: the first CP's IP and id, sent to the second VNF.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LinkRequest {
-    /// Link name.
-    pub link: String,
-    /// First CP id.
-    pub first_cp: String,
-    /// First CP address.
-    pub first_ip: Ipv4Addr,
-    /// Port the first CP accepts on.
-    pub port: u16,
-    /// Which of the second VNF's CPs must connect.
-    pub second_cp: String,
-    /// Milliseconds the second side may spend connecting.
-    pub timeout_ms: u64,
-}
-
-/// The second VNF's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinkReply {
-    /// `true` when the data-plane exchange succeeded.
-    pub up: bool,
-    /// What the first CP answered, or why it failed.
-    pub detail: String,
-}
+pub use model::api::{LinkReply, LinkRequest};
 
 /// Why a link agent could not start.
 #[derive(Debug, thiserror::Error)]

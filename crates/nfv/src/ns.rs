@@ -301,6 +301,29 @@ impl NsExecutor {
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Vec<LinkRecord> {
         let table = LinkTable::from_plan(plan);
+        // Endpoints not given are asked of the second VNF's site (a vinfra site relays
+        // the request into the guest through the host's agent).
+        let mut endpoints = endpoints.clone();
+        for cmd in plan.links() {
+            if let GenericCommand::ConnectLink { second, .. } = cmd {
+                if endpoints.contains_key(&second.vnf) {
+                    continue;
+                }
+                let found = match self.sites.get(&second.site) {
+                    Some(d) => d.link_endpoint(&second.vdu).await,
+                    None => Ok(None),
+                };
+                match found {
+                    Ok(Some(ep)) => {
+                        endpoints.insert(second.vnf.clone(), ep);
+                    }
+                    Ok(None) => {}
+                    // The link then fails with "no link endpoint", naming the VNF.
+                    Err(e) => tracing::warn!(vnf = second.vnf, error = %e, "no site link endpoint"),
+                }
+            }
+        }
+        let endpoints = &endpoints;
         // Step 1 per first CP: its id and the IP the *site* reports (not the planned one).
         let mut firsts = BTreeMap::new();
         for cmd in plan.links() {

@@ -37,6 +37,10 @@ pub struct AgentArgs {
     /// Most 64 KiB blocks each VM's cache holds on this host.
     #[arg(long, default_value_t = 16384)]
     pub cache_blocks: u64,
+    /// Where the agent takes seed-2 link requests for its guests' CPs (registered with
+    /// the control plane; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub link_listen: std::net::SocketAddr,
 }
 
 /// Parses `auto|kvm|tcg`.
@@ -75,6 +79,7 @@ pub async fn run(
     cfg.disks.origin_rate = args.origin_rate_mbps.saturating_mul(1_000_000);
     cfg.disks.origin_latency = std::time::Duration::from_millis(args.origin_latency_ms);
     cfg.disks.max_cache_blocks = args.cache_blocks.max(1);
+    cfg.link_listen = args.link_listen;
     tracing::info!(host = %cfg.host_name, server = %cfg.server_url, "agent starting");
     agent::run(cfg, async {
         let _ = crate::cmd::server::wait_for_signal().await;

@@ -122,6 +122,7 @@ async fn tenants_never_see_each_other() {
             drivers: vec!["qemu".into()],
             agent_url: None,
             nbd_addr: None,
+            link_addr: None,
         })
         .await
         .unwrap();

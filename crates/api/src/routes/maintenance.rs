@@ -531,6 +531,7 @@ mod tests {
             drivers: vec![],
             agent_url: None,
             nbd_addr: Some("127.0.0.1:1".into()),
+            link_addr: None,
             maintenance: None,
             last_heartbeat: 0,
             state: HostState::Up,

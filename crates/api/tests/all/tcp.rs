@@ -42,6 +42,7 @@ async fn client_drives_the_server_over_tcp() {
             drivers: vec!["process".into()],
             agent_url: None,
             nbd_addr: None,
+            link_addr: None,
         })
         .await
         .unwrap();

@@ -175,6 +175,12 @@ pub trait SiteDriver: Send + Sync + fmt::Debug {
     async fn cp_info(&self, vdu: &str, cp: &str) -> Result<CpInfo, DriverError>;
     /// Everything on the site that a driver of this kind manages.
     async fn inventory(&self) -> Result<SiteInventory, DriverError>;
+    /// Where the site itself takes seed-2 link requests for the CPs of `vdu` (its
+    /// software relays them into the guest), if it does; otherwise the NS needs an
+    /// explicit endpoint (a link agent) for the VNF.
+    async fn link_endpoint(&self, _vdu: &str) -> Result<Option<std::net::SocketAddr>, DriverError> {
+        Ok(None)
+    }
 }
 
 /// Runs one generic command on a site; AttachCp returns the CP's information.

@@ -260,6 +260,21 @@ impl SiteDriver for VinfraDriver {
         })
     }
 
+    /// The agent of the host running `vdu` relays link requests into the guest.
+    async fn link_endpoint(&self, vdu: &str) -> Result<Option<std::net::SocketAddr>, DriverError> {
+        let vm = self
+            .client
+            .get_vm(vdu)
+            .await
+            .map_err(|e| api("GET /v1/vms/{id}", e))?;
+        let host = self
+            .client
+            .get_host(vm.host.as_str())
+            .await
+            .map_err(|e| api("GET /v1/hosts/{name}", e))?;
+        Ok(host.link_addr.and_then(|a| a.parse().ok()))
+    }
+
     async fn inventory(&self) -> Result<SiteInventory, DriverError> {
         let vms = self
             .client
