@@ -61,6 +61,7 @@ use crate::routes;
         routes::ns_instances::list,
         routes::ns_instances::get,
         routes::ns_instances::delete,
+        routes::ns_instances::scale,
     ),
     components(schemas(model::api::Problem)),
     modifiers(&BearerAuth),

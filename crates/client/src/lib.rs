@@ -21,8 +21,8 @@ use std::time::Duration;
 use model::api::{
     Assignment, CreateImage, CreateNetwork, CreateNsInstance, CreateTenant, CreateToken, CreateVm,
     DescriptorUpload, EnterMaintenance, MigrateVm, MigrationReport, NsInstanceRecord,
-    ObservedReport, PlacementQuery, Problem, RegisterHost, StorageInventory, StoredDescriptor,
-    TenantCreated, TokenCreated,
+    ObservedReport, PlacementQuery, Problem, RegisterHost, ScaleNsInstance, StorageInventory,
+    StoredDescriptor, TenantCreated, TokenCreated,
 };
 use model::{
     Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Network, Tenant, Vm, VmId,
@@ -248,6 +248,20 @@ impl Client {
     pub async fn get_ns_instance(&self, name_or_id: &str) -> Result<NsInstanceRecord, ClientError> {
         self.json(Method::GET, &["v1", "ns-instances", name_or_id], NO_BODY)
             .await
+    }
+
+    /// `POST /v1/ns-instances/{name}/scale` (202: the state is `scaling` until done).
+    pub async fn scale_ns_instance(
+        &self,
+        name_or_id: &str,
+        req: &ScaleNsInstance,
+    ) -> Result<NsInstanceRecord, ClientError> {
+        self.json(
+            Method::POST,
+            &["v1", "ns-instances", name_or_id, "scale"],
+            Some(req),
+        )
+        .await
     }
 
     /// `DELETE /v1/ns-instances/{name}` (202: the record goes when every site is empty).

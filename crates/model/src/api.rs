@@ -703,6 +703,28 @@ pub enum NsState {
     Failed,
     /// Every site is removing what it made.
     Terminating,
+    /// A VNF is gaining or losing one VDU (the NS stays up meanwhile).
+    Scaling,
+}
+
+/// Which way to scale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleDirection {
+    /// One VDU more.
+    Out,
+    /// One VDU less (never below the VDU's minimum).
+    In,
+}
+
+/// `POST /v1/ns-instances/{name}/scale`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleNsInstance {
+    /// VNF id in the NSD.
+    pub vnf: String,
+    /// Out or in, by one VDU.
+    pub direction: ScaleDirection,
 }
 
 /// One VNF of an NS instance.
@@ -750,6 +772,10 @@ pub struct NsInstanceRecord {
     /// The plan: per-site generic commands (what terminate undoes).
     #[schema(value_type = Object)]
     pub plan: serde_json::Value,
+    /// Run-time CP information the sites reported, by CP id.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub cps: serde_json::Value,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use model::api::{CreateNsInstance, NsInstanceRecord, NsState, SiteSpec};
+use model::api::{
+    CreateNsInstance, NsInstanceRecord, NsState, ScaleDirection, ScaleNsInstance, SiteSpec,
+};
 
 use crate::cmd::Ctx;
 use crate::{output, progress};
@@ -120,6 +122,24 @@ pub enum NsCmd {
     Show {
         /// Instance name or id.
         ns: String,
+    },
+    /// Scale one VNF of an instantiated NS out or in by one VDU, and wait for it.
+    Scale {
+        /// Instance name or id.
+        ns: String,
+        /// The VNF (its id in the NSD).
+        #[arg(long)]
+        vnf: String,
+        /// One VDU more.
+        #[arg(
+            long,
+            conflicts_with = "scale_in",
+            required_unless_present = "scale_in"
+        )]
+        out: bool,
+        /// One VDU less.
+        #[arg(long = "in")]
+        scale_in: bool,
     },
     /// Terminate an NS instance on every site and wait until nothing is left.
     Terminate {
@@ -301,6 +321,48 @@ pub async fn run_ns(ctx: &Ctx, cmd: NsCmd) -> anyhow::Result<()> {
             for l in &r.links {
                 println!("{}", link_line(l));
             }
+            Ok(())
+        }
+        NsCmd::Scale {
+            ns,
+            vnf,
+            out,
+            scale_in: _,
+        } => {
+            let c = ctx.client()?;
+            let direction = if out {
+                ScaleDirection::Out
+            } else {
+                ScaleDirection::In
+            };
+            c.scale_ns_instance(
+                &ns,
+                &ScaleNsInstance {
+                    vnf: vnf.clone(),
+                    direction,
+                },
+            )
+            .await?;
+            let bar = progress::spinner(format!("scaling {vnf} of {ns}"));
+            let r = loop {
+                let r = c.get_ns_instance(&ns).await?;
+                if r.state != NsState::Scaling {
+                    break r;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            };
+            if let Some(e) = &r.error {
+                bar.abandon();
+                bail!("{e}");
+            }
+            let vdus = r
+                .vnf_instances
+                .iter()
+                .find(|v| v["vnfInstanceName"] == vnf.as_str())
+                .and_then(|v| v["instantiatedVnfInfo"]["vnfcResourceInfo"].as_array())
+                .map_or(0, Vec::len);
+            bar.finish_and_clear();
+            println!("{vnf} of {ns} now has {vdus} VDU(s)");
             Ok(())
         }
         NsCmd::Terminate { ns } => {

@@ -138,6 +138,44 @@ async fn ns_across_two_sites_links_its_vnfs_then_terminates_to_nothing() {
     .expect("the guest configured its CP interface");
     assert!(!admin.list_networks().await.unwrap().is_empty());
 
+    // Scale the second VNF out by one VDU (a third guest, its CP a NIC with the next
+    // address), then back in; below its minimum it refuses.
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &["ns", "scale", "edge", "--vnf", &second.vnf, "--out"],
+    );
+    assert!(ok, "scale out: {out}{err}\n{}", logs());
+    assert!(out.contains("now has 2 VDU(s)"), "{out}");
+    let vms = vms_named(&s, "edge-").await;
+    assert_eq!(vms.len(), 3, "{vms:?}");
+    let added = vms
+        .iter()
+        .find(|v| v.name.as_str() != first.vdu && v.name.as_str() != second.vdu)
+        .unwrap();
+    assert_eq!(added.observed, model::ObservedState::Running);
+    assert!(
+        added
+            .nics
+            .iter()
+            .all(|n| n.ip != first.ip && n.ip != second.ip),
+        "{added:?}"
+    );
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &["ns", "scale", "edge", "--vnf", &second.vnf, "--in"],
+    );
+    assert!(ok, "scale in: {out}{err}");
+    assert_eq!(vms_named(&s, "edge-").await.len(), 2);
+    let (ok, _, err) = cli(
+        &s,
+        &t,
+        &["ns", "scale", "edge", "--vnf", &second.vnf, "--in"],
+    );
+    assert!(!ok && err.contains("failed (nothing changed)"), "{err}");
+    assert_eq!(vms_named(&s, "edge-").await.len(), 2);
+
     // Terminate: nothing left on either site.
     let (ok, out, err) = cli(&s, &t, &["ns", "terminate", "edge"]);
     assert!(ok, "ns terminate: {out}{err}\n{}", logs());

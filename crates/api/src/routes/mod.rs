@@ -86,6 +86,7 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/v1/ns-instances/{name}",
             get(ns_instances::get).delete(ns_instances::delete),
         ),
+        ("/v1/ns-instances/{name}/scale", post(ns_instances::scale)),
         ("/v1/maintenance/{id}", get(maintenance::get)),
         ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
         ("/v1/migrations/{id}", get(migrations::get_migration)),
@@ -194,7 +195,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 49, "{served:?}");
+        assert_eq!(served.len(), 50, "{served:?}");
     }
 
     #[test]

@@ -17,7 +17,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use model::api::{
-    CreateNsInstance, NsInstanceRecord, NsState, NsVnfStatus, Problem, SiteSpec, StoredDescriptor,
+    CreateNsInstance, NsInstanceRecord, NsState, NsVnfStatus, Problem, ScaleDirection,
+    ScaleNsInstance, SiteSpec, StoredDescriptor,
 };
 use model::{Image, Role, TenantId};
 use nfv::driver::SiteDriver;
@@ -33,6 +34,16 @@ const DEFAULT_LINK_DEADLINE_MS: u64 = 10_000;
 
 fn ns_key(id: uuid::Uuid) -> String {
     format!("{}{id}", keys::NS_INSTANCES)
+}
+
+/// What a record's background task is doing, if it has one.
+fn busy(state: NsState) -> Option<&'static str> {
+    match state {
+        NsState::Instantiating => Some("instantiating"),
+        NsState::Terminating => Some("terminating"),
+        NsState::Scaling => Some("scaling"),
+        NsState::Instantiated | NsState::Failed => None,
+    }
 }
 
 fn redacted(mut r: NsInstanceRecord) -> NsInstanceRecord {
@@ -99,6 +110,7 @@ pub(crate) async fn create(
         vnf_instances: Vec::new(),
         plan: serde_json::to_value(&plan)
             .map_err(|e| ApiError::internal("encoding an NS plan", e))?,
+        cps: serde_json::Value::Null,
         error: None,
         elapsed_ms: None,
         created_at: now_ms(),
@@ -199,15 +211,10 @@ pub(crate) async fn delete(
         "terminating a network service",
     )?;
     let (mut rec, rev) = resolve(&state, caller.scope()?, &name).await?;
-    if matches!(rec.state, NsState::Instantiating | NsState::Terminating) {
+    if let Some(doing) = busy(rec.state) {
         return Err(ApiError::Conflict(format!(
-            "ns instance {} is {}; wait for it to finish",
-            rec.name,
-            if rec.state == NsState::Instantiating {
-                "instantiating"
-            } else {
-                "terminating"
-            }
+            "ns instance {} is {doing}; wait for it to finish",
+            rec.name
         )));
     }
     let plan: nfv::plan::NsPlan = serde_json::from_value(rec.plan.clone())
@@ -269,6 +276,102 @@ pub(crate) async fn delete(
     Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
 }
 
+/// Scales one VNF of an instantiated NS out or in by one VDU (202; the state is
+/// `scaling` until done; a failed scale-out is undone and reported in `error`).
+#[utoipa::path(post, path = "/v1/ns-instances/{name}/scale", tag = "nfv", request_body = ScaleNsInstance,
+    params(("name" = String, Path, description = "instance name or id")),
+    responses(
+        (status = 202, body = NsInstanceRecord),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not instantiated, or busy", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "unknown VNF", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn scale(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    AppPath(name): AppPath,
+    AppJson(body): AppJson<ScaleNsInstance>,
+) -> Result<(StatusCode, Json<NsInstanceRecord>), ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "scaling a network service")?;
+    let (mut rec, rev) = resolve(&state, caller.scope()?, &name).await?;
+    if rec.state != NsState::Instantiated {
+        return Err(ApiError::Conflict(format!(
+            "ns instance {} is {}; only an instantiated NS scales",
+            rec.name,
+            busy(rec.state).unwrap_or("failed")
+        )));
+    }
+    if !rec.vnfs.iter().any(|v| v.vnf == body.vnf) {
+        return Err(ApiError::Unprocessable(format!(
+            "vnf: ns instance {} has no VNF {}",
+            rec.name, body.vnf
+        )));
+    }
+    let inst = nfv::ns::NsInstance {
+        plan: serde_json::from_value(rec.plan.clone())
+            .map_err(|e| ApiError::internal(format!("decoding the plan of {}", rec.name), e))?,
+        cps: serde_json::from_value(rec.cps.clone()).unwrap_or_default(),
+        links: Vec::new(),
+        elapsed_ms: rec.elapsed_ms.unwrap_or(0),
+    };
+    let token = crate::extract::bearer(&headers)
+        .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
+        .to_owned();
+    let drivers = build_drivers(&state, &caller, rec.tenant, &rec.sites, &token).await?;
+    let id: uuid::Uuid = rec
+        .id
+        .parse()
+        .map_err(|e| ApiError::internal("stored ns instance id", e))?;
+    rec.state = NsState::Scaling;
+    rec.error = None;
+    match state
+        .store()
+        .cas(&ns_key(id), Some(rev), to_bytes(&rec)?)
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::Conflict(format!(
+                "ns instance {} changed concurrently, retry",
+                rec.name
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let executor = NsExecutor::new(drivers, Duration::from_millis(rec.link_deadline_ms));
+    let (st, mut r) = (state.clone(), rec.clone());
+    tokio::spawn(async move {
+        let mut inst = inst;
+        let out = body.direction == ScaleDirection::Out;
+        let word = if out { "out" } else { "in" };
+        match executor.scale(&mut inst, &body.vnf, out).await {
+            Ok(vdu) => {
+                tracing::info!(ns = %r.name, vnf = body.vnf, vdu, "scaled {word}");
+                if let Ok(p) = serde_json::to_value(&inst.plan) {
+                    r.plan = p;
+                }
+                r.cps = serde_json::to_value(&inst.cps).unwrap_or_default();
+                r.vnf_instances = r
+                    .vnfs
+                    .iter()
+                    .filter_map(|v| inst.vnf_instance_sol003(&v.vnf))
+                    .collect();
+            }
+            Err(e) => {
+                r.error = Some(format!(
+                    "scale {word} of {} failed (nothing changed): {}",
+                    body.vnf,
+                    error_chain(&e)
+                ));
+            }
+        }
+        r.state = NsState::Instantiated;
+        save(&st, id, &r).await;
+    });
+    Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
+}
+
 /// Marks instances a previous server process left mid-way as failed: their tasks died
 /// with it. Their plans are stored, so `DELETE` cleans up every site.
 pub(crate) async fn recover(state: &AppState) {
@@ -280,17 +383,19 @@ pub(crate) async fn recover(state: &AppState) {
         }
     };
     for (mut r, _) in recs {
-        if matches!(r.state, NsState::Instantiating | NsState::Terminating) {
+        if let Some(doing) = busy(r.state) {
             let Ok(id) = r.id.parse::<uuid::Uuid>() else {
                 continue;
             };
+            // A VDU being added by an interrupted scale-out is not in the stored plan yet:
+            // the message says so rather than promising a clean DELETE.
+            let extra = if r.state == NsState::Scaling {
+                " (a VDU being added may remain on its site)"
+            } else {
+                ""
+            };
             r.error = Some(format!(
-                "interrupted by a server restart while {}; DELETE it to remove what was made",
-                if r.state == NsState::Instantiating {
-                    "instantiating"
-                } else {
-                    "terminating"
-                }
+                "interrupted by a server restart while {doing}; DELETE it to remove what was made{extra}"
             ));
             r.state = NsState::Failed;
             save(state, id, &r).await;
@@ -371,6 +476,7 @@ async fn run_instantiate(
         Ok(inst) => {
             r.state = NsState::Instantiated;
             r.elapsed_ms = Some(inst.elapsed_ms);
+            r.cps = serde_json::to_value(&inst.cps).unwrap_or_default();
             r.links = inst
                 .links
                 .iter()
