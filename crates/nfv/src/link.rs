@@ -272,20 +272,35 @@ async fn connect_as_second(vnf: &str, cps: &[AgentCp], req: &LinkRequest) -> Lin
         return fail(format!("VNF {vnf} has no CP {}", req.second_cp));
     };
     let local = SocketAddr::new(IpAddr::V4(cp.ip), 0);
-    let sock = match in_netns(cp.netns.as_deref(), move || {
-        let s = TcpSocket::new_v4()?;
-        s.bind(local)?;
-        Ok(s)
-    }) {
-        Ok(s) => s,
-        Err(e) => return fail(format!("cannot bind CP {} at {local}: {e}", cp.id)),
+    let netns = cp.netns.clone();
+    let bound = move || {
+        in_netns(netns.as_deref(), move || {
+            let s = TcpSocket::new_v4()?;
+            s.bind(local)?;
+            Ok(s)
+        })
     };
+    if let Err(e) = bound() {
+        return fail(format!("cannot bind CP {} at {local}: {e}", cp.id));
+    }
     let peer = SocketAddr::new(IpAddr::V4(req.first_ip), req.port);
+    let last_error = std::sync::Mutex::new(None::<String>);
     let exchange = async {
-        let mut s: TcpStream = sock
-            .connect(peer)
-            .await
-            .map_err(|e| format!("connect to {peer}: {e}"))?;
+        // The first VNF may still be booting (no ARP answer, nothing listening yet):
+        // retry the connection until the deadline below ends the exchange.
+        let mut s: TcpStream = loop {
+            let sock = bound().map_err(|e| format!("cannot bind CP at {local}: {e}"))?;
+            match sock.connect(peer).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "link connect failed; retrying");
+                    if let Ok(mut l) = last_error.lock() {
+                        *l = Some(e.to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
         let hello = format!("LINK {} FROM {} TO {}\n", req.link, cp.id, req.first_cp);
         s.write_all(hello.as_bytes())
             .await
@@ -312,8 +327,14 @@ async fn connect_as_second(vnf: &str, cps: &[AgentCp], req: &LinkRequest) -> Lin
         },
         Ok(Err(e)) => fail(e),
         Err(_) => fail(format!(
-            "no answer from {peer} within {} ms",
-            req.timeout_ms
+            "no answer from {peer} within {} ms{}",
+            req.timeout_ms,
+            last_error
+                .lock()
+                .ok()
+                .and_then(|l| l.clone())
+                .map(|e| format!(" (last try: {e})"))
+                .unwrap_or_default()
         )),
     }
 }

@@ -6,7 +6,15 @@ mod crash;
 mod harness;
 mod maintenance;
 mod migration;
+// The libvirtd fixture and namespaces of the nfv tests, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../../../../crates/nfv/tests/all/libvirtd.rs"]
+mod libvirtd;
+#[allow(dead_code)]
+#[path = "../../../../crates/nfv/tests/all/netns.rs"]
+mod netns;
 mod ns;
+mod ns_libvirt;
 mod redundancy;
 mod traffic;
 mod vm_lifecycle;
