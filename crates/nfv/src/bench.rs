@@ -1,16 +1,22 @@
-//! `vinfra bench ns`: time to instantiate an NS of N VNFs over two simulated sites.
+//! `vinfra bench ns`: time to instantiate an NS of N VNFs over two sites.
 //!
-//! Each VDU takes a fixed boot time on its [`SimDriver`] site; the executor runs sites and
-//! VNFs in parallel, so the total should stay near one boot time as N grows (OSM-style
-//! one-after-another instantiation would grow as N × boot).
+//! [`bench_ns`]: each VDU takes a fixed boot time on its [`SimDriver`] site; the executor
+//! runs sites and VNFs in parallel, so the total should stay near one boot time as N grows
+//! (OSM-style one-after-another instantiation would grow as N × boot).
+//!
+//! [`bench_ns_process`]: the same over two [`ProcessDriver`] sites (real namespaces, veths,
+//! bridges and processes), each VNF with a CP on its own internal network, measured side
+//! by side with the *same* commands run one VNF after another (OSM's order) on the same
+//! sites.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::descriptor::{validate_nsd, validate_vnfd, Vnfd};
+use crate::driver::process::{ProcessConfig, ProcessDriver};
 use crate::driver::sim::SimDriver;
-use crate::driver::SiteDriver;
+use crate::driver::{apply, SiteDriver};
 use crate::ns::{NsExecutor, Progress};
 use crate::plan::plan_ns;
 
@@ -59,6 +65,122 @@ topology_template:
       artifacts:
         sw_image: {type: tosca.artifacts.nfv.SwImage, file: default}
 ";
+
+/// The process bench's VNF: one VDU with one CP on an internal network.
+const VNFD_CP: &str = "tosca_definitions_version: tosca_simple_yaml_1_3
+metadata: {descriptor_id: vnfd-bench}
+topology_template:
+  node_templates:
+    vdu:
+      type: tosca.nodes.nfv.VDU.Compute
+      properties: {name: vdu}
+      capabilities:
+        virtual_compute:
+          properties:
+            virtual_cpu: {num_virtual_cpu: 1}
+            virtual_memory: {virtual_mem_size: 64 MiB}
+      artifacts:
+        sw_image: {type: tosca.artifacts.nfv.SwImage, file: default}
+    cp:
+      type: tosca.nodes.nfv.VduCp
+      properties: {layer_protocols: [ipv4], order: 0}
+      requirements:
+        - virtual_binding: vdu
+        - virtual_link: vl
+    vl:
+      type: tosca.nodes.nfv.VnfVirtualLink
+      properties:
+        connectivity_type: {layer_protocols: [ipv4]}
+        vl_profile:
+          virtual_link_protocol_data:
+            - associated_layer_protocol: ipv4
+              l3_protocol_data: {ip_version: ipv4, cidr: 10.62.0.0/24}
+";
+
+/// One process-site measurement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessRow {
+    /// VNFs in the NS.
+    pub vnfs: usize,
+    /// Instantiation by the executor (sites and VNFs in parallel).
+    pub parallel: Duration,
+    /// The same commands, one VNF after another (networks first), measured.
+    pub sequential: Duration,
+    /// Terminate by the executor.
+    pub terminate: Duration,
+}
+
+/// Instantiates an NS of each size over two process sites in parallel, terminates it,
+/// then runs the same commands one VNF after another and tears them down. Needs root and
+/// `ip`; `tag` keeps the namespaces apart from other runs.
+pub async fn bench_ns_process(sizes: &[usize], tag: &str) -> Result<Vec<ProcessRow>, BenchError> {
+    let vnfd: Vnfd = validate_vnfd(VNFD_CP).map_err(errs)?;
+    let sites: BTreeMap<String, Arc<dyn SiteDriver>> = ["site-a", "site-b"]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let d = ProcessDriver::new(ProcessConfig {
+                tag: format!("{tag}{i}"),
+                images: vec!["default".into()],
+                program: vec!["sleep".into(), "infinity".into()],
+            });
+            ((*s).to_owned(), Arc::new(d) as Arc<dyn SiteDriver>)
+        })
+        .collect();
+    let exec = NsExecutor::new(sites.clone(), Duration::from_secs(5));
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let nsd = validate_nsd(&nsd_text(n), std::slice::from_ref(&vnfd)).map_err(errs)?;
+        let plan = plan_ns(
+            &format!("pb{n}"),
+            &nsd,
+            std::slice::from_ref(&vnfd),
+            &exec.site_names(),
+        )?;
+        let t = Instant::now();
+        let inst = exec
+            .instantiate(&plan, &BTreeMap::new(), &|_: Progress| {})
+            .await?;
+        let parallel = t.elapsed();
+        let t = Instant::now();
+        exec.terminate(&inst.plan).await?;
+        let terminate = t.elapsed();
+        // The baseline: every command of every site, one after another.
+        let t = Instant::now();
+        let mut failed = None;
+        'all: for sp in &plan.sites {
+            let Some(d) = sites.get(&sp.site) else {
+                continue;
+            };
+            for c in sp.commands() {
+                if matches!(c, crate::plan::GenericCommand::ConnectLink { .. }) {
+                    continue;
+                }
+                if let Err(e) = apply(d.as_ref(), &c).await {
+                    failed = Some(crate::ns::InstantiateError::Site {
+                        site: sp.site.clone(),
+                        vnf: None,
+                        err: Box::new(e),
+                        rollback: Vec::new(),
+                    });
+                    break 'all;
+                }
+            }
+        }
+        let sequential = t.elapsed();
+        exec.terminate(&plan).await?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        rows.push(ProcessRow {
+            vnfs: n,
+            parallel,
+            sequential,
+            terminate,
+        });
+    }
+    Ok(rows)
+}
 
 fn nsd_text(n: usize) -> String {
     let mut s = String::from(

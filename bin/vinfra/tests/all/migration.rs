@@ -170,9 +170,13 @@ async fn the_destination_finishes_from_the_restarted_source_cache_after_a_kill9(
         p1.peer_bytes > p0.peer_bytes,
         "the rest came from the restarted source cache: {p0:?} -> {p1:?}"
     );
-    assert_eq!(
-        p1.origin_bytes, p0.origin_bytes,
-        "not one byte more from the origin after the crash"
+    // Nothing more from the origin after the crash, except the one block the guest keeps
+    // rewriting (its sequence record, 4 KiB in the first 64 KiB block of the disk's last
+    // MiB): a write after the snapshot makes the peer's copy stale, so the destination
+    // must take that block from the origin, crash or no crash.
+    assert!(
+        p1.origin_bytes.saturating_sub(p0.origin_bytes) <= 64 * 1024,
+        "at most the guest's rewritten block from the origin after the crash: {p0:?} -> {p1:?}"
     );
     let log = test_utils::log_tail(&a_dir.join("agent.log"), 400);
     assert!(

@@ -12,6 +12,7 @@ pub mod conformance;
 pub mod kubernetes;
 pub mod libvirt;
 pub mod openstack;
+pub mod process;
 pub mod sim;
 pub mod vinfra;
 

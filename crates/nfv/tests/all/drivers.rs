@@ -95,7 +95,49 @@ async fn kubernetes_driver_passes_conformance_against_the_fake() {
 }
 
 #[tokio::test]
+async fn process_driver_passes_conformance_with_real_namespaces() {
+    let tag = format!("c{}", std::process::id());
+    let d = nfv::driver::process::ProcessDriver::new(nfv::driver::process::ProcessConfig {
+        tag: tag.clone(),
+        images: vec!["default".into()],
+        program: vec!["sleep".into(), "infinity".into()],
+    });
+    run_all(&d, "conf-proc", "default").await.unwrap();
+    // Nothing of the site is left in the kernel.
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.contains(&tag))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(left, Vec::<String>::new());
+}
+
+#[tokio::test]
 async fn sim_driver_passes_conformance() {
     let d = nfv::driver::sim::SimDriver::new(Duration::from_millis(10), &["default"]);
     run_all(&d, "conf-sim", "default").await.unwrap();
+}
+
+#[tokio::test]
+async fn process_bench_measures_both_orders_and_leaves_nothing() {
+    let tag = format!("t{}", std::process::id());
+    let rows = nfv::bench::bench_ns_process(&[2, 6], &tag).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.vnfs).collect::<Vec<_>>(), [2, 6]);
+    for r in &rows {
+        assert!(
+            r.parallel > std::time::Duration::ZERO && r.sequential > r.parallel / 4,
+            "{r:?}"
+        );
+    }
+    let left = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(&tag))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(left, 0, "namespaces left behind");
 }
