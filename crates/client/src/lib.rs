@@ -264,6 +264,18 @@ impl Client {
         .await
     }
 
+    /// `DELETE /v1/ns-instances/{name}?forget=true`: drops a failed instance's record
+    /// without contacting its sites (whatever they still hold is the caller's to clean).
+    pub async fn forget_ns_instance(&self, name_or_id: &str) -> Result<(), ClientError> {
+        self.send_query(
+            Method::DELETE,
+            &["v1", "ns-instances", name_or_id],
+            Some("forget=true"),
+        )
+        .await
+        .map(drop)
+    }
+
     /// `DELETE /v1/ns-instances/{name}` (202: the record goes when every site is empty).
     pub async fn delete_ns_instance(
         &self,
@@ -557,23 +569,34 @@ impl Client {
     /// `GET /v1/traffic?window_s=N`: the domain's traffic report (JSON as served).
     pub async fn traffic(&self, window_s: Option<u64>) -> Result<serde_json::Value, ClientError> {
         let segments = ["v1", "traffic"];
-        let mut url = self.url(&segments);
-        if let Some(s) = window_s {
-            url.set_query(Some(&format!("window_s={s}")));
-        }
+        let query = window_s.map(|s| format!("window_s={s}"));
+        let res = self
+            .send_query(Method::GET, &segments, query.as_deref())
+            .await?;
+        self.decode(Method::GET, &segments, res).await
+    }
+
+    /// `method` on `segments` with a query string and no body, status checked.
+    async fn send_query(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: Option<&str>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut url = self.url(segments);
+        url.set_query(query);
         let res = self
             .http
-            .get(url)
+            .request(method.clone(), url)
             .bearer_auth(&self.token)
             .send()
             .await
             .map_err(|source| ClientError::Transport {
-                method: Method::GET,
+                method: method.clone(),
                 path: segments.join("/"),
                 source,
             })?;
-        let res = Self::check(Method::GET, segments.join("/"), res).await?;
-        self.decode(Method::GET, &segments, res).await
+        Self::check(method, segments.join("/"), res).await
     }
 
     // ---- meta ----

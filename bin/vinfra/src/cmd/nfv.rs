@@ -145,6 +145,10 @@ pub enum NsCmd {
     Terminate {
         /// Instance name or id.
         ns: String,
+        /// Only drop the record of a failed instance, without contacting its sites (when a
+        /// site is gone for good; what it still holds is yours to clean).
+        #[arg(long)]
+        forget: bool,
     },
 }
 
@@ -365,7 +369,12 @@ pub async fn run_ns(ctx: &Ctx, cmd: NsCmd) -> anyhow::Result<()> {
             println!("{vnf} of {ns} now has {vdus} VDU(s)");
             Ok(())
         }
-        NsCmd::Terminate { ns } => {
+        NsCmd::Terminate { ns, forget: true } => {
+            ctx.client()?.forget_ns_instance(&ns).await?;
+            eprintln!("ns {ns} forgotten; its sites were not contacted");
+            Ok(())
+        }
+        NsCmd::Terminate { ns, forget: false } => {
             let c = ctx.client()?;
             c.delete_ns_instance(&ns).await?;
             let bar = progress::spinner(format!("terminating {ns} on every site"));

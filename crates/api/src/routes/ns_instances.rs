@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use model::api::{
@@ -191,12 +191,24 @@ pub(crate) async fn get(
     )))
 }
 
+/// `DELETE /v1/ns-instances/{name}?forget=true`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeleteParams {
+    /// Remove the record without contacting the sites (after a terminate failed because a
+    /// site is gone for good): whatever that site still holds is the caller's to clean.
+    #[serde(default)]
+    forget: bool,
+}
+
 /// Terminates an NS instance on every site (202; the record goes when every site is
-/// empty, or turns `failed` with the reasons).
+/// empty, or turns `failed` with the reasons). With `forget=true` on a failed instance,
+/// only the record goes (204).
 #[utoipa::path(delete, path = "/v1/ns-instances/{name}", tag = "nfv",
-    params(("name" = String, Path, description = "instance name or id")),
+    params(("name" = String, Path, description = "instance name or id"), DeleteParams),
     responses(
         (status = 202, body = NsInstanceRecord),
+        (status = 204, description = "forgotten (forget=true)"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "still instantiating or terminating", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -205,17 +217,43 @@ pub(crate) async fn delete(
     caller: Caller,
     headers: HeaderMap,
     AppPath(name): AppPath,
-) -> Result<(StatusCode, Json<NsInstanceRecord>), ApiError> {
+    q: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     caller.require(
         &[Role::Admin, Role::Member],
         "terminating a network service",
     )?;
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
     let (mut rec, rev) = resolve(&state, caller.scope()?, &name).await?;
     if let Some(doing) = busy(rec.state) {
         return Err(ApiError::Conflict(format!(
             "ns instance {} is {doing}; wait for it to finish",
             rec.name
         )));
+    }
+    if q.forget {
+        if rec.state != NsState::Failed {
+            return Err(ApiError::Conflict(format!(
+                "forget: ns instance {} is not failed; terminate it (DELETE without forget)",
+                rec.name
+            )));
+        }
+        let id: uuid::Uuid = rec
+            .id
+            .parse()
+            .map_err(|e| ApiError::internal("stored ns instance id", e))?;
+        return match remove_record(&state, id, &rec, Some(rev)).await {
+            Ok(_) => {
+                tracing::warn!(ns = %rec.name, "ns instance forgotten without terminate");
+                Ok(StatusCode::NO_CONTENT.into_response())
+            }
+            Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
+                "ns instance {} changed concurrently, retry",
+                rec.name
+            ))),
+            Err(e) => Err(e.into()),
+        };
     }
     let plan: nfv::plan::NsPlan = serde_json::from_value(rec.plan.clone())
         .map_err(|e| ApiError::internal(format!("decoding the plan of {}", rec.name), e))?;
@@ -247,24 +285,10 @@ pub(crate) async fn delete(
     let (st, r) = (state.clone(), rec.clone());
     tokio::spawn(async move {
         match executor.terminate(&plan).await {
-            Ok(()) => {
-                let res = st
-                    .store()
-                    .txn(
-                        vec![],
-                        vec![
-                            TxnOp::Delete { key: ns_key(id) },
-                            TxnOp::Delete {
-                                key: keys::ns_name(r.tenant, &r.name),
-                            },
-                        ],
-                    )
-                    .await;
-                match res {
-                    Ok(_) => tracing::info!(ns = %r.name, "network service terminated"),
-                    Err(e) => tracing::error!(ns = %r.name, error = %e, "cannot remove the record"),
-                }
-            }
+            Ok(()) => match remove_record(&st, id, &r, None).await {
+                Ok(_) => tracing::info!(ns = %r.name, "network service terminated"),
+                Err(e) => tracing::error!(ns = %r.name, error = %e, "cannot remove the record"),
+            },
             Err(e) => {
                 let mut r = r;
                 r.state = NsState::Failed;
@@ -273,7 +297,7 @@ pub(crate) async fn delete(
             }
         }
     });
-    Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
+    Ok((StatusCode::ACCEPTED, Json(redacted(rec))).into_response())
 }
 
 /// Scales one VNF of an instantiated NS out or in by one VDU (202; the state is
@@ -401,6 +425,34 @@ pub(crate) async fn recover(state: &AppState) {
             save(state, id, &r).await;
         }
     }
+}
+
+/// Deletes a record and its name index (if it is still at `rev`, when given).
+async fn remove_record(
+    state: &AppState,
+    id: uuid::Uuid,
+    rec: &NsInstanceRecord,
+    rev: Option<Revision>,
+) -> Result<Revision, StoreError> {
+    let compares = rev
+        .map(|r| Compare::ModRevision {
+            key: ns_key(id),
+            expect: Some(r),
+        })
+        .into_iter()
+        .collect();
+    state
+        .store()
+        .txn(
+            compares,
+            vec![
+                TxnOp::Delete { key: ns_key(id) },
+                TxnOp::Delete {
+                    key: keys::ns_name(rec.tenant, &rec.name),
+                },
+            ],
+        )
+        .await
 }
 
 async fn save(state: &AppState, id: uuid::Uuid, rec: &NsInstanceRecord) {

@@ -3,5 +3,6 @@
 
 mod harness;
 mod networks;
+mod ns;
 mod routes;
 mod tcp;
