@@ -126,6 +126,16 @@ impl ProcessDriver {
         Ok(())
     }
 
+    /// Removes the site's namespace once it holds no network and no VDU.
+    async fn drop_site_if_empty(&self) -> Result<(), DriverError> {
+        let site = self.site_ns();
+        let empty = self.networks.lock().await.is_empty() && self.vdus.lock().await.is_empty();
+        if empty && netns_exists(&site) {
+            ip(&["netns", "del", &site]).await?;
+        }
+        Ok(())
+    }
+
     async fn build(&self, spec: &VduSpec, ns: &str) -> Result<Child, DriverError> {
         ip(&["netns", "add", ns]).await?;
         ip(&["-n", ns, "link", "set", "lo", "up"]).await?;
@@ -196,12 +206,8 @@ impl SiteDriver for ProcessDriver {
         if netns_exists(&site) && ip(&["-n", &site, "link", "show", &br]).await.is_ok() {
             ip(&["-n", &site, "link", "del", &br]).await?;
         }
-        let mut nets = self.networks.lock().await;
-        nets.remove(name);
-        if nets.is_empty() && netns_exists(&site) && self.vdus.lock().await.is_empty() {
-            ip(&["netns", "del", &site]).await?;
-        }
-        Ok(())
+        self.networks.lock().await.remove(name);
+        self.drop_site_if_empty().await
     }
 
     async fn create_vdu(&self, spec: &VduSpec) -> Result<(), DriverError> {
@@ -255,7 +261,7 @@ impl SiteDriver for ProcessDriver {
         if netns_exists(&ns) {
             ip(&["netns", "del", &ns]).await?;
         }
-        Ok(())
+        self.drop_site_if_empty().await
     }
 
     async fn cp_info(&self, vdu: &str, cp: &str) -> Result<CpInfo, DriverError> {
