@@ -30,6 +30,7 @@ pub fn registration(
         agent_url: None,
         nbd_addr: Some(nbd.to_string()),
         link_addr: Some(link.to_string()),
+        uplink_ip: cfg.uplink_ip.map(|ip| ip.to_string()),
     }
 }
 

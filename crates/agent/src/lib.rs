@@ -59,6 +59,9 @@ pub struct AgentConfig {
     pub disks: disks::DiskConfig,
     /// Where link requests for this host's guests are taken ([`linkrelay`]).
     pub link_listen: std::net::SocketAddr,
+    /// This host's data-network address: when set, every VM network's bridge gets a VXLAN
+    /// port towards the other hosts' ([`netdev::Uplink`]). One agent per machine then.
+    pub uplink_ip: Option<std::net::Ipv4Addr>,
 }
 
 impl AgentConfig {
@@ -79,6 +82,7 @@ impl AgentConfig {
             },
             data_dir,
             link_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            uplink_ip: None,
         }
     }
 }
@@ -167,6 +171,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         driver,
         disks,
         vms: BTreeMap::new(),
+        uplink: None,
     };
     agent.adopt_existing().await;
     loop {
@@ -232,6 +237,8 @@ pub(crate) struct Agent {
     pub(crate) driver: Arc<dyn ComputeDriver>,
     pub(crate) disks: Arc<disks::DiskStack>,
     pub(crate) vms: BTreeMap<VmId, LocalVm>,
+    /// The VXLAN uplink of VM networks, when this host has a data-network address.
+    pub(crate) uplink: Option<netdev::Uplink>,
 }
 
 impl Agent {
@@ -260,7 +267,33 @@ impl Agent {
         }
     }
 
+    /// Learns the other hosts' data-network addresses and points every VXLAN port of
+    /// this host's bridges at them (hosts come and go).
+    async fn refresh_uplink(&mut self) {
+        let Some(local) = self.cfg.uplink_ip else {
+            return;
+        };
+        let hosts = match self.client.list_hosts().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list hosts for the uplink");
+                return;
+            }
+        };
+        let peers: Vec<std::net::Ipv4Addr> = hosts
+            .iter()
+            .filter(|h| h.name.as_str() != self.cfg.host_name)
+            .filter(|h| h.state == model::HostState::Up)
+            .filter_map(|h| h.uplink_ip.as_deref()?.parse().ok())
+            .filter(|ip| *ip != local)
+            .collect();
+        let uplink = netdev::Uplink { local, peers };
+        netdev::sync_uplinks(&uplink).await;
+        self.uplink = Some(uplink);
+    }
+
     async fn reconcile_once(&mut self) {
+        self.refresh_uplink().await;
         let assignments = match self.client.assignments(&self.cfg.host_name).await {
             Ok(a) => a,
             Err(e) => {
@@ -388,6 +421,7 @@ impl Agent {
                     &files,
                     a,
                     self.cfg.accel,
+                    self.uplink.as_ref(),
                     &mut vm,
                 )
                 .await;

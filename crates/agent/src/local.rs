@@ -248,11 +248,12 @@ pub async fn start(
     files: &VmFiles,
     a: &Assignment,
     accel: Accel,
+    uplink: Option<&netdev::Uplink>,
     vm: &mut LocalVm,
 ) -> Result<(), StartError> {
     let spec = vm_spec(files, a, accel, disks.addr())?;
     let cache = ensure_cache(disks, files, a, vm).await?;
-    netdev::plug(&files.dir, &a.vm.nics).await?;
+    netdev::plug(&files.dir, &a.vm.nics, uplink).await?;
     disks.export(a.vm.id, &cache);
     driver.start(&spec).await?;
     Ok(())

@@ -403,7 +403,7 @@ impl Agent {
                 tracing::info!(migration = %m.id, installed = done.installed, "full copy done before switch-over");
             }
         }
-        crate::netdev::plug(files.run_dir(), &a.vm.nics)
+        crate::netdev::plug(files.run_dir(), &a.vm.nics, self.uplink.as_ref())
             .await
             .map_err(local::StartError::from)?;
         self.disks.export(id, &cache);

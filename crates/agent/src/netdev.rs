@@ -5,8 +5,11 @@
 //! - The bridge is named after the network (`vbr` + 8 hex digits of its id), not after
 //!   the host, so every agent on one machine plugs into the same segment: VMs of one
 //!   network on two hosts of a single-machine deployment (`vinfra up`, the tests) reach
-//!   each other through it. Joining bridges of different machines (VXLAN over the data
-//!   network) is not built yet; see docs/NET.md.
+//!   each other through it.
+//! - Machines are joined per network by VXLAN when the agent has an uplink address
+//!   (`--uplink-ip`): a `vx<8 hex>` port on the bridge, VNI from the network id, flooding
+//!   to every other host's uplink address (head-end replication, MACs learned). One agent
+//!   per machine then: two VXLAN ports on one shared bridge would loop.
 //! - Bridges carry no IP address, so the host never routes or answers for guest
 //!   traffic; guests only reach guests on their own network.
 //! - Tap names derive from the VM's run dir (unique per host and VM), so the source and
@@ -21,6 +24,29 @@ use model::{NetworkId, Nic};
 pub const BRIDGE_PREFIX: &str = "vbr";
 /// Prefix of every tap vinfra makes.
 pub const TAP_PREFIX: &str = "vtp";
+/// Prefix of every VXLAN port vinfra makes.
+pub const VXLAN_PREFIX: &str = "vvx";
+/// The IANA VXLAN port.
+pub const VXLAN_PORT: &str = "4789";
+
+/// This host's end of the VM networks' tunnels and the other hosts' ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    /// This host's data-network address.
+    pub local: std::net::Ipv4Addr,
+    /// The other hosts' (up ones, with an uplink).
+    pub peers: Vec<std::net::Ipv4Addr>,
+}
+
+/// The VXLAN network identifier of `net`: 24 bits of its id (never 0).
+pub fn vni(net: NetworkId) -> u32 {
+    let b = net.0.as_bytes();
+    u32::from_be_bytes([0, b[0], b[1], b[2]]).max(1)
+}
+
+fn vxlan_name(net: NetworkId) -> String {
+    format!("{VXLAN_PREFIX}{}", &net.0.simple().to_string()[..8])
+}
 
 /// Why a NIC could not be plugged.
 #[derive(Debug, thiserror::Error)]
@@ -110,9 +136,14 @@ pub fn attachments(run_dir: &Path, nics: &[Nic]) -> Vec<compute::NicAttach> {
 /// relay finds the guest that owns a CP, also after an agent restart.
 pub const CPS_FILE: &str = "cps";
 
-/// Creates (or reuses) the taps of a VM's NICs and plugs each into its network's bridge,
-/// and records the VM's CP names for the link relay.
-pub async fn plug(run_dir: &Path, nics: &[Nic]) -> Result<(), NetdevError> {
+/// Creates (or reuses) the taps of a VM's NICs and plugs each into its network's bridge
+/// (with its VXLAN port when there is an uplink), and records the VM's CP names for the
+/// link relay.
+pub async fn plug(
+    run_dir: &Path,
+    nics: &[Nic],
+    uplink: Option<&Uplink>,
+) -> Result<(), NetdevError> {
     let names: String = nics
         .iter()
         .filter_map(|n| n.name.as_ref().map(|n| format!("{n}\n")))
@@ -134,9 +165,84 @@ pub async fn plug(run_dir: &Path, nics: &[Nic]) -> Result<(), NetdevError> {
             ensure_bridge(&br).await?;
             ip(&["link", "set", &tap, "master", &br, "up"]).await?;
         }
+        if let Some(up) = uplink {
+            ensure_vxlan(nic.network, &br, up).await?;
+        }
         tracing::debug!(tap, bridge = br, ip = %nic.ip, "nic plugged");
     }
     Ok(())
+}
+
+async fn ensure_vxlan(net: NetworkId, br: &str, up: &Uplink) -> Result<(), NetdevError> {
+    let vx = vxlan_name(net);
+    if !exists(&vx) {
+        let (id, local) = (vni(net).to_string(), up.local.to_string());
+        ip(&[
+            "link", "add", &vx, "type", "vxlan", "id", &id, "local", &local, "dstport", VXLAN_PORT,
+        ])
+        .await?;
+    }
+    ip(&["link", "set", &vx, "master", br, "up"]).await?;
+    sync_fdb(&vx, &up.peers).await
+}
+
+async fn tool(bin: &str, args: &[&str]) -> Result<String, NetdevError> {
+    let out = tokio::process::Command::new(bin)
+        .args(args)
+        .output()
+        .await
+        .map_err(NetdevError::Spawn)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetdevError::Ip {
+            args: format!("{bin} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Makes the flood entries of VXLAN port `vx` exactly `peers`.
+async fn sync_fdb(vx: &str, peers: &[std::net::Ipv4Addr]) -> Result<(), NetdevError> {
+    const ALL: &str = "00:00:00:00:00:00";
+    let shown = tool("bridge", &["fdb", "show", "dev", vx]).await?;
+    let have: Vec<String> = shown
+        .lines()
+        .filter(|l| l.starts_with(ALL))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.find(|x| *x == "dst")?;
+            w.next().map(str::to_owned)
+        })
+        .collect();
+    for p in peers.iter().map(ToString::to_string) {
+        if !have.contains(&p) {
+            tool("bridge", &["fdb", "append", ALL, "dev", vx, "dst", &p]).await?;
+        }
+    }
+    for old in have
+        .iter()
+        .filter(|h| !peers.iter().any(|p| p.to_string() == **h))
+    {
+        tool("bridge", &["fdb", "del", ALL, "dev", vx, "dst", old]).await?;
+    }
+    Ok(())
+}
+
+/// Points every VXLAN port on this machine at `up.peers` (best effort, logged).
+pub async fn sync_uplinks(up: &Uplink) {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return;
+    };
+    let ports: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(VXLAN_PREFIX))
+        .collect();
+    for vx in ports {
+        if let Err(e) = sync_fdb(&vx, &up.peers).await {
+            tracing::warn!(port = vx, error = %e, "cannot update VXLAN peers");
+        }
+    }
 }
 
 fn ip_sync(args: &[&str]) -> Result<(), NetdevError> {
@@ -189,10 +295,21 @@ pub fn unplug(run_dir: &Path) {
             tracing::warn!(tap, error = %e, "cannot remove tap");
         }
         if let Some(br) = master.filter(|b| b.starts_with(BRIDGE_PREFIX)) {
-            let empty = std::fs::read_dir(Path::new("/sys/class/net").join(&br).join("brif"))
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false);
-            if empty {
+            // Left with no port but our VXLAN one: the network has no VM here any more.
+            let ports: Vec<String> =
+                std::fs::read_dir(Path::new("/sys/class/net").join(&br).join("brif"))
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_else(|_| vec![String::from("?")]);
+            if ports.iter().all(|p| p.starts_with(VXLAN_PREFIX)) {
+                for vx in &ports {
+                    if let Err(e) = ip_sync(&["link", "del", vx]) {
+                        tracing::debug!(port = vx, error = %e, "vxlan port not removed");
+                    }
+                }
                 if let Err(e) = ip_sync(&["link", "del", &br]) {
                     tracing::debug!(bridge = br, error = %e, "bridge not removed");
                 }

@@ -137,6 +137,7 @@ mod tests {
             agent_url: None,
             nbd_addr: None,
             link_addr: None,
+            uplink_ip: None,
             maintenance: None,
             last_heartbeat: 0,
             state,

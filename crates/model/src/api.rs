@@ -140,6 +140,9 @@ pub struct RegisterHost {
     /// Where the agent relays seed-2 link requests into its guests (`IP:PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_addr: Option<String>,
+    /// The host's address on the data network: VXLAN tunnels for VM networks end there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_ip: Option<String>,
 }
 
 impl RegisterHost {
@@ -163,6 +166,14 @@ impl RegisterHost {
         }
         if let Some(url) = &self.agent_url {
             validate_agent_url("agent_url", url)?;
+        }
+        if let Some(ip) = &self.uplink_ip {
+            if ip.parse::<std::net::Ipv4Addr>().is_err() {
+                return Err(ValidationError::new(
+                    "uplink_ip",
+                    format!("must be an IPv4 address, got {ip:?}"),
+                ));
+            }
         }
         for (field, addr) in [("nbd_addr", &self.nbd_addr), ("link_addr", &self.link_addr)] {
             if let Some(addr) = addr {
@@ -861,6 +872,7 @@ mod tests {
             agent_url: None,
             nbd_addr: None,
             link_addr: None,
+            uplink_ip: None,
         };
         assert_eq!(h.validate().unwrap_err().field, "drivers[1]");
         h.drivers.pop();

@@ -104,6 +104,9 @@ pub struct Host {
     /// Where the agent relays seed-2 link requests into its guests (`IP:PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_addr: Option<String>,
+    /// The host's data-network address (VXLAN tunnel end for VM networks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_ip: Option<String>,
     /// The maintenance session holding this host, if any: the host is cordoned (no new
     /// VMs) while it is set, across agent restarts and crashes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -41,6 +41,10 @@ pub struct AgentArgs {
     /// the control plane; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub link_listen: std::net::SocketAddr,
+    /// This machine's address on the data network: VM networks reach other machines'
+    /// agents through VXLAN (UDP 4789) from it. Run one agent per machine with it.
+    #[arg(long)]
+    pub uplink_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// Parses `auto|kvm|tcg`.
@@ -80,6 +84,7 @@ pub async fn run(
     cfg.disks.origin_latency = std::time::Duration::from_millis(args.origin_latency_ms);
     cfg.disks.max_cache_blocks = args.cache_blocks.max(1);
     cfg.link_listen = args.link_listen;
+    cfg.uplink_ip = args.uplink_ip;
     tracing::info!(host = %cfg.host_name, server = %cfg.server_url, "agent starting");
     agent::run(cfg, async {
         let _ = crate::cmd::server::wait_for_signal().await;

@@ -123,6 +123,7 @@ async fn tenants_never_see_each_other() {
             agent_url: None,
             nbd_addr: None,
             link_addr: None,
+            uplink_ip: None,
         })
         .await
         .unwrap();

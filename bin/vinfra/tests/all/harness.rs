@@ -37,8 +37,22 @@ impl Server {
 
     /// [`Server::start_with`] with extra `vinfra server` arguments.
     pub async fn start_with_args(dir: tempfile::TempDir, store: String, extra: &[&str]) -> Server {
+        Self::start_at("127.0.0.1", dir, store, extra).await
+    }
+
+    /// A redb server listening on `ip` (an address of a link the test made).
+    pub async fn start_on(ip: &str) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("vi")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let store = format!("redb:{}", dir.path().join("state.redb").display());
+        Self::start_at(ip, dir, store, &[]).await
+    }
+
+    async fn start_at(ip: &str, dir: tempfile::TempDir, store: String, extra: &[&str]) -> Server {
         let port = test_utils::free_tcp_port();
-        let listen = format!("127.0.0.1:{port}");
+        let listen = format!("{ip}:{port}");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let child = spawn_server(dir.path(), &store, &listen, &extra);
         let mut s = Server {
@@ -139,13 +153,35 @@ pub fn spawn_agent_env(
     token_file: &Path,
     env: &[(&str, &str)],
 ) -> ChildGuard {
+    spawn_agent_in(server, host, data_dir, token_file, env, None, &[])
+}
+
+/// [`spawn_agent_env`] inside network namespace `netns` (a "machine" the test made),
+/// with extra agent arguments.
+pub fn spawn_agent_in(
+    server: &Server,
+    host: &str,
+    data_dir: &Path,
+    token_file: &Path,
+    env: &[(&str, &str)],
+    netns: Option<&str>,
+    extra: &[&str],
+) -> ChildGuard {
     std::fs::create_dir_all(data_dir).unwrap();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(data_dir.join("agent.log"))
         .unwrap();
-    let child = Command::new(VINFRA)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, VINFRA]);
+            c
+        }
+        None => Command::new(VINFRA),
+    };
+    let child = cmd
         .args([
             "agent",
             "--server",
@@ -160,6 +196,7 @@ pub fn spawn_agent_env(
         .args(["--accel", "tcg"])
         .arg("--origin-dir")
         .arg(server.dir.path().join("origin"))
+        .args(extra)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -192,6 +229,11 @@ pub fn path_in(server: &Server, name: &str) -> PathBuf {
 
 /// A server with an agent token file and the default image registered, ready for agents.
 pub async fn cluster() -> (Server, PathBuf) {
+    cluster_with(Server::start()).await
+}
+
+/// [`cluster`] on a server the caller starts.
+pub async fn cluster_with(server: impl std::future::Future<Output = Server>) -> (Server, PathBuf) {
     test_utils::require_tool("qemu-system-x86_64", "run scripts/setup.sh").unwrap();
     let image = tokio::task::spawn_blocking(|| {
         compute::ensure_default_image(&compute::default_cache_dir(), |_| {})
@@ -199,7 +241,7 @@ pub async fn cluster() -> (Server, PathBuf) {
     .await
     .unwrap()
     .expect("default guest image (scripts/setup.sh installs what it needs)");
-    let s = Server::start().await;
+    let s = server.await;
     let admin = s.admin();
     let agent_token = admin
         .create_token(&model::api::CreateToken {

@@ -2,6 +2,7 @@
 //! doing so across a live migration, and leave no tap or bridge behind.
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::{cli, cluster, path_in, spawn_agent, wait_host_up};
@@ -135,4 +136,151 @@ async fn guests_on_one_network_ping_across_hosts_and_a_migration() {
     .expect("the bridge goes with the network's last tap");
     let (ok, out, err) = cli(&s, &t, &["network", "delete", "blue"]);
     assert!(ok, "{out}{err}");
+}
+
+/// Two "machines" (network namespaces made here, joined by a bridge standing for the data
+/// network) each run one agent with `--uplink-ip`: their bridges for a network are joined
+/// by VXLAN, and a guest on one machine pings a guest on the other.
+#[tokio::test]
+async fn guests_on_two_machines_reach_each_other_over_vxlan() {
+    use crate::harness::{cluster_with, spawn_agent_in, Server};
+    use crate::netns::{ip, Netns};
+    test_utils::require_tool("bridge", "install iproute2 (scripts/setup.sh)").unwrap();
+    let pid = std::process::id();
+    // The data network: a bridge here, one veth per machine.
+    let fabric = format!("vfab{pid}");
+    ip(&["link", "add", &fabric, "type", "bridge"]);
+    let _fabric = DeleteLink(fabric.clone());
+    ip(&["addr", "add", "10.251.0.1/24", "dev", &fabric]);
+    ip(&["link", "set", &fabric, "up"]);
+    let machines = [Netns::new("m1"), Netns::new("m2")];
+    for (i, m) in machines.iter().enumerate() {
+        let outside = format!("vfm{i}{pid}");
+        ip(&[
+            "link", "add", &outside, "type", "veth", "peer", "name", "up0", "netns", &m.name,
+        ]);
+        ip(&["link", "set", &outside, "master", &fabric, "up"]);
+        ip(&[
+            "-n",
+            &m.name,
+            "addr",
+            "add",
+            &format!("10.251.0.{}/24", i + 2),
+            "dev",
+            "up0",
+        ]);
+        ip(&["-n", &m.name, "link", "set", "up0", "up"]);
+    }
+    let (s, token_file) = cluster_with(Server::start_on("10.251.0.1")).await;
+    let admin = s.admin();
+    let dirs = [path_in(&s, "m1"), path_in(&s, "m2")];
+    let _agents: Vec<_> = ["host-a", "host-b"]
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let uplink = format!("10.251.0.{}", i + 2);
+            spawn_agent_in(
+                &s,
+                h,
+                &dirs[i],
+                &token_file,
+                &[],
+                Some(&machines[i].name),
+                &["--uplink-ip", &uplink],
+            )
+        })
+        .collect();
+    wait_host_up(&s, "host-a").await;
+    wait_host_up(&s, "host-b").await;
+    let t = s.admin_token();
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &["network", "create", "blue", "--cidr", "10.70.0.0/24"],
+    );
+    assert!(ok, "{out}{err}");
+    let br = agent::netdev::bridge_name(admin.get_network("blue").await.unwrap().id);
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &["vm", "create", "a", "--host", "host-a", "--nic", "blue"],
+    );
+    assert!(ok, "vm a: {out}{err}");
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &[
+            "vm",
+            "create",
+            "b",
+            "--host",
+            "host-b",
+            "--nic",
+            "blue",
+            "--kernel-args",
+            "vinfra.ping=10.70.0.1",
+        ],
+    );
+    assert!(ok, "vm b: {out}{err}");
+    if test_utils::wait_for(Duration::from_secs(60), || async {
+        count(
+            &admin.console("b").await.unwrap_or_default(),
+            "PING 10.70.0.1 ok",
+        ) >= 3
+    })
+    .await
+    .is_err()
+    {
+        let c = admin.console("b").await.unwrap_or_default();
+        panic!(
+            "b pings a across machines: {c}\n{}\n{}",
+            test_utils::log_tail(&dirs[0].join("agent.log"), 20),
+            test_utils::log_tail(&dirs[1].join("agent.log"), 20)
+        );
+    }
+    // Each machine has its own bridge for the network, none is on this one, and each
+    // bridge's VXLAN port floods to the other machine.
+    assert!(!Path::new("/sys/class/net").join(&br).exists());
+    for (i, m) in machines.iter().enumerate() {
+        let out = Command::new("ip")
+            .args(["-n", &m.name, "-br", "link", "show", "master", &br])
+            .output()
+            .unwrap();
+        let ports = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(ports.contains("vvx") && ports.contains("vtp"), "{ports}");
+        let fdb = Command::new("ip")
+            .args(["netns", "exec", &m.name, "bridge", "fdb", "show"])
+            .output()
+            .unwrap();
+        let peer = format!("dst 10.251.0.{}", 3 - i);
+        assert!(
+            String::from_utf8_lossy(&fdb.stdout).contains(&peer),
+            "machine {i}: no {peer}"
+        );
+    }
+    for vm in ["a", "b"] {
+        let (ok, out, err) = cli(&s, &t, &["vm", "delete", vm]);
+        assert!(ok, "{out}{err}");
+    }
+    // The bridge and its VXLAN port go with the network's last VM on each machine.
+    for m in &machines {
+        let gone = || {
+            Command::new("ip")
+                .args(["-n", &m.name, "link", "show", &br])
+                .output()
+                .is_ok_and(|o| !o.status.success())
+        };
+        test_utils::wait_until(Duration::from_secs(20), gone)
+            .await
+            .unwrap_or_else(|_| panic!("bridge {br} left in {}", m.name));
+    }
+}
+
+/// Deletes a link of this namespace on drop.
+struct DeleteLink(String);
+
+impl Drop for DeleteLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
 }

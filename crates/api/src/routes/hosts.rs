@@ -44,6 +44,7 @@ pub(crate) async fn register_host(
             agent_url: body.agent_url.clone(),
             nbd_addr: body.nbd_addr.clone(),
             link_addr: body.link_addr.clone(),
+            uplink_ip: body.uplink_ip.clone(),
             // A re-registering agent (restart, crash) does not end maintenance.
             maintenance: existing.as_ref().and_then(|(h, _)| h.maintenance),
             last_heartbeat: now_ms(),

@@ -532,6 +532,7 @@ mod tests {
             agent_url: None,
             nbd_addr: Some("127.0.0.1:1".into()),
             link_addr: None,
+            uplink_ip: None,
             maintenance: None,
             last_heartbeat: 0,
             state: HostState::Up,

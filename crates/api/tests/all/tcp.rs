@@ -43,6 +43,7 @@ async fn client_drives_the_server_over_tcp() {
             agent_url: None,
             nbd_addr: None,
             link_addr: None,
+            uplink_ip: None,
         })
         .await
         .unwrap();
