@@ -34,7 +34,8 @@ done
 BUSYBOX=""
 for c in /bin/busybox /usr/bin/busybox; do [ -x "$c" ] && { BUSYBOX=$c; break; }; done
 [ -n "$BUSYBOX" ] || die "busybox not found: install busybox-static (scripts/setup.sh)"
-"$BUSYBOX" --list | grep -qx cpio || die "$BUSYBOX has no cpio applet: install busybox-static (scripts/setup.sh)"
+# Not `grep -q`: it stops reading early, busybox dies of SIGPIPE, and pipefail fails the check.
+"$BUSYBOX" --list | grep -x cpio >/dev/null || die "$BUSYBOX has no cpio applet: install busybox-static (scripts/setup.sh)"
 # The guest has no libc: a dynamically linked busybox would not start as /init.
 if command -v ldd >/dev/null 2>&1 && ldd "$BUSYBOX" >/dev/null 2>&1; then
   die "$BUSYBOX is dynamically linked: install busybox-static (scripts/setup.sh)"
@@ -190,11 +191,15 @@ cat > "$R/bin/link-ctl" <<'EOF'
 # The second CP's side of seed 2, driven by the host agent over a virtio-serial port:
 #   in:  CONNECT <link> <cp2> <cp1> <ip> <port> <secs>
 #   out: UP <link> <ack>  |  FAIL <link> <reason>
-# The port reads EOF while the host side is not connected: wait and reopen. A request the
-# host gave up on may still be answered later: the link name lets the host skip that answer.
-while :; do
-  exec 3<>"$1"
-  while read -r cmd link cp2 cp1 ip port secs <&3; do
+# The port reads EOF while the host side is not connected: wait and read again, keeping
+# the port open (closing it discards what a reconnecting host already sent). It is opened
+# by redirecting a function call, never with `exec`: a failed `exec` redirection would
+# end the whole script.
+# A request the host gave up on may still be answered later: the link name lets the host
+# skip that answer.
+serve() {
+  while :; do
+    read -r cmd link cp2 cp1 ip port secs <&3 || { usleep 200000; continue; }
     [ "$cmd" = CONNECT ] || { echo "FAIL - unknown command $cmd" >&3; continue; }
     if ! grep -qx "$cp2" /tmp/cps; then echo "FAIL $link this guest has no CP $cp2" >&3; continue; fi
     # The first VNF may still be booting: retry until the deadline.
@@ -213,7 +218,9 @@ while :; do
       echo "GUEST: LINK $link failed from $cp2 to $cp1 at $ip:$port: ${ack:-no answer}" > /dev/console
     fi
   done
-  exec 3>&-
+}
+while :; do
+  serve 3<>"$1" 2>/dev/null
   usleep 200000
 done
 EOF

@@ -156,7 +156,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         .await
         .map_err(link_err)?;
     let link_addr = links.local_addr().map_err(link_err)?;
-    let relay = tokio::spawn(linkrelay::serve(links, cfg.data_dir.clone()));
+    let relay = tokio::spawn(linkrelay::serve(
+        links,
+        cfg.data_dir.clone(),
+        cfg.server_url.clone(),
+    ));
     let registration = hostinfo::registration(&cfg, disks.addr(), link_addr);
     tokio::select! {
         r = register(&client, &registration) => r?,

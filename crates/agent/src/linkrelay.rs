@@ -12,8 +12,10 @@
 //! tells it apart, and it is skipped.
 //!
 //! Requests to one guest are serialized (one control port per guest); requests to
-//! different guests run in parallel. The relay listens on loopback by default and has no
-//! authentication of its own, like the link agents it stands for.
+//! different guests run in parallel. Every request must carry a vinfra bearer token
+//! (`auth`) that may read the VM owning the CP (asked of the control plane): another
+//! tenant's token, or none, is refused, so the relay acts for nobody who could not see the
+//! VM through the API.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,14 +32,15 @@ use crate::netdev::CPS_FILE;
 /// Guest ports in use, so that one guest gets one request at a time.
 type PortLocks = Arc<std::sync::Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>>;
 
-/// Serves link requests on `listener` for the guests under `data_dir` until dropped.
-pub async fn serve(listener: TcpListener, data_dir: PathBuf) {
+/// Serves link requests on `listener` for the guests under `data_dir` until dropped;
+/// tokens are checked against the control plane at `server_url`.
+pub async fn serve(listener: TcpListener, data_dir: PathBuf, server_url: String) {
     let locks: PortLocks = Arc::default();
     loop {
         let Ok((s, peer)) = listener.accept().await else {
             continue;
         };
-        let (dir, locks) = (data_dir.clone(), locks.clone());
+        let (dir, locks, server) = (data_dir.clone(), locks.clone(), server_url.clone());
         tokio::spawn(async move {
             let (r, mut w) = s.into_split();
             let mut line = String::new();
@@ -47,7 +50,10 @@ pub async fn serve(listener: TcpListener, data_dir: PathBuf) {
             let reply = match serde_json::from_str::<LinkRequest>(&line) {
                 Ok(req) => {
                     tracing::info!(%peer, link = req.link, cp = req.second_cp, "link request");
-                    relay(&dir, &locks, &req).await
+                    match authorize(&server, &dir, &req).await {
+                        Ok(()) => relay(&dir, &locks, &req).await,
+                        Err(detail) => LinkReply { up: false, detail },
+                    }
                 }
                 Err(e) => LinkReply {
                     up: false,
@@ -61,14 +67,36 @@ pub async fn serve(listener: TcpListener, data_dir: PathBuf) {
     }
 }
 
-/// The control port of the local guest that owns CP `cp`, if any.
-fn find_port(data_dir: &Path, cp: &str) -> Option<PathBuf> {
+/// The run dir of the local guest that owns CP `cp` (with a control port), if any.
+fn find_vm(data_dir: &Path, cp: &str) -> Option<PathBuf> {
     let vms = std::fs::read_dir(data_dir.join(crate::local::VMS_DIR)).ok()?;
-    vms.flatten().map(|e| e.path()).find_map(|dir| {
-        let cps = std::fs::read_to_string(dir.join(CPS_FILE)).ok()?;
-        let port = dir.join(compute::qemu::files::LINK);
-        (cps.lines().any(|l| l == cp) && port.exists()).then_some(port)
+    vms.flatten().map(|e| e.path()).find(|dir| {
+        std::fs::read_to_string(dir.join(CPS_FILE)).is_ok_and(|cps| cps.lines().any(|l| l == cp))
+            && dir.join(compute::qemu::files::LINK).exists()
     })
+}
+
+/// Checks that `req.auth` may read the VM owning the CP, through the control plane.
+async fn authorize(server: &str, data_dir: &Path, req: &LinkRequest) -> Result<(), String> {
+    let Some(token) = &req.auth else {
+        return Err("link requests to vinfra guests need a vinfra token (auth)".into());
+    };
+    let Some(dir) = find_vm(data_dir, &req.second_cp) else {
+        return Err(format!("no guest on this host has CP {}", req.second_cp));
+    };
+    let id = std::fs::read_to_string(dir.join("vm-id"))
+        .map_err(|e| format!("cannot read the VM id of CP {}: {e}", req.second_cp))?;
+    let client = client::Client::new(server, token).map_err(|e| e.to_string())?;
+    match client.get_vm(id.trim()).await {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.status(), Some(401 | 403 | 404)) => Err(format!(
+            "the token may not act on the VM owning CP {}",
+            req.second_cp
+        )),
+        Err(e) => Err(format!(
+            "cannot check the token with the control plane: {e}"
+        )),
+    }
 }
 
 /// A word of the guest protocol: no whitespace, so the guest's `read` splits it right.
@@ -84,7 +112,8 @@ async fn relay(data_dir: &Path, locks: &PortLocks, req: &LinkRequest) -> LinkRep
     {
         return fail("bad request: link and CP ids must be single words".into());
     }
-    let Some(port) = find_port(data_dir, &req.second_cp) else {
+    let Some(port) = find_vm(data_dir, &req.second_cp).map(|d| d.join(compute::qemu::files::LINK))
+    else {
         return fail(format!("no guest on this host has CP {}", req.second_cp));
     };
     let lock = match locks.lock() {
@@ -179,12 +208,9 @@ mod tests {
         std::fs::create_dir_all(&vm).unwrap();
         std::fs::write(vm.join(CPS_FILE), "fw-cp\nfw-mgmt\n").unwrap();
         // No control port yet (the guest is not running): not found.
-        assert_eq!(find_port(d.path(), "fw-cp"), None);
+        assert_eq!(find_vm(d.path(), "fw-cp"), None);
         std::fs::write(vm.join(compute::qemu::files::LINK), "").unwrap();
-        assert_eq!(
-            find_port(d.path(), "fw-mgmt"),
-            Some(vm.join(compute::qemu::files::LINK))
-        );
-        assert_eq!(find_port(d.path(), "fw"), None);
+        assert_eq!(find_vm(d.path(), "fw-mgmt"), Some(vm.clone()));
+        assert_eq!(find_vm(d.path(), "fw"), None);
     }
 }

@@ -559,6 +559,10 @@ pub struct LinkRequest {
     pub second_cp: String,
     /// Milliseconds the second side may spend connecting.
     pub timeout_ms: u64,
+    /// A vinfra bearer token, for endpoints that act on vinfra VMs (an agent's link relay
+    /// checks that the token may see the VM owning the CP); link agents ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
 }
 
 /// The second VNF's answer to a [`LinkRequest`].
@@ -642,7 +646,8 @@ pub struct CreateNsInstance {
     /// where seed 2's link request for that VNF goes.
     #[serde(default)]
     pub endpoints: std::collections::BTreeMap<String, String>,
-    /// How long a link may take before it fails with a reason (default 10000 ms).
+    /// How long a link may take before it fails with a reason (default 30000 ms: a guest
+    /// may still be booting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_deadline_ms: Option<u64>,
 }

@@ -351,6 +351,23 @@ pub async fn establish(
     endpoints: &BTreeMap<String, SocketAddr>,
     deadline: Duration,
 ) -> Vec<LinkRecord> {
+    let none = BTreeMap::new();
+    establish_with_auth(
+        table, first_vnf, first_cp, first_ip, endpoints, &none, deadline,
+    )
+    .await
+}
+
+/// [`establish`], sending `auth[second VNF]` (a site credential) with each request.
+pub async fn establish_with_auth(
+    table: &LinkTable,
+    first_vnf: &str,
+    first_cp: &str,
+    first_ip: Option<Ipv4Addr>,
+    endpoints: &BTreeMap<String, SocketAddr>,
+    auth: &BTreeMap<String, String>,
+    deadline: Duration,
+) -> Vec<LinkRecord> {
     let peers = table.peers_of(first_cp);
     let mut out = Vec::new();
     for (link, second_vnf, second_cp) in peers {
@@ -365,7 +382,7 @@ pub async fn establish(
             state: LinkState::Requested,
             history: vec![(LinkState::Requested, 0)],
         };
-        let result = request(&mut rec, start, endpoints, deadline).await;
+        let result = request(&mut rec, start, endpoints, auth, deadline).await;
         let state = match result {
             Ok(()) => LinkState::Up,
             Err(reason) => LinkState::Failed { reason },
@@ -387,6 +404,7 @@ async fn request(
     rec: &mut LinkRecord,
     start: Instant,
     endpoints: &BTreeMap<String, SocketAddr>,
+    auth: &BTreeMap<String, String>,
     deadline: Duration,
 ) -> Result<(), String> {
     let ip = rec
@@ -403,6 +421,7 @@ async fn request(
         second_cp: rec.second_cp.clone(),
         // The second side must finish before our own deadline, so that its reason reaches us.
         timeout_ms: u64::try_from(deadline.as_millis() * 3 / 4).unwrap_or(u64::MAX),
+        auth: auth.get(&rec.second_vnf).cloned(),
     };
     let second_vnf = rec.second_vnf.clone();
     let talk = async {

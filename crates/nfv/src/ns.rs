@@ -16,7 +16,7 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{apply, CpInfo, DriverError, SiteDriver};
-use crate::link::{establish, LinkRecord, LinkState, LinkTable};
+use crate::link::{establish_with_auth, LinkRecord, LinkState, LinkTable};
 use crate::plan::{GenericCommand, NsPlan, SitePlan};
 
 /// A progress report, per VNF and per link.
@@ -304,6 +304,7 @@ impl NsExecutor {
         // Endpoints not given are asked of the second VNF's site (a vinfra site relays
         // the request into the guest through the host's agent).
         let mut endpoints = endpoints.clone();
+        let mut auth = BTreeMap::new();
         for cmd in plan.links() {
             if let GenericCommand::ConnectLink { second, .. } = cmd {
                 if endpoints.contains_key(&second.vnf) {
@@ -316,6 +317,9 @@ impl NsExecutor {
                 match found {
                     Ok(Some(ep)) => {
                         endpoints.insert(second.vnf.clone(), ep);
+                        if let Some(a) = self.sites.get(&second.site).and_then(|d| d.link_auth()) {
+                            auth.insert(second.vnf.clone(), a);
+                        }
                     }
                     Ok(None) => {}
                     // The link then fails with "no link endpoint", naming the VNF.
@@ -334,9 +338,9 @@ impl NsExecutor {
                 firsts.insert(first.resource.clone(), (first.vnf.clone(), ip));
             }
         }
-        let futs = firsts
-            .iter()
-            .map(|(cp, (vnf, ip))| establish(&table, vnf, cp, *ip, endpoints, self.link_deadline));
+        let futs = firsts.iter().map(|(cp, (vnf, ip))| {
+            establish_with_auth(&table, vnf, cp, *ip, endpoints, &auth, self.link_deadline)
+        });
         let records: Vec<LinkRecord> = join_all(futs).await.into_iter().flatten().collect();
         for r in &records {
             progress(Progress::Link(r.clone()));

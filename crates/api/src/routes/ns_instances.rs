@@ -30,7 +30,9 @@ use crate::routes::tenants::write_tenant;
 use crate::store_io::{keys, list_json, now_ms, resolve_named, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
-const DEFAULT_LINK_DEADLINE_MS: u64 = 10_000;
+// Long enough for a TCG guest that is still booting to bring its CP up; a peer that never
+// answers still fails with a reason after it.
+const DEFAULT_LINK_DEADLINE_MS: u64 = 30_000;
 
 fn ns_key(id: uuid::Uuid) -> String {
     format!("{}{id}", keys::NS_INSTANCES)

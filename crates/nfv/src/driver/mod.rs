@@ -182,6 +182,10 @@ pub trait SiteDriver: Send + Sync + fmt::Debug {
     async fn link_endpoint(&self, _vdu: &str) -> Result<Option<std::net::SocketAddr>, DriverError> {
         Ok(None)
     }
+    /// The credential to send with link requests to the site's own endpoints.
+    fn link_auth(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Runs one generic command on a site; AttachCp returns the CP's information.

@@ -260,6 +260,11 @@ impl SiteDriver for VinfraDriver {
         })
     }
 
+    /// The agent checks that this token may see the VM before relaying into its guest.
+    fn link_auth(&self) -> Option<String> {
+        Some(self.cfg.token.clone())
+    }
+
     /// The agent of the host running `vdu` relays link requests into the guest.
     async fn link_endpoint(&self, vdu: &str) -> Result<Option<std::net::SocketAddr>, DriverError> {
         let vm = self
