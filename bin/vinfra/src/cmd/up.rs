@@ -139,6 +139,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if stray > 0 {
         tracing::warn!(count = stray, "ended QEMU processes the agents left behind");
     }
+    // Their NICs' taps are persistent: remove those (and bridges left empty) too.
+    agent::netdev::unplug_all_under(&dd.join("hosts"));
     result
 }
 
