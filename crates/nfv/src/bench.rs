@@ -130,21 +130,7 @@ pub async fn bench_ns_process(sizes: &[usize], tag: &str) -> Result<Vec<ProcessR
     let exec = NsExecutor::new(sites.clone(), Duration::from_secs(5));
     let mut rows = Vec::new();
     for &n in sizes {
-        let nsd = validate_nsd(&nsd_text(n), std::slice::from_ref(&vnfd)).map_err(errs)?;
-        let plan = plan_ns(
-            &format!("pb{n}"),
-            &nsd,
-            std::slice::from_ref(&vnfd),
-            &exec.site_names(),
-        )?;
-        let t = Instant::now();
-        let inst = exec
-            .instantiate(&plan, &BTreeMap::new(), &|_: Progress| {})
-            .await?;
-        let parallel = t.elapsed();
-        let t = Instant::now();
-        exec.terminate(&inst.plan).await?;
-        let terminate = t.elapsed();
+        let (plan, parallel, terminate) = timed_run(&exec, &vnfd, n, "pb").await?;
         // The baseline: every command of every site, one after another.
         let t = Instant::now();
         let mut failed = None;
@@ -180,6 +166,31 @@ pub async fn bench_ns_process(sizes: &[usize], tag: &str) -> Result<Vec<ProcessR
         });
     }
     Ok(rows)
+}
+
+/// Plans an NS of `n` VNFs (named `<prefix><n>`), instantiates and terminates it; returns
+/// the plan and both times.
+async fn timed_run(
+    exec: &NsExecutor,
+    vnfd: &Vnfd,
+    n: usize,
+    prefix: &str,
+) -> Result<(crate::plan::NsPlan, Duration, Duration), BenchError> {
+    let nsd = validate_nsd(&nsd_text(n), std::slice::from_ref(vnfd)).map_err(errs)?;
+    let plan = plan_ns(
+        &format!("{prefix}{n}"),
+        &nsd,
+        std::slice::from_ref(vnfd),
+        &exec.site_names(),
+    )?;
+    let t = Instant::now();
+    let inst = exec
+        .instantiate(&plan, &BTreeMap::new(), &|_: Progress| {})
+        .await?;
+    let instantiate = t.elapsed();
+    let t = Instant::now();
+    exec.terminate(&inst.plan).await?;
+    Ok((plan, instantiate, t.elapsed()))
 }
 
 fn nsd_text(n: usize) -> String {
@@ -219,24 +230,11 @@ pub async fn bench_ns(sizes: &[usize], boot: Duration) -> Result<Vec<BenchRow>, 
     let exec = NsExecutor::new(sites, Duration::from_secs(5));
     let mut rows = Vec::new();
     for &n in sizes {
-        let nsd = validate_nsd(&nsd_text(n), std::slice::from_ref(&vnfd)).map_err(errs)?;
-        let plan = plan_ns(
-            &format!("bench{n}"),
-            &nsd,
-            std::slice::from_ref(&vnfd),
-            &exec.site_names(),
-        )?;
-        let t = Instant::now();
-        let inst = exec
-            .instantiate(&plan, &BTreeMap::new(), &|_: Progress| {})
-            .await?;
-        let instantiate = t.elapsed();
-        let t = Instant::now();
-        exec.terminate(&inst.plan).await?;
+        let (_, instantiate, terminate) = timed_run(&exec, &vnfd, n, "bench").await?;
         rows.push(BenchRow {
             vnfs: n,
             instantiate,
-            terminate: t.elapsed(),
+            terminate,
             sequential_estimate: boot * u32::try_from(n).unwrap_or(u32::MAX),
         });
     }
