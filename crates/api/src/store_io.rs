@@ -210,6 +210,66 @@ where
     }
 }
 
+/// Creates a record under `key` with its name index `name_key` (value: `id`) in one
+/// transaction that requires the name to be free. Conflict: `taken` (409).
+pub(crate) async fn insert_named<T: Serialize, I: Serialize>(
+    store: &dyn Store,
+    key: String,
+    name_key: String,
+    record: &T,
+    id: &I,
+    taken: impl FnOnce() -> String,
+) -> Result<(), ApiError> {
+    let res = store
+        .txn(
+            vec![store::Compare::ModRevision {
+                key: name_key.clone(),
+                expect: None,
+            }],
+            vec![
+                store::TxnOp::Put {
+                    key,
+                    value: to_bytes(record)?,
+                },
+                store::TxnOp::Put {
+                    key: name_key,
+                    value: to_bytes(id)?,
+                },
+            ],
+        )
+        .await;
+    match res {
+        Ok(_) => Ok(()),
+        Err(store::StoreError::Conflict { .. }) => Err(ApiError::Conflict(taken())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes a record and its name index, if the record is still at `rev` (when given).
+pub(crate) async fn remove_named(
+    store: &dyn Store,
+    key: String,
+    name_key: String,
+    rev: Option<Revision>,
+) -> Result<Revision, store::StoreError> {
+    let compares = rev
+        .map(|r| store::Compare::ModRevision {
+            key: key.clone(),
+            expect: Some(r),
+        })
+        .into_iter()
+        .collect();
+    store
+        .txn(
+            compares,
+            vec![
+                store::TxnOp::Delete { key },
+                store::TxnOp::Delete { key: name_key },
+            ],
+        )
+        .await
+}
+
 /// Wall-clock time in unix milliseconds (0 if the clock is before 1970).
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()

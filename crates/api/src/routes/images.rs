@@ -5,11 +5,11 @@ use axum::http::StatusCode;
 use axum::Json;
 use model::api::{CreateImage, Problem};
 use model::{Image, ImageId, Role, Vm};
-use store::{Compare, Revision, StoreError, TxnOp};
+use store::{Revision, StoreError};
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
-use crate::store_io::{get_json, keys, list_json, list_keyed, now_ms, to_bytes};
+use crate::store_io::{get_json, insert_named, keys, list_json, list_keyed, now_ms, remove_named};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
 /// Creates an image. A member's image belongs to its tenant; an admin's is
@@ -43,34 +43,16 @@ pub(crate) async fn create_image(
         disk_mib: body.disk_mib,
         created_at: now_ms(),
     };
-    let name_key = keys::image_name(tenant, &image.name);
-    let res = state
-        .store()
-        .txn(
-            vec![Compare::ModRevision {
-                key: name_key.clone(),
-                expect: None,
-            }],
-            vec![
-                TxnOp::Put {
-                    key: keys::image(image.id),
-                    value: to_bytes(&image)?,
-                },
-                TxnOp::Put {
-                    key: name_key,
-                    value: to_bytes(&image.id)?,
-                },
-            ],
-        )
-        .await;
-    match res {
-        Ok(_) => Ok((StatusCode::CREATED, Json(image))),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
-            "name: image {} already exists",
-            image.name
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    insert_named(
+        state.store(),
+        keys::image(image.id),
+        keys::image_name(tenant, &image.name),
+        &image,
+        &image.id,
+        || format!("name: image {} already exists", image.name),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(image)))
 }
 
 /// Lists the images the caller can see: its tenant's and the public ones
@@ -144,22 +126,13 @@ pub(crate) async fn delete_image(
             image.name, vm.name
         )));
     }
-    let key = keys::image(image.id);
-    let res = state
-        .store()
-        .txn(
-            vec![Compare::ModRevision {
-                key: key.clone(),
-                expect: Some(rev),
-            }],
-            vec![
-                TxnOp::Delete { key },
-                TxnOp::Delete {
-                    key: keys::image_name(image.tenant, &image.name),
-                },
-            ],
-        )
-        .await;
+    let res = remove_named(
+        state.store(),
+        keys::image(image.id),
+        keys::image_name(image.tenant, &image.name),
+        Some(rev),
+    )
+    .await;
     match res {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(

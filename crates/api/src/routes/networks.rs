@@ -14,7 +14,9 @@ use store::{Compare, Revision, StoreError, TxnOp};
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
-use crate::store_io::{keys, list_json, list_keyed, now_ms, resolve_named, to_bytes};
+use crate::store_io::{
+    insert_named, keys, list_json, list_keyed, now_ms, remove_named, resolve_named, to_bytes,
+};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
 /// Creates a network.
@@ -39,34 +41,16 @@ pub(crate) async fn create_network(
         cidr,
         created_at: now_ms(),
     };
-    let name_key = keys::network_name(tenant, &net.name);
-    let res = state
-        .store()
-        .txn(
-            vec![Compare::ModRevision {
-                key: name_key.clone(),
-                expect: None,
-            }],
-            vec![
-                TxnOp::Put {
-                    key: keys::network(net.id),
-                    value: to_bytes(&net)?,
-                },
-                TxnOp::Put {
-                    key: name_key,
-                    value: to_bytes(&net.id)?,
-                },
-            ],
-        )
-        .await;
-    match res {
-        Ok(_) => Ok((StatusCode::CREATED, Json(net))),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
-            "name: network {} already exists",
-            net.name
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    insert_named(
+        state.store(),
+        keys::network(net.id),
+        keys::network_name(tenant, &net.name),
+        &net,
+        &net.id,
+        || format!("name: network {} already exists", net.name),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(net)))
 }
 
 /// Lists the caller's networks (an admin: every tenant's).
@@ -127,22 +111,13 @@ pub(crate) async fn delete_network(
     }
     // Compare the record's revision: a VM create on this network rewrites the record
     // in its transaction, so a NIC added after the check above makes this fail.
-    let key = keys::network(net.id);
-    let res = state
-        .store()
-        .txn(
-            vec![Compare::ModRevision {
-                key: key.clone(),
-                expect: Some(rev),
-            }],
-            vec![
-                TxnOp::Delete { key },
-                TxnOp::Delete {
-                    key: keys::network_name(net.tenant, &net.name),
-                },
-            ],
-        )
-        .await;
+    let res = remove_named(
+        state.store(),
+        keys::network(net.id),
+        keys::network_name(net.tenant, &net.name),
+        Some(rev),
+    )
+    .await;
     match res {
         Ok(_) => Ok(StatusCode::NO_CONTENT),
         Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(

@@ -23,11 +23,13 @@ use model::api::{
 use model::{Image, Role, TenantId};
 use nfv::driver::SiteDriver;
 use nfv::ns::{NsExecutor, Progress};
-use store::{Compare, Revision, StoreError, TxnOp};
+use store::{Revision, StoreError};
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
-use crate::store_io::{keys, list_json, now_ms, resolve_named, to_bytes};
+use crate::store_io::{
+    insert_named, keys, list_json, now_ms, remove_named, resolve_named, to_bytes,
+};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
 // Long enough for a TCG guest that is still booting to bring its CP up; a peer that never
@@ -117,35 +119,15 @@ pub(crate) async fn create(
         elapsed_ms: None,
         created_at: now_ms(),
     };
-    let name_key = keys::ns_name(tenant, &name);
-    let res = state
-        .store()
-        .txn(
-            vec![Compare::ModRevision {
-                key: name_key.clone(),
-                expect: None,
-            }],
-            vec![
-                TxnOp::Put {
-                    key: ns_key(id),
-                    value: to_bytes(&rec)?,
-                },
-                TxnOp::Put {
-                    key: name_key,
-                    value: to_bytes(&id)?,
-                },
-            ],
-        )
-        .await;
-    match res {
-        Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => {
-            return Err(ApiError::Conflict(format!(
-                "name: ns instance {name} already exists"
-            )))
-        }
-        Err(e) => return Err(e.into()),
-    }
+    insert_named(
+        state.store(),
+        ns_key(id),
+        keys::ns_name(tenant, &name),
+        &rec,
+        &id,
+        || format!("name: ns instance {name} already exists"),
+    )
+    .await?;
     tracing::info!(ns = %name, %id, sites = ?sites, "instantiating network service");
     let deadline = Duration::from_millis(rec.link_deadline_ms);
     tokio::spawn(run_instantiate(
@@ -436,25 +418,13 @@ async fn remove_record(
     rec: &NsInstanceRecord,
     rev: Option<Revision>,
 ) -> Result<Revision, StoreError> {
-    let compares = rev
-        .map(|r| Compare::ModRevision {
-            key: ns_key(id),
-            expect: Some(r),
-        })
-        .into_iter()
-        .collect();
-    state
-        .store()
-        .txn(
-            compares,
-            vec![
-                TxnOp::Delete { key: ns_key(id) },
-                TxnOp::Delete {
-                    key: keys::ns_name(rec.tenant, &rec.name),
-                },
-            ],
-        )
-        .await
+    remove_named(
+        state.store(),
+        ns_key(id),
+        keys::ns_name(rec.tenant, &rec.name),
+        rev,
+    )
+    .await
 }
 
 async fn save(state: &AppState, id: uuid::Uuid, rec: &NsInstanceRecord) {
