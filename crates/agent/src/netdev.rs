@@ -52,7 +52,7 @@ fn vxlan_name(net: NetworkId) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
     /// `ip` failed.
-    #[error("ip {args}: {stderr}")]
+    #[error("{args}: {stderr}")]
     Ip {
         /// The arguments.
         args: String,
@@ -95,19 +95,7 @@ fn exists(dev: &str) -> bool {
 }
 
 async fn ip(args: &[&str]) -> Result<(), NetdevError> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .map_err(NetdevError::Spawn)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NetdevError::Ip {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        })
-    }
+    tool("ip", args).await.map(drop)
 }
 
 async fn ensure_bridge(br: &str) -> Result<(), NetdevError> {
@@ -254,7 +242,7 @@ fn ip_sync(args: &[&str]) -> Result<(), NetdevError> {
         Ok(())
     } else {
         Err(NetdevError::Ip {
-            args: args.join(" "),
+            args: format!("ip {}", args.join(" ")),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }

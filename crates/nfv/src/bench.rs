@@ -50,7 +50,10 @@ pub enum BenchError {
     Terminate(#[from] crate::ns::TerminateError),
 }
 
-const VNFD: &str = "tosca_definitions_version: tosca_simple_yaml_1_3
+/// The bench VNF's one VDU (the descriptor without its CPs).
+macro_rules! bench_vdu {
+    () => {
+        "tosca_definitions_version: tosca_simple_yaml_1_3
 metadata: {descriptor_id: vnfd-bench}
 topology_template:
   node_templates:
@@ -64,24 +67,16 @@ topology_template:
             virtual_memory: {virtual_mem_size: 64 MiB}
       artifacts:
         sw_image: {type: tosca.artifacts.nfv.SwImage, file: default}
-";
+"
+    };
+}
+
+const VNFD: &str = bench_vdu!();
 
 /// The process bench's VNF: one VDU with one CP on an internal network.
-const VNFD_CP: &str = "tosca_definitions_version: tosca_simple_yaml_1_3
-metadata: {descriptor_id: vnfd-bench}
-topology_template:
-  node_templates:
-    vdu:
-      type: tosca.nodes.nfv.VDU.Compute
-      properties: {name: vdu}
-      capabilities:
-        virtual_compute:
-          properties:
-            virtual_cpu: {num_virtual_cpu: 1}
-            virtual_memory: {virtual_mem_size: 64 MiB}
-      artifacts:
-        sw_image: {type: tosca.artifacts.nfv.SwImage, file: default}
-    cp:
+const VNFD_CP: &str = concat!(
+    bench_vdu!(),
+    "    cp:
       type: tosca.nodes.nfv.VduCp
       properties: {layer_protocols: [ipv4], order: 0}
       requirements:
@@ -95,7 +90,8 @@ topology_template:
           virtual_link_protocol_data:
             - associated_layer_protocol: ipv4
               l3_protocol_data: {ip_version: ipv4, cidr: 10.62.0.0/24}
-";
+"
+);
 
 /// One process-site measurement.
 #[derive(Debug, Clone, Copy, PartialEq)]
