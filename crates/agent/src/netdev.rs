@@ -51,10 +51,10 @@ fn vxlan_name(net: NetworkId) -> String {
 /// Why a NIC could not be plugged.
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
-    /// `ip` failed.
+    /// `ip` or `bridge` failed.
     #[error("{args}: {stderr}")]
     Ip {
-        /// The arguments.
+        /// The command line.
         args: String,
         /// What it said.
         stderr: String,
