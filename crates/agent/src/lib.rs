@@ -18,6 +18,7 @@
 
 pub mod disks;
 mod hostinfo;
+pub mod images;
 pub mod linkrelay;
 mod local;
 mod migrate;
@@ -170,6 +171,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
     let hb = tokio::spawn(heartbeat_loop(client.clone(), registration, cfg.heartbeat));
     let mut agent = Agent {
+        images: images::ImageFiles::new(&cfg.data_dir, client.clone()),
         cfg,
         client,
         driver,
@@ -240,6 +242,8 @@ pub(crate) struct Agent {
     pub(crate) client: Client,
     pub(crate) driver: Arc<dyn ComputeDriver>,
     pub(crate) disks: Arc<disks::DiskStack>,
+    /// The image files of this host's VMs, fetched from the image store.
+    pub(crate) images: images::ImageFiles,
     pub(crate) vms: BTreeMap<VmId, LocalVm>,
     /// The VXLAN uplink of VM networks, when this host has a data-network address.
     pub(crate) uplink: Option<netdev::Uplink>,
@@ -422,6 +426,7 @@ impl Agent {
                 let result = local::start(
                     self.driver.as_ref(),
                     &self.disks,
+                    &self.images,
                     &files,
                     a,
                     self.cfg.accel,

@@ -16,6 +16,7 @@ use model::api::{Assignment, ObservedReport};
 use model::VmId;
 
 use crate::disks::{guest_export, DiskStack};
+use crate::images::{ImageFiles, ImagePaths};
 use crate::migrate::MigLocal;
 use crate::netdev;
 
@@ -147,6 +148,9 @@ pub enum StartError {
         #[source]
         err: std::io::Error,
     },
+    /// The image's files are not on this host and cannot be fetched.
+    #[error("the image's files are not here")]
+    Image(#[from] Box<crate::images::ImageError>),
     /// The image cannot boot on this driver.
     #[error("image {image} has no kernel: the qemu driver boots kernels directly")]
     NoKernel {
@@ -171,10 +175,11 @@ pub enum StartError {
 pub fn vm_spec(
     files: &VmFiles,
     a: &Assignment,
+    image: &ImagePaths,
     accel: Accel,
     nbd: SocketAddr,
 ) -> Result<VmSpec, StartError> {
-    let Some(kernel) = &a.image.kernel else {
+    let Some(kernel) = &image.kernel else {
         return Err(StartError::NoKernel {
             image: a.image.name.to_string(),
         });
@@ -184,13 +189,8 @@ pub fn vm_spec(
         name: a.vm.name.to_string(),
         vcpus: a.vm.vcpus,
         memory_mib: u32::try_from(a.vm.memory_mib).unwrap_or(u32::MAX),
-        kernel: PathBuf::from(kernel),
-        initrd: a
-            .image
-            .initrd
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_default(),
+        kernel: kernel.clone(),
+        initrd: image.initrd.clone().unwrap_or_default(),
         cmdline: [
             a.image.cmdline.as_str(),
             &netdev::kernel_args(&a.vm.nics),
@@ -218,6 +218,7 @@ pub async fn ensure_cache(
     disks: &Arc<DiskStack>,
     files: &VmFiles,
     a: &Assignment,
+    image: &ImagePaths,
     vm: &mut LocalVm,
 ) -> Result<Arc<BlockCache>, StartError> {
     if let Some(c) = &vm.cache {
@@ -228,11 +229,7 @@ pub async fn ensure_cache(
         err,
     })?;
     disks
-        .ensure_origin(
-            a.vm.id,
-            a.image.disk_template.as_deref().map(Path::new),
-            a.image.disk_mib,
-        )
+        .ensure_origin(a.vm.id, image.disk_template.as_deref(), a.image.disk_mib)
         .await?;
     let (d, id, dir) = (disks.clone(), a.vm.id, files.cache_dir());
     let cache = tokio::task::spawn_blocking(move || d.open_cache(id, &dir)).await??;
@@ -242,17 +239,20 @@ pub async fn ensure_cache(
 }
 
 /// Opens the cache, exports the disk through it and boots the VM.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     driver: &dyn ComputeDriver,
     disks: &Arc<DiskStack>,
+    images: &ImageFiles,
     files: &VmFiles,
     a: &Assignment,
     accel: Accel,
     uplink: Option<&netdev::Uplink>,
     vm: &mut LocalVm,
 ) -> Result<(), StartError> {
-    let spec = vm_spec(files, a, accel, disks.addr())?;
-    let cache = ensure_cache(disks, files, a, vm).await?;
+    let image = images.paths(&a.image).await.map_err(Box::new)?;
+    let spec = vm_spec(files, a, &image, accel, disks.addr())?;
+    let cache = ensure_cache(disks, files, a, &image, vm).await?;
     netdev::plug(&files.dir, &a.vm.nics, uplink).await?;
     disks.export(a.vm.id, &cache);
     driver.start(&spec).await?;

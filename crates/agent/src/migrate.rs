@@ -192,8 +192,13 @@ impl Agent {
                         x.paused_at = Some(std::time::Instant::now());
                     }
                 }
+                let image = self
+                    .images
+                    .paths(&a.image)
+                    .await
+                    .map_err(|e| local::StartError::from(Box::new(e)))?;
                 let vm = self.vms.entry(id).or_default();
-                let cache = local::ensure_cache(&self.disks, &files, a, vm).await?;
+                let cache = local::ensure_cache(&self.disks, &files, a, &image, vm).await?;
                 let snap = tokio::task::spawn_blocking(move || cache.migration_snapshot()).await?;
                 let bytes = serde_json::to_vec(&snap).map_err(MigrateError::Snapshot)?;
                 tracing::info!(migration = %m.id, blocks = snap.blocks.len(), bytes = bytes.len(), "uploading cache snapshot");
@@ -258,12 +263,18 @@ impl Agent {
             }
             MigrationState::Warming => {
                 // Serve the cache to the destination; after a crash, reopen (verify) it.
-                let vm = self.vms.entry(id).or_default();
-                if vm.cache.is_none() {
-                    let cache = local::ensure_cache(&self.disks, &files, a, vm).await?;
+                if self.vms.get(&id).is_none_or(|v| v.cache.is_none()) {
+                    let image = self
+                        .images
+                        .paths(&a.image)
+                        .await
+                        .map_err(|e| local::StartError::from(Box::new(e)))?;
+                    let vm = self.vms.entry(id).or_default();
+                    let cache = local::ensure_cache(&self.disks, &files, a, &image, vm).await?;
                     self.disks.export_peer(id, &cache);
                     tracing::info!(migration = %m.id, "serving the cache to the destination again");
                 }
+                let vm = self.vms.entry(id).or_default();
                 if let Some(x) = vm.mig.as_mut() {
                     x.migrated_away = true;
                 }
@@ -368,9 +379,14 @@ impl Agent {
             .and_then(|p| p.parse().ok())
             .ok_or(MigrateError::NoPeer(m.id))?;
         let files = VmFiles::new(&self.cfg.data_dir, id);
-        let spec = local::vm_spec(&files, a, self.cfg.accel, self.disks.addr())?;
+        let image = self
+            .images
+            .paths(&a.image)
+            .await
+            .map_err(|e| local::StartError::from(Box::new(e)))?;
+        let spec = local::vm_spec(&files, a, &image, self.cfg.accel, self.disks.addr())?;
         let vm = self.vms.entry(id).or_default();
-        let cache = local::ensure_cache(&self.disks, &files, a, vm).await?;
+        let cache = local::ensure_cache(&self.disks, &files, a, &image, vm).await?;
         let block_size = BlockSize::new(snap.block_size).unwrap_or(BlockSize::DEFAULT);
         let have = snap.block_set();
         let export = peer_export(id);

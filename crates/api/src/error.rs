@@ -56,6 +56,18 @@ pub enum ApiError {
     /// The body is not `application/json`.
     #[error("body: Content-Type must be application/json")]
     UnsupportedMediaType,
+    /// The body is not of the one media type this route takes.
+    #[error("body: Content-Type must be {expected}")]
+    UnsupportedMediaTypeFor {
+        /// The media type the route takes.
+        expected: &'static str,
+    },
+    /// The server was started without an image store.
+    #[error("this server has no image store (start it with a data directory)")]
+    ImageStoreOff,
+    /// Storing or reading an image-store file failed.
+    #[error(transparent)]
+    Blob(#[from] crate::blobs::BlobError),
     /// The body exceeds the server's limit.
     #[error("body: too large")]
     PayloadTooLarge,
@@ -132,6 +144,23 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
+            ApiError::UnsupportedMediaTypeFor { .. } => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
+            }
+            ApiError::ImageStoreOff => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Blob(e) => {
+                use crate::blobs::BlobError as B;
+                match e {
+                    B::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+                    B::DigestMismatch { .. }
+                    | B::ImportOff
+                    | B::BadImportPath { .. }
+                    | B::OutsideImportDir { .. }
+                    | B::NotAFile { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+                    B::Body(_) => (StatusCode::BAD_REQUEST, "bad-request"),
+                    B::Io { .. } | B::Join(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+                }
             }
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
             ApiError::Store(_)

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod blobs;
 mod error;
 mod extract;
 mod metrics;
@@ -32,6 +33,7 @@ use model::{MigrationId, VmId};
 use store::Store;
 
 pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
+pub use blobs::{BlobConfig, BlobError, BlobFiles, DEFAULT_MAX_BLOB_BYTES};
 pub use error::ApiError;
 pub use extract::{AppJson, Caller, Scope};
 pub use openapi::{openapi, openapi_json};
@@ -56,6 +58,9 @@ pub struct ServerConfig {
     pub domain: String,
     /// Where to export flow records as IPFIX (RFC 7011) over UDP, if anywhere.
     pub ipfix_collector: Option<SocketAddr>,
+    /// The image store (kernels, initrds, disk templates); `None`: image files
+    /// cannot be uploaded, and images cannot be made.
+    pub blobs: Option<BlobConfig>,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +71,7 @@ impl Default for ServerConfig {
             vswitch_listen: None,
             domain: "default".to_owned(),
             ipfix_collector: None,
+            blobs: None,
         }
     }
 }
@@ -91,6 +97,8 @@ struct Inner {
     traffic: Option<net::Controller>,
     /// This server's own URL (set by `serve` once bound): the `vinfra` site of an NS.
     self_url: std::sync::OnceLock<String>,
+    /// The image store's files, once opened (see [`AppState::set_blobs`]).
+    blobs: std::sync::OnceLock<Arc<BlobFiles>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -116,6 +124,7 @@ impl AppState {
                     .vswitch_listen
                     .map(|_| net::Controller::new(net::DomainId(config.domain.clone()))),
                 self_url: std::sync::OnceLock::new(),
+                blobs: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -124,6 +133,15 @@ impl AppState {
     /// addresses).
     pub fn self_url(&self) -> Option<String> {
         self.inner.self_url.get().cloned()
+    }
+
+    /// Gives the state its image store (once; later calls are ignored).
+    pub fn set_blobs(&self, files: BlobFiles) {
+        let _ = self.inner.blobs.set(Arc::new(files));
+    }
+
+    pub(crate) fn blobs(&self) -> Option<&BlobFiles> {
+        self.inner.blobs.get().map(|b| b.as_ref())
     }
 
     /// The store.
@@ -229,6 +247,9 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         source,
     })?;
     let state = AppState::new(store, &config);
+    if let Some(cfg) = config.blobs.clone() {
+        state.set_blobs(BlobFiles::open(cfg)?);
+    }
     let own = if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {

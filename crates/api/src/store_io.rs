@@ -33,6 +33,18 @@ pub(crate) mod keys {
     pub fn descriptors(kind: &str) -> String {
         format!("/vinfra/{kind}s/")
     }
+    pub const BLOBS: &str = "/vinfra/blobs/";
+    /// Who may use an image-store file: one key per owner (a tenant id, or
+    /// `shared` for an admin's upload, usable by every tenant).
+    pub fn blob(digest: &model::BlobDigest, owner: Option<TenantId>) -> String {
+        match owner {
+            Some(t) => format!("{BLOBS}{}/{t}", digest.hex()),
+            None => format!("{BLOBS}{}/shared", digest.hex()),
+        }
+    }
+    pub fn blob_prefix(digest: &model::BlobDigest) -> String {
+        format!("{BLOBS}{}/", digest.hex())
+    }
     /// The operator's storage inventory (one document).
     pub const STORAGE: &str = "/vinfra/storage";
 

@@ -16,7 +16,11 @@
 //! ```
 #![warn(missing_docs)]
 
+mod blobs;
+
 use std::time::Duration;
+
+pub use blobs::{file_digest, ImageFiles};
 
 use model::api::{
     Assignment, CreateImage, CreateNetwork, CreateNsInstance, CreateTenant, CreateToken, CreateVm,
@@ -69,6 +73,25 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    /// A local file could not be read or written.
+    #[error("cannot {action} {path}")]
+    File {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A downloaded blob hashed to other than its digest.
+    #[error("blob {expected}: the download hashed to {got}")]
+    DigestMismatch {
+        /// The digest asked for.
+        expected: model::BlobDigest,
+        /// What the bytes hash to.
+        got: model::BlobDigest,
+    },
     /// A success response whose body is not what the route promises.
     #[error("{method} {path}: cannot decode the response")]
     Decode {
@@ -96,6 +119,17 @@ impl ClientError {
         match self {
             ClientError::Api { detail, .. } => Some(detail),
             _ => None,
+        }
+    }
+}
+
+impl ClientError {
+    /// An error about a local file.
+    pub fn from_io(action: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        ClientError::File {
+            action,
+            path: path.to_owned(),
+            source,
         }
     }
 }

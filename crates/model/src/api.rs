@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{
-    parse_cidr, validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range,
-    CacheProgress, DesiredState, Image, Migration, MigrationState, Name, ObservedState,
-    QemuMigrationStats, Role, Tenant, TenantId, ValidationError, Vm,
+    parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name, validate_path,
+    validate_range, CacheProgress, DesiredState, Image, ImageBlobs, Migration, MigrationState,
+    Name, ObservedState, QemuMigrationStats, Role, Tenant, TenantId, ValidationError, Vm,
 };
 
 /// Most vCPUs one VM may have.
@@ -195,14 +195,17 @@ impl RegisterHost {
 pub struct CreateImage {
     /// Name, unique within the tenant (or among public images).
     pub name: String,
-    /// Kernel path on the hosts.
+    /// Kernel: the digest of a blob in the image store (`POST /v1/blobs`), never a path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^sha256:[0-9a-f]{64}$")]
     pub kernel: Option<String>,
-    /// Initrd path on the hosts; needs `kernel`.
+    /// Initrd: a blob digest; needs `kernel`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^sha256:[0-9a-f]{64}$")]
     pub initrd: Option<String>,
-    /// Disk template path on the hosts.
+    /// Disk template each VM's disk is cloned from: a blob digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^sha256:[0-9a-f]{64}$")]
     pub disk_template: Option<String>,
     /// Kernel command line.
     #[serde(default)]
@@ -216,8 +219,8 @@ pub struct CreateImage {
 }
 
 impl CreateImage {
-    /// Checks every field; returns the validated name and tenant name.
-    pub fn validate(&self) -> Result<(Name, Option<Name>), ValidationError> {
+    /// Checks every field; returns the validated name, tenant name and blobs.
+    pub fn validate(&self) -> Result<(Name, Option<Name>, ImageBlobs), ValidationError> {
         let name = validate_name("name", &self.name)?;
         if self.kernel.is_none() && self.disk_template.is_none() {
             return Err(ValidationError::new(
@@ -225,26 +228,34 @@ impl CreateImage {
                 "an image needs a kernel or a disk_template",
             ));
         }
-        if let Some(p) = &self.kernel {
-            validate_path("kernel", p)?;
+        if self.initrd.is_some() && self.kernel.is_none() {
+            return Err(ValidationError::new("initrd", "needs a kernel"));
         }
-        if let Some(p) = &self.initrd {
-            if self.kernel.is_none() {
-                return Err(ValidationError::new("initrd", "needs a kernel"));
-            }
-            validate_path("initrd", p)?;
-        }
-        if let Some(p) = &self.disk_template {
-            validate_path("disk_template", p)?;
-        }
+        let digest = |field: &str, v: &Option<String>| {
+            v.as_deref().map(|d| parse_digest(field, d)).transpose()
+        };
+        let blobs = ImageBlobs {
+            kernel: digest("kernel", &self.kernel)?,
+            initrd: digest("initrd", &self.initrd)?,
+            disk_template: digest("disk_template", &self.disk_template)?,
+        };
         validate_cmdline("cmdline", &self.cmdline)?;
         validate_range("disk_mib", self.disk_mib, 0, MAX_DISK_MIB)?;
         let tenant = match &self.tenant {
             Some(t) => Some(validate_name("tenant", t)?),
             None => None,
         };
-        Ok((name, tenant))
+        Ok((name, tenant, blobs))
     }
+}
+
+/// `POST /v1/blobs/import` (admin): a file in the server's import directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportBlob {
+    /// Relative to the import directory (an absolute path must lie inside it).
+    #[schema(min_length = 1, max_length = 4096)]
+    pub path: String,
 }
 
 /// Most NICs one VM may have.
@@ -901,10 +912,16 @@ mod tests {
             tenant: None,
         };
         assert_eq!(i.validate().unwrap_err().field, "kernel");
-        i.disk_template = Some("/var/lib/img.qcow2".into());
+        let d = format!("sha256:{}", "0f".repeat(32));
+        i.disk_template = Some(d.clone());
         assert_eq!(i.validate().unwrap_err().field, "initrd");
         i.initrd = None;
-        assert!(i.validate().is_ok());
+        assert_eq!(i.validate().unwrap().2.disk_template.unwrap().as_str(), d);
+        // The hole the image store closes: a host path is refused with the reason.
+        i.kernel = Some("/etc/shadow".into());
+        let e = i.validate().unwrap_err();
+        assert_eq!(e.field, "kernel");
+        assert!(e.message.contains("host paths are not accepted"), "{e}");
     }
 
     #[test]

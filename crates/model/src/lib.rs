@@ -17,11 +17,11 @@ pub use ids::{
     HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, VmId,
 };
 pub use types::{
-    CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image, Maintenance,
-    MaintenanceState, Migration, MigrationState, Network, Nic, ObservedState, QemuMigrationStats,
-    Redundancy, Role, Tenant, TokenRecord, Vm,
+    Blob, CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image,
+    ImageBlobs, Maintenance, MaintenanceState, Migration, MigrationState, Network, Nic,
+    ObservedState, QemuMigrationStats, Redundancy, Role, Tenant, TokenRecord, Vm,
 };
 pub use validate::{
-    parse_cidr, validate_agent_url, validate_cmdline, validate_name, validate_path, validate_range,
-    Name, ValidationError,
+    parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name, validate_path,
+    validate_range, BlobDigest, Name, ValidationError, DIGEST_PREFIX,
 };

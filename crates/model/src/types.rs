@@ -3,7 +3,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{HostId, ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, VmId};
+use crate::{
+    BlobDigest, HostId, ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId,
+    ValidationError, VmId,
+};
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -125,7 +128,7 @@ impl Host {
     }
 }
 
-/// A bootable image: where the agent finds the kernel, initrd and disk.
+/// A bootable image: which image-store blobs hold its kernel, initrd and disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Image {
     /// Stable id.
@@ -134,17 +137,85 @@ pub struct Image {
     pub tenant: Option<TenantId>,
     /// Name, unique within its tenant (or among public images).
     pub name: Name,
-    /// Kernel path on the hosts (direct kernel boot), if any.
+    /// Kernel (direct kernel boot): a blob digest `sha256:…`, if any. Text rather
+    /// than [`BlobDigest`] because records made before the image store hold a host
+    /// path here; [`Image::blobs`] refuses those.
     pub kernel: Option<String>,
-    /// Initrd path on the hosts, if any.
+    /// Initrd: a blob digest, if any.
     pub initrd: Option<String>,
-    /// Disk template path on the hosts that each VM's disk is cloned from, if any.
+    /// Disk template each VM's disk is cloned from: a blob digest, if any.
     pub disk_template: Option<String>,
     /// Kernel command line.
     pub cmdline: String,
     /// Size of each VM's disk, MiB.
     pub disk_mib: u64,
     /// Creation time, unix milliseconds.
+    pub created_at: u64,
+}
+
+impl Image {
+    /// The image's blobs. An image made before the image store names host files,
+    /// which nothing may open any more: it is refused with the way out.
+    pub fn blobs(&self) -> Result<ImageBlobs, ValidationError> {
+        let digest = |field: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|d| {
+                    crate::parse_digest(field, d).map_err(|_| {
+                        ValidationError::new(
+                            field,
+                            format!(
+                                "image {} names the host file {d:?}: images made before the image \
+                                 store cannot start; upload its files again (vinfra image upload)",
+                                self.name
+                            ),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        Ok(ImageBlobs {
+            kernel: digest("kernel", &self.kernel)?,
+            initrd: digest("initrd", &self.initrd)?,
+            disk_template: digest("disk_template", &self.disk_template)?,
+        })
+    }
+}
+
+/// The image-store blobs an image boots from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageBlobs {
+    /// Kernel, for direct kernel boot.
+    pub kernel: Option<BlobDigest>,
+    /// Initrd.
+    pub initrd: Option<BlobDigest>,
+    /// Disk template.
+    pub disk_template: Option<BlobDigest>,
+}
+
+impl ImageBlobs {
+    /// Every blob, once each.
+    pub fn all(&self) -> Vec<&BlobDigest> {
+        let mut v: Vec<&BlobDigest> = [&self.kernel, &self.initrd, &self.disk_template]
+            .into_iter()
+            .flatten()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// A file in the image store, as stored for one owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Blob {
+    /// Its content address.
+    pub digest: BlobDigest,
+    /// Size in bytes.
+    pub size: u64,
+    /// The tenant that uploaded it; `None` for an admin's blob, which every
+    /// tenant's images may use (admins make the public images).
+    pub tenant: Option<TenantId>,
+    /// When it was first stored for this owner, unix milliseconds.
     pub created_at: u64,
 }
 

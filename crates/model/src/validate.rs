@@ -120,6 +120,82 @@ pub fn validate_path(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// A content address in the image store: `sha256:` and 64 lowercase hex digits.
+/// Kernels, initrds and disk templates of images are named only by these, never
+/// by a path on a host, so a tenant cannot make a host hand it a file.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(try_from = "String", into = "String")]
+#[schema(value_type = String, pattern = "^sha256:[0-9a-f]{64}$")]
+pub struct BlobDigest(String);
+
+/// The prefix of every [`BlobDigest`].
+pub const DIGEST_PREFIX: &str = "sha256:";
+
+impl BlobDigest {
+    /// The digest of a finished SHA-256 hash.
+    pub fn from_sha256(hash: [u8; 32]) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(DIGEST_PREFIX.len() + 64);
+        s.push_str(DIGEST_PREFIX);
+        for b in hash {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        Self(s)
+    }
+
+    /// The 64 hex digits, without the `sha256:` prefix: safe as a file name or key part.
+    pub fn hex(&self) -> &str {
+        &self.0[DIGEST_PREFIX.len()..]
+    }
+
+    /// The whole digest, `sha256:…`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BlobDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for BlobDigest {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        parse_digest("digest", &s)
+    }
+}
+
+impl From<BlobDigest> for String {
+    fn from(d: BlobDigest) -> String {
+        d.0
+    }
+}
+
+/// Parses a [`BlobDigest`]. The message says where digests come from, because the
+/// likeliest wrong value is a host path from before the image store.
+pub fn parse_digest(field: &str, value: &str) -> Result<BlobDigest, ValidationError> {
+    let ok = value.strip_prefix(DIGEST_PREFIX).is_some_and(|h| {
+        h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    });
+    if ok {
+        Ok(BlobDigest(value.to_owned()))
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!(
+                "must be an image-store digest sha256:<64 hex digits> (from POST /v1/blobs or \
+                 POST /v1/blobs/import); host paths are not accepted, got {:?}",
+                truncate(value, 80)
+            ),
+        ))
+    }
+}
+
 /// Checks a kernel command line: at most 4096 bytes, no control characters.
 pub fn validate_cmdline(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.len() > 4096 {
@@ -232,6 +308,24 @@ mod tests {
     #[test]
     fn paths_urls_cmdlines() {
         assert!(validate_path("kernel", "/boot/vmlinuz").is_ok());
+        let d = parse_digest("kernel", &format!("sha256:{}", "ab".repeat(32))).unwrap();
+        assert_eq!(d.hex(), "ab".repeat(32));
+        assert_eq!(BlobDigest::from_sha256([0xab; 32]), d);
+        for bad in [
+            "/etc/shadow",
+            "sha256:",
+            "sha256:AB",
+            &format!("sha256:{}", "AB".repeat(32)),
+            &format!("sha512:{}", "ab".repeat(32)),
+            &format!("sha256:{}0", "ab".repeat(32)),
+        ] {
+            let e = parse_digest("kernel", bad).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with("kernel: must be an image-store digest"),
+                "{e}"
+            );
+        }
         assert!(validate_path("kernel", "boot/vmlinuz").is_err());
         assert!(validate_path("kernel", "/a\0b").is_err());
         assert!(validate_agent_url("agent_url", "http://127.0.0.1:7071").is_ok());

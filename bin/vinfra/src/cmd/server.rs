@@ -32,6 +32,13 @@ pub struct ServerArgs {
     /// Export flow records as IPFIX (RFC 7011) over UDP to this collector.
     #[arg(long)]
     pub ipfix_collector: Option<String>,
+    /// The one directory admins may import image files from (`vinfra image import`);
+    /// none by default. Paths are confined to it after resolving symlinks.
+    #[arg(long)]
+    pub image_import_dir: Option<PathBuf>,
+    /// Largest file the image store accepts (K, M, G or T suffix).
+    #[arg(long, default_value = "8G")]
+    pub max_blob_size: String,
 }
 
 fn addr(flag: &str, v: &Option<String>) -> anyhow::Result<Option<std::net::SocketAddr>> {
@@ -76,6 +83,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         vswitch_listen: addr("vswitch-listen", &args.vswitch_listen)?,
         domain: args.domain.clone(),
         ipfix_collector: addr("ipfix-collector", &args.ipfix_collector)?,
+        blobs: Some(api::BlobConfig {
+            dir: data_dir.join("blobs"),
+            import_dir: args.image_import_dir.clone(),
+            max_bytes: crate::cmd::nbd::parse_size(&args.max_blob_size)
+                .context("--max-blob-size")?,
+        }),
     };
     let handle = api::serve(config, store).await?;
     tracing::info!(addr = %handle.addr(), "vinfra server listening");

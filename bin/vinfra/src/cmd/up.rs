@@ -55,7 +55,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the vinfra executable")?;
 
     // The guest image first: a failure here should not leave processes behind.
-    let image = crate::cmd::image::ensure_default(&dd).await?;
+    let image = crate::cmd::image::ensure_default(&dd.join("images")).await?;
 
     let mut procs: Vec<Proc> = Vec::new();
     let result = async {

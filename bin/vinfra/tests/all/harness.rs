@@ -253,18 +253,27 @@ pub async fn cluster_with(server: impl std::future::Future<Output = Server>) -> 
         .token;
     let token_file = path_in(&s, "agent-token");
     std::fs::write(&token_file, &agent_token).unwrap();
-    admin
-        .create_image(&model::api::CreateImage {
-            name: "default".into(),
-            kernel: Some(image.kernel.display().to_string()),
-            initrd: Some(image.initrd.display().to_string()),
-            disk_template: Some(image.disk_template.display().to_string()),
-            cmdline: image.cmdline.clone(),
-            disk_mib: 64,
-            tenant: None,
-        })
-        .await
-        .unwrap();
+    // Through the CLI, as a user would: `vinfra image upload`.
+    let (ok, out, err) = cli(
+        &s,
+        &s.admin_token(),
+        &[
+            "image",
+            "upload",
+            "default",
+            "--kernel",
+            &image.kernel.display().to_string(),
+            "--initrd",
+            &image.initrd.display().to_string(),
+            "--disk",
+            &image.disk_template.display().to_string(),
+            "--cmdline",
+            &image.cmdline,
+            "--disk-mib",
+            "64",
+        ],
+    );
+    assert!(ok, "vinfra image upload failed: {out}{err}");
     (s, token_file)
 }
 

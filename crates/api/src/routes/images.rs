@@ -12,13 +12,14 @@ use crate::routes::tenants::write_tenant;
 use crate::store_io::{get_json, insert_named, keys, list_json, list_keyed, now_ms, remove_named};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
-/// Creates an image. A member's image belongs to its tenant; an admin's is
-/// public unless the admin names a tenant.
+/// Creates an image from files in the image store (`POST /v1/blobs`), named by
+/// digest. A member's image belongs to its tenant; an admin's is public unless the
+/// admin names a tenant.
 #[utoipa::path(post, path = "/v1/images", tag = "images", request_body = CreateImage,
     responses(
         (status = 201, body = Image),
         (status = 409, description = "name taken in this scope", body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "invalid field, or a file not in the image store for this tenant", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn create_image(
     State(state): State<AppState>,
@@ -26,19 +27,36 @@ pub(crate) async fn create_image(
     AppJson(body): AppJson<CreateImage>,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
     caller.require(&[Role::Admin, Role::Member], "creating an image")?;
-    let (name, tenant) = body.validate()?;
-    let tenant = match (caller.scope()?, tenant) {
+    let (name, tenant, blobs) = body.validate()?;
+    let scope = caller.scope()?;
+    let tenant = match (scope, tenant) {
         // An admin without a tenant makes a public image.
         (Scope::All, None) => None,
         (_, tenant) => Some(write_tenant(&state, &caller, tenant.as_ref()).await?),
     };
+    // Every file must be in the image store for the caller: a tenant names only
+    // its own uploads and the shared ones.
+    for (field, digest) in [
+        ("kernel", &blobs.kernel),
+        ("initrd", &blobs.initrd),
+        ("disk_template", &blobs.disk_template),
+    ] {
+        if let Some(d) = digest {
+            if !crate::routes::blobs::usable(&state, scope, d).await? {
+                return Err(ApiError::Unprocessable(format!(
+                    "{field}: no blob {d} in the image store for this tenant (upload it with POST /v1/blobs)"
+                )));
+            }
+        }
+    }
+    let text = |d: Option<model::BlobDigest>| d.map(String::from);
     let image = Image {
         id: ImageId::new_random(),
         tenant,
         name,
-        kernel: body.kernel,
-        initrd: body.initrd,
-        disk_template: body.disk_template,
+        kernel: text(blobs.kernel),
+        initrd: text(blobs.initrd),
+        disk_template: text(blobs.disk_template),
         cmdline: body.cmdline,
         disk_mib: body.disk_mib,
         created_at: now_ms(),

@@ -1,5 +1,6 @@
 //! Route table and handlers.
 
+pub(crate) mod blobs;
 pub(crate) mod descriptors;
 pub(crate) mod hosts;
 pub(crate) mod images;
@@ -45,6 +46,9 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/v1/images/{name}",
             get(images::get_image).delete(images::delete_image),
         ),
+        ("/v1/blobs", post(blobs::upload).get(blobs::list)),
+        ("/v1/blobs/import", post(blobs::import)),
+        ("/v1/blobs/{digest}", get(blobs::download)),
         (
             "/v1/networks",
             post(networks::create_network).get(networks::list_networks),
@@ -180,7 +184,8 @@ mod tests {
         for (path, _) in table() {
             let concrete = path
                 .replace("{name}", "x")
-                .replace("{id}", "00000000-0000-4000-8000-000000000000");
+                .replace("{id}", "00000000-0000-4000-8000-000000000000")
+                .replace("{digest}", &format!("sha256:{}", "0".repeat(64)));
             for m in METHODS {
                 let req = Request::builder()
                     .method(m.clone())
@@ -195,7 +200,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 50, "{served:?}");
+        assert_eq!(served.len(), 54, "{served:?}");
     }
 
     #[test]

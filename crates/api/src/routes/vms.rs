@@ -46,6 +46,11 @@ pub(crate) async fn create_vm(
             }
             other => other,
         })?;
+    // An image from before the image store names host files: refused here with the
+    // way out, and by the agent for VMs that already use it.
+    image
+        .blobs()
+        .map_err(|e| ApiError::Unprocessable(format!("image: {}", e.message)))?;
     let store = state.store();
     let name_key = keys::vm_name(tenant, &req.name);
     let name_taken = || ApiError::Conflict(format!("name: vm {} already exists", req.name));

@@ -81,13 +81,27 @@ impl App {
             heartbeat_timeout,
             ..ServerConfig::default()
         };
-        let router = api::router(AppState::new(store.clone(), &config));
+        let state = AppState::new(store.clone(), &config);
+        state.set_blobs(
+            api::BlobFiles::open(api::BlobConfig {
+                dir: dir.path().join("blobs"),
+                import_dir: Some(dir.path().join("import")),
+                max_bytes: 1 << 20,
+            })
+            .unwrap(),
+        );
+        let router = api::router(state);
         Self {
             router,
             store,
             admin,
             _dir: dir,
         }
+    }
+
+    /// The app's scratch directory (its image store and import directory live here).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
     }
 
     pub async fn raw(
@@ -177,12 +191,29 @@ impl App {
         r.json()
     }
 
+    /// Uploads `bytes` into the image store; returns the blob's digest.
+    pub async fn blob(&self, token: &str, bytes: &str) -> String {
+        let r = self
+            .raw(
+                Method::POST,
+                "/v1/blobs",
+                Some(token),
+                Some("application/octet-stream"),
+                bytes,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        r.json()["digest"].as_str().unwrap().to_owned()
+    }
+
     pub async fn image(&self, token: &str, name: &str) -> Value {
+        let kernel = self.blob(token, "kernel").await;
+        let initrd = self.blob(token, "initrd").await;
         let r = self
             .post(
                 "/v1/images",
                 token,
-                json!({ "name": name, "kernel": "/boot/vmlinuz", "initrd": "/boot/initrd",
+                json!({ "name": name, "kernel": kernel, "initrd": initrd,
                         "cmdline": "console=ttyS0", "disk_mib": 1024 }),
             )
             .await;

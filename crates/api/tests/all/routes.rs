@@ -107,6 +107,7 @@ async fn bad_inputs_get_problems_naming_the_field() {
         format!(r#"{{"name":"x","image":"debian","vcpus":1,"memory_mib":64{extra}}}"#)
     };
     let missing_id = "00000000-0000-4000-8000-000000000000";
+    let nodigest = format!("sha256:{}", "0".repeat(64));
     let admin = app.admin.as_str();
     let (a, agent) = (w.a.as_str(), w.agent.as_str());
     #[rustfmt::skip]
@@ -137,9 +138,10 @@ async fn bad_inputs_get_problems_naming_the_field() {
         (Method::POST, "/v1/hosts".into(), agent, "application/json", r#"{"name":"h2","cpus":1,"memory_mib":1,"disk_gib":1,"agent_url":"x"}"#.into(), 422, "agent_url: must be an http"),
         (Method::POST, "/v1/hosts".into(), agent, "application/json", r#"{"name":"h2","cpus":1,"memory_mib":1,"disk_gib":1,"drivers":"qemu"}"#.into(), 422, "drivers: invalid type"),
         (Method::POST, "/v1/images".into(), a, "application/json", r#"{"name":"i","disk_mib":1}"#.into(), 422, "kernel: an image needs a kernel or a disk_template"),
-        (Method::POST, "/v1/images".into(), a, "application/json", r#"{"name":"i","kernel":"vmlinuz","disk_mib":1}"#.into(), 422, "kernel: must be an absolute path"),
-        (Method::POST, "/v1/images".into(), a, "application/json", r#"{"name":"i","kernel":"/k","cmdline":"a\nb","disk_mib":1}"#.into(), 422, "cmdline: must not contain control"),
-        (Method::POST, "/v1/images".into(), a, "application/json", r#"{"name":"debian","kernel":"/k","disk_mib":1,"tenant":"b"}"#.into(), 403, "tenant: only an admin"),
+        (Method::POST, "/v1/images".into(), a, "application/json", r#"{"name":"i","kernel":"vmlinuz","disk_mib":1}"#.into(), 422, "kernel: must be an image-store digest"),
+        (Method::POST, "/v1/images".into(), a, "application/json", format!(r#"{{"name":"i","kernel":"{nodigest}","cmdline":"a\nb","disk_mib":1}}"#), 422, "cmdline: must not contain control"),
+        (Method::POST, "/v1/images".into(), a, "application/json", format!(r#"{{"name":"debian","kernel":"{nodigest}","disk_mib":1,"tenant":"b"}}"#), 403, "tenant: only an admin"),
+        (Method::POST, "/v1/images".into(), a, "application/json", format!(r#"{{"name":"i","kernel":"{nodigest}","disk_mib":1}}"#), 422, "kernel: no blob sha256:"),
         (Method::POST, "/v1/tokens".into(), admin, "application/json", r#"{"role":"root"}"#.into(), 422, "role: unknown variant `root`"),
         (Method::POST, "/v1/tokens".into(), admin, "application/json", r#"{"role":"member"}"#.into(), 422, "tenant: is required"),
         (Method::POST, "/v1/tokens".into(), admin, "application/json", r#"{"role":"agent","tenant":"a"}"#.into(), 422, "tenant: must be absent"),
@@ -380,7 +382,11 @@ async fn agent_protocol_runs_a_vm_through_its_life() {
     assert_eq!(assigned.len(), 1);
     assert_eq!(assigned[0]["vm"]["id"], id.as_str());
     assert_eq!(assigned[0]["vm"]["desired"], "running");
-    assert_eq!(assigned[0]["image"]["kernel"], "/boot/vmlinuz");
+    // The agent gets the kernel's digest, and may fetch it.
+    let kernel = assigned[0]["image"]["kernel"].as_str().unwrap();
+    assert!(kernel.starts_with("sha256:"), "{kernel}");
+    let k = app.get(&format!("/v1/blobs/{kernel}"), &w.agent).await;
+    assert_eq!((k.status, k.text.as_str()), (StatusCode::OK, "kernel"));
 
     let observed_path = format!("/v1/vms/{id}/observed");
     let observed = |body: Value| app.call(Method::PUT, &observed_path, &w.agent, Some(body));
@@ -463,7 +469,8 @@ async fn deleting_a_vm_on_a_down_host_removes_it_at_once() {
 async fn images_are_unique_per_scope_and_protected_while_used() {
     let w = World::new().await;
     let app = &w.app;
-    let dup = json!({"name": "debian", "kernel": "/k", "disk_mib": 1});
+    let kernel = app.blob(&w.a, "a's kernel").await;
+    let dup = json!({"name": "debian", "kernel": kernel, "disk_mib": 1});
     app.post("/v1/images", &app.admin, dup.clone())
         .await
         .problem(409, "name: image debian already exists");

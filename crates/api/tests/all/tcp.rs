@@ -16,6 +16,11 @@ async fn client_drives_the_server_over_tcp() {
         .unwrap();
     let config = api::ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        blobs: Some(api::BlobConfig {
+            dir: dir.path().join("blobs"),
+            import_dir: None,
+            max_bytes: api::DEFAULT_MAX_BLOB_BYTES,
+        }),
         ..api::ServerConfig::default()
     };
     let server = api::serve(config, store).await.unwrap();
@@ -48,18 +53,37 @@ async fn client_drives_the_server_over_tcp() {
         .await
         .unwrap();
     assert_eq!(agent.heartbeat("h1").await.unwrap().id, host.id);
-    admin
-        .create_image(&CreateImage {
-            name: "debian".into(),
-            kernel: Some("/boot/vmlinuz".into()),
-            initrd: None,
-            disk_template: None,
-            cmdline: String::new(),
-            disk_mib: 512,
-            tenant: None,
-        })
+    // Streamed up and back down through the client, digest checked both ways.
+    let kernel = dir.path().join("vmlinuz");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&kernel, &bytes).unwrap();
+    let files = client::ImageFiles {
+        kernel: Some(kernel.clone()),
+        ..Default::default()
+    };
+    let image = admin
+        .upload_image(
+            &files,
+            CreateImage {
+                name: "debian".into(),
+                kernel: None,
+                initrd: None,
+                disk_template: None,
+                cmdline: String::new(),
+                disk_mib: 512,
+                tenant: None,
+            },
+        )
         .await
         .unwrap();
+    let digest = client::file_digest(&kernel).await.unwrap();
+    assert_eq!(image.kernel.as_deref(), Some(digest.as_str()));
+    let back = dir.path().join("back");
+    assert_eq!(
+        agent.download_blob(&digest, &back).await.unwrap(),
+        3_000_000
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), bytes);
     let vm = member
         .create_vm(&CreateVm {
             name: "web".into(),

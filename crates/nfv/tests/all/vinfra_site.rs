@@ -38,14 +38,26 @@ impl VinfraSite {
             .expect("fresh store");
         let config = api::ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
+            blobs: Some(api::BlobConfig {
+                dir: dir.path().join("blobs"),
+                import_dir: None,
+                max_bytes: 1 << 20,
+            }),
             ..api::ServerConfig::default()
         };
         let server = api::serve(config, store).await.unwrap();
         let url = format!("http://{}", server.addr());
         let adm = Client::new(&url, &admin).unwrap();
-        adm.create_image(&de(
-            json!({"name": "default", "kernel": "/nonexistent/vmlinuz", "disk_mib": 64}),
-        ))
+        // The simulated agent below boots nothing: any file serves as the kernel.
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"not a kernel").unwrap();
+        adm.upload_image(
+            &client::ImageFiles {
+                kernel: Some(kernel),
+                ..Default::default()
+            },
+            de(json!({"name": "default", "disk_mib": 64})),
+        )
         .await
         .unwrap();
         let tok = adm
