@@ -6,3 +6,4 @@ mod networks;
 mod ns;
 mod routes;
 mod tcp;
+mod tokens;
