@@ -130,7 +130,9 @@ pub(crate) async fn mint(
     new: NewToken,
 ) -> Result<(String, TokenRecord), ApiError> {
     let secret = new_token()?;
-    store_token(store, &secret, new).await.map(|rec| (secret, rec))
+    store_token(store, &secret, new)
+        .await
+        .map(|rec| (secret, rec))
 }
 
 async fn store_token(
@@ -284,7 +286,9 @@ async fn upgrade_legacy(store: &dyn Store) -> Result<(), ApiError> {
             expect: Some(kv.mod_revision),
         });
         match store.txn(compares, ops).await {
-            Ok(_) => tracing::info!(id = ?rec.id, role = rec.role.as_str(), "gave a legacy token an id"),
+            Ok(_) => {
+                tracing::info!(id = ?rec.id, role = rec.role.as_str(), "gave a legacy token an id")
+            }
             Err(StoreError::Conflict { .. }) => {}
             Err(e) => return Err(e.into()),
         }

@@ -13,9 +13,7 @@ use crate::ApiError;
 
 /// Store keys. Every name in a key has passed `validate_name`, so it has no `/`.
 pub(crate) mod keys {
-    use model::{
-        ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, TokenId, VmId,
-    };
+    use model::{ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, TokenId, VmId};
 
     pub const TOKENS: &str = "/vinfra/tokens/";
     pub const TENANTS: &str = "/vinfra/tenants/";

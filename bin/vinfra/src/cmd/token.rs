@@ -167,7 +167,9 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
                     println!("{}", created.token);
                 }
             }
-            eprintln!("save this token now: it is not shown again (the server keeps only its hash)");
+            eprintln!(
+                "save this token now: it is not shown again (the server keeps only its hash)"
+            );
             Ok(())
         }
         TokenCmd::List => show(ctx, &c.list_tokens().await?),

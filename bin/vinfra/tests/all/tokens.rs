@@ -114,7 +114,10 @@ async fn the_token_cli_mints_lists_and_revokes() {
     let admin = s.admin_token();
     // The server printed where the admin token is, never the token.
     let log = std::fs::read_to_string(s.dir.path().join("server.log")).unwrap();
-    assert!(!log.contains(&admin), "the server log holds the admin token");
+    assert!(
+        !log.contains(&admin),
+        "the server log holds the admin token"
+    );
     assert!(log.contains("admin token created in"), "{log}");
 
     let tenant = s.admin().create_tenant("acme").await.unwrap().token;
@@ -155,7 +158,10 @@ async fn the_token_cli_mints_lists_and_revokes() {
     let (ok, table, _) = cli(&s, &tenant, &["token", "list"]);
     assert!(ok);
     assert!(table.starts_with("ID  "), "{table}");
-    assert!(table.contains("read-only") && table.contains("in 1h 59m"), "{table}");
+    assert!(
+        table.contains("read-only") && table.contains("in 1h 59m"),
+        "{table}"
+    );
 
     // Admins may mint other roles; members may not.
     let (ok, _, err) = cli(&s, &tenant, &["token", "create", "--role", "admin"]);
@@ -168,7 +174,10 @@ async fn the_token_cli_mints_lists_and_revokes() {
     );
     assert!(ok, "{err}");
     let agent: model::api::TokenCreated = serde_json::from_str(&out).unwrap();
-    assert_eq!(agent.expires_at, None, "agent tokens do not expire by default");
+    assert_eq!(
+        agent.expires_at, None,
+        "agent tokens do not expire by default"
+    );
 
     // The host list works for members (without internals) and admins.
     for t in [&tenant, &admin] {

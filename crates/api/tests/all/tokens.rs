@@ -65,15 +65,16 @@ async fn defaults_and_bounds_of_the_lifetime() {
     let w = World::new().await;
     let app = &w.app;
     let r = app
-        .post("/v1/tokens", &app.admin, json!({"role": "member", "tenant": "a"}))
+        .post(
+            "/v1/tokens",
+            &app.admin,
+            json!({"role": "member", "tenant": "a"}),
+        )
         .await;
     let j = r.json();
     let life = j["expires_at"].as_u64().unwrap() - now_ms();
     let thirty_days = 30 * 24 * 3600 * 1000;
-    assert!(
-        life <= thirty_days && life > thirty_days - 60_000,
-        "{life}"
-    );
+    assert!(life <= thirty_days && life > thirty_days - 60_000, "{life}");
     // Agents run unattended: their tokens do not expire by default.
     let r = app
         .post("/v1/tokens", &app.admin, json!({"role": "agent"}))
@@ -108,9 +109,7 @@ async fn a_revoked_token_is_refused_on_the_next_request() {
     app.get("/v1/vms", &token)
         .await
         .problem(401, "invalid bearer token");
-    revoke(app, &app.admin, &id)
-        .await
-        .problem(404, "not found");
+    revoke(app, &app.admin, &id).await.problem(404, "not found");
     revoke(app, &app.admin, "not-an-id")
         .await
         .problem(404, "not found");
@@ -146,8 +145,16 @@ async fn a_read_only_token_may_only_read() {
         .await
         .problem(403, "scope read-only");
     // An admin's read-only token is as limited.
-    let (ro_admin, _) = mint(app, &app.admin, json!({"role": "admin", "scope": "read-only"})).await;
-    assert_eq!(app.get("/v1/tenants", &ro_admin).await.status, StatusCode::OK);
+    let (ro_admin, _) = mint(
+        app,
+        &app.admin,
+        json!({"role": "admin", "scope": "read-only"}),
+    )
+    .await;
+    assert_eq!(
+        app.get("/v1/tenants", &ro_admin).await.status,
+        StatusCode::OK
+    );
     app.post("/v1/tenants", &ro_admin, json!({"name": "c"}))
         .await
         .problem(403, "scope read-only");
@@ -166,9 +173,13 @@ async fn members_mint_and_manage_only_their_own_tenants_tokens() {
     app.post("/v1/tokens", &w.a, json!({"role": "member", "tenant": "b"}))
         .await
         .problem(403, "own tenant");
-    app.post("/v1/tokens", &w.a, json!({"role": "member", "tenant": "nosuch"}))
-        .await
-        .problem(403, "own tenant");
+    app.post(
+        "/v1/tokens",
+        &w.a,
+        json!({"role": "member", "tenant": "nosuch"}),
+    )
+    .await
+    .problem(403, "own tenant");
     app.post("/v1/tokens", &w.agent, json!({"role": "agent"}))
         .await
         .problem(403, "role admin or member");
@@ -186,7 +197,11 @@ async fn members_mint_and_manage_only_their_own_tenants_tokens() {
     };
     let a_list = app.get("/v1/tokens", &w.a).await.json();
     let tenant_a = a_list[0]["tenant"].clone();
-    assert!(a_list.as_array().unwrap().iter().all(|t| t["tenant"] == tenant_a));
+    assert!(a_list
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["tenant"] == tenant_a));
     let a_ids = ids(a_list);
     assert_eq!(a_ids.len(), 3, "first token, a2, a3: {a_ids:?}");
     assert!(a_ids.contains(&a2_id) && a_ids.contains(&a3_id));
@@ -199,7 +214,10 @@ async fn members_mint_and_manage_only_their_own_tenants_tokens() {
     assert_eq!(all.len(), 1 + 1 + 3 + 2, "{all:?}");
     // Another tenant's token is not found, like a missing one.
     revoke(app, &w.a, &b2_id).await.problem(404, "not found");
-    assert_eq!(revoke(app, &w.a, &a2_id).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        revoke(app, &w.a, &a2_id).await.status,
+        StatusCode::NO_CONTENT
+    );
     app.get("/v1/vms", &a2).await.problem(401, "invalid");
     assert_eq!(
         revoke(app, &app.admin, &b2_id).await.status,
@@ -239,7 +257,10 @@ async fn token_lists_never_hold_a_secret_or_its_hash() {
     for (who, token) in [("admin", &app.admin), ("member", &w.a)] {
         let text = app.get("/v1/tokens", token).await.text;
         for s in [&secret, &app.admin, &w.a, &w.b, &w.agent] {
-            assert!(!text.contains(s.as_str()), "{who}'s list holds a secret: {text}");
+            assert!(
+                !text.contains(s.as_str()),
+                "{who}'s list holds a secret: {text}"
+            );
             assert!(
                 !text.contains(&api::hash_token(s)),
                 "{who}'s list holds a hash: {text}"
@@ -248,7 +269,10 @@ async fn token_lists_never_hold_a_secret_or_its_hash() {
         let list: Value = serde_json::from_str(&text).unwrap();
         for t in list.as_array().unwrap() {
             let keys: Vec<&String> = t.as_object().unwrap().keys().collect();
-            assert!(!keys.iter().any(|k| *k == "token" || *k == "hash"), "{keys:?}");
+            assert!(
+                !keys.iter().any(|k| *k == "token" || *k == "hash"),
+                "{keys:?}"
+            );
         }
     }
 }
@@ -288,7 +312,10 @@ async fn legacy_token_records_load_get_an_id_and_can_be_revoked() {
     assert_eq!(old["scope"], "read-write");
     assert!(old.get("expires_at").is_none());
     let id = old["id"].as_str().unwrap().to_owned();
-    assert_eq!(revoke(app, &app.admin, &id).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        revoke(app, &app.admin, &id).await.status,
+        StatusCode::NO_CONTENT
+    );
     app.get("/v1/hosts", legacy)
         .await
         .problem(401, "invalid bearer token");
@@ -310,7 +337,9 @@ async fn a_revoked_admin_token_is_not_brought_back_from_its_file() {
         revoke(&app, &other_admin, &id).await.status,
         StatusCode::NO_CONTENT
     );
-    app.get("/v1/tenants", &app.admin).await.problem(401, "invalid");
+    app.get("/v1/tenants", &app.admin)
+        .await
+        .problem(401, "invalid");
     // A restart finds the token in its file but does not re-add it.
     assert_eq!(
         api::bootstrap_admin(app.store.as_ref(), app._dir.path())
@@ -318,7 +347,9 @@ async fn a_revoked_admin_token_is_not_brought_back_from_its_file() {
             .unwrap(),
         None
     );
-    app.get("/v1/tenants", &app.admin).await.problem(401, "invalid");
+    app.get("/v1/tenants", &app.admin)
+        .await
+        .problem(401, "invalid");
 }
 
 #[tokio::test]
@@ -382,12 +413,22 @@ async fn member_metrics_hold_only_their_tenants_counts() {
         assert!(r.text.contains(line), "missing {line:?} in\n{}", r.text);
     }
     for global in ["vinfra_hosts", "vinfra_vms{", "vinfra_http_requests_total"] {
-        assert!(!r.text.contains(global), "member sees {global}:\n{}", r.text);
+        assert!(
+            !r.text.contains(global),
+            "member sees {global}:\n{}",
+            r.text
+        );
     }
     let b = app.get("/metrics", &w.b).await.text;
-    assert!(b.contains("vinfra_tenant_vms{observed=\"pending\"} 2\n"), "{b}");
+    assert!(
+        b.contains("vinfra_tenant_vms{observed=\"pending\"} 2\n"),
+        "{b}"
+    );
     let admin = app.get("/metrics", &app.admin).await.text;
-    assert!(admin.contains("vinfra_vms{observed=\"pending\"} 3\n"), "{admin}");
+    assert!(
+        admin.contains("vinfra_vms{observed=\"pending\"} 3\n"),
+        "{admin}"
+    );
     assert!(admin.contains("vinfra_http_requests_total"), "{admin}");
 }
 
