@@ -60,14 +60,14 @@ pub(crate) struct NewToken {
 }
 
 impl NewToken {
-    /// A never-expiring read-write token (the admin token of the data dir).
-    fn permanent(role: Role) -> Self {
+    /// The admin token of a data dir: never expiring, read-write.
+    fn data_dir_admin() -> Self {
         Self {
-            role,
+            role: Role::Admin,
             tenant: None,
             expires_at: None,
             scope: TokenScope::ReadWrite,
-            description: None,
+            description: Some(format!("{ADMIN_TOKEN_FILE} file of the data dir")),
         }
     }
 }
@@ -96,7 +96,7 @@ pub(crate) fn prepare(
 }
 
 /// Puts `rec` (which has an id) under `hash` with its id index; compares that
-/// the index is new.
+/// both are new.
 fn record_ops(hash: &str, rec: &TokenRecord) -> Result<(Vec<TxnOp>, Vec<Compare>), ApiError> {
     let id = rec
         .id
@@ -111,10 +111,16 @@ fn record_ops(hash: &str, rec: &TokenRecord) -> Result<(Vec<TxnOp>, Vec<Compare>
             value: to_bytes(&hash)?,
         },
     ];
-    let compares = vec![Compare::ModRevision {
-        key: keys::token_id(id),
-        expect: None,
-    }];
+    let compares = vec![
+        Compare::ModRevision {
+            key: keys::token(hash),
+            expect: None,
+        },
+        Compare::ModRevision {
+            key: keys::token_id(id),
+            expect: None,
+        },
+    ];
     Ok((ops, compares))
 }
 
@@ -130,22 +136,25 @@ pub(crate) async fn mint(
     new: NewToken,
 ) -> Result<(String, TokenRecord), ApiError> {
     let secret = new_token()?;
-    store_token(store, &secret, new)
-        .await
-        .map(|rec| (secret, rec))
+    let rec = store_token(store, &secret, new)
+        .await?
+        // A random 256-bit token or 122-bit id already in use: not going to
+        // happen; say so rather than overwrite another token.
+        .ok_or_else(|| ApiError::invariant("token or token id collision"))?;
+    Ok((secret, rec))
 }
 
+/// Stores a new record for `secret`; `None` if the store already has one
+/// (or the new id is taken).
 async fn store_token(
     store: &dyn Store,
     secret: &str,
     new: NewToken,
-) -> Result<TokenRecord, ApiError> {
+) -> Result<Option<TokenRecord>, ApiError> {
     let (rec, ops, compares) = prepare(secret, new, now_ms())?;
     match store.txn(compares, ops).await {
-        Ok(_) => Ok(rec),
-        // A random 128-bit id already in use: not going to happen; say so
-        // rather than overwrite another token's index.
-        Err(StoreError::Conflict { .. }) => Err(ApiError::invariant("token id collision")),
+        Ok(_) => Ok(Some(rec)),
+        Err(StoreError::Conflict { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -281,6 +290,8 @@ async fn upgrade_legacy(store: &dyn Store) -> Result<(), ApiError> {
         let hash = kv.key.strip_prefix(keys::TOKENS).unwrap_or(&kv.key);
         rec.id = Some(TokenId::new_random());
         let (ops, mut compares) = record_ops(hash, &rec)?;
+        // The record exists: compare its revision instead of its absence.
+        compares.retain(|c| c.key() != kv.key);
         compares.push(Compare::ModRevision {
             key: kv.key.clone(),
             expect: Some(kv.mod_revision),
@@ -334,7 +345,8 @@ pub async fn bootstrap_admin(
                 return Ok(None);
             }
             tracing::info!(path = %path.display(), "re-adding the admin token from its file");
-            store_token(store, token, NewToken::permanent(Role::Admin)).await?;
+            // `None`: another server sharing the store re-added it first.
+            store_token(store, token, NewToken::data_dir_admin()).await?;
             return Ok(None);
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -350,7 +362,9 @@ pub async fn bootstrap_admin(
     }
     let token = new_token()?;
     write_private(data_dir, &path, &token)?;
-    store_token(store, &token, NewToken::permanent(Role::Admin)).await?;
+    store_token(store, &token, NewToken::data_dir_admin())
+        .await?
+        .ok_or_else(|| ApiError::invariant("a fresh admin token is already stored"))?;
     tracing::info!(path = %path.display(), "admin token created");
     Ok(Some(token))
 }
