@@ -75,6 +75,9 @@ enum Command {
     /// Virtual networks for VM NICs (vinfra's IPAM).
     #[command(subcommand)]
     Network(cmd::network::NetworkCmd),
+    /// API tokens: mint (with a lifetime and scope), list, revoke.
+    #[command(subcommand)]
+    Token(cmd::token::TokenCmd),
     /// Serve a disk through a block cache over NBD (like qemu-nbd).
     #[command(subcommand)]
     Nbd(cmd::nbd::NbdCmd),
@@ -148,6 +151,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => cmd::vm::run(&ctx, c).await,
         Command::Image(c) => cmd::image::run(&ctx, c).await,
         Command::Network(c) => cmd::network::run(&ctx, c).await,
+        Command::Token(c) => cmd::token::run(&ctx, c).await,
         Command::Migration(c) => cmd::migration::run(&ctx, c).await,
         Command::Traffic(c) => cmd::traffic::run(&ctx, c).await,
         Command::Storage(c) => cmd::storage::run(&ctx, c).await,

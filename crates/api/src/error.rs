@@ -24,9 +24,12 @@ pub enum ApiError {
     /// field); names the field.
     #[error("{0}")]
     Unprocessable(String),
-    /// No token, or a token the store does not know.
+    /// No token, or a token the store does not know (never minted, revoked).
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// A known token past its expiry.
+    #[error("token expired")]
+    TokenExpired,
     /// The token's role may not do this.
     #[error("{0}")]
     Forbidden(String),
@@ -133,7 +136,9 @@ impl ApiError {
             ApiError::Validation(_) | ApiError::Unprocessable(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "validation")
             }
-            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Unauthorized | ApiError::TokenExpired => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound { .. } | ApiError::NoRoute { .. } => {
                 (StatusCode::NOT_FOUND, "not-found")
@@ -219,7 +224,7 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if matches!(self, ApiError::Unauthorized) {
+        if matches!(self, ApiError::Unauthorized | ApiError::TokenExpired) {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

@@ -3,11 +3,11 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
-use axum::http::{header, request::Parts, HeaderMap, StatusCode};
-use model::{Role, TenantId, TokenRecord};
+use axum::http::{header, request::Parts, HeaderMap, Method, StatusCode};
+use model::{Role, TenantId, TokenId, TokenRecord, TokenScope};
 use serde::de::DeserializeOwned;
 
-use crate::store_io::{get_json, keys};
+use crate::store_io::{get_json, keys, now_ms};
 use crate::{auth, ApiError, AppState};
 
 /// A JSON body. Unlike `axum::Json`, its errors name the field in our shape:
@@ -93,6 +93,13 @@ pub struct Caller {
     pub role: Role,
     /// The token's tenant (member tokens).
     pub tenant: Option<TenantId>,
+    /// The token's id (`None` for a token minted before ids existed and not
+    /// yet upgraded).
+    pub token_id: Option<TokenId>,
+    /// Which methods the token may use (already enforced for this request).
+    pub scope: TokenScope,
+    /// The token's expiry, unix ms; `None`: never.
+    pub expires_at: Option<u64>,
 }
 
 /// Which objects a caller may see.
@@ -145,6 +152,8 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
+    /// Reads the token's record on every request, with no cache: a revocation
+    /// or an expiry must hold at once on every server sharing the store.
     async fn from_request_parts(
         parts: &mut Parts,
         state: &AppState,
@@ -154,10 +163,28 @@ impl FromRequestParts<AppState> for Caller {
         let Some((rec, _)) = get_json::<TokenRecord>(state.store(), &key).await? else {
             return Err(ApiError::Unauthorized);
         };
+        if rec.expired_at(now_ms()) {
+            return Err(ApiError::TokenExpired);
+        }
+        check_scope(rec.scope, &parts.method)?;
         Ok(Caller {
             role: rec.role,
             tenant: rec.tenant,
+            token_id: rec.id,
+            scope: rec.scope,
+            expires_at: rec.expires_at,
         })
+    }
+}
+
+/// A read-only token may only read: `GET` and `HEAD`.
+fn check_scope(scope: TokenScope, method: &Method) -> Result<(), ApiError> {
+    match scope {
+        TokenScope::ReadWrite => Ok(()),
+        TokenScope::ReadOnly if method == Method::GET || method == Method::HEAD => Ok(()),
+        TokenScope::ReadOnly => Err(ApiError::Forbidden(format!(
+            "this token has scope read-only: {method} needs a read-write token"
+        ))),
     }
 }
 
@@ -204,6 +231,18 @@ mod tests {
         assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
         let e = parse_json::<Body>(br#"{}"#).unwrap_err();
         assert_eq!(e.to_string(), "body: missing field `n` at line 1 column 2");
+    }
+
+    #[test]
+    fn read_only_tokens_only_read() {
+        for m in [Method::GET, Method::HEAD] {
+            assert!(check_scope(TokenScope::ReadOnly, &m).is_ok());
+        }
+        for m in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+            let e = check_scope(TokenScope::ReadOnly, &m).unwrap_err();
+            assert!(e.to_string().contains("scope read-only"), "{e}");
+            assert!(check_scope(TokenScope::ReadWrite, &m).is_ok());
+        }
     }
 
     #[test]

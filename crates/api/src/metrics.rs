@@ -114,6 +114,35 @@ pub(crate) fn render(
     out
 }
 
+/// Renders the exposition text a member sees: its own tenant's gauges only,
+/// no host or HTTP counts (they describe every tenant).
+pub(crate) fn render_tenant(vms: &[(ObservedState, u64)], networks: u64, images: u64) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "# HELP vinfra_tenant_vms This tenant's VMs by observed state."
+    );
+    let _ = writeln!(out, "# TYPE vinfra_tenant_vms gauge");
+    for (state, n) in vms {
+        let _ = writeln!(
+            out,
+            "vinfra_tenant_vms{{observed=\"{}\"}} {n}",
+            state.as_str()
+        );
+    }
+    let _ = writeln!(out, "# HELP vinfra_tenant_networks This tenant's networks.");
+    let _ = writeln!(out, "# TYPE vinfra_tenant_networks gauge");
+    let _ = writeln!(out, "vinfra_tenant_networks {networks}");
+    let _ = writeln!(
+        out,
+        "# HELP vinfra_tenant_images This tenant's own images (public ones not counted)."
+    );
+    let _ = writeln!(out, "# TYPE vinfra_tenant_images gauge");
+    let _ = writeln!(out, "vinfra_tenant_images {images}");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

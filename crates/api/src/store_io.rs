@@ -13,7 +13,7 @@ use crate::ApiError;
 
 /// Store keys. Every name in a key has passed `validate_name`, so it has no `/`.
 pub(crate) mod keys {
-    use model::{ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, VmId};
+    use model::{ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, TokenId, VmId};
 
     pub const TOKENS: &str = "/vinfra/tokens/";
     pub const TENANTS: &str = "/vinfra/tenants/";
@@ -51,6 +51,17 @@ pub(crate) mod keys {
     /// A token record, under the hex SHA-256 of the token.
     pub fn token(hash: &str) -> String {
         format!("{TOKENS}{hash}")
+    }
+    /// Token id index: value is the token's hash (JSON string), so that a
+    /// revocation by id finds the record without scanning. Written in the
+    /// token's own transaction.
+    pub fn token_id(id: TokenId) -> String {
+        format!("/vinfra/token-ids/{id}")
+    }
+    /// Marks a revoked admin token's hash, so that a server restarting with the
+    /// token still in its `admin-token` file does not bring it back.
+    pub fn token_revoked(hash: &str) -> String {
+        format!("/vinfra/token-revoked/{hash}")
     }
     pub fn tenant(id: TenantId) -> String {
         format!("{TENANTS}{id}")

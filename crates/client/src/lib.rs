@@ -26,10 +26,11 @@ use model::api::{
     Assignment, CreateImage, CreateNetwork, CreateNsInstance, CreateTenant, CreateToken, CreateVm,
     DescriptorUpload, EnterMaintenance, MigrateVm, MigrationReport, NsInstanceRecord,
     ObservedReport, PlacementQuery, Problem, RegisterHost, ScaleNsInstance, StorageInventory,
-    StoredDescriptor, TenantCreated, TokenCreated,
+    StoredDescriptor, TenantCreated, TokenCreated, TokenInfo,
 };
 use model::{
-    Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Network, Tenant, Vm, VmId,
+    Host, Image, Maintenance, MaintenanceId, Migration, MigrationId, Network, Tenant, TokenId, Vm,
+    VmId,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -191,7 +192,7 @@ impl Client {
         &self.base
     }
 
-    // ---- tenants and tokens (admin) ----
+    // ---- tenants (admin) and tokens ----
 
     /// `POST /v1/tenants`: creates a tenant; the answer holds its first member token.
     pub async fn create_tenant(&self, name: &str) -> Result<TenantCreated, ClientError> {
@@ -207,9 +208,22 @@ impl Client {
         self.json(Method::GET, &["v1", "tenants"], NO_BODY).await
     }
 
-    /// `POST /v1/tokens`: mints a token.
+    /// `POST /v1/tokens`: mints a token; the answer holds the secret, shown only this once.
     pub async fn create_token(&self, req: &CreateToken) -> Result<TokenCreated, ClientError> {
         self.json(Method::POST, &["v1", "tokens"], Some(req)).await
+    }
+
+    /// `GET /v1/tokens`: the tokens this caller may manage (metadata only).
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        self.json(Method::GET, &["v1", "tokens"], NO_BODY).await
+    }
+
+    /// `DELETE /v1/tokens/{id}`: revokes a token at once.
+    pub async fn revoke_token(&self, id: TokenId) -> Result<(), ClientError> {
+        let id = id.to_string();
+        self.send(Method::DELETE, &["v1", "tokens", &id], NO_BODY)
+            .await
+            .map(drop)
     }
 
     // ---- hosts ----

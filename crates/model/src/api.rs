@@ -11,7 +11,8 @@ use utoipa::ToSchema;
 use crate::{
     parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name, validate_path,
     validate_range, CacheProgress, DesiredState, Image, ImageBlobs, Migration, MigrationState,
-    Name, ObservedState, QemuMigrationStats, Role, Tenant, TenantId, ValidationError, Vm,
+    Name, ObservedState, QemuMigrationStats, Role, Tenant, TenantId, TokenId, TokenScope,
+    ValidationError, Vm,
 };
 
 /// Most vCPUs one VM may have.
@@ -76,18 +77,52 @@ pub struct TenantCreated {
     pub token: String,
 }
 
+/// Lifetime of a member or admin token when `ttl_secs` is not given: 30 days.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+/// Longest lifetime a token may be given: one year.
+pub const MAX_TOKEN_TTL_SECS: u64 = 365 * 24 * 3600;
+/// Longest token description, bytes.
+pub const MAX_TOKEN_DESCRIPTION: usize = 256;
+/// How many characters of a token are kept in clear as its prefix
+/// (`vinfra_` and 5 hex digits: 20 bits, enough to tell a user's tokens apart,
+/// far too few to help guess the remaining 236).
+pub const TOKEN_PREFIX_LEN: usize = 12;
+
 /// `POST /v1/tokens`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
-    /// Role of the new token.
+    /// Role of the new token. A member may mint `member` tokens only.
     pub role: Role,
-    /// Tenant name: required for `member`, forbidden for `admin` and `agent`.
+    /// Tenant name: required for `member` (a member may omit it: its own
+    /// tenant), forbidden for `admin` and `agent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Lifetime in seconds (1 to one year). Default: 30 days for member and
+    /// admin tokens; agent tokens never expire unless given one. The token
+    /// never outlives the token that mints it (the lifetime is cut short).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// `read-only` (GET and HEAD only) or `read-write` (default).
+    #[serde(default)]
+    pub scope: TokenScope,
+    /// Free text shown in token lists (at most 256 bytes, no control characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 impl CreateToken {
+    /// A request for a read-write token of `role` with the default lifetime.
+    pub fn new(role: Role) -> Self {
+        Self {
+            role,
+            tenant: None,
+            ttl_secs: None,
+            scope: TokenScope::ReadWrite,
+            description: None,
+        }
+    }
+
     /// Checks that `tenant` is given exactly when the role needs one.
     pub fn validate(&self) -> Result<Option<Name>, ValidationError> {
         match (self.role, &self.tenant) {
@@ -103,17 +138,91 @@ impl CreateToken {
             (_, None) => Ok(None),
         }
     }
+
+    /// The token's lifetime in milliseconds; `None`: it never expires.
+    ///
+    /// Agent tokens default to no expiry: an agent runs unattended from a token
+    /// file and has no way to renew it, so an expiring agent token would turn
+    /// its host `down` (and its VMs unmanaged) on a timer. They are revoked
+    /// when a host is retired instead.
+    pub fn lifetime_ms(&self) -> Result<Option<u64>, ValidationError> {
+        let secs = match (self.ttl_secs, self.role) {
+            (None, Role::Agent) => return Ok(None),
+            (None, _) => DEFAULT_TOKEN_TTL_SECS,
+            (Some(s), _) => validate_range("ttl_secs", s, 1, MAX_TOKEN_TTL_SECS)?,
+        };
+        // At most a year in ms: cannot overflow.
+        Ok(Some(secs * 1000))
+    }
+
+    /// The description, checked.
+    pub fn validate_description(&self) -> Result<Option<String>, ValidationError> {
+        let Some(d) = &self.description else {
+            return Ok(None);
+        };
+        if d.len() > MAX_TOKEN_DESCRIPTION {
+            return Err(ValidationError::new(
+                "description",
+                format!("must be at most {MAX_TOKEN_DESCRIPTION} bytes"),
+            ));
+        }
+        if d.chars().any(char::is_control) {
+            return Err(ValidationError::new(
+                "description",
+                "must not contain control characters",
+            ));
+        }
+        Ok(Some(d.clone()))
+    }
 }
 
-/// Answer to `POST /v1/tokens`: the token, shown only this once.
+/// A token as lists show it: its id, prefix and metadata, never the secret
+/// or its hash.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct TokenCreated {
-    /// The bearer token. The server keeps only its hash.
-    pub token: String,
+pub struct TokenInfo {
+    /// Stable id: what `DELETE /v1/tokens/{id}` takes.
+    pub id: TokenId,
+    /// The first characters of the token (empty for tokens minted before
+    /// prefixes existed).
+    pub prefix: String,
     /// Its role.
     pub role: Role,
     /// Its tenant (member tokens).
     pub tenant: Option<TenantId>,
+    /// `read-only` or `read-write`.
+    pub scope: TokenScope,
+    /// Creation time, unix milliseconds.
+    pub created_at: u64,
+    /// Expiry, unix milliseconds; absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// What the token is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Answer to `POST /v1/tokens`: the token, shown only this once, and what
+/// lists will show of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    /// The bearer token. The server keeps only its hash.
+    pub token: String,
+    /// Its id (for `DELETE /v1/tokens/{id}`).
+    pub id: TokenId,
+    /// The first characters of the token, as lists show them.
+    pub prefix: String,
+    /// Its role.
+    pub role: Role,
+    /// Its tenant (member tokens).
+    pub tenant: Option<TenantId>,
+    /// `read-only` or `read-write`.
+    pub scope: TokenScope,
+    /// Expiry, unix milliseconds; absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// What the token is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// `POST /v1/hosts`: register a host, or re-register it under the same name.
@@ -859,8 +968,8 @@ mod tests {
     #[test]
     fn create_token_tenant_rules() {
         let t = |role, tenant: Option<&str>| CreateToken {
-            role,
             tenant: tenant.map(str::to_owned),
+            ..CreateToken::new(role)
         };
         assert!(t(Role::Member, Some("acme")).validate().is_ok());
         assert_eq!(
@@ -875,6 +984,35 @@ mod tests {
             "tenant: must be absent for a agent token"
         );
         assert_eq!(t(Role::Admin, None).validate().unwrap(), None);
+    }
+
+    #[test]
+    fn create_token_lifetime_and_description() {
+        let mut t = CreateToken::new(Role::Member);
+        assert_eq!(
+            t.lifetime_ms().unwrap(),
+            Some(DEFAULT_TOKEN_TTL_SECS * 1000)
+        );
+        t.ttl_secs = Some(0);
+        assert_eq!(t.lifetime_ms().unwrap_err().field, "ttl_secs");
+        t.ttl_secs = Some(MAX_TOKEN_TTL_SECS + 1);
+        assert_eq!(t.lifetime_ms().unwrap_err().field, "ttl_secs");
+        t.ttl_secs = Some(1);
+        assert_eq!(t.lifetime_ms().unwrap(), Some(1000));
+        // Agents never expire unless asked to.
+        assert_eq!(CreateToken::new(Role::Agent).lifetime_ms().unwrap(), None);
+        t.description = Some("x".repeat(MAX_TOKEN_DESCRIPTION + 1));
+        assert_eq!(t.validate_description().unwrap_err().field, "description");
+        t.description = Some("ci\nkey".into());
+        assert_eq!(t.validate_description().unwrap_err().field, "description");
+        t.description = Some("ci key".into());
+        assert_eq!(t.validate_description().unwrap().as_deref(), Some("ci key"));
+        // Scope defaults to read-write and is spelled with a dash.
+        let parsed: CreateToken =
+            serde_json::from_str(r#"{"role":"member","scope":"read-only"}"#).unwrap();
+        assert_eq!(parsed.scope, TokenScope::ReadOnly);
+        let parsed: CreateToken = serde_json::from_str(r#"{"role":"member"}"#).unwrap();
+        assert_eq!(parsed.scope, TokenScope::ReadWrite);
     }
 
     #[test]

@@ -87,6 +87,12 @@ typed_id!(
     NetworkId,
     "network"
 );
+typed_id!(
+    /// Identifies an API token (never the token itself: listing and revoking
+    /// go by this id, so the secret is needed only to authenticate).
+    TokenId,
+    "token"
+);
 
 #[cfg(test)]
 mod tests {

@@ -14,12 +14,12 @@ mod types;
 mod validate;
 
 pub use ids::{
-    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, VmId,
+    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TokenId, VmId,
 };
 pub use types::{
     Blob, CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image,
     ImageBlobs, Maintenance, MaintenanceState, Migration, MigrationState, Network, Nic,
-    ObservedState, QemuMigrationStats, Redundancy, Role, Tenant, TokenRecord, Vm,
+    ObservedState, QemuMigrationStats, Redundancy, Role, Tenant, TokenRecord, TokenScope, Vm,
 };
 pub use validate::{
     parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name, validate_path,

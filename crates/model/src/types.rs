@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{
-    BlobDigest, HostId, ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId,
+    BlobDigest, HostId, ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, TokenId,
     ValidationError, VmId,
 };
 
@@ -42,7 +42,35 @@ pub struct Tenant {
     pub created_at: u64,
 }
 
+/// Which HTTP methods a token may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenScope {
+    /// `GET` and `HEAD` only: dashboards, scrapers, auditors.
+    ReadOnly,
+    /// Every method the token's role allows.
+    #[default]
+    ReadWrite,
+}
+
+impl TokenScope {
+    /// The wire name (`read-only`, `read-write`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenScope::ReadOnly => "read-only",
+            TokenScope::ReadWrite => "read-write",
+        }
+    }
+}
+
 /// What the store keeps for a token (under the SHA-256 of the token, never the token).
+///
+/// Records written before tokens had ids, expiry and scopes lack those fields.
+/// They load with the serde defaults: no id (the server gives them one at
+/// start, see `api::bootstrap_admin`), no prefix, **never expiring** and
+/// **read-write** — exactly what such a token granted when it was minted, so
+/// that upgrading the server neither locks out a running agent nor widens any
+/// token. Operators list and revoke them like any other token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
     /// The role the token grants.
@@ -51,6 +79,31 @@ pub struct TokenRecord {
     pub tenant: Option<TenantId>,
     /// Creation time, unix milliseconds.
     pub created_at: u64,
+    /// Stable id, for listing and revoking; `None` only in records written
+    /// before ids existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<TokenId>,
+    /// The first characters of the token, so that a user can tell tokens
+    /// apart in a list; empty in records written before prefixes existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    /// Expiry, unix milliseconds; `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// Which methods the token may use.
+    #[serde(default)]
+    pub scope: TokenScope,
+    /// Free text from whoever minted it ("ci deploy key").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl TokenRecord {
+    /// Whether the token has expired at `now` (unix ms). A token is refused
+    /// from its expiry instant on.
+    pub fn expired_at(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|e| now >= e)
+    }
 }
 
 /// Whether a host's agent is alive, computed from its last heartbeat.
@@ -98,7 +151,9 @@ pub struct Host {
     pub disk_gib: u64,
     /// Compute drivers the agent supports (`qemu`, `process`).
     pub drivers: Vec<String>,
-    /// Where the agent's own API listens, if it has one.
+    /// Where the agent's own API listens, if it has one. This and the other
+    /// addresses below are host internals: members get the host without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_url: Option<String>,
     /// Where the host's NBD server listens (`IP:PORT`): VM disks through the host's
     /// block cache, and the cache itself for migration peers.
@@ -122,6 +177,17 @@ pub struct Host {
 }
 
 impl Host {
+    /// The host as a tenant member sees it: capacity and liveness, without the
+    /// internal addresses (agent API, NBD, link relay, data network), which
+    /// only the control plane, agents and admins need.
+    pub fn without_internals(mut self) -> Self {
+        self.agent_url = None;
+        self.nbd_addr = None;
+        self.link_addr = None;
+        self.uplink_ip = None;
+        self
+    }
+
     /// Recomputes [`Host::state`] for the time `now` (unix ms).
     pub fn refresh_state(&mut self, now: u64, timeout_ms: u64) {
         self.state = HostState::at(self.last_heartbeat, now, timeout_ms);
@@ -400,6 +466,28 @@ mod tests {
         assert_eq!(HostState::at(9_000, 7_000, 6_000), HostState::Up);
     }
 
+    /// A record stored before tokens had ids, expiry and scopes still loads, as a
+    /// never-expiring read-write token (what it granted when it was minted).
+    #[test]
+    fn legacy_token_records_load_never_expiring_read_write() {
+        let tenant = TenantId::new_random();
+        let old = format!(r#"{{"role":"member","tenant":"{tenant}","created_at":5}}"#);
+        let rec: TokenRecord = serde_json::from_str(&old).unwrap();
+        assert_eq!(rec.role, Role::Member);
+        assert_eq!(rec.tenant, Some(tenant));
+        assert_eq!(rec.id, None);
+        assert_eq!(rec.prefix, "");
+        assert_eq!(rec.expires_at, None);
+        assert_eq!(rec.scope, TokenScope::ReadWrite);
+        assert!(!rec.expired_at(u64::MAX));
+        let new = TokenRecord {
+            expires_at: Some(10),
+            ..rec
+        };
+        assert!(!new.expired_at(9));
+        assert!(new.expired_at(10));
+    }
+
     #[test]
     fn enums_use_snake_case_on_the_wire() {
         assert_eq!(
@@ -407,6 +495,12 @@ mod tests {
             "\"running\""
         );
         assert_eq!(serde_json::to_string(&Role::Agent).unwrap(), "\"agent\"");
+        for s in [TokenScope::ReadOnly, TokenScope::ReadWrite] {
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
         for s in ObservedState::ALL {
             assert_eq!(
                 serde_json::to_string(&s).unwrap(),

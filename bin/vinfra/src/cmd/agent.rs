@@ -101,8 +101,8 @@ pub async fn agent_token(client: &client::Client, data_dir: &Path) -> anyhow::Re
     }
     let created = client
         .create_token(&CreateToken {
-            role: Role::Agent,
-            tenant: None,
+            description: Some("vinfra up agents".to_owned()),
+            ..CreateToken::new(Role::Agent)
         })
         .await
         .context("cannot mint the agent token")?;

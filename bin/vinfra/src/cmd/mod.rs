@@ -11,6 +11,7 @@ pub mod network;
 pub mod nfv;
 pub mod server;
 pub mod storage;
+pub mod token;
 pub mod traffic;
 pub mod up;
 pub mod vm;

@@ -15,7 +15,8 @@ pub struct ServerArgs {
     /// Address to listen on. Loopback unless you mean otherwise.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
-    /// Where the admin token is written (mode 0600) on first start.
+    /// Where the admin token is written (mode 0600) on first start. Only
+    /// this path is printed, never the token.
     /// Default: the redb file's directory, or the current directory for etcd.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -64,12 +65,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let store = store_spec::open_store(&spec).await?;
-    if let Some(token) = api::bootstrap_admin(store.as_ref(), &data_dir).await? {
-        // Printed once, on the first start only; it is also in the file (0600).
-        println!(
-            "admin token (also in {}): {token}",
-            data_dir.join("admin-token").display()
-        );
+    // Only the file's path is printed, never the token: stdout of a server ends
+    // up in logs (systemd journal, `vinfra up`'s server.log, CI output), and
+    // whoever reads them must not become admin. The file is 0600.
+    let token_path = data_dir.join(api::ADMIN_TOKEN_FILE);
+    if api::bootstrap_admin(store.as_ref(), &data_dir)
+        .await?
+        .is_some()
+    {
+        println!("admin token created in {}", token_path.display());
+    } else {
+        println!("admin token in {}", token_path.display());
     }
     let listen = args.listen.parse().with_context(|| {
         format!(

@@ -244,10 +244,7 @@ pub async fn cluster_with(server: impl std::future::Future<Output = Server>) -> 
     let s = server.await;
     let admin = s.admin();
     let agent_token = admin
-        .create_token(&model::api::CreateToken {
-            role: model::Role::Agent,
-            tenant: None,
-        })
+        .create_token(&model::api::CreateToken::new(model::Role::Agent))
         .await
         .unwrap()
         .token;

@@ -102,29 +102,42 @@ pub(crate) async fn heartbeat(
     )))
 }
 
-/// Lists hosts with their liveness.
+/// Lists hosts with their liveness. Members get each host without its
+/// internal addresses (`agent_url`, `nbd_addr`, `link_addr`, `uplink_ip`).
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts",
     responses((status = 200, body = Vec<Host>), (status = 401, body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn list_hosts(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
 ) -> Result<Json<Vec<Host>>, ApiError> {
-    Ok(Json(all_hosts(&state).await?))
+    let hosts = all_hosts(&state).await?;
+    Ok(Json(hosts.into_iter().map(|h| view(&caller, h)).collect()))
 }
 
-/// One host with its liveness.
+/// One host with its liveness (for members, without its internal addresses).
 #[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts",
     params(("name" = String, Path, description = "host name")),
-    responses((status = 200, body = Host), (status = 404, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 200, body = Host), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get_host(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     AppPath(name): AppPath,
 ) -> Result<Json<Host>, ApiError> {
     let name = host_name(&name)?;
     let (mut host, _) = load(&state, &name).await?;
     host.refresh_state(now_ms(), state.heartbeat_timeout_ms());
-    Ok(Json(host))
+    Ok(Json(view(&caller, host)))
+}
+
+/// A host as `caller` may see it. Admins and agents (which reach each other's
+/// NBD servers and tunnel ends) get every field; a member learns capacity and
+/// liveness only: the addresses inside the infrastructure are not its business
+/// and would help an attacker who holds a member token.
+fn view(caller: &Caller, host: Host) -> Host {
+    match caller.role {
+        Role::Admin | Role::Agent => host,
+        Role::Member => host.without_internals(),
+    }
 }
 
 /// A path segment as a host name; a malformed one cannot exist, so it is 404.

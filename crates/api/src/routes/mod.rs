@@ -11,11 +11,12 @@ pub(crate) mod networks;
 pub(crate) mod ns_instances;
 pub(crate) mod storage;
 pub(crate) mod tenants;
+pub(crate) mod tokens;
 pub(crate) mod traffic;
 pub(crate) mod vms;
 
 use axum::http::{Method, Uri};
-use axum::routing::{get, post, put, MethodRouter};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 
 use crate::{ApiError, AppState};
@@ -30,7 +31,11 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/v1/tenants",
             post(tenants::create_tenant).get(tenants::list_tenants),
         ),
-        ("/v1/tokens", post(tenants::create_token)),
+        (
+            "/v1/tokens",
+            post(tokens::create_token).get(tokens::list_tokens),
+        ),
+        ("/v1/tokens/{id}", delete(tokens::revoke_token)),
         (
             "/v1/hosts",
             post(hosts::register_host).get(hosts::list_hosts),
@@ -200,7 +205,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 54, "{served:?}");
+        assert_eq!(served.len(), 56, "{served:?}");
     }
 
     #[test]

@@ -591,6 +591,21 @@ async fn build_drivers(
 ) -> Result<BTreeMap<String, Arc<dyn SiteDriver>>, ApiError> {
     use nfv::driver::{kubernetes, libvirt, openstack, vinfra};
     let mut out: BTreeMap<String, Arc<dyn SiteDriver>> = BTreeMap::new();
+    // The hosts' link relays, read by the server itself: a member's token does not
+    // see them (hosts' internal addresses are for admins and agents), yet its NS
+    // needs them to relay link requests into its own guests. The relay still
+    // checks that the token may act on the VM. Hosts registering later are asked
+    // of the API (and so found for admins only).
+    let link_addrs: BTreeMap<String, String> =
+        if sites.values().any(|s| matches!(s, SiteSpec::Vinfra { .. })) {
+            list_json::<model::Host>(state.store(), keys::HOSTS)
+                .await?
+                .into_iter()
+                .filter_map(|(h, _)| Some((h.name.to_string(), h.link_addr?)))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
     for (name, spec) in sites {
         let d: Arc<dyn SiteDriver> = match spec {
             SiteSpec::Vinfra { host } => {
@@ -606,6 +621,7 @@ async fn build_drivers(
                         host: host.clone(),
                         poll: Duration::from_millis(200),
                         timeout: Duration::from_secs(180),
+                        link_addrs: link_addrs.clone(),
                     })
                     .map_err(|e| ApiError::internal("building the vinfra driver", e))?,
                 )

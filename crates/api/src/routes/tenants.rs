@@ -1,13 +1,13 @@
-//! Tenants and tokens (admin only).
+//! Tenants (admin only).
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use model::api::{CreateTenant, CreateToken, Problem, TenantCreated, TokenCreated};
-use model::{Name, Role, Tenant, TenantId, TokenRecord};
+use model::api::{CreateTenant, Problem, TenantCreated, DEFAULT_TOKEN_TTL_SECS};
+use model::{Name, Role, Tenant, TenantId, TokenScope};
 use store::{Compare, StoreError, TxnOp};
 
-use crate::auth::{hash_token, mint, new_token};
+use crate::auth::{new_token, prepare, NewToken};
 use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller};
 
@@ -60,26 +60,33 @@ async fn insert_tenant(
             value: to_bytes(&tenant.id)?,
         },
     ];
+    let mut compares = vec![Compare::ModRevision {
+        key: name_key,
+        expect: None,
+    }];
     let token = if with_token {
         let token = new_token()?;
-        let rec = TokenRecord {
+        let new = NewToken {
             role: Role::Member,
             tenant: Some(tenant.id),
-            created_at: tenant.created_at,
+            // Like any member token: the tenant's owner mints longer-lived
+            // ones as needed.
+            expires_at: Some(
+                tenant
+                    .created_at
+                    .saturating_add(DEFAULT_TOKEN_TTL_SECS * 1000),
+            ),
+            scope: TokenScope::ReadWrite,
+            description: Some(format!("first token of tenant {}", tenant.name)),
         };
-        ops.push(TxnOp::Put {
-            key: keys::token(&hash_token(&token)),
-            value: to_bytes(&rec)?,
-        });
+        let (_, token_ops, token_compares) = prepare(&token, new, tenant.created_at)?;
+        ops.extend(token_ops);
+        compares.extend(token_compares);
         Some(token)
     } else {
         None
     };
-    let compare = Compare::ModRevision {
-        key: name_key,
-        expect: None,
-    };
-    let res = state.store().txn(vec![compare], ops).await;
+    let res = state.store().txn(compares, ops).await;
     match res {
         Ok(_) => Ok((tenant, token)),
         Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
@@ -105,40 +112,6 @@ pub(crate) async fn list_tenants(
         .collect();
     tenants.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(tenants))
-}
-
-/// Mints a token (shown only once).
-#[utoipa::path(post, path = "/v1/tokens", tag = "tenants", request_body = CreateToken,
-    responses(
-        (status = 201, body = TokenCreated),
-        (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "bad role/tenant combination or unknown tenant", body = Problem, content_type = "application/problem+json"),
-    ))]
-pub(crate) async fn create_token(
-    State(state): State<AppState>,
-    caller: Caller,
-    AppJson(body): AppJson<CreateToken>,
-) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
-    caller.require(&[Role::Admin], "minting a token")?;
-    let tenant = match body.validate()? {
-        Some(name) => Some(
-            tenant_by_name(&state, &name)
-                .await?
-                .ok_or_else(|| ApiError::Unprocessable(format!("tenant: no tenant named {name}")))?
-                .id,
-        ),
-        None => None,
-    };
-    let token = mint(state.store(), body.role, tenant).await?;
-    tracing::info!(role = body.role.as_str(), ?tenant, "token minted");
-    Ok((
-        StatusCode::CREATED,
-        Json(TokenCreated {
-            token,
-            role: body.role,
-            tenant,
-        }),
-    ))
 }
 
 /// The tenant named `name`, if any.

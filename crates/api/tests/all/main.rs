@@ -7,3 +7,4 @@ mod networks;
 mod ns;
 mod routes;
 mod tcp;
+mod tokens;

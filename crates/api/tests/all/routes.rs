@@ -83,7 +83,11 @@ async fn auth_is_required_and_roles_are_enforced() {
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(app.get("/v1/hosts", &w.a).await.status, StatusCode::OK);
-    assert_eq!(app.get("/metrics", &w.agent).await.status, StatusCode::OK);
+    assert_eq!(app.get("/metrics", &app.admin).await.status, StatusCode::OK);
+    // Metrics are for admins (global) and members (their tenant's), not agents.
+    app.get("/metrics", &w.agent)
+        .await
+        .problem(403, "role admin or member");
     // A minted member token works for its tenant.
     let r = app
         .post(
@@ -306,7 +310,7 @@ async fn hosts_register_idempotently_and_go_down_without_heartbeats() {
     app.vm(&app.admin, "v", 1, 64)
         .await
         .problem(409, "no up host");
-    let metrics = app.get("/metrics", &agent).await.text;
+    let metrics = app.get("/metrics", &app.admin).await.text;
     assert!(
         metrics.contains("vinfra_hosts{state=\"down\"} 1\n"),
         "{metrics}"

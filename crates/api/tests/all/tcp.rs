@@ -30,10 +30,7 @@ async fn client_drives_the_server_over_tcp() {
     let tenant = admin.create_tenant("acme").await.unwrap();
     let member = Client::new(&base, &tenant.token).unwrap();
     let agent_token = admin
-        .create_token(&CreateToken {
-            role: Role::Agent,
-            tenant: None,
-        })
+        .create_token(&CreateToken::new(Role::Agent))
         .await
         .unwrap();
     let agent = Client::new(&base, &agent_token.token).unwrap();

@@ -104,6 +104,7 @@ impl VinfraSite {
             host: Some("h1".into()),
             poll: Duration::from_millis(25),
             timeout: Duration::from_secs(10),
+            link_addrs: Default::default(),
         })
         .unwrap()
     }
