@@ -24,6 +24,10 @@ struct Cli {
     /// API token (default: .vinfra/admin-token).
     #[arg(long, global = true, env = "VINFRA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The cluster CA (PEM) to trust for an `https://` server
+    /// (`curl -k https://HOST:7070/v1/ca.pem`, then check its fingerprint).
+    #[arg(long, global = true, env = "VINFRA_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -141,6 +145,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let ctx = cmd::Ctx {
         server: cli.server,
         token: cli.token,
+        ca_file: cli.ca_file,
         format: cli.output,
     };
     match cli.command {

@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// This host's data-network address: when set, every VM network's bridge gets a VXLAN
     /// port towards the other hosts' ([`netdev::Uplink`]). One agent per machine then.
     pub uplink_ip: Option<std::net::Ipv4Addr>,
+    /// The server's CA and this agent's client certificate, for an `https://` server
+    /// (from joining with a join token); `None` for plain HTTP on loopback.
+    pub tls: Option<client::ClientTls>,
 }
 
 impl AgentConfig {
@@ -84,6 +87,7 @@ impl AgentConfig {
             data_dir,
             link_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             uplink_ip: None,
+            tls: None,
         }
     }
 }
@@ -99,7 +103,7 @@ pub enum AgentError {
         url: String,
         /// The cause.
         #[source]
-        err: client::ClientError,
+        err: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The data dir cannot be used.
     #[error("cannot use data dir {path}")]
@@ -135,9 +139,11 @@ pub enum AgentError {
 
 /// Runs the agent until `shutdown` resolves, then stops this host's VMs.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    let client = Client::new(&cfg.server_url, &cfg.token).map_err(|err| AgentError::Client {
-        url: cfg.server_url.clone(),
-        err,
+    let client = api_client(&cfg.server_url, &cfg.token, cfg.tls.as_ref()).map_err(|err| {
+        AgentError::Client {
+            url: cfg.server_url.clone(),
+            err,
+        }
     })?;
     std::fs::create_dir_all(cfg.data_dir.join(local::VMS_DIR)).map_err(|err| {
         AgentError::DataDir {
@@ -161,6 +167,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         links,
         cfg.data_dir.clone(),
         cfg.server_url.clone(),
+        cfg.tls.clone(),
     ));
     let registration = hostinfo::registration(&cfg, disks.addr(), link_addr);
     tokio::select! {
@@ -197,6 +204,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     relay.abort();
     agent.stop_all().await;
     Ok(())
+}
+
+/// A client of the control plane with `token`: over TLS when `tls` is given.
+pub(crate) fn api_client(
+    server: &str,
+    token: &str,
+    tls: Option<&client::ClientTls>,
+) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(match tls {
+        Some(t) => Client::with_tls(server, token, t)?,
+        None => Client::new(server, token)?,
+    })
 }
 
 /// Registers, retrying while the server is unreachable; a refusal (4xx) is final.

@@ -34,13 +34,19 @@ type PortLocks = Arc<std::sync::Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>>;
 
 /// Serves link requests on `listener` for the guests under `data_dir` until dropped;
 /// tokens are checked against the control plane at `server_url`.
-pub async fn serve(listener: TcpListener, data_dir: PathBuf, server_url: String) {
+pub async fn serve(
+    listener: TcpListener,
+    data_dir: PathBuf,
+    server_url: String,
+    tls: Option<client::ClientTls>,
+) {
     let locks: PortLocks = Arc::default();
     loop {
         let Ok((s, peer)) = listener.accept().await else {
             continue;
         };
         let (dir, locks, server) = (data_dir.clone(), locks.clone(), server_url.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
             let (r, mut w) = s.into_split();
             let mut line = String::new();
@@ -50,7 +56,7 @@ pub async fn serve(listener: TcpListener, data_dir: PathBuf, server_url: String)
             let reply = match serde_json::from_str::<LinkRequest>(&line) {
                 Ok(req) => {
                     tracing::info!(%peer, link = req.link, cp = req.second_cp, "link request");
-                    match authorize(&server, &dir, &req).await {
+                    match authorize(&server, tls.as_ref(), &dir, &req).await {
                         Ok(()) => relay(&dir, &locks, &req).await,
                         Err(detail) => LinkReply { up: false, detail },
                     }
@@ -77,7 +83,12 @@ fn find_vm(data_dir: &Path, cp: &str) -> Option<PathBuf> {
 }
 
 /// Checks that `req.auth` may read the VM owning the CP, through the control plane.
-async fn authorize(server: &str, data_dir: &Path, req: &LinkRequest) -> Result<(), String> {
+async fn authorize(
+    server: &str,
+    tls: Option<&client::ClientTls>,
+    data_dir: &Path,
+    req: &LinkRequest,
+) -> Result<(), String> {
     let Some(token) = &req.auth else {
         return Err("link requests to vinfra guests need a vinfra token (auth)".into());
     };
@@ -86,7 +97,7 @@ async fn authorize(server: &str, data_dir: &Path, req: &LinkRequest) -> Result<(
     };
     let id = std::fs::read_to_string(dir.join("vm-id"))
         .map_err(|e| format!("cannot read the VM id of CP {}: {e}", req.second_cp))?;
-    let client = client::Client::new(server, token).map_err(|e| e.to_string())?;
+    let client = crate::api_client(server, token, tls).map_err(|e| e.to_string())?;
     match client.get_vm(id.trim()).await {
         Ok(_) => Ok(()),
         Err(e) if matches!(e.status(), Some(401 | 403 | 404)) => Err(format!(

@@ -30,6 +30,12 @@ pub enum ApiError {
     /// A known token past its expiry.
     #[error("token expired")]
     TokenExpired,
+    /// An agent token over TLS without the agent's client certificate.
+    #[error("an agent token needs the agent's client certificate on a TLS listener")]
+    AgentCertRequired,
+    /// A join token that is unknown, used or expired (one message for all).
+    #[error("join token unknown, used or expired")]
+    JoinRefused,
     /// The token's role may not do this.
     #[error("{0}")]
     Forbidden(String),
@@ -136,9 +142,10 @@ impl ApiError {
             ApiError::Validation(_) | ApiError::Unprocessable(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "validation")
             }
-            ApiError::Unauthorized | ApiError::TokenExpired => {
-                (StatusCode::UNAUTHORIZED, "unauthorized")
-            }
+            ApiError::Unauthorized
+            | ApiError::TokenExpired
+            | ApiError::AgentCertRequired
+            | ApiError::JoinRefused => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound { .. } | ApiError::NoRoute { .. } => {
                 (StatusCode::NOT_FOUND, "not-found")

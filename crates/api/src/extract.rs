@@ -166,6 +166,16 @@ impl FromRequestParts<AppState> for Caller {
         if rec.expired_at(now_ms()) {
             return Err(ApiError::TokenExpired);
         }
+        // Over TLS an agent proves itself twice: its token and the client
+        // certificate it got when it joined (a stolen token alone is not enough).
+        if rec.role == Role::Agent {
+            let peer = parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<crate::Peer>>();
+            if peer.is_some_and(|p| p.0.tls && p.0.client_cn.is_none()) {
+                return Err(ApiError::AgentCertRequired);
+            }
+        }
         check_scope(rec.scope, &parts.method)?;
         Ok(Caller {
             role: rec.role,

@@ -16,14 +16,17 @@ mod auth;
 mod blobs;
 mod error;
 mod extract;
+mod listen;
 mod metrics;
 mod openapi;
+mod pki;
 mod routes;
 mod sched;
 mod store_io;
 pub mod testing;
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,7 +39,9 @@ pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
 pub use blobs::{BlobConfig, BlobError, BlobFiles, DEFAULT_MAX_BLOB_BYTES};
 pub use error::ApiError;
 pub use extract::{AppJson, Caller, Scope};
+pub use listen::Peer;
 pub use openapi::{openapi, openapi_json};
+pub use pki::TlsConfig;
 pub use sched::{place, PlaceError, Usage};
 
 /// Default port of the control-plane API.
@@ -61,6 +66,10 @@ pub struct ServerConfig {
     /// The image store (kernels, initrds, disk templates); `None`: image files
     /// cannot be uploaded, and images cannot be made.
     pub blobs: Option<BlobConfig>,
+    /// Serve HTTPS with a certificate from the cluster CA (made on first use, kept in
+    /// the store); agents join with join tokens and present client certificates.
+    /// `None`: plain HTTP, for loopback.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +81,7 @@ impl Default for ServerConfig {
             domain: "default".to_owned(),
             ipfix_collector: None,
             blobs: None,
+            tls: None,
         }
     }
 }
@@ -99,6 +109,8 @@ struct Inner {
     self_url: std::sync::OnceLock<String>,
     /// The image store's files, once opened (see [`AppState::set_blobs`]).
     blobs: std::sync::OnceLock<Arc<BlobFiles>>,
+    /// The cluster CA, when this server serves TLS.
+    ca: std::sync::OnceLock<Arc<tls::Ca>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -125,6 +137,7 @@ impl AppState {
                     .map(|_| net::Controller::new(net::DomainId(config.domain.clone()))),
                 self_url: std::sync::OnceLock::new(),
                 blobs: std::sync::OnceLock::new(),
+                ca: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -138,6 +151,10 @@ impl AppState {
     /// Gives the state its image store (once; later calls are ignored).
     pub fn set_blobs(&self, files: BlobFiles) {
         let _ = self.inner.blobs.set(Arc::new(files));
+    }
+
+    pub(crate) fn ca(&self) -> Option<&tls::Ca> {
+        self.inner.ca.get().map(|c| c.as_ref())
     }
 
     pub(crate) fn blobs(&self) -> Option<&BlobFiles> {
@@ -210,6 +227,7 @@ pub fn router(state: AppState) -> Router {
 #[derive(Debug)]
 pub struct ServerHandle {
     addr: SocketAddr,
+    ca_pem: Option<String>,
     shutdown: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -218,6 +236,11 @@ impl ServerHandle {
     /// The bound address (the real port when the config asked for port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The cluster CA certificate (PEM) when the server serves TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// Stops accepting connections, lets in-flight requests finish, and waits
@@ -255,7 +278,22 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     } else {
         addr
     };
-    let _ = state.inner.self_url.set(format!("http://{own}"));
+    let tls_config = match &config.tls {
+        Some(t) => {
+            let ca = pki::cluster_ca(state.store()).await?;
+            let cfg = pki::server_tls(&ca, t, addr)?;
+            let _ = state.inner.ca.set(Arc::new(ca));
+            Some(cfg)
+        }
+        None => None,
+    };
+    let ca_pem = state.ca().map(|c| c.cert_pem().to_owned());
+    let scheme = if tls_config.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let _ = state.inner.self_url.set(format!("{scheme}://{own}"));
     routes::ns_instances::recover(&state).await;
     let app = router(state.clone());
     let switches = match (config.vswitch_listen, state.traffic().cloned()) {
@@ -295,19 +333,44 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         }
         std::future::pending::<()>().await
     };
+    let stop = async move {
+        let _ = rx.await;
+    };
+    // Every request learns its connection (`Peer`): agent tokens over TLS need the
+    // agent's client certificate.
+    let app = app.into_make_service_with_connect_info::<Peer>();
+    let http: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
+        match tls_config {
+            Some(cfg) => {
+                let l =
+                    listen::TlsListener::new(listener, cfg).map_err(|source| ApiError::Bind {
+                        addr: config.listen,
+                        source,
+                    })?;
+                Box::pin(
+                    axum::serve(l, app)
+                        .with_graceful_shutdown(stop)
+                        .into_future(),
+                )
+            }
+            None => Box::pin(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .into_future(),
+            ),
+        };
     let task = tokio::spawn(async move {
         tokio::select! {
-            r = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = rx.await;
-            }) => r,
+            r = http => r,
             _ = driver => Ok(()),
             _ = takeovers => Ok(()),
             _ = switch_server => Ok(()),
         }
     });
-    tracing::info!(%addr, "API listening");
+    tracing::info!(%addr, scheme, "API listening");
     Ok(ServerHandle {
         addr,
+        ca_pem,
         shutdown: tx,
         task,
     })

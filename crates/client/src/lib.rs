@@ -17,10 +17,12 @@
 #![warn(missing_docs)]
 
 mod blobs;
+mod join;
 
 use std::time::Duration;
 
 pub use blobs::{file_digest, ImageFiles};
+pub use join::{join, ClientTls, JoinError};
 
 use model::api::{
     Assignment, CreateImage, CreateNetwork, CreateNsInstance, CreateTenant, CreateToken, CreateVm,

@@ -358,6 +358,80 @@ impl CreateImage {
     }
 }
 
+/// `POST /v1/join-tokens` (admin): a one-time token with which an agent on another
+/// machine joins over TLS.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJoinToken {
+    /// Seconds until it expires unused (default 3600, at most 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 86400)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Default life of a join token, seconds.
+pub const DEFAULT_JOIN_TTL_SECS: u64 = 3600;
+/// Longest life of a join token, seconds.
+pub const MAX_JOIN_TTL_SECS: u64 = 86_400;
+
+impl CreateJoinToken {
+    /// The token's life, seconds.
+    pub fn validate(&self) -> Result<u64, ValidationError> {
+        validate_range(
+            "ttl_secs",
+            self.ttl_secs.unwrap_or(DEFAULT_JOIN_TTL_SECS),
+            1,
+            MAX_JOIN_TTL_SECS,
+        )
+    }
+}
+
+/// A join token, shown once: `vjoin.<secret>.<sha256 of the cluster CA>`. The agent
+/// checks the CA it is served against the pin before it trusts the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenCreated {
+    /// The token.
+    pub token: String,
+    /// When it expires unused, unix milliseconds.
+    pub expires_at: u64,
+}
+
+/// `POST /v1/join` (no bearer token): an agent trades a join token for its identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The join token (whole, as `POST /v1/join-tokens` gave it).
+    #[schema(max_length = 256)]
+    pub token: String,
+    /// The joining host's name.
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub host: String,
+}
+
+/// What a joined agent keeps (secret): its client certificate and key, the CA to trust,
+/// and an agent bearer token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinResponse {
+    /// The host the certificate names.
+    pub host: Name,
+    /// The cluster CA certificate, PEM.
+    pub ca_pem: String,
+    /// The agent's client certificate, PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+    /// A bearer token with the agent role.
+    pub token: String,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `POST /v1/blobs/import` (admin): a file in the server's import directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -20,6 +20,11 @@ pub struct AgentArgs {
     /// File holding a token with the `agent` role (or use --token / VINFRA_TOKEN).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// For an `https://` server: the one-time join token from `vinfra token join`.
+    /// The agent checks the server's CA against it, then keeps its certificate,
+    /// key and agent token in DATA_DIR/identity.json (0600) for later starts.
+    #[arg(long, env = "VINFRA_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
     /// Accelerator: auto (KVM only where it really works), kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: String,
@@ -67,15 +72,28 @@ pub async fn run(
     let Some(server_url) = server else {
         anyhow::bail!("the agent needs the control plane URL: pass --server URL or set VINFRA_URL");
     };
-    let token = match (&args.token_file, token) {
-        (Some(f), _) => locate::read_trimmed(f)?,
-        (None, Some(t)) => t,
-        (None, None) => {
+    let identity = if server_url.starts_with("https://") {
+        Some(joined(&server_url, &args).await?)
+    } else {
+        None
+    };
+    let token = match (&identity, &args.token_file, token) {
+        (Some(id), _, _) => id.token.clone(),
+        (None, Some(f), _) => locate::read_trimmed(f)?,
+        (None, None, Some(t)) => t,
+        (None, None, None) => {
             anyhow::bail!("the agent needs a token: pass --token-file FILE or set VINFRA_TOKEN")
         }
     };
     let mut cfg =
         agent::AgentConfig::new(&server_url, &token, &args.host_name, args.data_dir.clone());
+    cfg.tls = identity.map(|id| client::ClientTls {
+        ca_pem: id.ca_pem,
+        identity: Some(tls::Issued {
+            cert_pem: id.cert_pem,
+            key_pem: id.key_pem,
+        }),
+    });
     cfg.accel = parse_accel(&args.accel)?;
     if let Some(d) = args.origin_dir {
         cfg.disks.origin_dir = d;
@@ -91,6 +109,42 @@ pub async fn run(
     })
     .await
     .context("agent failed")
+}
+
+/// Where a joined agent keeps its identity.
+const IDENTITY_FILE: &str = "identity.json";
+
+/// The agent's identity with a TLS server: the one kept from an earlier join, or a
+/// new one from joining with `--join-token` (then kept, 0600).
+async fn joined(server: &str, args: &AgentArgs) -> anyhow::Result<model::api::JoinResponse> {
+    let path = args.data_dir.join(IDENTITY_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let id: model::api::JoinResponse = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a joined agent's identity", path.display()))?;
+        if id.host.as_str() != args.host_name {
+            anyhow::bail!(
+                "{} belongs to host {}, not {}",
+                path.display(),
+                id.host,
+                args.host_name
+            );
+        }
+        return Ok(id);
+    }
+    let Some(join_token) = &args.join_token else {
+        anyhow::bail!(
+            "{server} serves TLS: the first start needs --join-token (an admin makes one with \
+             `vinfra token join`)"
+        );
+    };
+    let id = client::join(server, join_token, &args.host_name)
+        .await
+        .with_context(|| format!("cannot join {server}"))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    locate::write_private(&path, &serde_json::to_string(&id)?, 0o600)?;
+    tracing::info!(host = %id.host, "joined the cluster");
+    Ok(id)
 }
 
 /// The agent token of a `vinfra up` data dir, minted once and kept (0600).

@@ -23,13 +23,25 @@ use crate::output::Format;
 pub struct Ctx {
     pub server: Option<String>,
     pub token: Option<String>,
+    pub ca_file: Option<std::path::PathBuf>,
     pub format: Format,
 }
 
 impl Ctx {
-    /// A REST client for the configured server.
+    /// A REST client for the configured server (trusting `--ca-file` for https).
     pub fn client(&self) -> anyhow::Result<client::Client> {
         let (url, token) = crate::locate::endpoint(self.server.clone(), self.token.clone())?;
-        Ok(client::Client::new(&url, &token)?)
+        match &self.ca_file {
+            Some(f) => {
+                let ca_pem = std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("cannot read the CA file {}: {e}", f.display()))?;
+                let tls = client::ClientTls {
+                    ca_pem,
+                    identity: None,
+                };
+                Ok(client::Client::with_tls(&url, &token, &tls)?)
+            }
+            None => Ok(client::Client::new(&url, &token)?),
+        }
     }
 }

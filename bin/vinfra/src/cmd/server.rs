@@ -40,6 +40,28 @@ pub struct ServerArgs {
     /// Largest file the image store accepts (K, M, G or T suffix).
     #[arg(long, default_value = "8G")]
     pub max_blob_size: String,
+    /// HTTPS with the cluster CA: `auto` serves it whenever --listen is not a
+    /// loopback address (agents then join with `vinfra token join`), `on` always,
+    /// `off` never (loopback only: a token in clear text beyond it is refused).
+    #[arg(long, default_value = "auto")]
+    pub tls: String,
+    /// A name or address clients reach this server by, for its certificate (repeat).
+    #[arg(long = "tls-name")]
+    pub tls_names: Vec<String>,
+}
+
+/// Whether a server listening on `listen` serves TLS, by `--tls`.
+fn tls_on(mode: &str, listen: std::net::SocketAddr) -> anyhow::Result<bool> {
+    match mode {
+        "auto" => Ok(!listen.ip().is_loopback()),
+        "on" => Ok(true),
+        "off" if listen.ip().is_loopback() => Ok(false),
+        "off" => anyhow::bail!(
+            "--tls off needs a loopback --listen: bearer tokens and agents' traffic would \
+             cross the network in clear text (got {listen})"
+        ),
+        other => anyhow::bail!("--tls {other:?}: expected auto, on or off"),
+    }
 }
 
 fn addr(flag: &str, v: &Option<String>) -> anyhow::Result<Option<std::net::SocketAddr>> {
@@ -95,9 +117,22 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             max_bytes: crate::cmd::nbd::parse_size(&args.max_blob_size)
                 .context("--max-blob-size")?,
         }),
+        tls: tls_on(&args.tls, listen)?.then(|| api::TlsConfig {
+            names: args.tls_names.clone(),
+        }),
     };
     let handle = api::serve(config, store).await?;
     tracing::info!(addr = %handle.addr(), "vinfra server listening");
+    if let Some(pem) = handle.ca_pem() {
+        // Public: clients trust it (`--ca-file`); joining agents check its fingerprint.
+        let path = data_dir.join("ca.pem");
+        crate::locate::write_private(&path, pem, 0o644)?;
+        println!(
+            "serving HTTPS; cluster CA in {} (sha256 {})",
+            path.display(),
+            tls::fingerprint(pem)?
+        );
+    }
     wait_for_signal().await?;
     tracing::info!("shutting down");
     handle.shutdown().await?;

@@ -31,6 +31,13 @@ pub enum TokenCmd {
     },
     /// List tokens (ids, prefixes and metadata; never a secret).
     List,
+    /// Mint a one-time join token for an agent on another machine (the server must
+    /// serve TLS); pass it to `vinfra agent --join-token`.
+    Join {
+        /// Lifetime if unused: seconds, or a number with s, m, h or d (default 1h).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+    },
     /// Revoke a token at once, on every server.
     Revoke {
         /// Token id (from `vinfra token list`).
@@ -173,6 +180,14 @@ pub async fn run(ctx: &Ctx, cmd: TokenCmd) -> anyhow::Result<()> {
             Ok(())
         }
         TokenCmd::List => show(ctx, &c.list_tokens().await?),
+        TokenCmd::Join { ttl } => {
+            let created = c
+                .create_join_token(&model::api::CreateJoinToken { ttl_secs: ttl })
+                .await?;
+            println!("{}", created.token);
+            eprintln!("works once; pass it to `vinfra agent --server https://… --join-token …`");
+            Ok(())
+        }
         TokenCmd::Revoke { id } => {
             let parsed: TokenId = id
                 .parse()

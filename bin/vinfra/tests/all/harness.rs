@@ -55,8 +55,11 @@ impl Server {
         let listen = format!("{ip}:{port}");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let child = spawn_server(dir.path(), &store, &listen, &extra);
+        // Beyond loopback (or when asked) the server serves HTTPS.
+        let tls = !ip.starts_with("127.") || extra.windows(2).any(|w| w == ["--tls", "on"]);
+        let scheme = if tls { "https" } else { "http" };
         let mut s = Server {
-            url: format!("http://{listen}"),
+            url: format!("{scheme}://{listen}"),
             dir,
             store,
             listen,
@@ -75,7 +78,30 @@ impl Server {
     }
 
     pub fn admin(&self) -> client::Client {
-        client::Client::new(&self.url, &self.admin_token()).unwrap()
+        self.client(&self.admin_token())
+    }
+
+    /// The cluster CA file an HTTPS server wrote (`None` for plain HTTP).
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.url
+            .starts_with("https://")
+            .then(|| self.dir.path().join("ca.pem"))
+    }
+
+    /// What a client of this server trusts (`None` for plain HTTP).
+    pub fn client_tls(&self) -> Option<client::ClientTls> {
+        self.ca_file().map(|f| client::ClientTls {
+            ca_pem: std::fs::read_to_string(f).unwrap(),
+            identity: None,
+        })
+    }
+
+    /// A client with `token`, over TLS when the server serves it.
+    pub fn client(&self, token: &str) -> client::Client {
+        match self.client_tls() {
+            Some(t) => client::Client::with_tls(&self.url, token, &t).unwrap(),
+            None => client::Client::new(&self.url, token).unwrap(),
+        }
     }
 
     pub fn log(&self) -> String {
@@ -85,14 +111,28 @@ impl Server {
     async fn wait_ready(&mut self) {
         let token_path = self.dir.path().join("admin-token");
         let url = self.url.clone();
+        let ca_file = self.ca_file();
         let ok = test_utils::wait_for(Duration::from_secs(30), || {
             let token_path = token_path.clone();
             let url = url.clone();
+            let ca_file = ca_file.clone();
             async move {
                 let Ok(t) = std::fs::read_to_string(&token_path) else {
                     return false;
                 };
-                let c = client::Client::new(&url, t.trim()).unwrap();
+                let c = match ca_file {
+                    Some(f) => {
+                        let Ok(ca_pem) = std::fs::read_to_string(f) else {
+                            return false;
+                        };
+                        let tls = client::ClientTls {
+                            ca_pem,
+                            identity: None,
+                        };
+                        client::Client::with_tls(&url, t.trim(), &tls).unwrap()
+                    }
+                    None => client::Client::new(&url, t.trim()).unwrap(),
+                };
                 c.list_hosts().await.is_ok()
             }
         })
@@ -191,8 +231,7 @@ pub fn spawn_agent_in(
             "--data-dir",
         ])
         .arg(data_dir)
-        .arg("--token-file")
-        .arg(token_file)
+        .args(agent_credentials(server, token_file))
         .args(["--accel", "tcg"])
         .arg("--origin-dir")
         .arg(server.dir.path().join("origin"))
@@ -206,9 +245,25 @@ pub fn spawn_agent_in(
     ChildGuard::new(child)
 }
 
+/// How an agent authenticates: its token file on plain HTTP; on HTTPS a fresh
+/// one-time join token (minted with the CLI, as an operator would), unless the agent's
+/// data dir already holds the identity of an earlier join.
+fn agent_credentials(server: &Server, token_file: &Path) -> Vec<String> {
+    if !server.url.starts_with("https://") {
+        return vec!["--token-file".into(), token_file.display().to_string()];
+    }
+    let (ok, out, err) = cli(server, &server.admin_token(), &["token", "join"]);
+    assert!(ok, "vinfra token join failed: {out}{err}");
+    vec!["--join-token".into(), out.trim().to_owned()]
+}
+
 /// Runs the CLI with the given server and token; returns (success, stdout, stderr).
 pub fn cli(server: &Server, token: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(VINFRA)
+    let mut cmd = Command::new(VINFRA);
+    if let Some(ca) = server.ca_file() {
+        cmd.env("VINFRA_CA_FILE", ca);
+    }
+    let out = cmd
         .args(args)
         .env("VINFRA_URL", &server.url)
         .env("VINFRA_TOKEN", token)

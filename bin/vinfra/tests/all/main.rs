@@ -16,6 +16,7 @@ mod netns;
 mod ns;
 mod ns_libvirt;
 mod redundancy;
+mod tls;
 mod tokens;
 mod traffic;
 mod vm_lifecycle;

@@ -4,6 +4,7 @@ pub(crate) mod blobs;
 pub(crate) mod descriptors;
 pub(crate) mod hosts;
 pub(crate) mod images;
+pub(crate) mod join;
 pub(crate) mod maintenance;
 pub(crate) mod meta;
 pub(crate) mod migrations;
@@ -51,6 +52,9 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/v1/images/{name}",
             get(images::get_image).delete(images::delete_image),
         ),
+        ("/v1/ca.pem", get(join::ca_pem)),
+        ("/v1/join-tokens", post(join::create_join_token)),
+        ("/v1/join", post(join::join)),
         ("/v1/blobs", post(blobs::upload).get(blobs::list)),
         ("/v1/blobs/import", post(blobs::import)),
         ("/v1/blobs/{digest}", get(blobs::download)),
@@ -205,7 +209,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 56, "{served:?}");
+        assert_eq!(served.len(), 59, "{served:?}");
     }
 
     #[test]
