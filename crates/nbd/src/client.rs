@@ -18,6 +18,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -185,6 +186,15 @@ impl Default for ClientOptions {
     }
 }
 
+/// TLS for a client: `NBD_OPT_STARTTLS` first, then everything else inside TLS.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// Trust (and the client certificate to present, if any).
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name the server's certificate must carry (a host name or IP address).
+    pub server_name: String,
+}
+
 /// A blocking NBD client on one connection. Not shareable: each thread that
 /// fetches in parallel opens its own (servers advertising multi-conn allow it).
 #[derive(Debug)]
@@ -221,6 +231,18 @@ impl NbdClient {
         export: &str,
         opts: ClientOptions,
     ) -> Result<NbdClient, NbdError> {
+        NbdClient::connect_tls(addr, export, opts, None)
+    }
+
+    /// Connects, over TLS when `tls` is given (the server must offer
+    /// `NBD_OPT_STARTTLS`; a server that refuses it is an error, never a fallback to
+    /// clear text).
+    pub fn connect_tls(
+        addr: &NbdAddr,
+        export: &str,
+        opts: ClientOptions,
+        tls: Option<&ClientTls>,
+    ) -> Result<NbdClient, NbdError> {
         let peer = addr.to_string();
         let conn_err = |err| NbdError::Connect {
             addr: peer.clone(),
@@ -247,7 +269,7 @@ impl NbdClient {
         c.stream
             .set_write_timeout(Some(opts.connect_timeout))
             .map_err(|e| c.io_err(e))?;
-        c.negotiate(export, deadline)?;
+        c.negotiate(export, tls, deadline)?;
         c.stream
             .set_read_timeout(Some(opts.io_timeout))
             .map_err(|e| c.io_err(e))?;
@@ -308,7 +330,12 @@ impl NbdClient {
         Ok((hdr, data))
     }
 
-    fn negotiate(&mut self, export: &str, deadline: Instant) -> Result<(), NbdError> {
+    fn negotiate(
+        &mut self,
+        export: &str,
+        tls: Option<&ClientTls>,
+        deadline: Instant,
+    ) -> Result<(), NbdError> {
         let mut g = [0u8; HANDSHAKE_LEN];
         self.read_by(&mut g, deadline)?;
         let hflags = parse_handshake(&g).map_err(|e| self.proto_err(e))?;
@@ -326,6 +353,30 @@ impl NbdClient {
             .map_err(|e| self.io_err(e))?;
         if export.len() > MAX_STRING_LEN {
             return Err(NbdError::Unsupported("export names over 4096 bytes"));
+        }
+        if let Some(t) = tls {
+            if !fixed {
+                return Err(NbdError::Unsupported(
+                    "TLS with a non-fixed-newstyle server",
+                ));
+            }
+            self.send_option(OPT_STARTTLS, &[])?;
+            let (hdr, data) = self.read_option_reply(deadline)?;
+            if hdr.option != OPT_STARTTLS || hdr.reply_type != REP_ACK {
+                return Err(NbdError::OptionRefused {
+                    peer: self.peer.clone(),
+                    option: proto::option_name(OPT_STARTTLS),
+                    reply: hdr.reply_type,
+                    message: String::from_utf8_lossy(&data).into_owned(),
+                });
+            }
+            let name =
+                rustls::pki_types::ServerName::try_from(t.server_name.clone()).map_err(|_| {
+                    NbdError::Unsupported("a TLS server name that is not a DNS name or IP")
+                })?;
+            self.stream
+                .start_tls_client(t.config.clone(), name, deadline)
+                .map_err(|e| self.io_err(e))?;
         }
         if fixed {
             // No NBD_INFO_BLOCK_SIZE request: asking would oblige us to align every

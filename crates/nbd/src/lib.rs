@@ -60,7 +60,7 @@ pub mod proto;
 pub mod server;
 mod stream;
 
-pub use client::{NbdAddr, NbdClient, NbdUri, ReconnectPolicy, ReconnectingClient};
+pub use client::{ClientTls, NbdAddr, NbdClient, NbdUri, ReconnectPolicy, ReconnectingClient};
 pub use file::FileDevice;
 pub use proto::{ErrorCode, ProtoError};
 pub use server::{serve, ExportStats, NbdServer, ServeConfig, ServerHandle};

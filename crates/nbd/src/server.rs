@@ -120,6 +120,11 @@ pub struct ServeConfig {
     /// devices whose reads can block (a cache miss fetched from a peer), so that
     /// hits queued behind a miss are not delayed.
     pub threads_per_connection: usize,
+    /// TLS for `NBD_OPT_STARTTLS` (TCP only); `None`: the option is refused.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Refuse every option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` until TLS is up
+    /// (`NBD_REP_ERR_TLS_REQD`): for listeners other hosts can reach.
+    pub tls_required: bool,
 }
 
 impl ServeConfig {
@@ -134,6 +139,8 @@ impl ServeConfig {
             max_connections: 1024,
             structured_replies: true,
             threads_per_connection: 1,
+            tls: None,
+            tls_required: false,
         }
     }
 
@@ -156,6 +163,8 @@ impl fmt::Debug for ServeConfig {
             .field("max_connections", &self.max_connections)
             .field("structured_replies", &self.structured_replies)
             .field("threads_per_connection", &self.threads_per_connection)
+            .field("tls", &self.tls.is_some())
+            .field("tls_required", &self.tls_required)
             .finish()
     }
 }
@@ -269,6 +278,8 @@ struct Shared {
     max_connections: usize,
     structured_replies: bool,
     threads_per_connection: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    tls_required: bool,
     shutting_down: AtomicBool,
     /// Clones of every live connection's socket, to shut them down.
     conns: Mutex<HashMap<u64, Stream>>,
@@ -350,6 +361,9 @@ impl NbdServer {
                 max_connections: config.max_connections,
                 structured_replies: config.structured_replies,
                 threads_per_connection: config.threads_per_connection.clamp(1, 64),
+                tls: config.tls.clone(),
+                // Requiring TLS without a way to start it would refuse everyone.
+                tls_required: config.tls_required && config.tls.is_some(),
                 shutting_down: AtomicBool::new(false),
                 conns: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
@@ -794,6 +808,53 @@ fn negotiate(
         }
         data.resize(len_usize(hdr.length), 0);
         s.read_exact_by(&mut data, deadline)?;
+        if hdr.option == OPT_STARTTLS {
+            match (&shared.tls, s.is_tls()) {
+                (Some(cfg), false) if data.is_empty() => {
+                    push_reply(&mut out, hdr.option, REP_ACK, &[]);
+                    s.write_all(&out)?;
+                    // Everything after this ACK, option haggling included, is inside TLS.
+                    s.start_tls_server(cfg.clone(), deadline)?;
+                }
+                (Some(_), false) => {
+                    push_reply(
+                        &mut out,
+                        hdr.option,
+                        REP_ERR_INVALID,
+                        b"STARTTLS takes no data",
+                    );
+                    s.write_all(&out)?;
+                }
+                (Some(_), true) => {
+                    push_reply(&mut out, hdr.option, REP_ERR_INVALID, b"TLS is already on");
+                    s.write_all(&out)?;
+                }
+                (None, _) => {
+                    push_reply(
+                        &mut out,
+                        hdr.option,
+                        REP_ERR_UNSUP,
+                        b"this server has no TLS",
+                    );
+                    s.write_all(&out)?;
+                }
+            }
+            continue;
+        }
+        if shared.tls_required && !s.is_tls() && hdr.option != OPT_ABORT {
+            if hdr.option == OPT_EXPORT_NAME {
+                // No reply is possible to EXPORT_NAME: end the connection.
+                return Err(ConnError::Policy("TLS required"));
+            }
+            push_reply(
+                &mut out,
+                hdr.option,
+                REP_ERR_TLS_REQD,
+                b"TLS required (NBD_OPT_STARTTLS)",
+            );
+            s.write_all(&out)?;
+            continue;
+        }
         let opt = match ClientOption::parse(hdr.option, &data) {
             Ok(o) => o,
             Err(e) if hdr.option == OPT_EXPORT_NAME => return Err(e.into()),
@@ -1260,7 +1321,10 @@ impl<'a> Transmission<'a> {
     fn run(self, s: &mut Stream) -> Result<(), ConnError> {
         s.set_read_timeout(Some(self.shared.io_timeout))?;
         s.set_write_timeout(Some(self.shared.io_timeout))?;
-        if self.shared.threads_per_connection > 1 {
+        if s.is_tls() {
+            // A TLS session cannot be split between a reader and writer threads.
+            self.run_inline(s, &mut Direct)
+        } else if self.shared.threads_per_connection > 1 {
             self.run_pooled(s)
         } else if SPLIT_WRITER {
             self.run_split(s)

@@ -200,7 +200,12 @@ impl Ca {
 fn leaf_params(cn: &str) -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(gen("certificate"))?;
     p.distinguished_name.push(DnType::CommonName, cn);
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // Key encipherment means nothing for an ECDSA key, but QEMU's TLS (GnuTLS)
+    // refuses a certificate whose critical key usage lacks it.
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     let y = this_year();
     p.not_before = rcgen::date_time_ymd(y - 1, 1, 1);
     p.not_after = rcgen::date_time_ymd(y + 2, 1, 1);

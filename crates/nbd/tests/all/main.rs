@@ -7,4 +7,5 @@ mod interop;
 mod ours;
 mod pooled;
 mod real_clients;
+mod tls;
 mod util;
