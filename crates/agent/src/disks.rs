@@ -73,6 +73,18 @@ pub struct DiskStack {
     cfg: DiskConfig,
     server: ServerHandle,
     addr: SocketAddr,
+    /// The peer exports again, on the data network with TLS required, for
+    /// migrations to other machines (present on a joined agent with an uplink).
+    peers: Option<(ServerHandle, SocketAddr)>,
+}
+
+/// Where peer exports are served beyond loopback, and the TLS they require.
+#[derive(Debug, Clone)]
+pub struct PeerListen {
+    /// The data-network address (port 0: any).
+    pub ip: std::net::IpAddr,
+    /// The agent's certificate; clients must present one from the cluster CA.
+    pub tls: Arc<rustls::ServerConfig>,
 }
 
 /// The guest export of VM `id`.
@@ -86,8 +98,13 @@ pub fn peer_export(id: VmId) -> String {
 }
 
 impl DiskStack {
-    /// Starts the NBD server on 127.0.0.1, on the port used last time if there was one.
-    pub fn start(data_dir: &Path, cfg: DiskConfig) -> Result<Self, DiskError> {
+    /// Starts the NBD server on 127.0.0.1, on the port used last time if there was one,
+    /// and, with `peer`, a second one on the data network for other machines.
+    pub fn start(
+        data_dir: &Path,
+        cfg: DiskConfig,
+        peer: Option<PeerListen>,
+    ) -> Result<Self, DiskError> {
         let port_file = data_dir.join("nbd.port");
         let old_port = std::fs::read_to_string(&port_file)
             .ok()
@@ -129,7 +146,36 @@ impl DiskStack {
             err,
         })?;
         tracing::info!(%addr, "nbd server listening");
-        Ok(Self { cfg, server, addr })
+        let peers = match peer {
+            Some(p) => {
+                let mut sc = ServeConfig::new(NbdAddr::Tcp(SocketAddr::new(p.ip, 0)));
+                sc.tls = Some(p.tls);
+                sc.tls_required = true;
+                let h = nbd::serve(sc).map_err(|err| DiskError::Serve {
+                    addr: format!("{}:0", p.ip),
+                    err,
+                })?;
+                let a = match h.local_addr() {
+                    NbdAddr::Tcp(a) => a,
+                    NbdAddr::Unix(_) => SocketAddr::new(p.ip, 0),
+                };
+                tracing::info!(addr = %a, "nbd peer exports listening (TLS required)");
+                Some((h, a))
+            }
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            server,
+            addr,
+            peers,
+        })
+    }
+
+    /// Where other hosts fetch peer exports: the data-network listener when there is
+    /// one, else loopback (hosts of one machine).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peers.as_ref().map_or(self.addr, |(_, a)| *a)
     }
 
     /// Where the NBD server listens.
@@ -207,8 +253,11 @@ impl DiskStack {
 
     /// Exports only the cache for peers (a migration source after switch-over).
     pub fn export_peer(&self, id: VmId, cache: &Arc<BlockCache>) {
-        self.server
-            .add_export(peer_export(id), Arc::new(PeerExport(cache.clone())));
+        let export = Arc::new(PeerExport(cache.clone()));
+        if let Some((p, _)) = &self.peers {
+            p.add_export(peer_export(id), export.clone());
+        }
+        self.server.add_export(peer_export(id), export);
     }
 
     /// Removes the guest export (QEMU is gone) but keeps serving peers.
@@ -220,6 +269,9 @@ impl DiskStack {
     pub fn unexport(&self, id: VmId) {
         self.server.remove_export(&guest_export(id));
         self.server.remove_export(&peer_export(id));
+        if let Some((p, _)) = &self.peers {
+            p.remove_export(&peer_export(id));
+        }
     }
 
     /// Removes the VM's origin image (the VM is deleted).

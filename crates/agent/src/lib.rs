@@ -127,13 +127,16 @@ pub enum AgentError {
         err: std::io::Error,
     },
     /// The server refused our registration (bad token, invalid host name, ...).
+    #[error("cannot set up TLS for the peer exports")]
+    Tls(#[source] tls::TlsError),
+    /// The server refused to register this host.
     #[error("the server refused to register host {host}")]
     Register {
         /// Our host name.
         host: String,
         /// The cause.
         #[source]
-        err: client::ClientError,
+        err: Box<client::ClientError>,
     },
 }
 
@@ -152,7 +155,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
     })?;
     let driver: Arc<dyn ComputeDriver> = Arc::new(QemuDriver::new());
-    let disks = Arc::new(disks::DiskStack::start(&cfg.data_dir, cfg.disks.clone())?);
+    let peer_listen = peer_listen(&cfg)?;
+    write_qemu_tls(&cfg)?;
+    let disks = Arc::new(disks::DiskStack::start(
+        &cfg.data_dir,
+        cfg.disks.clone(),
+        peer_listen,
+    )?);
     tokio::pin!(shutdown);
 
     let link_err = |err| AgentError::LinkListen {
@@ -169,7 +178,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg.server_url.clone(),
         cfg.tls.clone(),
     ));
-    let registration = hostinfo::registration(&cfg, disks.addr(), link_addr);
+    let registration = hostinfo::registration(&cfg, disks.peer_addr(), link_addr);
     tokio::select! {
         r = register(&client, &registration) => r?,
         _ = &mut shutdown => return Ok(()),
@@ -206,6 +215,115 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     Ok(())
 }
 
+/// A joined agent with a data-network address serves its peer exports there, TLS
+/// required, with its own certificate.
+fn peer_listen(cfg: &AgentConfig) -> Result<Option<disks::PeerListen>, AgentError> {
+    let (Some(ip), Some(t)) = (cfg.uplink_ip, &cfg.tls) else {
+        return Ok(None);
+    };
+    let Some(id) = &t.identity else {
+        return Ok(None);
+    };
+    let tls = tls::peer_server_config(&t.ca_pem, id).map_err(AgentError::Tls)?;
+    Ok(Some(disks::PeerListen {
+        ip: std::net::IpAddr::V4(ip),
+        tls: Arc::new(tls),
+    }))
+}
+
+/// The NBD client TLS for fetching `from_host`'s peer exports at `addr`: none on
+/// loopback (hosts of one machine); beyond it, the agent's own identity, verifying the
+/// peer by its host name. A peer beyond loopback without TLS is refused.
+pub(crate) fn peer_tls(
+    cfg: &AgentConfig,
+    addr: std::net::SocketAddr,
+    from_host: &str,
+) -> Result<Option<nbd::ClientTls>, String> {
+    if addr.ip().is_loopback() {
+        return Ok(None);
+    }
+    let Some(t) = &cfg.tls else {
+        return Err(format!(
+            "peer {from_host} at {addr} is beyond loopback: cache blocks cross only over TLS \
+             (join the cluster over https)"
+        ));
+    };
+    let config = tls::client_config(&t.ca_pem, t.identity.as_ref()).map_err(|e| e.to_string())?;
+    Ok(Some(nbd::ClientTls {
+        config: Arc::new(config),
+        server_name: from_host.to_owned(),
+    }))
+}
+
+/// Subdirectory of the data dir with the agent's certificate as QEMU's
+/// `tls-creds-x509` reads it (for migration streams between machines).
+const QEMU_TLS_DIR: &str = "qemu-tls";
+
+/// Writes the agent's identity where QEMU reads it: the same certificate serves as
+/// server (incoming migrations) and client (outgoing ones).
+fn write_qemu_tls(cfg: &AgentConfig) -> Result<(), AgentError> {
+    let Some(t) = &cfg.tls else { return Ok(()) };
+    let Some(id) = &t.identity else { return Ok(()) };
+    let dir = cfg.data_dir.join(QEMU_TLS_DIR);
+    let io = |err| AgentError::DataDir {
+        path: dir.clone(),
+        err,
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    for (name, text, mode) in [
+        ("ca-cert.pem", &t.ca_pem, 0o644),
+        ("server-cert.pem", &id.cert_pem, 0o644),
+        ("client-cert.pem", &id.cert_pem, 0o644),
+        ("server-key.pem", &id.key_pem, 0o600),
+        ("client-key.pem", &id.key_pem, 0o600),
+    ] {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(io)?;
+        f.write_all(text.as_bytes()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// QEMU's TLS directory, when this agent joined over TLS.
+pub(crate) fn qemu_tls_dir(cfg: &AgentConfig) -> Option<PathBuf> {
+    cfg.tls
+        .as_ref()
+        .and_then(|t| t.identity.as_ref())
+        .map(|_| cfg.data_dir.join(QEMU_TLS_DIR))
+}
+
+/// TLS for a migration stream to `uri` (`tcp:IP:PORT`): none on loopback; beyond it
+/// the agent's certificate, verifying the destination as `to_host`. Clear text beyond
+/// loopback is refused.
+pub(crate) fn migration_tls(
+    cfg: &AgentConfig,
+    uri: &str,
+    to_host: &str,
+) -> Result<Option<compute::MigrationTls>, String> {
+    let addr: Option<std::net::SocketAddr> = uri.strip_prefix("tcp:").and_then(|a| a.parse().ok());
+    if addr.is_some_and(|a| a.ip().is_loopback()) {
+        return Ok(None);
+    }
+    match qemu_tls_dir(cfg) {
+        Some(dir) => Ok(Some(compute::MigrationTls {
+            dir,
+            peer_name: to_host.to_owned(),
+        })),
+        None => Err(format!(
+            "the destination {to_host} ({uri}) is beyond loopback: memory crosses only over \
+             TLS (join the cluster over https)"
+        )),
+    }
+}
+
 /// A client of the control plane with `token`: over TLS when `tls` is given.
 pub(crate) fn api_client(
     server: &str,
@@ -227,7 +345,7 @@ async fn register(client: &Client, req: &RegisterHost) -> Result<(), AgentError>
             Err(err) if err.status().is_some_and(|s| (400..500).contains(&s)) => {
                 return Err(AgentError::Register {
                     host: req.name.clone(),
-                    err,
+                    err: Box::new(err),
                 })
             }
             Err(err) => {

@@ -88,6 +88,9 @@ pub enum MigrateError {
     /// The source's cache could not be reached.
     #[error("cannot reach the source's cache")]
     Peer(#[source] cache::SourceError),
+    /// The source's cache is beyond loopback and this agent has no TLS for it.
+    #[error("{0}")]
+    PeerTls(String),
     /// The migration was interrupted in a way it cannot resume from.
     #[error("{0}")]
     Interrupted(&'static str),
@@ -231,6 +234,8 @@ impl Agent {
                     let opts = compute::MigrateOptions {
                         downtime_limit_ms: Some(50),
                         max_bandwidth: Some(1 << 30),
+                        tls: crate::migration_tls(&self.cfg, &uri, m.to_host.as_str())
+                            .map_err(MigrateError::PeerTls)?,
                         ..Default::default()
                     };
                     let stats = self.driver.migrate(&files.driver_id(), &uri, &opts).await?;
@@ -390,14 +395,13 @@ impl Agent {
         let block_size = BlockSize::new(snap.block_size).unwrap_or(BlockSize::DEFAULT);
         let have = snap.block_set();
         let export = peer_export(id);
+        let policy = ReconnectPolicy {
+            tls: crate::peer_tls(&self.cfg, peer_addr, m.from_host.as_str())
+                .map_err(MigrateError::PeerTls)?,
+            ..ReconnectPolicy::default()
+        };
         let peer = tokio::task::spawn_blocking(move || {
-            PeerNbdSource::connect(
-                NbdAddr::Tcp(peer_addr),
-                &export,
-                ReconnectPolicy::default(),
-                have,
-                block_size,
-            )
+            PeerNbdSource::connect(NbdAddr::Tcp(peer_addr), &export, policy, have, block_size)
         })
         .await?
         .map_err(MigrateError::Peer)?;
@@ -423,9 +427,21 @@ impl Agent {
             .await
             .map_err(local::StartError::from)?;
         self.disks.export(id, &cache);
+        // Another machine's QEMU reaches us on the data network, over TLS; hosts of
+        // one machine stay on loopback.
+        let (listen_ip, tls) = match (self.cfg.uplink_ip, crate::qemu_tls_dir(&self.cfg)) {
+            (Some(ip), Some(dir)) => (
+                std::net::IpAddr::V4(ip),
+                Some(compute::MigrationTls {
+                    dir,
+                    peer_name: m.from_host.to_string(),
+                }),
+            ),
+            _ => (std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), None),
+        };
         let rt = self
             .driver
-            .start_incoming(&spec, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .start_incoming(&spec, std::net::SocketAddr::new(listen_ip, 0), tls.as_ref())
             .await?;
         let Some(incoming) = rt.incoming else {
             return Err(MigrateError::Interrupted(

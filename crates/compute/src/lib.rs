@@ -206,7 +206,25 @@ pub struct MigrateOptions {
     pub timeout: Duration,
     /// Quit the source QEMU once the migration completed (it sits in `postmigrate` otherwise).
     pub quit_source: bool,
+    /// Run the migration stream over TLS (between machines).
+    #[serde(default)]
+    pub tls: Option<MigrationTls>,
 }
+
+/// TLS of a migration stream: a directory of PEM files as QEMU's `tls-creds-x509`
+/// reads them (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+/// `client-key.pem`), and on the source the host name the destination's certificate
+/// must carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationTls {
+    /// The PEM directory.
+    pub dir: PathBuf,
+    /// Source only: the destination's host name.
+    pub peer_name: String,
+}
+
+/// Id of the QEMU TLS credentials object of a migration.
+pub(crate) const MIGRATION_TLS_ID: &str = "vinfra-migration-tls";
 
 impl Default for MigrateOptions {
     fn default() -> Self {
@@ -215,6 +233,7 @@ impl Default for MigrateOptions {
             max_bandwidth: None,
             timeout: Duration::from_secs(300),
             quit_source: true,
+            tls: None,
         }
     }
 }
@@ -385,13 +404,15 @@ pub trait ComputeDriver: Send + Sync + std::fmt::Debug {
     }
 
     /// Starts a migration destination: the VM waits for a migration stream on `listen`
-    /// (port 0 picks a free port, reported in [`VmRuntime::incoming`]).
+    /// (port 0 picks a free port, reported in [`VmRuntime::incoming`]), over TLS when
+    /// `tls` is given (the source must present a certificate from the same CA).
     async fn start_incoming(
         &self,
         spec: &VmSpec,
         listen: SocketAddr,
+        tls: Option<&MigrationTls>,
     ) -> Result<VmRuntime, ComputeError> {
-        let _ = (spec, listen);
+        let _ = (spec, listen, tls);
         Err(ComputeError::Unsupported {
             driver: self.name(),
             op: "start_incoming",

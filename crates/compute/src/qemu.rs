@@ -227,11 +227,11 @@ impl QemuDriver {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(vm = %spec.id, incoming = ?incoming))]
+    #[tracing::instrument(skip_all, fields(vm = %spec.id, incoming = ?incoming.as_ref().map(|i| i.0)))]
     async fn launch(
         &self,
         spec: &VmSpec,
-        incoming: Option<SocketAddr>,
+        incoming: Option<(SocketAddr, Option<crate::MigrationTls>)>,
     ) -> Result<VmRuntime, ComputeError> {
         validate(spec)?;
         let _claim = self.reserve(&spec.id)?;
@@ -301,7 +301,9 @@ impl QemuDriver {
             let qmp = connect_child(&spec.id, &mut child, &qmp_path, &log_path).await?;
             let events = qmp.subscribe();
             let incoming = match incoming {
-                Some(listen) => Some(listen_incoming(&spec.id, &qmp, listen).await?),
+                Some((listen, tls)) => {
+                    Some(listen_incoming(&spec.id, &qmp, listen, tls.as_ref()).await?)
+                }
                 None => None,
             };
             write_record(
@@ -531,8 +533,9 @@ impl ComputeDriver for QemuDriver {
         &self,
         spec: &VmSpec,
         listen: SocketAddr,
+        tls: Option<&crate::MigrationTls>,
     ) -> Result<VmRuntime, ComputeError> {
-        self.launch(spec, Some(listen)).await
+        self.launch(spec, Some((listen, tls.cloned()))).await
     }
 
     #[tracing::instrument(skip(self, opts), fields(vm = %id, to = %to_uri))]
@@ -548,9 +551,20 @@ impl ComputeDriver for QemuDriver {
             err,
         };
         qmp_set_events(&vm.qmp).await.map_err(qmp_err)?;
+        if let Some(t) = &opts.tls {
+            vm.qmp
+                .add_tls_creds(crate::MIGRATION_TLS_ID, &t.dir, "client")
+                .await
+                .map_err(qmp_err)?;
+        }
         let params = MigrationParameters {
             downtime_limit: opts.downtime_limit_ms,
             max_bandwidth: opts.max_bandwidth,
+            tls_creds: opts
+                .tls
+                .as_ref()
+                .map(|_| crate::MIGRATION_TLS_ID.to_owned()),
+            tls_hostname: opts.tls.as_ref().map(|t| t.peer_name.clone()),
         };
         if params != MigrationParameters::default() {
             vm.qmp
@@ -672,11 +686,23 @@ async fn listen_incoming(
     id: &str,
     qmp: &QmpClient,
     listen: SocketAddr,
+    tls: Option<&crate::MigrationTls>,
 ) -> Result<SocketAddr, ComputeError> {
     let qmp_err = |err| ComputeError::Qmp {
         id: id.to_owned(),
         err,
     };
+    if let Some(t) = tls {
+        qmp.add_tls_creds(crate::MIGRATION_TLS_ID, &t.dir, "server")
+            .await
+            .map_err(qmp_err)?;
+        qmp.migrate_set_parameters(&MigrationParameters {
+            tls_creds: Some(crate::MIGRATION_TLS_ID.to_owned()),
+            ..MigrationParameters::default()
+        })
+        .await
+        .map_err(qmp_err)?;
+    }
     // `-incoming defer` + migrate-incoming rather than `-incoming tcp:..`: a busy port then
     // comes back as a QMP error instead of a dead QEMU, and port 0 works (QEMU reports it).
     qmp_set_events(qmp).await.map_err(qmp_err)?;

@@ -338,6 +338,13 @@ pub struct MigrationParameters {
     /// Bytes per second (QEMU default 128 MiB/s).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bandwidth: Option<u64>,
+    /// Id of a `tls-creds-x509` object: the migration stream runs over TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// The name the destination's certificate must carry (the source connects by
+    /// address, the certificate names the host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
 }
 
 /// Commands awaiting a reply, by id: the command name (for errors) and where to reply.
@@ -552,6 +559,25 @@ impl QmpClient {
         self.execute("migrate-set-parameters", Some(args))
             .await
             .map(drop)
+    }
+
+    /// `object-add` of a `tls-creds-x509` object `id` reading PEM files from `dir`
+    /// (`ca-cert.pem`, and `server-*` or `client-*` per `endpoint`); peers must present
+    /// certificates from the same CA.
+    pub async fn add_tls_creds(
+        &self,
+        id: &str,
+        dir: &std::path::Path,
+        endpoint: &str,
+    ) -> Result<(), QmpError> {
+        let args = serde_json::json!({
+            "qom-type": "tls-creds-x509",
+            "id": id,
+            "dir": dir.display().to_string(),
+            "endpoint": endpoint,
+            "verify-peer": true,
+        });
+        self.execute("object-add", Some(args)).await.map(drop)
     }
 
     /// `migrate-set-capabilities` with `(capability, state)` pairs, e.g. `("events", true)`.

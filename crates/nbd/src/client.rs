@@ -648,8 +648,8 @@ fn server_max_default() -> u32 {
     crate::server::MAX_REQUEST_LEN
 }
 
-/// Backoff and deadline for [`ReconnectingClient`].
-#[derive(Debug, Clone, Copy)]
+/// Backoff and deadline for [`ReconnectingClient`], and TLS for every connection.
+#[derive(Debug, Clone)]
 pub struct ReconnectPolicy {
     /// First wait after a failure.
     pub initial_backoff: Duration,
@@ -659,6 +659,8 @@ pub struct ReconnectPolicy {
     pub deadline: Duration,
     /// Timeouts of each connection.
     pub client: ClientOptions,
+    /// TLS on every connection and reconnection (`None`: clear text).
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ReconnectPolicy {
@@ -668,6 +670,7 @@ impl Default for ReconnectPolicy {
             max_backoff: Duration::from_secs(1),
             deadline: Duration::from_secs(30),
             client: ClientOptions::default(),
+            tls: None,
         }
     }
 }
@@ -738,8 +741,12 @@ impl ReconnectingClient {
                     }
                     Err(e) => return Err(e),
                 },
-                None => match NbdClient::connect_with(&self.addr, &self.export, self.policy.client)
-                {
+                None => match NbdClient::connect_tls(
+                    &self.addr,
+                    &self.export,
+                    self.policy.client,
+                    self.policy.tls.as_ref(),
+                ) {
                     Ok(c) => {
                         if self.connected_once {
                             self.reconnects += 1;

@@ -189,11 +189,28 @@ impl Ca {
         self.issue("server certificate", p)
     }
 
-    /// A client certificate naming `host` (its common name): a joined agent's identity.
-    pub fn issue_client(&self, host: &str) -> Result<Issued, TlsError> {
-        let mut p = leaf_params(host)?;
+    /// A client certificate naming `name` (its common name).
+    pub fn issue_client(&self, name: &str) -> Result<Issued, TlsError> {
+        let mut p = leaf_params(name)?;
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue("client certificate", p)
+    }
+
+    /// A joined agent's identity: the host name as common name and DNS name, for
+    /// client use (towards the server and peer agents) and server use (its NBD peer
+    /// exports and incoming migrations, which peers verify by host name).
+    pub fn issue_agent(&self, host: &str) -> Result<Issued, TlsError> {
+        let mut p = leaf_params(host)?;
+        p.subject_alt_names.push(SanType::DnsName(
+            host.to_owned()
+                .try_into()
+                .map_err(gen("agent certificate name"))?,
+        ));
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        self.issue("agent certificate", p)
     }
 }
 
@@ -255,10 +272,27 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// certificate, which must then chain to the CA (an agent's; other callers present
 /// none). Which requests need one is the API's rule, not TLS's.
 pub fn server_config(ca_pem: &str, server: &Issued) -> Result<rustls::ServerConfig, TlsError> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
-            .allow_unauthenticated()
-            .build()?;
+    server_config_with(ca_pem, server, false)
+}
+
+/// The server side of a peer-to-peer link (NBD peer exports): every client must
+/// present a certificate from the cluster CA.
+pub fn peer_server_config(ca_pem: &str, server: &Issued) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_with(ca_pem, server, true)
+}
+
+fn server_config_with(
+    ca_pem: &str,
+    server: &Issued,
+    require_client: bool,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider());
+    let verifier = if require_client {
+        builder.build()?
+    } else {
+        builder.allow_unauthenticated().build()?
+    };
     let mut chain = certs("the server certificate", &server.cert_pem)?;
     chain.extend(certs("the CA certificate", ca_pem)?);
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
@@ -336,6 +370,8 @@ mod tests {
         let ca = Ca::generate().unwrap();
         let again = Ca::load(ca.material().clone()).unwrap();
         let client = again.issue_client("host-a").unwrap();
+        let agent = again.issue_agent("host-b").unwrap();
+        peer_server_config(ca.cert_pem(), &agent).unwrap();
         let server = again
             .issue_server(&["127.0.0.1".into(), "localhost".into()])
             .unwrap();

@@ -194,3 +194,59 @@ async fn the_destination_finishes_from_the_restarted_source_cache_after_a_kill9(
     let (_, bad) = ticks(&admin.console("mover").await.unwrap());
     assert!(!bad, "a read or write check failed in the guest");
 }
+
+/// Two machines (network namespaces joined by a bridge), agents joined over TLS: a VM
+/// moves from one to the other, its memory over QEMU's TLS and its cache from the
+/// source's peer export over NBD with STARTTLS; that export refuses clear text.
+#[tokio::test]
+async fn a_vm_migrates_between_two_machines_over_tls() {
+    use crate::vm_network::TwoMachines;
+    let (two, s) = TwoMachines::start(&[251, 1]).await;
+    let admin = s.admin();
+    boot_and_warm(&admin, "host-a", 3).await;
+
+    // host-a's peer exports are on the data network, and refuse clear text.
+    let a = admin.get_host("host-a").await.unwrap();
+    let nbd_addr: std::net::SocketAddr = a.nbd_addr.as_deref().unwrap().parse().unwrap();
+    assert_eq!(nbd_addr.ip().to_string(), "10.251.1.2");
+    let vm = admin.get_vm("mover").await.unwrap();
+    let plain = tokio::task::spawn_blocking(move || {
+        nbd::NbdClient::connect(&nbd::NbdAddr::Tcp(nbd_addr), &format!("peer-{}", vm.id))
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(&plain, Err(nbd::NbdError::OptionRefused { reply, .. }) if *reply == nbd::proto::REP_ERR_TLS_REQD),
+        "{plain:?}"
+    );
+
+    let t = s.admin_token();
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &["vm", "migrate", "mover", "--to", "host-b", "-o", "json"],
+    );
+    if !ok {
+        panic!(
+            "migrate failed: {out}{err}\n{}\n{}",
+            test_utils::log_tail(&two.dirs[0].join("agent.log"), 30),
+            test_utils::log_tail(&two.dirs[1].join("agent.log"), 30)
+        );
+    }
+    let ms: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ms[0]["state"], "completed", "{out}");
+    assert!(
+        ms[0]["progress"]["peer_bytes"].as_u64().unwrap() > 0,
+        "blocks came from the source cache over TLS: {out}"
+    );
+    assert_eq!(admin.get_vm("mover").await.unwrap().host.as_str(), "host-b");
+    let (before, _) = ticks(&admin.console("mover").await.unwrap());
+    test_utils::wait_for(Duration::from_secs(60), || async {
+        let (last, _) = ticks(&admin.console("mover").await.unwrap_or_default());
+        last > before.map(|n| n + 2)
+    })
+    .await
+    .expect("the guest keeps ticking on the other machine");
+    let (_, bad) = ticks(&admin.console("mover").await.unwrap());
+    assert!(!bad, "a read or write check failed in the guest");
+}

@@ -143,55 +143,9 @@ async fn guests_on_one_network_ping_across_hosts_and_a_migration() {
 /// by VXLAN, and a guest on one machine pings a guest on the other.
 #[tokio::test]
 async fn guests_on_two_machines_reach_each_other_over_vxlan() {
-    use crate::harness::{cluster_with, spawn_agent_in, Server};
-    use crate::netns::{ip, Netns};
-    test_utils::require_tool("bridge", "install iproute2 (scripts/setup.sh)").unwrap();
-    let pid = std::process::id();
-    // The data network: a bridge here, one veth per machine.
-    let fabric = format!("vfab{pid}");
-    ip(&["link", "add", &fabric, "type", "bridge"]);
-    let _fabric = DeleteLink(fabric.clone());
-    ip(&["addr", "add", "10.251.0.1/24", "dev", &fabric]);
-    ip(&["link", "set", &fabric, "up"]);
-    let machines = [Netns::new("m1"), Netns::new("m2")];
-    for (i, m) in machines.iter().enumerate() {
-        let outside = format!("vfm{i}{pid}");
-        ip(&[
-            "link", "add", &outside, "type", "veth", "peer", "name", "up0", "netns", &m.name,
-        ]);
-        ip(&["link", "set", &outside, "master", &fabric, "up"]);
-        ip(&[
-            "-n",
-            &m.name,
-            "addr",
-            "add",
-            &format!("10.251.0.{}/24", i + 2),
-            "dev",
-            "up0",
-        ]);
-        ip(&["-n", &m.name, "link", "set", "up0", "up"]);
-    }
-    let (s, token_file) = cluster_with(Server::start_on("10.251.0.1")).await;
+    let (two, s) = TwoMachines::start(&[251, 0]).await;
+    let (machines, dirs) = (&two.machines, &two.dirs);
     let admin = s.admin();
-    let dirs = [path_in(&s, "m1"), path_in(&s, "m2")];
-    let _agents: Vec<_> = ["host-a", "host-b"]
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let uplink = format!("10.251.0.{}", i + 2);
-            spawn_agent_in(
-                &s,
-                h,
-                &dirs[i],
-                &token_file,
-                &[],
-                Some(&machines[i].name),
-                &["--uplink-ip", &uplink],
-            )
-        })
-        .collect();
-    wait_host_up(&s, "host-a").await;
-    wait_host_up(&s, "host-b").await;
     let t = s.admin_token();
     let (ok, out, err) = cli(
         &s,
@@ -263,7 +217,7 @@ async fn guests_on_two_machines_reach_each_other_over_vxlan() {
         assert!(ok, "{out}{err}");
     }
     // The bridge and its VXLAN port go with the network's last VM on each machine.
-    for m in &machines {
+    for m in machines {
         let gone = || {
             Command::new("ip")
                 .args(["-n", &m.name, "link", "show", &br])
@@ -273,6 +227,81 @@ async fn guests_on_two_machines_reach_each_other_over_vxlan() {
         test_utils::wait_until(Duration::from_secs(20), gone)
             .await
             .unwrap_or_else(|_| panic!("bridge {br} left in {}", m.name));
+    }
+}
+
+/// Two "machines": network namespaces made here, joined by a bridge that stands for
+/// the data network (10.<a>.<b>.0/24; this namespace is .1, where the server listens, so
+/// it serves HTTPS and the agents join with join tokens), one agent in each
+/// (`host-a` at .2, `host-b` at .3) with its uplink there.
+pub(crate) struct TwoMachines {
+    // Fields drop in this order: the agents end before their namespaces go.
+    _agents: Vec<test_utils::ChildGuard>,
+    pub machines: [crate::netns::Netns; 2],
+    pub dirs: [std::path::PathBuf; 2],
+    _fabric: DeleteLink,
+}
+
+impl TwoMachines {
+    /// `subnet`: the data network's second and third octets, distinct per test.
+    pub(crate) async fn start(subnet: &[u8; 2]) -> (TwoMachines, crate::harness::Server) {
+        use crate::harness::{cluster_with, spawn_agent_in, Server};
+        use crate::netns::{ip, Netns};
+        test_utils::require_tool("bridge", "install iproute2 (scripts/setup.sh)").unwrap();
+        let pid = std::process::id();
+        let net = format!("10.{}.{}", subnet[0], subnet[1]);
+        let fabric = format!("vfab{}{pid}", subnet[1]);
+        ip(&["link", "add", &fabric, "type", "bridge"]);
+        let fabric_guard = DeleteLink(fabric.clone());
+        ip(&["addr", "add", &format!("{net}.1/24"), "dev", &fabric]);
+        ip(&["link", "set", &fabric, "up"]);
+        let machines = [Netns::new("m1"), Netns::new("m2")];
+        for (i, m) in machines.iter().enumerate() {
+            let outside = format!("vfm{i}{}{pid}", subnet[1]);
+            ip(&[
+                "link", "add", &outside, "type", "veth", "peer", "name", "up0", "netns", &m.name,
+            ]);
+            ip(&["link", "set", &outside, "master", &fabric, "up"]);
+            ip(&[
+                "-n",
+                &m.name,
+                "addr",
+                "add",
+                &format!("{net}.{}/24", i + 2),
+                "dev",
+                "up0",
+            ]);
+            ip(&["-n", &m.name, "link", "set", "up0", "up"]);
+        }
+        let (s, token_file) = cluster_with(Server::start_on(&format!("{net}.1"))).await;
+        let dirs = [path_in(&s, "m1"), path_in(&s, "m2")];
+        let agents = ["host-a", "host-b"]
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let uplink = format!("{net}.{}", i + 2);
+                spawn_agent_in(
+                    &s,
+                    h,
+                    &dirs[i],
+                    &token_file,
+                    &[],
+                    Some(&machines[i].name),
+                    &["--uplink-ip", &uplink],
+                )
+            })
+            .collect();
+        wait_host_up(&s, "host-a").await;
+        wait_host_up(&s, "host-b").await;
+        (
+            TwoMachines {
+                machines,
+                dirs,
+                _agents: agents,
+                _fabric: fabric_guard,
+            },
+            s,
+        )
     }
 }
 

@@ -137,7 +137,7 @@ pub(crate) async fn join(
         return Err(refused());
     }
     let cert = ca
-        .issue_client(host.as_str())
+        .issue_agent(host.as_str())
         .map_err(|e| ApiError::internal("issuing an agent certificate", e))?;
     let (token, _) = mint(
         state.store(),

@@ -314,6 +314,7 @@ async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
         .start_incoming(
             &spec("web-1", &img, nbd.target(), dir_b.clone()),
             "127.0.0.1:0".parse().unwrap(),
+            None,
         )
         .await
         .unwrap();
