@@ -15,6 +15,7 @@
 mod auth;
 mod error;
 mod extract;
+mod limits;
 mod metrics;
 mod openapi;
 mod routes;
@@ -34,6 +35,7 @@ use store::Store;
 pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
 pub use error::ApiError;
 pub use extract::{AppJson, Caller, Scope};
+pub use limits::RateLimit;
 pub use openapi::{openapi, openapi_json};
 pub use sched::{place, PlaceError, Usage};
 
@@ -56,6 +58,12 @@ pub struct ServerConfig {
     pub domain: String,
     /// Where to export flow records as IPFIX (RFC 7011) over UDP, if anywhere.
     pub ipfix_collector: Option<SocketAddr>,
+    /// Requests allowed per bearer token (per client address without one); over it,
+    /// 429 with `Retry-After`. Default 100/s, burst 200; `None` turns it off.
+    pub rate_limit: Option<RateLimit>,
+    /// How many CPU-heavy jobs (descriptor validation, NS planning) run at once, off
+    /// the async workers; more at the same time get 429. Default 2.
+    pub cpu_jobs: usize,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +74,8 @@ impl Default for ServerConfig {
             vswitch_listen: None,
             domain: "default".to_owned(),
             ipfix_collector: None,
+            rate_limit: Some(RateLimit::default()),
+            cpu_jobs: 2,
         }
     }
 }
@@ -91,6 +101,10 @@ struct Inner {
     traffic: Option<net::Controller>,
     /// This server's own URL (set by `serve` once bound): the `vinfra` site of an NS.
     self_url: std::sync::OnceLock<String>,
+    /// Token buckets per caller, when rate limiting is on.
+    limiter: Option<limits::Limiter>,
+    /// Where CPU-heavy request work runs.
+    cpu: limits::CpuPool,
 }
 
 impl std::fmt::Debug for AppState {
@@ -116,6 +130,8 @@ impl AppState {
                     .vswitch_listen
                     .map(|_| net::Controller::new(net::DomainId(config.domain.clone()))),
                 self_url: std::sync::OnceLock::new(),
+                limiter: config.rate_limit.map(limits::Limiter::new),
+                cpu: limits::CpuPool::new(config.cpu_jobs),
             }),
         }
     }
@@ -174,6 +190,14 @@ impl AppState {
 
     pub(crate) fn http(&self) -> &metrics::HttpCounters {
         &self.inner.http
+    }
+
+    pub(crate) fn limiter(&self) -> Option<&limits::Limiter> {
+        self.inner.limiter.as_ref()
+    }
+
+    pub(crate) fn cpu(&self) -> &limits::CpuPool {
+        &self.inner.cpu
     }
 }
 
@@ -276,7 +300,9 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     };
     let task = tokio::spawn(async move {
         tokio::select! {
-            r = axum::serve(listener, app).with_graceful_shutdown(async move {
+            // With the peer address, so that requests without a token are rate-limited
+            // per client address.
+            r = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
                 let _ = rx.await;
             }) => r,
             _ = driver => Ok(()),

@@ -32,6 +32,16 @@ pub struct ServerArgs {
     /// Export flow records as IPFIX (RFC 7011) over UDP to this collector.
     #[arg(long)]
     pub ipfix_collector: Option<String>,
+    /// Requests per second allowed per bearer token (per client address without one);
+    /// over it, 429 with Retry-After. 0 turns rate limiting off.
+    #[arg(long, default_value_t = 100)]
+    pub rate_limit: u32,
+    /// Requests a token may send at once after a quiet period.
+    #[arg(long, default_value_t = 200)]
+    pub rate_burst: u32,
+    /// CPU-heavy requests (descriptor validation, NS planning) run at once; more get 429.
+    #[arg(long, default_value_t = 2)]
+    pub cpu_jobs: usize,
 }
 
 fn addr(flag: &str, v: &Option<String>) -> anyhow::Result<Option<std::net::SocketAddr>> {
@@ -76,6 +86,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         vswitch_listen: addr("vswitch-listen", &args.vswitch_listen)?,
         domain: args.domain.clone(),
         ipfix_collector: addr("ipfix-collector", &args.ipfix_collector)?,
+        rate_limit: (args.rate_limit > 0).then_some(api::RateLimit {
+            per_sec: args.rate_limit,
+            burst: args.rate_burst.max(1),
+        }),
+        cpu_jobs: args.cpu_jobs.max(1),
     };
     let handle = api::serve(config, store).await?;
     tracing::info!(addr = %handle.addr(), "vinfra server listening");

@@ -94,13 +94,10 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/v1/migrations/{id}/report",
             put(migrations::report_migration),
         ),
+        // The snapshot's limit is applied by the handler, which names it in the 413.
         (
             "/v1/migrations/{id}/snapshot",
-            put(migrations::put_snapshot)
-                .get(migrations::get_snapshot)
-                .layer(axum::extract::DefaultBodyLimit::max(
-                    migrations::MAX_SNAPSHOT,
-                )),
+            put(migrations::put_snapshot).get(migrations::get_snapshot),
         ),
     ]
 }
@@ -112,6 +109,11 @@ pub(crate) fn router(state: AppState) -> Router {
     }
     r.fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside the metrics layer, so that refusals are counted.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::limits::rate_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::metrics::count_requests,
