@@ -2,6 +2,7 @@
 //! round trip over TCP through the `client` crate.
 
 mod harness;
+mod limits;
 mod networks;
 mod ns;
 mod routes;
