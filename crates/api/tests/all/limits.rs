@@ -128,6 +128,16 @@ async fn deep_descriptors_are_refused_and_validation_is_bounded() {
         seen.insert(r.status.as_u16());
     }
     assert!(seen.contains(&422), "{seen:?}");
+    // Placement explanations run in the same pool.
+    let r = app
+        .post(
+            "/v1/placements:explain",
+            &app.admin,
+            json!({ "disk_gib": 10, "vcpus": 1, "memory_mib": 256 }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["placed"], false, "{}", r.text);
 }
 
 /// Every operation with a JSON body (from the OpenAPI document): a JSON array is 422
