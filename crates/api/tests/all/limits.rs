@@ -385,3 +385,29 @@ async fn oversized_snapshot_is_problem_json() {
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
 }
+
+/// The typed client (CLI, agents, the vinfra NS driver) waits out a 429's Retry-After
+/// and retries, so a burst over the limit is slowed down, not failed.
+#[tokio::test]
+async fn the_client_waits_out_retry_after() {
+    let config = ServerConfig {
+        rate_limit: Some(RateLimit {
+            per_sec: 2,
+            burst: 2,
+        }),
+        ..ServerConfig::default()
+    };
+    let (server, base, admin, _dir) = server(config).await;
+    let c = client::Client::new(&base, &admin).unwrap();
+    let started = Instant::now();
+    for _ in 0..4 {
+        c.list_hosts().await.unwrap();
+    }
+    // The third call got 429 with Retry-After: 1 and waited it out.
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    server.shutdown().await.unwrap();
+}
