@@ -11,6 +11,11 @@ use serde_json::json;
 
 use crate::harness::{App, World};
 
+/// Held by the test that measures latency and by the tests of this file that burn CPU
+/// (a pool full of validations, a 64 MiB body): on a 2-core machine they would
+/// otherwise measure each other rather than the server.
+static CPU_HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A server over TCP with an admin token.
 async fn server(config: ServerConfig) -> (api::ServerHandle, String, String, tempfile::TempDir) {
     let store = Arc::new(MemStore::new());
@@ -33,6 +38,7 @@ async fn server(config: ServerConfig) -> (api::ServerHandle, String, String, tem
 /// parsing, naming the limit, and every list during them answers in under 100 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_descriptors_do_not_starve_other_requests() {
+    let _alone = CPU_HEAVY.lock().await;
     let (server, base, admin, _dir) = server(ServerConfig::default()).await;
     let http = reqwest::Client::new();
     let body = json!({ "descriptor": "[".repeat(1_900_000) }).to_string();
@@ -97,6 +103,7 @@ async fn huge_descriptors_do_not_starve_other_requests() {
 /// being parsed; the bounded CPU pool refuses what it cannot run at once (429).
 #[tokio::test]
 async fn deep_descriptors_are_refused_and_validation_is_bounded() {
+    let _alone = CPU_HEAVY.lock().await;
     let app = App::new().await;
     let deep = format!("a: {}", "[".repeat(100_000));
     let r = app
@@ -319,6 +326,7 @@ async fn rate_limit_applies_per_address_without_a_token() {
 /// other refusal (it used to be axum's plain-text 413).
 #[tokio::test]
 async fn oversized_snapshot_is_problem_json() {
+    let _alone = CPU_HEAVY.lock().await;
     let app = App::new().await;
     let agent = app.token("agent").await;
     for h in ["h1", "h2"] {
