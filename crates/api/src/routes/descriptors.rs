@@ -11,17 +11,20 @@ use model::Role;
 use crate::store_io::{keys, list_json, now_ms, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
-/// The descriptor limits, checked before the body takes a CPU permit: the size check is
-/// O(1) and the depth pre-scan one pass over at most 256 KiB.
-pub(crate) fn check_limits(text: &str) -> Result<(), ApiError> {
-    nfv::descriptor::check_limits(text).map_err(|e| match e {
-        nfv::descriptor::LimitError::TooLarge { len, max } => ApiError::PayloadTooLarge {
+/// The descriptor size limit, checked (O(1)) before the body takes a CPU permit, so
+/// that it is a 413. The depth pre-scan, a pass over up to 256 KiB, runs first thing
+/// in the pool as part of `validate_*` (its refusal is a 422 like any other
+/// validation error).
+pub(crate) fn check_size(text: &str) -> Result<(), ApiError> {
+    let limit = nfv::descriptor::MAX_DESCRIPTOR_BYTES;
+    if text.len() > limit {
+        return Err(ApiError::PayloadTooLarge {
             what: "descriptor",
-            size: Some(u64::try_from(len).unwrap_or(u64::MAX)),
-            limit: max,
-        },
-        other => ApiError::Unprocessable(format!("descriptor: {other}")),
-    })
+            size: Some(u64::try_from(text.len()).unwrap_or(u64::MAX)),
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// What a refusal from the CPU pool calls descriptor work.
@@ -89,7 +92,7 @@ pub(crate) async fn create_vnfd(
     AppJson(body): AppJson<DescriptorUpload>,
 ) -> Result<(StatusCode, Json<StoredDescriptor>), ApiError> {
     caller.require(&[Role::Admin, Role::Member], "uploading a vnfd")?;
-    check_limits(&body.descriptor)?;
+    check_size(&body.descriptor)?;
     let text = body.descriptor;
     let (v, text) = state
         .cpu()
@@ -115,7 +118,7 @@ pub(crate) async fn create_nsd(
     AppJson(body): AppJson<DescriptorUpload>,
 ) -> Result<(StatusCode, Json<StoredDescriptor>), ApiError> {
     caller.require(&[Role::Admin, Role::Member], "uploading an nsd")?;
-    check_limits(&body.descriptor)?;
+    check_size(&body.descriptor)?;
     let tenant = crate::routes::tenants::write_tenant(&state, &caller, None).await?;
     let stored = list_kind(&state, Scope::Tenant(tenant), "vnfd").await?;
     let text = body.descriptor;
