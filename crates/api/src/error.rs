@@ -62,9 +62,14 @@ pub enum ApiError {
     /// The request conflicts with current state (duplicate name, no capacity).
     #[error("{0}")]
     Conflict(String),
-    /// The body is not `application/json`.
-    #[error("body: Content-Type must be application/json")]
-    UnsupportedMediaType,
+    /// The body is not `application/json` (with at most `charset=utf-8`).
+    #[error(
+        "body: Content-Type must be application/json (optionally with charset=utf-8), got {got}"
+    )]
+    UnsupportedMediaType {
+        /// The request's `Content-Type`, shortened, or `none`.
+        got: String,
+    },
     /// The body is not of the one media type this route takes.
     #[error("body: Content-Type must be {expected}")]
     UnsupportedMediaTypeFor {
@@ -77,9 +82,25 @@ pub enum ApiError {
     /// Storing or reading an image-store file failed.
     #[error(transparent)]
     Blob(#[from] crate::blobs::BlobError),
-    /// The body exceeds the server's limit.
-    #[error("body: too large")]
-    PayloadTooLarge,
+    /// The body, or a document inside it, exceeds its limit; names the limit.
+    #[error("{what}: {}exceeds the limit of {limit} bytes", .size.map(|s| format!("{s} bytes ")).unwrap_or_default())]
+    PayloadTooLarge {
+        /// `body`, `descriptor`, `snapshot`.
+        what: &'static str,
+        /// Its size, when known before reading all of it.
+        size: Option<u64>,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The caller is over its request rate, or the server's bounded pool for CPU-heavy
+    /// work is full. The response carries `Retry-After`.
+    #[error("{reason}, retry after {retry_after_secs} s")]
+    TooManyRequests {
+        /// What is exhausted.
+        reason: String,
+        /// Seconds until a retry can succeed (at least 1).
+        retry_after_secs: u64,
+    },
     /// The store failed.
     #[error("store operation failed")]
     Store(#[from] StoreError),
@@ -154,7 +175,7 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed")
             }
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ApiError::UnsupportedMediaType => {
+            ApiError::UnsupportedMediaType { .. } => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
             }
             ApiError::UnsupportedMediaTypeFor { .. } => {
@@ -174,7 +195,12 @@ impl ApiError {
                     B::Io { .. } | B::Join(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
                 }
             }
-            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large")
+            }
+            ApiError::TooManyRequests { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too-many-requests")
+            }
             ApiError::Store(_)
             | ApiError::Internal { .. }
             | ApiError::DataDir { .. }
@@ -231,9 +257,20 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if matches!(self, ApiError::Unauthorized | ApiError::TokenExpired) {
-            res.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        match self {
+            ApiError::Unauthorized | ApiError::TokenExpired => {
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::TooManyRequests {
+                retry_after_secs, ..
+            } => {
+                res.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs.max(1)),
+                );
+            }
+            _ => {}
         }
         res
     }
@@ -250,6 +287,32 @@ mod tests {
         assert_eq!(p.status, 500);
         assert_eq!(p.detail, "internal error");
         assert!(chain(&e).contains("secret path"));
+    }
+
+    #[test]
+    fn limits_are_named_and_retry_after_is_sent() {
+        let e = ApiError::PayloadTooLarge {
+            what: "descriptor",
+            size: Some(1_900_000),
+            limit: 262_144,
+        };
+        assert_eq!(
+            e.problem().detail,
+            "descriptor: 1900000 bytes exceeds the limit of 262144 bytes"
+        );
+        let e = ApiError::PayloadTooLarge {
+            what: "body",
+            size: None,
+            limit: 10,
+        };
+        assert_eq!(e.to_string(), "body: exceeds the limit of 10 bytes");
+        let res = ApiError::TooManyRequests {
+            reason: "x".into(),
+            retry_after_secs: 3,
+        }
+        .into_response();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "3");
     }
 
     #[test]

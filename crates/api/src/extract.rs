@@ -1,18 +1,29 @@
 //! Request extractors whose rejections are [`ApiError`]s, so that a bad body,
 //! path or token gets the same problem+json shape as every other error.
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
-use axum::http::{header, request::Parts, HeaderMap, Method, StatusCode};
+use axum::http::{header, request::Parts, HeaderMap, Method};
+use http_body_util::BodyExt;
 use model::{Role, TenantId, TokenId, TokenRecord, TokenScope};
 use serde::de::DeserializeOwned;
 
 use crate::store_io::{get_json, keys, now_ms};
 use crate::{auth, ApiError, AppState};
 
-/// A JSON body. Unlike `axum::Json`, its errors name the field in our shape:
-/// syntax errors are 400, shape errors (wrong type, unknown or missing
-/// field) are 422.
+/// Largest JSON body accepted (axum's default, named here so that a refusal can say
+/// it). Documents inside a body have their own, smaller limits (descriptors: 256 KiB).
+pub(crate) const MAX_JSON_BODY: usize = 2 << 20;
+
+/// A JSON object body. Unlike `axum::Json`, it is strict and its errors name the
+/// field in our shape:
+/// - `Content-Type` must be `application/json`, with at most `charset=utf-8` (415):
+///   the body is read as UTF-8 JSON, so another charset or a `+json` type the client
+///   meant as something else must not be half-understood;
+/// - at most [`MAX_JSON_BODY`] bytes (413);
+/// - a JSON object: an array or scalar is 422 before any parsing, because serde
+///   would otherwise accept a struct's sequence form (`["n","10.77.0.0/24"]`);
+/// - syntax errors are 400, shape errors (wrong type, unknown or missing field) 422.
 #[derive(Debug, Clone)]
 pub struct AppJson<T>(pub T);
 
@@ -23,18 +34,85 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if !is_json(req.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest("body: cannot be read".to_owned())
-            }
-        })?;
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        check_json_type(req.headers())?;
+        let bytes = read_body(req, "body", MAX_JSON_BODY).await?;
+        check_object(&bytes)?;
         parse_json(&bytes).map(AppJson)
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes; over it is 413 naming `what` and the
+/// limit. A declared `Content-Length` over the limit is refused before reading.
+pub(crate) async fn read_body(
+    req: Request,
+    what: &'static str,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let too_large = |size| ApiError::PayloadTooLarge { what, size, limit };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared {
+        if usize::try_from(n).map_or(true, |n| n > limit) {
+            return Err(too_large(Some(n)));
+        }
+    }
+    let body: Body = req.into_body();
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(None)),
+        Err(_) => Err(ApiError::BadRequest(format!("{what}: cannot be read"))),
+    }
+}
+
+/// 415 unless `Content-Type` is `application/json` with at most `charset=utf-8`
+/// (case-insensitive, the value optionally quoted).
+fn check_json_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let refuse = |got: &str| ApiError::UnsupportedMediaType {
+        // Echoed in the detail: bounded so that a huge header does not make a huge error.
+        got: got.chars().take(80).collect(),
+    };
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(refuse("none"));
+    };
+    let Ok(ct) = value.to_str() else {
+        return Err(refuse("a non-ASCII value"));
+    };
+    let mut parts = ct.split(';');
+    let mime = parts.next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(refuse(ct));
+    }
+    let params: Vec<&str> = parts.map(str::trim).collect();
+    let ok = match params.as_slice() {
+        [] => true,
+        [p] => p.split_once('=').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("charset")
+                && v.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+        }),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(refuse(ct))
+    }
+}
+
+/// 422 unless the first non-whitespace byte opens an object. An empty body is left
+/// to the parser (400, invalid JSON).
+fn check_object(bytes: &[u8]) -> Result<(), ApiError> {
+    match bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        None | Some(b'{') => Ok(()),
+        Some(_) => Err(ApiError::Unprocessable(
+            "body: must be a JSON object".to_owned(),
+        )),
     }
 }
 
@@ -55,20 +133,6 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     de.end()
         .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))?;
     Ok(value)
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let mime = ct.split(';').next().unwrap_or("").trim();
-    mime.eq_ignore_ascii_case("application/json")
-        || mime
-            .rsplit_once('+')
-            .is_some_and(|(_, suffix)| suffix.eq_ignore_ascii_case("json"))
 }
 
 /// One path parameter, with a problem+json rejection.
@@ -256,16 +320,41 @@ mod tests {
     }
 
     #[test]
+    fn only_objects_are_bodies() {
+        assert!(check_object(b" \n{\"a\":1}").is_ok());
+        assert!(check_object(b"").is_ok());
+        for body in [&b"[]"[..], b" [\"n\"]", b"1", b"\"x\"", b"null", b"true"] {
+            let e = check_object(body).unwrap_err();
+            assert_eq!(e.to_string(), "body: must be a JSON object");
+            assert_eq!(e.status().0.as_u16(), 422);
+        }
+    }
+
+    #[test]
     fn content_types_and_bearer() {
         let mut h = HeaderMap::new();
-        assert!(!is_json(&h));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-        assert!(is_json(&h));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        assert!(!is_json(&h));
+        assert!(check_json_type(&h).is_err());
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON;CHARSET=\"UTF-8\"",
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ok));
+            assert!(check_json_type(&h).is_ok(), "{ok}");
+        }
+        for bad in [
+            "text/plain",
+            "application/evil+json",
+            "application/json; charset=utf-16",
+            "application/json; charset=utf-8; x=y",
+            "application/json; boundary=x",
+            "application/jsonx",
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(bad));
+            let e = check_json_type(&h).unwrap_err();
+            assert_eq!(e.status().0.as_u16(), 415, "{bad}");
+            assert!(e.to_string().ends_with(bad), "{e}");
+        }
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer abc"),

@@ -16,6 +16,7 @@ mod auth;
 mod blobs;
 mod error;
 mod extract;
+mod limits;
 mod listen;
 mod metrics;
 mod openapi;
@@ -39,6 +40,7 @@ pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
 pub use blobs::{BlobConfig, BlobError, BlobFiles, DEFAULT_MAX_BLOB_BYTES};
 pub use error::ApiError;
 pub use extract::{AppJson, Caller, Scope};
+pub use limits::RateLimit;
 pub use listen::Peer;
 pub use openapi::{openapi, openapi_json};
 pub use pki::TlsConfig;
@@ -70,6 +72,12 @@ pub struct ServerConfig {
     /// the store); agents join with join tokens and present client certificates.
     /// `None`: plain HTTP, for loopback.
     pub tls: Option<TlsConfig>,
+    /// Requests allowed per bearer token (per client address without one); over it,
+    /// 429 with `Retry-After`. Default 100/s, burst 200; `None` turns it off.
+    pub rate_limit: Option<RateLimit>,
+    /// How many CPU-heavy jobs (descriptor validation, NS planning) run at once, off
+    /// the async workers; more at the same time get 429. Default 2.
+    pub cpu_jobs: usize,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +90,8 @@ impl Default for ServerConfig {
             ipfix_collector: None,
             blobs: None,
             tls: None,
+            rate_limit: Some(RateLimit::default()),
+            cpu_jobs: 2,
         }
     }
 }
@@ -111,6 +121,10 @@ struct Inner {
     blobs: std::sync::OnceLock<Arc<BlobFiles>>,
     /// The cluster CA, when this server serves TLS.
     ca: std::sync::OnceLock<Arc<tls::Ca>>,
+    /// Token buckets per caller, when rate limiting is on.
+    limiter: Option<limits::Limiter>,
+    /// Where CPU-heavy request work runs.
+    cpu: limits::CpuPool,
 }
 
 impl std::fmt::Debug for AppState {
@@ -138,6 +152,8 @@ impl AppState {
                 self_url: std::sync::OnceLock::new(),
                 blobs: std::sync::OnceLock::new(),
                 ca: std::sync::OnceLock::new(),
+                limiter: config.rate_limit.map(limits::Limiter::new),
+                cpu: limits::CpuPool::new(config.cpu_jobs),
             }),
         }
     }
@@ -209,6 +225,14 @@ impl AppState {
 
     pub(crate) fn http(&self) -> &metrics::HttpCounters {
         &self.inner.http
+    }
+
+    pub(crate) fn limiter(&self) -> Option<&limits::Limiter> {
+        self.inner.limiter.as_ref()
+    }
+
+    pub(crate) fn cpu(&self) -> &limits::CpuPool {
+        &self.inner.cpu
     }
 }
 

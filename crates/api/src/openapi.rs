@@ -1,6 +1,11 @@
 //! The OpenAPI 3 document, generated from the handlers' annotations.
 
+use utoipa::openapi::content::ContentBuilder;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{Object, Ref, RefOr, Response, Type};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes;
@@ -73,7 +78,7 @@ use crate::routes;
         routes::ns_instances::scale,
     ),
     components(schemas(model::api::Problem)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &Limits),
     security(("bearer" = [])),
 )]
 struct ApiDoc;
@@ -87,6 +92,102 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// The refusals every operation can get from the shared layers, added where a
+/// handler's annotation does not already describe them more precisely: 429 (rate limit,
+/// with `Retry-After`) everywhere, and 413/415/422 wherever the body is JSON (`AppJson`).
+struct Limits;
+
+fn problem(description: &str, retry_after: bool) -> RefOr<Response> {
+    let mut r = ResponseBuilder::new().description(description).content(
+        "application/problem+json",
+        ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name("Problem")))
+            .build(),
+    );
+    if retry_after {
+        r = r.header(
+            "Retry-After",
+            HeaderBuilder::new()
+                .schema(Object::with_type(Type::Integer))
+                .description(Some("seconds until a retry can succeed"))
+                .build(),
+        );
+    }
+    RefOr::T(r.build())
+}
+
+impl Limits {
+    fn operation(op: &mut Operation) {
+        let json_body = op
+            .request_body
+            .as_ref()
+            .is_some_and(|b| b.content.contains_key("application/json"));
+        let mut add = |status: &str, response: RefOr<Response>| {
+            op.responses
+                .responses
+                .entry(status.to_owned())
+                .or_insert(response);
+        };
+        if json_body {
+            add(
+                "413",
+                problem(
+                    "the body is over its limit (2 MiB), named in the detail",
+                    false,
+                ),
+            );
+            add(
+                "415",
+                problem(
+                    "Content-Type is not application/json (optionally with charset=utf-8)",
+                    false,
+                ),
+            );
+            add(
+                "422",
+                problem(
+                    "the body is not a JSON object, or a field is wrong (named in the detail)",
+                    false,
+                ),
+            );
+        }
+        add(
+            "429",
+            problem("over the rate limit of this token or client address", true),
+        );
+        // A handler's own 429 (a busy CPU pool) also sends Retry-After.
+        if let Some(RefOr::T(r)) = op.responses.responses.get_mut("429") {
+            r.headers
+                .entry("Retry-After".to_owned())
+                .or_insert_with(|| {
+                    HeaderBuilder::new()
+                        .schema(Object::with_type(Type::Integer))
+                        .description(Some("seconds until a retry can succeed"))
+                        .build()
+                });
+        }
+    }
+}
+
+impl Modify for Limits {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        for item in doc.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                Self::operation(op);
+            }
+        }
     }
 }
 

@@ -485,19 +485,13 @@ impl Client {
         let id = id.to_string();
         let segments = ["v1", "migrations", &id, "snapshot"];
         let path = segments.join("/");
-        let res = self
+        let req = self
             .http
             .put(self.url(&segments))
             .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(snapshot)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                method: Method::PUT,
-                path: path.clone(),
-                source,
-            })?;
+            .body(snapshot);
+        let res = Self::execute(&Method::PUT, &path, req).await?;
         Self::check(Method::PUT, path, res).await.map(drop)
     }
 
@@ -635,18 +629,13 @@ impl Client {
     ) -> Result<reqwest::Response, ClientError> {
         let mut url = self.url(segments);
         url.set_query(query);
-        let res = self
+        let req = self
             .http
             .request(method.clone(), url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                method: method.clone(),
-                path: segments.join("/"),
-                source,
-            })?;
-        Self::check(method, segments.join("/"), res).await
+            .bearer_auth(&self.token);
+        let path = segments.join("/");
+        let res = Self::execute(&method, &path, req).await?;
+        Self::check(method, path, res).await
     }
 
     // ---- meta ----
@@ -693,12 +682,37 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let res = req.send().await.map_err(|source| ClientError::Transport {
-            method: method.clone(),
-            path: path.clone(),
-            source,
-        })?;
+        let res = Self::execute(&method, &path, req).await?;
         Self::check(method, path, res).await
+    }
+
+    /// Sends `req`; while the server answers 429 (over its rate limit, or too busy for
+    /// CPU-heavy work — refused before anything was done, so a retry is safe), waits
+    /// its `Retry-After` (at most [`MAX_RETRY_WAIT`]) and retries, up to [`RETRIES_429`]
+    /// times. The last 429 is returned as it is.
+    async fn execute(
+        method: &Method,
+        path: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let transport = |source| ClientError::Transport {
+            method: method.clone(),
+            path: path.to_owned(),
+            source,
+        };
+        for _ in 0..RETRIES_429 {
+            // Bodies here are in memory, so the request clones; if one did not, it is
+            // sent once, below.
+            let Some(attempt) = req.try_clone() else {
+                break;
+            };
+            let res = attempt.send().await.map_err(transport)?;
+            if res.status() != StatusCode::TOO_MANY_REQUESTS {
+                return Ok(res);
+            }
+            tokio::time::sleep(retry_after(&res)).await;
+        }
+        req.send().await.map_err(transport)
     }
 
     /// Turns a non-2xx response into [`ClientError::Api`] with the problem detail.
@@ -760,6 +774,23 @@ impl Client {
 
 /// `None` with a concrete body type, for routes without a body.
 const NO_BODY: Option<&()> = None;
+
+/// How many times a 429 is waited out and retried before it is returned.
+const RETRIES_429: u32 = 3;
+
+/// The longest `Retry-After` honoured; a longer one is cut to this.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+
+/// A 429's `Retry-After` in seconds (the server sends whole seconds), 1 s when it is
+/// missing or not a number.
+fn retry_after(res: &reqwest::Response) -> Duration {
+    res.headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), Duration::from_secs)
+        .min(MAX_RETRY_WAIT)
+}
 
 #[cfg(test)]
 mod tests {

@@ -14,6 +14,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
+mod limits;
+pub use limits::{check_limits, LimitError, MAX_DESCRIPTOR_BYTES, MAX_DESCRIPTOR_DEPTH};
+
 /// TOSCA type of a VDU.
 pub const VDU_COMPUTE: &str = "tosca.nodes.nfv.VDU.Compute";
 /// TOSCA type of a VDU connection point.
@@ -553,7 +556,18 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
+impl From<LimitError> for DescriptorError {
+    fn from(e: LimitError) -> Self {
+        DescriptorError {
+            path: "descriptor".into(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Parses `text` after [`check_limits`]: a document over the limits is never parsed.
 fn parse_doc(text: &str) -> Result<Value, Vec<DescriptorError>> {
+    check_limits(text).map_err(|e| vec![e.into()])?;
     match serde_yaml_ng::from_str::<Value>(text) {
         Ok(v @ Value::Mapping(_)) => Ok(v),
         Ok(other) => Err(vec![DescriptorError {
@@ -658,7 +672,8 @@ fn check_ref(
     }
 }
 
-/// Validates a VNFD, returning it or every error found.
+/// Validates a VNFD, returning it or every error found. Text over the [`check_limits`]
+/// limits is refused (`descriptor: ...`) before it is parsed.
 ///
 /// ```
 /// let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/nfv/vnfd-firewall.yaml")).unwrap();
@@ -992,7 +1007,8 @@ fn substitution(
     out
 }
 
-/// Validates an NSD against the VNFDs it uses, returning it or every error found.
+/// Validates an NSD against the VNFDs it uses, returning it or every error found. Text
+/// over the [`check_limits`] limits is refused before it is parsed.
 pub fn validate_nsd(text: &str, vnfds: &[Vnfd]) -> Result<Nsd, Vec<DescriptorError>> {
     let doc = parse_doc(text)?;
     let mut w = Walker::default();
@@ -1171,7 +1187,12 @@ pub fn load_vnfd(path: &Path) -> Result<Vnfd, LoadError> {
 pub fn load_nsd(path: &Path) -> Result<(Nsd, Vec<Vnfd>), LoadError> {
     let text = read(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    // Imports are read before validation so that descriptor_id references can be checked.
+    // Imports are read before validation so that descriptor_id references can be checked;
+    // the limits apply before this first parse too.
+    check_limits(&text).map_err(|e| LoadError::Invalid {
+        path: path.to_owned(),
+        errors: vec![e.into()],
+    })?;
     let imports: Vec<String> = serde_yaml_ng::from_str::<Value>(&text)
         .ok()
         .and_then(|d| d.get("imports").and_then(Value::as_sequence).cloned())

@@ -48,6 +48,16 @@ pub struct ServerArgs {
     /// A name or address clients reach this server by, for its certificate (repeat).
     #[arg(long = "tls-name")]
     pub tls_names: Vec<String>,
+    /// Requests per second allowed per bearer token (per client address without one);
+    /// over it, 429 with Retry-After. 0 turns rate limiting off.
+    #[arg(long, default_value_t = 100)]
+    pub rate_limit: u32,
+    /// Requests a token may send at once after a quiet period.
+    #[arg(long, default_value_t = 200)]
+    pub rate_burst: u32,
+    /// CPU-heavy requests (descriptor validation, NS planning) run at once; more get 429.
+    #[arg(long, default_value_t = 2)]
+    pub cpu_jobs: usize,
 }
 
 /// Whether a server listening on `listen` serves TLS, by `--tls`.
@@ -120,6 +130,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         tls: tls_on(&args.tls, listen)?.then(|| api::TlsConfig {
             names: args.tls_names.clone(),
         }),
+        rate_limit: (args.rate_limit > 0).then_some(api::RateLimit {
+            per_sec: args.rate_limit,
+            burst: args.rate_burst.max(1),
+        }),
+        cpu_jobs: args.cpu_jobs.max(1),
     };
     let handle = api::serve(config, store).await?;
     tracing::info!(addr = %handle.addr(), "vinfra server listening");

@@ -11,6 +11,25 @@ use model::Role;
 use crate::store_io::{keys, list_json, now_ms, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
+/// The descriptor size limit, checked (O(1)) before the body takes a CPU permit, so
+/// that it is a 413. The depth pre-scan, a pass over up to 256 KiB, runs first thing
+/// in the pool as part of `validate_*` (its refusal is a 422 like any other
+/// validation error).
+pub(crate) fn check_size(text: &str) -> Result<(), ApiError> {
+    let limit = nfv::descriptor::MAX_DESCRIPTOR_BYTES;
+    if text.len() > limit {
+        return Err(ApiError::PayloadTooLarge {
+            what: "descriptor",
+            size: Some(u64::try_from(text.len()).unwrap_or(u64::MAX)),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// What a refusal from the CPU pool calls descriptor work.
+pub(crate) const VALIDATING: &str = "descriptor validation";
+
 fn refuse(errors: &[nfv::descriptor::DescriptorError]) -> ApiError {
     ApiError::Unprocessable(
         errors
@@ -58,38 +77,63 @@ async fn list_kind(
     )
 }
 
-/// Validates and stores a VNFD (replacing one with the same descriptor id).
+/// Validates and stores a VNFD (replacing one with the same descriptor id). The
+/// descriptor is at most 256 KiB and 32 levels deep, checked before it is parsed;
+/// parsing runs off the async workers, a few at a time.
 #[utoipa::path(post, path = "/v1/vnfds", tag = "nfv", request_body = DescriptorUpload,
     responses((status = 201, body = StoredDescriptor),
-        (status = 422, description = "every error with its path, one per line", body = Problem, content_type = "application/problem+json")))]
+        (status = 413, description = "the descriptor is over 262144 bytes, or the body over 2 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "every error with its path, one per line; or nested deeper than 32 levels", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "over the rate limit, or the server is already validating as many descriptors as it runs at once; see Retry-After", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn create_vnfd(
     State(state): State<AppState>,
     caller: Caller,
     AppJson(body): AppJson<DescriptorUpload>,
 ) -> Result<(StatusCode, Json<StoredDescriptor>), ApiError> {
     caller.require(&[Role::Admin, Role::Member], "uploading a vnfd")?;
-    let v = nfv::descriptor::validate_vnfd(&body.descriptor).map_err(|e| refuse(&e))?;
-    store(&state, &caller, "vnfd", v.id, body.descriptor).await
+    check_size(&body.descriptor)?;
+    let text = body.descriptor;
+    let (v, text) = state
+        .cpu()
+        .run(VALIDATING, move || {
+            (nfv::descriptor::validate_vnfd(&text), text)
+        })
+        .await?;
+    let v = v.map_err(|e| refuse(&e))?;
+    store(&state, &caller, "vnfd", v.id, text).await
 }
 
-/// Validates an NSD against the tenant's stored VNFDs and stores it.
+/// Validates an NSD against the tenant's stored VNFDs and stores it. Limits as for
+/// VNFDs.
 #[utoipa::path(post, path = "/v1/nsds", tag = "nfv", request_body = DescriptorUpload,
     responses((status = 201, body = StoredDescriptor),
-        (status = 422, description = "every error with its path, one per line", body = Problem, content_type = "application/problem+json")))]
+        (status = 413, description = "the descriptor is over 262144 bytes, or the body over 2 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "every error with its path, one per line; or nested deeper than 32 levels", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "over the rate limit, or the server is already validating as many descriptors as it runs at once; see Retry-After", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn create_nsd(
     State(state): State<AppState>,
     caller: Caller,
     AppJson(body): AppJson<DescriptorUpload>,
 ) -> Result<(StatusCode, Json<StoredDescriptor>), ApiError> {
     caller.require(&[Role::Admin, Role::Member], "uploading an nsd")?;
+    check_size(&body.descriptor)?;
     let tenant = crate::routes::tenants::write_tenant(&state, &caller, None).await?;
-    let vnfds: Vec<nfv::descriptor::Vnfd> = list_kind(&state, Scope::Tenant(tenant), "vnfd")
-        .await?
-        .iter()
-        .filter_map(|d| nfv::descriptor::validate_vnfd(&d.descriptor).ok())
-        .collect();
-    let n = nfv::descriptor::validate_nsd(&body.descriptor, &vnfds).map_err(|e| refuse(&e))?;
-    store(&state, &caller, "nsd", n.id, body.descriptor).await
+    let stored = list_kind(&state, Scope::Tenant(tenant), "vnfd").await?;
+    let text = body.descriptor;
+    let (n, text) = state
+        .cpu()
+        .run(VALIDATING, move || {
+            let vnfds: Vec<nfv::descriptor::Vnfd> = stored
+                .iter()
+                .filter_map(|d| nfv::descriptor::validate_vnfd(&d.descriptor).ok())
+                .collect();
+            (nfv::descriptor::validate_nsd(&text, &vnfds), text)
+        })
+        .await?;
+    let n = n.map_err(|e| refuse(&e))?;
+    store(&state, &caller, "nsd", n.id, text).await
 }
 
 /// The caller's VNFDs.

@@ -7,8 +7,7 @@
 //! reverse). The source's cache snapshot (heat map + access pattern + block list)
 //! passes through server memory: it is needed once, by one agent, within seconds.
 
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -18,7 +17,7 @@ use model::{
 };
 use store::{Compare, StoreError, TxnOp};
 
-use crate::extract::AppPath;
+use crate::extract::{read_body, AppPath};
 use crate::routes::hosts::all_hosts;
 use crate::routes::vms::{resolve, usage};
 use crate::sched::place;
@@ -363,12 +362,14 @@ pub(crate) async fn report_migration(
 #[utoipa::path(put, path = "/v1/migrations/{id}/snapshot", tag = "agent",
     params(("id" = String, Path, description = "migration id")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 204), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 409, body = Problem, content_type = "application/problem+json")))]
+    responses((status = 204), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "over the snapshot limit (64 MiB)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "over the rate limit; see Retry-After", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn put_snapshot(
     State(state): State<AppState>,
     caller: Caller,
     AppPath(id): AppPath,
-    body: Bytes,
+    req: Request,
 ) -> Result<StatusCode, ApiError> {
     caller.require(&[Role::Agent, Role::Admin], "uploading a cache snapshot")?;
     let (m, _) = load(&state, Scope::All, &id).await?;
@@ -379,6 +380,8 @@ pub(crate) async fn put_snapshot(
             m.state.as_str()
         )));
     }
+    // Read only once the caller and the migration are known good.
+    let body = read_body(req, "snapshot", MAX_SNAPSHOT).await?;
     state.set_snapshot(m.id, body);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -65,7 +65,10 @@ fn redacted(mut r: NsInstanceRecord) -> NsInstanceRecord {
         (status = 202, body = NsInstanceRecord),
         (status = 403, description = "a libvirt site needs an admin", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "name taken", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is over 2 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "not application/json", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "bad field, unknown NSD, no site for a VNF", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "over the rate limit, or the server is already validating and planning as many descriptors as it runs at once; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn create(
     State(state): State<AppState>,
@@ -79,10 +82,19 @@ pub(crate) async fn create(
     )?;
     let endpoints = body.validate()?;
     let tenant = write_tenant(&state, &caller, None).await?;
-    let (nsd, vnfds) = load_nsd(&state, tenant, &body.nsd).await?;
+    let (nsd_text, vnfd_texts) = load_nsd(&state, tenant, &body.nsd).await?;
     let sites: Vec<String> = body.sites.keys().cloned().collect();
-    let plan = nfv::plan::plan_ns(&body.name, &nsd, &vnfds, &sites)
-        .map_err(|e| ApiError::Unprocessable(format!("sites: {e}")))?;
+    // Validating every stored descriptor and planning is the CPU-heavy part: off the
+    // async workers, behind the same bound as descriptor uploads.
+    let (nsd_id, ns_name, plan_sites) = (body.nsd.clone(), body.name.clone(), sites.clone());
+    let plan = state
+        .cpu()
+        .run(crate::routes::descriptors::VALIDATING, move || {
+            let (nsd, vnfds) = validate_nsd(&nsd_id, &nsd_text, &vnfd_texts)?;
+            nfv::plan::plan_ns(&ns_name, &nsd, &vnfds, &plan_sites)
+                .map_err(|e| ApiError::Unprocessable(format!("sites: {e}")))
+        })
+        .await??;
     let token = crate::extract::bearer(&headers)
         .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
         .to_owned();
@@ -542,12 +554,12 @@ pub(crate) async fn resolve(
     .await
 }
 
-/// The tenant's stored NSD `id` and every stored VNFD it may import.
+/// The text of the tenant's stored NSD `id` and of every stored VNFD it may import.
 async fn load_nsd(
     state: &AppState,
     tenant: TenantId,
     id: &str,
-) -> Result<(nfv::descriptor::Nsd, Vec<nfv::descriptor::Vnfd>), ApiError> {
+) -> Result<(String, Vec<String>), ApiError> {
     let mine = |kind: &'static str| async move {
         Ok::<_, ApiError>(
             list_json::<StoredDescriptor>(state.store(), &keys::descriptors(kind))
@@ -558,10 +570,10 @@ async fn load_nsd(
                 .collect::<Vec<_>>(),
         )
     };
-    let vnfds: Vec<nfv::descriptor::Vnfd> = mine("vnfd")
+    let vnfds = mine("vnfd")
         .await?
-        .iter()
-        .filter_map(|d| nfv::descriptor::validate_vnfd(&d.descriptor).ok())
+        .into_iter()
+        .map(|d| d.descriptor)
         .collect();
     let text = mine("nsd")
         .await?
@@ -569,7 +581,21 @@ async fn load_nsd(
         .find(|d| d.id == id)
         .ok_or_else(|| ApiError::Unprocessable(format!("nsd: no NSD named {id}")))?
         .descriptor;
-    let nsd = nfv::descriptor::validate_nsd(&text, &vnfds).map_err(|errs| {
+    Ok((text, vnfds))
+}
+
+/// Validates the stored NSD `id` against the stored VNFDs (CPU-heavy: run it in the
+/// CPU pool).
+fn validate_nsd(
+    id: &str,
+    text: &str,
+    vnfd_texts: &[String],
+) -> Result<(nfv::descriptor::Nsd, Vec<nfv::descriptor::Vnfd>), ApiError> {
+    let vnfds: Vec<nfv::descriptor::Vnfd> = vnfd_texts
+        .iter()
+        .filter_map(|t| nfv::descriptor::validate_vnfd(t).ok())
+        .collect();
+    let nsd = nfv::descriptor::validate_nsd(text, &vnfds).map_err(|errs| {
         ApiError::Unprocessable(format!(
             "nsd: {id} no longer validates against the stored VNFDs: {}",
             errs.iter()
@@ -632,19 +658,27 @@ async fn build_drivers(
                         "sites.{name}: a libvirt site runs on the server's machine; only an admin may use one"
                     )));
                 }
-                // Images come from vinfra's own catalog, as the tenant sees it.
+                // Images come from vinfra's own catalog, as the tenant sees it, their
+                // files from this server's image store (libvirtd runs beside it: its
+                // domain XML names local files). Images from before the store are left out.
+                let blobs = state.blobs().ok_or(ApiError::ImageStoreOff)?;
                 let images = list_json::<Image>(state.store(), keys::IMAGES)
                     .await?
                     .into_iter()
                     .map(|(i, _)| i)
                     .filter(|i| i.tenant.is_none_or(|t| t == tenant))
                     .filter_map(|i| {
+                        let files = i.blobs().ok()?;
                         Some((
                             i.name.to_string(),
                             libvirt::LibvirtImage {
-                                kernel: i.kernel?.into(),
-                                initrd: i.initrd.unwrap_or_default().into(),
-                                disk_template: i.disk_template?.into(),
+                                kernel: blobs.path(files.kernel.as_ref()?),
+                                initrd: files
+                                    .initrd
+                                    .as_ref()
+                                    .map(|d| blobs.path(d))
+                                    .unwrap_or_default(),
+                                disk_template: blobs.path(files.disk_template.as_ref()?),
                                 cmdline: i.cmdline,
                             },
                         ))

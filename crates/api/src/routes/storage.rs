@@ -102,8 +102,10 @@ pub(crate) fn inventory(
     })
 }
 
-/// A planner over the current state; 422 naming every problem of the stored document.
-pub(crate) async fn planner(state: &AppState) -> Result<Planner, ApiError> {
+/// What a planner is built from: the stored document, the hosts, the VMs.
+type PlannerInputs = (StorageInventory, Vec<Host>, Vec<Vm>);
+
+async fn planner_inputs(state: &AppState) -> Result<PlannerInputs, ApiError> {
     let doc = stored(state).await?;
     let hosts = all_hosts(state).await?;
     let vms: Vec<Vm> = list_json::<Vm>(state.store(), keys::VMS)
@@ -111,8 +113,17 @@ pub(crate) async fn planner(state: &AppState) -> Result<Planner, ApiError> {
         .into_iter()
         .map(|(v, _)| v)
         .collect();
-    let inv = inventory(&doc, &hosts, &vms)?;
+    Ok((doc, hosts, vms))
+}
+
+fn build_planner((doc, hosts, vms): &PlannerInputs) -> Result<Planner, ApiError> {
+    let inv = inventory(doc, hosts, vms)?;
     Planner::new(&inv).map_err(|e| ApiError::Unprocessable(e.to_string()))
+}
+
+/// A planner over the current state; 422 naming every problem of the stored document.
+pub(crate) async fn planner(state: &AppState) -> Result<Planner, ApiError> {
+    build_planner(&planner_inputs(state).await?)
 }
 
 /// Replaces the storage inventory (storage resources and connectivity).
@@ -148,24 +159,38 @@ pub(crate) async fn get_storage(
 
 /// What a redundant VM of this size would get: the placement, or, when nothing
 /// fits, which constraint failed for the best candidates (as data and as text).
+/// Building the planner and explaining walk the whole inventory (up to a 2 MiB document
+/// of storage and connectivity), so they run in the CPU pool; members may call this.
 #[utoipa::path(post, path = "/v1/placements:explain", tag = "placement", request_body = PlacementQuery,
-    responses((status = 200, description = "{placed, placement?, explanation?, text}", body = Object)))]
+    responses((status = 200, description = "{placed, placement?, explanation?, text}", body = Object),
+        (status = 429, description = "over the rate limit, or the server is already running as many CPU-heavy jobs as it runs at once; see Retry-After", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn explain(
     State(state): State<AppState>,
     caller: Caller,
     AppJson(q): AppJson<PlacementQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "asking for a placement")?;
-    let p = planner(&state).await?;
+    let inputs = planner_inputs(&state).await?;
     let req = sched::Request {
         disk_gib: q.disk_gib,
         vcpus: q.vcpus,
         memory_mib: q.memory_mib,
     };
-    Ok(Json(match p.place(&req) {
-        Ok(pl) => serde_json::json!({"placed": true, "placement": pl, "text": pl.to_string()}),
-        Err(ex) => serde_json::json!({"placed": false, "explanation": ex, "text": ex.to_string()}),
-    }))
+    let answer = state
+        .cpu()
+        .run("placement explanation", move || {
+            let p = build_planner(&inputs)?;
+            Ok::<_, ApiError>(match p.place(&req) {
+                Ok(pl) => {
+                    serde_json::json!({"placed": true, "placement": pl, "text": pl.to_string()})
+                }
+                Err(ex) => {
+                    serde_json::json!({"placed": false, "explanation": ex, "text": ex.to_string()})
+                }
+            })
+        })
+        .await??;
+    Ok(Json(answer))
 }
 
 /// Watches redundant VMs: when a primary host is down and the standby is up, the VM

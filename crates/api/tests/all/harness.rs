@@ -16,6 +16,7 @@ use tower::ServiceExt;
 pub struct Resp {
     pub status: StatusCode,
     pub content_type: String,
+    pub retry_after: Option<String>,
     pub text: String,
 }
 
@@ -72,15 +73,19 @@ impl App {
 
     /// The one place that picks the store: swap in another backend here.
     pub async fn with_store(store: Arc<dyn Store>, heartbeat_timeout: Duration) -> Self {
+        let config = ServerConfig {
+            heartbeat_timeout,
+            ..ServerConfig::default()
+        };
+        Self::with_config(store, config).await
+    }
+
+    pub async fn with_config(store: Arc<dyn Store>, config: ServerConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let admin = api::bootstrap_admin(store.as_ref(), dir.path())
             .await
             .unwrap()
             .expect("first start mints a token");
-        let config = ServerConfig {
-            heartbeat_timeout,
-            ..ServerConfig::default()
-        };
         let state = AppState::new(store.clone(), &config);
         state.set_blobs(
             api::BlobFiles::open(api::BlobConfig {
@@ -127,12 +132,17 @@ impl App {
             .get(header::CONTENT_TYPE)
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
+        let retry_after = res
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_owned());
         let bytes = axum::body::to_bytes(res.into_body(), 1 << 24)
             .await
             .unwrap();
         Resp {
             status,
             content_type,
+            retry_after,
             text: String::from_utf8(bytes.to_vec()).unwrap(),
         }
     }

@@ -3,6 +3,7 @@
 
 mod harness;
 mod images;
+mod limits;
 mod networks;
 mod ns;
 mod routes;

@@ -154,3 +154,65 @@ fn broken_nsds_report_every_error_at_its_path() {
         );
     }
 }
+
+/// The limits apply before parsing, with the same messages for the API and the CLI
+/// (`load_*`), and the largest documents within them validate quickly.
+#[test]
+fn limits_refuse_before_parsing() {
+    let huge = "[".repeat(1_900_000);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        errors_of(validate_vnfd(&huge)),
+        ["descriptor: 1900000 bytes exceeds the limit of 262144 bytes"]
+    );
+    assert_eq!(
+        errors_of(validate_nsd(&huge, &[])),
+        ["descriptor: 1900000 bytes exceeds the limit of 262144 bytes"]
+    );
+    let deep = format!("{}\n{}", example("vnfd-firewall.yaml"), "[".repeat(200_000));
+    assert_eq!(
+        errors_of(validate_vnfd(&deep)),
+        [format!(
+            "descriptor: nesting deeper than the limit of 32 levels at line {}",
+            deep.lines().count()
+        )]
+    );
+    let deep_block: String = (0..40)
+        .map(|d| format!("{}k{d}:\n", "  ".repeat(d)))
+        .collect();
+    assert_eq!(
+        errors_of(validate_vnfd(&deep_block)),
+        ["descriptor: nesting deeper than the limit of 32 levels at line 33"]
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("huge.yaml");
+    std::fs::write(&file, &huge).unwrap();
+    let e = nfv::descriptor::load_vnfd(&file).unwrap_err().to_string();
+    assert!(
+        e.contains("descriptor: 1900000 bytes exceeds the limit of 262144 bytes"),
+        "{e}"
+    );
+    let e = load_nsd(&file).unwrap_err().to_string();
+    assert!(
+        e.contains("descriptor: 1900000 bytes exceeds the limit of 262144 bytes"),
+        "{e}"
+    );
+
+    // Worst cases within the limits: as deep as allowed, as long as allowed.
+    let max = nfv::descriptor::MAX_DESCRIPTOR_BYTES;
+    let nested = format!("{}{},", "[".repeat(30), "]".repeat(30));
+    let wide = format!("a: [{}]\n", nested.repeat(max / (nested.len() + 1) - 1));
+    assert!(wide.len() <= max);
+    let items = "- x\n".repeat(max / 4);
+    for text in [wide, items] {
+        let started = std::time::Instant::now();
+        assert!(validate_vnfd(&text).is_err());
+        eprintln!(
+            "{} bytes refused by validation in {:?}",
+            text.len(),
+            started.elapsed()
+        );
+    }
+}
