@@ -150,7 +150,7 @@ pub enum StartError {
     },
     /// The image's files are not on this host and cannot be fetched.
     #[error("the image's files are not here")]
-    Image(#[from] Box<crate::images::ImageError>),
+    Image(#[source] Box<crate::images::ImageError>),
     /// The image cannot boot on this driver.
     #[error("image {image} has no kernel: the qemu driver boots kernels directly")]
     NoKernel {
@@ -169,6 +169,12 @@ pub enum StartError {
     /// A blocking task died.
     #[error("a background task failed")]
     Join(#[from] tokio::task::JoinError),
+}
+
+impl From<crate::images::ImageError> for StartError {
+    fn from(e: crate::images::ImageError) -> Self {
+        StartError::Image(Box::new(e))
+    }
 }
 
 /// The VM's spec for the driver, with its disk on this host's NBD server.
@@ -250,7 +256,7 @@ pub async fn start(
     uplink: Option<&netdev::Uplink>,
     vm: &mut LocalVm,
 ) -> Result<(), StartError> {
-    let image = images.paths(&a.image).await.map_err(Box::new)?;
+    let image = images.paths(&a.image).await?;
     let spec = vm_spec(files, a, &image, accel, disks.addr())?;
     let cache = ensure_cache(disks, files, a, &image, vm).await?;
     netdev::plug(&files.dir, &a.vm.nics, uplink).await?;

@@ -195,13 +195,7 @@ impl Agent {
                         x.paused_at = Some(std::time::Instant::now());
                     }
                 }
-                let image = self
-                    .images
-                    .paths(&a.image)
-                    .await
-                    .map_err(|e| local::StartError::from(Box::new(e)))?;
-                let vm = self.vms.entry(id).or_default();
-                let cache = local::ensure_cache(&self.disks, &files, a, &image, vm).await?;
+                let cache = self.open_cache(a, &files).await?;
                 let snap = tokio::task::spawn_blocking(move || cache.migration_snapshot()).await?;
                 let bytes = serde_json::to_vec(&snap).map_err(MigrateError::Snapshot)?;
                 tracing::info!(migration = %m.id, blocks = snap.blocks.len(), bytes = bytes.len(), "uploading cache snapshot");
@@ -269,13 +263,7 @@ impl Agent {
             MigrationState::Warming => {
                 // Serve the cache to the destination; after a crash, reopen (verify) it.
                 if self.vms.get(&id).is_none_or(|v| v.cache.is_none()) {
-                    let image = self
-                        .images
-                        .paths(&a.image)
-                        .await
-                        .map_err(|e| local::StartError::from(Box::new(e)))?;
-                    let vm = self.vms.entry(id).or_default();
-                    let cache = local::ensure_cache(&self.disks, &files, a, &image, vm).await?;
+                    let cache = self.open_cache(a, &files).await?;
                     self.disks.export_peer(id, &cache);
                     tracing::info!(migration = %m.id, "serving the cache to the destination again");
                 }
@@ -288,6 +276,21 @@ impl Agent {
             }
             MigrationState::Completed | MigrationState::Failed => Ok(()),
         }
+    }
+
+    /// The VM's cache on this host, opened (after fetching its image's files) if needed.
+    async fn open_cache(
+        &mut self,
+        a: &Assignment,
+        files: &VmFiles,
+    ) -> Result<Arc<cache::BlockCache>, MigrateError> {
+        let image = self
+            .images
+            .paths(&a.image)
+            .await
+            .map_err(local::StartError::from)?;
+        let vm = self.vms.entry(a.vm.id).or_default();
+        Ok(local::ensure_cache(&self.disks, files, a, &image, vm).await?)
     }
 
     async fn dest_step(&mut self, a: &Assignment, m: &Migration) -> Result<(), MigrateError> {
@@ -388,7 +391,7 @@ impl Agent {
             .images
             .paths(&a.image)
             .await
-            .map_err(|e| local::StartError::from(Box::new(e)))?;
+            .map_err(local::StartError::from)?;
         let spec = local::vm_spec(&files, a, &image, self.cfg.accel, self.disks.addr())?;
         let vm = self.vms.entry(id).or_default();
         let cache = local::ensure_cache(&self.disks, &files, a, &image, vm).await?;

@@ -138,24 +138,8 @@ impl Stream {
             self.set_read_timeout(Some(left))?;
             self.set_write_timeout(Some(left))?;
             let done = match self {
-                Stream::TlsServer(t) => {
-                    let StreamOwned { conn, sock } = &mut **t;
-                    if !conn.is_handshaking() {
-                        true
-                    } else {
-                        conn.complete_io(sock)?;
-                        !conn.is_handshaking()
-                    }
-                }
-                Stream::TlsClient(t) => {
-                    let StreamOwned { conn, sock } = &mut **t;
-                    if !conn.is_handshaking() {
-                        true
-                    } else {
-                        conn.complete_io(sock)?;
-                        !conn.is_handshaking()
-                    }
-                }
+                Stream::TlsServer(t) => handshake_step(&mut t.conn, &mut t.sock)?,
+                Stream::TlsClient(t) => handshake_step(&mut t.conn, &mut t.sock)?,
                 _ => true,
             };
             if done {
@@ -225,6 +209,18 @@ impl Write for Stream {
             _ => Ok(()),
         }
     }
+}
+
+/// One round of a TLS handshake on either side; `true` once it is complete.
+fn handshake_step<C, D>(conn: &mut C, sock: &mut TcpStream) -> io::Result<bool>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    if conn.is_handshaking() {
+        conn.complete_io(sock)?;
+    }
+    Ok(!conn.is_handshaking())
 }
 
 /// Writes all of `a` then `b` with as few system calls as possible (one `writev`

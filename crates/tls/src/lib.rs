@@ -92,6 +92,10 @@ fn gen(what: &'static str) -> impl FnOnce(rcgen::Error) -> TlsError {
     move |err| TlsError::Generate { what, err }
 }
 
+fn config(what: &'static str) -> impl FnOnce(rustls::Error) -> TlsError {
+    move |err| TlsError::Config { what, err }
+}
+
 /// The current year (UTC), for validity periods; certificates start a day early so
 /// that a host whose clock is slightly behind accepts them.
 fn this_year() -> i32 {
@@ -257,9 +261,7 @@ fn key(what: &'static str, pem: &str) -> Result<PrivateKeyDer<'static>, TlsError
 fn roots(ca_pem: &str) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in certs("the CA certificate", ca_pem)? {
-        roots
-            .add(c)
-            .map_err(|err| TlsError::Config { what: "trust", err })?;
+        roots.add(c).map_err(config("trust"))?;
     }
     Ok(Arc::new(roots))
 }
@@ -297,16 +299,10 @@ fn server_config_with(
     chain.extend(certs("the CA certificate", ca_pem)?);
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|err| TlsError::Config {
-            what: "server",
-            err,
-        })?
+        .map_err(config("server"))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key("the server key", &server.key_pem)?)
-        .map_err(|err| TlsError::Config {
-            what: "server",
-            err,
-        })?;
+        .map_err(config("server"))?;
     Ok(cfg)
 }
 
@@ -317,10 +313,7 @@ pub fn client_config(
 ) -> Result<rustls::ClientConfig, TlsError> {
     let b = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|err| TlsError::Config {
-            what: "client",
-            err,
-        })?
+        .map_err(config("client"))?
         .with_root_certificates(roots(ca_pem)?);
     let cfg = match identity {
         Some(id) => b
@@ -328,10 +321,7 @@ pub fn client_config(
                 certs("the client certificate", &id.cert_pem)?,
                 key("the client key", &id.key_pem)?,
             )
-            .map_err(|err| TlsError::Config {
-                what: "client",
-                err,
-            })?,
+            .map_err(config("client"))?,
         None => b.with_no_client_auth(),
     };
     Ok(cfg)
