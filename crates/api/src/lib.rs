@@ -23,7 +23,6 @@ mod pki;
 mod routes;
 mod sched;
 mod store_io;
-pub mod testing;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
