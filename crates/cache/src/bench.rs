@@ -383,7 +383,7 @@ pub fn run_bench(opts: BenchOptions) -> Vec<BenchRow> {
         match w.requests() {
             Ok(reqs) => rows.extend(run_workload(&opts, &w.name(), &reqs)),
             Err(e) => {
-                tracing::warn!(workload = %w.name(), error = %crate::block_cache::error_chain(&e), "workload skipped")
+                tracing::warn!(workload = %w.name(), error = %model::error_chain(&e), "workload skipped")
             }
         }
     }

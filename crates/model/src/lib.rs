@@ -9,10 +9,12 @@
 #![warn(missing_docs)]
 
 pub mod api;
+mod error_chain;
 mod ids;
 mod types;
 mod validate;
 
+pub use error_chain::error_chain;
 pub use ids::{
     HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TokenId, VmId,
 };

@@ -427,30 +427,20 @@ impl NsExecutor {
             let mut errors: Vec<String> = join_all(vdus.iter().map(|c| apply(d, c)))
                 .await
                 .into_iter()
-                .filter_map(|r| r.err().map(|e| format!("{}: {}", sp.site, chain(&e))))
+                .filter_map(|r| {
+                    r.err()
+                        .map(|e| format!("{}: {}", sp.site, model::error_chain(&e)))
+                })
                 .collect();
             for c in &nets {
                 if let Err(e) = apply(d, c).await {
-                    errors.push(format!("{}: {}", sp.site, chain(&e)));
+                    errors.push(format!("{}: {}", sp.site, model::error_chain(&e)));
                 }
             }
             errors
         });
         join_all(per_site).await.into_iter().flatten().collect()
     }
-}
-
-/// An error with its causes, `a: b: c` (a terminate reports strings, so the causes must
-/// be in them).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Why a scale operation failed.
