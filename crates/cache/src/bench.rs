@@ -27,9 +27,9 @@ use serde::{Deserialize, Serialize};
 use crate::heat::HeatMap;
 use crate::pattern::AccessPattern;
 use crate::plan::{lookahead, plan_fetch, Strategy};
-use crate::rng::SplitMix64;
 use crate::trace::{self, IoRequest, Op, SynthSpec, TraceError, TraceFormat};
 use crate::types::{BlockIdx, BlockSet, BlockSize};
+use model::SplitMix64;
 
 /// A link (to the peer or to the origin).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

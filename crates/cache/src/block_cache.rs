@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::heat::{HeatMap, HeatSnapshot};
 use crate::meta::{self, BlockMeta, CheckpointBody, Journal, MetaSaveError, Record};
 use crate::pattern::{AccessPattern, PatternSnapshot};
-use crate::rng::SplitMix64;
 use crate::source::{BlockOrigin, BlockSource, SourceError};
 use crate::types::{BlockIdx, BlockSet, BlockSize, Generation};
+use model::SplitMix64;
 
 const STRIPES: usize = 64;
 /// Slots sampled per eviction: the coldest of a random sample approximates the coldest

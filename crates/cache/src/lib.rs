@@ -24,7 +24,6 @@ pub mod nbd_source;
 pub mod pattern;
 pub mod plan;
 pub mod rebuild;
-pub mod rng;
 pub mod source;
 pub mod trace;
 pub mod types;

@@ -11,6 +11,7 @@
 pub mod api;
 mod error_chain;
 mod ids;
+mod rng;
 mod types;
 mod validate;
 
@@ -18,6 +19,7 @@ pub use error_chain::error_chain;
 pub use ids::{
     HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TokenId, VmId,
 };
+pub use rng::SplitMix64;
 pub use types::{
     Blob, CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image,
     ImageBlobs, Maintenance, MaintenanceState, Migration, MigrationState, Network, Nic,
