@@ -11,6 +11,7 @@
 pub mod api;
 mod error_chain;
 mod ids;
+mod name_type;
 mod rng;
 mod types;
 mod validate;
