@@ -1,4 +1,4 @@
-//! This host's side of a live migration with cache rebuild (seed 1).
+//! This host's side of a live migration with cache rebuild.
 //!
 //! Source: uploads its cache snapshot (heat map, access pattern, which blocks it holds)
 //! while the migration is `pending`; when the destination is `ready` it moves the VM's

@@ -1,4 +1,4 @@
-//! Virtual switching and traffic statistics for vinfra (seed 7, "advanced statistics collection").
+//! Virtual switching and traffic statistics for vinfra.
 //!
 //! One job: move Ethernet frames between a host's VM ports and its uplink, classify and count
 //! them, and merge the counts of every switch of a domain at that domain's controller.

@@ -1,5 +1,6 @@
-//! Network functions for vinfra: VNF/NS descriptors, multi-site NS orchestration through
-//! generic commands (seed 3), and link establishment between VNF connection points (seed 2).
+//! Network functions for vinfra: VNF/NS descriptors, multi-site network services (NS
+//! orchestration through generic commands), and link establishment between VNF connection
+//! points.
 //!
 //! Layers, pure first:
 //! - [`descriptor`]: VNFD/NSD YAML modelled on ETSI NFV SOL001 (TOSCA), validated with every
@@ -8,7 +9,8 @@
 //!   Pure: no clock, no sockets.
 //! - [`driver`]: the [`driver::SiteDriver`] trait, one implementation per cloud-management
 //!   software (`openstack`, `kubernetes`, `libvirt`) and the conformance suite they all pass.
-//! - [`link`]: seed 2's procedure and the per-VNF link agent (sockets in network namespaces).
+//! - [`link`]: the link-establishment procedure and the per-VNF link agent (sockets in
+//!   network namespaces).
 //! - [`ns`]: the executor: sites and VNFs in parallel, rollback on failure, terminate.
 //! - [`bench`](mod@bench): `vinfra bench ns` over simulated sites ([`driver::sim`]).
 //!

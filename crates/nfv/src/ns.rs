@@ -4,8 +4,8 @@
 //! another; an NS of N VNFs then takes N times as long). Per site, networks come first; per
 //! VNF, its commands run in order. If anything fails, every site is torn down (deletes are
 //! idempotent, so a teardown of what was never created is harmless) and the error says
-//! which site and VNF failed first. Links are established after every VNF runs, by seed 2's
-//! procedure ([`crate::link`]), each with a deadline.
+//! which site and VNF failed first. Links between VNF connection points are established
+//! after every VNF runs ([`crate::link`]), each with a deadline.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

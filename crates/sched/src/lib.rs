@@ -1,4 +1,4 @@
-//! Placement of VMs on redundant storage pairs with connectable, paired servers (seed 6).
+//! Placement of VMs on redundant storage pairs with connectable, paired servers.
 //!
 //! One job: given an [`Inventory`] (storage resources, server resources, and the
 //! connectivity table saying which server reaches which storage) and a [`Request`],

@@ -1,5 +1,5 @@
-//! Network-service instances (seeds 2 and 3): a stored NSD instantiated across sites,
-//! each run by its own cloud-management software through its driver, with seed 2's link
+//! Network-service instances: a stored NSD instantiated across sites,
+//! each run by its own cloud-management software through its driver, with the link
 //! establishment between the VNFs' connection points.
 //!
 //! `POST` checks everything it can at once (the NSD, the plan, the drivers), records the

@@ -1,5 +1,5 @@
 //! NS lifecycle across sites: parallelism, rollback, and the end-to-end test over a real
-//! libvirtd and the OpenStack fake, with the link established by seed 2's procedure.
+//! libvirtd and the OpenStack fake, with the link established between their connection points.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -171,8 +171,9 @@ async fn a_failure_on_one_site_rolls_back_every_site() {
 }
 
 /// Done-means: one VNF on a vinfra site (a real control plane; the agent is simulated, see
-/// `vinfra_site.rs`), one on a real libvirtd (a real TCG guest boots); seed-2 link with real packets across
-/// the libvirt network's bridge; terminate leaves nothing on either site.
+/// `vinfra_site.rs`), one on a real libvirtd (a real TCG guest boots); a link between VNF
+/// connection points, with real packets across the libvirt network's bridge; terminate
+/// leaves nothing on either site.
 #[tokio::test]
 async fn libvirt_conformance_then_ns_across_vinfra_and_libvirt() {
     let lv = crate::libvirtd::Libvirtd::start();
