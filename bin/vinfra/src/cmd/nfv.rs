@@ -99,7 +99,7 @@ pub enum NsCmd {
         /// Instance name (prefix of every site resource; at most 20 bytes).
         #[arg(long)]
         name: String,
-        /// Sites: NAME=vinfra[:HOST] or NAME=libvirt:URI:WORK_DIR, comma-separated.
+        /// Sites: NAME=vinfra, NAME=vinfra:HOST or NAME=libvirt:URI:WORK_DIR, comma-separated.
         #[arg(long, value_delimiter = ',', value_parser = parse_site)]
         site_map: Vec<(String, SiteSpec)>,
         /// A site as JSON (for openstack and kubernetes): NAME={"driver":"openstack",…};
