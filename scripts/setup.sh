@@ -13,6 +13,18 @@ SUDO=""
 
 need() { for b in "$@"; do command -v "$b" >/dev/null 2>&1 || return 1; done; }
 
+# rust-toolchain.toml pins the Rust release (1.95.0). Where rustup cannot download it (no
+# network but the package registries) and the installed stable is that release, give it
+# that name too, or every cargo command in this tree would try to download it first.
+pin=$(sed -n 's/^channel = "\(.*\)"$/\1/p' "$(dirname "$0")/../rust-toolchain.toml")
+if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q "^$pin-"; then
+  if rustup run stable rustc --version | grep -q "^rustc $pin "; then
+    host=$(rustup run stable rustc -vV | sed -n 's/^host: //p')
+    ln -s "$(rustup run stable rustc --print sysroot)" "$(rustup show home)/toolchains/$pin-$host"
+    echo "setup: the installed stable Rust is $pin: named it so for rust-toolchain.toml"
+  fi
+fi
+
 # Never let a package postinst start a daemon on default ports (etcd would
 # grab 127.0.0.1:2379): tests start their own on free ports.
 if [ ! -e /usr/sbin/policy-rc.d ]; then

@@ -579,7 +579,7 @@ impl Agent {
                         vm.exit_note = None;
                     }
                     Err(e) => {
-                        let reason = error_chain(&e);
+                        let reason = model::error_chain(&e);
                         tracing::error!(vm = %id, error = %reason, "vm failed to start");
                         vm.running = false;
                         vm.failed = Some((a.vm.desired, reason));
@@ -672,16 +672,4 @@ impl Agent {
             }
         }
     }
-}
-
-/// `a: b: c` from an error and its sources.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

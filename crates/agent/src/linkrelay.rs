@@ -1,10 +1,10 @@
-//! Seed 2 inside vinfra guests: the agent is the link endpoint of every VNF whose VDUs it
-//! runs. The orchestrator sends it a [`LinkRequest`] (one JSON line on `--link-listen`);
-//! the agent finds the local guest that owns the second CP (the `cps` file in each run
-//! dir, written when the NICs were plugged) and asks it, over its virtio-serial port
-//! `vinfra.link`, to connect that CP to the first CP's address. The guest's own network
-//! stack makes the connection and reports what the first CP answered; the agent passes
-//! that back as a [`LinkReply`].
+//! Link establishment between VNF connection points inside vinfra guests: the agent is the
+//! link endpoint of every VNF whose VDUs it runs. The orchestrator sends it a
+//! [`LinkRequest`] (one JSON line on `--link-listen`); the agent finds the local guest that
+//! owns the second CP (the `cps` file in each run dir, written when the NICs were plugged)
+//! and asks it, over its virtio-serial port `vinfra.link`, to connect that CP to the first
+//! CP's address. The guest's own network stack makes the connection and reports what the
+//! first CP answered; the agent passes that back as a [`LinkReply`].
 //!
 //! Guest protocol (see `scripts/build-guest.sh`): `CONNECT <link> <cp2> <cp1> <ip> <port>
 //! <secs>` in, `UP <link> <ack>` or `FAIL <link> <reason>` out. An answer to an earlier

@@ -1,4 +1,4 @@
-//! This host's side of a live migration with cache rebuild (seed 1).
+//! This host's side of a live migration with cache rebuild.
 //!
 //! Source: uploads its cache snapshot (heat map, access pattern, which blocks it holds)
 //! while the migration is `pending`; when the destination is `ready` it moves the VM's
@@ -139,7 +139,7 @@ impl Agent {
 
     /// Reports a failure; logs if even that fails (the next pass retries).
     async fn mig_fail(&mut self, m: &Migration, e: &dyn std::error::Error) {
-        let reason = crate::error_chain(e);
+        let reason = model::error_chain(e);
         tracing::error!(migration = %m.id, vm = %m.vm_name, error = %reason, "migration failed");
         let mut r = self.mig_report(MigrationState::Failed);
         r.error = Some(reason);

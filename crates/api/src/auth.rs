@@ -201,7 +201,7 @@ pub(crate) async fn list(store: &dyn Store, scope: Scope) -> Result<Vec<TokenInf
             let hash = kv.key.strip_prefix(keys::TOKENS).unwrap_or(&kv.key);
             // Best effort: a failure leaves the record for the next list.
             if let Err(e) = remove(store, hash, &rec, kv.mod_revision).await {
-                tracing::warn!(error = %crate::error::chain(&e), "cannot delete an expired token");
+                tracing::warn!(error = %model::error_chain(&e), "cannot delete an expired token");
             }
             continue;
         }

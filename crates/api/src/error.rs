@@ -226,25 +226,13 @@ impl ApiError {
     }
 }
 
-/// `err` and its sources, `: `-separated, for logs.
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();
         let status =
             StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
-            tracing::error!(error = %chain(&self), "request failed");
+            tracing::error!(error = %model::error_chain(&self), "request failed");
         } else {
             tracing::debug!(status = problem.status, detail = %problem.detail, "request rejected");
         }
@@ -286,7 +274,7 @@ mod tests {
         let p = e.problem();
         assert_eq!(p.status, 500);
         assert_eq!(p.detail, "internal error");
-        assert!(chain(&e).contains("secret path"));
+        assert!(model::error_chain(&e).contains("secret path"));
     }
 
     #[test]

@@ -24,7 +24,6 @@ mod pki;
 mod routes;
 mod sched;
 mod store_io;
-pub mod testing;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -58,7 +57,7 @@ pub struct ServerConfig {
     /// A host is `down` when its last heartbeat is older than this
     /// (default 6 s: three missed heartbeats at the agents' 2 s period).
     pub heartbeat_timeout: Duration,
-    /// Traffic statistics (seed 7): where this server's vSwitch controller listens
+    /// Traffic statistics: where this server's vSwitch controller listens
     /// for switch reports; `None` turns statistics off.
     pub vswitch_listen: Option<SocketAddr>,
     /// The controller's domain name.

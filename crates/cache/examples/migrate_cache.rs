@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let json = args.iter().any(|a| a == "--json");
@@ -27,7 +27,8 @@ fn main() {
     if let Some(p) = plot {
         if let Err(e) = cache::bench::write_svg(&rows, &p) {
             eprintln!("cannot write {}: {e}", p.display());
-            std::process::exit(1);
+            return std::process::ExitCode::FAILURE;
         }
     }
+    std::process::ExitCode::SUCCESS
 }

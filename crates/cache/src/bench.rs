@@ -27,9 +27,9 @@ use serde::{Deserialize, Serialize};
 use crate::heat::HeatMap;
 use crate::pattern::AccessPattern;
 use crate::plan::{lookahead, plan_fetch, Strategy};
-use crate::rng::SplitMix64;
 use crate::trace::{self, IoRequest, Op, SynthSpec, TraceError, TraceFormat};
 use crate::types::{BlockIdx, BlockSet, BlockSize};
+use model::SplitMix64;
 
 /// A link (to the peer or to the origin).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -383,7 +383,7 @@ pub fn run_bench(opts: BenchOptions) -> Vec<BenchRow> {
         match w.requests() {
             Ok(reqs) => rows.extend(run_workload(&opts, &w.name(), &reqs)),
             Err(e) => {
-                tracing::warn!(workload = %w.name(), error = %crate::block_cache::error_chain(&e), "workload skipped")
+                tracing::warn!(workload = %w.name(), error = %model::error_chain(&e), "workload skipped")
             }
         }
     }

@@ -139,7 +139,7 @@ pub fn run_nbd_bench(
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&disk).map_err(io("create origin"))?;
-        let mut rng = crate::rng::SplitMix64::new(7);
+        let mut rng = model::SplitMix64::new(7);
         let mut chunk = vec![0u8; 1 << 20];
         for _ in 0..opts.disk_mib {
             for w in chunk.chunks_mut(8) {

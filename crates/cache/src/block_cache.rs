@@ -17,14 +17,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
+use model::error_chain;
 use serde::{Deserialize, Serialize};
 
 use crate::heat::{HeatMap, HeatSnapshot};
 use crate::meta::{self, BlockMeta, CheckpointBody, Journal, MetaSaveError, Record};
 use crate::pattern::{AccessPattern, PatternSnapshot};
-use crate::rng::SplitMix64;
 use crate::source::{BlockOrigin, BlockSource, SourceError};
 use crate::types::{BlockIdx, BlockSet, BlockSize, Generation};
+use model::SplitMix64;
 
 const STRIPES: usize = 64;
 /// Slots sampled per eviction: the coldest of a random sample approximates the coldest
@@ -1081,18 +1082,6 @@ impl Drop for Checkpointer {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// `err: cause: cause…`, for logs and reports (errors never print their source themselves).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(feature = "nbd")]

@@ -5,7 +5,8 @@
 //! the on-disk cache (data file + crash-consistent metadata), block sources (origin file,
 //! another cache, NBD peers), the rebuild engine, block-trace readers and the migration
 //! benchmark. Must not depend on: the control plane, the agent, tokio. Depends on `nbd`
-//! only for the [`nbd::BlockDevice`] trait it implements.
+//! only for the [`nbd::BlockDevice`] trait it implements, and on `model` only for its
+//! error-chain printer ([`model::error_chain`]).
 //!
 //! Threads: a [`BlockCache`] is shared by reference (`Send + Sync`, short internal locks,
 //! I/O outside them); a rebuild runs one background prefetch thread per destination.
@@ -23,7 +24,6 @@ pub mod nbd_source;
 pub mod pattern;
 pub mod plan;
 pub mod rebuild;
-pub mod rng;
 pub mod source;
 pub mod trace;
 pub mod types;

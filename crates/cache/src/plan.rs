@@ -358,7 +358,7 @@ fn walk(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
+    use model::SplitMix64;
 
     /// Hot blocks 1000..1010 read at random; a cold sequential scan over 0..200 that the
     /// VM is in the middle of (cursor at 50) when it is migrated.

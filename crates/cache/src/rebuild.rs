@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::block_cache::{error_chain, BlockCache, Fetched, MigrationSnapshot};
+use model::error_chain;
+
+use crate::block_cache::{BlockCache, Fetched, MigrationSnapshot};
 use crate::heat::HeatMap;
 use crate::pattern::AccessPattern;
 use crate::plan::{plan_fetch, Strategy};

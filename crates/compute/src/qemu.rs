@@ -45,7 +45,8 @@ pub mod files {
     /// Our record for adoption.
     pub const RECORD: &str = "vm.json";
     /// The guest's control port (virtio-serial `vinfra.link`, a unix socket QEMU serves)
-    /// for VMs with NICs: the agent drives seed 2's link establishment through it.
+    /// for VMs with NICs: the agent drives link establishment between VNF connection points
+    /// through it.
     pub const LINK: &str = "link.sock";
 }
 

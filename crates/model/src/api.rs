@@ -246,7 +246,7 @@ pub struct RegisterHost {
     /// Where the host's NBD server listens (`IP:PORT`), if it runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_addr: Option<String>,
-    /// Where the agent relays seed-2 link requests into its guests (`IP:PORT`).
+    /// Where the agent relays link requests into its guests (`IP:PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_addr: Option<String>,
     /// The host's address on the data network: VXLAN tunnels for VM networks end there.
@@ -508,7 +508,7 @@ pub struct CreateVm {
     /// created on first use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    /// Place on a redundant storage pair with a paired standby host (seed 6).
+    /// Place on a redundant storage pair with a paired standby host.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub redundant: bool,
     /// Disk size to reserve on the storage pair, GiB (redundant VMs; default 1).
@@ -735,7 +735,7 @@ impl Assignment {
     }
 }
 
-/// Seed 2, step 3: the first CP's IP and id, sent to the second VNF's link endpoint (a
+/// Link establishment, step 3: the first CP's IP and id, sent to the second VNF's link endpoint (a
 /// link agent, or the vinfra agent of the host running the VNF, which relays it into the
 /// guest). One JSON line; the answer is one [`LinkReply`] line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -768,7 +768,7 @@ pub struct LinkReply {
     pub detail: String,
 }
 
-/// Where one site of a network service is and which software runs it (seed 3). The
+/// Where one site of a network service is and which software runs it. The
 /// orchestrator builds that software's driver from it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "driver", rename_all = "snake_case", deny_unknown_fields)]
@@ -837,7 +837,7 @@ pub struct CreateNsInstance {
     /// Site name (as in the NSD's `vinfra_sites`) → where it is and what runs it.
     pub sites: std::collections::BTreeMap<String, SiteSpec>,
     /// VNF id → its link agent's management address (`127.0.0.1:port`; loopback only):
-    /// where seed 2's link request for that VNF goes.
+    /// where the link request for that VNF goes.
     #[serde(default)]
     pub endpoints: std::collections::BTreeMap<String, String>,
     /// How long a link may take before it fails with a reason (default 30000 ms: a guest
@@ -972,8 +972,8 @@ pub struct NsInstanceRecord {
     pub link_deadline_ms: u64,
     /// Per VNF.
     pub vnfs: Vec<NsVnfStatus>,
-    /// Per link: seed 2's state machine (requested → connecting → up | failed with a
-    /// reason) with the ms of every step.
+    /// Per link: the link-establishment state machine (requested → connecting → up | failed
+    /// with a reason) with the ms of every step.
     #[schema(value_type = Vec<Object>)]
     pub links: Vec<serde_json::Value>,
     /// SOL003 `VnfInstance` records, once instantiated.

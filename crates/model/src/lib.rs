@@ -9,13 +9,18 @@
 #![warn(missing_docs)]
 
 pub mod api;
+mod error_chain;
 mod ids;
+mod name_type;
+mod rng;
 mod types;
 mod validate;
 
+pub use error_chain::error_chain;
 pub use ids::{
     HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TokenId, VmId,
 };
+pub use rng::SplitMix64;
 pub use types::{
     Blob, CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image,
     ImageBlobs, Maintenance, MaintenanceState, Migration, MigrationState, Network, Nic,

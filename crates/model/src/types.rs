@@ -159,7 +159,7 @@ pub struct Host {
     /// block cache, and the cache itself for migration peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_addr: Option<String>,
-    /// Where the agent relays seed-2 link requests into its guests (`IP:PORT`).
+    /// Where the agent relays link requests into its guests (`IP:PORT`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_addr: Option<String>,
     /// The host's data-network address (VXLAN tunnel end for VM networks).
@@ -378,7 +378,7 @@ pub struct Vm {
     /// The live migration in progress, if any (the VM cannot start another one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationId>,
-    /// Redundant placement (seed 6): replicated storage pair and a standby host.
+    /// Redundant placement: replicated storage pair and a standby host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redundancy: Option<Redundancy>,
     /// Network interfaces, in guest order, with the addresses vinfra's IPAM gave them.
@@ -705,7 +705,7 @@ pub struct DrainItem {
     pub error: Option<String>,
 }
 
-/// A maintenance session of one host (seed 5: maintenance mode, VDUs moved, release).
+/// A maintenance session of one host (maintenance mode, VDUs moved, release).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Maintenance {
     /// Stable id.

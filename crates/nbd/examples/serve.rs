@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nbd::{FileDevice, NbdAddr, ServeConfig};
 
-fn main() {
+fn main() -> std::process::ExitCode {
     if let Err(e) = run() {
         eprintln!("serve: {e}");
         let mut src = std::error::Error::source(&*e);
@@ -18,8 +18,9 @@ fn main() {
             eprintln!("  caused by: {s}");
             src = s.source();
         }
-        std::process::exit(1);
+        return std::process::ExitCode::FAILURE;
     }
+    std::process::ExitCode::SUCCESS
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

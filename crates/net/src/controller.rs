@@ -1,6 +1,7 @@
 //! The virtual switch controller of one domain: it takes the switches' reports (addresses and
 //! counters), keeps the domain's versioned address table, merges counters (see [`crate::stats`])
-//! and serves them as JSON (`GET /v1/traffic`), Prometheus text (`GET /metrics`) and IPFIX.
+//! and renders them as a [`TrafficReport`] and as Prometheus text, which the API server serves
+//! (`GET /v1/traffic`, `GET /metrics`; this crate has no HTTP server), and exports IPFIX.
 //!
 //! Concurrency: one `std::sync::Mutex` around the state, held only for in-memory work, never
 //! across an `.await` or a socket call.
@@ -11,11 +12,6 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -370,42 +366,6 @@ pub struct TrafficReport {
     pub vms: Vec<VmTraffic>,
     /// By VM pair, largest first.
     pub pairs: Vec<PairTraffic>,
-}
-
-/// The controller's HTTP routes: `GET /v1/traffic`, `GET /v1/traffic/table`, `GET /metrics`.
-/// The integrator mounts these into the main API (they carry no auth of their own).
-pub fn router(controller: Controller) -> Router {
-    Router::new()
-        .route("/v1/traffic", get(get_traffic))
-        .route("/v1/traffic/table", get(get_table))
-        .route("/metrics", get(get_metrics))
-        .with_state(controller)
-}
-
-async fn get_traffic(
-    State(c): State<Controller>,
-    q: Result<Query<TrafficQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    match q {
-        Ok(Query(q)) => Json(c.traffic(&q)).into_response(),
-        Err(e) => (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({ "error": e.body_text() })),
-        )
-            .into_response(),
-    }
-}
-
-async fn get_table(State(c): State<Controller>) -> Json<AddressTable> {
-    Json(c.table())
-}
-
-async fn get_metrics(State(c): State<Controller>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.prometheus(),
-    )
-        .into_response()
 }
 
 /// Serves switch connections on `listener` until the task is dropped.

@@ -1,4 +1,4 @@
-//! Virtual switching and traffic statistics for vinfra (seed 7, "advanced statistics collection").
+//! Virtual switching and traffic statistics for vinfra.
 //!
 //! One job: move Ethernet frames between a host's VM ports and its uplink, classify and count
 //! them, and merge the counts of every switch of a domain at that domain's controller.
@@ -8,7 +8,8 @@
 //! - [`switch`] (I/O shell): one thread per switch polling AF_PACKET sockets ([`rawsock`]) and
 //!   reporting to the controller over TCP with length-prefixed JSON ([`proto`]).
 //! - [`controller`]: one per domain; aggregates and versions the address table, merges counters
-//!   with reset epochs ([`stats`], pure), serves `GET /v1/traffic` and Prometheus text, and
+//!   with reset epochs ([`stats`], pure), renders the traffic report and Prometheus text that the API server serves (`GET /v1/traffic`,
+//!   `GET /metrics`), and
 //!   exports IPFIX ([`ipfix`]).
 //! - [`mod@bench`]: `vinfra bench vswitch`.
 //!
@@ -39,7 +40,7 @@ pub mod stats;
 pub mod switch;
 pub mod types;
 
-pub use controller::{router, serve_switches, Controller, TrafficQuery, TrafficReport};
+pub use controller::{serve_switches, Controller, TrafficQuery, TrafficReport};
 pub use switch::{PortConfig, Switch, SwitchConfig, SwitchHandle, SwitchStatus};
 pub use types::{
     AddressTable, ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId, TrafficClass,

@@ -85,30 +85,11 @@ impl<'de> Deserialize<'de> for MacAddr {
     }
 }
 
-macro_rules! name_type {
-    ($(#[$m:meta])* $name:ident) => {
-        $(#[$m])*
-        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(pub String);
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-        impl From<&str> for $name {
-            fn from(s: &str) -> Self {
-                Self(s.to_owned())
-            }
-        }
-    };
-}
-
-name_type!(
+::model::name_type!(
     /// A controller's domain: the set of switches (hosts) one controller owns.
     DomainId
 );
-name_type!(
+::model::name_type!(
     /// One virtual switch, i.e. one host.
     SwitchId
 );

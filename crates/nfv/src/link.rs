@@ -1,4 +1,4 @@
-//! Link establishment between CPs of two VNFs, exactly as seed 2 describes it.
+//! Link establishment between CPs of two VNFs, step by step as the specification describes it.
 //!
 //! 1. obtain the IP address and the id of a CP of the first VNF (from the site: AttachCp);
 //! 2. determine, from that CP id, the second VNF it must connect to ([`LinkTable`]);
@@ -339,7 +339,7 @@ async fn connect_as_second(vnf: &str, cps: &[AgentCp], req: &LinkRequest) -> Lin
     }
 }
 
-/// Runs seed 2's procedure for one first CP (steps 2–4; step 1 gave `first_ip`).
+/// Runs link establishment for one first CP (steps 2–4; step 1 gave `first_ip`).
 ///
 /// `endpoints` maps VNF id → its agent's management address. Every link the table lists for
 /// `first_cp` is established; each returned record ends `up` or `failed`.

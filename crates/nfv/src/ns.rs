@@ -4,8 +4,8 @@
 //! another; an NS of N VNFs then takes N times as long). Per site, networks come first; per
 //! VNF, its commands run in order. If anything fails, every site is torn down (deletes are
 //! idempotent, so a teardown of what was never created is harmless) and the error says
-//! which site and VNF failed first. Links are established after every VNF runs, by seed 2's
-//! procedure ([`crate::link`]), each with a deadline.
+//! which site and VNF failed first. Links between VNF connection points are established
+//! after every VNF runs ([`crate::link`]), each with a deadline.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -427,30 +427,20 @@ impl NsExecutor {
             let mut errors: Vec<String> = join_all(vdus.iter().map(|c| apply(d, c)))
                 .await
                 .into_iter()
-                .filter_map(|r| r.err().map(|e| format!("{}: {}", sp.site, chain(&e))))
+                .filter_map(|r| {
+                    r.err()
+                        .map(|e| format!("{}: {}", sp.site, model::error_chain(&e)))
+                })
                 .collect();
             for c in &nets {
                 if let Err(e) = apply(d, c).await {
-                    errors.push(format!("{}: {}", sp.site, chain(&e)));
+                    errors.push(format!("{}: {}", sp.site, model::error_chain(&e)));
                 }
             }
             errors
         });
         join_all(per_site).await.into_iter().flatten().collect()
     }
-}
-
-/// An error with its causes, `a: b: c` (a terminate reports strings, so the causes must
-/// be in them).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Why a scale operation failed.

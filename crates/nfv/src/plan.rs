@@ -1,4 +1,4 @@
-//! NS → per-site lists of generic commands (seed 3). Pure: no I/O, no clock.
+//! NS → per-site lists of generic commands. Pure: no I/O, no clock.
 //!
 //! The commands are in no site software's format; each [`crate::driver::SiteDriver`]
 //! translates them. The planner also does the IP address management: every CP gets its
@@ -54,13 +54,13 @@ pub struct PlannedCp {
     pub cp: String,
     /// Site resource name of the VDU that carries it.
     pub vdu: String,
-    /// Site resource name of the CP: the CP's id in seed 2's procedure.
+    /// Site resource name of the CP: the CP's id in link establishment.
     pub resource: String,
     /// Planned address.
     pub ip: Ipv4Addr,
 }
 
-/// A generic command (seed 3): what to do, not how a given site does it.
+/// A generic command: what to do, not how a given site does it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum GenericCommand {
@@ -80,7 +80,7 @@ pub enum GenericCommand {
         /// CP resource name.
         cp: String,
     },
-    /// Establish a link from `second` to `first` by seed 2's procedure.
+    /// Establish a link from `second` to `first` by the link-establishment procedure.
     ConnectLink {
         /// Link name.
         link: String,
@@ -386,8 +386,8 @@ pub fn plan_ns(
             commands,
         });
     }
-    // Seed 2: on each NS virtual link, the first CP (NSD order) is the one whose address is
-    // sent; every other CP on it is a second CP that connects to it.
+    // Link establishment: on each NS virtual link, the first CP (NSD order) is the one whose
+    // address is sent; every other CP on it is a second CP that connects to it.
     for vl in &nsd.virtual_links {
         let Some(cps) = ends.get(&vl.id) else {
             continue;

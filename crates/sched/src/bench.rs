@@ -9,47 +9,14 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use ::model::SplitMix64;
+
 use crate::baseline::{BruteForce, BruteMode, BruteOutcome};
 use crate::model::{
     FailureDomain, Inventory, ReplicationTag, Request, ServerName, ServerResource, StorageName,
     StorageResource,
 };
 use crate::plan::Planner;
-
-/// SplitMix64: tiny, seeded, good enough to make test clusters; no dependency.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi` (`lo <= hi`).
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    /// Uniform index below `n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next_u64() % (n as u64)).expect("below n, which is a usize")
-    }
-
-    /// True with probability `permille / 1000`.
-    pub fn chance(&mut self, permille: u64) -> bool {
-        self.next_u64() % 1000 < permille
-    }
-}
 
 /// The shape of a random cluster.
 #[derive(Clone, Debug)]
@@ -100,7 +67,7 @@ impl ClusterShape {
 
 /// A random, valid inventory of the given shape; the same seed gives the same one.
 pub fn random_inventory(shape: &ClusterShape, seed: u64) -> Inventory {
-    let mut rng = Rng::new(seed);
+    let mut rng = SplitMix64::new(seed);
     let domains = shape.domains.max(1);
     let tags = shape.tags.max(1);
     let mut storage: Vec<StorageResource> = (0..shape.storages)
@@ -108,9 +75,9 @@ pub fn random_inventory(shape: &ClusterShape, seed: u64) -> Inventory {
             let capacity_gib = rng.range(shape.max_capacity_gib / 10, shape.max_capacity_gib);
             let mut replication = std::collections::BTreeSet::new();
             if !rng.chance(shape.no_replication_permille) {
-                replication.insert(ReplicationTag(format!("repl-{}", rng.below(tags))));
+                replication.insert(ReplicationTag(format!("repl-{}", rng.index(tags))));
                 if rng.chance(200) {
-                    replication.insert(ReplicationTag(format!("repl-{}", rng.below(tags))));
+                    replication.insert(ReplicationTag(format!("repl-{}", rng.index(tags))));
                 }
             }
             StorageResource {
@@ -119,14 +86,14 @@ pub fn random_inventory(shape: &ClusterShape, seed: u64) -> Inventory {
                 free_gib: rng.range(0, capacity_gib),
                 replication,
                 peers: Default::default(),
-                failure_domain: FailureDomain(format!("fd-{}", rng.below(domains))),
+                failure_domain: FailureDomain(format!("fd-{}", rng.index(domains))),
             }
         })
         .collect();
     let n = storage.len();
     for i in 0..n {
         if n > 1 && storage[i].replication_capable() && rng.chance(shape.peer_permille) {
-            let j = rng.below(n);
+            let j = rng.index(n);
             if j != i {
                 let peer = storage[j].name.clone();
                 storage[i].peers.insert(peer);
@@ -146,7 +113,7 @@ pub fn random_inventory(shape: &ClusterShape, seed: u64) -> Inventory {
                 free_memory_mib: rng.range(0, memory_mib),
                 live,
                 in_maintenance: rng.chance(shape.maintenance_permille),
-                failure_domain: Some(FailureDomain(format!("fd-{}", rng.below(domains)))),
+                failure_domain: Some(FailureDomain(format!("fd-{}", rng.index(domains)))),
             }
         })
         .collect();
@@ -154,7 +121,7 @@ pub fn random_inventory(shape: &ClusterShape, seed: u64) -> Inventory {
     if n > 0 {
         for s in &servers {
             let mut list: Vec<StorageName> = (0..shape.links_per_server.min(n))
-                .map(|_| storage[rng.below(n)].name.clone())
+                .map(|_| storage[rng.index(n)].name.clone())
                 .collect();
             list.sort();
             list.dedup();
@@ -169,7 +136,7 @@ pub fn random_inventory(shape: &ClusterShape, seed: u64) -> Inventory {
 }
 
 /// A random VM request: 10–500 GiB disk, 1–16 vCPUs, 1–64 GiB memory.
-pub fn random_request(rng: &mut Rng) -> Request {
+pub fn random_request(rng: &mut SplitMix64) -> Request {
     Request {
         disk_gib: rng.range(10, 500),
         vcpus: u32::try_from(rng.range(1, 16)).expect("at most 16"),
@@ -230,7 +197,7 @@ pub fn bench_placement_with_budget(
     budget: Duration,
 ) -> BenchRow {
     let inv = random_inventory(&ClusterShape::datacenter(servers, storages), seed);
-    let mut rng = Rng::new(seed ^ 0x5EED);
+    let mut rng = SplitMix64::new(seed ^ 0x5EED);
     let requests: Vec<Request> = (0..decisions.max(1))
         .map(|_| random_request(&mut rng))
         .collect();

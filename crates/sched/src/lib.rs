@@ -1,4 +1,4 @@
-//! Placement of VMs on redundant storage pairs with connectable, paired servers (seed 6).
+//! Placement of VMs on redundant storage pairs with connectable, paired servers.
 //!
 //! One job: given an [`Inventory`] (storage resources, server resources, and the
 //! connectivity table saying which server reaches which storage) and a [`Request`],
@@ -9,8 +9,10 @@
 //! [`Explanation`] naming the failed constraint for the best candidates.
 //!
 //! It owns no state and does no I/O besides [`Inventory::load_file`]; no clock, no
-//! randomness except the seeded generator used by [`bench`](mod@bench). It depends on no other
-//! vinfra crate: the API and the agent call it, never the other way round.
+//! randomness except the seeded generator used by [`bench`](mod@bench). Of the vinfra crates
+//! it depends only on `model`, for that generator (`model::SplitMix64`). Its callers are the
+//! API server (placing a redundant VM, and `placement explain` over the storage inventory)
+//! and the CLI's `vinfra bench placement`; it never calls them. The agent does not use it.
 //!
 //! - [`model`]: the inventory types, YAML/JSON loading with per-path errors.
 //! - [`Planner`]: indexes built once per inventory snapshot; `place`, `explain`, `commit`.

@@ -10,52 +10,19 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-macro_rules! name_type {
-    ($(#[$meta:meta])* $name:ident) => {
-        $(#[$meta])*
-        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(pub String);
-
-        impl $name {
-            /// Wraps a name.
-            pub fn new(name: impl Into<String>) -> Self {
-                Self(name.into())
-            }
-
-            /// The name as text.
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl From<&str> for $name {
-            fn from(s: &str) -> Self {
-                Self(s.to_owned())
-            }
-        }
-    };
-}
-
-name_type!(
+::model::name_type!(
     /// Name of a storage resource (an array or pool).
     StorageName
 );
-name_type!(
+::model::name_type!(
     /// Name of a server resource (a host).
     ServerName
 );
-name_type!(
+::model::name_type!(
     /// A failure domain (rack, room, site): two replicas in one domain share its fate.
     FailureDomain
 );
-name_type!(
+::model::name_type!(
     /// A replication group or technology; two storages sharing one can replicate to each other.
     ReplicationTag
 );

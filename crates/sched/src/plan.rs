@@ -254,7 +254,7 @@ impl Planner {
 
     /// Chooses a redundant placement, or explains why there is none.
     ///
-    /// Order (seed 6): first the storage pair — both replication-capable with each
+    /// Order: first the storage pair — both replication-capable with each
     /// other, distinct failure domains, both with `disk_gib` free — maximising the
     /// smaller of the two free capacities; then, for each storage, a live server not in
     /// maintenance that reaches it and has the vCPUs and memory free, the two servers

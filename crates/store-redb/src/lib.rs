@@ -526,17 +526,6 @@ mod tests {
     use super::*;
     use futures_util::StreamExt;
 
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut s = e.to_string();
-        let mut src = e.source();
-        while let Some(e) = src {
-            s.push_str(": ");
-            s.push_str(&e.to_string());
-            src = e.source();
-        }
-        s
-    }
-
     #[tokio::test]
     async fn lagging_watcher_gets_an_error_then_ends() {
         let dir = tempfile::tempdir().unwrap();
@@ -552,7 +541,8 @@ mod tests {
             store.inner.events.send(Arc::from(vec![ev])).unwrap();
         }
         let e = w.next().await.unwrap().unwrap_err();
-        assert!(chain(&e).contains("missed 1 commits"), "{}", chain(&e));
+        let msg = model::error_chain(&e);
+        assert!(msg.contains("missed 1 commits"), "{msg}");
         assert!(w.next().await.is_none(), "ends after the error");
     }
 

@@ -1,7 +1,9 @@
 //! The state store contract: a small, etcd-shaped key-value API.
 //!
-//! Owns: the [`Store`] trait, its error type, and the conformance suite
-//! ([`suite`]) that every implementation must pass.
+//! Owns: the [`Store`] trait, its error type, the conformance suite
+//! ([`suite`]) that every implementation must pass, and, with the `testing`
+//! feature, an in-memory implementation for other crates' tests
+//! (`testing::MemStore`).
 //! Must not depend on: any backend (`redb`, `etcd-client`); those live in
 //! `store-redb` and `store-etcd` so that the control plane compiles against
 //! this trait alone.
@@ -25,6 +27,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 pub mod suite;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// A store-wide revision number, strictly increasing with every write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -42,7 +42,7 @@ pub struct AgentArgs {
     /// Most 64 KiB blocks each VM's cache holds on this host.
     #[arg(long, default_value_t = 16384)]
     pub cache_blocks: u64,
-    /// Where the agent takes seed-2 link requests for its guests' CPs (registered with
+    /// Where the agent takes link requests for its guests' CPs (registered with
     /// the control plane; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub link_listen: std::net::SocketAddr,

@@ -1,4 +1,4 @@
-//! `vinfra host maintenance …` (seed 5).
+//! `vinfra host maintenance …`.
 
 use std::time::{Duration, Instant};
 

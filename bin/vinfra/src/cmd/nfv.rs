@@ -79,7 +79,7 @@ pub async fn run_nsd(ctx: &Ctx, cmd: DescriptorCmd) -> anyhow::Result<()> {
 /// Network-service commands.
 #[derive(Debug, clap::Subcommand)]
 pub enum NsCmd {
-    /// Print the generic commands (seed 3) an NS turns into, per site: the commands
+    /// Print the generic commands an NS turns into, per site: the commands
     /// each site's driver translates into its own cloud-management API.
     Plan {
         /// The NSD file (its `imports` name the VNFDs, relative to it).
@@ -91,15 +91,15 @@ pub enum NsCmd {
         #[arg(long, value_delimiter = ',', default_value = "site-a,site-b")]
         sites: Vec<String>,
     },
-    /// Instantiate a stored NSD across sites (seed 3), establish its links between
-    /// VNF connection points (seed 2), and follow the progress of every VNF and link.
+    /// Instantiate a stored NSD across sites, establish its links between
+    /// VNF connection points, and follow the progress of every VNF and link.
     Instantiate {
         /// The stored NSD's descriptor id (`vinfra nsd create FILE` first).
         nsd: String,
         /// Instance name (prefix of every site resource; at most 20 bytes).
         #[arg(long)]
         name: String,
-        /// Sites: NAME=vinfra[:HOST] or NAME=libvirt:URI:WORK_DIR, comma-separated.
+        /// Sites: NAME=vinfra, NAME=vinfra:HOST or NAME=libvirt:URI:WORK_DIR, comma-separated.
         #[arg(long, value_delimiter = ',', value_parser = parse_site)]
         site_map: Vec<(String, SiteSpec)>,
         /// A site as JSON (for openstack and kubernetes): NAME={"driver":"openstack",…};

@@ -1,4 +1,4 @@
-//! `vinfra storage …` and `vinfra placement explain` (seed 6).
+//! `vinfra storage …` and `vinfra placement explain`.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! `vinfra traffic top`: what the domain's virtual switches counted (seed 7).
+//! `vinfra traffic top`: what the domain's virtual switches counted.
 
 use crate::cmd::Ctx;
 use crate::output::{self, Format};

@@ -1,4 +1,4 @@
-//! Host maintenance mode (seed 5) with real QEMU VMs moved by live migration.
+//! Host maintenance mode with real QEMU VMs moved by live migration.
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `vinfra ns instantiate|show|terminate` through a real server and two agents booting
 //! real guests: one NS over two sites, each VNF's CPs real NICs with addresses from
-//! vinfra's IPAM, the link between them established by seed 2's procedure *inside the
+//! vinfra's IPAM, the link between their connection points established *inside the
 //! guests* (the agents relay the request; the second guest connects to the first over
 //! their NICs) and shown as an API object; a link whose peer never answers fails by its
 //! deadline and rolls back.

@@ -1,8 +1,9 @@
 //! The done-means through the CLI: one NS with the firewall on a `vinfra` site (a
 //! real agent booting a real guest) and the web server on a real `libvirt` site, the two
 //! sites' segments of the NS virtual link joined by a veth pair (the inter-site wire), the
-//! link established by seed 2 — the web side's link agent beside the libvirt guest, the
-//! firewall side inside the vinfra guest — and terminate leaving nothing on either site.
+//! link established between the VNFs' connection points — the web side's link agent beside
+//! the libvirt guest, the firewall side inside the vinfra guest — and terminate leaving
+//! nothing on either site.
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! Redundant placement (seed 6): storage pair first, then connectable servers, paired;
+//! Redundant placement: storage pair first, then connectable servers, paired;
 //! and the standby taking over when the primary host dies.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Traffic statistics through the control plane (seed 7): a real virtual switch on veth
+//! Traffic statistics through the control plane: a real virtual switch on veth
 //! ports in namespaces reports to the `vinfra server` process's controller, and the
 //! API and CLI show exactly the frames sent.
 

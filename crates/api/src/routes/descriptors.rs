@@ -1,4 +1,4 @@
-//! VNF and NS descriptors (seeds 2 and 3): stored per tenant after validation, refused
+//! VNF and NS descriptors: stored per tenant after validation, refused
 //! with every error and its path in the document — the same messages as
 //! `vinfra vnfd validate`.
 

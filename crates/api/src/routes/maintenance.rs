@@ -1,4 +1,4 @@
-//! Host maintenance mode (seed 5): cordon a host, move its VMs away by live migration
+//! Host maintenance mode: cordon a host, move its VMs away by live migration
 //! with cache warm-up, keep it in maintenance, release it.
 //!
 //! The plan (which VM goes where) is made and checked whole before anything moves: if

@@ -156,8 +156,8 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::testing::MemStore;
     use crate::ServerConfig;
+    use store::testing::MemStore;
 
     const METHODS: [Method; 5] = [
         Method::GET,

@@ -1,5 +1,5 @@
-//! Network-service instances (seeds 2 and 3): a stored NSD instantiated across sites,
-//! each run by its own cloud-management software through its driver, with seed 2's link
+//! Network-service instances: a stored NSD instantiated across sites,
+//! each run by its own cloud-management software through its driver, with the link
 //! establishment between the VNFs' connection points.
 //!
 //! `POST` checks everything it can at once (the NSD, the plan, the drivers), records the
@@ -288,7 +288,7 @@ pub(crate) async fn delete(
             Err(e) => {
                 let mut r = r;
                 r.state = NsState::Failed;
-                r.error = Some(format!("terminate: {}", error_chain(&e)));
+                r.error = Some(format!("terminate: {}", model::error_chain(&e)));
                 save(&st, id, &r).await;
             }
         }
@@ -382,7 +382,7 @@ pub(crate) async fn scale(
                 r.error = Some(format!(
                     "scale {word} of {} failed (nothing changed): {}",
                     body.vnf,
-                    error_chain(&e)
+                    model::error_chain(&e)
                 ));
             }
         }
@@ -452,17 +452,6 @@ async fn save(state: &AppState, id: uuid::Uuid, rec: &NsInstanceRecord) {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// The background half of `POST`: runs the executor, folding its progress into the
 /// stored record as it comes (one writer: this task).
 async fn run_instantiate(
@@ -527,11 +516,11 @@ async fn run_instantiate(
         }
         Err(e) => {
             r.state = NsState::Failed;
-            r.error = Some(error_chain(&e));
+            r.error = Some(model::error_chain(&e));
             for v in &mut r.vnfs {
                 v.state = "rolled_back".into();
             }
-            tracing::warn!(ns = %r.name, error = %error_chain(&e), "network service failed");
+            tracing::warn!(ns = %r.name, error = %model::error_chain(&e), "network service failed");
         }
     }
     save(&state, id, &r).await;

@@ -1,4 +1,4 @@
-//! Redundant placement (seed 6): the storage inventory, placement explanations, and the
+//! Redundant placement: the storage inventory, placement explanations, and the
 //! standby takeover when a redundant VM's primary host goes down.
 //!
 //! The planner (`sched`) is pure; this module builds its inventory from three sources:

@@ -1,4 +1,4 @@
-//! `GET /v1/traffic`: the vSwitch controller's statistics (seed 7) — traffic by class
+//! `GET /v1/traffic`: the vSwitch controller's statistics — traffic by class
 //! (intra-server, inter-server intra-domain, inter-domain), by VM and by VM pair.
 
 use axum::extract::{Query, State};

@@ -74,7 +74,7 @@ pub(crate) async fn create_vm(
         let hosts = all_hosts(&state).await?;
         let vms = list_json::<Vm>(store, keys::VMS).await?;
         let (host, redundancy) = match req.redundant_disk_gib {
-            // Seed 6: storage pair first, then a connectable server for each, paired.
+            // Redundant placement: storage pair first, then a connectable server for each, paired.
             Some(disk_gib) => {
                 let planner = crate::routes::storage::planner(&state).await?;
                 let p = planner

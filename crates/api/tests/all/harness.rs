@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::testing::MemStore;
 use api::{AppState, ServerConfig};
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
+use store::testing::MemStore;
 use store::Store;
 use tower::ServiceExt;
 

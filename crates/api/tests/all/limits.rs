@@ -4,10 +4,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::testing::MemStore;
 use api::{RateLimit, ServerConfig};
 use axum::http::{Method, StatusCode};
 use serde_json::json;
+use store::testing::MemStore;
 
 use crate::harness::{App, World};
 

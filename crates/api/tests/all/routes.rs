@@ -10,7 +10,7 @@ use crate::harness::{wait_for, App, World};
 
 #[tokio::test]
 async fn bootstrap_writes_a_private_token_once() {
-    let store = api::testing::MemStore::new();
+    let store = store::testing::MemStore::new();
     let dir = tempfile::tempdir().unwrap();
     let token = api::bootstrap_admin(&store, dir.path())
         .await
@@ -29,7 +29,7 @@ async fn bootstrap_writes_a_private_token_once() {
         None
     );
     // A fresh store with the same data dir re-adds the token from its file.
-    let fresh = Arc::new(api::testing::MemStore::new());
+    let fresh = Arc::new(store::testing::MemStore::new());
     assert_eq!(
         api::bootstrap_admin(fresh.as_ref(), dir.path())
             .await

@@ -8,7 +8,7 @@ use model::{ObservedState, Role};
 
 #[tokio::test]
 async fn client_drives_the_server_over_tcp() {
-    let store = Arc::new(api::testing::MemStore::new());
+    let store = Arc::new(store::testing::MemStore::new());
     let dir = tempfile::tempdir().unwrap();
     let admin_token = api::bootstrap_admin(store.as_ref(), dir.path())
         .await

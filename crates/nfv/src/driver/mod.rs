@@ -155,7 +155,7 @@ pub enum DriverError {
     NotASiteCommand(&'static str),
 }
 
-/// A data center's cloud-management software, driven by generic commands (seed 3).
+/// A data center's cloud-management software, driven by generic commands.
 ///
 /// Contract (checked by [`conformance`]): creations wait until the resource is usable;
 /// deletions wait until it is gone and succeed when it is already absent, so that rollback
@@ -176,7 +176,7 @@ pub trait SiteDriver: Send + Sync + fmt::Debug {
     async fn cp_info(&self, vdu: &str, cp: &str) -> Result<CpInfo, DriverError>;
     /// Everything on the site that a driver of this kind manages.
     async fn inventory(&self) -> Result<SiteInventory, DriverError>;
-    /// Where the site itself takes seed-2 link requests for the CPs of `vdu` (its
+    /// Where the site itself takes link requests for the CPs of `vdu` (its
     /// software relays them into the guest), if it does; otherwise the NS needs an
     /// explicit endpoint (a link agent) for the VNF.
     async fn link_endpoint(&self, _vdu: &str) -> Result<Option<std::net::SocketAddr>, DriverError> {

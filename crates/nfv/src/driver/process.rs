@@ -2,7 +2,7 @@
 //! network namespace, each CP a real veth whose other end is on the network's Linux bridge
 //! in the site's own namespace. Nothing is simulated: namespaces, links, addresses and
 //! processes are the kernel's, so a link agent can run in a VDU's namespace and the
-//! seed-2 traffic crosses the bridge. Used by `vinfra bench ns` and passes the
+//! link-establishment traffic crosses the bridge. Used by `vinfra bench ns` and passes the
 //! conformance suite.
 //!
 //! Names: the site namespace is `vps-<tag>`, a VDU's is `vpv-<tag>-<vdu>`; bridges are

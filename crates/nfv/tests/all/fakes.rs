@@ -15,6 +15,55 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+/// One server or pod: when it was created and when a client first saw it ready. The tests
+/// compare these instants only with each other (what happened before what), never with a
+/// duration, so they do not depend on how fast the machine is.
+#[derive(Clone, Debug)]
+pub struct Build {
+    pub name: String,
+    pub created: Instant,
+    pub seen_ready: Option<Instant>,
+}
+
+impl Build {
+    fn new(name: &str) -> Build {
+        Build {
+            name: name.to_owned(),
+            created: Instant::now(),
+            seen_ready: None,
+        }
+    }
+
+    fn saw_ready(builds: &mut [Build], name: &str) {
+        if let Some(b) = builds.iter_mut().find(|b| b.name == name) {
+            b.seen_ready.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Whether both were building at one moment (one was created before the other was seen
+    /// ready, both ways round). A build never seen ready is still building.
+    pub fn overlaps(&self, other: &Build) -> bool {
+        let before = |a: &Build, b: &Build| b.seen_ready.is_none_or(|r| a.created < r);
+        before(self, other) && before(other, self)
+    }
+
+    /// The most builds that were in progress at one moment.
+    pub fn peak(builds: &[&Build]) -> usize {
+        builds
+            .iter()
+            .map(|b| {
+                builds
+                    .iter()
+                    .filter(|o| {
+                        o.created <= b.created && o.seen_ready.is_none_or(|r| r > b.created)
+                    })
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 fn reply(status: StatusCode, body: Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
@@ -52,6 +101,7 @@ struct Os {
     /// Every request line, for the tests' assertions.
     log: Vec<String>,
     build: Duration,
+    builds: Vec<Build>,
 }
 
 impl Os {
@@ -134,6 +184,11 @@ impl FakeOpenStack {
 
     pub fn log(&self) -> Vec<String> {
         self.state.lock().unwrap().log.clone()
+    }
+
+    /// Every server ever created, in creation order.
+    pub fn builds(&self) -> Vec<Build> {
+        self.state.lock().unwrap().builds.clone()
     }
 
     /// Ports left on the cloud (Nova does not delete ports it did not create).
@@ -276,6 +331,7 @@ fn os_handle(st: &Mutex<Os>, m: Method, uri: Uri, h: HeaderMap, body: Bytes) -> 
                 p["device_id"] = json!(id);
             }
             let ready = Instant::now() + os.build;
+            os.builds.push(Build::new(name));
             os.servers.push((
                 json!({"id": id, "name": name, "imageRef": image, "flavorRef": flavor}),
                 ready,
@@ -296,10 +352,15 @@ fn os_handle(st: &Mutex<Os>, m: Method, uri: Uri, h: HeaderMap, body: Bytes) -> 
             reply(StatusCode::OK, json!({"servers": name_filter(&all, &uri)}))
         }
         (Method::GET, ["compute", "v2.1", "servers", id]) => {
+            // Through a plain reference, so that `servers` and `builds` borrow apart.
+            let os = &mut *os;
             let Some((s, ready, del)) = os.servers.iter().find(|(s, _, _)| s["id"] == *id) else {
                 return not_found("Instance");
             };
             let status = os.status(s, *ready);
+            if status == "ACTIVE" {
+                Build::saw_ready(&mut os.builds, s["name"].as_str().unwrap_or_default());
+            }
             let mut out = json!({"id": s["id"], "name": s["name"], "status": status,
                 "OS-EXT-STS:task_state": if del.is_some() { json!("deleting") } else { Value::Null }});
             if status == "ERROR" {
@@ -436,6 +497,7 @@ struct Kube {
     pods: BTreeMap<String, (Value, Instant, Option<Instant>)>,
     nads: BTreeMap<String, Value>,
     start: Duration,
+    builds: Vec<Build>,
 }
 
 /// A fake Kubernetes API server (with Multus behaviour) on 127.0.0.1.
@@ -482,6 +544,11 @@ impl FakeKubernetes {
 
     pub fn pod_count(&self) -> usize {
         self.state.lock().unwrap().pods.len()
+    }
+
+    /// Every pod ever created, in creation order.
+    pub fn builds(&self) -> Vec<Build> {
+        self.state.lock().unwrap().builds.clone()
     }
 }
 
@@ -543,6 +610,7 @@ fn kube_handle(st: &Mutex<Kube>, m: Method, uri: Uri, h: HeaderMap, body: Bytes)
             pod["metadata"]["uid"] = json!(format!("uid-{name}"));
             pod["status"] = json!({"phase": "Pending"});
             let ready = now + k.start;
+            k.builds.push(Build::new(&name));
             k.pods.insert(name, (pod.clone(), ready, None));
             reply(StatusCode::CREATED, pod)
         }
@@ -599,6 +667,7 @@ fn kube_handle(st: &Mutex<Kube>, m: Method, uri: Uri, h: HeaderMap, body: Bytes)
                     json!(Value::Array(status).to_string());
                 pod["status"] = json!({"phase": "Running", "podIP": "10.244.0.9",
                     "containerStatuses": [{"name": "vdu", "ready": true, "state": {"running": {}}}]});
+                Build::saw_ready(&mut k.builds, name);
             }
             reply(StatusCode::OK, pod)
         }

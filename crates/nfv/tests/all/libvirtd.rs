@@ -1,6 +1,7 @@
 //! A real libvirtd for the tests, started as `real-components-notes.md` §2 says: in its own
 //! network namespace, with virtlogd, `/dev/kvm` as `root:kvm 0660` while it runs, under a
-//! subreaper so that destroyed QEMUs are reaped at once. Stopped and undone on drop.
+//! subreaper so that destroyed QEMUs are reaped at once. Stopped and undone on drop,
+//! `/dev/kvm`'s owner and mode included (also when the test panics).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -45,11 +46,67 @@ fn virsh_ok(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `/dev/kvm` as `root:kvm 0660` while it lives, as libvirt expects; its drop puts back the
+/// owner and mode it found, also when a test panics. A no-op when there is no `/dev/kvm` or
+/// it is already so.
+struct DevKvmAccess {
+    path: PathBuf,
+    /// (mode, uid, gid) to restore.
+    restore: Option<(u32, u32, u32)>,
+}
+
+impl DevKvmAccess {
+    fn grant(path: &Path, kvm_gid: u32) -> DevKvmAccess {
+        let mut guard = DevKvmAccess {
+            path: path.to_owned(),
+            restore: None,
+        };
+        let Ok(m) = std::fs::metadata(path) else {
+            return guard;
+        };
+        let found = (m.mode() & 0o7777, m.uid(), m.gid());
+        if found == (0o660, 0, kvm_gid) {
+            return guard;
+        }
+        // Armed before the first change, so that a half-done change is undone too.
+        guard.restore = Some(found);
+        std::os::unix::fs::chown(path, Some(0), Some(kvm_gid)).expect("chown root:kvm");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).expect("chmod 0660");
+        guard
+    }
+}
+
+impl Drop for DevKvmAccess {
+    fn drop(&mut self) {
+        let Some((mode, uid, gid)) = self.restore else {
+            return;
+        };
+        let path = self.path.display();
+        // No panic in a drop that may run during unwinding: say what is left instead.
+        if let Err(e) = std::os::unix::fs::chown(&self.path, Some(uid), Some(gid)) {
+            eprintln!("cannot restore the owner {uid}:{gid} of {path}: {e}");
+        }
+        if let Err(e) = std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(mode))
+        {
+            eprintln!("cannot restore the mode {mode:o} of {path}: {e}");
+        }
+    }
+}
+
+/// The gid of the `kvm` group, from /etc/group.
+fn kvm_gid() -> Option<u32> {
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("kvm:")?.split(':').nth(1)?.parse().ok())
+}
+
 pub struct Libvirtd {
     pub netns: Netns,
     daemons: Vec<Child>,
-    kvm_mode: Option<(u32, u32, u32)>,
     pub work: PathBuf,
+    /// Last, so that `/dev/kvm` is restored after `drop` has stopped every QEMU.
+    _kvm: DevKvmAccess,
 }
 
 impl Libvirtd {
@@ -63,20 +120,14 @@ impl Libvirtd {
         assert!(!virsh_ok(&["version"]), "a libvirtd is already running on /run/libvirt: stop it first (these tests start their own)");
         let netns = Netns::new("lv");
         // L2: with /dev/kvm 0600 libvirt re-probes QEMU on every call (60 s per create).
-        let kvm_mode = std::fs::metadata("/dev/kvm")
-            .ok()
-            .map(|m| (m.mode() & 0o7777, m.uid(), m.gid()));
-        if kvm_mode.is_some() {
-            let _ = Command::new("chown")
-                .args(["root:kvm", "/dev/kvm"])
-                .status();
-            let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(0o660));
-        }
+        let kvm_gid =
+            kvm_gid().expect("no kvm group: run scripts/setup.sh (QEMU's packages add it)");
+        let kvm = DevKvmAccess::grant(Path::new("/dev/kvm"), kvm_gid);
         let mut fx = Libvirtd {
             netns,
             daemons: Vec::new(),
-            kvm_mode,
             work: PathBuf::new(),
+            _kvm: kvm,
         };
         let spawn = |args: &[&str]| {
             Command::new("ip")
@@ -179,15 +230,30 @@ impl Drop for Libvirtd {
             let _ = d.kill();
             let _ = d.wait();
         }
-        if let Some((mode, uid, gid)) = self.kvm_mode {
-            let _ = Command::new("chown")
-                .arg(format!("{uid}:{gid}"))
-                .arg("/dev/kvm")
-                .status();
-            let _ = std::fs::set_permissions("/dev/kvm", std::fs::Permissions::from_mode(mode));
-        }
         if !self.work.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.work);
         }
     }
+}
+
+/// The guard on a stand-in for `/dev/kvm`: granted while it lives, the original owner and
+/// mode back after a panic.
+#[test]
+fn dev_kvm_access_is_restored_after_a_panic() {
+    // Any group will do for the stand-in; this one is unlikely to be the file's already.
+    let kvm = 4242;
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("kvm");
+    std::fs::write(&dev, b"").unwrap();
+    std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = std::fs::metadata(&dev).unwrap();
+    let owner = |m: &std::fs::Metadata| (m.mode() & 0o7777, m.uid(), m.gid());
+    let panicked = std::panic::catch_unwind(|| {
+        let _guard = DevKvmAccess::grant(&dev, kvm);
+        let m = std::fs::metadata(&dev).unwrap();
+        assert_eq!(owner(&m), (0o660, 0, kvm));
+        panic!("the test fails while libvirtd runs");
+    });
+    assert!(panicked.is_err());
+    assert_eq!(owner(&std::fs::metadata(&dev).unwrap()), owner(&before));
 }

@@ -1,4 +1,5 @@
-//! Seed 2's procedure with real traffic between two network namespaces.
+//! Link establishment between VNF connection points, with real traffic between two network
+//! namespaces.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! nfv integration tests: descriptors, drivers against real libvirtd and published-API fakes,
-//! seed-2 links over real namespaces, and the NS lifecycle across two sites.
+//! links between VNF connection points over real namespaces, and the NS lifecycle across two sites.
 
 mod descriptors;
 mod drivers;

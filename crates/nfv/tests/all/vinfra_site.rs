@@ -31,7 +31,7 @@ impl Drop for VinfraSite {
 impl VinfraSite {
     pub async fn start() -> VinfraSite {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(api::testing::MemStore::new());
+        let store = Arc::new(store::testing::MemStore::new());
         let admin = api::bootstrap_admin(store.as_ref(), dir.path())
             .await
             .unwrap()

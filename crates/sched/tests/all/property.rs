@@ -2,19 +2,20 @@
 //! finds one exactly when the brute force does, with the same storage score, and its
 //! incrementally maintained indexes agree with indexes rebuilt from scratch.
 
+use model::SplitMix64;
 use sched::baseline::{BruteForce, BruteMode};
-use sched::bench::{random_inventory, random_request, ClusterShape, Rng};
+use sched::bench::{random_inventory, random_request, ClusterShape};
 use sched::{Inventory, Planner, Request};
 
 use crate::check_placement;
 
-fn small_shape(rng: &mut Rng) -> ClusterShape {
+fn small_shape(rng: &mut SplitMix64) -> ClusterShape {
     ClusterShape {
-        servers: 1 + rng.below(12),
-        storages: rng.below(11),
-        domains: 1 + rng.below(4),
-        tags: 1 + rng.below(2),
-        links_per_server: 1 + rng.below(4),
+        servers: 1 + rng.index(12),
+        storages: rng.index(11),
+        domains: 1 + rng.index(4),
+        tags: 1 + rng.index(2),
+        links_per_server: 1 + rng.index(4),
         no_replication_permille: rng.range(0, 300),
         peer_permille: rng.range(0, 300),
         down_permille: rng.range(0, 250),
@@ -31,7 +32,7 @@ fn storage_score(inv: &Inventory, p: &sched::Placement) -> u64 {
 
 #[test]
 fn planner_agrees_with_brute_force_on_random_clusters() {
-    let mut rng = Rng::new(0xC0FFEE);
+    let mut rng = SplitMix64::new(0xC0FFEE);
     let (mut placed, mut refused) = (0, 0);
     for cluster in 0..400 {
         let shape = small_shape(&mut rng);
@@ -88,7 +89,7 @@ fn planner_agrees_with_brute_force_on_random_clusters() {
 
 #[test]
 fn committed_indexes_match_rebuilt_ones() {
-    let mut rng = Rng::new(42);
+    let mut rng = SplitMix64::new(42);
     for cluster in 0..40 {
         let mut shape = ClusterShape::datacenter(60, 12);
         shape.max_capacity_gib = 3000;

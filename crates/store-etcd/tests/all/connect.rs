@@ -8,17 +8,6 @@ use store::{Store, StoreError, WatchEvent};
 use store_etcd::EtcdStore;
 use test_utils::EtcdFixture;
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
-}
-
 #[tokio::test]
 async fn nothing_listening_fails_fast_naming_the_endpoint() {
     let port = test_utils::free_tcp_port();
@@ -27,7 +16,7 @@ async fn nothing_listening_fails_fast_naming_the_endpoint() {
     let e = EtcdStore::connect(std::slice::from_ref(&url), None)
         .await
         .unwrap_err();
-    let msg = chain(&e);
+    let msg = model::error_chain(&e);
     assert!(msg.contains(&url), "{msg}");
     assert!(
         start.elapsed() < Duration::from_secs(8),
@@ -42,10 +31,12 @@ async fn bad_urls_and_namespaces_are_rejected() {
         let e = EtcdStore::connect(&[url.to_owned()], None)
             .await
             .unwrap_err();
-        assert!(chain(&e).contains(url), "{}", chain(&e));
+        let msg = model::error_chain(&e);
+        assert!(msg.contains(url), "{msg}");
     }
     let e = EtcdStore::connect(&[], None).await.unwrap_err();
-    assert!(chain(&e).contains("empty endpoints"), "{}", chain(&e));
+    let msg = model::error_chain(&e);
+    assert!(msg.contains("empty endpoints"), "{msg}");
     for ns in ["no-slash", "/trailing/", "/nul\0"] {
         let e = EtcdStore::connect(&["http://127.0.0.1:1".to_owned()], Some(ns))
             .await

@@ -17,15 +17,3 @@ async fn fresh() -> (Arc<dyn Store>, tempfile::TempDir) {
 }
 
 store::store_suite!(suite, fresh());
-
-/// `source()` chain of an error, joined with ": ".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
-}

@@ -6,11 +6,9 @@ use std::path::Path;
 use store::Store;
 use store_redb::RedbStore;
 
-use crate::chain;
-
 fn open_err(path: &Path) -> String {
     let e = RedbStore::open(path).expect_err("open must fail");
-    let msg = chain(&e);
+    let msg = model::error_chain(&e);
     assert!(
         msg.contains(&path.display().to_string()),
         "error does not name {}: {msg}",

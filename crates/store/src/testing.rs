@@ -1,16 +1,19 @@
 //! An in-memory [`Store`] for tests: etcd semantics (revisions, cas, txn,
-//! watch), no durability. Used by this crate's tests and by other crates'
-//! tests that need an API server without a store backend.
+//! watch), no durability. Only built with the `testing` feature, which crates
+//! enable in their dev-dependencies, so it never ships in a binary; it runs
+//! the same conformance suite ([`crate::suite`]) as the real backends.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use store::{
-    validate_key, Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent, WatchStream,
-};
 use tokio::sync::broadcast;
 use tokio::task::yield_now;
+
+use crate::{
+    validate_key, validate_txn, Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent,
+    WatchStream,
+};
 
 /// An in-memory store. Every operation first yields to the scheduler, as a
 /// real store's I/O would, so that concurrent requests interleave between
@@ -158,15 +161,7 @@ impl Store for MemStore {
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Revision, StoreError> {
         yield_now().await;
-        for c in &compares {
-            let Compare::ModRevision { key, .. } = c;
-            validate_key(key)?;
-        }
-        for op in &ops {
-            match op {
-                TxnOp::Put { key, .. } | TxnOp::Delete { key } => validate_key(key)?,
-            }
-        }
+        validate_txn(&compares, &ops)?;
         let (rev, events) = {
             let mut g = self.lock();
             if let Some(Compare::ModRevision { key, .. }) = compares.iter().find(|c| !g.holds(c)) {

@@ -1,7 +1,15 @@
-//! A tiny seeded RNG (SplitMix64): deterministic plans, samples and synthetic workloads
-//! without pulling a randomness crate into the cache.
+//! A tiny seeded RNG (SplitMix64), the one every crate uses for deterministic plans,
+//! samples, synthetic workloads and random test clusters, without a randomness crate.
+//! Not for secrets: tokens and ids come from the OS (`getrandom`, `uuid`).
 
 /// SplitMix64: passes BigCrush, one u64 of state, and is trivially reproducible.
+///
+/// ```
+/// let mut a = model::SplitMix64::new(7);
+/// let mut b = model::SplitMix64::new(7);
+/// assert_eq!(a.next_u64(), b.next_u64());
+/// assert!((10..=20).contains(&a.range(10, 20)));
+/// ```
 #[derive(Clone, Debug)]
 pub struct SplitMix64(u64);
 
@@ -33,5 +41,21 @@ impl SplitMix64 {
         // Lemire's multiply-shift: unbiased enough for sampling and workloads.
         let wide = u128::from(self.next_u64()) * u128::from(n);
         u64::try_from(wide >> 64).expect("high half of a u128 fits in u64")
+    }
+
+    /// A uniform integer in `lo..=hi`; `lo <= hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// A uniform index in `0..n`; `n` must be non-zero.
+    pub fn index(&mut self, n: usize) -> usize {
+        let n = u64::try_from(n).expect("a usize fits in u64");
+        usize::try_from(self.below(n)).expect("below n, which is a usize")
+    }
+
+    /// True with probability `permille / 1000`.
+    pub fn chance(&mut self, permille: u64) -> bool {
+        self.below(1000) < permille
     }
 }
