@@ -20,7 +20,7 @@ pub(crate) const MAX_JSON_BODY: usize = 2 << 20;
 /// - `Content-Type` must be `application/json`, with at most `charset=utf-8` (415):
 ///   the body is read as UTF-8 JSON, so another charset or a `+json` type the client
 ///   meant as something else must not be half-understood;
-/// - at most [`MAX_JSON_BODY`] bytes (413);
+/// - at most `MAX_JSON_BODY` (2 MiB) bytes (413);
 /// - a JSON object: an array or scalar is 422 before any parsing, because serde
 ///   would otherwise accept a struct's sequence form (`["n","10.77.0.0/24"]`);
 /// - syntax errors are 400, shape errors (wrong type, unknown or missing field) 422.
