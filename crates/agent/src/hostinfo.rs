@@ -4,6 +4,23 @@ use model::api::RegisterHost;
 
 use crate::AgentConfig;
 
+/// `cpus` × `ratio`, rounded down, at least 1 and at most the API's bound.
+fn schedulable_vcpus(cpus: u32, ratio: f64) -> u32 {
+    let max = cpus.saturating_mul(model::api::MAX_CPU_ALLOCATION_RATIO);
+    let v = (f64::from(cpus) * ratio).floor();
+    if v.is_nan() || v < 1.0 {
+        1
+    } else if v >= f64::from(max) {
+        max
+    } else {
+        // In range 1..max, so the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        {
+            v as u32
+        }
+    }
+}
+
 /// The registration body for this host.
 pub fn registration(
     cfg: &AgentConfig,
@@ -24,6 +41,7 @@ pub fn registration(
     RegisterHost {
         name: cfg.host_name.clone(),
         cpus,
+        vcpus: Some(schedulable_vcpus(cpus, cfg.cpu_allocation_ratio)),
         memory_mib: mem_total_mib().unwrap_or(1024),
         disk_gib: disk_free_gib(&cfg.data_dir).unwrap_or(0),
         drivers,
@@ -61,6 +79,16 @@ fn disk_free_gib(dir: &std::path::Path) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn vcpus_are_cpus_times_the_ratio_within_bounds() {
+        use super::schedulable_vcpus as v;
+        assert_eq!(v(2, 4.0), 8);
+        assert_eq!(v(3, 1.5), 4);
+        assert_eq!(v(2, 0.1), 1);
+        assert_eq!(v(2, 1000.0), 128);
+        assert_eq!(v(2, f64::NAN), 1);
+    }
+
     use super::*;
 
     #[test]

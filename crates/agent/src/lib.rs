@@ -66,6 +66,8 @@ pub struct AgentConfig {
     /// The server's CA and this agent's client certificate, for an `https://` server
     /// (from joining with a join token); `None` for plain HTTP on loopback.
     pub tls: Option<client::ClientTls>,
+    /// vCPUs offered per CPU (overcommit, like Nova's `cpu_allocation_ratio`).
+    pub cpu_allocation_ratio: f64,
 }
 
 impl AgentConfig {
@@ -88,6 +90,7 @@ impl AgentConfig {
             link_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             uplink_ip: None,
             tls: None,
+            cpu_allocation_ratio: f64::from(model::api::DEFAULT_CPU_ALLOCATION_RATIO),
         }
     }
 }

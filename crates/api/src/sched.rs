@@ -56,7 +56,7 @@ pub enum PlaceError {
 
 fn free(host: &Host, used: Usage) -> (u64, u64) {
     (
-        u64::from(host.cpus).saturating_sub(used.vcpus),
+        u64::from(host.schedulable_vcpus()).saturating_sub(used.vcpus),
         host.memory_mib.saturating_sub(used.memory_mib),
     )
 }
@@ -131,6 +131,8 @@ mod tests {
             id: HostId::new_random(),
             name: validate_name("name", name).unwrap(),
             cpus,
+            // No overcommit: these cases count vCPUs one for one.
+            vcpus: cpus,
             memory_mib: mem,
             disk_gib: 10,
             drivers: vec![],

@@ -23,6 +23,11 @@ pub const MIN_VM_MEMORY_MIB: u64 = 16;
 pub const MAX_VM_MEMORY_MIB: u64 = 1 << 20;
 /// Most CPUs a host may offer.
 pub const MAX_HOST_CPUS: u32 = 4096;
+/// vCPUs a host offers per CPU unless its agent says otherwise, like Nova's default
+/// `cpu_allocation_ratio` (guests rarely keep every vCPU busy).
+pub const DEFAULT_CPU_ALLOCATION_RATIO: u32 = 4;
+/// The most vCPUs a host may offer per CPU.
+pub const MAX_CPU_ALLOCATION_RATIO: u32 = 64;
 /// Most memory a host may offer, MiB (64 TiB).
 pub const MAX_HOST_MEMORY_MIB: u64 = 1 << 26;
 /// Most disk a host may offer, GiB (1 PiB).
@@ -233,6 +238,10 @@ pub struct RegisterHost {
     pub name: String,
     /// CPUs offered to VMs (1..=4096).
     pub cpus: u32,
+    /// vCPUs the scheduler may place on the host: `cpus` times the agent's CPU
+    /// allocation ratio (default `cpus` × 4; at most `cpus` × 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
     /// Memory offered to VMs, MiB.
     pub memory_mib: u64,
     /// Disk offered to VMs, GiB.
@@ -259,6 +268,14 @@ impl RegisterHost {
     pub fn validate(&self) -> Result<Name, ValidationError> {
         let name = validate_name("name", &self.name)?;
         validate_range("cpus", self.cpus, 1, MAX_HOST_CPUS)?;
+        if let Some(v) = self.vcpus {
+            validate_range(
+                "vcpus",
+                v,
+                1,
+                self.cpus.saturating_mul(MAX_CPU_ALLOCATION_RATIO),
+            )?;
+        }
         validate_range("memory_mib", self.memory_mib, 1, MAX_HOST_MEMORY_MIB)?;
         validate_range("disk_gib", self.disk_gib, 0, MAX_HOST_DISK_GIB)?;
         if self.drivers.len() > MAX_DRIVERS {
@@ -1094,6 +1111,7 @@ mod tests {
         let mut h = RegisterHost {
             name: "h1".into(),
             cpus: 8,
+            vcpus: None,
             memory_mib: 8192,
             disk_gib: 100,
             drivers: vec!["process".into(), "Q".into()],

@@ -145,6 +145,10 @@ pub struct Host {
     pub name: Name,
     /// CPUs offered to VMs.
     pub cpus: u32,
+    /// vCPUs the scheduler may place here (`cpus` × the CPU allocation ratio); 0 in
+    /// records from before overcommit, read as `cpus` × the default ratio.
+    #[serde(default)]
+    pub vcpus: u32,
     /// Memory offered to VMs, MiB.
     pub memory_mib: u64,
     /// Disk offered to VMs, GiB.
@@ -177,6 +181,16 @@ pub struct Host {
 }
 
 impl Host {
+    /// vCPUs the scheduler may place on the host.
+    pub fn schedulable_vcpus(&self) -> u32 {
+        if self.vcpus == 0 {
+            self.cpus
+                .saturating_mul(crate::api::DEFAULT_CPU_ALLOCATION_RATIO)
+        } else {
+            self.vcpus
+        }
+    }
+
     /// The host as a tenant member sees it: capacity and liveness, without the
     /// internal addresses (agent API, NBD, link relay, data network), which
     /// only the control plane, agents and admins need.

@@ -50,6 +50,10 @@ pub struct AgentArgs {
     /// agents through VXLAN (UDP 4789) from it. Run one agent per machine with it.
     #[arg(long)]
     pub uplink_ip: Option<std::net::Ipv4Addr>,
+    /// vCPUs offered per CPU: the scheduler places up to CPUs × this many vCPUs here
+    /// (like Nova's cpu_allocation_ratio; memory is never overcommitted).
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_allocation_ratio: f64,
 }
 
 /// Parses `auto|kvm|tcg`.
@@ -103,6 +107,13 @@ pub async fn run(
     cfg.disks.max_cache_blocks = args.cache_blocks.max(1);
     cfg.link_listen = args.link_listen;
     cfg.uplink_ip = args.uplink_ip;
+    if !(args.cpu_allocation_ratio > 0.0 && args.cpu_allocation_ratio <= 64.0) {
+        anyhow::bail!(
+            "--cpu-allocation-ratio {}: must be above 0 and at most 64",
+            args.cpu_allocation_ratio
+        );
+    }
+    cfg.cpu_allocation_ratio = args.cpu_allocation_ratio;
     tracing::info!(host = %cfg.host_name, server = %cfg.server_url, "agent starting");
     agent::run(cfg, async {
         let _ = crate::cmd::server::wait_for_signal().await;

@@ -117,6 +117,7 @@ async fn tenants_never_see_each_other() {
         .register_host(&model::api::RegisterHost {
             name: "h1".into(),
             cpus: 8,
+            vcpus: None,
             memory_mib: 8192,
             disk_gib: 10,
             drivers: vec!["qemu".into()],

@@ -16,6 +16,7 @@ fn host(name: &str) -> RegisterHost {
     RegisterHost {
         name: name.into(),
         cpus: 2,
+        vcpus: None,
         memory_mib: 2048,
         disk_gib: 10,
         drivers: vec!["qemu".into()],

@@ -38,6 +38,10 @@ pub(crate) async fn register_host(
             id,
             name: name.clone(),
             cpus: body.cpus,
+            vcpus: body.vcpus.unwrap_or(
+                body.cpus
+                    .saturating_mul(model::api::DEFAULT_CPU_ALLOCATION_RATIO),
+            ),
             memory_mib: body.memory_mib,
             disk_gib: body.disk_gib,
             drivers: body.drivers.clone(),

@@ -526,6 +526,7 @@ mod tests {
             id: HostId::new_random(),
             name: n(name),
             cpus: 8,
+            vcpus: 8,
             memory_mib: mem,
             disk_gib: 10,
             drivers: vec![],

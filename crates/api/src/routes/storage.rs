@@ -60,8 +60,9 @@ pub(crate) fn inventory(
             let u = used.get(&h.name).copied().unwrap_or_default();
             ServerResource {
                 name: ServerName::new(h.name.as_str()),
-                cpus: h.cpus,
-                free_cpus: u32::try_from(u64::from(h.cpus).saturating_sub(u.vcpus)).unwrap_or(0),
+                cpus: h.schedulable_vcpus(),
+                free_cpus: u32::try_from(u64::from(h.schedulable_vcpus()).saturating_sub(u.vcpus))
+                    .unwrap_or(0),
                 memory_mib: h.memory_mib,
                 free_memory_mib: h.memory_mib.saturating_sub(u.memory_mib),
                 live: h.state == HostState::Up,

@@ -193,7 +193,8 @@ impl App {
             .post(
                 "/v1/hosts",
                 token,
-                json!({ "name": name, "cpus": cpus, "memory_mib": memory_mib, "disk_gib": 100,
+                // vcpus = cpus: no overcommit, so that tests count vCPUs one for one.
+                json!({ "name": name, "cpus": cpus, "vcpus": cpus, "memory_mib": memory_mib, "disk_gib": 100,
                         "drivers": ["process"], "agent_url": "http://127.0.0.1:7071" }),
             )
             .await;

@@ -639,3 +639,46 @@ async fn server_errors_say_only_internal_error() {
     assert_eq!(r.json()["detail"], "internal error");
     assert!(!r.text.contains("corrupt"), "{}", r.text);
 }
+
+/// Hosts offer CPUs × their allocation ratio as vCPUs (default 4, like Nova's
+/// cpu_allocation_ratio); memory is never overcommitted.
+#[tokio::test]
+async fn vcpus_are_overcommitted_by_the_hosts_ratio() {
+    let app = App::new().await;
+    let agent = app.token("agent").await;
+    let r = app
+        .post(
+            "/v1/hosts",
+            &agent,
+            json!({"name": "small", "cpus": 1, "memory_mib": 4096, "disk_gib": 10}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.json()["vcpus"], 4);
+    app.image(&app.admin, "debian").await;
+    for i in 0..4 {
+        let r = app.vm(&app.admin, &format!("v{i}"), 1, 64).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+    app.vm(&app.admin, "v4", 1, 64)
+        .await
+        .problem(409, "no up host has 1 free vCPUs");
+    // Memory is not overcommitted.
+    app.post(
+        "/v1/hosts",
+        &agent,
+        json!({"name": "small", "cpus": 1, "vcpus": 64, "memory_mib": 300, "disk_gib": 10}),
+    )
+    .await;
+    app.vm(&app.admin, "v5", 1, 64)
+        .await
+        .problem(409, "no up host has 1 free vCPUs and 64 MiB free memory");
+    // At most 64 vCPUs per CPU.
+    app.post(
+        "/v1/hosts",
+        &agent,
+        json!({"name": "small", "cpus": 1, "vcpus": 65, "memory_mib": 300, "disk_gib": 10}),
+    )
+    .await
+    .problem(422, "vcpus: must be between 1 and 64, got 65");
+}

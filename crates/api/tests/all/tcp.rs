@@ -39,6 +39,7 @@ async fn client_drives_the_server_over_tcp() {
         .register_host(&RegisterHost {
             name: "h1".into(),
             cpus: 4,
+            vcpus: None,
             memory_mib: 4096,
             disk_gib: 20,
             drivers: vec!["process".into()],
