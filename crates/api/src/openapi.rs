@@ -2,9 +2,9 @@
 
 use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::header::HeaderBuilder;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::response::ResponseBuilder;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{Object, Ref, RefOr, Response, Type};
 use utoipa::{Modify, OpenApi};
 
@@ -78,7 +78,7 @@ use crate::routes;
         routes::ns_instances::scale,
     ),
     components(schemas(model::api::Problem)),
-    modifiers(&BearerAuth, &Limits),
+    modifiers(&BearerAuth, &Limits, &Refusals),
     security(("bearer" = [])),
 )]
 struct ApiDoc;
@@ -186,6 +186,86 @@ impl Modify for Limits {
             .flatten()
             {
                 Self::operation(op);
+            }
+        }
+    }
+}
+
+/// Every other status an operation can return, so a client generated from the
+/// document knows every refusal: 401/403 where a token is needed, 400 where a body or a
+/// parameter can be malformed, 404 where the path names an object, 503 where the image
+/// store can be off, 500 everywhere. Added only where the handler's annotation does not
+/// already describe the status more precisely.
+struct Refusals;
+
+/// Operations that reach the image store (503 when the server runs without one).
+const IMAGE_STORE: &[(&str, &str)] = &[
+    ("post", "/v1/blobs"),
+    ("post", "/v1/blobs/import"),
+    ("get", "/v1/blobs"),
+    ("get", "/v1/blobs/{digest}"),
+    ("post", "/v1/ns-instances"),
+];
+
+impl Refusals {
+    fn operation(method: &str, path: &str, op: &mut Operation) {
+        // `security: [{}]` (an empty requirement) marks the public operations; the rest
+        // inherit the document's bearer requirement.
+        let public = op
+            .security
+            .as_ref()
+            .is_some_and(|s| s.iter().any(|r| r == &SecurityRequirement::default()));
+        let params = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+        let path_params = op
+            .parameters
+            .as_ref()
+            .is_some_and(|p| p.iter().any(|p| p.parameter_in == ParameterIn::Path));
+        let body = op.request_body.is_some();
+        let mut add = |status: &str, description: &str| {
+            op.responses
+                .responses
+                .entry(status.to_owned())
+                .or_insert_with(|| problem(description, false));
+        };
+        if body || params {
+            add(
+                "400",
+                "the body or a parameter is malformed (named in the detail)",
+            );
+        }
+        if !public {
+            add(
+                "401",
+                "no bearer token, or one that is unknown, revoked or expired",
+            );
+            add("403", "the token's role may not do this");
+        }
+        if path_params {
+            add("404", "no such object, or one the caller may not see");
+        }
+        if IMAGE_STORE.contains(&(method, path)) {
+            add(
+                "503",
+                "this server has no image store (started without a data directory)",
+            );
+        }
+        add("500", "internal error (the server logs the cause)");
+    }
+}
+
+impl Modify for Refusals {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in doc.paths.paths.iter_mut() {
+            for (method, op) in [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+                ("patch", &mut item.patch),
+            ] {
+                if let Some(op) = op {
+                    Self::operation(method, path, op);
+                }
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::{ApiError, AppJson, AppState, Caller, Scope};
 /// Query of an upload.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct UploadBlobQuery {
     /// The digest the client computed: the upload is refused unless the bytes hash to it.
     #[param(pattern = "^sha256:[0-9a-f]{64}$")]

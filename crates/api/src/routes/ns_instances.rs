@@ -190,6 +190,7 @@ pub(crate) async fn get(
 /// `DELETE /v1/ns-instances/{name}?forget=true`.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct DeleteParams {
     /// Remove the record without contacting the sites (after a terminate failed because a
     /// site is gone for good): whatever that site still holds is the caller's to clean.
