@@ -78,7 +78,7 @@ use crate::routes;
         routes::ns_instances::scale,
     ),
     components(schemas(model::api::Problem)),
-    modifiers(&BearerAuth, &Limits, &Refusals),
+    modifiers(&BearerAuth, &Limits, &Refusals, &Rules),
     security(("bearer" = [])),
 )]
 struct ApiDoc;
@@ -271,6 +271,180 @@ impl Modify for Refusals {
     }
 }
 
+/// One validation rule of a request body's field, stated in the document.
+#[derive(Debug, Clone)]
+enum Rule {
+    /// A string matching this regular expression.
+    Pattern(String),
+    /// An integer in `min..=max`.
+    Range(u64, u64),
+    /// A string of at most this many characters (the server counts bytes, so for
+    /// non-ASCII text its limit is the tighter one).
+    MaxLength(usize),
+    /// A string of at least this many characters.
+    MinLength(usize),
+    /// An array of at most this many items.
+    MaxItems(usize),
+    /// An array whose items match this regular expression.
+    ItemsPattern(String),
+    /// A dotted IPv4 address.
+    Ipv4,
+}
+
+/// The rules the `validate()` functions of `model::api` enforce, taken from the
+/// constants and patterns those functions use, so that the document cannot drift from
+/// the checks: (schema, property, rule).
+fn rules() -> Vec<(&'static str, &'static str, Rule)> {
+    use model::api::*;
+    use Rule::*;
+    let name = || Pattern(model::NAME_PATTERN.to_owned());
+    vec![
+        ("CreateTenant", "name", name()),
+        ("CreateToken", "tenant", name()),
+        ("CreateToken", "ttl_secs", Range(1, MAX_TOKEN_TTL_SECS)),
+        (
+            "CreateToken",
+            "description",
+            MaxLength(MAX_TOKEN_DESCRIPTION),
+        ),
+        ("RegisterHost", "name", name()),
+        ("RegisterHost", "cpus", Range(1, u64::from(MAX_HOST_CPUS))),
+        ("RegisterHost", "memory_mib", Range(1, MAX_HOST_MEMORY_MIB)),
+        ("RegisterHost", "disk_gib", Range(0, MAX_HOST_DISK_GIB)),
+        ("RegisterHost", "drivers", MaxItems(MAX_DRIVERS)),
+        (
+            "RegisterHost",
+            "drivers",
+            ItemsPattern(model::NAME_PATTERN.to_owned()),
+        ),
+        (
+            "RegisterHost",
+            "agent_url",
+            Pattern("^https?://[^\\s]+$".to_owned()),
+        ),
+        ("RegisterHost", "agent_url", MaxLength(2048)),
+        ("RegisterHost", "uplink_ip", Ipv4),
+        ("CreateImage", "name", name()),
+        ("CreateImage", "tenant", name()),
+        ("CreateImage", "cmdline", MaxLength(4096)),
+        ("CreateImage", "disk_mib", Range(0, MAX_DISK_MIB)),
+        ("CreateJoinToken", "ttl_secs", Range(1, MAX_JOIN_TTL_SECS)),
+        ("JoinRequest", "host", name()),
+        ("CreateNetwork", "name", name()),
+        ("CreateNetwork", "cidr", Pattern(model::cidr_pattern())),
+        ("CreateNetwork", "tenant", name()),
+        ("NicRequest", "network", name()),
+        ("NicRequest", "name", name()),
+        ("NicRequest", "ip", Ipv4),
+        ("CreateVm", "name", name()),
+        ("CreateVm", "image", name()),
+        ("CreateVm", "vcpus", Range(1, u64::from(MAX_VCPUS))),
+        (
+            "CreateVm",
+            "memory_mib",
+            Range(MIN_VM_MEMORY_MIB, MAX_VM_MEMORY_MIB),
+        ),
+        ("CreateVm", "host", name()),
+        ("CreateVm", "tenant", name()),
+        ("CreateVm", "disk_gib", Range(1, MAX_DISK_MIB >> 10)),
+        ("CreateVm", "nics", MaxItems(MAX_NICS)),
+        ("CreateVm", "kernel_args", MaxLength(MAX_KERNEL_ARGS)),
+        ("ObservedReport", "host", name()),
+        ("ObservedReport", "error", MaxLength(MAX_ERROR_LEN)),
+        (
+            "ObservedReport",
+            "console_tail",
+            MaxLength(MAX_CONSOLE_TAIL),
+        ),
+        (
+            "CreateNsInstance",
+            "name",
+            Pattern("^[a-z][a-z0-9-]{0,19}$".to_owned()),
+        ),
+        ("CreateNsInstance", "nsd", MinLength(1)),
+        (
+            "CreateNsInstance",
+            "link_deadline_ms",
+            Range(100, MAX_LINK_DEADLINE_MS),
+        ),
+        ("MigrateVm", "to", name()),
+        ("MigrationReport", "host", name()),
+        ("MigrationReport", "error", MaxLength(MAX_ERROR_LEN)),
+        ("EnterMaintenance", "to", name()),
+        ("ImportBlob", "path", MaxLength(4096)),
+    ]
+}
+
+/// States [`rules`] in the component schemas.
+struct Rules;
+
+impl Rules {
+    /// Applies every rule; returns the ones whose schema or property is missing.
+    fn apply(doc: &mut utoipa::openapi::OpenApi) -> Vec<String> {
+        use utoipa::openapi::schema::{ArrayItems, KnownFormat, SchemaFormat};
+        use utoipa::openapi::Schema;
+        let mut missing = Vec::new();
+        let schemas = &mut doc.components.get_or_insert_with(Default::default).schemas;
+        for (schema, property, rule) in rules() {
+            let prop = match schemas.get_mut(schema) {
+                Some(RefOr::T(Schema::Object(o))) => o.properties.get_mut(property),
+                _ => None,
+            };
+            let num = |n: u64| usize::try_from(n).map(utoipa::Number::UInt).ok();
+            let applied = match (prop, &rule) {
+                (Some(RefOr::T(Schema::Object(o))), Rule::Pattern(p)) => {
+                    o.pattern = Some(p.clone());
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::Range(min, max)) => {
+                    o.minimum = num(*min);
+                    o.maximum = num(*max);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::MaxLength(n)) => {
+                    o.max_length = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::MinLength(n)) => {
+                    o.min_length = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::Ipv4) => {
+                    o.format = Some(SchemaFormat::KnownFormat(KnownFormat::Ipv4));
+                    true
+                }
+                (Some(RefOr::T(Schema::Array(a))), Rule::MaxItems(n)) => {
+                    a.max_items = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Array(a))), Rule::ItemsPattern(p)) => match &mut a.items {
+                    ArrayItems::RefOrSchema(item) => match item.as_mut() {
+                        RefOr::T(Schema::Object(o)) => {
+                            o.pattern = Some(p.clone());
+                            true
+                        }
+                        _ => false,
+                    },
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !applied {
+                missing.push(format!("{schema}.{property}: {rule:?}"));
+            }
+        }
+        missing
+    }
+}
+
+impl Modify for Rules {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        // A rule that finds no place is a test failure (`every_rule_is_stated`), not a
+        // reason to fail serving the document.
+        let _ = Self::apply(doc);
+    }
+}
+
 /// The OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
@@ -285,4 +459,90 @@ pub fn openapi_json() -> String {
     openapi()
         .to_pretty_json()
         .unwrap_or_else(|_| "{}".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use model::api::*;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn doc() -> Value {
+        serde_json::to_value(openapi()).unwrap()
+    }
+
+    fn prop<'a>(doc: &'a Value, schema: &str, property: &str) -> &'a Value {
+        &doc["components"]["schemas"][schema]["properties"][property]
+    }
+
+    #[test]
+    fn every_rule_is_stated() {
+        let mut d = ApiDoc::openapi();
+        assert_eq!(Rules::apply(&mut d), Vec::<String>::new());
+    }
+
+    /// The documented bounds are the constants `validate()` uses.
+    #[test]
+    fn documented_bounds_are_the_validation_constants() {
+        let d = doc();
+        let bounds = |s: &str, p: &str| {
+            let v = prop(&d, s, p);
+            (v["minimum"].as_u64(), v["maximum"].as_u64())
+        };
+        assert_eq!(
+            bounds("CreateVm", "vcpus"),
+            (Some(1), Some(u64::from(MAX_VCPUS)))
+        );
+        assert_eq!(
+            bounds("CreateVm", "memory_mib"),
+            (Some(MIN_VM_MEMORY_MIB), Some(MAX_VM_MEMORY_MIB))
+        );
+        assert_eq!(
+            bounds("RegisterHost", "cpus"),
+            (Some(1), Some(u64::from(MAX_HOST_CPUS)))
+        );
+        assert_eq!(
+            bounds("CreateJoinToken", "ttl_secs"),
+            (Some(1), Some(MAX_JOIN_TTL_SECS))
+        );
+        assert_eq!(prop(&d, "CreateVm", "nics")["maxItems"], MAX_NICS);
+        for (s, p) in [
+            ("CreateTenant", "name"),
+            ("CreateVm", "name"),
+            ("CreateNetwork", "name"),
+            ("CreateImage", "name"),
+            ("RegisterHost", "name"),
+        ] {
+            assert_eq!(prop(&d, s, p)["pattern"], model::NAME_PATTERN, "{s}.{p}");
+        }
+        assert_eq!(
+            prop(&d, "CreateNetwork", "cidr")["pattern"],
+            model::cidr_pattern()
+        );
+    }
+
+    /// Every request body names the fields it cannot do without as required.
+    #[test]
+    fn required_fields() {
+        let d = doc();
+        let required = |s: &str| -> Vec<String> {
+            let mut r: Vec<String> =
+                serde_json::from_value(d["components"]["schemas"][s]["required"].clone())
+                    .unwrap_or_default();
+            r.sort();
+            r
+        };
+        assert_eq!(
+            required("CreateVm"),
+            ["image", "memory_mib", "name", "vcpus"]
+        );
+        assert_eq!(required("CreateNetwork"), ["cidr", "name"]);
+        assert_eq!(required("CreateImage"), ["disk_mib", "name"]);
+        assert_eq!(
+            required("RegisterHost"),
+            ["cpus", "disk_gib", "memory_mib", "name"]
+        );
+        assert_eq!(required("CreateToken"), ["role"]);
+    }
 }
