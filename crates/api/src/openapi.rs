@@ -78,7 +78,7 @@ use crate::routes;
         routes::ns_instances::scale,
     ),
     components(schemas(model::api::Problem)),
-    modifiers(&BearerAuth, &Limits, &Refusals, &Rules),
+    modifiers(&BearerAuth, &Limits, &Refusals, &Rules, &Links),
     security(("bearer" = [])),
 )]
 struct ApiDoc;
@@ -445,6 +445,107 @@ impl Modify for Rules {
     }
 }
 
+/// OpenAPI links from each create to the operations on what it made, so that a
+/// stateful client (schemathesis) can follow them: (create method, path, status,
+/// [(operation id, path parameter, response body field)]).
+#[allow(clippy::type_complexity)]
+const LINKS: &[(&str, &str, &str, &[(&str, &str, &str)])] = &[
+    (
+        "post",
+        "/v1/networks",
+        "201",
+        &[
+            ("get_network", "name", "id"),
+            ("delete_network", "name", "id"),
+        ],
+    ),
+    (
+        "post",
+        "/v1/vms",
+        "201",
+        &[
+            ("get_vm", "id", "id"),
+            ("start_vm", "id", "id"),
+            ("stop_vm", "id", "id"),
+            ("get_console", "id", "id"),
+            ("delete_vm", "id", "id"),
+        ],
+    ),
+    (
+        "post",
+        "/v1/images",
+        "201",
+        &[("get_image", "name", "id"), ("delete_image", "name", "id")],
+    ),
+    ("post", "/v1/tokens", "201", &[("revoke_token", "id", "id")]),
+    (
+        "post",
+        "/v1/hosts",
+        "201",
+        &[
+            ("get_host", "name", "name"),
+            ("heartbeat", "name", "name"),
+            ("list_assignments", "name", "name"),
+        ],
+    ),
+    (
+        "post",
+        "/v1/blobs",
+        "201",
+        &[("download_blob", "digest", "digest")],
+    ),
+    (
+        "post",
+        "/v1/ns-instances",
+        "202",
+        &[
+            ("get_ns_instance", "name", "id"),
+            ("delete_ns_instance", "name", "id"),
+        ],
+    ),
+];
+
+/// States [`LINKS`] in the create operations' responses.
+struct Links;
+
+impl Modify for Links {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::extensions::Extensions;
+        use utoipa::openapi::link::LinkBuilder;
+        for (method, path, status, links) in LINKS {
+            let Some(item) = doc.paths.paths.get_mut(*path) else {
+                continue;
+            };
+            let op = match *method {
+                "post" => item.post.as_mut(),
+                _ => None,
+            };
+            let Some(RefOr::T(response)) =
+                op.and_then(|op| op.responses.responses.get_mut(*status))
+            else {
+                continue;
+            };
+            for (operation_id, param, field) in *links {
+                response.links.insert(
+                    (*operation_id).to_owned(),
+                    RefOr::T(
+                        LinkBuilder::new()
+                            .parameter(*param, format!("$response.body#/{field}"))
+                            // utoipa 5 serializes `Link::operation_id` as `operation_id`,
+                            // not `operationId`; the flattened extensions map writes the
+                            // key as given.
+                            .extensions(Some(Extensions::from_iter([(
+                                "operationId",
+                                *operation_id,
+                            )])))
+                            .build(),
+                    ),
+                );
+            }
+        }
+    }
+}
+
 /// The OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
@@ -474,6 +575,46 @@ mod tests {
 
     fn prop<'a>(doc: &'a Value, schema: &str, property: &str) -> &'a Value {
         &doc["components"]["schemas"][schema]["properties"][property]
+    }
+
+    /// Operation ids are unique (OpenAPI requires it; links name them) and every link
+    /// names an operation that takes the parameter it fills.
+    #[test]
+    fn operation_ids_are_unique_and_links_resolve() {
+        let d = doc();
+        let mut ids = std::collections::BTreeMap::new();
+        for (path, item) in d["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"].as_str().unwrap().to_owned();
+                let params: Vec<String> = op["parameters"]
+                    .as_array()
+                    .map(|ps| {
+                        ps.iter()
+                            .map(|p| p["name"].as_str().unwrap().to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let before = ids.insert(id.clone(), params);
+                assert!(before.is_none(), "operationId {id} twice ({method} {path})");
+            }
+        }
+        let mut n = 0;
+        for (method, path, status, links) in LINKS {
+            let response = &d["paths"][path][method]["responses"][status];
+            for (operation_id, param, _) in *links {
+                let link = &response["links"][operation_id];
+                assert_eq!(
+                    link["operationId"], *operation_id,
+                    "{method} {path} {status}"
+                );
+                assert!(
+                    ids[*operation_id].iter().any(|p| p == param),
+                    "{operation_id} {param}"
+                );
+                n += 1;
+            }
+        }
+        assert!(n > 10);
     }
 
     #[test]
