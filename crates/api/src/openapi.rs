@@ -221,6 +221,10 @@ impl Refusals {
             .as_ref()
             .is_some_and(|p| p.iter().any(|p| p.parameter_in == ParameterIn::Path));
         let body = op.request_body.is_some();
+        let query_params = op
+            .parameters
+            .as_ref()
+            .is_some_and(|p| p.iter().any(|p| p.parameter_in == ParameterIn::Query));
         let mut add = |status: &str, description: &str| {
             op.responses
                 .responses
@@ -231,6 +235,12 @@ impl Refusals {
             add(
                 "400",
                 "the body or a parameter is malformed (named in the detail)",
+            );
+        }
+        if query_params {
+            add(
+                "422",
+                "a query parameter breaks a rule (named in the detail)",
             );
         }
         if !public {
@@ -372,6 +382,13 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
         ("MigrationReport", "error", MaxLength(MAX_ERROR_LEN)),
         ("EnterMaintenance", "to", name()),
         ("ImportBlob", "path", MaxLength(4096)),
+        ("PlacementQuery", "disk_gib", Range(1, MAX_DISK_MIB >> 10)),
+        ("PlacementQuery", "vcpus", Range(1, u64::from(MAX_VCPUS))),
+        (
+            "PlacementQuery",
+            "memory_mib",
+            Range(MIN_VM_MEMORY_MIB, MAX_VM_MEMORY_MIB),
+        ),
     ]
 }
 

@@ -170,6 +170,7 @@ pub(crate) async fn explain(
     AppJson(q): AppJson<PlacementQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "asking for a placement")?;
+    q.validate()?;
     let inputs = planner_inputs(&state).await?;
     let req = sched::Request {
         disk_gib: q.disk_gib,
