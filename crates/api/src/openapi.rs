@@ -295,6 +295,8 @@ enum Rule {
     MinLength(usize),
     /// An array of at most this many items.
     MaxItems(usize),
+    /// An object (map) with at least this many entries.
+    MinProperties(usize),
     /// An array whose items match this regular expression.
     ItemsPattern(String),
     /// A dotted IPv4 address.
@@ -372,6 +374,7 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
             Pattern("^[a-z][a-z0-9-]{0,19}$".to_owned()),
         ),
         ("CreateNsInstance", "nsd", MinLength(1)),
+        ("CreateNsInstance", "sites", MinProperties(1)),
         (
             "CreateNsInstance",
             "link_deadline_ms",
@@ -424,6 +427,10 @@ impl Rules {
                 }
                 (Some(RefOr::T(Schema::Object(o))), Rule::MinLength(n)) => {
                     o.min_length = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::MinProperties(n)) => {
+                    o.min_properties = Some(*n);
                     true
                 }
                 (Some(RefOr::T(Schema::Object(o))), Rule::Ipv4) => {
