@@ -207,6 +207,17 @@ const IMAGE_STORE: &[(&str, &str)] = &[
     ("post", "/v1/ns-instances"),
 ];
 
+/// Paths whose parameter names an object by name or id: an admin sees every tenant's,
+/// so a name two tenants use is ambiguous (409, "use the id").
+const BY_NAME: &[&str] = &[
+    "/v1/vms/{id}",
+    "/v1/networks/{name}",
+    "/v1/ns-instances/{name}",
+    "/v1/images/{name}",
+];
+
+const AMBIGUOUS: &str = "the name exists in several tenants (an admin sees them all): use the id";
+
 impl Refusals {
     fn operation(method: &str, path: &str, op: &mut Operation) {
         // `security: [{}]` (an empty requirement) marks the public operations; the rest
@@ -225,6 +236,25 @@ impl Refusals {
             .parameters
             .as_ref()
             .is_some_and(|p| p.iter().any(|p| p.parameter_in == ParameterIn::Query));
+        if BY_NAME.iter().any(|p| path.starts_with(p)) {
+            match op.responses.responses.get_mut("409") {
+                Some(RefOr::T(r)) => {
+                    if !r.description.contains(AMBIGUOUS) {
+                        r.description = if r.description.is_empty() {
+                            AMBIGUOUS.to_owned()
+                        } else {
+                            format!("{}; or {AMBIGUOUS}", r.description)
+                        };
+                    }
+                }
+                Some(RefOr::Ref(_)) => {}
+                None => {
+                    op.responses
+                        .responses
+                        .insert("409".to_owned(), problem(AMBIGUOUS, false));
+                }
+            }
+        }
         let mut add = |status: &str, description: &str| {
             op.responses
                 .responses
