@@ -325,12 +325,25 @@ enum Rule {
     MinLength(usize),
     /// An array of at most this many items.
     MaxItems(usize),
+    /// One of these strings (or null: the field is optional).
+    OneOf(Vec<&'static str>),
     /// An object (map) with at least this many entries.
     MinProperties(usize),
     /// An array whose items match this regular expression.
     ItemsPattern(String),
     /// A dotted IPv4 address.
     Ipv4,
+}
+
+/// A decimal octet without leading zeros (what `Ipv4Addr`'s parser takes).
+const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+/// A port, 0..=65535, without leading zeros.
+const PORT: &str =
+    "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)";
+
+/// `IP:PORT` as `SocketAddr` parses it: dotted IPv4, or bracketed IPv6 (loosely).
+fn socket_addr_pattern(prefix: &str) -> String {
+    format!("^{prefix}({OCTET}(\\.{OCTET}){{3}}|\\[[0-9a-fA-F:.]+\\]):{PORT}$")
 }
 
 /// The rules the `validate()` functions of `model::api` enforce, taken from the
@@ -366,6 +379,12 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
         ),
         ("RegisterHost", "agent_url", MaxLength(2048)),
         ("RegisterHost", "uplink_ip", Ipv4),
+        ("RegisterHost", "nbd_addr", Pattern(socket_addr_pattern(""))),
+        (
+            "RegisterHost",
+            "link_addr",
+            Pattern(socket_addr_pattern("")),
+        ),
         ("CreateImage", "name", name()),
         ("CreateImage", "tenant", name()),
         ("CreateImage", "cmdline", MaxLength(4096)),
@@ -411,6 +430,13 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
             Range(100, MAX_LINK_DEADLINE_MS),
         ),
         ("MigrateVm", "to", name()),
+        ("MigrateVm", "strategy", OneOf(STRATEGIES.to_vec())),
+        ("EnterMaintenance", "strategy", OneOf(STRATEGIES.to_vec())),
+        (
+            "MigrationReport",
+            "incoming_uri",
+            Pattern(socket_addr_pattern("tcp:")),
+        ),
         ("MigrationReport", "host", name()),
         ("MigrationReport", "error", MaxLength(MAX_ERROR_LEN)),
         ("EnterMaintenance", "to", name()),
@@ -457,6 +483,13 @@ impl Rules {
                 }
                 (Some(RefOr::T(Schema::Object(o))), Rule::MinLength(n)) => {
                     o.min_length = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::OneOf(values)) => {
+                    let mut e: Vec<serde_json::Value> =
+                        values.iter().map(|v| (*v).into()).collect();
+                    e.push(serde_json::Value::Null);
+                    o.enum_values = Some(e);
                     true
                 }
                 (Some(RefOr::T(Schema::Object(o))), Rule::MinProperties(n)) => {
