@@ -117,22 +117,75 @@ fn check_object(bytes: &[u8]) -> Result<(), ApiError> {
 }
 
 /// Deserializes `bytes`, naming the field of the first error.
+///
+/// JSON Schema's `integer` includes numbers with a zero fraction (`2.0`), and clients
+/// generated from the document may send them: when a float is what stopped the typed
+/// parse, the body is read again with every integral float (within the 64-bit range)
+/// turned into an integer. Bodies without such a float pay nothing for this.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let field = if path == "." { "body".to_owned() } else { path };
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                ApiError::Unprocessable(format!("{field}: {inner}"))
-            }
-            _ => ApiError::BadRequest(format!("body: invalid JSON: {inner}")),
+    let err = match serde_path_to_error::deserialize(&mut de) {
+        Ok(value) => {
+            de.end()
+                .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))?;
+            return Ok(value);
         }
-    })?;
-    de.end()
-        .map_err(|e| ApiError::BadRequest(format!("body: invalid JSON: {e}")))?;
-    Ok(value)
+        Err(e) => e,
+    };
+    let float_in_the_way = err.inner().classify() == serde_json::error::Category::Data
+        && err
+            .inner()
+            .to_string()
+            .starts_with("invalid type: floating point");
+    if float_in_the_way {
+        if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(bytes) {
+            if integral_floats(&mut v) {
+                return serde_path_to_error::deserialize(v).map_err(|e| {
+                    let path = e.path().to_string();
+                    let field = if path == "." { "body".to_owned() } else { path };
+                    ApiError::Unprocessable(format!("{field}: {}", e.into_inner()))
+                });
+            }
+        }
+    }
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    let field = if path == "." { "body".to_owned() } else { path };
+    Err(match inner.classify() {
+        serde_json::error::Category::Data => ApiError::Unprocessable(format!("{field}: {inner}")),
+        _ => ApiError::BadRequest(format!("body: invalid JSON: {inner}")),
+    })
+}
+
+/// Turns every float with a zero fraction that fits an `i64` or `u64` into that
+/// integer; returns whether it changed anything.
+fn integral_floats(v: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let Some(f) = n.as_f64() else { return false };
+            if f.fract() != 0.0 || !f.is_finite() {
+                return false;
+            }
+            // `{:.0}` prints the exact integer an integral f64 holds; parsing it back
+            // refuses what is out of range, without a lossy cast.
+            let text = format!("{f:.0}");
+            let int = text
+                .parse::<u64>()
+                .map(serde_json::Number::from)
+                .or_else(|_| text.parse::<i64>().map(serde_json::Number::from));
+            match int {
+                Ok(i) => {
+                    *n = i;
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |c, i| integral_floats(i) | c),
+        Value::Object(map) => map.values_mut().fold(false, |c, i| integral_floats(i) | c),
+        _ => false,
+    }
 }
 
 /// One path parameter, with a problem+json rejection.

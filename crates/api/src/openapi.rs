@@ -2,9 +2,9 @@
 
 use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::header::HeaderBuilder;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::response::ResponseBuilder;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{Object, Ref, RefOr, Response, Type};
 use utoipa::{Modify, OpenApi};
 
@@ -78,7 +78,7 @@ use crate::routes;
         routes::ns_instances::scale,
     ),
     components(schemas(model::api::Problem)),
-    modifiers(&BearerAuth, &Limits),
+    modifiers(&BearerAuth, &Limits, &Refusals, &Rules, &Links),
     security(("bearer" = [])),
 )]
 struct ApiDoc;
@@ -191,6 +191,448 @@ impl Modify for Limits {
     }
 }
 
+/// Every other status an operation can return, so a client generated from the
+/// document knows every refusal: 401/403 where a token is needed, 400 where a body or a
+/// parameter can be malformed, 404 where the path names an object, 503 where the image
+/// store can be off, 500 everywhere. Added only where the handler's annotation does not
+/// already describe the status more precisely.
+struct Refusals;
+
+/// Operations that reach the image store (503 when the server runs without one).
+const IMAGE_STORE: &[(&str, &str)] = &[
+    ("post", "/v1/blobs"),
+    ("post", "/v1/blobs/import"),
+    ("get", "/v1/blobs"),
+    ("get", "/v1/blobs/{digest}"),
+    ("post", "/v1/ns-instances"),
+];
+
+/// Paths whose parameter names an object by name or id: an admin sees every tenant's,
+/// so a name two tenants use is ambiguous (409, "use the id").
+const BY_NAME: &[&str] = &[
+    "/v1/vms/{id}",
+    "/v1/networks/{name}",
+    "/v1/ns-instances/{name}",
+    "/v1/images/{name}",
+];
+
+const AMBIGUOUS: &str = "the name exists in several tenants (an admin sees them all): use the id";
+
+impl Refusals {
+    fn operation(method: &str, path: &str, op: &mut Operation) {
+        // `security: [{}]` (an empty requirement) marks the public operations; the rest
+        // inherit the document's bearer requirement.
+        let public = op
+            .security
+            .as_ref()
+            .is_some_and(|s| s.iter().any(|r| r == &SecurityRequirement::default()));
+        let params = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+        let path_params = op
+            .parameters
+            .as_ref()
+            .is_some_and(|p| p.iter().any(|p| p.parameter_in == ParameterIn::Path));
+        let body = op.request_body.is_some();
+        let query_params = op
+            .parameters
+            .as_ref()
+            .is_some_and(|p| p.iter().any(|p| p.parameter_in == ParameterIn::Query));
+        if BY_NAME.iter().any(|p| path.starts_with(p)) {
+            match op.responses.responses.get_mut("409") {
+                Some(RefOr::T(r)) => {
+                    if !r.description.contains(AMBIGUOUS) {
+                        r.description = if r.description.is_empty() {
+                            AMBIGUOUS.to_owned()
+                        } else {
+                            format!("{}; or {AMBIGUOUS}", r.description)
+                        };
+                    }
+                }
+                Some(RefOr::Ref(_)) => {}
+                None => {
+                    op.responses
+                        .responses
+                        .insert("409".to_owned(), problem(AMBIGUOUS, false));
+                }
+            }
+        }
+        let mut add = |status: &str, description: &str| {
+            op.responses
+                .responses
+                .entry(status.to_owned())
+                .or_insert_with(|| problem(description, false));
+        };
+        if body || params {
+            add(
+                "400",
+                "the body or a parameter is malformed (named in the detail)",
+            );
+        }
+        if query_params {
+            add(
+                "422",
+                "a query parameter breaks a rule (named in the detail)",
+            );
+        }
+        if !public {
+            add(
+                "401",
+                "no bearer token, or one that is unknown, revoked or expired",
+            );
+            add("403", "the token's role may not do this");
+        }
+        if path_params {
+            add("404", "no such object, or one the caller may not see");
+        }
+        if IMAGE_STORE.contains(&(method, path)) {
+            add(
+                "503",
+                "this server has no image store (started without a data directory)",
+            );
+        }
+        add("500", "internal error (the server logs the cause)");
+    }
+}
+
+impl Modify for Refusals {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in doc.paths.paths.iter_mut() {
+            for (method, op) in [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+                ("patch", &mut item.patch),
+            ] {
+                if let Some(op) = op {
+                    Self::operation(method, path, op);
+                }
+            }
+        }
+    }
+}
+
+/// One validation rule of a request body's field, stated in the document.
+#[derive(Debug, Clone)]
+enum Rule {
+    /// A string matching this regular expression.
+    Pattern(String),
+    /// An integer in `min..=max`.
+    Range(u64, u64),
+    /// A string of at most this many characters (the server counts bytes, so for
+    /// non-ASCII text its limit is the tighter one).
+    MaxLength(usize),
+    /// A string of at least this many characters.
+    MinLength(usize),
+    /// An array of at most this many items.
+    MaxItems(usize),
+    /// One of these strings (or null: the field is optional).
+    OneOf(Vec<&'static str>),
+    /// An object (map) with at least this many entries.
+    MinProperties(usize),
+    /// An array whose items match this regular expression.
+    ItemsPattern(String),
+    /// A dotted IPv4 address.
+    Ipv4,
+}
+
+/// A decimal octet without leading zeros (what `Ipv4Addr`'s parser takes).
+const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+/// A port, 0..=65535, without leading zeros.
+const PORT: &str =
+    "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)";
+
+/// `IP:PORT` as `SocketAddr` parses it: dotted IPv4, or bracketed IPv6 (loosely).
+fn socket_addr_pattern(prefix: &str) -> String {
+    format!("^{prefix}({OCTET}(\\.{OCTET}){{3}}|\\[[0-9a-fA-F:.]+\\]):{PORT}$")
+}
+
+/// The rules the `validate()` functions of `model::api` enforce, taken from the
+/// constants and patterns those functions use, so that the document cannot drift from
+/// the checks: (schema, property, rule).
+fn rules() -> Vec<(&'static str, &'static str, Rule)> {
+    use model::api::*;
+    use Rule::*;
+    let name = || Pattern(model::NAME_PATTERN.to_owned());
+    vec![
+        ("CreateTenant", "name", name()),
+        ("CreateToken", "tenant", name()),
+        ("CreateToken", "ttl_secs", Range(1, MAX_TOKEN_TTL_SECS)),
+        (
+            "CreateToken",
+            "description",
+            MaxLength(MAX_TOKEN_DESCRIPTION),
+        ),
+        ("RegisterHost", "name", name()),
+        ("RegisterHost", "cpus", Range(1, u64::from(MAX_HOST_CPUS))),
+        ("RegisterHost", "memory_mib", Range(1, MAX_HOST_MEMORY_MIB)),
+        ("RegisterHost", "disk_gib", Range(0, MAX_HOST_DISK_GIB)),
+        ("RegisterHost", "drivers", MaxItems(MAX_DRIVERS)),
+        (
+            "RegisterHost",
+            "drivers",
+            ItemsPattern(model::NAME_PATTERN.to_owned()),
+        ),
+        (
+            "RegisterHost",
+            "agent_url",
+            Pattern("^https?://[^\\s]+$".to_owned()),
+        ),
+        ("RegisterHost", "agent_url", MaxLength(2048)),
+        ("RegisterHost", "uplink_ip", Ipv4),
+        ("RegisterHost", "nbd_addr", Pattern(socket_addr_pattern(""))),
+        (
+            "RegisterHost",
+            "link_addr",
+            Pattern(socket_addr_pattern("")),
+        ),
+        ("CreateImage", "name", name()),
+        ("CreateImage", "tenant", name()),
+        ("CreateImage", "cmdline", MaxLength(4096)),
+        ("CreateImage", "disk_mib", Range(0, MAX_DISK_MIB)),
+        ("CreateJoinToken", "ttl_secs", Range(1, MAX_JOIN_TTL_SECS)),
+        ("JoinRequest", "host", name()),
+        ("CreateNetwork", "name", name()),
+        ("CreateNetwork", "cidr", Pattern(model::cidr_pattern())),
+        ("CreateNetwork", "tenant", name()),
+        ("NicRequest", "network", name()),
+        ("NicRequest", "name", name()),
+        ("NicRequest", "ip", Ipv4),
+        ("CreateVm", "name", name()),
+        ("CreateVm", "image", name()),
+        ("CreateVm", "vcpus", Range(1, u64::from(MAX_VCPUS))),
+        (
+            "CreateVm",
+            "memory_mib",
+            Range(MIN_VM_MEMORY_MIB, MAX_VM_MEMORY_MIB),
+        ),
+        ("CreateVm", "host", name()),
+        ("CreateVm", "tenant", name()),
+        ("CreateVm", "disk_gib", Range(1, MAX_DISK_MIB >> 10)),
+        ("CreateVm", "nics", MaxItems(MAX_NICS)),
+        ("CreateVm", "kernel_args", MaxLength(MAX_KERNEL_ARGS)),
+        ("ObservedReport", "host", name()),
+        ("ObservedReport", "error", MaxLength(MAX_ERROR_LEN)),
+        (
+            "ObservedReport",
+            "console_tail",
+            MaxLength(MAX_CONSOLE_TAIL),
+        ),
+        (
+            "CreateNsInstance",
+            "name",
+            Pattern("^[a-z][a-z0-9-]{0,19}$".to_owned()),
+        ),
+        ("CreateNsInstance", "nsd", MinLength(1)),
+        ("CreateNsInstance", "sites", MinProperties(1)),
+        (
+            "CreateNsInstance",
+            "link_deadline_ms",
+            Range(100, MAX_LINK_DEADLINE_MS),
+        ),
+        ("MigrateVm", "to", name()),
+        ("MigrateVm", "strategy", OneOf(STRATEGIES.to_vec())),
+        ("EnterMaintenance", "strategy", OneOf(STRATEGIES.to_vec())),
+        (
+            "MigrationReport",
+            "incoming_uri",
+            Pattern(socket_addr_pattern("tcp:")),
+        ),
+        ("MigrationReport", "host", name()),
+        ("MigrationReport", "error", MaxLength(MAX_ERROR_LEN)),
+        ("EnterMaintenance", "to", name()),
+        ("ImportBlob", "path", MaxLength(4096)),
+        ("PlacementQuery", "disk_gib", Range(1, MAX_DISK_MIB >> 10)),
+        ("PlacementQuery", "vcpus", Range(1, u64::from(MAX_VCPUS))),
+        (
+            "PlacementQuery",
+            "memory_mib",
+            Range(MIN_VM_MEMORY_MIB, MAX_VM_MEMORY_MIB),
+        ),
+    ]
+}
+
+/// States [`rules`] in the component schemas.
+struct Rules;
+
+impl Rules {
+    /// Applies every rule; returns the ones whose schema or property is missing.
+    fn apply(doc: &mut utoipa::openapi::OpenApi) -> Vec<String> {
+        use utoipa::openapi::schema::{ArrayItems, KnownFormat, SchemaFormat};
+        use utoipa::openapi::Schema;
+        let mut missing = Vec::new();
+        let schemas = &mut doc.components.get_or_insert_with(Default::default).schemas;
+        for (schema, property, rule) in rules() {
+            let prop = match schemas.get_mut(schema) {
+                Some(RefOr::T(Schema::Object(o))) => o.properties.get_mut(property),
+                _ => None,
+            };
+            let num = |n: u64| usize::try_from(n).map(utoipa::Number::UInt).ok();
+            let applied = match (prop, &rule) {
+                (Some(RefOr::T(Schema::Object(o))), Rule::Pattern(p)) => {
+                    o.pattern = Some(p.clone());
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::Range(min, max)) => {
+                    o.minimum = num(*min);
+                    o.maximum = num(*max);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::MaxLength(n)) => {
+                    o.max_length = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::MinLength(n)) => {
+                    o.min_length = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::OneOf(values)) => {
+                    let mut e: Vec<serde_json::Value> =
+                        values.iter().map(|v| (*v).into()).collect();
+                    e.push(serde_json::Value::Null);
+                    o.enum_values = Some(e);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::MinProperties(n)) => {
+                    o.min_properties = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Object(o))), Rule::Ipv4) => {
+                    o.format = Some(SchemaFormat::KnownFormat(KnownFormat::Ipv4));
+                    true
+                }
+                (Some(RefOr::T(Schema::Array(a))), Rule::MaxItems(n)) => {
+                    a.max_items = Some(*n);
+                    true
+                }
+                (Some(RefOr::T(Schema::Array(a))), Rule::ItemsPattern(p)) => match &mut a.items {
+                    ArrayItems::RefOrSchema(item) => match item.as_mut() {
+                        RefOr::T(Schema::Object(o)) => {
+                            o.pattern = Some(p.clone());
+                            true
+                        }
+                        _ => false,
+                    },
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !applied {
+                missing.push(format!("{schema}.{property}: {rule:?}"));
+            }
+        }
+        missing
+    }
+}
+
+impl Modify for Rules {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        // A rule that finds no place is a test failure (`every_rule_is_stated`), not a
+        // reason to fail serving the document.
+        let _ = Self::apply(doc);
+    }
+}
+
+/// OpenAPI links from each create to the operations on what it made, so that a
+/// stateful client (schemathesis) can follow them: (create method, path, status,
+/// [(operation id, path parameter, response body field)]).
+#[allow(clippy::type_complexity)]
+const LINKS: &[(&str, &str, &str, &[(&str, &str, &str)])] = &[
+    (
+        "post",
+        "/v1/networks",
+        "201",
+        &[
+            ("get_network", "name", "id"),
+            ("delete_network", "name", "id"),
+        ],
+    ),
+    (
+        "post",
+        "/v1/vms",
+        "201",
+        &[
+            ("get_vm", "id", "id"),
+            ("start_vm", "id", "id"),
+            ("stop_vm", "id", "id"),
+            ("get_console", "id", "id"),
+            ("delete_vm", "id", "id"),
+        ],
+    ),
+    (
+        "post",
+        "/v1/images",
+        "201",
+        &[("get_image", "name", "id"), ("delete_image", "name", "id")],
+    ),
+    ("post", "/v1/tokens", "201", &[("revoke_token", "id", "id")]),
+    (
+        "post",
+        "/v1/hosts",
+        "201",
+        &[
+            ("get_host", "name", "name"),
+            ("heartbeat", "name", "name"),
+            ("list_assignments", "name", "name"),
+        ],
+    ),
+    (
+        "post",
+        "/v1/blobs",
+        "201",
+        &[("download_blob", "digest", "digest")],
+    ),
+    (
+        "post",
+        "/v1/ns-instances",
+        "202",
+        &[
+            ("get_ns_instance", "name", "id"),
+            ("delete_ns_instance", "name", "id"),
+        ],
+    ),
+];
+
+/// States [`LINKS`] in the create operations' responses.
+struct Links;
+
+impl Modify for Links {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::extensions::Extensions;
+        use utoipa::openapi::link::LinkBuilder;
+        for (method, path, status, links) in LINKS {
+            let Some(item) = doc.paths.paths.get_mut(*path) else {
+                continue;
+            };
+            let op = match *method {
+                "post" => item.post.as_mut(),
+                _ => None,
+            };
+            let Some(RefOr::T(response)) =
+                op.and_then(|op| op.responses.responses.get_mut(*status))
+            else {
+                continue;
+            };
+            for (operation_id, param, field) in *links {
+                response.links.insert(
+                    (*operation_id).to_owned(),
+                    RefOr::T(
+                        LinkBuilder::new()
+                            .parameter(*param, format!("$response.body#/{field}"))
+                            // utoipa 5 serializes `Link::operation_id` as `operation_id`,
+                            // not `operationId`; the flattened extensions map writes the
+                            // key as given.
+                            .extensions(Some(Extensions::from_iter([(
+                                "operationId",
+                                *operation_id,
+                            )])))
+                            .build(),
+                    ),
+                );
+            }
+        }
+    }
+}
+
 /// The OpenAPI document.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
@@ -205,4 +647,130 @@ pub fn openapi_json() -> String {
     openapi()
         .to_pretty_json()
         .unwrap_or_else(|_| "{}".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use model::api::*;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn doc() -> Value {
+        serde_json::to_value(openapi()).unwrap()
+    }
+
+    fn prop<'a>(doc: &'a Value, schema: &str, property: &str) -> &'a Value {
+        &doc["components"]["schemas"][schema]["properties"][property]
+    }
+
+    /// Operation ids are unique (OpenAPI requires it; links name them) and every link
+    /// names an operation that takes the parameter it fills.
+    #[test]
+    fn operation_ids_are_unique_and_links_resolve() {
+        let d = doc();
+        let mut ids = std::collections::BTreeMap::new();
+        for (path, item) in d["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"].as_str().unwrap().to_owned();
+                let params: Vec<String> = op["parameters"]
+                    .as_array()
+                    .map(|ps| {
+                        ps.iter()
+                            .map(|p| p["name"].as_str().unwrap().to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let before = ids.insert(id.clone(), params);
+                assert!(before.is_none(), "operationId {id} twice ({method} {path})");
+            }
+        }
+        let mut n = 0;
+        for (method, path, status, links) in LINKS {
+            let response = &d["paths"][path][method]["responses"][status];
+            for (operation_id, param, _) in *links {
+                let link = &response["links"][operation_id];
+                assert_eq!(
+                    link["operationId"], *operation_id,
+                    "{method} {path} {status}"
+                );
+                assert!(
+                    ids[*operation_id].iter().any(|p| p == param),
+                    "{operation_id} {param}"
+                );
+                n += 1;
+            }
+        }
+        assert!(n > 10);
+    }
+
+    #[test]
+    fn every_rule_is_stated() {
+        let mut d = ApiDoc::openapi();
+        assert_eq!(Rules::apply(&mut d), Vec::<String>::new());
+    }
+
+    /// The documented bounds are the constants `validate()` uses.
+    #[test]
+    fn documented_bounds_are_the_validation_constants() {
+        let d = doc();
+        let bounds = |s: &str, p: &str| {
+            let v = prop(&d, s, p);
+            (v["minimum"].as_u64(), v["maximum"].as_u64())
+        };
+        assert_eq!(
+            bounds("CreateVm", "vcpus"),
+            (Some(1), Some(u64::from(MAX_VCPUS)))
+        );
+        assert_eq!(
+            bounds("CreateVm", "memory_mib"),
+            (Some(MIN_VM_MEMORY_MIB), Some(MAX_VM_MEMORY_MIB))
+        );
+        assert_eq!(
+            bounds("RegisterHost", "cpus"),
+            (Some(1), Some(u64::from(MAX_HOST_CPUS)))
+        );
+        assert_eq!(
+            bounds("CreateJoinToken", "ttl_secs"),
+            (Some(1), Some(MAX_JOIN_TTL_SECS))
+        );
+        assert_eq!(prop(&d, "CreateVm", "nics")["maxItems"], MAX_NICS);
+        for (s, p) in [
+            ("CreateTenant", "name"),
+            ("CreateVm", "name"),
+            ("CreateNetwork", "name"),
+            ("CreateImage", "name"),
+            ("RegisterHost", "name"),
+        ] {
+            assert_eq!(prop(&d, s, p)["pattern"], model::NAME_PATTERN, "{s}.{p}");
+        }
+        assert_eq!(
+            prop(&d, "CreateNetwork", "cidr")["pattern"],
+            model::cidr_pattern()
+        );
+    }
+
+    /// Every request body names the fields it cannot do without as required.
+    #[test]
+    fn required_fields() {
+        let d = doc();
+        let required = |s: &str| -> Vec<String> {
+            let mut r: Vec<String> =
+                serde_json::from_value(d["components"]["schemas"][s]["required"].clone())
+                    .unwrap_or_default();
+            r.sort();
+            r
+        };
+        assert_eq!(
+            required("CreateVm"),
+            ["image", "memory_mib", "name", "vcpus"]
+        );
+        assert_eq!(required("CreateNetwork"), ["cidr", "name"]);
+        assert_eq!(required("CreateImage"), ["disk_mib", "name"]);
+        assert_eq!(
+            required("RegisterHost"),
+            ["cpus", "disk_gib", "memory_mib", "name"]
+        );
+        assert_eq!(required("CreateToken"), ["role"]);
+    }
 }

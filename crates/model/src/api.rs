@@ -1308,6 +1308,21 @@ pub struct PlacementQuery {
     pub memory_mib: u64,
 }
 
+impl PlacementQuery {
+    /// Checks the sizes against the limits of a VM ([`CreateVm::validate`]).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate_range("disk_gib", self.disk_gib, 1, MAX_DISK_MIB >> 10)?;
+        validate_range("vcpus", self.vcpus, 1, MAX_VCPUS)?;
+        validate_range(
+            "memory_mib",
+            self.memory_mib,
+            MIN_VM_MEMORY_MIB,
+            MAX_VM_MEMORY_MIB,
+        )?;
+        Ok(())
+    }
+}
+
 /// `POST /v1/vnfds` and `POST /v1/nsds`: a descriptor's YAML text (ETSI SOL001 style).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

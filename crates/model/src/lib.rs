@@ -27,6 +27,7 @@ pub use types::{
     ObservedState, QemuMigrationStats, Redundancy, Role, Tenant, TokenRecord, TokenScope, Vm,
 };
 pub use validate::{
-    parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name, validate_path,
-    validate_range, BlobDigest, Name, ValidationError, DIGEST_PREFIX,
+    cidr_pattern, parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name,
+    validate_path, validate_range, BlobDigest, Name, ValidationError, CIDR_PREFIXES, DIGEST_PREFIX,
+    NAME_PATTERN,
 };

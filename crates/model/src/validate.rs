@@ -66,6 +66,40 @@ impl AsRef<str> for Name {
     }
 }
 
+/// The name rule as a regular expression, as the OpenAPI document states it.
+pub const NAME_PATTERN: &str = "^[a-z0-9][a-z0-9-]{0,62}$";
+
+/// Shortest and longest prefix of a network's subnet ([`parse_cidr`]).
+pub const CIDR_PREFIXES: std::ops::RangeInclusive<u8> = 8..=30;
+
+/// A regular expression matching exactly what [`parse_cidr`] accepts: a dotted IPv4
+/// network address (no leading zeros) with a prefix in [`CIDR_PREFIXES`] and no host
+/// bits set, one alternative per prefix.
+pub fn cidr_pattern() -> String {
+    const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+    let mut alternatives = Vec::new();
+    for prefix in CIDR_PREFIXES {
+        let full = usize::from(prefix / 8);
+        let partial_bits = prefix % 8;
+        let mut octets: Vec<String> = vec![OCTET.to_owned(); full];
+        if octets.len() < 4 {
+            let step = 1u16 << (8 - partial_bits);
+            let values: Vec<String> = (0..256u16)
+                .step_by(usize::from(step))
+                .map(|v| v.to_string())
+                .collect();
+            octets.push(if values.len() == 1 {
+                values.concat()
+            } else {
+                format!("({})", values.join("|"))
+            });
+        }
+        octets.resize(4, "0".to_owned());
+        alternatives.push(format!("{}/{prefix}", octets.join("\\.")));
+    }
+    format!("^({})$", alternatives.join("|"))
+}
+
 /// Checks `value` against the name rule `[a-z0-9][a-z0-9-]{0,62}`.
 pub fn validate_name(field: &str, value: &str) -> Result<Name, ValidationError> {
     const RULE: &str = "must match [a-z0-9][a-z0-9-]{0,62}";
@@ -219,7 +253,7 @@ pub fn parse_cidr(field: &str, value: &str) -> Result<(std::net::Ipv4Addr, u8), 
         .ok_or_else(|| bad("expected a.b.c.d/prefix"))?;
     let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad("not an IPv4 address"))?;
     let prefix: u8 = prefix.parse().map_err(|_| bad("prefix is not a number"))?;
-    if !(8..=30).contains(&prefix) {
+    if !CIDR_PREFIXES.contains(&prefix) {
         return Err(bad("prefix must be 8..=30"));
     }
     let mask = u32::MAX << (32 - u32::from(prefix));

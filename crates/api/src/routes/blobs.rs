@@ -16,6 +16,7 @@ use crate::{ApiError, AppJson, AppState, Caller, Scope};
 /// Query of an upload.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct UploadBlobQuery {
     /// The digest the client computed: the upload is refused unless the bytes hash to it.
     #[param(pattern = "^sha256:[0-9a-f]{64}$")]
@@ -57,7 +58,7 @@ fn owner(caller: &Caller) -> Result<Option<TenantId>, ApiError> {
 /// Uploads a file into the image store: the body is the file's bytes, streamed
 /// (`application/octet-stream`), hashed while written, refused over the server's
 /// limit. With `expect`, refused unless the bytes hash to it.
-#[utoipa::path(post, path = "/v1/blobs", tag = "images",
+#[utoipa::path(post, path = "/v1/blobs", operation_id = "upload_blob", tag = "images",
     params(UploadBlobQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses(
@@ -104,7 +105,7 @@ pub(crate) async fn upload(
 /// Admin: copies a file from the server's import directory (`--image-import-dir`)
 /// into the image store. The path is resolved (symlinks, `..`) and must stay inside
 /// that directory.
-#[utoipa::path(post, path = "/v1/blobs/import", tag = "images", request_body = ImportBlob,
+#[utoipa::path(post, path = "/v1/blobs/import", operation_id = "import_blob", tag = "images", request_body = ImportBlob,
     responses(
         (status = 201, body = Blob),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -125,7 +126,7 @@ pub(crate) async fn import(
 }
 
 /// The blobs the caller may use: its tenant's and the shared ones (an admin: all).
-#[utoipa::path(get, path = "/v1/blobs", tag = "images",
+#[utoipa::path(get, path = "/v1/blobs", operation_id = "list_blobs", tag = "images",
     responses(
         (status = 200, body = Vec<Blob>),
         (status = 401, body = Problem, content_type = "application/problem+json"),
@@ -172,7 +173,7 @@ pub(crate) async fn usable(
 
 /// Downloads a blob. Agents fetch the files of the images they boot; members
 /// their tenant's and shared blobs.
-#[utoipa::path(get, path = "/v1/blobs/{digest}", tag = "images",
+#[utoipa::path(get, path = "/v1/blobs/{digest}", operation_id = "download_blob", tag = "images",
     params(("digest" = String, Path, description = "sha256:<64 hex digits>")),
     responses(
         (status = 200, description = "the file's bytes", content_type = "application/octet-stream", body = Vec<u8>),

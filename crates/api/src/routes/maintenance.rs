@@ -77,7 +77,7 @@ pub(crate) fn plan_drain(
 
 /// Puts a host into maintenance: cordons it and drains it (202), or with `dry_run`
 /// returns the plan without changing anything (200).
-#[utoipa::path(post, path = "/v1/hosts/{name}/maintenance", tag = "maintenance", request_body = EnterMaintenance,
+#[utoipa::path(post, path = "/v1/hosts/{name}/maintenance", operation_id = "enter_maintenance", tag = "maintenance", request_body = EnterMaintenance,
     params(("name" = String, Path, description = "host name")),
     responses(
         (status = 202, description = "draining", body = Maintenance),
@@ -163,7 +163,7 @@ pub(crate) async fn enter(
 }
 
 /// Every maintenance session, newest first.
-#[utoipa::path(get, path = "/v1/maintenance", tag = "maintenance",
+#[utoipa::path(get, path = "/v1/maintenance", operation_id = "list_maintenance", tag = "maintenance",
     responses((status = 200, body = Vec<Maintenance>)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -191,7 +191,7 @@ async fn load(state: &AppState, id: &str) -> Result<(Maintenance, store::Revisio
 }
 
 /// One maintenance session.
-#[utoipa::path(get, path = "/v1/maintenance/{id}", tag = "maintenance",
+#[utoipa::path(get, path = "/v1/maintenance/{id}", operation_id = "get_maintenance", tag = "maintenance",
     params(("id" = String, Path, description = "session id")),
     responses((status = 200, body = Maintenance), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get(
@@ -205,7 +205,7 @@ pub(crate) async fn get(
 
 /// Stops a drain: no further VM starts moving (one in flight finishes), the host is
 /// uncordoned, and the session's items say what stays where.
-#[utoipa::path(post, path = "/v1/maintenance/{id}/abort", tag = "maintenance",
+#[utoipa::path(post, path = "/v1/maintenance/{id}/abort", operation_id = "abort_maintenance", tag = "maintenance",
     params(("id" = String, Path, description = "session id")),
     responses((status = 200, body = Maintenance), (status = 409, body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn abort(
@@ -236,7 +236,7 @@ pub(crate) async fn abort(
 }
 
 /// Releases a host from maintenance.
-#[utoipa::path(post, path = "/v1/hosts/{name}/maintenance/exit", tag = "maintenance",
+#[utoipa::path(post, path = "/v1/hosts/{name}/maintenance/exit", operation_id = "exit_maintenance", tag = "maintenance",
     params(("name" = String, Path, description = "host name")),
     responses((status = 200, body = Maintenance), (status = 409, body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn exit(

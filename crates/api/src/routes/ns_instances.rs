@@ -60,7 +60,7 @@ fn redacted(mut r: NsInstanceRecord) -> NsInstanceRecord {
 }
 
 /// Instantiates a stored NSD across the given sites (202; follow with GET).
-#[utoipa::path(post, path = "/v1/ns-instances", tag = "nfv", request_body = CreateNsInstance,
+#[utoipa::path(post, path = "/v1/ns-instances", operation_id = "create_ns_instance", tag = "nfv", request_body = CreateNsInstance,
     responses(
         (status = 202, body = NsInstanceRecord),
         (status = 403, description = "a libvirt site needs an admin", body = Problem, content_type = "application/problem+json"),
@@ -153,7 +153,7 @@ pub(crate) async fn create(
 }
 
 /// The caller's NS instances.
-#[utoipa::path(get, path = "/v1/ns-instances", tag = "nfv",
+#[utoipa::path(get, path = "/v1/ns-instances", operation_id = "list_ns_instances", tag = "nfv",
     responses((status = 200, body = Vec<NsInstanceRecord>)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -173,7 +173,7 @@ pub(crate) async fn list(
 }
 
 /// One NS instance, by name or id, with its VNFs, links and SOL003 records.
-#[utoipa::path(get, path = "/v1/ns-instances/{name}", tag = "nfv",
+#[utoipa::path(get, path = "/v1/ns-instances/{name}", operation_id = "get_ns_instance", tag = "nfv",
     params(("name" = String, Path, description = "instance name or id")),
     responses((status = 200, body = NsInstanceRecord), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn get(
@@ -190,6 +190,7 @@ pub(crate) async fn get(
 /// `DELETE /v1/ns-instances/{name}?forget=true`.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct DeleteParams {
     /// Remove the record without contacting the sites (after a terminate failed because a
     /// site is gone for good): whatever that site still holds is the caller's to clean.
@@ -200,7 +201,7 @@ pub(crate) struct DeleteParams {
 /// Terminates an NS instance on every site (202; the record goes when every site is
 /// empty, or turns `failed` with the reasons). With `forget=true` on a failed instance,
 /// only the record goes (204).
-#[utoipa::path(delete, path = "/v1/ns-instances/{name}", tag = "nfv",
+#[utoipa::path(delete, path = "/v1/ns-instances/{name}", operation_id = "delete_ns_instance", tag = "nfv",
     params(("name" = String, Path, description = "instance name or id"), DeleteParams),
     responses(
         (status = 202, body = NsInstanceRecord),
@@ -298,7 +299,7 @@ pub(crate) async fn delete(
 
 /// Scales one VNF of an instantiated NS out or in by one VDU (202; the state is
 /// `scaling` until done; a failed scale-out is undone and reported in `error`).
-#[utoipa::path(post, path = "/v1/ns-instances/{name}/scale", tag = "nfv", request_body = ScaleNsInstance,
+#[utoipa::path(post, path = "/v1/ns-instances/{name}/scale", operation_id = "scale_ns_instance", tag = "nfv", request_body = ScaleNsInstance,
     params(("name" = String, Path, description = "instance name or id")),
     responses(
         (status = 202, body = NsInstanceRecord),

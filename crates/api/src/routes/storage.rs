@@ -162,7 +162,7 @@ pub(crate) async fn get_storage(
 /// fits, which constraint failed for the best candidates (as data and as text).
 /// Building the planner and explaining walk the whole inventory (up to a 2 MiB document
 /// of storage and connectivity), so they run in the CPU pool; members may call this.
-#[utoipa::path(post, path = "/v1/placements:explain", tag = "placement", request_body = PlacementQuery,
+#[utoipa::path(post, path = "/v1/placements:explain", operation_id = "explain_placement", tag = "placement", request_body = PlacementQuery,
     responses((status = 200, description = "{placed, placement?, explanation?, text}", body = Object),
         (status = 429, description = "over the rate limit, or the server is already running as many CPU-heavy jobs as it runs at once; see Retry-After", body = Problem, content_type = "application/problem+json")))]
 pub(crate) async fn explain(
@@ -171,6 +171,7 @@ pub(crate) async fn explain(
     AppJson(q): AppJson<PlacementQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "asking for a placement")?;
+    q.validate()?;
     let inputs = planner_inputs(&state).await?;
     let req = sched::Request {
         disk_gib: q.disk_gib,

@@ -10,6 +10,7 @@ use crate::{ApiError, AppState, Caller};
 /// Window of a traffic query.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct TrafficParams {
     /// The last this many seconds.
     window_s: Option<u64>,

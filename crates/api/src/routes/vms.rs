@@ -386,7 +386,7 @@ async fn remove(state: &AppState, vm: &Vm, rev: Revision) -> Result<Revision, St
 
 /// The latest console output the agent reported (empty if none), as text.
 /// Kept in server memory only; a server restart forgets it until the next report.
-#[utoipa::path(get, path = "/v1/vms/{id}/console", tag = "vms",
+#[utoipa::path(get, path = "/v1/vms/{id}/console", operation_id = "get_console", tag = "vms",
     params(("id" = String, Path, description = "vm id or name")),
     responses(
         (status = 200, body = String, content_type = "text/plain"),
@@ -408,7 +408,7 @@ pub(crate) async fn console(
 
 /// Every VM assigned to the host, across tenants, with its image: what the
 /// host's agent must converge to. VMs absent from this list must not run there.
-#[utoipa::path(get, path = "/v1/hosts/{name}/assignments", tag = "agent",
+#[utoipa::path(get, path = "/v1/hosts/{name}/assignments", operation_id = "list_assignments", tag = "agent",
     params(("name" = String, Path, description = "host name")),
     responses(
         (status = 200, body = Vec<Assignment>),

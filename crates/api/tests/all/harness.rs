@@ -1,7 +1,8 @@
 //! A router over an in-memory store, with an admin token, two tenants, an
 //! agent token, and helpers to call it.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use api::{AppState, ServerConfig};
@@ -12,6 +13,81 @@ use serde_json::{json, Value};
 use store::testing::MemStore;
 use store::Store;
 use tower::ServiceExt;
+
+/// One operation of the OpenAPI document: its method, the path template's segments
+/// (`None`: a `{param}`, matching any one segment) and the statuses it documents.
+struct Documented {
+    method: String,
+    template: String,
+    segments: Vec<Option<String>>,
+    statuses: BTreeSet<u16>,
+}
+
+/// Every operation of `api::openapi()`, the contract the router tests hold the server to.
+static CONTRACT: LazyLock<Vec<Documented>> = LazyLock::new(|| {
+    let doc = serde_json::to_value(api::openapi()).unwrap();
+    let mut ops = Vec::new();
+    for (template, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let Some(responses) = op.get("responses").and_then(Value::as_object) else {
+                continue;
+            };
+            let segments = template
+                .split('/')
+                .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
+                .collect();
+            let statuses = responses.keys().map(|k| k.parse().unwrap()).collect();
+            ops.push(Documented {
+                method: method.to_uppercase(),
+                template: template.clone(),
+                segments,
+                statuses,
+            });
+        }
+    }
+    ops
+});
+
+/// Panics unless `status` is documented for the operation `method path` names. A
+/// path that matches no template (or no operation with this method) may get only 404
+/// or 405. Among templates that match, the one with the most literal segments wins,
+/// as in the router (`/v1/blobs/import` before `/v1/blobs/{digest}`).
+pub fn check_documented(method: &Method, path: &str, status: StatusCode) {
+    let path = path.split('?').next().unwrap_or(path);
+    let parts: Vec<&str> = path.split('/').collect();
+    let matches = |d: &&Documented| {
+        d.segments.len() == parts.len()
+            && d.segments.iter().zip(&parts).all(|(s, p)| match s {
+                Some(lit) => lit == p,
+                None => !p.is_empty(),
+            })
+    };
+    let literals = |d: &&Documented| d.segments.iter().filter(|s| s.is_some()).count();
+    let best = CONTRACT
+        .iter()
+        .filter(matches)
+        .max_by_key(literals)
+        .map(|d| literals(&d));
+    let op = CONTRACT
+        .iter()
+        .filter(matches)
+        .filter(|d| Some(literals(d)) == best)
+        .find(|d| d.method == method.as_str());
+    match op {
+        Some(op) => assert!(
+            op.statuses.contains(&status.as_u16()),
+            "{method} {path} returned {status}, which the OpenAPI document does not list \
+             for {} {} (documented: {:?})",
+            op.method,
+            op.template,
+            op.statuses,
+        ),
+        None => assert!(
+            matches!(status.as_u16(), 404 | 405),
+            "{method} {path} matches no documented operation but returned {status}, not 404/405",
+        ),
+    }
+}
 
 pub struct Resp {
     pub status: StatusCode,
@@ -117,7 +193,7 @@ impl App {
         content_type: Option<&str>,
         body: &str,
     ) -> Resp {
-        let mut req = Request::builder().method(method).uri(path);
+        let mut req = Request::builder().method(method.clone()).uri(path);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -127,6 +203,7 @@ impl App {
         let req = req.body(Body::from(body.to_owned())).unwrap();
         let res = self.router.clone().oneshot(req).await.unwrap();
         let status = res.status();
+        check_documented(&method, path, status);
         let content_type = res
             .headers()
             .get(header::CONTENT_TYPE)
@@ -269,5 +346,21 @@ where
     while !cond().await {
         assert!(Instant::now() < end, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn the_contract_check_knows_templates_and_refuses_undocumented_statuses() {
+    check_documented(&Method::GET, "/v1/vms/x?y=1", StatusCode::NOT_FOUND);
+    check_documented(&Method::POST, "/v1/blobs/import", StatusCode::CREATED);
+    check_documented(&Method::PATCH, "/v1/vms/x", StatusCode::METHOD_NOT_ALLOWED);
+    check_documented(&Method::GET, "/v1/nowhere", StatusCode::NOT_FOUND);
+    for (method, path, status) in [
+        (Method::GET, "/v1/vms/x", StatusCode::IM_A_TEAPOT),
+        (Method::GET, "/v1/openapi.json", StatusCode::UNAUTHORIZED),
+        (Method::GET, "/v1/nowhere", StatusCode::UNAUTHORIZED),
+    ] {
+        let r = std::panic::catch_unwind(|| check_documented(&method, path, status));
+        assert!(r.is_err(), "{method} {path} {status} passed the check");
     }
 }

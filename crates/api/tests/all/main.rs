@@ -1,6 +1,7 @@
 //! Integration tests of the API: the router without a socket, and one
 //! round trip over TCP through the `client` crate.
 
+mod contract;
 mod harness;
 mod images;
 mod limits;
