@@ -40,13 +40,15 @@ trap cleanup EXIT
 
 # A free loopback port: bind port 0, read what the kernel gave, release it.
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-base=http://127.0.0.1:$port
+# TLS on (the cluster CA is minted in the data directory) so that join tokens can be
+# minted: without TLS that operation is a 409 whatever the request.
+base=https://127.0.0.1:$port
 "$vinfra" server --store "redb:$tmp/state.redb" --listen "127.0.0.1:$port" --data-dir "$tmp" \
-    --rate-limit 0 --image-import-dir "$tmp/import" >"$tmp/server.log" 2>&1 &
+    --rate-limit 0 --tls on --image-import-dir "$tmp/import" >"$tmp/server.log" 2>&1 &
 server_pid=$!
 mkdir -p "$tmp/import"
 for _ in $(seq 1 100); do
-    if curl -fsS "$base/v1/openapi.json" -o /dev/null 2>/dev/null && [[ -s $tmp/admin-token ]]; then
+    if curl -kfsS "$base/v1/openapi.json" -o /dev/null 2>/dev/null && [[ -s $tmp/admin-token ]]; then
         break
     fi
     if ! kill -0 "$server_pid" 2>/dev/null; then
@@ -60,28 +62,36 @@ admin=$(cat "$tmp/admin-token")
 auth="Authorization: Bearer $admin"
 
 # Objects the generated creates can lean on: a host with room (registered with an
-# agent token), an image `debian` whose kernel is in the image store, a network `net`.
+# admin), an image `debian` whose kernel is in the image store, a network `net`.
 api() { # METHOD PATH [JSON]
-    curl -fsS -X "$1" "$base$2" -H "$auth" ${3:+-H "Content-Type: application/json" --data "$3"}
+    curl -kfsS -X "$1" "$base$2" -H "$auth" ${3:+-H "Content-Type: application/json" --data "$3"}
 }
-agent=$(api POST /v1/tokens '{"role":"agent"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-curl -fsS -X POST "$base/v1/hosts" -H "Authorization: Bearer $agent" -H "Content-Type: application/json" \
-    --data '{"name":"h1","cpus":4096,"memory_mib":67108864,"disk_gib":1048576,"drivers":["process"]}' >/dev/null
-kernel=$(curl -fsS -X POST "$base/v1/blobs" -H "$auth" -H "Content-Type: application/octet-stream" \
+# (Registered by the admin: over TLS an agent token also needs the agent's client
+# certificate.)
+api POST /v1/hosts '{"name":"h1","cpus":4096,"memory_mib":67108864,"disk_gib":1048576,"drivers":["process"]}' >/dev/null
+kernel=$(curl -kfsS -X POST "$base/v1/blobs" -H "$auth" -H "Content-Type: application/octet-stream" \
     --data-binary kernel | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')
 api POST /v1/images "{\"name\":\"debian\",\"kernel\":\"$kernel\",\"disk_mib\":1024}" >/dev/null
 api POST /v1/networks '{"name":"net","cidr":"10.10.0.0/16"}' >/dev/null
 echo "kernel" >"$tmp/import/kernel"
 
+# Not checked: use_after_free (a VM or NS instance delete is 202, the object stays
+# visible, `deleting`, until its agent or sites are done) and ensure_resource_availability
+# (networks and images are addressed by name and by id: a scenario deletes one by name,
+# then the link by id finds it gone and the check blames the create). Positive data
+# acceptance is not checked either: references and cross-field rules are not in the schemas.
+# One worker: with two, one worker's generated deletes remove what the other's
+# scenario just created, and the availability checks fail on the race, not the server.
 status=0
-"$venv/bin/schemathesis" run "$base/v1/openapi.json" \
+"$venv/bin/schemathesis" --config-file "${SCHEMATHESIS_CONFIG:-scripts/schemathesis.toml}" run "$base/v1/openapi.json" \
     --header "$auth" \
+    --tls-verify false \
     --phases examples,coverage,fuzzing,stateful \
     --mode all \
-    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,use_after_free,ensure_resource_availability \
+    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection \
     --max-examples "$max_examples" \
     --seed "$seed" \
-    --workers 2 \
+    --workers 1 \
     --request-timeout 10 \
     --no-color \
     --report junit --report-dir "${SCHEMATHESIS_REPORT_DIR:-$tmp/report}" \
