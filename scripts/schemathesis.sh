@@ -83,7 +83,10 @@ echo "kernel" >"$tmp/import/kernel"
 # One worker: with two, one worker's generated deletes remove what the other's
 # scenario just created, and the availability checks fail on the race, not the server.
 status=0
-"$venv/bin/schemathesis" --config-file "${SCHEMATHESIS_CONFIG:-scripts/schemathesis.toml}" run "$base/v1/openapi.json" \
+config=${SCHEMATHESIS_CONFIG:-$PWD/scripts/schemathesis.toml}
+# Run from the scratch directory: schemathesis keeps caches (.schemathesis, .hypothesis)
+# in its working directory and replays what they hold, so each run starts clean.
+(cd "$tmp" && "$venv/bin/schemathesis" --config-file "$config" run "$base/v1/openapi.json" \
     --header "$auth" \
     --tls-verify false \
     --phases examples,coverage,fuzzing,stateful \
@@ -91,11 +94,12 @@ status=0
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection \
     --max-examples "$max_examples" \
     --seed "$seed" \
+    --generation-database none \
     --workers 1 \
     --request-timeout 10 \
     --no-color \
     --report junit --report-dir "${SCHEMATHESIS_REPORT_DIR:-$tmp/report}" \
-    "$@" || status=$?
+    "$@") || status=$?
 if [[ $status -ne 0 ]]; then
     echo "schemathesis.sh: failures above; the server's log:" >&2
     tail -n 50 "$tmp/server.log" >&2
