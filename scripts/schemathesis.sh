@@ -40,6 +40,9 @@ trap cleanup EXIT
 
 # A free loopback port: bind port 0, read what the kernel gave, release it.
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Plain HTTP on loopback: join tokens are then a 409 whatever the request (TLS only).
+# With `--tls on` about one run in five ended with a TLS EOF from the server on a
+# negative-data request (to investigate), so CI stays on HTTP.
 base=http://127.0.0.1:$port
 "$vinfra" server --store "redb:$tmp/state.redb" --listen "127.0.0.1:$port" --data-dir "$tmp" \
     --rate-limit 0 --image-import-dir "$tmp/import" >"$tmp/server.log" 2>&1 &
@@ -73,19 +76,30 @@ api POST /v1/images "{\"name\":\"debian\",\"kernel\":\"$kernel\",\"disk_mib\":10
 api POST /v1/networks '{"name":"net","cidr":"10.10.0.0/16"}' >/dev/null
 echo "kernel" >"$tmp/import/kernel"
 
+# Not checked: use_after_free (a VM or NS instance delete is 202, the object stays
+# visible, `deleting`, until its agent or sites are done) and ensure_resource_availability
+# (networks and images are addressed by name and by id: a scenario deletes one by name,
+# then the link by id finds it gone and the check blames the create). Positive data
+# acceptance is not checked either: references and cross-field rules are not in the schemas.
+# One worker: with two, one worker's generated deletes remove what the other's
+# scenario just created, and the availability checks fail on the race, not the server.
 status=0
-"$venv/bin/schemathesis" run "$base/v1/openapi.json" \
+config=${SCHEMATHESIS_CONFIG:-$PWD/scripts/schemathesis.toml}
+# Run from the scratch directory: schemathesis keeps caches (.schemathesis, .hypothesis)
+# in its working directory and replays what they hold, so each run starts clean.
+(cd "$tmp" && "$venv/bin/schemathesis" --config-file "$config" run "$base/v1/openapi.json" \
     --header "$auth" \
     --phases examples,coverage,fuzzing,stateful \
     --mode all \
-    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,use_after_free,ensure_resource_availability \
+    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection \
     --max-examples "$max_examples" \
     --seed "$seed" \
-    --workers 2 \
+    --generation-database none \
+    --workers 1 \
     --request-timeout 10 \
     --no-color \
     --report junit --report-dir "${SCHEMATHESIS_REPORT_DIR:-$tmp/report}" \
-    "$@" || status=$?
+    "$@") || status=$?
 if [[ $status -ne 0 ]]; then
     echo "schemathesis.sh: failures above; the server's log:" >&2
     tail -n 50 "$tmp/server.log" >&2

@@ -60,6 +60,7 @@ pub struct Problem {
 /// `POST /v1/tenants`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "acme"}))]
 pub struct CreateTenant {
     /// Unique tenant name.
     pub name: String,
@@ -96,6 +97,7 @@ pub const TOKEN_PREFIX_LEN: usize = 12;
 /// `POST /v1/tokens`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"role": "admin", "ttl_secs": 3600, "scope": "read-only", "description": "dashboards"}))]
 pub struct CreateToken {
     /// Role of the new token. A member may mint `member` tokens only.
     pub role: Role,
@@ -233,6 +235,7 @@ pub struct TokenCreated {
 /// `POST /v1/hosts`: register a host, or re-register it under the same name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "h2", "cpus": 16, "memory_mib": 32768, "disk_gib": 500, "drivers": ["process"], "agent_url": "http://10.0.0.2:7071"}))]
 pub struct RegisterHost {
     /// Unique host name.
     pub name: String,
@@ -468,6 +471,7 @@ pub const NIC_KERNEL_ARG: &str = "vinfra.nic=";
 /// `POST /v1/networks`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "backend", "cidr": "10.1.0.0/24"}))]
 pub struct CreateNetwork {
     /// Name, unique within the tenant.
     pub name: String,
@@ -509,6 +513,7 @@ pub struct NicRequest {
 /// `POST /v1/vms`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "web-1", "image": "debian", "vcpus": 1, "memory_mib": 256}))]
 pub struct CreateVm {
     /// Name, unique within the tenant.
     pub name: String,

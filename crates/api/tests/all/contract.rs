@@ -120,3 +120,21 @@ async fn ambiguous_names_are_a_documented_409() {
     .await
     .problem(409, "use the network id");
 }
+
+/// A network an admin creates (no tenant: the `default` tenant's) can be read back by
+/// the id the create answered.
+#[tokio::test]
+async fn created_network_is_found_by_its_id() {
+    let app = App::new().await;
+    let r = app
+        .post(
+            "/v1/networks",
+            &app.admin,
+            json!({ "name": "32ndk", "cidr": "106.176.0.0/12" }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let r = app.get(&format!("/v1/networks/{id}"), &app.admin).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
