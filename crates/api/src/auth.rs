@@ -15,8 +15,8 @@ use model::{Role, TenantId, TokenId, TokenRecord, TokenScope};
 use sha2::{Digest, Sha256};
 use store::{Compare, Revision, Store, StoreError, TxnOp};
 
-use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
 use crate::{ApiError, Scope};
+use control::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
 
 /// Name of the admin token file inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";

@@ -226,6 +226,24 @@ impl ApiError {
     }
 }
 
+/// The control layer's shared failures, as HTTP answers.
+impl From<control::ControlError> for ApiError {
+    fn from(e: control::ControlError) -> Self {
+        use control::ControlError as C;
+        match e {
+            C::Store(e) => ApiError::Store(e),
+            C::NotFound { kind, id } => ApiError::NotFound { kind, id },
+            e @ (C::AmbiguousName { .. } | C::Taken(_) | C::Contended { .. }) => {
+                ApiError::Conflict(e.to_string())
+            }
+            e @ (C::Decode { .. } | C::Encode(_) | C::Invariant(_)) => {
+                ApiError::internal("the control layer", e)
+            }
+            e => ApiError::internal("the control layer", e),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();

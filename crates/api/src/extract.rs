@@ -8,8 +8,8 @@ use http_body_util::BodyExt;
 use model::{Role, TenantId, TokenId, TokenRecord, TokenScope};
 use serde::de::DeserializeOwned;
 
-use crate::store_io::{get_json, keys, now_ms};
-use crate::{auth, ApiError, AppState};
+use crate::{auth, ApiError, AppState, Scope};
+use control::records::{get_json, keys, now_ms};
 
 /// Largest JSON body accepted (axum's default, named here so that a refusal can say
 /// it). Documents inside a body have their own, smaller limits (descriptors: 256 KiB).
@@ -217,25 +217,6 @@ pub struct Caller {
     pub scope: TokenScope,
     /// The token's expiry, unix ms; `None`: never.
     pub expires_at: Option<u64>,
-}
-
-/// Which objects a caller may see.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// Every tenant's.
-    All,
-    /// One tenant's (and public images).
-    Tenant(TenantId),
-}
-
-impl Scope {
-    /// Whether an object owned by `tenant` is visible.
-    pub fn sees(self, tenant: TenantId) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Tenant(t) => t == tenant,
-        }
-    }
 }
 
 impl Caller {

@@ -22,8 +22,6 @@ mod metrics;
 mod openapi;
 mod pki;
 mod routes;
-mod sched;
-mod store_io;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -37,13 +35,13 @@ use store::Store;
 
 pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
 pub use blobs::{BlobConfig, BlobError, BlobFiles, DEFAULT_MAX_BLOB_BYTES};
+pub use control::Scope;
 pub use error::ApiError;
-pub use extract::{AppJson, Caller, Scope};
+pub use extract::{AppJson, Caller};
 pub use limits::RateLimit;
 pub use listen::Peer;
 pub use openapi::{openapi, openapi_json};
 pub use pki::TlsConfig;
-pub use sched::{place, PlaceError, Usage};
 
 /// Default port of the control-plane API.
 pub const DEFAULT_PORT: u16 = 7070;
@@ -103,8 +101,7 @@ pub struct AppState {
 }
 
 struct Inner {
-    store: Arc<dyn Store>,
-    heartbeat_timeout_ms: u64,
+    control: control::Control,
     /// Latest console tail per VM. In memory on purpose: it is large,
     /// changes every report, and losing it on restart costs nothing.
     consoles: Mutex<HashMap<VmId, String>>,
@@ -129,7 +126,7 @@ struct Inner {
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
-            .field("heartbeat_timeout_ms", &self.inner.heartbeat_timeout_ms)
+            .field("control", &self.inner.control)
             .finish_non_exhaustive()
     }
 }
@@ -139,9 +136,10 @@ impl AppState {
     pub fn new(store: Arc<dyn Store>, config: &ServerConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store,
-                heartbeat_timeout_ms: u64::try_from(config.heartbeat_timeout.as_millis())
-                    .unwrap_or(u64::MAX),
+                control: control::Control::new(
+                    store,
+                    u64::try_from(config.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX),
+                ),
                 consoles: Mutex::new(HashMap::new()),
                 snapshots: Mutex::new(HashMap::new()),
                 http: metrics::HttpCounters::default(),
@@ -178,11 +176,16 @@ impl AppState {
 
     /// The store.
     pub fn store(&self) -> &dyn Store {
-        self.inner.store.as_ref()
+        self.inner.control.store()
+    }
+
+    /// The control layer.
+    pub fn control(&self) -> &control::Control {
+        &self.inner.control
     }
 
     pub(crate) fn heartbeat_timeout_ms(&self) -> u64 {
-        self.inner.heartbeat_timeout_ms
+        self.inner.control.heartbeat_timeout_ms()
     }
 
     pub(crate) fn set_console(&self, vm: VmId, tail: String) {

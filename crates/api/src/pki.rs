@@ -8,8 +8,8 @@
 use serde::{Deserialize, Serialize};
 use store::{Store, StoreError};
 
-use crate::store_io::{get_json, to_bytes};
 use crate::ApiError;
+use control::records::{get_json, to_bytes};
 
 /// Where the CA is kept.
 const CA_KEY: &str = "/vinfra/ca";

@@ -10,12 +10,13 @@
 //!
 //! It owns no state and does no I/O besides [`Inventory::load_file`]; no clock, no
 //! randomness except the seeded generator used by [`bench`](mod@bench). Of the vinfra crates
-//! it depends only on `model`, for that generator (`model::SplitMix64`). Its callers are the
-//! API server (placing a redundant VM, and `placement explain` over the storage inventory)
+//! it depends only on `model`, for that generator (`model::SplitMix64`) and the host and VM
+//! records that [`place`] reads. Its callers are the control layer and the API server (placing a redundant VM, and `placement explain` over the storage inventory)
 //! and the CLI's `vinfra bench placement`; it never calls them. The agent does not use it.
 //!
 //! - [`model`]: the inventory types, YAML/JSON loading with per-path errors.
 //! - [`Planner`]: indexes built once per inventory snapshot; `place`, `explain`, `commit`.
+//! - [`place`]: where a plain VM fits by capacity ([`usage`] counts what is reserved).
 //! - [`takeover`]: the decision to restart a VM on its standby when the primary is down.
 //! - [`baseline`]: the naive brute force, for tests and the benchmark.
 //! - [`bench`](mod@bench): seeded random clusters and the side-by-side benchmark.
@@ -27,6 +28,7 @@
 pub mod baseline;
 pub mod bench;
 pub mod explain;
+mod fit;
 mod load;
 pub mod model;
 mod plan;
@@ -34,6 +36,7 @@ mod takeover;
 
 pub use bench::{bench_placement, bench_table, format_table, BenchRow};
 pub use explain::{CandidateReport, Explanation, Reason};
+pub use fit::{place, usage, PlaceError, Usage};
 pub use load::LoadError;
 pub use model::{
     FailureDomain, FieldError, Inventory, InventoryError, Placement, Problem, Replica,

@@ -10,8 +10,8 @@ use model::{Blob, BlobDigest, Role, TenantId};
 
 use crate::blobs::{file_stream, BlobFiles, Stored};
 use crate::extract::AppPath;
-use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
+use control::records::{get_json, keys, list_json, now_ms, to_bytes};
 
 /// Query of an upload.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]

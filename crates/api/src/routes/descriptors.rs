@@ -8,8 +8,8 @@ use axum::Json;
 use model::api::{DescriptorUpload, Problem, StoredDescriptor};
 use model::Role;
 
-use crate::store_io::{keys, list_json, now_ms, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
+use control::records::{keys, list_json, now_ms, to_bytes};
 
 /// The descriptor size limit, checked (O(1)) before the body takes a CPU permit, so
 /// that it is a 413. The depth pre-scan, a pass over up to 256 KiB, runs first thing

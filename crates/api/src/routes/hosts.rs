@@ -8,8 +8,8 @@ use model::{Host, HostId, Name, Role};
 use store::{Revision, StoreError};
 
 use crate::extract::AppPath;
-use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
 use crate::{ApiError, AppJson, AppState, Caller};
+use control::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
 
 /// Registers a host, or re-registers it under the same name (keeping its id;
 /// capacity, drivers and agent URL are replaced). Counts as a heartbeat.

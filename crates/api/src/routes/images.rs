@@ -9,8 +9,8 @@ use store::{Revision, StoreError};
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
-use crate::store_io::{get_json, insert_named, keys, list_json, list_keyed, now_ms, remove_named};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
+use control::records::{get_json, insert_named, keys, list_json, list_keyed, now_ms, remove_named};
 
 /// Creates an image from files in the image store (`POST /v1/blobs`), named by
 /// digest. A member's image belongs to its tenant; an admin's is public unless the

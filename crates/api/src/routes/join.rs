@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use store::{Compare, StoreError, TxnOp};
 
 use crate::auth::{hash_token, mint, new_token, NewToken};
-use crate::store_io::{get_json, now_ms, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller};
+use control::records::{get_json, now_ms, to_bytes};
 
 /// What the store keeps of a join token, under the SHA-256 of its secret.
 #[derive(Serialize, Deserialize)]

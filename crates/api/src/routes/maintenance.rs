@@ -25,10 +25,10 @@ use store::{Compare, StoreError, TxnOp};
 use crate::extract::AppPath;
 use crate::routes::hosts::{all_hosts, host_name};
 use crate::routes::migrations;
-use crate::routes::vms::usage;
-use crate::sched::{place, PlaceError, Usage};
-use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
 use crate::{ApiError, AppJson, AppState, Caller};
+use control::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
+use sched::usage;
+use sched::{place, PlaceError, Usage};
 
 /// Plans where each VM of `host` goes. Pure: `hosts` with fresh states, `vms` all VM
 /// records. VMs being deleted are left alone (their record goes with them).

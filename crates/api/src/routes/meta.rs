@@ -5,8 +5,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use model::{Host, HostState, Image, Network, ObservedState, Role, TenantId, Vm};
 
-use crate::store_io::{keys, list_json, now_ms};
 use crate::{ApiError, AppState, Caller, Scope};
+use control::records::{keys, list_json, now_ms};
 
 /// The OpenAPI document of this API.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", security(()),

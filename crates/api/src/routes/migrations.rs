@@ -19,10 +19,11 @@ use store::{Compare, StoreError, TxnOp};
 
 use crate::extract::{read_body, AppPath};
 use crate::routes::hosts::all_hosts;
-use crate::routes::vms::{resolve, usage};
-use crate::sched::place;
-use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
+use crate::routes::vms::resolve;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
+use control::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
+use sched::place;
+use sched::usage;
 
 /// Largest snapshot accepted: the heat map and pattern are bounded by the cache's
 /// capacity (a few MiB for a 1 GiB cache of 64 KiB blocks).
@@ -109,7 +110,7 @@ pub(crate) async fn try_start(
         Some(to),
     )
     .map_err(|e| match e {
-        crate::PlaceError::NoSuchHost(_) => {
+        sched::PlaceError::NoSuchHost(_) => {
             ApiError::Unprocessable(format!("to: no host named {to}"))
         }
         other => ApiError::Conflict(other.to_string().replacen("host:", "to:", 1)),

@@ -14,10 +14,10 @@ use store::{Compare, Revision, StoreError, TxnOp};
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
-use crate::store_io::{
+use crate::{ApiError, AppJson, AppState, Caller, Scope};
+use control::records::{
     insert_named, keys, list_json, list_keyed, now_ms, remove_named, resolve_named, to_bytes,
 };
-use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
 /// Creates a network.
 #[utoipa::path(post, path = "/v1/networks", tag = "networks", request_body = CreateNetwork,
@@ -143,6 +143,7 @@ pub(crate) async fn resolve(
         |n| n.tenant,
     )
     .await
+    .map_err(ApiError::from)
 }
 
 /// The NICs of a VM being created, with the store compares and writes that make the

@@ -27,10 +27,10 @@ use store::{Revision, StoreError};
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
-use crate::store_io::{
+use crate::{ApiError, AppJson, AppState, Caller, Scope};
+use control::records::{
     insert_named, keys, list_json, now_ms, remove_named, resolve_named, to_bytes,
 };
-use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
 // Long enough for a TCG guest that is still booting to bring its CP up; a peer that never
 // answers still fails with a reason after it.
@@ -542,6 +542,7 @@ pub(crate) async fn resolve(
         |r| r.tenant,
     )
     .await
+    .map_err(ApiError::from)
 }
 
 /// The text of the tenant's stored NSD `id` and of every stored VNFD it may import.

@@ -16,9 +16,9 @@ use sched::{Inventory, Planner, ServerName, ServerResource, StorageName, Storage
 use store::StoreError;
 
 use crate::routes::hosts::all_hosts;
-use crate::routes::vms::usage;
-use crate::store_io::{get_json, keys, list_json, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller};
+use control::records::{get_json, keys, list_json, to_bytes};
+use sched::usage;
 
 /// The stored document: storage resources and connectivity, as the operator gave them.
 async fn stored(state: &AppState) -> Result<StorageInventory, ApiError> {

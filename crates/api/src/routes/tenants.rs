@@ -8,8 +8,8 @@ use model::{Name, Role, Tenant, TenantId, TokenScope};
 use store::{Compare, StoreError, TxnOp};
 
 use crate::auth::{new_token, prepare, NewToken};
-use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes};
 use crate::{ApiError, AppJson, AppState, Caller};
+use control::records::{get_json, keys, list_json, now_ms, to_bytes};
 
 /// Name of the tenant that an admin's VMs and tenant images go to when the
 /// admin names none.

@@ -10,8 +10,8 @@ use model::{Role, TokenId};
 use crate::auth::{self, NewToken};
 use crate::extract::AppPath;
 use crate::routes::tenants::tenant_by_name;
-use crate::store_io::now_ms;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
+use control::records::now_ms;
 
 /// Mints a token (the secret is shown only this once). A member may mint
 /// member tokens of its own tenant only; the new token never outlives the

@@ -8,18 +8,16 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use model::api::{Assignment, CreateVm, ObservedReport, Problem, ReportedState};
-use model::{
-    DesiredState, HostState, Image, ImageId, Migration, Name, ObservedState, Role, Vm, VmId,
-};
+use model::{DesiredState, HostState, Image, ImageId, Migration, ObservedState, Role, Vm, VmId};
 use store::{Compare, Revision, StoreError, TxnOp};
 
 use crate::extract::AppPath;
 use crate::routes::hosts::{all_hosts, host_name};
 use crate::routes::tenants::write_tenant;
 use crate::routes::{images, networks};
-use crate::sched::{place, PlaceError, Usage};
-use crate::store_io::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
+use control::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
+use sched::{place, usage, PlaceError};
 
 /// Creates a VM and places it on a host: the requested one, or the up host
 /// with the most free memory that has room for it.
@@ -184,22 +182,6 @@ pub(crate) async fn create_vm(
     Err(ApiError::Conflict(
         "host: placement kept racing with other requests, retry".to_owned(),
     ))
-}
-
-/// Reserved resources per host: every VM record counts, whatever its state,
-/// until the record is gone.
-pub(crate) fn usage<'a>(vms: impl Iterator<Item = &'a Vm>) -> HashMap<Name, Usage> {
-    let mut out: HashMap<Name, Usage> = HashMap::new();
-    for vm in vms {
-        // A redundant VM also holds room on its standby, so a takeover always fits.
-        let standby = vm.redundancy.as_ref().map(|r| &r.standby_host);
-        for host in std::iter::once(&vm.host).chain(standby) {
-            let u = out.entry(host.clone()).or_default();
-            u.vcpus = u.vcpus.saturating_add(u64::from(vm.vcpus));
-            u.memory_mib = u.memory_mib.saturating_add(vm.memory_mib);
-        }
-    }
-    out
 }
 
 /// Lists the caller's VMs (an admin: every tenant's).
@@ -545,7 +527,7 @@ pub(crate) async fn resolve(
     scope: Scope,
     s: &str,
 ) -> Result<(Vm, Revision), ApiError> {
-    crate::store_io::resolve_named::<VmId, Vm>(
+    control::records::resolve_named::<VmId, Vm>(
         state.store(),
         scope,
         s,
@@ -555,4 +537,5 @@ pub(crate) async fn resolve(
         |v| v.tenant,
     )
     .await
+    .map_err(ApiError::from)
 }

@@ -1,8 +1,10 @@
-//! Placement of a new VM: pure, so that it is tested without a store.
+//! Where a VM fits by capacity: the one placement rule for a plain VM (create,
+//! migration destination, maintenance drain), with the reservation count it is checked
+//! against. Pure, so that it is tested without a store.
 
 use std::collections::HashMap;
 
-use model::{Host, HostState, Name};
+use ::model::{Host, HostState, Name, Vm};
 
 /// Resources already reserved on a host by its VMs (of every desired state
 /// except gone: a stopped VM keeps its reservation so that it can start again).
@@ -52,6 +54,30 @@ pub enum PlaceError {
         /// Registered hosts.
         total: usize,
     },
+}
+
+/// Reserved resources per host: every VM record counts, whatever its state, until the
+/// record is gone; a redundant VM also holds room on its standby, so a takeover always
+/// fits.
+pub fn usage<'a>(vms: impl Iterator<Item = &'a Vm>) -> HashMap<Name, Usage> {
+    let mut out: HashMap<Name, Usage> = HashMap::new();
+    for vm in vms {
+        let standby = vm.redundancy.as_ref().map(|r| &r.standby_host);
+        for host in std::iter::once(&vm.host).chain(standby) {
+            out.entry(host.clone())
+                .or_default()
+                .add(vm.vcpus, vm.memory_mib);
+        }
+    }
+    out
+}
+
+impl Usage {
+    /// Counts one more VM of `vcpus` and `memory_mib`.
+    pub fn add(&mut self, vcpus: u32, memory_mib: u64) {
+        self.vcpus = self.vcpus.saturating_add(u64::from(vcpus));
+        self.memory_mib = self.memory_mib.saturating_add(memory_mib);
+    }
 }
 
 fn free(host: &Host, used: Usage) -> (u64, u64) {
@@ -124,7 +150,7 @@ pub fn place(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::{validate_name, HostId};
+    use ::model::{validate_name, HostId};
 
     fn host(name: &str, cpus: u32, mem: u64, state: HostState) -> Host {
         Host {

@@ -1,4 +1,5 @@
-//! The store's key layout and JSON (de)serialization of records.
+//! The store's key layout and JSON (de)serialization of records: the one place that
+//! knows where each record lives.
 //!
 //! Records live under their id; names are unique through a separate index
 //! key written in the same transaction, so that two concurrent creates of
@@ -9,10 +10,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use store::{KeyValue, Revision, Store};
 
-use crate::ApiError;
+use crate::{ControlError, Scope};
 
 /// Store keys. Every name in a key has passed `validate_name`, so it has no `/`.
-pub(crate) mod keys {
+// A prefix or key function is named for the record it holds; the ones with a rule
+// beyond that say it.
+#[allow(missing_docs)]
+pub mod keys {
     use model::{ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, TokenId, VmId};
 
     pub const TOKENS: &str = "/vinfra/tokens/";
@@ -127,22 +131,24 @@ pub(crate) mod keys {
 }
 
 /// Encodes a record.
-pub(crate) fn to_bytes<T: Serialize>(value: &T) -> Result<Bytes, ApiError> {
+pub fn to_bytes<T: Serialize>(value: &T) -> Result<Bytes, ControlError> {
     serde_json::to_vec(value)
         .map(Bytes::from)
-        .map_err(|e| ApiError::internal("encoding a record", e))
+        .map_err(ControlError::Encode)
 }
 
-fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
-    serde_json::from_slice(&kv.value)
-        .map_err(|e| ApiError::internal(format!("decoding {}", kv.key), e))
+fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
+    serde_json::from_slice(&kv.value).map_err(|source| ControlError::Decode {
+        key: kv.key.clone(),
+        source,
+    })
 }
 
 /// Reads and decodes one record with its revision.
-pub(crate) async fn get_json<T: DeserializeOwned>(
+pub async fn get_json<T: DeserializeOwned>(
     store: &dyn Store,
     key: &str,
-) -> Result<Option<(T, Revision)>, ApiError> {
+) -> Result<Option<(T, Revision)>, ControlError> {
     match store.get(key).await? {
         Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
         None => Ok(None),
@@ -150,10 +156,10 @@ pub(crate) async fn get_json<T: DeserializeOwned>(
 }
 
 /// Reads and decodes every record under `prefix`, in key order.
-pub(crate) async fn list_json<T: DeserializeOwned>(
+pub async fn list_json<T: DeserializeOwned>(
     store: &dyn Store,
     prefix: &str,
-) -> Result<Vec<(T, Revision)>, ApiError> {
+) -> Result<Vec<(T, Revision)>, ControlError> {
     store
         .list(prefix)
         .await?
@@ -163,10 +169,10 @@ pub(crate) async fn list_json<T: DeserializeOwned>(
 }
 
 /// Reads and decodes every record under `prefix` with its key, in key order.
-pub(crate) async fn list_keyed<T: DeserializeOwned>(
+pub async fn list_keyed<T: DeserializeOwned>(
     store: &dyn Store,
     prefix: &str,
-) -> Result<Vec<(String, T)>, ApiError> {
+) -> Result<Vec<(String, T)>, ControlError> {
     store
         .list(prefix)
         .await?
@@ -178,20 +184,20 @@ pub(crate) async fn list_keyed<T: DeserializeOwned>(
 /// Finds a tenant-owned record by id or by name as `scope` sees it. Names are indexed
 /// under `{names}{tenant}/{name}`; an admin naming a name several tenants use gets 409.
 /// Another tenant's record is 404, like a missing one.
-pub(crate) async fn resolve_named<I, T>(
+pub async fn resolve_named<I, T>(
     store: &dyn Store,
-    scope: crate::Scope,
+    scope: Scope,
     s: &str,
     kind: &'static str,
     names: &str,
     record_key: impl Fn(I) -> String,
     tenant_of: impl Fn(&T) -> model::TenantId,
-) -> Result<(T, Revision), ApiError>
+) -> Result<(T, Revision), ControlError>
 where
     I: std::str::FromStr + DeserializeOwned,
     T: DeserializeOwned,
 {
-    let not_found = || ApiError::NotFound {
+    let not_found = || ControlError::NotFound {
         kind,
         id: s.to_owned(),
     };
@@ -200,12 +206,12 @@ where
         Err(_) => {
             let name = model::validate_name(kind, s).map_err(|_| not_found())?;
             let mut ids: Vec<I> = match scope {
-                crate::Scope::Tenant(t) => get_json::<I>(store, &format!("{names}{t}/{name}"))
+                Scope::Tenant(t) => get_json::<I>(store, &format!("{names}{t}/{name}"))
                     .await?
                     .map(|(id, _)| id)
                     .into_iter()
                     .collect(),
-                crate::Scope::All => {
+                Scope::All => {
                     // Names hold no `/`, so the suffix matches whole names only.
                     let suffix = format!("/{name}");
                     list_keyed::<I>(store, names)
@@ -219,10 +225,12 @@ where
             match ids.len() {
                 0 => return Err(not_found()),
                 1 => ids.remove(0),
-                n => {
-                    return Err(ApiError::Conflict(format!(
-                        "{kind} name {name} exists in {n} tenants; use the {kind} id"
-                    )))
+                tenants => {
+                    return Err(ControlError::AmbiguousName {
+                        kind,
+                        name: name.to_string(),
+                        tenants,
+                    })
                 }
             }
         }
@@ -234,15 +242,16 @@ where
 }
 
 /// Creates a record under `key` with its name index `name_key` (value: `id`) in one
-/// transaction that requires the name to be free. Conflict: `taken` (409).
-pub(crate) async fn insert_named<T: Serialize, I: Serialize>(
+/// transaction that requires the name to be free. Taken: [`ControlError::Taken`] with
+/// `taken`'s message.
+pub async fn insert_named<T: Serialize, I: Serialize>(
     store: &dyn Store,
     key: String,
     name_key: String,
     record: &T,
     id: &I,
     taken: impl FnOnce() -> String,
-) -> Result<(), ApiError> {
+) -> Result<(), ControlError> {
     let res = store
         .txn(
             vec![store::Compare::ModRevision {
@@ -263,13 +272,13 @@ pub(crate) async fn insert_named<T: Serialize, I: Serialize>(
         .await;
     match res {
         Ok(_) => Ok(()),
-        Err(store::StoreError::Conflict { .. }) => Err(ApiError::Conflict(taken())),
+        Err(store::StoreError::Conflict { .. }) => Err(ControlError::Taken(taken())),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Deletes a record and its name index, if the record is still at `rev` (when given).
-pub(crate) async fn remove_named(
+pub async fn remove_named(
     store: &dyn Store,
     key: String,
     name_key: String,
@@ -294,7 +303,7 @@ pub(crate) async fn remove_named(
 }
 
 /// Wall-clock time in unix milliseconds (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -302,4 +311,33 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// How many times a read-modify-write is retried after losing a race.
-pub(crate) const CAS_ATTEMPTS: usize = 16;
+pub const CAS_ATTEMPTS: usize = 16;
+
+/// Read-modify-write of one record: reads `key`, lets `change` edit it (or refuse with
+/// its own error), writes it back if nobody wrote in between, and retries from the read
+/// when somebody did. `what` names the record in the error after [`CAS_ATTEMPTS`] lost
+/// races. A missing record is `missing()`.
+pub async fn update_cas<T, E>(
+    store: &dyn Store,
+    key: &str,
+    what: impl Fn() -> String,
+    missing: impl Fn() -> E,
+    mut change: impl FnMut(&mut T) -> Result<(), E>,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<ControlError>,
+{
+    for _ in 0..CAS_ATTEMPTS {
+        let Some((mut rec, rev)) = get_json::<T>(store, key).await? else {
+            return Err(missing());
+        };
+        change(&mut rec)?;
+        match store.cas(key, Some(rev), to_bytes(&rec)?).await {
+            Ok(_) => return Ok(rec),
+            Err(store::StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(ControlError::from(e).into()),
+        }
+    }
+    Err(ControlError::Contended { what: what() }.into())
+}

@@ -1,0 +1,109 @@
+//! The control plane's application layer: the rules of every operation (placement,
+//! migrations, maintenance drains, standby takeovers) and the background work that
+//! carries long operations to their end, over a [`store::Store`].
+//!
+//! Owns: the store key layout ([`records`]) and every read-modify-write of records.
+//! Must not depend on: HTTP (axum), store backends, the agent, compute drivers. The API
+//! crate's handlers authenticate, parse, make one call here and map the typed error;
+//! this crate never builds an HTTP answer.
+//!
+//! Tasks: [`driver::Driver`] owns the background tasks (the drain driver, the takeover
+//! watcher) and stops them on shutdown.
+#![warn(missing_docs)]
+
+mod error;
+pub mod records;
+
+use std::sync::Arc;
+
+use model::{Host, TenantId};
+use store::Store;
+
+pub use error::ControlError;
+pub use records::now_ms;
+
+/// Which tenants' objects a caller sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every tenant's.
+    All,
+    /// One tenant's (and public images).
+    Tenant(TenantId),
+}
+
+impl Scope {
+    /// Whether an object owned by `tenant` is visible.
+    pub fn sees(self, tenant: TenantId) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => t == tenant,
+        }
+    }
+}
+
+/// The control layer over one store. Cheap to clone.
+#[derive(Clone)]
+pub struct Control {
+    store: Arc<dyn Store>,
+    heartbeat_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("heartbeat_timeout_ms", &self.heartbeat_timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// The control layer over `store`; a host is down when its last heartbeat is older
+    /// than `heartbeat_timeout_ms`.
+    pub fn new(store: Arc<dyn Store>, heartbeat_timeout_ms: u64) -> Self {
+        Self {
+            store,
+            heartbeat_timeout_ms,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The store, shared.
+    pub fn store_arc(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// How old a heartbeat may be before its host is down, ms.
+    pub fn heartbeat_timeout_ms(&self) -> u64 {
+        self.heartbeat_timeout_ms
+    }
+
+    /// Every host, with `state` computed for now.
+    pub async fn hosts(&self) -> Result<Vec<Host>, ControlError> {
+        let now = now_ms();
+        Ok(
+            records::list_json::<Host>(self.store(), records::keys::HOSTS)
+                .await?
+                .into_iter()
+                .map(|(mut h, _)| {
+                    h.refresh_state(now, self.heartbeat_timeout_ms);
+                    h
+                })
+                .collect(),
+        )
+    }
+
+    /// Every VM record.
+    pub async fn vms(&self) -> Result<Vec<model::Vm>, ControlError> {
+        Ok(
+            records::list_json::<model::Vm>(self.store(), records::keys::VMS)
+                .await?
+                .into_iter()
+                .map(|(v, _)| v)
+                .collect(),
+        )
+    }
+}
