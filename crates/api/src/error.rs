@@ -244,6 +244,41 @@ impl From<control::ControlError> for ApiError {
     }
 }
 
+impl From<control::MigrateStartError> for ApiError {
+    fn from(e: control::MigrateStartError) -> Self {
+        use control::MigrateStartError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e @ (E::SameHost { .. } | E::NoSuchDestination { .. }) => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            e => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
+impl From<control::MigrationReportError> for ApiError {
+    fn from(e: control::MigrationReportError) -> Self {
+        use control::MigrationReportError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e @ (E::NotParticipant { .. } | E::IllegalTransition { .. }) => {
+                ApiError::Conflict(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<control::MaintenanceError> for ApiError {
+    fn from(e: control::MaintenanceError) -> Self {
+        use control::MaintenanceError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();

@@ -121,6 +121,9 @@ struct Inner {
     limiter: Option<limits::Limiter>,
     /// Where CPU-heavy request work runs.
     cpu: limits::CpuPool,
+    /// Jobs started by requests (NS work); the operation driver owns them once the
+    /// server runs.
+    jobs: control::Tasks,
 }
 
 impl std::fmt::Debug for AppState {
@@ -151,6 +154,7 @@ impl AppState {
                 ca: std::sync::OnceLock::new(),
                 limiter: config.rate_limit.map(limits::Limiter::new),
                 cpu: limits::CpuPool::new(config.cpu_jobs),
+                jobs: control::Tasks::default(),
             }),
         }
     }
@@ -235,6 +239,10 @@ impl AppState {
 
     pub(crate) fn cpu(&self) -> &limits::CpuPool {
         &self.inner.cpu
+    }
+
+    pub(crate) fn jobs(&self) -> &control::Tasks {
+        &self.inner.jobs
     }
 }
 
@@ -347,10 +355,13 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         _ => None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    // Background work of the control plane: the maintenance drain driver. It stops
-    // with the server (same task).
-    let driver = routes::maintenance::drive(state.clone());
-    let takeovers = routes::storage::watch_takeovers(state);
+    // Background work of the control plane (drains, takeovers, request-started jobs):
+    // one driver, stopped with the server.
+    let driver = control::Driver::start(
+        state.control().clone(),
+        control::DriverConfig::default(),
+        state.jobs().clone(),
+    );
     let switch_server = async move {
         if let Some((l, ctrl)) = switches {
             if let Err(e) = net::controller::serve_switches(l, ctrl).await {
@@ -386,12 +397,12 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
             ),
         };
     let task = tokio::spawn(async move {
-        tokio::select! {
+        let r = tokio::select! {
             r = http => r,
-            _ = driver => Ok(()),
-            _ = takeovers => Ok(()),
             _ = switch_server => Ok(()),
-        }
+        };
+        driver.shutdown().await;
+        r
     });
     tracing::info!(%addr, scheme, "API listening");
     Ok(ServerHandle {

@@ -11,15 +11,22 @@
 //! watcher) and stops them on shutdown.
 #![warn(missing_docs)]
 
+pub mod driver;
 mod error;
+mod maintenance;
+mod migrations;
 pub mod records;
+mod takeover;
 
 use std::sync::Arc;
 
 use model::{Host, TenantId};
 use store::Store;
 
+pub use driver::{Driver, DriverConfig, Tasks};
 pub use error::ControlError;
+pub use maintenance::{plan_drain, DrainPlanError, MaintenanceError};
+pub use migrations::{MigrateStartError, MigrationReportError};
 pub use records::now_ms;
 
 /// Which tenants' objects a caller sees.

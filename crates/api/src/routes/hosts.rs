@@ -9,7 +9,7 @@ use store::{Revision, StoreError};
 
 use crate::extract::AppPath;
 use crate::{ApiError, AppJson, AppState, Caller};
-use control::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
+use control::records::{get_json, keys, now_ms, to_bytes, CAS_ATTEMPTS};
 
 /// Registers a host, or re-registers it under the same name (keeping its id;
 /// capacity, drivers and agent URL are replaced). Counts as a heartbeat.
@@ -163,13 +163,5 @@ async fn load(state: &AppState, name: &Name) -> Result<(Host, Revision), ApiErro
 
 /// Every host, with `state` computed for now.
 pub(crate) async fn all_hosts(state: &AppState) -> Result<Vec<Host>, ApiError> {
-    let now = now_ms();
-    Ok(list_json::<Host>(state.store(), keys::HOSTS)
-        .await?
-        .into_iter()
-        .map(|(mut h, _)| {
-            h.refresh_state(now, state.heartbeat_timeout_ms());
-            h
-        })
-        .collect())
+    Ok(state.control().hosts().await?)
 }

@@ -142,13 +142,16 @@ pub(crate) async fn create(
     .await?;
     tracing::info!(ns = %name, %id, sites = ?sites, "instantiating network service");
     let deadline = Duration::from_millis(rec.link_deadline_ms);
-    tokio::spawn(run_instantiate(
-        state.clone(),
-        rec.clone(),
-        plan,
-        NsExecutor::new(drivers, deadline),
-        endpoints,
-    ));
+    state.jobs().spawn(
+        format!("instantiate ns {name}"),
+        run_instantiate(
+            state.clone(),
+            rec.clone(),
+            plan,
+            NsExecutor::new(drivers, deadline),
+            endpoints,
+        ),
+    );
     Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
 }
 
@@ -280,20 +283,22 @@ pub(crate) async fn delete(
     }
     let executor = NsExecutor::new(drivers, Duration::from_millis(rec.link_deadline_ms));
     let (st, r) = (state.clone(), rec.clone());
-    tokio::spawn(async move {
-        match executor.terminate(&plan).await {
-            Ok(()) => match remove_record(&st, id, &r, None).await {
-                Ok(_) => tracing::info!(ns = %r.name, "network service terminated"),
-                Err(e) => tracing::error!(ns = %r.name, error = %e, "cannot remove the record"),
-            },
-            Err(e) => {
-                let mut r = r;
-                r.state = NsState::Failed;
-                r.error = Some(format!("terminate: {}", model::error_chain(&e)));
-                save(&st, id, &r).await;
+    state
+        .jobs()
+        .spawn(format!("terminate ns {}", rec.name), async move {
+            match executor.terminate(&plan).await {
+                Ok(()) => match remove_record(&st, id, &r, None).await {
+                    Ok(_) => tracing::info!(ns = %r.name, "network service terminated"),
+                    Err(e) => tracing::error!(ns = %r.name, error = %e, "cannot remove the record"),
+                },
+                Err(e) => {
+                    let mut r = r;
+                    r.state = NsState::Failed;
+                    r.error = Some(format!("terminate: {}", model::error_chain(&e)));
+                    save(&st, id, &r).await;
+                }
             }
-        }
-    });
+        });
     Ok((StatusCode::ACCEPTED, Json(redacted(rec))).into_response())
 }
 
@@ -362,34 +367,36 @@ pub(crate) async fn scale(
     }
     let executor = NsExecutor::new(drivers, Duration::from_millis(rec.link_deadline_ms));
     let (st, mut r) = (state.clone(), rec.clone());
-    tokio::spawn(async move {
-        let mut inst = inst;
-        let out = body.direction == ScaleDirection::Out;
-        let word = if out { "out" } else { "in" };
-        match executor.scale(&mut inst, &body.vnf, out).await {
-            Ok(vdu) => {
-                tracing::info!(ns = %r.name, vnf = body.vnf, vdu, "scaled {word}");
-                if let Ok(p) = serde_json::to_value(&inst.plan) {
-                    r.plan = p;
+    state
+        .jobs()
+        .spawn(format!("scale ns {}", rec.name), async move {
+            let mut inst = inst;
+            let out = body.direction == ScaleDirection::Out;
+            let word = if out { "out" } else { "in" };
+            match executor.scale(&mut inst, &body.vnf, out).await {
+                Ok(vdu) => {
+                    tracing::info!(ns = %r.name, vnf = body.vnf, vdu, "scaled {word}");
+                    if let Ok(p) = serde_json::to_value(&inst.plan) {
+                        r.plan = p;
+                    }
+                    r.cps = serde_json::to_value(&inst.cps).unwrap_or_default();
+                    r.vnf_instances = r
+                        .vnfs
+                        .iter()
+                        .filter_map(|v| inst.vnf_instance_sol003(&v.vnf))
+                        .collect();
                 }
-                r.cps = serde_json::to_value(&inst.cps).unwrap_or_default();
-                r.vnf_instances = r
-                    .vnfs
-                    .iter()
-                    .filter_map(|v| inst.vnf_instance_sol003(&v.vnf))
-                    .collect();
+                Err(e) => {
+                    r.error = Some(format!(
+                        "scale {word} of {} failed (nothing changed): {}",
+                        body.vnf,
+                        model::error_chain(&e)
+                    ));
+                }
             }
-            Err(e) => {
-                r.error = Some(format!(
-                    "scale {word} of {} failed (nothing changed): {}",
-                    body.vnf,
-                    model::error_chain(&e)
-                ));
-            }
-        }
-        r.state = NsState::Instantiated;
-        save(&st, id, &r).await;
-    });
+            r.state = NsState::Instantiated;
+            save(&st, id, &r).await;
+        });
     Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
 }
 

@@ -6,14 +6,12 @@
 //! hosts (capacity, liveness, maintenance) and the VM records (what is reserved).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
 use model::api::{PlacementQuery, Problem, StorageInventory};
-use model::{DesiredState, Host, HostState, ObservedState, Role, Vm};
+use model::{Host, HostState, Role, Vm};
 use sched::{Inventory, Planner, ServerName, ServerResource, StorageName, StorageResource};
-use store::StoreError;
 
 use crate::routes::hosts::all_hosts;
 use crate::{ApiError, AppJson, AppState, Caller};
@@ -193,71 +191,4 @@ pub(crate) async fn explain(
         })
         .await??;
     Ok(Json(answer))
-}
-
-/// Watches redundant VMs: when a primary host is down and the standby is up, the VM
-/// is re-assigned to the standby with the replica storage; the standby's agent starts
-/// it. The failed host becomes the new standby (it takes over again if the new primary
-/// fails after it came back).
-///
-/// Fencing: the old primary's agent, if it comes back, no longer finds the VM assigned
-/// and stops its QEMU. A host that is cut off but still running keeps its QEMU until
-/// then — real fencing (power, storage reservations) is not modelled.
-pub(crate) async fn watch_takeovers(state: AppState) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(e) = takeover_pass(&state).await {
-            tracing::warn!(error = %e, "takeover pass failed");
-        }
-    }
-}
-
-async fn takeover_pass(state: &AppState) -> Result<(), ApiError> {
-    let hosts = all_hosts(state).await?;
-    let up = |n: &model::Name| {
-        hosts
-            .iter()
-            .any(|h| &h.name == n && h.state == HostState::Up)
-    };
-    for (vm, rev) in list_json::<Vm>(state.store(), keys::VMS).await? {
-        let Some(r) = vm.redundancy.clone() else {
-            continue;
-        };
-        if vm.desired != DesiredState::Running || vm.migration.is_some() || up(&vm.host) {
-            continue;
-        }
-        if !up(&r.standby_host) {
-            tracing::warn!(vm = %vm.name, primary = %vm.host, standby = %r.standby_host, "redundant vm stranded: both hosts down");
-            continue;
-        }
-        let mut moved = vm.clone();
-        moved.host = r.standby_host.clone();
-        moved.observed = ObservedState::Pending;
-        moved.error = Some(format!(
-            "restarted on standby {} (storage {}) after primary {} went down",
-            r.standby_host, r.standby_storage, vm.host
-        ));
-        moved.redundancy = Some(model::Redundancy {
-            disk_gib: r.disk_gib,
-            primary_storage: r.standby_storage.clone(),
-            standby_host: vm.host.clone(),
-            standby_storage: r.primary_storage.clone(),
-            takeovers: r.takeovers.saturating_add(1),
-        });
-        // One attempt: if the VM changed meanwhile, the next pass decides again.
-        match state
-            .store()
-            .cas(&keys::vm(vm.id), Some(rev), to_bytes(&moved)?)
-            .await
-        {
-            Ok(_) => {
-                tracing::warn!(vm = %vm.name, from = %vm.host, to = %r.standby_host, "standby takeover");
-            }
-            Err(StoreError::Conflict { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
