@@ -55,6 +55,10 @@ enum Command {
     /// Live migrations.
     #[command(subcommand)]
     Migration(cmd::migration::MigrationCmd),
+    /// Long work of every kind (migrations, drains, network-service jobs): list,
+    /// follow, cancel.
+    #[command(subcommand)]
+    Operation(cmd::operation::OperationCmd),
     /// Traffic statistics of the virtual switches.
     #[command(subcommand)]
     Traffic(cmd::traffic::TrafficCmd),
@@ -158,6 +162,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Network(c) => cmd::network::run(&ctx, c).await,
         Command::Token(c) => cmd::token::run(&ctx, c).await,
         Command::Migration(c) => cmd::migration::run(&ctx, c).await,
+        Command::Operation(c) => cmd::operation::run(&ctx, c).await,
         Command::Traffic(c) => cmd::traffic::run(&ctx, c).await,
         Command::Storage(c) => cmd::storage::run(&ctx, c).await,
         Command::Placement(c) => cmd::storage::run_placement(&ctx, c).await,

@@ -279,6 +279,19 @@ impl From<control::MaintenanceError> for ApiError {
     }
 }
 
+impl From<control::CancelError> for ApiError {
+    fn from(e: control::CancelError) -> Self {
+        use control::CancelError as E;
+        match e {
+            E::Control(c) => c.into(),
+            E::Maintenance(m) => m.into(),
+            e @ (E::Finished { .. } | E::NotCancellable { .. }) => {
+                ApiError::Conflict(e.to_string())
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();

@@ -563,6 +563,25 @@ impl Client {
             .await
     }
 
+    // ---- operations ----
+
+    /// `GET /v1/operations`: the caller's long work, newest first.
+    pub async fn list_operations(&self) -> Result<Vec<model::api::Operation>, ClientError> {
+        self.json(Method::GET, &["v1", "operations"], NO_BODY).await
+    }
+
+    /// `GET /v1/operations/{id}`.
+    pub async fn get_operation(&self, id: &str) -> Result<model::api::Operation, ClientError> {
+        self.json(Method::GET, &["v1", "operations", id], NO_BODY)
+            .await
+    }
+
+    /// `POST /v1/operations/{id}/cancel`.
+    pub async fn cancel_operation(&self, id: &str) -> Result<model::api::Operation, ClientError> {
+        self.json(Method::POST, &["v1", "operations", id, "cancel"], NO_BODY)
+            .await
+    }
+
     // ---- storage and placement ----
 
     /// `PUT /v1/storage`: replaces the storage inventory.

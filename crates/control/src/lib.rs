@@ -15,6 +15,7 @@ pub mod driver;
 mod error;
 mod maintenance;
 mod migrations;
+pub mod operations;
 pub mod records;
 mod takeover;
 
@@ -27,6 +28,7 @@ pub use driver::{Driver, DriverConfig, Tasks};
 pub use error::ControlError;
 pub use maintenance::{plan_drain, DrainPlanError, MaintenanceError};
 pub use migrations::{MigrateStartError, MigrationReportError};
+pub use operations::CancelError;
 pub use records::now_ms;
 
 /// Which tenants' objects a caller sees.

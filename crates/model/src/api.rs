@@ -1350,3 +1350,65 @@ pub struct StoredDescriptor {
     /// Upload time, unix ms.
     pub created_at: u64,
 }
+
+/// What kind of long work an [`Operation`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    /// A live migration of one VM (its record: `/v1/migrations/{id}`).
+    Migration,
+    /// A maintenance drain of one host (`/v1/maintenance/{id}`).
+    Drain,
+    /// Instantiating a network service (`/v1/ns-instances/{id}`).
+    NsInstantiate,
+    /// Scaling a network service.
+    NsScale,
+    /// Terminating a network service.
+    NsTerminate,
+}
+
+/// Where an [`Operation`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    /// Not finished; the operation driver moves it along (after a restart too).
+    Running,
+    /// Finished as asked.
+    Succeeded,
+    /// Finished without doing what was asked; `error` says why.
+    Failed,
+    /// Stopped on request.
+    Cancelled,
+}
+
+/// Long work of the control plane, one view over the record that persists it (a
+/// migration, a drain session, an NS instance), so that every kind is listed, followed
+/// and cancelled the same way. The id is that record's id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    /// The id of the record that persists it.
+    pub id: String,
+    /// What kind of work.
+    pub kind: OperationKind,
+    /// What it works on, as text: `vm web-1 host-a → host-b`, `host host-a`, `ns edge`.
+    pub target: String,
+    /// The tenant whose object it is; none for an operator's (a drain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<TenantId>,
+    /// Where it is.
+    pub state: OperationState,
+    /// The step it is at, in the record's words (`draining`, `warming`, `instantiating`).
+    pub step: String,
+    /// Units done (blocks warmed, VMs moved, VNFs ready).
+    pub done: u64,
+    /// Units in all; 0 when not known yet.
+    pub total: u64,
+    /// Start, unix ms.
+    pub started_at: u64,
+    /// End, unix ms, once finished (when the record keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

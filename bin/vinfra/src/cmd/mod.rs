@@ -9,6 +9,7 @@ pub mod migration;
 pub mod nbd;
 pub mod network;
 pub mod nfv;
+pub mod operation;
 pub mod server;
 pub mod storage;
 pub mod token;

@@ -10,6 +10,7 @@ pub(crate) mod meta;
 pub(crate) mod migrations;
 pub(crate) mod networks;
 pub(crate) mod ns_instances;
+pub(crate) mod operations;
 pub(crate) mod storage;
 pub(crate) mod tenants;
 pub(crate) mod tokens;
@@ -100,6 +101,9 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             get(ns_instances::get).delete(ns_instances::delete),
         ),
         ("/v1/ns-instances/{name}/scale", post(ns_instances::scale)),
+        ("/v1/operations", get(operations::list)),
+        ("/v1/operations/{id}", get(operations::get)),
+        ("/v1/operations/{id}/cancel", post(operations::cancel)),
         ("/v1/maintenance/{id}", get(maintenance::get)),
         ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
         ("/v1/migrations/{id}", get(migrations::get_migration)),
@@ -211,7 +215,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 59, "{served:?}");
+        assert_eq!(served.len(), 62, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json

@@ -215,6 +215,7 @@ async fn every_json_body_is_an_object_of_application_json() {
         "POST /v1/hosts/{name}/heartbeat",
         "POST /v1/hosts/{name}/maintenance/exit",
         "POST /v1/maintenance/{id}/abort",
+        "POST /v1/operations/{id}/cancel",
         "POST /v1/vms/{id}/start",
         "POST /v1/vms/{id}/stop",
         "PUT /v1/migrations/{id}/snapshot",

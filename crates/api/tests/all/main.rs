@@ -7,6 +7,7 @@ mod images;
 mod limits;
 mod networks;
 mod ns;
+mod operations;
 mod routes;
 mod tcp;
 mod tokens;

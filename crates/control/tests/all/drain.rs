@@ -1,0 +1,230 @@
+//! A drain is moved along by the operation driver from its stored session only: a
+//! driver stopped in the middle (as a server killed, or a leader deposed) leaves the
+//! session where it was, and a second driver over the same store finishes it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use control::{Control, Driver, DriverConfig, Scope, Tasks};
+use model::api::{MigrationReport, OperationKind, OperationState};
+use model::{
+    DesiredState, Host, HostId, HostState, ImageId, MaintenanceState, MigrationState, Name,
+    ObservedState, TenantId, Vm, VmId,
+};
+use store::testing::MemStore;
+use store::Store;
+
+fn n(s: &str) -> Name {
+    model::validate_name("name", s).unwrap()
+}
+
+async fn put<T: serde::Serialize>(store: &dyn Store, key: &str, v: &T) {
+    store
+        .put(key, serde_json::to_vec(v).unwrap().into())
+        .await
+        .unwrap();
+}
+
+async fn host(store: &dyn Store, name: &str) {
+    let h = Host {
+        id: HostId::new_random(),
+        name: n(name),
+        cpus: 4,
+        vcpus: 4,
+        memory_mib: 4096,
+        disk_gib: 10,
+        drivers: vec![],
+        agent_url: None,
+        nbd_addr: Some(format!("127.0.0.1:{}", 10_000 + name.len())),
+        link_addr: None,
+        uplink_ip: None,
+        maintenance: None,
+        last_heartbeat: control::now_ms(),
+        state: HostState::Up,
+    };
+    put(store, &control::records::keys::host(&h.name), &h).await;
+}
+
+async fn vm(store: &dyn Store, tenant: TenantId, name: &str, on: &str) -> VmId {
+    let v = Vm {
+        id: VmId::new_random(),
+        tenant,
+        name: n(name),
+        image: ImageId::new_random(),
+        vcpus: 1,
+        memory_mib: 512,
+        host: n(on),
+        desired: DesiredState::Running,
+        observed: ObservedState::Running,
+        error: None,
+        created_at: 0,
+        migration: None,
+        redundancy: None,
+        nics: Vec::new(),
+        kernel_args: None,
+    };
+    put(store, &control::records::keys::vm(v.id), &v).await;
+    v.id
+}
+
+fn report(host: &str, state: MigrationState) -> MigrationReport {
+    MigrationReport {
+        host: host.into(),
+        state,
+        incoming_uri: (state == MigrationState::Ready).then(|| "tcp:127.0.0.1:4444".into()),
+        qemu: None,
+        progress: None,
+        error: None,
+    }
+}
+
+fn fast() -> DriverConfig {
+    DriverConfig {
+        drain_period: Duration::from_millis(20),
+        takeover_period: Duration::from_millis(50),
+    }
+}
+
+/// Waits until the session's item `i` has a migration, and returns it.
+async fn migration_of(c: &Control, session: &str, i: usize) -> String {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (m, _) = c.maintenance_session(session).await.unwrap();
+        if let Some(id) = m.items.get(i).and_then(|it| it.migration) {
+            return id.to_string();
+        }
+        assert!(Instant::now() < end, "item {i} never started: {m:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The agents' side of a migration up to switch-over.
+async fn switch_over(c: &Control, mig: &str) {
+    let (m, _) = c.migration(Scope::All, mig).await.unwrap();
+    let (src, dst) = (m.from_host.to_string(), m.to_host.to_string());
+    for (who, st) in [
+        (&dst, MigrationState::Ready),
+        (&src, MigrationState::Migrating),
+        (&src, MigrationState::Warming),
+    ] {
+        c.report_migration(mig, &n(who), &report(who, st))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_drain_stopped_midway_is_finished_by_the_next_driver() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    for h in ["h1", "h2", "h3"] {
+        host(store.as_ref(), h).await;
+    }
+    let t = TenantId::new_random();
+    let a = vm(store.as_ref(), t, "a", "h1").await;
+    let b = vm(store.as_ref(), t, "b", "h1").await;
+    let first = Control::new(store.clone(), 6_000);
+    let session = first
+        .enter_maintenance(&n("h1"), None, "heat", false)
+        .await
+        .unwrap();
+    let sid = session.id.to_string();
+    assert_eq!(session.items.len(), 2);
+
+    // Driver one starts the first VM's migration; the agents switch it over; then the
+    // driver stops (the server died) before it recorded the move.
+    let d1 = Driver::start(first.clone(), fast(), Tasks::default());
+    let m1 = migration_of(&first, &sid, 0).await;
+    d1.shutdown().await;
+    switch_over(&first, &m1).await;
+    let op = first.operation(Scope::All, &sid).await.unwrap();
+    assert_eq!(op.kind, OperationKind::Drain);
+    assert_eq!(op.state, OperationState::Running);
+    assert_eq!((op.done, op.total), (0, 2), "{op:?}");
+
+    // Driver two, a fresh control layer over the same store, takes it from there.
+    let second = Control::new(store.clone(), 6_000);
+    let d2 = Driver::start(second.clone(), fast(), Tasks::default());
+    let m2 = migration_of(&second, &sid, 1).await;
+    assert_ne!(m1, m2);
+    switch_over(&second, &m2).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (m, _) = second.maintenance_session(&sid).await.unwrap();
+        if m.state == MaintenanceState::InMaintenance {
+            break;
+        }
+        assert!(Instant::now() < end, "drain never finished: {m:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    d2.shutdown().await;
+    // Switched over was enough for the drain; the destinations finish warming after.
+    for m in [&m1, &m2] {
+        let (rec, _) = second.migration(Scope::All, m).await.unwrap();
+        let dst = rec.to_host.to_string();
+        second
+            .report_migration(m, &rec.to_host, &report(&dst, MigrationState::Completed))
+            .await
+            .unwrap();
+    }
+    let op = second.operation(Scope::All, &sid).await.unwrap();
+    assert_eq!(op.state, OperationState::Succeeded);
+    assert_eq!((op.done, op.total), (2, 2), "{op:?}");
+    for id in [a, b] {
+        let (v, _) = second.vm(Scope::All, &id.to_string()).await.unwrap();
+        assert_ne!(v.host, n("h1"), "vm {} still on the drained host", v.name);
+        assert_eq!(v.migration, None);
+    }
+    // The migrations are operations of the VMs' tenant; the drain is the operator's.
+    let mine = second.operations(Scope::Tenant(t)).await.unwrap();
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert!(mine.iter().all(|o| o.kind == OperationKind::Migration));
+    assert!(second
+        .operations(Scope::Tenant(TenantId::new_random()))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn cancelling_a_drain_uncordons_and_other_kinds_say_why_not() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    for h in ["h1", "h2"] {
+        host(store.as_ref(), h).await;
+    }
+    let t = TenantId::new_random();
+    vm(store.as_ref(), t, "a", "h1").await;
+    let c = Control::new(store.clone(), 6_000);
+    let session = c
+        .enter_maintenance(&n("h1"), None, "heat", false)
+        .await
+        .unwrap();
+    let sid = session.id.to_string();
+    let d = Driver::start(c.clone(), fast(), Tasks::default());
+    let mig = migration_of(&c, &sid, 0).await;
+    d.shutdown().await;
+
+    let e = c
+        .cancel_operation(Scope::Tenant(t), &mig)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("cannot be cancelled: a live migration finishes"),
+        "{e}"
+    );
+    // A tenant does not see the operator's drain at all.
+    let e = c
+        .cancel_operation(Scope::Tenant(t), &sid)
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), format!("operation {sid} not found"));
+    let op = c.cancel_operation(Scope::All, &sid).await.unwrap();
+    assert_eq!(op.state, OperationState::Cancelled);
+    let h1 = c.hosts().await.unwrap();
+    assert!(h1.iter().all(|h| h.maintenance.is_none()), "{h1:?}");
+    let e = c.cancel_operation(Scope::All, &sid).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("operation {sid} is already cancelled")
+    );
+}

@@ -1,0 +1,5 @@
+//! Integration tests of the control layer over the in-memory store: the operation
+//! driver, its persisted drains, and the operations view. Agents are played by the test
+//! (their reports are the same calls the agent routes make).
+
+mod drain;
