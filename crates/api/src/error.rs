@@ -292,6 +292,46 @@ impl From<control::CancelError> for ApiError {
     }
 }
 
+impl From<control::StorageError> for ApiError {
+    fn from(e: control::StorageError) -> Self {
+        match e {
+            control::StorageError::Control(c) => c.into(),
+            e @ control::StorageError::Document(_) => ApiError::Unprocessable(e.to_string()),
+        }
+    }
+}
+
+impl From<control::NicError> for ApiError {
+    fn from(e: control::NicError) -> Self {
+        use control::NicError as E;
+        match e {
+            E::Control(c) => c.into(),
+            E::Name(v) => ApiError::Validation(v),
+            e @ (E::InUse { .. } | E::Full { .. }) => ApiError::Conflict(e.to_string()),
+            e @ (E::NoSuchNetwork { .. } | E::NotAHostAddress { .. } | E::Twin { .. }) => {
+                ApiError::Unprocessable(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<control::CreateVmError> for ApiError {
+    fn from(e: control::CreateVmError) -> Self {
+        use control::CreateVmError as E;
+        match e {
+            E::Control(c) => c.into(),
+            E::Nic(n) => n.into(),
+            E::Storage(s) => s.into(),
+            e @ (E::NoSuchImage(_) | E::ImageNotInStore(_) | E::NoSuchHost(_)) => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            e @ (E::NameTaken(_) | E::NoRoom(_) | E::NoRedundantPlacement(_)) => {
+                ApiError::Conflict(e.to_string())
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();

@@ -13,11 +13,16 @@
 
 pub mod driver;
 mod error;
+mod images;
+pub mod ledger;
 mod maintenance;
 mod migrations;
+pub mod networks;
 pub mod operations;
 pub mod records;
+pub mod storage;
 mod takeover;
+mod vms;
 
 use std::sync::Arc;
 
@@ -28,8 +33,11 @@ pub use driver::{Driver, DriverConfig, Tasks};
 pub use error::ControlError;
 pub use maintenance::{plan_drain, DrainPlanError, MaintenanceError};
 pub use migrations::{MigrateStartError, MigrationReportError};
+pub use networks::NicError;
 pub use operations::CancelError;
 pub use records::now_ms;
+pub use storage::StorageError;
+pub use vms::CreateVmError;
 
 /// Which tenants' objects a caller sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use model::{
     DesiredState, DrainItem, DrainItemState, Host, Maintenance, MaintenanceId, MaintenanceState,
     Migration, MigrationState, Name, Vm,
 };
-use sched::{place, usage, PlaceError, Usage};
+use sched::{place, PlaceError, Usage};
 use store::{Compare, Revision, StoreError, TxnOp};
 
 use crate::records::{get_json, keys, list_json, now_ms, to_bytes, update_cas, CAS_ATTEMPTS};
@@ -86,19 +86,21 @@ pub enum MaintenanceError {
 }
 
 /// Plans where each VM of `host` goes. Pure: `hosts` with fresh states, `vms` all VM
-/// records. VMs being deleted are left alone (their record goes with them).
+/// records, `used` the ledger's reservations per host. VMs being deleted are left alone
+/// (their record goes with them).
 pub fn plan_drain(
     host: &Name,
     hosts: &[Host],
     vms: &[Vm],
+    used: &HashMap<Name, Usage>,
     to: Option<&Name>,
 ) -> Result<Vec<DrainItem>, DrainPlanError> {
     if to == Some(host) {
         return Err(DrainPlanError::TargetIsHost { host: host.clone() });
     }
-    // The host being drained cannot receive; count every VM where it is now.
+    // The host being drained cannot receive.
     let others: Vec<Host> = hosts.iter().filter(|h| &h.name != host).cloned().collect();
-    let mut used: HashMap<Name, Usage> = usage(vms.iter());
+    let mut used = used.clone();
     let mut items = Vec::new();
     let mut mine: Vec<&Vm> = vms
         .iter()
@@ -157,9 +159,10 @@ impl Control {
                     session,
                 });
             }
+            let ledger = self.ledger().await?;
             let hosts = self.hosts().await?;
-            let vms = self.vms().await?;
-            let items = plan_drain(name, &hosts, &vms, to)?;
+            let vms: Vec<Vm> = ledger.vms.iter().map(|(v, _)| v.clone()).collect();
+            let items = plan_drain(name, &hosts, &vms, &ledger.hosts, to)?;
             let now = now_ms();
             let session = Maintenance {
                 id: MaintenanceId::new_random(),
@@ -561,7 +564,7 @@ mod tests {
     fn every_vm_gets_a_target_that_fits_counting_earlier_moves() {
         let hosts = [host("a", 4096), host("b", 1024), host("c", 1024)];
         let vms = [vm("x", "a", 768), vm("y", "a", 768), vm("z", "b", 128)];
-        let plan = plan_drain(&n("a"), &hosts, &vms, None).unwrap();
+        let plan = plan_drain(&n("a"), &hosts, &vms, &sched::usage(vms.iter()), None).unwrap();
         assert_eq!(plan.len(), 2);
         // b has 896 free, c 1024: the first goes to c, the second cannot join it.
         let targets: Vec<&str> = plan.iter().map(|i| i.to.as_str()).collect();
@@ -575,7 +578,7 @@ mod tests {
     fn an_unplaceable_vm_is_named_and_nothing_is_planned() {
         let hosts = [host("a", 4096), host("b", 1024)];
         let vms = [vm("small", "a", 256), vm("huge", "a", 2048)];
-        let err = plan_drain(&n("a"), &hosts, &vms, None)
+        let err = plan_drain(&n("a"), &hosts, &vms, &sched::usage(vms.iter()), None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -591,13 +594,26 @@ mod tests {
         let hosts = [host("a", 4096), b];
         let vms = [vm("x", "a", 256)];
         assert_eq!(
-            plan_drain(&n("a"), &hosts, &vms, Some(&n("a"))).unwrap_err(),
+            plan_drain(
+                &n("a"),
+                &hosts,
+                &vms,
+                &sched::usage(vms.iter()),
+                Some(&n("a"))
+            )
+            .unwrap_err(),
             DrainPlanError::TargetIsHost { host: n("a") }
         );
-        let err = plan_drain(&n("a"), &hosts, &vms, Some(&n("b")))
-            .unwrap_err()
-            .to_string();
+        let err = plan_drain(
+            &n("a"),
+            &hosts,
+            &vms,
+            &sched::usage(vms.iter()),
+            Some(&n("b")),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("in maintenance"), "{err}");
-        assert!(plan_drain(&n("a"), &hosts, &vms, None).is_err());
+        assert!(plan_drain(&n("a"), &hosts, &vms, &sched::usage(vms.iter()), None).is_err());
     }
 }

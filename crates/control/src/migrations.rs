@@ -9,7 +9,7 @@ use model::api::MigrationReport;
 use model::{
     DesiredState, HostState, Migration, MigrationId, MigrationState, Name, ObservedState, Vm,
 };
-use sched::{place, usage, PlaceError};
+use sched::{place, PlaceError};
 use store::{Compare, Revision, StoreError, TxnOp};
 
 use crate::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
@@ -216,15 +216,10 @@ impl Control {
         if source.is_some_and(|h| h.state != HostState::Up) {
             return Err(MigrateStartError::SourceDown { host: vm.host });
         }
-        let vms = list_json::<Vm>(self.store(), keys::VMS).await?;
-        place(
-            &hosts,
-            &usage(vms.iter().map(|(v, _)| v)),
-            vm.vcpus,
-            vm.memory_mib,
-            Some(to),
-        )
-        .map_err(|e| match e {
+        // The destination's room is reserved from now until the migration ends: the
+        // ledger counts it there, and its counter is bumped in the transaction below.
+        let ledger = self.ledger().await?;
+        place(&hosts, &ledger.hosts, vm.vcpus, vm.memory_mib, Some(to)).map_err(|e| match e {
             PlaceError::NoSuchHost(host) => MigrateStartError::NoSuchDestination { host },
             other => MigrateStartError::Destination(other),
         })?;
@@ -250,14 +245,17 @@ impl Control {
             finished_at: None,
         };
         vm.migration = Some(m.id);
+        let (reserve_compares, reserve_ops) = ledger.reserve([to], [])?;
         let res = self
             .store()
             .txn(
-                vec![Compare::ModRevision {
+                std::iter::once(Compare::ModRevision {
                     key: keys::vm(vm.id),
                     expect: Some(rev),
-                }],
-                vec![
+                })
+                .chain(reserve_compares)
+                .collect(),
+                [
                     TxnOp::Put {
                         key: keys::vm(vm.id),
                         value: to_bytes(&vm)?,
@@ -266,7 +264,10 @@ impl Control {
                         key: keys::migration(m.id),
                         value: to_bytes(&m)?,
                     },
-                ],
+                ]
+                .into_iter()
+                .chain(reserve_ops)
+                .collect(),
             )
             .await;
         match res {

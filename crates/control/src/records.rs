@@ -77,11 +77,19 @@ pub mod keys {
     pub fn host(name: &Name) -> String {
         format!("{HOSTS}{name}")
     }
-    /// Bumped by every placement on the host: creates compare its revision,
-    /// so two concurrent placements cannot both take the last free capacity.
+    /// Bumped by every reservation on the host (see `ledger`): the reserving write
+    /// compares its revision, so two concurrent ones cannot both take the last room.
     pub fn host_alloc(name: &Name) -> String {
-        format!("/vinfra/host-alloc/{name}")
+        format!("{HOST_ALLOC}{name}")
     }
+    pub const HOST_ALLOC: &str = "/vinfra/host-alloc/";
+    /// The same for a storage resource (names from the operator's inventory, which
+    /// may hold any character: hex-encoded).
+    pub fn storage_alloc(name: &str) -> String {
+        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{STORAGE_ALLOC}{hex}")
+    }
+    pub const STORAGE_ALLOC: &str = "/vinfra/storage-alloc/";
     pub fn image(id: ImageId) -> String {
         format!("{IMAGES}{id}")
     }

@@ -10,7 +10,7 @@ use store::{Revision, StoreError};
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{get_json, insert_named, keys, list_json, list_keyed, now_ms, remove_named};
+use control::records::{insert_named, keys, list_json, now_ms, remove_named};
 
 /// Creates an image from files in the image store (`POST /v1/blobs`), named by
 /// digest. A member's image belongs to its tenant; an admin's is public unless the
@@ -82,15 +82,7 @@ pub(crate) async fn list_images(
     caller: Caller,
 ) -> Result<Json<Vec<Image>>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "listing images")?;
-    let scope = caller.scope()?;
-    let mut images: Vec<Image> = list_json::<Image>(state.store(), keys::IMAGES)
-        .await?
-        .into_iter()
-        .map(|(i, _)| i)
-        .filter(|i| visible(scope, i))
-        .collect();
-    images.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
-    Ok(Json(images))
+    Ok(Json(state.control().images(caller.scope()?).await?))
 }
 
 /// One image, by name or id.
@@ -161,67 +153,11 @@ pub(crate) async fn delete_image(
     }
 }
 
-fn visible(scope: Scope, image: &Image) -> bool {
-    match image.tenant {
-        None => true,
-        Some(t) => scope.sees(t),
-    }
-}
-
-/// Finds an image by id or name as seen from `scope`: a tenant's own image
-/// shadows a public one of the same name.
+/// Finds an image by id or name as seen from `scope`.
 pub(crate) async fn resolve(
     state: &AppState,
     scope: Scope,
     s: &str,
 ) -> Result<(Image, Revision), ApiError> {
-    let not_found = || ApiError::NotFound {
-        kind: "image",
-        id: s.to_owned(),
-    };
-    if let Ok(id) = s.parse::<ImageId>() {
-        return match get_json::<Image>(state.store(), &keys::image(id)).await? {
-            Some((image, rev)) if visible(scope, &image) => Ok((image, rev)),
-            _ => Err(not_found()),
-        };
-    }
-    let name = model::validate_name("image", s).map_err(|_| not_found())?;
-    let ids: Vec<ImageId> = match scope {
-        Scope::Tenant(t) => {
-            let own = get_json::<ImageId>(state.store(), &keys::image_name(Some(t), &name)).await?;
-            match own {
-                Some((id, _)) => vec![id],
-                None => get_json::<ImageId>(state.store(), &keys::image_name(None, &name))
-                    .await?
-                    .map(|(id, _)| id)
-                    .into_iter()
-                    .collect(),
-            }
-        }
-        Scope::All => {
-            match get_json::<ImageId>(state.store(), &keys::image_name(None, &name)).await? {
-                Some((id, _)) => vec![id],
-                None => {
-                    let suffix = format!("/{name}");
-                    // Names hold no `/`, so the suffix matches whole names only.
-                    list_keyed::<ImageId>(state.store(), keys::IMAGE_NAMES)
-                        .await?
-                        .into_iter()
-                        .filter(|(key, _)| key.ends_with(&suffix))
-                        .map(|(_, id)| id)
-                        .collect()
-                }
-            }
-        }
-    };
-    match ids.as_slice() {
-        [] => Err(not_found()),
-        [id] => get_json::<Image>(state.store(), &keys::image(*id))
-            .await?
-            .ok_or_else(not_found),
-        _ => Err(ApiError::Conflict(format!(
-            "image name {name} exists in {} tenants; use the image id",
-            ids.len()
-        ))),
-    }
+    Ok(state.control().image(scope, s).await?)
 }

@@ -1,129 +1,12 @@
-//! Redundant placement: the storage inventory, placement explanations, and the
-//! standby takeover when a redundant VM's primary host goes down.
-//!
-//! The planner (`sched`) is pure; this module builds its inventory from three sources:
-//! the operator's storage/connectivity document (`PUT /v1/storage`), the registered
-//! hosts (capacity, liveness, maintenance) and the VM records (what is reserved).
-
-use std::collections::BTreeMap;
+//! Redundant placement over HTTP: the storage inventory and placement explanations;
+//! the inventory is built in `control::storage`.
 
 use axum::extract::State;
 use axum::Json;
 use model::api::{PlacementQuery, Problem, StorageInventory};
-use model::{Host, HostState, Role, Vm};
-use sched::{Inventory, Planner, ServerName, ServerResource, StorageName, StorageResource};
+use model::Role;
 
-use crate::routes::hosts::all_hosts;
 use crate::{ApiError, AppJson, AppState, Caller};
-use control::records::{get_json, keys, list_json, to_bytes};
-use sched::usage;
-
-/// The stored document: storage resources and connectivity, as the operator gave them.
-async fn stored(state: &AppState) -> Result<StorageInventory, ApiError> {
-    Ok(get_json::<StorageInventory>(state.store(), keys::STORAGE)
-        .await?
-        .map(|(s, _)| s)
-        .unwrap_or_default())
-}
-
-/// The planner's inventory now: free storage after redundant VMs' reservations, and
-/// servers from hosts (free capacity after every VM's reservation, standby included).
-pub(crate) fn inventory(
-    doc: &StorageInventory,
-    hosts: &[Host],
-    vms: &[Vm],
-) -> Result<Inventory, ApiError> {
-    let mut storage: Vec<StorageResource> = doc
-        .storage
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            serde_json::from_value(v.clone())
-                .map_err(|e| ApiError::Unprocessable(format!("storage[{i}]: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    for vm in vms {
-        if let Some(r) = &vm.redundancy {
-            for s in storage.iter_mut().filter(|s| {
-                s.name.as_str() == r.primary_storage || s.name.as_str() == r.standby_storage
-            }) {
-                s.free_gib = s.free_gib.saturating_sub(r.disk_gib);
-            }
-        }
-    }
-    let used = usage(vms.iter());
-    let mut servers: Vec<ServerResource> = hosts
-        .iter()
-        .map(|h| {
-            let u = used.get(&h.name).copied().unwrap_or_default();
-            ServerResource {
-                name: ServerName::new(h.name.as_str()),
-                cpus: h.schedulable_vcpus(),
-                free_cpus: u32::try_from(u64::from(h.schedulable_vcpus()).saturating_sub(u.vcpus))
-                    .unwrap_or(0),
-                memory_mib: h.memory_mib,
-                free_memory_mib: h.memory_mib.saturating_sub(u.memory_mib),
-                live: h.state == HostState::Up,
-                in_maintenance: h.maintenance.is_some(),
-                failure_domain: None,
-            }
-        })
-        .collect();
-    // Connectivity may name hosts that have not registered yet: they exist, down.
-    for name in doc.connectivity.keys() {
-        if !servers.iter().any(|s| s.name.as_str() == name) {
-            servers.push(ServerResource {
-                name: ServerName::new(name.as_str()),
-                cpus: 0,
-                free_cpus: 0,
-                memory_mib: 0,
-                free_memory_mib: 0,
-                live: false,
-                in_maintenance: false,
-                failure_domain: None,
-            });
-        }
-    }
-    let connectivity: BTreeMap<ServerName, Vec<StorageName>> = doc
-        .connectivity
-        .iter()
-        .map(|(h, ss)| {
-            (
-                ServerName::new(h.as_str()),
-                ss.iter().map(|s| StorageName::new(s.as_str())).collect(),
-            )
-        })
-        .collect();
-    Ok(Inventory {
-        storage,
-        servers,
-        connectivity,
-    })
-}
-
-/// What a planner is built from: the stored document, the hosts, the VMs.
-type PlannerInputs = (StorageInventory, Vec<Host>, Vec<Vm>);
-
-async fn planner_inputs(state: &AppState) -> Result<PlannerInputs, ApiError> {
-    let doc = stored(state).await?;
-    let hosts = all_hosts(state).await?;
-    let vms: Vec<Vm> = list_json::<Vm>(state.store(), keys::VMS)
-        .await?
-        .into_iter()
-        .map(|(v, _)| v)
-        .collect();
-    Ok((doc, hosts, vms))
-}
-
-fn build_planner((doc, hosts, vms): &PlannerInputs) -> Result<Planner, ApiError> {
-    let inv = inventory(doc, hosts, vms)?;
-    Planner::new(&inv).map_err(|e| ApiError::Unprocessable(e.to_string()))
-}
-
-/// A planner over the current state; 422 naming every problem of the stored document.
-pub(crate) async fn planner(state: &AppState) -> Result<Planner, ApiError> {
-    build_planner(&planner_inputs(state).await?)
-}
 
 /// Replaces the storage inventory (storage resources and connectivity).
 #[utoipa::path(put, path = "/v1/storage", tag = "placement", request_body = StorageInventory,
@@ -137,12 +20,7 @@ pub(crate) async fn put_storage(
     AppJson(body): AppJson<StorageInventory>,
 ) -> Result<Json<StorageInventory>, ApiError> {
     caller.require(&[Role::Admin], "changing the storage inventory")?;
-    let hosts = all_hosts(&state).await?;
-    let inv = inventory(&body, &hosts, &[])?;
-    inv.validate()
-        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
-    state.store().put(keys::STORAGE, to_bytes(&body)?).await?;
-    Ok(Json(body))
+    Ok(Json(state.control().put_storage(body).await?))
 }
 
 /// The storage inventory.
@@ -153,7 +31,7 @@ pub(crate) async fn get_storage(
     caller: Caller,
 ) -> Result<Json<StorageInventory>, ApiError> {
     caller.require(&[Role::Admin], "reading the storage inventory")?;
-    Ok(Json(stored(&state).await?))
+    Ok(Json(state.control().storage_doc().await?))
 }
 
 /// What a redundant VM of this size would get: the placement, or, when nothing
@@ -170,7 +48,7 @@ pub(crate) async fn explain(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "asking for a placement")?;
     q.validate()?;
-    let inputs = planner_inputs(&state).await?;
+    let inputs = state.control().planner_inputs().await?;
     let req = sched::Request {
         disk_gib: q.disk_gib,
         vcpus: q.vcpus,
@@ -179,7 +57,7 @@ pub(crate) async fn explain(
     let answer = state
         .cpu()
         .run("placement explanation", move || {
-            let p = build_planner(&inputs)?;
+            let p = inputs.planner()?;
             Ok::<_, ApiError>(match p.place(&req) {
                 Ok(pl) => {
                     serde_json::json!({"placed": true, "placement": pl, "text": pl.to_string()})

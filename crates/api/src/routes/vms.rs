@@ -8,16 +8,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use model::api::{Assignment, CreateVm, ObservedReport, Problem, ReportedState};
-use model::{DesiredState, HostState, Image, ImageId, Migration, ObservedState, Role, Vm, VmId};
+use model::{DesiredState, HostState, Image, ImageId, Migration, Role, Vm, VmId};
 use store::{Compare, Revision, StoreError, TxnOp};
 
 use crate::extract::AppPath;
 use crate::routes::hosts::{all_hosts, host_name};
 use crate::routes::tenants::write_tenant;
-use crate::routes::{images, networks};
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
-use sched::{place, usage, PlaceError};
+use control::records::{get_json, keys, list_json, to_bytes, CAS_ATTEMPTS};
 
 /// Creates a VM and places it on a host: the requested one, or the up host
 /// with the most free memory that has room for it.
@@ -35,153 +33,8 @@ pub(crate) async fn create_vm(
     caller.require(&[Role::Admin, Role::Member], "creating a vm")?;
     let req = body.validate()?;
     let tenant = write_tenant(&state, &caller, req.tenant.as_ref()).await?;
-    // The image is looked up as the VM's tenant sees it, even for an admin.
-    let (image, _) = images::resolve(&state, Scope::Tenant(tenant), &req.image)
-        .await
-        .map_err(|e| match e {
-            ApiError::NotFound { .. } => {
-                ApiError::Unprocessable(format!("image: no image named {}", req.image))
-            }
-            other => other,
-        })?;
-    // An image from before the image store names host files: refused here with the
-    // way out, and by the agent for VMs that already use it.
-    image
-        .blobs()
-        .map_err(|e| ApiError::Unprocessable(format!("image: {}", e.message)))?;
-    let store = state.store();
-    let name_key = keys::vm_name(tenant, &req.name);
-    let name_taken = || ApiError::Conflict(format!("name: vm {} already exists", req.name));
-    for _ in 0..CAS_ATTEMPTS {
-        if store.get(&name_key).await?.is_some() {
-            return Err(name_taken());
-        }
-        // Read the allocation counters before the VMs: any placement that
-        // commits after this read bumps its host's counter, so our compare
-        // fails and we re-plan instead of overcommitting on stale usage.
-        let allocs: HashMap<String, (u64, Revision)> = store
-            .list("/vinfra/host-alloc/")
-            .await?
-            .into_iter()
-            .map(|kv| {
-                let n = serde_json::from_slice::<u64>(&kv.value)
-                    .map_err(|e| ApiError::internal(format!("decoding {}", kv.key), e))?;
-                Ok((kv.key, (n, kv.mod_revision)))
-            })
-            .collect::<Result<_, ApiError>>()?;
-        let hosts = all_hosts(&state).await?;
-        let vms = list_json::<Vm>(store, keys::VMS).await?;
-        let (host, redundancy) = match req.redundant_disk_gib {
-            // Redundant placement: storage pair first, then a connectable server for each, paired.
-            Some(disk_gib) => {
-                let planner = crate::routes::storage::planner(&state).await?;
-                let p = planner
-                    .place(&sched::Request {
-                        disk_gib,
-                        vcpus: req.vcpus,
-                        memory_mib: req.memory_mib,
-                    })
-                    .map_err(|ex| ApiError::Conflict(format!("redundant: {ex}")))?;
-                let primary = model::validate_name("host", p.primary.server.as_str())?;
-                let standby = model::validate_name("host", p.standby.server.as_str())?;
-                (
-                    primary,
-                    Some(model::Redundancy {
-                        disk_gib,
-                        primary_storage: p.primary.storage.to_string(),
-                        standby_host: standby,
-                        standby_storage: p.standby.storage.to_string(),
-                        takeovers: 0,
-                    }),
-                )
-            }
-            None => {
-                let host = place(
-                    &hosts,
-                    &usage(vms.iter().map(|(v, _)| v)),
-                    req.vcpus,
-                    req.memory_mib,
-                    req.host.as_ref(),
-                )
-                .map_err(|e| match e {
-                    PlaceError::NoSuchHost(_) => ApiError::Unprocessable(e.to_string()),
-                    _ => ApiError::Conflict(e.to_string()),
-                })?;
-                (host, None)
-            }
-        };
-        let alloc_key = keys::host_alloc(&host);
-        let (count, alloc_rev) = match allocs.get(&alloc_key) {
-            Some((n, rev)) => (*n, Some(*rev)),
-            None => (0, None),
-        };
-        let id = VmId::new_random();
-        let nets = networks::allocate(&state, tenant, &req.nics, id).await?;
-        let vm = Vm {
-            id,
-            tenant,
-            name: req.name.clone(),
-            image: image.id,
-            vcpus: req.vcpus,
-            memory_mib: req.memory_mib,
-            host,
-            desired: DesiredState::Running,
-            observed: ObservedState::Pending,
-            error: None,
-            created_at: now_ms(),
-            migration: None,
-            redundancy,
-            nics: nets.nics,
-            kernel_args: req.kernel_args.clone(),
-        };
-        let res = store
-            .txn(
-                [
-                    Compare::ModRevision {
-                        key: name_key.clone(),
-                        expect: None,
-                    },
-                    Compare::ModRevision {
-                        key: alloc_key.clone(),
-                        expect: alloc_rev,
-                    },
-                ]
-                .into_iter()
-                .chain(nets.compares)
-                .collect(),
-                [
-                    TxnOp::Put {
-                        key: keys::vm(vm.id),
-                        value: to_bytes(&vm)?,
-                    },
-                    TxnOp::Put {
-                        key: name_key.clone(),
-                        value: to_bytes(&vm.id)?,
-                    },
-                    TxnOp::Put {
-                        key: alloc_key,
-                        value: to_bytes(&count.wrapping_add(1))?,
-                    },
-                ]
-                .into_iter()
-                .chain(nets.ops)
-                .collect(),
-            )
-            .await;
-        match res {
-            Ok(_) => {
-                tracing::info!(vm = %vm.name, id = %vm.id, host = %vm.host, "vm created");
-                return Ok((StatusCode::CREATED, Json(vm)));
-            }
-            // Any compare may have failed: the next round's name check tells a
-            // taken name from a lost placement or address race.
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::Conflict(
-        "host: placement kept racing with other requests, retry".to_owned(),
-    ))
+    let vm = state.control().create_vm(tenant, &req).await?;
+    Ok((StatusCode::CREATED, Json(vm)))
 }
 
 /// Lists the caller's VMs (an admin: every tenant's).
@@ -356,7 +209,7 @@ async fn remove(state: &AppState, vm: &Vm, rev: Revision) -> Result<Revision, St
                 },
             ]
             .into_iter()
-            .chain(networks::release(&vm.nics))
+            .chain(control::networks::release(&vm.nics))
             .collect(),
         )
         .await;
