@@ -349,8 +349,9 @@ impl LocalMonitor {
             tokio::select! {
                 req = resign.recv() => {
                     // `None`: the handle was dropped; release all the same.
-                    let result = self.release().await;
+                    // Lost first: the leader's work stops before the key goes.
                     self.lost.send_replace(true);
+                    let result = self.release().await;
                     match req {
                         Some(reply) => { let _ = reply.send(result); }
                         None => if let Err(e) = result {
