@@ -51,9 +51,17 @@
 //!   a silent network loss; `require_leader` makes a watch on a member that
 //!   lost its leader fail instead of going quiet.
 //!
+//! # Elections
+//! [`Store::campaign`] keeps the leader key on an etcd lease that a background
+//! task renews; a leader that dies or is cut off loses the key when the lease
+//! expires, and a waiting candidate takes over. Renewal, the "lost"
+//! deadline and resign are described in `src/election.rs`.
+//!
 //! Only `http://` endpoints: the crate is built without TLS (`etcd-client`
 //! with default features off).
 #![warn(missing_docs)]
+
+mod election;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -62,12 +70,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient,
-    Txn, TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient, WatchOptions,
+    LeaseClient, Txn, TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 use futures_util::{stream, StreamExt};
 use store::{
-    validate_key, validate_txn, Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent,
-    WatchStream,
+    validate_key, validate_txn, Compare, KeyValue, Leadership, Revision, Store, StoreError, TxnOp,
+    WatchEvent, WatchStream,
 };
 
 /// Upper bound on one unary etcd call (get, put, txn, …).
@@ -94,6 +102,7 @@ const MAX_RESPONSE_BYTES: usize = 256 << 20;
 pub struct EtcdStore {
     kv: KvClient,
     watch: WatchClient,
+    lease: LeaseClient,
     namespace: String,
     endpoints: Vec<String>,
 }
@@ -152,6 +161,7 @@ impl EtcdStore {
             watch: client
                 .watch_client()
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            lease: client.lease_client(),
             namespace,
             endpoints: endpoints.to_vec(),
         };
@@ -394,6 +404,15 @@ impl Store for EtcdStore {
             done: false,
         };
         Ok(Box::pin(stream::unfold(state, WatchState::next)))
+    }
+
+    async fn campaign(
+        &self,
+        election: &str,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Leadership, StoreError> {
+        election::campaign(self, election, candidate, ttl).await
     }
 }
 

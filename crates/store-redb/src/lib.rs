@@ -37,20 +37,31 @@
 //! one `Err` item and its stream ends (the caller re-lists), never a silent gap.
 //! Another process opening the same file is refused by redb's file lock, so no
 //! write can bypass the watchers.
+//!
+//! # Elections
+//! [`Store::campaign`] is [`store::election::campaign_local`]: the process that
+//! opened the file is the only one that can campaign, so there is no lease;
+//! candidates within the process take turns on the election key. A leader key
+//! found when the file is opened belongs to a process that has died (the file
+//! lock says no other process has it open), so [`RedbStore::open`] deletes
+//! every key under [`ELECTION_PREFIX`]; otherwise the next campaign would
+//! wait for that dead leader forever.
 #![warn(missing_docs)]
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
 use redb::{
     Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
+use store::election::{campaign_local, ELECTION_PREFIX};
 use store::{
-    validate_key, validate_txn, Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent,
-    WatchStream,
+    validate_key, validate_txn, Compare, KeyValue, Leadership, Revision, Store, StoreError, TxnOp,
+    WatchEvent, WatchStream,
 };
 use tokio::sync::broadcast;
 
@@ -195,15 +206,19 @@ impl RedbStore {
             }
         }
         tx.commit().map_err(backend(context()))?;
-        tracing::info!(path = %path.display(), "opened redb store");
         let (events, _) = broadcast::channel(WATCH_CHANNEL_COMMITS);
+        let inner = Inner {
+            db,
+            path: path.to_owned(),
+            writer: Mutex::new(()),
+            events,
+        };
+        let stale = inner
+            .clear_elections()
+            .map_err(|e| StoreError::backend(context(), e))?;
+        tracing::info!(path = %path.display(), stale_leader_keys = stale, "opened redb store");
         Ok(RedbStore {
-            inner: Arc::new(Inner {
-                db,
-                path: path.to_owned(),
-                writer: Mutex::new(()),
-                events,
-            }),
+            inner: Arc::new(inner),
         })
     }
 
@@ -356,6 +371,33 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Deletes every election key (see the crate docs: their holders are
+    /// gone) in one write; returns how many there were.
+    fn clear_elections(&self) -> Result<usize, StoreError> {
+        self.write(|ctx| {
+            let mut stale = Vec::new();
+            for entry in ctx
+                .kv
+                .range(ELECTION_PREFIX..)
+                .map_err(backend("cannot list the election keys"))?
+            {
+                let (k, _) = entry.map_err(backend("cannot list the election keys"))?;
+                let key = k.value();
+                if !key.starts_with(ELECTION_PREFIX) {
+                    break;
+                }
+                stale.push(key.to_owned());
+            }
+            for key in &stale {
+                tracing::info!(key = %key, "deleting the leader key of a previous process");
+                ctx.delete(key)?;
+            }
+            Ok(stale.len())
+        })
+    }
+}
+
 fn read_error<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::backend("cannot read from redb", RedbError(e.to_string()))
 }
@@ -466,6 +508,15 @@ impl Store for RedbStore {
         // Subscribing is synchronous: every commit after this line is seen.
         let rx = self.inner.events.subscribe();
         Ok(watch_stream(rx, prefix.to_owned()))
+    }
+
+    async fn campaign(
+        &self,
+        election: &str,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Leadership, StoreError> {
+        campaign_local(Arc::new(self.clone()), election, candidate, ttl).await
     }
 }
 

@@ -19,16 +19,22 @@
 //!   compare fails.
 //! - A write that returned `Ok` is durable: it survives `kill -9` of the
 //!   process (redb: fsync'd commit; etcd: raft-committed).
+//! - [`Store::campaign`] elects one leader per election name; the leader's
+//!   [`Leadership`] carries a fencing compare for its writes (see [`election`]).
 #![warn(missing_docs)]
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
 
+pub mod election;
 pub mod suite;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use election::{election_key, Leadership};
 
 /// A store-wide revision number, strictly increasing with every write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -107,6 +113,15 @@ pub enum StoreError {
         /// The rejected key.
         key: String,
         /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A [`Store::campaign`] argument is not acceptable (election name,
+    /// candidate name or ttl).
+    #[error("invalid campaign in election {election:?}: {reason}")]
+    InvalidCampaign {
+        /// The election campaigned in.
+        election: String,
+        /// What is wrong.
         reason: &'static str,
     },
     /// The backend could not be reached or failed (I/O, network, corrupt file).
@@ -224,4 +239,39 @@ pub trait Store: Send + Sync + 'static {
     /// ends after it, and the caller re-lists and watches again. Nothing is lost
     /// silently.
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError>;
+
+    /// Waits until `candidate` is the leader of `election`, then returns its
+    /// [`Leadership`] (see [`election`] for the model and fencing).
+    ///
+    /// `election` is a name without `/` (the leader is recorded at
+    /// [`election_key`]); `candidate` names this contender (a server's name,
+    /// reported by [`Store::leader`]). `ttl` is how long the leadership
+    /// outlives its holder: if the holder dies or is cut off from the store,
+    /// it notices (its `lost` fires) within `ttl`, and another candidate takes
+    /// over soon after. On etcd it is the lease's time to live, rounded up to
+    /// whole seconds; stores owned by one process have no lease and ignore it.
+    ///
+    /// While several candidates wait, which one wins next is unspecified.
+    /// Cancel-safe: dropping the future withdraws the candidacy (a leadership
+    /// won at that very moment is released). Errors: a bad argument
+    /// ([`StoreError::InvalidCampaign`]) or an unreachable store; waiting for
+    /// a live leader is not an error, however long it takes.
+    async fn campaign(
+        &self,
+        election: &str,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Leadership, StoreError>;
+
+    /// The candidate that leads `election` now, if any (for diagnostics: it
+    /// may change as soon as this returns).
+    async fn leader(&self, election: &str) -> Result<Option<String>, StoreError> {
+        let key = election_key(election)?;
+        let Some(kv) = self.get(&key).await? else {
+            return Ok(None);
+        };
+        String::from_utf8(kv.value.to_vec())
+            .map(Some)
+            .map_err(|e| StoreError::backend(format!("cannot read the leader of {election}"), e))
+    }
 }

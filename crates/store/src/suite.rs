@@ -21,8 +21,9 @@
 //! store, say).
 //!
 //! What is deliberately *not* checked: exact revision numbers (etcd starts at
-//! 2, redb at 1; only "strictly increasing" is promised) and behaviour across
-//! restarts (each backend has its own durability test with a real `kill -9`).
+//! 2, redb at 1; only "strictly increasing" is promised), behaviour across
+//! restarts (each backend has its own durability test with a real `kill -9`),
+//! and lease expiry (only etcd has leases; its own tests cut a leader off).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,10 +32,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use crate::{Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent, WatchStream};
+use crate::{
+    election_key, Compare, KeyValue, Leadership, Revision, Store, StoreError, TxnOp, WatchEvent,
+    WatchStream,
+};
 
 /// How long a check waits for one watch event before failing.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The ttl of the election checks: long enough that a slow CI machine never
+/// loses a lease by accident (no check depends on expiry).
+const ELECTION_TTL: Duration = Duration::from_secs(5);
+/// How long a check waits for a handover (a resign seen by a waiter) or a
+/// lost leadership before failing.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a waiting candidate must stay waiting to count as blocked.
+const STILL_WAITING: Duration = Duration::from_millis(300);
 
 /// Generates one `#[tokio::test]` per conformance check.
 ///
@@ -72,6 +84,13 @@ macro_rules! store_suite {
             invalid_keys,
             concurrent_cas_counter,
             large_values,
+            election_single_candidate,
+            election_rejects_bad_arguments,
+            election_second_waits_for_resign,
+            election_drop_releases,
+            election_cancelled_campaign_leaves_nothing,
+            election_deleted_key_deposes_leader,
+            election_one_leader_at_a_time,
         );
     };
     (@tests [$make:expr] $($check:ident),* $(,)?) => {
@@ -840,4 +859,328 @@ pub async fn large_values(store: Arc<dyn Store>) {
             other => panic!("expected a put, got {other:?}"),
         }
     }
+}
+
+/// Campaigns for `election` in a spawned task, so that the check can watch it
+/// wait.
+fn spawn_campaign(
+    store: &Arc<dyn Store>,
+    election: &'static str,
+    candidate: &'static str,
+) -> tokio::task::JoinHandle<Result<Leadership, StoreError>> {
+    let store = store.clone();
+    tokio::spawn(async move { store.campaign(election, candidate, ELECTION_TTL).await })
+}
+
+/// Awaits a spawned campaign that must win within [`HANDOVER_TIMEOUT`].
+async fn wins(
+    campaign: &mut tokio::task::JoinHandle<Result<Leadership, StoreError>>,
+    what: &str,
+) -> Leadership {
+    match tokio::time::timeout(HANDOVER_TIMEOUT, campaign).await {
+        Ok(Ok(Ok(leadership))) => leadership,
+        Ok(Ok(Err(e))) => panic!("{what}: campaign failed: {e:?}"),
+        Ok(Err(e)) => panic!("{what}: campaign task failed: {e:?}"),
+        Err(_) => panic!("{what}: not leader within {HANDOVER_TIMEOUT:?}"),
+    }
+}
+
+/// Asserts that a spawned campaign is still waiting after [`STILL_WAITING`].
+async fn still_waits(
+    campaign: &mut tokio::task::JoinHandle<Result<Leadership, StoreError>>,
+    what: &str,
+) {
+    if let Ok(r) = tokio::time::timeout(STILL_WAITING, campaign).await {
+        panic!("{what}: campaign returned while another candidate leads: {r:?}");
+    }
+}
+
+/// A fenced write: `value` to `key` only while `leader` leads.
+async fn fenced_put(
+    store: &dyn Store,
+    leader: &Leadership,
+    key: &str,
+    value: &str,
+) -> Result<Revision, StoreError> {
+    store
+        .txn(
+            vec![leader.fence()],
+            vec![TxnOp::Put {
+                key: key.to_owned(),
+                value: b(value),
+            }],
+        )
+        .await
+}
+
+/// A lone candidate leads at once; `leader` reports it; its fence holds;
+/// resigning leaves the election empty.
+pub async fn election_single_candidate(store: Arc<dyn Store>) {
+    assert_eq!(store.leader("driver").await.unwrap(), None, "nobody yet");
+    let before = store.put("/before", b("x")).await.unwrap();
+    let leader = tokio::time::timeout(
+        HANDOVER_TIMEOUT,
+        store.campaign("driver", "server-1", ELECTION_TTL),
+    )
+    .await
+    .expect("an uncontested campaign returns at once")
+    .unwrap();
+    assert_eq!(leader.election(), "driver");
+    assert_eq!(leader.candidate(), "server-1");
+    assert_eq!(leader.key(), election_key("driver").unwrap());
+    assert!(
+        leader.revision() > before,
+        "the fencing token is a fresh revision"
+    );
+    assert!(!leader.is_lost());
+    assert_eq!(
+        store.leader("driver").await.unwrap().as_deref(),
+        Some("server-1")
+    );
+    assert_eq!(
+        store.leader("other").await.unwrap(),
+        None,
+        "elections are independent"
+    );
+    // The leader key is a visible key at the fencing revision.
+    assert_kv(&*store, leader.key(), b"server-1", leader.revision()).await;
+
+    let r = fenced_put(&*store, &leader, "/ops/1", "done")
+        .await
+        .unwrap();
+    assert_kv(&*store, "/ops/1", b"done", r).await;
+
+    // A second election runs alongside.
+    let other = store
+        .campaign("other", "server-2", ELECTION_TTL)
+        .await
+        .unwrap();
+    assert!(other.revision() > leader.revision());
+    assert_eq!(
+        store.leader("other").await.unwrap().as_deref(),
+        Some("server-2")
+    );
+
+    leader.resign().await.unwrap();
+    assert_eq!(store.leader("driver").await.unwrap(), None);
+    assert_eq!(
+        store.leader("other").await.unwrap().as_deref(),
+        Some("server-2")
+    );
+    other.resign().await.unwrap();
+    assert_eq!(store.list("/vinfra/").await.unwrap(), vec![], "no key left");
+}
+
+/// Bad election names, candidates and ttls are refused up front.
+pub async fn election_rejects_bad_arguments(store: Arc<dyn Store>) {
+    let bad = [
+        ("", "c", ELECTION_TTL),
+        ("a/b", "c", ELECTION_TTL),
+        ("nul\0", "c", ELECTION_TTL),
+        ("ok", "", ELECTION_TTL),
+        ("ok", "c", Duration::ZERO),
+    ];
+    for (election, candidate, ttl) in bad {
+        match store.campaign(election, candidate, ttl).await {
+            Err(StoreError::InvalidCampaign { election: e, .. }) => assert_eq!(e, election),
+            other => panic!("campaign({election:?}, {candidate:?}, {ttl:?}): {other:?}"),
+        }
+    }
+    for election in ["", "a/b"] {
+        let e = store.leader(election).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::InvalidCampaign { .. }),
+            "leader({election:?}): {e:?}"
+        );
+    }
+    assert_eq!(store.list("/").await.unwrap(), vec![], "nothing written");
+}
+
+/// A second candidate waits while the first leads, and leads once it
+/// resigns, with a larger fencing token; the first one's fence then fails.
+pub async fn election_second_waits_for_resign(store: Arc<dyn Store>) {
+    let first = store
+        .campaign("driver", "server-1", ELECTION_TTL)
+        .await
+        .unwrap();
+    let mut second = spawn_campaign(&store, "driver", "server-2");
+    still_waits(&mut second, "server-2").await;
+    assert_eq!(
+        store.leader("driver").await.unwrap().as_deref(),
+        Some("server-1")
+    );
+
+    let first_fence = first.fence();
+    let first_rev = first.revision();
+    let lost = first.lost();
+    first.resign().await.unwrap();
+    tokio::time::timeout(HANDOVER_TIMEOUT, lost)
+        .await
+        .expect("lost() of a resigned leadership resolves");
+
+    let second = wins(&mut second, "server-2 after server-1 resigned").await;
+    assert!(
+        second.revision() > first_rev,
+        "fencing tokens grow: {:?} > {first_rev:?}",
+        second.revision()
+    );
+    assert_eq!(
+        store.leader("driver").await.unwrap().as_deref(),
+        Some("server-2")
+    );
+
+    // The deposed leader's fenced write fails and changes nothing.
+    let put = TxnOp::Put {
+        key: "/ops/1".into(),
+        value: b("stale"),
+    };
+    let e = store.txn(vec![first_fence], vec![put]).await.unwrap_err();
+    assert!(is_conflict_on(&e, second.key()), "{e:?}");
+    assert_eq!(store.get("/ops/1").await.unwrap(), None);
+    fenced_put(&*store, &second, "/ops/1", "fresh")
+        .await
+        .unwrap();
+    second.resign().await.unwrap();
+}
+
+/// Dropping a leadership without resigning releases it too.
+pub async fn election_drop_releases(store: Arc<dyn Store>) {
+    let first = store
+        .campaign("driver", "server-1", ELECTION_TTL)
+        .await
+        .unwrap();
+    let mut second = spawn_campaign(&store, "driver", "server-2");
+    still_waits(&mut second, "server-2").await;
+    drop(first);
+    let second = wins(&mut second, "server-2 after server-1 was dropped").await;
+    assert_eq!(
+        store.leader("driver").await.unwrap().as_deref(),
+        Some("server-2")
+    );
+    drop(second);
+    wait_for_no_leader(&*store, "driver").await;
+}
+
+/// Polls `leader` until the election is empty.
+async fn wait_for_no_leader(store: &dyn Store, election: &str) {
+    let deadline = tokio::time::Instant::now() + HANDOVER_TIMEOUT;
+    while store.leader(election).await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{election} still has a leader after {HANDOVER_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A campaign that is cancelled while it waits never becomes leader later.
+pub async fn election_cancelled_campaign_leaves_nothing(store: Arc<dyn Store>) {
+    let first = store
+        .campaign("driver", "server-1", ELECTION_TTL)
+        .await
+        .unwrap();
+    let mut cancelled = spawn_campaign(&store, "driver", "server-2");
+    still_waits(&mut cancelled, "server-2").await;
+    cancelled.abort();
+    assert!(cancelled.await.unwrap_err().is_cancelled());
+    first.resign().await.unwrap();
+
+    // Give a zombie candidacy the time it would need to take the key.
+    tokio::time::sleep(STILL_WAITING).await;
+    assert_eq!(store.leader("driver").await.unwrap(), None);
+    let third = tokio::time::timeout(
+        HANDOVER_TIMEOUT,
+        store.campaign("driver", "server-3", ELECTION_TTL),
+    )
+    .await
+    .expect("the election is free")
+    .unwrap();
+    third.resign().await.unwrap();
+}
+
+/// A leader whose key disappears (what an expired etcd lease does; an
+/// operator can do it too) is told through `lost`, a waiting candidate takes
+/// over, and the deposed leader's fenced writes fail.
+pub async fn election_deleted_key_deposes_leader(store: Arc<dyn Store>) {
+    let first = store
+        .campaign("driver", "server-1", ELECTION_TTL)
+        .await
+        .unwrap();
+    let mut second = spawn_campaign(&store, "driver", "server-2");
+    still_waits(&mut second, "server-2").await;
+
+    assert!(store.delete(first.key()).await.unwrap());
+    tokio::time::timeout(HANDOVER_TIMEOUT, first.lost())
+        .await
+        .expect("lost fires when the key is deleted");
+    assert!(first.is_lost());
+    let second = wins(&mut second, "server-2 after server-1's key was deleted").await;
+    assert!(second.revision() > first.revision());
+    assert!(
+        !second.is_lost(),
+        "the new leader is not told the old one lost"
+    );
+
+    let e = fenced_put(&*store, &first, "/ops/1", "stale")
+        .await
+        .unwrap_err();
+    assert!(is_conflict_on(&e, first.key()), "{e:?}");
+    fenced_put(&*store, &second, "/ops/1", "fresh")
+        .await
+        .unwrap();
+
+    // The deposed leader resigning must not remove the new leader's key.
+    first.resign().await.unwrap();
+    assert_eq!(
+        store.leader("driver").await.unwrap().as_deref(),
+        Some("server-2")
+    );
+    assert!(!second.is_lost());
+    second.resign().await.unwrap();
+}
+
+/// Several candidates contending: never two leaders at once, every one leads
+/// in turn, and each leader's fencing token is larger than the last one's.
+pub async fn election_one_leader_at_a_time(store: Arc<dyn Store>) {
+    const CANDIDATES: usize = 4;
+    const TERMS: usize = 2;
+    let leading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for c in 0..CANDIDATES {
+        let (store, leading, tokens) = (store.clone(), leading.clone(), tokens.clone());
+        tasks.push(tokio::spawn(async move {
+            let name = format!("server-{c}");
+            for _ in 0..TERMS {
+                let leader = store
+                    .campaign("driver", &name, ELECTION_TTL)
+                    .await
+                    .expect("campaign");
+                let was = leading.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                assert_eq!(was, 0, "{name} leads alongside another leader");
+                tokens.lock().expect("tokens lock").push(leader.revision());
+                assert_eq!(
+                    store.leader("driver").await.expect("leader").as_deref(),
+                    Some(name.as_str())
+                );
+                fenced_put(&*store, &leader, "/ops/last", &name)
+                    .await
+                    .expect("the current leader's fenced write");
+                leading.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                leader.resign().await.expect("resign");
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(HANDOVER_TIMEOUT * 2, t)
+            .await
+            .expect("all terms within the timeout")
+            .expect("candidate task");
+    }
+    let tokens = tokens.lock().expect("tokens lock").clone();
+    assert_eq!(tokens.len(), CANDIDATES * TERMS);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens grow from leader to leader: {tokens:?}"
+    );
 }

@@ -1,27 +1,37 @@
 //! An in-memory [`Store`] for tests: etcd semantics (revisions, cas, txn,
-//! watch), no durability. Only built with the `testing` feature, which crates
+//! watch, elections), no durability. Only built with the `testing` feature, which crates
 //! enable in their dev-dependencies, so it never ships in a binary; it runs
 //! the same conformance suite ([`crate::suite`]) as the real backends.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::broadcast;
 use tokio::task::yield_now;
 
 use crate::{
-    validate_key, validate_txn, Compare, KeyValue, Revision, Store, StoreError, TxnOp, WatchEvent,
-    WatchStream,
+    election, validate_key, validate_txn, Compare, KeyValue, Leadership, Revision, Store,
+    StoreError, TxnOp, WatchEvent, WatchStream,
 };
 
 /// An in-memory store. Every operation first yields to the scheduler, as a
 /// real store's I/O would, so that concurrent requests interleave between
 /// their reads and writes and races show up in tests. Watchers that fall behind by more than 1024 events
 /// get a `Backend` error and their stream ends.
-#[derive(Debug)]
+///
+/// Elections ([`Store::campaign`]) work as on redb
+/// ([`election::campaign_local`]): one leader per election, other candidates
+/// wait until it resigns or its handle is dropped. There is no lease; to
+/// simulate a leader whose lease expired (it crashed, or was cut off), delete
+/// its key ([`crate::election_key`]): the leader's `lost` fires and a waiting
+/// candidate takes over.
+///
+/// Cheap to clone; clones share the data.
+#[derive(Clone, Debug)]
 pub struct MemStore {
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     events: broadcast::Sender<WatchEvent>,
 }
 
@@ -42,7 +52,7 @@ impl MemStore {
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Arc::new(Mutex::new(Inner::default())),
             events,
         }
     }
@@ -219,6 +229,15 @@ impl Store for MemStore {
             }
         });
         Ok(Box::pin(stream))
+    }
+
+    async fn campaign(
+        &self,
+        election: &str,
+        candidate: &str,
+        ttl: Duration,
+    ) -> Result<Leadership, StoreError> {
+        election::campaign_local(Arc::new(self.clone()), election, candidate, ttl).await
     }
 }
 

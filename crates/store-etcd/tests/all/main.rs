@@ -1,8 +1,10 @@
 //! Integration tests of `EtcdStore` against a real etcd (one per test, on free
 //! ports, started by `test_utils::EtcdFixture`): the conformance suite with and
-//! without a namespace, `kill -9` durability, reconnection, and namespaces.
+//! without a namespace, `kill -9` durability, reconnection, namespaces, and
+//! leaders whose lease stops being renewed.
 
 mod connect;
+mod election;
 mod restart;
 
 use std::sync::Arc;

@@ -103,3 +103,37 @@ async fn reopen_keeps_data_and_revisions() {
     assert!(store.put("/k2", "v".into()).await.unwrap() > r1);
     assert_eq!(store.path(), path);
 }
+
+/// A leader key left by a process that died is cleared on open, so the next
+/// campaign does not wait for a leader that will never resign; other keys stay.
+#[tokio::test]
+async fn stale_leader_key_is_cleared_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let key = store::election_key("driver").unwrap();
+    {
+        let store = RedbStore::open(&path).unwrap();
+        // What a crashed leader leaves behind.
+        store.put(&key, "server-dead".into()).await.unwrap();
+        store.put("/vinfra/vms/a", "vm".into()).await.unwrap();
+        assert_eq!(
+            store.leader("driver").await.unwrap().as_deref(),
+            Some("server-dead")
+        );
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.leader("driver").await.unwrap(), None);
+    assert!(store.get("/vinfra/vms/a").await.unwrap().is_some());
+    let leader = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.campaign("driver", "server-new", std::time::Duration::from_secs(5)),
+    )
+    .await
+    .expect("the election is free after the reopen")
+    .unwrap();
+    assert_eq!(
+        store.leader("driver").await.unwrap().as_deref(),
+        Some("server-new")
+    );
+    leader.resign().await.unwrap();
+}
