@@ -7,8 +7,9 @@
 //! Must not depend on: store backends (it holds an `Arc<dyn Store>`), the
 //! agent, compute drivers. Wire bodies come from `model::api`.
 //!
-//! Tasks: [`serve`] spawns one task running the axum server and the maintenance
-//! drain driver; [`ServerHandle::shutdown`] stops both. Host liveness is computed
+//! Tasks: [`serve`] spawns one task running the axum server, and starts the control
+//! layer's operation driver (which runs its loops only while this server is the elected
+//! leader of its store); [`ServerHandle::shutdown`] stops both. Host liveness is computed
 //! from the last heartbeat whenever a host is read.
 #![warn(missing_docs)]
 
@@ -75,6 +76,15 @@ pub struct ServerConfig {
     /// How many CPU-heavy jobs (descriptor validation, NS planning) run at once, off
     /// the async workers; more at the same time get 429. Default 2.
     pub cpu_jobs: usize,
+    /// This server's name among the servers of one store: the operation driver's
+    /// identity in the leader election, and the runner named in NS records so that only
+    /// this server, restarted, declares their work interrupted. Default:
+    /// `server-<listen address>` (stable across restarts; servers on several machines
+    /// listening on one address need their own).
+    pub server_id: Option<String>,
+    /// The operation driver's leader lease: when the leading server dies, another one
+    /// leads within about this time. Default 4 s.
+    pub election_lease: Duration,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +99,8 @@ impl Default for ServerConfig {
             tls: None,
             rate_limit: Some(RateLimit::default()),
             cpu_jobs: 2,
+            server_id: None,
+            election_lease: Duration::from_secs(4),
         }
     }
 }
@@ -124,6 +136,8 @@ struct Inner {
     /// Jobs started by requests (NS work); the operation driver owns them once the
     /// server runs.
     jobs: control::Tasks,
+    /// This server's name among the servers of its store.
+    server_id: String,
 }
 
 impl std::fmt::Debug for AppState {
@@ -155,6 +169,10 @@ impl AppState {
                 limiter: config.rate_limit.map(limits::Limiter::new),
                 cpu: limits::CpuPool::new(config.cpu_jobs),
                 jobs: control::Tasks::default(),
+                server_id: config
+                    .server_id
+                    .clone()
+                    .unwrap_or_else(|| format!("server-{}", config.listen)),
             }),
         }
     }
@@ -243,6 +261,11 @@ impl AppState {
 
     pub(crate) fn jobs(&self) -> &control::Tasks {
         &self.inner.jobs
+    }
+
+    /// This server's name among the servers of its store.
+    pub fn server_id(&self) -> &str {
+        &self.inner.server_id
     }
 }
 
@@ -357,9 +380,14 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     // Background work of the control plane (drains, takeovers, request-started jobs):
     // one driver, stopped with the server.
+    let defaults = control::DriverConfig::default();
     let driver = control::Driver::start(
         state.control().clone(),
-        control::DriverConfig::default(),
+        control::DriverConfig {
+            identity: state.server_id().to_owned(),
+            lease: config.election_lease,
+            ..defaults
+        },
         state.jobs().clone(),
     );
     let switch_server = async move {

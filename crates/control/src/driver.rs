@@ -9,6 +9,12 @@
 //!
 //! The loops: the drain driver (every `drain_period`, one step per active session), the
 //! takeover watcher (every `takeover_period`).
+//!
+//! Several servers may share one store: each runs a driver, and the drivers elect one of
+//! them through the store ([`store::Store::campaign`], an etcd lease; trivially the one
+//! process with redb). Only the leader runs the loops. When it dies, its lease expires
+//! and another driver is elected within the lease time and goes on from the records.
+//! A driver that loses its leadership (cut off from etcd) stops its loops at once.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,13 +26,21 @@ use tokio::task::JoinSet;
 
 use crate::Control;
 
-/// How often each loop runs.
+/// The election every driver of a store campaigns in.
+pub const ELECTION: &str = "operation-driver";
+
+/// How often each loop runs, and who this driver is in the election.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
     /// Between two steps of every active drain (default 300 ms).
     pub drain_period: Duration,
     /// Between two takeover passes (default 1 s).
     pub takeover_period: Duration,
+    /// This driver's name in the election (default: a random id; servers pass theirs).
+    pub identity: String,
+    /// The leader's lease: a dead leader is replaced within about this time (default
+    /// 4 s; etcd counts whole seconds).
+    pub lease: Duration,
 }
 
 impl Default for DriverConfig {
@@ -34,6 +48,8 @@ impl Default for DriverConfig {
         Self {
             drain_period: Duration::from_millis(300),
             takeover_period: Duration::from_secs(1),
+            identity: format!("driver-{}", model::VmId::new_random()),
+            lease: Duration::from_secs(4),
         }
     }
 }
@@ -131,44 +147,24 @@ impl Tasks {
 #[derive(Debug)]
 pub struct Driver {
     stop: watch::Sender<bool>,
-    loops: JoinSet<()>,
+    task: tokio::task::JoinHandle<()>,
     jobs: Tasks,
+    leading: watch::Receiver<bool>,
 }
 
 impl Driver {
-    /// Starts the driver's loops over `control`; it owns `jobs` from now on (stops them
-    /// with itself).
+    /// Starts the driver over `control`: it campaigns, and runs the loops while it
+    /// leads. It owns `jobs` from now on (stops them with itself).
     pub fn start(control: Control, config: DriverConfig, jobs: Tasks) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let mut loops = JoinSet::new();
-        let c = control.clone();
-        loops.spawn(every(config.drain_period, stopped.clone(), move || {
-            let c = c.clone();
-            async move {
-                match c.active_drains().await {
-                    Ok(sessions) => {
-                        for m in sessions {
-                            if let Err(e) = c.drain_step(m).await {
-                                tracing::warn!(error = %model::error_chain(&e), "maintenance step failed; retrying");
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %model::error_chain(&e), "drain driver cannot list sessions")
-                    }
-                }
-            }
-        }));
-        let c = control;
-        loops.spawn(every(config.takeover_period, stopped, move || {
-            let c = c.clone();
-            async move {
-                if let Err(e) = c.takeover_pass().await {
-                    tracing::warn!(error = %model::error_chain(&e), "takeover pass failed");
-                }
-            }
-        }));
-        Self { stop, loops, jobs }
+        let (leading_tx, leading) = watch::channel(false);
+        let task = tokio::spawn(lead(control, config, stopped, leading_tx));
+        Self {
+            stop,
+            task,
+            jobs,
+            leading,
+        }
     }
 
     /// Where request-started jobs run.
@@ -176,12 +172,112 @@ impl Driver {
         &self.jobs
     }
 
-    /// Stops the loops (each finishes the step it is in) and the jobs.
-    pub async fn shutdown(mut self) {
+    /// Whether this driver leads now (runs the loops).
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    /// Waits until this driver leads.
+    pub async fn until_leading(&self) {
+        let mut l = self.leading.clone();
+        let _ = l.wait_for(|x| *x).await;
+    }
+
+    /// Stops the loops (each finishes the step it is in), resigns, and stops the jobs.
+    pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.jobs.shutdown().await;
-        while self.loops.join_next().await.is_some() {}
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the operation driver panicked");
+        }
     }
+}
+
+/// Campaign, lead until the leadership is lost or `stop`, campaign again.
+async fn lead(
+    control: Control,
+    config: DriverConfig,
+    mut stop: watch::Receiver<bool>,
+    leading: watch::Sender<bool>,
+) {
+    loop {
+        let campaign = control
+            .store()
+            .campaign(ELECTION, &config.identity, config.lease);
+        let leadership = tokio::select! {
+            l = campaign => l,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let leadership = match leadership {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %model::error_chain(&e), "operation driver cannot campaign; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        tracing::info!(identity = %config.identity, term = leadership.revision().0, "operation driver leads");
+        let _ = leading.send(true);
+        let (loops_stop, loops_stopped) = watch::channel(false);
+        let loops = run_loops(&control, &config, loops_stopped);
+        let lost = leadership.lost();
+        let stopping = tokio::select! {
+            _ = lost => {
+                tracing::warn!(identity = %config.identity, "operation driver lost its leadership; its loops stop");
+                false
+            }
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let _ = loops_stop.send(true);
+        let _ = leading.send(false);
+        let mut loops = loops;
+        while loops.join_next().await.is_some() {}
+        if stopping {
+            if let Err(e) = leadership.resign().await {
+                tracing::warn!(error = %model::error_chain(&e), "resigning the leadership");
+            }
+            return;
+        }
+    }
+}
+
+/// The leader's loops, until `stopped` turns true.
+fn run_loops(
+    control: &Control,
+    config: &DriverConfig,
+    stopped: watch::Receiver<bool>,
+) -> JoinSet<()> {
+    let mut loops = JoinSet::new();
+    let c = control.clone();
+    loops.spawn(every(config.drain_period, stopped.clone(), move || {
+        let c = c.clone();
+        async move {
+            match c.active_drains().await {
+                Ok(sessions) => {
+                    for m in sessions {
+                        if let Err(e) = c.drain_step(m).await {
+                            tracing::warn!(error = %model::error_chain(&e), "maintenance step failed; retrying");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %model::error_chain(&e), "drain driver cannot list sessions")
+                }
+            }
+        }
+    }));
+    let c = control.clone();
+    loops.spawn(every(config.takeover_period, stopped, move || {
+        let c = c.clone();
+        async move {
+            if let Err(e) = c.takeover_pass().await {
+                tracing::warn!(error = %model::error_chain(&e), "takeover pass failed");
+            }
+        }
+    }));
+    loops
 }
 
 /// Runs `step` every `period` until `stop` turns true; a step in progress finishes.

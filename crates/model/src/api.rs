@@ -1016,6 +1016,10 @@ pub struct NsInstanceRecord {
     pub elapsed_ms: Option<u64>,
     /// Creation time, unix ms.
     pub created_at: u64,
+    /// The server running its current work (instantiate, scale, terminate): only that
+    /// server, restarted, declares the work interrupted. Absent on records from before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
 }
 
 #[cfg(test)]

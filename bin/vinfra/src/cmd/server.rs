@@ -58,6 +58,14 @@ pub struct ServerArgs {
     /// CPU-heavy requests (descriptor validation, NS planning) run at once; more get 429.
     #[arg(long, default_value_t = 2)]
     pub cpu_jobs: usize,
+    /// This server's name among several servers on one store (shown in the logs when it
+    /// leads the operation driver). Default: from its listen address and a random tag.
+    #[arg(long)]
+    pub server_id: Option<String>,
+    /// Seconds of the operation driver's leader lease (1–60): with several servers on
+    /// one etcd, a dead leader is replaced within about this time.
+    #[arg(long, default_value_t = 4)]
+    pub election_lease_s: u64,
 }
 
 /// Whether a server listening on `listen` serves TLS, by `--tls`.
@@ -135,6 +143,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             burst: args.rate_burst.max(1),
         }),
         cpu_jobs: args.cpu_jobs.max(1),
+        server_id: args.server_id.clone(),
+        election_lease: std::time::Duration::from_secs(args.election_lease_s.clamp(1, 60)),
     };
     let handle = api::serve(config, store).await?;
     tracing::info!(addr = %handle.addr(), "vinfra server listening");

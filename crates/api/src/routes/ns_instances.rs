@@ -130,6 +130,7 @@ pub(crate) async fn create(
         error: None,
         elapsed_ms: None,
         created_at: now_ms(),
+        runner: Some(state.server_id().to_owned()),
     };
     insert_named(
         state.store(),
@@ -263,6 +264,7 @@ pub(crate) async fn delete(
     let drivers = build_drivers(&state, &caller, rec.tenant, &rec.sites, &token).await?;
     rec.state = NsState::Terminating;
     rec.error = None;
+    rec.runner = Some(state.server_id().to_owned());
     let id: uuid::Uuid = rec
         .id
         .parse()
@@ -351,6 +353,7 @@ pub(crate) async fn scale(
         .map_err(|e| ApiError::internal("stored ns instance id", e))?;
     rec.state = NsState::Scaling;
     rec.error = None;
+    rec.runner = Some(state.server_id().to_owned());
     match state
         .store()
         .cas(&ns_key(id), Some(rev), to_bytes(&rec)?)
@@ -411,6 +414,10 @@ pub(crate) async fn recover(state: &AppState) {
         }
     };
     for (mut r, _) in recs {
+        // Another server's work is that server's to declare interrupted.
+        if r.runner.as_deref().is_some_and(|x| x != state.server_id()) {
+            continue;
+        }
         if let Some(doing) = busy(r.state) {
             let Ok(id) = r.id.parse::<uuid::Uuid>() else {
                 continue;

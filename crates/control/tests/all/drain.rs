@@ -82,6 +82,7 @@ fn fast() -> DriverConfig {
     DriverConfig {
         drain_period: Duration::from_millis(20),
         takeover_period: Duration::from_millis(50),
+        ..DriverConfig::default()
     }
 }
 
@@ -227,4 +228,46 @@ async fn cancelling_a_drain_uncordons_and_other_kinds_say_why_not() {
         e.to_string(),
         format!("operation {sid} is already cancelled")
     );
+}
+
+/// Two drivers on one store: one leads; when its leadership is lost (its lease expired:
+/// here its election key is deleted, which is what expiry does in etcd), it stops and the
+/// other leads and moves the drain along.
+#[tokio::test]
+async fn only_the_elected_driver_moves_drains_and_a_deposed_one_stops() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    for h in ["h1", "h2"] {
+        host(store.as_ref(), h).await;
+    }
+    let t = TenantId::new_random();
+    vm(store.as_ref(), t, "a", "h1").await;
+    let c = Control::new(store.clone(), 6_000);
+    let one = Driver::start(c.clone(), fast(), Tasks::default());
+    one.until_leading().await;
+    let two = Driver::start(Control::new(store.clone(), 6_000), fast(), Tasks::default());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!two.is_leading(), "two leaders at once");
+
+    let key = store::election::election_key(control::driver::ELECTION).unwrap();
+    store.delete(&key).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), two.until_leading())
+        .await
+        .expect("the second driver never took over");
+    // The deposed driver campaigns again but does not lead while the second does.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!one.is_leading(), "the deposed driver still leads");
+
+    let session = c
+        .enter_maintenance(&n("h1"), None, "heat", false)
+        .await
+        .unwrap();
+    let mig = migration_of(&c, &session.id.to_string(), 0).await;
+    let (m, _) = c.migration(Scope::All, &mig).await.unwrap();
+    assert_eq!(m.to_host, n("h2"));
+    two.shutdown().await;
+    // With the second gone, the first leads again.
+    tokio::time::timeout(Duration::from_secs(5), one.until_leading())
+        .await
+        .expect("the first driver never led again");
+    one.shutdown().await;
 }
