@@ -18,7 +18,8 @@ use crate::output::Format;
 #[derive(Debug, Parser)]
 #[command(name = "vinfra", version, propagate_version = true)]
 struct Cli {
-    /// API base URL (default: the one `vinfra up` wrote to .vinfra/url).
+    /// API base URL (default: the one `vinfra up` wrote to .vinfra/url). Several servers
+    /// of one store may be given, comma-separated: the next is used when one is down.
     #[arg(long, global = true, env = "VINFRA_URL")]
     server: Option<String>,
     /// API token (default: .vinfra/admin-token).

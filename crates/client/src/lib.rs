@@ -146,17 +146,23 @@ pub enum VmDeletion {
     Deleted,
 }
 
-/// A client bound to one server and one bearer token. Cheap to clone.
+/// A client bound to one control plane (one server, or several servers of one store)
+/// and one bearer token. Cheap to clone; clones share which server is in use.
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: Url,
+    /// The servers, as given; all serve the same store.
+    bases: std::sync::Arc<Vec<Url>>,
+    /// Which of `bases` requests go to: the first, until it cannot be reached.
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: String,
 }
 
 impl Client {
-    /// A client for the server at `base_url` (e.g. `http://127.0.0.1:7070`)
-    /// with a 30 s timeout per request.
+    /// A client for the server at `base_url` (e.g. `http://127.0.0.1:7070`) with a
+    /// 30 s timeout per request. Several servers of one store may be given, separated by
+    /// commas: requests go to the first, and move to the next when a connection cannot
+    /// be made (nothing was sent, so any request may be retried there).
     pub fn new(base_url: &str, token: &str) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -178,20 +184,27 @@ impl Client {
             url: base_url.to_owned(),
             source,
         };
-        let base = Url::parse(base_url).map_err(|e| invalid(Box::new(e)))?;
-        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
-            return Err(invalid("must be an http:// or https:// URL".into()));
+        let mut bases = Vec::new();
+        for one in base_url.split(',').map(str::trim) {
+            let base = Url::parse(one).map_err(|e| invalid(Box::new(e)))?;
+            if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+                return Err(invalid("must be an http:// or https:// URL".into()));
+            }
+            bases.push(base);
         }
         Ok(Self {
             http,
-            base,
+            bases: std::sync::Arc::new(bases),
+            current: std::sync::Arc::default(),
             token: token.to_owned(),
         })
     }
 
-    /// The server's base URL.
+    /// The base URL of the server in use.
     pub fn base_url(&self) -> &Url {
-        &self.base
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        // `with_http` made at least one, and `current` only takes indexes of `bases`.
+        &self.bases[i % self.bases.len()]
     }
 
     // ---- tenants (admin) and tokens ----
@@ -646,14 +659,16 @@ impl Client {
         segments: &[&str],
         query: Option<&str>,
     ) -> Result<reqwest::Response, ClientError> {
-        let mut url = self.url(segments);
-        url.set_query(query);
-        let req = self
-            .http
-            .request(method.clone(), url)
-            .bearer_auth(&self.token);
         let path = segments.join("/");
-        let res = Self::execute(&method, &path, req).await?;
+        let res = self
+            .execute_any(&method, &path, |base| {
+                let mut url = Self::join(base, segments);
+                url.set_query(query);
+                self.http
+                    .request(method.clone(), url)
+                    .bearer_auth(&self.token)
+            })
+            .await?;
         Self::check(method, path, res).await
     }
 
@@ -678,7 +693,11 @@ impl Client {
     // ---- plumbing ----
 
     fn url(&self, segments: &[&str]) -> Url {
-        let mut url = self.base.clone();
+        Self::join(self.base_url(), segments)
+    }
+
+    fn join(base: &Url, segments: &[&str]) -> Url {
+        let mut url = base.clone();
         // `with_http` rejected cannot-be-a-base URLs, so this is `Ok`; each
         // segment is percent-encoded, so a name cannot smuggle `/` or `?`.
         if let Ok(mut path) = url.path_segments_mut() {
@@ -694,15 +713,46 @@ impl Client {
         body: Option<&B>,
     ) -> Result<reqwest::Response, ClientError> {
         let path = segments.join("/");
-        let mut req = self
-            .http
-            .request(method.clone(), self.url(segments))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let res = Self::execute(&method, &path, req).await?;
+        let res = self
+            .execute_any(&method, &path, |base| {
+                let req = self
+                    .http
+                    .request(method.clone(), Self::join(base, segments))
+                    .bearer_auth(&self.token);
+                match body {
+                    Some(b) => req.json(b),
+                    None => req,
+                }
+            })
+            .await?;
         Self::check(method, path, res).await
+    }
+
+    /// [`Self::execute`] on the server in use; when no connection can be made to it,
+    /// on the next one, and so on once round. The first that answers stays in use.
+    async fn execute_any(
+        &self,
+        method: &Method,
+        path: &str,
+        build: impl Fn(&Url) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        use std::sync::atomic::Ordering;
+        let n = self.bases.len();
+        let start = self.current.load(Ordering::Relaxed) % n;
+        let mut tried = 0;
+        loop {
+            let i = (start + tried) % n;
+            match Self::execute(method, path, build(&self.bases[i])).await {
+                Err(ClientError::Transport { source, .. })
+                    if source.is_connect() && tried + 1 < n => {}
+                Ok(res) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(res);
+                }
+                Err(e) => return Err(e),
+            }
+            tried += 1;
+        }
     }
 
     /// Sends `req`; while the server answers 429 (over its rate limit, or too busy for

@@ -174,3 +174,49 @@ async fn client_drives_the_server_over_tcp() {
         .contains("vinfra_hosts{state=\"up\"} 1"));
     server.shutdown().await.unwrap();
 }
+
+/// Two servers of one store, given to the client as a list: when the one in use cannot
+/// be reached, requests go to the other, which stays in use.
+#[tokio::test]
+async fn a_client_given_several_servers_moves_on_when_one_is_gone() {
+    let store: Arc<dyn store::Store> = Arc::new(store::testing::MemStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let admin = api::bootstrap_admin(store.as_ref(), dir.path())
+        .await
+        .unwrap()
+        .unwrap();
+    let serve = || {
+        api::serve(
+            api::ServerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                ..api::ServerConfig::default()
+            },
+            store.clone(),
+        )
+    };
+    let (one, two) = (serve().await.unwrap(), serve().await.unwrap());
+    let (a, b) = (
+        format!("http://{}/", one.addr()),
+        format!("http://{}/", two.addr()),
+    );
+    let c = Client::new(&format!("{a},{b}"), &admin).unwrap();
+    c.create_tenant("t1").await.unwrap();
+    assert_eq!(c.base_url().as_str(), a);
+    one.shutdown().await.unwrap();
+    c.create_tenant("t2").await.unwrap();
+    assert_eq!(c.base_url().as_str(), b);
+    let names: Vec<String> = c
+        .list_tenants()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(
+        names.contains(&"t1".into()) && names.contains(&"t2".into()),
+        "{names:?}"
+    );
+    two.shutdown().await.unwrap();
+    let e = c.list_tenants().await.unwrap_err();
+    assert!(e.to_string().contains("tenants"), "{e}");
+}
