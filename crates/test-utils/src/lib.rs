@@ -550,3 +550,133 @@ mod tests {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process gone");
     }
 }
+
+/// A multi-member etcd cluster on loopback, each member with its own data dir and
+/// ports, for tests that kill members or need quorum.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    etcd: PathBuf,
+    /// (client port, peer port) per member.
+    ports: Vec<(u16, u16)>,
+    children: Vec<Option<ChildGuard>>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until every one answers `/health` (20 s).
+    pub async fn spawn(n: usize) -> Result<EtcdCluster, FixtureError> {
+        let etcd = require_tool("etcd", ETCD_INSTALL_HINT)?;
+        let dir = tempfile::Builder::new()
+            .prefix("vinfra-etcd-cluster-")
+            .tempdir()
+            .map_err(|err| FixtureError::Io {
+                what: "create a temp dir for etcd".into(),
+                err,
+            })?;
+        let ports: Vec<(u16, u16)> = (0..n)
+            .map(|_| {
+                let [c, p] = free_tcp_ports::<2>();
+                (c, p)
+            })
+            .collect();
+        let mut cluster = EtcdCluster {
+            etcd,
+            children: (0..n).map(|_| None).collect(),
+            ports,
+            dir,
+        };
+        for i in 0..n {
+            cluster.start(i)?;
+        }
+        for i in 0..n {
+            cluster.wait_healthy(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+            .collect()
+    }
+
+    /// Member `i`'s log.
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("m{i}.log"))
+    }
+
+    /// Kills member `i` with SIGKILL.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {
+            c.kill();
+        }
+    }
+
+    fn start(&mut self, i: usize) -> Result<(), FixtureError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))
+            .map_err(|err| FixtureError::Io {
+                what: format!("open {}", self.log_path(i).display()),
+                err,
+            })?;
+        let log2 = log.try_clone().map_err(|err| FixtureError::Io {
+            what: "duplicate the etcd log handle".into(),
+            err,
+        })?;
+        let initial: Vec<String> = self
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(j, (_, p))| format!("m{j}=http://127.0.0.1:{p}"))
+            .collect();
+        let (c, p) = self.ports[i];
+        let client = format!("http://127.0.0.1:{c}");
+        let peer = format!("http://127.0.0.1:{p}");
+        let child: Child = Command::new(&self.etcd)
+            .arg("--name")
+            .arg(format!("m{i}"))
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("m{i}")))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "vinfra-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|err| FixtureError::Io {
+                what: format!("start {}", self.etcd.display()),
+                err,
+            })?;
+        self.children[i] = Some(ChildGuard::from(child));
+        Ok(())
+    }
+
+    async fn wait_healthy(&mut self, i: usize) -> Result<(), FixtureError> {
+        let started = Instant::now();
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.ports[i].0));
+        loop {
+            if etcd_healthy(addr).await {
+                return Ok(());
+            }
+            if started.elapsed() > ETCD_READY_TIMEOUT {
+                return Err(FixtureError::NotReady {
+                    what: format!("etcd member m{i} on {addr}"),
+                    waited: started.elapsed(),
+                    log_tail: log_tail(&self.log_path(i), 20),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

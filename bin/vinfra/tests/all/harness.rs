@@ -160,7 +160,7 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(dir: &Path, store: &str, listen: &str, extra: &[String]) -> ChildGuard {
+pub fn spawn_server(dir: &Path, store: &str, listen: &str, extra: &[String]) -> ChildGuard {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -3,6 +3,7 @@
 
 mod api_process;
 mod crash;
+mod ha;
 mod harness;
 mod maintenance;
 mod migration;
