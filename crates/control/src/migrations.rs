@@ -337,10 +337,23 @@ impl Control {
             if report.progress.is_some() {
                 m.progress = report.progress.clone();
             }
+            // At switch-over the VM's record moves to the destination. A ledger read in
+            // two steps (the VM before, its migration after it ended) would count it
+            // nowhere there; bumping the destination's counter makes any reservation
+            // planned on such a read lose its compare and re-read.
+            let mut bump = None;
             match report.state {
                 MigrationState::Warming if previous != MigrationState::Warming => {
                     m.switched_at = Some(now);
                     vm.host = m.to_host.clone();
+                    let key = keys::host_alloc(&m.to_host);
+                    let count = get_json::<u64>(self.store(), &key)
+                        .await?
+                        .map_or(0, |(n, _)| n);
+                    bump = Some(TxnOp::Put {
+                        key,
+                        value: to_bytes(&count.wrapping_add(1))?,
+                    });
                 }
                 MigrationState::Completed | MigrationState::Failed => {
                     m.finished_at = Some(now);
@@ -370,7 +383,7 @@ impl Control {
                                 expect: Some(vrev),
                             },
                         ],
-                        vec![
+                        [
                             TxnOp::Put {
                                 key: keys::migration(m.id),
                                 value: to_bytes(&m)?,
@@ -379,7 +392,10 @@ impl Control {
                                 key: keys::vm(vm.id),
                                 value: to_bytes(&vm)?,
                             },
-                        ],
+                        ]
+                        .into_iter()
+                        .chain(bump)
+                        .collect(),
                     )
                     .await
             };

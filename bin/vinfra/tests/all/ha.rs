@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use model::api::CreateVm;
 use model::{DrainItemState, MaintenanceState};
 
-use crate::harness::{cluster_with, path_in, spawn_agent, spawn_server, ticks, wait_host_up, Server};
+use crate::harness::{
+    cluster_with, path_in, spawn_agent, spawn_server, ticks, wait_host_up, Server,
+};
 
 /// What to kill in the middle of the drain.
 enum Victim {
@@ -41,7 +43,8 @@ async fn drain_survives(victim: Victim) {
         .tempdir_in("/tmp")
         .unwrap();
     // The first server mints the admin token; the other two serve the same store.
-    let (mut s, token_file) = cluster_with(Server::start_with_args(dir, spec.clone(), &lease)).await;
+    let (mut s, token_file) =
+        cluster_with(Server::start_with_args(dir, spec.clone(), &lease)).await;
     let admin_token = s.admin_token();
     let mut servers = vec![];
     let mut urls = vec![s.url.clone()];
@@ -70,7 +73,10 @@ async fn drain_survives(victim: Victim) {
     // Agents and the test's client try the leader last, so that killing it leaves them
     // on a server that stays (the cache snapshot of a migration lives in the memory of
     // the server that received it).
-    let mut order: Vec<String> = (0..3).filter(|i| *i != first).map(|i| urls[i].clone()).collect();
+    let mut order: Vec<String> = (0..3)
+        .filter(|i| *i != first)
+        .map(|i| urls[i].clone())
+        .collect();
     order.push(urls[first].clone());
     s.url = order.join(",");
     let admin = s.admin();
@@ -141,14 +147,21 @@ async fn drain_survives(victim: Victim) {
     .await;
     let m = admin.get_maintenance(session.id).await.unwrap();
     assert!(done.is_ok(), "the drain did not finish: {m:?}\n{}", s.log());
-    eprintln!("drain finished {:.1} s after the kill", killed_at.elapsed().as_secs_f64());
+    eprintln!(
+        "drain finished {:.1} s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
     if matches!(victim, Victim::LeaderServer) {
         let next = leader(&logs).expect("another server leads");
         assert_ne!(next, first, "the killed server cannot lead");
     }
     for name in ["web-1", "web-2"] {
         let vm = admin.get_vm(name).await.unwrap();
-        assert_ne!(vm.host.as_str(), "host-a", "{name} still on the drained host");
+        assert_ne!(
+            vm.host.as_str(),
+            "host-a",
+            "{name} still on the drained host"
+        );
         let (before, _) = ticks(&admin.console(name).await.unwrap_or_default());
         test_utils::wait_for(Duration::from_secs(60), || async {
             ticks(&admin.console(name).await.unwrap_or_default()).0 > before.map(|n| n + 1)

@@ -2,4 +2,5 @@
 //! driver, its persisted drains, and the operations view. Agents are played by the test
 //! (their reports are the same calls the agent routes make).
 
+mod concurrency;
 mod drain;
