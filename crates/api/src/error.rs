@@ -332,6 +332,15 @@ impl From<control::CreateVmError> for ApiError {
     }
 }
 
+impl From<control::VmChangeError> for ApiError {
+    fn from(e: control::VmChangeError) -> Self {
+        match e {
+            control::VmChangeError::Control(c) => c.into(),
+            e => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();

@@ -37,7 +37,7 @@ pub use networks::NicError;
 pub use operations::CancelError;
 pub use records::now_ms;
 pub use storage::StorageError;
-pub use vms::CreateVmError;
+pub use vms::{CreateVmError, Observed, VmChangeError, VmDeleted};
 
 /// Which tenants' objects a caller sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

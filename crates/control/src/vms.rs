@@ -201,3 +201,259 @@ impl Control {
         .into())
     }
 }
+
+/// Why a VM's desired state or record cannot change.
+#[derive(Debug, thiserror::Error)]
+pub enum VmChangeError {
+    /// Start or stop of a VM being deleted.
+    #[error("vm {0} is being deleted")]
+    BeingDeleted(Name),
+    /// An agent reported a VM that is assigned elsewhere.
+    #[error("host: vm {vm} is assigned to {assigned}, not {reporter}")]
+    WrongHost {
+        /// The VM.
+        vm: VmId,
+        /// Where it is assigned.
+        assigned: Name,
+        /// Who reported.
+        reporter: Name,
+    },
+    /// `deleted` reported for a VM nobody asked to delete.
+    #[error("state: deleted is accepted only for a vm whose desired state is deleted, vm {vm} is {}", .desired.as_str())]
+    NotBeingDeleted {
+        /// The VM.
+        vm: VmId,
+        /// What is asked of it.
+        desired: DesiredState,
+    },
+    /// The store, a lost race, or no such VM.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// What a delete did.
+#[derive(Debug)]
+pub enum VmDeleted {
+    /// `desired: deleted` is recorded; the record goes when its agent confirms.
+    Pending(Box<Vm>),
+    /// The record is gone (its host is down or gone: nobody would confirm).
+    Removed(Box<Vm>),
+}
+
+/// What an agent's observed report did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// Recorded (or unchanged).
+    Recorded,
+    /// The deletion was confirmed and the record removed.
+    Removed,
+}
+
+impl Control {
+    /// Sets a VM's desired state (`running` or `stopped`).
+    pub async fn set_desired(
+        &self,
+        scope: Scope,
+        id: &str,
+        desired: DesiredState,
+    ) -> Result<Vm, VmChangeError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (mut vm, rev) = self.vm(scope, id).await?;
+            if vm.desired == DesiredState::Deleted {
+                return Err(VmChangeError::BeingDeleted(vm.name));
+            }
+            if vm.desired == desired {
+                return Ok(vm);
+            }
+            vm.desired = desired;
+            match self
+                .store()
+                .cas(&keys::vm(vm.id), Some(rev), to_bytes(&vm)?)
+                .await
+            {
+                Ok(_) => return Ok(vm),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(ControlError::from(e).into()),
+            }
+        }
+        Err(ControlError::Contended {
+            what: format!("vm {id}"),
+        }
+        .into())
+    }
+
+    /// Deletes a VM: `desired: deleted`, confirmed later by its agent; or, when its
+    /// host is down or gone, the record at once (an agent that comes back destroys VMs
+    /// it is no longer assigned).
+    pub async fn delete_vm(&self, scope: Scope, id: &str) -> Result<VmDeleted, ControlError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (mut vm, rev) = self.vm(scope, id).await?;
+            let host_up = self
+                .hosts()
+                .await?
+                .iter()
+                .any(|h| h.name == vm.host && h.state == model::HostState::Up);
+            let res = if host_up {
+                if vm.desired == DesiredState::Deleted {
+                    return Ok(VmDeleted::Pending(Box::new(vm)));
+                }
+                vm.desired = DesiredState::Deleted;
+                self.store()
+                    .cas(&keys::vm(vm.id), Some(rev), to_bytes(&vm)?)
+                    .await
+            } else {
+                self.remove_vm(&vm, rev).await
+            };
+            match res {
+                Ok(_) if host_up => return Ok(VmDeleted::Pending(Box::new(vm))),
+                Ok(_) => {
+                    tracing::info!(vm = %vm.name, id = %vm.id, host = %vm.host, "vm removed, its host is down");
+                    return Ok(VmDeleted::Removed(Box::new(vm)));
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::Contended {
+            what: format!("vm {id}"),
+        })
+    }
+
+    /// Removes a VM record, its name and its addresses, if the record is still at `rev`.
+    async fn remove_vm(&self, vm: &Vm, rev: store::Revision) -> Result<store::Revision, StoreError> {
+        let key = keys::vm(vm.id);
+        self.store()
+            .txn(
+                vec![Compare::ModRevision {
+                    key: key.clone(),
+                    expect: Some(rev),
+                }],
+                [
+                    TxnOp::Delete { key },
+                    TxnOp::Delete {
+                        key: keys::vm_name(vm.tenant, &vm.name),
+                    },
+                ]
+                .into_iter()
+                .chain(crate::networks::release(&vm.nics))
+                .collect(),
+            )
+            .await
+    }
+
+    /// Every VM assigned to `host`, across tenants, with its image and (while it
+    /// migrates to or from the host) its migration: what the host's agent must converge
+    /// to. A migrating VM is assigned to both ends until the migration is over.
+    pub async fn assignments(
+        &self,
+        host: &Name,
+    ) -> Result<Vec<model::api::Assignment>, ControlError> {
+        use crate::records::{get_json, list_json};
+        if self.store().get(&keys::host(host)).await?.is_none() {
+            return Err(ControlError::NotFound {
+                kind: "host",
+                id: host.to_string(),
+            });
+        }
+        let mut images: std::collections::HashMap<model::ImageId, model::Image> =
+            std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for (vm, _) in list_json::<Vm>(self.store(), keys::VMS).await? {
+            let migration = match vm.migration {
+                Some(m) => get_json::<model::Migration>(self.store(), &keys::migration(m))
+                    .await?
+                    .map(|(m, _)| m)
+                    .filter(|m| &m.from_host == host || &m.to_host == host),
+                None => None,
+            };
+            if &vm.host != host && migration.is_none() {
+                continue;
+            }
+            let image = match images.get(&vm.image) {
+                Some(i) => i.clone(),
+                None => {
+                    // Images in use cannot be deleted, so a miss is a broken invariant.
+                    let (i, _) = get_json::<model::Image>(self.store(), &keys::image(vm.image))
+                        .await?
+                        .ok_or_else(|| {
+                            ControlError::Invariant(format!(
+                                "vm {} uses missing image {}",
+                                vm.id, vm.image
+                            ))
+                        })?;
+                    images.insert(vm.image, i.clone());
+                    i
+                }
+            };
+            out.push(model::api::Assignment {
+                vm,
+                image,
+                migration,
+            });
+        }
+        Ok(out)
+    }
+
+    /// An agent's report from `host` about VM `id`: `deleted` confirms a deletion and
+    /// removes the record; other states are recorded (repeats write nothing).
+    pub async fn report_observed(
+        &self,
+        id: &str,
+        host: &Name,
+        observed: Option<ObservedState>,
+        error: Option<String>,
+    ) -> Result<Observed, VmChangeError> {
+        let not_found = || ControlError::NotFound {
+            kind: "vm",
+            id: id.to_owned(),
+        };
+        let vm_id: VmId = id.parse().map_err(|_| not_found())?;
+        for _ in 0..CAS_ATTEMPTS {
+            let (mut vm, rev) = crate::records::get_json::<Vm>(self.store(), &keys::vm(vm_id))
+                .await?
+                .ok_or_else(not_found)?;
+            if &vm.host != host {
+                return Err(VmChangeError::WrongHost {
+                    vm: vm.id,
+                    assigned: vm.host,
+                    reporter: host.clone(),
+                });
+            }
+            let res = match observed {
+                None => {
+                    if vm.desired != DesiredState::Deleted {
+                        return Err(VmChangeError::NotBeingDeleted {
+                            vm: vm.id,
+                            desired: vm.desired,
+                        });
+                    }
+                    self.remove_vm(&vm, rev).await
+                }
+                Some(observed) => {
+                    if vm.observed == observed && vm.error == error {
+                        // Agents repeat reports; skip the write when nothing changed.
+                        return Ok(Observed::Recorded);
+                    }
+                    vm.observed = observed;
+                    vm.error.clone_from(&error);
+                    self.store()
+                        .cas(&keys::vm(vm.id), Some(rev), to_bytes(&vm)?)
+                        .await
+                }
+            };
+            match res {
+                Ok(_) if observed.is_none() => {
+                    tracing::info!(vm = %vm.name, id = %vm.id, "vm deleted");
+                    return Ok(Observed::Removed);
+                }
+                Ok(_) => return Ok(Observed::Recorded),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(ControlError::from(e).into()),
+            }
+        }
+        Err(ControlError::Contended {
+            what: format!("vm {id}"),
+        }
+        .into())
+    }
+}

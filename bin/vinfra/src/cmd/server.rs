@@ -37,6 +37,11 @@ pub struct ServerArgs {
     /// none by default. Paths are confined to it after resolving symlinks.
     #[arg(long)]
     pub image_import_dir: Option<PathBuf>,
+    /// Where the image store keeps its files (default: DATA_DIR/blobs). Several servers
+    /// of one store must share it (an NFS mount, as Glance's file store needs): the
+    /// store records which files exist, this directory holds them.
+    #[arg(long)]
+    pub blob_dir: Option<PathBuf>,
     /// Largest file the image store accepts (K, M, G or T suffix).
     #[arg(long, default_value = "8G")]
     pub max_blob_size: String,
@@ -130,7 +135,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         domain: args.domain.clone(),
         ipfix_collector: addr("ipfix-collector", &args.ipfix_collector)?,
         blobs: Some(api::BlobConfig {
-            dir: data_dir.join("blobs"),
+            dir: args
+                .blob_dir
+                .clone()
+                .unwrap_or_else(|| data_dir.join("blobs")),
             import_dir: args.image_import_dir.clone(),
             max_bytes: crate::cmd::nbd::parse_size(&args.max_blob_size)
                 .context("--max-blob-size")?,

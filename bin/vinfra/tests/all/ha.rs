@@ -53,7 +53,10 @@ async fn drain_survives(victim: Victim) {
         let d = path_in(&s, &format!("server{i}"));
         std::fs::create_dir_all(&d).unwrap();
         let listen = format!("127.0.0.1:{}", test_utils::free_tcp_port());
-        let extra: Vec<String> = lease.iter().map(|x| x.to_string()).collect();
+        // The image store's files are shared by the servers (NFS in production).
+        let mut extra: Vec<String> = lease.iter().map(|x| x.to_string()).collect();
+        extra.push("--blob-dir".into());
+        extra.push(s.dir.path().join("blobs").display().to_string());
         servers.push(spawn_server(&d, &spec, &listen, &extra));
         urls.push(format!("http://{listen}"));
         logs.push(d.join("server.log"));
@@ -104,11 +107,20 @@ async fn drain_survives(victim: Victim) {
             .unwrap();
     }
     for name in ["web-1", "web-2"] {
-        test_utils::wait_for(Duration::from_secs(120), || async {
+        let ok = test_utils::wait_for(Duration::from_secs(180), || async {
             ticks(&admin.console(name).await.unwrap_or_default()).0 >= Some(3)
         })
-        .await
-        .expect("guest runs");
+        .await;
+        assert!(
+            ok.is_ok(),
+            "{name} does not run: {:?}\nagent:\n{}\nservers:\n{}",
+            admin.get_vm(name).await,
+            test_utils::log_tail(&dirs[0].join("agent.log"), 30),
+            logs.iter()
+                .map(|l| test_utils::log_tail(l, 15))
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
     }
     let session = admin
         .enter_maintenance("host-a", &Default::default())

@@ -1,21 +1,20 @@
 //! VMs: create (with placement), read, start/stop/delete, console, and the
 //! agent side (assignments, observed-state reports).
 
-use std::collections::HashMap;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use model::api::{Assignment, CreateVm, ObservedReport, Problem, ReportedState};
-use model::{DesiredState, HostState, Image, ImageId, Migration, Role, Vm, VmId};
-use store::{Compare, Revision, StoreError, TxnOp};
+use model::api::{Assignment, CreateVm, ObservedReport, Problem};
+use model::{DesiredState, Role, Vm};
+use store::Revision;
 
 use crate::extract::AppPath;
-use crate::routes::hosts::{all_hosts, host_name};
+use crate::routes::hosts::host_name;
 use crate::routes::tenants::write_tenant;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{get_json, keys, list_json, to_bytes, CAS_ATTEMPTS};
+use control::records::{keys, list_json};
 
 /// Creates a VM and places it on a host: the requested one, or the up host
 /// with the most free memory that has room for it.
@@ -113,32 +112,12 @@ async fn set_desired(
     desired: DesiredState,
 ) -> Result<Json<Vm>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "changing a vm")?;
-    let scope = caller.scope()?;
-    for _ in 0..CAS_ATTEMPTS {
-        let (mut vm, rev) = resolve(state, scope, id).await?;
-        if vm.desired == DesiredState::Deleted {
-            return Err(ApiError::Conflict(format!(
-                "vm {} is being deleted",
-                vm.name
-            )));
-        }
-        if vm.desired == desired {
-            return Ok(Json(vm));
-        }
-        vm.desired = desired;
-        match state
-            .store()
-            .cas(&keys::vm(vm.id), Some(rev), to_bytes(&vm)?)
-            .await
-        {
-            Ok(_) => return Ok(Json(vm)),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::Conflict(format!(
-        "vm {id} is being updated concurrently, retry"
-    )))
+    Ok(Json(
+        state
+            .control()
+            .set_desired(caller.scope()?, id, desired)
+            .await?,
+    ))
 }
 
 /// Deletes a VM: sets `desired: deleted` and answers 202; the record goes
@@ -158,65 +137,13 @@ pub(crate) async fn delete_vm(
     AppPath(id): AppPath,
 ) -> Result<Response, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "deleting a vm")?;
-    let scope = caller.scope()?;
-    for _ in 0..CAS_ATTEMPTS {
-        let (mut vm, rev) = resolve(&state, scope, &id).await?;
-        let host_up = all_hosts(&state)
-            .await?
-            .iter()
-            .any(|h| h.name == vm.host && h.state == HostState::Up);
-        let res = if host_up {
-            if vm.desired == DesiredState::Deleted {
-                return Ok((StatusCode::ACCEPTED, Json(vm)).into_response());
-            }
-            vm.desired = DesiredState::Deleted;
-            state
-                .store()
-                .cas(&keys::vm(vm.id), Some(rev), to_bytes(&vm)?)
-                .await
-        } else {
-            remove(&state, &vm, rev).await
-        };
-        match res {
-            Ok(_) if host_up => return Ok((StatusCode::ACCEPTED, Json(vm)).into_response()),
-            Ok(_) => {
-                tracing::info!(vm = %vm.name, id = %vm.id, host = %vm.host, "vm removed, its host is down");
-                return Ok(StatusCode::NO_CONTENT.into_response());
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
+    match state.control().delete_vm(caller.scope()?, &id).await? {
+        control::VmDeleted::Pending(vm) => Ok((StatusCode::ACCEPTED, Json(*vm)).into_response()),
+        control::VmDeleted::Removed(vm) => {
+            state.forget_console(vm.id);
+            Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
-    Err(ApiError::Conflict(format!(
-        "vm {id} is being updated concurrently, retry"
-    )))
-}
-
-/// Removes a VM record and its name index, if the record is still at `rev`.
-async fn remove(state: &AppState, vm: &Vm, rev: Revision) -> Result<Revision, StoreError> {
-    let key = keys::vm(vm.id);
-    let res = state
-        .store()
-        .txn(
-            vec![Compare::ModRevision {
-                key: key.clone(),
-                expect: Some(rev),
-            }],
-            [
-                TxnOp::Delete { key },
-                TxnOp::Delete {
-                    key: keys::vm_name(vm.tenant, &vm.name),
-                },
-            ]
-            .into_iter()
-            .chain(control::networks::release(&vm.nics))
-            .collect(),
-        )
-        .await;
-    if res.is_ok() {
-        state.forget_console(vm.id);
-    }
-    res
 }
 
 /// The latest console output the agent reported (empty if none), as text.
@@ -257,46 +184,7 @@ pub(crate) async fn assignments(
 ) -> Result<Json<Vec<Assignment>>, ApiError> {
     caller.require(&[Role::Agent, Role::Admin], "reading assignments")?;
     let name = host_name(&name)?;
-    if state.store().get(&keys::host(&name)).await?.is_none() {
-        return Err(ApiError::NotFound {
-            kind: "host",
-            id: name.to_string(),
-        });
-    }
-    let mut images: HashMap<ImageId, Image> = HashMap::new();
-    let mut out = Vec::new();
-    for (vm, _) in list_json::<Vm>(state.store(), keys::VMS).await? {
-        // A migrating VM is assigned to both ends until the migration is over.
-        let migration = match vm.migration {
-            Some(m) => get_json::<Migration>(state.store(), &keys::migration(m))
-                .await?
-                .map(|(m, _)| m)
-                .filter(|m| m.from_host == name || m.to_host == name),
-            None => None,
-        };
-        if vm.host != name && migration.is_none() {
-            continue;
-        }
-        let image = match images.get(&vm.image) {
-            Some(i) => i.clone(),
-            None => {
-                // Images in use cannot be deleted, so a miss is a broken invariant.
-                let (i, _) = get_json::<Image>(state.store(), &keys::image(vm.image))
-                    .await?
-                    .ok_or_else(|| {
-                        ApiError::invariant(format!("vm {} uses missing image {}", vm.id, vm.image))
-                    })?;
-                images.insert(vm.image, i.clone());
-                i
-            }
-        };
-        out.push(Assignment {
-            vm,
-            image,
-            migration,
-        });
-    }
-    Ok(Json(out))
+    Ok(Json(state.control().assignments(&name).await?))
 }
 
 /// An agent's report about one VM on its host. `state: deleted` confirms a
@@ -317,61 +205,24 @@ pub(crate) async fn report_observed(
 ) -> Result<StatusCode, ApiError> {
     caller.require(&[Role::Agent, Role::Admin], "reporting observed state")?;
     let host = body.validate()?;
-    let not_found = || ApiError::NotFound {
-        kind: "vm",
-        id: id.clone(),
-    };
-    let vm_id: VmId = id.parse().map_err(|_| not_found())?;
-    for _ in 0..CAS_ATTEMPTS {
-        let (mut vm, rev) = get_json::<Vm>(state.store(), &keys::vm(vm_id))
-            .await?
-            .ok_or_else(not_found)?;
-        if vm.host != host {
-            return Err(ApiError::Conflict(format!(
-                "host: vm {} is assigned to {}, not {host}",
-                vm.id, vm.host
-            )));
+    let observed = body.state.observed();
+    let outcome = state
+        .control()
+        .report_observed(&id, &host, observed, body.error.clone())
+        .await?;
+    match outcome {
+        control::Observed::Removed => {
+            if let Ok(vm) = id.parse() {
+                state.forget_console(vm);
+            }
         }
-        let res = match body.state.observed() {
-            None => {
-                if vm.desired != DesiredState::Deleted {
-                    return Err(ApiError::Conflict(format!(
-                        "state: deleted is accepted only for a vm whose desired state is deleted, vm {} is {}",
-                        vm.id, vm.desired.as_str()
-                    )));
-                }
-                remove(&state, &vm, rev).await
+        control::Observed::Recorded => {
+            if let (Some(tail), Ok(vm)) = (&body.console_tail, id.parse()) {
+                state.set_console(vm, tail.clone());
             }
-            Some(observed) => {
-                if let Some(tail) = &body.console_tail {
-                    state.set_console(vm.id, tail.clone());
-                }
-                if vm.observed == observed && vm.error == body.error {
-                    // Agents repeat reports; skip the write when nothing changed.
-                    return Ok(StatusCode::NO_CONTENT);
-                }
-                vm.observed = observed;
-                vm.error = body.error.clone();
-                state
-                    .store()
-                    .cas(&keys::vm(vm.id), Some(rev), to_bytes(&vm)?)
-                    .await
-            }
-        };
-        match res {
-            Ok(_) => {
-                if body.state == ReportedState::Deleted {
-                    tracing::info!(vm = %vm.name, id = %vm.id, "vm deleted");
-                }
-                return Ok(StatusCode::NO_CONTENT);
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::Conflict(format!(
-        "vm {id} is being updated concurrently, retry"
-    )))
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Finds a VM by id or name as seen from `scope`.
@@ -380,15 +231,5 @@ pub(crate) async fn resolve(
     scope: Scope,
     s: &str,
 ) -> Result<(Vm, Revision), ApiError> {
-    control::records::resolve_named::<VmId, Vm>(
-        state.store(),
-        scope,
-        s,
-        "vm",
-        keys::VM_NAMES,
-        keys::vm,
-        |v| v.tenant,
-    )
-    .await
-    .map_err(ApiError::from)
+    Ok(state.control().vm(scope, s).await?)
 }
