@@ -35,7 +35,7 @@
 //! the checkout's, as the README's relative paths expect to run in the checkout.
 //! Finally Ctrl-C (SIGINT) stops `up`, which must exit 0 leaving no QEMU behind.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -230,6 +230,14 @@ fn promise_of(step: &Step) -> Option<&'static str> {
             step.args.len() >= p.len() && step.args.iter().zip(&p).all(|(a, b)| a == b)
         })
         .max_by_key(|p| words(p).len())
+}
+
+/// The `i`th word after `vinfra` (`vm create NAME`: 2).
+fn arg(step: &Step, i: usize) -> Result<&str, String> {
+    step.args
+        .get(i)
+        .map(String::as_str)
+        .ok_or_else(|| format!("{:?} has no word {}", step.text, i + 2))
 }
 
 /// The value after `flag` in `args`.
@@ -495,6 +503,10 @@ struct Ran {
 /// What the walk-through learnt on the way (for placeholders and later checks).
 #[derive(Default)]
 struct Learnt {
+    /// Every VM and its host, as the API said after the previous command.
+    vms: BTreeMap<String, String>,
+    /// The VM, source and destination of the latest `vm migrate`.
+    migration: Option<(String, String, String)>,
     /// Id and secret of the token `token create` minted.
     token: Option<(String, String)>,
     /// Network names before `ns instantiate`.
@@ -617,8 +629,9 @@ async fn keep(
         }
         // "boots a real QEMU VM (… until the guest is ready)"
         "vm create demo" => {
-            running_on(&vm(&admin, "demo").await?, flag(step, "--host")?)?;
-            console_shows(&admin, "demo", "the guest ready", guest_ready, guest).await
+            let name = arg(step, 2)?;
+            running_on(&vm(&admin, name).await?, flag(step, "--host")?)?;
+            console_shows(&admin, name, "the guest ready", guest_ready, guest).await
         }
         "vm console demo" => {
             if guest_ready(out) {
@@ -637,52 +650,69 @@ async fn keep(
         "vm create n2" => {
             let line = promised(step, "console: ", true)?;
             let what = format!("{line:?}");
-            console_shows(&admin, "n2", &what, |c| c.contains(line), guest).await
+            console_shows(&admin, arg(step, 2)?, &what, |c| c.contains(line), guest).await
         }
         "vm migrate demo" => {
-            running_on(&vm(&admin, "demo").await?, flag(step, "--to")?)?;
-            has(out, "completed")
+            let (name, to) = (arg(step, 2)?, flag(step, "--to")?);
+            running_on(&vm(&admin, name).await?, to)?;
+            has(out, "completed")?;
+            let from = learnt.vms.get(name).cloned().unwrap_or_default();
+            learnt.migration = Some((name.to_owned(), from, to.to_owned()));
+            Ok(())
         }
+        // "downtime, blocks rebuilt, …" of the migration above.
         "migration list" => {
+            let (name, from, to) = learnt.migration.as_ref().ok_or("no vm migrate before")?;
             let row = out.lines().any(|l| {
                 let w = words(l);
-                ["demo", "host-b", "host-c", "completed"]
-                    .iter()
-                    .all(|x| w.contains(x))
+                [name, from, to, "completed"].iter().all(|x| w.contains(x))
             });
             if row {
                 Ok(())
             } else {
-                Err("no completed migration of demo from host-b to host-c".into())
+                Err(format!(
+                    "no completed migration of {name} from {from} to {to}"
+                ))
             }
         }
-        // "which VM would go where" — and nothing moves.
+        // "which VM would go where", and nothing moves.
         "host maintenance enter host-c --dry-run" => {
-            has(out, "demo")?;
-            running_on(&vm(&admin, "demo").await?, "host-c")
+            let host = arg(step, 3)?;
+            let on: Vec<&String> = learnt
+                .vms
+                .iter()
+                .filter(|(_, h)| *h == host)
+                .map(|(n, _)| n)
+                .collect();
+            if on.is_empty() {
+                return Err(format!("the walk-through put no VM on {host} to drain"));
+            }
+            for name in on {
+                has(out, name)?;
+                running_on(&vm(&admin, name).await?, host)?;
+            }
+            Ok(())
         }
         // "drain by live migration"
         "host maintenance enter host-c" => {
-            let left: Vec<String> = admin
-                .list_vms()
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .filter(|v| v.host.as_str() == "host-c")
-                .map(|v| v.name.to_string())
-                .collect();
-            if !left.is_empty() {
-                return Err(format!("host-c still runs {left:?}"));
+            let host = arg(step, 3)?;
+            for v in admin.list_vms().await.map_err(|e| e.to_string())? {
+                if v.host.as_str() == host {
+                    return Err(format!("{host} still runs {}", v.name));
+                }
+                if learnt.vms.get(v.name.as_str()).is_some_and(|h| h == host) {
+                    running_on(&v, v.host.as_str())?;
+                }
             }
-            let demo = vm(&admin, "demo").await?;
-            running_on(&demo, demo.host.as_str())
+            Ok(())
         }
         // "release it"
         "host maintenance exit host-c" => {
-            let h = admin.get_host("host-c").await.map_err(|e| e.to_string())?;
+            let host = arg(step, 3)?;
+            let h = admin.get_host(host).await.map_err(|e| e.to_string())?;
             match h.maintenance {
                 None => Ok(()),
-                Some(m) => Err(format!("host-c is still in maintenance {m}")),
+                Some(m) => Err(format!("{host} is still in maintenance {m}")),
             }
         }
         "placement explain" => {
@@ -694,7 +724,7 @@ async fn keep(
         }
         // "storage pair first, then paired primary/standby hosts"
         "vm create db" => {
-            let db = vm(&admin, "db").await?;
+            let db = vm(&admin, arg(step, 2)?).await?;
             running_on(&db, db.host.as_str())?;
             if db.redundancy.is_none() {
                 return Err("vm db has no redundancy".into());
@@ -747,10 +777,9 @@ async fn keep(
             let vms: Vec<model::Vm> =
                 serde_json::from_str(out).map_err(|e| format!("not a JSON list of VMs: {e}"))?;
             let names: BTreeSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
-            for n in ["demo", "n1", "n2", "db"] {
-                if !names.contains(n) {
-                    return Err(format!("vm {n} is not in {names:?}"));
-                }
+            let want: BTreeSet<&str> = learnt.vms.keys().map(String::as_str).collect();
+            if names != want {
+                return Err(format!("the JSON lists {names:?}, the API has {want:?}"));
             }
             Ok(())
         }
@@ -792,10 +821,14 @@ async fn keep(
             }
         }
         // "removes the VM, its disk and its processes"
-        "vm delete demo" => match admin.get_vm("demo").await {
+        "vm delete demo" => match admin.get_vm(arg(step, 2)?).await {
             Err(e) if e.status() == Some(404) => Ok(()),
             Err(e) => Err(e.to_string()),
-            Ok(v) => Err(format!("vm demo is still there ({})", v.observed.as_str())),
+            Ok(v) => Err(format!(
+                "vm {} is still there ({})",
+                v.name,
+                v.observed.as_str()
+            )),
         },
         other => unreachable!("promise {other:?} has no check"),
     }
@@ -840,6 +873,13 @@ async fn readme_walkthrough_runs_as_written() {
                 );
             }
         }
+        learnt.vms = admin
+            .list_vms()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| (v.name.to_string(), v.host.to_string()))
+            .collect();
         eprintln!("readme:   ok in {:.1} s", ran.took.as_secs_f64());
         times.push((step.line, ran.took));
     }
