@@ -5,9 +5,10 @@
 //! VNF, its commands run in order. If anything fails, every site is torn down (deletes are
 //! idempotent, so a teardown of what was never created is harmless) and the error says
 //! which site and VNF failed first. Links between VNF connection points are established
-//! after every VNF runs ([`crate::link`]), each with a deadline.
+//! after every VNF runs and the guests at their ends are ready
+//! ([`SiteDriver::wait_guest`]), each with a deadline ([`crate::link`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -327,6 +328,26 @@ impl NsExecutor {
                 }
             }
         }
+        // A link's deadline is for the link, not for the boot of the guests at its ends
+        // (their VMs run, but a guest under TCG may boot for tens of seconds more): wait
+        // for each of them first. A guest that never gets there is left to the link,
+        // which then fails by its deadline with its own reason.
+        let mut guests = BTreeSet::new();
+        for cmd in plan.links() {
+            if let GenericCommand::ConnectLink { first, second, .. } = cmd {
+                guests.insert((&first.site, &first.vdu));
+                guests.insert((&second.site, &second.vdu));
+            }
+        }
+        join_all(guests.into_iter().map(|(site, vdu)| async move {
+            let Some(d) = self.sites.get(site) else {
+                return;
+            };
+            if let Err(e) = d.wait_guest(vdu).await {
+                tracing::warn!(site, vdu, error = %e, "guest not ready; linking anyway");
+            }
+        }))
+        .await;
         let endpoints = &endpoints;
         // Step 1 per first CP: its id and the IP the *site* reports (not the planned one).
         let mut firsts = BTreeMap::new();

@@ -30,6 +30,9 @@ pub struct UpArgs {
     /// Address of the REST API.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    /// Address of the vSwitch controller (traffic statistics).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    pub vswitch_listen: String,
     /// Names of the local hosts to start, one agent each.
     #[arg(long, value_delimiter = ',', default_value = "host-a,host-b,host-c")]
     pub hosts: Vec<String>,
@@ -72,7 +75,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--data-dir".into(),
                 dd.display().to_string(),
                 "--vswitch-listen".into(),
-                "127.0.0.1:7071".into(),
+                args.vswitch_listen.clone(),
             ],
             &dd.join("server.log"),
         )?;

@@ -16,6 +16,7 @@ mod libvirtd;
 mod netns;
 mod ns;
 mod ns_libvirt;
+mod readme;
 mod redundancy;
 mod tls;
 mod tokens;

@@ -186,6 +186,12 @@ pub trait SiteDriver: Send + Sync + fmt::Debug {
     fn link_auth(&self) -> Option<String> {
         None
     }
+    /// Waits until the guest of `vdu` can take part in a link: called before the links
+    /// to and from its CPs are established, so that a link's deadline is not spent on
+    /// the guest's boot. Default: at once (the VDU was usable when created).
+    async fn wait_guest(&self, _vdu: &str) -> Result<(), DriverError> {
+        Ok(())
+    }
 }
 
 /// Runs one generic command on a site; AttachCp returns the CP's information.

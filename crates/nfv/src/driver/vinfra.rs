@@ -22,6 +22,11 @@ use crate::plan::VduSpec;
 
 const SITE: &str = "vinfra";
 
+/// What vinfra's guest (`scripts/build-guest.sh`) prints once its link service runs.
+/// Its workload's `TICK` lines follow, and can push this line out of the console tail.
+const GUEST_READY: &str = "GUEST: READY";
+const GUEST_TICK: &str = "TICK ";
+
 /// How to reach a vinfra control plane.
 #[derive(Debug, Clone)]
 pub struct VinfraConfig {
@@ -264,6 +269,32 @@ impl SiteDriver for VinfraDriver {
             mac: Some(nic.mac.clone()),
             ips: vec![nic.ip],
         })
+    }
+
+    /// A vinfra VM runs once QEMU starts; its guest then boots (seconds with KVM, tens
+    /// of seconds under TCG on a loaded machine) before it answers link requests.
+    async fn wait_guest(&self, vdu: &str) -> Result<(), DriverError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
+        loop {
+            let console = self
+                .client
+                .console(vdu)
+                .await
+                .map_err(|e| api("GET /v1/vms/{id}/console", e))?;
+            if console.contains(GUEST_READY) || console.lines().any(|l| l.starts_with(GUEST_TICK)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DriverError::Timeout {
+                    site: SITE,
+                    kind: "guest",
+                    name: vdu.into(),
+                    state: "ready",
+                    secs: self.cfg.timeout.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(self.cfg.poll).await;
+        }
     }
 
     /// The agent checks that this token may see the VM before relaying into its guest.
