@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use model::error_chain;
+use model::SplitMix64;
 
 use super::{Counters, Mapping, State, STRIPES};
 use crate::heat::HeatMap;
@@ -17,7 +18,6 @@ use crate::pattern::AccessPattern;
 use crate::source::BlockOrigin;
 use crate::types::{BlockIdx, Generation};
 use crate::{BlockCache, CacheConfig, CacheError, CacheOpenError, OpenReport};
-use model::SplitMix64;
 
 impl BlockCache {
     /// Opens (or creates) the cache in `cfg.dir` in front of `origin`. After a crash this

@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{check_limits, validate_nsd, validate_vnfd, DescriptorError, Nsd, Vnfd};
 use serde_yaml_ng::Value;
+
+use super::{check_limits, validate_nsd, validate_vnfd, DescriptorError, Nsd, Vnfd};
 
 /// Why an NSD file and its imports could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -2,11 +2,12 @@
 
 use std::collections::BTreeMap;
 
+use serde_yaml_ng::Value;
+
 use super::walker::{check_ref, join, parse_doc, requirements, templates, Walker};
 use super::{
     DescriptorError, ExtCp, Vdu, VduCp, VnfVirtualLink, Vnfd, VDU_COMPUTE, VDU_CP, VNF_VIRTUAL_LINK,
 };
-use serde_yaml_ng::Value;
 
 /// Validates a VNFD, returning it or every error found. Text over the [`check_limits`](super::check_limits)
 /// limits is refused (`descriptor: ...`) before it is parsed.

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use super::{check_limits, DescriptorError, Ipv4Cidr, LayerProtocol, LimitError};
 use serde_yaml_ng::Value;
+
+use super::{check_limits, DescriptorError, Ipv4Cidr, LayerProtocol, LimitError};
 
 /// Collects errors while walking the YAML tree.
 #[derive(Default)]
