@@ -1,6 +1,7 @@
 //! Runs the strategies on workload variants outside the standard suite, to check that
-//! the method (not the benchmark) carries over. Prints the table.
-use cache::bench::{print_table, run_bench, BenchOptions, WorkloadSpec};
+//! the method (not the benchmark) carries over. Prints one line per workload and strategy
+//! (`vinfra bench migrate-cache` renders the standard suite as a full table).
+use cache::bench::{run_bench, BenchOptions, WorkloadSpec};
 use cache::trace::SynthSpec;
 
 fn main() {
@@ -60,5 +61,18 @@ fn main() {
         cache::Strategy::Pattern,
         cache::Strategy::HeatPattern,
     ];
-    print_table(&run_bench(o));
+    println!("workload      strategy        warm_s  origin_MiB  peer_MiB");
+    for r in run_bench(o) {
+        let warm = r
+            .time_to_warm_s
+            .map_or_else(|| format!(">{:.1}", r.run_s), |t| format!("{t:.1}"));
+        println!(
+            "{:<13} {:<13} {:>8} {:>11.1} {:>9.1}",
+            r.workload,
+            r.strategy,
+            warm,
+            r.origin_bytes as f64 / 1048576.0,
+            r.peer_bytes as f64 / 1048576.0
+        );
+    }
 }

@@ -18,9 +18,7 @@
 //! Nothing here reads a wall clock, so a run is reproducible and takes seconds.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt::Write as _;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -480,7 +478,7 @@ fn curve(reads: &[(f64, bool)], n: usize) -> Vec<(f64, f64)> {
 
 /// Intervals smoothed together when judging warmth (one unlucky interval of a few
 /// hundred reads must not decide).
-const SMOOTH: usize = 4;
+pub const SMOOTH: usize = 4;
 
 /// When the destination became warm for good: the end of the first interval from which on
 /// every run of [`SMOOTH`] intervals has at least `threshold` times the twin's hits. Asking
@@ -700,205 +698,6 @@ fn simulate(
     }
 }
 
-fn mib(b: u64) -> f64 {
-    #[allow(clippy::cast_precision_loss)]
-    let m = b as f64 / (1024.0 * 1024.0);
-    m
-}
-
-/// The rows as an aligned text table.
-pub fn format_table(rows: &[BenchRow]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<13} {:<13} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9}",
-        "workload",
-        "strategy",
-        "warm_s",
-        "switch_s",
-        "miss_10s",
-        "origin_MiB",
-        "excess_MiB",
-        "peer_MiB",
-        "p50_us",
-        "p99_us"
-    );
-    for r in rows {
-        let warm = r
-            .time_to_warm_s
-            .map_or_else(|| format!(">{:.1}", r.run_s), |t| format!("{t:.1}"));
-        let _ = writeln!(
-            s,
-            "{:<13} {:<13} {:>8} {:>9.2} {:>9} {:>11.1} {:>11.1} {:>9.1} {:>9.0} {:>9.0}",
-            r.workload,
-            r.strategy,
-            warm,
-            r.switchover_s,
-            r.misses_first_10s,
-            mib(r.origin_bytes),
-            mib(r.origin_bytes.saturating_sub(r.twin_origin_bytes)),
-            mib(r.peer_bytes),
-            r.read_p50_us,
-            r.read_p99_us
-        );
-    }
-    s
-}
-
-/// Prints [`format_table`] to stdout.
-pub fn print_table(rows: &[BenchRow]) {
-    print!("{}", format_table(rows));
-}
-
-/// The rows as a JSON array (`workload`, `strategy`, `time_to_warm_s`, `switchover_s`,
-/// `misses_first_10s`, `origin_bytes`, `peer_bytes`, `read_p50_us`, `read_p99_us`, …).
-pub fn to_json(rows: &[BenchRow]) -> String {
-    serde_json::to_string_pretty(rows).unwrap_or_else(|_| "[]".to_owned())
-}
-
-const COLORS: [&str; 8] = [
-    "#888888", "#b07aa1", "#9c755f", "#edc948", "#4e79a7", "#59a14f", "#e15759", "#000000",
-];
-
-/// Writes an SVG of destination hit ratio over time, one curve per strategy (the twin
-/// dashed), one panel per workload.
-pub fn write_svg(rows: &[BenchRow], path: &Path) -> io::Result<()> {
-    std::fs::write(path, render_svg(rows))
-}
-
-/// The SVG text of [`write_svg`].
-pub fn render_svg(rows: &[BenchRow]) -> String {
-    let mut workloads: Vec<&str> = Vec::new();
-    for r in rows {
-        if !workloads.contains(&r.workload.as_str()) {
-            workloads.push(&r.workload);
-        }
-    }
-    let (pw, ph, ml, mt) = (720.0, 260.0, 60.0, 40.0);
-    #[allow(clippy::cast_precision_loss)]
-    let height = mt + workloads.len() as f64 * (ph + 70.0);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#,
-        w = ml + pw + 170.0
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{ml}" y="20" font-size="15">Destination cache hit ratio after migration</text>"#
-    );
-    for (wi, wl) in workloads.iter().enumerate() {
-        #[allow(clippy::cast_precision_loss)]
-        let top = mt + wi as f64 * (ph + 70.0);
-        let mine: Vec<&BenchRow> = rows.iter().filter(|r| r.workload == *wl).collect();
-        let run = mine
-            .iter()
-            .flat_map(|r| r.curve.iter().chain(&r.twin_curve))
-            .map(|p| p.0)
-            .fold(1.0f64, f64::max);
-        // Zoom on the warm-up: twice the slowest strategy that got warm, at least 5 s.
-        let slowest = mine
-            .iter()
-            .filter_map(|r| r.time_to_warm_s)
-            .fold(0.0f64, f64::max);
-        // A bursty trace may pack its first intervals into a moment: show at least 60.
-        let sixty = mine
-            .first()
-            .and_then(|r| r.twin_curve.get(59))
-            .map_or(run, |p| p.0);
-        let tmax = (2.0 * slowest).max(5.0).max(sixty).min(run);
-        let x = |t: f64| ml + t / tmax * pw;
-        let y = |v: f64| top + ph - v.clamp(0.0, 1.0) * ph;
-        let _ = writeln!(
-            s,
-            r#"<text x="{ml}" y="{}" font-weight="bold">{wl}</text>"#,
-            top - 6.0
-        );
-        let _ = writeln!(
-            s,
-            r##"<rect x="{ml}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##
-        );
-        for k in 0..=4 {
-            let v = f64::from(k) / 4.0;
-            let _ = writeln!(
-                s,
-                r##"<line x1="{ml}" x2="{}" y1="{yy}" y2="{yy}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.2}</text>"##,
-                ml + pw,
-                ml - 6.0,
-                y(v) + 4.0,
-                yy = y(v)
-            );
-            let tv = tmax * v;
-            let _ = writeln!(
-                s,
-                r#"<text x="{}" y="{}" text-anchor="middle">{tv:.1}s</text>"#,
-                x(tv),
-                top + ph + 16.0
-            );
-        }
-        // Mean over SMOOTH intervals, the same smoothing the warm metric uses.
-        let poly = |pts: &[(f64, f64)]| {
-            pts.windows(SMOOTH.min(pts.len()).max(1))
-                .map(|w| {
-                    #[allow(clippy::cast_precision_loss)]
-                    let mean = w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64;
-                    (w[w.len() - 1].0, mean)
-                })
-                .take_while(|(t, _)| *t <= tmax)
-                .map(|(t, v)| format!("{:.1},{:.1}", x(t), y(v)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        for (i, r) in mine.iter().enumerate() {
-            let c = COLORS[Strategy::ALL
-                .iter()
-                .position(|st| st.name() == r.strategy)
-                .unwrap_or(7)
-                % COLORS.len()];
-            let wdt = if r.strategy == Strategy::HeatPattern.name() {
-                2.5
-            } else {
-                1.5
-            };
-            let _ = writeln!(
-                s,
-                r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="{wdt}"/>"#,
-                poly(&r.curve)
-            );
-            #[allow(clippy::cast_precision_loss)]
-            let ly = top + 32.0 + i as f64 * 18.0;
-            let _ = writeln!(
-                s,
-                r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{c}" stroke-width="{wdt}"/><text x="{}" y="{}">{}</text>"#,
-                ml + pw + 12.0,
-                ml + pw + 32.0,
-                ml + pw + 38.0,
-                ly + 4.0,
-                r.strategy
-            );
-        }
-        if let Some(r) = mine.first() {
-            let _ = writeln!(
-                s,
-                r##"<polyline points="{}" fill="none" stroke="#000" stroke-dasharray="5,4" stroke-width="1"/>"##,
-                poly(&r.twin_curve)
-            );
-            let _ = writeln!(
-                s,
-                r##"<line x1="{}" x2="{}" y1="{ty}" y2="{ty}" stroke="#000" stroke-dasharray="5,4"/><text x="{}" y="{}">twin (never moved)</text>"##,
-                ml + pw + 12.0,
-                ml + pw + 32.0,
-                ml + pw + 38.0,
-                top + 14.0,
-                ty = top + 10.0
-            );
-        }
-    }
-    s.push_str("</svg>\n");
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -939,7 +738,7 @@ mod tests {
         assert_eq!(row(Strategy::HeatPattern).switchover_s, 0.0);
         // Prefetching from the peer saves origin traffic.
         assert!(row(Strategy::HeatPattern).origin_bytes < row(Strategy::None).origin_bytes);
-        let json: serde_json::Value = serde_json::from_str(&to_json(&a)).unwrap();
+        let json = serde_json::to_value(&a).unwrap();
         for key in [
             "workload",
             "strategy",
@@ -953,14 +752,6 @@ mod tests {
         ] {
             assert!(json[0].get(key).is_some(), "missing {key}");
         }
-        let table = format_table(&a);
-        assert_eq!(table.lines().count(), 1 + Strategy::ALL.len());
-        let svg = render_svg(&a);
-        assert!(
-            svg.starts_with("<svg")
-                && svg.contains("heat+pattern")
-                && svg.trim_end().ends_with("</svg>")
-        );
     }
 
     #[test]

@@ -290,39 +290,3 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<(), NbdBench
     }
     Ok(())
 }
-
-/// The rows as a table.
-pub fn format_table(rows: &[NbdBenchRow]) -> String {
-    let mut out = format!(
-        "{:<10} {:<13} {:>8} {:>9} {:>9} {:>11} {:>9} {:>8} {:>8} {:>9}\n",
-        "workload",
-        "strategy",
-        "warm_s",
-        "switch_s",
-        "miss_10s",
-        "origin_MiB",
-        "peer_MiB",
-        "p50_us",
-        "p99_us",
-        "replay_s"
-    );
-    for r in rows {
-        let warm = r
-            .time_to_warm_s
-            .map_or(">run".to_owned(), |w| format!("{w:.2}"));
-        out.push_str(&format!(
-            "{:<10} {:<13} {:>8} {:>9.2} {:>9} {:>11.1} {:>9.1} {:>8} {:>8} {:>9.2}\n",
-            r.workload,
-            r.strategy,
-            warm,
-            r.switchover_s,
-            r.misses_first_10s,
-            r.origin_bytes as f64 / 1048576.0,
-            r.peer_bytes as f64 / 1048576.0,
-            r.read_p50_us,
-            r.read_p99_us,
-            r.replay_s
-        ));
-    }
-    out
-}

@@ -153,6 +153,12 @@ pub fn load_checkpoint(path: &Path) -> Result<Option<CheckpointBody>, MetaLoadEr
             })
         }
     };
+    parse_checkpoint(&bytes, path).map(Some)
+}
+
+/// Decodes and validates the bytes of a checkpoint file (magic, format, length, checksum,
+/// body); `path` only names the file in errors.
+pub fn parse_checkpoint(bytes: &[u8], path: &Path) -> Result<CheckpointBody, MetaLoadError> {
     let p = || path.to_owned();
     if bytes.len() < 24 {
         return Err(MetaLoadError::Truncated { path: p() });
@@ -173,9 +179,7 @@ pub fn load_checkpoint(path: &Path) -> Result<Option<CheckpointBody>, MetaLoadEr
     if crc32fast::hash(body) != crc {
         return Err(MetaLoadError::BadChecksum { path: p() });
     }
-    serde_json::from_slice(body)
-        .map(Some)
-        .map_err(|err| MetaLoadError::Parse { path: p(), err })
+    serde_json::from_slice(body).map_err(|err| MetaLoadError::Parse { path: p(), err })
 }
 
 /// Atomically replaces the checkpoint at `path`: write `path.tmp`, fsync, rename, fsync dir.
@@ -241,7 +245,9 @@ pub enum Record {
 }
 
 impl Record {
-    fn encode(&self) -> [u8; RECORD_LEN] {
+    /// The record as it is appended to the journal: kind, crc32 of the record (computed
+    /// with its own field zeroed), block, slot, generation, data crc32, little-endian.
+    pub fn encode(&self) -> [u8; RECORD_LEN] {
         let (kind, block, slot, gen, crc) = match *self {
             Record::Map {
                 block,
@@ -298,6 +304,31 @@ pub struct Replay {
     pub torn_at: Option<u64>,
 }
 
+/// Decodes the bytes of a journal file: the records that belong to checkpoint epoch
+/// `epoch`, up to the first torn or corrupt one. A bad header or another epoch yields no
+/// records.
+pub fn replay_journal(bytes: &[u8], epoch: u64) -> Replay {
+    let mut replay = Replay::default();
+    let header_ok = bytes.len() >= 16
+        && &bytes[..8] == JOURNAL_MAGIC
+        && u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) == epoch;
+    if header_ok {
+        for (i, chunk) in bytes[16..].chunks(RECORD_LEN).enumerate() {
+            let rec = <&[u8; RECORD_LEN]>::try_from(chunk)
+                .ok()
+                .and_then(Record::decode);
+            match rec {
+                Some(r) => replay.records.push(r),
+                None => {
+                    replay.torn_at = Some(JOURNAL_HEADER + (i * RECORD_LEN) as u64);
+                    break;
+                }
+            }
+        }
+    }
+    replay
+}
+
 /// The append-only journal.
 #[derive(Debug)]
 pub struct Journal {
@@ -328,24 +359,7 @@ impl Journal {
             .map_err(io("open"))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io("read"))?;
-        let mut replay = Replay::default();
-        let header_ok = bytes.len() >= 16
-            && &bytes[..8] == JOURNAL_MAGIC
-            && u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")) == epoch;
-        if header_ok {
-            for (i, chunk) in bytes[16..].chunks(RECORD_LEN).enumerate() {
-                let rec = <&[u8; RECORD_LEN]>::try_from(chunk)
-                    .ok()
-                    .and_then(Record::decode);
-                match rec {
-                    Some(r) => replay.records.push(r),
-                    None => {
-                        replay.torn_at = Some(JOURNAL_HEADER + (i * RECORD_LEN) as u64);
-                        break;
-                    }
-                }
-            }
-        }
+        let replay = replay_journal(&bytes, epoch);
         let mut j = Self {
             path: path.to_owned(),
             file,

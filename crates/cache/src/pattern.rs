@@ -113,7 +113,8 @@ impl AccessPattern {
     /// small reads inside one cache block) count as accesses but not as transitions, so
     /// they do not teach the model that a block follows itself.
     pub fn record(&mut self, b: BlockIdx) {
-        self.accesses += 1;
+        // Saturating: a restored snapshot may carry any count.
+        self.accesses = self.accesses.saturating_add(1);
         let tick = self.accesses;
         let prev = self.history.back().copied();
         if prev == Some(b) {
@@ -123,7 +124,7 @@ impl AccessPattern {
             return;
         }
         if let Some(p) = prev {
-            self.transitions += 1;
+            self.transitions = self.transitions.saturating_add(1);
             self.learn(p, b);
         }
         self.follow_stream(b, prev, tick);
@@ -171,14 +172,15 @@ impl AccessPattern {
             .position(|st| st.last.checked_add(1) == Some(b.0))
         {
             let st = self.streams[i];
-            self.seq_continue[bucket(st.run)] += 1;
+            let k = bucket(st.run);
+            self.seq_continue[k] = self.seq_continue[k].saturating_add(1);
             if prev != Some(BlockIdx(st.last)) {
                 // Interleaved with other I/O: teach the table the stream's own order too.
                 self.learn(BlockIdx(st.last), b);
             }
             self.streams[i] = Stream {
                 last: b.0,
-                run: st.run + 1,
+                run: st.run.saturating_add(1),
                 last_tick: tick,
                 ..st
             };
@@ -192,7 +194,8 @@ impl AccessPattern {
                 .min_by_key(|(_, st)| st.last_tick)
                 .map(|(i, st)| (i, *st))
                 .expect("the table is full, so not empty");
-            self.seq_break[bucket(old.run)] += 1;
+            let k = bucket(old.run);
+            self.seq_break[k] = self.seq_break[k].saturating_add(1);
             self.streams.swap_remove(i);
         }
         self.streams.push(Stream {
@@ -243,7 +246,7 @@ impl AccessPattern {
         // Counts fit f64 exactly far beyond any run length we record.
         #[allow(clippy::cast_precision_loss)]
         let p = (self.seq_continue[k] as f64 + 0.5)
-            / ((self.seq_continue[k] + self.seq_break[k]) as f64 + 2.0);
+            / (self.seq_continue[k] as f64 + self.seq_break[k] as f64 + 2.0);
         p
     }
 
@@ -325,7 +328,16 @@ impl AccessPattern {
         let mut m = Self::new(s.max_blocks);
         m.accesses = s.accesses;
         m.transitions = s.transitions;
-        m.streams = s.streams.iter().take(STREAMS).copied().collect();
+        // A stream cannot end before it started (the planner divides by its duration).
+        m.streams = s
+            .streams
+            .iter()
+            .take(STREAMS)
+            .map(|st| Stream {
+                first_tick: st.first_tick.min(st.last_tick),
+                ..*st
+            })
+            .collect();
         for (dst, src) in m.seq_continue.iter_mut().zip(&s.seq_continue) {
             *dst = *src;
         }
@@ -335,11 +347,15 @@ impl AccessPattern {
         for (i, (b, total, next)) in s.succ.iter().enumerate() {
             let mut next: Vec<(BlockIdx, u32)> = next
                 .iter()
+                // A count of 0 is never kept in memory (eviction decrements to it and
+                // drops the entry); restored, it would underflow on the next decrement.
+                .filter(|(_, c)| *c > 0)
                 .take(FANOUT)
                 .map(|(n, c)| (BlockIdx(*n), *c))
                 .collect();
             next.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
-            let total = (*total).max(next.iter().map(|(_, c)| *c).sum());
+            let sum = next.iter().fold(0u32, |a, (_, c)| a.saturating_add(*c));
+            let total = (*total).max(sum);
             m.succ.insert(
                 BlockIdx(*b),
                 Succ {
@@ -443,5 +459,47 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         let back = AccessPattern::from_snapshot(&serde_json::from_str(&json).unwrap());
         assert_eq!(back.snapshot(), s);
+    }
+
+    /// Found by the `cache_meta` fuzz target: a checkpoint (or a migration snapshot) is
+    /// outside input, and a stream that ends before it starts, a zero successor count or
+    /// counters at their maximum made the planner or the next access overflow.
+    #[test]
+    fn hostile_snapshot_is_clamped() {
+        let s = PatternSnapshot {
+            max_blocks: 4,
+            accesses: u64::MAX,
+            transitions: u64::MAX,
+            succ: vec![
+                (1, 0, vec![(2, 0), (3, u32::MAX), (4, u32::MAX), (5, 1)]),
+                (2, u32::MAX, vec![(3, u32::MAX)]),
+            ],
+            streams: vec![Stream {
+                last: 3,
+                run: u64::MAX,
+                first_tick: 1,
+                last_tick: 0,
+            }],
+            seq_continue: vec![u64::MAX; RUN_BUCKETS],
+            seq_break: vec![u64::MAX; RUN_BUCKETS],
+            history: vec![1, 2, 3],
+        };
+        let mut p = AccessPattern::from_snapshot(&s);
+        assert!(p.streams.iter().all(|st| st.first_tick <= st.last_tick));
+        assert!(p.succ.values().all(|e| e.next.iter().all(|(_, c)| *c > 0)));
+        let have: crate::BlockSet = (0..8).map(BlockIdx).collect();
+        let heat = crate::HeatMap::new(10, 10);
+        for strategy in [crate::Strategy::Pattern, crate::Strategy::HeatPattern] {
+            let plan = crate::plan_fetch(strategy, &heat, &p, &have, p.cursor(), 8);
+            assert_eq!(plan.len(), have.len());
+        }
+        for b in [4, 1, 9, 10, 11, 1, 1, 2, 3, 4] {
+            p.record(BlockIdx(b));
+        }
+        for b in 20..60 {
+            p.record(BlockIdx(b * 7));
+        }
+        assert!(p.seq_continue_prob(u64::MAX).is_finite());
+        assert_eq!(p.accesses(), u64::MAX);
     }
 }

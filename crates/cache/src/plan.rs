@@ -324,7 +324,11 @@ fn walk(
             let prob = n.prob * p;
             if b.0 < total_blocks && prob > 1e-9 && !done.contains_key(&b) {
                 let cost = n.base + f64::from(depth) / prob * n.scale;
-                let run = if Some(b) == next { n.run + 1 } else { 0 };
+                let run = if Some(b) == next {
+                    n.run.saturating_add(1)
+                } else {
+                    0
+                };
                 heap.push(Node {
                     cost,
                     depth,

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+mod render;
+
 /// Benchmarks.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCmd {
@@ -76,7 +78,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!("{}", cache::bench_nbd::format_table(&rows));
+                print!("{}", render::real_table(&rows));
             }
             Ok(())
         }
@@ -96,12 +98,12 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
             })
             .await?;
             if json {
-                println!("{}", cache::bench::to_json(&rows));
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                cache::bench::print_table(&rows);
+                print!("{}", render::migrate_table(&rows));
             }
             if let Some(p) = plot {
-                cache::bench::write_svg(&rows, &p)
+                std::fs::write(&p, render::migrate_svg(&rows))
                     .with_context(|| format!("cannot write {}", p.display()))?;
                 eprintln!("plot written to {}", p.display());
             }
