@@ -341,6 +341,15 @@ impl From<control::VmChangeError> for ApiError {
     }
 }
 
+impl From<control::NetworkDeleteError> for ApiError {
+    fn from(e: control::NetworkDeleteError) -> Self {
+        match e {
+            control::NetworkDeleteError::Control(c) => c.into(),
+            e => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();

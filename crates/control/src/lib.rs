@@ -13,6 +13,7 @@
 
 pub mod driver;
 mod error;
+mod hosts;
 mod images;
 pub mod ledger;
 mod maintenance;
@@ -33,7 +34,7 @@ pub use driver::{Driver, DriverConfig, Tasks};
 pub use error::ControlError;
 pub use maintenance::{plan_drain, DrainPlanError, MaintenanceError};
 pub use migrations::{MigrateStartError, MigrationReportError};
-pub use networks::NicError;
+pub use networks::{NetworkDeleteError, NicError};
 pub use operations::CancelError;
 pub use records::now_ms;
 pub use storage::StorageError;
@@ -113,14 +114,16 @@ impl Control {
         )
     }
 
-    /// Every VM record.
-    pub async fn vms(&self) -> Result<Vec<model::Vm>, ControlError> {
-        Ok(
+    /// The VMs `scope` sees, by tenant then name.
+    pub async fn vms(&self, scope: Scope) -> Result<Vec<model::Vm>, ControlError> {
+        let mut vms: Vec<model::Vm> =
             records::list_json::<model::Vm>(self.store(), records::keys::VMS)
                 .await?
                 .into_iter()
                 .map(|(v, _)| v)
-                .collect(),
-        )
+                .filter(|v| scope.sees(v.tenant))
+                .collect();
+        vms.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
+        Ok(vms)
     }
 }

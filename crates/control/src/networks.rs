@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use model::api::NicRequest;
-use model::{Network, NetworkId, Nic, TenantId};
+use model::{Name, Network, NetworkId, Nic, TenantId};
 use store::{Compare, Revision, TxnOp};
 
 use crate::records::{keys, list_keyed, resolve_named, to_bytes};
@@ -219,5 +219,99 @@ impl Control {
             out.nics.push(nic);
         }
         Ok(out)
+    }
+}
+
+/// Why a network cannot be deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkDeleteError {
+    /// NICs are on it.
+    #[error(
+        "network {network} has {count} NIC(s) on it (vm {vm} has {ip}); delete those VMs first"
+    )]
+    InUse {
+        /// The network.
+        network: Name,
+        /// How many NICs.
+        count: usize,
+        /// One VM with a NIC on it.
+        vm: model::VmId,
+        /// That NIC's address.
+        ip: String,
+    },
+    /// The store, a lost race, or no such network.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+impl Control {
+    /// Creates a network of `tenant` (name and CIDR already validated).
+    pub async fn create_network(
+        &self,
+        tenant: TenantId,
+        name: Name,
+        cidr: String,
+    ) -> Result<Network, ControlError> {
+        let net = Network {
+            id: NetworkId::new_random(),
+            tenant,
+            name,
+            cidr,
+            created_at: crate::now_ms(),
+        };
+        crate::records::insert_named(
+            self.store(),
+            keys::network(net.id),
+            keys::network_name(tenant, &net.name),
+            &net,
+            &net.id,
+            || format!("name: network {} already exists", net.name),
+        )
+        .await?;
+        Ok(net)
+    }
+
+    /// The networks `scope` sees, by tenant then name.
+    pub async fn networks(&self, scope: Scope) -> Result<Vec<Network>, ControlError> {
+        let mut nets: Vec<Network> =
+            crate::records::list_json::<Network>(self.store(), keys::NETWORKS)
+                .await?
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| scope.sees(n.tenant))
+                .collect();
+        nets.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
+        Ok(nets)
+    }
+
+    /// Deletes a network no NIC is on. The record's revision is compared: a VM create on
+    /// this network rewrites the record in its transaction, so a NIC added after the
+    /// check makes the delete fail instead of orphaning it.
+    pub async fn delete_network(&self, scope: Scope, s: &str) -> Result<(), NetworkDeleteError> {
+        let (net, rev) = self.network(scope, s).await?;
+        let used = list_keyed::<model::VmId>(self.store(), &keys::ipam_prefix(net.id)).await?;
+        if let Some((key, vm)) = used.first() {
+            return Err(NetworkDeleteError::InUse {
+                network: net.name.clone(),
+                count: used.len(),
+                vm: *vm,
+                ip: key.rsplit('/').next().unwrap_or_default().to_owned(),
+            });
+        }
+        match crate::records::remove_named(
+            self.store(),
+            keys::network(net.id),
+            keys::network_name(net.tenant, &net.name),
+            Some(rev),
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(store::StoreError::Conflict { .. }) => Err(ControlError::Contended {
+                what: format!("network {}", net.name),
+            }
+            .into()),
+            Err(e) => Err(ControlError::from(e).into()),
+        }
     }
 }

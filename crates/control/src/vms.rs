@@ -320,7 +320,11 @@ impl Control {
     }
 
     /// Removes a VM record, its name and its addresses, if the record is still at `rev`.
-    async fn remove_vm(&self, vm: &Vm, rev: store::Revision) -> Result<store::Revision, StoreError> {
+    async fn remove_vm(
+        &self,
+        vm: &Vm,
+        rev: store::Revision,
+    ) -> Result<store::Revision, StoreError> {
         let key = keys::vm(vm.id);
         self.store()
             .txn(

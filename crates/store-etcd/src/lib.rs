@@ -37,9 +37,12 @@
 //!   milliseconds with a [`StoreError::Backend`] (gRPC `Cancelled`/`Unavailable`,
 //!   "connection closed" or "connection refused"); it does not queue or hang.
 //!   The first call after the member is healthy again succeeded (about 1 ms).
-//!   The store does not retry: a write cut off mid-flight has an unknown
-//!   outcome, and only the caller knows whether re-sending it is safe (a
-//!   retried `cas`/`txn` fails with `Conflict` if the first one landed; a
+//!   Reads (`get`, `list`) are retried up to [`READ_ATTEMPTS`] times, 100 ms
+//!   apart: they change nothing, and with several members the next attempt goes
+//!   to a member that is up (measured: the HA test kills one member of three in
+//!   the middle of a drain). Writes are not retried: a write cut off mid-flight
+//!   has an unknown outcome, and only the caller knows whether re-sending it is
+//!   safe (a retried `cas`/`txn` fails with `Conflict` if the first one landed; a
 //!   retried `put` simply writes again).
 //! - With several endpoints the client balances requests over the reachable
 //!   ones (tonic's balanced channel); only the single-member case is tested.
@@ -249,14 +252,39 @@ async fn call<T>(
     }
 }
 
+/// How many times a read is tried before its error is returned.
+pub const READ_ATTEMPTS: u32 = 3;
+
+/// A read with [`call`], tried again after a backend error (see the crate docs).
+async fn read<T, F, Fut>(context: impl Fn() -> String, mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match call(&context, attempt()).await {
+            Err(StoreError::Backend { .. }) if tries < READ_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         validate_key(key)?;
-        let mut kv = self.kv.clone();
-        let resp = call(
+        let full = self.full(key);
+        let resp = read(
             || format!("cannot get {key} from etcd"),
-            kv.get(self.full(key), None),
+            || {
+                let mut kv = self.kv.clone();
+                let full = full.clone();
+                async move { kv.get(full, None).await }
+            },
         )
         .await?;
         resp.kvs().first().map(|kv| self.key_value(kv)).transpose()
@@ -308,10 +336,14 @@ impl Store for EtcdStore {
     async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
         validate_key(prefix)?;
         // etcd returns a range sorted by key (bytewise) unless told otherwise.
-        let mut kv = self.kv.clone();
-        let resp = call(
+        let full = self.full(prefix);
+        let resp = read(
             || format!("cannot list {prefix} on etcd"),
-            kv.get(self.full(prefix), Some(GetOptions::new().with_prefix())),
+            || {
+                let mut kv = self.kv.clone();
+                let full = full.clone();
+                async move { kv.get(full, Some(GetOptions::new().with_prefix())).await }
+            },
         )
         .await?;
         resp.kvs().iter().map(|kv| self.key_value(kv)).collect()

@@ -4,12 +4,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use model::api::{Problem, RegisterHost};
-use model::{Host, HostId, Name, Role};
-use store::{Revision, StoreError};
+use model::{Host, Name, Role};
 
 use crate::extract::AppPath;
 use crate::{ApiError, AppJson, AppState, Caller};
-use control::records::{get_json, keys, now_ms, to_bytes, CAS_ATTEMPTS};
 
 /// Registers a host, or re-registers it under the same name (keeping its id;
 /// capacity, drivers and agent URL are replaced). Counts as a heartbeat.
@@ -27,51 +25,13 @@ pub(crate) async fn register_host(
 ) -> Result<(StatusCode, Json<Host>), ApiError> {
     caller.require(&[Role::Agent, Role::Admin], "registering a host")?;
     let name = body.validate()?;
-    let key = keys::host(&name);
-    for _ in 0..CAS_ATTEMPTS {
-        let existing = get_json::<Host>(state.store(), &key).await?;
-        let (id, expect) = match &existing {
-            Some((h, rev)) => (h.id, Some(*rev)),
-            None => (HostId::new_random(), None),
-        };
-        let mut host = Host {
-            id,
-            name: name.clone(),
-            cpus: body.cpus,
-            vcpus: body.vcpus.unwrap_or(
-                body.cpus
-                    .saturating_mul(model::api::DEFAULT_CPU_ALLOCATION_RATIO),
-            ),
-            memory_mib: body.memory_mib,
-            disk_gib: body.disk_gib,
-            drivers: body.drivers.clone(),
-            agent_url: body.agent_url.clone(),
-            nbd_addr: body.nbd_addr.clone(),
-            link_addr: body.link_addr.clone(),
-            uplink_ip: body.uplink_ip.clone(),
-            // A re-registering agent (restart, crash) does not end maintenance.
-            maintenance: existing.as_ref().and_then(|(h, _)| h.maintenance),
-            last_heartbeat: now_ms(),
-            state: model::HostState::Up,
-        };
-        match state.store().cas(&key, expect, to_bytes(&host)?).await {
-            Ok(_) => {
-                host.refresh_state(now_ms(), state.heartbeat_timeout_ms());
-                let status = if existing.is_some() {
-                    StatusCode::OK
-                } else {
-                    tracing::info!(host = %name, id = %id, "host registered");
-                    StatusCode::CREATED
-                };
-                return Ok((status, Json(host)));
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::Conflict(format!(
-        "host {name} is being updated concurrently, retry"
-    )))
+    let (host, new) = state.control().register_host(&name, &body).await?;
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(host)))
 }
 
 /// Records a heartbeat from the host's agent.
@@ -88,22 +48,7 @@ pub(crate) async fn heartbeat(
 ) -> Result<Json<Host>, ApiError> {
     caller.require(&[Role::Agent, Role::Admin], "sending a heartbeat")?;
     let name = host_name(&name)?;
-    let key = keys::host(&name);
-    for _ in 0..CAS_ATTEMPTS {
-        let (mut host, rev) = load(&state, &name).await?;
-        host.last_heartbeat = now_ms().max(host.last_heartbeat);
-        match state.store().cas(&key, Some(rev), to_bytes(&host)?).await {
-            Ok(_) => {
-                host.refresh_state(now_ms(), state.heartbeat_timeout_ms());
-                return Ok(Json(host));
-            }
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::Conflict(format!(
-        "host {name} is being updated concurrently, retry"
-    )))
+    Ok(Json(state.control().heartbeat(&name).await?))
 }
 
 /// Lists hosts with their liveness. Members get each host without its
@@ -128,8 +73,7 @@ pub(crate) async fn get_host(
     AppPath(name): AppPath,
 ) -> Result<Json<Host>, ApiError> {
     let name = host_name(&name)?;
-    let (mut host, _) = load(&state, &name).await?;
-    host.refresh_state(now_ms(), state.heartbeat_timeout_ms());
+    let (host, _) = state.control().host(&name).await?;
     Ok(Json(view(&caller, host)))
 }
 
@@ -150,15 +94,6 @@ pub(crate) fn host_name(s: &str) -> Result<Name, ApiError> {
         kind: "host",
         id: s.to_owned(),
     })
-}
-
-async fn load(state: &AppState, name: &Name) -> Result<(Host, Revision), ApiError> {
-    get_json::<Host>(state.store(), &keys::host(name))
-        .await?
-        .ok_or_else(|| ApiError::NotFound {
-            kind: "host",
-            id: name.to_string(),
-        })
 }
 
 /// Every host, with `state` computed for now.

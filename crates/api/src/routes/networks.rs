@@ -6,13 +6,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use model::api::{CreateNetwork, Problem};
-use model::{Network, NetworkId, Role};
-use store::{Revision, StoreError};
+use model::{Network, Role};
+use store::Revision;
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{insert_named, keys, list_json, list_keyed, now_ms, remove_named};
 
 /// Creates a network.
 #[utoipa::path(post, path = "/v1/networks", tag = "networks", request_body = CreateNetwork,
@@ -29,22 +28,7 @@ pub(crate) async fn create_network(
     caller.require(&[Role::Admin, Role::Member], "creating a network")?;
     let (name, cidr, tenant) = body.validate()?;
     let tenant = write_tenant(&state, &caller, tenant.as_ref()).await?;
-    let net = Network {
-        id: NetworkId::new_random(),
-        tenant,
-        name,
-        cidr,
-        created_at: now_ms(),
-    };
-    insert_named(
-        state.store(),
-        keys::network(net.id),
-        keys::network_name(tenant, &net.name),
-        &net,
-        &net.id,
-        || format!("name: network {} already exists", net.name),
-    )
-    .await?;
+    let net = state.control().create_network(tenant, name, cidr).await?;
     Ok((StatusCode::CREATED, Json(net)))
 }
 
@@ -56,15 +40,7 @@ pub(crate) async fn list_networks(
     caller: Caller,
 ) -> Result<Json<Vec<Network>>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "listing networks")?;
-    let scope = caller.scope()?;
-    let mut nets: Vec<Network> = list_json::<Network>(state.store(), keys::NETWORKS)
-        .await?
-        .into_iter()
-        .map(|(n, _)| n)
-        .filter(|n| scope.sees(n.tenant))
-        .collect();
-    nets.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
-    Ok(Json(nets))
+    Ok(Json(state.control().networks(caller.scope()?).await?))
 }
 
 /// One network, by name or id.
@@ -94,33 +70,11 @@ pub(crate) async fn delete_network(
     AppPath(name): AppPath,
 ) -> Result<StatusCode, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "deleting a network")?;
-    let (net, rev) = resolve(&state, caller.scope()?, &name).await?;
-    let used = list_keyed::<model::VmId>(state.store(), &keys::ipam_prefix(net.id)).await?;
-    if let Some((key, vm)) = used.first() {
-        let ip = key.rsplit('/').next().unwrap_or_default();
-        return Err(ApiError::Conflict(format!(
-            "network {} has {} NIC(s) on it (vm {vm} has {ip}); delete those VMs first",
-            net.name,
-            used.len()
-        )));
-    }
-    // Compare the record's revision: a VM create on this network rewrites the record
-    // in its transaction, so a NIC added after the check above makes this fail.
-    let res = remove_named(
-        state.store(),
-        keys::network(net.id),
-        keys::network_name(net.tenant, &net.name),
-        Some(rev),
-    )
-    .await;
-    match res {
-        Ok(_) => Ok(StatusCode::NO_CONTENT),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
-            "network {} changed concurrently, retry",
-            net.name
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    state
+        .control()
+        .delete_network(caller.scope()?, &name)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub(crate) async fn resolve(

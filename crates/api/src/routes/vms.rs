@@ -1,7 +1,6 @@
 //! VMs: create (with placement), read, start/stop/delete, console, and the
 //! agent side (assignments, observed-state reports).
 
-
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +13,6 @@ use crate::extract::AppPath;
 use crate::routes::hosts::host_name;
 use crate::routes::tenants::write_tenant;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{keys, list_json};
 
 /// Creates a VM and places it on a host: the requested one, or the up host
 /// with the most free memory that has room for it.
@@ -44,15 +42,7 @@ pub(crate) async fn list_vms(
     caller: Caller,
 ) -> Result<Json<Vec<Vm>>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "listing vms")?;
-    let scope = caller.scope()?;
-    let mut vms: Vec<Vm> = list_json::<Vm>(state.store(), keys::VMS)
-        .await?
-        .into_iter()
-        .map(|(v, _)| v)
-        .filter(|v| scope.sees(v.tenant))
-        .collect();
-    vms.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
-    Ok(Json(vms))
+    Ok(Json(state.control().vms(caller.scope()?).await?))
 }
 
 /// One VM, by id or name. Another tenant's VM is 404, like a missing one.
