@@ -350,6 +350,18 @@ impl From<control::NetworkDeleteError> for ApiError {
     }
 }
 
+impl From<control::ImageError> for ApiError {
+    fn from(e: control::ImageError) -> Self {
+        use control::ImageError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e @ E::NoBlob { .. } => ApiError::Unprocessable(e.to_string()),
+            e @ E::Public(_) => ApiError::Forbidden(e.to_string()),
+            e @ E::InUse { .. } => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();

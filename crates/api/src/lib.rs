@@ -206,10 +206,6 @@ impl AppState {
         &self.inner.control
     }
 
-    pub(crate) fn heartbeat_timeout_ms(&self) -> u64 {
-        self.inner.control.heartbeat_timeout_ms()
-    }
-
     pub(crate) fn set_console(&self, vm: VmId, tail: String) {
         self.consoles().insert(vm, tail);
     }

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod driver;
+mod descriptors;
 mod error;
 mod hosts;
 mod images;
@@ -32,6 +33,7 @@ use store::Store;
 
 pub use driver::{Driver, DriverConfig, Tasks};
 pub use error::ControlError;
+pub use images::ImageError;
 pub use maintenance::{plan_drain, DrainPlanError, MaintenanceError};
 pub use migrations::{MigrateStartError, MigrationReportError};
 pub use networks::{NetworkDeleteError, NicError};

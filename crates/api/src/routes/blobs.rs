@@ -11,7 +11,6 @@ use model::{Blob, BlobDigest, Role, TenantId};
 use crate::blobs::{file_stream, BlobFiles, Stored};
 use crate::extract::AppPath;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{get_json, keys, list_json, now_ms, to_bytes};
 
 /// Query of an upload.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
@@ -33,18 +32,10 @@ async fn record(
     owner: Option<TenantId>,
     stored: Stored,
 ) -> Result<Blob, ApiError> {
-    let key = keys::blob(&stored.digest, owner);
-    if let Some((b, _)) = get_json::<Blob>(state.store(), &key).await? {
-        return Ok(b);
-    }
-    let blob = Blob {
-        digest: stored.digest,
-        size: stored.size,
-        tenant: owner,
-        created_at: now_ms(),
-    };
-    state.store().put(&key, to_bytes(&blob)?).await?;
-    Ok(blob)
+    Ok(state
+        .control()
+        .record_blob(owner, stored.digest, stored.size)
+        .await?)
 }
 
 /// The owner of what `caller` stores: its tenant, or shared for an admin.
@@ -137,14 +128,7 @@ pub(crate) async fn list(
     caller: Caller,
 ) -> Result<Json<Vec<Blob>>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "listing blobs")?;
-    let scope = caller.scope()?;
-    let blobs = list_json::<Blob>(state.store(), keys::BLOBS)
-        .await?
-        .into_iter()
-        .map(|(b, _)| b)
-        .filter(|b| b.tenant.is_none_or(|t| scope.sees(t)))
-        .collect();
-    Ok(Json(blobs))
+    Ok(Json(state.control().blobs(caller.scope()?).await?))
 }
 
 /// Whether `scope` may use `digest`: a record for its tenant or a shared one
@@ -154,21 +138,7 @@ pub(crate) async fn usable(
     scope: Scope,
     digest: &BlobDigest,
 ) -> Result<bool, ApiError> {
-    Ok(match scope {
-        Scope::All => !state
-            .store()
-            .list(&keys::blob_prefix(digest))
-            .await?
-            .is_empty(),
-        Scope::Tenant(t) => {
-            get_json::<Blob>(state.store(), &keys::blob(digest, Some(t)))
-                .await?
-                .is_some()
-                || get_json::<Blob>(state.store(), &keys::blob(digest, None))
-                    .await?
-                    .is_some()
-        }
-    })
+    Ok(state.control().blob_usable(scope, digest).await?)
 }
 
 /// Downloads a blob. Agents fetch the files of the images they boot; members

@@ -9,7 +9,6 @@ use model::api::{DescriptorUpload, Problem, StoredDescriptor};
 use model::Role;
 
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{keys, list_json, now_ms, to_bytes};
 
 /// The descriptor size limit, checked (O(1)) before the body takes a CPU permit, so
 /// that it is a 413. The depth pre-scan, a pass over up to 256 KiB, runs first thing
@@ -48,16 +47,9 @@ async fn store(
     text: String,
 ) -> Result<(StatusCode, Json<StoredDescriptor>), ApiError> {
     let tenant = crate::routes::tenants::write_tenant(state, caller, None).await?;
-    let d = StoredDescriptor {
-        id,
-        kind: kind.to_owned(),
-        tenant,
-        descriptor: text,
-        created_at: now_ms(),
-    };
-    state
-        .store()
-        .put(&keys::descriptor(kind, tenant, &d.id), to_bytes(&d)?)
+    let d = state
+        .control()
+        .put_descriptor(tenant, kind, id, text)
         .await?;
     Ok((StatusCode::CREATED, Json(d)))
 }
@@ -67,14 +59,7 @@ async fn list_kind(
     scope: Scope,
     kind: &str,
 ) -> Result<Vec<StoredDescriptor>, ApiError> {
-    Ok(
-        list_json::<StoredDescriptor>(state.store(), &keys::descriptors(kind))
-            .await?
-            .into_iter()
-            .map(|(d, _)| d)
-            .filter(|d| scope.sees(d.tenant))
-            .collect(),
-    )
+    Ok(state.control().descriptors(scope, kind).await?)
 }
 
 /// Validates and stores a VNFD (replacing one with the same descriptor id). The

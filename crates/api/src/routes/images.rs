@@ -4,13 +4,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use model::api::{CreateImage, Problem};
-use model::{Image, ImageId, Role, Vm};
-use store::{Revision, StoreError};
+use model::{Image, Role};
+use store::Revision;
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{insert_named, keys, list_json, now_ms, remove_named};
 
 /// Creates an image from files in the image store (`POST /v1/blobs`), named by
 /// digest. A member's image belongs to its tenant; an admin's is public unless the
@@ -34,42 +33,10 @@ pub(crate) async fn create_image(
         (Scope::All, None) => None,
         (_, tenant) => Some(write_tenant(&state, &caller, tenant.as_ref()).await?),
     };
-    // Every file must be in the image store for the caller: a tenant names only
-    // its own uploads and the shared ones.
-    for (field, digest) in [
-        ("kernel", &blobs.kernel),
-        ("initrd", &blobs.initrd),
-        ("disk_template", &blobs.disk_template),
-    ] {
-        if let Some(d) = digest {
-            if !crate::routes::blobs::usable(&state, scope, d).await? {
-                return Err(ApiError::Unprocessable(format!(
-                    "{field}: no blob {d} in the image store for this tenant (upload it with POST /v1/blobs)"
-                )));
-            }
-        }
-    }
-    let text = |d: Option<model::BlobDigest>| d.map(String::from);
-    let image = Image {
-        id: ImageId::new_random(),
-        tenant,
-        name,
-        kernel: text(blobs.kernel),
-        initrd: text(blobs.initrd),
-        disk_template: text(blobs.disk_template),
-        cmdline: body.cmdline,
-        disk_mib: body.disk_mib,
-        created_at: now_ms(),
-    };
-    insert_named(
-        state.store(),
-        keys::image(image.id),
-        keys::image_name(tenant, &image.name),
-        &image,
-        &image.id,
-        || format!("name: image {} already exists", image.name),
-    )
-    .await?;
+    let image = state
+        .control()
+        .create_image(scope, tenant, name, blobs, body.cmdline, body.disk_mib)
+        .await?;
     Ok((StatusCode::CREATED, Json(image)))
 }
 
@@ -118,39 +85,11 @@ pub(crate) async fn delete_image(
     AppPath(name): AppPath,
 ) -> Result<StatusCode, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "deleting an image")?;
-    let scope = caller.scope()?;
-    let (image, rev) = resolve(&state, scope, &name).await?;
-    if image.tenant.is_none() && scope != Scope::All {
-        return Err(ApiError::Forbidden(format!(
-            "image {} is public; only an admin may delete it",
-            image.name
-        )));
-    }
-    if let Some((vm, _)) = list_json::<Vm>(state.store(), keys::VMS)
-        .await?
-        .into_iter()
-        .find(|(vm, _)| vm.image == image.id)
-    {
-        return Err(ApiError::Conflict(format!(
-            "image {} is used by vm {}",
-            image.name, vm.name
-        )));
-    }
-    let res = remove_named(
-        state.store(),
-        keys::image(image.id),
-        keys::image_name(image.tenant, &image.name),
-        Some(rev),
-    )
-    .await;
-    match res {
-        Ok(_) => Ok(StatusCode::NO_CONTENT),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
-            "image {} changed concurrently, retry",
-            image.name
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    state
+        .control()
+        .delete_image(caller.scope()?, &name)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Finds an image by id or name as seen from `scope`.

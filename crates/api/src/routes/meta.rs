@@ -3,10 +3,9 @@
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use model::{Host, HostState, Image, Network, ObservedState, Role, TenantId, Vm};
+use model::{HostState, ObservedState, Role, TenantId, Vm};
 
 use crate::{ApiError, AppState, Caller, Scope};
-use control::records::{keys, list_json, now_ms};
 
 /// The OpenAPI document of this API.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", security(()),
@@ -59,18 +58,14 @@ fn count_vms<'a>(vms: impl Iterator<Item = &'a Vm>) -> Vec<(ObservedState, u64)>
 }
 
 async fn global_metrics(state: &AppState) -> Result<String, ApiError> {
-    let now = now_ms();
-    let timeout = state.heartbeat_timeout_ms();
     let (mut up, mut down) = (0u64, 0u64);
-    for (mut h, _) in list_json::<Host>(state.store(), keys::HOSTS).await? {
-        h.refresh_state(now, timeout);
+    for h in state.control().hosts().await? {
         match h.state {
             HostState::Up => up += 1,
             HostState::Down => down += 1,
         }
     }
-    let vms = list_json::<Vm>(state.store(), keys::VMS).await?;
-    let vms = count_vms(vms.iter().map(|(vm, _)| vm));
+    let vms = count_vms(state.control().vms(Scope::All).await?.iter());
     let hosts = [(HostState::Up, up), (HostState::Down, down)];
     let mut text = crate::metrics::render(&hosts, &vms, state.http());
     if let Some(c) = state.traffic() {
@@ -80,21 +75,18 @@ async fn global_metrics(state: &AppState) -> Result<String, ApiError> {
 }
 
 async fn tenant_metrics(state: &AppState, tenant: TenantId) -> Result<String, ApiError> {
-    let vms = list_json::<Vm>(state.store(), keys::VMS).await?;
-    let vms = count_vms(
-        vms.iter()
-            .map(|(vm, _)| vm)
-            .filter(|vm| vm.tenant == tenant),
-    );
-    let networks = list_json::<Network>(state.store(), keys::NETWORKS)
+    let vms = count_vms(state.control().vms(Scope::Tenant(tenant)).await?.iter());
+    let networks = state
+        .control()
+        .networks(Scope::Tenant(tenant))
+        .await?
+        .len();
+    let images = state
+        .control()
+        .images(Scope::Tenant(tenant))
         .await?
         .iter()
-        .filter(|(n, _)| n.tenant == tenant)
-        .count();
-    let images = list_json::<Image>(state.store(), keys::IMAGES)
-        .await?
-        .iter()
-        .filter(|(i, _)| i.tenant == Some(tenant))
+        .filter(|i| i.tenant == Some(tenant))
         .count();
     Ok(crate::metrics::render_tenant(
         &vms,
