@@ -473,12 +473,24 @@ impl Control {
                         if let Some(it) = m.items.get_mut(i) {
                             it.state = DrainItemState::Migrating;
                             it.migration = Some(mig.id);
+                            it.error = None;
                         }
                     })
                     .await?;
                 }
                 Ok(None) => {} // the VM changed under us: next step
                 Err(crate::MigrateStartError::Control(e)) => return Err(e),
+                // A host that missed a heartbeat (its agent restarting, a store member
+                // failing over) may be back in seconds: the item waits, saying why, and
+                // the drain goes on when it is; an operator who knows better cancels.
+                Err(e @ crate::MigrateStartError::SourceDown { .. }) => {
+                    let why = format!("waiting: {e}");
+                    if item.error.as_deref() != Some(why.as_str()) {
+                        tracing::warn!(vm = %item.vm_name, "drain waits: {e}");
+                        self.set_item(id, i, DrainItemState::Pending, Some(why))
+                            .await?;
+                    }
+                }
                 Err(e) => {
                     let why = format!(
                         "vm {} could not move: {e}; VMs already moved stay on their new hosts",

@@ -271,3 +271,46 @@ async fn only_the_elected_driver_moves_drains_and_a_deposed_one_stops() {
         .expect("the first driver never led again");
     one.shutdown().await;
 }
+
+/// A drained host that misses its heartbeats (an agent restarting, a store member failing
+/// over) makes the drain wait, saying why, not fail; it goes on when the host is back.
+#[tokio::test]
+async fn a_drain_waits_for_a_source_host_that_missed_its_heartbeats() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    for h in ["h1", "h2"] {
+        host(store.as_ref(), h).await;
+    }
+    vm(store.as_ref(), TenantId::new_random(), "a", "h1").await;
+    let c = Control::new(store.clone(), 6_000);
+    let session = c
+        .enter_maintenance(&n("h1"), None, "heat", false)
+        .await
+        .unwrap();
+    let sid = session.id.to_string();
+    // h1's last heartbeat is now an hour old.
+    let key = control::records::keys::host(&n("h1"));
+    let (mut h1, _) = control::records::get_json::<Host>(store.as_ref(), &key)
+        .await
+        .unwrap()
+        .unwrap();
+    h1.last_heartbeat = control::now_ms() - 3_600_000;
+    put(store.as_ref(), &key, &h1).await;
+    let d = Driver::start(c.clone(), fast(), Tasks::default());
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (m, _) = c.maintenance_session(&sid).await.unwrap();
+        if m.items[0].error.as_deref() == Some("waiting: host h1 is down") {
+            assert_eq!(m.state, MaintenanceState::Draining);
+            break;
+        }
+        assert!(Instant::now() < end, "the drain did not wait: {m:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h1.last_heartbeat = control::now_ms();
+    put(store.as_ref(), &key, &h1).await;
+    let mig = migration_of(&c, &sid, 0).await;
+    assert!(!mig.is_empty());
+    let (m, _) = c.maintenance_session(&sid).await.unwrap();
+    assert_eq!(m.items[0].error, None, "{m:?}");
+    d.shutdown().await;
+}
