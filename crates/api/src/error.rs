@@ -362,6 +362,17 @@ impl From<control::ImageError> for ApiError {
     }
 }
 
+impl From<control::NsError> for ApiError {
+    fn from(e: control::NsError) -> Self {
+        use control::NsError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e @ E::NoSuchVnf { .. } => ApiError::Unprocessable(e.to_string()),
+            e => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.problem();

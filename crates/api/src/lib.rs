@@ -133,9 +133,6 @@ struct Inner {
     limiter: Option<limits::Limiter>,
     /// Where CPU-heavy request work runs.
     cpu: limits::CpuPool,
-    /// Jobs started by requests (NS work); the operation driver owns them once the
-    /// server runs.
-    jobs: control::Tasks,
     /// This server's name among the servers of its store.
     server_id: String,
 }
@@ -168,7 +165,6 @@ impl AppState {
                 ca: std::sync::OnceLock::new(),
                 limiter: config.rate_limit.map(limits::Limiter::new),
                 cpu: limits::CpuPool::new(config.cpu_jobs),
-                jobs: control::Tasks::default(),
                 server_id: config
                     .server_id
                     .clone()
@@ -253,10 +249,6 @@ impl AppState {
 
     pub(crate) fn cpu(&self) -> &limits::CpuPool {
         &self.inner.cpu
-    }
-
-    pub(crate) fn jobs(&self) -> &control::Tasks {
-        &self.inner.jobs
     }
 
     /// This server's name among the servers of its store.
@@ -347,7 +339,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         "http"
     };
     let _ = state.inner.self_url.set(format!("{scheme}://{own}"));
-    routes::ns_instances::recover(&state).await;
+    state.control().recover_ns(state.server_id()).await;
     let app = router(state.clone());
     let switches = match (config.vswitch_listen, state.traffic().cloned()) {
         (Some(at), Some(ctrl)) => {
@@ -384,7 +376,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
             lease: config.election_lease,
             ..defaults
         },
-        state.jobs().clone(),
+        state.control().jobs().clone(),
     );
     let switch_server = async move {
         if let Some((l, ctrl)) = switches {

@@ -11,8 +11,8 @@
 //! watcher) and stops them on shutdown.
 #![warn(missing_docs)]
 
-pub mod driver;
 mod descriptors;
+pub mod driver;
 mod error;
 mod hosts;
 mod images;
@@ -20,6 +20,7 @@ pub mod ledger;
 mod maintenance;
 mod migrations;
 pub mod networks;
+pub mod ns;
 pub mod operations;
 pub mod records;
 pub mod storage;
@@ -37,6 +38,7 @@ pub use images::ImageError;
 pub use maintenance::{plan_drain, DrainPlanError, MaintenanceError};
 pub use migrations::{MigrateStartError, MigrationReportError};
 pub use networks::{NetworkDeleteError, NicError};
+pub use ns::NsError;
 pub use operations::CancelError;
 pub use records::now_ms;
 pub use storage::StorageError;
@@ -66,6 +68,8 @@ impl Scope {
 pub struct Control {
     store: Arc<dyn Store>,
     heartbeat_timeout_ms: u64,
+    /// Jobs started by requests (NS work); the operation driver stops them with itself.
+    jobs: Tasks,
 }
 
 impl std::fmt::Debug for Control {
@@ -83,7 +87,13 @@ impl Control {
         Self {
             store,
             heartbeat_timeout_ms,
+            jobs: Tasks::default(),
         }
+    }
+
+    /// Where request-started jobs run.
+    pub fn jobs(&self) -> &Tasks {
+        &self.jobs
     }
 
     /// The store.

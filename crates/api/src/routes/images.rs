@@ -85,10 +85,7 @@ pub(crate) async fn delete_image(
     AppPath(name): AppPath,
 ) -> Result<StatusCode, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "deleting an image")?;
-    state
-        .control()
-        .delete_image(caller.scope()?, &name)
-        .await?;
+    state.control().delete_image(caller.scope()?, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -76,11 +76,7 @@ async fn global_metrics(state: &AppState) -> Result<String, ApiError> {
 
 async fn tenant_metrics(state: &AppState, tenant: TenantId) -> Result<String, ApiError> {
     let vms = count_vms(state.control().vms(Scope::Tenant(tenant)).await?.iter());
-    let networks = state
-        .control()
-        .networks(Scope::Tenant(tenant))
-        .await?
-        .len();
+    let networks = state.control().networks(Scope::Tenant(tenant)).await?.len();
     let images = state
         .control()
         .images(Scope::Tenant(tenant))

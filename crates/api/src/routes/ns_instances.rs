@@ -17,38 +17,20 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use model::api::{
-    CreateNsInstance, NsInstanceRecord, NsState, NsVnfStatus, Problem, ScaleDirection,
-    ScaleNsInstance, SiteSpec, StoredDescriptor,
+    CreateNsInstance, NsInstanceRecord, NsState, NsVnfStatus, Problem, ScaleNsInstance, SiteSpec,
 };
-use model::{Image, Role, TenantId};
+use model::{Role, TenantId};
 use nfv::driver::SiteDriver;
-use nfv::ns::{NsExecutor, Progress};
-use store::{Revision, StoreError};
+use store::Revision;
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
-use control::records::{
-    insert_named, keys, list_json, now_ms, remove_named, resolve_named, to_bytes,
-};
+use control::records::now_ms;
 
 // Long enough for a TCG guest that is still booting to bring its CP up; a peer that never
 // answers still fails with a reason after it.
 const DEFAULT_LINK_DEADLINE_MS: u64 = 30_000;
-
-fn ns_key(id: uuid::Uuid) -> String {
-    format!("{}{id}", keys::NS_INSTANCES)
-}
-
-/// What a record's background task is doing, if it has one.
-fn busy(state: NsState) -> Option<&'static str> {
-    match state {
-        NsState::Instantiating => Some("instantiating"),
-        NsState::Terminating => Some("terminating"),
-        NsState::Scaling => Some("scaling"),
-        NsState::Instantiated | NsState::Failed => None,
-    }
-}
 
 fn redacted(mut r: NsInstanceRecord) -> NsInstanceRecord {
     r.sites = r
@@ -132,27 +114,10 @@ pub(crate) async fn create(
         created_at: now_ms(),
         runner: Some(state.server_id().to_owned()),
     };
-    insert_named(
-        state.store(),
-        ns_key(id),
-        keys::ns_name(tenant, &name),
-        &rec,
-        &id,
-        || format!("name: ns instance {name} already exists"),
-    )
-    .await?;
-    tracing::info!(ns = %name, %id, sites = ?sites, "instantiating network service");
-    let deadline = Duration::from_millis(rec.link_deadline_ms);
-    state.jobs().spawn(
-        format!("instantiate ns {name}"),
-        run_instantiate(
-            state.clone(),
-            rec.clone(),
-            plan,
-            NsExecutor::new(drivers, deadline),
-            endpoints,
-        ),
-    );
+    let rec = state
+        .control()
+        .instantiate_ns(rec, plan, drivers, endpoints)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
 }
 
@@ -164,14 +129,13 @@ pub(crate) async fn list(
     caller: Caller,
 ) -> Result<Json<Vec<NsInstanceRecord>>, ApiError> {
     caller.require(&[Role::Admin, Role::Member], "listing network services")?;
-    let scope = caller.scope()?;
-    let mut out: Vec<NsInstanceRecord> =
-        list_json::<NsInstanceRecord>(state.store(), keys::NS_INSTANCES)
-            .await?
-            .into_iter()
-            .map(|(r, _)| redacted(r))
-            .filter(|r| scope.sees(r.tenant))
-            .collect();
+    let mut out: Vec<NsInstanceRecord> = state
+        .control()
+        .ns_instances(caller.scope()?)
+        .await?
+        .into_iter()
+        .map(redacted)
+        .collect();
     out.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
     Ok(Json(out))
 }
@@ -226,86 +190,23 @@ pub(crate) async fn delete(
         "terminating a network service",
     )?;
     let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
-    let (mut rec, rev) = resolve(&state, caller.scope()?, &name).await?;
-    if let Some(doing) = busy(rec.state) {
-        return Err(ApiError::Conflict(format!(
-            "ns instance {} is {doing}; wait for it to finish",
-            rec.name
-        )));
-    }
+    let scope = caller.scope()?;
     if q.forget {
-        if rec.state != NsState::Failed {
-            return Err(ApiError::Conflict(format!(
-                "forget: ns instance {} is not failed; terminate it (DELETE without forget)",
-                rec.name
-            )));
-        }
-        let id: uuid::Uuid = rec
-            .id
-            .parse()
-            .map_err(|e| ApiError::internal("stored ns instance id", e))?;
-        return match remove_record(&state, id, &rec, Some(rev)).await {
-            Ok(_) => {
-                tracing::warn!(ns = %rec.name, "ns instance forgotten without terminate");
-                Ok(StatusCode::NO_CONTENT.into_response())
-            }
-            Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
-                "ns instance {} changed concurrently, retry",
-                rec.name
-            ))),
-            Err(e) => Err(e.into()),
-        };
+        state.control().forget_ns(scope, &name).await?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let plan: nfv::plan::NsPlan = serde_json::from_value(rec.plan.clone())
-        .map_err(|e| ApiError::internal(format!("decoding the plan of {}", rec.name), e))?;
+    let (rec, _) = resolve(&state, scope, &name).await?;
     let token = crate::extract::bearer(&headers)
         .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
         .to_owned();
     let drivers = build_drivers(&state, &caller, rec.tenant, &rec.sites, &token).await?;
-    rec.state = NsState::Terminating;
-    rec.error = None;
-    rec.runner = Some(state.server_id().to_owned());
-    let id: uuid::Uuid = rec
-        .id
-        .parse()
-        .map_err(|e| ApiError::internal("stored ns instance id", e))?;
-    match state
-        .store()
-        .cas(&ns_key(id), Some(rev), to_bytes(&rec)?)
-        .await
-    {
-        Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => {
-            return Err(ApiError::Conflict(format!(
-                "ns instance {} changed concurrently, retry",
-                rec.name
-            )))
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let executor = NsExecutor::new(drivers, Duration::from_millis(rec.link_deadline_ms));
-    let (st, r) = (state.clone(), rec.clone());
-    state
-        .jobs()
-        .spawn(format!("terminate ns {}", rec.name), async move {
-            match executor.terminate(&plan).await {
-                Ok(()) => match remove_record(&st, id, &r, None).await {
-                    Ok(_) => tracing::info!(ns = %r.name, "network service terminated"),
-                    Err(e) => tracing::error!(ns = %r.name, error = %e, "cannot remove the record"),
-                },
-                Err(e) => {
-                    let mut r = r;
-                    r.state = NsState::Failed;
-                    r.error = Some(format!("terminate: {}", model::error_chain(&e)));
-                    save(&st, id, &r).await;
-                }
-            }
-        });
+    let rec = state
+        .control()
+        .terminate_ns(scope, &name, state.server_id(), drivers)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(redacted(rec))).into_response())
 }
 
-/// Scales one VNF of an instantiated NS out or in by one VDU (202; the state is
-/// `scaling` until done; a failed scale-out is undone and reported in `error`).
 #[utoipa::path(post, path = "/v1/ns-instances/{name}/scale", operation_id = "scale_ns_instance", tag = "nfv", request_body = ScaleNsInstance,
     params(("name" = String, Path, description = "instance name or id")),
     responses(
@@ -322,223 +223,24 @@ pub(crate) async fn scale(
     AppJson(body): AppJson<ScaleNsInstance>,
 ) -> Result<(StatusCode, Json<NsInstanceRecord>), ApiError> {
     caller.require(&[Role::Admin, Role::Member], "scaling a network service")?;
-    let (mut rec, rev) = resolve(&state, caller.scope()?, &name).await?;
-    if rec.state != NsState::Instantiated {
-        return Err(ApiError::Conflict(format!(
-            "ns instance {} is {}; only an instantiated NS scales",
-            rec.name,
-            busy(rec.state).unwrap_or("failed")
-        )));
-    }
-    if !rec.vnfs.iter().any(|v| v.vnf == body.vnf) {
-        return Err(ApiError::Unprocessable(format!(
-            "vnf: ns instance {} has no VNF {}",
-            rec.name, body.vnf
-        )));
-    }
-    let inst = nfv::ns::NsInstance {
-        plan: serde_json::from_value(rec.plan.clone())
-            .map_err(|e| ApiError::internal(format!("decoding the plan of {}", rec.name), e))?,
-        cps: serde_json::from_value(rec.cps.clone()).unwrap_or_default(),
-        links: Vec::new(),
-        elapsed_ms: rec.elapsed_ms.unwrap_or(0),
-    };
+    let scope = caller.scope()?;
+    let (rec, _) = resolve(&state, scope, &name).await?;
     let token = crate::extract::bearer(&headers)
         .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
         .to_owned();
     let drivers = build_drivers(&state, &caller, rec.tenant, &rec.sites, &token).await?;
-    let id: uuid::Uuid = rec
-        .id
-        .parse()
-        .map_err(|e| ApiError::internal("stored ns instance id", e))?;
-    rec.state = NsState::Scaling;
-    rec.error = None;
-    rec.runner = Some(state.server_id().to_owned());
-    match state
-        .store()
-        .cas(&ns_key(id), Some(rev), to_bytes(&rec)?)
-        .await
-    {
-        Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => {
-            return Err(ApiError::Conflict(format!(
-                "ns instance {} changed concurrently, retry",
-                rec.name
-            )))
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let executor = NsExecutor::new(drivers, Duration::from_millis(rec.link_deadline_ms));
-    let (st, mut r) = (state.clone(), rec.clone());
-    state
-        .jobs()
-        .spawn(format!("scale ns {}", rec.name), async move {
-            let mut inst = inst;
-            let out = body.direction == ScaleDirection::Out;
-            let word = if out { "out" } else { "in" };
-            match executor.scale(&mut inst, &body.vnf, out).await {
-                Ok(vdu) => {
-                    tracing::info!(ns = %r.name, vnf = body.vnf, vdu, "scaled {word}");
-                    if let Ok(p) = serde_json::to_value(&inst.plan) {
-                        r.plan = p;
-                    }
-                    r.cps = serde_json::to_value(&inst.cps).unwrap_or_default();
-                    r.vnf_instances = r
-                        .vnfs
-                        .iter()
-                        .filter_map(|v| inst.vnf_instance_sol003(&v.vnf))
-                        .collect();
-                }
-                Err(e) => {
-                    r.error = Some(format!(
-                        "scale {word} of {} failed (nothing changed): {}",
-                        body.vnf,
-                        model::error_chain(&e)
-                    ));
-                }
-            }
-            r.state = NsState::Instantiated;
-            save(&st, id, &r).await;
-        });
+    let rec = state
+        .control()
+        .scale_ns(
+            scope,
+            &name,
+            body.vnf,
+            body.direction,
+            state.server_id(),
+            drivers,
+        )
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
-}
-
-/// Marks instances a previous server process left mid-way as failed: their tasks died
-/// with it. Their plans are stored, so `DELETE` cleans up every site.
-pub(crate) async fn recover(state: &AppState) {
-    let recs = match list_json::<NsInstanceRecord>(state.store(), keys::NS_INSTANCES).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot list ns instances");
-            return;
-        }
-    };
-    for (mut r, _) in recs {
-        // Another server's work is that server's to declare interrupted.
-        if r.runner.as_deref().is_some_and(|x| x != state.server_id()) {
-            continue;
-        }
-        if let Some(doing) = busy(r.state) {
-            let Ok(id) = r.id.parse::<uuid::Uuid>() else {
-                continue;
-            };
-            // A VDU being added by an interrupted scale-out is not in the stored plan yet:
-            // the message says so rather than promising a clean DELETE.
-            let extra = if r.state == NsState::Scaling {
-                " (a VDU being added may remain on its site)"
-            } else {
-                ""
-            };
-            r.error = Some(format!(
-                "interrupted by a server restart while {doing}; DELETE it to remove what was made{extra}"
-            ));
-            r.state = NsState::Failed;
-            save(state, id, &r).await;
-        }
-    }
-}
-
-/// Deletes a record and its name index (if it is still at `rev`, when given).
-async fn remove_record(
-    state: &AppState,
-    id: uuid::Uuid,
-    rec: &NsInstanceRecord,
-    rev: Option<Revision>,
-) -> Result<Revision, StoreError> {
-    remove_named(
-        state.store(),
-        ns_key(id),
-        keys::ns_name(rec.tenant, &rec.name),
-        rev,
-    )
-    .await
-}
-
-async fn save(state: &AppState, id: uuid::Uuid, rec: &NsInstanceRecord) {
-    let res = match to_bytes(rec) {
-        Ok(b) => state.store().put(&ns_key(id), b).await.map(drop),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot encode an ns instance");
-            return;
-        }
-    };
-    if let Err(e) = res {
-        tracing::error!(ns = %rec.name, error = %e, "cannot save ns instance progress");
-    }
-}
-
-/// The background half of `POST`: runs the executor, folding its progress into the
-/// stored record as it comes (one writer: this task).
-async fn run_instantiate(
-    state: AppState,
-    rec: NsInstanceRecord,
-    plan: nfv::plan::NsPlan,
-    executor: NsExecutor,
-    endpoints: BTreeMap<String, std::net::SocketAddr>,
-) {
-    let Ok(id) = rec.id.parse::<uuid::Uuid>() else {
-        return;
-    };
-    let rec = Arc::new(tokio::sync::Mutex::new(rec));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-    let writer = {
-        let (state, rec) = (state.clone(), rec.clone());
-        tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
-                let mut r = rec.lock().await;
-                match p {
-                    Progress::VnfReady { vnf, ms, .. } => {
-                        if let Some(v) = r.vnfs.iter_mut().find(|v| v.vnf == vnf) {
-                            v.state = "ready".into();
-                            v.ready_ms = Some(ms);
-                        }
-                    }
-                    Progress::Link(l) => {
-                        if let Ok(v) = serde_json::to_value(&l) {
-                            r.links.retain(|x| x["link"] != v["link"]);
-                            r.links.push(v);
-                        }
-                    }
-                    Progress::NetworksReady { .. } | Progress::RollingBack => continue,
-                }
-                save(&state, id, &r).await;
-            }
-        })
-    };
-    let progress = move |p: Progress| {
-        let _ = tx.send(p);
-    };
-    let result = executor.instantiate(&plan, &endpoints, &progress).await;
-    drop(progress);
-    let _ = writer.await;
-    let mut r = rec.lock().await;
-    match result {
-        Ok(inst) => {
-            r.state = NsState::Instantiated;
-            r.elapsed_ms = Some(inst.elapsed_ms);
-            r.cps = serde_json::to_value(&inst.cps).unwrap_or_default();
-            r.links = inst
-                .links
-                .iter()
-                .filter_map(|l| serde_json::to_value(l).ok())
-                .collect();
-            r.vnf_instances = r
-                .vnfs
-                .iter()
-                .filter_map(|v| inst.vnf_instance_sol003(&v.vnf))
-                .collect();
-            tracing::info!(ns = %r.name, ms = inst.elapsed_ms, "network service instantiated");
-        }
-        Err(e) => {
-            r.state = NsState::Failed;
-            r.error = Some(model::error_chain(&e));
-            for v in &mut r.vnfs {
-                v.state = "rolled_back".into();
-            }
-            tracing::warn!(ns = %r.name, error = %model::error_chain(&e), "network service failed");
-        }
-    }
-    save(&state, id, &r).await;
 }
 
 pub(crate) async fn resolve(
@@ -546,51 +248,21 @@ pub(crate) async fn resolve(
     scope: Scope,
     s: &str,
 ) -> Result<(NsInstanceRecord, Revision), ApiError> {
-    resolve_named::<uuid::Uuid, NsInstanceRecord>(
-        state.store(),
-        scope,
-        s,
-        "ns instance",
-        keys::NS_NAMES,
-        ns_key,
-        |r| r.tenant,
-    )
-    .await
-    .map_err(ApiError::from)
+    Ok(state.control().ns_instance(scope, s).await?)
 }
 
-/// The text of the tenant's stored NSD `id` and of every stored VNFD it may import.
 async fn load_nsd(
     state: &AppState,
     tenant: TenantId,
     id: &str,
 ) -> Result<(String, Vec<String>), ApiError> {
-    let mine = |kind: &'static str| async move {
-        Ok::<_, ApiError>(
-            list_json::<StoredDescriptor>(state.store(), &keys::descriptors(kind))
-                .await?
-                .into_iter()
-                .map(|(d, _)| d)
-                .filter(|d| d.tenant == tenant)
-                .collect::<Vec<_>>(),
-        )
-    };
-    let vnfds = mine("vnfd")
+    state
+        .control()
+        .nsd_texts(tenant, id)
         .await?
-        .into_iter()
-        .map(|d| d.descriptor)
-        .collect();
-    let text = mine("nsd")
-        .await?
-        .into_iter()
-        .find(|d| d.id == id)
-        .ok_or_else(|| ApiError::Unprocessable(format!("nsd: no NSD named {id}")))?
-        .descriptor;
-    Ok((text, vnfds))
+        .ok_or_else(|| ApiError::Unprocessable(format!("nsd: no NSD named {id}")))
 }
 
-/// Validates the stored NSD `id` against the stored VNFDs (CPU-heavy: run it in the
-/// CPU pool).
 fn validate_nsd(
     id: &str,
     text: &str,
@@ -629,10 +301,12 @@ async fn build_drivers(
     // of the API (and so found for admins only).
     let link_addrs: BTreeMap<String, String> =
         if sites.values().any(|s| matches!(s, SiteSpec::Vinfra { .. })) {
-            list_json::<model::Host>(state.store(), keys::HOSTS)
+            state
+                .control()
+                .hosts()
                 .await?
                 .into_iter()
-                .filter_map(|(h, _)| Some((h.name.to_string(), h.link_addr?)))
+                .filter_map(|h| Some((h.name.to_string(), h.link_addr?)))
                 .collect()
         } else {
             BTreeMap::new()
@@ -667,11 +341,11 @@ async fn build_drivers(
                 // files from this server's image store (libvirtd runs beside it: its
                 // domain XML names local files). Images from before the store are left out.
                 let blobs = state.blobs().ok_or(ApiError::ImageStoreOff)?;
-                let images = list_json::<Image>(state.store(), keys::IMAGES)
+                let images = state
+                    .control()
+                    .images(Scope::Tenant(tenant))
                     .await?
                     .into_iter()
-                    .map(|(i, _)| i)
-                    .filter(|i| i.tenant.is_none_or(|t| t == tenant))
                     .filter_map(|i| {
                         let files = i.blobs().ok()?;
                         Some((
