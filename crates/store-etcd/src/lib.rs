@@ -42,7 +42,8 @@
 //!   to a member that is up (measured: the HA test kills one member of three in
 //!   the middle of a drain). Writes are not retried: a write cut off mid-flight
 //!   has an unknown outcome, and only the caller knows whether re-sending it is
-//!   safe (a retried `cas`/`txn` fails with `Conflict` if the first one landed; a
+//!   safe — except a write whose connection could not even be made (a killed
+//!   member refusing it), which is sent again the same way (a retried `cas`/`txn` fails with `Conflict` if the first one landed; a
 //!   retried `put` simply writes again).
 //! - With several endpoints the client balances requests over the reachable
 //!   ones (tonic's balanced channel); only the single-member case is tested.
@@ -252,6 +253,39 @@ async fn call<T>(
     }
 }
 
+/// Whether a failed call never reached etcd: the connection to the member it was sent
+/// to could not be made. Only then is a write safe to send again.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        _ => false,
+    }
+}
+
+/// A write with [`REQUEST_TIMEOUT`], sent again (to another member, the channel
+/// balances) only when it could not be sent at all ([`never_sent`]): a killed member
+/// refuses connections until the channel drops it.
+async fn write<T, F, Fut>(context: impl Fn() -> String, mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match tokio::time::timeout(REQUEST_TIMEOUT, attempt()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if never_sent(&e) && tries < READ_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => return Err(StoreError::backend(context(), e)),
+            Err(_) => return Err(StoreError::backend(context(), Timeout(REQUEST_TIMEOUT))),
+        }
+    }
+}
+
 /// How many times a read is tried before its error is returned.
 pub const READ_ATTEMPTS: u32 = 3;
 
@@ -292,10 +326,13 @@ impl Store for EtcdStore {
 
     async fn put(&self, key: &str, value: Bytes) -> Result<Revision, StoreError> {
         validate_key(key)?;
-        let mut kv = self.kv.clone();
-        let resp = call(
+        let (full, value) = (self.full(key), value.to_vec());
+        let resp = write(
             || format!("cannot put {key} to etcd"),
-            kv.put(self.full(key), value.to_vec(), None),
+            || {
+                let (mut kv, full, value) = (self.kv.clone(), full.clone(), value.clone());
+                async move { kv.put(full, value, None).await }
+            },
         )
         .await?;
         header_revision(resp.header())
@@ -303,10 +340,13 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         validate_key(key)?;
-        let mut kv = self.kv.clone();
-        let resp = call(
+        let full = self.full(key);
+        let resp = write(
             || format!("cannot delete {key} from etcd"),
-            kv.delete(self.full(key), None),
+            || {
+                let (mut kv, full) = (self.kv.clone(), full.clone());
+                async move { kv.delete(full, None).await }
+            },
         )
         .await?;
         Ok(resp.deleted() > 0)
@@ -322,8 +362,14 @@ impl Store for EtcdStore {
         let txn = Txn::new()
             .when([self.compare(key, expect)])
             .and_then([EtcdTxnOp::put(self.full(key), value.to_vec(), None)]);
-        let mut kv = self.kv.clone();
-        let resp = call(|| format!("cannot cas {key} on etcd"), kv.txn(txn)).await?;
+        let resp = write(
+            || format!("cannot cas {key} on etcd"),
+            || {
+                let (mut kv, txn) = (self.kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            },
+        )
+        .await?;
         if resp.succeeded() {
             header_revision(resp.header())
         } else {
@@ -371,10 +417,13 @@ impl Store for EtcdStore {
             .map(|c| EtcdTxnOp::get(self.full(c.key()), Some(GetOptions::new().with_keys_only())))
             .collect();
         let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
-        let mut kv = self.kv.clone();
-        let resp = call(
+        
+        let resp = write(
             || "cannot run a transaction on etcd".to_owned(),
-            kv.txn(txn),
+            || {
+                let (mut kv, txn) = (self.kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            },
         )
         .await?;
         if resp.succeeded() {
