@@ -386,6 +386,10 @@ impl ComputeDriver for QemuDriver {
         "qemu"
     }
 
+    fn pidfile(&self, run_dir: &Path) -> PathBuf {
+        run_dir.join(files::PID)
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<VmRuntime, ComputeError> {
         self.launch(spec, None).await
     }
@@ -896,7 +900,8 @@ fn invalid(spec: &VmSpec, reason: impl Into<String>) -> ComputeError {
     }
 }
 
-fn validate(spec: &VmSpec) -> Result<(), ComputeError> {
+/// Checks a spec the way QEMU would refuse it (the sim driver refuses the same specs).
+pub(crate) fn validate(spec: &VmSpec) -> Result<(), ComputeError> {
     let id_ok = !spec.id.is_empty()
         && spec.id.len() <= 64
         && spec
