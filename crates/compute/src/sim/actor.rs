@@ -112,8 +112,21 @@ enum IoDone {
 type IoJob = JoinHandle<(SimDisk, IoDone)>;
 type IncomingJob = JoinHandle<Result<(Switchover, Arrived), String>>;
 
+/// Sets the disk's cancel flag when the actor ends, also when its task is aborted (the
+/// driver dropped): a disk request waiting to reconnect then gives up.
+struct CancelOnDrop(Option<std::sync::Arc<std::sync::atomic::AtomicBool>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 struct Actor {
     cfg: ActorConfig,
+    _cancel: CancelOnDrop,
     disk: Option<SimDisk>,
     console: Option<std::fs::File>,
     mem: GuestMemory,
@@ -152,6 +165,7 @@ pub(crate) fn spawn(
     let disk = cfg.disk.take();
     let actor = Actor {
         cfg,
+        _cancel: CancelOnDrop(disk.as_ref().and_then(SimDisk::cancel)),
         disk,
         console,
         mem: GuestMemory::default(),

@@ -4,16 +4,19 @@
 //! it serves a real one.
 //!
 //! Blocking (std sockets and files): the VM actor runs every call in `spawn_blocking`.
-//! NBD connections are re-established for up to [`NBD_RECONNECT_DELAY_S`] like QEMU's
-//! `reconnect-delay`, so a guest rides through an agent restart.
+//! A lost NBD connection is re-established for up to [`NBD_RECONNECT_DELAY_S`] like
+//! QEMU's `reconnect-delay`, so a guest rides through an agent restart; the wait ends
+//! early when the VM is gone ([`SimDisk::cancel`]), so that no thread outlives it.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nbd::client::ClientOptions;
-use nbd::{NbdAddr, NbdClient, ReconnectPolicy, ReconnectingClient};
+use nbd::{NbdAddr, NbdClient, NbdError};
 
 use crate::qemu::NBD_RECONNECT_DELAY_S;
 use crate::DiskTarget;
@@ -27,8 +30,10 @@ pub(crate) enum SimDisk {
         addr: NbdAddr,
         /// The export.
         export: String,
-        /// Connected on first use.
-        client: Option<Box<ReconnectingClient>>,
+        /// Connected on first use, and again after a loss.
+        client: Option<Box<NbdClient>>,
+        /// Set when the VM is gone: stop retrying.
+        cancel: Arc<AtomicBool>,
     },
     /// A raw image file.
     File {
@@ -62,6 +67,7 @@ impl SimDisk {
                 addr,
                 export,
                 client: None,
+                cancel: Arc::new(AtomicBool::new(false)),
             },
             None => match target {
                 DiskTarget::File(p) => SimDisk::File {
@@ -100,25 +106,63 @@ impl SimDisk {
         }
     }
 
-    fn nbd(&mut self) -> Result<&mut ReconnectingClient, String> {
+    /// A flag that, once set, ends this disk's reconnect waits (the VM is gone).
+    pub(crate) fn cancel(&self) -> Option<Arc<AtomicBool>> {
+        match self {
+            SimDisk::Nbd { cancel, .. } => Some(cancel.clone()),
+            SimDisk::File { .. } => None,
+        }
+    }
+
+    /// Runs `op` on the NBD connection, reconnecting with backoff while the server is
+    /// unreachable (or up without the export yet), until the deadline or cancellation.
+    fn with_nbd<T>(
+        &mut self,
+        mut op: impl FnMut(&mut NbdClient) -> Result<T, NbdError>,
+    ) -> Result<T, String> {
         let SimDisk::Nbd {
             addr,
             export,
             client,
+            cancel,
         } = self
         else {
             return Err("not an nbd disk".into());
         };
-        if client.is_none() {
-            let policy = ReconnectPolicy {
-                deadline: Duration::from_secs(u64::from(NBD_RECONNECT_DELAY_S)),
-                ..ReconnectPolicy::default()
+        let deadline = Duration::from_secs(u64::from(NBD_RECONNECT_DELAY_S));
+        let mut first_failure: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let err = match client.as_mut() {
+                Some(c) => match op(c) {
+                    Ok(v) => return Ok(v),
+                    Err(e) if e.is_connection_error() => {
+                        *client = None;
+                        e
+                    }
+                    Err(e) => return Err(e.to_string()),
+                },
+                None => match NbdClient::connect(addr, export) {
+                    Ok(c) => {
+                        *client = Some(Box::new(c));
+                        continue;
+                    }
+                    Err(e)
+                        if e.is_connection_error()
+                            || matches!(e, NbdError::ExportNotFound { .. }) =>
+                    {
+                        e
+                    }
+                    Err(e) => return Err(e.to_string()),
+                },
             };
-            let c = ReconnectingClient::connect(addr.clone(), export, policy)
-                .map_err(|e| format!("nbd {export}: {e}"))?;
-            *client = Some(Box::new(c));
+            let since = *first_failure.get_or_insert_with(Instant::now);
+            if cancel.load(Ordering::Relaxed) || since.elapsed() + backoff > deadline {
+                return Err(format!("nbd {export} at {addr}: {err}"));
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
-        Ok(client.as_mut().expect("connected above"))
     }
 
     fn file(&mut self) -> Result<&mut std::fs::File, String> {
@@ -139,7 +183,7 @@ impl SimDisk {
     /// The disk's size in bytes (attaching it first).
     pub(crate) fn size(&mut self) -> Result<u64, String> {
         match self {
-            SimDisk::Nbd { .. } => Ok(self.nbd()?.size()),
+            SimDisk::Nbd { .. } => self.with_nbd(|c| Ok(c.size())),
             SimDisk::File { .. } => self
                 .file()?
                 .metadata()
@@ -151,7 +195,7 @@ impl SimDisk {
     /// Reads `buf.len()` bytes at `off`.
     pub(crate) fn read(&mut self, buf: &mut [u8], off: u64) -> Result<(), String> {
         match self {
-            SimDisk::Nbd { .. } => self.nbd()?.read_at(buf, off).map_err(|e| e.to_string()),
+            SimDisk::Nbd { .. } => self.with_nbd(|c| c.read_at(buf, off)),
             SimDisk::File { .. } => {
                 let f = self.file()?;
                 f.seek(SeekFrom::Start(off))
@@ -165,10 +209,8 @@ impl SimDisk {
     pub(crate) fn write_durable(&mut self, data: &[u8], off: u64) -> Result<(), String> {
         match self {
             SimDisk::Nbd { .. } => {
-                let c = self.nbd()?;
-                c.write_at(data, off)
-                    .and_then(|()| c.flush())
-                    .map_err(|e| e.to_string())
+                self.with_nbd(|c| c.write_at(data, off))?;
+                self.with_nbd(NbdClient::flush)
             }
             SimDisk::File { .. } => {
                 let f = self.file()?;
@@ -185,7 +227,7 @@ impl SimDisk {
         match self {
             SimDisk::Nbd { client, .. } => {
                 if let Some(c) = client.take() {
-                    let _ = (*c).disconnect();
+                    let _ = c.disconnect();
                 }
             }
             SimDisk::File { file, .. } => *file = None,
