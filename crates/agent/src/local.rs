@@ -85,10 +85,6 @@ impl VmFiles {
     pub fn driver_id(&self) -> String {
         self.id.to_string()
     }
-    /// The hypervisor's pidfile (see `compute::qemu::files`).
-    pub fn pidfile(&self) -> PathBuf {
-        self.dir.join(compute::qemu::files::PID)
-    }
     /// The VM's cache directory.
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.join("cache")
@@ -244,7 +240,7 @@ pub async fn ensure_cache(
     Ok(cache)
 }
 
-/// Opens the cache, exports the disk through it and boots the VM.
+/// Opens the cache, exports the disk through it, plugs the NICs and boots the VM.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     driver: &dyn ComputeDriver,
@@ -253,13 +249,13 @@ pub async fn start(
     files: &VmFiles,
     a: &Assignment,
     accel: Accel,
-    uplink: Option<&netdev::Uplink>,
+    nics: netdev::Plumbing<'_>,
     vm: &mut LocalVm,
 ) -> Result<(), StartError> {
     let image = images.paths(&a.image).await?;
     let spec = vm_spec(files, a, &image, accel, disks.addr())?;
     let cache = ensure_cache(disks, files, a, &image, vm).await?;
-    netdev::plug(&files.dir, &a.vm.nics, uplink).await?;
+    nics.plug(&files.dir, &a.vm.nics).await?;
     disks.export(a.vm.id, &cache);
     driver.start(&spec).await?;
     Ok(())
@@ -272,7 +268,7 @@ pub async fn stop(
     files: &VmFiles,
     vm: &mut LocalVm,
 ) {
-    if vm.running || files.pidfile().exists() {
+    if vm.running || driver.pidfile(files.run_dir()).exists() {
         if let Err(e) = driver.stop(&files.driver_id()).await {
             tracing::warn!(vm = %files.driver_id(), error = %e, "stop failed");
         }
