@@ -574,6 +574,7 @@ impl Agent {
         for action in reconcile::plan(&wanted, &have) {
             self.execute(action, &specs).await;
         }
+        self.reattach_adopted(&specs).await;
         for (a, m) in &migrations {
             self.migration_step(a, m).await;
         }
@@ -678,6 +679,26 @@ impl Agent {
                 }
                 tracing::info!(vm = %id, "removed a vm no longer assigned to this host");
             }
+        }
+    }
+
+    /// Serves the disks of adopted VMs again: their hypervisors kept running through
+    /// the agent's restart, but the disk server (and the caches) restarted with it.
+    async fn reattach_adopted(&mut self, specs: &BTreeMap<VmId, model::api::Assignment>) {
+        for (id, a) in specs {
+            let Some(mut vm) = self.vms.remove(id) else {
+                continue;
+            };
+            if vm.running && vm.cache.is_none() {
+                let files = self.files(*id);
+                match local::reattach(&self.disks, &self.images, &files, a, &mut vm).await {
+                    Ok(()) => tracing::info!(vm = %id, "disk of an adopted vm served again"),
+                    Err(e) => {
+                        tracing::warn!(vm = %id, error = %model::error_chain(&e), "cannot serve the disk of an adopted vm")
+                    }
+                }
+            }
+            self.vms.insert(*id, vm);
         }
     }
 

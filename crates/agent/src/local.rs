@@ -261,6 +261,22 @@ pub async fn start(
     Ok(())
 }
 
+/// Serves the disk of a VM whose hypervisor this agent adopted (it kept running while
+/// the agent was down): reopens its cache, verifying every block, and exports it again,
+/// so that the guest's NBD client, retrying meanwhile, finds its disk.
+pub async fn reattach(
+    disks: &Arc<DiskStack>,
+    images: &ImageFiles,
+    files: &VmFiles,
+    a: &Assignment,
+    vm: &mut LocalVm,
+) -> Result<(), StartError> {
+    let image = images.paths(&a.image).await?;
+    let cache = ensure_cache(disks, files, a, &image, vm).await?;
+    disks.export(a.vm.id, &cache);
+    Ok(())
+}
+
 /// Stops the hypervisor (if any) and the VM's exports; closes its cache.
 pub async fn stop(
     driver: &dyn ComputeDriver,
