@@ -19,5 +19,6 @@ mod redundancy;
 mod tls;
 mod tokens;
 mod traffic;
+mod up_sim;
 mod vm_lifecycle;
 mod vm_network;
