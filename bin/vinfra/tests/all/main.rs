@@ -1,6 +1,7 @@
 //! End-to-end tests of the `vinfra` binary: real server and agent processes, real
 //! stores (redb, etcd), real QEMU.
 
+mod agent_restart;
 mod api_process;
 mod crash;
 mod harness;
