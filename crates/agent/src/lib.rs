@@ -13,7 +13,10 @@
 //! Lifecycle: on shutdown the agent stops its VMs and reports them stopped; their
 //! desired state stays in the store, so the next agent start boots them again. After a
 //! crash (`kill -9`) the VMs keep running and the next agent adopts them through their
-//! pidfile and QMP socket.
+//! pidfile and QMP socket, and serves their disks again.
+//!
+//! The hypervisor is [`AgentConfig::driver`]: QEMU, or [`compute::SimDriver`] (a
+//! simulated one; `tests/all/` runs the agent on it against an in-process server).
 #![warn(missing_docs)]
 
 pub mod disks;

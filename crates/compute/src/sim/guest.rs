@@ -1,6 +1,6 @@
 //! The simulated guest: what vinfra's test guest (`scripts/build-guest.sh`) does and prints
 //! on its serial console, as pure functions. No clock, no I/O: the VM actor
-//! ([`super::actor`]) feeds in times and disk results and writes the lines out.
+//! (`sim/actor.rs`) feeds in times and disk results and writes the lines out.
 //!
 //! Same protocol as the real guest, so that everything that reads consoles (the agent's
 //! reports, `vinfra vm create`'s wait for `READY`, the tests' TICK parsers) works

@@ -2,16 +2,16 @@
 //! (omicron's simulated sled agent is the model). The agent above it runs unchanged, so
 //! its real state machines, disk stack and migration protocol are what a test exercises.
 //!
-//! What is simulated, per VM, by one task ([`actor`]):
+//! What is simulated, per VM, by one task (`actor.rs`):
 //! - **the guest**: it prints the same console lines as vinfra's test guest (`GUEST:
 //!   READY`, `TICK n ...`, see [`guest`]), honours `vinfra.tick_ms`/`vinfra.ticks`, and
 //!   does real disk I/O through its disk target — the agent's NBD server and block cache
-//!   serve it exactly as they serve QEMU ([`disk`]; off with [`SimConfig::disk_io`]).
+//!   serve it exactly as they serve QEMU (`disk.rs`; off with [`SimConfig::disk_io`]).
 //! - **the hypervisor**: start, stop, pause, resume, a status like QEMU's RunStates
 //!   (`inmigrate`, `finish-migrate`, `postmigrate`), a pidfile (`sim.pid`) and a record
 //!   (`sim.json`) in the run dir.
 //! - **live migration**: a short real TCP transfer between the source's and the
-//!   destination's driver carrying the guest's memory ([`stream`]); the destination
+//!   destination's driver carrying the guest's memory (`stream.rs`); the destination
 //!   continues the tick count, a cut stream kills the destination.
 //!
 //! What it does not simulate: NICs (no taps are opened; the guest prints its `NIC` lines
