@@ -27,23 +27,33 @@ pub fn registration(
     nbd: std::net::SocketAddr,
     link: std::net::SocketAddr,
 ) -> RegisterHost {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-        .unwrap_or(1);
+    let measured = || crate::HostResources {
+        cpus: std::thread::available_parallelism()
+            .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+            .unwrap_or(1),
+        memory_mib: mem_total_mib().unwrap_or(1024),
+        disk_gib: disk_free_gib(&cfg.data_dir).unwrap_or(0),
+    };
+    let res = cfg.resources.unwrap_or_else(measured);
     let mut drivers = Vec::new();
-    if which("qemu-system-x86_64") {
-        drivers.push("qemu".to_owned());
-        drivers.push(match cfg.accel.resolve() {
-            compute::Accel::Kvm => "kvm".to_owned(),
-            _ => "tcg".to_owned(),
-        });
+    match cfg.driver.name() {
+        "qemu" => {
+            if which("qemu-system-x86_64") {
+                drivers.push("qemu".to_owned());
+                drivers.push(match cfg.accel.resolve() {
+                    compute::Accel::Kvm => "kvm".to_owned(),
+                    _ => "tcg".to_owned(),
+                });
+            }
+        }
+        other => drivers.push(other.to_owned()),
     }
     RegisterHost {
         name: cfg.host_name.clone(),
-        cpus,
-        vcpus: Some(schedulable_vcpus(cpus, cfg.cpu_allocation_ratio)),
-        memory_mib: mem_total_mib().unwrap_or(1024),
-        disk_gib: disk_free_gib(&cfg.data_dir).unwrap_or(0),
+        cpus: res.cpus,
+        vcpus: Some(schedulable_vcpus(res.cpus, cfg.cpu_allocation_ratio)),
+        memory_mib: res.memory_mib,
+        disk_gib: res.disk_gib,
         drivers,
         agent_url: None,
         nbd_addr: Some(nbd.to_string()),
@@ -111,5 +121,20 @@ mod tests {
         assert_eq!(r.link_addr.as_deref(), Some("127.0.0.1:7947"));
         r.validate()
             .expect("the server would accept this registration");
+    }
+
+    #[tokio::test]
+    async fn a_simulated_host_registers_its_configured_size() {
+        let dir = std::env::temp_dir();
+        let sim = std::sync::Arc::new(compute::SimDriver::new(compute::SimConfig::default()));
+        let cfg = AgentConfig::simulated("http://127.0.0.1:1", "t", "sim-1", dir, sim);
+        let r = registration(
+            &cfg,
+            "127.0.0.1:10809".parse().unwrap(),
+            "127.0.0.1:7947".parse().unwrap(),
+        );
+        assert_eq!((r.cpus, r.vcpus, r.memory_mib), (16, Some(64), 65536));
+        assert_eq!(r.drivers, vec!["sim".to_owned()]);
+        r.validate().unwrap();
     }
 }

@@ -13,7 +13,10 @@
 //! Lifecycle: on shutdown the agent stops its VMs and reports them stopped; their
 //! desired state stays in the store, so the next agent start boots them again. After a
 //! crash (`kill -9`) the VMs keep running and the next agent adopts them through their
-//! pidfile and QMP socket.
+//! pidfile and QMP socket, and serves their disks again.
+//!
+//! The hypervisor is [`AgentConfig::driver`]: QEMU, or [`compute::SimDriver`] (a
+//! simulated one; `tests/all/` runs the agent on it against an in-process server).
 #![warn(missing_docs)]
 
 pub mod disks;
@@ -68,6 +71,37 @@ pub struct AgentConfig {
     pub tls: Option<client::ClientTls>,
     /// vCPUs offered per CPU (overcommit, like Nova's `cpu_allocation_ratio`).
     pub cpu_allocation_ratio: f64,
+    /// The hypervisor: QEMU by default, or the simulated one ([`compute::SimDriver`]).
+    /// VMs outlive the agent, and the driver value may too: a test restarts an agent
+    /// around the same driver, as a host's QEMUs outlive its agent.
+    pub driver: Arc<dyn ComputeDriver>,
+    /// Give VM NICs host devices (taps on bridges, VXLAN ports with an uplink). Off for
+    /// the sim driver, whose guests open no taps (and which needs no root).
+    pub host_network: bool,
+    /// What this host offers the scheduler; `None` measures the machine. Simulated hosts
+    /// set it (50 of them share one laptop).
+    pub resources: Option<HostResources>,
+}
+
+/// CPUs, memory and disk a host registers with, when not measured from the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostResources {
+    /// CPUs (the scheduler offers `cpus × cpu_allocation_ratio` vCPUs).
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Free disk, GiB.
+    pub disk_gib: u64,
+}
+
+impl HostResources {
+    /// A simulated host: 16 CPUs (64 vCPUs at the default ratio), 64 GiB of memory,
+    /// 1 TiB of disk — 200 VMs of 1 vCPU and 256 MiB fit on 50 of them four times over.
+    pub const SIM_DEFAULT: HostResources = HostResources {
+        cpus: 16,
+        memory_mib: 64 * 1024,
+        disk_gib: 1024,
+    };
 }
 
 impl AgentConfig {
@@ -91,6 +125,26 @@ impl AgentConfig {
             uplink_ip: None,
             tls: None,
             cpu_allocation_ratio: f64::from(model::api::DEFAULT_CPU_ALLOCATION_RATIO),
+            driver: Arc::new(QemuDriver::new()),
+            host_network: true,
+            resources: None,
+        }
+    }
+
+    /// [`AgentConfig::new`] for a simulated host: `driver` (a [`compute::SimDriver`]), no
+    /// host network devices, [`HostResources::SIM_DEFAULT`].
+    pub fn simulated(
+        server_url: &str,
+        token: &str,
+        host_name: &str,
+        data_dir: PathBuf,
+        driver: Arc<dyn ComputeDriver>,
+    ) -> Self {
+        Self {
+            driver,
+            host_network: false,
+            resources: Some(HostResources::SIM_DEFAULT),
+            ..Self::new(server_url, token, host_name, data_dir)
         }
     }
 }
@@ -157,7 +211,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             err,
         }
     })?;
-    let driver: Arc<dyn ComputeDriver> = Arc::new(QemuDriver::new());
+    let driver = cfg.driver.clone();
     let peer_listen = peer_listen(&cfg)?;
     write_qemu_tls(&cfg)?;
     let disks = Arc::new(disks::DiskStack::start(
@@ -394,6 +448,15 @@ impl Agent {
         VmFiles::new(&self.cfg.data_dir, id)
     }
 
+    /// How VM NICs are plugged on this host.
+    pub(crate) fn plumbing(&self) -> netdev::Plumbing<'_> {
+        if self.cfg.host_network {
+            netdev::Plumbing::Host(self.uplink.as_ref())
+        } else {
+            netdev::Plumbing::Off
+        }
+    }
+
     fn migrating(&self) -> bool {
         self.vms.values().any(|v| v.mig.is_some())
     }
@@ -402,7 +465,7 @@ impl Agent {
     async fn adopt_existing(&mut self) {
         for (id, files) in local::scan(&self.cfg.data_dir) {
             let mut vm = LocalVm::default();
-            if files.pidfile().exists() {
+            if self.driver.pidfile(files.run_dir()).exists() {
                 match self.driver.adopt(&files.driver_id(), files.run_dir()).await {
                     Ok(rt) => {
                         tracing::info!(vm = %id, pid = rt.pid, "adopted running vm");
@@ -514,6 +577,7 @@ impl Agent {
         for action in reconcile::plan(&wanted, &have) {
             self.execute(action, &specs).await;
         }
+        self.reattach_adopted(&specs).await;
         for (a, m) in &migrations {
             self.migration_step(a, m).await;
         }
@@ -570,7 +634,7 @@ impl Agent {
                     &files,
                     a,
                     self.cfg.accel,
-                    self.uplink.as_ref(),
+                    self.plumbing(),
                     &mut vm,
                 )
                 .await;
@@ -621,6 +685,26 @@ impl Agent {
         }
     }
 
+    /// Serves the disks of adopted VMs again: their hypervisors kept running through
+    /// the agent's restart, but the disk server (and the caches) restarted with it.
+    async fn reattach_adopted(&mut self, specs: &BTreeMap<VmId, model::api::Assignment>) {
+        for (id, a) in specs {
+            let Some(mut vm) = self.vms.remove(id) else {
+                continue;
+            };
+            if vm.running && vm.cache.is_none() {
+                let files = self.files(*id);
+                match local::reattach(&self.disks, &self.images, &files, a, &mut vm).await {
+                    Ok(()) => tracing::info!(vm = %id, "disk of an adopted vm served again"),
+                    Err(e) => {
+                        tracing::warn!(vm = %id, error = %model::error_chain(&e), "cannot serve the disk of an adopted vm")
+                    }
+                }
+            }
+            self.vms.insert(*id, vm);
+        }
+    }
+
     /// Reports a VM's state with its console tail.
     async fn report(&mut self, id: VmId) {
         let Some(vm) = self.vms.get(&id) else {
@@ -662,7 +746,7 @@ impl Agent {
             let files = self.files(id);
             if let Some(vm) = self.vms.get_mut(&id) {
                 // Also a VM whose state we lost track of: `stop` checks the pidfile.
-                if vm.running || files.pidfile().exists() {
+                if vm.running || self.driver.pidfile(files.run_dir()).exists() {
                     tracing::info!(vm = %id, "stopping vm: agent shutting down");
                     local::stop(self.driver.as_ref(), &self.disks, &files, vm).await;
                     self.send(

@@ -85,10 +85,6 @@ impl VmFiles {
     pub fn driver_id(&self) -> String {
         self.id.to_string()
     }
-    /// The hypervisor's pidfile (see `compute::qemu::files`).
-    pub fn pidfile(&self) -> PathBuf {
-        self.dir.join(compute::qemu::files::PID)
-    }
     /// The VM's cache directory.
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.join("cache")
@@ -244,7 +240,7 @@ pub async fn ensure_cache(
     Ok(cache)
 }
 
-/// Opens the cache, exports the disk through it and boots the VM.
+/// Opens the cache, exports the disk through it, plugs the NICs and boots the VM.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     driver: &dyn ComputeDriver,
@@ -253,15 +249,31 @@ pub async fn start(
     files: &VmFiles,
     a: &Assignment,
     accel: Accel,
-    uplink: Option<&netdev::Uplink>,
+    nics: netdev::Plumbing<'_>,
     vm: &mut LocalVm,
 ) -> Result<(), StartError> {
     let image = images.paths(&a.image).await?;
     let spec = vm_spec(files, a, &image, accel, disks.addr())?;
     let cache = ensure_cache(disks, files, a, &image, vm).await?;
-    netdev::plug(&files.dir, &a.vm.nics, uplink).await?;
+    nics.plug(&files.dir, &a.vm.nics).await?;
     disks.export(a.vm.id, &cache);
     driver.start(&spec).await?;
+    Ok(())
+}
+
+/// Serves the disk of a VM whose hypervisor this agent adopted (it kept running while
+/// the agent was down): reopens its cache, verifying every block, and exports it again,
+/// so that the guest's NBD client, retrying meanwhile, finds its disk.
+pub async fn reattach(
+    disks: &Arc<DiskStack>,
+    images: &ImageFiles,
+    files: &VmFiles,
+    a: &Assignment,
+    vm: &mut LocalVm,
+) -> Result<(), StartError> {
+    let image = images.paths(&a.image).await?;
+    let cache = ensure_cache(disks, files, a, &image, vm).await?;
+    disks.export(a.vm.id, &cache);
     Ok(())
 }
 
@@ -272,7 +284,7 @@ pub async fn stop(
     files: &VmFiles,
     vm: &mut LocalVm,
 ) {
-    if vm.running || files.pidfile().exists() {
+    if vm.running || driver.pidfile(files.run_dir()).exists() {
         if let Err(e) = driver.stop(&files.driver_id()).await {
             tracing::warn!(vm = %files.driver_id(), error = %e, "stop failed");
         }

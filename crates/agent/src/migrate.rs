@@ -426,7 +426,8 @@ impl Agent {
                 tracing::info!(migration = %m.id, installed = done.installed, "full copy done before switch-over");
             }
         }
-        crate::netdev::plug(files.run_dir(), &a.vm.nics, self.uplink.as_ref())
+        self.plumbing()
+            .plug(files.run_dir(), &a.vm.nics)
             .await
             .map_err(local::StartError::from)?;
         self.disks.export(id, &cache);

@@ -124,6 +124,25 @@ pub fn attachments(run_dir: &Path, nics: &[Nic]) -> Vec<compute::NicAttach> {
 /// relay finds the guest that owns a CP, also after an agent restart.
 pub const CPS_FILE: &str = "cps";
 
+/// Whether VM NICs get host devices.
+#[derive(Clone, Copy, Debug)]
+pub enum Plumbing<'a> {
+    /// Taps on bridges, and VXLAN ports when there is an uplink.
+    Host(Option<&'a Uplink>),
+    /// None: the guests open no taps (the sim driver).
+    Off,
+}
+
+impl Plumbing<'_> {
+    /// [`plug`] under this plumbing; nothing when it is off.
+    pub async fn plug(self, run_dir: &Path, nics: &[Nic]) -> Result<(), NetdevError> {
+        match self {
+            Plumbing::Host(uplink) => plug(run_dir, nics, uplink).await,
+            Plumbing::Off => Ok(()),
+        }
+    }
+}
+
 /// Creates (or reuses) the taps of a VM's NICs and plugs each into its network's bridge
 /// (with its VXLAN port when there is an uplink), and records the VM's CP names for the
 /// link relay.

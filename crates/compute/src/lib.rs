@@ -1,14 +1,17 @@
 //! Compute: runs virtual machines on one host, behind the [`ComputeDriver`] trait.
 //!
 //! Owns: the `qemu` driver ([`qemu::QemuDriver`]: QEMU processes, their QMP connections,
-//! adoption after an agent restart, live migration), the QMP client ([`qmp`]), the default
-//! test guest image ([`guest`]), and a stop-gap disk server ([`disk::QemuNbdDisk`], qemu-nbd)
-//! until the block cache serves VM disks.
-//! Must not depend on: the control plane, the store, the API. The node agent calls us.
+//! adoption after an agent restart, live migration), the `sim` driver ([`sim::SimDriver`]:
+//! the same contract without a hypervisor, for tests and for trying the control plane with
+//! many hosts), the QMP client ([`qmp`]), the default test guest image ([`guest`]), and a
+//! stop-gap disk server ([`disk::QemuNbdDisk`], qemu-nbd) until the block cache serves VM
+//! disks.
+//! Must not depend on: the control plane, the store, the API, the cache. The node agent
+//! calls us. (`nbd` only as a client: the simulated guest reads its disk over NBD.)
 //!
-//! Tasks: one QMP actor per QEMU (owns the socket) and one watcher per QEMU (reaps the
-//! process and records why it exited). The driver's VM table is a `std` mutex that is never
-//! held across an `.await`.
+//! Tasks: per QEMU, one QMP actor (owns the socket) and one watcher (reaps the process and
+//! records why it exited); per simulated VM, one task that owns the guest. The drivers' VM
+//! tables are `std` mutexes that are never held across an `.await`.
 //!
 //! ```no_run
 //! use compute::{ComputeDriver, NbdListen, QemuDriver, QemuNbdDisk, VmSpec, Accel};
@@ -34,6 +37,7 @@ mod proc;
 pub use proc::kill_qemus_under;
 pub mod qemu;
 pub mod qmp;
+pub mod sim;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +49,7 @@ pub use disk::{prepare_vm_disk, DiskError, NbdListen, QemuNbdDisk};
 pub use guest::{default_cache_dir, ensure_default_image, GuestImage, GuestImageError};
 pub use qemu::QemuDriver;
 pub use qmp::{QmpClient, QmpError, QmpEvent};
+pub use sim::{SimConfig, SimDriver};
 
 /// What to run: everything a driver needs to start one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,13 +155,13 @@ pub fn kvm_usable() -> bool {
 pub struct VmRuntime {
     /// The VM id.
     pub id: String,
-    /// Host process id of the hypervisor.
+    /// Host process id of the hypervisor (for `sim`: the process the simulation runs in).
     pub pid: u32,
     /// The accelerator actually used (never `Auto`).
     pub accel: Accel,
     /// Serial console log.
     pub console_log: PathBuf,
-    /// QMP socket.
+    /// QMP socket (empty for `sim`, which has no monitor).
     pub qmp_socket: PathBuf,
     /// The run directory.
     pub run_dir: PathBuf,
@@ -363,6 +368,16 @@ pub enum ComputeError {
         /// QEMU's error description.
         desc: String,
     },
+    /// The VM is not in a state that allows the operation.
+    #[error("vm {id} cannot {op}: {state}")]
+    InvalidState {
+        /// The VM id.
+        id: String,
+        /// What it is doing instead.
+        state: String,
+        /// The operation.
+        op: &'static str,
+    },
     /// The driver cannot do this.
     #[error("{driver} driver does not support {op}")]
     Unsupported {
@@ -381,6 +396,11 @@ pub enum ComputeError {
 pub trait ComputeDriver: Send + Sync + std::fmt::Debug {
     /// Driver name, e.g. `qemu`.
     fn name(&self) -> &'static str;
+
+    /// Where this driver's hypervisor records its pid in a VM's run dir. While the file
+    /// exists a VM may run there: the agent adopts it after a restart and stops it before
+    /// it removes the run dir.
+    fn pidfile(&self, run_dir: &std::path::Path) -> PathBuf;
 
     /// Starts a VM and returns once its hypervisor answers (not when the guest booted).
     async fn start(&self, spec: &VmSpec) -> Result<VmRuntime, ComputeError>;

@@ -417,7 +417,7 @@ impl Store for EtcdStore {
             .map(|c| EtcdTxnOp::get(self.full(c.key()), Some(GetOptions::new().with_keys_only())))
             .collect();
         let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
-        
+
         let resp = write(
             || "cannot run a transaction on etcd".to_owned(),
             || {

@@ -8,6 +8,27 @@ use model::Role;
 
 use crate::locate;
 
+/// Which hypervisor an agent drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// Real VMs: one QEMU process per VM.
+    Qemu,
+    /// Simulated VMs (no QEMU, no root, no NIC devices): the real agent, disk stack
+    /// and migration protocol around a simulated hypervisor. For trying the control
+    /// plane with many hosts on one machine, and for tests.
+    Sim,
+}
+
+impl DriverKind {
+    /// The name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Qemu => "qemu",
+            DriverKind::Sim => "sim",
+        }
+    }
+}
+
 /// Options of `vinfra agent`.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
@@ -54,6 +75,49 @@ pub struct AgentArgs {
     /// (like Nova's cpu_allocation_ratio; memory is never overcommitted).
     #[arg(long, default_value_t = 4.0)]
     pub cpu_allocation_ratio: f64,
+    /// The hypervisor: qemu, or sim (simulated VMs; see docs/ARCHITECTURE.md).
+    #[arg(long, value_enum, default_value = "qemu")]
+    pub driver: DriverKind,
+    #[command(flatten)]
+    pub sim: SimArgs,
+}
+
+/// Options of the sim driver (ignored with `--driver qemu`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    /// With --driver sim: CPUs this simulated host registers with.
+    #[arg(long, default_value_t = agent::HostResources::SIM_DEFAULT.cpus)]
+    pub sim_cpus: u32,
+    /// With --driver sim: memory (MiB) this simulated host registers with.
+    #[arg(long, default_value_t = agent::HostResources::SIM_DEFAULT.memory_mib)]
+    pub sim_memory_mib: u64,
+    /// With --driver sim: disk (GiB) this simulated host registers with.
+    #[arg(long, default_value_t = agent::HostResources::SIM_DEFAULT.disk_gib)]
+    pub sim_disk_gib: u64,
+    /// With --driver sim: time from start to the guest's READY line, in ms.
+    #[arg(long, default_value_t = 200)]
+    pub sim_boot_ms: u64,
+    /// With --driver sim: the simulated guests do no disk I/O (their disks are still
+    /// made and served; TICK lines say read=off write=off).
+    #[arg(long)]
+    pub sim_no_disk_io: bool,
+}
+
+impl SimArgs {
+    fn apply(&self, cfg: &mut agent::AgentConfig) {
+        let driver = compute::SimDriver::new(compute::SimConfig {
+            boot_time: std::time::Duration::from_millis(self.sim_boot_ms),
+            disk_io: !self.sim_no_disk_io,
+            ..compute::SimConfig::default()
+        });
+        cfg.driver = std::sync::Arc::new(driver);
+        cfg.host_network = false;
+        cfg.resources = Some(agent::HostResources {
+            cpus: self.sim_cpus.max(1),
+            memory_mib: self.sim_memory_mib,
+            disk_gib: self.sim_disk_gib,
+        });
+    }
 }
 
 /// Parses `auto|kvm|tcg`.
@@ -114,7 +178,13 @@ pub async fn run(
         );
     }
     cfg.cpu_allocation_ratio = args.cpu_allocation_ratio;
-    tracing::info!(host = %cfg.host_name, server = %cfg.server_url, "agent starting");
+    if args.driver == DriverKind::Sim {
+        if args.uplink_ip.is_some() {
+            anyhow::bail!("--uplink-ip: the sim driver's guests have no NICs to tunnel");
+        }
+        args.sim.apply(&mut cfg);
+    }
+    tracing::info!(host = %cfg.host_name, server = %cfg.server_url, driver = args.driver.as_str(), "agent starting");
     agent::run(cfg, async {
         let _ = crate::cmd::server::wait_for_signal().await;
     })
@@ -158,15 +228,21 @@ async fn joined(server: &str, args: &AgentArgs) -> anyhow::Result<model::api::Jo
     Ok(id)
 }
 
-/// The agent token of a `vinfra up` data dir, minted once and kept (0600).
-pub async fn agent_token(client: &client::Client, data_dir: &Path) -> anyhow::Result<PathBuf> {
-    let path = data_dir.join("agent-token");
+/// The agent token of one `vinfra up` host, minted once and kept in its data dir
+/// (0600). One per host: the server's rate limit is per token, and 50 simulated hosts
+/// sharing one would exceed it.
+pub async fn agent_token(
+    client: &client::Client,
+    host: &str,
+    host_dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let path = host_dir.join("agent-token");
     if locate::read_trimmed(&path).is_ok() {
         return Ok(path);
     }
     let created = client
         .create_token(&CreateToken {
-            description: Some("vinfra up agents".to_owned()),
+            description: Some(format!("vinfra up agent of {host}")),
             ..CreateToken::new(Role::Agent)
         })
         .await

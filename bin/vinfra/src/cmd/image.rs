@@ -247,9 +247,25 @@ pub async fn upload_guest(
         .with_context(|| format!("cannot upload image {name}"))
 }
 
-/// Uploads the default image as a public image, unless it exists.
-pub async fn register_default(c: &client::Client, img: &GuestImage) -> anyhow::Result<()> {
-    if c.get_image(DEFAULT_IMAGE).await.is_ok() {
+/// Uploads the default image as a public image, unless it exists. The sim driver
+/// boots any image; QEMU cannot boot the sim driver's placeholder, so a data dir that
+/// `vinfra up --driver sim` made is refused for QEMU hosts.
+pub async fn register_default(
+    c: &client::Client,
+    img: &GuestImage,
+    driver: crate::cmd::agent::DriverKind,
+) -> anyhow::Result<()> {
+    if let Ok(existing) = c.get_image(DEFAULT_IMAGE).await {
+        let placeholder = existing
+            .cmdline
+            .split_whitespace()
+            .any(|w| w == compute::sim::SIM_IMAGE_MARK);
+        if placeholder && driver == crate::cmd::agent::DriverKind::Qemu {
+            anyhow::bail!(
+                "image {DEFAULT_IMAGE} in this data dir is the sim driver's placeholder, which \
+                 QEMU cannot boot: use another --data-dir, or `vinfra up --driver sim`"
+            );
+        }
         return Ok(());
     }
     upload_guest(c, img, DEFAULT_IMAGE, None).await?;

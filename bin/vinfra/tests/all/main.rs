@@ -1,6 +1,7 @@
 //! End-to-end tests of the `vinfra` binary: real server and agent processes, real
 //! stores (redb, etcd), real QEMU.
 
+mod agent_restart;
 mod api_process;
 mod crash;
 mod ha;
@@ -21,5 +22,6 @@ mod redundancy;
 mod tls;
 mod tokens;
 mod traffic;
+mod up_sim;
 mod vm_lifecycle;
 mod vm_network;

@@ -12,7 +12,8 @@ pub(super) fn invalid(spec: &VmSpec, reason: impl Into<String>) -> ComputeError 
     }
 }
 
-pub(super) fn validate(spec: &VmSpec) -> Result<(), ComputeError> {
+/// Checks a spec the way QEMU would refuse it (the sim driver refuses the same specs).
+pub(crate) fn validate(spec: &VmSpec) -> Result<(), ComputeError> {
     let id_ok = !spec.id.is_empty()
         && spec.id.len() <= 64
         && spec

@@ -37,6 +37,10 @@ impl ComputeDriver for QemuDriver {
         "qemu"
     }
 
+    fn pidfile(&self, run_dir: &Path) -> PathBuf {
+        run_dir.join(files::PID)
+    }
+
     async fn start(&self, spec: &VmSpec) -> Result<VmRuntime, ComputeError> {
         self.launch(spec, None).await
     }

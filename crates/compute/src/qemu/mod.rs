@@ -24,7 +24,8 @@ mod driver;
 mod run_dir;
 
 pub use args::qemu_args;
-use args::{check_socket_path, invalid, validate};
+pub(crate) use args::validate;
+use args::{check_socket_path, invalid};
 use child::{connect_child, listen_incoming, watch_child};
 use run_dir::{log_tail, owns_run_dir, read_pid, remove_if_exists, write_record};
 

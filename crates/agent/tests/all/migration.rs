@@ -1,0 +1,219 @@
+//! Live migration between two agents through the real server: the source and
+//! destination steps, the real cache snapshot, peer export and rebuild, and the
+//! simulated memory stream.
+
+use compute::{ComputeDriver, VmStatus};
+use model::api::MigrateVm;
+use model::{Migration, MigrationState, ObservedState};
+
+use crate::harness::{self, Cluster, WAIT};
+
+async fn wait_migration(c: &Cluster, m: &Migration, done: MigrationState) -> Migration {
+    wait_migration_for(c, m, done, WAIT).await
+}
+
+async fn wait_migration_for(
+    c: &Cluster,
+    m: &Migration,
+    done: MigrationState,
+    wait: std::time::Duration,
+) -> Migration {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let now = c.admin.get_migration(m.id).await.unwrap();
+        if now.state == done {
+            return now;
+        }
+        assert!(
+            !now.state.is_final() && tokio::time::Instant::now() < deadline,
+            "migration ended as {:?}, not {done:?}: {now:?}",
+            now.state
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn two_hosts() -> (
+    Cluster,
+    std::sync::Arc<compute::SimDriver>,
+    std::sync::Arc<compute::SimDriver>,
+    harness::TestAgent,
+    harness::TestAgent,
+) {
+    let c = Cluster::start().await;
+    let (da, db) = (Cluster::driver(), Cluster::driver());
+    let a = c.agent("host-a", &da).await;
+    let b = c.agent("host-b", &db).await;
+    (c, da, db, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moves_with_its_memory_and_its_cache() {
+    let (c, da, db, _a, _b) = two_hosts().await;
+    let vm = c.create_vm("web", "host-a").await;
+    let id = vm.id.to_string();
+    c.wait_running(&vm).await;
+    // Let the guest touch a few blocks, so that the source cache has some to hand over.
+    c.wait_ticks(&vm, 0, 8).await;
+
+    let m = c
+        .admin
+        .migrate_vm(
+            &id,
+            &MigrateVm {
+                to: "host-b".into(),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    let done = wait_migration(&c, &m, MigrationState::Completed).await;
+    assert_eq!(done.error, None);
+    let stats = done
+        .qemu
+        .expect("the source reports the memory stream's figures");
+    assert!(stats.ram_bytes > 0, "{stats:?}");
+    let p = done.progress.expect("the destination reports the rebuild");
+    assert!(p.planned > 0 && p.left == 0, "{p:?}");
+    assert!(
+        p.peer_bytes > 0,
+        "blocks came from the source's cache: {p:?}"
+    );
+
+    let v = c.admin.get_vm(&id).await.unwrap();
+    assert_eq!(v.host.as_str(), "host-b");
+    assert_eq!(v.observed, ObservedState::Running);
+    assert_eq!(v.migration, None);
+    assert!(matches!(
+        da.status(&id).await.unwrap(),
+        VmStatus::Stopped { reason } if reason.starts_with("migrated to tcp:127.0.0.1:")
+    ));
+    assert_eq!(db.status(&id).await.unwrap(), VmStatus::Running);
+    assert_eq!(db.start_count(&id), 1);
+    // The guest runs on: no reboot, the tick count continues, and its disk checks
+    // pass through the destination's cache.
+    let console = c.wait_ticks(&vm, 0, 3).await;
+    assert!(!console.contains("GUEST: init"), "{console}");
+    let ticks = harness::tick_numbers(&console);
+    assert!(ticks[0] > 8, "the count continued: {ticks:?}");
+    assert!(ticks.windows(2).all(|w| w[1] == w[0] + 1), "{ticks:?}");
+    // The source forgets the VM once the migration is over.
+    let src = harness::run_dir(&c.host_dir("host-a"), &vm);
+    harness::wait("the source's run dir to go", || {
+        let src = src.clone();
+        async move { !src.exists() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_copy_pauses_the_guest_and_resumes_it_on_the_destination() {
+    let (c, _da, db, _a, _b) = two_hosts().await;
+    let vm = c.create_vm("web", "host-a").await;
+    let id = vm.id.to_string();
+    c.wait_running(&vm).await;
+    let m = c
+        .admin
+        .migrate_vm(
+            &id,
+            &MigrateVm {
+                to: "host-b".into(),
+                strategy: Some("full-copy".into()),
+            },
+        )
+        .await
+        .unwrap();
+    wait_migration(&c, &m, MigrationState::Completed).await;
+    assert_eq!(db.status(&id).await.unwrap(), VmStatus::Running);
+    c.wait_vm(&vm, "running on host-b", |v| {
+        v.host.as_str() == "host-b" && v.observed == ObservedState::Running
+    })
+    .await;
+    c.wait_ticks(&vm, 0, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_migration_fails_and_the_vm_stays_on_the_source() {
+    let (c, da, db, _a, _b) = two_hosts().await;
+    let vm = c.create_vm("web", "host-a").await;
+    let id = vm.id.to_string();
+    c.wait_running(&vm).await;
+
+    da.interrupt_next_migration(&id);
+    let m = c
+        .admin
+        .migrate_vm(
+            &id,
+            &MigrateVm {
+                to: "host-b".into(),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    let failed = wait_migration(&c, &m, MigrationState::Failed).await;
+    let err = failed.error.unwrap_or_default();
+    assert!(err.contains("injected fault"), "{err}");
+
+    let v = c.admin.get_vm(&id).await.unwrap();
+    assert_eq!(v.host.as_str(), "host-a");
+    assert_eq!(v.migration, None);
+    assert_eq!(da.status(&id).await.unwrap(), VmStatus::Running);
+    // The destination's hypervisor died with the stream; its agent drops the VM.
+    assert!(matches!(
+        db.status(&id).await.unwrap(),
+        VmStatus::Crashed { reason } if reason.starts_with("incoming migration failed")
+    ));
+    let dst = harness::run_dir(&c.host_dir("host-b"), &vm);
+    harness::wait("the destination's run dir to go", || {
+        let dst = dst.clone();
+        async move { !dst.exists() }
+    })
+    .await;
+    // The guest never stopped on the source.
+    let before = harness::good_ticks(&c.admin.console(&id).await.unwrap());
+    c.wait_ticks(&vm, before, 2).await;
+    c.wait_vm(&vm, "running", |v| v.observed == ObservedState::Running)
+        .await;
+    assert_eq!(da.start_count(&id), 1);
+}
+
+/// Issue 11's bar for one task per VM: a slow start of one VM never delays another VM's
+/// migration. The agent's reconcile loop is still sequential, so the migration waits
+/// for the start today (about 10 s instead of under one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs one task per VM (issue 11, item 1): the reconcile loop waits for the slow start"]
+async fn a_slow_start_does_not_delay_another_vms_migration() {
+    let (c, da, _db, _a, _b) = two_hosts().await;
+    let moving = c.create_vm("moving", "host-a").await;
+    let slow = c.create_vm("slow", "host-a").await;
+    c.wait_running(&moving).await;
+    c.wait_running(&slow).await;
+    let slow_id = slow.id.to_string();
+    c.admin.stop_vm(&slow_id).await.unwrap();
+    c.wait_vm(&slow, "stopped", |v| v.observed == ObservedState::Stopped)
+        .await;
+
+    da.delay_next_start(&slow_id, std::time::Duration::from_secs(10));
+    c.admin.start_vm(&slow_id).await.unwrap();
+    c.wait_vm(&slow, "starting", |v| v.observed == ObservedState::Starting)
+        .await;
+    let t0 = std::time::Instant::now();
+    let m = c
+        .admin
+        .migrate_vm(
+            &moving.id.to_string(),
+            &MigrateVm {
+                to: "host-b".into(),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    wait_migration_for(&c, &m, MigrationState::Completed, WAIT * 3).await;
+    let took = t0.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the migration waited for another VM's start: {took:?}"
+    );
+}
