@@ -207,6 +207,8 @@ pub(crate) async fn delete(
     Ok((StatusCode::ACCEPTED, Json(redacted(rec))).into_response())
 }
 
+/// Scales one VNF of an instantiated NS out or in by one VDU (202; the state is
+/// `scaling` until done; a failed scale-out is undone and reported in `error`).
 #[utoipa::path(post, path = "/v1/ns-instances/{name}/scale", operation_id = "scale_ns_instance", tag = "nfv", request_body = ScaleNsInstance,
     params(("name" = String, Path, description = "instance name or id")),
     responses(
