@@ -11,6 +11,7 @@
 //! watcher) and stops them on shutdown.
 #![warn(missing_docs)]
 
+pub mod cluster;
 mod descriptors;
 pub mod driver;
 mod error;

@@ -70,6 +70,10 @@ pub mod keys {
     pub fn tenant(id: TenantId) -> String {
         format!("{TENANTS}{id}")
     }
+    /// A one-time join token, under the SHA-256 hex of its secret.
+    pub fn join_token(hash: &str) -> String {
+        format!("/vinfra/join-tokens/{hash}")
+    }
     /// Tenant name index: value is the tenant id (JSON).
     pub fn tenant_name(name: &Name) -> String {
         format!("/vinfra/tenant-names/{name}")

@@ -44,6 +44,18 @@ pub enum CreateVmError {
     Control(#[from] ControlError),
 }
 
+/// Up to 2 ms × 2^attempt (at most 64 ms), drawn at random.
+async fn backoff(attempt: usize) {
+    let cap_us = 2_000u64 << attempt.min(5);
+    let mut rng = model::SplitMix64::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos().into())
+            .unwrap_or(0),
+    );
+    tokio::time::sleep(std::time::Duration::from_micros(rng.below(cap_us))).await;
+}
+
 impl From<StorageError> for CreateVmError {
     fn from(e: StorageError) -> Self {
         match e {
@@ -72,7 +84,7 @@ impl Control {
             .blobs()
             .map_err(|e| CreateVmError::ImageNotInStore(e.message))?;
         let name_key = keys::vm_name(tenant, &req.name);
-        for _ in 0..CAS_ATTEMPTS {
+        for attempt in 0..CAS_ATTEMPTS {
             if self
                 .store()
                 .get(&name_key)
@@ -190,8 +202,13 @@ impl Control {
                     return Ok(vm);
                 }
                 // Any compare may have failed: the next round's name check tells a taken
-                // name from a lost placement or address race.
-                Err(StoreError::Conflict { .. }) => continue,
+                // name from a lost placement or address race. Concurrent creates pick the
+                // same best host, so the losers wait a random while before re-planning
+                // (they would otherwise keep colliding on it).
+                Err(StoreError::Conflict { .. }) => {
+                    backoff(attempt).await;
+                    continue;
+                }
                 Err(e) => return Err(ControlError::from(e).into()),
             }
         }

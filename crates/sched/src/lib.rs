@@ -27,6 +27,7 @@
 
 pub mod baseline;
 pub mod bench;
+mod diagnose;
 pub mod explain;
 mod fit;
 mod load;

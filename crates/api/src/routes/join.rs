@@ -8,23 +8,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use model::api::{CreateJoinToken, JoinRequest, JoinResponse, JoinTokenCreated, Problem};
 use model::{Role, TokenScope};
-use serde::{Deserialize, Serialize};
-use store::{Compare, StoreError, TxnOp};
 
 use crate::auth::{hash_token, mint, new_token, NewToken};
 use crate::{ApiError, AppJson, AppState, Caller};
-use control::records::{get_json, now_ms, to_bytes};
-
-/// What the store keeps of a join token, under the SHA-256 of its secret.
-#[derive(Serialize, Deserialize)]
-struct JoinTokenRecord {
-    created_at: u64,
-    expires_at: u64,
-}
-
-fn join_key(secret: &str) -> String {
-    format!("/vinfra/join-tokens/{}", hash_token(secret))
-}
+use control::records::now_ms;
 
 /// The text before the secret in a join token.
 const JOIN_PREFIX: &str = "vjoin";
@@ -72,13 +59,13 @@ pub(crate) async fn create_join_token(
         .map_err(|e| ApiError::internal("the CA fingerprint", e))?;
     let secret = new_token()?;
     let now = now_ms();
-    let rec = JoinTokenRecord {
+    let rec = control::cluster::JoinToken {
         created_at: now,
         expires_at: now.saturating_add(ttl.saturating_mul(1000)),
     };
     state
-        .store()
-        .put(&join_key(&secret), to_bytes(&rec)?)
+        .control()
+        .put_join_token(&hash_token(&secret), &rec)
         .await?;
     tracing::info!(ttl_secs = ttl, "join token minted");
     Ok((
@@ -113,26 +100,10 @@ pub(crate) async fn join(
     else {
         return Err(refused());
     };
-    let key = join_key(secret);
-    let Some((rec, rev)) = get_json::<JoinTokenRecord>(state.store(), &key).await? else {
+    // Used up here, whether or not it is still valid: an expired token goes too.
+    let Some(rec) = state.control().take_join_token(&hash_token(secret)).await? else {
         return Err(refused());
     };
-    // Used up here, whether or not it is still valid: an expired token goes too.
-    let used = state
-        .store()
-        .txn(
-            vec![Compare::ModRevision {
-                key: key.clone(),
-                expect: Some(rev),
-            }],
-            vec![TxnOp::Delete { key }],
-        )
-        .await;
-    match used {
-        Ok(_) => {}
-        Err(StoreError::Conflict { .. }) => return Err(refused()),
-        Err(e) => return Err(e.into()),
-    }
     if rec.expires_at <= now_ms() {
         return Err(refused());
     }

@@ -5,11 +5,10 @@ use axum::http::StatusCode;
 use axum::Json;
 use model::api::{CreateTenant, Problem, TenantCreated, DEFAULT_TOKEN_TTL_SECS};
 use model::{Name, Role, Tenant, TenantId, TokenScope};
-use store::{Compare, StoreError, TxnOp};
 
 use crate::auth::{new_token, prepare, NewToken};
 use crate::{ApiError, AppJson, AppState, Caller};
-use control::records::{get_json, keys, list_json, now_ms, to_bytes};
+use control::records::now_ms;
 
 /// Name of the tenant that an admin's VMs and tenant images go to when the
 /// admin names none.
@@ -49,22 +48,7 @@ async fn insert_tenant(
         name,
         created_at: now_ms(),
     };
-    let name_key = keys::tenant_name(&tenant.name);
-    let mut ops = vec![
-        TxnOp::Put {
-            key: keys::tenant(tenant.id),
-            value: to_bytes(&tenant)?,
-        },
-        TxnOp::Put {
-            key: name_key.clone(),
-            value: to_bytes(&tenant.id)?,
-        },
-    ];
-    let mut compares = vec![Compare::ModRevision {
-        key: name_key,
-        expect: None,
-    }];
-    let token = if with_token {
+    let (token, extra) = if with_token {
         let token = new_token()?;
         let new = NewToken {
             role: Role::Member,
@@ -80,21 +64,12 @@ async fn insert_tenant(
             description: Some(format!("first token of tenant {}", tenant.name)),
         };
         let (_, token_ops, token_compares) = prepare(&token, new, tenant.created_at)?;
-        ops.extend(token_ops);
-        compares.extend(token_compares);
-        Some(token)
+        (Some(token), (token_compares, token_ops))
     } else {
-        None
+        (None, (Vec::new(), Vec::new()))
     };
-    let res = state.store().txn(compares, ops).await;
-    match res {
-        Ok(_) => Ok((tenant, token)),
-        Err(StoreError::Conflict { .. }) => Err(ApiError::Conflict(format!(
-            "name: tenant {} already exists",
-            tenant.name
-        ))),
-        Err(e) => Err(e.into()),
-    }
+    state.control().insert_tenant(&tenant, extra).await?;
+    Ok((tenant, token))
 }
 
 /// Lists tenants.
@@ -105,13 +80,7 @@ pub(crate) async fn list_tenants(
     caller: Caller,
 ) -> Result<Json<Vec<Tenant>>, ApiError> {
     caller.require(&[Role::Admin], "listing tenants")?;
-    let mut tenants: Vec<Tenant> = list_json::<Tenant>(state.store(), keys::TENANTS)
-        .await?
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect();
-    tenants.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Json(tenants))
+    Ok(Json(state.control().tenants().await?))
 }
 
 /// The tenant named `name`, if any.
@@ -119,12 +88,7 @@ pub(crate) async fn tenant_by_name(
     state: &AppState,
     name: &Name,
 ) -> Result<Option<Tenant>, ApiError> {
-    let Some((id, _)) = get_json::<TenantId>(state.store(), &keys::tenant_name(name)).await? else {
-        return Ok(None);
-    };
-    Ok(get_json::<Tenant>(state.store(), &keys::tenant(id))
-        .await?
-        .map(|(t, _)| t))
+    Ok(state.control().tenant_by_name(name).await?)
 }
 
 /// The tenant a write goes to: the member's own; for an admin the named one

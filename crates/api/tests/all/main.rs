@@ -9,5 +9,6 @@ mod networks;
 mod ns;
 mod operations;
 mod routes;
+mod structure;
 mod tcp;
 mod tokens;
