@@ -2,6 +2,7 @@
 //! stores (redb, etcd), real QEMU.
 
 mod api_process;
+mod bench_control;
 mod crash;
 mod ha;
 mod harness;
