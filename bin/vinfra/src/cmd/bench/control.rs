@@ -46,14 +46,14 @@ use procs::{EtcdCluster, Server};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControlArgs {
     /// Operations of each kind (VM creates, then VM lists) per setup.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     pub ops: usize,
     /// Concurrent clients, spread over the servers of a setup.
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
     /// A phase (one operation kind on one setup) stops after this many seconds, done or
     /// not; the table says how many operations it did.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 15)]
     pub phase_secs: u64,
     /// Leader kills for the failover time (0: no failover measurement).
     #[arg(long, default_value_t = 5)]

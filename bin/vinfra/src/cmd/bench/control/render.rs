@@ -79,14 +79,6 @@ pub fn control_table(r: &ControlReport) -> String {
     );
     s.push('\n');
     s.push_str(&api_grid(&r.api));
-    if let Some(n) = r
-        .api
-        .iter()
-        .find(|a| a.op == ApiOp::VmList)
-        .and_then(|a| a.vms_per_list)
-    {
-        let _ = writeln!(s, "(a list returns the {n} VMs the creates made)");
-    }
     for a in r.api.iter().filter(|a| a.errors > 0) {
         let _ = writeln!(
             s,
@@ -118,12 +110,18 @@ fn api_grid(rows: &[ApiRow]) -> String {
         .collect::<Vec<_>>()];
     for op in [ApiOp::VmCreate, ApiOp::VmList] {
         let find = |st: Setup| rows.iter().find(|r| r.setup == st && r.op == op);
-        let metrics: [Metric; 4] = [
+        let mut metrics: Vec<Metric> = vec![
             ("ops/s", |r| format!("{:.0}", r.ops_per_s)),
             ("p50 ms", |r| ms(r.p50_ms)),
             ("p99 ms", |r| ms(r.p99_ms)),
             ("ok / failed", |r| format!("{} / {}", r.ok, r.errors)),
         ];
+        if op == ApiOp::VmList {
+            metrics.push(("VMs per list", |r| {
+                r.vms_per_list
+                    .map_or_else(|| "-".to_owned(), |n| n.to_string())
+            }));
+        }
         for (i, (name, f)) in metrics.iter().enumerate() {
             let mut row = vec![
                 if i == 0 { op.label() } else { "" }.to_owned(),
@@ -247,6 +245,8 @@ mod tests {
         );
         assert!(t.contains("p99 ms") && t.contains("19.0") && t.contains("4.0"));
         assert!(t.contains("300 / 2"), "{t}");
+        let listed = t.lines().find(|l| l.contains("VMs per list")).unwrap();
+        assert_eq!(listed.matches("300").count(), 3, "{listed}");
         assert!(t.contains("VM list on 1 server, redb: 2 failed, the first with: 503 no leader"));
         assert!(t.contains("rate limiting off") && t.contains("2 cores"));
         assert!(!t.contains("leader failover"));
