@@ -253,8 +253,9 @@ pub async fn run(args: &ControlArgs) -> anyhow::Result<ControlReport> {
         .prefix("vinfra-bench-control-")
         .tempdir()
         .context("cannot create a temp dir")?;
+    // Before anything runs: two of the three setups and the failover need etcd.
+    let etcd_version = etcd_version().await?;
     let load_before = loadavg();
-    let etcd_version = etcd_version().await;
     let kernel = tmp.path().join("kernel");
     std::fs::write(&kernel, vec![0u8; 64 << 10]).context("cannot write the bench image")?;
     let mut api = Vec::new();
@@ -662,19 +663,21 @@ fn loadavg() -> Option<[f64; 3]> {
     Some([it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?])
 }
 
-/// `etcd --version`'s version number.
-async fn etcd_version() -> String {
+/// `etcd --version`'s version number; fails naming the install step when there is no
+/// etcd.
+async fn etcd_version() -> anyhow::Result<String> {
     let out = tokio::process::Command::new("etcd")
         .arg("--version")
         .output()
-        .await;
-    out.ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .find_map(|l| l.strip_prefix("etcd Version:").map(|v| v.trim().to_owned()))
-        })
-        .unwrap_or_else(|| "unknown".to_owned())
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!(procs::ETCD_MISSING),
+            _ => anyhow::Error::new(e).context("cannot run etcd --version"),
+        })?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("etcd Version:").map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".to_owned()))
 }
 
 /// The type of the filesystem `path` is on (from /proc/self/mounts), with its mount

@@ -15,6 +15,10 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
+/// What to do when there is no `etcd`.
+pub const ETCD_MISSING: &str =
+    "etcd not found: run scripts/setup.sh (apt-get install etcd-server etcd-client)";
+
 /// How long a process may take to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -93,9 +97,7 @@ impl EtcdCluster {
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => anyhow::anyhow!(
-                        "etcd not found: run scripts/setup.sh (apt-get install etcd-server etcd-client)"
-                    ),
+                    std::io::ErrorKind::NotFound => anyhow::anyhow!(ETCD_MISSING),
                     _ => anyhow::Error::new(e).context("cannot start etcd"),
                 })?;
             cluster.members.push(child);
