@@ -171,7 +171,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vnfd(c) => cmd::nfv::run_vnfd(&ctx, c).await,
         Command::Nsd(c) => cmd::nfv::run_nsd(&ctx, c).await,
         Command::Ns(c) => cmd::nfv::run_ns(&ctx, c).await,
-        Command::Bench(c) => cmd::bench::run(c).await,
+        Command::Bench(c) => cmd::bench::run(c, ctx.format).await,
         Command::Openapi => {
             println!("{}", api::openapi_json());
             Ok(())

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::output::Format;
+
+pub mod control;
 mod render;
 
 /// Benchmarks.
@@ -45,6 +48,11 @@ pub enum BenchCmd {
         #[arg(long)]
         sim_only: bool,
     },
+    /// Control-plane API operations/s and p50/p99 for VM create and list on 1 server
+    /// with redb, 1 server and 3 servers on a 3-member etcd; and the leader failover
+    /// time (kill -9 of the leading server -> first drain step under the next one).
+    /// Needs etcd; `-o json` prints the report as JSON.
+    Control(control::ControlArgs),
     /// vSwitch classification + forwarding, in memory and on veth, against the Linux bridge.
     Vswitch {
         /// Seconds per row.
@@ -65,8 +73,21 @@ fn default_trace() -> Option<PathBuf> {
 }
 
 /// Runs a benchmark.
-pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
     match cmd {
+        BenchCmd::Control(args) => {
+            // Interrupted: dropping the run kills its etcd members and servers and
+            // removes their data.
+            let report = tokio::select! {
+                r = control::run(&args) => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            };
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", control::render::control_table(&report)),
+            }
+            Ok(())
+        }
         BenchCmd::MigrateCache {
             quick,
             json,

@@ -3,6 +3,7 @@
 
 mod agent_restart;
 mod api_process;
+mod bench_control;
 mod crash;
 mod ha;
 mod harness;
