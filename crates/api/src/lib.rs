@@ -339,7 +339,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         "http"
     };
     let _ = state.inner.self_url.set(format!("{scheme}://{own}"));
-    state.control().recover_ns(state.server_id()).await;
+    routes::ns_instances::resume(&state).await;
     let app = router(state.clone());
     let switches = match (config.vswitch_listen, state.traffic().cloned()) {
         (Some(at), Some(ctrl)) => {

@@ -26,6 +26,10 @@ use crate::{Control, ControlError, Scope};
 /// The drivers of an instance's sites, by site name.
 pub type Drivers = BTreeMap<String, Arc<dyn SiteDriver>>;
 
+/// The reason an interrupted instantiate carries while it is rolled back.
+const INTERRUPTED: &str =
+    "interrupted by a server restart while instantiating; rolling back what was made";
+
 fn ns_key(id: uuid::Uuid) -> String {
     format!("{}{id}", keys::NS_INSTANCES)
 }
@@ -281,36 +285,112 @@ impl Control {
         Ok(rec)
     }
 
-    /// Marks the instances `runner` (this server) left mid-way as failed: their jobs
-    /// died with it. Another server's work is that server's to declare interrupted.
-    /// Their plans are stored, so a terminate cleans up every site.
-    pub async fn recover_ns(&self, runner: &str) {
+    /// The work `runner` (this server) left mid-way, taken up again after a restart:
+    /// an interrupted instantiate becomes a rollback (`terminating`, then `failed` with
+    /// the reason, nothing left on the sites), an interrupted terminate is finished; both
+    /// are returned for [`Control::resume_ns`] with their drivers. An interrupted scale
+    /// is marked failed (a VDU being added is not in the stored plan yet, the message
+    /// says so). Another server's work is that server's to take up.
+    pub async fn recover_ns(&self, runner: &str) -> Vec<NsInstanceRecord> {
         let recs = match list_json::<NsInstanceRecord>(self.store(), keys::NS_INSTANCES).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list ns instances");
-                return;
+                return Vec::new();
             }
         };
+        let mut resume = Vec::new();
         for (mut r, _) in recs {
             if r.runner.as_deref().is_some_and(|x| x != runner) {
                 continue;
             }
-            if let Some(doing) = busy(r.state) {
-                // A VDU being added by an interrupted scale-out is not in the stored plan
-                // yet: the message says so rather than promising a clean DELETE.
-                let extra = if r.state == NsState::Scaling {
-                    " (a VDU being added may remain on its site)"
-                } else {
-                    ""
-                };
-                r.error = Some(format!(
-                    "interrupted by a server restart while {doing}; DELETE it to remove what was made{extra}"
-                ));
-                r.state = NsState::Failed;
-                self.save_ns(&r).await;
+            match r.state {
+                NsState::Instantiating => {
+                    r.state = NsState::Terminating;
+                    r.error = Some(INTERRUPTED.to_owned());
+                    r.runner = Some(runner.to_owned());
+                    self.save_ns(&r).await;
+                    resume.push(r);
+                }
+                NsState::Terminating => {
+                    r.runner = Some(runner.to_owned());
+                    self.save_ns(&r).await;
+                    resume.push(r);
+                }
+                NsState::Scaling => {
+                    r.error = Some(
+                        "interrupted by a server restart while scaling; DELETE it to remove \
+                         what was made (a VDU being added may remain on its site)"
+                            .to_owned(),
+                    );
+                    r.state = NsState::Failed;
+                    self.save_ns(&r).await;
+                }
+                NsState::Instantiated | NsState::Failed => {}
             }
         }
+        resume
+    }
+
+    /// Runs the rollback (or the interrupted terminate) of a record [`recover_ns`]
+    /// returned, with `drivers` for its sites.
+    ///
+    /// [`recover_ns`]: Control::recover_ns
+    pub fn resume_ns(&self, rec: NsInstanceRecord, drivers: Drivers) {
+        let plan = match stored_plan(&rec) {
+            Ok(p) => p,
+            Err(e) => {
+                let c = self.clone();
+                self.jobs()
+                    .spawn(format!("fail ns {}", rec.name), async move {
+                        c.fail_ns(rec, e.to_string()).await;
+                    });
+                return;
+            }
+        };
+        let rollback = rec.error.as_deref() == Some(INTERRUPTED);
+        let executor = NsExecutor::new(drivers, Duration::from_millis(rec.link_deadline_ms));
+        let c = self.clone();
+        let what = if rollback { "roll back" } else { "terminate" };
+        self.jobs()
+            .spawn(format!("{what} ns {}", rec.name), async move {
+                let mut r = rec;
+                match executor.terminate(&plan).await {
+                    Ok(()) if rollback => {
+                        r.state = NsState::Failed;
+                        r.error = Some(
+                            "interrupted by a server restart while instantiating; rolled back: \
+                         every site removed what it had made"
+                                .to_owned(),
+                        );
+                        for v in &mut r.vnfs {
+                            v.state = "rolled_back".into();
+                        }
+                        tracing::warn!(ns = %r.name, "interrupted network service rolled back");
+                        c.save_ns(&r).await;
+                    }
+                    Ok(()) => match c.remove_ns(&r, None).await {
+                        Ok(_) => tracing::info!(ns = %r.name, "network service terminated"),
+                        Err(e) => {
+                            tracing::error!(ns = %r.name, error = %e, "cannot remove the record")
+                        }
+                    },
+                    Err(e) => {
+                        c.fail_ns(
+                            r,
+                            format!("{what} after a server restart: {}", model::error_chain(&e)),
+                        )
+                        .await;
+                    }
+                }
+            });
+    }
+
+    /// Marks an instance failed with `why` (DELETE cleans up).
+    pub async fn fail_ns(&self, mut rec: NsInstanceRecord, why: String) {
+        rec.state = NsState::Failed;
+        rec.error = Some(why);
+        self.save_ns(&rec).await;
     }
 
     async fn write_ns(&self, rec: &NsInstanceRecord, rev: Revision) -> Result<(), ControlError> {

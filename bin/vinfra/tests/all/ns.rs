@@ -298,3 +298,91 @@ async fn ns_across_two_sites_links_its_vnfs_then_terminates_to_nothing() {
     assert!(ok, "{out}{err}");
     assert_eq!(admin.list_networks().await.unwrap(), vec![]);
 }
+
+/// `kill -9` of the server in the middle of an NS instantiate over two sites: the
+/// restarted server takes its own interrupted work up again and rolls it back, with the
+/// reason in the record; no VM and no network of the NS is left on either site.
+#[tokio::test]
+async fn an_instantiate_cut_by_a_server_kill9_is_rolled_back_after_the_restart() {
+    let (mut s, token_file) = cluster().await;
+    let (dir_a, dir_b) = (path_in(&s, "ha"), path_in(&s, "hb"));
+    let _agent_a = spawn_agent(&s, "host-a", &dir_a, &token_file);
+    let _agent_b = spawn_agent(&s, "host-b", &dir_b, &token_file);
+    wait_host_up(&s, "host-a").await;
+    wait_host_up(&s, "host-b").await;
+    let t = s.admin_token();
+    let ex = examples();
+    for (kind, file) in [
+        ("vnfd", "vnfd-firewall.yaml"),
+        ("vnfd", "vnfd-web.yaml"),
+        ("nsd", "nsd-edge.yaml"),
+    ] {
+        let (ok, out, err) = cli(&s, &t, &[kind, "create", ex.join(file).to_str().unwrap()]);
+        assert!(ok, "{kind} create {file}: {out}{err}");
+    }
+    let networks_before = s.admin().list_networks().await.unwrap();
+    let sites = [("site-a", "host-a"), ("site-b", "host-b")]
+        .into_iter()
+        .map(|(site, host)| {
+            (
+                site.to_owned(),
+                model::api::SiteSpec::Vinfra {
+                    host: Some(host.to_owned()),
+                },
+            )
+        })
+        .collect();
+    let rec = s
+        .admin()
+        .create_ns_instance(&model::api::CreateNsInstance {
+            name: "cut".into(),
+            nsd: "nsd-edge".into(),
+            sites,
+            endpoints: Default::default(),
+            link_deadline_ms: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rec.state, model::api::NsState::Instantiating);
+    // In the middle: the sites have started making the VNFs.
+    test_utils::wait_for(Duration::from_secs(60), || async {
+        !vms_named(&s, "cut-").await.is_empty()
+    })
+    .await
+    .expect("the instantiate starts making VNFs");
+    s.kill9_and_restart().await;
+
+    let admin = s.admin();
+    let ok = test_utils::wait_for(Duration::from_secs(180), || async {
+        admin
+            .get_ns_instance("cut")
+            .await
+            .is_ok_and(|r| r.state == model::api::NsState::Failed)
+    })
+    .await;
+    let rec = admin.get_ns_instance("cut").await.unwrap();
+    assert!(ok.is_ok(), "not rolled back: {rec:?}\n{}", s.log());
+    let why = rec.error.clone().unwrap_or_default();
+    assert!(
+        why.contains("interrupted by a server restart while instantiating; rolled back"),
+        "{why}"
+    );
+    assert!(
+        rec.vnfs.iter().all(|v| v.state == "rolled_back"),
+        "{:?}",
+        rec.vnfs
+    );
+    let gone = test_utils::wait_for(Duration::from_secs(60), || async {
+        vms_named(&s, "cut-").await.is_empty()
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "VMs left behind: {:?}",
+        vms_named(&s, "cut-").await
+    );
+    assert_eq!(admin.list_networks().await.unwrap(), networks_before);
+    // The record is the user's to forget now.
+    let (ok, out, err) = cli(&s, &t, &["ns", "terminate", "cut"]);
+    assert!(ok, "{out}{err}");
+}

@@ -80,7 +80,14 @@ pub(crate) async fn create(
     let token = crate::extract::bearer(&headers)
         .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
         .to_owned();
-    let drivers = build_drivers(&state, &caller, tenant, &body.sites, &token).await?;
+    let drivers = build_drivers(
+        &state,
+        caller.role == Role::Admin,
+        tenant,
+        &body.sites,
+        &token,
+    )
+    .await?;
     let name = model::validate_name("name", &body.name)?;
     let id = uuid::Uuid::new_v4();
     let rec = NsInstanceRecord {
@@ -199,7 +206,14 @@ pub(crate) async fn delete(
     let token = crate::extract::bearer(&headers)
         .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
         .to_owned();
-    let drivers = build_drivers(&state, &caller, rec.tenant, &rec.sites, &token).await?;
+    let drivers = build_drivers(
+        &state,
+        caller.role == Role::Admin,
+        rec.tenant,
+        &rec.sites,
+        &token,
+    )
+    .await?;
     let rec = state
         .control()
         .terminate_ns(scope, &name, state.server_id(), drivers)
@@ -230,7 +244,14 @@ pub(crate) async fn scale(
     let token = crate::extract::bearer(&headers)
         .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
         .to_owned();
-    let drivers = build_drivers(&state, &caller, rec.tenant, &rec.sites, &token).await?;
+    let drivers = build_drivers(
+        &state,
+        caller.role == Role::Admin,
+        rec.tenant,
+        &rec.sites,
+        &token,
+    )
+    .await?;
     let rec = state
         .control()
         .scale_ns(
@@ -287,9 +308,9 @@ fn validate_nsd(
 }
 
 /// One driver per site, acting with `token` on this control plane.
-async fn build_drivers(
+pub(crate) async fn build_drivers(
     state: &AppState,
-    caller: &Caller,
+    admin: bool,
     tenant: TenantId,
     sites: &BTreeMap<String, SiteSpec>,
     token: &str,
@@ -334,7 +355,7 @@ async fn build_drivers(
                 )
             }
             SiteSpec::Libvirt { uri, work_dir } => {
-                if caller.role != Role::Admin {
+                if !admin {
                     return Err(ApiError::Forbidden(format!(
                         "sites.{name}: a libvirt site runs on the server's machine; only an admin may use one"
                     )));
@@ -406,4 +427,39 @@ async fn build_drivers(
         out.insert(name.clone(), d);
     }
     Ok(out)
+}
+
+/// Takes up the NS work this server left unfinished when it died (see
+/// `Control::recover_ns`): an interrupted instantiate is rolled back, an interrupted
+/// terminate finished. The requests' tokens died with the process, so the `vinfra` sites
+/// act with a token minted here for the instance's tenant, for an hour.
+pub(crate) async fn resume(state: &AppState) {
+    for rec in state.control().recover_ns(state.server_id()).await {
+        let token = crate::auth::mint(
+            state.store(),
+            crate::auth::NewToken {
+                role: Role::Member,
+                tenant: Some(rec.tenant),
+                expires_at: Some(control::now_ms().saturating_add(3_600_000)),
+                scope: model::TokenScope::ReadWrite,
+                description: Some(format!("finishing ns {} after a server restart", rec.name)),
+            },
+        )
+        .await;
+        // It was accepted with these sites, libvirt ones included, when it was made.
+        let drivers = match token {
+            Ok((token, _)) => build_drivers(state, true, rec.tenant, &rec.sites, &token).await,
+            Err(e) => Err(e),
+        };
+        match drivers {
+            Ok(d) => state.control().resume_ns(rec, d),
+            Err(e) => {
+                tracing::error!(ns = %rec.name, error = %model::error_chain(&e), "cannot resume ns work");
+                state
+                    .control()
+                    .fail_ns(rec, format!("cannot resume after a server restart: {e}"))
+                    .await;
+            }
+        }
+    }
 }
