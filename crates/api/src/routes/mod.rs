@@ -23,8 +23,9 @@ use axum::Router;
 
 use crate::{ApiError, AppState};
 
-/// Every route. The router is built from this table and the OpenAPI test
-/// probes it, so a route cannot be added without the test seeing it.
+/// The user API's routes (the agent protocol is [`agent_table`]). The router is built
+/// from these tables and the OpenAPI test probes both, so a route cannot be added
+/// without the test seeing it.
 pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
     vec![
         ("/v1/openapi.json", get(meta::openapi_doc)),
@@ -38,13 +39,8 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             post(tokens::create_token).get(tokens::list_tokens),
         ),
         ("/v1/tokens/{id}", delete(tokens::revoke_token)),
-        (
-            "/v1/hosts",
-            post(hosts::register_host).get(hosts::list_hosts),
-        ),
+        ("/v1/hosts", get(hosts::list_hosts)),
         ("/v1/hosts/{name}", get(hosts::get_host)),
-        ("/v1/hosts/{name}/heartbeat", post(hosts::heartbeat)),
-        ("/v1/hosts/{name}/assignments", get(vms::assignments)),
         (
             "/v1/images",
             post(images::create_image).get(images::list_images),
@@ -72,7 +68,6 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/vms/{id}/start", post(vms::start_vm)),
         ("/v1/vms/{id}/stop", post(vms::stop_vm)),
         ("/v1/vms/{id}/console", get(vms::console)),
-        ("/v1/vms/{id}/observed", put(vms::report_observed)),
         ("/v1/vms/{id}/migrate", post(migrations::migrate_vm)),
         ("/v1/migrations", get(migrations::list_migrations)),
         ("/v1/hosts/{name}/maintenance", post(maintenance::enter)),
@@ -107,6 +102,19 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/maintenance/{id}", get(maintenance::get)),
         ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
         ("/v1/migrations/{id}", get(migrations::get_migration)),
+    ]
+}
+
+/// The agent protocol: what node agents call (registration, heartbeats, assignments,
+/// observed state, migration reports and cache snapshots). Kept apart from the user
+/// routes so that the two can be served, limited or moved separately; served on the same
+/// listener today (same TLS, same tokens: these need an agent or admin token).
+pub(crate) fn agent_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        ("/v1/hosts", post(hosts::register_host)),
+        ("/v1/hosts/{name}/heartbeat", post(hosts::heartbeat)),
+        ("/v1/hosts/{name}/assignments", get(vms::assignments)),
+        ("/v1/vms/{id}/observed", put(vms::report_observed)),
         (
             "/v1/migrations/{id}/report",
             put(migrations::report_migration),
@@ -119,11 +127,24 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
     ]
 }
 
+/// Every route: the user API and the agent protocol.
+#[cfg(test)]
+pub(crate) fn all_routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    let mut routes = table();
+    routes.extend(agent_table());
+    routes
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     let mut r = Router::new();
     for (path, route) in table() {
         r = r.route(path, route);
     }
+    let mut agent = Router::new();
+    for (path, route) in agent_table() {
+        agent = agent.route(path, route);
+    }
+    let r = r.merge(agent);
     r.fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside the metrics layer, so that refusals are counted.
@@ -196,7 +217,7 @@ mod tests {
         let store = Arc::new(MemStore::new());
         let app = router(AppState::new(store, &ServerConfig::default()));
         let mut served = BTreeSet::new();
-        for (path, _) in table() {
+        for (path, _) in all_routes() {
             let concrete = path
                 .replace("{name}", "x")
                 .replace("{id}", "00000000-0000-4000-8000-000000000000")
