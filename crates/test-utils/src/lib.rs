@@ -396,44 +396,23 @@ impl EtcdFixture {
     }
 
     async fn start(&mut self) -> Result<(), FixtureError> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|err| FixtureError::Io {
-                what: format!("open {}", self.log_path().display()),
-                err,
-            })?;
-        let log2 = log.try_clone().map_err(|err| FixtureError::Io {
-            what: "duplicate the etcd log handle".into(),
-            err,
-        })?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         // Flags as in real-components-notes.md §1; `--initial-*` are ignored
         // once the data dir exists, so restart reuses the same command line.
-        let child: Child = Command::new(&self.etcd)
-            .arg("--name")
-            .arg("t1")
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t1={peer}")])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
-            .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|err| FixtureError::Io {
-                what: format!("start {}", self.etcd.display()),
-                err,
-            })?;
-        self.child = Some(ChildGuard::from(child));
+        let child = spawn_etcd_member(
+            &self.etcd,
+            &EtcdMember {
+                name: "t1",
+                data_dir: &self.data_dir(),
+                log: &self.log_path(),
+                client_port: self.client_port,
+                peer_port: self.peer_port,
+                initial_cluster: &format!("t1={peer}"),
+                // A single member: elect itself at once.
+                timing: ["10", "100"],
+            },
+        )?;
+        self.child = Some(child);
 
         let started = Instant::now();
         let addr = self.client_addr();
@@ -621,50 +600,27 @@ impl EtcdCluster {
     }
 
     fn start(&mut self, i: usize) -> Result<(), FixtureError> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(i))
-            .map_err(|err| FixtureError::Io {
-                what: format!("open {}", self.log_path(i).display()),
-                err,
-            })?;
-        let log2 = log.try_clone().map_err(|err| FixtureError::Io {
-            what: "duplicate the etcd log handle".into(),
-            err,
-        })?;
         let initial: Vec<String> = self
             .ports
             .iter()
             .enumerate()
             .map(|(j, (_, p))| format!("m{j}=http://127.0.0.1:{p}"))
             .collect();
-        let (c, p) = self.ports[i];
-        let client = format!("http://127.0.0.1:{c}");
-        let peer = format!("http://127.0.0.1:{p}");
-        let child: Child = Command::new(&self.etcd)
-            .arg("--name")
-            .arg(format!("m{i}"))
-            .arg("--data-dir")
-            .arg(self.dir.path().join(format!("m{i}")))
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &initial.join(",")])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--initial-cluster-token", "vinfra-test"])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|err| FixtureError::Io {
-                what: format!("start {}", self.etcd.display()),
-                err,
-            })?;
-        self.children[i] = Some(ChildGuard::from(child));
+        let (client_port, peer_port) = self.ports[i];
+        let child = spawn_etcd_member(
+            &self.etcd,
+            &EtcdMember {
+                name: &format!("m{i}"),
+                data_dir: &self.dir.path().join(format!("m{i}")),
+                log: &self.log_path(i),
+                client_port,
+                peer_port,
+                initial_cluster: &initial.join(","),
+                // Several members on a loaded machine: etcd's defaults, halved.
+                timing: ["50", "500"],
+            },
+        )?;
+        self.children[i] = Some(child);
         Ok(())
     }
 
@@ -685,4 +641,63 @@ impl EtcdCluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// One etcd member to start.
+struct EtcdMember<'a> {
+    name: &'a str,
+    data_dir: &'a Path,
+    log: &'a Path,
+    client_port: u16,
+    peer_port: u16,
+    /// `--initial-cluster`: every member's `name=peer URL`.
+    initial_cluster: &'a str,
+    /// `--heartbeat-interval` and `--election-timeout`, ms.
+    timing: [&'a str; 2],
+}
+
+/// Starts one etcd member on loopback, its output appended to its log.
+fn spawn_etcd_member(etcd: &Path, m: &EtcdMember<'_>) -> Result<ChildGuard, FixtureError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(m.log)
+        .map_err(|err| FixtureError::Io {
+            what: format!("open {}", m.log.display()),
+            err,
+        })?;
+    let log2 = log.try_clone().map_err(|err| FixtureError::Io {
+        what: "duplicate the etcd log handle".into(),
+        err,
+    })?;
+    let client = format!("http://127.0.0.1:{}", m.client_port);
+    let peer = format!("http://127.0.0.1:{}", m.peer_port);
+    let child: Child = Command::new(etcd)
+        .arg("--name")
+        .arg(m.name)
+        .arg("--data-dir")
+        .arg(m.data_dir)
+        .args(["--listen-client-urls", &client])
+        .args(["--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer])
+        .args(["--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", m.initial_cluster])
+        .args(["--initial-cluster-state", "new"])
+        .args(["--initial-cluster-token", "vinfra-test"])
+        .args([
+            "--heartbeat-interval",
+            m.timing[0],
+            "--election-timeout",
+            m.timing[1],
+        ])
+        .args(["--logger", "zap", "--log-outputs", "stderr"])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .map_err(|err| FixtureError::Io {
+            what: format!("start {}", etcd.display()),
+            err,
+        })?;
+    Ok(ChildGuard::from(child))
 }
