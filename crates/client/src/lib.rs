@@ -498,14 +498,26 @@ impl Client {
         let id = id.to_string();
         let segments = ["v1", "migrations", &id, "snapshot"];
         let path = segments.join("/");
-        let req = self
-            .http
-            .put(self.url(&segments))
-            .bearer_auth(&self.token)
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(snapshot);
-        let res = Self::execute(&Method::PUT, &path, req).await?;
-        Self::check(Method::PUT, path, res).await.map(drop)
+        let body = bytes::Bytes::from(snapshot);
+        // The same bytes put again replace themselves, so a server error (its store
+        // failing over, say) is retried a few times before the migration gives up.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let req = self
+                .http
+                .put(self.url(&segments))
+                .bearer_auth(&self.token)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone());
+            let res = Self::execute(&Method::PUT, &path, req).await?;
+            match Self::check(Method::PUT, path.clone(), res).await {
+                Err(e) if e.status().is_some_and(|s| s >= 500) && attempt < 4 => {
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+                }
+                other => return other.map(drop),
+            }
+        }
     }
 
     /// `GET /v1/migrations/{id}/snapshot` (destination agent); `None` until uploaded.

@@ -37,8 +37,8 @@
 //!   milliseconds with a [`StoreError::Backend`] (gRPC `Cancelled`/`Unavailable`,
 //!   "connection closed" or "connection refused"); it does not queue or hang.
 //!   The first call after the member is healthy again succeeded (about 1 ms).
-//!   Reads (`get`, `list`) are retried up to [`READ_ATTEMPTS`] times, 100 ms
-//!   apart: they change nothing, and with several members the next attempt goes
+//!   Reads (`get`, `list`) are tried up to [`READ_ATTEMPTS`] times, 200, 400
+//!   and 800 ms apart (a call still fails within 1.5 s while no member is up): they change nothing, and with several members the next attempt goes
 //!   to a member that is up (measured: the HA test kills one member of three in
 //!   the middle of a drain). Writes are not retried: a write cut off mid-flight
 //!   has an unknown outcome, and only the caller knows whether re-sending it is
@@ -278,7 +278,7 @@ where
         match tokio::time::timeout(REQUEST_TIMEOUT, attempt()).await {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) if never_sent(&e) && tries < READ_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100 << tries)).await;
             }
             Ok(Err(e)) => return Err(StoreError::backend(context(), e)),
             Err(_) => return Err(StoreError::backend(context(), Timeout(REQUEST_TIMEOUT))),
@@ -287,7 +287,7 @@ where
 }
 
 /// How many times a read is tried before its error is returned.
-pub const READ_ATTEMPTS: u32 = 3;
+pub const READ_ATTEMPTS: u32 = 4;
 
 /// A read with [`call`], tried again after a backend error (see the crate docs).
 async fn read<T, F, Fut>(context: impl Fn() -> String, mut attempt: F) -> Result<T, StoreError>
@@ -300,7 +300,7 @@ where
         tries += 1;
         match call(&context, attempt()).await {
             Err(StoreError::Backend { .. }) if tries < READ_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100 << tries)).await;
             }
             other => return other,
         }
