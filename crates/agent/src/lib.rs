@@ -526,7 +526,6 @@ impl Agent {
     /// leave. Returns whether a migration is under way (the next pass comes sooner).
     async fn reconcile_once(&mut self) -> bool {
         self.refresh_uplink().await;
-        let asked_at = std::time::Instant::now();
         let assignments = match self.host.client.assignments(&self.host.cfg.host_name).await {
             Ok(a) => a,
             Err(e) => {
@@ -540,10 +539,7 @@ impl Agent {
         let assigned: BTreeSet<VmId> = assignments.iter().map(|a| a.vm.id).collect();
         for a in assignments {
             let id = a.vm.id;
-            let msg = Msg::Assigned {
-                a: Box::new(a),
-                asked_at,
-            };
+            let msg = Msg::Assigned(Box::new(a));
             match self.vms.get_mut(&id) {
                 Some(h) => h.route(msg),
                 None => {

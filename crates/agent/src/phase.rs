@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use cache::{CacheStats, Rebuild, RebuildPlan};
-use model::{DesiredState, Migration, MigrationId, QemuMigrationStats};
+use model::{DesiredState, Migration, MigrationId, MigrationState, QemuMigrationStats};
 
 /// A failed start is retried after this long (a transient cause, e.g. a busy port or
 /// a full disk that was cleaned, should not need the user to stop and start the VM).
@@ -134,6 +134,32 @@ pub fn side(m: &Migration, me: &str) -> Option<Side> {
     } else {
         None
     }
+}
+
+/// Where a migration state comes in a migration's life: each report moves a
+/// migration forward, never back (a failure can come at any point, so it is last).
+fn stage(s: MigrationState) -> u8 {
+    match s {
+        MigrationState::Pending => 0,
+        MigrationState::Ready => 1,
+        MigrationState::Migrating => 2,
+        MigrationState::Warming => 3,
+        MigrationState::Completed => 4,
+        MigrationState::Failed => 5,
+    }
+}
+
+/// Whether a view of migration `id` in state `seen` is older than this host's own last
+/// report on it (`reported`): the view was read before the report landed (a poll sent
+/// earlier, an event delayed), and acting on it would repeat a step the server already
+/// took ("ready to ready"). Ordering by state, not by time, holds for polls and pushed
+/// events alike.
+pub fn is_behind(
+    id: MigrationId,
+    seen: MigrationState,
+    reported: Option<(MigrationId, MigrationState)>,
+) -> bool {
+    reported.is_some_and(|(rid, r)| rid == id && stage(seen) < stage(r))
 }
 
 /// What the server wants of this host for one VM.
@@ -305,6 +331,20 @@ mod tests {
             ),
             Step::BeginMigration(Side::Destination, id)
         );
+    }
+
+    #[test]
+    fn a_view_older_than_our_own_report_is_behind() {
+        use MigrationState as S;
+        let (id, other) = (mig(), mig());
+        assert!(is_behind(id, S::Pending, Some((id, S::Ready))));
+        assert!(is_behind(id, S::Warming, Some((id, S::Completed))));
+        assert!(is_behind(id, S::Ready, Some((id, S::Warming))));
+        // Progress reports repeat a state; the other side moves it on.
+        assert!(!is_behind(id, S::Warming, Some((id, S::Warming))));
+        assert!(!is_behind(id, S::Warming, Some((id, S::Ready))));
+        assert!(!is_behind(id, S::Pending, None));
+        assert!(!is_behind(id, S::Pending, Some((other, S::Completed))));
     }
 
     #[test]

@@ -25,14 +25,8 @@ use crate::Host;
 /// What the reconciler tells a VM task.
 #[derive(Clone, Debug)]
 pub(crate) enum Msg {
-    /// The VM's current assignment to this host (also the tick), as the server had it
-    /// when the reconciler asked at `asked_at`.
-    Assigned {
-        /// The assignment.
-        a: Box<Assignment>,
-        /// When the request that returned it was sent.
-        asked_at: Instant,
-    },
+    /// The VM's current assignment to this host (also the tick).
+    Assigned(Box<Assignment>),
     /// The VM is no longer assigned here: stop it, remove its files, end.
     Unassigned,
     /// The agent shuts down: stop the VM, report it, end.
@@ -60,7 +54,7 @@ impl VmHandle {
             phase,
             disk: VmDisk::default(),
             last_report: None,
-            mig_acted_at: None,
+            mig_reported: None,
         };
         VmHandle {
             tx,
@@ -107,10 +101,11 @@ pub(crate) struct VmTask {
     pub(crate) phase: VmPhase,
     pub(crate) disk: VmDisk,
     last_report: Option<ObservedReport>,
-    /// When this task last moved a migration on (its reports change the migration's
-    /// state): an assignment asked for before then may not show that yet, and acting
-    /// on it would repeat a step the server already took ("ready to ready").
-    mig_acted_at: Option<Instant>,
+    /// This host's last accepted report on a migration of the VM: an assignment that
+    /// shows the migration at an earlier state is older than that report
+    /// ([`phase::is_behind`]). Kept past the migration's end here (a destination that
+    /// completed must not act on a late `warming` view).
+    pub(crate) mig_reported: Option<(model::MigrationId, model::MigrationState)>,
 }
 
 impl VmTask {
@@ -140,8 +135,11 @@ impl VmTask {
         let (desired, assignment, stale) = match msg {
             Msg::Shutdown => (Desired::Shutdown, None, false),
             Msg::Unassigned => (Desired::Unassigned, None, false),
-            Msg::Assigned { a, asked_at } => {
-                let stale = self.mig_acted_at.is_some_and(|t| asked_at < t);
+            Msg::Assigned(a) => {
+                let stale = a
+                    .migration
+                    .as_ref()
+                    .is_some_and(|m| phase::is_behind(m.id, m.state, self.mig_reported));
                 (self.desired(&a), Some(a), stale)
             }
         };
@@ -181,7 +179,6 @@ impl VmTask {
                 Step::Migrate => {
                     if let Some(a) = &assignment {
                         self.migration_step(a).await;
-                        self.mig_acted_at = Some(Instant::now());
                     }
                     break;
                 }
