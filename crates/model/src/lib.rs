@@ -13,6 +13,7 @@ mod error_chain;
 mod ids;
 mod name_type;
 mod rng;
+pub mod terminal_ops;
 mod types;
 mod validate;
 
