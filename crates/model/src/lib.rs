@@ -28,6 +28,6 @@ pub use types::{
 };
 pub use validate::{
     cidr_pattern, parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name,
-    validate_path, validate_range, BlobDigest, Name, ValidationError, CIDR_PREFIXES, DIGEST_PREFIX,
-    NAME_PATTERN,
+    validate_path, validate_range, BlobDigest, Name, ValidationError, AGENT_URL_PATTERN,
+    CIDR_PREFIXES, DIGEST_PREFIX, NAME_PATTERN, NO_CONTROL_PATTERN,
 };
