@@ -311,7 +311,10 @@ mod tests {
                 panic!("round {round}: no clean end after the answer: {e}");
             }
             let answer = String::from_utf8_lossy(&answer);
-            assert!(answer.starts_with("HTTP/1.1 415"), "round {round}: {answer}");
+            assert!(
+                answer.starts_with("HTTP/1.1 415"),
+                "round {round}: {answer}"
+            );
         }
     }
 }
