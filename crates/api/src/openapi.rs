@@ -608,8 +608,9 @@ pub fn example_digest() -> String {
 }
 
 /// The rules that tie one field to another, in JSON Schema (2020-12, which OpenAPI 3.1
-/// uses): (schema, keyword, value). Each mirrors a check of the schema's `validate()`.
-fn cross_field_rules() -> Vec<(&'static str, &'static str, serde_json::Value)> {
+/// uses): (schema, subschema the request must also match). Each mirrors a check of the
+/// schema's `validate()`; a schema's rules are stated as its `allOf`.
+fn cross_field_rules() -> Vec<(&'static str, serde_json::Value)> {
     use serde_json::json;
     let present =
         |field: &str, ty: &str| json!({"required": [field], "properties": {field: {"type": ty}}});
@@ -618,43 +619,34 @@ fn cross_field_rules() -> Vec<(&'static str, &'static str, serde_json::Value)> {
         // needs a kernel" (a null field is an absent one).
         (
             "CreateImage",
-            "anyOf",
-            json!([
-                present("kernel", "string"),
-                present("disk_template", "string")
-            ]),
+            json!({"anyOf": [present("kernel", "string"), present("disk_template", "string")]}),
         ),
-        ("CreateImage", "if", present("initrd", "string")),
-        ("CreateImage", "then", present("kernel", "string")),
+        (
+            "CreateImage",
+            json!({"if": present("initrd", "string"), "then": present("kernel", "string")}),
+        ),
         // CreateVm::validate: `disk_gib` only with `redundant: true`; a redundant VM
         // names no host (its storage pair places it).
         (
             "CreateVm",
-            "allOf",
-            json!([
-                {"if": present("disk_gib", "integer"),
-                 "then": {"required": ["redundant"], "properties": {"redundant": {"const": true}}}},
-                {"if": {"required": ["redundant"], "properties": {"redundant": {"const": true}}},
-                 "then": {"properties": {"host": {"type": "null"}}}},
-            ]),
+            json!({"if": present("disk_gib", "integer"),
+                   "then": {"required": ["redundant"], "properties": {"redundant": {"const": true}}}}),
+        ),
+        (
+            "CreateVm",
+            json!({"if": {"required": ["redundant"], "properties": {"redundant": {"const": true}}},
+                   "then": {"properties": {"host": {"type": "null"}}}}),
         ),
         // CreateToken::validate: a member token names its tenant; an admin or agent
         // token names none. (A member caller may leave its own tenant out.)
         (
             "CreateToken",
-            "if",
-            json!({"properties": {"role": {"const": "member"}}}),
-        ),
-        (
-            "CreateToken",
-            "then",
-            json!({"required": ["tenant"],
-                   "properties": {"tenant": {"type": "string", "examples": [EXAMPLE_TENANT]}}}),
-        ),
-        (
-            "CreateToken",
-            "else",
-            json!({"properties": {"tenant": {"type": "null"}}}),
+            json!({
+                "if": {"properties": {"role": {"const": "member"}}},
+                "then": {"required": ["tenant"],
+                         "properties": {"tenant": {"type": "string", "examples": [EXAMPLE_TENANT]}}},
+                "else": {"properties": {"tenant": {"type": "null"}}},
+            }),
         ),
     ]
 }
@@ -669,14 +661,22 @@ impl CrossField {
         use utoipa::openapi::Schema;
         let mut missing = Vec::new();
         let schemas = &mut doc.components.get_or_insert_with(Default::default).schemas;
-        for (schema, keyword, value) in cross_field_rules() {
+        for (schema, rule) in cross_field_rules() {
             match schemas.get_mut(schema) {
                 Some(RefOr::T(Schema::Object(o))) => {
-                    o.extensions
+                    // One key in the (unordered) extensions map: the document's text is
+                    // the same on every run.
+                    let all_of = o
+                        .extensions
                         .get_or_insert_with(Extensions::default)
-                        .insert(keyword.to_owned(), value);
+                        .entry("allOf".to_owned())
+                        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+                    match all_of.as_array_mut() {
+                        Some(rules) => rules.push(rule),
+                        None => missing.push(format!("{schema}: allOf is not an array")),
+                    }
                 }
-                _ => missing.push(format!("{schema}: {keyword}")),
+                _ => missing.push(format!("{schema}: {rule}")),
             }
         }
         missing
