@@ -353,7 +353,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     }
     if let Some(path) = &config.secrets_key_file {
         let key = secrets_key(path)?;
-        let _ = state.control().set_secrets_key(key);
+        state.control().set_secrets_key(key);
     }
     let own = if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))

@@ -361,10 +361,10 @@ fn terminal_name_key(tenant: TenantId, name: &Name) -> String {
 }
 
 impl Control {
-    /// Seals terminal secrets with `key` from now on (once: a later call is refused, as
-    /// secrets sealed with the first key would no longer open).
-    pub fn set_secrets_key(&self, key: SecretsKey) -> Result<(), SecretsKey> {
-        self.terminals().secrets.set(key)
+    /// Seals terminal secrets with `key` from now on. Once: a later call is ignored and
+    /// answers `false`, as secrets sealed with the first key would no longer open.
+    pub fn set_secrets_key(&self, key: SecretsKey) -> bool {
+        self.terminals().secrets.set(key).is_ok()
     }
 
     /// This control plane's id, as message headers name it: made once, kept in the
