@@ -4,3 +4,4 @@
 
 mod concurrency;
 mod drain;
+mod takeover;
