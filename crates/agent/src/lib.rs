@@ -278,17 +278,38 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     agent.adopt_existing().await;
     let mut migrating = false;
+    // A change of the lease (expired, or back) gives up the pass under way and starts
+    // the next at once: a pass started before a cut may hang on a dead connection for
+    // the client's whole timeout, and a fenced guest waits for the first assignment
+    // asked for after the lease came back.
+    let mut lease = agent.host.lease.clone();
+    let mut lease_open = true;
+    let mut pass_now = false;
     loop {
         // While a migration is in flight the next step is usually due at once
         // (switch-over, progress): poll faster then.
-        let pause = if migrating {
+        let pause = if pass_now {
+            Duration::ZERO
+        } else if migrating {
             poll.min(Duration::from_millis(200))
         } else {
             poll
         };
+        pass_now = false;
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tokio::time::sleep(pause) => migrating = agent.reconcile_once().await,
+            _ = tokio::time::sleep(pause) => {}
+            changed = lease.changed(), if lease_open => lease_open = changed.is_ok(),
+        }
+        lease.borrow_and_update();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            m = agent.reconcile_once() => migrating = m,
+            changed = lease.changed(), if lease_open => {
+                lease_open = changed.is_ok();
+                tracing::debug!("reconcile pass given up: the host lease changed");
+                pass_now = true;
+            }
         }
     }
     hb.abort();
