@@ -12,7 +12,7 @@
 //! assignment, so a takeover either shows in it or can no longer happen.
 //!
 //! Tasks: `heartbeat_loop` (lib.rs) sends the heartbeats and publishes each answered
-//! one as a [`Renewal`]; [`watchdog`] alone owns the [`Lease`] state and publishes it on
+//! one as a [`Renewal`]; `watchdog` alone owns the [`Lease`] state and publishes it on
 //! a `watch` channel that every VM task reads. The watchdog wakes at the deadline itself,
 //! so an expiry is noticed on time even while a heartbeat request hangs.
 //!

@@ -1,7 +1,7 @@
 //! A VM's life on this host as an explicit phase, and the pure transition function
 //! that picks the next step from the phase, what the server wants, and what the host
 //! lease allows ([`Authority`], see [`crate::lease`]). No I/O: the VM task
-//! ([`crate::vm`]) is the shell that performs each step and sets the phase it reached,
+//! (`vm.rs`) is the shell that performs each step and sets the phase it reached,
 //! so every decision here is a unit test.
 
 use std::time::{Duration, Instant};

@@ -300,12 +300,9 @@ impl StorageWatch {
                         .parse()
                         .ok()
                 });
-                if seq.is_some() && seq != last {
+                if let Some(v) = seq.filter(|_| seq != last) {
                     let at = Instant::now();
-                    w.lock().unwrap().push(Write {
-                        at,
-                        seq: seq.unwrap(),
-                    });
+                    w.lock().unwrap().push(Write { at, seq: v });
                     last = seq;
                 }
                 std::thread::sleep(Duration::from_millis(2));
