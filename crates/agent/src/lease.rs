@@ -7,9 +7,12 @@
 //! the lease expires here and the VM tasks pause their redundant guests ([`Authority`],
 //! `phase::VmPhase::Fenced`): the standby may be started any moment, and two guests
 //! writing one storage pair would corrupt it. They start or resume none until a
-//! heartbeat is answered again *and* an assignment asked for after that answer says the
-//! VM is still theirs: the server recorded that heartbeat before it read the
-//! assignment, so a takeover either shows in it or can no longer happen.
+//! heartbeat is answered again *and* the task's own request, sent after that answer,
+//! finds the VM still assigned here: the server recorded that heartbeat before it read
+//! the assignment, so a takeover either shows in it or can no longer happen (its write
+//! compares the host record the heartbeat changed). A message the reconciler (or a
+//! pushed event) delivered is not enough: it may have been read before the lease came
+//! back.
 //!
 //! Tasks: `heartbeat_loop` (lib.rs) sends the heartbeats and publishes each answered
 //! one as a [`Renewal`]; `watchdog` alone owns the [`Lease`] state and publishes it on
@@ -87,16 +90,20 @@ pub fn lease_at(prev: Lease, r: &Renewal, now: Instant) -> Lease {
 }
 
 /// What the lease allows for a VM that is `redundant` (`None`: not known yet, as for a
-/// VM adopted before its first assignment: counted as redundant), when the assignment
-/// the task acts on was asked for at `asked_at` (`None`: no assignment).
-pub fn authority(redundant: Option<bool>, lease: Lease, asked_at: Option<Instant>) -> Authority {
+/// VM adopted before its first assignment: counted as redundant), when the task's own
+/// request last found it assigned here at `confirmed_at` (its send time).
+pub fn authority(
+    redundant: Option<bool>,
+    lease: Lease,
+    confirmed_at: Option<Instant>,
+) -> Authority {
     if redundant == Some(false) {
         // No other host ever starts it: the lease does not concern it.
         return Authority::Held;
     }
     match lease {
         Lease::Expired { .. } => Authority::Lost,
-        Lease::Held { since } if asked_at.is_some_and(|a| a >= since) => Authority::Held,
+        Lease::Held { since } if confirmed_at.is_some_and(|c| c >= since) => Authority::Held,
         Lease::Held { .. } => Authority::Stale,
     }
 }
@@ -215,7 +222,7 @@ mod tests {
         // redundant.
         assert_eq!(authority(None, expired, None), Authority::Lost);
         assert_eq!(authority(Some(true), held, Some(t)), Authority::Held);
-        // An assignment asked for before the lease was (re)gained may predate a
+        // A confirmation asked for before the lease was (re)gained may predate a
         // takeover: not enough to start or resume the guest.
         assert_eq!(
             authority(Some(true), held, Some(t - Duration::from_millis(1))),

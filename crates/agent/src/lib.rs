@@ -280,8 +280,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut migrating = false;
     // A change of the lease (expired, or back) gives up the pass under way and starts
     // the next at once: a pass started before a cut may hang on a dead connection for
-    // the client's whole timeout, and a fenced guest waits for the first assignment
-    // asked for after the lease came back.
+    // the client's whole timeout, and the VMs want their assignments soon after the
+    // lease came back (a fenced one asks for its own as well, `Step::Confirm`).
     let mut lease = agent.host.lease.clone();
     let mut lease_open = true;
     let mut pass_now = false;
@@ -609,7 +609,6 @@ impl Agent {
     /// leave. Returns whether a migration is under way (the next pass comes sooner).
     async fn reconcile_once(&mut self) -> bool {
         self.refresh_uplink().await;
-        let asked_at = std::time::Instant::now();
         let assignments = match self.host.client.assignments(&self.host.cfg.host_name).await {
             Ok(a) => a,
             Err(e) => {
@@ -623,10 +622,7 @@ impl Agent {
         let assigned: BTreeSet<VmId> = assignments.iter().map(|a| a.vm.id).collect();
         for a in assignments {
             let id = a.vm.id;
-            let msg = Msg::Assigned {
-                a: Box::new(a),
-                asked_at,
-            };
+            let msg = Msg::Assigned(Box::new(a));
             match self.vms.get_mut(&id) {
                 Some(h) => h.route(msg),
                 None => {

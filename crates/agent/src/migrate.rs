@@ -76,13 +76,20 @@ impl VmTask {
         }
     }
 
+    /// Sends a report on migration `id`, remembering the state once the server took it.
+    async fn send_mig(&mut self, id: MigrationId, r: &MigrationReport) -> Result<(), MigrateError> {
+        self.host.client.report_migration(id, r).await?;
+        self.mig_reported = Some((id, r.state));
+        Ok(())
+    }
+
     /// Reports a failure; logs if even that fails (the next pass retries).
     async fn mig_fail(&mut self, m: &Migration, e: &(dyn std::error::Error + Send + Sync)) {
         let reason = model::error_chain(e);
         tracing::error!(migration = %m.id, vm = %m.vm_name, error = %reason, "migration failed");
         let mut r = self.mig_report(MigrationState::Failed);
         r.error = Some(reason);
-        if let Err(e) = self.host.client.report_migration(m.id, &r).await {
+        if let Err(e) = self.send_mig(m.id, &r).await {
             tracing::warn!(error = %e, "cannot report the migration failure");
         }
     }
@@ -144,10 +151,8 @@ impl VmTask {
                     let Some(uri) = m.incoming_uri.clone() else {
                         return Ok(());
                     };
-                    self.host
-                        .client
-                        .report_migration(m.id, &self.mig_report(MigrationState::Migrating))
-                        .await?;
+                    let r = self.mig_report(MigrationState::Migrating);
+                    self.send_mig(m.id, &r).await?;
                     let opts = compute::MigrateOptions {
                         downtime_limit_ms: Some(50),
                         max_bandwidth: Some(1 << 30),
@@ -177,7 +182,7 @@ impl VmTask {
                 }
                 let mut r = self.mig_report(MigrationState::Warming);
                 r.qemu = self.phase.mig().and_then(|x| x.qemu.clone());
-                self.host.client.report_migration(m.id, &r).await?;
+                self.send_mig(m.id, &r).await?;
                 Ok(())
             }
             MigrationState::Warming => {
@@ -219,7 +224,7 @@ impl VmTask {
                 };
                 let mut r = self.mig_report(MigrationState::Ready);
                 r.incoming_uri = Some(uri);
-                self.host.client.report_migration(m.id, &r).await?;
+                self.send_mig(m.id, &r).await?;
                 Ok(())
             }
             MigrationState::Ready | MigrationState::Migrating => Ok(()),
@@ -255,7 +260,7 @@ impl VmTask {
                     MigrationState::Warming
                 });
                 r.progress = Some(progress);
-                self.host.client.report_migration(m.id, &r).await?;
+                self.send_mig(m.id, &r).await?;
                 if finished {
                     tracing::info!(migration = %m.id, "cache rebuilt: migration complete");
                     self.phase = VmPhase::Running;

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use cache::{CacheStats, Rebuild, RebuildPlan};
-use model::{DesiredState, Migration, MigrationId, QemuMigrationStats};
+use model::{DesiredState, Migration, MigrationId, MigrationState, QemuMigrationStats};
 
 /// A failed start is retried after this long (a transient cause, e.g. a busy port or
 /// a full disk that was cleaned, should not need the user to stop and start the VM).
@@ -149,16 +149,43 @@ pub fn side(m: &Migration, me: &str) -> Option<Side> {
 /// What the host lease allows for one VM (computed by [`crate::lease::authority`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Authority {
-    /// Act on the assignment: the VM is not redundant, or the lease is held and the
-    /// assignment was asked for after the lease was last (re)gained.
+    /// Act on the assignment: the VM is not redundant, or the lease is held and the task
+    /// itself found the VM assigned here by a request sent after the lease was last
+    /// (re)gained.
     Held,
-    /// The lease is held, but the assignment may predate a takeover (it was asked for
-    /// before the lease was regained, or there is none yet): keep what runs, start and
-    /// resume nothing.
+    /// The lease is held, but the assignment at hand may predate a takeover (a message
+    /// may have been read before the lease came back): keep what runs; before starting or
+    /// resuming the guest, ask the server ([`Step::Confirm`]).
     Stale,
     /// The lease expired (a redundant VM): its standby may be started any moment, so its
     /// guest must not run here.
     Lost,
+}
+
+/// Where a migration state comes in a migration's life: each report moves a
+/// migration forward, never back (a failure can come at any point, so it is last).
+fn stage(s: MigrationState) -> u8 {
+    match s {
+        MigrationState::Pending => 0,
+        MigrationState::Ready => 1,
+        MigrationState::Migrating => 2,
+        MigrationState::Warming => 3,
+        MigrationState::Completed => 4,
+        MigrationState::Failed => 5,
+    }
+}
+
+/// Whether a view of migration `id` in state `seen` is older than this host's own last
+/// report on it (`reported`): the view was read before the report landed (a poll sent
+/// earlier, an event delayed), and acting on it would repeat a step the server already
+/// took ("ready to ready"). Ordering by state, not by time, holds for polls and pushed
+/// events alike.
+pub fn is_behind(
+    id: MigrationId,
+    seen: MigrationState,
+    reported: Option<(MigrationId, MigrationState)>,
+) -> bool {
+    reported.is_some_and(|(rid, r)| rid == id && stage(seen) < stage(r))
 }
 
 /// What the server wants of this host for one VM.
@@ -213,6 +240,9 @@ pub enum Step {
     Fence,
     /// Resume a fenced guest (the phase becomes `Running`).
     Resume,
+    /// Ask the server now whether the VM is still assigned here, then decide again on
+    /// that answer (with [`Authority::Held`] if it is).
+    Confirm,
 }
 
 /// The next step for a VM in `phase` when the server wants `desired`, the lease allows
@@ -220,10 +250,11 @@ pub enum Step {
 ///
 /// Stopping is always allowed; without the lease ([`Authority::Lost`]) a guest that
 /// runs here is paused, and with a doubtful assignment ([`Authority::Stale`]) nothing
-/// is started or resumed.
+/// is started or resumed before the server confirms it.
 pub fn next(phase: &VmPhase, desired: Desired, authority: Authority, now: Instant) -> Step {
     use VmPhase as P;
     let lost = authority == Authority::Lost;
+    let stale = authority == Authority::Stale;
     match (desired, phase) {
         (Desired::Shutdown, _) => Step::Shutdown,
         (Desired::Unassigned, _) => Step::Drop,
@@ -240,12 +271,14 @@ pub fn next(phase: &VmPhase, desired: Desired, authority: Authority, now: Instan
         (_, P::Running) if lost => Step::Fence,
         (_, P::Fenced { .. }) => match authority {
             Authority::Held if desired != Desired::Unknown => Step::Resume,
+            Authority::Stale => Step::Confirm,
             _ => Step::Idle,
         },
         (Desired::Unknown, _) => Step::Idle,
-        // Neither start, retry, nor join a migration on an assignment that may be
-        // out of date.
-        (_, P::Stopped { .. } | P::Failed { .. }) if authority != Authority::Held => Step::Idle,
+        // Nothing starts here without the lease.
+        (_, P::Stopped { .. } | P::Failed { .. }) if lost => Step::Idle,
+        // A destination's hypervisor would run the guest after switch-over.
+        (Desired::Migration { .. }, P::Stopped { .. } | P::Failed { .. }) if stale => Step::Confirm,
         (Desired::Migration { id, side }, _) => Step::BeginMigration(side, id),
         (Desired::Plain(want), P::Failed { desired, since, .. }) => {
             if *desired != want || now.saturating_duration_since(*since) >= RETRY_FAILED_AFTER {
@@ -254,6 +287,7 @@ pub fn next(phase: &VmPhase, desired: Desired, authority: Authority, now: Instan
                 Step::Idle
             }
         }
+        (Desired::Plain(DesiredState::Running), P::Stopped { .. }) if stale => Step::Confirm,
         (Desired::Plain(DesiredState::Running), P::Stopped { .. }) => Step::Start,
         (Desired::Plain(_), P::Running | P::Stopped { .. }) => Step::Idle,
     }
@@ -361,6 +395,20 @@ mod tests {
     }
 
     #[test]
+    fn a_view_older_than_our_own_report_is_behind() {
+        use MigrationState as S;
+        let (id, other) = (mig(), mig());
+        assert!(is_behind(id, S::Pending, Some((id, S::Ready))));
+        assert!(is_behind(id, S::Warming, Some((id, S::Completed))));
+        assert!(is_behind(id, S::Ready, Some((id, S::Warming))));
+        // Progress reports repeat a state; the other side moves it on.
+        assert!(!is_behind(id, S::Warming, Some((id, S::Warming))));
+        assert!(!is_behind(id, S::Warming, Some((id, S::Ready))));
+        assert!(!is_behind(id, S::Pending, None));
+        assert!(!is_behind(id, S::Pending, Some((other, S::Completed))));
+    }
+
+    #[test]
     fn the_guest_is_here_until_moved_and_there_after_switch_over() {
         let mut x = MigLocal::new(mig());
         assert!(VmPhase::MigratingOut(MigLocal::new(x.id)).guest_here());
@@ -411,6 +459,7 @@ mod tests {
             side: Side::Destination,
         };
         assert_eq!(next(&stopped(), m, LOST, now), Step::Idle);
+        assert_eq!(next(&stopped(), m, STALE, now), Step::Confirm);
         // A start under way finishes; the guest it started is fenced next.
         assert_eq!(next(&VmPhase::Starting, RUN, LOST, now), Step::Idle);
     }
@@ -454,8 +503,9 @@ mod tests {
     #[test]
     fn a_fenced_guest_is_resumed_only_on_a_fresh_assignment_and_dropped_when_moved() {
         let now = Instant::now();
-        // The lease is back, but this assignment was asked for before: wait for the next.
-        assert_eq!(next(&fenced(now), RUN, STALE, now), Step::Idle);
+        // The lease is back, but this assignment may be older: ask the server first.
+        assert_eq!(next(&fenced(now), RUN, STALE, now), Step::Confirm);
+        assert_eq!(next(&fenced(now), RUN, LOST, now), Step::Idle);
         assert_eq!(next(&fenced(now), Desired::Unknown, H, now), Step::Idle);
         // Still assigned here: resume (then go on as the assignment says).
         assert_eq!(next(&fenced(now), RUN, H, now), Step::Resume);
@@ -470,13 +520,14 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_assignment_keeps_what_runs_and_starts_nothing() {
+    fn a_stale_assignment_keeps_what_runs_and_starts_nothing_unconfirmed() {
         let now = Instant::now();
         assert_eq!(next(&VmPhase::Running, RUN, STALE, now), Step::Idle);
-        assert_eq!(next(&stopped(), RUN, STALE, now), Step::Idle);
+        assert_eq!(next(&stopped(), RUN, STALE, now), Step::Confirm);
         assert_eq!(next(&VmPhase::Running, STOP, STALE, now), Step::Stop);
+        // Forgetting a failure starts nothing; the start after it asks first.
         let old = failed(DesiredState::Running, RETRY_FAILED_AFTER, now);
-        assert_eq!(next(&old, RUN, STALE, now), Step::Idle);
+        assert_eq!(next(&old, RUN, STALE, now), Step::Retry);
         assert!(
             fenced(now).guest_here(),
             "a fenced hypervisor is stopped on halt"

@@ -37,14 +37,8 @@ const FENCED_NOTE: &str = "paused by its agent: the host lease expired (cut off 
 /// What the reconciler tells a VM task.
 #[derive(Clone, Debug)]
 pub(crate) enum Msg {
-    /// The VM's current assignment to this host (also the tick), as the server had it
-    /// when the reconciler asked at `asked_at`.
-    Assigned {
-        /// The assignment.
-        a: Box<Assignment>,
-        /// When the request that returned it was sent.
-        asked_at: Instant,
-    },
+    /// The VM's current assignment to this host (also the tick).
+    Assigned(Box<Assignment>),
     /// No assignment yet (a VM adopted from an earlier agent process, before the first
     /// pass): only the lease is acted on.
     Awaiting,
@@ -75,8 +69,9 @@ impl VmHandle {
             phase,
             disk: VmDisk::default(),
             last_report: None,
-            mig_acted_at: None,
+            mig_reported: None,
             redundant: None,
+            confirmed_at: None,
         };
         VmHandle {
             tx,
@@ -123,14 +118,19 @@ pub(crate) struct VmTask {
     pub(crate) phase: VmPhase,
     pub(crate) disk: VmDisk,
     last_report: Option<ObservedReport>,
-    /// When this task last moved a migration on (its reports change the migration's
-    /// state): an assignment asked for before then may not show that yet, and acting
-    /// on it would repeat a step the server already took ("ready to ready").
-    mig_acted_at: Option<Instant>,
+    /// This host's last accepted report on a migration of the VM: an assignment that
+    /// shows the migration at an earlier state is older than that report
+    /// ([`phase::is_behind`]). Kept past the migration's end here (a destination that
+    /// completed must not act on a late `warming` view).
+    pub(crate) mig_reported: Option<(model::MigrationId, model::MigrationState)>,
     /// The host lease, as the watchdog publishes it.
     lease: watch::Receiver<Lease>,
     /// Whether the VM is redundant, from its last assignment (`None`: none seen yet).
     redundant: Option<bool>,
+    /// When this task sent its own request that found the VM assigned here
+    /// ([`Step::Confirm`]): only such an answer, asked for after the lease was (re)gained,
+    /// lets a redundant guest start or resume (see [`crate::lease`]).
+    confirmed_at: Option<Instant>,
 }
 
 impl VmTask {
@@ -161,30 +161,70 @@ impl VmTask {
         }
     }
 
-    /// What the lease allows now for an assignment asked for at `asked_at`.
-    fn authority(&mut self, asked_at: Option<Instant>) -> Authority {
+    /// What the lease allows now.
+    fn authority(&mut self) -> Authority {
         let lease = *self.lease.borrow_and_update();
-        lease::authority(self.redundant, lease, asked_at)
+        lease::authority(self.redundant, lease, self.confirmed_at)
+    }
+
+    /// Whether `a` shows a migration at a state older than this host's own last report
+    /// on it.
+    fn behind(&self, a: &Assignment) -> bool {
+        a.migration
+            .as_ref()
+            .is_some_and(|m| phase::is_behind(m.id, m.state, self.mig_reported))
+    }
+
+    /// Asks the server, now, whether the VM is still assigned here (the lease came back,
+    /// or was just gained, and the assignment at hand may predate a takeover). `None`:
+    /// no answer; `Some(None)`: no longer assigned here.
+    async fn confirm(&mut self) -> Option<Option<Box<Assignment>>> {
+        let sent_at = Instant::now();
+        let host = self.host.clone();
+        let mut lease = self.lease.clone();
+        let expired = async move {
+            if lease.wait_for(|l| l.is_expired()).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let answer = tokio::select! {
+            r = host.client.assignments(&host.cfg.host_name) => r,
+            () = expired => return None,
+        };
+        match answer {
+            Ok(list) => {
+                let mine = list.into_iter().find(|a| a.vm.id == self.id());
+                if mine.is_some() {
+                    self.confirmed_at = Some(sent_at);
+                }
+                tracing::info!(vm = %self.id(), here = mine.is_some(), "asked the server whether the vm is still assigned here");
+                Some(mine.map(Box::new))
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.id(), error = %e, "cannot ask whether the vm is still assigned here");
+                None
+            }
+        }
     }
 
     /// Acts on one message; `false` when the task is over.
     async fn handle(&mut self, msg: Msg) -> bool {
-        let (desired, assignment, stale, asked_at) = match msg {
-            Msg::Shutdown => (Desired::Shutdown, None, false, None),
-            Msg::Unassigned => (Desired::Unassigned, None, false, None),
-            Msg::Awaiting => (Desired::Unknown, None, false, None),
-            Msg::Assigned { a, asked_at } => {
-                let stale = self.mig_acted_at.is_some_and(|t| asked_at < t);
+        let (mut desired, mut assignment, mut stale) = match msg {
+            Msg::Shutdown => (Desired::Shutdown, None, false),
+            Msg::Unassigned => (Desired::Unassigned, None, false),
+            Msg::Awaiting => (Desired::Unknown, None, false),
+            Msg::Assigned(a) => {
                 self.redundant = Some(a.vm.redundancy.is_some());
-                (self.desired(&a), Some(a), stale, Some(asked_at))
+                (self.desired(&a), Some(a), false)
             }
         };
         if let Some(a) = &assignment {
+            stale = self.behind(a);
             self.observe(a).await;
         }
         for _ in 0..MAX_STEPS_PER_MESSAGE {
             // Read per step: the lease may have expired during the previous one.
-            let authority = self.authority(asked_at);
+            let authority = self.authority();
             let step = phase::next(&self.phase, desired, authority, Instant::now());
             let migration_step = matches!(
                 step,
@@ -217,12 +257,22 @@ impl VmTask {
                 Step::Migrate => {
                     if let Some(a) = &assignment {
                         self.migration_step(a).await;
-                        self.mig_acted_at = Some(Instant::now());
                     }
                     break;
                 }
                 Step::EndMigration => self.end_migration().await,
                 Step::Fence => self.fence().await,
+                Step::Confirm => match self.confirm().await {
+                    // Decide again on the fresh answer (now with the lease's authority).
+                    Some(Some(a)) => {
+                        stale = self.behind(&a);
+                        self.redundant = Some(a.vm.redundancy.is_some());
+                        desired = self.desired(&a);
+                        assignment = Some(a);
+                    }
+                    Some(None) => desired = Desired::Unassigned,
+                    None => break,
+                },
                 Step::Resume => self.resume_fenced().await,
                 Step::Destroy => {
                     self.halt().await;

@@ -30,6 +30,13 @@ pub enum ApiError {
     /// A known token past its expiry.
     #[error("token expired")]
     TokenExpired,
+    /// A terminal's operation message that does not authenticate (unknown terminal,
+    /// MAC, timestamp): the message names why.
+    #[error("{0}")]
+    MessageNotAuthentic(String),
+    /// This server cannot do it as configured (the message says what is missing).
+    #[error("{0}")]
+    Unavailable(String),
     /// An agent token over TLS without the agent's client certificate.
     #[error("an agent token needs the agent's client certificate on a TLS listener")]
     AgentCertRequired,
@@ -165,6 +172,7 @@ impl ApiError {
             }
             ApiError::Unauthorized
             | ApiError::TokenExpired
+            | ApiError::MessageNotAuthentic(_)
             | ApiError::AgentCertRequired
             | ApiError::JoinRefused => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -181,7 +189,9 @@ impl ApiError {
             ApiError::UnsupportedMediaTypeFor { .. } => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
             }
-            ApiError::ImageStoreOff => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::ImageStoreOff | ApiError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             ApiError::Blob(e) => {
                 use crate::blobs::BlobError as B;
                 match e {
@@ -240,6 +250,41 @@ impl From<control::ControlError> for ApiError {
                 ApiError::internal("the control layer", e)
             }
             e => ApiError::internal("the control layer", e),
+        }
+    }
+}
+
+impl From<control::terminals::TerminalError> for ApiError {
+    fn from(e: control::terminals::TerminalError) -> Self {
+        use control::terminals::TerminalError as E;
+        match e {
+            E::Control(e) => e.into(),
+            e @ E::NoSecretsKey => ApiError::Unavailable(e.to_string()),
+            e => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
+impl From<control::terminals::Refused> for ApiError {
+    fn from(e: control::terminals::Refused) -> Self {
+        use control::terminals::Refused as R;
+        match e {
+            R::Control(e) => e.into(),
+            R::TooLarge { len } => ApiError::PayloadTooLarge {
+                what: "operation message",
+                size: u64::try_from(len).ok(),
+                limit: model::terminals::MAX_OPERATION_MESSAGE,
+            },
+            e @ R::Malformed(_) => ApiError::BadRequest(e.to_string()),
+            e @ (R::UnknownTerminal(_) | R::BadMac | R::Stale { .. } | R::WrongServer { .. }) => {
+                ApiError::MessageNotAuthentic(e.to_string())
+            }
+            R::RateLimited { retry_after_ms, .. } => ApiError::TooManyRequests {
+                reason: e.to_string(),
+                retry_after_secs: retry_after_ms.div_ceil(1000),
+            },
+            e @ R::BadOperation(_) => ApiError::Unprocessable(e.to_string()),
+            e => ApiError::Conflict(e.to_string()),
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod operations;
 pub mod records;
 pub mod storage;
 mod takeover;
+pub mod terminals;
 mod vms;
 
 use std::sync::Arc;
@@ -72,6 +73,8 @@ pub struct Control {
     heartbeat_timeout_ms: u64,
     /// Jobs started by requests (NS work); the operation driver stops them with itself.
     jobs: Tasks,
+    /// This server's terminal state (rate buckets, refusal counts, recent operations).
+    terminals: Arc<terminals::Terminals>,
 }
 
 impl std::fmt::Debug for Control {
@@ -90,7 +93,13 @@ impl Control {
             store,
             heartbeat_timeout_ms,
             jobs: Tasks::default(),
+            terminals: Arc::default(),
         }
+    }
+
+    /// This server's terminal state.
+    pub(crate) fn terminals(&self) -> &terminals::Terminals {
+        &self.terminals
     }
 
     /// Where request-started jobs run.

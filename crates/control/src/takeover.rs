@@ -25,9 +25,9 @@
 //!
 //! The takeover's write compares the primary's host record too: a heartbeat recorded
 //! after this pass read the host makes the write fail, so a primary that came back in
-//! time keeps its VM, and the agent resumes a fenced VM only on an assignment it asked
-//! for after a heartbeat succeeded again (which the server recorded, so any takeover
-//! is already visible in that assignment).
+//! time keeps its VM, and the agent resumes a fenced VM only when a request it sent after
+//! a heartbeat succeeded again finds the VM still assigned there (the server recorded
+//! that heartbeat first, so any takeover is already visible in the answer).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
