@@ -262,17 +262,26 @@ impl VmTask {
                 }
                 Step::EndMigration => self.end_migration().await,
                 Step::Fence => self.fence().await,
-                Step::Confirm => match self.confirm().await {
-                    // Decide again on the fresh answer (now with the lease's authority).
-                    Some(Some(a)) => {
-                        stale = self.behind(&a);
-                        self.redundant = Some(a.vm.redundancy.is_some());
-                        desired = self.desired(&a);
-                        assignment = Some(a);
+                Step::Confirm => {
+                    // The server answers again: it learns first that the guest was
+                    // paused (refused, and harmless, if the VM has moved meanwhile).
+                    if matches!(self.phase, VmPhase::Fenced { .. }) {
+                        self.send(ReportedState::Fenced, Some(FENCED_NOTE.to_owned()))
+                            .await;
                     }
-                    Some(None) => desired = Desired::Unassigned,
-                    None => break,
-                },
+                    match self.confirm().await {
+                        // Decide again on the fresh answer (now with the lease's
+                        // authority).
+                        Some(Some(a)) => {
+                            stale = self.behind(&a);
+                            self.redundant = Some(a.vm.redundancy.is_some());
+                            desired = self.desired(&a);
+                            assignment = Some(a);
+                        }
+                        Some(None) => desired = Desired::Unassigned,
+                        None => break,
+                    }
+                }
                 Step::Resume => self.resume_fenced().await,
                 Step::Destroy => {
                     self.halt().await;
