@@ -44,6 +44,7 @@ pub use ns::NsError;
 pub use operations::CancelError;
 pub use records::now_ms;
 pub use storage::StorageError;
+pub use takeover::{default_takeover_margin, lease_expired, LeaseWatch};
 pub use vms::{CreateVmError, Observed, VmChangeError, VmDeleted};
 
 /// Which tenants' objects a caller sees.

@@ -5,6 +5,7 @@ mod agent_restart;
 mod api_process;
 mod bench_control;
 mod crash;
+mod fencing;
 mod ha;
 mod harness;
 mod maintenance;

@@ -4,4 +4,5 @@
 
 mod concurrency;
 mod drain;
+mod takeover;
 mod terminals;
