@@ -447,7 +447,7 @@ impl Client {
         .await
     }
 
-    /// `POST /v1/terminal-operations` with a signed message ([`terminal::sign`]); the
+    /// `POST /v1/terminal-operations` with a signed message ([`terminal::TerminalCredentials::sign`]); the
     /// message authenticates itself, whatever this client's token.
     pub async fn send_operation(
         &self,
