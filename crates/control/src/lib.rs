@@ -8,7 +8,9 @@
 //! this crate never builds an HTTP answer.
 //!
 //! Tasks: [`driver::Driver`] owns the background tasks (the drain driver, the takeover
-//! watcher) and stops them on shutdown.
+//! watcher) and stops them on shutdown. The push hub ([`push`]), which runs on every
+//! server, is started by the first host event stream and stopped by
+//! [`Control::close_push`].
 #![warn(missing_docs)]
 
 pub mod cluster;
@@ -23,6 +25,7 @@ mod migrations;
 pub mod networks;
 pub mod ns;
 pub mod operations;
+pub mod push;
 pub mod records;
 pub mod storage;
 mod takeover;
@@ -41,6 +44,7 @@ pub use migrations::{MigrateStartError, MigrationReportError};
 pub use networks::{NetworkDeleteError, NicError};
 pub use ns::NsError;
 pub use operations::CancelError;
+pub use push::{HostEvents, PushError};
 pub use records::now_ms;
 pub use storage::StorageError;
 pub use vms::{CreateVmError, Observed, VmChangeError, VmDeleted};
@@ -71,6 +75,8 @@ pub struct Control {
     heartbeat_timeout_ms: u64,
     /// Jobs started by requests (NS work); the operation driver stops them with itself.
     jobs: Tasks,
+    /// The hosts' event streams (`push`).
+    push: push::Push,
 }
 
 impl std::fmt::Debug for Control {
@@ -89,6 +95,7 @@ impl Control {
             store,
             heartbeat_timeout_ms,
             jobs: Tasks::default(),
+            push: push::Push::new(push::DEFAULT_KEEPALIVE),
         }
     }
 
