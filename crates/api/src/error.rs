@@ -76,6 +76,9 @@ pub enum ApiError {
         /// The media type the route takes.
         expected: &'static str,
     },
+    /// This server cannot serve the request now (it is shutting down); another may.
+    #[error("{0}")]
+    Unavailable(String),
     /// The server was started without an image store.
     #[error("this server has no image store (start it with a data directory)")]
     ImageStoreOff,
@@ -181,7 +184,9 @@ impl ApiError {
             ApiError::UnsupportedMediaTypeFor { .. } => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type")
             }
-            ApiError::ImageStoreOff => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::ImageStoreOff | ApiError::Unavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             ApiError::Blob(e) => {
                 use crate::blobs::BlobError as B;
                 match e {
@@ -240,6 +245,21 @@ impl From<control::ControlError> for ApiError {
                 ApiError::internal("the control layer", e)
             }
             e => ApiError::internal("the control layer", e),
+        }
+    }
+}
+
+impl From<control::PushError> for ApiError {
+    fn from(e: control::PushError) -> Self {
+        use control::PushError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e @ E::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            // Refused at once, not queued, like the other limits: the client retries.
+            e @ E::Busy => ApiError::TooManyRequests {
+                reason: e.to_string(),
+                retry_after_secs: 1,
+            },
         }
     }
 }

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     /// The operation driver's leader lease: when the leading server dies, another one
     /// leads within about this time. Default 4 s.
     pub election_lease: Duration,
+    /// A host event stream (`GET /v1/hosts/{name}/events`) quiet for this long gets a
+    /// `ping` line, so that both ends notice a dead connection. Default 10 s.
+    pub push_keepalive: Duration,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +104,7 @@ impl Default for ServerConfig {
             cpu_jobs: 2,
             server_id: None,
             election_lease: Duration::from_secs(4),
+            push_keepalive: control::push::DEFAULT_KEEPALIVE,
         }
     }
 }
@@ -153,7 +157,8 @@ impl AppState {
                 control: control::Control::new(
                     store,
                     u64::try_from(config.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX),
-                ),
+                )
+                .with_push_keepalive(config.push_keepalive),
                 consoles: Mutex::new(HashMap::new()),
                 snapshots: Mutex::new(HashMap::new()),
                 http: metrics::HttpCounters::default(),
@@ -386,8 +391,12 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         }
         std::future::pending::<()>().await
     };
+    let control = state.control().clone();
     let stop = async move {
         let _ = rx.await;
+        // Host event streams last as long as their connections: ended here, or the
+        // graceful shutdown below would wait for them forever.
+        control.close_push();
     };
     // Every request learns its connection (`Peer`): agent tokens over TLS need the
     // agent's client certificate.

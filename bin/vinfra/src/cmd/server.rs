@@ -153,6 +153,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         cpu_jobs: args.cpu_jobs.max(1),
         server_id: args.server_id.clone(),
         election_lease: std::time::Duration::from_secs(args.election_lease_s.clamp(1, 60)),
+        ..api::ServerConfig::default()
     };
     let handle = api::serve(config, store).await?;
     tracing::info!(addr = %handle.addr(), "vinfra server listening");
