@@ -26,6 +26,8 @@ pub mod linkrelay;
 mod local;
 mod migrate;
 pub mod netdev;
+#[allow(dead_code)]
+mod push;
 pub mod reconcile;
 
 use std::collections::BTreeMap;
