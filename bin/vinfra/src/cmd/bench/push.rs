@@ -9,7 +9,8 @@
 //! - push: `--ops` commands one after another, each a stop or a start (alternating) of
 //!   the VM of the next host, sent through the API; measured from just before the
 //!   command is sent until its host's subscriber has read the line with the VM's new
-//!   desired state. The command's own answer time is shown too.
+//!   desired state. The command's own answer time is shown too, and per command the
+//!   event's time minus the answer's: what the push path adds to the write itself.
 //! - poll (the baseline): per host a poller reads `GET /v1/hosts/{name}/assignments`,
 //!   sleeps `--poll-ms`, and again (the agent's reconcile loop); `--poll-samples`
 //!   commands, spread over the hosts, each sent at a random moment of the poll period;
@@ -55,6 +56,9 @@ pub enum Measured {
     Push,
     /// The command's own HTTP answer (for reference: the event comes about then).
     Answer,
+    /// Event read minus the command's answer, per command: what the push path adds to
+    /// the write itself (negative: the event was read first).
+    AfterAnswer,
     /// Polling the assignments: command → the first poll answer that shows it.
     Poll,
 }
@@ -64,6 +68,9 @@ impl Measured {
         match self {
             Measured::Push => "event stream: command → event read".to_owned(),
             Measured::Answer => "(the command's own answer)".to_owned(),
+            Measured::AfterAnswer => {
+                "event read − answer, per command (< 0: event first)".to_owned()
+            }
             Measured::Poll => format!("polling every {poll_ms} ms: command → poll that shows it"),
         }
     }
@@ -313,7 +320,8 @@ async fn measure_push(
         });
     }
     drop(tx);
-    let (mut event_ms, mut answer_ms, mut missed) = (Vec::new(), Vec::new(), 0);
+    let (mut event_ms, mut answer_ms, mut after_ms, mut missed) =
+        (Vec::new(), Vec::new(), Vec::new(), 0);
     for k in 0..ops {
         let (_, vm) = vms[k % vms.len()];
         // Each VM alternates: stop on its odd rounds, start on its even ones.
@@ -324,9 +332,14 @@ async fn measure_push(
         };
         let t0 = Instant::now();
         command(admin, vm, to).await?;
-        answer_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let answered = t0.elapsed().as_secs_f64() * 1e3;
+        answer_ms.push(answered);
         match seen_at(&mut seen, vm, to).await? {
-            Some(at) => event_ms.push(at.duration_since(t0).as_secs_f64() * 1e3),
+            Some(at) => {
+                let read = at.duration_since(t0).as_secs_f64() * 1e3;
+                event_ms.push(read);
+                after_ms.push(read - answered);
+            }
             None => missed += 1,
         }
     }
@@ -339,6 +352,7 @@ async fn measure_push(
     Ok(vec![
         Row::of(Measured::Push, event_ms, missed),
         Row::of(Measured::Answer, answer_ms, 0),
+        Row::of(Measured::AfterAnswer, after_ms, missed),
     ])
 }
 
@@ -423,7 +437,7 @@ pub fn table(r: &PushReport) -> String {
         v.map_or_else(
             || "-".to_owned(),
             |v| {
-                if v < 10.0 {
+                if v.abs() < 10.0 {
                     format!("{v:.2} ms")
                 } else {
                     format!("{v:.0} ms")
