@@ -87,6 +87,9 @@ enum Command {
     /// API tokens: mint (with a lifetime and scope), list, revoke.
     #[command(subcommand)]
     Token(cmd::token::TokenCmd),
+    /// Terminals: clients that operate one VM by signed operation messages.
+    #[command(subcommand)]
+    Terminal(cmd::terminal::TerminalCmd),
     /// Serve a disk through a block cache over NBD (like qemu-nbd).
     #[command(subcommand)]
     Nbd(cmd::nbd::NbdCmd),
@@ -162,6 +165,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Image(c) => cmd::image::run(&ctx, c).await,
         Command::Network(c) => cmd::network::run(&ctx, c).await,
         Command::Token(c) => cmd::token::run(&ctx, c).await,
+        Command::Terminal(c) => cmd::terminal::run(&ctx, c).await,
         Command::Migration(c) => cmd::migration::run(&ctx, c).await,
         Command::Operation(c) => cmd::operation::run(&ctx, c).await,
         Command::Traffic(c) => cmd::traffic::run(&ctx, c).await,

@@ -7,7 +7,9 @@
 //! a restart does not hash it again. Images name no host path: an image record from
 //! before the image store is refused with the reason.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use client::Client;
 use model::{BlobDigest, Image, ValidationError};
@@ -57,6 +59,9 @@ pub struct ImagePaths {
 pub struct ImageFiles {
     dir: PathBuf,
     client: Client,
+    /// One fetch per digest at a time: VM tasks start in parallel, and two VMs of one
+    /// image must not write the same temporary file at once.
+    fetching: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl ImageFiles {
@@ -65,6 +70,7 @@ impl ImageFiles {
         Self {
             dir: data_dir.join(IMAGES_DIR),
             client,
+            fetching: Arc::default(),
         }
     }
 
@@ -90,6 +96,15 @@ impl ImageFiles {
             return Ok(None);
         };
         let path = self.dir.join(digest.hex());
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(Some(path));
+        }
+        let lock = {
+            let mut m = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(digest.hex().to_owned()).or_default().clone()
+        };
+        let _one_at_a_time = lock.lock().await;
+        // Another task may have fetched it while this one waited.
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(Some(path));
         }

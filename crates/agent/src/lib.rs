@@ -5,10 +5,12 @@
 //! Must not depend on: the server's internals; it talks to the control plane only
 //! through `client` (the REST API), so an agent on another machine works the same.
 //!
-//! Tasks: one heartbeat task (every `heartbeat`), and the reconcile loop, which alone
-//! owns the VM table (no locks): every `poll` it fetches the host's assignments, plans
-//! with [`reconcile::plan`] and executes the actions, then reports each VM's observed
-//! state with its console tail.
+//! Tasks: one heartbeat task (every `heartbeat`); the reconciler, which every `poll`
+//! fetches the host's assignments and routes each to its VM's task; and one task per
+//! VM, which alone owns that VM's phase ([`phase::VmPhase`]), cache and reports, and
+//! does its I/O at its own pace (a slow start of one VM never delays another's
+//! migration). The shared parts (config, client, hypervisor, disk stack, image files,
+//! uplink) are one `Host` value behind an `Arc`.
 //!
 //! Lifecycle: on shutdown the agent stops its VMs and reports them stopped; their
 //! desired state stays in the store, so the next agent start boots them again. After a
@@ -20,17 +22,19 @@
 #![warn(missing_docs)]
 
 pub mod disks;
+pub mod files;
 mod hostinfo;
 pub mod images;
 pub mod linkrelay;
 mod local;
 mod migrate;
 pub mod netdev;
+pub mod phase;
 #[allow(dead_code)]
 mod push;
-pub mod reconcile;
+mod vm;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,11 +42,11 @@ use std::time::Duration;
 
 use client::Client;
 use compute::{Accel, ComputeDriver, QemuDriver};
-use model::api::{ObservedReport, RegisterHost, ReportedState};
-use model::{DesiredState, VmId};
+use model::api::RegisterHost;
+use model::VmId;
 
-use crate::local::{LocalVm, VmFiles};
-use crate::reconcile::{Action, Have, Want};
+use crate::phase::VmPhase;
+use crate::vm::{Msg, VmHandle};
 
 /// How to run an agent.
 #[derive(Clone, Debug)]
@@ -207,7 +211,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             err,
         }
     })?;
-    std::fs::create_dir_all(cfg.data_dir.join(local::VMS_DIR)).map_err(|err| {
+    std::fs::create_dir_all(cfg.data_dir.join(files::VMS_DIR)).map_err(|err| {
         AgentError::DataDir {
             path: cfg.data_dir.clone(),
             err,
@@ -245,27 +249,31 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tracing::info!(host = %cfg.host_name, "registered");
 
     let hb = tokio::spawn(heartbeat_loop(client.clone(), registration, cfg.heartbeat));
+    let poll = cfg.poll;
     let mut agent = Agent {
-        images: images::ImageFiles::new(&cfg.data_dir, client.clone()),
-        cfg,
-        client,
-        driver,
-        disks,
+        host: Arc::new(Host {
+            images: images::ImageFiles::new(&cfg.data_dir, client.clone()),
+            cfg,
+            client,
+            driver,
+            disks,
+            uplink: std::sync::RwLock::new(None),
+        }),
         vms: BTreeMap::new(),
-        uplink: None,
     };
     agent.adopt_existing().await;
+    let mut migrating = false;
     loop {
         // While a migration is in flight the next step is usually due at once
         // (switch-over, progress): poll faster then.
-        let pause = if agent.migrating() {
-            agent.cfg.poll.min(Duration::from_millis(200))
+        let pause = if migrating {
+            poll.min(Duration::from_millis(200))
         } else {
-            agent.cfg.poll
+            poll
         };
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tokio::time::sleep(pause) => agent.reconcile_once().await,
+            _ = tokio::time::sleep(pause) => migrating = agent.reconcile_once().await,
         }
     }
     hb.abort();
@@ -433,60 +441,68 @@ async fn heartbeat_loop(client: Client, registration: RegisterHost, every: Durat
     }
 }
 
-pub(crate) struct Agent {
+/// What every VM task of this host shares: the config, the API client, the
+/// hypervisor, the disk stack, the image files, and the VXLAN uplink (which the
+/// reconciler refreshes as hosts come and go).
+pub(crate) struct Host {
     pub(crate) cfg: AgentConfig,
     pub(crate) client: Client,
     pub(crate) driver: Arc<dyn ComputeDriver>,
     pub(crate) disks: Arc<disks::DiskStack>,
     /// The image files of this host's VMs, fetched from the image store.
     pub(crate) images: images::ImageFiles,
-    pub(crate) vms: BTreeMap<VmId, LocalVm>,
     /// The VXLAN uplink of VM networks, when this host has a data-network address.
-    pub(crate) uplink: Option<netdev::Uplink>,
+    uplink: std::sync::RwLock<Option<netdev::Uplink>>,
 }
 
-impl Agent {
-    fn files(&self, id: VmId) -> VmFiles {
-        VmFiles::new(&self.cfg.data_dir, id)
-    }
-
-    /// How VM NICs are plugged on this host.
-    pub(crate) fn plumbing(&self) -> netdev::Plumbing<'_> {
+impl Host {
+    /// How VM NICs are plugged on this host now.
+    pub(crate) fn plumbing(&self) -> netdev::Plumbing {
         if self.cfg.host_network {
-            netdev::Plumbing::Host(self.uplink.as_ref())
+            let uplink = self.uplink.read().map(|u| u.clone()).unwrap_or_default();
+            netdev::Plumbing::Host(uplink)
         } else {
             netdev::Plumbing::Off
         }
     }
+}
 
-    fn migrating(&self) -> bool {
-        self.vms.values().any(|v| v.mig.is_some())
-    }
+/// The reconciler: owns the VM tasks (one per VM on this host) and routes to each what
+/// the server wants for it. It never waits for a task.
+struct Agent {
+    host: Arc<Host>,
+    vms: BTreeMap<VmId, VmHandle>,
+}
 
-    /// Re-attaches to VMs a previous agent process left running.
+impl Agent {
+    /// Starts a task for every VM a previous agent process left on this host; one
+    /// whose hypervisor still runs is adopted (`Running`).
     async fn adopt_existing(&mut self) {
-        for (id, files) in local::scan(&self.cfg.data_dir) {
-            let mut vm = LocalVm::default();
-            if self.driver.pidfile(files.run_dir()).exists() {
-                match self.driver.adopt(&files.driver_id(), files.run_dir()).await {
+        for (id, files) in files::scan(&self.host.cfg.data_dir) {
+            let mut phase = VmPhase::Stopped { note: None };
+            let driver = &self.host.driver;
+            if driver.pidfile(files.run_dir()).exists() {
+                match driver.adopt(&files.driver_id(), files.run_dir()).await {
                     Ok(rt) => {
                         tracing::info!(vm = %id, pid = rt.pid, "adopted running vm");
-                        vm.running = true;
+                        phase = VmPhase::Running;
                     }
                     Err(e) => tracing::warn!(vm = %id, error = %e, "cannot adopt vm"),
                 }
             }
-            self.vms.insert(id, vm);
+            // The first assignment pass tells the task what to do with it.
+            let h = VmHandle::spawn(self.host.clone(), id, phase, None);
+            self.vms.insert(id, h);
         }
     }
 
     /// Learns the other hosts' data-network addresses and points every VXLAN port of
     /// this host's bridges at them (hosts come and go).
-    async fn refresh_uplink(&mut self) {
-        let Some(local) = self.cfg.uplink_ip else {
+    async fn refresh_uplink(&self) {
+        let Some(local) = self.host.cfg.uplink_ip else {
             return;
         };
-        let hosts = match self.client.list_hosts().await {
+        let hosts = match self.host.client.list_hosts().await {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list hosts for the uplink");
@@ -495,270 +511,62 @@ impl Agent {
         };
         let peers: Vec<std::net::Ipv4Addr> = hosts
             .iter()
-            .filter(|h| h.name.as_str() != self.cfg.host_name)
+            .filter(|h| h.name.as_str() != self.host.cfg.host_name)
             .filter(|h| h.state == model::HostState::Up)
             .filter_map(|h| h.uplink_ip.as_deref()?.parse().ok())
             .filter(|ip| *ip != local)
             .collect();
         let uplink = netdev::Uplink { local, peers };
         netdev::sync_uplinks(&uplink).await;
-        self.uplink = Some(uplink);
+        if let Ok(mut u) = self.host.uplink.write() {
+            *u = Some(uplink);
+        }
     }
 
-    async fn reconcile_once(&mut self) {
+    /// One pass: fetches the host's assignments and routes each to its VM's task
+    /// (starting tasks for new VMs); tells the tasks of VMs no longer assigned here to
+    /// leave. Returns whether a migration is under way (the next pass comes sooner).
+    async fn reconcile_once(&mut self) -> bool {
         self.refresh_uplink().await;
-        let assignments = match self.client.assignments(&self.cfg.host_name).await {
+        let assignments = match self.host.client.assignments(&self.host.cfg.host_name).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot fetch assignments");
-                return;
+                return false;
             }
         };
-        // Notice VMs whose hypervisor exited on its own (guest poweroff, crash).
-        for (id, vm) in self.vms.iter_mut() {
-            if vm.running {
-                if let Ok(st) = self
-                    .driver
-                    .status(&VmFiles::new(&self.cfg.data_dir, *id).driver_id())
-                    .await
-                {
-                    if st.is_exited() {
-                        tracing::info!(vm = %id, status = ?st, "vm exited");
-                        vm.running = false;
-                        vm.exit_note = Some(format!("{st:?}"));
-                    }
-                }
-            }
-        }
-        let mut wanted = BTreeMap::new();
-        let mut specs = BTreeMap::new();
-        let mut migrations = Vec::new();
-        // VMs whose life here is driven by a migration, not by the plain planner: a
-        // destination before switch-over, a source after it (or after QEMU moved it).
-        let mut by_migration = std::collections::BTreeSet::new();
+        // Tasks that ended (deleted, dropped) make room for a new one next time.
+        self.vms.retain(|_, h| !h.is_finished());
+        let migrating = assignments.iter().any(|a| a.migration.is_some());
+        let assigned: BTreeSet<VmId> = assignments.iter().map(|a| a.vm.id).collect();
         for a in assignments {
-            if let Some(m) = a.migration.clone() {
-                let here = a.vm.host.as_str() == self.cfg.host_name;
-                let moved_away = self
-                    .vms
-                    .get(&a.vm.id)
-                    .and_then(|v| v.mig.as_ref())
-                    .is_some_and(|x| x.migrated_away);
-                let incoming = m.to_host.as_str() == self.cfg.host_name;
-                migrations.push((a.clone(), m));
-                if !here || moved_away || incoming {
-                    by_migration.insert(a.vm.id);
-                    continue;
-                }
-            }
-            let want = match a.vm.desired {
-                DesiredState::Running => Want::Running,
-                DesiredState::Stopped => Want::Stopped,
-                DesiredState::Deleted => Want::Deleted,
-            };
-            // A new desired state clears a failure at once, so the user can retry; time
-            // clears it too (a transient cause).
-            if let Some(vm) = self.vms.get_mut(&a.vm.id) {
-                let retry = vm
-                    .failed_at
-                    .is_some_and(|t| t.elapsed() >= local::RETRY_FAILED_AFTER);
-                if retry || vm.failed.as_ref().is_some_and(|(d, _)| *d != a.vm.desired) {
-                    vm.failed = None;
-                    vm.failed_at = None;
-                }
-            }
-            wanted.insert(a.vm.id, want);
-            specs.insert(a.vm.id, a);
-        }
-        let have: BTreeMap<VmId, Have> = self
-            .vms
-            .iter()
-            .filter(|(id, _)| !by_migration.contains(id))
-            .map(|(id, vm)| (*id, vm.have()))
-            .collect();
-        for action in reconcile::plan(&wanted, &have) {
-            self.execute(action, &specs).await;
-        }
-        self.reattach_adopted(&specs).await;
-        for (a, m) in &migrations {
-            self.migration_step(a, m).await;
-        }
-        // A migration that ended (vm.migration cleared) leaves no trace here; a source
-        // that paused its guest for a full copy that then failed resumes it.
-        let mut resume = Vec::new();
-        for (id, vm) in self.vms.iter_mut() {
-            if !migrations.iter().any(|(a, _)| a.vm.id == *id) {
-                if let Some(x) = vm.mig.take() {
-                    if let Some(r) = x.rebuild {
-                        r.cancel();
-                    }
-                    if x.paused_at.is_some() && !x.migrated_away {
-                        resume.push(*id);
-                    }
+            let id = a.vm.id;
+            let msg = Msg::Assigned(Box::new(a));
+            match self.vms.get_mut(&id) {
+                Some(h) => h.route(msg),
+                None => {
+                    let phase = VmPhase::Stopped { note: None };
+                    let h = VmHandle::spawn(self.host.clone(), id, phase, Some(msg));
+                    self.vms.insert(id, h);
                 }
             }
         }
-        for id in resume {
-            let files = self.files(id);
-            match self.driver.resume(&files.driver_id()).await {
-                Ok(()) => tracing::info!(vm = %id, "migration ended here: guest resumed"),
-                Err(e) => tracing::error!(vm = %id, error = %e, "cannot resume the guest"),
+        for (id, h) in self.vms.iter_mut() {
+            if !assigned.contains(id) {
+                h.route(Msg::Unassigned);
             }
         }
-        for (id, a) in &specs {
-            if a.vm.desired != DesiredState::Deleted {
-                self.report(*id).await;
-            }
-        }
-        // A destination after switch-over runs the VM: it reports it.
-        for (a, _) in &migrations {
-            if a.vm.host.as_str() == self.cfg.host_name && !specs.contains_key(&a.vm.id) {
-                self.report(a.vm.id).await;
-            }
-        }
+        migrating
     }
 
-    async fn execute(
-        &mut self,
-        action: Action<VmId>,
-        specs: &BTreeMap<VmId, model::api::Assignment>,
-    ) {
-        match action {
-            Action::Start(id) => {
-                let Some(a) = specs.get(&id) else { return };
-                let files = self.files(id);
-                self.send(id, ReportedState::Starting, None).await;
-                let mut vm = self.vms.remove(&id).unwrap_or_default();
-                let result = local::start(
-                    self.driver.as_ref(),
-                    &self.disks,
-                    &self.images,
-                    &files,
-                    a,
-                    self.cfg.accel,
-                    self.plumbing(),
-                    &mut vm,
-                )
-                .await;
-                let vm = self.vms.entry(id).or_insert(vm);
-                match result {
-                    Ok(()) => {
-                        tracing::info!(vm = %id, name = %a.vm.name, "vm started");
-                        vm.running = true;
-                        vm.exit_note = None;
-                    }
-                    Err(e) => {
-                        let reason = model::error_chain(&e);
-                        tracing::error!(vm = %id, error = %reason, "vm failed to start");
-                        vm.running = false;
-                        vm.failed = Some((a.vm.desired, reason));
-                        vm.failed_at = Some(std::time::Instant::now());
-                    }
-                }
-            }
-            Action::Stop(id) => {
-                self.send(id, ReportedState::Stopping, None).await;
-                let files = self.files(id);
-                if let Some(vm) = self.vms.get_mut(&id) {
-                    local::stop(self.driver.as_ref(), &self.disks, &files, vm).await;
-                }
-            }
-            Action::Destroy(id) => {
-                let files = self.files(id);
-                let mut vm = self.vms.remove(&id).unwrap_or_default();
-                local::stop(self.driver.as_ref(), &self.disks, &files, &mut vm).await;
-                if let Err(e) = files.remove() {
-                    tracing::warn!(vm = %id, error = %e, "cannot remove vm files");
-                }
-                // The VM is gone for good: its disk too.
-                self.disks.remove_origin(id);
-                self.send(id, ReportedState::Deleted, None).await;
-                tracing::info!(vm = %id, "vm deleted");
-            }
-            Action::DropOrphan(id) => {
-                let files = self.files(id);
-                let mut vm = self.vms.remove(&id).unwrap_or_default();
-                local::stop(self.driver.as_ref(), &self.disks, &files, &mut vm).await;
-                if let Err(e) = files.remove() {
-                    tracing::warn!(vm = %id, error = %e, "cannot remove orphan vm files");
-                }
-                tracing::info!(vm = %id, "removed a vm no longer assigned to this host");
-            }
-        }
-    }
-
-    /// Serves the disks of adopted VMs again: their hypervisors kept running through
-    /// the agent's restart, but the disk server (and the caches) restarted with it.
-    async fn reattach_adopted(&mut self, specs: &BTreeMap<VmId, model::api::Assignment>) {
-        for (id, a) in specs {
-            let Some(mut vm) = self.vms.remove(id) else {
-                continue;
-            };
-            if vm.running && vm.cache.is_none() {
-                let files = self.files(*id);
-                match local::reattach(&self.disks, &self.images, &files, a, &mut vm).await {
-                    Ok(()) => tracing::info!(vm = %id, "disk of an adopted vm served again"),
-                    Err(e) => {
-                        tracing::warn!(vm = %id, error = %model::error_chain(&e), "cannot serve the disk of an adopted vm")
-                    }
-                }
-            }
-            self.vms.insert(*id, vm);
-        }
-    }
-
-    /// Reports a VM's state with its console tail.
-    async fn report(&mut self, id: VmId) {
-        let Some(vm) = self.vms.get(&id) else {
-            return;
-        };
-        let (state, error) = match (&vm.failed, vm.running) {
-            (Some((_, reason)), _) => (ReportedState::Failed, Some(reason.clone())),
-            (None, true) => (ReportedState::Running, None),
-            (None, false) => (ReportedState::Stopped, vm.exit_note.clone()),
-        };
-        self.send(id, state, error).await;
-    }
-
-    async fn send(&mut self, id: VmId, state: ReportedState, error: Option<String>) {
-        let files = self.files(id);
-        let console_tail = files.console_tail(16 * 1024);
-        let report = ObservedReport {
-            host: self.cfg.host_name.clone(),
-            state,
-            error,
-            console_tail,
-        };
-        // Skip identical reports: the console tail changes while a guest runs, so a
-        // running VM is still reported every pass, an idle one is not.
-        if let Some(vm) = self.vms.get_mut(&id) {
-            if vm.last_report.as_ref() == Some(&report) {
-                return;
-            }
-            vm.last_report = Some(report.clone());
-        }
-        if let Err(e) = self.client.report_observed(id, &report).await {
-            tracing::warn!(vm = %id, error = %e, "cannot report observed state");
-        }
-    }
-
+    /// Stops every VM (each task reports its VM stopped) and waits for the tasks.
     async fn stop_all(&mut self) {
-        let ids: Vec<VmId> = self.vms.keys().copied().collect();
-        for id in ids {
-            let files = self.files(id);
-            if let Some(vm) = self.vms.get_mut(&id) {
-                // Also a VM whose state we lost track of: `stop` checks the pidfile.
-                if vm.running || self.driver.pidfile(files.run_dir()).exists() {
-                    tracing::info!(vm = %id, "stopping vm: agent shutting down");
-                    local::stop(self.driver.as_ref(), &self.disks, &files, vm).await;
-                    self.send(
-                        id,
-                        ReportedState::Stopped,
-                        Some("host agent shut down".into()),
-                    )
-                    .await;
-                }
-            }
+        let handles = std::mem::take(&mut self.vms);
+        for h in handles.values() {
+            h.shutdown();
+        }
+        for h in handles.into_values() {
+            h.join().await;
         }
     }
 }

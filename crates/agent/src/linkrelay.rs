@@ -27,7 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::Mutex;
 
-use crate::netdev::CPS_FILE;
+use crate::files::CPS_FILE;
 
 /// Guest ports in use, so that one guest gets one request at a time.
 type PortLocks = Arc<std::sync::Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>>;
@@ -75,7 +75,7 @@ pub async fn serve(
 
 /// The run dir of the local guest that owns CP `cp` (with a control port), if any.
 fn find_vm(data_dir: &Path, cp: &str) -> Option<PathBuf> {
-    let vms = std::fs::read_dir(data_dir.join(crate::local::VMS_DIR)).ok()?;
+    let vms = std::fs::read_dir(data_dir.join(crate::files::VMS_DIR)).ok()?;
     vms.flatten().map(|e| e.path()).find(|dir| {
         std::fs::read_to_string(dir.join(CPS_FILE)).is_ok_and(|cps| cps.lines().any(|l| l == cp))
             && dir.join(compute::qemu::files::LINK).exists()
@@ -215,7 +215,7 @@ mod tests {
     #[test]
     fn the_cp_owner_is_found_by_its_cps_file() {
         let d = tempfile::tempdir().unwrap();
-        let vm = d.path().join(crate::local::VMS_DIR).join("0123456789ab");
+        let vm = d.path().join(crate::files::VMS_DIR).join("0123456789ab");
         std::fs::create_dir_all(&vm).unwrap();
         std::fs::write(vm.join(CPS_FILE), "fw-cp\nfw-mgmt\n").unwrap();
         // No control port yet (the guest is not running): not found.

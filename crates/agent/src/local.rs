@@ -1,135 +1,28 @@
-//! A VM's files on this host and the steps to start and stop it.
-//!
-//! Layout: `<data_dir>/vms/<first 12 hex digits of the id>/` holds `vm-id` (the full
-//! id), `cache/` (the VM's block cache on this host) and the driver's files
-//! (`console.log`, `qmp.sock`, pidfile). The short directory name keeps unix socket
-//! paths under the 108-byte limit even in a deep checkout. The disk itself (the
-//! origin) lives in the shared origin dir, see [`crate::disks`].
+//! The I/O steps of a VM's life on this host: start (image files, cache, disk export,
+//! NICs, hypervisor), reattach an adopted VM's disk, and stop. The VM task
+//! ([`crate::vm`]) calls them; the on-disk layout is [`crate::files`].
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use cache::BlockCache;
 use compute::{Accel, ComputeDriver, DiskTarget, VmSpec};
-use model::api::{Assignment, ObservedReport};
-use model::VmId;
+use model::api::Assignment;
 
 use crate::disks::{guest_export, DiskStack};
+use crate::files::VmFiles;
 use crate::images::{ImageFiles, ImagePaths};
-use crate::migrate::MigLocal;
 use crate::netdev;
 
-/// A failed start is retried after this long (a transient cause, e.g. a busy port or
-/// a full disk that was cleaned, should not need the user to stop and start the VM).
-pub const RETRY_FAILED_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Subdirectory of the data dir holding one directory per VM.
-pub const VMS_DIR: &str = "vms";
-
-/// What this agent knows about one VM.
+/// A VM's disk on this host: its block cache, when open, and what checkpoints it.
 #[derive(Debug, Default)]
-pub struct LocalVm {
-    /// Its hypervisor runs (the guest executes here).
-    pub running: bool,
+pub struct VmDisk {
     /// Its block cache on this host, when open.
     pub cache: Option<Arc<BlockCache>>,
     /// Saves the cache's heat map and pattern every few seconds (a hit-only workload
     /// journals nothing), so that they too survive a crash.
     pub checkpointer: Option<cache::Checkpointer>,
-    /// A start failure for this desired state: (desired state, reason).
-    pub failed: Option<(model::DesiredState, String)>,
-    /// When the start failed: it is retried after [`RETRY_FAILED_AFTER`].
-    pub failed_at: Option<std::time::Instant>,
-    /// Why the hypervisor exited on its own, if it did.
-    pub exit_note: Option<String>,
-    /// The last report sent, to skip identical ones.
-    pub last_report: Option<ObservedReport>,
-    /// This host's part in a live migration of the VM.
-    pub mig: Option<MigLocal>,
-}
-
-impl LocalVm {
-    /// The planner's view.
-    pub fn have(&self) -> crate::reconcile::Have {
-        use crate::reconcile::Have;
-        match (&self.failed, self.running) {
-            (_, true) => Have::Running,
-            (Some((_, r)), false) => Have::Failed(r.clone()),
-            (None, false) => Have::Stopped,
-        }
-    }
-}
-
-/// Paths of one VM's files.
-#[derive(Clone, Debug)]
-pub struct VmFiles {
-    dir: PathBuf,
-    id: VmId,
-}
-
-impl VmFiles {
-    /// The files of VM `id` under `data_dir`.
-    pub fn new(data_dir: &Path, id: VmId) -> Self {
-        let short: String = id.0.simple().to_string().chars().take(12).collect();
-        Self {
-            dir: data_dir.join(VMS_DIR).join(short),
-            id,
-        }
-    }
-    /// The run dir handed to the compute driver.
-    pub fn run_dir(&self) -> &Path {
-        &self.dir
-    }
-    /// The id the compute driver knows the VM by.
-    pub fn driver_id(&self) -> String {
-        self.id.to_string()
-    }
-    /// The VM's cache directory.
-    pub fn cache_dir(&self) -> PathBuf {
-        self.dir.join("cache")
-    }
-    /// Creates the run dir and records the VM id in it (found again by [`scan`]).
-    pub fn create(&self) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        std::fs::write(self.dir.join("vm-id"), self.driver_id())
-    }
-    /// The last `max` bytes of the console log, if any.
-    pub fn console_tail(&self, max: u64) -> Option<String> {
-        use std::io::{Read, Seek, SeekFrom};
-        let path = self.dir.join(compute::qemu::files::CONSOLE);
-        let mut f = std::fs::File::open(path).ok()?;
-        let len = f.metadata().ok()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(max))).ok()?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf).into_owned())
-    }
-    /// Removes every file of the VM.
-    pub fn remove(&self) -> std::io::Result<()> {
-        match std::fs::remove_dir_all(&self.dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            r => r,
-        }
-    }
-}
-
-/// VM directories found under `data_dir` (from an earlier agent process).
-pub fn scan(data_dir: &Path) -> Vec<(VmId, VmFiles)> {
-    let Ok(entries) = std::fs::read_dir(data_dir.join(VMS_DIR)) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let id: VmId = std::fs::read_to_string(e.path().join("vm-id"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()?;
-            Some((id, VmFiles::new(data_dir, id)))
-        })
-        .collect()
 }
 
 /// Errors of starting a VM here.
@@ -208,8 +101,8 @@ pub fn vm_spec(
             port: nbd.port(),
             export: guest_export(a.vm.id),
         },
-        nics: netdev::attachments(&files.dir, &a.vm.nics),
-        run_dir: files.dir.clone(),
+        nics: netdev::attachments(files.run_dir(), &a.vm.nics),
+        run_dir: files.run_dir().to_owned(),
         accel,
     })
 }
@@ -221,13 +114,13 @@ pub async fn ensure_cache(
     files: &VmFiles,
     a: &Assignment,
     image: &ImagePaths,
-    vm: &mut LocalVm,
+    vm: &mut VmDisk,
 ) -> Result<Arc<BlockCache>, StartError> {
     if let Some(c) = &vm.cache {
         return Ok(c.clone());
     }
     files.create().map_err(|err| StartError::Files {
-        path: files.dir.clone(),
+        path: files.run_dir().to_owned(),
         err,
     })?;
     disks
@@ -249,13 +142,13 @@ pub async fn start(
     files: &VmFiles,
     a: &Assignment,
     accel: Accel,
-    nics: netdev::Plumbing<'_>,
-    vm: &mut LocalVm,
+    nics: netdev::Plumbing,
+    vm: &mut VmDisk,
 ) -> Result<(), StartError> {
     let image = images.paths(&a.image).await?;
     let spec = vm_spec(files, a, &image, accel, disks.addr())?;
     let cache = ensure_cache(disks, files, a, &image, vm).await?;
-    nics.plug(&files.dir, &a.vm.nics).await?;
+    nics.plug(files.run_dir(), &a.vm.nics).await?;
     disks.export(a.vm.id, &cache);
     driver.start(&spec).await?;
     Ok(())
@@ -269,7 +162,7 @@ pub async fn reattach(
     images: &ImageFiles,
     files: &VmFiles,
     a: &Assignment,
-    vm: &mut LocalVm,
+    vm: &mut VmDisk,
 ) -> Result<(), StartError> {
     let image = images.paths(&a.image).await?;
     let cache = ensure_cache(disks, files, a, &image, vm).await?;
@@ -277,21 +170,22 @@ pub async fn reattach(
     Ok(())
 }
 
-/// Stops the hypervisor (if any) and the VM's exports; closes its cache.
+/// Stops the hypervisor (if `running`, or if its pidfile says a process may be
+/// there) and the VM's exports; checkpoints and closes its cache.
 pub async fn stop(
     driver: &dyn ComputeDriver,
     disks: &DiskStack,
     files: &VmFiles,
-    vm: &mut LocalVm,
+    running: bool,
+    vm: &mut VmDisk,
 ) {
-    if vm.running || driver.pidfile(files.run_dir()).exists() {
+    if running || driver.pidfile(files.run_dir()).exists() {
         if let Err(e) = driver.stop(&files.driver_id()).await {
             tracing::warn!(vm = %files.driver_id(), error = %e, "stop failed");
         }
     }
-    vm.running = false;
-    netdev::unplug(&files.dir);
-    disks.unexport(files.id);
+    netdev::unplug(files.run_dir());
+    disks.unexport(files.id());
     vm.checkpointer = None;
     if let Some(c) = vm.cache.take() {
         match tokio::task::spawn_blocking(move || c.checkpoint()).await {

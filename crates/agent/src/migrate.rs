@@ -17,58 +17,17 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use cache::{
-    prepare_destination, BlockIdx, BlockSize, BlockSource, CacheStats, Generation,
-    MigrationSnapshot, PeerNbdSource, Rebuild, RebuildPlan, SourceError, Strategy,
+    prepare_destination, BlockIdx, BlockSize, BlockSource, Generation, MigrationSnapshot,
+    PeerNbdSource, Rebuild, SourceError, Strategy,
 };
 use model::api::{Assignment, MigrationReport};
 use model::{CacheProgress, Migration, MigrationId, MigrationState, QemuMigrationStats};
 use nbd::{NbdAddr, ReconnectPolicy};
 
 use crate::disks::peer_export;
-use crate::local::{self, VmFiles};
-use crate::Agent;
-
-/// This host's part in one migration.
-#[derive(Debug)]
-pub struct MigLocal {
-    /// The migration.
-    pub id: MigrationId,
-    /// Source: the snapshot was uploaded.
-    pub snapshot_sent: bool,
-    /// Source: QEMU moved the VM away (never restart it here).
-    pub migrated_away: bool,
-    /// Source: QEMU's figures, kept to re-send if the `warming` report failed.
-    pub qemu: Option<QemuMigrationStats>,
-    /// Destination: where QEMU waits (kept to re-send `ready`).
-    pub incoming_uri: Option<String>,
-    /// Destination: the fetch plan, until the rebuild starts.
-    pub plan: Option<RebuildPlan>,
-    /// Destination: the running rebuild.
-    pub rebuild: Option<Rebuild>,
-    /// Destination: cache counters at switch-over, to report hits since then.
-    pub base: Option<CacheStats>,
-    /// Source, `full-copy`: when the guest was paused for the copy (None: not paused).
-    pub paused_at: Option<std::time::Instant>,
-    /// Destination, `full-copy`: the guest (which arrives paused) was resumed.
-    pub resumed: bool,
-}
-
-impl MigLocal {
-    fn new(id: MigrationId) -> Self {
-        Self {
-            id,
-            snapshot_sent: false,
-            migrated_away: false,
-            qemu: None,
-            incoming_uri: None,
-            plan: None,
-            rebuild: None,
-            base: None,
-            paused_at: None,
-            resumed: false,
-        }
-    }
-}
+use crate::local;
+use crate::phase::{side, MigLocal, Side, VmPhase};
+use crate::vm::VmTask;
 
 /// Errors of a migration step on this host.
 #[derive(Debug, thiserror::Error)]
@@ -105,30 +64,10 @@ pub enum MigrateError {
     Compute(#[from] compute::ComputeError),
 }
 
-/// Which end of the migration this host is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    /// Moving away from here.
-    Source,
-    /// Moving here.
-    Destination,
-}
-
-/// This host's side of `m`, if any.
-pub fn side(m: &Migration, me: &str) -> Option<Side> {
-    if m.from_host.as_str() == me {
-        Some(Side::Source)
-    } else if m.to_host.as_str() == me {
-        Some(Side::Destination)
-    } else {
-        None
-    }
-}
-
-impl Agent {
+impl VmTask {
     fn mig_report(&self, state: MigrationState) -> MigrationReport {
         MigrationReport {
-            host: self.cfg.host_name.clone(),
+            host: self.host.cfg.host_name.clone(),
             state,
             incoming_uri: None,
             qemu: None,
@@ -137,27 +76,31 @@ impl Agent {
         }
     }
 
+    /// Sends a report on migration `id`, remembering the state once the server took it.
+    async fn send_mig(&mut self, id: MigrationId, r: &MigrationReport) -> Result<(), MigrateError> {
+        self.host.client.report_migration(id, r).await?;
+        self.mig_reported = Some((id, r.state));
+        Ok(())
+    }
+
     /// Reports a failure; logs if even that fails (the next pass retries).
-    async fn mig_fail(&mut self, m: &Migration, e: &dyn std::error::Error) {
+    async fn mig_fail(&mut self, m: &Migration, e: &(dyn std::error::Error + Send + Sync)) {
         let reason = model::error_chain(e);
         tracing::error!(migration = %m.id, vm = %m.vm_name, error = %reason, "migration failed");
         let mut r = self.mig_report(MigrationState::Failed);
         r.error = Some(reason);
-        if let Err(e) = self.client.report_migration(m.id, &r).await {
+        if let Err(e) = self.send_mig(m.id, &r).await {
             tracing::warn!(error = %e, "cannot report the migration failure");
         }
     }
 
-    /// One reconcile step for a VM with a migration in progress.
-    pub(crate) async fn migration_step(&mut self, a: &Assignment, m: &Migration) {
-        let Some(side) = side(m, &self.cfg.host_name) else {
+    /// One step of this host's side of the VM's migration (the phase is
+    /// `MigratingOut` or `MigratingIn` for it).
+    pub(crate) async fn migration_step(&mut self, a: &Assignment) {
+        let Some(m) = &a.migration else { return };
+        let Some(side) = side(m, &self.host.cfg.host_name) else {
             return;
         };
-        let id = a.vm.id;
-        let vm = self.vms.entry(id).or_default();
-        if vm.mig.as_ref().is_none_or(|x| x.id != m.id) {
-            vm.mig = Some(MigLocal::new(m.id));
-        }
         let result = match side {
             Side::Source => self.source_step(a, m).await,
             Side::Destination => self.dest_step(a, m).await,
@@ -169,48 +112,34 @@ impl Agent {
 
     async fn source_step(&mut self, a: &Assignment, m: &Migration) -> Result<(), MigrateError> {
         let id = a.vm.id;
-        let files = VmFiles::new(&self.cfg.data_dir, id);
         match m.state {
             MigrationState::Pending => {
-                let sent = self
-                    .vms
-                    .get(&id)
-                    .and_then(|v| v.mig.as_ref())
-                    .is_some_and(|x| x.snapshot_sent);
-                if sent {
+                if self.phase.mig().is_some_and(|x| x.snapshot_sent) {
                     return Ok(());
                 }
                 if m.strategy == Strategy::FullCopy.name()
-                    && self
-                        .vms
-                        .get(&id)
-                        .and_then(|v| v.mig.as_ref())
-                        .is_some_and(|x| x.paused_at.is_none())
+                    && self.phase.mig().is_some_and(|x| x.paused_at.is_none())
                 {
                     // vSphere-style full copy: the whole cache crosses while the guest is
                     // paused, so no write on this side can make a copied block stale; the
                     // pause is the price, and it counts in the reported downtime.
-                    self.driver.pause(&files.driver_id()).await?;
-                    if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {
+                    self.host.driver.pause(&self.files.driver_id()).await?;
+                    if let Some(x) = self.phase.mig_mut() {
                         x.paused_at = Some(std::time::Instant::now());
                     }
                 }
-                let cache = self.open_cache(a, &files).await?;
+                let cache = self.open_cache(a).await?;
                 let snap = tokio::task::spawn_blocking(move || cache.migration_snapshot()).await?;
                 let bytes = serde_json::to_vec(&snap).map_err(MigrateError::Snapshot)?;
                 tracing::info!(migration = %m.id, blocks = snap.blocks.len(), bytes = bytes.len(), "uploading cache snapshot");
-                self.client.put_migration_snapshot(m.id, bytes).await?;
-                if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {
+                self.host.client.put_migration_snapshot(m.id, bytes).await?;
+                if let Some(x) = self.phase.mig_mut() {
                     x.snapshot_sent = true;
                 }
                 Ok(())
             }
             MigrationState::Ready | MigrationState::Migrating => {
-                let away = self
-                    .vms
-                    .get(&id)
-                    .and_then(|v| v.mig.as_ref())
-                    .is_some_and(|x| x.migrated_away);
+                let away = self.phase.mig().is_some_and(|x| x.migrated_away);
                 if !away {
                     if m.state == MigrationState::Migrating {
                         // We restarted in the middle of moving memory: whatever QEMU did,
@@ -222,22 +151,23 @@ impl Agent {
                     let Some(uri) = m.incoming_uri.clone() else {
                         return Ok(());
                     };
-                    self.client
-                        .report_migration(m.id, &self.mig_report(MigrationState::Migrating))
-                        .await?;
+                    let r = self.mig_report(MigrationState::Migrating);
+                    self.send_mig(m.id, &r).await?;
                     let opts = compute::MigrateOptions {
                         downtime_limit_ms: Some(50),
                         max_bandwidth: Some(1 << 30),
-                        tls: crate::migration_tls(&self.cfg, &uri, m.to_host.as_str())
+                        tls: crate::migration_tls(&self.host.cfg, &uri, m.to_host.as_str())
                             .map_err(MigrateError::PeerTls)?,
                         ..Default::default()
                     };
-                    let stats = self.driver.migrate(&files.driver_id(), &uri, &opts).await?;
+                    let stats = self
+                        .host
+                        .driver
+                        .migrate(&self.files.driver_id(), &uri, &opts)
+                        .await?;
                     tracing::info!(migration = %m.id, total_ms = stats.total_time_ms, downtime_ms = stats.downtime_ms, "memory moved");
-                    self.disks.unexport_guest(id);
-                    let vm = self.vms.entry(id).or_default();
-                    vm.running = false;
-                    if let Some(x) = vm.mig.as_mut() {
+                    self.host.disks.unexport_guest(id);
+                    if let Some(x) = self.phase.mig_mut() {
                         x.migrated_away = true;
                         // Guest-visible downtime: QEMU's, plus a full copy's pause.
                         let paused_ms = x.paused_at.map_or(0, |t| {
@@ -250,28 +180,21 @@ impl Agent {
                         });
                     }
                 }
-                let qemu = self
-                    .vms
-                    .get(&id)
-                    .and_then(|v| v.mig.as_ref())
-                    .and_then(|x| x.qemu.clone());
                 let mut r = self.mig_report(MigrationState::Warming);
-                r.qemu = qemu;
-                self.client.report_migration(m.id, &r).await?;
+                r.qemu = self.phase.mig().and_then(|x| x.qemu.clone());
+                self.send_mig(m.id, &r).await?;
                 Ok(())
             }
             MigrationState::Warming => {
                 // Serve the cache to the destination; after a crash, reopen (verify) it.
-                if self.vms.get(&id).is_none_or(|v| v.cache.is_none()) {
-                    let cache = self.open_cache(a, &files).await?;
-                    self.disks.export_peer(id, &cache);
+                if self.disk.cache.is_none() {
+                    let cache = self.open_cache(a).await?;
+                    self.host.disks.export_peer(id, &cache);
                     tracing::info!(migration = %m.id, "serving the cache to the destination again");
                 }
-                let vm = self.vms.entry(id).or_default();
-                if let Some(x) = vm.mig.as_mut() {
+                if let Some(x) = self.phase.mig_mut() {
                     x.migrated_away = true;
                 }
-                vm.running = false;
                 Ok(())
             }
             MigrationState::Completed | MigrationState::Failed => Ok(()),
@@ -279,30 +202,20 @@ impl Agent {
     }
 
     /// The VM's cache on this host, opened (after fetching its image's files) if needed.
-    async fn open_cache(
-        &mut self,
-        a: &Assignment,
-        files: &VmFiles,
-    ) -> Result<Arc<cache::BlockCache>, MigrateError> {
-        let image = self
+    async fn open_cache(&mut self, a: &Assignment) -> Result<Arc<cache::BlockCache>, MigrateError> {
+        let h = self.host.clone();
+        let image = h
             .images
             .paths(&a.image)
             .await
             .map_err(local::StartError::from)?;
-        let vm = self.vms.entry(a.vm.id).or_default();
-        Ok(local::ensure_cache(&self.disks, files, a, &image, vm).await?)
+        Ok(local::ensure_cache(&h.disks, &self.files, a, &image, &mut self.disk).await?)
     }
 
     async fn dest_step(&mut self, a: &Assignment, m: &Migration) -> Result<(), MigrateError> {
-        let id = a.vm.id;
         match m.state {
             MigrationState::Pending => {
-                let uri = match self
-                    .vms
-                    .get(&id)
-                    .and_then(|v| v.mig.as_ref())
-                    .and_then(|x| x.incoming_uri.clone())
-                {
+                let uri = match self.phase.mig().and_then(|x| x.incoming_uri.clone()) {
                     Some(u) => u,
                     None => match self.prepare_incoming(a, m).await? {
                         Some(u) => u,
@@ -311,31 +224,25 @@ impl Agent {
                 };
                 let mut r = self.mig_report(MigrationState::Ready);
                 r.incoming_uri = Some(uri);
-                self.client.report_migration(m.id, &r).await?;
+                self.send_mig(m.id, &r).await?;
                 Ok(())
             }
             MigrationState::Ready | MigrationState::Migrating => Ok(()),
             MigrationState::Warming => {
                 let resume = m.strategy == Strategy::FullCopy.name()
-                    && self
-                        .vms
-                        .get(&id)
-                        .and_then(|v| v.mig.as_ref())
-                        .is_some_and(|x| !x.resumed);
+                    && self.phase.mig().is_some_and(|x| !x.resumed);
                 if resume {
                     // The source was paused for the copy, so the guest arrived paused.
-                    let files = VmFiles::new(&self.cfg.data_dir, id);
-                    self.driver.resume(&files.driver_id()).await?;
-                    if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {
+                    self.host.driver.resume(&self.files.driver_id()).await?;
+                    if let Some(x) = self.phase.mig_mut() {
                         x.resumed = true;
                     }
                 }
-                let vm = self.vms.entry(id).or_default();
-                vm.running = true;
-                let cache = vm.cache.clone();
-                let Some(x) = vm.mig.as_mut() else {
+                let cache = self.disk.cache.clone();
+                let Some(x) = self.phase.mig_mut() else {
                     return Ok(());
                 };
+                x.switched = true;
                 if x.base.is_none() {
                     x.base = cache.as_ref().map(|c| c.stats());
                 }
@@ -353,12 +260,10 @@ impl Agent {
                     MigrationState::Warming
                 });
                 r.progress = Some(progress);
-                self.client.report_migration(m.id, &r).await?;
+                self.send_mig(m.id, &r).await?;
                 if finished {
                     tracing::info!(migration = %m.id, "cache rebuilt: migration complete");
-                    if let Some(vm) = self.vms.get_mut(&id) {
-                        vm.mig = None;
-                    }
+                    self.phase = VmPhase::Running;
                 }
                 Ok(())
             }
@@ -374,7 +279,8 @@ impl Agent {
         m: &Migration,
     ) -> Result<Option<String>, MigrateError> {
         let id = a.vm.id;
-        let Some(bytes) = self.client.get_migration_snapshot(m.id).await? else {
+        let h = self.host.clone();
+        let Some(bytes) = h.client.get_migration_snapshot(m.id).await? else {
             return Ok(None);
         };
         let snap: MigrationSnapshot =
@@ -386,20 +292,18 @@ impl Agent {
             .as_deref()
             .and_then(|p| p.parse().ok())
             .ok_or(MigrateError::NoPeer(m.id))?;
-        let files = VmFiles::new(&self.cfg.data_dir, id);
-        let image = self
+        let image = h
             .images
             .paths(&a.image)
             .await
             .map_err(local::StartError::from)?;
-        let spec = local::vm_spec(&files, a, &image, self.cfg.accel, self.disks.addr())?;
-        let vm = self.vms.entry(id).or_default();
-        let cache = local::ensure_cache(&self.disks, &files, a, &image, vm).await?;
+        let spec = local::vm_spec(&self.files, a, &image, h.cfg.accel, h.disks.addr())?;
+        let cache = local::ensure_cache(&h.disks, &self.files, a, &image, &mut self.disk).await?;
         let block_size = BlockSize::new(snap.block_size).unwrap_or(BlockSize::DEFAULT);
         let have = snap.block_set();
         let export = peer_export(id);
         let policy = ReconnectPolicy {
-            tls: crate::peer_tls(&self.cfg, peer_addr, m.from_host.as_str())
+            tls: crate::peer_tls(&h.cfg, peer_addr, m.from_host.as_str())
                 .map_err(MigrateError::PeerTls)?,
             ..ReconnectPolicy::default()
         };
@@ -426,14 +330,14 @@ impl Agent {
                 tracing::info!(migration = %m.id, installed = done.installed, "full copy done before switch-over");
             }
         }
-        self.plumbing()
-            .plug(files.run_dir(), &a.vm.nics)
+        h.plumbing()
+            .plug(self.files.run_dir(), &a.vm.nics)
             .await
             .map_err(local::StartError::from)?;
-        self.disks.export(id, &cache);
+        h.disks.export(id, &cache);
         // Another machine's QEMU reaches us on the data network, over TLS; hosts of
         // one machine stay on loopback.
-        let (listen_ip, tls) = match (self.cfg.uplink_ip, crate::qemu_tls_dir(&self.cfg)) {
+        let (listen_ip, tls) = match (h.cfg.uplink_ip, crate::qemu_tls_dir(&h.cfg)) {
             (Some(ip), Some(dir)) => (
                 std::net::IpAddr::V4(ip),
                 Some(compute::MigrationTls {
@@ -443,7 +347,7 @@ impl Agent {
             ),
             _ => (std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), None),
         };
-        let rt = self
+        let rt = h
             .driver
             .start_incoming(&spec, std::net::SocketAddr::new(listen_ip, 0), tls.as_ref())
             .await?;
@@ -453,7 +357,7 @@ impl Agent {
             ));
         };
         let uri = format!("tcp:{incoming}");
-        if let Some(x) = self.vms.get_mut(&id).and_then(|v| v.mig.as_mut()) {
+        if let Some(x) = self.phase.mig_mut() {
             x.plan = plan;
             x.incoming_uri = Some(uri.clone());
         }

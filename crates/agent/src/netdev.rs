@@ -120,24 +120,21 @@ pub fn attachments(run_dir: &Path, nics: &[Nic]) -> Vec<compute::NicAttach> {
         .collect()
 }
 
-/// The file in a VM's run dir naming its CPs (named NICs), one per line: how the link
-/// relay finds the guest that owns a CP, also after an agent restart.
-pub const CPS_FILE: &str = "cps";
-
 /// Whether VM NICs get host devices.
-#[derive(Clone, Copy, Debug)]
-pub enum Plumbing<'a> {
-    /// Taps on bridges, and VXLAN ports when there is an uplink.
-    Host(Option<&'a Uplink>),
+#[derive(Clone, Debug)]
+pub enum Plumbing {
+    /// Taps on bridges, and VXLAN ports when there is an uplink (a copy: the host's
+    /// uplink changes as hosts come and go, while a VM task plugs with what it saw).
+    Host(Option<Uplink>),
     /// None: the guests open no taps (the sim driver).
     Off,
 }
 
-impl Plumbing<'_> {
+impl Plumbing {
     /// [`plug`] under this plumbing; nothing when it is off.
     pub async fn plug(self, run_dir: &Path, nics: &[Nic]) -> Result<(), NetdevError> {
         match self {
-            Plumbing::Host(uplink) => plug(run_dir, nics, uplink).await,
+            Plumbing::Host(uplink) => plug(run_dir, nics, uplink.as_ref()).await,
             Plumbing::Off => Ok(()),
         }
     }
@@ -156,7 +153,8 @@ pub async fn plug(
         .filter_map(|n| n.name.as_ref().map(|n| format!("{n}\n")))
         .collect();
     if !names.is_empty() {
-        std::fs::write(run_dir.join(CPS_FILE), names).map_err(NetdevError::CpsFile)?;
+        std::fs::write(run_dir.join(crate::files::CPS_FILE), names)
+            .map_err(NetdevError::CpsFile)?;
     }
     for (i, nic) in nics.iter().enumerate() {
         let (br, tap) = (bridge_name(nic.network), tap_name(run_dir, i));
@@ -274,7 +272,7 @@ pub fn unplug_all_under(root: &Path) {
         return;
     };
     for h in hosts.flatten() {
-        if let Ok(vms) = std::fs::read_dir(h.path().join(crate::local::VMS_DIR)) {
+        if let Ok(vms) = std::fs::read_dir(h.path().join(crate::files::VMS_DIR)) {
             for vm in vms.flatten() {
                 unplug(&vm.path());
             }

@@ -11,7 +11,7 @@
 //!   (more slowly while events flow, if it likes);
 //! - pings are forwarded: they say the connection is alive.
 //!
-//! Not wired into the reconcile loop yet (issue #11: the agent becomes one task per VM).
+//! Not wired into the reconciler yet: it still polls every second.
 //!
 //! Tasks: none of its own; [`follow`] is the task, run by whoever owns the receiver, and
 //! ends when the receiver is dropped.

@@ -30,6 +30,14 @@ pub enum ApiError {
     /// A known token past its expiry.
     #[error("token expired")]
     TokenExpired,
+    /// A terminal's operation message that does not authenticate (unknown terminal,
+    /// MAC, timestamp): the message names why.
+    #[error("{0}")]
+    MessageNotAuthentic(String),
+    /// This server cannot do it as configured (the message says what is missing), or
+    /// not now (it is shutting down: another server may).
+    #[error("{0}")]
+    Unavailable(String),
     /// An agent token over TLS without the agent's client certificate.
     #[error("an agent token needs the agent's client certificate on a TLS listener")]
     AgentCertRequired,
@@ -76,9 +84,6 @@ pub enum ApiError {
         /// The media type the route takes.
         expected: &'static str,
     },
-    /// This server cannot serve the request now (it is shutting down); another may.
-    #[error("{0}")]
-    Unavailable(String),
     /// The server was started without an image store.
     #[error("this server has no image store (start it with a data directory)")]
     ImageStoreOff,
@@ -168,6 +173,7 @@ impl ApiError {
             }
             ApiError::Unauthorized
             | ApiError::TokenExpired
+            | ApiError::MessageNotAuthentic(_)
             | ApiError::AgentCertRequired
             | ApiError::JoinRefused => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -260,6 +266,41 @@ impl From<control::PushError> for ApiError {
                 reason: e.to_string(),
                 retry_after_secs: 1,
             },
+        }
+    }
+}
+
+impl From<control::terminals::TerminalError> for ApiError {
+    fn from(e: control::terminals::TerminalError) -> Self {
+        use control::terminals::TerminalError as E;
+        match e {
+            E::Control(e) => e.into(),
+            e @ E::NoSecretsKey => ApiError::Unavailable(e.to_string()),
+            e => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
+impl From<control::terminals::Refused> for ApiError {
+    fn from(e: control::terminals::Refused) -> Self {
+        use control::terminals::Refused as R;
+        match e {
+            R::Control(e) => e.into(),
+            R::TooLarge { len } => ApiError::PayloadTooLarge {
+                what: "operation message",
+                size: u64::try_from(len).ok(),
+                limit: model::terminals::MAX_OPERATION_MESSAGE,
+            },
+            e @ R::Malformed(_) => ApiError::BadRequest(e.to_string()),
+            e @ (R::UnknownTerminal(_) | R::BadMac | R::Stale { .. } | R::WrongServer { .. }) => {
+                ApiError::MessageNotAuthentic(e.to_string())
+            }
+            R::RateLimited { retry_after_ms, .. } => ApiError::TooManyRequests {
+                reason: e.to_string(),
+                retry_after_secs: retry_after_ms.div_ceil(1000),
+            },
+            e @ R::BadOperation(_) => ApiError::Unprocessable(e.to_string()),
+            e => ApiError::Conflict(e.to_string()),
         }
     }
 }

@@ -42,6 +42,19 @@ where
     }
 }
 
+/// The bytes of a JSON object body of at most `limit` bytes, checked as [`AppJson`]
+/// checks them but not parsed: for a body whose exact bytes matter (a MAC covers them).
+pub(crate) async fn json_object_bytes(
+    req: Request,
+    what: &'static str,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    check_json_type(req.headers())?;
+    let bytes = read_body(req, what, limit).await?;
+    check_object(&bytes)?;
+    Ok(bytes)
+}
+
 /// Reads a whole body of at most `limit` bytes; over it is 413 naming `what` and the
 /// limit. A declared `Content-Length` over the limit is refused before reading.
 pub(crate) async fn read_body(

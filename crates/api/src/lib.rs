@@ -85,6 +85,10 @@ pub struct ServerConfig {
     /// The operation driver's leader lease: when the leading server dies, another one
     /// leads within about this time. Default 4 s.
     pub election_lease: Duration,
+    /// The key that seals terminal secrets in the store (32 bytes, made with mode 0600
+    /// if missing). Servers sharing a store need the same file. `None`: terminals
+    /// cannot be created.
+    pub secrets_key_file: Option<std::path::PathBuf>,
     /// A host event stream (`GET /v1/hosts/{name}/events`) quiet for this long gets a
     /// `ping` line, so that both ends notice a dead connection. Default 10 s.
     pub push_keepalive: Duration,
@@ -104,6 +108,7 @@ impl Default for ServerConfig {
             cpu_jobs: 2,
             server_id: None,
             election_lease: Duration::from_secs(4),
+            secrets_key_file: None,
             push_keepalive: control::push::DEFAULT_KEEPALIVE,
         }
     }
@@ -307,6 +312,34 @@ impl ServerHandle {
     }
 }
 
+/// The terminal secrets key in `path`, made (32 random bytes, mode 0600) if missing.
+fn secrets_key(path: &std::path::Path) -> Result<control::terminals::SecretsKey, ApiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| ApiError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; control::terminals::SecretsKey::LEN];
+            getrandom::fill(&mut key).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            f.write_all(&key).and_then(|()| f.sync_all()).map_err(io)?;
+            key.to_vec()
+        }
+        Err(e) => return Err(io(e)),
+    };
+    control::terminals::SecretsKey::new(&bytes)
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
 /// Binds `config.listen` and serves the API on it in a spawned task.
 pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<ServerHandle, ApiError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -322,6 +355,10 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     let state = AppState::new(store, &config);
     if let Some(cfg) = config.blobs.clone() {
         state.set_blobs(BlobFiles::open(cfg)?);
+    }
+    if let Some(path) = &config.secrets_key_file {
+        let key = secrets_key(path)?;
+        state.control().set_secrets_key(key);
     }
     let own = if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))

@@ -80,9 +80,17 @@ use crate::routes;
         routes::ns_instances::get,
         routes::ns_instances::delete,
         routes::ns_instances::scale,
+        routes::terminals::create,
+        routes::terminals::list,
+        routes::terminals::get,
+        routes::terminals::delete,
+        routes::terminals::bind,
+        routes::terminals::unbind,
+        routes::terminals::operations,
+        routes::terminals::operation,
     ),
     components(schemas(model::api::Problem)),
-    modifiers(&BearerAuth, &Limits, &Refusals, &Rules, &Links),
+    modifiers(&BearerAuth, &Limits, &Refusals, &Rules, &CrossField, &Examples, &Links),
     security(("bearer" = [])),
 )]
 struct ApiDoc;
@@ -337,6 +345,10 @@ enum Rule {
     ItemsPattern(String),
     /// A dotted IPv4 address.
     Ipv4,
+    /// An example value (`examples`): for a field that names another object, one that
+    /// the example fixtures hold (see [`EXAMPLE_HOST`] and the rest), so that a client or
+    /// a generator starting from the document sends a request that can succeed.
+    Example(serde_json::Value),
 }
 
 /// A decimal octet without leading zeros (what `Ipv4Addr`'s parser takes).
@@ -360,6 +372,12 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
     vec![
         ("CreateTenant", "name", name()),
         ("CreateToken", "tenant", name()),
+        ("CreateToken", "tenant", Example(EXAMPLE_TENANT.into())),
+        (
+            "CreateToken",
+            "description",
+            Pattern(model::NO_CONTROL_PATTERN.to_owned()),
+        ),
         ("CreateToken", "ttl_secs", Range(1, MAX_TOKEN_TTL_SECS)),
         (
             "CreateToken",
@@ -368,6 +386,12 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
         ),
         ("RegisterHost", "name", name()),
         ("RegisterHost", "cpus", Range(1, u64::from(MAX_HOST_CPUS))),
+        // At most `cpus` × the largest allocation ratio: the bound for the largest host.
+        (
+            "RegisterHost",
+            "vcpus",
+            Range(1, u64::from(MAX_HOST_CPUS * MAX_CPU_ALLOCATION_RATIO)),
+        ),
         ("RegisterHost", "memory_mib", Range(1, MAX_HOST_MEMORY_MIB)),
         ("RegisterHost", "disk_gib", Range(0, MAX_HOST_DISK_GIB)),
         ("RegisterHost", "drivers", MaxItems(MAX_DRIVERS)),
@@ -379,7 +403,7 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
         (
             "RegisterHost",
             "agent_url",
-            Pattern("^https?://[^\\s]+$".to_owned()),
+            Pattern(model::AGENT_URL_PATTERN.to_owned()),
         ),
         ("RegisterHost", "agent_url", MaxLength(2048)),
         ("RegisterHost", "uplink_ip", Ipv4),
@@ -391,18 +415,34 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
         ),
         ("CreateImage", "name", name()),
         ("CreateImage", "tenant", name()),
+        ("CreateImage", "tenant", Example(EXAMPLE_TENANT.into())),
+        ("CreateImage", "kernel", Example(example_digest().into())),
+        ("CreateImage", "initrd", Example(example_digest().into())),
+        (
+            "CreateImage",
+            "disk_template",
+            Example(example_digest().into()),
+        ),
         ("CreateImage", "cmdline", MaxLength(4096)),
+        (
+            "CreateImage",
+            "cmdline",
+            Pattern(model::NO_CONTROL_PATTERN.to_owned()),
+        ),
         ("CreateImage", "disk_mib", Range(0, MAX_DISK_MIB)),
         ("CreateJoinToken", "ttl_secs", Range(1, MAX_JOIN_TTL_SECS)),
         ("JoinRequest", "host", name()),
         ("CreateNetwork", "name", name()),
         ("CreateNetwork", "cidr", Pattern(model::cidr_pattern())),
         ("CreateNetwork", "tenant", name()),
+        ("CreateNetwork", "tenant", Example(EXAMPLE_TENANT.into())),
         ("NicRequest", "network", name()),
+        ("NicRequest", "network", Example(EXAMPLE_NETWORK.into())),
         ("NicRequest", "name", name()),
         ("NicRequest", "ip", Ipv4),
         ("CreateVm", "name", name()),
         ("CreateVm", "image", name()),
+        ("CreateVm", "image", Example(EXAMPLE_IMAGE.into())),
         ("CreateVm", "vcpus", Range(1, u64::from(MAX_VCPUS))),
         (
             "CreateVm",
@@ -410,10 +450,17 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
             Range(MIN_VM_MEMORY_MIB, MAX_VM_MEMORY_MIB),
         ),
         ("CreateVm", "host", name()),
+        ("CreateVm", "host", Example(EXAMPLE_HOST.into())),
         ("CreateVm", "tenant", name()),
+        ("CreateVm", "tenant", Example(EXAMPLE_TENANT.into())),
         ("CreateVm", "disk_gib", Range(1, MAX_DISK_MIB >> 10)),
         ("CreateVm", "nics", MaxItems(MAX_NICS)),
         ("CreateVm", "kernel_args", MaxLength(MAX_KERNEL_ARGS)),
+        (
+            "CreateVm",
+            "kernel_args",
+            Pattern(model::NO_CONTROL_PATTERN.to_owned()),
+        ),
         ("ObservedReport", "host", name()),
         ("ObservedReport", "error", MaxLength(MAX_ERROR_LEN)),
         (
@@ -445,6 +492,7 @@ fn rules() -> Vec<(&'static str, &'static str, Rule)> {
         ("MigrationReport", "error", MaxLength(MAX_ERROR_LEN)),
         ("EnterMaintenance", "to", name()),
         ("ImportBlob", "path", MaxLength(4096)),
+        ("ImportBlob", "path", Example(EXAMPLE_IMPORT_PATH.into())),
         ("PlacementQuery", "disk_gib", Range(1, MAX_DISK_MIB >> 10)),
         ("PlacementQuery", "vcpus", Range(1, u64::from(MAX_VCPUS))),
         (
@@ -504,6 +552,10 @@ impl Rules {
                     o.format = Some(SchemaFormat::KnownFormat(KnownFormat::Ipv4));
                     true
                 }
+                (Some(RefOr::T(Schema::Object(o))), Rule::Example(v)) => {
+                    o.examples = vec![v.clone()];
+                    true
+                }
                 (Some(RefOr::T(Schema::Array(a))), Rule::MaxItems(n)) => {
                     a.max_items = Some(*n);
                     true
@@ -533,6 +585,165 @@ impl Modify for Rules {
         // A rule that finds no place is a test failure (`every_rule_is_stated`), not a
         // reason to fail serving the document.
         let _ = Self::apply(doc);
+    }
+}
+
+/// The objects the document's examples name. A server holding them accepts the
+/// examples as they are: `scripts/schemathesis.sh` creates them before it generates
+/// requests from the document (it reads their names from the document, so the two
+/// cannot drift). On another server the names are only illustrations.
+pub const EXAMPLE_HOST: &str = "h1";
+/// The image the VM examples boot (see [`EXAMPLE_HOST`]).
+pub const EXAMPLE_IMAGE: &str = "debian";
+/// The network the NIC examples attach to (see [`EXAMPLE_HOST`]).
+pub const EXAMPLE_NETWORK: &str = "net";
+/// The tenant the `tenant` examples name: the one created on an admin's first create
+/// without a tenant.
+pub const EXAMPLE_TENANT: &str = "default";
+/// The bytes of the example blob: the blob upload's example body, whose digest the
+/// image examples name.
+pub const EXAMPLE_BLOB: &[u8] = b"kernel\n";
+/// The example file in the server's import directory (`POST /v1/blobs/import`).
+pub const EXAMPLE_IMPORT_PATH: &str = "kernel";
+
+/// `sha256:` and the hex digest of [`EXAMPLE_BLOB`].
+pub fn example_digest() -> String {
+    use sha2::Digest;
+    format!(
+        "{}{:x}",
+        model::DIGEST_PREFIX,
+        sha2::Sha256::digest(EXAMPLE_BLOB)
+    )
+}
+
+/// The rules that tie one field to another, in JSON Schema (2020-12, which OpenAPI 3.1
+/// uses): (schema, subschema the request must also match). Each mirrors a check of the
+/// schema's `validate()`; a schema's rules are stated as its `allOf`.
+fn cross_field_rules() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    let present =
+        |field: &str, ty: &str| json!({"required": [field], "properties": {field: {"type": ty}}});
+    vec![
+        // CreateImage::validate: "an image needs a kernel or a disk_template"; "initrd
+        // needs a kernel" (a null field is an absent one).
+        (
+            "CreateImage",
+            json!({"anyOf": [present("kernel", "string"), present("disk_template", "string")]}),
+        ),
+        (
+            "CreateImage",
+            json!({"if": present("initrd", "string"), "then": present("kernel", "string")}),
+        ),
+        // CreateVm::validate: `disk_gib` only with `redundant: true`; a redundant VM
+        // names no host (its storage pair places it).
+        (
+            "CreateVm",
+            json!({"if": present("disk_gib", "integer"),
+                   "then": {"required": ["redundant"], "properties": {"redundant": {"const": true}}}}),
+        ),
+        (
+            "CreateVm",
+            json!({"if": {"required": ["redundant"], "properties": {"redundant": {"const": true}}},
+                   "then": {"properties": {"host": {"type": "null"}}}}),
+        ),
+        // CreateToken::validate: a member token names its tenant; an admin or agent
+        // token names none. (A member caller may leave its own tenant out.)
+        (
+            "CreateToken",
+            json!({
+                "if": {"properties": {"role": {"const": "member"}}},
+                "then": {"required": ["tenant"],
+                         "properties": {"tenant": {"type": "string", "examples": [EXAMPLE_TENANT]}}},
+                "else": {"properties": {"tenant": {"type": "null"}}},
+            }),
+        ),
+    ]
+}
+
+/// States [`cross_field_rules`] in the component schemas.
+struct CrossField;
+
+impl CrossField {
+    /// Applies every rule; returns the ones whose schema is missing.
+    fn apply(doc: &mut utoipa::openapi::OpenApi) -> Vec<String> {
+        use utoipa::openapi::extensions::Extensions;
+        use utoipa::openapi::Schema;
+        let mut missing = Vec::new();
+        let schemas = &mut doc.components.get_or_insert_with(Default::default).schemas;
+        for (schema, rule) in cross_field_rules() {
+            match schemas.get_mut(schema) {
+                Some(RefOr::T(Schema::Object(o))) => {
+                    // One key in the (unordered) extensions map: the document's text is
+                    // the same on every run.
+                    let all_of = o
+                        .extensions
+                        .get_or_insert_with(Extensions::default)
+                        .entry("allOf".to_owned())
+                        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+                    match all_of.as_array_mut() {
+                        Some(rules) => rules.push(rule),
+                        None => missing.push(format!("{schema}: allOf is not an array")),
+                    }
+                }
+                _ => missing.push(format!("{schema}: {rule}")),
+            }
+        }
+        missing
+    }
+}
+
+impl Modify for CrossField {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        // As with `Rules`: a missing schema is a test failure (`every_rule_is_stated`).
+        let _ = Self::apply(doc);
+    }
+}
+
+/// Whole-request examples that name the example objects ([`EXAMPLE_HOST`] and the
+/// rest), and the blob upload's body as what it is: bytes.
+struct Examples;
+
+impl Modify for Examples {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use serde_json::json;
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat};
+        use utoipa::openapi::Schema;
+        let digest = example_digest();
+        if let Some(RefOr::T(Schema::Object(o))) = doc
+            .components
+            .as_mut()
+            .and_then(|c| c.schemas.get_mut("CreateImage"))
+        {
+            o.example = Some(json!({"name": "alpine", "kernel": digest, "disk_mib": 1024}));
+        }
+        let Some(op) = doc
+            .paths
+            .paths
+            .get_mut("/v1/blobs")
+            .and_then(|item| item.post.as_mut())
+        else {
+            return;
+        };
+        if let Some(media) = op
+            .request_body
+            .as_mut()
+            .and_then(|b| b.content.get_mut("application/octet-stream"))
+        {
+            media.schema = Some(RefOr::T(Schema::Object(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+                    .build(),
+            )));
+            media.example = Some(String::from_utf8_lossy(EXAMPLE_BLOB).into_owned().into());
+        }
+        for p in op.parameters.iter_mut().flatten() {
+            if p.name == "expect" {
+                if let Some(RefOr::T(Schema::Object(o))) = p.schema.as_mut() {
+                    o.examples = vec![digest.clone().into()];
+                }
+            }
+        }
     }
 }
 
@@ -712,6 +923,50 @@ mod tests {
     fn every_rule_is_stated() {
         let mut d = ApiDoc::openapi();
         assert_eq!(Rules::apply(&mut d), Vec::<String>::new());
+        assert_eq!(CrossField::apply(&mut d), Vec::<String>::new());
+    }
+
+    /// The examples name the example objects, and the image examples the example blob.
+    #[test]
+    fn examples_name_the_example_objects() {
+        let d = doc();
+        assert_eq!(prop(&d, "CreateVm", "host")["examples"][0], EXAMPLE_HOST);
+        assert_eq!(prop(&d, "CreateVm", "image")["examples"][0], EXAMPLE_IMAGE);
+        assert_eq!(
+            prop(&d, "NicRequest", "network")["examples"][0],
+            EXAMPLE_NETWORK
+        );
+        assert_eq!(
+            d["components"]["schemas"]["CreateImage"]["example"]["kernel"],
+            example_digest()
+        );
+        let upload = &d["paths"]["/v1/blobs"]["post"];
+        assert_eq!(
+            upload["requestBody"]["content"]["application/octet-stream"]["example"],
+            std::str::from_utf8(EXAMPLE_BLOB).unwrap()
+        );
+        assert_eq!(
+            upload["parameters"][0]["schema"]["examples"][0],
+            example_digest()
+        );
+        // The example digest is one the server accepts.
+        model::parse_digest("kernel", &example_digest()).unwrap();
+    }
+
+    /// The text patterns refuse exactly the characters `validate_cmdline` refuses.
+    #[test]
+    fn no_control_pattern_is_char_is_control() {
+        let class = model::NO_CONTROL_PATTERN;
+        assert_eq!(class, "^[^\\x00-\\x1f\\x7f-\\x9f]*$");
+        for c in (0u32..0x2000).filter_map(char::from_u32) {
+            let in_class = matches!(c as u32, 0x00..=0x1f | 0x7f..=0x9f);
+            assert_eq!(in_class, c.is_control(), "{c:?}");
+            assert_eq!(
+                model::validate_cmdline("f", &c.to_string()).is_err(),
+                in_class,
+                "{c:?}"
+            );
+        }
     }
 
     /// The documented bounds are the constants `validate()` uses.

@@ -19,6 +19,7 @@
 mod blobs;
 pub mod events;
 mod join;
+pub mod terminal;
 
 use std::time::Duration;
 
@@ -394,6 +395,102 @@ impl Client {
         self.send(Method::DELETE, &["v1", "networks", name_or_id], NO_BODY)
             .await
             .map(drop)
+    }
+
+    // ---- terminals ----
+
+    /// `POST /v1/terminals`: the answer holds the terminal's secret, shown this once.
+    pub async fn create_terminal(
+        &self,
+        req: &model::terminals::CreateTerminal,
+    ) -> Result<model::terminals::CreatedTerminal, ClientError> {
+        self.json(Method::POST, &["v1", "terminals"], Some(req))
+            .await
+    }
+
+    /// `GET /v1/terminals`.
+    pub async fn list_terminals(&self) -> Result<Vec<model::terminals::Terminal>, ClientError> {
+        self.json(Method::GET, &["v1", "terminals"], NO_BODY).await
+    }
+
+    /// `GET /v1/terminals/{terminal}` (name or id).
+    pub async fn get_terminal(
+        &self,
+        name_or_id: &str,
+    ) -> Result<model::terminals::Terminal, ClientError> {
+        self.json(Method::GET, &["v1", "terminals", name_or_id], NO_BODY)
+            .await
+    }
+
+    /// `DELETE /v1/terminals/{terminal}`.
+    pub async fn delete_terminal(&self, name_or_id: &str) -> Result<(), ClientError> {
+        self.send(Method::DELETE, &["v1", "terminals", name_or_id], NO_BODY)
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /v1/terminals/{terminal}/binding`.
+    pub async fn bind_terminal(
+        &self,
+        name_or_id: &str,
+        req: &model::terminals::BindTerminal,
+    ) -> Result<model::terminals::Terminal, ClientError> {
+        self.json(
+            Method::PUT,
+            &["v1", "terminals", name_or_id, "binding"],
+            Some(req),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/terminals/{terminal}/binding`.
+    pub async fn unbind_terminal(
+        &self,
+        name_or_id: &str,
+    ) -> Result<model::terminals::Terminal, ClientError> {
+        self.json(
+            Method::DELETE,
+            &["v1", "terminals", name_or_id, "binding"],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /v1/terminals/{terminal}/operations`.
+    pub async fn terminal_operations(
+        &self,
+        name_or_id: &str,
+    ) -> Result<Vec<model::terminals::PerformedOperation>, ClientError> {
+        self.json(
+            Method::GET,
+            &["v1", "terminals", name_or_id, "operations"],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `POST /v1/terminal-operations` with a signed message ([`terminal::sign`]); the
+    /// message authenticates itself, whatever this client's token.
+    pub async fn send_operation(
+        &self,
+        message: Vec<u8>,
+    ) -> Result<model::terminals::PerformedOperation, ClientError> {
+        let segments = ["v1", "terminal-operations"];
+        let path = segments.join("/");
+        let res = self
+            .execute_any(&Method::POST, &path, |base| {
+                self.http
+                    .request(Method::POST, Self::join(base, &segments))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(message.clone())
+            })
+            .await?;
+        let res = Self::check(Method::POST, path.clone(), res).await?;
+        res.json().await.map_err(|source| ClientError::Transport {
+            method: Method::POST,
+            path,
+            source,
+        })
     }
 
     // ---- VMs ----

@@ -29,6 +29,7 @@ pub mod push;
 pub mod records;
 pub mod storage;
 mod takeover;
+pub mod terminals;
 mod vms;
 
 use std::sync::Arc;
@@ -77,6 +78,8 @@ pub struct Control {
     jobs: Tasks,
     /// The hosts' event streams (`push`).
     push: push::Push,
+    /// This server's terminal state (rate buckets, refusal counts, recent operations).
+    terminals: Arc<terminals::Terminals>,
 }
 
 impl std::fmt::Debug for Control {
@@ -96,7 +99,13 @@ impl Control {
             heartbeat_timeout_ms,
             jobs: Tasks::default(),
             push: push::Push::new(push::DEFAULT_KEEPALIVE),
+            terminals: Arc::default(),
         }
+    }
+
+    /// This server's terminal state.
+    pub(crate) fn terminals(&self) -> &terminals::Terminals {
+        &self.terminals
     }
 
     /// Where request-started jobs run.

@@ -235,7 +235,7 @@ pub struct TokenCreated {
 /// `POST /v1/hosts`: register a host, or re-register it under the same name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "h2", "cpus": 16, "memory_mib": 32768, "disk_gib": 500, "drivers": ["process"], "agent_url": "http://10.0.0.2:7071"}))]
+#[schema(example = json!({"name": "h2", "cpus": 4096, "memory_mib": 32768, "disk_gib": 500, "drivers": ["process"], "agent_url": "http://10.0.0.2:7071"}))]
 pub struct RegisterHost {
     /// Unique host name.
     pub name: String,

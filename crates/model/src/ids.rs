@@ -78,6 +78,11 @@ typed_id!(
     "migration"
 );
 typed_id!(
+    /// Identifies a terminal (a client that operates one VM by operation messages).
+    TerminalId,
+    "terminal"
+);
+typed_id!(
     /// Identifies a host maintenance session.
     MaintenanceId,
     "maintenance"

@@ -4,7 +4,8 @@
 //! Owns: the shapes stored in the state store and sent over the REST API
 //! ([`api`] holds the request/response bodies), and validation that names the
 //! offending field (`vcpus: must be between 1 and 64, got 0`).
-//! Must not depend on: any I/O (no tokio, no store, no HTTP stack). Clocks are
+//! Must not depend on: any I/O (no tokio, no store, no HTTP stack; `ring` only for the
+//! terminal message MAC, a pure function). Clocks are
 //! passed in as unix milliseconds so that every rule here is a pure function.
 #![warn(missing_docs)]
 
@@ -13,12 +14,14 @@ mod error_chain;
 mod ids;
 mod name_type;
 mod rng;
+pub mod terminals;
 mod types;
 mod validate;
 
 pub use error_chain::error_chain;
 pub use ids::{
-    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TokenId, VmId,
+    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TerminalId,
+    TokenId, VmId,
 };
 pub use rng::SplitMix64;
 pub use types::{
@@ -28,6 +31,6 @@ pub use types::{
 };
 pub use validate::{
     cidr_pattern, parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name,
-    validate_path, validate_range, BlobDigest, Name, ValidationError, CIDR_PREFIXES, DIGEST_PREFIX,
-    NAME_PATTERN,
+    validate_path, validate_range, BlobDigest, Name, ValidationError, AGENT_URL_PATTERN,
+    CIDR_PREFIXES, DIGEST_PREFIX, NAME_PATTERN, NO_CONTROL_PATTERN,
 };

@@ -69,6 +69,15 @@ impl AsRef<str> for Name {
 /// The name rule as a regular expression, as the OpenAPI document states it.
 pub const NAME_PATTERN: &str = "^[a-z0-9][a-z0-9-]{0,62}$";
 
+/// Text without control characters (`char::is_control`: the Unicode category Cc,
+/// U+0000..=U+001F and U+007F..=U+009F), as the OpenAPI document states the rule of
+/// [`validate_cmdline`] and of the other free-text fields.
+pub const NO_CONTROL_PATTERN: &str = "^[^\\x00-\\x1f\\x7f-\\x9f]*$";
+
+/// [`validate_agent_url`]'s rule as a regular expression: `http://` or `https://`, then
+/// at least one character, none of them whitespace or control characters.
+pub const AGENT_URL_PATTERN: &str = "^https?://[^\\s\\x00-\\x1f\\x7f-\\x9f]+$";
+
 /// Shortest and longest prefix of a network's subnet ([`parse_cidr`]).
 pub const CIDR_PREFIXES: std::ops::RangeInclusive<u8> = 8..=30;
 

@@ -12,6 +12,7 @@ pub mod nfv;
 pub mod operation;
 pub mod server;
 pub mod storage;
+pub mod terminal;
 pub mod token;
 pub mod traffic;
 pub mod up;
@@ -32,6 +33,12 @@ impl Ctx {
     /// A REST client for the configured server (trusting `--ca-file` for https).
     pub fn client(&self) -> anyhow::Result<client::Client> {
         let (url, token) = crate::locate::endpoint(self.server.clone(), self.token.clone())?;
+        self.client_for(&url, &token)
+    }
+
+    /// A REST client for `url` with `token` (trusting `--ca-file` for https).
+    pub fn client_for(&self, url: &str, token: &str) -> anyhow::Result<client::Client> {
+        let (url, token) = (url.to_owned(), token.to_owned());
         match &self.ca_file {
             Some(f) => {
                 let ca_pem = std::fs::read_to_string(f)

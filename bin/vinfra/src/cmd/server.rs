@@ -42,6 +42,11 @@ pub struct ServerArgs {
     /// store records which files exist, this directory holds them.
     #[arg(long)]
     pub blob_dir: Option<PathBuf>,
+    /// The key that seals terminal secrets in the store (32 bytes, made with mode 0600
+    /// on first start; default: DATA_DIR/secrets.key). Servers of one store must share
+    /// it, as they share the blob dir.
+    #[arg(long)]
+    pub secrets_key_file: Option<PathBuf>,
     /// Largest file the image store accepts (K, M, G or T suffix).
     #[arg(long, default_value = "8G")]
     pub max_blob_size: String,
@@ -153,6 +158,11 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         cpu_jobs: args.cpu_jobs.max(1),
         server_id: args.server_id.clone(),
         election_lease: std::time::Duration::from_secs(args.election_lease_s.clamp(1, 60)),
+        secrets_key_file: Some(
+            args.secrets_key_file
+                .clone()
+                .unwrap_or_else(|| data_dir.join("secrets.key")),
+        ),
         ..api::ServerConfig::default()
     };
     let handle = api::serve(config, store).await?;

@@ -13,6 +13,7 @@ pub(crate) mod ns_instances;
 pub(crate) mod operations;
 pub(crate) mod storage;
 pub(crate) mod tenants;
+pub(crate) mod terminals;
 pub(crate) mod tokens;
 pub(crate) mod traffic;
 pub(crate) mod vms;
@@ -102,6 +103,23 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/maintenance/{id}", get(maintenance::get)),
         ("/v1/maintenance/{id}/abort", post(maintenance::abort)),
         ("/v1/migrations/{id}", get(migrations::get_migration)),
+        (
+            "/v1/terminals",
+            post(terminals::create).get(terminals::list),
+        ),
+        (
+            "/v1/terminals/{terminal}",
+            get(terminals::get).delete(terminals::delete),
+        ),
+        (
+            "/v1/terminals/{terminal}/binding",
+            put(terminals::bind).delete(terminals::unbind),
+        ),
+        (
+            "/v1/terminals/{terminal}/operations",
+            get(terminals::operations),
+        ),
+        ("/v1/terminal-operations", post(terminals::operation)),
     ]
 }
 
@@ -238,7 +256,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 63, "{served:?}");
+        assert_eq!(served.len(), 71, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json
@@ -265,16 +283,23 @@ mod tests {
                 }
                 let concrete = path
                     .replace("{name}", "x")
+                    .replace("{terminal}", "x")
                     .replace("{id}", "00000000-0000-4000-8000-000000000000");
+                // A terminal's message has its own, smaller limit.
+                let (what, limit) = if path == "/v1/terminal-operations" {
+                    ("operation message", model::terminals::MAX_OPERATION_MESSAGE)
+                } else {
+                    ("body", 2_097_152)
+                };
                 for (declared, detail) in [
                     (
                         true,
                         format!(
-                            "body: {} bytes exceeds the limit of 2097152 bytes",
+                            "{what}: {} bytes exceeds the limit of {limit} bytes",
                             big.len()
                         ),
                     ),
-                    (false, "body: exceeds the limit of 2097152 bytes".to_owned()),
+                    (false, format!("{what}: exceeds the limit of {limit} bytes")),
                 ] {
                     let mut req = Request::builder()
                         .method(method.to_uppercase().as_str())
@@ -307,7 +332,7 @@ mod tests {
                 probed += 1;
             }
         }
-        assert_eq!(probed, 19);
+        assert_eq!(probed, 22);
     }
 
     #[test]

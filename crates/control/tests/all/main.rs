@@ -5,3 +5,4 @@
 mod concurrency;
 mod drain;
 mod push;
+mod terminals;

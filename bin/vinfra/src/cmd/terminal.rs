@@ -1,0 +1,208 @@
+//! `vinfra terminal …`: terminals that operate one VM by operation messages.
+//!
+//! A terminal's credentials (id, secret, server id, URL) are written once, at create,
+//! to a file of mode 0600 (`--credentials`), or printed once; `send` reads them and
+//! needs no API token: the message's MAC is the terminal's credential.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use client::terminal::{clock_seq, TerminalCredentials};
+use model::terminals::{BindTerminal, CreateTerminal, SharePolicy, Terminal};
+
+use crate::cmd::Ctx;
+use crate::output;
+
+/// Terminal commands.
+#[derive(Debug, clap::Subcommand)]
+pub enum TerminalCmd {
+    /// Register a terminal; its secret is shown (or written) this once.
+    Create {
+        /// Terminal name.
+        name: String,
+        /// Write the credentials (id, secret, server id, URL) to this file, mode 0600,
+        /// instead of printing them.
+        #[arg(long)]
+        credentials: Option<PathBuf>,
+    },
+    /// List terminals and their bindings.
+    List,
+    /// One terminal.
+    Show {
+        /// Terminal name or id.
+        terminal: String,
+    },
+    /// Delete a terminal: its secret stops working at once.
+    Delete {
+        /// Terminal name or id.
+        terminal: String,
+    },
+    /// Bind a terminal to a VM of its tenant.
+    Bind {
+        /// Terminal name or id.
+        terminal: String,
+        /// VM name or id.
+        vm: String,
+        /// No other terminal may be bound to the VM meanwhile (refused if one is).
+        #[arg(long)]
+        exclusive: bool,
+    },
+    /// Unbind a terminal; its messages are refused until it is bound again.
+    Unbind {
+        /// Terminal name or id.
+        terminal: String,
+    },
+    /// The terminal's recent operations: what was performed on which VM.
+    Operations {
+        /// Terminal name or id.
+        terminal: String,
+    },
+    /// Send one operation as the terminal (needs its credentials, not an API token).
+    Send {
+        /// The credentials file written by `vinfra terminal create --credentials`.
+        #[arg(long)]
+        credentials: PathBuf,
+        /// The operation as JSON, e.g. '{"key":{"qcode":"a","down":true}}'.
+        #[arg(long)]
+        op: String,
+    },
+}
+
+fn show(ctx: &Ctx, ts: &[Terminal]) -> anyhow::Result<()> {
+    output::emit(
+        ctx.format,
+        &ts,
+        &["name", "id", "secret", "vm", "policy"],
+        || {
+            ts.iter()
+                .map(|t| {
+                    let (vm, policy) = match &t.binding {
+                        Some(b) => (
+                            b.vm_name.to_string(),
+                            match b.policy {
+                                SharePolicy::Shared => "shared",
+                                SharePolicy::Exclusive => "exclusive",
+                            }
+                            .to_owned(),
+                        ),
+                        None => ("-".to_owned(), "-".to_owned()),
+                    };
+                    vec![
+                        t.name.to_string(),
+                        t.id.to_string(),
+                        format!("{}…", t.secret_prefix),
+                        vm,
+                        policy,
+                    ]
+                })
+                .collect()
+        },
+    )
+}
+
+/// Runs a terminal command.
+pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
+    if let TerminalCmd::Send { credentials, op } = cmd {
+        return send(ctx, &credentials, &op).await;
+    }
+    let c = ctx.client()?;
+    match cmd {
+        TerminalCmd::Create { name, credentials } => {
+            let created = c
+                .create_terminal(&CreateTerminal { name, tenant: None })
+                .await?;
+            let (url, _) = crate::locate::endpoint(ctx.server.clone(), ctx.token.clone())?;
+            let creds = TerminalCredentials::new(&created, &url);
+            let text = serde_json::to_string_pretty(&creds)?;
+            match credentials {
+                Some(path) => {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    writeln!(f, "{text}")
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "terminal {} ({}): credentials in {} (the secret is shown nowhere else)",
+                        created.terminal.name,
+                        created.terminal.id,
+                        path.display()
+                    );
+                }
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        TerminalCmd::List => show(ctx, &c.list_terminals().await?),
+        TerminalCmd::Show { terminal } => show(ctx, &[c.get_terminal(&terminal).await?]),
+        TerminalCmd::Delete { terminal } => {
+            c.delete_terminal(&terminal).await?;
+            eprintln!("terminal {terminal} deleted");
+            Ok(())
+        }
+        TerminalCmd::Bind {
+            terminal,
+            vm,
+            exclusive,
+        } => {
+            let policy = if exclusive {
+                SharePolicy::Exclusive
+            } else {
+                SharePolicy::Shared
+            };
+            let t = c
+                .bind_terminal(&terminal, &BindTerminal { vm, policy })
+                .await?;
+            show(ctx, &[t])
+        }
+        TerminalCmd::Unbind { terminal } => show(ctx, &[c.unbind_terminal(&terminal).await?]),
+        TerminalCmd::Operations { terminal } => {
+            let ops = c.terminal_operations(&terminal).await?;
+            output::emit(
+                ctx.format,
+                &ops,
+                &["seq", "vm", "host", "op", "outcome"],
+                || {
+                    ops.iter()
+                        .map(|o| {
+                            vec![
+                                o.seq.to_string(),
+                                o.vm.to_string(),
+                                o.host.to_string(),
+                                o.op.to_string(),
+                                format!("{:?}", o.outcome).to_lowercase(),
+                            ]
+                        })
+                        .collect()
+                },
+            )
+        }
+        TerminalCmd::Send { .. } => Ok(()),
+    }
+}
+
+async fn send(ctx: &Ctx, path: &PathBuf, op: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the credentials file {}", path.display()))?;
+    let creds: TerminalCredentials = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a terminal credentials file", path.display()))?;
+    let op: serde_json::Value = serde_json::from_str(op)
+        .context("--op is not JSON (e.g. '{\"power\":{\"action\":\"reset\"}}')")?;
+    let body = serde_json::to_string(&serde_json::json!({ "op": op }))?;
+    let (seq, ts) = clock_seq();
+    // The terminal holds no API token: the message's MAC authenticates it.
+    let c = ctx.client_for(&creds.url, "-")?;
+    let done = c.send_operation(creds.sign(seq, ts, &body)).await?;
+    output::emit(ctx.format, &done, &["seq", "vm", "host", "outcome"], || {
+        vec![vec![
+            done.seq.to_string(),
+            done.vm.to_string(),
+            done.host.to_string(),
+            format!("{:?}", done.outcome).to_lowercase(),
+        ]]
+    })
+}

@@ -1,0 +1,376 @@
+//! One task per VM: the shell around [`crate::phase`]. The task alone owns the VM's
+//! phase, its cache and its last report; the reconciler only routes what the server
+//! wants to it ([`VmHandle::route`]). Each task does its own I/O (a QEMU start, a
+//! snapshot upload, a migration step) at its own pace, so a slow start of one VM never
+//! delays another VM's migration.
+//!
+//! Messages coalesce (a `watch` channel): a task busy with a 10 s start acts, when it
+//! is done, on what the server wants *then*, not on every state it passed through. The
+//! reconciler sends each VM's assignment on every pass even when unchanged: that is the
+//! task's tick (noticing a hypervisor that exited, retrying a failed start, reporting a
+//! migration's progress).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use model::api::{Assignment, ObservedReport, ReportedState};
+use model::{DesiredState, VmId};
+use tokio::sync::watch;
+
+use crate::files::VmFiles;
+use crate::local::{self, VmDisk};
+use crate::phase::{self, Desired, MigLocal, Side, Step, VmPhase};
+use crate::Host;
+
+/// What the reconciler tells a VM task.
+#[derive(Clone, Debug)]
+pub(crate) enum Msg {
+    /// The VM's current assignment to this host (also the tick).
+    Assigned(Box<Assignment>),
+    /// The VM is no longer assigned here: stop it, remove its files, end.
+    Unassigned,
+    /// The agent shuts down: stop the VM, report it, end.
+    Shutdown,
+}
+
+/// The reconciler's end of a VM task.
+#[derive(Debug)]
+pub(crate) struct VmHandle {
+    tx: watch::Sender<Msg>,
+    task: tokio::task::JoinHandle<()>,
+    /// `Unassigned` or `Shutdown` was sent: the task is on its way out.
+    leaving: bool,
+}
+
+impl VmHandle {
+    /// Starts the task of VM `id` in `phase` (an adopted VM starts `Running`), acting
+    /// on `first` at once, or waiting for the first message when there is none.
+    pub(crate) fn spawn(host: Arc<Host>, id: VmId, phase: VmPhase, first: Option<Msg>) -> VmHandle {
+        let act_now = first.is_some();
+        let (tx, rx) = watch::channel(first.unwrap_or(Msg::Unassigned));
+        let task = VmTask {
+            files: VmFiles::new(&host.cfg.data_dir, id),
+            host,
+            phase,
+            disk: VmDisk::default(),
+            last_report: None,
+            mig_reported: None,
+        };
+        VmHandle {
+            tx,
+            task: tokio::spawn(task.run(rx, act_now)),
+            leaving: false,
+        }
+    }
+
+    /// Hands the task what the server wants now; never waits for the task.
+    pub(crate) fn route(&mut self, msg: Msg) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = matches!(msg, Msg::Unassigned | Msg::Shutdown);
+        self.tx.send_replace(msg);
+    }
+
+    /// Tells the task to stop its VM for the agent's shutdown.
+    pub(crate) fn shutdown(&self) {
+        self.tx.send_replace(Msg::Shutdown);
+    }
+
+    /// The task ended (after `Unassigned`, `Shutdown`, a deletion, or a panic).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits for the task to end.
+    pub(crate) async fn join(self) {
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "a vm task failed");
+        }
+    }
+}
+
+/// How many steps one message may take (e.g. retry, then start): a bound, so that a
+/// transition function that never settles cannot spin.
+const MAX_STEPS_PER_MESSAGE: usize = 4;
+
+/// The VM task's state.
+pub(crate) struct VmTask {
+    pub(crate) host: Arc<Host>,
+    pub(crate) files: VmFiles,
+    pub(crate) phase: VmPhase,
+    pub(crate) disk: VmDisk,
+    last_report: Option<ObservedReport>,
+    /// This host's last accepted report on a migration of the VM: an assignment that
+    /// shows the migration at an earlier state is older than that report
+    /// ([`phase::is_behind`]). Kept past the migration's end here (a destination that
+    /// completed must not act on a late `warming` view).
+    pub(crate) mig_reported: Option<(model::MigrationId, model::MigrationState)>,
+}
+
+impl VmTask {
+    fn id(&self) -> VmId {
+        self.files.id()
+    }
+
+    async fn run(mut self, mut rx: watch::Receiver<Msg>, act_now: bool) {
+        if !act_now && rx.changed().await.is_err() {
+            return;
+        }
+        loop {
+            let msg = rx.borrow_and_update().clone();
+            if !self.handle(msg).await {
+                return;
+            }
+            // The reconciler is gone without a shutdown (the agent was dropped, as a
+            // `kill -9` would): leave the VM as it is, for the next agent to adopt.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Acts on one message; `false` when the task is over.
+    async fn handle(&mut self, msg: Msg) -> bool {
+        let (desired, assignment, stale) = match msg {
+            Msg::Shutdown => (Desired::Shutdown, None, false),
+            Msg::Unassigned => (Desired::Unassigned, None, false),
+            Msg::Assigned(a) => {
+                let stale = a
+                    .migration
+                    .as_ref()
+                    .is_some_and(|m| phase::is_behind(m.id, m.state, self.mig_reported));
+                (self.desired(&a), Some(a), stale)
+            }
+        };
+        if let Some(a) = &assignment {
+            self.observe(a).await;
+        }
+        for _ in 0..MAX_STEPS_PER_MESSAGE {
+            let step = phase::next(&self.phase, desired, Instant::now());
+            let migration_step = matches!(
+                step,
+                Step::Migrate | Step::BeginMigration(..) | Step::EndMigration
+            );
+            if stale && migration_step {
+                break;
+            }
+            match step {
+                Step::Idle => break,
+                Step::Retry => self.phase = VmPhase::Stopped { note: None },
+                Step::BeginMigration(side, id) => {
+                    self.phase = match side {
+                        Side::Source => VmPhase::MigratingOut(MigLocal::new(id)),
+                        Side::Destination => VmPhase::MigratingIn(MigLocal::new(id)),
+                    };
+                }
+                Step::Start => {
+                    if let Some(a) = &assignment {
+                        self.start(a).await;
+                    }
+                    break;
+                }
+                Step::Stop => {
+                    self.send(ReportedState::Stopping, None).await;
+                    self.halt().await;
+                    self.phase = VmPhase::Stopped { note: None };
+                    break;
+                }
+                Step::Migrate => {
+                    if let Some(a) = &assignment {
+                        self.migration_step(a).await;
+                    }
+                    break;
+                }
+                Step::EndMigration => self.end_migration().await,
+                Step::Destroy => {
+                    self.halt().await;
+                    if let Err(e) = self.files.remove() {
+                        tracing::warn!(vm = %self.id(), error = %e, "cannot remove vm files");
+                    }
+                    // The VM is gone for good: its disk too.
+                    self.host.disks.remove_origin(self.id());
+                    self.send(ReportedState::Deleted, None).await;
+                    tracing::info!(vm = %self.id(), "vm deleted");
+                    return false;
+                }
+                Step::Drop => {
+                    self.halt().await;
+                    if let Err(e) = self.files.remove() {
+                        tracing::warn!(vm = %self.id(), error = %e, "cannot remove orphan vm files");
+                    }
+                    tracing::info!(vm = %self.id(), "removed a vm no longer assigned to this host");
+                    return false;
+                }
+                Step::Shutdown => {
+                    let running = self.phase.guest_here()
+                        || self.host.driver.pidfile(self.files.run_dir()).exists();
+                    if running {
+                        tracing::info!(vm = %self.id(), "stopping vm: agent shutting down");
+                        self.halt().await;
+                        self.send(ReportedState::Stopped, Some("host agent shut down".into()))
+                            .await;
+                    }
+                    return false;
+                }
+            }
+        }
+        if let Some(a) = &assignment {
+            self.report(a).await;
+        }
+        true
+    }
+
+    /// What the server wants of this host, from the VM's assignment.
+    fn desired(&self, a: &Assignment) -> Desired {
+        if let Some(m) = &a.migration {
+            if let Some(side) = phase::side(m, &self.host.cfg.host_name) {
+                return Desired::Migration { id: m.id, side };
+            }
+        }
+        Desired::Plain(a.vm.desired)
+    }
+
+    /// Notices what changed under the task: a hypervisor that exited on its own (guest
+    /// poweroff, crash), and the disk of an adopted VM that nobody serves yet.
+    async fn observe(&mut self, a: &Assignment) {
+        if matches!(self.phase, VmPhase::Running) {
+            if let Ok(st) = self.host.driver.status(&self.files.driver_id()).await {
+                if st.is_exited() {
+                    tracing::info!(vm = %self.id(), status = ?st, "vm exited");
+                    self.phase = VmPhase::Stopped {
+                        note: Some(format!("{st:?}")),
+                    };
+                }
+            }
+        }
+        // An adopted VM: its hypervisor kept running through the agent's restart, but
+        // the disk server (and the caches) restarted with the agent.
+        if matches!(self.phase, VmPhase::Running)
+            && self.disk.cache.is_none()
+            && a.vm.host.as_str() == self.host.cfg.host_name
+        {
+            let h = &self.host;
+            match local::reattach(&h.disks, &h.images, &self.files, a, &mut self.disk).await {
+                Ok(()) => tracing::info!(vm = %self.id(), "disk of an adopted vm served again"),
+                Err(e) => {
+                    tracing::warn!(vm = %self.id(), error = %model::error_chain(&e), "cannot serve the disk of an adopted vm")
+                }
+            }
+        }
+    }
+
+    async fn start(&mut self, a: &Assignment) {
+        self.phase = VmPhase::Starting;
+        self.send(ReportedState::Starting, None).await;
+        let h = self.host.clone();
+        let result = local::start(
+            h.driver.as_ref(),
+            &h.disks,
+            &h.images,
+            &self.files,
+            a,
+            h.cfg.accel,
+            h.plumbing(),
+            &mut self.disk,
+        )
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %self.id(), name = %a.vm.name, "vm started");
+                self.phase = VmPhase::Running;
+            }
+            Err(e) => {
+                let reason = model::error_chain(&e);
+                tracing::error!(vm = %self.id(), error = %reason, "vm failed to start");
+                self.phase = VmPhase::Failed {
+                    desired: a.vm.desired,
+                    reason,
+                    since: Instant::now(),
+                };
+            }
+        }
+    }
+
+    /// Stops the hypervisor and the exports, closes the cache; cancels a rebuild.
+    async fn halt(&mut self) {
+        if let Some(r) = self.phase.mig_mut().and_then(|x| x.rebuild.take()) {
+            r.cancel();
+        }
+        let running = self.phase.guest_here();
+        let h = self.host.clone();
+        local::stop(
+            h.driver.as_ref(),
+            &h.disks,
+            &self.files,
+            running,
+            &mut self.disk,
+        )
+        .await;
+    }
+
+    /// The migration this host took part in is over: a destination that switched over
+    /// now runs the VM; a source whose guest never left (the migration failed) runs it
+    /// again, resuming it if a full copy had paused it.
+    async fn end_migration(&mut self) {
+        let phase = std::mem::replace(&mut self.phase, VmPhase::Stopped { note: None });
+        let here = phase.guest_here();
+        let (VmPhase::MigratingOut(x) | VmPhase::MigratingIn(x)) = phase else {
+            self.phase = phase;
+            return;
+        };
+        if let Some(r) = x.rebuild {
+            r.cancel();
+        }
+        if x.paused_at.is_some() && !x.migrated_away {
+            match self.host.driver.resume(&self.files.driver_id()).await {
+                Ok(()) => tracing::info!(vm = %self.id(), "migration ended here: guest resumed"),
+                Err(e) => tracing::error!(vm = %self.id(), error = %e, "cannot resume the guest"),
+            }
+        }
+        self.phase = if here {
+            VmPhase::Running
+        } else {
+            VmPhase::Stopped { note: None }
+        };
+    }
+
+    /// Reports the VM's state with its console tail, when this host runs it (the
+    /// destination before switch-over and the source after it say nothing).
+    async fn report(&mut self, a: &Assignment) {
+        if a.vm.host.as_str() != self.host.cfg.host_name || a.vm.desired == DesiredState::Deleted {
+            return;
+        }
+        let (state, error) = match &self.phase {
+            VmPhase::Failed { reason, .. } => (ReportedState::Failed, Some(reason.clone())),
+            VmPhase::Starting => (ReportedState::Starting, None),
+            VmPhase::Stopped { note } => (ReportedState::Stopped, note.clone()),
+            VmPhase::Running => (ReportedState::Running, None),
+            p @ (VmPhase::MigratingOut(_) | VmPhase::MigratingIn(_)) => {
+                if !p.guest_here() {
+                    return;
+                }
+                (ReportedState::Running, None)
+            }
+        };
+        self.send(state, error).await;
+    }
+
+    pub(crate) async fn send(&mut self, state: ReportedState, error: Option<String>) {
+        let report = ObservedReport {
+            host: self.host.cfg.host_name.clone(),
+            state,
+            error,
+            console_tail: self.files.console_tail(16 * 1024),
+        };
+        // Skip identical reports: the console tail changes while a guest runs, so a
+        // running VM is still reported every pass, an idle one is not.
+        if self.last_report.as_ref() == Some(&report) {
+            return;
+        }
+        self.last_report = Some(report.clone());
+        if let Err(e) = self.host.client.report_observed(self.id(), &report).await {
+            tracing::warn!(vm = %self.id(), error = %e, "cannot report observed state");
+        }
+    }
+}

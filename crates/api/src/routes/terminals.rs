@@ -1,0 +1,193 @@
+//! Terminals: register (secret shown once), bind to a VM, unbind, delete; and the
+//! operation messages they send. A message is authenticated by its MAC with the
+//! terminal's secret — the terminal's credential, in place of a bearer token — and acts
+//! on the VM of the terminal's binding only (`control::terminals`).
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::Json;
+use model::api::Problem;
+use model::terminals::{
+    BindTerminal, CreateTerminal, CreatedTerminal, PerformedOperation, Terminal,
+    MAX_OPERATION_MESSAGE,
+};
+use model::Role;
+
+use crate::extract::AppPath;
+use crate::routes::tenants::write_tenant;
+use crate::{ApiError, AppJson, AppState, Caller};
+
+/// Registers a terminal; the answer holds its secret, shown this once.
+#[utoipa::path(post, path = "/v1/terminals", tag = "terminals", request_body = CreateTerminal,
+    responses(
+        (status = 201, body = CreatedTerminal),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "agent or read-only token; a member naming a tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "name taken in the tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "bad name or tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the server has no secrets key", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<CreateTerminal>,
+) -> Result<(StatusCode, Json<CreatedTerminal>), ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "creating a terminal")?;
+    let (name, tenant) = body.validate()?;
+    let tenant = write_tenant(&state, &caller, tenant.as_ref()).await?;
+    let created = state.control().create_terminal(tenant, name).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Lists the caller's terminals (an admin: every tenant's).
+#[utoipa::path(get, path = "/v1/terminals", tag = "terminals",
+    responses(
+        (status = 200, body = Vec<Terminal>),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "agent token", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Terminal>>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "listing terminals")?;
+    Ok(Json(state.control().list_terminals(caller.scope()?).await?))
+}
+
+/// One terminal, by name or id.
+#[utoipa::path(get, path = "/v1/terminals/{terminal}", tag = "terminals",
+    params(("terminal" = String, Path, description = "terminal name or id")),
+    responses(
+        (status = 200, body = Terminal),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "agent token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(t): AppPath,
+) -> Result<Json<Terminal>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "reading a terminal")?;
+    Ok(Json(state.control().terminal(caller.scope()?, &t).await?))
+}
+
+/// Deletes a terminal: its secret is worthless from then on.
+#[utoipa::path(delete, path = "/v1/terminals/{terminal}", tag = "terminals",
+    params(("terminal" = String, Path, description = "terminal name or id")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "agent or read-only token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(t): AppPath,
+) -> Result<StatusCode, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "deleting a terminal")?;
+    state.control().delete_terminal(caller.scope()?, &t).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Binds a terminal to a VM of its tenant; `exclusive` keeps other terminals off it.
+#[utoipa::path(put, path = "/v1/terminals/{terminal}/binding", tag = "terminals", request_body = BindTerminal,
+    params(("terminal" = String, Path, description = "terminal name or id")),
+    responses(
+        (status = 200, body = Terminal),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "agent or read-only token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such terminal, or no such VM in the terminal's tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the VM is held exclusively, or an exclusive bind would share it", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "bad body", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn bind(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(t): AppPath,
+    AppJson(body): AppJson<BindTerminal>,
+) -> Result<Json<Terminal>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "binding a terminal")?;
+    let bound = state
+        .control()
+        .bind_terminal(caller.scope()?, &t, &body.vm, body.policy)
+        .await?;
+    Ok(Json(bound))
+}
+
+/// Unbinds a terminal: its messages are refused until it is bound again.
+#[utoipa::path(delete, path = "/v1/terminals/{terminal}/binding", tag = "terminals",
+    params(("terminal" = String, Path, description = "terminal name or id")),
+    responses(
+        (status = 200, body = Terminal),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "agent or read-only token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn unbind(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(t): AppPath,
+) -> Result<Json<Terminal>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "unbinding a terminal")?;
+    Ok(Json(
+        state.control().unbind_terminal(caller.scope()?, &t).await?,
+    ))
+}
+
+/// The terminal's recent operations on this server (the second operation information:
+/// which operation, from which terminal, on which VM, and how it fared).
+#[utoipa::path(get, path = "/v1/terminals/{terminal}/operations", tag = "terminals",
+    params(("terminal" = String, Path, description = "terminal name or id")),
+    responses(
+        (status = 200, body = Vec<PerformedOperation>),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "agent token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn operations(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(t): AppPath,
+) -> Result<Json<Vec<PerformedOperation>>, ApiError> {
+    caller.require(
+        &[Role::Admin, Role::Member],
+        "reading a terminal's operations",
+    )?;
+    Ok(Json(
+        state
+            .control()
+            .terminal_operations(caller.scope()?, &t)
+            .await?,
+    ))
+}
+
+/// Takes one operation message from a terminal: `{"header": {server, terminal, seq,
+/// timestamp, mac}, "body": {"op": …}}`. No bearer token: the MAC with the terminal's
+/// secret authenticates it. The VM is the terminal's bound VM, whatever the body says.
+#[utoipa::path(post, path = "/v1/terminal-operations", tag = "terminals",
+    security(()),
+    request_body(content = Object, description = "an operation message", content_type = "application/json"),
+    responses(
+        (status = 202, description = "accepted and sent to the VM's host", body = PerformedOperation),
+        (status = 400, description = "not an operation message", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "unknown terminal, MAC that does not verify, timestamp too far off, another server's message", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "sequence number already performed, terminal unbound, VM gone", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "longer than 16 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "the operation is not valid", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "over the terminal's rate", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn operation(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<(StatusCode, Json<PerformedOperation>), ApiError> {
+    let bytes =
+        crate::extract::json_object_bytes(req, "operation message", MAX_OPERATION_MESSAGE).await?;
+    let accepted = state.control().accept_operation(&bytes).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(state.control().dispatch_operation(accepted).await),
+    ))
+}

@@ -1,0 +1,866 @@
+//! Terminals: clients that operate one VM by operation messages instead of streaming
+//! its screen. A terminal is a tenant's object with a secret (shown once) and a binding
+//! to one VM of its tenant; a message from it carries a header (server, terminal,
+//! sequence number, timestamp, MAC) and one operation. The server checks the message
+//! (size, shape, addressee, MAC, clock, replay, rate) and finds the VM **only from the
+//! terminal's binding** — a VM named in the body means nothing.
+//!
+//! State: terminal records (`/vinfra/terminals/<id>`, with a name index) hold the
+//! binding, the sealed secret and the replay window; `/vinfra/vm-terminals/<vm>` lists
+//! the terminals bound to a VM, so that a bind checks `exclusive` against it in the
+//! same transaction. The per-terminal rate buckets, the refusal counters and the
+//! recent operations of each terminal are this server's memory ([`Terminals`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+
+use model::terminals::{
+    message_mac, CreatedTerminal, OperationHeader, OperationOutcome, PerformedOperation,
+    ReplayError, ReplayWindow, SharePolicy, Terminal, TerminalBinding, TerminalRecord,
+    MAX_OPERATION_MESSAGE, TERMINAL_SECRET_PREFIX,
+};
+use model::{Name, TenantId, TerminalId, Vm, VmId};
+use ring::aead;
+use serde::{Deserialize, Serialize};
+use store::{Compare, Revision, StoreError, TxnOp};
+
+use crate::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
+use crate::{Control, ControlError, Scope};
+
+/// How far a message's timestamp may be from the server's clock, ms.
+pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
+/// Operations a terminal may send per second, sustained.
+pub const RATE_PER_SECOND: f64 = 50.0;
+/// Operations a terminal may send at once after a pause.
+pub const RATE_BURST: f64 = 100.0;
+/// Recent operations kept per terminal for `GET /v1/terminals/{t}/operations`.
+pub const LOG_PER_TERMINAL: usize = 1000;
+
+/// The server's key for sealing terminal secrets (AES-256-GCM). Servers sharing a
+/// store must share it (`vinfra server --secrets-key-file`).
+pub struct SecretsKey(aead::LessSafeKey);
+
+impl std::fmt::Debug for SecretsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretsKey(..)")
+    }
+}
+
+/// The secrets key cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("the secrets key must be 32 bytes, got {0}")]
+pub struct SecretsKeyError(usize);
+
+impl SecretsKey {
+    /// Length of a key, bytes.
+    pub const LEN: usize = 32;
+
+    /// A key from its 32 bytes.
+    pub fn new(bytes: &[u8]) -> Result<Self, SecretsKeyError> {
+        let key = aead::UnboundKey::new(&aead::AES_256_GCM, bytes)
+            .map_err(|_| SecretsKeyError(bytes.len()))?;
+        Ok(Self(aead::LessSafeKey::new(key)))
+    }
+
+    /// `plain` sealed: hex of a random nonce, the ciphertext and the tag. The terminal
+    /// id is the associated data: a sealed secret copied to another record never opens.
+    fn seal(&self, id: TerminalId, plain: &[u8]) -> Result<String, ControlError> {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| ControlError::Invariant("the system random source failed".into()))?;
+        let mut buf = plain.to_vec();
+        self.0
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(id.0.as_bytes()),
+                &mut buf,
+            )
+            .map_err(|_| ControlError::Invariant("sealing a terminal secret failed".into()))?;
+        let mut out = hex(&nonce);
+        out.push_str(&hex(&buf));
+        Ok(out)
+    }
+
+    /// The secret sealed by [`SecretsKey::seal`]; `None` when it does not open (another
+    /// key, another record, or tampered).
+    fn open(&self, id: TerminalId, sealed: &str) -> Option<Vec<u8>> {
+        let bytes = unhex(sealed)?;
+        if bytes.len() < aead::NONCE_LEN {
+            return None;
+        }
+        let (nonce, rest) = bytes.split_at(aead::NONCE_LEN);
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = rest.to_vec();
+        let plain = self
+            .0
+            .open_in_place(nonce, aead::Aad::from(id.0.as_bytes()), &mut buf)
+            .ok()?;
+        Some(plain.to_vec())
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| {
+            let d = |c: u8| (c as char).to_digit(16);
+            u8::try_from(d(p[0])? * 16 + d(p[1])?).ok()
+        })
+        .collect()
+}
+
+/// Why a terminal request is refused (not a message: see [`Refused`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TerminalError {
+    /// This server cannot seal secrets.
+    #[error("this server has no secrets key, so it cannot keep terminal secrets (start it with --secrets-key-file or a data dir)")]
+    NoSecretsKey,
+    /// The VM is bound exclusively to another terminal, or this exclusive bind would
+    /// share it with others.
+    #[error("vm: {vm} is bound to terminal {holder} ({policy}); unbind it first")]
+    VmTaken {
+        /// The VM.
+        vm: String,
+        /// A terminal bound to it.
+        holder: String,
+        /// How that terminal or this bind shares it.
+        policy: &'static str,
+    },
+    /// The store or a record failed, or the terminal or VM is not there.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+impl From<StoreError> for TerminalError {
+    fn from(e: StoreError) -> Self {
+        TerminalError::Control(e.into())
+    }
+}
+
+/// Why an operation message is refused. Each refusal is counted by
+/// [`Refused::reason`] and logged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refused {
+    /// Longer than [`MAX_OPERATION_MESSAGE`].
+    #[error("message: {len} bytes, more than the {MAX_OPERATION_MESSAGE} allowed")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// Not an operation message.
+    #[error("message: {0}")]
+    Malformed(String),
+    /// Addressed to another server.
+    #[error("header.server: addressed to {got:?}, this server is {ours:?}")]
+    WrongServer {
+        /// What the header says.
+        got: String,
+        /// This server's id.
+        ours: String,
+    },
+    /// No such terminal (or its secret does not open here).
+    #[error("header.terminal: unknown terminal {0}")]
+    UnknownTerminal(TerminalId),
+    /// The MAC does not verify.
+    #[error("header.mac: does not verify with the terminal's secret")]
+    BadMac,
+    /// The timestamp is too far from the server's clock.
+    #[error("header.timestamp: {skew_ms} ms from the server's clock, more than {MAX_CLOCK_SKEW_MS} allowed")]
+    Stale {
+        /// How far, ms.
+        skew_ms: u64,
+    },
+    /// The sequence number was used (or is too old to tell).
+    #[error("header.{0}")]
+    Replay(ReplayError),
+    /// Over the terminal's rate.
+    #[error("terminal {terminal}: more than {RATE_PER_SECOND} operations per second; retry in {retry_after_ms} ms")]
+    RateLimited {
+        /// The terminal.
+        terminal: TerminalId,
+        /// When a token is free again.
+        retry_after_ms: u64,
+    },
+    /// The terminal is not bound to a VM.
+    #[error("terminal {0} is not bound to a VM")]
+    Unbound(TerminalId),
+    /// The bound VM is gone.
+    #[error("the VM bound to terminal {terminal} ({vm}) no longer exists")]
+    VmGone {
+        /// The terminal.
+        terminal: TerminalId,
+        /// The VM.
+        vm: VmId,
+    },
+    /// The operation itself is not valid.
+    #[error("body.op: {0}")]
+    BadOperation(String),
+    /// The store failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+impl Refused {
+    /// A short name of the reason, for counters and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refused::TooLarge { .. } => "too_large",
+            Refused::Malformed(_) => "malformed",
+            Refused::WrongServer { .. } => "wrong_server",
+            Refused::UnknownTerminal(_) => "unknown_terminal",
+            Refused::BadMac => "bad_mac",
+            Refused::Stale { .. } => "stale_timestamp",
+            Refused::Replay(_) => "replay",
+            Refused::RateLimited { .. } => "rate_limited",
+            Refused::Unbound(_) => "unbound",
+            Refused::VmGone { .. } => "vm_gone",
+            Refused::BadOperation(_) => "bad_operation",
+            Refused::Control(_) => "server_error",
+        }
+    }
+}
+
+impl From<StoreError> for Refused {
+    fn from(e: StoreError) -> Self {
+        Refused::Control(e.into())
+    }
+}
+
+/// An operation message as sent: the header, and the body kept as its exact bytes
+/// (the MAC covers them).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Message<'a> {
+    header: OperationHeader,
+    #[serde(borrow)]
+    body: &'a serde_json::value::RawValue,
+}
+
+/// A message's body: one operation. Other fields (a VM named by the terminal) are not
+/// refused but ignored: the VM comes from the binding.
+#[derive(Deserialize)]
+struct Body {
+    op: serde_json::Value,
+}
+
+/// A message that passed every check: what to perform, on which VM, where.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The sending terminal.
+    pub terminal: TerminalId,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// The VM from its binding.
+    pub vm: VmId,
+    /// The host that runs it.
+    pub host: Name,
+    /// The message's sequence number.
+    pub seq: u64,
+    /// The operation.
+    pub op: serde_json::Value,
+    /// When the server took it, unix ms.
+    pub received: u64,
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+/// This server's terminal state: rate buckets, refusal counters, recent operations.
+#[derive(Debug, Default)]
+pub struct Terminals {
+    /// Set once, when the server starts with a secrets key.
+    secrets: std::sync::OnceLock<SecretsKey>,
+    buckets: Mutex<HashMap<TerminalId, Bucket>>,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    log: Mutex<HashMap<TerminalId, VecDeque<PerformedOperation>>>,
+}
+
+impl Terminals {
+    fn take_token(&self, t: TerminalId) -> Result<(), u64> {
+        let mut m = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let b = m.entry(t).or_insert(Bucket {
+            tokens: RATE_BURST,
+            at: now,
+        });
+        let refill = now.duration_since(b.at).as_secs_f64() * RATE_PER_SECOND;
+        b.tokens = (b.tokens + refill).min(RATE_BURST);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            // a few ms, positive
+            let wait = ((1.0 - b.tokens) / RATE_PER_SECOND * 1000.0).ceil() as u64;
+            Err(wait)
+        }
+    }
+
+    fn count_refusal(&self, r: &Refused) {
+        let mut m = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(r.reason()).or_default() += 1;
+    }
+
+    /// Records what became of an operation (replacing its earlier entry, by seq).
+    pub fn record(&self, op: PerformedOperation) {
+        let mut m = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let q = m.entry(op.terminal).or_default();
+        if let Some(e) = q.iter_mut().rev().find(|e| e.seq == op.seq) {
+            *e = op;
+            return;
+        }
+        if q.len() == LOG_PER_TERMINAL {
+            q.pop_front();
+        }
+        q.push_back(op);
+    }
+}
+
+/// The VMs a terminal is bound to list: `/vinfra/vm-terminals/<vm>`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct VmTerminals {
+    terminals: Vec<(TerminalId, SharePolicy)>,
+}
+
+fn vm_terminals_key(vm: VmId) -> String {
+    format!("/vinfra/vm-terminals/{vm}")
+}
+
+/// Where terminal records live.
+pub const TERMINALS: &str = "/vinfra/terminals/";
+const TERMINAL_NAMES: &str = "/vinfra/terminal-names/";
+const SERVER_ID: &str = "/vinfra/server-id";
+
+fn terminal_key(id: TerminalId) -> String {
+    format!("{TERMINALS}{id}")
+}
+
+fn terminal_name_key(tenant: TenantId, name: &Name) -> String {
+    format!("{TERMINAL_NAMES}{tenant}/{name}")
+}
+
+impl Control {
+    /// Seals terminal secrets with `key` from now on. Once: a later call is ignored and
+    /// answers `false`, as secrets sealed with the first key would no longer open.
+    pub fn set_secrets_key(&self, key: SecretsKey) -> bool {
+        self.terminals().secrets.set(key).is_ok()
+    }
+
+    /// This control plane's id, as message headers name it: made once, kept in the
+    /// store (every server of a cluster answers to the same one).
+    pub async fn server_id(&self) -> Result<String, ControlError> {
+        if let Some((id, _)) = get_json::<String>(self.store(), SERVER_ID).await? {
+            return Ok(id);
+        }
+        let id = format!("vinfra-{}", uuid::Uuid::new_v4().simple());
+        match self.store().cas(SERVER_ID, None, to_bytes(&id)?).await {
+            Ok(_) => Ok(id),
+            Err(StoreError::Conflict { .. }) => get_json::<String>(self.store(), SERVER_ID)
+                .await?
+                .map(|(id, _)| id)
+                .ok_or_else(|| ControlError::Invariant("the server id vanished".into())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Registers a terminal in `tenant`; its secret is in the answer and nowhere else.
+    pub async fn create_terminal(
+        &self,
+        tenant: TenantId,
+        name: Name,
+    ) -> Result<CreatedTerminal, TerminalError> {
+        let Some(secrets) = self.terminals().secrets.get() else {
+            return Err(TerminalError::NoSecretsKey);
+        };
+        let mut raw = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| ControlError::Invariant("the system random source failed".into()))?;
+        let secret = format!("{TERMINAL_SECRET_PREFIX}{}", hex(&raw));
+        let id = TerminalId::new_random();
+        let terminal = Terminal {
+            id,
+            tenant,
+            name,
+            secret_prefix: secret
+                .chars()
+                .take(TERMINAL_SECRET_PREFIX.len() + 6)
+                .collect(),
+            binding: None,
+            created_at: now_ms(),
+        };
+        let record = StoredTerminal {
+            record: TerminalRecord {
+                terminal: terminal.clone(),
+                secret_sha256: hex(
+                    ring::digest::digest(&ring::digest::SHA256, secret.as_bytes()).as_ref(),
+                ),
+                secret_sealed: secrets.seal(id, secret.as_bytes())?,
+            },
+            window: ReplayWindow::default(),
+        };
+        crate::records::insert_named(
+            self.store(),
+            terminal_key(id),
+            terminal_name_key(tenant, &terminal.name),
+            &record,
+            &id,
+            || format!("name: terminal {} already exists", terminal.name),
+        )
+        .await?;
+        tracing::info!(terminal = %terminal.name, %id, "terminal created");
+        Ok(CreatedTerminal {
+            terminal,
+            secret,
+            server: self.server_id().await?,
+        })
+    }
+
+    /// The terminals `scope` sees, by tenant then name.
+    pub async fn list_terminals(&self, scope: Scope) -> Result<Vec<Terminal>, ControlError> {
+        let mut out: Vec<Terminal> = list_json::<StoredTerminal>(self.store(), TERMINALS)
+            .await?
+            .into_iter()
+            .map(|(t, _)| t.record.terminal)
+            .filter(|t| scope.sees(t.tenant))
+            .collect();
+        out.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
+        Ok(out)
+    }
+
+    async fn stored_terminal(
+        &self,
+        scope: Scope,
+        s: &str,
+    ) -> Result<(StoredTerminal, Revision), ControlError> {
+        crate::records::resolve_named::<TerminalId, StoredTerminal>(
+            self.store(),
+            scope,
+            s,
+            "terminal",
+            TERMINAL_NAMES,
+            terminal_key,
+            |t| t.record.terminal.tenant,
+        )
+        .await
+    }
+
+    /// One terminal, by name or id.
+    pub async fn terminal(&self, scope: Scope, s: &str) -> Result<Terminal, ControlError> {
+        Ok(self.stored_terminal(scope, s).await?.0.record.terminal)
+    }
+
+    /// Deletes a terminal (and its binding): its secret is worthless from then on.
+    pub async fn delete_terminal(&self, scope: Scope, s: &str) -> Result<(), TerminalError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (t, rev) = self.stored_terminal(scope, s).await?;
+            let term = &t.record.terminal;
+            let mut compares = vec![Compare::ModRevision {
+                key: terminal_key(term.id),
+                expect: Some(rev),
+            }];
+            let mut ops = vec![
+                TxnOp::Delete {
+                    key: terminal_key(term.id),
+                },
+                TxnOp::Delete {
+                    key: terminal_name_key(term.tenant, &term.name),
+                },
+            ];
+            if let Some(b) = &term.binding {
+                self.unbind_ops(term.id, b.vm, &mut compares, &mut ops)
+                    .await?;
+            }
+            match self.store().txn(compares, ops).await {
+                Ok(_) => {
+                    tracing::info!(terminal = %term.name, "terminal deleted");
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::Contended {
+            what: format!("terminal {s}"),
+        }
+        .into())
+    }
+
+    /// The compare and the write that take terminal `t` off VM `vm`'s list.
+    async fn unbind_ops(
+        &self,
+        t: TerminalId,
+        vm: VmId,
+        compares: &mut Vec<Compare>,
+        ops: &mut Vec<TxnOp>,
+    ) -> Result<(), ControlError> {
+        let key = vm_terminals_key(vm);
+        let (mut list, rev) = match get_json::<VmTerminals>(self.store(), &key).await? {
+            Some((l, r)) => (l, Some(r)),
+            None => (VmTerminals::default(), None),
+        };
+        list.terminals.retain(|(id, _)| *id != t);
+        compares.push(Compare::ModRevision {
+            key: key.clone(),
+            expect: rev,
+        });
+        ops.push(if list.terminals.is_empty() {
+            TxnOp::Delete { key }
+        } else {
+            TxnOp::Put {
+                key,
+                value: to_bytes(&list)?,
+            }
+        });
+        Ok(())
+    }
+
+    /// Binds a terminal to a VM of its tenant (moving it off the VM it was bound to).
+    /// `exclusive` is refused while any other terminal is bound to the VM, and a bind
+    /// to a VM held exclusively is refused: nobody is kicked off silently.
+    pub async fn bind_terminal(
+        &self,
+        scope: Scope,
+        s: &str,
+        vm: &str,
+        policy: SharePolicy,
+    ) -> Result<Terminal, TerminalError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (mut t, rev) = self.stored_terminal(scope, s).await?;
+            let tenant = t.record.terminal.tenant;
+            let id = t.record.terminal.id;
+            // The VM must be the terminal's tenant's, whoever asks.
+            let (target, _) = self.vm(Scope::Tenant(tenant), vm).await?;
+            let key = vm_terminals_key(target.id);
+            let (mut list, list_rev) = match get_json::<VmTerminals>(self.store(), &key).await? {
+                Some((l, r)) => (l, Some(r)),
+                None => (VmTerminals::default(), None),
+            };
+            let others: Vec<_> = list.terminals.iter().filter(|(o, _)| *o != id).collect();
+            if let Some((holder, p)) = others.iter().find(|(_, p)| *p == SharePolicy::Exclusive) {
+                return Err(self.taken(&target, *holder, p_name(*p)).await);
+            }
+            if policy == SharePolicy::Exclusive {
+                if let Some((holder, _)) = others.first() {
+                    return Err(self.taken(&target, *holder, "this bind is exclusive").await);
+                }
+            }
+            let mut compares = vec![Compare::ModRevision {
+                key: terminal_key(id),
+                expect: Some(rev),
+            }];
+            let mut ops = Vec::new();
+            if let Some(old) = t
+                .record
+                .terminal
+                .binding
+                .as_ref()
+                .filter(|b| b.vm != target.id)
+            {
+                self.unbind_ops(id, old.vm, &mut compares, &mut ops).await?;
+            }
+            list.terminals.retain(|(o, _)| *o != id);
+            list.terminals.push((id, policy));
+            compares.push(Compare::ModRevision {
+                key: key.clone(),
+                expect: list_rev,
+            });
+            ops.push(TxnOp::Put {
+                key,
+                value: to_bytes(&list)?,
+            });
+            t.record.terminal.binding = Some(TerminalBinding {
+                vm: target.id,
+                vm_name: target.name.clone(),
+                policy,
+                bound_at: now_ms(),
+            });
+            ops.push(TxnOp::Put {
+                key: terminal_key(id),
+                value: to_bytes(&t)?,
+            });
+            match self.store().txn(compares, ops).await {
+                Ok(_) => {
+                    tracing::info!(terminal = %t.record.terminal.name, vm = %target.name, ?policy, "terminal bound");
+                    return Ok(t.record.terminal);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::Contended {
+            what: format!("terminal {s}"),
+        }
+        .into())
+    }
+
+    async fn taken(&self, vm: &Vm, holder: TerminalId, policy: &'static str) -> TerminalError {
+        let holder = match get_json::<StoredTerminal>(self.store(), &terminal_key(holder)).await {
+            Ok(Some((t, _))) => t.record.terminal.name.to_string(),
+            _ => holder.to_string(),
+        };
+        TerminalError::VmTaken {
+            vm: vm.name.to_string(),
+            holder,
+            policy,
+        }
+    }
+
+    /// Unbinds a terminal; its messages are refused until it is bound again.
+    pub async fn unbind_terminal(&self, scope: Scope, s: &str) -> Result<Terminal, TerminalError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (mut t, rev) = self.stored_terminal(scope, s).await?;
+            let Some(b) = t.record.terminal.binding.take() else {
+                return Ok(t.record.terminal);
+            };
+            let id = t.record.terminal.id;
+            let mut compares = vec![Compare::ModRevision {
+                key: terminal_key(id),
+                expect: Some(rev),
+            }];
+            let mut ops = vec![TxnOp::Put {
+                key: terminal_key(id),
+                value: to_bytes(&t)?,
+            }];
+            self.unbind_ops(id, b.vm, &mut compares, &mut ops).await?;
+            match self.store().txn(compares, ops).await {
+                Ok(_) => return Ok(t.record.terminal),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::Contended {
+            what: format!("terminal {s}"),
+        }
+        .into())
+    }
+
+    /// Checks an operation message and takes its sequence number. The order matters:
+    /// nothing about a terminal is revealed before its MAC verifies, and the sequence
+    /// number is taken (stored) only for a message that passed every other check.
+    pub async fn accept_operation(&self, raw: &[u8]) -> Result<Accepted, Refused> {
+        let r = self.check_operation(raw).await;
+        if let Err(e) = &r {
+            self.terminals().count_refusal(e);
+            tracing::info!(reason = e.reason(), error = %e, "terminal operation refused");
+        }
+        r
+    }
+
+    async fn check_operation(&self, raw: &[u8]) -> Result<Accepted, Refused> {
+        if raw.len() > MAX_OPERATION_MESSAGE {
+            return Err(Refused::TooLarge { len: raw.len() });
+        }
+        let msg: Message<'_> =
+            serde_json::from_slice(raw).map_err(|e| Refused::Malformed(e.to_string()))?;
+        let h = &msg.header;
+        let body = msg.body.get().as_bytes();
+        let ours = self.server_id().await?;
+        if h.server != ours {
+            return Err(Refused::WrongServer {
+                got: h.server.clone(),
+                ours,
+            });
+        }
+        let key = terminal_key(h.terminal);
+        let Some((stored, _)) = get_json::<StoredTerminal>(self.store(), &key).await? else {
+            return Err(Refused::UnknownTerminal(h.terminal));
+        };
+        let secret = self
+            .terminals()
+            .secrets
+            .get()
+            .and_then(|s| s.open(h.terminal, &stored.record.secret_sealed))
+            .ok_or(Refused::UnknownTerminal(h.terminal))?;
+        let expect = message_mac(&secret, h, body);
+        if !constant_time_eq(expect.as_bytes(), h.mac.as_bytes()) {
+            return Err(Refused::BadMac);
+        }
+        let received = now_ms();
+        let skew_ms = received.abs_diff(h.timestamp);
+        if skew_ms > MAX_CLOCK_SKEW_MS {
+            return Err(Refused::Stale { skew_ms });
+        }
+        let body: Body =
+            serde_json::from_slice(body).map_err(|e| Refused::BadOperation(e.to_string()))?;
+        let term = &stored.record.terminal;
+        let Some(binding) = &term.binding else {
+            return Err(Refused::Unbound(term.id));
+        };
+        let Some((vm, _)) = get_json::<Vm>(self.store(), &keys::vm(binding.vm)).await? else {
+            return Err(Refused::VmGone {
+                terminal: term.id,
+                vm: binding.vm,
+            });
+        };
+        self.terminals()
+            .take_token(term.id)
+            .map_err(|retry_after_ms| Refused::RateLimited {
+                terminal: term.id,
+                retry_after_ms,
+            })?;
+        self.take_seq(h.terminal, h.seq).await?;
+        let accepted = Accepted {
+            terminal: term.id,
+            tenant: term.tenant,
+            vm: vm.id,
+            host: vm.host.clone(),
+            seq: h.seq,
+            op: body.op,
+            received,
+        };
+        self.terminals().record(PerformedOperation {
+            terminal: accepted.terminal,
+            vm: accepted.vm,
+            host: accepted.host.clone(),
+            seq: accepted.seq,
+            op: accepted.op.clone(),
+            received,
+            performed: None,
+            outcome: OperationOutcome::Sent,
+            detail: None,
+        });
+        Ok(accepted)
+    }
+
+    /// Takes `seq` in the terminal's stored replay window (compare-and-swap), so that
+    /// every server sharing the store, and this one after a restart, refuses it again.
+    async fn take_seq(&self, t: TerminalId, seq: u64) -> Result<(), Refused> {
+        let key = terminal_key(t);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((mut stored, rev)) = get_json::<StoredTerminal>(self.store(), &key).await?
+            else {
+                return Err(Refused::UnknownTerminal(t));
+            };
+            stored.window.take(seq).map_err(Refused::Replay)?;
+            match self.store().cas(&key, Some(rev), to_bytes(&stored)?).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::Contended {
+            what: format!("terminal {t}"),
+        }
+        .into())
+    }
+
+    /// Hands an accepted operation to the VM's host and answers with its record. Today
+    /// the record says `sent`: the host's agent receives it over the push channel.
+    pub async fn dispatch_operation(&self, a: Accepted) -> PerformedOperation {
+        PerformedOperation {
+            terminal: a.terminal,
+            vm: a.vm,
+            host: a.host,
+            seq: a.seq,
+            op: a.op,
+            received: a.received,
+            performed: None,
+            outcome: OperationOutcome::Sent,
+            detail: None,
+        }
+    }
+
+    /// The recent operations of a terminal on this server, oldest first.
+    pub async fn terminal_operations(
+        &self,
+        scope: Scope,
+        s: &str,
+    ) -> Result<Vec<PerformedOperation>, ControlError> {
+        let t = self.terminal(scope, s).await?;
+        let m = self
+            .terminals()
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(m.get(&t.id)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    /// How many operation messages this server refused, by reason.
+    pub fn terminal_refusals(&self) -> BTreeMap<&'static str, u64> {
+        self.terminals()
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn p_name(p: SharePolicy) -> &'static str {
+    match p {
+        SharePolicy::Shared => "shared",
+        SharePolicy::Exclusive => "exclusive",
+    }
+}
+
+/// Compares without stopping at the first difference, so that the time a refusal takes
+/// does not tell how much of a forged MAC was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the store keeps per terminal: the record and its replay window.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredTerminal {
+    #[serde(flatten)]
+    record: TerminalRecord,
+    #[serde(default)]
+    window: ReplayWindow,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_secret_opens_only_for_its_terminal_and_key() {
+        let k = SecretsKey::new(&[7u8; 32]).unwrap();
+        let (a, b) = (TerminalId::new_random(), TerminalId::new_random());
+        let sealed = k.seal(a, b"vterm_secret").unwrap();
+        assert!(!sealed.contains("secret"));
+        assert_eq!(k.open(a, &sealed).as_deref(), Some(&b"vterm_secret"[..]));
+        assert_eq!(k.open(b, &sealed), None, "another record");
+        let other = SecretsKey::new(&[8u8; 32]).unwrap();
+        assert_eq!(other.open(a, &sealed), None, "another key");
+        let mut tampered = sealed.clone().into_bytes();
+        let last = tampered.len() - 1;
+        tampered[last] = if tampered[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(k.open(a, std::str::from_utf8(&tampered).unwrap()), None);
+        assert!(SecretsKey::new(&[0u8; 16]).is_err());
+    }
+
+    #[test]
+    fn hex_round_trips_and_refuses_junk() {
+        assert_eq!(
+            unhex(&hex(&[0, 1, 0xab, 0xff])),
+            Some(vec![0, 1, 0xab, 0xff])
+        );
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+        assert!(constant_time_eq(b"ab", b"ab"));
+        assert!(!constant_time_eq(b"ab", b"ac"));
+        assert!(!constant_time_eq(b"ab", b"abc"));
+    }
+}
