@@ -7,8 +7,9 @@
 //! migration records, so that a change can be mapped to the hosts it concerns before and
 //! after it (a delete carries only its key: the mirror knows which host the VM was on).
 //! For each change it builds the VM's assignment on each of those hosts with the
-//! functions the assignments list uses ([`assigned_hosts`], [`assignment_for`]), and sends
-//! it, or `unassigned`, over a `broadcast` channel per host to that host's streams.
+//! functions the assignments list uses (`vms::assigned_hosts`, `vms::assignment_for`),
+//! and sends it, or `unassigned`, over a `broadcast` channel per host to that host's
+//! streams.
 //!
 //! A stream starts with `resync` (what changed before it is not sent: the agent reads the
 //! assignments). It gets `resync` again when it falls more than [`HOST_BUFFER`] events

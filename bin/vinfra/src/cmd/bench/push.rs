@@ -325,7 +325,7 @@ async fn measure_push(
     for k in 0..ops {
         let (_, vm) = vms[k % vms.len()];
         // Each VM alternates: stop on its odd rounds, start on its even ones.
-        let to = if (k / vms.len()) % 2 == 0 {
+        let to = if (k / vms.len()).is_multiple_of(2) {
             DesiredState::Stopped
         } else {
             DesiredState::Running
@@ -405,7 +405,7 @@ async fn measure_poll(
                 // the next poll comes, as a real one does not.
                 let phase = rng.below(u64::try_from(period.as_micros()).unwrap_or(1_000_000));
                 tokio::time::sleep(Duration::from_micros(phase)).await;
-                let to = if k % 2 == 0 {
+                let to = if k.is_multiple_of(2) {
                     DesiredState::Stopped
                 } else {
                     DesiredState::Running
