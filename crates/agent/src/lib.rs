@@ -5,12 +5,15 @@
 //! Must not depend on: the server's internals; it talks to the control plane only
 //! through `client` (the REST API), so an agent on another machine works the same.
 //!
-//! Tasks: one heartbeat task (every `heartbeat`); the reconciler, which every `poll`
-//! fetches the host's assignments and routes each to its VM's task; and one task per
-//! VM, which alone owns that VM's phase ([`phase::VmPhase`]), cache and reports, and
-//! does its I/O at its own pace (a slow start of one VM never delays another's
-//! migration). The shared parts (config, client, hypervisor, disk stack, image files,
-//! uplink) are one `Host` value behind an `Arc`.
+//! Tasks: one heartbeat task (every `heartbeat`, at least three per lease) and the lease
+//! watchdog ([`lease`]), which alone owns the host lease's state and publishes it; the
+//! reconciler, which every `poll` fetches the host's assignments and routes each to its
+//! VM's task; and one task per VM, which alone owns that VM's phase
+//! ([`phase::VmPhase`]), cache and reports, does its I/O at its own pace (a slow start of
+//! one VM never delays another's migration), and pauses its guest by itself when the
+//! lease expires and the VM is redundant (fencing: its standby may take over). The
+//! shared parts (config, client, hypervisor, disk stack, image files, uplink, the lease
+//! receiver) are one `Host` value behind an `Arc`.
 //!
 //! Lifecycle: on shutdown the agent stops its VMs and reports them stopped; their
 //! desired state stays in the store, so the next agent start boots them again. After a
@@ -25,6 +28,7 @@ pub mod disks;
 pub mod files;
 mod hostinfo;
 pub mod images;
+pub mod lease;
 pub mod linkrelay;
 mod local;
 mod migrate;
@@ -38,13 +42,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use client::Client;
 use compute::{Accel, ComputeDriver, QemuDriver};
-use model::api::RegisterHost;
+use model::api::{HostLease, RegisterHost};
 use model::VmId;
+use tokio::sync::watch;
 
+use crate::lease::{Lease, Renewal};
 use crate::phase::VmPhase;
 use crate::vm::{Msg, VmHandle};
 
@@ -61,7 +67,7 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Accelerator for the VMs.
     pub accel: Accel,
-    /// Heartbeat period.
+    /// Heartbeat period (shortened to a third of the host lease the server grants).
     pub heartbeat: Duration,
     /// Reconcile period.
     pub poll: Duration,
@@ -242,13 +248,23 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg.tls.clone(),
     ));
     let registration = hostinfo::registration(&cfg, disks.peer_addr(), link_addr);
-    tokio::select! {
+    let first = tokio::select! {
         r = register(&client, &registration) => r?,
         _ = &mut shutdown => return Ok(()),
-    }
-    tracing::info!(host = %cfg.host_name, "registered");
+    };
+    tracing::info!(host = %cfg.host_name, lease_ms = first.lease.as_millis(), "registered");
 
-    let hb = tokio::spawn(heartbeat_loop(client.clone(), registration, cfg.heartbeat));
+    let (renewals_tx, renewals) = watch::channel(first);
+    let (lease_tx, lease) = watch::channel(Lease::Held {
+        since: first.answered_at,
+    });
+    let watchdog = tokio::spawn(lease::watchdog(renewals, lease_tx));
+    let hb = tokio::spawn(heartbeat_loop(
+        client.clone(),
+        registration,
+        cfg.heartbeat,
+        renewals_tx,
+    ));
     let poll = cfg.poll;
     let mut agent = Agent {
         host: Arc::new(Host {
@@ -258,25 +274,48 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             driver,
             disks,
             uplink: std::sync::RwLock::new(None),
+            lease,
         }),
         vms: BTreeMap::new(),
     };
     agent.adopt_existing().await;
     let mut migrating = false;
+    // A change of the lease (expired, or back) gives up the pass under way and starts
+    // the next at once: a pass started before a cut may hang on a dead connection for
+    // the client's whole timeout, and the VMs want their assignments soon after the
+    // lease came back (a fenced one asks for its own as well, `Step::Confirm`).
+    let mut lease = agent.host.lease.clone();
+    let mut lease_open = true;
+    let mut pass_now = false;
     loop {
         // While a migration is in flight the next step is usually due at once
         // (switch-over, progress): poll faster then.
-        let pause = if migrating {
+        let pause = if pass_now {
+            Duration::ZERO
+        } else if migrating {
             poll.min(Duration::from_millis(200))
         } else {
             poll
         };
+        pass_now = false;
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tokio::time::sleep(pause) => migrating = agent.reconcile_once().await,
+            _ = tokio::time::sleep(pause) => {}
+            changed = lease.changed(), if lease_open => lease_open = changed.is_ok(),
+        }
+        lease.borrow_and_update();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            m = agent.reconcile_once() => migrating = m,
+            changed = lease.changed(), if lease_open => {
+                lease_open = changed.is_ok();
+                tracing::debug!("reconcile pass given up: the host lease changed");
+                pass_now = true;
+            }
         }
     }
     hb.abort();
+    watchdog.abort();
     relay.abort();
     agent.stop_all().await;
     Ok(())
@@ -404,11 +443,13 @@ pub(crate) fn api_client(
 }
 
 /// Registers, retrying while the server is unreachable; a refusal (4xx) is final.
-async fn register(client: &Client, req: &RegisterHost) -> Result<(), AgentError> {
+/// The registration is the lease's first renewal.
+async fn register(client: &Client, req: &RegisterHost) -> Result<Renewal, AgentError> {
     let mut delay = Duration::from_millis(100);
     loop {
+        let sent_at = Instant::now();
         match client.register_host(req).await {
-            Ok(_) => return Ok(()),
+            Ok(reply) => return Ok(renewal(sent_at, &reply)),
             Err(err) if err.status().is_some_and(|s| (400..500).contains(&s)) => {
                 return Err(AgentError::Register {
                     host: req.name.clone(),
@@ -424,20 +465,60 @@ async fn register(client: &Client, req: &RegisterHost) -> Result<(), AgentError>
     }
 }
 
-async fn heartbeat_loop(client: Client, registration: RegisterHost, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+/// The lease renewed by a heartbeat sent at `sent_at` and answered now.
+fn renewal(sent_at: Instant, reply: &HostLease) -> Renewal {
+    Renewal {
+        sent_at,
+        answered_at: Instant::now(),
+        lease: Duration::from_millis(reply.lease_ms),
+    }
+}
+
+/// Sends a heartbeat every period (see [`lease::heartbeat_period`]) and publishes each
+/// answered one on `renewals`. A heartbeat that fails or takes longer than
+/// [`lease::attempt_timeout`] is sent again after [`lease::retry_after`]: the lease is at
+/// risk, and a short cut should not cost more than the lease.
+async fn heartbeat_loop(
+    client: Client,
+    registration: RegisterHost,
+    every: Duration,
+    renewals: watch::Sender<Renewal>,
+) {
+    let mut failing = false;
+    let mut next = Instant::now() + lease::heartbeat_period(every, renewals.borrow().lease);
     loop {
-        tick.tick().await;
-        match client.heartbeat(&registration.name).await {
-            Ok(_) => {}
-            // The server forgot us (new store): register again.
-            Err(e) if e.status() == Some(404) => {
-                if let Err(e) = client.register_host(&registration).await {
-                    tracing::warn!(error = %e, "re-registration failed");
-                }
+        tokio::time::sleep_until(next.into()).await;
+        let lease_now = renewals.borrow().lease;
+        let period = lease::heartbeat_period(every, lease_now);
+        let sent_at = Instant::now();
+        let attempt = async {
+            match client.heartbeat(&registration.name).await {
+                // The server forgot us (new store): register again, which renews too.
+                Err(e) if e.status() == Some(404) => client.register_host(&registration).await,
+                r => r,
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        };
+        let failure = match tokio::time::timeout(lease::attempt_timeout(lease_now), attempt).await {
+            Ok(Ok(reply)) => {
+                renewals.send_replace(renewal(sent_at, &reply));
+                if failing {
+                    tracing::info!("heartbeats answered again");
+                }
+                failing = false;
+                next = sent_at + period;
+                continue;
+            }
+            Ok(Err(e)) => model::error_chain(&e),
+            Err(_) => "no answer in time".to_owned(),
+        };
+        // The first failure in a row is worth a warning; the retries that follow are not.
+        if failing {
+            tracing::debug!(error = %failure, "heartbeat failed again");
+        } else {
+            tracing::warn!(error = %failure, "heartbeat failed; retrying");
         }
+        failing = true;
+        next = Instant::now() + lease::retry_after(period);
     }
 }
 
@@ -453,6 +534,8 @@ pub(crate) struct Host {
     pub(crate) images: images::ImageFiles,
     /// The VXLAN uplink of VM networks, when this host has a data-network address.
     uplink: std::sync::RwLock<Option<netdev::Uplink>>,
+    /// The host lease, as the watchdog publishes it (each VM task clones it).
+    pub(crate) lease: watch::Receiver<Lease>,
 }
 
 impl Host {
@@ -491,7 +574,7 @@ impl Agent {
                 }
             }
             // The first assignment pass tells the task what to do with it.
-            let h = VmHandle::spawn(self.host.clone(), id, phase, None);
+            let h = VmHandle::spawn(self.host.clone(), id, phase, Msg::Awaiting);
             self.vms.insert(id, h);
         }
     }
@@ -546,7 +629,7 @@ impl Agent {
                 Some(h) => h.route(msg),
                 None => {
                     let phase = VmPhase::Stopped { note: None };
-                    let h = VmHandle::spawn(self.host.clone(), id, phase, Some(msg));
+                    let h = VmHandle::spawn(self.host.clone(), id, phase, msg);
                     self.vms.insert(id, h);
                 }
             }

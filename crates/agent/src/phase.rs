@@ -1,7 +1,8 @@
 //! A VM's life on this host as an explicit phase, and the pure transition function
-//! that picks the next step from the phase and what the server wants. No I/O: the VM
-//! task ([`crate::vm`]) is the shell that performs each step and sets the phase it
-//! reached, so every decision here is a unit test.
+//! that picks the next step from the phase, what the server wants, and what the host
+//! lease allows ([`Authority`], see [`crate::lease`]). No I/O: the VM task
+//! (`vm.rs`) is the shell that performs each step and sets the phase it reached,
+//! so every decision here is a unit test.
 
 use std::time::{Duration, Instant};
 
@@ -40,13 +41,22 @@ pub enum VmPhase {
     /// This host is the destination: QEMU waits for the stream, then runs the guest
     /// while the cache is rebuilt from the source's.
     MigratingIn(MigLocal),
+    /// The guest is paused here because the host lease expired (a redundant VM whose
+    /// standby may be running it now); resumed only if a fresh assignment says it is
+    /// still ours, stopped otherwise. The hypervisor stays up: a short cut costs a pause,
+    /// not a reboot.
+    Fenced {
+        /// When it was paused.
+        since: Instant,
+    },
 }
 
 impl VmPhase {
     /// Whether the guest executes on this host.
     pub fn guest_here(&self) -> bool {
         match self {
-            VmPhase::Running => true,
+            // A fenced guest does not execute, but its hypervisor is here to be stopped.
+            VmPhase::Running | VmPhase::Fenced { .. } => true,
             VmPhase::MigratingOut(x) => !x.migrated_away,
             VmPhase::MigratingIn(x) => x.switched,
             VmPhase::Stopped { .. } | VmPhase::Starting | VmPhase::Failed { .. } => false,
@@ -136,6 +146,22 @@ pub fn side(m: &Migration, me: &str) -> Option<Side> {
     }
 }
 
+/// What the host lease allows for one VM (computed by [`crate::lease::authority`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authority {
+    /// Act on the assignment: the VM is not redundant, or the lease is held and the task
+    /// itself found the VM assigned here by a request sent after the lease was last
+    /// (re)gained.
+    Held,
+    /// The lease is held, but the assignment at hand may predate a takeover (a message
+    /// may have been read before the lease came back): keep what runs; before starting or
+    /// resuming the guest, ask the server ([`Step::Confirm`]).
+    Stale,
+    /// The lease expired (a redundant VM): its standby may be started any moment, so its
+    /// guest must not run here.
+    Lost,
+}
+
 /// Where a migration state comes in a migration's life: each report moves a
 /// migration forward, never back (a failure can come at any point, so it is last).
 fn stage(s: MigrationState) -> u8 {
@@ -176,6 +202,9 @@ pub enum Desired {
     },
     /// No longer assigned here (deleted while the agent was down, or moved away).
     Unassigned,
+    /// Not known yet: a VM adopted from an earlier agent process, before the first
+    /// assignment pass.
+    Unknown,
     /// The agent is shutting down.
     Shutdown,
 }
@@ -206,21 +235,51 @@ pub enum Step {
     EndMigration,
     /// Stop the hypervisor for the agent's shutdown; the task ends.
     Shutdown,
+    /// Pause the guest, keep the hypervisor (the phase becomes `Fenced`); stop it if
+    /// the pause fails.
+    Fence,
+    /// Resume a fenced guest (the phase becomes `Running`).
+    Resume,
+    /// Ask the server now whether the VM is still assigned here, then decide again on
+    /// that answer (with [`Authority::Held`] if it is).
+    Confirm,
 }
 
-/// The next step for a VM in `phase` when the server wants `desired`, at `now`.
-pub fn next(phase: &VmPhase, desired: Desired, now: Instant) -> Step {
+/// The next step for a VM in `phase` when the server wants `desired`, the lease allows
+/// `authority`, at `now`.
+///
+/// Stopping is always allowed; without the lease ([`Authority::Lost`]) a guest that
+/// runs here is paused, and with a doubtful assignment ([`Authority::Stale`]) nothing
+/// is started or resumed before the server confirms it.
+pub fn next(phase: &VmPhase, desired: Desired, authority: Authority, now: Instant) -> Step {
     use VmPhase as P;
+    let lost = authority == Authority::Lost;
+    let stale = authority == Authority::Stale;
     match (desired, phase) {
         (Desired::Shutdown, _) => Step::Shutdown,
         (Desired::Unassigned, _) => Step::Drop,
         (_, P::Starting) => Step::Idle,
+        // A cut mid-migration: the server may end the migration without this host
+        // (the other end reports it failed) and then take the VM over.
+        (_, p @ (P::MigratingOut(_) | P::MigratingIn(_))) if lost && p.guest_here() => Step::Fence,
         (Desired::Migration { id, .. }, P::MigratingOut(x) | P::MigratingIn(x)) if x.id == id => {
             Step::Migrate
         }
         (_, P::MigratingOut(_) | P::MigratingIn(_)) => Step::EndMigration,
-        (Desired::Migration { id, side }, _) => Step::BeginMigration(side, id),
         (Desired::Plain(DesiredState::Deleted), _) => Step::Destroy,
+        (Desired::Plain(DesiredState::Stopped), P::Running | P::Fenced { .. }) => Step::Stop,
+        (_, P::Running) if lost => Step::Fence,
+        (_, P::Fenced { .. }) => match authority {
+            Authority::Held if desired != Desired::Unknown => Step::Resume,
+            Authority::Stale => Step::Confirm,
+            _ => Step::Idle,
+        },
+        (Desired::Unknown, _) => Step::Idle,
+        // Nothing starts here without the lease.
+        (_, P::Stopped { .. } | P::Failed { .. }) if lost => Step::Idle,
+        // A destination's hypervisor would run the guest after switch-over.
+        (Desired::Migration { .. }, P::Stopped { .. } | P::Failed { .. }) if stale => Step::Confirm,
+        (Desired::Migration { id, side }, _) => Step::BeginMigration(side, id),
         (Desired::Plain(want), P::Failed { desired, since, .. }) => {
             if *desired != want || now.saturating_duration_since(*since) >= RETRY_FAILED_AFTER {
                 Step::Retry
@@ -228,8 +287,8 @@ pub fn next(phase: &VmPhase, desired: Desired, now: Instant) -> Step {
                 Step::Idle
             }
         }
+        (Desired::Plain(DesiredState::Running), P::Stopped { .. }) if stale => Step::Confirm,
         (Desired::Plain(DesiredState::Running), P::Stopped { .. }) => Step::Start,
-        (Desired::Plain(DesiredState::Stopped), P::Running) => Step::Stop,
         (Desired::Plain(_), P::Running | P::Stopped { .. }) => Step::Idle,
     }
 }
@@ -254,6 +313,7 @@ mod tests {
         MigrationId::new_random()
     }
 
+    const H: Authority = Authority::Held;
     const RUN: Desired = Desired::Plain(DesiredState::Running);
     const STOP: Desired = Desired::Plain(DesiredState::Stopped);
     const DEL: Desired = Desired::Plain(DesiredState::Deleted);
@@ -261,26 +321,26 @@ mod tests {
     #[test]
     fn plain_desired_states_start_stop_and_destroy() {
         let now = Instant::now();
-        assert_eq!(next(&stopped(), RUN, now), Step::Start);
-        assert_eq!(next(&VmPhase::Running, RUN, now), Step::Idle);
-        assert_eq!(next(&VmPhase::Running, STOP, now), Step::Stop);
-        assert_eq!(next(&stopped(), STOP, now), Step::Idle);
-        assert_eq!(next(&VmPhase::Running, DEL, now), Step::Destroy);
-        assert_eq!(next(&stopped(), DEL, now), Step::Destroy);
+        assert_eq!(next(&stopped(), RUN, H, now), Step::Start);
+        assert_eq!(next(&VmPhase::Running, RUN, H, now), Step::Idle);
+        assert_eq!(next(&VmPhase::Running, STOP, H, now), Step::Stop);
+        assert_eq!(next(&stopped(), STOP, H, now), Step::Idle);
+        assert_eq!(next(&VmPhase::Running, DEL, H, now), Step::Destroy);
+        assert_eq!(next(&stopped(), DEL, H, now), Step::Destroy);
     }
 
     #[test]
     fn a_start_under_way_is_not_interrupted_except_by_leaving() {
         let now = Instant::now();
         for d in [RUN, STOP, DEL] {
-            assert_eq!(next(&VmPhase::Starting, d, now), Step::Idle, "{d:?}");
+            assert_eq!(next(&VmPhase::Starting, d, H, now), Step::Idle, "{d:?}");
         }
         assert_eq!(
-            next(&VmPhase::Starting, Desired::Unassigned, now),
+            next(&VmPhase::Starting, Desired::Unassigned, H, now),
             Step::Drop
         );
         assert_eq!(
-            next(&VmPhase::Starting, Desired::Shutdown, now),
+            next(&VmPhase::Starting, Desired::Shutdown, H, now),
             Step::Shutdown
         );
     }
@@ -289,11 +349,11 @@ mod tests {
     fn a_failure_sticks_until_the_desired_state_changes_or_time_passes() {
         let now = Instant::now();
         let recent = failed(DesiredState::Running, Duration::from_secs(1), now);
-        assert_eq!(next(&recent, RUN, now), Step::Idle);
-        assert_eq!(next(&recent, STOP, now), Step::Retry);
-        assert_eq!(next(&recent, DEL, now), Step::Destroy);
+        assert_eq!(next(&recent, RUN, H, now), Step::Idle);
+        assert_eq!(next(&recent, STOP, H, now), Step::Retry);
+        assert_eq!(next(&recent, DEL, H, now), Step::Destroy);
         let old = failed(DesiredState::Running, RETRY_FAILED_AFTER, now);
-        assert_eq!(next(&old, RUN, now), Step::Retry);
+        assert_eq!(next(&old, RUN, H, now), Step::Retry);
     }
 
     #[test]
@@ -305,21 +365,21 @@ mod tests {
             side: Side::Source,
         };
         assert_eq!(
-            next(&VmPhase::Running, out, now),
+            next(&VmPhase::Running, out, H, now),
             Step::BeginMigration(Side::Source, id)
         );
         let phase = VmPhase::MigratingOut(MigLocal::new(id));
-        assert_eq!(next(&phase, out, now), Step::Migrate);
+        assert_eq!(next(&phase, out, H, now), Step::Migrate);
         // The migration ended (the assignment carries none) or another one began.
-        assert_eq!(next(&phase, RUN, now), Step::EndMigration);
+        assert_eq!(next(&phase, RUN, H, now), Step::EndMigration);
         let other = Desired::Migration {
             id: mig(),
             side: Side::Source,
         };
-        assert_eq!(next(&phase, other, now), Step::EndMigration);
+        assert_eq!(next(&phase, other, H, now), Step::EndMigration);
         // A destination that was dropped (the migration failed) leaves.
         let inbound = VmPhase::MigratingIn(MigLocal::new(id));
-        assert_eq!(next(&inbound, Desired::Unassigned, now), Step::Drop);
+        assert_eq!(next(&inbound, Desired::Unassigned, H, now), Step::Drop);
         assert_eq!(
             next(
                 &stopped(),
@@ -327,6 +387,7 @@ mod tests {
                     id,
                     side: Side::Destination
                 },
+                H,
                 now
             ),
             Step::BeginMigration(Side::Destination, id)
@@ -368,8 +429,108 @@ mod tests {
             failed(DesiredState::Running, Duration::ZERO, now),
             VmPhase::MigratingOut(MigLocal::new(mig())),
         ] {
-            assert_eq!(next(&p, Desired::Shutdown, now), Step::Shutdown);
-            assert_eq!(next(&p, Desired::Unassigned, now), Step::Drop);
+            assert_eq!(next(&p, Desired::Shutdown, H, now), Step::Shutdown);
+            assert_eq!(next(&p, Desired::Unassigned, H, now), Step::Drop);
         }
+    }
+
+    fn fenced(now: Instant) -> VmPhase {
+        VmPhase::Fenced { since: now }
+    }
+
+    const STALE: Authority = Authority::Stale;
+    const LOST: Authority = Authority::Lost;
+
+    #[test]
+    fn without_the_lease_a_running_guest_is_fenced_and_nothing_starts() {
+        let now = Instant::now();
+        assert_eq!(next(&VmPhase::Running, RUN, LOST, now), Step::Fence);
+        // Adopted before the first assignment: fenced all the same.
+        assert_eq!(
+            next(&VmPhase::Running, Desired::Unknown, LOST, now),
+            Step::Fence
+        );
+        assert_eq!(next(&fenced(now), RUN, LOST, now), Step::Idle);
+        assert_eq!(next(&stopped(), RUN, LOST, now), Step::Idle);
+        let gone = failed(DesiredState::Running, RETRY_FAILED_AFTER, now);
+        assert_eq!(next(&gone, RUN, LOST, now), Step::Idle);
+        let m = Desired::Migration {
+            id: mig(),
+            side: Side::Destination,
+        };
+        assert_eq!(next(&stopped(), m, LOST, now), Step::Idle);
+        assert_eq!(next(&stopped(), m, STALE, now), Step::Confirm);
+        // A start under way finishes; the guest it started is fenced next.
+        assert_eq!(next(&VmPhase::Starting, RUN, LOST, now), Step::Idle);
+    }
+
+    #[test]
+    fn without_the_lease_stopping_is_still_allowed() {
+        let now = Instant::now();
+        for p in [VmPhase::Running, fenced(now)] {
+            assert_eq!(next(&p, STOP, LOST, now), Step::Stop);
+            assert_eq!(next(&p, DEL, LOST, now), Step::Destroy);
+            assert_eq!(next(&p, Desired::Unassigned, LOST, now), Step::Drop);
+            assert_eq!(next(&p, Desired::Shutdown, LOST, now), Step::Shutdown);
+        }
+    }
+
+    #[test]
+    fn a_guest_running_in_a_migration_is_fenced_too() {
+        let now = Instant::now();
+        let id = mig();
+        let out = Desired::Migration {
+            id,
+            side: Side::Source,
+        };
+        let src = VmPhase::MigratingOut(MigLocal::new(id));
+        assert_eq!(next(&src, out, LOST, now), Step::Fence);
+        // Moved away already, or a destination before switch-over: nothing runs here.
+        let mut away = MigLocal::new(id);
+        away.migrated_away = true;
+        assert_eq!(
+            next(&VmPhase::MigratingOut(away), out, LOST, now),
+            Step::Migrate
+        );
+        let inbound = Desired::Migration {
+            id,
+            side: Side::Destination,
+        };
+        let dst = VmPhase::MigratingIn(MigLocal::new(id));
+        assert_eq!(next(&dst, inbound, LOST, now), Step::Migrate);
+    }
+
+    #[test]
+    fn a_fenced_guest_is_resumed_only_on_a_fresh_assignment_and_dropped_when_moved() {
+        let now = Instant::now();
+        // The lease is back, but this assignment may be older: ask the server first.
+        assert_eq!(next(&fenced(now), RUN, STALE, now), Step::Confirm);
+        assert_eq!(next(&fenced(now), RUN, LOST, now), Step::Idle);
+        assert_eq!(next(&fenced(now), Desired::Unknown, H, now), Step::Idle);
+        // Still assigned here: resume (then go on as the assignment says).
+        assert_eq!(next(&fenced(now), RUN, H, now), Step::Resume);
+        let m = Desired::Migration {
+            id: mig(),
+            side: Side::Source,
+        };
+        assert_eq!(next(&fenced(now), m, H, now), Step::Resume);
+        // Taken over meanwhile (no longer assigned here): stopped, never resumed.
+        assert_eq!(next(&fenced(now), Desired::Unassigned, H, now), Step::Drop);
+        assert_eq!(next(&fenced(now), STOP, H, now), Step::Stop);
+    }
+
+    #[test]
+    fn a_stale_assignment_keeps_what_runs_and_starts_nothing_unconfirmed() {
+        let now = Instant::now();
+        assert_eq!(next(&VmPhase::Running, RUN, STALE, now), Step::Idle);
+        assert_eq!(next(&stopped(), RUN, STALE, now), Step::Confirm);
+        assert_eq!(next(&VmPhase::Running, STOP, STALE, now), Step::Stop);
+        // Forgetting a failure starts nothing; the start after it asks first.
+        let old = failed(DesiredState::Running, RETRY_FAILED_AFTER, now);
+        assert_eq!(next(&old, RUN, STALE, now), Step::Retry);
+        assert!(
+            fenced(now).guest_here(),
+            "a fenced hypervisor is stopped on halt"
+        );
     }
 }

@@ -9,6 +9,12 @@
 //! reconciler sends each VM's assignment on every pass even when unchanged: that is the
 //! task's tick (noticing a hypervisor that exited, retrying a failed start, reporting a
 //! migration's progress).
+//!
+//! Each task also watches the host lease ([`crate::lease`]): when it expires, the task
+//! acts on its last message again at once, which pauses a redundant guest (the
+//! reconciler is not needed for that, and cannot reach the server anyway). Reports
+//! are not sent while the lease is expired, and one under way is given up when it
+//! expires, so that no report waiting on a dead connection holds up the pause.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,15 +24,24 @@ use model::{DesiredState, VmId};
 use tokio::sync::watch;
 
 use crate::files::VmFiles;
+use crate::lease::{self, Lease};
 use crate::local::{self, VmDisk};
-use crate::phase::{self, Desired, MigLocal, Side, Step, VmPhase};
+use crate::phase::{self, Authority, Desired, MigLocal, Side, Step, VmPhase};
 use crate::Host;
+
+/// The error note of a fenced VM's report (constant, so that repeated reports are
+/// recognised as unchanged).
+const FENCED_NOTE: &str = "paused by its agent: the host lease expired (cut off from the \
+    control plane); resumed if still assigned here when the server answers again";
 
 /// What the reconciler tells a VM task.
 #[derive(Clone, Debug)]
 pub(crate) enum Msg {
     /// The VM's current assignment to this host (also the tick).
     Assigned(Box<Assignment>),
+    /// No assignment yet (a VM adopted from an earlier agent process, before the first
+    /// pass): only the lease is acted on.
+    Awaiting,
     /// The VM is no longer assigned here: stop it, remove its files, end.
     Unassigned,
     /// The agent shuts down: stop the VM, report it, end.
@@ -44,21 +59,23 @@ pub(crate) struct VmHandle {
 
 impl VmHandle {
     /// Starts the task of VM `id` in `phase` (an adopted VM starts `Running`), acting
-    /// on `first` at once, or waiting for the first message when there is none.
-    pub(crate) fn spawn(host: Arc<Host>, id: VmId, phase: VmPhase, first: Option<Msg>) -> VmHandle {
-        let act_now = first.is_some();
-        let (tx, rx) = watch::channel(first.unwrap_or(Msg::Unassigned));
+    /// on `first` at once (`Awaiting` for an adopted VM).
+    pub(crate) fn spawn(host: Arc<Host>, id: VmId, phase: VmPhase, first: Msg) -> VmHandle {
+        let (tx, rx) = watch::channel(first);
         let task = VmTask {
             files: VmFiles::new(&host.cfg.data_dir, id),
+            lease: host.lease.clone(),
             host,
             phase,
             disk: VmDisk::default(),
             last_report: None,
             mig_reported: None,
+            redundant: None,
+            confirmed_at: None,
         };
         VmHandle {
             tx,
-            task: tokio::spawn(task.run(rx, act_now)),
+            task: tokio::spawn(task.run(rx)),
             leaving: false,
         }
     }
@@ -106,6 +123,14 @@ pub(crate) struct VmTask {
     /// ([`phase::is_behind`]). Kept past the migration's end here (a destination that
     /// completed must not act on a late `warming` view).
     pub(crate) mig_reported: Option<(model::MigrationId, model::MigrationState)>,
+    /// The host lease, as the watchdog publishes it.
+    lease: watch::Receiver<Lease>,
+    /// Whether the VM is redundant, from its last assignment (`None`: none seen yet).
+    redundant: Option<bool>,
+    /// When this task sent its own request that found the VM assigned here
+    /// ([`Step::Confirm`]): only such an answer, asked for after the lease was (re)gained,
+    /// lets a redundant guest start or resume (see [`crate::lease`]).
+    confirmed_at: Option<Instant>,
 }
 
 impl VmTask {
@@ -113,41 +138,94 @@ impl VmTask {
         self.files.id()
     }
 
-    async fn run(mut self, mut rx: watch::Receiver<Msg>, act_now: bool) {
-        if !act_now && rx.changed().await.is_err() {
-            return;
-        }
+    async fn run(mut self, mut rx: watch::Receiver<Msg>) {
+        // The watchdog ends with the agent; after that only messages wake the task.
+        let mut lease_open = true;
         loop {
             let msg = rx.borrow_and_update().clone();
             if !self.handle(msg).await {
                 return;
             }
-            // The reconciler is gone without a shutdown (the agent was dropped, as a
-            // `kill -9` would): leave the VM as it is, for the next agent to adopt.
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = rx.changed() => {
+                    // The reconciler is gone without a shutdown (the agent was dropped,
+                    // as a `kill -9` would): leave the VM as it is, for the next agent
+                    // to adopt.
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                // The lease expired or returned: act on the last message again.
+                changed = self.lease.changed(), if lease_open => lease_open = changed.is_ok(),
+            }
+        }
+    }
+
+    /// What the lease allows now.
+    fn authority(&mut self) -> Authority {
+        let lease = *self.lease.borrow_and_update();
+        lease::authority(self.redundant, lease, self.confirmed_at)
+    }
+
+    /// Whether `a` shows a migration at a state older than this host's own last report
+    /// on it.
+    fn behind(&self, a: &Assignment) -> bool {
+        a.migration
+            .as_ref()
+            .is_some_and(|m| phase::is_behind(m.id, m.state, self.mig_reported))
+    }
+
+    /// Asks the server, now, whether the VM is still assigned here (the lease came back,
+    /// or was just gained, and the assignment at hand may predate a takeover). `None`:
+    /// no answer; `Some(None)`: no longer assigned here.
+    async fn confirm(&mut self) -> Option<Option<Box<Assignment>>> {
+        let sent_at = Instant::now();
+        let host = self.host.clone();
+        let mut lease = self.lease.clone();
+        let expired = async move {
+            if lease.wait_for(|l| l.is_expired()).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let answer = tokio::select! {
+            r = host.client.assignments(&host.cfg.host_name) => r,
+            () = expired => return None,
+        };
+        match answer {
+            Ok(list) => {
+                let mine = list.into_iter().find(|a| a.vm.id == self.id());
+                if mine.is_some() {
+                    self.confirmed_at = Some(sent_at);
+                }
+                tracing::info!(vm = %self.id(), here = mine.is_some(), "asked the server whether the vm is still assigned here");
+                Some(mine.map(Box::new))
+            }
+            Err(e) => {
+                tracing::warn!(vm = %self.id(), error = %e, "cannot ask whether the vm is still assigned here");
+                None
             }
         }
     }
 
     /// Acts on one message; `false` when the task is over.
     async fn handle(&mut self, msg: Msg) -> bool {
-        let (desired, assignment, stale) = match msg {
+        let (mut desired, mut assignment, mut stale) = match msg {
             Msg::Shutdown => (Desired::Shutdown, None, false),
             Msg::Unassigned => (Desired::Unassigned, None, false),
+            Msg::Awaiting => (Desired::Unknown, None, false),
             Msg::Assigned(a) => {
-                let stale = a
-                    .migration
-                    .as_ref()
-                    .is_some_and(|m| phase::is_behind(m.id, m.state, self.mig_reported));
-                (self.desired(&a), Some(a), stale)
+                self.redundant = Some(a.vm.redundancy.is_some());
+                (self.desired(&a), Some(a), false)
             }
         };
         if let Some(a) = &assignment {
+            stale = self.behind(a);
             self.observe(a).await;
         }
         for _ in 0..MAX_STEPS_PER_MESSAGE {
-            let step = phase::next(&self.phase, desired, Instant::now());
+            // Read per step: the lease may have expired during the previous one.
+            let authority = self.authority();
+            let step = phase::next(&self.phase, desired, authority, Instant::now());
             let migration_step = matches!(
                 step,
                 Step::Migrate | Step::BeginMigration(..) | Step::EndMigration
@@ -183,6 +261,28 @@ impl VmTask {
                     break;
                 }
                 Step::EndMigration => self.end_migration().await,
+                Step::Fence => self.fence().await,
+                Step::Confirm => {
+                    // The server answers again: it learns first that the guest was
+                    // paused (refused, and harmless, if the VM has moved meanwhile).
+                    if matches!(self.phase, VmPhase::Fenced { .. }) {
+                        self.send(ReportedState::Fenced, Some(FENCED_NOTE.to_owned()))
+                            .await;
+                    }
+                    match self.confirm().await {
+                        // Decide again on the fresh answer (now with the lease's
+                        // authority).
+                        Some(Some(a)) => {
+                            stale = self.behind(&a);
+                            self.redundant = Some(a.vm.redundancy.is_some());
+                            desired = self.desired(&a);
+                            assignment = Some(a);
+                        }
+                        Some(None) => desired = Desired::Unassigned,
+                        None => break,
+                    }
+                }
+                Step::Resume => self.resume_fenced().await,
                 Step::Destroy => {
                     self.halt().await;
                     if let Err(e) = self.files.remove() {
@@ -234,7 +334,7 @@ impl VmTask {
     /// Notices what changed under the task: a hypervisor that exited on its own (guest
     /// poweroff, crash), and the disk of an adopted VM that nobody serves yet.
     async fn observe(&mut self, a: &Assignment) {
-        if matches!(self.phase, VmPhase::Running) {
+        if matches!(self.phase, VmPhase::Running | VmPhase::Fenced { .. }) {
             if let Ok(st) = self.host.driver.status(&self.files.driver_id()).await {
                 if st.is_exited() {
                     tracing::info!(vm = %self.id(), status = ?st, "vm exited");
@@ -309,6 +409,56 @@ impl VmTask {
         .await;
     }
 
+    /// Pauses the guest because the host lease expired: its standby may be started any
+    /// moment. A migration under way here is given up (its rebuild cancelled). If the
+    /// pause fails the hypervisor is stopped: a guest lost here beats two writers on one
+    /// storage pair.
+    async fn fence(&mut self) {
+        if let Some(r) = self.phase.mig_mut().and_then(|x| x.rebuild.take()) {
+            r.cancel();
+        }
+        match self.host.driver.pause(&self.files.driver_id()).await {
+            Ok(()) => {
+                tracing::warn!(vm = %self.id(), "host lease expired: guest paused (fenced)");
+                self.phase = VmPhase::Fenced {
+                    since: Instant::now(),
+                };
+            }
+            Err(e) => {
+                tracing::error!(vm = %self.id(), error = %model::error_chain(&e),
+                    "host lease expired and the guest cannot be paused: stopping it");
+                self.halt().await;
+                self.phase = VmPhase::Stopped {
+                    note: Some("stopped by its agent: the host lease expired and the guest could not be paused".into()),
+                };
+            }
+        }
+    }
+
+    /// Resumes a fenced guest: the lease is back and a fresh assignment keeps the VM
+    /// here (the cut was shorter than the takeover). If it cannot be resumed, it is
+    /// stopped, and the next pass starts it again.
+    async fn resume_fenced(&mut self) {
+        let VmPhase::Fenced { since } = self.phase else {
+            return;
+        };
+        match self.host.driver.resume(&self.files.driver_id()).await {
+            Ok(()) => {
+                tracing::info!(vm = %self.id(), paused_ms = since.elapsed().as_millis(),
+                    "host lease renewed and the vm still assigned here: guest resumed");
+                self.phase = VmPhase::Running;
+            }
+            Err(e) => {
+                tracing::error!(vm = %self.id(), error = %model::error_chain(&e),
+                    "cannot resume the fenced guest: stopping it");
+                self.halt().await;
+                self.phase = VmPhase::Stopped {
+                    note: Some("could not be resumed after fencing".into()),
+                };
+            }
+        }
+    }
+
     /// The migration this host took part in is over: a destination that switched over
     /// now runs the VM; a source whose guest never left (the migration failed) runs it
     /// again, resuming it if a full copy had paused it.
@@ -346,6 +496,7 @@ impl VmTask {
             VmPhase::Starting => (ReportedState::Starting, None),
             VmPhase::Stopped { note } => (ReportedState::Stopped, note.clone()),
             VmPhase::Running => (ReportedState::Running, None),
+            VmPhase::Fenced { .. } => (ReportedState::Fenced, Some(FENCED_NOTE.to_owned())),
             p @ (VmPhase::MigratingOut(_) | VmPhase::MigratingIn(_)) => {
                 if !p.guest_here() {
                     return;
@@ -368,9 +519,36 @@ impl VmTask {
         if self.last_report.as_ref() == Some(&report) {
             return;
         }
-        self.last_report = Some(report.clone());
-        if let Err(e) = self.host.client.report_observed(self.id(), &report).await {
-            tracing::warn!(vm = %self.id(), error = %e, "cannot report observed state");
+        // With the lease expired the server is out of reach (that is how it expired):
+        // skip, and give up a report under way when it expires, so that no request
+        // hanging on a dead connection keeps this task from pausing its guest.
+        let mut lease = self.lease.clone();
+        if lease.borrow().is_expired() {
+            return;
+        }
+        let expired = async move {
+            if lease.wait_for(|l| l.is_expired()).await.is_err() {
+                // The watchdog ended (the agent stops): the lease no longer changes.
+                std::future::pending::<()>().await;
+            }
+        };
+        let sent = tokio::select! {
+            r = self.host.client.report_observed(self.id(), &report) => Some(r),
+            () = expired => None,
+        };
+        match sent {
+            Some(Ok(_)) => self.last_report = Some(report),
+            Some(Err(e)) => {
+                tracing::warn!(vm = %self.id(), error = %e, "cannot report observed state");
+                // A refusal (4xx) stands: the same report would be refused again. One
+                // that did not reach the server (cut, timeout, 5xx) goes out again.
+                if e.status().is_some_and(|s| (400..500).contains(&s)) {
+                    self.last_report = Some(report);
+                }
+            }
+            None => {
+                tracing::debug!(vm = %self.id(), "report given up: the host lease expired")
+            }
         }
     }
 }

@@ -54,8 +54,14 @@ pub struct ServerConfig {
     /// operator asks for more.
     pub listen: SocketAddr,
     /// A host is `down` when its last heartbeat is older than this
-    /// (default 6 s: three missed heartbeats at the agents' 2 s period).
+    /// (default 6 s: three missed heartbeats at the agents' 2 s period). It is also the
+    /// host lease: an agent that has not renewed it for this long pauses its redundant
+    /// VMs.
     pub heartbeat_timeout: Duration,
+    /// How long beyond a primary's lease a standby takeover waits (the agent's pause
+    /// latency, clock rates); `None`: half the heartbeat timeout, at least 2 s
+    /// ([`control::default_takeover_margin`]).
+    pub takeover_margin: Option<Duration>,
     /// Traffic statistics: where this server's vSwitch controller listens
     /// for switch reports; `None` turns statistics off.
     pub vswitch_listen: Option<SocketAddr>,
@@ -99,6 +105,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_PORT)),
             heartbeat_timeout: Duration::from_secs(6),
+            takeover_margin: None,
             vswitch_listen: None,
             domain: "default".to_owned(),
             ipfix_collector: None,
@@ -416,6 +423,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         control::DriverConfig {
             identity: state.server_id().to_owned(),
             lease: config.election_lease,
+            takeover_margin: config.takeover_margin,
             ..defaults
         },
         state.control().jobs().clone(),

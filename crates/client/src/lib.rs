@@ -29,7 +29,7 @@ pub use join::{join, ClientTls, JoinError};
 
 use model::api::{
     Assignment, CreateImage, CreateNetwork, CreateNsInstance, CreateTenant, CreateToken, CreateVm,
-    DescriptorUpload, EnterMaintenance, MigrateVm, MigrationReport, NsInstanceRecord,
+    DescriptorUpload, EnterMaintenance, HostLease, MigrateVm, MigrationReport, NsInstanceRecord,
     ObservedReport, PlacementQuery, Problem, RegisterHost, ScaleNsInstance, StorageInventory,
     StoredDescriptor, TenantCreated, TokenCreated, TokenInfo,
 };
@@ -267,12 +267,12 @@ impl Client {
     // ---- hosts ----
 
     /// `POST /v1/hosts`: registers (or re-registers) a host.
-    pub async fn register_host(&self, req: &RegisterHost) -> Result<Host, ClientError> {
+    pub async fn register_host(&self, req: &RegisterHost) -> Result<HostLease, ClientError> {
         self.json(Method::POST, &["v1", "hosts"], Some(req)).await
     }
 
-    /// `POST /v1/hosts/{name}/heartbeat`.
-    pub async fn heartbeat(&self, host: &str) -> Result<Host, ClientError> {
+    /// `POST /v1/hosts/{name}/heartbeat`: the answer carries the lease it renewed.
+    pub async fn heartbeat(&self, host: &str) -> Result<HostLease, ClientError> {
         self.json(Method::POST, &["v1", "hosts", host, "heartbeat"], NO_BODY)
             .await
     }

@@ -1,13 +1,14 @@
 //! Compute: runs virtual machines on one host, behind the [`ComputeDriver`] trait.
 //!
 //! Owns: the `qemu` driver ([`qemu::QemuDriver`]: QEMU processes, their QMP connections,
-//! adoption after an agent restart, live migration), the `sim` driver ([`sim::SimDriver`]:
-//! the same contract without a hypervisor, for tests and for trying the control plane with
-//! many hosts), the QMP client ([`qmp`]), the default test guest image ([`guest`]), and a
-//! stop-gap disk server ([`disk::QemuNbdDisk`], qemu-nbd) until the block cache serves VM
-//! disks.
+//! adoption after an agent restart, live migration, terminal operations), the `sim` driver
+//! ([`sim::SimDriver`]: the same contract without a hypervisor, for tests and for trying the
+//! control plane with many hosts), the QMP client ([`qmp`]), the default test guest image
+//! ([`guest`]), screenshot PNGs ([`png`]), and a stop-gap disk server
+//! ([`disk::QemuNbdDisk`], qemu-nbd) until the block cache serves VM disks.
 //! Must not depend on: the control plane, the store, the API, the cache. The node agent
-//! calls us. (`nbd` only as a client: the simulated guest reads its disk over NBD.)
+//! calls us. (`nbd` only as a client: the simulated guest reads its disk over NBD; `model`
+//! for the terminal operations the agent hands us.)
 //!
 //! Tasks: per QEMU, one QMP actor (owns the socket) and one watcher (reaps the process and
 //! records why it exited); per simulated VM, one task that owns the guest. The drivers' VM
@@ -33,6 +34,7 @@
 
 pub mod disk;
 pub mod guest;
+pub mod png;
 mod proc;
 pub use proc::kill_qemus_under;
 pub mod qemu;
@@ -43,6 +45,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use model::terminal_ops::Operation;
 use serde::{Deserialize, Serialize};
 
 pub use disk::{prepare_vm_disk, DiskError, NbdListen, QemuNbdDisk};
@@ -267,6 +270,38 @@ pub struct MigrationStats {
     pub polls: u32,
 }
 
+/// What a performed terminal operation returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OpOutcome {
+    /// Performed; nothing to return (input, power actions).
+    Done,
+    /// The picture a `screenshot` took.
+    Screenshot(Screenshot),
+}
+
+/// A picture of a VM's display.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Screenshot {
+    /// The PNG file.
+    pub png: Vec<u8>,
+    /// Its width in pixels (from its header).
+    pub width: u32,
+    /// Its height in pixels.
+    pub height: u32,
+}
+
+impl std::fmt::Debug for Screenshot {
+    // Not the bytes: a screenshot is hundreds of KiB.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Screenshot")
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("png_bytes", &self.png.len())
+            .finish()
+    }
+}
+
 /// Errors of compute drivers.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -378,6 +413,24 @@ pub enum ComputeError {
         /// The operation.
         op: &'static str,
     },
+    /// A terminal operation breaks a rule (see `model::terminal_ops::Operation::validate`).
+    #[error("vm {id}: invalid terminal operation")]
+    InvalidOperation {
+        /// The VM id.
+        id: String,
+        /// What is wrong, naming the field.
+        #[source]
+        err: model::ValidationError,
+    },
+    /// A screenshot came back unreadable.
+    #[error("vm {id}: the screenshot is not a readable png")]
+    Screenshot {
+        /// The VM id.
+        id: String,
+        /// What is wrong with it.
+        #[source]
+        err: png::PngError,
+    },
     /// The driver cannot do this.
     #[error("{driver} driver does not support {op}")]
     Unsupported {
@@ -454,6 +507,25 @@ pub trait ComputeDriver: Send + Sync + std::fmt::Debug {
         Err(ComputeError::Unsupported {
             driver: self.name(),
             op: "resume",
+        })
+    }
+
+    /// Performs a terminal operation on the VM: keyboard or pointer input, a power action,
+    /// or a screenshot (`op` is validated first: [`ComputeError::InvalidOperation`]).
+    ///
+    /// Operations on one VM are performed one at a time, in the order the calls were made
+    /// (a fair queue per VM), so that the events of one operation are never interleaved
+    /// with another's. Input needs a running guest: a paused or migrating one refuses it
+    /// ([`ComputeError::InvalidState`]), delivering nothing. `power on` succeeds while the
+    /// hypervisor runs and is refused once it exited: starting a VM takes its spec, which
+    /// the agent has. Dropping the future in the middle of an operation sent in several
+    /// commands (a long text; a combination too large for the keyboard's queue) may leave
+    /// it partly performed.
+    async fn perform(&self, id: &str, op: &Operation) -> Result<OpOutcome, ComputeError> {
+        let _ = (id, op);
+        Err(ComputeError::Unsupported {
+            driver: self.name(),
+            op: "terminal operations",
         })
     }
 

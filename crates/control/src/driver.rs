@@ -8,7 +8,8 @@
 //! too: it is counted, named, and stopped with the driver, never detached.
 //!
 //! The loops: the drain driver (every `drain_period`, one step per active session), the
-//! takeover watcher (every `takeover_period`).
+//! takeover watcher (every `takeover_period`; it alone owns the [`LeaseWatch`] that times
+//! each host's heartbeats, so a newly elected leader starts timing afresh).
 //!
 //! Several servers may share one store: each runs a driver, and the drivers elect one of
 //! them through the store ([`store::Store::campaign`], an etcd lease; trivially the one
@@ -24,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::Control;
+use crate::{Control, LeaseWatch};
 
 /// The election every driver of a store campaigns in.
 pub const ELECTION: &str = "operation-driver";
@@ -36,6 +37,10 @@ pub struct DriverConfig {
     pub drain_period: Duration,
     /// Between two takeover passes (default 1 s).
     pub takeover_period: Duration,
+    /// How long beyond a primary's lease (the heartbeat timeout) a takeover waits, so
+    /// that the cut-off primary has certainly paused its guest; `None`:
+    /// [`crate::default_takeover_margin`] of the heartbeat timeout.
+    pub takeover_margin: Option<Duration>,
     /// This driver's name in the election (default: a random id; servers pass theirs).
     pub identity: String,
     /// The leader's lease: a dead leader is replaced within about this time (default
@@ -48,6 +53,7 @@ impl Default for DriverConfig {
         Self {
             drain_period: Duration::from_millis(300),
             takeover_period: Duration::from_secs(1),
+            takeover_margin: None,
             identity: format!("driver-{}", model::VmId::new_random()),
             lease: Duration::from_secs(4),
         }
@@ -268,16 +274,38 @@ fn run_loops(
             }
         }
     }));
-    let c = control.clone();
-    loops.spawn(every(config.takeover_period, stopped, move || {
-        let c = c.clone();
-        async move {
-            if let Err(e) = c.takeover_pass().await {
-                tracing::warn!(error = %model::error_chain(&e), "takeover pass failed");
-            }
-        }
-    }));
+    let margin = config.takeover_margin.unwrap_or_else(|| {
+        crate::default_takeover_margin(Duration::from_millis(control.heartbeat_timeout_ms()))
+    });
+    loops.spawn(takeover_watcher(
+        control.clone(),
+        config.takeover_period,
+        margin,
+        stopped,
+    ));
     loops
+}
+
+/// The takeover watcher: a pass every `period` until `stop`, with its own [`LeaseWatch`]
+/// (which lives as long as this leadership: a new leader has seen no heartbeat yet).
+async fn takeover_watcher(
+    control: Control,
+    period: Duration,
+    margin: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut leases = LeaseWatch::default();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = control.takeover_pass(&mut leases, margin).await {
+            tracing::warn!(error = %model::error_chain(&e), "takeover pass failed");
+        }
+    }
 }
 
 /// Runs `step` every `period` until `stop` turns true; a step in progress finishes.

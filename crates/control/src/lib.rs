@@ -48,6 +48,7 @@ pub use operations::CancelError;
 pub use push::{HostEvents, PushError};
 pub use records::now_ms;
 pub use storage::StorageError;
+pub use takeover::{default_takeover_margin, lease_expired, LeaseWatch};
 pub use vms::{CreateVmError, Observed, VmChangeError, VmDeleted};
 
 /// Which tenants' objects a caller sees.

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
+use model::terminal_ops::Operation;
 use model::terminals::{
     message_mac, CreatedTerminal, OperationHeader, OperationOutcome, PerformedOperation,
     ReplayError, ReplayWindow, SharePolicy, Terminal, TerminalBinding, TerminalRecord,
@@ -256,7 +257,7 @@ struct Message<'a> {
 /// refused but ignored: the VM comes from the binding.
 #[derive(Deserialize)]
 struct Body {
-    op: serde_json::Value,
+    operation: Operation,
 }
 
 /// A message that passed every check: what to perform, on which VM, where.
@@ -273,7 +274,7 @@ pub struct Accepted {
     /// The message's sequence number.
     pub seq: u64,
     /// The operation.
-    pub op: serde_json::Value,
+    pub op: Operation,
     /// When the server took it, unix ms.
     pub received: u64,
 }
@@ -726,7 +727,7 @@ impl Control {
             vm: vm.id,
             host: vm.host.clone(),
             seq: h.seq,
-            op: body.op,
+            op: body.operation,
             received,
         };
         self.terminals().record(PerformedOperation {

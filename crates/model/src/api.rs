@@ -318,6 +318,25 @@ impl RegisterHost {
     }
 }
 
+/// The answer to a registration or a heartbeat: the host, and the lease the heartbeat
+/// renewed. The host fields are at the top level, so a client that reads only a `Host`
+/// from this answer keeps working.
+///
+/// The lease is the server's heartbeat timeout: `lease_ms` after the agent *sent* this
+/// heartbeat, the server may already count the host down, and after a further margin
+/// start its redundant VMs on their standbys. An agent that has not renewed by then
+/// pauses its redundant VMs itself (fencing; docs/ARCHITECTURE.md, "Takeover without
+/// split brain").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostLease {
+    /// The host, with its state.
+    #[serde(flatten)]
+    pub host: crate::Host,
+    /// How long the heartbeat just recorded keeps the host up, ms, counted by the
+    /// agent from when it sent the request.
+    pub lease_ms: u64,
+}
+
 /// `POST /v1/images`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -676,6 +695,8 @@ pub enum ReportedState {
     Failed,
     /// Torn down after `desired: deleted`; the server then forgets the VM.
     Deleted,
+    /// Paused by the agent because the host lease expired (see [`HostLease`]).
+    Fenced,
 }
 
 impl ReportedState {
@@ -687,6 +708,7 @@ impl ReportedState {
             ReportedState::Stopping => Some(ObservedState::Stopping),
             ReportedState::Stopped => Some(ObservedState::Stopped),
             ReportedState::Failed => Some(ObservedState::Failed),
+            ReportedState::Fenced => Some(ObservedState::Fenced),
             ReportedState::Deleted => None,
         }
     }

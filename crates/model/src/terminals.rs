@@ -201,8 +201,7 @@ pub struct PerformedOperation {
     /// The message's sequence number.
     pub seq: u64,
     /// The operation.
-    #[schema(value_type = Object)]
-    pub op: serde_json::Value,
+    pub op: crate::terminal_ops::Operation,
     /// When the server took the message, unix milliseconds.
     pub received: u64,
     /// When the host answered, unix milliseconds.

@@ -338,17 +338,22 @@ pub enum ObservedState {
     Stopped,
     /// Failed; see [`Vm::error`].
     Failed,
+    /// Paused by its own agent: the host could not renew its lease (cut off from the
+    /// control plane), so the VM's standby may be running it. A redundant VM only; the
+    /// agent resumes it if the VM is still assigned there when it reaches the server again.
+    Fenced,
 }
 
 impl ObservedState {
     /// Every state, in lifecycle order (for metrics that list zeros too).
-    pub const ALL: [ObservedState; 6] = [
+    pub const ALL: [ObservedState; 7] = [
         ObservedState::Pending,
         ObservedState::Starting,
         ObservedState::Running,
         ObservedState::Stopping,
         ObservedState::Stopped,
         ObservedState::Failed,
+        ObservedState::Fenced,
     ];
 
     /// The lowercase wire name.
@@ -360,6 +365,7 @@ impl ObservedState {
             ObservedState::Stopping => "stopping",
             ObservedState::Stopped => "stopped",
             ObservedState::Failed => "failed",
+            ObservedState::Fenced => "fenced",
         }
     }
 }

@@ -300,7 +300,7 @@ pub fn validate_agent_url(field: &str, value: &str) -> Result<(), ValidationErro
 }
 
 /// At most `max` bytes of `s`, cut on a character boundary, for error messages.
-fn truncate(s: &str, max: usize) -> &str {
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

@@ -20,9 +20,16 @@ pub struct ServerArgs {
     /// Default: the redb file's directory, or the current directory for etcd.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// A host is `down` after this many seconds without a heartbeat.
+    /// A host is `down` after this many seconds without a heartbeat. This is also the
+    /// host lease: an agent that could not renew it for this long pauses its redundant
+    /// VMs (fencing).
     #[arg(long, default_value_t = 6)]
     pub heartbeat_timeout_s: u64,
+    /// How long beyond a primary host's lease a standby takeover waits, ms, so that the
+    /// cut-off primary has certainly paused its guest. Default: half the heartbeat
+    /// timeout, at least 2000.
+    #[arg(long)]
+    pub takeover_margin_ms: Option<u64>,
     /// Run this domain's vSwitch controller: where switches report VM addresses and
     /// traffic counters (statistics are off without it).
     #[arg(long)]
@@ -136,6 +143,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let config = api::ServerConfig {
         listen,
         heartbeat_timeout: std::time::Duration::from_secs(args.heartbeat_timeout_s),
+        takeover_margin: args
+            .takeover_margin_ms
+            .map(std::time::Duration::from_millis),
         vswitch_listen: addr("vswitch-listen", &args.vswitch_listen)?,
         domain: args.domain.clone(),
         ipfix_collector: addr("ipfix-collector", &args.ipfix_collector)?,

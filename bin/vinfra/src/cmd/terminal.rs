@@ -64,9 +64,18 @@ pub enum TerminalCmd {
         /// The credentials file written by `vinfra terminal create --credentials`.
         #[arg(long)]
         credentials: PathBuf,
-        /// The operation as JSON, e.g. '{"key":{"qcode":"a","down":true}}'.
-        #[arg(long)]
-        op: String,
+        /// Type this text (US layout; `\n` for Enter).
+        #[arg(long, group = "what")]
+        text: Option<String>,
+        /// Press these keys together, e.g. ctrl-alt-delete (QEMU key names).
+        #[arg(long, group = "what")]
+        keys: Option<String>,
+        /// on, shutdown, reset, pause or resume.
+        #[arg(long, group = "what")]
+        power: Option<String>,
+        /// Any operation as JSON, e.g. '{"op":"key","qcode":"a","down":true}'.
+        #[arg(long, group = "what")]
+        op: Option<String>,
     },
 }
 
@@ -104,8 +113,27 @@ fn show(ctx: &Ctx, ts: &[Terminal]) -> anyhow::Result<()> {
 
 /// Runs a terminal command.
 pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
-    if let TerminalCmd::Send { credentials, op } = cmd {
-        return send(ctx, &credentials, &op).await;
+    if let TerminalCmd::Send {
+        credentials,
+        text,
+        keys,
+        power,
+        op,
+    } = cmd
+    {
+        let op = match (text, keys, power, op) {
+            (Some(t), _, _, _) => {
+                serde_json::json!({"op": "type_text", "text": t.replace("\\n", "\n")})
+            }
+            (_, Some(k), _, _) => {
+                serde_json::json!({"op": "key_combo", "qcodes": k.split('-').collect::<Vec<_>>()})
+            }
+            (_, _, Some(p), _) => serde_json::json!({"op": "power", "action": p}),
+            (_, _, _, Some(o)) => serde_json::from_str(&o)
+                .context("--op is not JSON (e.g. '{\"op\":\"power\",\"action\":\"reset\"}')")?,
+            _ => anyhow::bail!("say what to send: --text, --keys, --power or --op"),
+        };
+        return send(ctx, &credentials, op).await;
     }
     let c = ctx.client()?;
     match cmd {
@@ -173,7 +201,7 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
                                 o.seq.to_string(),
                                 o.vm.to_string(),
                                 o.host.to_string(),
-                                o.op.to_string(),
+                                o.op.kind().to_owned(),
                                 format!("{:?}", o.outcome).to_lowercase(),
                             ]
                         })
@@ -185,14 +213,15 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
     }
 }
 
-async fn send(ctx: &Ctx, path: &PathBuf, op: &str) -> anyhow::Result<()> {
+async fn send(ctx: &Ctx, path: &PathBuf, op: serde_json::Value) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the credentials file {}", path.display()))?;
     let creds: TerminalCredentials = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a terminal credentials file", path.display()))?;
-    let op: serde_json::Value = serde_json::from_str(op)
-        .context("--op is not JSON (e.g. '{\"power\":{\"action\":\"reset\"}}')")?;
-    let body = serde_json::to_string(&serde_json::json!({ "op": op }))?;
+    // Checked here too, so that a typo is named before anything is sent.
+    let _: model::terminal_ops::Operation =
+        serde_json::from_value(op.clone()).context("not a valid operation")?;
+    let body = serde_json::to_string(&serde_json::json!({ "operation": op }))?;
     let (seq, ts) = clock_seq();
     // The terminal holds no API token: the message's MAC authenticates it.
     let c = ctx.client_for(&creds.url, "-")?;

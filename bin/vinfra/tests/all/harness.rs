@@ -16,6 +16,8 @@ pub struct Server {
     pub store: String,
     pub listen: String,
     pub extra: Vec<String>,
+    /// The network namespace the server runs in (one the test made), if not this one.
+    pub netns: Option<String>,
     pub child: ChildGuard,
 }
 
@@ -37,7 +39,7 @@ impl Server {
 
     /// [`Server::start_with`] with extra `vinfra server` arguments.
     pub async fn start_with_args(dir: tempfile::TempDir, store: String, extra: &[&str]) -> Server {
-        Self::start_at("127.0.0.1", dir, store, extra).await
+        Self::start_at(None, "127.0.0.1", dir, store, extra).await
     }
 
     /// A redb server listening on `ip` (an address of a link the test made).
@@ -47,14 +49,32 @@ impl Server {
             .tempdir_in("/tmp")
             .unwrap();
         let store = format!("redb:{}", dir.path().join("state.redb").display());
-        Self::start_at(ip, dir, store, &[]).await
+        Self::start_at(None, ip, dir, store, &[]).await
     }
 
-    async fn start_at(ip: &str, dir: tempfile::TempDir, store: String, extra: &[&str]) -> Server {
+    /// A redb server inside network namespace `netns` (one the test made), listening on
+    /// `ip` there; the test reaches it through a link of its own into that namespace.
+    pub async fn start_in_netns(netns: &str, ip: &str) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("vi")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let store = format!("redb:{}", dir.path().join("state.redb").display());
+        Self::start_at(Some(netns), ip, dir, store, &[]).await
+    }
+
+    async fn start_at(
+        netns: Option<&str>,
+        ip: &str,
+        dir: tempfile::TempDir,
+        store: String,
+        extra: &[&str],
+    ) -> Server {
+        // A port free here is as good a guess in a fresh namespace, where nothing listens.
         let port = test_utils::free_tcp_port();
         let listen = format!("{ip}:{port}");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let child = spawn_server(dir.path(), &store, &listen, &extra);
+        let child = spawn_server_in(netns, dir.path(), &store, &listen, &extra);
         // Beyond loopback (or when asked) the server serves HTTPS.
         let tls = !ip.starts_with("127.") || extra.windows(2).any(|w| w == ["--tls", "on"]);
         let scheme = if tls { "https" } else { "http" };
@@ -64,6 +84,7 @@ impl Server {
             store,
             listen,
             extra,
+            netns: netns.map(str::to_owned),
             child,
         };
         s.wait_ready().await;
@@ -144,7 +165,13 @@ impl Server {
     pub async fn kill9_and_restart(&mut self) {
         let status = self.child.kill();
         assert!(status.is_some(), "server was not running");
-        self.child = spawn_server(self.dir.path(), &self.store, &self.listen, &self.extra);
+        self.child = spawn_server_in(
+            self.netns.as_deref(),
+            self.dir.path(),
+            &self.store,
+            &self.listen,
+            &self.extra,
+        );
         self.wait_ready().await;
     }
 }
@@ -161,12 +188,32 @@ impl Drop for Server {
 }
 
 pub fn spawn_server(dir: &Path, store: &str, listen: &str, extra: &[String]) -> ChildGuard {
+    spawn_server_in(None, dir, store, listen, extra)
+}
+
+/// [`spawn_server`] inside network namespace `netns`, when given.
+pub fn spawn_server_in(
+    netns: Option<&str>,
+    dir: &Path,
+    store: &str,
+    listen: &str,
+    extra: &[String],
+) -> ChildGuard {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("server.log"))
         .unwrap();
-    let child = Command::new(VINFRA)
+    let mut cmd = match netns {
+        // `ip netns exec` execs the server: the guard's pid is the server's.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, VINFRA]);
+            c
+        }
+        None => Command::new(VINFRA),
+    };
+    let child = cmd
         .args(["server", "--store", store, "--listen", listen, "--data-dir"])
         .arg(dir)
         .args(["--heartbeat-timeout-s", "3"])

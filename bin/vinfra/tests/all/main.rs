@@ -6,6 +6,7 @@ mod api_process;
 mod bench_control;
 mod bench_push;
 mod crash;
+mod fencing;
 mod ha;
 mod harness;
 mod maintenance;

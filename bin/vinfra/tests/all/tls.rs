@@ -121,7 +121,7 @@ async fn https_refuses_plain_http_other_cas_and_agents_without_their_certificate
         .register_host(&host("host-j"))
         .await
         .unwrap();
-    assert_eq!(registered.name.as_str(), "host-j");
+    assert_eq!(registered.host.name.as_str(), "host-j");
 
     // An unused join token expires.
     let short = admin

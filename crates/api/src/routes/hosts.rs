@@ -6,18 +6,19 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use model::api::{HostEvent, Problem, RegisterHost};
+use model::api::{HostEvent, HostLease, Problem, RegisterHost};
 use model::{Host, Name, Role};
 
 use crate::extract::AppPath;
 use crate::{ApiError, AppJson, AppState, Caller};
 
 /// Registers a host, or re-registers it under the same name (keeping its id;
-/// capacity, drivers and agent URL are replaced). Counts as a heartbeat.
+/// capacity, drivers and agent URL are replaced). Counts as a heartbeat: the answer
+/// carries the lease it renewed.
 #[utoipa::path(post, path = "/v1/hosts", tag = "hosts", request_body = RegisterHost,
     responses(
-        (status = 201, description = "registered for the first time", body = Host),
-        (status = 200, description = "re-registered", body = Host),
+        (status = 201, description = "registered for the first time", body = HostLease),
+        (status = 200, description = "re-registered", body = HostLease),
         (status = 403, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
@@ -25,7 +26,7 @@ pub(crate) async fn register_host(
     State(state): State<AppState>,
     caller: Caller,
     AppJson(body): AppJson<RegisterHost>,
-) -> Result<(StatusCode, Json<Host>), ApiError> {
+) -> Result<(StatusCode, Json<HostLease>), ApiError> {
     caller.require(&[Role::Agent, Role::Admin], "registering a host")?;
     let name = body.validate()?;
     let (host, new) = state.control().register_host(&name, &body).await?;
@@ -37,18 +38,19 @@ pub(crate) async fn register_host(
     Ok((status, Json(host)))
 }
 
-/// Records a heartbeat from the host's agent.
+/// Records a heartbeat from the host's agent; the answer carries the lease it renewed
+/// (`lease_ms`, counted from when the agent sent the heartbeat).
 #[utoipa::path(post, path = "/v1/hosts/{name}/heartbeat", tag = "hosts",
     params(("name" = String, Path, description = "host name")),
     responses(
-        (status = 200, body = Host),
+        (status = 200, body = HostLease),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn heartbeat(
     State(state): State<AppState>,
     caller: Caller,
     AppPath(name): AppPath,
-) -> Result<Json<Host>, ApiError> {
+) -> Result<Json<HostLease>, ApiError> {
     caller.require(&[Role::Agent, Role::Admin], "sending a heartbeat")?;
     let name = host_name(&name)?;
     Ok(Json(state.control().heartbeat(&name).await?))

@@ -281,6 +281,8 @@ async fn hosts_register_idempotently_and_go_down_without_heartbeats() {
     assert_eq!(r.status, StatusCode::CREATED);
     let first = r.json();
     assert_eq!(first["state"], "up");
+    // The registration renewed the host's lease: the heartbeat timeout.
+    assert_eq!(first["lease_ms"], 300);
     let mut bigger = body.clone();
     bigger["cpus"] = json!(8);
     let r = app.post("/v1/hosts", &agent, bigger).await;
@@ -321,6 +323,7 @@ async fn hosts_register_idempotently_and_go_down_without_heartbeats() {
         .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["state"], "up");
+    assert_eq!(r.json()["lease_ms"], 300);
     assert_eq!(
         app.vm(&app.admin, "v", 1, 64).await.status,
         StatusCode::CREATED

@@ -50,7 +50,9 @@ async fn client_drives_the_server_over_tcp() {
         })
         .await
         .unwrap();
-    assert_eq!(agent.heartbeat("h1").await.unwrap().id, host.id);
+    let beat = agent.heartbeat("h1").await.unwrap();
+    assert_eq!(beat.host.id, host.host.id);
+    assert_eq!(beat.lease_ms, 6_000, "the default heartbeat timeout");
     // Streamed up and back down through the client, digest checked both ways.
     let kernel = dir.path().join("vmlinuz");
     let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();

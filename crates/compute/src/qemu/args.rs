@@ -111,6 +111,19 @@ pub fn qemu_args(
     run_dir: &Path,
     incoming: bool,
 ) -> Result<Vec<String>, ComputeError> {
+    build_args(spec, accel, run_dir, incoming, None)
+}
+
+/// [`qemu_args`], or with `firmware` the test mode of
+/// [`QemuDriver::with_qtest_firmware`](super::QemuDriver::with_qtest_firmware): that
+/// firmware instead of the kernel, and a qtest socket.
+pub(super) fn build_args(
+    spec: &VmSpec,
+    accel: Accel,
+    run_dir: &Path,
+    incoming: bool,
+    firmware: Option<&Path>,
+) -> Result<Vec<String>, ComputeError> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| (*s).to_owned()));
     push(&["-name", &format!("guest={}", esc(&spec.name))]);
@@ -130,14 +143,29 @@ pub fn qemu_args(
         "-display",
         "none",
     ]);
-    push(&[
-        "-kernel",
-        utf8(spec, &spec.kernel)?,
-        "-initrd",
-        utf8(spec, &spec.initrd)?,
-        "-append",
-        &spec.cmdline,
-    ]);
+    match firmware {
+        None => push(&[
+            "-kernel",
+            utf8(spec, &spec.kernel)?,
+            "-initrd",
+            utf8(spec, &spec.initrd)?,
+            "-append",
+            &spec.cmdline,
+        ]),
+        Some(bios) => {
+            let qtest = run_dir.join(files::QTEST);
+            check_socket_path(&qtest)?;
+            push(&[
+                "-bios",
+                utf8(spec, bios)?,
+                "-qtest",
+                &format!("unix:{},server=on,wait=off", esc(utf8(spec, &qtest)?)),
+                // qtest logs every exchange to stderr by default, which is QEMU's log file.
+                "-qtest-log",
+                "/dev/null",
+            ]);
+        }
+    }
     match &spec.disk {
         DiskTarget::NbdTcp { host, port, export } => push(&[
             "-blockdev",
@@ -188,6 +216,9 @@ pub fn qemu_args(
             "virtserialport,bus=vser0.0,chardev=link0,name=vinfra.link",
         ]);
     }
+    // After the disk and NICs, so that their PCI slots stay where they were before the
+    // display existed (a guest names its NICs by slot).
+    push(&super::terminal::DEVICE_ARGS);
     let console = run_dir.join(files::CONSOLE);
     let qmp = run_dir.join(files::QMP);
     let pid = run_dir.join(files::PID);

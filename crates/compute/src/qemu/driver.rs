@@ -12,8 +12,10 @@ use super::run_dir::{owns_run_dir, read_pid};
 use super::{files, QemuDriver, Shared, Vm, VmRecord, QMP_TIMEOUT, RECORD_FORMAT};
 use crate::qmp::{MigrationParameters, QmpClient};
 use crate::{
-    proc, ComputeDriver, ComputeError, MigrateOptions, MigrationStats, VmRuntime, VmSpec, VmStatus,
+    proc, ComputeDriver, ComputeError, MigrateOptions, MigrationStats, OpOutcome, VmRuntime,
+    VmSpec, VmStatus,
 };
+use model::terminal_ops::{Operation, PowerAction};
 
 #[async_trait::async_trait]
 impl ComputeDriver for QemuDriver {
@@ -35,6 +37,31 @@ impl ComputeDriver for QemuDriver {
 
     fn name(&self) -> &'static str {
         "qemu"
+    }
+
+    #[tracing::instrument(skip(self, op), fields(vm = %id, op = op.kind()))]
+    async fn perform(&self, id: &str, op: &Operation) -> Result<OpOutcome, ComputeError> {
+        op.validate()
+            .map_err(|err| ComputeError::InvalidOperation {
+                id: id.to_owned(),
+                err,
+            })?;
+        let vm = self.get(id)?;
+        let _turn = vm.ops.lock().await;
+        if let Some(st) = vm.exited() {
+            let op_name = match op {
+                Operation::Power {
+                    action: PowerAction::On,
+                } => "power on",
+                _ => op.kind(),
+            };
+            return Err(ComputeError::InvalidState {
+                id: id.to_owned(),
+                state: format!("{st:?}"),
+                op: op_name,
+            });
+        }
+        super::terminal::perform(&vm.qmp, id, &vm.run_dir, op).await
     }
 
     fn pidfile(&self, run_dir: &Path) -> PathBuf {
@@ -175,6 +202,7 @@ impl ComputeDriver for QemuDriver {
             exit,
             shared,
             watcher,
+            ops: tokio::sync::Mutex::new(()),
         });
         let rt = vm.runtime();
         self.vms

@@ -21,11 +21,13 @@ use crate::{Accel, ComputeError, VmRuntime, VmSpec, VmStatus};
 mod args;
 mod child;
 mod driver;
+pub mod ps2;
 mod run_dir;
+mod terminal;
 
 pub use args::qemu_args;
 pub(crate) use args::validate;
-use args::{check_socket_path, invalid};
+use args::{build_args, check_socket_path, invalid};
 use child::{connect_child, listen_incoming, watch_child};
 use run_dir::{log_tail, owns_run_dir, read_pid, remove_if_exists, write_record};
 
@@ -56,6 +58,8 @@ pub mod files {
     /// for VMs with NICs: the agent drives link establishment between VNF connection points
     /// through it.
     pub const LINK: &str = "link.sock";
+    /// QEMU's qtest socket, only with [`QemuDriver::with_qtest_firmware`](super::QemuDriver::with_qtest_firmware).
+    pub const QTEST: &str = "qtest.sock";
 }
 
 /// What a restarted agent needs to re-attach (`vm.json`).
@@ -71,6 +75,8 @@ struct VmRecord {
 #[derive(Debug)]
 pub struct QemuDriver {
     binary: PathBuf,
+    /// Test mode: boot this firmware instead of the spec's kernel, with a qtest socket.
+    firmware: Option<PathBuf>,
     quit_timeout: Duration,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Ids with a start or adoption in progress.
@@ -118,6 +124,10 @@ struct Vm {
     /// Shared with the watcher.
     shared: Arc<Shared>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Terminal operations on this VM take turns here (tokio's mutex is fair: first come,
+    /// first served), so that one operation's QMP commands are never interleaved with
+    /// another's. Held across the operation's awaits; it guards no data.
+    ops: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Vm {
@@ -182,10 +192,22 @@ impl QemuDriver {
     pub fn with_binary(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
+            firmware: None,
             quit_timeout: Duration::from_secs(5),
             vms: Mutex::new(HashMap::new()),
             starting: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Test mode, never for production: VMs boot `firmware` (`-bios`, e.g. 64 KiB of `hlt`)
+    /// instead of the spec's kernel and initrd (which must still exist), and serve QEMU's
+    /// qtest protocol on [`files::QTEST`] in their run dir, so that a test reads what
+    /// reaches the VM's devices (the keyboard controller's scancodes) without a guest.
+    /// Everything else, devices included, is as in production. qtest gives full access to
+    /// guest memory and I/O ports.
+    pub fn with_qtest_firmware(mut self, firmware: impl Into<PathBuf>) -> Self {
+        self.firmware = Some(firmware.into());
+        self
     }
 
     /// The QMP connection of a live VM, to send other commands or watch events. Do not
@@ -274,7 +296,13 @@ impl QemuDriver {
         for f in [files::QMP, files::PID, files::RECORD] {
             remove_if_exists(&run_dir.join(f))?;
         }
-        let args = qemu_args(spec, accel, &run_dir, incoming.is_some())?;
+        let args = build_args(
+            spec,
+            accel,
+            &run_dir,
+            incoming.is_some(),
+            self.firmware.as_deref(),
+        )?;
         let log_path = run_dir.join(files::LOG);
         let log = std::fs::File::create(&log_path).map_err(|err| ComputeError::Io {
             action: "create",
@@ -356,6 +384,7 @@ impl QemuDriver {
             exit,
             shared,
             watcher,
+            ops: tokio::sync::Mutex::new(()),
         });
         let rt = vm.runtime();
         self.vms
@@ -414,6 +443,10 @@ mod tests {
         assert!(j.contains("-accel tcg -machine q35 -m 256 -smp 1 -nodefaults"));
         assert!(j.contains("-blockdev driver=nbd,node-name=disk0,server.type=inet,server.host=127.0.0.1,server.port=10809,export=disk0,reconnect-delay=30"));
         assert!(j.contains("-device virtio-blk-pci,drive=disk0,id=vblk0"));
+        assert!(
+            j.contains("-device VGA,id=video0 -device virtio-tablet-pci,id=tablet0,display=video0")
+        );
+        assert!(j.contains("-kernel") && !j.contains("-qtest") && !j.contains("-bios"));
         assert!(j.contains("socket,id=qmp0,path=/r,,x/qmp.sock,server=on,wait=off"));
         assert!(j.contains("file,id=serial0,path=/r,,x/console.log"));
         assert!(j.ends_with("-incoming defer"));
@@ -433,6 +466,20 @@ mod tests {
         assert!(j.contains("-netdev tap,id=net0,ifname=vtp1234abcd0,script=no,downscript=no -device virtio-net-pci,netdev=net0,mac=02:aa:bb:46:00:01,id=vnic0"), "{j}");
         assert!(j.contains("socket,id=link0,path=/r/link.sock,server=on,wait=off -device virtserialport,bus=vser0.0,chardev=link0,name=vinfra.link"), "{j}");
         assert!(!k.iter().any(|x| x == "-incoming"));
+        // The test mode: firmware instead of the kernel, a qtest socket, devices as ever.
+        let t = build_args(
+            &s,
+            Accel::Tcg,
+            Path::new("/r"),
+            false,
+            Some(Path::new("/f/hlt.bin")),
+        )
+        .unwrap()
+        .join(" ");
+        assert!(t.contains("-bios /f/hlt.bin -qtest unix:/r/qtest.sock,server=on,wait=off -qtest-log /dev/null"), "{t}");
+        assert!(
+            !t.contains("-kernel") && t.contains("-machine q35") && t.contains("VGA,id=video0")
+        );
     }
 
     #[test]

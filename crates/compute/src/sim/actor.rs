@@ -46,6 +46,18 @@ pub(crate) enum Cmd {
         /// Why.
         reason: String,
     },
+    /// Keyboard and pointer events for the guest (refused unless it runs).
+    Input {
+        /// The events, in order.
+        events: Vec<model::terminal_ops::InputEvent>,
+        /// `Err(state)` when the guest does not run.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The power button (ACPI): the simulated guest powers off, at once or, when paused,
+    /// once it runs again.
+    PowerButton(oneshot::Sender<Result<(), String>>),
+    /// The reset button: the guest reboots (its memory is gone; a paused one stays paused).
+    Reset(oneshot::Sender<Result<(), String>>),
 }
 
 /// How the task begins.
@@ -134,6 +146,8 @@ struct Actor {
     running_since: Option<Instant>,
     phase: Phase,
     before_freeze: Option<Phase>,
+    /// The power button was pressed while the guest was paused: it powers off on resume.
+    power_button: bool,
     status: watch::Sender<VmStatus>,
 }
 
@@ -172,6 +186,7 @@ pub(crate) fn spawn(
         running_since: None,
         phase: Phase::Incoming,
         before_freeze: None,
+        power_button: false,
         status,
     };
     rt.spawn(actor.run(boot, rx))
@@ -181,6 +196,52 @@ impl Actor {
     fn say(&mut self, line: &str) {
         if let Some(f) = &mut self.console {
             let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+
+    /// Writes lines in one go (a typed text is hundreds of `INPUT` lines).
+    fn say_all(&mut self, lines: impl Iterator<Item = String>) {
+        if let Some(f) = &mut self.console {
+            let mut buf = String::new();
+            for l in lines {
+                buf.push_str(&l);
+                buf.push('\n');
+            }
+            let _ = f.write_all(buf.as_bytes());
+        }
+    }
+
+    /// Why the guest takes no input now (`None`: it runs).
+    fn not_running(&self) -> Option<String> {
+        match &self.phase {
+            Phase::Booting { .. } | Phase::Running { .. } => None,
+            Phase::Paused { state, .. } => Some((*state).to_owned()),
+            Phase::Incoming => Some("inmigrate".into()),
+            Phase::Postmigrate => Some("postmigrate".into()),
+        }
+    }
+
+    /// The reset button: a new boot from an empty memory, as after power-on.
+    fn reboot(&mut self, io: &mut Option<IoJob>) {
+        self.mem = GuestMemory::default();
+        self.power_button = false;
+        let running = self.running_since.is_some();
+        self.running_since = running.then(Instant::now);
+        self.say(&guest::init_line(0));
+        for l in guest::nic_lines(&self.cfg.args) {
+            self.say(&l);
+        }
+        match self.phase.clone() {
+            Phase::Paused { state, .. } => {
+                self.phase = Phase::Paused {
+                    state,
+                    resume: Resume::Booting {
+                        left: self.cfg.boot_time,
+                        attached: None,
+                    },
+                };
+            }
+            _ => self.boot(io, self.cfg.boot_time),
         }
     }
 
@@ -507,7 +568,53 @@ impl Actor {
                 None
             }
             Cmd::Resume(reply) => {
-                let _ = reply.send(self.resume(io));
+                let r = self.resume(io);
+                let resumed = r.is_ok();
+                let _ = reply.send(r);
+                if resumed && self.power_button {
+                    return Some(self.power_off("power-button"));
+                }
+                None
+            }
+            Cmd::Input { events, reply } => {
+                match self.not_running() {
+                    Some(state) => {
+                        let _ = reply.send(Err(state));
+                    }
+                    None => {
+                        self.say_all(events.iter().map(|e| format!("INPUT {e}")));
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                None
+            }
+            Cmd::PowerButton(reply) => match &self.phase {
+                Phase::Booting { .. } | Phase::Running { .. } => {
+                    let _ = reply.send(Ok(()));
+                    Some(self.power_off("power-button"))
+                }
+                Phase::Paused { .. } => {
+                    self.power_button = true;
+                    let _ = reply.send(Ok(()));
+                    None
+                }
+                Phase::Incoming | Phase::Postmigrate => {
+                    let _ = reply.send(Err(self.not_running().unwrap_or_default()));
+                    None
+                }
+            },
+            Cmd::Reset(reply) => {
+                if matches!(self.phase, Phase::Incoming | Phase::Postmigrate) {
+                    let _ = reply.send(Err(self.not_running().unwrap_or_default()));
+                    return None;
+                }
+                // The in-flight disk request completes first, as QEMU drains I/O on reset.
+                if let Some(st) = self.drain(io).await {
+                    let _ = reply.send(Err("the guest exited".into()));
+                    return Some(st);
+                }
+                self.reboot(io);
+                let _ = reply.send(Ok(()));
                 None
             }
             Cmd::Freeze(reply) => {

@@ -25,6 +25,14 @@
 //! QEMU that kept running would have. Dropping the driver ends its VMs' tasks and keeps
 //! their pidfiles: it is the hypervisor process dying.
 //!
+//! Terminal operations: input reaches the simulated guest, which prints one console line
+//! per event (`INPUT key a down`, `INPUT move 100 200`, `INPUT button left up`) and
+//! refuses input while paused, as QEMU does; the power button powers it off
+//! (`GUEST: POWEROFF reason=power-button`, on resume when pressed while paused), reset
+//! reboots it (a new `GUEST: init started`, ticks from 0), pause and resume are the
+//! driver's; a screenshot is a [`SIM_SCREEN_WIDTH`]x[`SIM_SCREEN_HEIGHT`] grayscale PNG.
+//! Every performed operation is kept, per VM id, for [`SimDriver::performed`].
+//!
 //! Failure injection for tests: [`SimDriver::fail_next_start`],
 //! [`SimDriver::delay_next_start`], [`SimDriver::crash`],
 //! [`SimDriver::interrupt_next_migration`].
@@ -57,7 +65,7 @@ pub mod guest;
 mod image;
 mod stream;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -72,9 +80,10 @@ use self::actor::{ActorConfig, Boot, Cmd};
 use self::disk::SimDisk;
 use self::guest::{GuestArgs, GuestMemory};
 use crate::{
-    Accel, ComputeDriver, ComputeError, MigrateOptions, MigrationStats, MigrationTls, VmRuntime,
-    VmSpec, VmStatus,
+    Accel, ComputeDriver, ComputeError, MigrateOptions, MigrationStats, MigrationTls, OpOutcome,
+    Screenshot, VmRuntime, VmSpec, VmStatus,
 };
+use model::terminal_ops::{Operation, PowerAction};
 
 /// File names in a simulated VM's run dir.
 pub mod files {
@@ -87,6 +96,14 @@ pub mod files {
 }
 
 const RECORD_FORMAT: u32 = 1;
+
+/// Width of a simulated screenshot, pixels (VGA's 320x200: small, and a real size).
+pub const SIM_SCREEN_WIDTH: u32 = 320;
+/// Height of a simulated screenshot, pixels.
+pub const SIM_SCREEN_HEIGHT: u32 = 200;
+/// Performed operations kept per VM id (the oldest are dropped), so that a long-running
+/// simulated host does not grow without bound.
+pub const PERFORMED_KEPT: usize = 4096;
 
 /// Settings of the simulation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,6 +154,8 @@ struct SimVm {
     tx: mpsc::Sender<Cmd>,
     status: watch::Receiver<VmStatus>,
     task: tokio::task::JoinHandle<()>,
+    /// Terminal operations take turns (a fair queue), as on the QEMU driver.
+    ops: tokio::sync::Mutex<()>,
 }
 
 impl Drop for SimVm {
@@ -185,6 +204,8 @@ pub struct SimDriver {
     faults: Mutex<Faults>,
     /// Successful starts per id (fresh boots and incoming migrations).
     starts: Mutex<HashMap<String, u32>>,
+    /// Terminal operations performed per id, oldest first (at most [`PERFORMED_KEPT`]).
+    performed: Mutex<HashMap<String, VecDeque<Operation>>>,
 }
 
 #[derive(Debug)]
@@ -237,7 +258,27 @@ impl SimDriver {
             starting: Mutex::new(HashSet::new()),
             faults: Mutex::new(Faults::default()),
             starts: Mutex::new(HashMap::new()),
+            performed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The terminal operations performed on VM `id` by this driver, oldest first (the last
+    /// [`PERFORMED_KEPT`]; across restarts of the VM). Refused ones are not there.
+    pub fn performed(&self, id: &str) -> Vec<Operation> {
+        lock(&self.performed)
+            .get(id)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn record(&self, id: &str, op: &Operation) -> usize {
+        let mut all = lock(&self.performed);
+        let q = all.entry(id.to_owned()).or_default();
+        if q.len() >= PERFORMED_KEPT {
+            q.pop_front();
+        }
+        q.push_back(op.clone());
+        q.len()
     }
 
     /// The next start (or incoming start) of VM `id` fails as a QEMU exiting during
@@ -451,6 +492,7 @@ impl SimDriver {
             tx,
             status,
             task,
+            ops: tokio::sync::Mutex::new(()),
         });
         lock(&self.vms).insert(id.to_owned(), vm.clone());
         Ok(vm)
@@ -562,6 +604,26 @@ fn write_record(run_dir: &Path, spec: &VmSpec, incoming: bool) -> Result<(), Com
     std::fs::write(&tmp, body)
         .and_then(|()| std::fs::rename(&tmp, &path))
         .map_err(io_err("write", &path))
+}
+
+/// The simulated display: a diagonal gradient that moves with every operation performed,
+/// so that two screenshots with input between them differ.
+fn sim_screen(performed: usize) -> Screenshot {
+    let (w, h) = (SIM_SCREEN_WIDTH, SIM_SCREEN_HEIGHT);
+    let shift = performed % 256;
+    let wu = usize::try_from(w).expect("a constant");
+    let n = wu * usize::try_from(h).expect("a constant");
+    let pixels: Vec<u8> = (0..n)
+        .map(|i| {
+            let v = (i % wu + i / wu + shift) % 256;
+            u8::try_from(v).expect("below 256")
+        })
+        .collect();
+    Screenshot {
+        png: crate::png::encode_gray(w, h, &pixels),
+        width: w,
+        height: h,
+    }
 }
 
 /// The last 16 KiB of the console log.
@@ -691,6 +753,58 @@ impl ComputeDriver for SimDriver {
 
     async fn pause(&self, id: &str) -> Result<(), ComputeError> {
         self.request(id, "pause", Cmd::Pause).await
+    }
+
+    #[tracing::instrument(skip(self, op), fields(vm = %id, op = op.kind()))]
+    async fn perform(&self, id: &str, op: &Operation) -> Result<OpOutcome, ComputeError> {
+        op.validate()
+            .map_err(|err| ComputeError::InvalidOperation {
+                id: id.to_owned(),
+                err,
+            })?;
+        let vm = self.get(id)?;
+        let _turn = vm.ops.lock().await;
+        if let Some(st) = vm.exited() {
+            let op_name = match op {
+                Operation::Power {
+                    action: PowerAction::On,
+                } => "power on",
+                _ => op.kind(),
+            };
+            return Err(ComputeError::InvalidState {
+                id: id.to_owned(),
+                state: format!("{st:?}"),
+                op: op_name,
+            });
+        }
+        let outcome = match op {
+            Operation::Power { action } => {
+                match action {
+                    // The simulated hypervisor runs: the VM is on.
+                    PowerAction::On => {}
+                    PowerAction::Shutdown => {
+                        self.request(id, "power shutdown", Cmd::PowerButton).await?
+                    }
+                    PowerAction::Reset => self.request(id, "power reset", Cmd::Reset).await?,
+                    PowerAction::Pause => self.pause(id).await?,
+                    PowerAction::Resume => self.resume(id).await?,
+                }
+                OpOutcome::Done
+            }
+            Operation::Screenshot => {
+                let n = lock(&self.performed).get(id).map_or(0, VecDeque::len);
+                OpOutcome::Screenshot(sim_screen(n))
+            }
+            _ => {
+                let events = op.input_events();
+                self.request(id, op.kind(), |reply| Cmd::Input { events, reply })
+                    .await?;
+                OpOutcome::Done
+            }
+        };
+        let n = self.record(id, op);
+        tracing::debug!(performed = n, "terminal operation performed");
+        Ok(outcome)
     }
 
     async fn resume(&self, id: &str) -> Result<(), ComputeError> {

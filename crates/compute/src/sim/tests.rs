@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::{DiskTarget, GuestImage};
+use model::terminal_ops::Operation;
 
 fn config() -> SimConfig {
     SimConfig {
@@ -293,4 +294,178 @@ async fn a_new_driver_adopts_a_running_vm_from_its_files() {
         SimDriver::new(config()).adopt("r", &rt.run_dir).await,
         Err(ComputeError::Adopt { .. })
     ));
+}
+
+fn op(json: &str) -> Operation {
+    serde_json::from_str(json).unwrap()
+}
+
+fn input_lines(c: &str) -> Vec<&str> {
+    c.lines().filter_map(|l| l.strip_prefix("INPUT ")).collect()
+}
+
+#[tokio::test]
+async fn terminal_operations_reach_the_guest_in_order() {
+    let (dir, img) = setup("t");
+    let drv = SimDriver::new(config());
+    let rt = drv
+        .start(&spec(dir.path(), &img, "t", "run-t"))
+        .await
+        .unwrap();
+    wait_console(&rt.console_log, |c| c.contains("GUEST: READY")).await;
+    let ops = [
+        op(r#"{"op":"type_text","text":"Hi\n"}"#),
+        op(r#"{"op":"key_combo","qcodes":["ctrl","alt","delete"]}"#),
+        op(r#"{"op":"key","qcode":"f1","down":true}"#),
+        op(r#"{"op":"pointer_move","x":100,"y":32767}"#),
+        op(r#"{"op":"pointer_button","button":"left","down":true}"#),
+        op(r#"{"op":"wheel","delta":-1}"#),
+    ];
+    for o in &ops {
+        assert_eq!(drv.perform("t", o).await.unwrap(), OpOutcome::Done, "{o:?}");
+    }
+    let c = console(&rt.console_log);
+    let expect: Vec<String> = ops
+        .iter()
+        .flat_map(Operation::input_events)
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(input_lines(&c), expect);
+    assert_eq!(
+        input_lines(&c)[..4],
+        ["key shift down", "key h down", "key h up", "key shift up"]
+    );
+    assert!(c.contains("INPUT move 100 32767\n"));
+
+    // A screenshot is a small PNG that changes with the input performed.
+    let OpOutcome::Screenshot(a) = drv.perform("t", &Operation::Screenshot).await.unwrap() else {
+        panic!("no screenshot")
+    };
+    assert_eq!((a.width, a.height), (SIM_SCREEN_WIDTH, SIM_SCREEN_HEIGHT));
+    assert_eq!(crate::png::dimensions(&a.png).unwrap(), (320, 200));
+    drv.perform("t", &ops[2]).await.unwrap();
+    let OpOutcome::Screenshot(b) = drv.perform("t", &Operation::Screenshot).await.unwrap() else {
+        panic!("no screenshot")
+    };
+    assert_ne!(a.png, b.png);
+
+    // Invalid operations are refused before they reach anything.
+    let e = drv
+        .perform("t", &Operation::Wheel { delta: 0 })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ComputeError::InvalidOperation { err, .. } if err.field == "delta"),
+        "{e}"
+    );
+    assert!(matches!(
+        drv.perform("nope", &ops[0]).await,
+        Err(ComputeError::NotFound { .. })
+    ));
+
+    // Paused, the guest takes no input (as QEMU refuses it); power resume runs it again.
+    let pause = op(r#"{"op":"power","action":"pause"}"#);
+    drv.perform("t", &pause).await.unwrap();
+    assert!(matches!(
+        drv.status("t").await.unwrap(),
+        VmStatus::Paused { .. }
+    ));
+    let e = drv.perform("t", &ops[0]).await.unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ComputeError::InvalidState {
+                op: "type_text",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    drv.perform("t", &op(r#"{"op":"power","action":"resume"}"#))
+        .await
+        .unwrap();
+    drv.perform("t", &op(r#"{"op":"power","action":"on"}"#))
+        .await
+        .unwrap();
+    assert_eq!(drv.status("t").await.unwrap(), VmStatus::Running);
+
+    // The record holds what was performed, in order; the refused ones are not in it.
+    let done: Vec<&str> = drv.performed("t").iter().map(Operation::kind).collect();
+    assert_eq!(
+        done,
+        [
+            "type_text",
+            "key_combo",
+            "key",
+            "pointer_move",
+            "pointer_button",
+            "wheel",
+            "screenshot",
+            "key",
+            "screenshot",
+            "power",
+            "power",
+            "power"
+        ]
+    );
+    assert!(drv.performed("nope").is_empty());
+    drv.stop("t").await.unwrap();
+}
+
+#[tokio::test]
+async fn reset_reboots_and_the_power_button_powers_off() {
+    let (dir, img) = setup("r");
+    let drv = SimDriver::new(config());
+    let s = spec(dir.path(), &img, "r", "run-r");
+    let rt = drv.start(&s).await.unwrap();
+    wait_console(&rt.console_log, |c| ticks_ok(c) >= 3).await;
+    drv.perform("r", &op(r#"{"op":"power","action":"reset"}"#))
+        .await
+        .unwrap();
+    // A second boot, and the tick count starts again (it lived in guest RAM).
+    let c = wait_console(&rt.console_log, |c| {
+        c.matches("GUEST: init started").count() == 2 && c.matches("TICK 0 ").count() == 2
+    })
+    .await;
+    assert_eq!(c.matches("GUEST: READY").count(), 2, "{c}");
+    assert_eq!(drv.status("r").await.unwrap(), VmStatus::Running);
+
+    // The power button of a paused guest takes effect when it runs again.
+    drv.perform("r", &op(r#"{"op":"power","action":"pause"}"#))
+        .await
+        .unwrap();
+    let shutdown = op(r#"{"op":"power","action":"shutdown"}"#);
+    drv.perform("r", &shutdown).await.unwrap();
+    assert!(matches!(
+        drv.status("r").await.unwrap(),
+        VmStatus::Paused { .. }
+    ));
+    drv.perform("r", &op(r#"{"op":"power","action":"resume"}"#))
+        .await
+        .unwrap();
+    let mut w = drv.get("r").unwrap().status.clone();
+    w.wait_for(VmStatus::is_exited).await.unwrap();
+    assert_eq!(
+        drv.status("r").await.unwrap(),
+        VmStatus::Stopped {
+            reason: "guest powered off".into()
+        }
+    );
+    assert!(console(&rt.console_log).ends_with("GUEST: POWEROFF reason=power-button\n"));
+    // Off, it takes nothing; powering it on is its agent's job (a start with the spec).
+    for (o, name) in [
+        (op(r#"{"op":"power","action":"on"}"#), "power on"),
+        (op(r#"{"op":"key","qcode":"a","down":true}"#), "key"),
+        (Operation::Screenshot, "screenshot"),
+    ] {
+        let e = drv.perform("r", &o).await.unwrap_err();
+        assert!(
+            matches!(&e, ComputeError::InvalidState { op, .. } if *op == name),
+            "{e}"
+        );
+    }
+    drv.start(&s).await.unwrap();
+    drv.perform("r", &shutdown).await.unwrap();
+    let mut w = drv.get("r").unwrap().status.clone();
+    w.wait_for(VmStatus::is_exited).await.unwrap();
 }

@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use compute::{
     default_cache_dir, ensure_default_image, prepare_vm_disk, Accel, ComputeDriver, DiskTarget,
-    GuestImage, MigrateOptions, NbdListen, QemuDriver, QemuNbdDisk, VmSpec, VmStatus,
+    GuestImage, MigrateOptions, NbdListen, OpOutcome, QemuDriver, QemuNbdDisk, VmSpec, VmStatus,
 };
+use model::terminal_ops::Operation;
+
+mod terminal;
 
 /// Serializes the VM tests (2 cores, one per TCG QEMU).
 static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -151,6 +154,32 @@ async fn wait_running(drv: &QemuDriver, id: &str) {
     }
 }
 
+/// Terminal operations on a booted guest: a screenshot of its display, keys and pointer
+/// taken (the test guest reads neither; `terminal.rs` checks what arrives).
+async fn screenshot_and_keys(drv: &QemuDriver, id: &str) {
+    let OpOutcome::Screenshot(shot) = drv.perform(id, &Operation::Screenshot).await.unwrap() else {
+        panic!("no screenshot")
+    };
+    assert_eq!(
+        compute::png::dimensions(&shot.png).unwrap(),
+        (shot.width, shot.height)
+    );
+    eprintln!("screenshot of the booted guest: {shot:?}");
+    for json in [
+        r#"{"op":"type_text","text":"uname -a\n"}"#,
+        r#"{"op":"key_combo","qcodes":["ctrl","l"]}"#,
+        r#"{"op":"pointer_move","x":16384,"y":16384}"#,
+        r#"{"op":"wheel","delta":1}"#,
+    ] {
+        let op: Operation = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            drv.perform(id, &op).await.unwrap(),
+            OpOutcome::Done,
+            "{json}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn boots_on_qemu_nbd_ticks_survives_agent_restart_and_stops() {
     let img = image();
@@ -191,6 +220,7 @@ async fn boots_on_qemu_nbd_ticks_survives_agent_restart_and_stops() {
     })
     .await;
     assert_eq!(drv.status("boot-1").await.unwrap(), VmStatus::Running);
+    screenshot_and_keys(&drv, "boot-1").await;
 
     // Agent restart: the old driver goes away (the VM keeps running), a new one adopts it.
     drop(drv);
@@ -208,6 +238,7 @@ async fn boots_on_qemu_nbd_ticks_survives_agent_restart_and_stops() {
     .await;
     let all = ticks(&read(&rt.console_log));
     assert!(all.iter().all(|&(_, ok)| ok), "bad I/O check: {all:?}");
+    screenshot_and_keys(&drv, "boot-1").await;
 
     let st = drv.stop("boot-1").await.unwrap();
     assert!(

@@ -5,4 +5,5 @@
 mod concurrency;
 mod drain;
 mod push;
+mod takeover;
 mod terminals;

@@ -66,7 +66,7 @@ fn message(server: &str, t: TerminalId, secret: &str, seq: u64, ts: u64, body: &
     .into_bytes()
 }
 
-const KEY_A: &str = r#"{"op":{"key":{"qcode":"a","down":true}}}"#;
+const KEY_A: &str = r#"{"operation":{"op":"key","qcode":"a","down":true}}"#;
 
 #[tokio::test]
 async fn without_a_secrets_key_no_terminal_is_made() {
@@ -211,7 +211,7 @@ async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
         .unwrap();
     assert_eq!((ok.vm, ok.host.as_str(), ok.seq), (web, "h1", 2));
     // A body naming another VM still acts on the bound one.
-    let naming = format!(r#"{{"op":{{"power":{{"action":"reset"}}}},"vm":"{other}"}}"#);
+    let naming = format!(r#"{{"operation":{{"op":"power","action":"reset"}},"vm":"{other}"}}"#);
     let ok = c
         .accept_operation(&message(server, t, secret, 3, now, &naming))
         .await
@@ -244,6 +244,17 @@ async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
         (
             "unknown_terminal",
             message(server, TerminalId::new_random(), secret, 9, now, KEY_A),
+        ),
+        (
+            "bad_operation",
+            message(
+                server,
+                t,
+                secret,
+                12,
+                now,
+                r#"{"operation":{"op":"key","qcode":"nope","down":true}}"#,
+            ),
         ),
         ("malformed", b"{\"header\":1}".to_vec()),
         ("malformed", b"not json".to_vec()),
