@@ -118,6 +118,9 @@ beat_pid=$!
 # (networks and images are addressed by name and by id: a scenario deletes one by name,
 # then the link by id finds it gone and the check blames the create). Positive data
 # acceptance is not checked either: references and cross-field rules are not in the schemas.
+# Not run: `host_events` (GET /v1/hosts/{name}/events), a response that lasts as long as
+# its connection (newline-delimited JSON, pinged every 10 s): every request for a host
+# that exists would end in the request timeout. tests/all/push.rs in crates/api covers it.
 # One worker: with two, one worker's generated deletes remove what the other's
 # scenario just created, and the availability checks fail on the race, not the server.
 status=0
@@ -139,6 +142,7 @@ hooks=$PWD/scripts/schemathesis_creates.py
     --generation-database none \
     --workers 1 \
     --request-timeout 10 \
+    --exclude-operation-id host_events \
     --no-color \
     --report junit --report-dir "${SCHEMATHESIS_REPORT_DIR:-$tmp/report}" \
     "$@") || status=$?

@@ -34,6 +34,8 @@ mod local;
 mod migrate;
 pub mod netdev;
 pub mod phase;
+#[allow(dead_code)]
+mod push;
 mod vm;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -34,7 +34,8 @@ pub enum ApiError {
     /// MAC, timestamp): the message names why.
     #[error("{0}")]
     MessageNotAuthentic(String),
-    /// This server cannot do it as configured (the message says what is missing).
+    /// This server cannot do it as configured (the message says what is missing), or
+    /// not now (it is shutting down: another server may).
     #[error("{0}")]
     Unavailable(String),
     /// An agent token over TLS without the agent's client certificate.
@@ -250,6 +251,21 @@ impl From<control::ControlError> for ApiError {
                 ApiError::internal("the control layer", e)
             }
             e => ApiError::internal("the control layer", e),
+        }
+    }
+}
+
+impl From<control::PushError> for ApiError {
+    fn from(e: control::PushError) -> Self {
+        use control::PushError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e @ E::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            // Refused at once, not queued, like the other limits: the client retries.
+            e @ E::Busy => ApiError::TooManyRequests {
+                reason: e.to_string(),
+                retry_after_secs: 1,
+            },
         }
     }
 }

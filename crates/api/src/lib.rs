@@ -95,6 +95,9 @@ pub struct ServerConfig {
     /// if missing). Servers sharing a store need the same file. `None`: terminals
     /// cannot be created.
     pub secrets_key_file: Option<std::path::PathBuf>,
+    /// A host event stream (`GET /v1/hosts/{name}/events`) quiet for this long gets a
+    /// `ping` line, so that both ends notice a dead connection. Default 10 s.
+    pub push_keepalive: Duration,
 }
 
 impl Default for ServerConfig {
@@ -113,6 +116,7 @@ impl Default for ServerConfig {
             server_id: None,
             election_lease: Duration::from_secs(4),
             secrets_key_file: None,
+            push_keepalive: control::push::DEFAULT_KEEPALIVE,
         }
     }
 }
@@ -165,7 +169,8 @@ impl AppState {
                 control: control::Control::new(
                     store,
                     u64::try_from(config.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX),
-                ),
+                )
+                .with_push_keepalive(config.push_keepalive),
                 consoles: Mutex::new(HashMap::new()),
                 snapshots: Mutex::new(HashMap::new()),
                 http: metrics::HttpCounters::default(),
@@ -431,8 +436,12 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         }
         std::future::pending::<()>().await
     };
+    let control = state.control().clone();
     let stop = async move {
         let _ = rx.await;
+        // Host event streams last as long as their connections: ended here, or the
+        // graceful shutdown below would wait for them forever.
+        control.close_push();
     };
     // Every request learns its connection (`Peer`): agent tokens over TLS need the
     // agent's client certificate.

@@ -51,6 +51,7 @@ use crate::routes;
         routes::vms::delete_vm,
         routes::vms::console,
         routes::vms::assignments,
+        routes::hosts::host_events,
         routes::vms::report_observed,
         routes::migrations::migrate_vm,
         routes::migrations::list_migrations,

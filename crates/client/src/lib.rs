@@ -17,12 +17,14 @@
 #![warn(missing_docs)]
 
 mod blobs;
+pub mod events;
 mod join;
 pub mod terminal;
 
 use std::time::Duration;
 
 pub use blobs::{file_digest, ImageFiles};
+pub use events::{EventLineError, HostEventStream};
 pub use join::{join, ClientTls, JoinError};
 
 use model::api::{
@@ -95,6 +97,26 @@ pub enum ClientError {
         expected: model::BlobDigest,
         /// What the bytes hash to.
         got: model::BlobDigest,
+    },
+    /// A line of a host's event stream is not an event (the stream goes on after it).
+    #[error("{path}: event line {line}")]
+    EventLine {
+        /// Request path.
+        path: String,
+        /// The line's number in the stream, from 1.
+        line: u64,
+        /// What is wrong with it.
+        #[source]
+        reason: EventLineError,
+    },
+    /// An event stream stayed silent longer than its idle timeout (the server pings a
+    /// quiet stream): the connection is taken for dead.
+    #[error("{path}: nothing received for {idle:?}; the connection is taken for dead")]
+    StreamIdle {
+        /// Request path.
+        path: String,
+        /// The idle timeout.
+        idle: Duration,
     },
     /// A success response whose body is not what the route promises.
     #[error("{method} {path}: cannot decode the response")]
@@ -531,6 +553,28 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/hosts/{name}/events`: the host's events as they happen, `resync` first
+    /// (see [`HostEventStream::next`]). Like every request it goes to the server in use,
+    /// or the next one when no connection can be made.
+    pub async fn host_events(&self, host: &str) -> Result<HostEventStream, ClientError> {
+        let segments = ["v1", "hosts", host, "events"];
+        let path = segments.join("/");
+        let res = self
+            .execute_any(&Method::GET, &path, |base| {
+                self.http
+                    .get(Self::join(base, &segments))
+                    .bearer_auth(&self.token)
+                    .header(reqwest::header::ACCEPT, "application/x-ndjson")
+                    // The stream lasts as long as the connection: the client's timeout
+                    // per request must not cut it. A dead connection is found by the
+                    // stream's idle timeout instead.
+                    .timeout(STREAM_LIFETIME)
+            })
+            .await?;
+        let res = Self::check(Method::GET, path.clone(), res).await?;
+        Ok(HostEventStream::new(res, path))
+    }
+
     /// `PUT /v1/vms/{id}/observed`: reports a VM's state on this host.
     pub async fn report_observed(
         &self,
@@ -952,6 +996,9 @@ impl Client {
 
 /// `None` with a concrete body type, for routes without a body.
 const NO_BODY: Option<&()> = None;
+
+/// The timeout of an event stream's request: a year, i.e. none (see `host_events`).
+const STREAM_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// How many times a 429 is waited out and retried before it is returned.
 const RETRIES_429: u32 = 3;

@@ -8,7 +8,9 @@
 //! this crate never builds an HTTP answer.
 //!
 //! Tasks: [`driver::Driver`] owns the background tasks (the drain driver, the takeover
-//! watcher) and stops them on shutdown.
+//! watcher) and stops them on shutdown. The push hub ([`push`]), which runs on every
+//! server, is started by the first host event stream and stopped by
+//! [`Control::close_push`].
 #![warn(missing_docs)]
 
 pub mod cluster;
@@ -23,6 +25,7 @@ mod migrations;
 pub mod networks;
 pub mod ns;
 pub mod operations;
+pub mod push;
 pub mod records;
 pub mod storage;
 mod takeover;
@@ -42,6 +45,7 @@ pub use migrations::{MigrateStartError, MigrationReportError};
 pub use networks::{NetworkDeleteError, NicError};
 pub use ns::NsError;
 pub use operations::CancelError;
+pub use push::{HostEvents, PushError};
 pub use records::now_ms;
 pub use storage::StorageError;
 pub use takeover::{default_takeover_margin, lease_expired, LeaseWatch};
@@ -73,6 +77,8 @@ pub struct Control {
     heartbeat_timeout_ms: u64,
     /// Jobs started by requests (NS work); the operation driver stops them with itself.
     jobs: Tasks,
+    /// The hosts' event streams (`push`).
+    push: push::Push,
     /// This server's terminal state (rate buckets, refusal counts, recent operations).
     terminals: Arc<terminals::Terminals>,
 }
@@ -93,6 +99,7 @@ impl Control {
             store,
             heartbeat_timeout_ms,
             jobs: Tasks::default(),
+            push: push::Push::new(push::DEFAULT_KEEPALIVE),
             terminals: Arc::default(),
         }
     }

@@ -19,6 +19,9 @@ use crate::{ControlError, Scope};
 pub mod keys {
     use model::{ImageId, MaintenanceId, MigrationId, Name, NetworkId, TenantId, TokenId, VmId};
 
+    /// Every record. The push hub watches it whole (one watch per server) and keeps
+    /// what concerns the agents: [`VMS`] and [`MIGRATIONS`].
+    pub const ROOT: &str = "/vinfra/";
     pub const TOKENS: &str = "/vinfra/tokens/";
     pub const TENANTS: &str = "/vinfra/tenants/";
     pub const HOSTS: &str = "/vinfra/hosts/";
@@ -149,7 +152,7 @@ pub fn to_bytes<T: Serialize>(value: &T) -> Result<Bytes, ControlError> {
         .map_err(ControlError::Encode)
 }
 
-fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
+pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
     serde_json::from_slice(&kv.value).map_err(|source| ControlError::Decode {
         key: kv.key.clone(),
         source,

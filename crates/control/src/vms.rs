@@ -383,34 +383,21 @@ impl Control {
             let migration = match vm.migration {
                 Some(m) => get_json::<model::Migration>(self.store(), &keys::migration(m))
                     .await?
-                    .map(|(m, _)| m)
-                    .filter(|m| &m.from_host == host || &m.to_host == host),
+                    .map(|(m, _)| m),
                 None => None,
             };
-            if &vm.host != host && migration.is_none() {
+            if !assigned_hosts(&vm, migration.as_ref()).contains(host) {
                 continue;
             }
             let image = match images.get(&vm.image) {
                 Some(i) => i.clone(),
                 None => {
-                    // Images in use cannot be deleted, so a miss is a broken invariant.
-                    let (i, _) = get_json::<model::Image>(self.store(), &keys::image(vm.image))
-                        .await?
-                        .ok_or_else(|| {
-                            ControlError::Invariant(format!(
-                                "vm {} uses missing image {}",
-                                vm.id, vm.image
-                            ))
-                        })?;
+                    let i = image_of(self.store(), &vm).await?;
                     images.insert(vm.image, i.clone());
                     i
                 }
             };
-            out.push(model::api::Assignment {
-                vm,
-                image,
-                migration,
-            });
+            out.extend(assignment_for(host, vm, migration, image));
         }
         Ok(out)
     }
@@ -477,4 +464,54 @@ impl Control {
         }
         .into())
     }
+}
+
+/// The hosts `vm` is assigned to: its host and, while the migration it names is on
+/// (`migration` is that record, if it exists), both ends of it. The assignments list and
+/// the push channel (`push`) both ask this, so the two cannot disagree.
+pub(crate) fn assigned_hosts(
+    vm: &Vm,
+    migration: Option<&model::Migration>,
+) -> std::collections::BTreeSet<Name> {
+    let mut hosts = std::collections::BTreeSet::from([vm.host.clone()]);
+    if let Some(m) = migration.filter(|m| vm.migration == Some(m.id)) {
+        hosts.insert(m.from_host.clone());
+        hosts.insert(m.to_host.clone());
+    }
+    hosts
+}
+
+/// What `host`'s agent is told about `vm` (with `image`, and `migration`: the record
+/// `vm.migration` names, if it exists), or `None` when the VM is not assigned to it.
+/// The migration is attached only for its two ends.
+pub(crate) fn assignment_for(
+    host: &Name,
+    vm: Vm,
+    migration: Option<model::Migration>,
+    image: model::Image,
+) -> Option<model::api::Assignment> {
+    if !assigned_hosts(&vm, migration.as_ref()).contains(host) {
+        return None;
+    }
+    let migration = migration
+        .filter(|m| vm.migration == Some(m.id) && (&m.from_host == host || &m.to_host == host));
+    Some(model::api::Assignment {
+        vm,
+        image,
+        migration,
+    })
+}
+
+/// The image of `vm`. Images in use cannot be deleted, so a missing one is a broken
+/// invariant.
+pub(crate) async fn image_of(
+    store: &dyn store::Store,
+    vm: &Vm,
+) -> Result<model::Image, ControlError> {
+    crate::records::get_json::<model::Image>(store, &keys::image(vm.image))
+        .await?
+        .map(|(i, _)| i)
+        .ok_or_else(|| {
+            ControlError::Invariant(format!("vm {} uses missing image {}", vm.id, vm.image))
+        })
 }

@@ -779,6 +779,34 @@ impl Assignment {
     }
 }
 
+/// One line of a host's event stream (`GET /v1/hosts/{name}/events`, newline-delimited
+/// JSON): what changed in the host's desired state, pushed as it happens. Polling
+/// `GET /v1/hosts/{name}/assignments` stays the source of truth: a `resync` says to poll.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HostEvent {
+    /// Reconcile everything: read the assignments again. The first line of every stream
+    /// (what changed before it is not sent), and sent again whenever the server may
+    /// have missed changes (this stream fell behind, the server's store watch restarted).
+    Resync,
+    /// One VM's assignment on this host, whole and current: the same object
+    /// `GET /v1/hosts/{name}/assignments` lists for it (a new VM, a desired-state
+    /// change, a migration of it to or from this host moving on).
+    Assignment {
+        /// The VM, its image and its migration, as the assignments list has them.
+        assignment: Box<Assignment>,
+    },
+    /// The VM is no longer assigned to this host (deleted, moved, migrated away): the
+    /// agent destroys its copy here, as when the VM leaves the assignments list.
+    Unassigned {
+        /// The VM.
+        vm: crate::VmId,
+    },
+    /// Keep-alive, sent when the stream has been quiet for a while (10 s), so that
+    /// both ends notice a dead connection.
+    Ping,
+}
+
 /// Link establishment, step 3: the first CP's IP and id, sent to the second VNF's link endpoint (a
 /// link agent, or the vinfra agent of the host running the VNF, which relays it into the
 /// guest). One JSON line; the answer is one [`LinkReply`] line.
@@ -1047,6 +1075,27 @@ pub struct NsInstanceRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_events_are_tagged_by_kind() {
+        let vm = crate::VmId::new_random();
+        for (ev, line) in [
+            (HostEvent::Resync, r#"{"kind":"resync"}"#.to_owned()),
+            (HostEvent::Ping, r#"{"kind":"ping"}"#.to_owned()),
+            (
+                HostEvent::Unassigned { vm },
+                format!(r#"{{"kind":"unassigned","vm":"{vm}"}}"#),
+            ),
+        ] {
+            assert_eq!(serde_json::to_string(&ev).unwrap(), line);
+            assert_eq!(serde_json::from_str::<HostEvent>(&line).unwrap(), ev);
+        }
+        let err = serde_json::from_str::<HostEvent>(r#"{"kind":"reboot"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `reboot`"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn create_vm_rejects_unknown_fields() {

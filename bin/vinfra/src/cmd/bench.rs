@@ -8,6 +8,7 @@ use anyhow::Context;
 use crate::output::Format;
 
 pub mod control;
+pub mod push;
 mod render;
 
 /// Benchmarks.
@@ -53,6 +54,11 @@ pub enum BenchCmd {
     /// time (kill -9 of the leading server -> first drain step under the next one).
     /// Needs etcd; `-o json` prints the report as JSON.
     Control(control::ControlArgs),
+    /// How soon a host's agent side learns of a VM stop/start: over the host event
+    /// stream (p50/p90/p99/max of N commands, 3 hosts with a subscriber each) against
+    /// polling the assignments every second as the agent does. One `vinfra server` child
+    /// on redb; `-o json` prints the report as JSON.
+    Push(push::PushArgs),
     /// vSwitch classification + forwarding, in memory and on veth, against the Linux bridge.
     Vswitch {
         /// Seconds per row.
@@ -85,6 +91,18 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", control::render::control_table(&report)),
+            }
+            Ok(())
+        }
+        BenchCmd::Push(args) => {
+            // Interrupted: dropping the run kills its server and removes its data.
+            let report = tokio::select! {
+                r = push::run(&args) => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            };
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", push::table(&report)),
             }
             Ok(())
         }

@@ -173,6 +173,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| data_dir.join("secrets.key")),
         ),
+        ..api::ServerConfig::default()
     };
     let handle = api::serve(config, store).await?;
     tracing::info!(addr = %handle.addr(), "vinfra server listening");

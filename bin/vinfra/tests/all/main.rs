@@ -4,6 +4,7 @@
 mod agent_restart;
 mod api_process;
 mod bench_control;
+mod bench_push;
 mod crash;
 mod fencing;
 mod ha;

@@ -1,9 +1,12 @@
 //! Host registration, heartbeats and listing.
 
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use model::api::{HostLease, Problem, RegisterHost};
+use futures_util::StreamExt;
+use model::api::{HostEvent, HostLease, Problem, RegisterHost};
 use model::{Host, Name, Role};
 
 use crate::extract::AppPath;
@@ -51,6 +54,45 @@ pub(crate) async fn heartbeat(
     caller.require(&[Role::Agent, Role::Admin], "sending a heartbeat")?;
     let name = host_name(&name)?;
     Ok(Json(state.control().heartbeat(&name).await?))
+}
+
+/// The host's events, pushed as they happen: newline-delimited JSON, one `HostEvent`
+/// per line, for as long as the connection lasts. The first line is `resync` (read the
+/// assignments); then each change of what the host must run (`assignment`,
+/// `unassigned`), `resync` again when the server may have missed changes, and `ping`
+/// after 10 s of silence. The assignments list stays the source of truth.
+#[utoipa::path(get, path = "/v1/hosts/{name}/events", operation_id = "host_events", tag = "agent",
+    params(("name" = String, Path, description = "host name")),
+    responses(
+        (status = 200, description = "a stream of HostEvent lines (application/x-ndjson); ends when the server shuts down", body = HostEvent, content_type = "application/x-ndjson"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the server is shutting down; connect to another one", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn host_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppPath(name): AppPath,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Agent, Role::Admin], "following a host's events")?;
+    let name = host_name(&name)?;
+    let events = state.control().host_events(&name).await?;
+    let lines = events.map(|ev| {
+        serde_json::to_vec(ev.as_ref()).map(|mut line| {
+            line.push(b'\n');
+            Bytes::from(line)
+        })
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            // Each line is news: nothing in between may hold it back or keep it.
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 /// Lists hosts with their liveness. Members get each host without its

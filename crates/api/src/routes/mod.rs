@@ -123,8 +123,8 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
     ]
 }
 
-/// The agent protocol: what node agents call (registration, heartbeats, assignments,
-/// observed state, migration reports and cache snapshots). Kept apart from the user
+/// The agent protocol: what node agents call (registration, heartbeats, assignments and
+/// their event stream, observed state, migration reports and cache snapshots). Kept apart from the user
 /// routes so that the two can be served, limited or moved separately; served on the same
 /// listener today (same TLS, same tokens: these need an agent or admin token).
 pub(crate) fn agent_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
@@ -132,6 +132,8 @@ pub(crate) fn agent_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/hosts", post(hosts::register_host)),
         ("/v1/hosts/{name}/heartbeat", post(hosts::heartbeat)),
         ("/v1/hosts/{name}/assignments", get(vms::assignments)),
+        // A response that lasts as long as the connection (newline-delimited JSON).
+        ("/v1/hosts/{name}/events", get(hosts::host_events)),
         ("/v1/vms/{id}/observed", put(vms::report_observed)),
         (
             "/v1/migrations/{id}/report",
@@ -254,7 +256,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 70, "{served:?}");
+        assert_eq!(served.len(), 71, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json

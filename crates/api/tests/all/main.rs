@@ -8,6 +8,7 @@ mod limits;
 mod networks;
 mod ns;
 mod operations;
+mod push;
 mod routes;
 mod structure;
 mod tcp;

@@ -14,18 +14,18 @@ use model::{
 use store::testing::MemStore;
 use store::Store;
 
-fn n(s: &str) -> Name {
+pub(crate) fn n(s: &str) -> Name {
     model::validate_name("name", s).unwrap()
 }
 
-async fn put<T: serde::Serialize>(store: &dyn Store, key: &str, v: &T) {
+pub(crate) async fn put<T: serde::Serialize>(store: &dyn Store, key: &str, v: &T) {
     store
         .put(key, serde_json::to_vec(v).unwrap().into())
         .await
         .unwrap();
 }
 
-async fn host(store: &dyn Store, name: &str) {
+pub(crate) async fn host(store: &dyn Store, name: &str) {
     let h = Host {
         id: HostId::new_random(),
         name: n(name),

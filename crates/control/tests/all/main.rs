@@ -1,8 +1,9 @@
 //! Integration tests of the control layer over the in-memory store: the operation
-//! driver, its persisted drains, and the operations view. Agents are played by the test
-//! (their reports are the same calls the agent routes make).
+//! driver, its persisted drains, the operations view, and the push hub. Agents are
+//! played by the test (their reports are the same calls the agent routes make).
 
 mod concurrency;
 mod drain;
+mod push;
 mod takeover;
 mod terminals;

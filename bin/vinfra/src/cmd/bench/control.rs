@@ -24,7 +24,7 @@
 //!
 //! The measurement is here; [`render`] prints it.
 
-mod procs;
+pub(crate) mod procs;
 pub mod render;
 
 use std::future::Future;
@@ -657,7 +657,7 @@ async fn failover(
 }
 
 /// The load average (1, 5, 15 min), if the kernel says.
-fn loadavg() -> Option<[f64; 3]> {
+pub(crate) fn loadavg() -> Option<[f64; 3]> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     let mut it = text.split_whitespace().map(str::parse::<f64>);
     Some([it.next()?.ok()?, it.next()?.ok()?, it.next()?.ok()?])
@@ -682,7 +682,7 @@ async fn etcd_version() -> anyhow::Result<String> {
 
 /// The type of the filesystem `path` is on (from /proc/self/mounts), with its mount
 /// point.
-fn filesystem_of(path: &Path) -> String {
+pub(crate) fn filesystem_of(path: &Path) -> String {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts
