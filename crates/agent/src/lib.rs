@@ -34,7 +34,6 @@ mod local;
 mod migrate;
 pub mod netdev;
 pub mod phase;
-#[allow(dead_code)]
 mod push;
 mod vm;
 
@@ -279,7 +278,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         vms: BTreeMap::new(),
     };
     agent.adopt_existing().await;
-    let mut migrating = false;
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(256);
+    let pushing = tokio::spawn(push::follow(
+        agent.host.client.clone(),
+        agent.host.cfg.host_name.clone(),
+        events_tx,
+    ));
     // A change of the lease (expired, or back) gives up the pass under way and starts
     // the next at once: a pass started before a cut may hang on a dead connection for
     // the client's whole timeout, and the VMs want their assignments soon after the
@@ -287,26 +291,33 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut lease = agent.host.lease.clone();
     let mut lease_open = true;
     let mut pass_now = false;
+    let mut next_pass = tokio::time::Instant::now() + poll;
     loop {
-        // While a migration is in flight the next step is usually due at once
-        // (switch-over, progress): poll faster then.
-        let pause = if pass_now {
-            Duration::ZERO
-        } else if migrating {
-            poll.min(Duration::from_millis(200))
-        } else {
-            poll
-        };
+        if pass_now {
+            next_pass = tokio::time::Instant::now();
+        }
         pass_now = false;
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep_until(next_pass) => {}
             changed = lease.changed(), if lease_open => lease_open = changed.is_ok(),
+            // A pushed change goes to its VM's task at once; the pass stays the
+            // fallback (and the tick), and a resync asks for one now.
+            Some(ev) = events.recv() => {
+                if !agent.pushed(ev) {
+                    continue;
+                }
+            }
         }
         lease.borrow_and_update();
         tokio::select! {
             _ = &mut shutdown => break,
-            m = agent.reconcile_once() => migrating = m,
+            m = agent.reconcile_once() => {
+                // While a migration is in flight the next step is usually due at once
+                // (switch-over, progress): poll faster then.
+                let pause = if m { poll.min(Duration::from_millis(200)) } else { poll };
+                next_pass = tokio::time::Instant::now() + pause;
+            }
             changed = lease.changed(), if lease_open => {
                 lease_open = changed.is_ok();
                 tracing::debug!("reconcile pass given up: the host lease changed");
@@ -317,6 +328,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     hb.abort();
     watchdog.abort();
     relay.abort();
+    pushing.abort();
     agent.stop_all().await;
     Ok(())
 }
@@ -623,16 +635,7 @@ impl Agent {
         let migrating = assignments.iter().any(|a| a.migration.is_some());
         let assigned: BTreeSet<VmId> = assignments.iter().map(|a| a.vm.id).collect();
         for a in assignments {
-            let id = a.vm.id;
-            let msg = Msg::Assigned(Box::new(a));
-            match self.vms.get_mut(&id) {
-                Some(h) => h.route(msg),
-                None => {
-                    let phase = VmPhase::Stopped { note: None };
-                    let h = VmHandle::spawn(self.host.clone(), id, phase, msg);
-                    self.vms.insert(id, h);
-                }
-            }
+            self.route(a);
         }
         for (id, h) in self.vms.iter_mut() {
             if !assigned.contains(id) {
@@ -640,6 +643,36 @@ impl Agent {
             }
         }
         migrating
+    }
+
+    /// Hands a VM's assignment to its task, starting one for a VM new here.
+    fn route(&mut self, a: model::api::Assignment) {
+        let id = a.vm.id;
+        let msg = Msg::Assigned(Box::new(a));
+        match self.vms.get_mut(&id) {
+            Some(h) if !h.is_finished() => h.route(msg),
+            _ => {
+                let phase = VmPhase::Stopped { note: None };
+                let h = VmHandle::spawn(self.host.clone(), id, phase, msg);
+                self.vms.insert(id, h);
+            }
+        }
+    }
+
+    /// Acts on one event pushed by the server; `true` when it asks for a full pass.
+    fn pushed(&mut self, ev: model::api::HostEvent) -> bool {
+        use model::api::HostEvent;
+        match ev {
+            HostEvent::Resync => return true,
+            HostEvent::Assignment { assignment } => self.route(*assignment),
+            HostEvent::Unassigned { vm } => {
+                if let Some(h) = self.vms.get_mut(&vm) {
+                    h.route(Msg::Unassigned);
+                }
+            }
+            HostEvent::Ping => {}
+        }
+        false
     }
 
     /// Stops every VM (each task reports its VM stopped) and waits for the tasks.

@@ -275,7 +275,7 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
-    fn spawn(cfg: agent::AgentConfig) -> TestAgent {
+    pub fn spawn(cfg: agent::AgentConfig) -> TestAgent {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (crash_tx, crash_rx) = oneshot::channel::<()>();
         let name = cfg.host_name.clone();

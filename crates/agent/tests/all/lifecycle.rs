@@ -94,3 +94,43 @@ async fn stop_start_and_delete_reach_the_hypervisor() {
         .join(format!("{id}.img"))
         .exists());
 }
+
+/// The server pushes each change to the host's agent: with the poll a minute apart, a
+/// new VM boots and a stop reaches the hypervisor within a second or two (the first pass
+/// after the stream opens, then the pushed events alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_changes_reach_the_vm_without_waiting_for_a_poll() {
+    let c = Cluster::start().await;
+    let drv = Cluster::driver();
+    let mut cfg = c.agent_config("host-a", &drv);
+    cfg.poll = std::time::Duration::from_secs(60);
+    let _a = harness::TestAgent::spawn(cfg);
+    // Registered, stream open (its first event asks for a full pass at once).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let within = |what: &'static str, cond: Box<dyn Fn() -> bool>| async move {
+        let t0 = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(5),
+                "{what} waited for a poll (60 s away)"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        t0.elapsed()
+    };
+    let vm = c.create_vm("web", "host-a").await;
+    let id = vm.id.to_string();
+    let (d, i) = (drv.clone(), id.clone());
+    let booted = within("the boot", Box::new(move || d.running().contains(&i))).await;
+    c.admin.stop_vm(&id).await.unwrap();
+    let (d, i) = (drv.clone(), id.clone());
+    let stopped = within("the stop", Box::new(move || !d.running().contains(&i))).await;
+    eprintln!("pushed: create -> running {booted:?}, stop -> stopped {stopped:?}");
+    let v = c
+        .wait_vm(&vm, "stopped", |v| {
+            v.desired == DesiredState::Stopped && v.observed == ObservedState::Stopped
+        })
+        .await;
+    assert_eq!(v.error, None);
+}
