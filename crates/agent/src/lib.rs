@@ -35,6 +35,7 @@ mod migrate;
 pub mod netdev;
 pub mod phase;
 mod push;
+mod terminal;
 mod vm;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -671,6 +672,23 @@ impl Agent {
                 }
             }
             HostEvent::Ping => {}
+            HostEvent::TerminalOperation { operation } => {
+                let op = *operation;
+                let refused = match self.vms.get(&op.vm) {
+                    Some(h) => h
+                        .operation(op)
+                        .err()
+                        .map(|op| (*op, "the VM's operation queue is full")),
+                    None => Some((op, "the VM is not on this host")),
+                };
+                if let Some((op, why)) = refused {
+                    let host = self.host.clone();
+                    tokio::spawn(async move {
+                        let result = terminal::refused(&host, why);
+                        terminal::answer(&host, &op, result).await;
+                    });
+                }
+            }
         }
         false
     }

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use model::api::{Assignment, ObservedReport, ReportedState};
+use model::terminals::PerformedOperation;
 use model::{DesiredState, VmId};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::files::VmFiles;
 use crate::lease::{self, Lease};
@@ -52,6 +53,8 @@ pub(crate) enum Msg {
 #[derive(Debug)]
 pub(crate) struct VmHandle {
     tx: watch::Sender<Msg>,
+    /// Terminal operations for the VM, performed in the order they came.
+    ops: mpsc::Sender<PerformedOperation>,
     task: tokio::task::JoinHandle<()>,
     /// `Unassigned` or `Shutdown` was sent: the task is on its way out.
     leaving: bool,
@@ -62,6 +65,7 @@ impl VmHandle {
     /// on `first` at once (`Awaiting` for an adopted VM).
     pub(crate) fn spawn(host: Arc<Host>, id: VmId, phase: VmPhase, first: Msg) -> VmHandle {
         let (tx, rx) = watch::channel(first);
+        let (ops, ops_rx) = mpsc::channel(OPS_QUEUE);
         let task = VmTask {
             files: VmFiles::new(&host.cfg.data_dir, id),
             lease: host.lease.clone(),
@@ -75,7 +79,8 @@ impl VmHandle {
         };
         VmHandle {
             tx,
-            task: tokio::spawn(task.run(rx)),
+            ops,
+            task: tokio::spawn(task.run(rx, ops_rx)),
             leaving: false,
         }
     }
@@ -87,6 +92,16 @@ impl VmHandle {
         }
         self.leaving = matches!(msg, Msg::Unassigned | Msg::Shutdown);
         self.tx.send_replace(msg);
+    }
+
+    /// Queues a terminal operation for the VM; gives it back when the queue is full or
+    /// the task is gone (the caller answers it failed).
+    pub(crate) fn operation(&self, op: PerformedOperation) -> Result<(), Box<PerformedOperation>> {
+        self.ops.try_send(op).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => {
+                Box::new(op)
+            }
+        })
     }
 
     /// Tells the task to stop its VM for the agent's shutdown.
@@ -106,6 +121,10 @@ impl VmHandle {
         }
     }
 }
+
+/// Terminal operations queued per VM before new ones are answered `failed` (a VM
+/// task busy with a long step, a start, holds them meanwhile).
+const OPS_QUEUE: usize = 256;
 
 /// How many steps one message may take (e.g. retry, then start): a bound, so that a
 /// transition function that never settles cannot spin.
@@ -138,15 +157,28 @@ impl VmTask {
         self.files.id()
     }
 
-    async fn run(mut self, mut rx: watch::Receiver<Msg>) {
+    async fn run(
+        mut self,
+        mut rx: watch::Receiver<Msg>,
+        mut ops: mpsc::Receiver<PerformedOperation>,
+    ) {
         // The watchdog ends with the agent; after that only messages wake the task.
         let mut lease_open = true;
+        let mut act = true;
         loop {
-            let msg = rx.borrow_and_update().clone();
-            if !self.handle(msg).await {
-                return;
+            if act {
+                let msg = rx.borrow_and_update().clone();
+                if !self.handle(msg).await {
+                    return;
+                }
             }
+            act = true;
             tokio::select! {
+                // A terminal's operation: performed between steps, in order.
+                Some(op) = ops.recv() => {
+                    self.terminal_operation(op).await;
+                    act = false;
+                }
                 changed = rx.changed() => {
                     // The reconciler is gone without a shutdown (the agent was dropped,
                     // as a `kill -9` would): leave the VM as it is, for the next agent

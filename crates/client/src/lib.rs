@@ -469,6 +469,22 @@ impl Client {
         .await
     }
 
+    /// `PUT /v1/terminal-operations/{terminal}/{seq}/result`: a host's answer.
+    pub async fn answer_terminal_operation(
+        &self,
+        terminal: model::TerminalId,
+        seq: u64,
+        result: &model::terminals::OperationResult,
+    ) -> Result<model::terminals::PerformedOperation, ClientError> {
+        let (t, seq) = (terminal.to_string(), seq.to_string());
+        self.json(
+            Method::PUT,
+            &["v1", "terminal-operations", &t, &seq, "result"],
+            Some(result),
+        )
+        .await
+    }
+
     /// `POST /v1/terminal-operations` with a signed message ([`terminal::TerminalCredentials::sign`]); the
     /// message authenticates itself, whatever this client's token.
     pub async fn send_operation(

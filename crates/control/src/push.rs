@@ -444,6 +444,9 @@ impl Hub {
                         }
                     }
                 }
+                WatchEvent::Put(kv) if kv.key.starts_with(crate::terminals::TERMINAL_OPS) => {
+                    self.terminal_operation(&kv);
+                }
                 _ => {}
             }
         }
@@ -452,6 +455,35 @@ impl Hub {
                 self.announce(vm, &t.before).await;
             }
         }
+    }
+
+    /// A terminal's operation not yet performed goes to its host's stream (`power on`
+    /// is the server's own: it sets the desired state, no host acts on it).
+    fn terminal_operation(&mut self, kv: &store::KeyValue) {
+        use model::terminal_ops::{Operation, PowerAction};
+        use model::terminals::{OperationOutcome, PerformedOperation};
+        let op: PerformedOperation = match crate::records::decode(kv) {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::warn!(error = %model::error_chain(&e), "push: a terminal operation record cannot be decoded");
+                return;
+            }
+        };
+        if op.outcome != OperationOutcome::Sent
+            || matches!(
+                op.op,
+                Operation::Power {
+                    action: PowerAction::On
+                }
+            )
+        {
+            return;
+        }
+        let host = op.host.clone();
+        let ev = Arc::new(HostEvent::TerminalOperation {
+            operation: Box::new(op),
+        });
+        self.send(&host, &ev);
     }
 
     /// A record the hub cannot read: what it meant is unknown, so every stream is told

@@ -11,19 +11,20 @@
 //! same transaction. The per-terminal rate buckets, the refusal counters and the
 //! recent operations of each terminal are this server's memory ([`Terminals`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use model::terminal_ops::Operation;
+use futures_util::StreamExt;
+use model::terminal_ops::{Operation, PowerAction};
 use model::terminals::{
-    message_mac, CreatedTerminal, OperationHeader, OperationOutcome, PerformedOperation,
-    ReplayError, ReplayWindow, SharePolicy, Terminal, TerminalBinding, TerminalRecord,
-    MAX_OPERATION_MESSAGE, TERMINAL_SECRET_PREFIX,
+    message_mac, CreatedTerminal, OperationHeader, OperationOutcome, OperationResult,
+    PerformedOperation, ReplayError, ReplayWindow, SharePolicy, Terminal, TerminalBinding,
+    TerminalRecord, MAX_OPERATION_MESSAGE, TERMINAL_SECRET_PREFIX,
 };
 use model::{Name, TenantId, TerminalId, Vm, VmId};
 use ring::aead;
 use serde::{Deserialize, Serialize};
-use store::{Compare, Revision, StoreError, TxnOp};
+use store::{Compare, Revision, StoreError, TxnOp, WatchEvent};
 
 use crate::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
 use crate::{Control, ControlError, Scope};
@@ -34,8 +35,12 @@ pub const MAX_CLOCK_SKEW_MS: u64 = 30_000;
 pub const RATE_PER_SECOND: f64 = 50.0;
 /// Operations a terminal may send at once after a pause.
 pub const RATE_BURST: f64 = 100.0;
-/// Recent operations kept per terminal for `GET /v1/terminals/{t}/operations`.
+/// Operations kept per terminal for `GET /v1/terminals/{t}/operations` (older ones are
+/// removed as new ones come).
 pub const LOG_PER_TERMINAL: usize = 1000;
+/// How long `POST /v1/terminal-operations` waits for the host's answer before it
+/// answers `sent` (the record then shows the outcome).
+pub const DISPATCH_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The server's key for sealing terminal secrets (AES-256-GCM). Servers sharing a
 /// store must share it (`vinfra server --secrets-key-file`).
@@ -286,14 +291,13 @@ struct Bucket {
     at: std::time::Instant,
 }
 
-/// This server's terminal state: rate buckets, refusal counters, recent operations.
+/// This server's terminal state: rate buckets and refusal counters.
 #[derive(Debug, Default)]
 pub struct Terminals {
     /// Set once, when the server starts with a secrets key.
     secrets: std::sync::OnceLock<SecretsKey>,
     buckets: Mutex<HashMap<TerminalId, Bucket>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
-    log: Mutex<HashMap<TerminalId, VecDeque<PerformedOperation>>>,
 }
 
 impl Terminals {
@@ -322,20 +326,6 @@ impl Terminals {
         let mut m = self.refused.lock().unwrap_or_else(|p| p.into_inner());
         *m.entry(r.reason()).or_default() += 1;
     }
-
-    /// Records what became of an operation (replacing its earlier entry, by seq).
-    pub fn record(&self, op: PerformedOperation) {
-        let mut m = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        let q = m.entry(op.terminal).or_default();
-        if let Some(e) = q.iter_mut().rev().find(|e| e.seq == op.seq) {
-            *e = op;
-            return;
-        }
-        if q.len() == LOG_PER_TERMINAL {
-            q.pop_front();
-        }
-        q.push_back(op);
-    }
 }
 
 /// The VMs a terminal is bound to list: `/vinfra/vm-terminals/<vm>`.
@@ -352,6 +342,14 @@ fn vm_terminals_key(vm: VmId) -> String {
 pub const TERMINALS: &str = "/vinfra/terminals/";
 const TERMINAL_NAMES: &str = "/vinfra/terminal-names/";
 const SERVER_ID: &str = "/vinfra/server-id";
+
+/// Where operation records live: `<prefix><terminal>/<seq, 20 digits>`, so that a
+/// terminal's list comes in sequence order.
+pub const TERMINAL_OPS: &str = "/vinfra/terminal-ops/";
+
+fn op_key(t: TerminalId, seq: u64) -> String {
+    format!("{TERMINAL_OPS}{t}/{seq:020}")
+}
 
 fn terminal_key(id: TerminalId) -> String {
     format!("{TERMINALS}{id}")
@@ -656,18 +654,9 @@ impl Control {
         .into())
     }
 
-    /// Checks an operation message and takes its sequence number. The order matters:
-    /// nothing about a terminal is revealed before its MAC verifies, and the sequence
-    /// number is taken (stored) only for a message that passed every other check.
-    pub async fn accept_operation(&self, raw: &[u8]) -> Result<Accepted, Refused> {
-        let r = self.check_operation(raw).await;
-        if let Err(e) = &r {
-            self.terminals().count_refusal(e);
-            tracing::info!(reason = e.reason(), error = %e, "terminal operation refused");
-        }
-        r
-    }
-
+    /// Checks an operation message. The order matters: nothing about a terminal is
+    /// revealed before its MAC verifies, and the sequence number is taken (by
+    /// [`Control::perform_operation`]) only for a message that passed every other check.
     async fn check_operation(&self, raw: &[u8]) -> Result<Accepted, Refused> {
         if raw.len() > MAX_OPERATION_MESSAGE {
             return Err(Refused::TooLarge { len: raw.len() });
@@ -720,7 +709,6 @@ impl Control {
                 terminal: term.id,
                 retry_after_ms,
             })?;
-        self.take_seq(h.terminal, h.seq).await?;
         let accepted = Accepted {
             terminal: term.id,
             tenant: term.tenant,
@@ -730,73 +718,205 @@ impl Control {
             op: body.operation,
             received,
         };
-        self.terminals().record(PerformedOperation {
-            terminal: accepted.terminal,
-            vm: accepted.vm,
-            host: accepted.host.clone(),
-            seq: accepted.seq,
-            op: accepted.op.clone(),
-            received,
-            performed: None,
-            outcome: OperationOutcome::Sent,
-            detail: None,
-        });
         Ok(accepted)
     }
 
-    /// Takes `seq` in the terminal's stored replay window (compare-and-swap), so that
-    /// every server sharing the store, and this one after a restart, refuses it again.
-    async fn take_seq(&self, t: TerminalId, seq: u64) -> Result<(), Refused> {
-        let key = terminal_key(t);
-        for _ in 0..CAS_ATTEMPTS {
-            let Some((mut stored, rev)) = get_json::<StoredTerminal>(self.store(), &key).await?
-            else {
-                return Err(Refused::UnknownTerminal(t));
+    /// Checks a message ([`Control::accept_operation`]), takes its sequence number and
+    /// records the operation in one transaction, has the VM's host perform it (its agent
+    /// gets it pushed), and answers with the record once the host answered, or `sent`
+    /// after [`DISPATCH_WAIT`]. `power on` is the server's own: it sets the VM's desired
+    /// state.
+    pub async fn perform_operation(&self, raw: &[u8]) -> Result<PerformedOperation, Refused> {
+        let r = async {
+            let a = self.check_operation(raw).await?;
+            self.dispatch(a).await
+        }
+        .await;
+        if let Err(e) = &r {
+            self.terminals().count_refusal(e);
+            tracing::info!(reason = e.reason(), error = %e, "terminal operation refused");
+        }
+        r
+    }
+
+    async fn dispatch(&self, a: Accepted) -> Result<PerformedOperation, Refused> {
+        let key = op_key(a.terminal, a.seq);
+        let mut record = PerformedOperation {
+            terminal: a.terminal,
+            vm: a.vm,
+            host: a.host.clone(),
+            seq: a.seq,
+            op: a.op.clone(),
+            received: a.received,
+            performed: None,
+            outcome: OperationOutcome::Sent,
+            detail: None,
+            screenshot: None,
+        };
+        // Watching before the write: the host's answer cannot slip past.
+        let mut answers = self.store_arc().watch(&key).await?;
+        self.take_seq_and_record(&a, &key, &record).await?;
+        if matches!(
+            a.op,
+            Operation::Power {
+                action: PowerAction::On
+            }
+        ) {
+            let r = self
+                .set_desired(
+                    Scope::Tenant(a.tenant),
+                    &a.vm.to_string(),
+                    model::DesiredState::Running,
+                )
+                .await;
+            let result = OperationResult {
+                host: a.host.to_string(),
+                outcome: if r.is_ok() {
+                    OperationOutcome::Performed
+                } else {
+                    OperationOutcome::Failed
+                },
+                detail: r.err().map(|e| model::error_chain(&e)),
+                screenshot: None,
             };
-            stored.window.take(seq).map_err(Refused::Replay)?;
-            match self.store().cas(&key, Some(rev), to_bytes(&stored)?).await {
+            return Ok(self.answer_operation(a.terminal, a.seq, result).await?);
+        }
+        if a.seq.is_multiple_of(64) {
+            self.trim_operations(a.terminal).await;
+        }
+        let deadline = tokio::time::Instant::now() + DISPATCH_WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, answers.next()).await {
+                Ok(Some(Ok(WatchEvent::Put(kv)))) => {
+                    if let Ok(r) = crate::records::decode::<PerformedOperation>(&kv) {
+                        if r.outcome != OperationOutcome::Sent {
+                            return Ok(r);
+                        }
+                        record = r;
+                    }
+                }
+                Ok(Some(Ok(WatchEvent::Delete { .. }))) | Ok(None) | Err(_) => return Ok(record),
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "watching a terminal operation failed");
+                    return Ok(record);
+                }
+            }
+        }
+    }
+
+    /// Takes the sequence number in the terminal's stored replay window and writes the
+    /// operation's record, in one transaction: every server sharing the store, and this
+    /// one after a restart, refuses the number again, and no operation is taken without
+    /// its record (which is what reaches the host).
+    async fn take_seq_and_record(
+        &self,
+        a: &Accepted,
+        key: &str,
+        record: &PerformedOperation,
+    ) -> Result<(), Refused> {
+        let tkey = terminal_key(a.terminal);
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((mut stored, rev)) = get_json::<StoredTerminal>(self.store(), &tkey).await?
+            else {
+                return Err(Refused::UnknownTerminal(a.terminal));
+            };
+            stored.window.take(a.seq).map_err(Refused::Replay)?;
+            let r = self
+                .store()
+                .txn(
+                    vec![Compare::ModRevision {
+                        key: tkey.clone(),
+                        expect: Some(rev),
+                    }],
+                    vec![
+                        TxnOp::Put {
+                            key: tkey.clone(),
+                            value: to_bytes(&stored)?,
+                        },
+                        TxnOp::Put {
+                            key: key.to_owned(),
+                            value: to_bytes(record)?,
+                        },
+                    ],
+                )
+                .await;
+            match r {
                 Ok(_) => return Ok(()),
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
         Err(ControlError::Contended {
-            what: format!("terminal {t}"),
+            what: format!("terminal {}", a.terminal),
         }
         .into())
     }
 
-    /// Hands an accepted operation to the VM's host and answers with its record. Today
-    /// the record says `sent`: the host's agent receives it over the push channel.
-    pub async fn dispatch_operation(&self, a: Accepted) -> PerformedOperation {
-        PerformedOperation {
-            terminal: a.terminal,
-            vm: a.vm,
-            host: a.host,
-            seq: a.seq,
-            op: a.op,
-            received: a.received,
-            performed: None,
-            outcome: OperationOutcome::Sent,
-            detail: None,
+    /// Records the host's answer for operation `seq` of terminal `t`. Only the host the
+    /// operation was sent to may answer; a second identical answer is accepted.
+    pub async fn answer_operation(
+        &self,
+        t: TerminalId,
+        seq: u64,
+        result: OperationResult,
+    ) -> Result<PerformedOperation, ControlError> {
+        let key = op_key(t, seq);
+        crate::records::update_cas(
+            self.store(),
+            &key,
+            || format!("terminal operation {t}/{seq}"),
+            || ControlError::NotFound {
+                kind: "terminal operation",
+                id: format!("{t}/{seq}"),
+            },
+            |r: &mut PerformedOperation| {
+                if r.host.as_str() != result.host {
+                    return Err(ControlError::Taken(format!(
+                        "host: operation {seq} of terminal {t} was sent to {}, not {}",
+                        r.host, result.host
+                    )));
+                }
+                if r.outcome != OperationOutcome::Sent {
+                    return Ok(());
+                }
+                r.outcome = result.outcome;
+                r.detail = result.detail.clone();
+                r.screenshot = result.screenshot.clone();
+                r.performed = Some(now_ms());
+                Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Removes a terminal's oldest operation records beyond [`LOG_PER_TERMINAL`].
+    async fn trim_operations(&self, t: TerminalId) {
+        let prefix = format!("{TERMINAL_OPS}{t}/");
+        let Ok(all) = self.store().list(&prefix).await else {
+            return;
+        };
+        for kv in all.iter().take(all.len().saturating_sub(LOG_PER_TERMINAL)) {
+            if let Err(e) = self.store().delete(&kv.key).await {
+                tracing::warn!(error = %e, "cannot trim a terminal's operations");
+                return;
+            }
         }
     }
 
-    /// The recent operations of a terminal on this server, oldest first.
+    /// A terminal's operations (the last [`LOG_PER_TERMINAL`] or so), oldest first.
     pub async fn terminal_operations(
         &self,
         scope: Scope,
         s: &str,
     ) -> Result<Vec<PerformedOperation>, ControlError> {
         let t = self.terminal(scope, s).await?;
-        let m = self
-            .terminals()
-            .log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        Ok(m.get(&t.id)
-            .map(|q| q.iter().cloned().collect())
-            .unwrap_or_default())
+        Ok(
+            list_json::<PerformedOperation>(self.store(), &format!("{TERMINAL_OPS}{}/", t.id))
+                .await?
+                .into_iter()
+                .map(|(r, _)| r)
+                .collect(),
+        )
     }
 
     /// How many operation messages this server refused, by reason.

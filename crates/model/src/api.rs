@@ -805,6 +805,12 @@ pub enum HostEvent {
     /// Keep-alive, sent when the stream has been quiet for a while (10 s), so that
     /// both ends notice a dead connection.
     Ping,
+    /// A terminal's operation for a VM on this host, to perform now and answer with
+    /// `PUT /v1/terminal-operations/{terminal}/{seq}/result`.
+    TerminalOperation {
+        /// What to perform, on which VM, for which terminal.
+        operation: Box<crate::terminals::PerformedOperation>,
+    },
 }
 
 /// Link establishment, step 3: the first CP's IP and id, sent to the second VNF's link endpoint (a

@@ -212,6 +212,36 @@ pub struct PerformedOperation {
     /// Why it failed, or what it returned (a screenshot's size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A screenshot's picture, when the operation took one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screenshot: Option<ScreenshotPng>,
+}
+
+/// A screenshot as PNG.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ScreenshotPng {
+    /// Width, pixels.
+    pub width: u32,
+    /// Height, pixels.
+    pub height: u32,
+    /// The PNG file, base64 (standard alphabet, padded).
+    pub png_base64: String,
+}
+
+/// `PUT /v1/terminal-operations/{terminal}/{seq}/result`: the agent's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperationResult {
+    /// The reporting host (the one the operation was sent to).
+    pub host: String,
+    /// `performed` or `failed`.
+    pub outcome: OperationOutcome,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// A screenshot's picture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub screenshot: Option<ScreenshotPng>,
 }
 
 /// How many sequence numbers below the highest seen are still accepted (once each):

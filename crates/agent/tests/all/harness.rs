@@ -51,6 +51,7 @@ impl Cluster {
             }),
             // Every agent of a test shares one token.
             rate_limit: None,
+            secrets_key_file: Some(dir.path().join("secrets.key")),
             ..api::ServerConfig::default()
         };
         let server = api::serve(config, store).await.unwrap();

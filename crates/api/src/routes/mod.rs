@@ -139,6 +139,10 @@ pub(crate) fn agent_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/v1/migrations/{id}/report",
             put(migrations::report_migration),
         ),
+        (
+            "/v1/terminal-operations/{terminal}/{seq}/result",
+            put(terminals::result),
+        ),
         // The snapshot's limit is applied by the handler, which names it in the 413.
         (
             "/v1/migrations/{id}/snapshot",
@@ -256,7 +260,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 71, "{served:?}");
+        assert_eq!(served.len(), 72, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json
@@ -284,6 +288,7 @@ mod tests {
                 let concrete = path
                     .replace("{name}", "x")
                     .replace("{terminal}", "x")
+                    .replace("{seq}", "1")
                     .replace("{id}", "00000000-0000-4000-8000-000000000000");
                 // A terminal's message has its own, smaller limit.
                 let (what, limit) = if path == "/v1/terminal-operations" {
@@ -332,7 +337,7 @@ mod tests {
                 probed += 1;
             }
         }
-        assert_eq!(probed, 22);
+        assert_eq!(probed, 23);
     }
 
     #[test]

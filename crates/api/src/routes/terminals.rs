@@ -8,10 +8,10 @@ use axum::http::StatusCode;
 use axum::Json;
 use model::api::Problem;
 use model::terminals::{
-    BindTerminal, CreateTerminal, CreatedTerminal, PerformedOperation, Terminal,
-    MAX_OPERATION_MESSAGE,
+    BindTerminal, CreateTerminal, CreatedTerminal, OperationOutcome, OperationResult,
+    PerformedOperation, Terminal, MAX_OPERATION_MESSAGE,
 };
-use model::Role;
+use model::{Role, TerminalId};
 
 use crate::extract::AppPath;
 use crate::routes::tenants::write_tenant;
@@ -164,13 +164,16 @@ pub(crate) async fn operations(
 }
 
 /// Takes one operation message from a terminal: `{"header": {server, terminal, seq,
-/// timestamp, mac}, "body": {"op": …}}`. No bearer token: the MAC with the terminal's
-/// secret authenticates it. The VM is the terminal's bound VM, whatever the body says.
+/// timestamp, mac}, "body": {"operation": …}}`. No bearer token: the MAC with the
+/// terminal's secret authenticates it. The VM is the terminal's bound VM, whatever the
+/// body says. Answers once the VM's host performed it (200), or after 3 s with the
+/// operation still on its way (202; its record shows the outcome later).
 #[utoipa::path(post, path = "/v1/terminal-operations", tag = "terminals",
     security(()),
     request_body(content = Object, description = "an operation message", content_type = "application/json"),
     responses(
-        (status = 202, description = "accepted and sent to the VM's host", body = PerformedOperation),
+        (status = 200, description = "performed (or failed) on the VM", body = PerformedOperation),
+        (status = 202, description = "sent to the VM's host, no answer yet", body = PerformedOperation),
         (status = 400, description = "not an operation message", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "unknown terminal, MAC that does not verify, timestamp too far off, another server's message", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "sequence number already performed, terminal unbound, VM gone", body = Problem, content_type = "application/problem+json"),
@@ -185,9 +188,45 @@ pub(crate) async fn operation(
 ) -> Result<(StatusCode, Json<PerformedOperation>), ApiError> {
     let bytes =
         crate::extract::json_object_bytes(req, "operation message", MAX_OPERATION_MESSAGE).await?;
-    let accepted = state.control().accept_operation(&bytes).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(state.control().dispatch_operation(accepted).await),
-    ))
+    let done = state.control().perform_operation(&bytes).await?;
+    let status = if done.outcome == OperationOutcome::Sent {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(done)))
+}
+
+/// The host's answer to a terminal operation it was sent (agent protocol).
+#[utoipa::path(put, path = "/v1/terminal-operations/{terminal}/{seq}/result", tag = "agents",
+    request_body = OperationResult,
+    params(
+        ("terminal" = String, Path, description = "terminal id"),
+        ("seq" = u64, Path, description = "the message's sequence number"),
+    ),
+    responses(
+        (status = 200, body = PerformedOperation),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "not an agent or admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such operation", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the operation was sent to another host", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "bad body", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn result(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path((terminal, seq)): axum::extract::Path<(String, String)>,
+    AppJson(body): AppJson<OperationResult>,
+) -> Result<Json<PerformedOperation>, ApiError> {
+    caller.require(
+        &[Role::Admin, Role::Agent],
+        "answering a terminal operation",
+    )?;
+    let not_found = || ApiError::NotFound {
+        kind: "terminal operation",
+        id: format!("{terminal}/{seq}"),
+    };
+    let t: TerminalId = terminal.parse().map_err(|_| not_found())?;
+    let seq: u64 = seq.parse().map_err(|_| not_found())?;
+    Ok(Json(state.control().answer_operation(t, seq, body).await?))
 }

@@ -49,6 +49,32 @@ fn control(store: &Arc<MemStore>) -> Control {
     c
 }
 
+/// Plays the hosts' agents: answers every operation sent to a host `performed`.
+async fn hosts_answer(c: &Control) {
+    use futures_util::StreamExt;
+    let mut w = c
+        .store_arc()
+        .watch(control::terminals::TERMINAL_OPS)
+        .await
+        .unwrap();
+    let c = c.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(store::WatchEvent::Put(kv))) = w.next().await {
+            let op: model::terminals::PerformedOperation =
+                serde_json::from_slice(&kv.value).unwrap();
+            if op.outcome == model::terminals::OperationOutcome::Sent {
+                let r = model::terminals::OperationResult {
+                    host: op.host.to_string(),
+                    outcome: model::terminals::OperationOutcome::Performed,
+                    detail: None,
+                    screenshot: None,
+                };
+                c.answer_operation(op.terminal, op.seq, r).await.unwrap();
+            }
+        }
+    });
+}
+
 /// A signed message from terminal `t` (secret `secret`) with `body`.
 fn message(server: &str, t: TerminalId, secret: &str, seq: u64, ts: u64, body: &str) -> Vec<u8> {
     let mut h = OperationHeader {
@@ -184,6 +210,7 @@ async fn bindings_are_shared_or_exclusive_and_never_cross_tenants() {
 async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
     let store = Arc::new(MemStore::new());
     let c = control(&store);
+    hosts_answer(&c).await;
     let tenant = TenantId::new_random();
     let web = vm(store.as_ref(), tenant, "web", "h1").await;
     let other = vm(store.as_ref(), tenant, "other", "h2").await;
@@ -193,7 +220,7 @@ async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
 
     // Not bound yet.
     let e = c
-        .accept_operation(&message(server, t, secret, 1, now, KEY_A))
+        .perform_operation(&message(server, t, secret, 1, now, KEY_A))
         .await;
     assert!(matches!(e, Err(Refused::Unbound(_))), "{e:?}");
     c.bind_terminal(
@@ -206,14 +233,16 @@ async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
     .unwrap();
 
     let ok = c
-        .accept_operation(&message(server, t, secret, 2, now, KEY_A))
+        .perform_operation(&message(server, t, secret, 2, now, KEY_A))
         .await
         .unwrap();
     assert_eq!((ok.vm, ok.host.as_str(), ok.seq), (web, "h1", 2));
+    assert_eq!(ok.outcome, model::terminals::OperationOutcome::Performed);
+    assert!(ok.performed.is_some());
     // A body naming another VM still acts on the bound one.
     let naming = format!(r#"{{"operation":{{"op":"power","action":"reset"}},"vm":"{other}"}}"#);
     let ok = c
-        .accept_operation(&message(server, t, secret, 3, now, &naming))
+        .perform_operation(&message(server, t, secret, 3, now, &naming))
         .await
         .unwrap();
     assert_eq!(ok.vm, web);
@@ -261,7 +290,7 @@ async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
         ("too_large", vec![b' '; 20_000]),
     ];
     for (reason, raw) in &refusals {
-        let e = c.accept_operation(raw).await.unwrap_err();
+        let e = c.perform_operation(raw).await.unwrap_err();
         assert_eq!(e.reason(), *reason, "{e}");
     }
     let counts = c.terminal_refusals();
@@ -269,32 +298,33 @@ async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
     assert_eq!(counts["stale_timestamp"], 2);
     assert_eq!(counts["unbound"], 1);
     // Refused messages took no sequence number: 4 is still free.
-    c.accept_operation(&message(server, t, secret, 4, now, KEY_A))
+    c.perform_operation(&message(server, t, secret, 4, now, KEY_A))
         .await
         .unwrap();
 
     // Out of order within the window is fine once; a restarted server (a new control
     // layer over the same store) still refuses what the first one performed.
-    c.accept_operation(&message(server, t, secret, 10, now, KEY_A))
+    c.perform_operation(&message(server, t, secret, 10, now, KEY_A))
         .await
         .unwrap();
     let restarted = control(&store);
     let e = restarted
-        .accept_operation(&message(server, t, secret, 10, now, KEY_A))
+        .perform_operation(&message(server, t, secret, 10, now, KEY_A))
         .await;
     assert!(matches!(e, Err(Refused::Replay(_))), "{e:?}");
     restarted
-        .accept_operation(&message(server, t, secret, 9, now, KEY_A))
+        .perform_operation(&message(server, t, secret, 9, now, KEY_A))
         .await
         .unwrap();
 
-    // The record of what was performed names terminal, VM and seq.
+    // The record of what was performed (in the store: whichever server took it) names
+    // terminal, VM and seq, in sequence order.
     let log = c
         .terminal_operations(Scope::Tenant(tenant), "kiosk")
         .await
         .unwrap();
     let seqs: Vec<u64> = log.iter().map(|o| o.seq).collect();
-    assert_eq!(seqs, vec![2, 3, 4, 10]);
+    assert_eq!(seqs, vec![2, 3, 4, 9, 10]);
     assert!(log.iter().all(|o| o.vm == web && o.terminal == t));
 
     // A deleted terminal's secret is worthless.
@@ -302,7 +332,7 @@ async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
         .await
         .unwrap();
     let e = c
-        .accept_operation(&message(server, t, secret, 11, now, KEY_A))
+        .perform_operation(&message(server, t, secret, 11, now, KEY_A))
         .await;
     assert!(matches!(e, Err(Refused::UnknownTerminal(_))), "{e:?}");
 }
@@ -311,6 +341,7 @@ async fn a_message_acts_on_the_bound_vm_only_and_every_forgery_is_refused() {
 async fn a_terminal_over_its_rate_is_told_when_to_retry() {
     let store = Arc::new(MemStore::new());
     let c = control(&store);
+    hosts_answer(&c).await;
     let tenant = TenantId::new_random();
     let web = vm(store.as_ref(), tenant, "web", "h1").await;
     let made = c.create_terminal(tenant, n("fast")).await.unwrap();
@@ -333,7 +364,7 @@ async fn a_terminal_over_its_rate_is_told_when_to_retry() {
             now,
             KEY_A,
         );
-        if let Err(e) = c.accept_operation(&raw).await {
+        if let Err(e) = c.perform_operation(&raw).await {
             refused = Some((seq, e));
             break;
         }

@@ -1,0 +1,74 @@
+//! A terminal's operation on a VM of this host: the VM task performs it through the
+//! compute driver, between its other steps and in the order operations came, and
+//! answers the server (`PUT /v1/terminal-operations/{terminal}/{seq}/result`).
+
+use base64::Engine;
+use compute::OpOutcome;
+use model::terminals::{OperationOutcome, OperationResult, PerformedOperation, ScreenshotPng};
+
+use crate::vm::VmTask;
+use crate::Host;
+
+impl VmTask {
+    /// Performs `op` on this task's VM and answers it.
+    pub(crate) async fn terminal_operation(&mut self, op: PerformedOperation) {
+        let result = match self
+            .host
+            .driver
+            .perform(&self.files.driver_id(), &op.op)
+            .await
+        {
+            Ok(OpOutcome::Screenshot(s)) => OperationResult {
+                host: self.host.cfg.host_name.clone(),
+                outcome: OperationOutcome::Performed,
+                detail: Some(format!(
+                    "{}x{} PNG, {} bytes",
+                    s.width,
+                    s.height,
+                    s.png.len()
+                )),
+                screenshot: Some(ScreenshotPng {
+                    width: s.width,
+                    height: s.height,
+                    png_base64: base64::engine::general_purpose::STANDARD.encode(&s.png),
+                }),
+            },
+            Ok(_) => OperationResult {
+                host: self.host.cfg.host_name.clone(),
+                outcome: OperationOutcome::Performed,
+                detail: None,
+                screenshot: None,
+            },
+            Err(e) => OperationResult {
+                host: self.host.cfg.host_name.clone(),
+                outcome: OperationOutcome::Failed,
+                detail: Some(model::error_chain(&e)),
+                screenshot: None,
+            },
+        };
+        answer(&self.host, &op, result).await;
+    }
+}
+
+/// Answers operation `op` with `result`; a failure to answer is logged (the record
+/// stays `sent`, which the terminal sees).
+pub(crate) async fn answer(host: &Host, op: &PerformedOperation, result: OperationResult) {
+    if let Err(e) = host
+        .client
+        .answer_terminal_operation(op.terminal, op.seq, &result)
+        .await
+    {
+        tracing::warn!(terminal = %op.terminal, seq = op.seq, error = %e, "cannot answer a terminal operation");
+    }
+}
+
+/// The answer for an operation this host cannot give to a VM task (no such VM here,
+/// or its queue is full).
+pub(crate) fn refused(host: &Host, why: &str) -> OperationResult {
+    OperationResult {
+        host: host.cfg.host_name.clone(),
+        outcome: OperationOutcome::Failed,
+        detail: Some(why.to_owned()),
+        screenshot: None,
+    }
+}
