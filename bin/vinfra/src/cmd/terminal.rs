@@ -9,6 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use base64::Engine;
 use client::terminal::{clock_seq, TerminalCredentials};
 use model::terminals::{BindTerminal, CreateTerminal, SharePolicy, Terminal};
 
@@ -76,6 +77,9 @@ pub enum TerminalCmd {
         /// Any operation as JSON, e.g. '{"op":"key","qcode":"a","down":true}'.
         #[arg(long, group = "what")]
         op: Option<String>,
+        /// Take a screenshot of the VM and write it here as PNG.
+        #[arg(long, group = "what")]
+        screenshot: Option<PathBuf>,
     },
 }
 
@@ -119,6 +123,35 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
         keys,
         power,
         op,
+        screenshot: Some(out),
+    } = &cmd
+    {
+        if text.is_none() && keys.is_none() && power.is_none() && op.is_none() {
+            let done = send(ctx, credentials, serde_json::json!({"op": "screenshot"})).await?;
+            let png = done
+                .screenshot
+                .ok_or_else(|| anyhow::anyhow!("the VM's host answered without a picture"))?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&png.png_base64)
+                .context("the screenshot is not base64")?;
+            std::fs::write(out, &bytes)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!(
+                "{}x{} PNG written to {}",
+                png.width,
+                png.height,
+                out.display()
+            );
+            return Ok(());
+        }
+    }
+    if let TerminalCmd::Send {
+        credentials,
+        text,
+        keys,
+        power,
+        op,
+        ..
     } = cmd
     {
         let op = match (text, keys, power, op) {
@@ -133,7 +166,21 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
                 .context("--op is not JSON (e.g. '{\"op\":\"power\",\"action\":\"reset\"}')")?,
             _ => anyhow::bail!("say what to send: --text, --keys, --power or --op"),
         };
-        return send(ctx, &credentials, op).await;
+        let done = send(ctx, &credentials, op).await?;
+        return output::emit(
+            ctx.format,
+            &done,
+            &["seq", "vm", "host", "outcome", "detail"],
+            || {
+                vec![vec![
+                    done.seq.to_string(),
+                    done.vm.to_string(),
+                    done.host.to_string(),
+                    format!("{:?}", done.outcome).to_lowercase(),
+                    done.detail.clone().unwrap_or_default(),
+                ]]
+            },
+        );
     }
     let c = ctx.client()?;
     match cmd {
@@ -213,7 +260,12 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
     }
 }
 
-async fn send(ctx: &Ctx, path: &PathBuf, op: serde_json::Value) -> anyhow::Result<()> {
+/// Sends `op` as the terminal whose credentials are in `path`; the server's record.
+async fn send(
+    ctx: &Ctx,
+    path: &PathBuf,
+    op: serde_json::Value,
+) -> anyhow::Result<model::terminals::PerformedOperation> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the credentials file {}", path.display()))?;
     let creds: TerminalCredentials = serde_json::from_str(&text)
@@ -225,13 +277,5 @@ async fn send(ctx: &Ctx, path: &PathBuf, op: serde_json::Value) -> anyhow::Resul
     let (seq, ts) = clock_seq();
     // The terminal holds no API token: the message's MAC authenticates it.
     let c = ctx.client_for(&creds.url, "-")?;
-    let done = c.send_operation(creds.sign(seq, ts, &body)).await?;
-    output::emit(ctx.format, &done, &["seq", "vm", "host", "outcome"], || {
-        vec![vec![
-            done.seq.to_string(),
-            done.vm.to_string(),
-            done.host.to_string(),
-            format!("{:?}", done.outcome).to_lowercase(),
-        ]]
-    })
+    Ok(c.send_operation(creds.sign(seq, ts, &body)).await?)
 }
