@@ -721,7 +721,7 @@ impl Control {
         Ok(accepted)
     }
 
-    /// Checks a message ([`Control::accept_operation`]), takes its sequence number and
+    /// Checks a message (`check_operation`), takes its sequence number and
     /// records the operation in one transaction, has the VM's host perform it (its agent
     /// gets it pushed), and answers with the record once the host answered, or `sent`
     /// after [`DISPATCH_WAIT`]. `power on` is the server's own: it sets the VM's desired
