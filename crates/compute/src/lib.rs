@@ -302,6 +302,35 @@ impl std::fmt::Debug for Screenshot {
     }
 }
 
+/// Whether a terminal operation may be performed on VM `id`, whose hypervisor exited
+/// with `exited` if it did: the operation must be valid, and nothing is performed on a VM
+/// whose hypervisor is gone (`power on` included: starting it is the agent's, which has
+/// its spec). Both drivers check the same way.
+pub(crate) fn check_operation(
+    id: &str,
+    op: &Operation,
+    exited: Option<VmStatus>,
+) -> Result<(), ComputeError> {
+    op.validate()
+        .map_err(|err| ComputeError::InvalidOperation {
+            id: id.to_owned(),
+            err,
+        })?;
+    match exited {
+        None => Ok(()),
+        Some(st) => Err(ComputeError::InvalidState {
+            id: id.to_owned(),
+            state: format!("{st:?}"),
+            op: match op {
+                Operation::Power {
+                    action: model::terminal_ops::PowerAction::On,
+                } => "power on",
+                _ => op.kind(),
+            },
+        }),
+    }
+}
+
 /// Errors of compute drivers.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -123,64 +123,17 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
         keys,
         power,
         op,
-        screenshot: Some(out),
-    } = &cmd
-    {
-        if text.is_none() && keys.is_none() && power.is_none() && op.is_none() {
-            let done = send(ctx, credentials, serde_json::json!({"op": "screenshot"})).await?;
-            let png = done
-                .screenshot
-                .ok_or_else(|| anyhow::anyhow!("the VM's host answered without a picture"))?;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(&png.png_base64)
-                .context("the screenshot is not base64")?;
-            std::fs::write(out, &bytes)
-                .with_context(|| format!("cannot write {}", out.display()))?;
-            eprintln!(
-                "{}x{} PNG written to {}",
-                png.width,
-                png.height,
-                out.display()
-            );
-            return Ok(());
-        }
-    }
-    if let TerminalCmd::Send {
-        credentials,
-        text,
-        keys,
-        power,
-        op,
-        ..
+        screenshot,
     } = cmd
     {
-        let op = match (text, keys, power, op) {
-            (Some(t), _, _, _) => {
-                serde_json::json!({"op": "type_text", "text": t.replace("\\n", "\n")})
-            }
-            (_, Some(k), _, _) => {
-                serde_json::json!({"op": "key_combo", "qcodes": k.split('-').collect::<Vec<_>>()})
-            }
-            (_, _, Some(p), _) => serde_json::json!({"op": "power", "action": p}),
-            (_, _, _, Some(o)) => serde_json::from_str(&o)
-                .context("--op is not JSON (e.g. '{\"op\":\"power\",\"action\":\"reset\"}')")?,
-            _ => anyhow::bail!("say what to send: --text, --keys, --power or --op"),
+        let what = What {
+            text,
+            keys,
+            power,
+            op,
+            screenshot,
         };
-        let done = send(ctx, &credentials, op).await?;
-        return output::emit(
-            ctx.format,
-            &done,
-            &["seq", "vm", "host", "outcome", "detail"],
-            || {
-                vec![vec![
-                    done.seq.to_string(),
-                    done.vm.to_string(),
-                    done.host.to_string(),
-                    format!("{:?}", done.outcome).to_lowercase(),
-                    done.detail.clone().unwrap_or_default(),
-                ]]
-            },
-        );
+        return send_cmd(ctx, &credentials, what).await;
     }
     let c = ctx.client()?;
     match cmd {
@@ -256,8 +209,59 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
                 },
             )
         }
+        // Handled above: it needs no API token.
         TerminalCmd::Send { .. } => Ok(()),
     }
+}
+
+/// What `vinfra terminal send` was asked to send (clap allows one of them).
+struct What {
+    text: Option<String>,
+    keys: Option<String>,
+    power: Option<String>,
+    op: Option<String>,
+    screenshot: Option<PathBuf>,
+}
+
+async fn send_cmd(ctx: &Ctx, credentials: &PathBuf, w: What) -> anyhow::Result<()> {
+    let op = match (&w.text, &w.keys, &w.power, &w.op, &w.screenshot) {
+        (Some(t), ..) => serde_json::json!({"op": "type_text", "text": t.replace("\\n", "\n")}),
+        (_, Some(k), ..) => {
+            serde_json::json!({"op": "key_combo", "qcodes": k.split('-').collect::<Vec<_>>()})
+        }
+        (_, _, Some(p), ..) => serde_json::json!({"op": "power", "action": p}),
+        (_, _, _, Some(o), _) => serde_json::from_str(o)
+            .context("--op is not JSON (e.g. '{\"op\":\"power\",\"action\":\"reset\"}')")?,
+        (_, _, _, _, Some(_)) => serde_json::json!({"op": "screenshot"}),
+        _ => anyhow::bail!("say what to send: --text, --keys, --power, --op or --screenshot"),
+    };
+    let done = send(ctx, credentials, op).await?;
+    if let (Some(out), Some(png)) = (&w.screenshot, &done.screenshot) {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&png.png_base64)
+            .context("the screenshot is not base64")?;
+        std::fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+        eprintln!(
+            "{}x{} PNG written to {}",
+            png.width,
+            png.height,
+            out.display()
+        );
+    }
+    output::emit(
+        ctx.format,
+        &done,
+        &["seq", "vm", "host", "outcome", "detail"],
+        || {
+            vec![vec![
+                done.seq.to_string(),
+                done.vm.to_string(),
+                done.host.to_string(),
+                format!("{:?}", done.outcome).to_lowercase(),
+                done.detail.clone().unwrap_or_default(),
+            ]]
+        },
+    )
 }
 
 /// Sends `op` as the terminal whose credentials are in `path`; the server's record.

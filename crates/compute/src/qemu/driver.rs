@@ -15,7 +15,7 @@ use crate::{
     proc, ComputeDriver, ComputeError, MigrateOptions, MigrationStats, OpOutcome, VmRuntime,
     VmSpec, VmStatus,
 };
-use model::terminal_ops::{Operation, PowerAction};
+use model::terminal_ops::Operation;
 
 #[async_trait::async_trait]
 impl ComputeDriver for QemuDriver {
@@ -41,26 +41,9 @@ impl ComputeDriver for QemuDriver {
 
     #[tracing::instrument(skip(self, op), fields(vm = %id, op = op.kind()))]
     async fn perform(&self, id: &str, op: &Operation) -> Result<OpOutcome, ComputeError> {
-        op.validate()
-            .map_err(|err| ComputeError::InvalidOperation {
-                id: id.to_owned(),
-                err,
-            })?;
         let vm = self.get(id)?;
         let _turn = vm.ops.lock().await;
-        if let Some(st) = vm.exited() {
-            let op_name = match op {
-                Operation::Power {
-                    action: PowerAction::On,
-                } => "power on",
-                _ => op.kind(),
-            };
-            return Err(ComputeError::InvalidState {
-                id: id.to_owned(),
-                state: format!("{st:?}"),
-                op: op_name,
-            });
-        }
+        crate::check_operation(id, op, vm.exited())?;
         super::terminal::perform(&vm.qmp, id, &vm.run_dir, op).await
     }
 

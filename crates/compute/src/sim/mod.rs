@@ -757,26 +757,9 @@ impl ComputeDriver for SimDriver {
 
     #[tracing::instrument(skip(self, op), fields(vm = %id, op = op.kind()))]
     async fn perform(&self, id: &str, op: &Operation) -> Result<OpOutcome, ComputeError> {
-        op.validate()
-            .map_err(|err| ComputeError::InvalidOperation {
-                id: id.to_owned(),
-                err,
-            })?;
         let vm = self.get(id)?;
         let _turn = vm.ops.lock().await;
-        if let Some(st) = vm.exited() {
-            let op_name = match op {
-                Operation::Power {
-                    action: PowerAction::On,
-                } => "power on",
-                _ => op.kind(),
-            };
-            return Err(ComputeError::InvalidState {
-                id: id.to_owned(),
-                state: format!("{st:?}"),
-                op: op_name,
-            });
-        }
+        crate::check_operation(id, op, vm.exited())?;
         let outcome = match op {
             Operation::Power { action } => {
                 match action {

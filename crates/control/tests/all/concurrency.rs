@@ -10,17 +10,15 @@ use std::time::Duration;
 use control::{Control, CreateVmError, Driver, DriverConfig, MigrateStartError, Scope, Tasks};
 use model::api::{MigrationReport, VmRequest};
 use model::{
-    Host, HostId, HostState, Image, ImageId, Migration, MigrationState, Name, ObservedState,
-    SplitMix64, Vm,
+    Host, HostId, HostState, Image, ImageId, Migration, MigrationState, ObservedState, SplitMix64,
+    Vm,
 };
 use store::testing::MemStore;
 use store::{Store, WatchEvent};
 
 use control::records::{keys, list_json, update_cas};
 
-fn n(s: &str) -> Name {
-    model::validate_name("name", s).unwrap()
-}
+use crate::drain::n;
 
 const HOSTS: [&str; 4] = ["h1", "h2", "h3", "h4"];
 /// VMs made before the storm: about 60 % of the vCPUs.

@@ -45,7 +45,7 @@ pub(crate) async fn host(store: &dyn Store, name: &str) {
     put(store, &control::records::keys::host(&h.name), &h).await;
 }
 
-async fn vm(store: &dyn Store, tenant: TenantId, name: &str, on: &str) -> VmId {
+pub(crate) async fn vm(store: &dyn Store, tenant: TenantId, name: &str, on: &str) -> VmId {
     let v = Vm {
         id: VmId::new_random(),
         tenant,

@@ -7,27 +7,17 @@ use std::time::{Duration, Instant};
 
 use control::{Control, LeaseWatch, Scope};
 use model::{
-    DesiredState, Host, HostId, HostState, ImageId, Name, ObservedState, Redundancy, TenantId, Vm,
-    VmId,
+    DesiredState, Host, HostId, HostState, ImageId, ObservedState, Redundancy, TenantId, Vm, VmId,
 };
 use store::testing::MemStore;
 use store::Store;
+
+use crate::drain::{n, put};
 
 const LEASE_MS: u64 = 300;
 const MARGIN: Duration = Duration::from_millis(200);
 /// Between two passes of the test's watcher.
 const PASS: Duration = Duration::from_millis(20);
-
-fn n(s: &str) -> Name {
-    model::validate_name("name", s).unwrap()
-}
-
-async fn put<T: serde::Serialize>(store: &dyn Store, key: &str, v: &T) {
-    store
-        .put(key, serde_json::to_vec(v).unwrap().into())
-        .await
-        .unwrap();
-}
 
 /// Host `name` whose last heartbeat was `ago` before now by the wall clock.
 async fn host(store: &dyn Store, name: &str, ago: Duration) {

@@ -7,41 +7,11 @@ use std::sync::Arc;
 use control::terminals::{Refused, SecretsKey, TerminalError};
 use control::{Control, ControlError, Scope};
 use model::terminals::{message_mac, OperationHeader, SharePolicy};
-use model::{DesiredState, ImageId, Name, ObservedState, TenantId, TerminalId, Vm, VmId};
+use model::{TenantId, TerminalId};
 use store::testing::MemStore;
 use store::Store;
 
-fn n(s: &str) -> Name {
-    model::validate_name("name", s).unwrap()
-}
-
-async fn vm(store: &dyn Store, tenant: TenantId, name: &str, on: &str) -> VmId {
-    let v = Vm {
-        id: VmId::new_random(),
-        tenant,
-        name: n(name),
-        image: ImageId::new_random(),
-        vcpus: 1,
-        memory_mib: 256,
-        host: n(on),
-        desired: DesiredState::Running,
-        observed: ObservedState::Running,
-        error: None,
-        created_at: 0,
-        migration: None,
-        redundancy: None,
-        nics: Vec::new(),
-        kernel_args: None,
-    };
-    store
-        .put(
-            &control::records::keys::vm(v.id),
-            serde_json::to_vec(&v).unwrap().into(),
-        )
-        .await
-        .unwrap();
-    v.id
-}
+use crate::drain::{n, vm};
 
 fn control(store: &Arc<MemStore>) -> Control {
     let c = Control::new(store.clone(), 6000);
