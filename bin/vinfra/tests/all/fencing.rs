@@ -54,7 +54,7 @@ struct Lab {
     _agents: Vec<test_utils::ChildGuard>,
     s: Server,
     hosts: [Netns; 2],
-    _ctl: Netns,
+    ctl: Netns,
     _link: DeleteLink,
     net: String,
     dirs: [PathBuf; 2],
@@ -150,7 +150,7 @@ impl Lab {
             _agents: agents,
             s,
             hosts,
-            _ctl: ctl,
+            ctl,
             _link: link,
             net,
             dirs,
@@ -181,24 +181,23 @@ impl Lab {
         HOSTS.iter().position(|h| *h == host).unwrap()
     }
 
-    /// Host `host`'s namespace loses its route to the server (its guest runs on).
+    /// Host `host` is cut off from the server both ways (its guest runs on).
     fn cut(&self, host: &str) {
-        let ns = &self.hosts[Self::index(host)].name;
-        ip(&["-n", ns, "route", "del", &format!("{}.0/24", self.net)]);
+        self.port(host, "down");
     }
 
-    /// The route back.
+    /// The cable back.
     fn restore(&self, host: &str) {
-        let ns = &self.hosts[Self::index(host)].name;
-        ip(&[
-            "-n",
-            ns,
-            "route",
-            "add",
-            &format!("{}.0/24", self.net),
-            "dev",
-            "up0",
-        ]);
+        self.port(host, "up");
+    }
+
+    /// Sets the host's port on the server's bridge down or up. Down cuts both ways, as
+    /// a pulled cable or a failed switch port does: a route deleted on the host's side
+    /// alone would still let the server's packets in, and the pushed takeover would
+    /// reach the cut-off agent.
+    fn port(&self, host: &str, state: &str) {
+        let port = format!("h{}", Self::index(host));
+        ip(&["-n", &self.ctl.name, "link", "set", &port, state]);
     }
 
     /// A redundant VM `db`, running, with its first ticks on the storage pair.
