@@ -53,10 +53,10 @@ struct Lab {
     // the namespaces and the test's link.
     _agents: Vec<test_utils::ChildGuard>,
     s: Server,
-    hosts: [Netns; 2],
+    /// The agents' namespaces, kept (and removed) with the lab.
+    _hosts: [Netns; 2],
     ctl: Netns,
     _link: DeleteLink,
-    net: String,
     dirs: [PathBuf; 2],
 }
 
@@ -149,10 +149,9 @@ impl Lab {
         let lab = Lab {
             _agents: agents,
             s,
-            hosts,
+            _hosts: hosts,
             ctl,
             _link: link,
-            net,
             dirs,
         };
         for h in HOSTS {
