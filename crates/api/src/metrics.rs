@@ -84,6 +84,7 @@ pub(crate) fn render(
     hosts: &[(HostState, u64)],
     vms: &[(ObservedState, u64)],
     http: &HttpCounters,
+    terminal_refusals: &std::collections::BTreeMap<&'static str, u64>,
 ) -> String {
     let mut out = String::new();
     // Writing to a String cannot fail.
@@ -109,6 +110,17 @@ pub(crate) fn render(
         let _ = writeln!(
             out,
             "vinfra_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vinfra_terminal_refusals_total Terminal operation messages this server refused, by reason."
+    );
+    let _ = writeln!(out, "# TYPE vinfra_terminal_refusals_total counter");
+    for (reason, n) in terminal_refusals {
+        let _ = writeln!(
+            out,
+            "vinfra_terminal_refusals_total{{reason=\"{reason}\"}} {n}"
         );
     }
     out
@@ -156,6 +168,7 @@ mod tests {
             &[(HostState::Up, 2), (HostState::Down, 0)],
             &[(ObservedState::Running, 1)],
             &http,
+            &[("bad_mac", 3)].into_iter().collect(),
         );
         assert!(text.contains("vinfra_hosts{state=\"up\"} 2\n"), "{text}");
         assert!(
@@ -165,5 +178,9 @@ mod tests {
         assert!(text.contains(
             "vinfra_http_requests_total{method=\"GET\",route=\"/v1/vms\",status=\"200\"} 2\n"
         ));
+        assert!(
+            text.contains("vinfra_terminal_refusals_total{reason=\"bad_mac\"} 3\n"),
+            "{text}"
+        );
     }
 }

@@ -67,7 +67,8 @@ async fn global_metrics(state: &AppState) -> Result<String, ApiError> {
     }
     let vms = count_vms(state.control().vms(Scope::All).await?.iter());
     let hosts = [(HostState::Up, up), (HostState::Down, down)];
-    let mut text = crate::metrics::render(&hosts, &vms, state.http());
+    let refusals = state.control().terminal_refusals();
+    let mut text = crate::metrics::render(&hosts, &vms, state.http(), &refusals);
     if let Some(c) = state.traffic() {
         text.push_str(&c.prometheus());
     }
