@@ -11,6 +11,57 @@ pub mod control;
 pub mod push;
 mod render;
 
+/// The control-plane benchmarks' common start on a fresh server: an agent token (its
+/// client returned beside the admin's) and an image `bench` booting `kernel`.
+async fn bench_clients(
+    url: &str,
+    token: &str,
+    kernel: &Path,
+) -> anyhow::Result<(client::Client, String, client::Client)> {
+    let admin = client::Client::new(url, token)?;
+    let agent_token = admin
+        .create_token(&model::api::CreateToken::new(model::Role::Agent))
+        .await
+        .context("cannot mint an agent token")?
+        .token;
+    let agent = client::Client::new(url, &agent_token)?;
+    admin
+        .upload_image(
+            &client::ImageFiles {
+                kernel: Some(kernel.to_owned()),
+                ..Default::default()
+            },
+            model::api::CreateImage {
+                name: "bench".into(),
+                kernel: None,
+                initrd: None,
+                disk_template: None,
+                cmdline: String::new(),
+                disk_mib: 64,
+                tenant: None,
+            },
+        )
+        .await
+        .context("cannot create the bench image")?;
+    Ok((admin, agent_token, agent))
+}
+
+/// A bench host: `cpus` CPUs, `memory_mib` of memory, 1 TiB of disk, no agent behind it.
+fn bench_host(name: &str, cpus: u32, memory_mib: u64) -> model::api::RegisterHost {
+    model::api::RegisterHost {
+        name: name.to_owned(),
+        cpus,
+        vcpus: None,
+        memory_mib,
+        disk_gib: 1024,
+        drivers: vec!["process".into()],
+        agent_url: None,
+        nbd_addr: None,
+        link_addr: None,
+        uplink_ip: None,
+    }
+}
+
 /// Benchmarks.
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCmd {

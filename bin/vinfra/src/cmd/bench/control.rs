@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
-use model::api::{CreateImage, CreateToken, CreateVm, EnterMaintenance, RegisterHost};
-use model::{MaintenanceState, Role};
+use model::api::{CreateVm, EnterMaintenance};
+use model::MaintenanceState;
 use serde::Serialize;
 use store::Store;
 
@@ -351,55 +351,15 @@ pub async fn run(args: &ControlArgs) -> anyhow::Result<ControlReport> {
 /// What every setup needs before it is measured: four hosts with room for every VM of
 /// the run, registered with an agent token, and an image. Returns the agent's client.
 async fn prepare(url: &str, token: &str, kernel: &Path) -> anyhow::Result<client::Client> {
-    let admin = client::Client::new(url, token)?;
-    let agent_token = admin
-        .create_token(&CreateToken::new(Role::Agent))
-        .await
-        .context("cannot mint an agent token")?
-        .token;
-    let agent = client::Client::new(url, &agent_token)?;
+    let (_, _, agent) = super::bench_clients(url, token, kernel).await?;
     for i in 0..4 {
         // 16384 vCPUs (4096 CPUs at the default ratio of 4) and 64 TiB each.
         agent
-            .register_host(&host(&format!("bench-h{i}"), 4096, 1 << 26))
+            .register_host(&super::bench_host(&format!("bench-h{i}"), 4096, 1 << 26))
             .await
             .context("cannot register a host")?;
     }
-    let files = client::ImageFiles {
-        kernel: Some(kernel.to_owned()),
-        ..Default::default()
-    };
-    admin
-        .upload_image(
-            &files,
-            CreateImage {
-                name: "bench".into(),
-                kernel: None,
-                initrd: None,
-                disk_template: None,
-                cmdline: String::new(),
-                disk_mib: 64,
-                tenant: None,
-            },
-        )
-        .await
-        .context("cannot create the bench image")?;
     Ok(agent)
-}
-
-fn host(name: &str, cpus: u32, memory_mib: u64) -> RegisterHost {
-    RegisterHost {
-        name: name.to_owned(),
-        cpus,
-        vcpus: None,
-        memory_mib,
-        disk_gib: 1024,
-        drivers: vec!["process".into()],
-        agent_url: None,
-        nbd_addr: None,
-        link_addr: None,
-        uplink_ip: None,
-    }
 }
 
 fn vm(name: String, host: Option<String>) -> CreateVm {
@@ -549,7 +509,9 @@ async fn failover(
     for r in 0..args.failovers {
         // A host with one stopped VM, drained once the leader is dead.
         let host_name = format!("failover-{r}");
-        agent.register_host(&host(&host_name, 4, 4096)).await?;
+        agent
+            .register_host(&super::bench_host(&host_name, 4, 4096))
+            .await?;
         let vm_name = format!("failover-vm-{r}");
         admin
             .create_vm(&vm(vm_name.clone(), Some(host_name.clone())))

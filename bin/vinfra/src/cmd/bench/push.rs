@@ -23,8 +23,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use model::api::{CreateImage, CreateToken, CreateVm, HostEvent, RegisterHost};
-use model::{DesiredState, Role, VmId};
+use model::api::{CreateVm, HostEvent};
+use model::{DesiredState, VmId};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -192,49 +192,14 @@ async fn prepare(
     dir: &Path,
     hosts: usize,
 ) -> anyhow::Result<(client::Client, String, Vec<(String, VmId)>)> {
-    let admin = client::Client::new(url, token)?;
-    let agent_token = admin
-        .create_token(&CreateToken::new(Role::Agent))
-        .await
-        .context("cannot mint an agent token")?
-        .token;
-    let agent = client::Client::new(url, &agent_token)?;
     let kernel = dir.join("kernel");
     std::fs::write(&kernel, vec![0u8; 4096]).context("cannot write the bench image")?;
-    admin
-        .upload_image(
-            &client::ImageFiles {
-                kernel: Some(kernel),
-                ..Default::default()
-            },
-            CreateImage {
-                name: "bench".into(),
-                kernel: None,
-                initrd: None,
-                disk_template: None,
-                cmdline: String::new(),
-                disk_mib: 64,
-                tenant: None,
-            },
-        )
-        .await
-        .context("cannot create the bench image")?;
+    let (admin, agent_token, agent) = super::bench_clients(url, token, &kernel).await?;
     let mut vms = Vec::new();
     for i in 0..hosts {
         let host = format!("bench-h{i}");
         agent
-            .register_host(&RegisterHost {
-                name: host.clone(),
-                cpus: 64,
-                vcpus: None,
-                memory_mib: 1 << 16,
-                disk_gib: 1024,
-                drivers: vec!["process".into()],
-                agent_url: None,
-                nbd_addr: None,
-                link_addr: None,
-                uplink_ip: None,
-            })
+            .register_host(&super::bench_host(&host, 64, 1 << 16))
             .await
             .context("cannot register a host")?;
         let vm = admin
