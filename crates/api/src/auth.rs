@@ -23,16 +23,8 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 /// Hex SHA-256 of a token: its store key.
 pub fn hash_token(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    out
+    model::hex(&Sha256::digest(token.as_bytes()))
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// A fresh random token: `vinfra_` and 64 hex digits (256 bits).
 pub(crate) fn new_token() -> Result<String, ApiError> {
@@ -40,12 +32,7 @@ pub(crate) fn new_token() -> Result<String, ApiError> {
     getrandom::fill(&mut raw).map_err(|e| {
         ApiError::internal("generating a token", std::io::Error::other(e.to_string()))
     })?;
-    let mut out = String::from("vinfra_");
-    for b in raw {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    Ok(out)
+    Ok(format!("vinfra_{}", model::hex(&raw)))
 }
 
 /// What a new token grants, already checked against the caller.

@@ -21,7 +21,7 @@ use model::terminals::{
     PerformedOperation, ReplayError, ReplayWindow, SharePolicy, Terminal, TerminalBinding,
     TerminalRecord, MAX_OPERATION_MESSAGE, TERMINAL_SECRET_PREFIX,
 };
-use model::{Name, TenantId, TerminalId, Vm, VmId};
+use model::{hex, Name, TenantId, TerminalId, Vm, VmId};
 use ring::aead;
 use serde::{Deserialize, Serialize};
 use store::{Compare, Revision, StoreError, TxnOp, WatchEvent};
@@ -103,17 +103,6 @@ impl SecretsKey {
             .ok()?;
         Some(plain.to_vec())
     }
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    s
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
@@ -557,7 +546,7 @@ impl Control {
             };
             let others: Vec<_> = list.terminals.iter().filter(|(o, _)| *o != id).collect();
             if let Some((holder, p)) = others.iter().find(|(_, p)| *p == SharePolicy::Exclusive) {
-                return Err(self.taken(&target, *holder, p_name(*p)).await);
+                return Err(self.taken(&target, *holder, p.as_str()).await);
             }
             if policy == SharePolicy::Exclusive {
                 if let Some((holder, _)) = others.first() {
@@ -926,13 +915,6 @@ impl Control {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-}
-
-fn p_name(p: SharePolicy) -> &'static str {
-    match p {
-        SharePolicy::Shared => "shared",
-        SharePolicy::Exclusive => "exclusive",
     }
 }
 

@@ -31,7 +31,7 @@ pub use types::{
     ObservedState, QemuMigrationStats, Redundancy, Role, Tenant, TokenRecord, TokenScope, Vm,
 };
 pub use validate::{
-    cidr_pattern, parse_cidr, parse_digest, validate_agent_url, validate_cmdline, validate_name,
-    validate_path, validate_range, BlobDigest, Name, ValidationError, AGENT_URL_PATTERN,
-    CIDR_PREFIXES, DIGEST_PREFIX, NAME_PATTERN, NO_CONTROL_PATTERN,
+    cidr_pattern, hex, parse_cidr, parse_digest, validate_agent_url, validate_cmdline,
+    validate_name, validate_path, validate_range, BlobDigest, Name, ValidationError,
+    AGENT_URL_PATTERN, CIDR_PREFIXES, DIGEST_PREFIX, NAME_PATTERN, NO_CONTROL_PATTERN,
 };

@@ -11,6 +11,16 @@ use utoipa::ToSchema;
 use crate::validate::{validate_name, Name, ValidationError};
 use crate::{TenantId, TerminalId, VmId};
 
+impl SharePolicy {
+    /// The policy as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SharePolicy::Shared => "shared",
+            SharePolicy::Exclusive => "exclusive",
+        }
+    }
+}
+
 /// How a terminal shares the VM it is bound to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -166,11 +176,7 @@ pub fn message_mac(secret: &[u8], header: &OperationHeader, body: &[u8]) -> Stri
         header.timestamp,
         body,
     );
-    let mut out = String::with_capacity(64);
-    for b in ring::hmac::sign(&key, &input).as_ref() {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    crate::hex(ring::hmac::sign(&key, &input).as_ref())
 }
 
 /// Longest operation message, bytes.

@@ -176,17 +176,21 @@ pub struct BlobDigest(String);
 /// The prefix of every [`BlobDigest`].
 pub const DIGEST_PREFIX: &str = "sha256:";
 
+/// `bytes` as lowercase hex digits (digests, token secrets, MACs, sealed secrets).
+pub fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    s
+}
+
 impl BlobDigest {
     /// The digest of a finished SHA-256 hash.
     pub fn from_sha256(hash: [u8; 32]) -> Self {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(DIGEST_PREFIX.len() + 64);
-        s.push_str(DIGEST_PREFIX);
-        for b in hash {
-            s.push(char::from(HEX[usize::from(b >> 4)]));
-            s.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
-        Self(s)
+        Self(format!("{DIGEST_PREFIX}{}", hex(&hash)))
     }
 
     /// The 64 hex digits, without the `sha256:` prefix: safe as a file name or key part.

@@ -92,14 +92,7 @@ fn show(ctx: &Ctx, ts: &[Terminal]) -> anyhow::Result<()> {
             ts.iter()
                 .map(|t| {
                     let (vm, policy) = match &t.binding {
-                        Some(b) => (
-                            b.vm_name.to_string(),
-                            match b.policy {
-                                SharePolicy::Shared => "shared",
-                                SharePolicy::Exclusive => "exclusive",
-                            }
-                            .to_owned(),
-                        ),
+                        Some(b) => (b.vm_name.to_string(), b.policy.as_str().to_owned()),
                         None => ("-".to_owned(), "-".to_owned()),
                     };
                     vec![
