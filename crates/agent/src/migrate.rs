@@ -105,8 +105,16 @@ impl VmTask {
             Side::Source => self.source_step(a, m).await,
             Side::Destination => self.dest_step(a, m).await,
         };
-        if let Err(e) = result {
-            self.mig_fail(m, &e).await;
+        match result {
+            Ok(()) => {}
+            // The control plane failed to answer (a 5xx while a store member dies, a
+            // dropped connection): nothing is known to be wrong with the migration, and
+            // every step is repeated from the state the next assignment shows, so this
+            // one is tried again instead of failing the migration.
+            Err(MigrateError::Api(e)) if e.status().is_none_or(|s| s >= 500) => {
+                tracing::warn!(migration = %m.id, error = %model::error_chain(&e), "control plane unavailable for a migration step; retried next pass");
+            }
+            Err(e) => self.mig_fail(m, &e).await,
         }
     }
 
