@@ -246,7 +246,7 @@ impl Element {
         let layout = Layout::new(cfg.entries, cfg.entry_size)?;
         let memfd = sys::sealed_memfd(c"vinfra-shm-table", layout.table_bytes())
             .map_err(Error::io("table memfd"))?;
-        let map = Mapping::shared(memfd.as_fd(), layout.table_bytes())
+        let map = Mapping::shared_populated(memfd.as_fd(), layout.table_bytes())
             .map_err(Error::io("mapping the table"))?;
         match std::fs::remove_file(&cfg.socket) {
             Ok(()) => {}
@@ -692,6 +692,7 @@ impl State {
 
 fn serve(shared: &Shared) {
     let mut ready = Vec::new();
+    let mut ids: Vec<DeviceId> = Vec::new();
     let mut spins: u32 = 0;
     let polled = lock(shared).notify == Notify::Polled;
     loop {
@@ -746,8 +747,9 @@ fn serve(shared: &Shared) {
         }
         let mut st = lock(shared);
         if polled {
-            let ids: Vec<DeviceId> = st.devices.keys().copied().collect();
-            for id in ids {
+            ids.clear();
+            ids.extend(st.devices.keys().copied());
+            for &id in &ids {
                 st.serve_request(id);
             }
         }

@@ -131,39 +131,57 @@ impl Slots {
         self.map.as_ptr() as usize
     }
 
-    fn word(&self, entry: u32, index: usize) -> &AtomicU64 {
+    fn seq_word(&self, entry: u32) -> &AtomicU64 {
         debug_assert!(entry < self.layout.entries);
-        debug_assert!(index * 8 < HEADER + self.layout.entry_size as usize);
-        let off = self.layout.slot_offset(entry) + index * 8;
-        // SAFETY: `off` is inside the mapping (entry < entries, index within
-        // the slot's header + payload), 8-aligned (slots are page-aligned),
-        // and lives as long as `self.map`; AtomicU64 has u64's layout, and
-        // every process touches this memory only with atomic accesses (or the
-        // faulting test store), so no non-atomic race is created.
+        let off = self.layout.slot_offset(entry);
+        // SAFETY: the slot of an existing entry lies inside the mapping, which
+        // lives as long as `self.map`; slots are page-aligned, so the word is
+        // 8-aligned. AtomicU64 has u64's layout, and every process touches
+        // this memory only with atomic accesses (or the faulting test store),
+        // so no non-atomic race is created.
         unsafe { &*(self.map.as_ptr().add(off) as *const AtomicU64) }
+    }
+
+    fn payload(&self, entry: u32) -> &[AtomicU64] {
+        debug_assert!(entry < self.layout.entries);
+        let off = self.layout.slot_offset(entry) + HEADER;
+        // SAFETY: as for `seq_word`: `entry_size / 8` words after the
+        // sequence word are inside the slot (slot ≥ HEADER + entry_size),
+        // aligned, alive as long as `self`, and only accessed atomically.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.map.as_ptr().add(off) as *const AtomicU64,
+                self.layout.entry_size as usize / 8,
+            )
+        }
     }
 
     /// The entry's sequence word (odd while a write is in progress).
     pub(crate) fn seq(&self, entry: u32) -> u64 {
-        self.word(entry, 0).load(Ordering::Acquire)
+        self.seq_word(entry).load(Ordering::Acquire)
     }
 
     /// One read attempt: copies the payload (up to `out.len()` bytes).
     pub(crate) fn try_read(&self, entry: u32, out: &mut [u8]) -> Attempt {
-        let s1 = self.word(entry, 0).load(Ordering::Acquire);
+        let seq = self.seq_word(entry);
+        let s1 = seq.load(Ordering::Acquire);
         if s1 & 1 == 1 {
             return Attempt::Busy;
         }
-        let n = out.len().min(self.layout.entry_size as usize);
-        for (i, chunk) in out[..n].chunks_mut(8).enumerate() {
-            let w = self
-                .word(entry, 1 + i)
-                .load(Ordering::Relaxed)
-                .to_le_bytes();
-            chunk.copy_from_slice(&w[..chunk.len()]);
+        let words = self.payload(entry);
+        let n = out.len().min(words.len() * 8);
+        let mut chunks = out[..n].chunks_exact_mut(8);
+        for (c, w) in (&mut chunks).zip(words) {
+            c.copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let w = words[n / 8].load(Ordering::Relaxed).to_le_bytes();
+            let len = rest.len();
+            rest.copy_from_slice(&w[..len]);
         }
         fence(Ordering::Acquire);
-        let s2 = self.word(entry, 0).load(Ordering::Relaxed);
+        let s2 = seq.load(Ordering::Relaxed);
         if s1 == s2 {
             Attempt::Done(s1)
         } else {
@@ -201,15 +219,22 @@ impl Slots {
                 entry_size: self.layout.entry_size,
             });
         }
-        let seq = self.word(entry, 0);
+        let seq = self.seq_word(entry);
+        let words = self.payload(entry);
         let s = seq.load(Ordering::Relaxed) & !1;
         seq.store(s + 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        for (i, chunk) in data.chunks(8).enumerate() {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            self.word(entry, 1 + i)
-                .store(u64::from_le_bytes(w), Ordering::Relaxed);
+        let mut chunks = data.chunks_exact(8);
+        for (c, w) in (&mut chunks).zip(words) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            w.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            words[data.len() / 8].store(u64::from_le_bytes(b), Ordering::Relaxed);
         }
         seq.store(s + 2, Ordering::Release);
         Ok(s + 2)
@@ -219,18 +244,21 @@ impl Slots {
     /// can write the entry).
     pub(crate) fn snapshot(&self, entry: u32, into: &mut Vec<u64>) -> u64 {
         into.clear();
-        let words = self.layout.entry_size as usize / 8;
-        into.extend((0..words).map(|i| self.word(entry, 1 + i).load(Ordering::Relaxed)));
-        self.word(entry, 0).load(Ordering::Acquire)
+        into.extend(
+            self.payload(entry)
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed)),
+        );
+        self.seq(entry)
     }
 
     /// Puts back a snapshot as version `version` (even).
     pub(crate) fn restore(&self, entry: u32, words: &[u64], version: u64) {
-        let seq = self.word(entry, 0);
+        let seq = self.seq_word(entry);
         seq.store(version | 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        for (i, w) in words.iter().enumerate() {
-            self.word(entry, 1 + i).store(*w, Ordering::Relaxed);
+        for (w, v) in self.payload(entry).iter().zip(words) {
+            w.store(*v, Ordering::Relaxed);
         }
         seq.store(version & !1, Ordering::Release);
     }

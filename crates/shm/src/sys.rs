@@ -74,6 +74,17 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` shared, read/write.
     pub(crate) fn shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        Mapping::map(fd, len, 0)
+    }
+
+    /// Maps `len` bytes of `fd` shared, read/write, with every page allocated
+    /// and mapped now (a table's memory is meant to stay resident; a first
+    /// touch inside a grant would cost a page allocation).
+    pub(crate) fn shared_populated(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        Mapping::map(fd, len, libc::MAP_POPULATE)
+    }
+
+    fn map(fd: BorrowedFd<'_>, len: usize, flags: libc::c_int) -> io::Result<Mapping> {
         // SAFETY: a fresh mapping chosen by the kernel (addr = NULL) cannot
         // alias any Rust object; the result is checked for MAP_FAILED.
         let ptr = unsafe {
@@ -81,7 +92,7 @@ impl Mapping {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                libc::MAP_SHARED | flags,
                 fd.as_raw_fd(),
                 0,
             )

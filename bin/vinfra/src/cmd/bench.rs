@@ -10,6 +10,7 @@ use crate::output::Format;
 pub mod control;
 pub mod push;
 mod render;
+pub mod shm;
 
 /// The control-plane benchmarks' common start on a fresh server: an agent token (its
 /// client returned beside the admin's) and an image `bench` booting `kernel`.
@@ -110,6 +111,11 @@ pub enum BenchCmd {
     /// polling the assignments every second as the agent does. One `vinfra server` child
     /// on redb; `-o json` prints the report as JSON.
     Push(push::PushArgs),
+    /// Resource tables: grant call p50/p99, grant + notify + update + revoke against a
+    /// Unix-socket round trip, 4 KiB updates under a standing grant against sending them
+    /// over the socket, kill -9 → revoke, grants/s with 1,000 devices × 65,536 entries.
+    /// Needs Linux ≥ 5.19 (userfaultfd write-protect on shared memory).
+    Shm(shm::ShmArgs),
     /// vSwitch classification + forwarding, in memory and on veth, against the Linux bridge.
     Vswitch {
         /// Seconds per row.
@@ -154,6 +160,20 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", push::table(&report)),
+            }
+            Ok(())
+        }
+        BenchCmd::Shm(args) => {
+            let child = args.device_child.is_some();
+            let json = args.json || matches!(format, Format::Json);
+            let rows = tokio::task::spawn_blocking(move || shm::run(&args)).await??;
+            if child {
+                return Ok(());
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", shm::table(&rows));
             }
             Ok(())
         }
