@@ -5,6 +5,7 @@ mod agent_restart;
 mod api_process;
 mod bench_control;
 mod bench_push;
+mod bench_terminal;
 mod crash;
 mod fencing;
 mod ha;
