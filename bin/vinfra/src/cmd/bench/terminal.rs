@@ -54,6 +54,8 @@ pub struct Row {
     pub performed: usize,
     /// Refused, failed, or not answered `performed`.
     pub other: usize,
+    /// Why, by reason (`sent`: no answer from the host within 3 s).
+    pub other_reasons: std::collections::BTreeMap<String, usize>,
     /// Operations per second performed.
     pub per_s: f64,
     /// Median, ms.
@@ -242,12 +244,16 @@ async fn measure(
             }
         });
     }
-    let (mut ms, mut sent, mut other) = (Vec::new(), 0, 0);
+    let (mut ms, mut sent, mut other) = (Vec::new(), 0, Vec::new());
     while let Some(r) = tasks.join_next().await {
         let (m, s, o) = r??;
         ms.extend(m);
         sent += s;
-        other += o;
+        other.extend(o);
+    }
+    let mut other_reasons = std::collections::BTreeMap::new();
+    for why in &other {
+        *other_reasons.entry(why.clone()).or_insert(0) += 1;
     }
     let took = started.elapsed().as_secs_f64();
     ms.sort_by(f64::total_cmp);
@@ -255,7 +261,8 @@ async fn measure(
         path: if over_session { "session" } else { "one-off" },
         sent,
         performed: ms.len(),
-        other,
+        other: other.len(),
+        other_reasons,
         per_s: ms.len() as f64 / took,
         p50_ms: quantile(&ms, 50),
         p99_ms: quantile(&ms, 99),
@@ -270,7 +277,7 @@ fn key_body(n: usize) -> String {
     )
 }
 
-type Measured = (Vec<f64>, usize, usize);
+type Measured = (Vec<f64>, usize, Vec<String>);
 
 async fn one_terminal_session(
     c: TerminalCredentials,
@@ -281,7 +288,7 @@ async fn one_terminal_session(
     let (mut tx, mut rx) = s.split();
     let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let reader = tokio::spawn(async move {
-        let (mut ms, mut other) = (Vec::new(), 0usize);
+        let (mut ms, mut other) = (Vec::new(), Vec::new());
         while let Some(at) = sent_rx.recv().await {
             match rx.next().await {
                 Some(Ok(SessionReply::Answer { operation }))
@@ -289,9 +296,16 @@ async fn one_terminal_session(
                 {
                     ms.push(at.elapsed().as_secs_f64() * 1000.0);
                 }
-                Some(Ok(_)) => other += 1,
-                _ => {
-                    other += 1;
+                Some(Ok(SessionReply::Answer { operation })) => {
+                    other.push(format!("{:?}", operation.outcome).to_lowercase());
+                }
+                Some(Ok(SessionReply::Refused { reason, .. })) => other.push(reason),
+                Some(Err(e)) => {
+                    other.push(format!("session: {e}"));
+                    break;
+                }
+                None => {
+                    other.push("session closed".into());
                     break;
                 }
             }
@@ -318,7 +332,7 @@ async fn one_terminal_posts(
     ops: usize,
 ) -> anyhow::Result<Measured> {
     let http = client::Client::new(&c.url, "-")?;
-    let (mut ms, mut other) = (Vec::new(), 0usize);
+    let (mut ms, mut other) = (Vec::new(), Vec::new());
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Numbers above those the session rows used.
@@ -334,7 +348,8 @@ async fn one_terminal_posts(
             Ok(r) if r.outcome == OperationOutcome::Performed => {
                 ms.push(t0.elapsed().as_secs_f64() * 1000.0);
             }
-            _ => other += 1,
+            Ok(r) => other.push(format!("{:?}", r.outcome).to_lowercase()),
+            Err(e) => other.push(e.status().map_or("error".into(), |s| format!("http {s}"))),
         }
     }
     Ok((ms, ops, other))
@@ -419,6 +434,11 @@ pub fn table(r: &TerminalReport) -> String {
             f(row.p99_ms),
             f(row.max_ms)
         ));
+    }
+    for row in &r.rows {
+        if !row.other_reasons.is_empty() {
+            s.push_str(&format!("{} not performed: {:?}\n", row.path, row.other_reasons));
+        }
     }
     s.push_str("\nlatency: message sent → reply `performed` (server checked and recorded it, the host's agent performed it through the driver and answered)\n");
     s
