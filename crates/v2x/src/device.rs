@@ -87,7 +87,7 @@ pub struct Session {
     /// Peer's PC5 address.
     pub peer: Ipv4Addr,
     key: [u8; 32],
-    seq: u64,
+    seq: std::sync::atomic::AtomicU64,
     pc5: Arc<UdpSocket>,
     relay: Option<(Arc<UdpSocket>, SocketAddr, Ipv4Addr)>,
 }
@@ -360,7 +360,7 @@ impl Device {
         Session {
             peer,
             key,
-            seq: 0,
+            seq: std::sync::atomic::AtomicU64::new(0),
             pc5: self.pc5.clone(),
             relay,
         }
@@ -374,9 +374,9 @@ impl Device {
 
 impl Session {
     /// Sends one message over PC5.
-    pub async fn send(&mut self, payload: &[u8]) -> std::io::Result<()> {
-        self.seq += 1;
-        let m = pc5::seal(&self.key, self.seq, mono_ns(), payload);
+    pub async fn send(&self, payload: &[u8]) -> std::io::Result<()> {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let m = pc5::seal(&self.key, seq, mono_ns(), payload);
         self.pc5
             .send_to(&m, SocketAddr::new(self.peer.into(), PC5_PORT))
             .await
@@ -384,12 +384,12 @@ impl Session {
     }
 
     /// Sends one message through the relay (device → MEC → MEC → peer).
-    pub async fn send_relayed(&mut self, payload: &[u8]) -> std::io::Result<()> {
+    pub async fn send_relayed(&self, payload: &[u8]) -> std::io::Result<()> {
         let Some((sock, to, me)) = &self.relay else {
             return Err(std::io::Error::other("this device has no relay"));
         };
-        self.seq += 1;
-        let m = pc5::seal(&self.key, self.seq, mono_ns(), payload);
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let m = pc5::seal(&self.key, seq, mono_ns(), payload);
         sock.send_to(&relay::encode(relay::FROM_DEVICE, *me, self.peer, &m), *to)
             .await
             .map(drop)

@@ -13,6 +13,7 @@
 //!   emulated vehicle ([`device`]);
 //! - the two-operator **lab** in network namespaces ([`lab`]).
 
+pub mod bench;
 pub mod device;
 pub mod function;
 pub mod gate;

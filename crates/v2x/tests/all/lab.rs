@@ -117,7 +117,7 @@ async fn cross_operator_link_direct_and_through_both_mecs() {
         let s = b.respond(T).await;
         (b, s)
     });
-    let mut sa = a.initiate(b_ip, &pb, CAM, T).await.unwrap();
+    let sa = a.initiate(b_ip, &pb, CAM, T).await.unwrap();
     let (_b, sb) = responder.await.unwrap();
     let sb = sb.unwrap();
     // Each operator opened its own direction.
@@ -230,7 +230,7 @@ async fn revocation_expiry_and_moving_operator() {
         let s = b.respond(T).await;
         (b, s)
     });
-    let mut sa = a.initiate(b_ip, &pb, CAM, T).await.unwrap();
+    let sa = a.initiate(b_ip, &pb, CAM, T).await.unwrap();
     let (mut b, sb) = responder.await.unwrap();
     let sb = sb.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -298,7 +298,7 @@ async fn revocation_expiry_and_moving_operator() {
         let s = b.respond(T).await;
         (b, s)
     });
-    let mut sa = a.initiate(b_ip, &pb, CAM, T).await.unwrap();
+    let sa = a.initiate(b_ip, &pb, CAM, T).await.unwrap();
     let (_b, sb) = responder.await.unwrap();
     let sb = sb.unwrap();
     sa.send(&[2u8; 350]).await.unwrap();
