@@ -278,7 +278,7 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
     let k = usize::try_from(o.lifecycle)
         .unwrap_or(0)
         .min(sessions.len() / 2);
-    let dropped_before = lab.gate().counters().map_err(e)?.dropped_packets;
+    let dropped_before = lab.gate().counters().await.map_err(e)?.dropped_packets;
     let mut lat = Vec::new();
     for i in 0..k {
         let t = Instant::now();
@@ -295,7 +295,7 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
             delivered_after += 1;
         }
     }
-    let dropped_after = lab.gate().counters().map_err(e)?.dropped_packets - dropped_before;
+    let dropped_after = lab.gate().counters().await.map_err(e)?.dropped_packets - dropped_before;
 
     // Operator change: the next K vehicles of A move to B (provisioned there beforehand, as a
     // roaming profile); interruption = last message received over the old link -> first

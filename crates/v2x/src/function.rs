@@ -190,7 +190,7 @@ impl V2xFunction {
 
     /// V2X API: provisions (or replaces) a device's subscription; a new device token each time.
     /// Replacing it drops the device's current authorization and links (new terms).
-    pub fn provision(
+    pub async fn provision(
         &self,
         device: &str,
         data: V2xSubscription,
@@ -209,7 +209,7 @@ impl V2xFunction {
             );
             Self::take_device(&mut st, device)
         };
-        self.close_links(&down.links)?;
+        self.close_links(&down.links).await?;
         Ok((
             Provisioned {
                 device_id: device.to_owned(),
@@ -237,7 +237,7 @@ impl V2xFunction {
     }
 
     /// V2X API: revokes a subscription; its authorization and links go at once.
-    pub fn revoke(&self, device: &str) -> Result<Teardown, V2xError> {
+    pub async fn revoke(&self, device: &str) -> Result<Teardown, V2xError> {
         let down = {
             let mut st = self.lock();
             if st.subs.remove(device).is_none() {
@@ -245,7 +245,7 @@ impl V2xFunction {
             }
             Self::take_device(&mut st, device)
         };
-        self.close_links(&down.links)?;
+        self.close_links(&down.links).await?;
         Ok(down)
     }
 
@@ -261,10 +261,10 @@ impl V2xFunction {
         Teardown { links, address }
     }
 
-    fn close_links(&self, links: &[Link]) -> Result<(), V2xError> {
+    async fn close_links(&self, links: &[Link]) -> Result<(), V2xError> {
         if let Some(g) = &self.gate {
             for l in links {
-                g.close(l.address, l.peer_address)?;
+                g.close(l.address, l.peer_address).await?;
             }
         }
         Ok(())
@@ -373,7 +373,7 @@ impl V2xFunction {
 
     /// Opens the PC5 path `device → peer` for an authorized device whose parameters list the
     /// peer's PLMN for the RAT. Idempotent per (device, peer, service).
-    pub fn open_link(&self, token: &str, req: &LinkRequest) -> Result<Link, V2xError> {
+    pub async fn open_link(&self, token: &str, req: &LinkRequest) -> Result<Link, V2xError> {
         req.peer_plmn
             .validate()
             .map_err(|e| V2xError::Invalid(e.to_string()))?;
@@ -426,14 +426,14 @@ impl V2xFunction {
         };
         // The rule goes in before the link is recorded: a recorded link is always open.
         if let Some(g) = &self.gate {
-            g.open(link.address, link.peer_address)?;
+            g.open(link.address, link.peer_address).await?;
         }
         self.lock().links.insert(link.id.clone(), link.clone());
         Ok(link)
     }
 
     /// Closes one of the device's links.
-    pub fn close_link(&self, token: &str, device: &str, id: &str) -> Result<Link, V2xError> {
+    pub async fn close_link(&self, token: &str, device: &str, id: &str) -> Result<Link, V2xError> {
         let link = {
             let mut st = self.lock();
             self.check_token(&st, device, token)?;
@@ -445,12 +445,12 @@ impl V2xFunction {
                 .remove(id)
                 .ok_or_else(|| V2xError::NoLink(id.to_owned()))?
         };
-        self.close_links(std::slice::from_ref(&link))?;
+        self.close_links(std::slice::from_ref(&link)).await?;
         Ok(link)
     }
 
     /// A peer operator revoked the device at `address`: close every link of ours towards it.
-    pub fn peer_released(&self, address: Ipv4Addr) -> Result<Vec<Link>, V2xError> {
+    pub async fn peer_released(&self, address: Ipv4Addr) -> Result<Vec<Link>, V2xError> {
         let links: Vec<Link> = {
             let mut st = self.lock();
             let ids: Vec<String> = st
@@ -461,7 +461,7 @@ impl V2xFunction {
                 .collect();
             ids.iter().filter_map(|i| st.links.remove(i)).collect()
         };
-        self.close_links(&links)?;
+        self.close_links(&links).await?;
         Ok(links)
     }
 
@@ -479,7 +479,7 @@ impl V2xFunction {
     }
 
     /// Authorizations whose validity timer ran out are dropped with their links.
-    pub fn expire(&self, now: Instant) -> Result<Vec<(String, Teardown)>, V2xError> {
+    pub async fn expire(&self, now: Instant) -> Result<Vec<(String, Teardown)>, V2xError> {
         let downs: Vec<(String, Teardown)> = {
             let mut st = self.lock();
             let expired: Vec<String> = st
@@ -497,7 +497,7 @@ impl V2xFunction {
                 .collect()
         };
         for (_, t) in &downs {
-            self.close_links(&t.links)?;
+            self.close_links(&t.links).await?;
         }
         Ok(downs)
     }

@@ -239,7 +239,7 @@ async fn open_link(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let req: LinkRequest = parse(&body)?;
-    let l = m.function.open_link(bearer(&h).unwrap_or(""), &req)?;
+    let l = m.function.open_link(bearer(&h).unwrap_or(""), &req).await?;
     Ok(json_resp(StatusCode::CREATED, &to_value(&l), None))
 }
 
@@ -261,7 +261,8 @@ async fn close_link(
         )
     })?;
     m.function
-        .close_link(bearer(&h).unwrap_or(""), &device, &id)?;
+        .close_link(bearer(&h).unwrap_or(""), &device, &id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -286,7 +287,7 @@ async fn gate(State(m): State<AppState>, h: HeaderMap) -> Result<Response, Probl
             "this MEC has no PC5 gate",
         ));
     };
-    let c = g.counters().map_err(V2xError::from)?;
+    let c = g.counters().await.map_err(V2xError::from)?;
     let open: Vec<Value> = c
         .open
         .iter()

@@ -108,21 +108,21 @@ impl Mec {
         device: &str,
         sub: V2xSubscription,
     ) -> Result<Provisioned, V2xError> {
-        let (p, down) = self.function.provision(device, sub)?;
+        let (p, down) = self.function.provision(device, sub).await?;
         self.after_teardown(&down).await;
         Ok(p)
     }
 
     /// V2X API: revoke. Returns once the device's PC5 paths are closed here and at the peers.
     pub async fn revoke(&self, device: &str) -> Result<Teardown, V2xError> {
-        let down = self.function.revoke(device)?;
+        let down = self.function.revoke(device).await?;
         self.after_teardown(&down).await;
         Ok(down)
     }
 
     /// A peer revoked one of its devices.
     pub async fn peer_released(&self, address: Ipv4Addr) -> Result<(), V2xError> {
-        let links = self.function.peer_released(address)?;
+        let links = self.function.peer_released(address).await?;
         self.after_teardown(&Teardown {
             links,
             address: None,
@@ -133,7 +133,7 @@ impl Mec {
 
     /// Expired authorizations and subscriptions go; runs every few tens of ms.
     pub async fn sweep(&self) {
-        match self.function.expire(Instant::now()) {
+        match self.function.expire(Instant::now()).await {
             Ok(downs) => {
                 for (device, t) in downs {
                     tracing::info!(

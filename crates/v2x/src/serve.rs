@@ -109,6 +109,7 @@ pub async fn start(o: ServeOptions) -> std::io::Result<MecHandle> {
     };
     if let Some(g) = o.gate.as_ref().filter(|_| o.install_gate) {
         g.install()
+            .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     let base = format!("http://{}/vis/v2", seen(http_addr));

@@ -16,6 +16,7 @@ pub mod terminal;
 pub mod token;
 pub mod traffic;
 pub mod up;
+pub mod v2x;
 pub mod vm;
 
 use crate::output::Format;

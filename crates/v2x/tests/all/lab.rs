@@ -84,14 +84,15 @@ impl World {
         .unwrap()
     }
 
-    fn dropped(&self) -> u64 {
-        self.lab.gate().counters().unwrap().dropped_packets
+    async fn dropped(&self) -> u64 {
+        self.lab.gate().counters().await.unwrap().dropped_packets
     }
 
-    fn passed(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Option<u64> {
+    async fn passed(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Option<u64> {
         self.lab
             .gate()
             .counters()
+            .await
             .unwrap()
             .open
             .iter()
@@ -132,9 +133,9 @@ async fn cross_operator_link_direct_and_through_both_mecs() {
         assert_eq!((len, relayed), (350, false));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let c = w.lab.gate().counters().unwrap();
+    let c = w.lab.gate().counters().await.unwrap();
     assert!(
-        w.passed(a_ip, b_ip).unwrap() >= 12,
+        w.passed(a_ip, b_ip).await.unwrap() >= 12,
         "DCR, SMP and 10 CAMs crossed the gate: {c:?}"
     );
     // Through MEC A and MEC B (inter-operator link).
@@ -171,7 +172,7 @@ async fn unauthorized_devices_get_nothing_across() {
     }
     let mut b = w.device(1, "car-b", b_ip, Some(sub(&[&pa], 600))).await;
     b.authorize().await.unwrap();
-    let before = w.dropped();
+    let before = w.dropped().await;
     // Both try to talk to B over PC5 anyway.
     for d in [&nosub, &narrow] {
         let s = d.pc5_socket();
@@ -189,9 +190,9 @@ async fn unauthorized_devices_get_nothing_across() {
             .is_err(),
         "nothing reached B"
     );
-    assert_eq!(w.dropped() - before, 40, "the gate dropped all 40");
+    assert_eq!(w.dropped().await - before, 40, "the gate dropped all 40");
     assert!(
-        w.lab.gate().counters().unwrap().open.is_empty(),
+        w.lab.gate().counters().await.unwrap().open.is_empty(),
         "no path was opened"
     );
 }
@@ -241,7 +242,10 @@ async fn revocation_expiry_and_moving_operator() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(w.passed(b_ip, a_ip).is_none(), "B's direction is closed");
+    assert!(
+        w.passed(b_ip, a_ip).await.is_none(),
+        "B's direction is closed"
+    );
     let n: serde_json::Value = serde_json::from_str(&notes.recv().await.unwrap()).unwrap();
     assert_eq!(n["notificationType"], "ProvChgPc5Notification");
     let second = b.authorize().await.unwrap();
@@ -249,7 +253,7 @@ async fn revocation_expiry_and_moving_operator() {
     // The peer's MEC closed its way towards B too when B's parameters ran out; for the rest,
     // B gets longer-lived terms (new terms = new credential) and both paths open again.
     assert!(
-        w.passed(a_ip, b_ip).is_none(),
+        w.passed(a_ip, b_ip).await.is_none(),
         "A's MEC closed the path towards expired B"
     );
     let tok = w.mecs[1]
@@ -268,14 +272,17 @@ async fn revocation_expiry_and_moving_operator() {
     sa.send(&[1u8; 350]).await.unwrap();
     assert!(sb.recv(T).await.is_some());
     w.mecs[0].mec.revoke("car-a").await.unwrap();
-    assert!(w.passed(a_ip, b_ip).is_none(), "A's direction is closed");
     assert!(
-        w.passed(b_ip, a_ip).is_none(),
+        w.passed(a_ip, b_ip).await.is_none(),
+        "A's direction is closed"
+    );
+    assert!(
+        w.passed(b_ip, a_ip).await.is_none(),
         "B's MEC closed the way back"
     );
     let n: serde_json::Value = serde_json::from_str(&notes.recv().await.unwrap()).unwrap();
     assert_eq!(n["dstLayer2Id"], "0xFF0024");
-    let before = w.dropped();
+    let before = w.dropped().await;
     for _ in 0..10 {
         sa.send(&[1u8; 350]).await.unwrap();
     }
@@ -283,7 +290,7 @@ async fn revocation_expiry_and_moving_operator() {
         sb.recv(Duration::from_millis(300)).await.is_none(),
         "nothing after revocation"
     );
-    assert_eq!(w.dropped() - before, 10);
+    assert_eq!(w.dropped().await - before, 10);
 
     // A moves to operator B: provisioned there, it authorizes at B's MEC and links again.
     let tok = w.mecs[1]

@@ -386,6 +386,7 @@ async fn vis_subscriptions_notify_by_callback_and_websocket() {
             "car-9",
             serde_json::from_value(json!({"services": [36], "plmns": []})).unwrap(),
         )
+        .await
         .unwrap();
     let req =
         serde_json::from_value(json!({"deviceId": "car-9", "pc5Address": "10.77.1.9"})).unwrap();
@@ -396,7 +397,11 @@ async fn vis_subscriptions_notify_by_callback_and_websocket() {
     let lr = serde_json::from_value(json!({"deviceId": "car-9", "peerAddress": "10.77.1.8",
         "peerPlmn": {"mcc": "001", "mnc": "01"}, "v2xServiceId": 36}))
     .unwrap();
-    m.mec.function.open_link(&p.device_token, &lr).unwrap();
+    m.mec
+        .function
+        .open_link(&p.device_token, &lr)
+        .await
+        .unwrap();
     m.mec.revoke("car-9").await.unwrap();
     let n: Value = serde_json::from_str(&ws.next_text().await.unwrap().unwrap()).unwrap();
     valid(&doc, "ProvChgPc5Notification", &n);
