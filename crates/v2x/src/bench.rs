@@ -420,19 +420,13 @@ async fn baseline(
     let port = PC5_PORT + 1;
     let mut rx = Vec::new();
     let mut tx = Vec::new();
-    for i in 0..n {
-        let b = crate::netns::udp(
-            Some(&lab.dev_ns[1]),
-            SocketAddr::new(ips[1][i].into(), port),
-        )
-        .map_err(e)?;
-        let a = crate::netns::udp(
-            Some(&lab.dev_ns[0]),
-            SocketAddr::new(ips[0][i].into(), port),
-        )
-        .map_err(e)?;
+    for (ia, ib) in ips[0].iter().zip(&ips[1]).take(n) {
+        let b = crate::netns::udp(Some(&lab.dev_ns[1]), SocketAddr::new((*ib).into(), port))
+            .map_err(e)?;
+        let a = crate::netns::udp(Some(&lab.dev_ns[0]), SocketAddr::new((*ia).into(), port))
+            .map_err(e)?;
         rx.push(b);
-        tx.push((a, ips[1][i]));
+        tx.push((a, *ib));
     }
     let stop = Instant::now() + Duration::from_secs(secs);
     let mut handles = Vec::new();
