@@ -10,6 +10,7 @@ use crate::output::Format;
 pub mod control;
 pub mod push;
 mod render;
+pub mod terminal;
 
 /// The control-plane benchmarks' common start on a fresh server: an agent token (its
 /// client returned beside the admin's) and an image `bench` booting `kernel`.
@@ -127,6 +128,10 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 50)]
         lifecycle: u32,
     },
+    /// Terminal operations: operation → performed p50/p99 with many terminals at once,
+    /// over sessions (WebSocket) against one-off POSTs at the same rate; in-process
+    /// server and agent on the sim driver. `-o json` prints the report as JSON.
+    Terminal(terminal::TerminalArgs),
     /// vSwitch classification + forwarding, in memory and on veth, against the Linux bridge.
     Vswitch {
         /// Seconds per row.
@@ -159,6 +164,17 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", control::render::control_table(&report)),
+            }
+            Ok(())
+        }
+        BenchCmd::Terminal(args) => {
+            let report = tokio::select! {
+                r = terminal::run(&args) => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            };
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", terminal::table(&report)),
             }
             Ok(())
         }
