@@ -28,5 +28,6 @@ mod tls;
 mod tokens;
 mod traffic;
 mod up_sim;
+mod v2x;
 mod vm_lifecycle;
 mod vm_network;
