@@ -23,6 +23,7 @@ mod metrics;
 mod openapi;
 mod pki;
 mod routes;
+mod session;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -461,7 +462,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
                 )
             }
             None => Box::pin(
-                axum::serve(listener, app)
+                axum::serve(listen::plain(listener), app)
                     .with_graceful_shutdown(stop)
                     .into_future(),
             ),

@@ -13,9 +13,11 @@ pub mod operation;
 pub mod server;
 pub mod storage;
 pub mod terminal;
+pub mod terminal_connect;
 pub mod token;
 pub mod traffic;
 pub mod up;
+pub mod v2x;
 pub mod vm;
 
 use crate::output::Format;
