@@ -10,8 +10,8 @@ use crate::output::Format;
 pub mod control;
 pub mod push;
 mod render;
-pub mod terminal;
 pub mod shm;
+pub mod terminal;
 
 /// The control-plane benchmarks' common start on a fresh server: an agent token (its
 /// client returned beside the admin's) and an image `bench` booting `kernel`.
