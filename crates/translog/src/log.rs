@@ -137,6 +137,10 @@ enum Cmd {
         to: u64,
         reply: oneshot::Sender<Result<Vec<Hash>, LogError>>,
     },
+    RootAt {
+        size: u64,
+        reply: oneshot::Sender<Result<Hash, LogError>>,
+    },
 }
 
 /// A handle on a log's writer task. Cheap to clone; the task ends when the last
@@ -232,6 +236,11 @@ impl TransLog {
     /// The proof that the tree of `from` entries is a prefix of the tree of `to`.
     pub async fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, LogError> {
         self.ask(|reply| Cmd::Consistency { from, to, reply }).await
+    }
+
+    /// The root of the tree of the first `size` entries.
+    pub async fn root_at(&self, size: u64) -> Result<Hash, LogError> {
+        self.ask(|reply| Cmd::RootAt { size, reply }).await
     }
 
     /// The stored form of entry `index` (`key-id\nsignature\nbody`), if it exists.
@@ -498,6 +507,19 @@ impl Writer {
                 Cmd::Inclusion { index, size, reply } => {
                     let r = match self.sync().await {
                         Ok(()) => self.tree.inclusion_proof(index, size).map_err(Into::into),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(r);
+                }
+                Cmd::RootAt { size, reply } => {
+                    let r = match self.sync().await {
+                        Ok(()) => self.tree.root_at(size).ok_or(LogError::Proof(
+                            ProofRequestError::Consistency {
+                                from: size,
+                                to: size,
+                                len: self.tree.len(),
+                            },
+                        )),
                         Err(e) => Err(e),
                     };
                     let _ = reply.send(r);
