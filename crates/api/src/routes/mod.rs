@@ -139,6 +139,7 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/ledger/entries", get(slices::ledger_entries)),
         ("/v1/ledger/proof", get(slices::ledger_proof)),
         ("/v1/ledger/consistency", get(slices::ledger_consistency)),
+        ("/v1/terminal-sessions", get(terminals::session)),
     ]
 }
 
@@ -281,7 +282,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 84, "{served:?}");
+        assert_eq!(served.len(), 85, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json
