@@ -82,7 +82,7 @@ impl std::fmt::Display for Snssai {
 /// `POST /v1/slices/nsis`: a network slice instance over an NS instance.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "embb-a", "snssai": {"sst": 1, "sd": "000001"}, "provider": "site-a", "capacity_mbps": 1000, "max_clients": 100, "ns_instance": "embb-a-ns"}))]
+#[schema(example = json!({"name": "embb-a", "snssai": {"sst": 1, "sd": "000001"}, "provider": "site-a", "capacity_mbps": 1000, "max_clients": 100}))]
 pub struct CreateNsi {
     /// Name, unique within the tenant.
     pub name: String,

@@ -281,7 +281,13 @@ async fn operations_sent_during_a_migration_reach_the_vm_once_each_in_order() {
         })
         .collect();
     let want: Vec<String> = (0..sent)
-        .map(|i| format!("{}{}", keys[(i as usize / 2) % keys.len()], i.is_multiple_of(2)))
+        .map(|i| {
+            format!(
+                "{}{}",
+                keys[(i as usize / 2) % keys.len()],
+                i.is_multiple_of(2)
+            )
+        })
         .collect();
     assert_eq!(got, want);
     // Some were performed by each host (the session outlived the switch-over).
