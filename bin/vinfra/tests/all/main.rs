@@ -22,6 +22,7 @@ mod ns;
 mod ns_libvirt;
 mod readme;
 mod redundancy;
+mod slices;
 mod tls;
 mod tokens;
 mod traffic;
