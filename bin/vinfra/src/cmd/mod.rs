@@ -14,9 +14,11 @@ pub mod server;
 pub mod slice;
 pub mod storage;
 pub mod terminal;
+pub mod terminal_connect;
 pub mod token;
 pub mod traffic;
 pub mod up;
+pub mod v2x;
 pub mod vm;
 
 use crate::output::Format;

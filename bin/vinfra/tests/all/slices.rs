@@ -26,14 +26,36 @@ fn public_key_hex(s: &Server) -> String {
 async fn two_servers_one_ledger_associations_follow_load_and_tampering_is_caught() {
     let etcd = test_utils::EtcdFixture::spawn().await.expect("etcd");
     let store = format!("etcd:{}", etcd.endpoint());
-    let dir = || tempfile::Builder::new().prefix("vs").tempdir_in("/tmp").unwrap();
+    let dir = || {
+        tempfile::Builder::new()
+            .prefix("vs")
+            .tempdir_in("/tmp")
+            .unwrap()
+    };
     let one = Server::start_with(dir(), store.clone()).await;
     let d = dir();
-    std::fs::copy(one.dir.path().join("admin-token"), d.path().join("admin-token")).unwrap();
+    std::fs::copy(
+        one.dir.path().join("admin-token"),
+        d.path().join("admin-token"),
+    )
+    .unwrap();
     let two = Server::start_with(d, store).await;
 
     for n in ["a1", "a2", "a3"] {
-        ok(&one, &["slice", "create", n, "--sst", "1", "--provider", "site-a", "--capacity-mbps", "100"]);
+        ok(
+            &one,
+            &[
+                "slice",
+                "create",
+                n,
+                "--sst",
+                "1",
+                "--provider",
+                "site-a",
+                "--capacity-mbps",
+                "100",
+            ],
+        );
     }
     let first = ok(&two, &["-o", "json", "slice", "associate", "embb", "ue-1"]);
     assert!(first.contains("\"nsi_name\": \"a1\""), "{first}");
@@ -50,15 +72,35 @@ async fn two_servers_one_ledger_associations_follow_load_and_tampering_is_caught
     let (k1, k2) = (public_key_hex(&one), public_key_hex(&two));
     let witness = one.dir.path().join("witness.json");
     let w = witness.to_str().unwrap();
-    let verify = |s: &Server| cli(s, &s.admin_token(), &["ledger", "verify", "--key", &k1, "--key", &k2, "--witness", w]);
+    let verify = |s: &Server| {
+        cli(
+            s,
+            &s.admin_token(),
+            &[
+                "ledger",
+                "verify",
+                "--key",
+                &k1,
+                "--key",
+                &k2,
+                "--witness",
+                w,
+            ],
+        )
+    };
     let (good, out, err) = verify(&two);
     assert!(good, "{out}{err}");
-    assert!(out.contains("ledger verified: 5 entries (3 associations, 2 allocations recomputed)"), "{out}");
+    assert!(
+        out.contains("ledger verified: 5 entries (3 associations, 2 allocations recomputed)"),
+        "{out}"
+    );
     let proof = ok(&one, &["ledger", "proof", "3"]);
     assert!(proof.contains("verified"), "{proof}");
 
     // Tampering in etcd behind the servers' backs.
-    let raw = store_etcd::EtcdStore::connect(&[etcd.endpoint()], None).await.unwrap();
+    let raw = store_etcd::EtcdStore::connect(&[etcd.endpoint()], None)
+        .await
+        .unwrap();
     let raw: Arc<dyn Store> = Arc::new(raw);
     let prefix = control::records::keys::SLICE_LEDGER;
     let entry = format!("{prefix}entries/{:020}", 1);
@@ -76,9 +118,13 @@ async fn two_servers_one_ledger_associations_follow_load_and_tampering_is_caught
     // Roll back: drop the last entry and put the previous checkpoint back as head.
     let cps = raw.list(&format!("{prefix}checkpoints/")).await.unwrap();
     let prev = &cps[cps.len() - 2];
-    raw.delete(&format!("{prefix}entries/{:020}", 4)).await.unwrap();
+    raw.delete(&format!("{prefix}entries/{:020}", 4))
+        .await
+        .unwrap();
     raw.delete(&cps[cps.len() - 1].key).await.unwrap();
-    raw.put(&format!("{prefix}head"), prev.value.clone()).await.unwrap();
+    raw.put(&format!("{prefix}head"), prev.value.clone())
+        .await
+        .unwrap();
     let (good, _, err) = verify(&two);
     assert!(!good, "a rolled-back ledger verified");
     assert!(err.contains("smaller than the witnessed size"), "{err}");

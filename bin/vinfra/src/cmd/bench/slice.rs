@@ -102,7 +102,12 @@ fn body(i: usize) -> Vec<u8> {
 }
 
 /// `n` appends, `concurrency` in flight; every latency is submit → durable ack.
-async fn appends(store: Arc<dyn Store>, what: &str, n: usize, concurrency: usize) -> anyhow::Result<Row> {
+async fn appends(
+    store: Arc<dyn Store>,
+    what: &str,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Row> {
     let (signer, _) = translog::Signer::generate()?;
     let log = translog::TransLog::open(
         store,
@@ -154,7 +159,12 @@ async fn raw_puts(store: Arc<dyn Store>, n: usize, concurrency: usize) -> anyhow
 }
 
 /// Selection requests at `rate`/s for `seconds`, each timed on its own.
-async fn selections(c: &control::Control, what: &str, rate: u32, seconds: u32) -> anyhow::Result<Row> {
+async fn selections(
+    c: &control::Control,
+    what: &str,
+    rate: u32,
+    seconds: u32,
+) -> anyhow::Result<Row> {
     let snssai = model::slices::Snssai { sst: 1, sd: None };
     let total = usize::try_from(rate * seconds).unwrap_or(usize::MAX);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
@@ -166,7 +176,9 @@ async fn selections(c: &control::Control, what: &str, rate: u32, seconds: u32) -
         let (c, s) = (c.clone(), snssai.clone());
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
-            c.select_nsi(control::Scope::All, &s).await.map(|_| ms(t.elapsed()))
+            c.select_nsi(control::Scope::All, &s)
+                .await
+                .map(|_| ms(t.elapsed()))
         }));
     }
     let mut lat = Vec::with_capacity(total);
@@ -185,7 +197,9 @@ fn synthetic(seed: u64, noise: f64, amplitude: f64) -> Vec<f64> {
             let day = (t % 288) as f64 / 288.0 * std::f64::consts::TAU;
             let weekend = if (t / 288) % 7 >= 5 { -15.0 } else { 0.0 };
             let base = 200.0 + 0.01 * t as f64 + weekend;
-            base + amplitude * day.sin() + 0.3 * amplitude * (2.0 * day).cos() + noise * (rng.next_f64() - 0.5)
+            base + amplitude * day.sin()
+                + 0.3 * amplitude * (2.0 * day).cos()
+                + noise * (rng.next_f64() - 0.5)
         })
         .collect()
 }
@@ -215,10 +229,15 @@ fn forecasts() -> Vec<ForecastRow> {
 
 /// Runs the benchmark.
 pub async fn run(args: &SliceArgs) -> anyhow::Result<SliceReport> {
-    let dir = tempfile::Builder::new().prefix("vinfra-bench-slice").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("vinfra-bench-slice")
+        .tempdir()?;
 
     // Selection, with and without a ledger being appended to, on redb.
-    eprintln!("[selection] redb, 3 NSIs, {} req/s for {} s per phase", args.rate, args.seconds);
+    eprintln!(
+        "[selection] redb, 3 NSIs, {} req/s for {} s per phase",
+        args.rate, args.seconds
+    );
     let redb: Arc<dyn Store> = Arc::new(store_redb::RedbStore::open(&dir.path().join("sel.redb"))?);
     let c = control::Control::new(redb.clone(), 6000);
     let tenant = model::TenantId::new_random();
@@ -237,9 +256,11 @@ pub async fn run(args: &SliceArgs) -> anyhow::Result<SliceReport> {
         let mut loads = BTreeMap::new();
         #[allow(clippy::cast_precision_loss)]
         loads.insert(n.id.clone(), 100.0 * (i + 1) as f64);
-        c.record_slice_loads(&loads, &control::slices::default_policy()).await?;
+        c.record_slice_loads(&loads, &control::slices::default_policy())
+            .await?;
     }
-    let mut selection = vec![selections(&c, "selection, ledger idle", args.rate, args.seconds).await?];
+    let mut selection =
+        vec![selections(&c, "selection, ledger idle", args.rate, args.seconds).await?];
     let ledger = c.slice_ledger().await?.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let appender = {
@@ -265,11 +286,30 @@ pub async fn run(args: &SliceArgs) -> anyhow::Result<SliceReport> {
     eprintln!("[forecast] 3 synthetic series, learned on 8 days, 2 days held out");
     let forecast = forecasts();
 
-    eprintln!("[ledger] {} appends, {} in flight, on redb", args.appends, args.concurrency);
+    eprintln!(
+        "[ledger] {} appends, {} in flight, on redb",
+        args.appends, args.concurrency
+    );
     let mut rows = Vec::new();
     let r: Arc<dyn Store> = Arc::new(store_redb::RedbStore::open(&dir.path().join("log.redb"))?);
-    rows.push(appends(r.clone(), "ledger appends, redb (batched)", args.appends, args.concurrency).await?);
-    rows.push(appends(r, "ledger appends, redb (1 in flight)", args.appends.min(500), 1).await?);
+    rows.push(
+        appends(
+            r.clone(),
+            "ledger appends, redb (batched)",
+            args.appends,
+            args.concurrency,
+        )
+        .await?,
+    );
+    rows.push(
+        appends(
+            r,
+            "ledger appends, redb (1 in flight)",
+            args.appends.min(500),
+            1,
+        )
+        .await?,
+    );
 
     eprintln!("[ledger] starting a one-member etcd");
     let cluster = EtcdCluster::start(&dir.path().join("etcd"), 1).await?;
@@ -279,8 +319,24 @@ pub async fn run(args: &SliceArgs) -> anyhow::Result<SliceReport> {
             .context("cannot connect to the bench etcd")?,
     );
     rows.push(raw_puts(e.clone(), args.appends, args.concurrency).await?);
-    rows.push(appends(e.clone(), "ledger appends, etcd (batched)", args.appends, args.concurrency).await?);
-    rows.push(appends(e, "ledger appends, etcd (1 in flight)", args.appends.min(500), 1).await?);
+    rows.push(
+        appends(
+            e.clone(),
+            "ledger appends, etcd (batched)",
+            args.appends,
+            args.concurrency,
+        )
+        .await?,
+    );
+    rows.push(
+        appends(
+            e,
+            "ledger appends, etcd (1 in flight)",
+            args.appends.min(500),
+            1,
+        )
+        .await?,
+    );
     cluster.stop().await;
 
     Ok(SliceReport {
@@ -295,9 +351,17 @@ pub async fn run(args: &SliceArgs) -> anyhow::Result<SliceReport> {
 pub fn table(r: &SliceReport) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
-    let _ = writeln!(s, "{:<40} {:>10} {:>9} {:>9}", "selection", "req/s", "p50_ms", "p99_ms");
+    let _ = writeln!(
+        s,
+        "{:<40} {:>10} {:>9} {:>9}",
+        "selection", "req/s", "p50_ms", "p99_ms"
+    );
     for x in &r.selection {
-        let _ = writeln!(s, "{:<40} {:>10.0} {:>9.3} {:>9.3}", x.what, x.ops_per_s, x.p50_ms, x.p99_ms);
+        let _ = writeln!(
+            s,
+            "{:<40} {:>10.0} {:>9.3} {:>9.3}",
+            x.what, x.ops_per_s, x.p50_ms, x.p99_ms
+        );
     }
     let _ = writeln!(s);
     let _ = writeln!(
@@ -313,9 +377,17 @@ pub fn table(r: &SliceReport) -> String {
         );
     }
     let _ = writeln!(s);
-    let _ = writeln!(s, "{:<40} {:>10} {:>9} {:>9}   ({} B each)", "ledger", "ops/s", "p50_ms", "p99_ms", r.entry_bytes);
+    let _ = writeln!(
+        s,
+        "{:<40} {:>10} {:>9} {:>9}   ({} B each)",
+        "ledger", "ops/s", "p50_ms", "p99_ms", r.entry_bytes
+    );
     for x in &r.ledger {
-        let _ = writeln!(s, "{:<40} {:>10.0} {:>9.2} {:>9.2}", x.what, x.ops_per_s, x.p50_ms, x.p99_ms);
+        let _ = writeln!(
+            s,
+            "{:<40} {:>10.0} {:>9.2} {:>9.2}",
+            x.what, x.ops_per_s, x.p50_ms, x.p99_ms
+        );
     }
     s
 }
