@@ -469,7 +469,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
                 )
             }
             None => Box::pin(
-                axum::serve(listener, app)
+                axum::serve(listen::plain(listener), app)
                     .with_graceful_shutdown(stop)
                     .into_future(),
             ),
