@@ -236,6 +236,7 @@ impl Controller {
                 })
                 .collect(),
             flood: counters.flood,
+            neighbor: counters.neighbor,
             errors: counters.errors,
             vms: vms.into_values().collect(),
             pairs: pair_rows,
@@ -268,6 +269,12 @@ impl Controller {
             }
             let v = if pick { t.flood.packets } else { t.flood.bytes };
             let _ = writeln!(o, "{metric}{{domain=\"{d}\",class=\"flood\"}} {v}");
+            let v = if pick {
+                t.neighbor.packets
+            } else {
+                t.neighbor.bytes
+            };
+            let _ = writeln!(o, "{metric}{{domain=\"{d}\",class=\"neighbor\"}} {v}");
         }
         let _ = writeln!(o, "# HELP vinfra_traffic_errors_total Malformed frames dropped, by switch.\n# TYPE vinfra_traffic_errors_total counter");
         for (sw, c) in st.stats.per_switch() {
@@ -360,6 +367,9 @@ pub struct TrafficReport {
     pub classes: Vec<ClassTraffic>,
     /// Broadcast/multicast frames from local VMs.
     pub flood: Counter,
+    /// ARP and IPv6 neighbour discovery from local VMs (kernel datapath).
+    #[serde(default)]
+    pub neighbor: Counter,
     /// Malformed frames.
     pub errors: u64,
     /// By VM.

@@ -6,6 +6,8 @@
 //! every thread, and the controllers' 127.0.0.1 sockets, stay in the test's own namespace.
 //! The test's VM endpoints are AF_PACKET sockets opened the same way inside the VM namespaces.
 
+mod kernel;
+
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
