@@ -36,6 +36,9 @@ struct ControllerState {
     table: AddressTable,
     ports: BTreeMap<SwitchId, Vec<PortAddress>>,
     stats: DomainStats,
+    /// Every VM name a MAC was reported with (the latest), so the counts of a VM that has
+    /// stopped or left still show its name.
+    names: BTreeMap<MacAddr, String>,
 }
 
 /// The controller of one domain. Cheap to clone; clones share state.
@@ -53,6 +56,7 @@ impl Controller {
                 table: AddressTable::empty(domain.clone()),
                 ports: BTreeMap::new(),
                 stats: DomainStats::default(),
+                names: BTreeMap::new(),
             })),
             domain,
         }
@@ -88,6 +92,11 @@ impl Controller {
         if outcome == ReportOutcome::Applied {
             let mut ports = r.ports.clone();
             ports.sort();
+            for p in &ports {
+                if st.names.get(&p.mac) != Some(&p.vm) {
+                    st.names.insert(p.mac, p.vm.clone());
+                }
+            }
             if st.ports.get(&r.switch) != Some(&ports) {
                 st.ports.insert(r.switch.clone(), ports);
                 let entries = st
@@ -192,7 +201,12 @@ impl Controller {
             .iter()
             .map(|e| (e.mac, (e.vm.as_str(), e.ip)))
             .collect();
-        let name = |m: &MacAddr| names.get(m).map(|(n, _)| (*n).to_owned());
+        let name = |m: &MacAddr| {
+            names
+                .get(m)
+                .map(|(n, _)| (*n).to_owned())
+                .or_else(|| st.names.get(m).cloned())
+        };
         let mut vms: BTreeMap<MacAddr, VmTraffic> = BTreeMap::new();
         let mut pair_rows = Vec::new();
         for ((src, dst), (class, c)) in &pairs {

@@ -122,8 +122,32 @@ impl State {
         self.dp.set_addresses(&want).map_err(|e| self.kerr(e))
     }
 
+    /// Forgets NICs of this namespace whose interface is gone (a VM stopped, deleted or
+    /// migrated away: its tap was removed). Their counts stay in the maps.
+    fn prune(&mut self) -> Result<(), KernelSwitchError> {
+        let gone: Vec<String> = self
+            .ports
+            .iter()
+            .filter(|(n, p)| {
+                p.netns.is_none() && !std::path::Path::new("/sys/class/net").join(n).exists()
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &gone {
+            if let Some(p) = self.ports.remove(n) {
+                let _ = self.dp.detach(None, n, p.ifindex);
+            }
+        }
+        if gone.is_empty() {
+            Ok(())
+        } else {
+            self.sync_addresses()
+        }
+    }
+
     fn report(&mut self) -> Result<(), KernelSwitchError> {
         if self.pending.is_none() {
+            self.prune()?;
             let KernelCounts {
                 counters,
                 flows,
@@ -333,6 +357,25 @@ impl KernelSwitch {
             std::thread::sleep(Duration::from_millis(50));
         }
         last.map(|()| st.status.clone())
+    }
+
+    /// For a host going away with its VMs (agent shutdown): a final report, then the
+    /// instance is unpinned so the next start begins a new epoch. When the report fails the
+    /// pins stay, and a restart continues the epoch with nothing lost.
+    pub fn retire(&self) -> Result<(), KernelSwitchError> {
+        self.shared.stop.store(true, Ordering::Release);
+        self.wake();
+        let mut st = self.state();
+        let mut last = Ok(());
+        for _ in 0..3 {
+            last = st.report();
+            if last.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        last?;
+        st.dp.clone().remove().map_err(|e| st.kerr(e))
     }
 
     fn halt(&mut self) {

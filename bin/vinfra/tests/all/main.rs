@@ -28,3 +28,4 @@ mod traffic;
 mod up_sim;
 mod vm_lifecycle;
 mod vm_network;
+mod vm_traffic;
