@@ -44,7 +44,9 @@ struct pair_val {
 	__u64 packets;
 	__u64 bytes;
 	__u32 class_row;
-	__u32 pad;
+	// The `addrs` generation class_row was computed under: while it is current, a frame of
+	// a known pair costs one hash lookup, not two.
+	__u32 gen;
 };
 
 // MAC (first six bytes, two zero bytes) -> ADDR_LOCAL / ADDR_REMOTE. Absent: other domain.
@@ -78,7 +80,8 @@ struct {
 	__type(value, struct pair_val);
 } pairs SEC(".maps");
 
-// 0: the counter epoch (unix ns), written by user space when the maps are created.
+// 0: the counter epoch (unix ns), written by user space when the maps are created;
+// 1: the `addrs` generation, bumped by user space after every change of `addrs`.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 4);
@@ -102,19 +105,50 @@ static __always_inline __u64 mac_key(const __u8 *m)
 	return k;
 }
 
-static __always_inline void add_pair(const struct ethhdr *eth, __u32 row, __u64 len)
+static __always_inline __u32 generation(void)
+{
+	__u32 key = 1;
+	__u64 *g = bpf_map_lookup_elem(&meta, &key);
+	return g ? (__u32)*g : 0;
+}
+
+// Where the destination is, from the address table.
+static __always_inline __u32 class_of(const struct ethhdr *eth)
+{
+	__u64 dst = mac_key(eth->h_dest);
+	__u32 *where = bpf_map_lookup_elem(&addrs, &dst);
+	if (where && *where == ADDR_LOCAL)
+		return ROW_INTRA;
+	if (where && *where == ADDR_REMOTE)
+		return ROW_INTER_SERVER;
+	return ROW_INTER_DOMAIN;
+}
+
+// Counts a unicast frame in its pair and class; `row` < 0: classify it (the pair's cached
+// class while the address table has not changed).
+static __always_inline void count_pair(const struct ethhdr *eth, int fixed_row, __u64 len)
 {
 	struct pair_key k;
 	__builtin_memcpy(k.src, eth->h_source, 6);
 	__builtin_memcpy(k.dst, eth->h_dest, 6);
+	__u32 gen = generation();
 	struct pair_val *v = bpf_map_lookup_elem(&pairs, &k);
+	__u32 row;
+	if (fixed_row >= 0)
+		row = fixed_row;
+	else if (v && gen != 0 && v->gen == gen)
+		row = v->class_row;
+	else
+		row = class_of(eth);
+	add_row(row, len);
 	if (v) {
 		v->packets += 1;
 		v->bytes += len;
 		v->class_row = row;
+		v->gen = gen;
 		return;
 	}
-	struct pair_val n = { .packets = 1, .bytes = len, .class_row = row };
+	struct pair_val n = { .packets = 1, .bytes = len, .class_row = row, .gen = gen };
 	if (bpf_map_update_elem(&pairs, &k, &n, BPF_NOEXIST) != 0)
 		add_row(ROW_PAIRS_FULL, len);
 }
@@ -157,28 +191,20 @@ static __always_inline int classify(struct __sk_buff *skb, int egress)
 			add_row(ROW_FLOOD, len);
 			return TC_ACT_OK;
 		}
-		__u64 dst = mac_key(eth->h_dest);
-		__u32 *where = bpf_map_lookup_elem(&addrs, &dst);
-		__u32 row = ROW_INTER_DOMAIN;
-		if (where && *where == ADDR_LOCAL)
-			row = ROW_INTRA;
-		else if (where && *where == ADDR_REMOTE)
-			row = ROW_INTER_SERVER;
-		add_row(row, len);
-		add_pair(eth, row, len);
+		count_pair(eth, -1, len);
 		return TC_ACT_OK;
 	}
 	if (neigh || group)
+		return TC_ACT_OK;
+	// From the domain (the common case): its sender's host counted it. One lookup.
+	__u64 src = mac_key(eth->h_source);
+	if (bpf_map_lookup_elem(&addrs, &src))
 		return TC_ACT_OK;
 	__u32 ifindex = skb->ifindex;
 	__u64 *own = bpf_map_lookup_elem(&ports, &ifindex);
 	if (!own || *own != mac_key(eth->h_dest))
 		return TC_ACT_OK;
-	__u64 src = mac_key(eth->h_source);
-	if (bpf_map_lookup_elem(&addrs, &src))
-		return TC_ACT_OK;
-	add_row(ROW_INTER_DOMAIN, len);
-	add_pair(eth, ROW_INTER_DOMAIN, len);
+	count_pair(eth, ROW_INTER_DOMAIN, len);
 	return TC_ACT_OK;
 }
 

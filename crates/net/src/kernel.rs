@@ -223,6 +223,8 @@ impl KernelDatapath {
                 .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
             dp.update("meta", &0u32.to_le_bytes(), &now.to_le_bytes())?;
         }
+        // A new process cannot know what an earlier one left in `addrs`: pairs reclassify.
+        dp.bump_generation()?;
         Ok(dp)
     }
 
@@ -277,11 +279,24 @@ impl KernelDatapath {
 
     /// The counter epoch: unix ns when the instance was loaded.
     pub fn epoch(&self) -> Result<u64, KernelError> {
+        self.meta(0)
+    }
+
+    fn meta(&self, slot: u32) -> Result<u64, KernelError> {
         let e = self.dump("meta")?;
         Ok(e.iter()
-            .find(|e| e.key == [0, 0, 0, 0])
+            .find(|e| e.key == slot.to_le_bytes())
             .and_then(|e| e.values.first())
             .map_or(0, |v| u64_at(v, 0)))
+    }
+
+    /// Makes every pair's cached class stale (after `addrs` changed). Never 0 (= unset).
+    fn bump_generation(&self) -> Result<(), KernelError> {
+        let next = match (self.meta(1)? + 1) & 0xffff_ffff {
+            0 => 1,
+            g => g,
+        };
+        self.update("meta", &1u32.to_le_bytes(), &next.to_le_bytes())
     }
 
     fn update(&self, map: &str, key: &[u8], value: &[u8]) -> Result<(), KernelError> {
@@ -424,7 +439,8 @@ impl KernelDatapath {
         if batch.is_empty() {
             return Ok(());
         }
-        run("bpftool", &["batch", "file", "-"], Some(&batch)).map(|_| ())
+        run("bpftool", &["batch", "file", "-"], Some(&batch))?;
+        self.bump_generation()
     }
 
     /// Reads every counter (summing the CPUs).
@@ -487,6 +503,24 @@ impl KernelDatapath {
             flows,
             pairs_full: row(ROW_PAIRS_FULL),
         })
+    }
+
+    /// The classifier programs' cumulative kernel run time (ns) and run count, as the
+    /// kernel keeps them while `kernel.bpf_stats_enabled` is 1.
+    pub fn run_stats(&self) -> Result<(u64, u64), KernelError> {
+        let (mut ns, mut cnt) = (0, 0);
+        for prog in ["vinfra_ingress", "vinfra_egress"] {
+            let p = self.path(&format!("progs/{prog}"));
+            let out = run("bpftool", &["-j", "prog", "show", "pinned", &p], None)?;
+            let v: serde_json::Value =
+                serde_json::from_str(&out).map_err(|e| KernelError::Output {
+                    command: format!("bpftool -j prog show pinned {p}"),
+                    detail: e.to_string(),
+                })?;
+            ns += v.get("run_time_ns").and_then(|x| x.as_u64()).unwrap_or(0);
+            cnt += v.get("run_cnt").and_then(|x| x.as_u64()).unwrap_or(0);
+        }
+        Ok((ns, cnt))
     }
 
     /// Unpins the instance: its counters go once no NIC uses the programs any more.
