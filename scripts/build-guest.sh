@@ -90,6 +90,7 @@ cat > "$R/init" <<'EOF'
 # vinfra test guest. Serial protocol (the host's tests parse these lines):
 #   GUEST: init started ...           once per boot (a second one after a migration = a reboot)
 #   GUEST: READY vda=<MiB>MiB ...     the disk is there, the workload starts
+#   GUEST: TYPED <line>               a line typed on the VM's keyboard (tty1), e.g. by a terminal
 #   TICK <i> up=<s> off=<MiB>MiB read=ok|BAD(..) write=ok|BAD(..)   one per tick
 #   GUEST: POWEROFF reason=<why>      last line before the guest powers off
 #   GUEST: NIC <if> mac=<mac> ip=<a.b.c.d/p>   one per vinfra.nic= (before READY)
@@ -152,6 +153,10 @@ if [ "$DIRTY" -gt 0 ]; then
   ( while :; do k=0; while [ $k -lt $DIRTY ]; do dd if=/tmp/chunk of=/tmp/dirty bs=1M seek=$k count=1 conv=notrunc 2>/dev/null; k=$((k+1)); done; done ) &
   echo "GUEST: dirtying ${DIRTY}MiB of RAM in a loop"
 fi
+# Keys a terminal operates the VM with reach the PS/2 keyboard, whose input goes to the
+# first virtual terminal of the VGA console: each line typed there is echoed here.
+[ -c /dev/tty1 ] || mknod /dev/tty1 c 4 1 2>/dev/null
+[ -c /dev/tty1 ] && ( while read -r line; do echo "GUEST: TYPED $line"; done < /dev/tty1 ) &
 echo "GUEST: READY vda=${MIB}MiB uptime $(cut -d' ' -f1 /proc/uptime)s"
 # Each tick: O_DIRECT read of 1 MiB at a strided offset + header check (data came through the
 # disk path, not the page cache), then a 4 KiB sequence record written with fsync into the last

@@ -157,10 +157,24 @@ impl VmTask {
         self.files.id()
     }
 
-    async fn run(
-        mut self,
+    async fn run(mut self, rx: watch::Receiver<Msg>, mut ops: mpsc::Receiver<PerformedOperation>) {
+        self.serve(rx, &mut ops).await;
+        // Operations still queued when the VM leaves (deleted, moved, the agent shutting
+        // down) are answered, not dropped: their records would stay `sent` forever.
+        ops.close();
+        while let Ok(op) = ops.try_recv() {
+            let result = crate::terminal::refused(
+                &self.host,
+                "the VM left this host before it was performed",
+            );
+            crate::terminal::answer(&self.host, &op, result).await;
+        }
+    }
+
+    async fn serve(
+        &mut self,
         mut rx: watch::Receiver<Msg>,
-        mut ops: mpsc::Receiver<PerformedOperation>,
+        ops: &mut mpsc::Receiver<PerformedOperation>,
     ) {
         // The watchdog ends with the agent; after that only messages wake the task.
         let mut lease_open = true;

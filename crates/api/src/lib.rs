@@ -23,6 +23,7 @@ mod metrics;
 mod openapi;
 mod pki;
 mod routes;
+mod session;
 
 use std::collections::HashMap;
 use std::future::IntoFuture;

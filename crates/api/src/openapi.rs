@@ -88,6 +88,7 @@ use crate::routes;
         routes::terminals::unbind,
         routes::terminals::operations,
         routes::terminals::operation,
+        routes::terminals::session,
         routes::terminals::result,
     ),
     components(schemas(model::api::Problem)),

@@ -19,6 +19,7 @@
 mod blobs;
 pub mod events;
 mod join;
+pub mod session;
 pub mod terminal;
 
 use std::time::Duration;

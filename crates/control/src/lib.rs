@@ -27,6 +27,7 @@ pub mod ns;
 pub mod operations;
 pub mod push;
 pub mod records;
+pub mod sessions;
 pub mod storage;
 mod takeover;
 pub mod terminals;

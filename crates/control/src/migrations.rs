@@ -371,9 +371,17 @@ impl Control {
                     .cas(&keys::migration(m.id), Some(mrev), to_bytes(&m)?)
                     .await
             } else {
+                // Terminal operations held while memory moved go, in the same
+                // transaction, to the host the VM runs on from now on.
+                let (held_compares, held_writes) =
+                    if m.state != previous && m.state != MigrationState::Migrating {
+                        self.release_held(vm.id, &vm.host).await?
+                    } else {
+                        (Vec::new(), Vec::new())
+                    };
                 self.store()
                     .txn(
-                        vec![
+                        [
                             Compare::ModRevision {
                                 key: keys::migration(m.id),
                                 expect: Some(mrev),
@@ -382,7 +390,10 @@ impl Control {
                                 key: keys::vm(vm.id),
                                 expect: Some(vrev),
                             },
-                        ],
+                        ]
+                        .into_iter()
+                        .chain(held_compares)
+                        .collect(),
                         [
                             TxnOp::Put {
                                 key: keys::migration(m.id),
@@ -395,6 +406,7 @@ impl Control {
                         ]
                         .into_iter()
                         .chain(bump)
+                        .chain(held_writes)
                         .collect(),
                     )
                     .await

@@ -19,7 +19,7 @@ use model::terminal_ops::{Operation, PowerAction};
 use model::terminals::{
     message_mac, CreatedTerminal, OperationHeader, OperationOutcome, OperationResult,
     PerformedOperation, ReplayError, ReplayWindow, SharePolicy, Terminal, TerminalBinding,
-    TerminalRecord, MAX_OPERATION_MESSAGE, TERMINAL_SECRET_PREFIX,
+    TerminalRecord, MAX_OPERATION_MESSAGE, SERVER_SEQ_BASE, TERMINAL_SECRET_PREFIX,
 };
 use model::{hex, Name, TenantId, TerminalId, Vm, VmId};
 use ring::aead;
@@ -206,6 +206,14 @@ pub enum Refused {
     /// The operation itself is not valid.
     #[error("body.op: {0}")]
     BadOperation(String),
+    /// A session carries one terminal's messages: the one of its first message.
+    #[error("header.terminal: this session is terminal {session}'s, not {got}'s")]
+    OtherTerminal {
+        /// The session's terminal.
+        session: TerminalId,
+        /// The message's.
+        got: TerminalId,
+    },
     /// The store failed.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -226,6 +234,7 @@ impl Refused {
             Refused::Unbound(_) => "unbound",
             Refused::VmGone { .. } => "vm_gone",
             Refused::BadOperation(_) => "bad_operation",
+            Refused::OtherTerminal { .. } => "other_terminal",
             Refused::Control(_) => "server_error",
         }
     }
@@ -336,7 +345,79 @@ const SERVER_ID: &str = "/vinfra/server-id";
 /// terminal's list comes in sequence order.
 pub const TERMINAL_OPS: &str = "/vinfra/terminal-ops/";
 
-fn op_key(t: TerminalId, seq: u64) -> String {
+/// The operations held for a VM while its migration moves memory (their record keys,
+/// in the order they came): `/vinfra/held-operations/<vm>`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct HeldOperations {
+    keys: Vec<String>,
+}
+
+fn held_key(vm: VmId) -> String {
+    format!("/vinfra/held-operations/{vm}")
+}
+
+/// Where [`Control::route_operation`] sends an operation.
+struct Route {
+    host: Name,
+    compares: Vec<Compare>,
+    /// The held list with this operation added, when it is held.
+    held: Option<TxnOp>,
+}
+
+/// An accepted operation on its way to the VM's host.
+pub struct Pending {
+    record: PerformedOperation,
+    /// The watch on its record (`None`: answered already).
+    answers: Option<store::WatchStream>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pending {
+    /// The record as written.
+    pub fn record(&self) -> &PerformedOperation {
+        &self.record
+    }
+
+    /// Waits up to `wait` for the host's answer; the record as it then stands.
+    pub async fn answer(self, wait: std::time::Duration) -> PerformedOperation {
+        let Pending {
+            mut record,
+            answers,
+        } = self;
+        let Some(mut answers) = answers else {
+            return record;
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, answers.next()).await {
+                Ok(Some(Ok(WatchEvent::Put(kv)))) => {
+                    if let Ok(r) = crate::records::decode::<PerformedOperation>(&kv) {
+                        let done =
+                            !matches!(r.outcome, OperationOutcome::Sent | OperationOutcome::Held);
+                        record = r;
+                        if done {
+                            return record;
+                        }
+                    }
+                }
+                Ok(Some(Ok(WatchEvent::Delete { .. }))) | Ok(None) | Err(_) => return record,
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "watching a terminal operation failed");
+                    return record;
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn op_key(t: TerminalId, seq: u64) -> String {
     format!("{TERMINAL_OPS}{t}/{seq:020}")
 }
 
@@ -406,6 +487,7 @@ impl Control {
                 secret_sealed: secrets.seal(id, secret.as_bytes())?,
             },
             window: ReplayWindow::default(),
+            server_seq: 0,
         };
         crate::records::insert_named(
             self.store(),
@@ -646,7 +728,7 @@ impl Control {
     /// Checks an operation message. The order matters: nothing about a terminal is
     /// revealed before its MAC verifies, and the sequence number is taken (by
     /// [`Control::perform_operation`]) only for a message that passed every other check.
-    async fn check_operation(&self, raw: &[u8]) -> Result<Accepted, Refused> {
+    pub(crate) async fn check_operation(&self, raw: &[u8]) -> Result<Accepted, Refused> {
         if raw.len() > MAX_OPERATION_MESSAGE {
             return Err(Refused::TooLarge { len: raw.len() });
         }
@@ -712,23 +794,33 @@ impl Control {
 
     /// Checks a message (`check_operation`), takes its sequence number and
     /// records the operation in one transaction, has the VM's host perform it (its agent
-    /// gets it pushed), and answers with the record once the host answered, or `sent`
-    /// after [`DISPATCH_WAIT`]. `power on` is the server's own: it sets the VM's desired
-    /// state.
+    /// gets it pushed), and answers with the record once the host answered, or as it
+    /// stands (`sent`, `held`) after [`DISPATCH_WAIT`]. `power on` is the server's own: it
+    /// sets the VM's desired state.
     pub async fn perform_operation(&self, raw: &[u8]) -> Result<PerformedOperation, Refused> {
         let r = async {
             let a = self.check_operation(raw).await?;
             self.dispatch(a).await
         }
         .await;
-        if let Err(e) = &r {
-            self.terminals().count_refusal(e);
-            tracing::info!(reason = e.reason(), error = %e, "terminal operation refused");
+        match r {
+            Ok(pending) => Ok(pending.answer(DISPATCH_WAIT).await),
+            Err(e) => {
+                self.refused(&e);
+                Err(e)
+            }
         }
-        r
     }
 
-    async fn dispatch(&self, a: Accepted) -> Result<PerformedOperation, Refused> {
+    /// Counts and logs a refusal.
+    pub(crate) fn refused(&self, e: &Refused) {
+        self.terminals().count_refusal(e);
+        tracing::info!(reason = e.reason(), error = %e, "terminal operation refused");
+    }
+
+    /// Takes `a`'s sequence number and records it; what comes back brings the host's
+    /// answer.
+    pub(crate) async fn dispatch(&self, a: Accepted) -> Result<Pending, Refused> {
         let key = op_key(a.terminal, a.seq);
         let mut record = PerformedOperation {
             terminal: a.terminal,
@@ -742,9 +834,14 @@ impl Control {
             detail: None,
             screenshot: None,
         };
-        // Watching before the write: the host's answer cannot slip past.
-        let mut answers = self.store_arc().watch(&key).await?;
-        self.take_seq_and_record(&a, &key, &record).await?;
+        // Watching before the write: the host's answer cannot slip past. (The server's
+        // own operations are not waited for: their number is only known once written.)
+        let answers = if a.seq < SERVER_SEQ_BASE {
+            Some(self.store_arc().watch(&key).await?)
+        } else {
+            None
+        };
+        self.take_seq_and_record(&a, &mut record).await?;
         if matches!(
             a.op,
             Operation::Power {
@@ -759,7 +856,7 @@ impl Control {
                 )
                 .await;
             let result = OperationResult {
-                host: a.host.to_string(),
+                host: record.host.to_string(),
                 outcome: if r.is_ok() {
                     OperationOutcome::Performed
                 } else {
@@ -768,40 +865,28 @@ impl Control {
                 detail: r.err().map(|e| model::error_chain(&e)),
                 screenshot: None,
             };
-            return Ok(self.answer_operation(a.terminal, a.seq, result).await?);
+            let done = self.answer_operation(a.terminal, a.seq, result).await?;
+            return Ok(Pending {
+                record: done,
+                answers: None,
+            });
         }
-        if a.seq.is_multiple_of(64) {
+        if record.seq.is_multiple_of(64) {
             self.trim_operations(a.terminal).await;
         }
-        let deadline = tokio::time::Instant::now() + DISPATCH_WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, answers.next()).await {
-                Ok(Some(Ok(WatchEvent::Put(kv)))) => {
-                    if let Ok(r) = crate::records::decode::<PerformedOperation>(&kv) {
-                        if r.outcome != OperationOutcome::Sent {
-                            return Ok(r);
-                        }
-                        record = r;
-                    }
-                }
-                Ok(Some(Ok(WatchEvent::Delete { .. }))) | Ok(None) | Err(_) => return Ok(record),
-                Ok(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "watching a terminal operation failed");
-                    return Ok(record);
-                }
-            }
-        }
+        Ok(Pending { record, answers })
     }
 
     /// Takes the sequence number in the terminal's stored replay window and writes the
     /// operation's record, in one transaction: every server sharing the store, and this
     /// one after a restart, refuses the number again, and no operation is taken without
-    /// its record (which is what reaches the host).
+    /// its record (which is what reaches the host). Server-originated operations
+    /// (`seq` from [`SERVER_SEQ_BASE`]) take their number from the terminal's own counter
+    /// instead.
     async fn take_seq_and_record(
         &self,
         a: &Accepted,
-        key: &str,
-        record: &PerformedOperation,
+        record: &mut PerformedOperation,
     ) -> Result<(), Refused> {
         let tkey = terminal_key(a.terminal);
         for _ in 0..CAS_ATTEMPTS {
@@ -809,27 +894,38 @@ impl Control {
             else {
                 return Err(Refused::UnknownTerminal(a.terminal));
             };
-            stored.window.take(a.seq).map_err(Refused::Replay)?;
-            let r = self
-                .store()
-                .txn(
-                    vec![Compare::ModRevision {
-                        key: tkey.clone(),
-                        expect: Some(rev),
-                    }],
-                    vec![
-                        TxnOp::Put {
-                            key: tkey.clone(),
-                            value: to_bytes(&stored)?,
-                        },
-                        TxnOp::Put {
-                            key: key.to_owned(),
-                            value: to_bytes(record)?,
-                        },
-                    ],
-                )
-                .await;
-            match r {
+            if a.seq < SERVER_SEQ_BASE {
+                stored.window.take(a.seq).map_err(Refused::Replay)?;
+            } else {
+                stored.server_seq += 1;
+                record.seq = SERVER_SEQ_BASE.saturating_add(stored.server_seq);
+            }
+            let key = op_key(a.terminal, record.seq);
+            let key = key.as_str();
+            let route = self.route_operation(a.terminal, a.vm, key).await?;
+            record.host = route.host.clone();
+            record.outcome = if route.held.is_some() {
+                OperationOutcome::Held
+            } else {
+                OperationOutcome::Sent
+            };
+            let mut compares = vec![Compare::ModRevision {
+                key: tkey.clone(),
+                expect: Some(rev),
+            }];
+            compares.extend(route.compares);
+            let mut writes = vec![
+                TxnOp::Put {
+                    key: tkey.clone(),
+                    value: to_bytes(&stored)?,
+                },
+                TxnOp::Put {
+                    key: key.to_owned(),
+                    value: to_bytes(&*record)?,
+                },
+            ];
+            writes.extend(route.held);
+            match self.store().txn(compares, writes).await {
                 Ok(_) => return Ok(()),
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -839,6 +935,100 @@ impl Control {
             what: format!("terminal {}", a.terminal),
         }
         .into())
+    }
+
+    /// Where an operation for `vm` goes now: its host, or held while its live migration
+    /// moves memory (the source may already have sent the state the operation would
+    /// change). The compares make the record's transaction lose to any change of the VM,
+    /// of its migration or of its held list since they were read, so that no operation is
+    /// sent to a host the VM just left nor held past the release.
+    async fn route_operation(
+        &self,
+        terminal: TerminalId,
+        vm_id: VmId,
+        key: &str,
+    ) -> Result<Route, Refused> {
+        let Some((vm, vm_rev)) = get_json::<Vm>(self.store(), &keys::vm(vm_id)).await? else {
+            return Err(Refused::VmGone {
+                terminal,
+                vm: vm_id,
+            });
+        };
+        let mut compares = vec![Compare::ModRevision {
+            key: keys::vm(vm_id),
+            expect: Some(vm_rev),
+        }];
+        let mut held = None;
+        if let Some(mid) = vm.migration {
+            let mkey = keys::migration(mid);
+            let m = get_json::<model::Migration>(self.store(), &mkey).await?;
+            compares.push(Compare::ModRevision {
+                key: mkey,
+                expect: m.as_ref().map(|(_, r)| *r),
+            });
+            if m.is_some_and(|(m, _)| m.state == model::MigrationState::Migrating) {
+                let hkey = held_key(vm_id);
+                let list = get_json::<HeldOperations>(self.store(), &hkey).await?;
+                compares.push(Compare::ModRevision {
+                    key: hkey.clone(),
+                    expect: list.as_ref().map(|(_, r)| *r),
+                });
+                let mut list = list.map(|(l, _)| l).unwrap_or_default();
+                list.keys.push(key.to_owned());
+                held = Some(TxnOp::Put {
+                    key: hkey,
+                    value: to_bytes(&list)?,
+                });
+            }
+        }
+        Ok(Route {
+            host: vm.host,
+            compares,
+            held,
+        })
+    }
+
+    /// The writes that send `vm`'s held operations to `host` (where the VM runs once its
+    /// migration switched over or failed), in the order they came, and the compare that
+    /// makes the caller's transaction lose to an operation held meanwhile. Nothing when
+    /// none is held.
+    pub(crate) async fn release_held(
+        &self,
+        vm: VmId,
+        host: &Name,
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>), ControlError> {
+        let hkey = held_key(vm);
+        let Some((list, rev)) = get_json::<HeldOperations>(self.store(), &hkey).await? else {
+            return Ok((
+                vec![Compare::ModRevision {
+                    key: hkey,
+                    expect: None,
+                }],
+                Vec::new(),
+            ));
+        };
+        let mut writes = Vec::with_capacity(list.keys.len() + 1);
+        for key in &list.keys {
+            let Some((mut op, _)) = get_json::<PerformedOperation>(self.store(), key).await? else {
+                continue; // trimmed from the log meanwhile
+            };
+            if op.outcome == OperationOutcome::Held {
+                op.outcome = OperationOutcome::Sent;
+                op.host = host.clone();
+                writes.push(TxnOp::Put {
+                    key: key.clone(),
+                    value: to_bytes(&op)?,
+                });
+            }
+        }
+        writes.push(TxnOp::Delete { key: hkey.clone() });
+        Ok((
+            vec![Compare::ModRevision {
+                key: hkey,
+                expect: Some(rev),
+            }],
+            writes,
+        ))
     }
 
     /// Records the host's answer for operation `seq` of terminal `t`. Only the host the
@@ -931,6 +1121,10 @@ struct StoredTerminal {
     record: TerminalRecord,
     #[serde(default)]
     window: ReplayWindow,
+    /// The last of the server's own sequence numbers taken for this terminal, above
+    /// [`SERVER_SEQ_BASE`].
+    #[serde(default)]
+    server_seq: u64,
 }
 
 #[cfg(test)]

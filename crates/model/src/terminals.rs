@@ -179,6 +179,11 @@ pub fn message_mac(secret: &[u8], header: &OperationHeader, body: &[u8]) -> Stri
     crate::hex(ring::hmac::sign(&key, &input).as_ref())
 }
 
+/// Sequence numbers from here up are the server's own, never a terminal's: the key-ups
+/// the server sends for the keys a session still held when it ended are recorded under
+/// them, in the terminal's log, without touching its replay window.
+pub const SERVER_SEQ_BASE: u64 = 1 << 63;
+
 /// Longest operation message, bytes.
 pub const MAX_OPERATION_MESSAGE: usize = 16 * 1024;
 
@@ -188,6 +193,10 @@ pub const MAX_OPERATION_MESSAGE: usize = 16 * 1024;
 pub enum OperationOutcome {
     /// Sent to the VM's host; no answer yet.
     Sent,
+    /// Waiting for the VM's live migration to switch over: sent, in order with the
+    /// others held, to the host the VM runs on afterwards (so that none is performed on
+    /// a source whose state was already copied, and none is lost).
+    Held,
     /// The hypervisor performed it.
     Performed,
     /// The hypervisor could not perform it (`detail` says why).
@@ -221,6 +230,34 @@ pub struct PerformedOperation {
     /// A screenshot's picture, when the operation took one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub screenshot: Option<ScreenshotPng>,
+}
+
+/// What the server sends back on a terminal session (`GET /v1/terminal-sessions`, a
+/// WebSocket), one JSON text message per operation message received, in the order
+/// they came.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum SessionReply {
+    /// The operation's record once its host answered (or as it stands after the wait:
+    /// `sent`, `held`).
+    Answer {
+        /// The record.
+        operation: Box<PerformedOperation>,
+    },
+    /// The message was refused; nothing was performed for it.
+    Refused {
+        /// Its sequence number, when its header could be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        /// The reason as one word (as counted in `vinfra_terminal_refusals_total`).
+        reason: String,
+        /// The reason in words, naming the field.
+        detail: String,
+        /// For a sequence number taken before: that message's record (a terminal
+        /// resending after a reconnect learns how it fared; it is never performed twice).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous: Option<Box<PerformedOperation>>,
+    },
 }
 
 /// A screenshot as PNG.
@@ -274,6 +311,9 @@ pub enum ReplayError {
     /// Taken before.
     #[error("seq: {0} was already performed (replay)")]
     Repeated(u64),
+    /// At or above [`SERVER_SEQ_BASE`]: the server's own numbers.
+    #[error("seq: {0} is reserved for the server (must be below 2^63)")]
+    Reserved(u64),
     /// Older than the window: it may have been taken, the server cannot tell.
     #[error("seq: {seq} is more than {REPLAY_WINDOW} below the highest taken ({highest})")]
     TooOld {
@@ -289,6 +329,9 @@ impl ReplayWindow {
     pub fn take(&mut self, seq: u64) -> Result<(), ReplayError> {
         if seq == 0 {
             return Err(ReplayError::Zero);
+        }
+        if seq >= SERVER_SEQ_BASE {
+            return Err(ReplayError::Reserved(seq));
         }
         if seq > self.highest {
             let shift = seq - self.highest;

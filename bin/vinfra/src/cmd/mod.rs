@@ -13,6 +13,7 @@ pub mod operation;
 pub mod server;
 pub mod storage;
 pub mod terminal;
+pub mod terminal_connect;
 pub mod token;
 pub mod traffic;
 pub mod up;

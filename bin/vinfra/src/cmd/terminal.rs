@@ -81,6 +81,26 @@ pub enum TerminalCmd {
         #[arg(long, group = "what")]
         screenshot: Option<PathBuf>,
     },
+    /// Take a screenshot of the terminal's VM as PNG.
+    Screenshot {
+        /// The credentials file written by `vinfra terminal create --credentials`.
+        #[arg(long)]
+        credentials: PathBuf,
+        /// Where to write the PNG (a positional path: `-o` is the output format of
+        /// every command).
+        png: PathBuf,
+    },
+    /// Operate the terminal's VM from this terminal: every keystroke is sent as an
+    /// operation over a session (raw mode; Ctrl-] ends), with the VM's serial console
+    /// printed as it grows when an API token can read it.
+    Connect {
+        /// The credentials file written by `vinfra terminal create --credentials`.
+        #[arg(long)]
+        credentials: PathBuf,
+        /// Do not follow the VM's serial console.
+        #[arg(long)]
+        no_console: bool,
+    },
 }
 
 fn show(ctx: &Ctx, ts: &[Terminal]) -> anyhow::Result<()> {
@@ -127,6 +147,23 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
             screenshot,
         };
         return send_cmd(ctx, &credentials, what).await;
+    }
+    if let TerminalCmd::Screenshot { credentials, png } = cmd {
+        let what = What {
+            text: None,
+            keys: None,
+            power: None,
+            op: None,
+            screenshot: Some(png),
+        };
+        return send_cmd(ctx, &credentials, what).await;
+    }
+    if let TerminalCmd::Connect {
+        credentials,
+        no_console,
+    } = cmd
+    {
+        return crate::cmd::terminal_connect::connect(ctx, &credentials, !no_console).await;
     }
     let c = ctx.client()?;
     match cmd {
@@ -202,8 +239,10 @@ pub async fn run(ctx: &Ctx, cmd: TerminalCmd) -> anyhow::Result<()> {
                 },
             )
         }
-        // Handled above: it needs no API token.
-        TerminalCmd::Send { .. } => Ok(()),
+        // Handled above: they need no API token.
+        TerminalCmd::Send { .. } | TerminalCmd::Screenshot { .. } | TerminalCmd::Connect { .. } => {
+            Ok(())
+        }
     }
 }
 
@@ -263,10 +302,7 @@ async fn send(
     path: &PathBuf,
     op: serde_json::Value,
 ) -> anyhow::Result<model::terminals::PerformedOperation> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the credentials file {}", path.display()))?;
-    let creds: TerminalCredentials = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a terminal credentials file", path.display()))?;
+    let creds = read_credentials(path)?;
     // Checked here too, so that a typo is named before anything is sent.
     let _: model::terminal_ops::Operation =
         serde_json::from_value(op.clone()).context("not a valid operation")?;
@@ -275,4 +311,12 @@ async fn send(
     // The terminal holds no API token: the message's MAC authenticates it.
     let c = ctx.client_for(&creds.url, "-")?;
     Ok(c.send_operation(creds.sign(seq, ts, &body)).await?)
+}
+
+/// The terminal credentials in `path`.
+pub fn read_credentials(path: &PathBuf) -> anyhow::Result<TerminalCredentials> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the credentials file {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a terminal credentials file", path.display()))
 }

@@ -239,7 +239,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
 }
 
 /// The part of `now` after the longest suffix of `before` that `now` starts with.
-fn new_suffix<'a>(before: &str, now: &'a str) -> &'a str {
+pub(crate) fn new_suffix<'a>(before: &str, now: &'a str) -> &'a str {
     for start in 0..before.len() {
         if !before.is_char_boundary(start) {
             continue;

@@ -22,6 +22,7 @@ mod ns;
 mod ns_libvirt;
 mod readme;
 mod redundancy;
+mod terminals;
 mod tls;
 mod tokens;
 mod traffic;

@@ -120,6 +120,7 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             get(terminals::operations),
         ),
         ("/v1/terminal-operations", post(terminals::operation)),
+        ("/v1/terminal-sessions", get(terminals::session)),
     ]
 }
 
@@ -260,7 +261,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 72, "{served:?}");
+        assert_eq!(served.len(), 73, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json

@@ -3,13 +3,15 @@
 //! terminal's secret — the terminal's credential, in place of a bearer token — and acts
 //! on the VM of the terminal's binding only (`control::terminals`).
 
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Request, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::Json;
 use model::api::Problem;
 use model::terminals::{
     BindTerminal, CreateTerminal, CreatedTerminal, OperationOutcome, OperationResult,
-    PerformedOperation, Terminal, MAX_OPERATION_MESSAGE,
+    PerformedOperation, SessionReply, Terminal, MAX_OPERATION_MESSAGE,
 };
 use model::{Role, TerminalId};
 
@@ -173,7 +175,7 @@ pub(crate) async fn operations(
     request_body(content = Object, description = "an operation message", content_type = "application/json"),
     responses(
         (status = 200, description = "performed (or failed) on the VM", body = PerformedOperation),
-        (status = 202, description = "sent to the VM's host, no answer yet", body = PerformedOperation),
+        (status = 202, description = "sent to the VM's host (or held while the VM's migration moves its memory), no answer yet", body = PerformedOperation),
         (status = 400, description = "not an operation message", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "unknown terminal, MAC that does not verify, timestamp too far off, another server's message", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "sequence number already performed, terminal unbound, VM gone", body = Problem, content_type = "application/problem+json"),
@@ -189,12 +191,66 @@ pub(crate) async fn operation(
     let bytes =
         crate::extract::json_object_bytes(req, "operation message", MAX_OPERATION_MESSAGE).await?;
     let done = state.control().perform_operation(&bytes).await?;
-    let status = if done.outcome == OperationOutcome::Sent {
+    let status = if matches!(
+        done.outcome,
+        OperationOutcome::Sent | OperationOutcome::Held
+    ) {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
     Ok((status, Json(done)))
+}
+
+/// Opens a terminal session: a WebSocket on which a terminal sends operation messages
+/// (one per text or binary message, each exactly as for `POST /v1/terminal-operations`)
+/// and gets one `SessionReply` per message, in order. No bearer token: each message's MAC
+/// authenticates it; the session belongs to the terminal of its first accepted message.
+/// The server pings every 5 s and there is no idle timeout; when the session ends
+/// (closed, dropped, or silent for 15 s) every key and pointer button its operations
+/// hold down is released on the VM. A browser's request must come from this server's
+/// own origin.
+#[utoipa::path(get, path = "/v1/terminal-sessions", tag = "terminals",
+    security(()),
+    responses(
+        (status = 101, description = "switching to the WebSocket protocol; then one `SessionReply` per message", body = SessionReply),
+        (status = 400, description = "not a WebSocket handshake", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "an `Origin` other than this server's", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn session(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    check_origin(&headers)?;
+    let ws = ws.map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
+    let session = state.control().terminal_session();
+    Ok(ws
+        .max_message_size(MAX_OPERATION_MESSAGE)
+        .max_frame_size(MAX_OPERATION_MESSAGE)
+        .on_upgrade(move |socket| crate::session::serve(socket, session)))
+}
+
+/// A browser sends `Origin` with a WebSocket handshake: only a page of this server
+/// (same host and port) may open a session, so that another site's page cannot drive a
+/// terminal whose secret a user's browser holds. Clients that are not browsers send none.
+fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    match (origin_host, host) {
+        (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => Ok(()),
+        _ => Err(ApiError::Forbidden(format!(
+            "Origin {:?} is not this server's: a terminal session opens only from this server's own pages",
+            origin.to_str().unwrap_or("(not text)")
+        ))),
+    }
 }
 
 /// The host's answer to a terminal operation it was sent (agent protocol).

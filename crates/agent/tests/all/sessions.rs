@@ -1,0 +1,301 @@
+//! Terminal sessions (a WebSocket per terminal) end to end on the sim driver: keys a
+//! dropped session held are released on the VM, a resumed session never performs a
+//! number twice, a session carries one terminal, a foreign page cannot open one, and
+//! operations sent while the VM migrates reach it exactly once, in order.
+
+use std::time::{Duration, Instant};
+
+use client::session::TerminalSession;
+use client::terminal::TerminalCredentials;
+use model::api::MigrateVm;
+use model::terminal_ops::Operation;
+use model::terminals::{
+    BindTerminal, CreateTerminal, OperationOutcome, SessionReply, SharePolicy, SERVER_SEQ_BASE,
+};
+use model::MigrationState;
+
+use crate::harness::{self, Cluster, WAIT};
+
+async fn terminal(c: &Cluster, name: &str, vm: &str) -> TerminalCredentials {
+    let made = c
+        .admin
+        .create_terminal(&CreateTerminal {
+            name: name.into(),
+            tenant: None,
+        })
+        .await
+        .unwrap();
+    c.admin
+        .bind_terminal(
+            name,
+            &BindTerminal {
+                vm: vm.into(),
+                policy: SharePolicy::Shared,
+            },
+        )
+        .await
+        .unwrap();
+    TerminalCredentials::new(&made, &c.url)
+}
+
+fn key(q: &str, down: bool) -> String {
+    format!(r#"{{"operation":{{"op":"key","qcode":"{q}","down":{down}}}}}"#)
+}
+
+fn performed(r: &SessionReply) -> &model::terminals::PerformedOperation {
+    match r {
+        SessionReply::Answer { operation } if operation.outcome == OperationOutcome::Performed => {
+            operation
+        }
+        other => panic!("not performed: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_session_releases_the_keys_it_held() {
+    let c = Cluster::start().await;
+    let da = Cluster::driver();
+    let _a = c.agent("host-a", &da).await;
+    let web = c.create_vm("web", "host-a").await;
+    c.wait_running(&web).await;
+    let creds = terminal(&c, "kiosk", "web").await;
+    let now = control::now_ms();
+
+    let mut s = TerminalSession::connect(&creds, None).await.unwrap();
+    performed(&s.call(1, now, &key("shift", true)).await.unwrap());
+    performed(&s.call(2, now, &key("a", true)).await.unwrap());
+    performed(&s.call(3, now, &key("a", false)).await.unwrap());
+    performed(&s.call(4, now, &key("ctrl", true)).await.unwrap());
+    // The client vanishes holding Shift and Ctrl: no close frame, the socket just goes.
+    let dropped = Instant::now();
+    drop(s);
+    let id = web.id.to_string();
+    let released = |ops: &[Operation]| {
+        ops.iter()
+            .filter(|o| matches!(o, Operation::Key { down: false, .. }))
+            .count()
+    };
+    harness::wait("the held keys released", || {
+        let ops = da.performed(&id);
+        async move { released(&ops) == 3 }
+    })
+    .await;
+    eprintln!(
+        "held keys released {:?} after the client vanished",
+        dropped.elapsed()
+    );
+    let ops = da.performed(&id);
+    // Last pressed, first released; `a` (already up) is not released again.
+    let tail: Vec<String> = ops[4..]
+        .iter()
+        .map(|o| match o {
+            Operation::Key { qcode, down } => {
+                format!("{}{}", qcode.as_str(), if *down { "+" } else { "-" })
+            }
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(tail, ["ctrl-", "shift-"], "{ops:?}");
+    // The releases are in the terminal's log as the server's own operations.
+    let log = c.admin.terminal_operations("kiosk").await.unwrap();
+    let server: Vec<_> = log.iter().filter(|o| o.seq > SERVER_SEQ_BASE).collect();
+    assert_eq!(server.len(), 2, "{log:?}");
+    assert!(server
+        .iter()
+        .all(|o| o.outcome == OperationOutcome::Performed && o.vm == web.id));
+
+    // A session closed properly while holding nothing releases nothing.
+    let mut s = TerminalSession::connect(&creds, None).await.unwrap();
+    performed(&s.call(5, now, &key("b", true)).await.unwrap());
+    performed(&s.call(6, now, &key("b", false)).await.unwrap());
+    let (tx, _rx) = s.split();
+    tx.close().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(da.performed(&id).len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_performs_each_number_once() {
+    let c = Cluster::start().await;
+    let da = Cluster::driver();
+    let _a = c.agent("host-a", &da).await;
+    let web = c.create_vm("web", "host-a").await;
+    c.wait_running(&web).await;
+    let creds = terminal(&c, "kiosk", "web").await;
+    let now = control::now_ms();
+    let typed = |t: &str| format!(r#"{{"operation":{{"op":"type_text","text":"{t}"}}}}"#);
+
+    let mut s = TerminalSession::connect(&creds, None).await.unwrap();
+    for seq in 1..=3 {
+        performed(&s.call(seq, now, &typed("x")).await.unwrap());
+    }
+    // The client vanishes before it read every answer.
+    drop(s);
+
+    // The client reconnects and resends 3 (whose answer it may have missed) and 4.
+    let t0 = Instant::now();
+    let mut s = TerminalSession::connect(&creds, None).await.unwrap();
+    eprintln!("reconnected in {:?}", t0.elapsed());
+    match s.call(3, now, &typed("x")).await.unwrap() {
+        SessionReply::Refused {
+            seq,
+            reason,
+            previous,
+            ..
+        } => {
+            assert_eq!((seq, reason.as_str()), (Some(3), "replay"));
+            let prev = previous.expect("the earlier record");
+            assert_eq!((prev.seq, prev.outcome), (3, OperationOutcome::Performed));
+        }
+        other => panic!("{other:?}"),
+    }
+    performed(&s.call(4, now, &typed("x")).await.unwrap());
+    let ops = da.performed(&web.id.to_string());
+    // 1, 2, 3, 4: once each.
+    assert_eq!(ops.len(), 4, "{ops:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_carries_one_terminal_and_only_from_its_own_origin() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let c = Cluster::start().await;
+    let da = Cluster::driver();
+    let _a = c.agent("host-a", &da).await;
+    let web = c.create_vm("web", "host-a").await;
+    c.wait_running(&web).await;
+    let first = terminal(&c, "kiosk", "web").await;
+    let second = terminal(&c, "other", "web").await;
+    let now = control::now_ms();
+    let addr = c.url.trim_start_matches("http://").to_owned();
+    let url = format!("ws://{addr}/v1/terminal-sessions");
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let send = |m: Vec<u8>| Message::Binary(m.into());
+    ws.send(send(first.sign(1, now, &key("a", true))))
+        .await
+        .unwrap();
+    ws.send(send(second.sign(1, now, &key("b", true))))
+        .await
+        .unwrap();
+    ws.send(send(b"{not json".to_vec())).await.unwrap();
+    let mut replies = Vec::new();
+    while replies.len() < 3 {
+        if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
+            replies.push(serde_json::from_str::<SessionReply>(t.as_str()).unwrap());
+        }
+    }
+    performed(&replies[0]);
+    assert!(
+        matches!(&replies[1], SessionReply::Refused { reason, seq: Some(1), .. } if reason == "other_terminal"),
+        "{:?}",
+        replies[1]
+    );
+    assert!(
+        matches!(&replies[2], SessionReply::Refused { reason, seq: None, .. } if reason == "malformed"),
+        "{:?}",
+        replies[2]
+    );
+    drop(ws);
+    // Only `a` went down (and comes up again when the session went).
+    harness::wait("the release", || {
+        let n = da.performed(&web.id.to_string()).len();
+        async move { n == 2 }
+    })
+    .await;
+
+    // A page of another site cannot open a session; this server's own page can.
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", format!("http://{addr}").parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_sent_during_a_migration_reach_the_vm_once_each_in_order() {
+    let c = Cluster::start().await;
+    let (da, db) = (Cluster::driver(), Cluster::driver());
+    let _a = c.agent("host-a", &da).await;
+    let _b = c.agent("host-b", &db).await;
+    let web = c.create_vm("web", "host-a").await;
+    c.wait_running(&web).await;
+    c.wait_ticks(&web, 0, 4).await;
+    let creds = terminal(&c, "kiosk", "web").await;
+    let now = control::now_ms();
+
+    let s = TerminalSession::connect(&creds, None).await.unwrap();
+    let (mut tx, mut rx) = s.split();
+    let m = c
+        .admin
+        .migrate_vm(
+            &web.id.to_string(),
+            &MigrateVm {
+                to: "host-b".into(),
+                strategy: None,
+            },
+        )
+        .await
+        .unwrap();
+    // Press and release key `n` for n = 1, 2, … until the migration is over, 20 ms apart.
+    let keys = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    let mut sent = 0u64;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let q = keys[(sent as usize / 2) % keys.len()];
+        tx.send(sent + 1, now, &key(q, sent.is_multiple_of(2)))
+            .await
+            .unwrap();
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let state = c.admin.get_migration(m.id).await.unwrap().state;
+        if state.is_final() && sent.is_multiple_of(2) {
+            assert_eq!(state, MigrationState::Completed);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the migration did not end");
+    }
+    let mut hosts = Vec::new();
+    for _ in 0..sent {
+        let r = rx.next().await.unwrap().unwrap();
+        let op = performed(&r);
+        hosts.push(op.host.to_string());
+    }
+    // Every key event reached the VM exactly once, in order, across the two hosts.
+    let id = web.id.to_string();
+    let mut all = da.performed(&id);
+    all.extend(db.performed(&id));
+    let got: Vec<String> = all
+        .iter()
+        .map(|o| match o {
+            Operation::Key { qcode, down } => format!("{}{}", qcode.as_str(), down),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    let want: Vec<String> = (0..sent)
+        .map(|i| {
+            format!(
+                "{}{}",
+                keys[(i as usize / 2) % keys.len()],
+                i.is_multiple_of(2)
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    // Some were performed by each host (the session outlived the switch-over).
+    let on_b = hosts.iter().filter(|h| *h == "host-b").count();
+    eprintln!(
+        "{sent} operations during the migration: {} on host-a, {on_b} on host-b",
+        hosts.len() - on_b
+    );
+    assert!(on_b > 0 && on_b < hosts.len(), "{hosts:?}");
+    let _ = tx.close().await;
+}

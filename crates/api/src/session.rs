@@ -1,0 +1,83 @@
+//! The WebSocket end of a terminal session (`GET /v1/terminal-sessions`): frames in,
+//! one call to the control layer's session per message, replies out in the order the
+//! messages came, pings to notice a client that vanished. What a session means (one
+//! terminal, held keys released when it ends) is `control::sessions`'.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use control::sessions::TerminalSession;
+use futures_util::stream::FuturesOrdered;
+use futures_util::StreamExt;
+use model::terminals::SessionReply;
+
+/// How often the server pings an idle session. There is no idle timeout: a session
+/// that answers pings lives as long as its client wants.
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(5);
+/// A session that sent nothing (not even a pong) for this long is over: its client or
+/// the path to it is gone without a close (its held keys are then released).
+pub(crate) const SILENT_FOR: Duration = Duration::from_secs(15);
+/// How long a message's reply waits for the host's answer before it says `sent`.
+const ANSWER_WAIT: Duration = Duration::from_secs(3);
+
+type Reply = Pin<Box<dyn Future<Output = SessionReply> + Send>>;
+
+/// Serves one session until its client closes it, drops, or stays silent; then ends
+/// the session (which releases what it holds).
+pub(crate) async fn serve(mut socket: WebSocket, mut session: TerminalSession) {
+    let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
+    let why = loop {
+        tokio::select! {
+            frame = socket.recv() => {
+                heard = tokio::time::Instant::now();
+                let raw = match frame {
+                    Some(Ok(Message::Text(t))) => t.as_str().as_bytes().to_vec(),
+                    Some(Ok(Message::Binary(b))) => b.to_vec(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => break "closed by the client",
+                    Some(Err(_)) => break "connection lost",
+                };
+                let reply: Reply = match session.submit(&raw).await {
+                    Ok(pending) => Box::pin(async move {
+                        SessionReply::Answer {
+                            operation: Box::new(pending.answer(ANSWER_WAIT).await),
+                        }
+                    }),
+                    Err(r) => {
+                        let reply = SessionReply::Refused {
+                            seq: r.seq,
+                            reason: r.refused.reason().to_owned(),
+                            detail: r.refused.to_string(),
+                            previous: r.previous.map(Box::new),
+                        };
+                        Box::pin(std::future::ready(reply))
+                    }
+                };
+                replies.push_back(reply);
+            }
+            Some(reply) = replies.next(), if !replies.is_empty() => {
+                // Serializing a reply cannot fail (strings, numbers, enums).
+                let text = serde_json::to_string(&reply).unwrap_or_default();
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    break "connection lost";
+                }
+            }
+            _ = ping.tick() => {
+                if heard.elapsed() > SILENT_FOR {
+                    break "silent";
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    break "connection lost";
+                }
+            }
+        }
+    };
+    let terminal = session.terminal();
+    let released = session.end().await;
+    tracing::info!(?terminal, why, released, "terminal session ended");
+}
