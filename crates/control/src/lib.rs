@@ -31,6 +31,7 @@ pub mod sessions;
 pub mod storage;
 mod takeover;
 pub mod terminals;
+mod traffic;
 mod vms;
 
 use std::sync::Arc;

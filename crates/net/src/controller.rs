@@ -39,6 +39,29 @@ struct ControllerState {
     /// Every VM name a MAC was reported with (the latest), so the counts of a VM that has
     /// stopped or left still show its name.
     names: BTreeMap<MacAddr, String>,
+    /// Reports applied (a persistence cursor).
+    applied: u64,
+    /// `applied` as of the last snapshot the owner persisted.
+    persisted: u64,
+}
+
+/// A persisted controller state.
+#[derive(Debug, Serialize, Deserialize)]
+struct ControllerSnapshot {
+    domain: DomainId,
+    stats: crate::stats::StatsSnapshot,
+    names: Vec<(MacAddr, String)>,
+}
+
+/// A snapshot that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Not a snapshot.
+    #[error("traffic snapshot is not valid JSON of the expected shape")]
+    Json(#[from] serde_json::Error),
+    /// Another domain's.
+    #[error("traffic snapshot is for domain {0}")]
+    Domain(DomainId),
 }
 
 /// The controller of one domain. Cheap to clone; clones share state.
@@ -57,6 +80,8 @@ impl Controller {
                 ports: BTreeMap::new(),
                 stats: DomainStats::default(),
                 names: BTreeMap::new(),
+                applied: 0,
+                persisted: 0,
             })),
             domain,
         }
@@ -71,6 +96,44 @@ impl Controller {
         // The state stays consistent across a panic in another holder: every update is a few
         // field writes with no early return in between.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The controller's state to persist: the counters' [`crate::stats::StatsSnapshot`] and
+    /// the VM names seen, as JSON. Taken under one lock, so it is consistent.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let st = self.lock();
+        let snap = ControllerSnapshot {
+            domain: self.domain.clone(),
+            stats: st.stats.snapshot(),
+            names: st.names.iter().map(|(m, n)| (*m, n.clone())).collect(),
+        };
+        serde_json::to_vec(&snap).unwrap_or_default()
+    }
+
+    /// Counts of applied reports so far: a saver persists when it moved.
+    pub fn applied(&self) -> u64 {
+        self.lock().applied
+    }
+
+    /// Records that the snapshot taken when [`Controller::applied`] was `applied` is saved
+    /// (shown as `vinfra_traffic_reports_persisted`).
+    pub fn mark_persisted(&self, applied: u64) {
+        let mut st = self.lock();
+        st.persisted = st.persisted.max(applied);
+    }
+
+    /// Goes on from a [`Controller::snapshot`] (taken by a controller of the same domain),
+    /// before any report is taken. Reports that reached the old controller after its last
+    /// snapshot are added again from the switches' cumulative counters, exactly once.
+    pub fn restore(&self, snapshot: &[u8]) -> Result<(), RestoreError> {
+        let snap: ControllerSnapshot = serde_json::from_slice(snapshot)?;
+        if snap.domain != self.domain {
+            return Err(RestoreError::Domain(snap.domain));
+        }
+        let mut st = self.lock();
+        st.stats = DomainStats::restore(snap.stats, 3600);
+        st.names = snap.names.into_iter().collect();
+        Ok(())
     }
 
     /// Takes one switch report received now.
@@ -90,6 +153,7 @@ impl Controller {
         let mut st = self.lock();
         let outcome = st.stats.apply(r, now_ms);
         if outcome == ReportOutcome::Applied {
+            st.applied += 1;
             let mut ports = r.ports.clone();
             ports.sort();
             for p in &ports {
@@ -299,6 +363,8 @@ impl Controller {
                 c.errors
             );
         }
+        let _ = writeln!(o, "# HELP vinfra_traffic_reports_applied_total Switch reports applied by this controller since it started.\n# TYPE vinfra_traffic_reports_applied_total counter\nvinfra_traffic_reports_applied_total{{domain=\"{d}\"}} {}", st.applied);
+        let _ = writeln!(o, "# HELP vinfra_traffic_reports_persisted Applied reports covered by the last saved snapshot.\n# TYPE vinfra_traffic_reports_persisted gauge\nvinfra_traffic_reports_persisted{{domain=\"{d}\"}} {}", st.persisted);
         let _ = writeln!(o, "# HELP vinfra_switch_restarts_total Switch restarts (new counter epochs) seen.\n# TYPE vinfra_switch_restarts_total counter\nvinfra_switch_restarts_total{{domain=\"{d}\"}} {}", st.stats.restarts());
         let _ = writeln!(o, "# HELP vinfra_address_table_version Version of the domain's address table.\n# TYPE vinfra_address_table_version gauge\nvinfra_address_table_version{{domain=\"{d}\"}} {}", st.table.version);
         let _ = writeln!(o, "# HELP vinfra_address_table_entries VMs in the domain's address table.\n# TYPE vinfra_address_table_entries gauge\nvinfra_address_table_entries{{domain=\"{d}\"}} {}", st.table.entries.len());

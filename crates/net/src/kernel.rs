@@ -473,21 +473,27 @@ impl KernelDatapath {
             ) else {
                 continue;
             };
+            // Each CPU keeps the class it last computed, with the address-table generation
+            // it computed it under: the newest generation's is the pair's class now.
             let mut counter = Counter::default();
-            let mut class = None;
+            let mut class: Option<(u32, TrafficClass)> = None;
             for v in &e.values {
                 let c = Counter {
                     packets: u64_at(v, 0),
                     bytes: u64_at(v, 8),
                 };
-                if !c.is_zero() {
-                    class = class.or_else(|| {
-                        let code = u8::try_from(u32_at(v, 16)).ok()?;
-                        TrafficClass::from_code(code.checked_add(1)?)
-                    });
+                let gen = u32_at(v, 20);
+                let this = u8::try_from(u32_at(v, 16))
+                    .ok()
+                    .and_then(|code| TrafficClass::from_code(code.checked_add(1)?));
+                if let (false, Some(k)) = (c.is_zero(), this) {
+                    if class.is_none_or(|(g, _)| gen > g) {
+                        class = Some((gen, k));
+                    }
                 }
                 counter.add(c);
             }
+            let class = class.map(|(_, k)| k);
             if let Some(class) = class {
                 flows.push(FlowRecord {
                     src,

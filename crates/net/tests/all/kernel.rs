@@ -245,6 +245,27 @@ fn kernel_classifier_counts_pings_by_class_and_pair_across_restart_and_move() {
     );
     assert_eq!(pair(&b, "d", "b"), (TrafficClass::InterDomain, 2));
     assert_eq!(pair(&b, "b", "d"), (TrafficClass::InterDomain, 2));
+    // The same per-pair counts exported as IPFIX reach Debian's nfcapd and come back out of
+    // nfdump (which ignores the class, an enterprise element; our own decoder checks it).
+    let nf = Nfcapd::start();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    let mut exporter = net::ipfix::IpfixExporter::new(7);
+    let sent = lab.ctl[0]
+        .export_ipfix(&mut exporter, &sock, nf.addr)
+        .expect("export");
+    assert_eq!(sent, 6);
+    let collected = nf.stop_and_read();
+    let want: BTreeMap<(String, String), (u64, u64)> = a
+        .pairs
+        .iter()
+        .map(|p| {
+            (
+                (p.src_mac.to_string(), p.dst_mac.to_string()),
+                (p.packets, p.bytes),
+            )
+        })
+        .collect();
+    assert_eq!(collected, want, "nfdump's flows = the controller's pairs");
     let prom = lab.ctl[0].prometheus();
     assert!(
         prom.contains("vinfra_traffic_packets_total{domain=\"dom-a\",class=\"inter_server\"} 8"),
@@ -284,4 +305,101 @@ fn kernel_classifier_counts_pings_by_class_and_pair_across_restart_and_move() {
     assert_eq!(pair(&a, "c", "a"), (TrafficClass::IntraServer, 9));
     drop((h1, h2, h3));
     let _ = &lab.rt;
+}
+
+/// Debian's `nfcapd` (package nfdump) on a loopback port, writing into its own directory.
+struct Nfcapd {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+}
+
+impl Nfcapd {
+    fn start() -> Nfcapd {
+        let dir = std::env::temp_dir().join(format!("vinfra-nfcapd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("collector dir");
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free udp port")
+            .port();
+        let log = std::fs::File::create(dir.join("nfcapd.log")).expect("log");
+        let flows = dir.join("flows");
+        std::fs::create_dir(&flows).expect("flows dir");
+        let child = Command::new("nfcapd")
+            .args([
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                "3600",
+                "-w",
+            ])
+            .arg(&flows)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("run nfcapd (install nfdump: bash scripts/setup.sh)");
+        let n = Nfcapd {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+            dir,
+        };
+        let end = Instant::now() + Duration::from_secs(10);
+        while !n.log().contains("Startup") {
+            assert!(Instant::now() < end, "nfcapd did not start: {}", n.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nfcapd.log")).unwrap_or_default()
+    }
+
+    /// Stops the collector (it writes its file on SIGTERM) and reads every flow back with
+    /// `nfdump`: (source MAC, destination MAC) -> (packets, bytes), summed.
+    fn stop_and_read(mut self) -> BTreeMap<(String, String), (u64, u64)> {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let out = Command::new("nfdump")
+            .arg("-R")
+            .arg(self.dir.join("flows"))
+            .args(["-o", "json"])
+            .output()
+            .expect("run nfdump");
+        assert!(
+            out.status.success(),
+            "nfdump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "nfdump json ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        let mut flows = BTreeMap::new();
+        for f in v.as_array().into_iter().flatten() {
+            let key = (
+                f["in_src_mac"].as_str().unwrap_or_default().to_owned(),
+                f["in_dst_mac"].as_str().unwrap_or_default().to_owned(),
+            );
+            let e = flows.entry(key).or_insert((0, 0));
+            e.0 += f["in_packets"].as_u64().unwrap_or(0);
+            e.1 += f["in_bytes"].as_u64().unwrap_or(0);
+        }
+        flows
+    }
+}
+
+impl Drop for Nfcapd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
