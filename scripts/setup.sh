@@ -32,7 +32,7 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
   $SUDO chmod +x /usr/sbin/policy-rc.d
 fi
 
-BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc virsh libvirtd virtlogd clang bpftool tc nfcapd nfdump"
+BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc virsh libvirtd virtlogd nft clang bpftool tc nfcapd nfdump"
 if need $BINS && [ -x /bin/busybox ] && busybox --list | grep -qx cpio; then
   echo "setup: all packages present"
 else
@@ -55,7 +55,7 @@ else
   $SUDO apt-get install -y -qq --no-install-recommends $sfx qemu-system-x86 qemu-utils >/dev/null
   $SUDO apt-get install -y -qq --no-install-recommends \
     busybox-static nbdkit libnbd-bin fio socat etcd-server etcd-client iproute2 iputils-ping \
-    xz-utils cpio gzip protobuf-compiler >/dev/null
+    xz-utils cpio gzip protobuf-compiler nftables >/dev/null
   # The in-kernel traffic classifier: clang compiles it (net's build.rs, with libbpf-dev's
   # headers), bpftool loads it and reads its maps, tc attaches it; nfdump's nfcapd is the
   # IPFIX collector of the traffic tests.

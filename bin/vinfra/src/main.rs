@@ -93,6 +93,11 @@ enum Command {
     /// Serve a disk through a block cache over NBD (like qemu-nbd).
     #[command(subcommand)]
     Nbd(cmd::nbd::NbdCmd),
+    /// One operator's MEC V2X service (multi-operator C-V2X).
+    #[command(subcommand)]
+    Mec(cmd::v2x::MecCmd),
+    /// A MEC's V2X API: device subscriptions, links, the PC5 gate; a device's authorization.
+    V2x(cmd::v2x::V2xArgs),
     /// Benchmarks, each printed side by side with its baseline.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCmd),
@@ -138,7 +143,11 @@ fn main() -> std::process::ExitCode {
 fn init_tracing(command: &Command) {
     // Daemons log at info; CLI commands stay quiet unless RUST_LOG says otherwise.
     let default = match command {
-        Command::Server(_) | Command::Agent(_) | Command::Up(_) | Command::Nbd(_) => "info",
+        Command::Server(_)
+        | Command::Agent(_)
+        | Command::Up(_)
+        | Command::Nbd(_)
+        | Command::Mec(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -175,6 +184,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vnfd(c) => cmd::nfv::run_vnfd(&ctx, c).await,
         Command::Nsd(c) => cmd::nfv::run_nsd(&ctx, c).await,
         Command::Ns(c) => cmd::nfv::run_ns(&ctx, c).await,
+        Command::Mec(c) => cmd::v2x::run_mec(c).await,
+        Command::V2x(a) => cmd::v2x::run(a, ctx.format).await,
         Command::Bench(c) => cmd::bench::run(c, ctx.format).await,
         Command::Openapi => {
             println!("{}", api::openapi_json());

@@ -46,7 +46,10 @@ impl VmTask {
                 screenshot: None,
             },
         };
-        answer(&self.host, &op, result).await;
+        // The answer goes on its own: the next operation is performed while this one's
+        // record is written (the server's store commits concurrent answers together).
+        let host = self.host.clone();
+        tokio::spawn(async move { answer(&host, &op, result).await });
     }
 }
 

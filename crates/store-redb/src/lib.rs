@@ -10,11 +10,22 @@
 //! - table `meta`: `"format"` → `1`; `"revision"` → the store-wide revision of
 //!   the last write (0 or absent: nothing written yet).
 //!
-//! Every write is one redb write transaction that reads `revision`, writes the
-//! keys with `revision + 1`, stores the new `revision`, and commits with
-//! [`Durability::Immediate`] (fsync'd before `Ok` is returned), so a write that
-//! returned `Ok` survives `kill -9` and the revision never goes backwards after
-//! a restart. A write that changes nothing (a delete of an absent key, a failed
+//! Every write takes the next revision: it reads `revision`, writes the keys with
+//! `revision + 1` and stores the new `revision`, in a redb write transaction
+//! committed with [`Durability::Immediate`] (fsync'd before `Ok` is returned), so
+//! a write that returned `Ok` survives `kill -9` and the revision never goes
+//! backwards after a restart.
+//!
+//! **Group commit.** Writes that arrive while another is committing wait in a
+//! queue; the next writer to get the write lock runs every queued write, one
+//! after another in arrival order (each sees the ones before it, each takes its
+//! own revision and sends its own watch batch), in one redb transaction with one
+//! fsync, and hands each its result. An fsync is most of a write's time, so
+//! concurrent writers (hundreds of terminal operations a second, each taking a
+//! sequence number) share it instead of queueing for one each; a lone writer
+//! commits at once, as before. A write that fails its compare takes no part;
+//! a backend error in the middle of a batch aborts the batch and every write of
+//! it gets the error (none was applied). A write that changes nothing (a delete of an absent key, a failed
 //! compare) takes no revision, as in etcd. Opening a file with an unknown
 //! `format` fails instead of guessing. After an unclean shutdown redb repairs
 //! the file on open; that walks the whole file, which is fine at control-plane
@@ -101,7 +112,23 @@ struct Inner {
     /// watchers get batches in revision order. Guards no data: a panic while
     /// holding it leaves nothing inconsistent (redb aborts the transaction).
     writer: Mutex<()>,
+    /// Writes waiting for the next group commit (see the crate docs).
+    queue: Mutex<Vec<Job>>,
+    /// Durable commits made (each one fsync), for [`RedbStore::commits`].
+    commits: std::sync::atomic::AtomicU64,
     events: broadcast::Sender<Arc<[WatchEvent]>>,
+}
+
+/// A write's result, its type erased so that writes of any result share a batch.
+type Erased = Box<dyn std::any::Any + Send>;
+
+/// A write as queued: what it does in the batch's transaction.
+type WriteFn = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Result<Erased, StoreError> + Send>;
+
+/// A queued write and where its result goes.
+struct Job {
+    f: WriteFn,
+    done: std::sync::mpsc::SyncSender<Result<Erased, StoreError>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -211,6 +238,8 @@ impl RedbStore {
             db,
             path: path.to_owned(),
             writer: Mutex::new(()),
+            queue: Mutex::new(Vec::new()),
+            commits: std::sync::atomic::AtomicU64::new(0),
             events,
         };
         let stale = inner
@@ -225,6 +254,14 @@ impl RedbStore {
     /// The file this store lives in.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// How many durable commits (fsyncs) writes took since the store was opened:
+    /// fewer than the writes when group commits shared them.
+    pub fn commits(&self) -> u64 {
+        self.inner
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `f` on the blocking pool with the shared state.
@@ -319,55 +356,145 @@ impl WriteCtx<'_> {
 }
 
 impl Inner {
-    /// One write transaction: `f` reads and writes through the [`WriteCtx`];
-    /// if it returns `Ok` and changed something, the revision is bumped, the
-    /// transaction committed durably, and the events sent to watchers. On
-    /// `Err` nothing is written.
-    fn write<R>(
+    /// One write: `f` reads and writes through the [`WriteCtx`]; if it returns
+    /// `Ok` and changed something, it takes the next revision, is committed
+    /// durably (in a group commit with the writes queued beside it) and its
+    /// events go to watchers. On `Err` nothing of it is written.
+    fn write<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut WriteCtx<'_>) -> Result<R, StoreError>,
+        f: impl FnOnce(&mut WriteCtx<'_>) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut tx = self
-            .db
-            .begin_write()
-            .map_err(backend("cannot begin a redb write"))?;
-        tx.set_durability(Durability::Immediate);
-        let (result, events) = {
-            let mut meta = tx
-                .open_table(META)
-                .map_err(backend("cannot open the meta table"))?;
-            let current = meta
-                .get(META_REVISION)
-                .map_err(backend("cannot read the store revision"))?
-                .map_or(0, |g| g.value());
-            let kv = tx
-                .open_table(KV)
-                .map_err(backend("cannot open the kv table"))?;
-            let mut ctx = WriteCtx {
-                kv,
-                current: Revision(current),
-                next: Revision(current + 1),
-                events: Vec::new(),
-            };
-            // On error the transaction is dropped, which aborts it.
-            let result = f(&mut ctx)?;
-            if !ctx.events.is_empty() {
-                meta.insert(META_REVISION, ctx.next.0)
-                    .map_err(backend("cannot write the store revision"))?;
-            }
-            (result, ctx.events)
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let job = Job {
+            f: Box::new(move |ctx: &mut WriteCtx<'_>| f(ctx).map(|r| Box::new(r) as Erased)),
+            done,
         };
-        if events.is_empty() {
-            // Nothing changed: no commit, no fsync, no revision.
-            tx.abort().map_err(backend("cannot end a redb write"))?;
-            return Ok(result);
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(job);
+        {
+            let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            // Whoever held the lock before may have committed this write already
+            // (then the queue holds only later ones, or none).
+            let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+            if !batch.is_empty() {
+                self.commit_batch(batch);
+            }
         }
-        tx.commit()
-            .map_err(backend(format!("cannot commit to {}", self.path.display())))?;
-        // No receivers is not an error: nobody is watching.
-        let _ = self.events.send(events.into());
-        Ok(result)
+        let erased = result.recv().map_err(|_| {
+            StoreError::backend(
+                "redb write",
+                RedbError("the group commit was aborted before this write ran".into()),
+            )
+        })??;
+        match erased.downcast::<R>() {
+            Ok(r) => Ok(*r),
+            Err(_) => Err(StoreError::backend(
+                "redb write",
+                RedbError("a write's result has the wrong type".into()),
+            )),
+        }
+    }
+
+    /// Runs `batch` in one redb transaction, commits it with one fsync, sends
+    /// each write's events (in revision order: the caller holds the writer lock)
+    /// and each write its result.
+    fn commit_batch(&self, batch: Vec<Job>) {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let run = || -> Result<Vec<Vec<WatchEvent>>, StoreError> {
+            let mut tx = self
+                .db
+                .begin_write()
+                .map_err(backend("cannot begin a redb write"))?;
+            tx.set_durability(Durability::Immediate);
+            let mut batches = Vec::new();
+            {
+                let mut meta = tx
+                    .open_table(META)
+                    .map_err(backend("cannot open the meta table"))?;
+                let current = meta
+                    .get(META_REVISION)
+                    .map_err(backend("cannot read the store revision"))?
+                    .map_or(0, |g| g.value());
+                let kv = tx
+                    .open_table(KV)
+                    .map_err(backend("cannot open the kv table"))?;
+                let mut ctx = WriteCtx {
+                    kv,
+                    current: Revision(current),
+                    next: Revision(current + 1),
+                    events: Vec::new(),
+                };
+                for job in batch {
+                    let r = (job.f)(&mut ctx);
+                    let events = std::mem::take(&mut ctx.events);
+                    match r {
+                        Ok(v) => {
+                            if !events.is_empty() {
+                                batches.push(events);
+                                ctx.current = ctx.next;
+                                ctx.next = Revision(ctx.next.0 + 1);
+                            }
+                            outcomes.push((job.done, Ok(v)));
+                        }
+                        // Failed before writing (a compare): no part of the batch.
+                        Err(e) if events.is_empty() => outcomes.push((job.done, Err(e))),
+                        // Failed half-way (a backend error): nothing of the batch
+                        // may be committed.
+                        Err(e) => {
+                            let aborted = StoreError::backend(
+                                "redb write",
+                                RedbError(format!("the group commit was aborted: {e}")),
+                            );
+                            outcomes.push((job.done, Err(e)));
+                            return Err(aborted);
+                        }
+                    }
+                }
+                if !batches.is_empty() {
+                    meta.insert(META_REVISION, ctx.current.0)
+                        .map_err(backend("cannot write the store revision"))?;
+                }
+            }
+            if batches.is_empty() {
+                // Nothing changed: no commit, no fsync, no revision.
+                tx.abort().map_err(backend("cannot end a redb write"))?;
+            } else {
+                tx.commit()
+                    .map_err(backend(format!("cannot commit to {}", self.path.display())))?;
+                self.commits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(batches)
+        };
+        match run() {
+            Ok(batches) => {
+                for events in batches {
+                    // No receivers is not an error: nobody is watching.
+                    let _ = self.events.send(events.into());
+                }
+                for (done, r) in outcomes {
+                    let _ = done.send(r);
+                }
+            }
+            Err(e) => {
+                // Nothing of the batch was applied: every write of it fails (one that
+                // failed on its own keeps its error; writes never run see their
+                // sender dropped).
+                let msg = e.to_string();
+                for (done, r) in outcomes {
+                    let r = match r {
+                        Err(own) => Err(own),
+                        Ok(_) => Err(StoreError::backend(
+                            "redb write",
+                            RedbError(format!("the group commit was aborted: {msg}")),
+                        )),
+                    };
+                    let _ = done.send(r);
+                }
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use crate::output::Format;
 pub mod control;
 pub mod push;
 mod render;
+pub mod terminal;
 
 /// The control-plane benchmarks' common start on a fresh server: an agent token (its
 /// client returned beside the admin's) and an image `bench` booting `kernel`.
@@ -110,6 +111,27 @@ pub enum BenchCmd {
     /// polling the assignments every second as the agent does. One `vinfra server` child
     /// on redb; `-o json` prints the report as JSON.
     Push(push::PushArgs),
+    /// Multi-operator C-V2X: N vehicles on two operators in network namespaces
+    /// (authorization, link establishment, one-way latency direct and through both MECs
+    /// against bare UDP, losses, revocation, operator change). Needs root, ip, nft.
+    V2x {
+        /// Vehicles (half per operator).
+        #[arg(long, default_value_t = 1000)]
+        vehicles: u32,
+        /// Seconds of 10 Hz CAM-sized messages on the direct path (both ways).
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+        /// Seconds of messages through the two MECs.
+        #[arg(long, default_value_t = 10)]
+        relay_secs: u64,
+        /// Vehicles revoked, and vehicles moved to the other operator.
+        #[arg(long, default_value_t = 50)]
+        lifecycle: u32,
+    },
+    /// Terminal operations: operation → performed p50/p99 with many terminals at once,
+    /// over sessions (WebSocket) against one-off POSTs at the same rate; in-process
+    /// server and agent on the sim driver. `-o json` prints the report as JSON.
+    Terminal(terminal::TerminalArgs),
     /// Frames/s and drops on veth ports of the Linux bridge alone, the bridge with vinfra's
     /// BPF classifier (the datapath VM taps use) and the old user-space switch, side by side
     /// at 64 B and 1500 B, with the classifier's CPU cost per frame; plus the user-space
@@ -148,6 +170,17 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", control::render::control_table(&report)),
+            }
+            Ok(())
+        }
+        BenchCmd::Terminal(args) => {
+            let report = tokio::select! {
+                r = terminal::run(&args) => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            };
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", terminal::table(&report)),
             }
             Ok(())
         }
@@ -250,6 +283,29 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             print!("{}", sched::format_table(&rows));
             Ok(())
         }
+        BenchCmd::V2x {
+            vehicles,
+            secs,
+            relay_secs,
+            lifecycle,
+        } => {
+            let o = v2x::bench::BenchOptions {
+                vehicles,
+                direct_secs: secs,
+                relay_secs,
+                lifecycle,
+                ..Default::default()
+            };
+            let report = tokio::select! {
+                r = v2x::bench::run(&o) => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            };
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", super::v2x::bench_table(&report)),
+            }
+            Ok(())
+        }
         BenchCmd::Vswitch {
             secs,
             json,
@@ -263,7 +319,7 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             let table = tokio::task::spawn_blocking(move || net::bench::bench_vswitch(&cfg))
                 .await?
                 .context("vswitch benchmark failed")?;
-            if json {
+            if json || format == Format::Json {
                 let rows: Vec<serde_json::Value> = table
                     .rows
                     .iter()

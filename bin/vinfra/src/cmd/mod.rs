@@ -17,6 +17,7 @@ pub mod terminal_connect;
 pub mod token;
 pub mod traffic;
 pub mod up;
+pub mod v2x;
 pub mod vm;
 
 use crate::output::Format;

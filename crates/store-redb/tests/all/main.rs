@@ -2,6 +2,7 @@
 //! durability test, and opening bad files.
 
 mod durability;
+mod group_commit;
 mod open;
 
 use std::sync::Arc;

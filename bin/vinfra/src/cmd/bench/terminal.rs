@@ -1,0 +1,445 @@
+//! `vinfra bench terminal`: operation → performed latency for many terminals at once,
+//! over sessions (one WebSocket per terminal) and, side by side in the same run, as
+//! one-off `POST /v1/terminal-operations` messages at the same rate.
+//!
+//! In this process: a server on a redb file (plain HTTP on loopback) and one node agent
+//! on the sim driver (the hypervisor simulated: its input queue stands in for QMP's
+//! `input-send-event`), with `--vms` VMs; `--terminals` terminals bound to them in turn
+//! (shared). Each terminal sends `--rate` key operations per second (down, up, down,
+//! …) for `--secs`; latency is from the message sent to its reply saying `performed`
+//! (the host's agent performed it through the driver and answered). The one-off rows
+//! send the same operations, each its own HTTP request on a kept-alive connection.
+//!
+//! What is not here yet: the same through QEMU's keyboard controller (the qtest
+//! harness of the compute tests), and the bytes-on-the-wire comparison against VNC.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use client::session::TerminalSession;
+use client::terminal::TerminalCredentials;
+use model::api::{CreateImage, CreateToken, CreateVm};
+use model::terminals::{BindTerminal, CreateTerminal, OperationOutcome, SessionReply, SharePolicy};
+use model::{ObservedState, Role};
+use serde::Serialize;
+
+use super::control::quantile;
+
+/// Options of `vinfra bench terminal`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TerminalArgs {
+    /// Terminals sending at once.
+    #[arg(long, default_value_t = 200)]
+    pub terminals: usize,
+    /// Operations per second per terminal.
+    #[arg(long, default_value_t = 20)]
+    pub rate: u32,
+    /// VMs the terminals are bound to (in turn).
+    #[arg(long, default_value_t = 4)]
+    pub vms: usize,
+    /// Seconds per row.
+    #[arg(long, default_value_t = 5)]
+    pub secs: u64,
+}
+
+/// One transport's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `session` or `one-off`.
+    pub path: &'static str,
+    /// Operations sent.
+    pub sent: usize,
+    /// Answered `performed`.
+    pub performed: usize,
+    /// Refused, failed, or not answered `performed`.
+    pub other: usize,
+    /// Why, by reason (`sent`: no answer from the host within 3 s).
+    pub other_reasons: std::collections::BTreeMap<String, usize>,
+    /// Operations per second performed.
+    pub per_s: f64,
+    /// Median, ms.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile, ms.
+    pub p99_ms: Option<f64>,
+    /// Largest, ms.
+    pub max_ms: Option<f64>,
+}
+
+/// Everything measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct TerminalReport {
+    /// CPUs.
+    pub cores: usize,
+    /// `release` or `debug`.
+    pub build: &'static str,
+    /// The load asked for.
+    pub terminals: usize,
+    /// Per terminal, operations/s.
+    pub rate: u32,
+    /// VMs.
+    pub vms: usize,
+    /// Session and one-off rows.
+    pub rows: Vec<Row>,
+}
+
+/// Runs the bench (progress on stderr).
+pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
+    if args.terminals == 0 || args.rate == 0 || args.vms == 0 || args.secs == 0 {
+        bail!("--terminals, --rate, --vms and --secs must be at least 1");
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("vinfra-bench-terminal-")
+        .tempdir()
+        .context("cannot create a temp dir")?;
+    let dir = tmp.path();
+    let store = crate::store_spec::open_store(&crate::store_spec::parse_store_spec(&format!(
+        "redb:{}",
+        dir.join("state.redb").display()
+    ))?)
+    .await?;
+    let admin_token = api::bootstrap_admin(store.as_ref(), dir)
+        .await?
+        .context("no admin token was made")?;
+    let server = api::serve(
+        api::ServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            blobs: Some(api::BlobConfig {
+                dir: dir.join("blobs"),
+                import_dir: None,
+                max_bytes: api::DEFAULT_MAX_BLOB_BYTES,
+            }),
+            // Hundreds of terminals share one address: the per-token limit is not measured here.
+            rate_limit: None,
+            secrets_key_file: Some(dir.join("secrets.key")),
+            ..api::ServerConfig::default()
+        },
+        store,
+    )
+    .await?;
+    let url = format!("http://{}", server.addr());
+    let admin = client::Client::new(&url, &admin_token)?;
+    let agent_token = admin
+        .create_token(&CreateToken::new(Role::Agent))
+        .await?
+        .token;
+    let img = compute::sim::write_image(&dir.join("image"), 16)?;
+    admin
+        .upload_image(
+            &client::ImageFiles {
+                kernel: Some(img.kernel),
+                initrd: Some(img.initrd),
+                disk_template: Some(img.disk_template),
+            },
+            CreateImage {
+                name: "bench".into(),
+                kernel: None,
+                initrd: None,
+                disk_template: None,
+                cmdline: img.cmdline,
+                disk_mib: 16,
+                tenant: None,
+            },
+        )
+        .await?;
+    let agent = spawn_agent(&url, &agent_token, dir);
+    wait_until("the host is up", || async {
+        admin
+            .get_host("bench-a")
+            .await
+            .is_ok_and(|h| h.state == model::HostState::Up)
+    })
+    .await?;
+
+    eprintln!("[setup] {} VMs, {} terminals", args.vms, args.terminals);
+    for i in 0..args.vms {
+        admin
+            .create_vm(&CreateVm {
+                name: format!("vm{i}"),
+                host: Some("bench-a".into()),
+                memory_mib: 64,
+                vcpus: 1,
+                image: "bench".into(),
+                ..CreateVm::default()
+            })
+            .await?;
+    }
+    for i in 0..args.vms {
+        let name = format!("vm{i}");
+        wait_until(&format!("{name} running"), || async {
+            admin
+                .get_vm(&name)
+                .await
+                .is_ok_and(|v| v.observed == ObservedState::Running)
+        })
+        .await?;
+    }
+    let mut creds = Vec::new();
+    for i in 0..args.terminals {
+        let name = format!("t{i}");
+        let made = admin
+            .create_terminal(&CreateTerminal {
+                name: name.clone(),
+                tenant: None,
+            })
+            .await?;
+        admin
+            .bind_terminal(
+                &name,
+                &BindTerminal {
+                    vm: format!("vm{}", i % args.vms),
+                    policy: SharePolicy::Shared,
+                },
+            )
+            .await?;
+        creds.push(TerminalCredentials::new(&made, &url));
+    }
+
+    eprintln!(
+        "[session] {} terminals × {} ops/s for {} s",
+        args.terminals, args.rate, args.secs
+    );
+    let session = measure(&creds, args, true).await?;
+    eprintln!(
+        "[one-off] {} terminals × {} ops/s for {} s",
+        args.terminals, args.rate, args.secs
+    );
+    let one_off = measure(&creds, args, false).await?;
+    agent.stop().await;
+    drop(server);
+    Ok(TerminalReport {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        terminals: args.terminals,
+        rate: args.rate,
+        vms: args.vms,
+        rows: vec![session, one_off],
+    })
+}
+
+/// Every terminal sends at the rate for the duration, over a session or one-off.
+async fn measure(
+    creds: &[TerminalCredentials],
+    args: &TerminalArgs,
+    over_session: bool,
+) -> anyhow::Result<Row> {
+    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    let ops_each = usize::try_from(u64::from(args.rate) * args.secs)?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, c) in creds.iter().enumerate() {
+        let c = c.clone();
+        // Spread the terminals' ticks over the period.
+        let offset = period.mul_f64(i as f64 / creds.len() as f64);
+        tasks.spawn(async move {
+            tokio::time::sleep(offset).await;
+            if over_session {
+                one_terminal_session(c, period, ops_each).await
+            } else {
+                one_terminal_posts(c, period, ops_each).await
+            }
+        });
+    }
+    let (mut ms, mut sent, mut other) = (Vec::new(), 0, Vec::new());
+    while let Some(r) = tasks.join_next().await {
+        let (m, s, o) = r??;
+        ms.extend(m);
+        sent += s;
+        other.extend(o);
+    }
+    let mut other_reasons = std::collections::BTreeMap::new();
+    for why in &other {
+        *other_reasons.entry(why.clone()).or_insert(0) += 1;
+    }
+    let took = started.elapsed().as_secs_f64();
+    ms.sort_by(f64::total_cmp);
+    Ok(Row {
+        path: if over_session { "session" } else { "one-off" },
+        sent,
+        performed: ms.len(),
+        other: other.len(),
+        other_reasons,
+        per_s: ms.len() as f64 / took,
+        p50_ms: quantile(&ms, 50),
+        p99_ms: quantile(&ms, 99),
+        max_ms: ms.last().copied(),
+    })
+}
+
+fn key_body(n: usize) -> String {
+    format!(
+        r#"{{"operation":{{"op":"key","qcode":"a","down":{}}}}}"#,
+        n.is_multiple_of(2)
+    )
+}
+
+type Measured = (Vec<f64>, usize, Vec<String>);
+
+async fn one_terminal_session(
+    c: TerminalCredentials,
+    period: Duration,
+    ops: usize,
+) -> anyhow::Result<Measured> {
+    let s = TerminalSession::connect(&c, None).await?;
+    let (mut tx, mut rx) = s.split();
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let reader = tokio::spawn(async move {
+        let (mut ms, mut other) = (Vec::new(), Vec::new());
+        while let Some(at) = sent_rx.recv().await {
+            match rx.next().await {
+                Some(Ok(SessionReply::Answer { operation }))
+                    if operation.outcome == OperationOutcome::Performed =>
+                {
+                    ms.push(at.elapsed().as_secs_f64() * 1000.0);
+                }
+                Some(Ok(SessionReply::Answer { operation })) => {
+                    other.push(format!("{:?}", operation.outcome).to_lowercase());
+                }
+                Some(Ok(SessionReply::Refused { reason, .. })) => other.push(reason),
+                Some(Err(e)) => {
+                    other.push(format!("session: {e}"));
+                    break;
+                }
+                None => {
+                    other.push("session closed".into());
+                    break;
+                }
+            }
+        }
+        (ms, other)
+    });
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0..ops {
+        tick.tick().await;
+        let (_, ts) = client::terminal::clock_seq();
+        let _ = sent_tx.send(Instant::now());
+        tx.send(n as u64 + 1, ts, &key_body(n)).await?;
+    }
+    drop(sent_tx);
+    let (ms, other) = reader.await?;
+    let _ = tx.close().await;
+    Ok((ms, ops, other))
+}
+
+async fn one_terminal_posts(
+    c: TerminalCredentials,
+    period: Duration,
+    ops: usize,
+) -> anyhow::Result<Measured> {
+    let http = client::Client::new(&c.url, "-")?;
+    let (mut ms, mut other) = (Vec::new(), Vec::new());
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Numbers above those the session rows used.
+    let first = ops as u64 + 1;
+    for n in 0..ops {
+        tick.tick().await;
+        let (_, ts) = client::terminal::clock_seq();
+        let t0 = Instant::now();
+        match http
+            .send_operation(c.sign(first + n as u64, ts, &key_body(n)))
+            .await
+        {
+            Ok(r) if r.outcome == OperationOutcome::Performed => {
+                ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok(r) => other.push(format!("{:?}", r.outcome).to_lowercase()),
+            Err(e) => other.push(e.status().map_or("error".into(), |s| format!("http {s}"))),
+        }
+    }
+    Ok((ms, ops, other))
+}
+
+async fn wait_until<F, Fut>(what: &str, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        if Instant::now() > deadline {
+            bail!("{what}: not within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The bench's agent on its own thread and runtime (as a separate process would be).
+struct BenchAgent {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl BenchAgent {
+    /// Stops the agent (it stops its VMs) and waits for it, before the server goes.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+fn spawn_agent(url: &str, token: &str, dir: &std::path::Path) -> BenchAgent {
+    let driver = Arc::new(compute::SimDriver::new(compute::sim::SimConfig {
+        boot_time: Duration::from_millis(100),
+        ..compute::sim::SimConfig::default()
+    }));
+    let mut cfg = agent::AgentConfig::simulated(url, token, "bench-a", dir.join("host-a"), driver);
+    cfg.disks.origin_dir = dir.join("origin");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            if let Err(e) = agent::run(cfg, shutdown).await {
+                eprintln!("bench agent: {e}");
+            }
+        });
+    });
+    BenchAgent { stop: tx, thread }
+}
+
+/// The report as a table.
+pub fn table(r: &TerminalReport) -> String {
+    let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    let mut s = format!(
+        "vinfra bench terminal: {} terminals × {} ops/s on {} VMs (sim driver), {} build, {} cores\n\n",
+        r.terminals, r.rate, r.vms, r.build, r.cores
+    );
+    s.push_str(&format!(
+        "{:<10} {:>8} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9}\n",
+        "path", "sent", "performed", "other", "ops/s", "p50 ms", "p99 ms", "max ms"
+    ));
+    for row in &r.rows {
+        s.push_str(&format!(
+            "{:<10} {:>8} {:>10} {:>6} {:>9.0} {:>9} {:>9} {:>9}\n",
+            row.path,
+            row.sent,
+            row.performed,
+            row.other,
+            row.per_s,
+            f(row.p50_ms),
+            f(row.p99_ms),
+            f(row.max_ms)
+        ));
+    }
+    for row in &r.rows {
+        if !row.other_reasons.is_empty() {
+            s.push_str(&format!("{} not performed: {:?}\n", row.path, row.other_reasons));
+        }
+    }
+    s.push_str("\nlatency: message sent → reply `performed` (server checked and recorded it, the host's agent performed it through the driver and answered)\n");
+    s
+}

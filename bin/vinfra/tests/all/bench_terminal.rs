@@ -1,0 +1,54 @@
+//! `vinfra bench terminal` in miniature: a few terminals for a second over sessions and
+//! one-off messages. Checks the shape of the report and that every operation was
+//! performed, never a timing.
+
+use std::process::Command;
+
+use crate::harness::VINFRA;
+
+#[test]
+fn bench_terminal_measures_sessions_and_one_off_messages() {
+    let out = Command::new(VINFRA)
+        .args(["bench", "terminal", "-o", "json"])
+        .args([
+            "--terminals",
+            "6",
+            "--rate",
+            "10",
+            "--vms",
+            "2",
+            "--secs",
+            "1",
+        ])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run vinfra bench terminal");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(
+        (r["terminals"].as_u64(), r["vms"].as_u64()),
+        (Some(6), Some(2))
+    );
+    let rows = r["rows"].as_array().unwrap();
+    let paths: Vec<&str> = rows
+        .iter()
+        .map(|row| row["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["session", "one-off"]);
+    for row in rows {
+        // 6 terminals × 10 ops, every one performed on its VM.
+        assert_eq!(
+            (row["sent"].as_u64(), row["performed"].as_u64()),
+            (Some(60), Some(60)),
+            "{row}"
+        );
+        assert_eq!(row["other"], 0, "{row}");
+        let q = |k: &str| row[k].as_f64().unwrap();
+        assert!(
+            0.0 < q("p50_ms") && q("p50_ms") <= q("p99_ms") && q("p99_ms") <= q("max_ms"),
+            "{row}"
+        );
+    }
+}
