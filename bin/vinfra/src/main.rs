@@ -78,6 +78,12 @@ enum Command {
     /// Network services across sites.
     #[command(subcommand)]
     Ns(cmd::nfv::NsCmd),
+    /// Network slice instances and client associations by slice type.
+    #[command(subcommand)]
+    Slice(cmd::slice::SliceCmd),
+    /// The slice ledger: head, inclusion proofs, full audit.
+    #[command(subcommand)]
+    Ledger(cmd::slice::LedgerCmd),
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -184,6 +190,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vnfd(c) => cmd::nfv::run_vnfd(&ctx, c).await,
         Command::Nsd(c) => cmd::nfv::run_nsd(&ctx, c).await,
         Command::Ns(c) => cmd::nfv::run_ns(&ctx, c).await,
+        Command::Slice(c) => cmd::slice::run(&ctx, c).await,
+        Command::Ledger(c) => cmd::slice::run_ledger(&ctx, c).await,
         Command::Mec(c) => cmd::v2x::run_mec(c).await,
         Command::V2x(a) => cmd::v2x::run(a, ctx.format).await,
         Command::Bench(c) => cmd::bench::run(c, ctx.format).await,

@@ -10,6 +10,7 @@ use crate::output::Format;
 pub mod control;
 pub mod push;
 mod render;
+pub mod slice;
 pub mod terminal;
 
 /// The control-plane benchmarks' common start on a fresh server: an agent token (its
@@ -111,6 +112,10 @@ pub enum BenchCmd {
     /// polling the assignments every second as the agent does. One `vinfra server` child
     /// on redb; `-o json` prints the report as JSON.
     Push(push::PushArgs),
+    /// Network slices: selection p50/p99 at a request rate with the ledger idle and
+    /// appending; forecast MAPE/MASE vs seasonal naive; ledger appends/s and durable-ack
+    /// p99 on redb and etcd beside raw etcd puts of the same size (needs etcd).
+    Slice(slice::SliceArgs),
     /// Multi-operator C-V2X: N vehicles on two operators in network namespaces
     /// (authorization, link establishment, one-way latency direct and through both MECs
     /// against bare UDP, losses, revocation, operator change). Needs root, ip, nft.
@@ -170,6 +175,17 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", control::render::control_table(&report)),
+            }
+            Ok(())
+        }
+        BenchCmd::Slice(args) => {
+            let report = tokio::select! {
+                r = slice::run(&args) => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            };
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", slice::table(&report)),
             }
             Ok(())
         }

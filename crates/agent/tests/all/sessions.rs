@@ -153,6 +153,43 @@ async fn a_resumed_session_performs_each_number_once() {
     let ops = da.performed(&web.id.to_string());
     // 1, 2, 3, 4: once each.
     assert_eq!(ops.len(), 4, "{ops:?}");
+
+    // A burst sent without waiting (recorded in batches), with one number repeated
+    // inside it: every other one performed, in order; the repeat refused.
+    let (mut tx, mut rx) = s.split();
+    let burst: Vec<u64> = (5..45).chain([20]).chain(45..60).collect();
+    for seq in &burst {
+        tx.send(*seq, now, &key("a", seq % 2 == 1)).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for seq in &burst {
+        match rx.next().await.unwrap().unwrap() {
+            SessionReply::Answer { operation } => {
+                assert_eq!(
+                    (operation.seq, operation.outcome),
+                    (*seq, OperationOutcome::Performed)
+                );
+                got.push(operation.seq);
+            }
+            SessionReply::Refused {
+                seq: Some(20),
+                reason,
+                previous: Some(p),
+                ..
+            } => {
+                assert_eq!((reason.as_str(), p.seq), ("replay", 20));
+            }
+            other => panic!("{seq}: {other:?}"),
+        }
+    }
+    assert_eq!(got, (5..60).collect::<Vec<_>>());
+    let ops = da.performed(&web.id.to_string());
+    assert_eq!(ops.len(), 4 + 55, "{ops:?}");
+    let downs: Vec<bool> = ops[4..]
+        .iter()
+        .map(|o| matches!(o, Operation::Key { down: true, .. }))
+        .collect();
+    assert_eq!(downs, (5..60u64).map(|s| s % 2 == 1).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
