@@ -114,6 +114,19 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.command);
+    // The resource-table bench's device child runs on this thread alone: its kill -9
+    // row would otherwise also time the exit of the async runtime's worker threads.
+    if let Command::Bench(cmd::bench::BenchCmd::Shm(args)) = &cli.command {
+        if args.device_child.is_some() {
+            return match cmd::bench::shm::run(args) {
+                Ok(_) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

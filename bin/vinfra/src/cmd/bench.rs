@@ -10,6 +10,7 @@ use crate::output::Format;
 pub mod control;
 pub mod push;
 mod render;
+pub mod shm;
 pub mod slice;
 pub mod terminal;
 
@@ -137,6 +138,11 @@ pub enum BenchCmd {
     /// over sessions (WebSocket) against one-off POSTs at the same rate; in-process
     /// server and agent on the sim driver. `-o json` prints the report as JSON.
     Terminal(terminal::TerminalArgs),
+    /// Resource tables: grant call p50/p99, grant + notify + update + revoke against a
+    /// Unix-socket round trip, 4 KiB updates under a standing grant against sending them
+    /// over the socket, kill -9 → revoke, grants/s with 1,000 devices × 65,536 entries.
+    /// Needs Linux ≥ 5.19 (userfaultfd write-protect on shared memory).
+    Shm(shm::ShmArgs),
     /// Frames/s and drops on veth ports of the Linux bridge alone, the bridge with vinfra's
     /// BPF classifier (the datapath VM taps use) and the old user-space switch, side by side
     /// at 64 B and 1500 B, with the classifier's CPU cost per frame; plus the user-space
@@ -209,6 +215,20 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", push::table(&report)),
+            }
+            Ok(())
+        }
+        BenchCmd::Shm(args) => {
+            let child = args.device_child.is_some();
+            let json = args.json || matches!(format, Format::Json);
+            let rows = tokio::task::spawn_blocking(move || shm::run(&args)).await??;
+            if child {
+                return Ok(());
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", shm::table(&rows));
             }
             Ok(())
         }

@@ -38,6 +38,24 @@ async fn terminal(c: &Cluster, name: &str, vm: &str) -> TerminalCredentials {
     TerminalCredentials::new(&made, &c.url)
 }
 
+/// A cluster with one agent (`host-a`), its VM `web` running, and terminal `kiosk`
+/// bound to it.
+async fn one_vm() -> (
+    Cluster,
+    std::sync::Arc<compute::SimDriver>,
+    harness::TestAgent,
+    model::Vm,
+    TerminalCredentials,
+) {
+    let c = Cluster::start().await;
+    let da = Cluster::driver();
+    let a = c.agent("host-a", &da).await;
+    let web = c.create_vm("web", "host-a").await;
+    c.wait_running(&web).await;
+    let creds = terminal(&c, "kiosk", "web").await;
+    (c, da, a, web, creds)
+}
+
 fn key(q: &str, down: bool) -> String {
     format!(r#"{{"operation":{{"op":"key","qcode":"{q}","down":{down}}}}}"#)
 }
@@ -53,12 +71,7 @@ fn performed(r: &SessionReply) -> &model::terminals::PerformedOperation {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_session_releases_the_keys_it_held() {
-    let c = Cluster::start().await;
-    let da = Cluster::driver();
-    let _a = c.agent("host-a", &da).await;
-    let web = c.create_vm("web", "host-a").await;
-    c.wait_running(&web).await;
-    let creds = terminal(&c, "kiosk", "web").await;
+    let (c, da, _a, web, creds) = one_vm().await;
     let now = control::now_ms();
 
     let mut s = TerminalSession::connect(&creds, None).await.unwrap();
@@ -116,12 +129,7 @@ async fn a_dropped_session_releases_the_keys_it_held() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_session_performs_each_number_once() {
-    let c = Cluster::start().await;
-    let da = Cluster::driver();
-    let _a = c.agent("host-a", &da).await;
-    let web = c.create_vm("web", "host-a").await;
-    c.wait_running(&web).await;
-    let creds = terminal(&c, "kiosk", "web").await;
+    let (_c, da, _a, web, creds) = one_vm().await;
     let now = control::now_ms();
     let typed = |t: &str| format!(r#"{{"operation":{{"op":"type_text","text":"{t}"}}}}"#);
 
@@ -198,12 +206,7 @@ async fn a_session_carries_one_terminal_and_only_from_its_own_origin() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
-    let c = Cluster::start().await;
-    let da = Cluster::driver();
-    let _a = c.agent("host-a", &da).await;
-    let web = c.create_vm("web", "host-a").await;
-    c.wait_running(&web).await;
-    let first = terminal(&c, "kiosk", "web").await;
+    let (c, da, _a, web, first) = one_vm().await;
     let second = terminal(&c, "other", "web").await;
     let now = control::now_ms();
     let addr = c.url.trim_start_matches("http://").to_owned();
