@@ -34,7 +34,9 @@ pub struct Device {
     // exits, its copy of this userfaultfd closes, and the kernel would clear
     // write protection from the mapping if ours were the last one gone.
     _uffd: Uffd,
-    seq: Mutex<u64>,
+    /// The last request number, and whether its answer is still to be read
+    /// (a release posted by a dropped guard).
+    seq: Mutex<(u64, bool)>,
     held: Mutex<BTreeSet<u32>>,
 }
 
@@ -120,7 +122,7 @@ impl Device {
             efd_req,
             efd_resp,
             _uffd: uffd,
-            seq: Mutex::new(0),
+            seq: Mutex::new((0, false)),
             held: Mutex::new(BTreeSet::new()),
         })
     }
@@ -192,11 +194,40 @@ impl Device {
         self.call(proto::OP_RELEASE, entry, 0).map(|_| ())
     }
 
-    /// One request on the control page; returns the answer's value.
-    fn call(&self, op: u64, entry: u32, timeout_ms: u64) -> Result<u64, Error> {
+    /// Posts a release without waiting for the element (a dropped guard: this
+    /// device stops writing at once, so nothing waits on the revoke itself);
+    /// the next request collects the answer first.
+    fn post_release(&self, entry: u32) -> Result<(), Error> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&entry);
         let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-        *seq += 1;
-        let s = *seq;
+        self.collect(&mut seq);
+        self.post(&mut seq, proto::OP_RELEASE, entry, 0)?;
+        seq.1 = true;
+        Ok(())
+    }
+
+    /// Reads the answer to a posted request, if one is outstanding.
+    fn collect(&self, seq: &mut (u64, bool)) {
+        if seq.1 {
+            seq.1 = false;
+            if let Err(e) = self.answer(seq.0, 0) {
+                tracing::debug!(error = %e, "posted release");
+            }
+        }
+    }
+
+    fn post(
+        &self,
+        seq: &mut (u64, bool),
+        op: u64,
+        entry: u32,
+        timeout_ms: u64,
+    ) -> Result<u64, Error> {
+        seq.0 += 1;
+        let s = seq.0;
         self.ctrl.word(proto::REQ_OP).store(op, Ordering::Relaxed);
         self.ctrl
             .word(proto::REQ_ENTRY)
@@ -209,6 +240,19 @@ impl Device {
             sys::eventfd_signal(self.efd_req.as_fd())
                 .map_err(Error::io("signalling the element"))?;
         }
+        Ok(s)
+    }
+
+    /// One request on the control page; returns the answer's value.
+    fn call(&self, op: u64, entry: u32, timeout_ms: u64) -> Result<u64, Error> {
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        self.collect(&mut seq);
+        let s = self.post(&mut seq, op, entry, timeout_ms)?;
+        self.answer(s, entry)
+    }
+
+    /// Waits for the answer to request `s`.
+    fn answer(&self, s: u64, entry: u32) -> Result<u64, Error> {
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         let mut spins: u32 = 0;
         while self.ctrl.word(proto::RESP_SEQ).load(Ordering::Acquire) != s {
@@ -301,8 +345,9 @@ impl Device {
 }
 
 /// Write access to one entry. Writes go straight into the shared table (no
-/// copy through the element); dropping the guard gives the access back. If
-/// the grant times out first, the next write raises SIGBUS.
+/// copy through the element); dropping the guard gives the access back
+/// without waiting for the element's confirmation ([`WriteGuard::release`]
+/// waits). If the grant times out first, the next write raises SIGBUS.
 #[derive(Debug)]
 pub struct WriteGuard<'a> {
     device: &'a Device,
@@ -340,7 +385,7 @@ impl WriteGuard<'_> {
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            if let Err(e) = self.device.release(self.entry) {
+            if let Err(e) = self.device.post_release(self.entry) {
                 tracing::debug!(entry = self.entry, error = %e, "release on drop");
             }
         }

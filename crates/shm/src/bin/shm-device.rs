@@ -5,6 +5,7 @@
 //! - `req E MS` — ask for entry E (MS milliseconds, 0: the element's limit):
 //!   `granted V` | `held H` | `err …`
 //! - `rel E` — release it: `released` | `notheld` | `noguard` | `err …`
+//! - `drop E` — drop the guard (posts the release without waiting): `dropped`
 //! - `store E OFF V` — a stray 8-byte store at byte OFF of E's slot:
 //!   `stored` | `sigbus`
 //! - `put E N` — write N as a checksummed payload through the guard: `put V`
@@ -79,6 +80,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     Err(shm::Error::NotHeld { .. }) => "notheld".to_string(),
                     Err(e) => format!("err {e}"),
                 },
+            },
+            Some("drop") => match guards.remove(&(num(1)? as u32)) {
+                None => "noguard".to_string(),
+                Some(g) => {
+                    drop(g);
+                    "dropped".to_string()
+                }
             },
             Some("store") => match dev.stray_store(num(1)? as u32, num(2)? as usize, num(3)?)? {
                 StoreOutcome::Stored => "stored".to_string(),

@@ -41,6 +41,24 @@ fn a_grant_is_for_one_device_and_one_entry() {
     );
 }
 
+/// Dropping a guard posts the release without waiting; the device's next
+/// request collects the answer, and the entry is free for others.
+#[test]
+fn a_dropped_guard_releases() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("t.sock");
+    let el = Element::start(ElementConfig::new(&sock, 8, 56)).unwrap();
+    let mut a = DeviceProc::spawn(&sock);
+    let mut b = DeviceProc::spawn(&sock);
+    assert!(a.cmd("req 3 0").starts_with("granted"));
+    assert_eq!(a.cmd("drop 3"), "dropped");
+    assert!(a.cmd("req 4 0").starts_with("granted"));
+    crate::wait_until("the dropped grant is revoked", || el.holder(3).is_none());
+    assert_eq!(a.cmd("store 3 8 1"), "sigbus");
+    assert!(b.cmd("req 3 0").starts_with("granted"));
+    assert_eq!(el.holder(4), Some(a.id));
+}
+
 /// A grant with a timeout ends by itself; the device's next store faults.
 #[test]
 fn a_grant_times_out() {
