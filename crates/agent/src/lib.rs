@@ -90,9 +90,21 @@ pub struct AgentConfig {
     /// Give VM NICs host devices (taps on bridges, VXLAN ports with an uplink). Off for
     /// the sim driver, whose guests open no taps (and which needs no root).
     pub host_network: bool,
+    /// Count this host's VM traffic in the kernel (a BPF classifier on every VM tap) and
+    /// report it to the domain's vSwitch controller; `None`: not counted.
+    pub traffic: Option<TrafficReporting>,
     /// What this host offers the scheduler; `None` measures the machine. Simulated hosts
     /// set it (50 of them share one laptop).
     pub resources: Option<HostResources>,
+}
+
+/// Where this host's traffic counters go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficReporting {
+    /// The domain controller's switch endpoint (the server's `--vswitch-listen`).
+    pub controller: std::net::SocketAddr,
+    /// The controller's domain (the server's `--domain`).
+    pub domain: String,
 }
 
 /// CPUs, memory and disk a host registers with, when not measured from the machine.
@@ -135,6 +147,7 @@ impl AgentConfig {
             data_dir,
             link_listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             uplink_ip: None,
+            traffic: None,
             tls: None,
             cpu_allocation_ratio: f64::from(model::api::DEFAULT_CPU_ALLOCATION_RATIO),
             driver: Arc::new(QemuDriver::new()),
@@ -198,6 +211,9 @@ pub enum AgentError {
     /// The server refused our registration (bad token, invalid host name, ...).
     #[error("cannot set up TLS for the peer exports")]
     Tls(#[source] tls::TlsError),
+    /// The kernel traffic classifier could not be loaded.
+    #[error("cannot count VM traffic (kernel datapath)")]
+    Traffic(#[source] net::KernelSwitchError),
     /// The server refused to register this host.
     #[error("the server refused to register host {host}")]
     Register {
@@ -231,6 +247,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg.disks.clone(),
         peer_listen,
     )?);
+    let counting = start_counting(&cfg).await?;
     tokio::pin!(shutdown);
 
     let link_err = |err| AgentError::LinkListen {
@@ -274,6 +291,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             driver,
             disks,
             uplink: std::sync::RwLock::new(None),
+            counting,
             lease,
         }),
         vms: BTreeMap::new(),
@@ -331,6 +349,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     relay.abort();
     pushing.abort();
     agent.stop_all().await;
+    if let Some(sw) = agent.host.counting.clone() {
+        match tokio::task::spawn_blocking(move || sw.retire()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %model::error_chain(&e), "final traffic report failed; counters kept for the next start")
+            }
+            Err(e) => tracing::warn!(error = %e, "final traffic report task failed"),
+        }
+    }
     Ok(())
 }
 
@@ -547,8 +574,33 @@ pub(crate) struct Host {
     pub(crate) images: images::ImageFiles,
     /// The VXLAN uplink of VM networks, when this host has a data-network address.
     uplink: std::sync::RwLock<Option<netdev::Uplink>>,
+    /// The kernel classifier's reporter, when this host counts traffic.
+    pub(crate) counting: Option<Arc<net::KernelSwitch>>,
     /// The host lease, as the watchdog publishes it (each VM task clones it).
     pub(crate) lease: watch::Receiver<Lease>,
+}
+
+/// Loads (or finds, after a restart) this host's classifier and starts reporting it.
+async fn start_counting(cfg: &AgentConfig) -> Result<Option<Arc<net::KernelSwitch>>, AgentError> {
+    let Some(t) = cfg.traffic.clone().filter(|_| cfg.host_network) else {
+        return Ok(None);
+    };
+    let kcfg = net::KernelSwitchConfig {
+        switch: net::SwitchId(cfg.host_name.clone()),
+        domain: net::DomainId(t.domain),
+        controller: Some(t.controller),
+        report_interval: std::time::Duration::from_secs(1),
+    };
+    let instance = netdev::datapath_instance(&cfg.host_name, &cfg.data_dir);
+    let sw = tokio::task::spawn_blocking(move || net::KernelSwitch::start(kcfg, &instance))
+        .await
+        .map_err(|_| {
+            AgentError::Traffic(net::KernelSwitchError::Thread {
+                switch: net::SwitchId(cfg.host_name.clone()),
+            })
+        })?
+        .map_err(AgentError::Traffic)?;
+    Ok(Some(Arc::new(sw)))
 }
 
 impl Host {
@@ -556,7 +608,10 @@ impl Host {
     pub(crate) fn plumbing(&self) -> netdev::Plumbing {
         if self.cfg.host_network {
             let uplink = self.uplink.read().map(|u| u.clone()).unwrap_or_default();
-            netdev::Plumbing::Host(uplink)
+            netdev::Plumbing::Host {
+                uplink,
+                counting: self.counting.clone(),
+            }
         } else {
             netdev::Plumbing::Off
         }

@@ -148,7 +148,8 @@ pub async fn start(
     let image = images.paths(&a.image).await?;
     let spec = vm_spec(files, a, &image, accel, disks.addr())?;
     let cache = ensure_cache(disks, files, a, &image, vm).await?;
-    nics.plug(files.run_dir(), &a.vm.nics).await?;
+    nics.plug(files.run_dir(), a.vm.name.as_str(), &a.vm.nics)
+        .await?;
     disks.export(a.vm.id, &cache);
     driver.start(&spec).await?;
     Ok(())

@@ -339,7 +339,7 @@ impl VmTask {
             }
         }
         h.plumbing()
-            .plug(self.files.run_dir(), &a.vm.nics)
+            .plug(self.files.run_dir(), a.vm.name.as_str(), &a.vm.nics)
             .await
             .map_err(local::StartError::from)?;
         h.disks.export(id, &cache);

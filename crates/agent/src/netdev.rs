@@ -62,6 +62,15 @@ pub enum NetdevError {
     /// The CP names could not be recorded.
     #[error("cannot write the VM's CP list")]
     CpsFile(#[source] std::io::Error),
+    /// A NIC's MAC that is not one.
+    #[error("invalid MAC address {0:?}")]
+    Mac(String),
+    /// The traffic classifier could not be attached to a tap.
+    #[error("cannot attach the traffic classifier")]
+    Counting(#[source] net::KernelSwitchError),
+    /// The attaching task died.
+    #[error("the classifier attach task failed")]
+    CountingTask,
     /// `ip` could not be run at all.
     #[error("cannot run ip (install iproute2: scripts/setup.sh): {0}")]
     Spawn(#[source] std::io::Error),
@@ -83,6 +92,13 @@ pub fn tap_prefix(run_dir: &Path) -> String {
             (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
         });
     format!("{TAP_PREFIX}{h:08x}")
+}
+
+/// The name of this host's classifier instance (its pinned maps): the host name and a hash
+/// of the agent's data dir, so two agents of one machine (or two test runs) never share
+/// counters, and a restarted agent finds its own again.
+pub fn datapath_instance(host: &str, data_dir: &Path) -> String {
+    format!("{host}-{}", &tap_prefix(data_dir)[TAP_PREFIX.len()..])
 }
 
 /// The tap of NIC `i` (at most 8 NICs: one digit).
@@ -125,18 +141,61 @@ pub fn attachments(run_dir: &Path, nics: &[Nic]) -> Vec<compute::NicAttach> {
 pub enum Plumbing {
     /// Taps on bridges, and VXLAN ports when there is an uplink (a copy: the host's
     /// uplink changes as hosts come and go, while a VM task plugs with what it saw).
-    Host(Option<Uplink>),
+    Host {
+        /// The VXLAN uplink.
+        uplink: Option<Uplink>,
+        /// The host's traffic classifier, attached to every tap when present.
+        counting: Option<std::sync::Arc<net::KernelSwitch>>,
+    },
     /// None: the guests open no taps (the sim driver).
     Off,
 }
 
 impl Plumbing {
-    /// [`plug`] under this plumbing; nothing when it is off.
-    pub async fn plug(self, run_dir: &Path, nics: &[Nic]) -> Result<(), NetdevError> {
-        match self {
-            Plumbing::Host(uplink) => plug(run_dir, nics, uplink.as_ref()).await,
-            Plumbing::Off => Ok(()),
+    /// [`plug`] under this plumbing, then [`Plumbing::count`]; nothing when it is off.
+    pub async fn plug(self, run_dir: &Path, vm: &str, nics: &[Nic]) -> Result<(), NetdevError> {
+        match &self {
+            Plumbing::Host { uplink, .. } => plug(run_dir, nics, uplink.as_ref()).await?,
+            Plumbing::Off => return Ok(()),
         }
+        self.count(run_dir, vm, nics).await
+    }
+
+    /// Attaches the host's classifier to VM `vm`'s taps (again, for a VM adopted after an
+    /// agent restart: attaching is idempotent). Before the guest starts, so its first frame
+    /// is counted. A tap that goes away is dropped by the classifier's reporter on its own.
+    pub async fn count(&self, run_dir: &Path, vm: &str, nics: &[Nic]) -> Result<(), NetdevError> {
+        let Plumbing::Host {
+            counting: Some(sw), ..
+        } = self
+        else {
+            return Ok(());
+        };
+        let mut ports = Vec::new();
+        for (i, nic) in nics.iter().enumerate() {
+            let mac = nic
+                .mac
+                .parse()
+                .map_err(|_| NetdevError::Mac(nic.mac.clone()))?;
+            ports.push((
+                tap_name(run_dir, i),
+                net::PortAddress {
+                    vm: vm.to_owned(),
+                    mac,
+                    ip: Some(std::net::IpAddr::V4(nic.ip)),
+                },
+            ));
+        }
+        let sw = sw.clone();
+        tokio::task::spawn_blocking(move || {
+            for (tap, addr) in ports {
+                sw.attach(None, &tap, addr)?;
+            }
+            Ok::<_, net::KernelSwitchError>(())
+        })
+        .await
+        .map_err(|_| NetdevError::CountingTask)?
+        .map_err(NetdevError::Counting)
     }
 }
 
@@ -272,6 +331,15 @@ pub fn unplug_all_under(root: &Path) {
         return;
     };
     for h in hosts.flatten() {
+        // And their classifier instances (named `<host>-<hash of the data dir>`).
+        let suffix = format!("-{}", &tap_prefix(&h.path())[TAP_PREFIX.len()..]);
+        if let Ok(pins) = std::fs::read_dir(net::kernel::BPF_ROOT) {
+            for p in pins.flatten() {
+                if p.file_name().to_string_lossy().ends_with(&suffix) {
+                    let _ = std::fs::remove_dir_all(p.path());
+                }
+            }
+        }
         if let Ok(vms) = std::fs::read_dir(h.path().join(crate::files::VMS_DIR)) {
             for vm in vms.flatten() {
                 unplug(&vm.path());

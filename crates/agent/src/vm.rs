@@ -398,7 +398,13 @@ impl VmTask {
         {
             let h = &self.host;
             match local::reattach(&h.disks, &h.images, &self.files, a, &mut self.disk).await {
-                Ok(()) => tracing::info!(vm = %self.id(), "disk of an adopted vm served again"),
+                Ok(()) => {
+                    tracing::info!(vm = %self.id(), "disk of an adopted vm served again");
+                    let (dir, name) = (self.files.run_dir(), a.vm.name.as_str());
+                    if let Err(e) = h.plumbing().count(dir, name, &a.vm.nics).await {
+                        tracing::warn!(vm = %self.id(), error = %model::error_chain(&e), "cannot count the traffic of an adopted vm");
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(vm = %self.id(), error = %model::error_chain(&e), "cannot serve the disk of an adopted vm")
                 }

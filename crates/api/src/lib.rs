@@ -400,6 +400,14 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     let app = router(state.clone());
     let switches = match (config.vswitch_listen, state.traffic().cloned()) {
         (Some(at), Some(ctrl)) => {
+            // The totals of earlier runs first, before any switch reports.
+            restore_traffic(&state, &ctrl, &config.domain).await;
+            tokio::spawn(save_traffic_every(
+                state.clone(),
+                ctrl.clone(),
+                config.domain.clone(),
+                Duration::from_secs(3),
+            ));
             let l = tokio::net::TcpListener::bind(at)
                 .await
                 .map_err(|source| ApiError::Bind { addr: at, source })?;
@@ -489,4 +497,57 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         shutdown: tx,
         task,
     })
+}
+
+/// Continues the counters of this server's controller from its last saved snapshot. A
+/// snapshot that cannot be read is logged and skipped (the counters start from zero).
+async fn restore_traffic(state: &AppState, ctrl: &net::Controller, domain: &str) {
+    match state
+        .control()
+        .traffic_snapshot(domain, state.server_id())
+        .await
+    {
+        Ok(Some(snap)) => match ctrl.restore(&snap) {
+            Ok(()) => tracing::info!(domain, "traffic counters restored"),
+            Err(e) => tracing::error!(domain, error = %e, "saved traffic counters not restored"),
+        },
+        Ok(None) => {}
+        Err(e) => tracing::error!(domain, error = %e, "cannot read saved traffic counters"),
+    }
+}
+
+/// Saves the controller's snapshot every `interval` while reports keep being applied.
+/// What a crash loses (at most one interval of applied reports) comes back from the
+/// switches' cumulative counters after the restart: snapshot and per-switch cursors are
+/// saved together, so nothing is counted twice.
+async fn save_traffic_every(
+    state: AppState,
+    ctrl: net::Controller,
+    domain: String,
+    interval: Duration,
+) {
+    let mut saved = ctrl.applied();
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let applied = ctrl.applied();
+        if applied == saved {
+            continue;
+        }
+        // `applied` read before the snapshot: the snapshot covers at least that many.
+        let snap = bytes::Bytes::from(ctrl.snapshot());
+        match state
+            .control()
+            .save_traffic_snapshot(&domain, state.server_id(), snap)
+            .await
+        {
+            Ok(()) => {
+                saved = applied;
+                ctrl.mark_persisted(applied);
+            }
+            Err(e) => {
+                tracing::warn!(domain, error = %e, "cannot save traffic counters; will retry")
+            }
+        }
+    }
 }

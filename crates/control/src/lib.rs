@@ -32,6 +32,7 @@ pub mod slices;
 pub mod storage;
 mod takeover;
 pub mod terminals;
+mod traffic;
 mod vms;
 
 use std::sync::Arc;

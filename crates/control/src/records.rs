@@ -22,6 +22,15 @@ pub mod keys {
     /// Every record. The push hub watches it whole (one watch per server) and keeps
     /// what concerns the agents: [`VMS`] and [`MIGRATIONS`].
     pub const ROOT: &str = "/vinfra/";
+    /// A vSwitch controller's persisted counters, per domain and server (each server of a
+    /// domain runs its own controller); both names hex-encoded (they are free text).
+    pub fn traffic(domain: &str, server: &str) -> String {
+        format!(
+            "/vinfra/traffic/{}/{}",
+            model::hex(domain.as_bytes()),
+            model::hex(server.as_bytes())
+        )
+    }
     pub const TOKENS: &str = "/vinfra/tokens/";
     pub const TENANTS: &str = "/vinfra/tenants/";
     pub const HOSTS: &str = "/vinfra/hosts/";

@@ -36,6 +36,32 @@ struct ControllerState {
     table: AddressTable,
     ports: BTreeMap<SwitchId, Vec<PortAddress>>,
     stats: DomainStats,
+    /// Every VM name a MAC was reported with (the latest), so the counts of a VM that has
+    /// stopped or left still show its name.
+    names: BTreeMap<MacAddr, String>,
+    /// Reports applied (a persistence cursor).
+    applied: u64,
+    /// `applied` as of the last snapshot the owner persisted.
+    persisted: u64,
+}
+
+/// A persisted controller state.
+#[derive(Debug, Serialize, Deserialize)]
+struct ControllerSnapshot {
+    domain: DomainId,
+    stats: crate::stats::StatsSnapshot,
+    names: Vec<(MacAddr, String)>,
+}
+
+/// A snapshot that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Not a snapshot.
+    #[error("traffic snapshot is not valid JSON of the expected shape")]
+    Json(#[from] serde_json::Error),
+    /// Another domain's.
+    #[error("traffic snapshot is for domain {0}")]
+    Domain(DomainId),
 }
 
 /// The controller of one domain. Cheap to clone; clones share state.
@@ -53,6 +79,9 @@ impl Controller {
                 table: AddressTable::empty(domain.clone()),
                 ports: BTreeMap::new(),
                 stats: DomainStats::default(),
+                names: BTreeMap::new(),
+                applied: 0,
+                persisted: 0,
             })),
             domain,
         }
@@ -67,6 +96,44 @@ impl Controller {
         // The state stays consistent across a panic in another holder: every update is a few
         // field writes with no early return in between.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The controller's state to persist: the counters' [`crate::stats::StatsSnapshot`] and
+    /// the VM names seen, as JSON. Taken under one lock, so it is consistent.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let st = self.lock();
+        let snap = ControllerSnapshot {
+            domain: self.domain.clone(),
+            stats: st.stats.snapshot(),
+            names: st.names.iter().map(|(m, n)| (*m, n.clone())).collect(),
+        };
+        serde_json::to_vec(&snap).unwrap_or_default()
+    }
+
+    /// Counts of applied reports so far: a saver persists when it moved.
+    pub fn applied(&self) -> u64 {
+        self.lock().applied
+    }
+
+    /// Records that the snapshot taken when [`Controller::applied`] was `applied` is saved
+    /// (shown as `vinfra_traffic_reports_persisted`).
+    pub fn mark_persisted(&self, applied: u64) {
+        let mut st = self.lock();
+        st.persisted = st.persisted.max(applied);
+    }
+
+    /// Goes on from a [`Controller::snapshot`] (taken by a controller of the same domain),
+    /// before any report is taken. Reports that reached the old controller after its last
+    /// snapshot are added again from the switches' cumulative counters, exactly once.
+    pub fn restore(&self, snapshot: &[u8]) -> Result<(), RestoreError> {
+        let snap: ControllerSnapshot = serde_json::from_slice(snapshot)?;
+        if snap.domain != self.domain {
+            return Err(RestoreError::Domain(snap.domain));
+        }
+        let mut st = self.lock();
+        st.stats = DomainStats::restore(snap.stats, 3600);
+        st.names = snap.names.into_iter().collect();
+        Ok(())
     }
 
     /// Takes one switch report received now.
@@ -86,8 +153,14 @@ impl Controller {
         let mut st = self.lock();
         let outcome = st.stats.apply(r, now_ms);
         if outcome == ReportOutcome::Applied {
+            st.applied += 1;
             let mut ports = r.ports.clone();
             ports.sort();
+            for p in &ports {
+                if st.names.get(&p.mac) != Some(&p.vm) {
+                    st.names.insert(p.mac, p.vm.clone());
+                }
+            }
             if st.ports.get(&r.switch) != Some(&ports) {
                 st.ports.insert(r.switch.clone(), ports);
                 let entries = st
@@ -192,7 +265,12 @@ impl Controller {
             .iter()
             .map(|e| (e.mac, (e.vm.as_str(), e.ip)))
             .collect();
-        let name = |m: &MacAddr| names.get(m).map(|(n, _)| (*n).to_owned());
+        let name = |m: &MacAddr| {
+            names
+                .get(m)
+                .map(|(n, _)| (*n).to_owned())
+                .or_else(|| st.names.get(m).cloned())
+        };
         let mut vms: BTreeMap<MacAddr, VmTraffic> = BTreeMap::new();
         let mut pair_rows = Vec::new();
         for ((src, dst), (class, c)) in &pairs {
@@ -236,6 +314,7 @@ impl Controller {
                 })
                 .collect(),
             flood: counters.flood,
+            neighbor: counters.neighbor,
             errors: counters.errors,
             vms: vms.into_values().collect(),
             pairs: pair_rows,
@@ -268,6 +347,12 @@ impl Controller {
             }
             let v = if pick { t.flood.packets } else { t.flood.bytes };
             let _ = writeln!(o, "{metric}{{domain=\"{d}\",class=\"flood\"}} {v}");
+            let v = if pick {
+                t.neighbor.packets
+            } else {
+                t.neighbor.bytes
+            };
+            let _ = writeln!(o, "{metric}{{domain=\"{d}\",class=\"neighbor\"}} {v}");
         }
         let _ = writeln!(o, "# HELP vinfra_traffic_errors_total Malformed frames dropped, by switch.\n# TYPE vinfra_traffic_errors_total counter");
         for (sw, c) in st.stats.per_switch() {
@@ -278,6 +363,8 @@ impl Controller {
                 c.errors
             );
         }
+        let _ = writeln!(o, "# HELP vinfra_traffic_reports_applied_total Switch reports applied by this controller since it started.\n# TYPE vinfra_traffic_reports_applied_total counter\nvinfra_traffic_reports_applied_total{{domain=\"{d}\"}} {}", st.applied);
+        let _ = writeln!(o, "# HELP vinfra_traffic_reports_persisted Applied reports covered by the last saved snapshot.\n# TYPE vinfra_traffic_reports_persisted gauge\nvinfra_traffic_reports_persisted{{domain=\"{d}\"}} {}", st.persisted);
         let _ = writeln!(o, "# HELP vinfra_switch_restarts_total Switch restarts (new counter epochs) seen.\n# TYPE vinfra_switch_restarts_total counter\nvinfra_switch_restarts_total{{domain=\"{d}\"}} {}", st.stats.restarts());
         let _ = writeln!(o, "# HELP vinfra_address_table_version Version of the domain's address table.\n# TYPE vinfra_address_table_version gauge\nvinfra_address_table_version{{domain=\"{d}\"}} {}", st.table.version);
         let _ = writeln!(o, "# HELP vinfra_address_table_entries VMs in the domain's address table.\n# TYPE vinfra_address_table_entries gauge\nvinfra_address_table_entries{{domain=\"{d}\"}} {}", st.table.entries.len());
@@ -360,6 +447,9 @@ pub struct TrafficReport {
     pub classes: Vec<ClassTraffic>,
     /// Broadcast/multicast frames from local VMs.
     pub flood: Counter,
+    /// ARP and IPv6 neighbour discovery from local VMs (kernel datapath).
+    #[serde(default)]
+    pub neighbor: Counter,
     /// Malformed frames.
     pub errors: u64,
     /// By VM.

@@ -11,6 +11,10 @@
 //!   with reset epochs ([`stats`], pure), renders the traffic report and Prometheus text that the API server serves (`GET /v1/traffic`,
 //!   `GET /metrics`), and
 //!   exports IPFIX ([`ipfix`]).
+//! - [`kernel`] + [`kswitch`]: the datapath VMs use. A BPF classifier (`bpf/classifier.c`,
+//!   compiled by clang in `build.rs`) at tc ingress/egress of each VM NIC counts in the
+//!   kernel while the Linux bridge forwards; [`kswitch::KernelSwitch`] reports its maps to
+//!   the controller like a switch and installs the address table into them.
 //! - [`mod@bench`]: `vinfra bench vswitch`.
 //!
 //! ```
@@ -33,6 +37,8 @@ pub mod controller;
 pub mod core;
 pub mod frame;
 pub mod ipfix;
+pub mod kernel;
+pub mod kswitch;
 pub mod netns;
 pub mod proto;
 pub mod rawsock;
@@ -41,6 +47,7 @@ pub mod switch;
 pub mod types;
 
 pub use controller::{serve_switches, Controller, TrafficQuery, TrafficReport};
+pub use kswitch::{KernelSwitch, KernelSwitchConfig, KernelSwitchError, KernelSwitchStatus};
 pub use switch::{PortConfig, Switch, SwitchConfig, SwitchHandle, SwitchStatus};
 pub use types::{
     AddressTable, ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId, TrafficClass,

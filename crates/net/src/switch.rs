@@ -256,17 +256,17 @@ impl Switch {
 
 /// A persistent connection to the controller, re-made after any error.
 #[derive(Debug)]
-struct ControllerLink {
+pub(crate) struct ControllerLink {
     addr: SocketAddr,
     stream: Option<TcpStream>,
 }
 
 impl ControllerLink {
-    fn new(addr: SocketAddr) -> ControllerLink {
+    pub(crate) fn new(addr: SocketAddr) -> ControllerLink {
         ControllerLink { addr, stream: None }
     }
 
-    fn exchange(&mut self, r: &SwitchReport) -> Result<ReportAck, ProtoError> {
+    pub(crate) fn exchange(&mut self, r: &SwitchReport) -> Result<ReportAck, ProtoError> {
         let res = self.try_exchange(r);
         if res.is_err() {
             self.stream = None;

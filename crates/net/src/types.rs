@@ -205,6 +205,11 @@ pub struct ClassCounters {
     pub classes: [Counter; 3],
     /// Broadcast and multicast frames sent by local VMs (flooded, not classified).
     pub flood: Counter,
+    /// ARP and IPv6 neighbour discovery sent by local VMs (unicast or not), counted apart
+    /// from the classes so address resolution never blurs a VM pair's counts. Only the
+    /// kernel datapath separates them; the user-space switch counts them as their class/flood.
+    #[serde(default)]
+    pub neighbor: Counter,
     /// Malformed frames (runts, bad headers): dropped and counted here.
     pub errors: u64,
 }
@@ -226,6 +231,7 @@ impl ClassCounters {
             a.add(b);
         }
         self.flood.add(o.flood);
+        self.neighbor.add(o.neighbor);
         self.errors = self.errors.saturating_add(o.errors);
     }
 
@@ -236,6 +242,7 @@ impl ClassCounters {
             d.classes[i] = self.classes[i].since(earlier.classes[i]);
         }
         d.flood = self.flood.since(earlier.flood);
+        d.neighbor = self.neighbor.since(earlier.neighbor);
         d.errors = self.errors.saturating_sub(earlier.errors);
         d
     }
@@ -247,6 +254,7 @@ impl ClassCounters {
             m.classes[i] = self.classes[i].max(o.classes[i]);
         }
         m.flood = self.flood.max(o.flood);
+        m.neighbor = self.neighbor.max(o.neighbor);
         m.errors = self.errors.max(o.errors);
         m
     }

@@ -71,6 +71,13 @@ pub struct AgentArgs {
     /// agents through VXLAN (UDP 4789) from it. Run one agent per machine with it.
     #[arg(long)]
     pub uplink_ip: Option<std::net::Ipv4Addr>,
+    /// Count this host's VM traffic (a BPF classifier on every VM tap) and report it to
+    /// the domain's vSwitch controller at this address (the server's --vswitch-listen).
+    #[arg(long)]
+    pub vswitch: Option<std::net::SocketAddr>,
+    /// The vSwitch controller's domain (the server's --domain).
+    #[arg(long, default_value = "default")]
+    pub domain: String,
     /// vCPUs offered per CPU: the scheduler places up to CPUs × this many vCPUs here
     /// (like Nova's cpu_allocation_ratio; memory is never overcommitted).
     #[arg(long, default_value_t = 4.0)]
@@ -171,6 +178,10 @@ pub async fn run(
     cfg.disks.max_cache_blocks = args.cache_blocks.max(1);
     cfg.link_listen = args.link_listen;
     cfg.uplink_ip = args.uplink_ip;
+    cfg.traffic = args.vswitch.map(|controller| agent::TrafficReporting {
+        controller,
+        domain: args.domain.clone(),
+    });
     if !(args.cpu_allocation_ratio > 0.0 && args.cpu_allocation_ratio <= 64.0) {
         anyhow::bail!(
             "--cpu-allocation-ratio {}: must be above 0 and at most 64",

@@ -63,6 +63,10 @@ pub async fn run(ctx: &Ctx, cmd: TrafficCmd) -> anyhow::Result<()> {
                     &classes
                         .iter()
                         .map(|c| vec![s(c, "class"), u(c, "packets"), u(c, "bytes")])
+                        .chain(["flood", "neighbor"].iter().map(|k| {
+                            let c = r.get(*k).cloned().unwrap_or_default();
+                            vec![(*k).to_owned(), u(&c, "packets"), u(&c, "bytes")]
+                        }))
                         .collect::<Vec<_>>(),
                 )
             );

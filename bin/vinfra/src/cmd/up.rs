@@ -169,6 +169,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "--driver".into(),
                 args.driver.as_str().into(),
             ];
+            if args.driver == DriverKind::Qemu {
+                // Every VM tap is classified and counted in the kernel (docs/NET.md).
+                argv.extend(["--vswitch".into(), args.vswitch_listen.clone()]);
+            }
             if args.driver == DriverKind::Sim {
                 // A second from start to READY: a small guest's boot, visible in `vm create`.
                 argv.extend(["--sim-boot-ms".into(), "1000".into()]);

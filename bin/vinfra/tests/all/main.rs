@@ -32,3 +32,4 @@ mod up_sim;
 mod v2x;
 mod vm_lifecycle;
 mod vm_network;
+mod vm_traffic;

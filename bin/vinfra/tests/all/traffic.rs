@@ -19,7 +19,7 @@ async fn switch_counts_reach_the_api_exactly() {
         .unwrap();
     let store = format!("redb:{}", dir.path().join("state.redb").display());
     let port = test_utils::free_tcp_port();
-    let s = Server::start_with_args(
+    let mut s = Server::start_with_args(
         dir,
         store,
         &[
@@ -69,7 +69,7 @@ async fn switch_counts_reach_the_api_exactly() {
             },
         },
     ];
-    let sw = Switch::start(cfg).expect("switch starts");
+    let sw = Switch::start(cfg.clone()).expect("switch starts");
     let a = RawPort::open(Some(&vm1), "eth0").unwrap();
     let b = RawPort::open(Some(&vm2), "eth0").unwrap();
     // Known traffic: 25 frames vm-1 -> vm-2, each waited for at the receiver.
@@ -115,6 +115,49 @@ async fn switch_counts_reach_the_api_exactly() {
         "controller metrics are served: {metrics}"
     );
     sw.stop().unwrap();
+
+    // The totals survive a server crash: once the saved snapshot covers every applied
+    // report, kill -9 and restart; the 25 are there, and a new switch epoch adds to them.
+    let metric = |m: &str, name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    test_utils::wait_for(Duration::from_secs(20), || async {
+        let m = admin.metrics().await.unwrap_or_default();
+        match (
+            metric(&m, "vinfra_traffic_reports_applied_total"),
+            metric(&m, "vinfra_traffic_reports_persisted"),
+        ) {
+            (Some(a), Some(p)) => a > 0 && a == p,
+            _ => false,
+        }
+    })
+    .await
+    .expect("the controller's counters are saved");
+    s.kill9_and_restart().await;
+    let admin = s.admin();
+    let intra = |r: &serde_json::Value| {
+        r["classes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["class"] == "intra_server")
+            .and_then(|c| c["packets"].as_u64())
+    };
+    assert_eq!(intra(&admin.traffic(None).await.unwrap()), Some(25));
+    let sw = Switch::start(cfg).expect("switch starts again");
+    for _ in 0..5 {
+        a.send(&frame).unwrap();
+    }
+    test_utils::wait_for(Duration::from_secs(10), || async {
+        intra(&admin.traffic(None).await.unwrap_or_default()) == Some(30)
+    })
+    .await
+    .expect("25 restored + 5 of the new epoch");
+    sw.stop().unwrap();
+    assert_eq!(intra(&admin.traffic(None).await.unwrap()), Some(30));
     // Without --vswitch-listen the route says why it has nothing.
     let plain = Server::start().await;
     let e = plain.admin().traffic(None).await.unwrap_err();

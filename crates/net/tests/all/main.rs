@@ -6,6 +6,8 @@
 //! every thread, and the controllers' 127.0.0.1 sockets, stay in the test's own namespace.
 //! The test's VM endpoints are AF_PACKET sockets opened the same way inside the VM namespaces.
 
+mod kernel;
+
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
@@ -382,9 +384,34 @@ fn bench_runs_every_row() {
     };
     let t = net::bench::bench_vswitch(&cfg).expect("bench");
     eprintln!("{t}");
-    assert_eq!(t.rows.len(), 6);
+    let paths: Vec<(&str, usize)> = t
+        .rows
+        .iter()
+        .map(|r| (r.path.as_str(), r.frame_len))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("memory/vswitch", 64),
+            ("memory/vswitch", 1500),
+            ("linux-bridge", 64),
+            ("vinfra", 64),
+            ("userspace", 64),
+            ("linux-bridge", 1500),
+            ("vinfra", 1500),
+            ("userspace", 1500),
+        ]
+    );
     for r in &t.rows {
         assert!(r.forwarded > 0, "{r:?}");
         assert!(r.forwarded <= r.offered, "{r:?}");
+        let j = r.to_json();
+        for k in ["path", "frame_bytes", "frames_per_s", "drop_ratio"] {
+            assert!(j.get(k).is_some(), "{k} in {j}");
+        }
+    }
+    // The kernel measured the classifier's own cost on the classified rows.
+    for r in t.rows.iter().filter(|r| r.path == "vinfra") {
+        assert!(r.classify_ns_per_frame.is_some_and(|ns| ns > 0.0), "{r:?}");
     }
 }

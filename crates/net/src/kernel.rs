@@ -1,0 +1,581 @@
+//! The in-kernel datapath: the BPF classifier of `bpf/classifier.c` at tc ingress and egress
+//! of each VM NIC (a tap, or a veth in the tests) while the Linux bridge keeps forwarding.
+//!
+//! The program is compiled by clang at build time (`build.rs`) and embedded here. One
+//! instance per host (switch): [`KernelDatapath::open`] loads it with `bpftool prog loadall`
+//! and pins its programs and maps under `<root>/<name>/{progs,maps}`, where root is a bpffs
+//! mounted at [`BPF_ROOT`] (not `/sys/fs/bpf`: `ip netns exec` remounts `/sys`, which would
+//! hide the pins from agents and tools running in a namespace). Every NIC of the host shares
+//! the instance's maps, so the counters survive NICs coming and going (migrations) and the
+//! agent restarting: they live as long as the pins do, with the epoch chosen at load time
+//! stored in the `meta` map.
+//!
+//! Why bpftool and tc rather than a loader crate: loading, attaching and map access go
+//! through the tools' command lines, so vinfra needs no `unsafe` (the bpf(2) syscall takes raw
+//! pointers) and no new dependency; only the control path pays a process spawn per operation
+//! (a few per second at most), never the data path.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::core::FlowRecord;
+use crate::types::{ClassCounters, Counter, MacAddr, TrafficClass};
+
+/// The classifier, as compiled from `bpf/classifier.c` by `build.rs`.
+pub const CLASSIFIER_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/classifier.o"));
+
+/// Where vinfra mounts its bpffs.
+pub const BPF_ROOT: &str = "/run/vinfra/bpf";
+
+/// Row indexes of the `counters` map (see `bpf/classifier.c`).
+const ROW_FLOOD: u32 = 3;
+const ROW_NEIGHBOR: u32 = 4;
+const ROW_ERRORS: u32 = 5;
+const ROW_PAIRS_FULL: u32 = 6;
+
+/// `addrs` map values.
+const ADDR_LOCAL: u32 = 1;
+const ADDR_REMOTE: u32 = 2;
+
+/// A tool failed or answered something unexpected.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// A tool could not be started at all.
+    #[error("cannot run {tool} (install clang, bpftool and iproute2: bash scripts/setup.sh)")]
+    Spawn {
+        /// The tool.
+        tool: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tool exited with an error.
+    #[error("{command}: {stderr}")]
+    Tool {
+        /// The command line.
+        command: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// A tool's JSON output was not what the classifier's maps hold.
+    #[error("unexpected output of {command}: {detail}")]
+    Output {
+        /// The command line.
+        command: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A file operation on the pin directory failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An instance name that is not a plain file name.
+    #[error("invalid datapath name {0:?}: use letters, digits, '.', '_' and '-'")]
+    Name(String),
+}
+
+fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, KernelError> {
+    let command = format!("{tool} {}", args.join(" "));
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| KernelError::Spawn { tool, source })?;
+    if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(input.as_bytes())
+            .map_err(|source| KernelError::Spawn { tool, source })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| KernelError::Spawn { tool, source })?;
+    if !out.status.success() {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if stderr.is_empty() {
+            stderr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        }
+        return Err(KernelError::Tool { command, stderr });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip`/`tc` arguments, prefixed with `-n NETNS` when given.
+fn in_ns<'a>(netns: Option<&'a str>, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = Vec::with_capacity(args.len() + 2);
+    if let Some(ns) = netns {
+        v.extend(["-n", ns]);
+    }
+    v.extend_from_slice(args);
+    v
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 3);
+    for b in bytes {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// bpftool's raw byte arrays (`["0x02", "0x00", …]`).
+fn bytes_of(v: &serde_json::Value) -> Option<Vec<u8>> {
+    v.as_array()?
+        .iter()
+        .map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+        .collect()
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+        .map_or(0, u32::from_le_bytes)
+}
+
+fn mac_key(m: MacAddr) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..6].copy_from_slice(&m.0);
+    k
+}
+
+/// One `bpftool -j map dump` entry: its key and its per-CPU (or single) values.
+struct Entry {
+    key: Vec<u8>,
+    values: Vec<Vec<u8>>,
+}
+
+/// What the classifier counted since its instance was loaded (its epoch).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounts {
+    /// Per class, flood, neighbour discovery, malformed.
+    pub counters: ClassCounters,
+    /// Per VM pair (`flow_seq` is always 1: pairs are never aged out of the map).
+    pub flows: Vec<FlowRecord>,
+    /// Classified frames whose pair did not fit the full pair map (counted in their class).
+    pub pairs_full: Counter,
+}
+
+/// Where the `addrs` map says a MAC is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrLocation {
+    /// A VM on this host.
+    Local,
+    /// A VM on another host of the domain.
+    Remote,
+}
+
+/// One host's loaded classifier: pinned programs and maps.
+#[derive(Clone, Debug)]
+pub struct KernelDatapath {
+    dir: PathBuf,
+}
+
+impl KernelDatapath {
+    /// Opens instance `name` under [`BPF_ROOT`], loading it when it is not there.
+    pub fn open(name: &str) -> Result<KernelDatapath, KernelError> {
+        KernelDatapath::open_in(Path::new(BPF_ROOT), name)
+    }
+
+    /// Opens instance `name` under `root` (mounting a bpffs there if needed), loading it when
+    /// its pins are missing; an instance already loaded keeps its counters and epoch.
+    pub fn open_in(root: &Path, name: &str) -> Result<KernelDatapath, KernelError> {
+        if name.is_empty()
+            || name.starts_with('.')
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(KernelError::Name(name.to_owned()));
+        }
+        ensure_bpffs(root)?;
+        let dp = KernelDatapath {
+            dir: root.join(name),
+        };
+        let loaded = ["progs/vinfra_ingress", "progs/vinfra_egress", "maps/meta"]
+            .iter()
+            .all(|p| dp.dir.join(p).exists());
+        if !loaded {
+            dp.load()?;
+        }
+        if dp.epoch()? == 0 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            dp.update("meta", &0u32.to_le_bytes(), &now.to_le_bytes())?;
+        }
+        // A new process cannot know what an earlier one left in `addrs`: pairs reclassify.
+        dp.bump_generation()?;
+        Ok(dp)
+    }
+
+    fn load(&self) -> Result<(), KernelError> {
+        let io = |what: String| move |source| KernelError::Io { what, source };
+        if self.dir.exists() {
+            // A load interrupted half-way: start over.
+            std::fs::remove_dir_all(&self.dir)
+                .map_err(io(format!("remove {}", self.dir.display())))?;
+        }
+        std::fs::create_dir_all(&self.dir).map_err(io(format!("create {}", self.dir.display())))?;
+        let obj = std::env::temp_dir().join(format!(
+            "vinfra-classifier-{}-{}.o",
+            std::process::id(),
+            self.dir
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ));
+        std::fs::write(&obj, CLASSIFIER_OBJECT).map_err(io(format!("write {}", obj.display())))?;
+        let progs = self.path("progs");
+        let maps = self.path("maps");
+        let res = run(
+            "bpftool",
+            &[
+                "prog",
+                "loadall",
+                &obj.to_string_lossy(),
+                &progs,
+                "type",
+                "classifier",
+                "pinmaps",
+                &maps,
+            ],
+            None,
+        );
+        let _ = std::fs::remove_file(&obj);
+        res.map(|_| ())
+    }
+
+    fn path(&self, rel: &str) -> String {
+        self.dir.join(rel).to_string_lossy().into_owned()
+    }
+
+    fn map(&self, name: &str) -> String {
+        self.path(&format!("maps/{name}"))
+    }
+
+    /// The pin directory of this instance.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The counter epoch: unix ns when the instance was loaded.
+    pub fn epoch(&self) -> Result<u64, KernelError> {
+        self.meta(0)
+    }
+
+    fn meta(&self, slot: u32) -> Result<u64, KernelError> {
+        let e = self.dump("meta")?;
+        Ok(e.iter()
+            .find(|e| e.key == slot.to_le_bytes())
+            .and_then(|e| e.values.first())
+            .map_or(0, |v| u64_at(v, 0)))
+    }
+
+    /// Makes every pair's cached class stale (after `addrs` changed). Never 0 (= unset).
+    fn bump_generation(&self) -> Result<(), KernelError> {
+        let next = match (self.meta(1)? + 1) & 0xffff_ffff {
+            0 => 1,
+            g => g,
+        };
+        self.update("meta", &1u32.to_le_bytes(), &next.to_le_bytes())
+    }
+
+    fn update(&self, map: &str, key: &[u8], value: &[u8]) -> Result<(), KernelError> {
+        let (m, k, v) = (self.map(map), hex(key), hex(value));
+        let mut args = vec!["map", "update", "pinned", &m, "key", "hex"];
+        args.extend(k.split(' '));
+        args.extend(["value", "hex"]);
+        args.extend(v.split(' '));
+        run("bpftool", &args, None).map(|_| ())
+    }
+
+    fn dump(&self, map: &str) -> Result<Vec<Entry>, KernelError> {
+        let m = self.map(map);
+        let out = run("bpftool", &["-j", "map", "dump", "pinned", &m], None)?;
+        let bad = |detail: &str| KernelError::Output {
+            command: format!("bpftool -j map dump pinned {m}"),
+            detail: detail.to_owned(),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        let mut entries = Vec::new();
+        for e in v.as_array().ok_or_else(|| bad("not an array"))? {
+            let key = e.get("key").and_then(bytes_of).ok_or_else(|| bad("key"))?;
+            let values = match (e.get("value"), e.get("values")) {
+                (Some(v), _) => vec![bytes_of(v).ok_or_else(|| bad("value"))?],
+                (None, Some(vs)) => vs
+                    .as_array()
+                    .ok_or_else(|| bad("values"))?
+                    .iter()
+                    .map(|c| c.get("value").and_then(bytes_of))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("per-CPU value"))?,
+                (None, None) => return Err(bad("entry without a value")),
+            };
+            entries.push(Entry { key, values });
+        }
+        Ok(entries)
+    }
+
+    /// Attaches the classifier at ingress and egress of `ifname` (in `netns`, or this
+    /// namespace) and records the NIC's VM MAC; returns the interface index. Idempotent.
+    pub fn attach(
+        &self,
+        netns: Option<&str>,
+        ifname: &str,
+        mac: MacAddr,
+    ) -> Result<u32, KernelError> {
+        let ifindex = ifindex(netns, ifname)?;
+        // The MAC first: the egress program counts nothing for a NIC it does not know.
+        self.update("ports", &ifindex.to_le_bytes(), &mac_key(mac))?;
+        run(
+            "tc",
+            &in_ns(netns, &["qdisc", "replace", "dev", ifname, "clsact"]),
+            None,
+        )?;
+        for (dir, prog) in [("ingress", "vinfra_ingress"), ("egress", "vinfra_egress")] {
+            let p = self.path(&format!("progs/{prog}"));
+            run(
+                "tc",
+                &in_ns(
+                    netns,
+                    &[
+                        "filter",
+                        "replace",
+                        "dev",
+                        ifname,
+                        dir,
+                        "pref",
+                        "1",
+                        "handle",
+                        "1",
+                        "bpf",
+                        "direct-action",
+                        "object-pinned",
+                        &p,
+                    ],
+                ),
+                None,
+            )?;
+        }
+        Ok(ifindex)
+    }
+
+    /// Detaches the classifier from `ifname` (when it still exists) and forgets NIC `ifindex`.
+    pub fn detach(
+        &self,
+        netns: Option<&str>,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<(), KernelError> {
+        // The device may be gone already (its qdisc went with it).
+        let _ = run(
+            "tc",
+            &in_ns(netns, &["qdisc", "del", "dev", ifname, "clsact"]),
+            None,
+        );
+        let m = self.map("ports");
+        let k = hex(&ifindex.to_le_bytes());
+        let mut args = vec!["map", "delete", "pinned", &m, "key", "hex"];
+        args.extend(k.split(' '));
+        match run("bpftool", &args, None) {
+            Ok(_) => Ok(()),
+            Err(KernelError::Tool { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the `addrs` map exactly `want` (MAC → where it is).
+    pub fn set_addresses(&self, want: &BTreeMap<MacAddr, AddrLocation>) -> Result<(), KernelError> {
+        let have = self.dump("addrs")?;
+        let m = self.map("addrs");
+        let mut batch = String::new();
+        let want_keys: BTreeMap<[u8; 8], u32> = want
+            .iter()
+            .map(|(mac, loc)| {
+                let v = match loc {
+                    AddrLocation::Local => ADDR_LOCAL,
+                    AddrLocation::Remote => ADDR_REMOTE,
+                };
+                (mac_key(*mac), v)
+            })
+            .collect();
+        let mut current = BTreeMap::new();
+        for e in &have {
+            let v = e.values.first().map_or(0, |v| u32_at(v, 0));
+            current.insert(e.key.clone(), v);
+            if !want_keys.keys().any(|k| k[..] == e.key[..]) {
+                batch.push_str(&format!("map delete pinned {m} key hex {}\n", hex(&e.key)));
+            }
+        }
+        for (k, v) in &want_keys {
+            if current.get(&k[..]) != Some(v) {
+                batch.push_str(&format!(
+                    "map update pinned {m} key hex {} value hex {}\n",
+                    hex(k),
+                    hex(&v.to_le_bytes())
+                ));
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        run("bpftool", &["batch", "file", "-"], Some(&batch))?;
+        self.bump_generation()
+    }
+
+    /// Reads every counter (summing the CPUs).
+    pub fn read(&self) -> Result<KernelCounts, KernelError> {
+        let mut rows = [Counter::default(); 8];
+        for e in self.dump("counters")? {
+            let row = usize::try_from(u32_at(&e.key, 0)).unwrap_or(usize::MAX);
+            if let Some(r) = rows.get_mut(row) {
+                for v in &e.values {
+                    r.add(Counter {
+                        packets: u64_at(v, 0),
+                        bytes: u64_at(v, 8),
+                    });
+                }
+            }
+        }
+        let mut counters = ClassCounters::default();
+        for (i, class) in TrafficClass::ALL.into_iter().enumerate() {
+            *counters.class_mut(class) = rows[i];
+        }
+        let row = |r: u32| rows[usize::try_from(r).unwrap_or(0)];
+        counters.flood = row(ROW_FLOOD);
+        counters.neighbor = row(ROW_NEIGHBOR);
+        counters.errors = row(ROW_ERRORS).packets;
+        let mut flows = Vec::new();
+        for e in self.dump("pairs")? {
+            let (Some(src), Some(dst)) = (
+                MacAddr::from_slice(e.key.get(..6).unwrap_or_default()),
+                MacAddr::from_slice(e.key.get(6..12).unwrap_or_default()),
+            ) else {
+                continue;
+            };
+            // Each CPU keeps the class it last computed, with the address-table generation
+            // it computed it under: the newest generation's is the pair's class now.
+            let mut counter = Counter::default();
+            let mut class: Option<(u32, TrafficClass)> = None;
+            for v in &e.values {
+                let c = Counter {
+                    packets: u64_at(v, 0),
+                    bytes: u64_at(v, 8),
+                };
+                let gen = u32_at(v, 20);
+                let this = u8::try_from(u32_at(v, 16))
+                    .ok()
+                    .and_then(|code| TrafficClass::from_code(code.checked_add(1)?));
+                if let (false, Some(k)) = (c.is_zero(), this) {
+                    if class.is_none_or(|(g, _)| gen > g) {
+                        class = Some((gen, k));
+                    }
+                }
+                counter.add(c);
+            }
+            let class = class.map(|(_, k)| k);
+            if let Some(class) = class {
+                flows.push(FlowRecord {
+                    src,
+                    dst,
+                    class,
+                    flow_seq: 1,
+                    counter,
+                });
+            }
+        }
+        Ok(KernelCounts {
+            counters,
+            flows,
+            pairs_full: row(ROW_PAIRS_FULL),
+        })
+    }
+
+    /// The classifier programs' cumulative kernel run time (ns) and run count, as the
+    /// kernel keeps them while `kernel.bpf_stats_enabled` is 1.
+    pub fn run_stats(&self) -> Result<(u64, u64), KernelError> {
+        let (mut ns, mut cnt) = (0, 0);
+        for prog in ["vinfra_ingress", "vinfra_egress"] {
+            let p = self.path(&format!("progs/{prog}"));
+            let out = run("bpftool", &["-j", "prog", "show", "pinned", &p], None)?;
+            let v: serde_json::Value =
+                serde_json::from_str(&out).map_err(|e| KernelError::Output {
+                    command: format!("bpftool -j prog show pinned {p}"),
+                    detail: e.to_string(),
+                })?;
+            ns += v.get("run_time_ns").and_then(|x| x.as_u64()).unwrap_or(0);
+            cnt += v.get("run_cnt").and_then(|x| x.as_u64()).unwrap_or(0);
+        }
+        Ok((ns, cnt))
+    }
+
+    /// Unpins the instance: its counters go once no NIC uses the programs any more.
+    pub fn remove(self) -> Result<(), KernelError> {
+        std::fs::remove_dir_all(&self.dir).map_err(|source| KernelError::Io {
+            what: format!("remove {}", self.dir.display()),
+            source,
+        })
+    }
+}
+
+/// The interface index of `ifname` in `netns` (or this namespace).
+pub fn ifindex(netns: Option<&str>, ifname: &str) -> Result<u32, KernelError> {
+    let out = run(
+        "ip",
+        &in_ns(netns, &["-j", "link", "show", "dev", ifname]),
+        None,
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| KernelError::Output {
+        command: format!("ip -j link show dev {ifname}"),
+        detail: e.to_string(),
+    })?;
+    v.get(0)
+        .and_then(|l| l.get("ifindex"))
+        .and_then(|i| i.as_u64())
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| KernelError::Output {
+            command: format!("ip -j link show dev {ifname}"),
+            detail: "no ifindex".to_owned(),
+        })
+}
+
+fn ensure_bpffs(root: &Path) -> Result<(), KernelError> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").map_err(|source| KernelError::Io {
+            what: "read /proc/self/mounts".to_owned(),
+            source,
+        })?;
+    let r = root.to_string_lossy();
+    if mounts.lines().any(|l| {
+        let mut f = l.split(' ');
+        let (_, at, fs) = (f.next(), f.next(), f.next());
+        at == Some(&*r) && fs == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).map_err(|source| KernelError::Io {
+        what: format!("create {r}"),
+        source,
+    })?;
+    run("mount", &["-t", "bpf", "bpf", &r], None).map(|_| ())
+}
