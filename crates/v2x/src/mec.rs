@@ -120,6 +120,13 @@ impl Mec {
         Ok(down)
     }
 
+    /// A device leaves this operator: its links close here and at the peers.
+    pub async fn release(&self, token: &str, device: &str) -> Result<Teardown, V2xError> {
+        let down = self.function.release(token, device).await?;
+        self.after_teardown(&down).await;
+        Ok(down)
+    }
+
     /// A peer revoked one of its devices.
     pub async fn peer_released(&self, address: Ipv4Addr) -> Result<(), V2xError> {
         let links = self.function.peer_released(address).await?;

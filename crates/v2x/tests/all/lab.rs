@@ -144,6 +144,12 @@ async fn cross_operator_link_direct_and_through_both_mecs() {
         let (_, _, len, relayed) = sb.recv(T).await.expect("the relayed CAM arrives");
         assert_eq!((len, relayed), (350, true));
     }
+    // A leaves operator A: its path closes there and at B's MEC (the peer release).
+    a.detach().await.unwrap();
+    assert!(w.mecs[0].mec.function.links(None).is_empty());
+    assert!(w.mecs[1].mec.function.links(None).is_empty());
+    assert!(w.passed(a_ip, b_ip).await.is_none());
+    assert!(w.passed(b_ip, a_ip).await.is_none());
 }
 
 #[tokio::test]

@@ -437,7 +437,10 @@ pub fn table(r: &TerminalReport) -> String {
     }
     for row in &r.rows {
         if !row.other_reasons.is_empty() {
-            s.push_str(&format!("{} not performed: {:?}\n", row.path, row.other_reasons));
+            s.push_str(&format!(
+                "{} not performed: {:?}\n",
+                row.path, row.other_reasons
+            ));
         }
     }
     s.push_str("\nlatency: message sent → reply `performed` (server checked and recorded it, the host's agent performed it through the driver and answered)\n");
