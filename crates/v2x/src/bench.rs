@@ -406,6 +406,11 @@ async fn traffic(pairs: &[Pair], secs: u64, payload: &[u8], relay: bool) -> (Vec
         for (tx, rx) in [(a.clone(), b.clone()), (b.clone(), a.clone())] {
             let p = payload.to_vec();
             senders.push(tokio::spawn(async move {
+                // Vehicles are not synchronised: each starts at its own phase of the 100 ms.
+                let mut ph = [0u8; 2];
+                let _ = getrandom::fill(&mut ph);
+                let phase = u64::from(u16::from_le_bytes(ph) % 100);
+                tokio::time::sleep(Duration::from_millis(phase)).await;
                 let mut t = tokio::time::interval(Duration::from_millis(100));
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut sent = 0u64;
