@@ -317,6 +317,10 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
         note_lat,
         "<= 100 ms",
     ));
+    // What the traffic phases left queued is not "after the revocation": drain it first.
+    for (_, sb) in sessions.iter().take(k) {
+        while sb.recv(Duration::from_millis(2)).await.is_some() {}
+    }
     for (sa, _) in sessions.iter().take(k) {
         let _ = sa.send(&payload).await;
     }
