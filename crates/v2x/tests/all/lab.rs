@@ -248,12 +248,13 @@ async fn revocation_expiry_and_moving_operator() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The notification goes out once the gate is closed (and the peer told).
+    let n: serde_json::Value = serde_json::from_str(&notes.recv().await.unwrap()).unwrap();
+    assert_eq!(n["notificationType"], "ProvChgPc5Notification");
     assert!(
         w.passed(b_ip, a_ip).await.is_none(),
         "B's direction is closed"
     );
-    let n: serde_json::Value = serde_json::from_str(&notes.recv().await.unwrap()).unwrap();
-    assert_eq!(n["notificationType"], "ProvChgPc5Notification");
     let second = b.authorize().await.unwrap();
     assert!(second.expires_at_ms > first.expires_at_ms);
     // The peer's MEC closed its way towards B too when B's parameters ran out; for the rest,
