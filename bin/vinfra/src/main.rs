@@ -78,6 +78,12 @@ enum Command {
     /// Network services across sites.
     #[command(subcommand)]
     Ns(cmd::nfv::NsCmd),
+    /// Network slice instances and client associations by slice type.
+    #[command(subcommand)]
+    Slice(cmd::slice::SliceCmd),
+    /// The slice ledger: head, inclusion proofs, full audit.
+    #[command(subcommand)]
+    Ledger(cmd::slice::LedgerCmd),
     /// Guest images.
     #[command(subcommand)]
     Image(cmd::image::ImageCmd),
@@ -108,6 +114,19 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.command);
+    // The resource-table bench's device child runs on this thread alone: its kill -9
+    // row would otherwise also time the exit of the async runtime's worker threads.
+    if let Command::Bench(cmd::bench::BenchCmd::Shm(args)) = &cli.command {
+        if args.device_child.is_some() {
+            return match cmd::bench::shm::run(args) {
+                Ok(_) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -184,6 +203,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vnfd(c) => cmd::nfv::run_vnfd(&ctx, c).await,
         Command::Nsd(c) => cmd::nfv::run_nsd(&ctx, c).await,
         Command::Ns(c) => cmd::nfv::run_ns(&ctx, c).await,
+        Command::Slice(c) => cmd::slice::run(&ctx, c).await,
+        Command::Ledger(c) => cmd::slice::run_ledger(&ctx, c).await,
         Command::Mec(c) => cmd::v2x::run_mec(c).await,
         Command::V2x(a) => cmd::v2x::run(a, ctx.format).await,
         Command::Bench(c) => cmd::bench::run(c, ctx.format).await,

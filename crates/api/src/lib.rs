@@ -96,6 +96,9 @@ pub struct ServerConfig {
     /// if missing). Servers sharing a store need the same file. `None`: terminals
     /// cannot be created.
     pub secrets_key_file: Option<std::path::PathBuf>,
+    /// The Ed25519 key (PKCS#8) this server signs the slice ledger with (created if
+    /// missing; each server of a store has its own). `None`: a key of this process only.
+    pub ledger_key_file: Option<std::path::PathBuf>,
     /// A host event stream (`GET /v1/hosts/{name}/events`) quiet for this long gets a
     /// `ping` line, so that both ends notice a dead connection. Default 10 s.
     pub push_keepalive: Duration,
@@ -117,6 +120,7 @@ impl Default for ServerConfig {
             server_id: None,
             election_lease: Duration::from_secs(4),
             secrets_key_file: None,
+            ledger_key_file: None,
             push_keepalive: control::push::DEFAULT_KEEPALIVE,
         }
     }
@@ -368,6 +372,9 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         let key = secrets_key(path)?;
         state.control().set_secrets_key(key);
     }
+    if let Some(path) = &config.ledger_key_file {
+        state.control().set_ledger_key_file(path.clone());
+    }
     let own = if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
@@ -462,7 +469,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
                 )
             }
             None => Box::pin(
-                axum::serve(listener, app)
+                axum::serve(listen::plain(listener), app)
                     .with_graceful_shutdown(stop)
                     .into_future(),
             ),

@@ -155,8 +155,41 @@ pub struct Peer {
     pub client_cn: Option<String>,
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+/// A plain TCP listener whose connections send small writes at once (see [`nodelay`]).
+#[derive(Debug)]
+pub(crate) struct PlainListener(TcpListener);
+
+impl Listener for PlainListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (mut tcp, addr) = Listener::accept(&mut self.0).await;
+        nodelay(&mut tcp);
+        (tcp, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// Answers, events and terminal session replies are small writes, each waited for:
+/// Nagle's algorithm would hold one back until the previous one is acknowledged,
+/// which a peer delaying its ACKs does 40 ms later.
+pub(crate) fn nodelay(tcp: &mut TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+}
+
+/// The plain listener on `listener`.
+pub(crate) fn plain(listener: TcpListener) -> PlainListener {
+    PlainListener(listener)
+}
+
+impl Connected<IncomingStream<'_, PlainListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, PlainListener>) -> Self {
         Peer {
             addr: *stream.remote_addr(),
             tls: false,
@@ -206,7 +239,7 @@ impl TlsListener {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
-                let (tcp, addr) = match listener.accept().await {
+                let (mut tcp, addr) = match listener.accept().await {
                     Ok(c) => c,
                     Err(e) => {
                         // Out of descriptors and the like: wait rather than spin.
@@ -215,6 +248,7 @@ impl TlsListener {
                         continue;
                     }
                 };
+                nodelay(&mut tcp);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;

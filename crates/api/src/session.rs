@@ -8,9 +8,10 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
-use control::sessions::TerminalSession;
+use control::sessions::{SessionRefusal, TerminalSession};
+use control::terminals::Pending;
 use futures_util::stream::FuturesOrdered;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use model::terminals::SessionReply;
 
 /// How often the server pings an idle session. There is no idle timeout: a session
@@ -24,6 +25,46 @@ const ANSWER_WAIT: Duration = Duration::from_secs(3);
 
 type Reply = Pin<Box<dyn Future<Output = SessionReply> + Send>>;
 
+/// Messages taken together into one batch at most.
+const BATCH: usize = 64;
+
+/// What a frame means to the session.
+enum Frame {
+    /// An operation message.
+    Message(Vec<u8>),
+    /// A ping or pong.
+    Control,
+    /// The session is over, and why.
+    End(&'static str),
+}
+
+fn frame_bytes(frame: Option<Result<Message, axum::Error>>) -> Frame {
+    match frame {
+        Some(Ok(Message::Text(t))) => Frame::Message(t.as_str().as_bytes().to_vec()),
+        Some(Ok(Message::Binary(b))) => Frame::Message(b.to_vec()),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Frame::Control,
+        Some(Ok(Message::Close(_))) | None => Frame::End("closed by the client"),
+        Some(Err(_)) => Frame::End("connection lost"),
+    }
+}
+
+/// The reply to one message, once its host answered.
+fn reply(r: Result<Pending, SessionRefusal>) -> Reply {
+    match r {
+        Ok(pending) => Box::pin(async move {
+            SessionReply::Answer {
+                operation: Box::new(pending.answer(ANSWER_WAIT).await),
+            }
+        }),
+        Err(r) => Box::pin(std::future::ready(SessionReply::Refused {
+            seq: r.seq,
+            reason: r.refused.reason().to_owned(),
+            detail: r.refused.to_string(),
+            previous: r.previous,
+        })),
+    }
+}
+
 /// Serves one session until its client closes it, drops, or stays silent; then ends
 /// the session (which releases what it holds).
 pub(crate) async fn serve(mut socket: WebSocket, mut session: TerminalSession) {
@@ -35,30 +76,41 @@ pub(crate) async fn serve(mut socket: WebSocket, mut session: TerminalSession) {
         tokio::select! {
             frame = socket.recv() => {
                 heard = tokio::time::Instant::now();
-                let raw = match frame {
-                    Some(Ok(Message::Text(t))) => t.as_str().as_bytes().to_vec(),
-                    Some(Ok(Message::Binary(b))) => b.to_vec(),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => break "closed by the client",
-                    Some(Err(_)) => break "connection lost",
-                };
-                let reply: Reply = match session.submit(&raw).await {
-                    Ok(pending) => Box::pin(async move {
-                        SessionReply::Answer {
-                            operation: Box::new(pending.answer(ANSWER_WAIT).await),
+                let mut raws = Vec::new();
+                let mut end = None;
+                match frame_bytes(frame) {
+                    Frame::Message(raw) => raws.push(raw),
+                    Frame::Control => continue,
+                    Frame::End(why) => break why,
+                }
+                // Messages already here go with it: one transaction records them all.
+                while raws.len() < BATCH {
+                    let Some(frame) = socket.recv().now_or_never() else {
+                        break;
+                    };
+                    match frame_bytes(frame) {
+                        Frame::Message(raw) => raws.push(raw),
+                        Frame::Control => {}
+                        Frame::End(why) => {
+                            end = Some(why);
+                            break;
                         }
-                    }),
-                    Err(r) => {
-                        let reply = SessionReply::Refused {
-                            seq: r.seq,
-                            reason: r.refused.reason().to_owned(),
-                            detail: r.refused.to_string(),
-                            previous: r.previous.map(Box::new),
-                        };
-                        Box::pin(std::future::ready(reply))
                     }
-                };
-                replies.push_back(reply);
+                }
+                let slices: Vec<&[u8]> = raws.iter().map(Vec::as_slice).collect();
+                for r in session.submit_all(&slices).await {
+                    replies.push_back(reply(r));
+                }
+                if let Some(why) = end {
+                    // Send what was answered, then end.
+                    while let Some(reply) = replies.next().await {
+                        let text = serde_json::to_string(&reply).unwrap_or_default();
+                        if socket.send(Message::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    break why;
+                }
             }
             Some(reply) = replies.next(), if !replies.is_empty() => {
                 // Serializing a reply cannot fail (strings, numbers, enums).

@@ -842,6 +842,108 @@ impl Client {
         Self::check(method, path, res).await
     }
 
+    // ---- slices ----
+
+    /// `POST /v1/nsis`.
+    pub async fn create_nsi(
+        &self,
+        req: &model::slices::CreateNsi,
+    ) -> Result<model::slices::Nsi, ClientError> {
+        self.json(Method::POST, &["v1", "nsis"], Some(req)).await
+    }
+
+    /// `GET /v1/nsis`.
+    pub async fn list_nsis(&self) -> Result<Vec<model::slices::Nsi>, ClientError> {
+        self.json(Method::GET, &["v1", "nsis"], NO_BODY).await
+    }
+
+    /// `DELETE /v1/nsis/{nsi}`.
+    pub async fn delete_nsi(&self, name_or_id: &str) -> Result<(), ClientError> {
+        self.send(Method::DELETE, &["v1", "nsis", name_or_id], NO_BODY)
+            .await
+            .map(drop)
+    }
+
+    /// `POST /v1/slices/{type}/associations`.
+    pub async fn associate(
+        &self,
+        slice_type: &str,
+        client: &str,
+    ) -> Result<model::slices::Association, ClientError> {
+        let body = model::slices::Associate {
+            client: client.to_owned(),
+        };
+        self.json(
+            Method::POST,
+            &["v1", "slices", slice_type, "associations"],
+            Some(&body),
+        )
+        .await
+    }
+
+    /// `GET /v1/slices/{type}/associations`.
+    pub async fn list_associations(
+        &self,
+        slice_type: &str,
+    ) -> Result<Vec<model::slices::Association>, ClientError> {
+        self.json(
+            Method::GET,
+            &["v1", "slices", slice_type, "associations"],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `POST /v1/slice-loads`.
+    pub async fn record_slice_loads(
+        &self,
+        req: &model::slices::SliceLoads,
+    ) -> Result<model::slices::SliceLoadsRecorded, ClientError> {
+        self.json(Method::POST, &["v1", "slice-loads"], Some(req))
+            .await
+    }
+
+    /// `GET /v1/ledger`.
+    pub async fn ledger_head(&self) -> Result<model::slices::LedgerHead, ClientError> {
+        self.json(Method::GET, &["v1", "ledger"], NO_BODY).await
+    }
+
+    /// `GET /v1/ledger/entries`.
+    pub async fn ledger_entries(&self) -> Result<Vec<model::slices::LedgerRawKey>, ClientError> {
+        self.json(Method::GET, &["v1", "ledger", "entries"], NO_BODY)
+            .await
+    }
+
+    /// `GET /v1/ledger/proof?index=&size=`.
+    pub async fn ledger_proof(
+        &self,
+        index: u64,
+        size: Option<u64>,
+    ) -> Result<model::slices::LedgerProof, ClientError> {
+        let mut q = format!("index={index}");
+        if let Some(s) = size {
+            q.push_str(&format!("&size={s}"));
+        }
+        let segments = ["v1", "ledger", "proof"];
+        let res = self.send_query(Method::GET, &segments, Some(&q)).await?;
+        self.decode(Method::GET, &segments, res).await
+    }
+
+    /// `GET /v1/ledger/consistency?from=&to=`.
+    pub async fn ledger_consistency(
+        &self,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<model::slices::LedgerConsistency, ClientError> {
+        let mut q = format!("from={from}");
+        if let Some(t) = to {
+            q.push_str(&format!("&to={t}"));
+        }
+        let segments = ["v1", "ledger", "consistency"];
+        let res = self.send_query(Method::GET, &segments, Some(&q)).await?;
+        self.decode(Method::GET, &segments, res).await
+    }
+
     // ---- meta ----
 
     /// `GET /v1/openapi.json`.

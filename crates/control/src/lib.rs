@@ -28,6 +28,7 @@ pub mod operations;
 pub mod push;
 pub mod records;
 pub mod sessions;
+pub mod slices;
 pub mod storage;
 mod takeover;
 pub mod terminals;
@@ -48,6 +49,7 @@ pub use ns::NsError;
 pub use operations::CancelError;
 pub use push::{HostEvents, PushError};
 pub use records::now_ms;
+pub use slices::{RecheckError, SliceError};
 pub use storage::StorageError;
 pub use takeover::{default_takeover_margin, lease_expired, LeaseWatch};
 pub use vms::{CreateVmError, Observed, VmChangeError, VmDeleted};
@@ -82,6 +84,8 @@ pub struct Control {
     push: push::Push,
     /// This server's terminal state (rate buckets, refusal counts, recent operations).
     terminals: Arc<terminals::Terminals>,
+    /// The slice ledger's key and, once opened, the ledger.
+    slices: Arc<slices::SliceState>,
 }
 
 impl std::fmt::Debug for Control {
@@ -102,6 +106,7 @@ impl Control {
             jobs: Tasks::default(),
             push: push::Push::new(push::DEFAULT_KEEPALIVE),
             terminals: Arc::default(),
+            slices: Arc::default(),
         }
     }
 

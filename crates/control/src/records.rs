@@ -126,6 +126,16 @@ pub mod keys {
     pub fn ns_name(tenant: TenantId, name: &Name) -> String {
         format!("{NS_NAMES}{tenant}/{name}")
     }
+    /// Network slice instances, by id.
+    pub const NSIS: &str = "/vinfra/nsis/";
+    /// NSI name index, per tenant (`{NSI_NAMES}{tenant}/{name}`): value is the id.
+    pub const NSI_NAMES: &str = "/vinfra/nsi-names/";
+    /// Per NSI: its measured load series (the forecaster's input).
+    pub const SLICE_SERIES: &str = "/vinfra/slice-series/";
+    /// Client associations with NSIs, by id.
+    pub const SLICE_ASSOCIATIONS: &str = "/vinfra/slice-associations/";
+    /// The slice ledger: a transparency log (crates/translog) under this prefix.
+    pub const SLICE_LEDGER: &str = "/vinfra/translog/slices/";
     pub const NETWORKS: &str = "/vinfra/networks/";
     pub const NETWORK_NAMES: &str = "/vinfra/network-names/";
     pub fn network(id: NetworkId) -> String {

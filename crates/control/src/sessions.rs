@@ -18,7 +18,7 @@ use model::{TerminalId, VmId};
 
 use crate::records::{get_json, now_ms};
 use crate::terminals::{op_key, Accepted, Pending, Refused};
-use crate::Control;
+use crate::{Control, ControlError};
 
 /// One terminal session.
 #[derive(Debug)]
@@ -42,7 +42,7 @@ pub struct SessionRefusal {
     /// For a number taken before by an authentic message of this terminal: that
     /// message's record, so that a terminal resending what it had no answer for after a
     /// reconnect learns how it fared (it is never performed twice).
-    pub previous: Option<PerformedOperation>,
+    pub previous: Option<Box<PerformedOperation>>,
 }
 
 impl Control {
@@ -66,51 +66,98 @@ impl TerminalSession {
     /// Checks one message and records its operation (in the order messages come); the
     /// host's answer comes through what is returned. A refusal is counted and logged.
     pub async fn submit(&mut self, raw: &[u8]) -> Result<Pending, SessionRefusal> {
-        let seq = header_seq(raw);
-        let r = self.submit_inner(raw).await;
-        match r {
-            Ok(p) => Ok(p),
-            Err((refused, terminal)) => {
-                self.control.refused(&refused);
-                let previous = match (&refused, terminal, seq) {
-                    (Refused::Replay(_), Some(t), Some(seq)) => {
-                        get_json::<PerformedOperation>(self.control.store(), &op_key(t, seq))
-                            .await
-                            .ok()
-                            .flatten()
-                            .map(|(r, _)| r)
-                    }
-                    _ => None,
-                };
-                Err(SessionRefusal {
-                    refused,
-                    seq,
-                    previous,
-                })
-            }
-        }
+        self.submit_all(&[raw]).await.pop().unwrap_or_else(|| {
+            Err(SessionRefusal {
+                refused: ControlError::Invariant("one message, no result".into()).into(),
+                seq: None,
+                previous: None,
+            })
+        })
     }
 
-    async fn submit_inner(&mut self, raw: &[u8]) -> Result<Pending, (Refused, Option<TerminalId>)> {
-        let a = self
-            .control
-            .check_operation(raw)
-            .await
-            .map_err(|e| (e, None))?;
-        let t = a.terminal;
-        match self.terminal {
-            Some(session) if session != t => {
-                return Err((Refused::OtherTerminal { session, got: t }, Some(t)));
+    /// Checks messages that came together and records their operations in one
+    /// transaction, in order; one result per message.
+    pub async fn submit_all(&mut self, raws: &[&[u8]]) -> Vec<Result<Pending, SessionRefusal>> {
+        let mut out: Vec<Option<Result<Pending, SessionRefusal>>> = Vec::with_capacity(raws.len());
+        let mut accepted = Vec::new();
+        for (i, raw) in raws.iter().enumerate() {
+            let seq = header_seq(raw);
+            match self.accept(raw).await {
+                Ok(a) => {
+                    accepted.push((i, a));
+                    out.push(None);
+                }
+                Err(refused) => out.push(Some(Err(self.refusal(refused, seq).await))),
             }
-            _ => self.terminal = Some(t),
         }
-        let pending = self
-            .control
-            .dispatch(a.clone())
-            .await
-            .map_err(|e| (e, Some(t)))?;
-        self.track(a);
-        Ok(pending)
+        let batch: Vec<Accepted> = accepted.iter().map(|(_, a)| a.clone()).collect();
+        match self.control.dispatch_all(batch).await {
+            Ok(results) => {
+                for ((i, a), r) in accepted.into_iter().zip(results) {
+                    let seq = Some(a.seq);
+                    out[i] = Some(match r {
+                        Ok(p) => {
+                            self.track(a);
+                            Ok(p)
+                        }
+                        Err(refused) => Err(self.refusal(refused, seq).await),
+                    });
+                }
+            }
+            Err(e) => {
+                // The whole batch failed: each message gets the reason.
+                let (reason, detail) = (e.reason(), e.to_string());
+                self.control.refused(&e);
+                for (i, a) in accepted {
+                    out[i] = Some(Err(SessionRefusal {
+                        refused: Refused::Batch {
+                            reason,
+                            detail: detail.clone(),
+                        },
+                        seq: Some(a.seq),
+                        previous: None,
+                    }));
+                }
+            }
+        }
+        out.into_iter().flatten().collect()
+    }
+
+    /// Checks one message and that it is this session's terminal's.
+    async fn accept(&mut self, raw: &[u8]) -> Result<Accepted, Refused> {
+        let a = self.control.check_operation(raw).await?;
+        match self.terminal {
+            Some(session) if session != a.terminal => {
+                return Err(Refused::OtherTerminal {
+                    session,
+                    got: a.terminal,
+                });
+            }
+            _ => self.terminal = Some(a.terminal),
+        }
+        Ok(a)
+    }
+
+    /// Counts and logs a refusal; for a number taken before, finds that message's record.
+    async fn refusal(&self, refused: Refused, seq: Option<u64>) -> SessionRefusal {
+        if !matches!(refused, Refused::Batch { .. }) {
+            self.control.refused(&refused);
+        }
+        let previous = match (&refused, self.terminal, seq) {
+            (Refused::Replay(_), Some(t), Some(seq)) => {
+                get_json::<PerformedOperation>(self.control.store(), &op_key(t, seq))
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|(r, _)| Box::new(r))
+            }
+            _ => None,
+        };
+        SessionRefusal {
+            refused,
+            seq,
+            previous,
+        }
     }
 
     /// Follows what the accepted operation leaves held down.

@@ -206,6 +206,15 @@ pub enum Refused {
     /// The operation itself is not valid.
     #[error("body.op: {0}")]
     BadOperation(String),
+    /// The batch of messages this one came with failed as a whole (the store, the VM
+    /// gone): its reason and words.
+    #[error("{detail}")]
+    Batch {
+        /// The batch's reason.
+        reason: &'static str,
+        /// The batch's refusal in words.
+        detail: String,
+    },
     /// A session carries one terminal's messages: the one of its first message.
     #[error("header.terminal: this session is terminal {session}'s, not {got}'s")]
     OtherTerminal {
@@ -235,6 +244,7 @@ impl Refused {
             Refused::VmGone { .. } => "vm_gone",
             Refused::BadOperation(_) => "bad_operation",
             Refused::OtherTerminal { .. } => "other_terminal",
+            Refused::Batch { reason, .. } => reason,
             Refused::Control(_) => "server_error",
         }
     }
@@ -294,6 +304,8 @@ struct Bucket {
 pub struct Terminals {
     /// Set once, when the server starts with a secrets key.
     secrets: std::sync::OnceLock<SecretsKey>,
+    /// The store's server id, once read.
+    server_id: std::sync::OnceLock<String>,
     buckets: Mutex<HashMap<TerminalId, Bucket>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -356,12 +368,12 @@ fn held_key(vm: VmId) -> String {
     format!("/vinfra/held-operations/{vm}")
 }
 
-/// Where [`Control::route_operation`] sends an operation.
-struct Route {
+/// Where [`Control::route_vm`] sends a VM's operations.
+struct VmRoute {
     host: Name,
     compares: Vec<Compare>,
-    /// The held list with this operation added, when it is held.
-    held: Option<TxnOp>,
+    /// The VM's held list (its key, and its operations so far) while they are held.
+    held: Option<(String, HeldOperations)>,
 }
 
 /// An accepted operation on its way to the VM's host.
@@ -439,18 +451,25 @@ impl Control {
     /// This control plane's id, as message headers name it: made once, kept in the
     /// store (every server of a cluster answers to the same one).
     pub async fn server_id(&self) -> Result<String, ControlError> {
-        if let Some((id, _)) = get_json::<String>(self.store(), SERVER_ID).await? {
-            return Ok(id);
+        // Written once and never changed: every message names it, so it is read once.
+        if let Some(id) = self.terminals().server_id.get() {
+            return Ok(id.clone());
         }
-        let id = format!("vinfra-{}", uuid::Uuid::new_v4().simple());
-        match self.store().cas(SERVER_ID, None, to_bytes(&id)?).await {
-            Ok(_) => Ok(id),
-            Err(StoreError::Conflict { .. }) => get_json::<String>(self.store(), SERVER_ID)
-                .await?
-                .map(|(id, _)| id)
-                .ok_or_else(|| ControlError::Invariant("the server id vanished".into())),
-            Err(e) => Err(e.into()),
-        }
+        let id = match get_json::<String>(self.store(), SERVER_ID).await? {
+            Some((id, _)) => id,
+            None => {
+                let id = format!("vinfra-{}", uuid::Uuid::new_v4().simple());
+                match self.store().cas(SERVER_ID, None, to_bytes(&id)?).await {
+                    Ok(_) => id,
+                    Err(StoreError::Conflict { .. }) => get_json::<String>(self.store(), SERVER_ID)
+                        .await?
+                        .map(|(id, _)| id)
+                        .ok_or_else(|| ControlError::Invariant("the server id vanished".into()))?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        Ok(self.terminals().server_id.get_or_init(|| id).clone())
     }
 
     /// Registers a terminal in `tenant`; its secret is in the answer and nowhere else.
@@ -821,133 +840,203 @@ impl Control {
     /// Takes `a`'s sequence number and records it; what comes back brings the host's
     /// answer.
     pub(crate) async fn dispatch(&self, a: Accepted) -> Result<Pending, Refused> {
-        let key = op_key(a.terminal, a.seq);
-        let mut record = PerformedOperation {
-            terminal: a.terminal,
-            vm: a.vm,
-            host: a.host.clone(),
-            seq: a.seq,
-            op: a.op.clone(),
-            received: a.received,
-            performed: None,
-            outcome: OperationOutcome::Sent,
-            detail: None,
-            screenshot: None,
-        };
-        // Watching before the write: the host's answer cannot slip past. (The server's
-        // own operations are not waited for: their number is only known once written.)
-        let answers = if a.seq < SERVER_SEQ_BASE {
-            Some(self.store_arc().watch(&key).await?)
-        } else {
-            None
-        };
-        self.take_seq_and_record(&a, &mut record).await?;
-        if matches!(
-            a.op,
-            Operation::Power {
-                action: PowerAction::On
-            }
-        ) {
-            let r = self
-                .set_desired(
-                    Scope::Tenant(a.tenant),
-                    &a.vm.to_string(),
-                    model::DesiredState::Running,
-                )
-                .await;
-            let result = OperationResult {
-                host: record.host.to_string(),
-                outcome: if r.is_ok() {
-                    OperationOutcome::Performed
-                } else {
-                    OperationOutcome::Failed
-                },
-                detail: r.err().map(|e| model::error_chain(&e)),
-                screenshot: None,
-            };
-            let done = self.answer_operation(a.terminal, a.seq, result).await?;
-            return Ok(Pending {
-                record: done,
-                answers: None,
-            });
-        }
-        if record.seq.is_multiple_of(64) {
-            self.trim_operations(a.terminal).await;
-        }
-        Ok(Pending { record, answers })
+        let mut all = self.dispatch_all(vec![a]).await?;
+        all.pop().unwrap_or_else(|| {
+            Err(ControlError::Invariant("one operation dispatched, no result".into()).into())
+        })
     }
 
-    /// Takes the sequence number in the terminal's stored replay window and writes the
-    /// operation's record, in one transaction: every server sharing the store, and this
-    /// one after a restart, refuses the number again, and no operation is taken without
-    /// its record (which is what reaches the host). Server-originated operations
-    /// (`seq` from [`SERVER_SEQ_BASE`]) take their number from the terminal's own counter
-    /// instead.
-    async fn take_seq_and_record(
+    /// Takes the sequence numbers of `batch` — operations of **one terminal**, in the
+    /// order they came — and records them in one transaction (a session sends many while
+    /// one commits: they share it). One result per operation, in order; `Err` when the
+    /// whole batch failed (the store, a VM gone).
+    pub(crate) async fn dispatch_all(
+        &self,
+        batch: Vec<Accepted>,
+    ) -> Result<Vec<Result<Pending, Refused>>, Refused> {
+        let mut records = Vec::with_capacity(batch.len());
+        let mut watches = Vec::with_capacity(batch.len());
+        for a in &batch {
+            records.push(PerformedOperation {
+                terminal: a.terminal,
+                vm: a.vm,
+                host: a.host.clone(),
+                seq: a.seq,
+                op: a.op.clone(),
+                received: a.received,
+                performed: None,
+                outcome: OperationOutcome::Sent,
+                detail: None,
+                screenshot: None,
+            });
+            // Watching before the write: the host's answer cannot slip past. (The
+            // server's own operations are not waited for: their number is only known
+            // once written.)
+            watches.push(if a.seq < SERVER_SEQ_BASE {
+                Some(self.store_arc().watch(&op_key(a.terminal, a.seq)).await?)
+            } else {
+                None
+            });
+        }
+        let taken = self.take_seqs_and_record(&batch, &mut records).await?;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut trim = false;
+        for (((a, record), answers), refused) in
+            batch.into_iter().zip(records).zip(watches).zip(taken)
+        {
+            if let Some(r) = refused {
+                out.push(Err(r));
+                continue;
+            }
+            trim |= record.seq.is_multiple_of(64);
+            if matches!(
+                a.op,
+                Operation::Power {
+                    action: PowerAction::On
+                }
+            ) {
+                out.push(self.power_on(&a, &record).await);
+                continue;
+            }
+            out.push(Ok(Pending { record, answers }));
+        }
+        let terminal = out.iter().flatten().map(|p| p.record.terminal).next();
+        if let (true, Some(t)) = (trim, terminal) {
+            self.trim_operations(t).await;
+        }
+        Ok(out)
+    }
+
+    /// `power on` is the server's own: it sets the VM's desired state to running.
+    async fn power_on(
         &self,
         a: &Accepted,
-        record: &mut PerformedOperation,
-    ) -> Result<(), Refused> {
-        let tkey = terminal_key(a.terminal);
+        record: &PerformedOperation,
+    ) -> Result<Pending, Refused> {
+        let r = self
+            .set_desired(
+                Scope::Tenant(a.tenant),
+                &a.vm.to_string(),
+                model::DesiredState::Running,
+            )
+            .await;
+        let result = OperationResult {
+            host: record.host.to_string(),
+            outcome: if r.is_ok() {
+                OperationOutcome::Performed
+            } else {
+                OperationOutcome::Failed
+            },
+            detail: r.err().map(|e| model::error_chain(&e)),
+            screenshot: None,
+        };
+        let done = self
+            .answer_operation(a.terminal, record.seq, result)
+            .await?;
+        Ok(Pending {
+            record: done,
+            answers: None,
+        })
+    }
+
+    /// Takes the sequence numbers in the terminal's stored replay window and writes the
+    /// operations' records, in one transaction: every server sharing the store, and this
+    /// one after a restart, refuses a number again, and no operation is taken without
+    /// its record (which is what reaches the host). A number already taken refuses its
+    /// operation only (`Some` at its place). Server-originated operations (`seq` from
+    /// [`SERVER_SEQ_BASE`]) take their number from the terminal's own counter instead.
+    async fn take_seqs_and_record(
+        &self,
+        batch: &[Accepted],
+        records: &mut [PerformedOperation],
+    ) -> Result<Vec<Option<Refused>>, Refused> {
+        let Some(first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let terminal = first.terminal;
+        if batch.iter().any(|a| a.terminal != terminal) {
+            return Err(ControlError::Invariant("a batch of several terminals".into()).into());
+        }
+        let tkey = terminal_key(terminal);
         for _ in 0..CAS_ATTEMPTS {
             let Some((mut stored, rev)) = get_json::<StoredTerminal>(self.store(), &tkey).await?
             else {
-                return Err(Refused::UnknownTerminal(a.terminal));
+                return Err(Refused::UnknownTerminal(terminal));
             };
-            if a.seq < SERVER_SEQ_BASE {
-                stored.window.take(a.seq).map_err(Refused::Replay)?;
-            } else {
-                stored.server_seq += 1;
-                record.seq = SERVER_SEQ_BASE.saturating_add(stored.server_seq);
-            }
-            let key = op_key(a.terminal, record.seq);
-            let key = key.as_str();
-            let route = self.route_operation(a.terminal, a.vm, key).await?;
-            record.host = route.host.clone();
-            record.outcome = if route.held.is_some() {
-                OperationOutcome::Held
-            } else {
-                OperationOutcome::Sent
-            };
+            let mut refused = Vec::with_capacity(batch.len());
+            let mut routes: Vec<(VmId, VmRoute)> = Vec::new();
+            let mut writes = Vec::new();
             let mut compares = vec![Compare::ModRevision {
                 key: tkey.clone(),
                 expect: Some(rev),
             }];
-            compares.extend(route.compares);
-            let mut writes = vec![
-                TxnOp::Put {
-                    key: tkey.clone(),
-                    value: to_bytes(&stored)?,
-                },
-                TxnOp::Put {
-                    key: key.to_owned(),
+            for (a, record) in batch.iter().zip(records.iter_mut()) {
+                if a.seq < SERVER_SEQ_BASE {
+                    if let Err(e) = stored.window.take(a.seq) {
+                        refused.push(Some(Refused::Replay(e)));
+                        continue;
+                    }
+                } else {
+                    stored.server_seq += 1;
+                    record.seq = SERVER_SEQ_BASE.saturating_add(stored.server_seq);
+                }
+                let key = op_key(terminal, record.seq);
+                let route = match routes.iter_mut().find(|(vm, _)| *vm == a.vm) {
+                    Some((_, r)) => r,
+                    None => {
+                        let r = self.route_vm(terminal, a.vm).await?;
+                        compares.extend(r.compares.iter().cloned());
+                        routes.push((a.vm, r));
+                        &mut routes.last_mut().expect("just pushed").1
+                    }
+                };
+                record.host = route.host.clone();
+                record.outcome = match &mut route.held {
+                    Some((_, list)) => {
+                        list.keys.push(key.clone());
+                        OperationOutcome::Held
+                    }
+                    None => OperationOutcome::Sent,
+                };
+                writes.push(TxnOp::Put {
+                    key,
                     value: to_bytes(&*record)?,
-                },
-            ];
-            writes.extend(route.held);
+                });
+                refused.push(None);
+            }
+            if writes.is_empty() {
+                return Ok(refused);
+            }
+            writes.push(TxnOp::Put {
+                key: tkey.clone(),
+                value: to_bytes(&stored)?,
+            });
+            for (_, r) in &routes {
+                if let Some((hkey, list)) = &r.held {
+                    writes.push(TxnOp::Put {
+                        key: hkey.clone(),
+                        value: to_bytes(list)?,
+                    });
+                }
+            }
             match self.store().txn(compares, writes).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(refused),
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
         Err(ControlError::Contended {
-            what: format!("terminal {}", a.terminal),
+            what: format!("terminal {terminal}"),
         }
         .into())
     }
 
-    /// Where an operation for `vm` goes now: its host, or held while its live migration
-    /// moves memory (the source may already have sent the state the operation would
-    /// change). The compares make the record's transaction lose to any change of the VM,
+    /// Where operations for `vm` go now: its host, or held while its live migration
+    /// moves memory (the source may already have sent the state an operation would
+    /// change). The compares make the records' transaction lose to any change of the VM,
     /// of its migration or of its held list since they were read, so that no operation is
     /// sent to a host the VM just left nor held past the release.
-    async fn route_operation(
-        &self,
-        terminal: TerminalId,
-        vm_id: VmId,
-        key: &str,
-    ) -> Result<Route, Refused> {
+    async fn route_vm(&self, terminal: TerminalId, vm_id: VmId) -> Result<VmRoute, Refused> {
         let Some((vm, vm_rev)) = get_json::<Vm>(self.store(), &keys::vm(vm_id)).await? else {
             return Err(Refused::VmGone {
                 terminal,
@@ -973,15 +1062,10 @@ impl Control {
                     key: hkey.clone(),
                     expect: list.as_ref().map(|(_, r)| *r),
                 });
-                let mut list = list.map(|(l, _)| l).unwrap_or_default();
-                list.keys.push(key.to_owned());
-                held = Some(TxnOp::Put {
-                    key: hkey,
-                    value: to_bytes(&list)?,
-                });
+                held = Some((hkey, list.map(|(l, _)| l).unwrap_or_default()));
             }
         }
-        Ok(Route {
+        Ok(VmRoute {
             host: vm.host,
             compares,
             held,

@@ -14,6 +14,7 @@ mod error_chain;
 mod ids;
 mod name_type;
 mod rng;
+pub mod slices;
 pub mod terminal_ops;
 pub mod terminals;
 mod types;

@@ -10,6 +10,8 @@ use crate::output::Format;
 pub mod control;
 pub mod push;
 mod render;
+pub mod shm;
+pub mod slice;
 pub mod terminal;
 
 /// The control-plane benchmarks' common start on a fresh server: an agent token (its
@@ -111,6 +113,10 @@ pub enum BenchCmd {
     /// polling the assignments every second as the agent does. One `vinfra server` child
     /// on redb; `-o json` prints the report as JSON.
     Push(push::PushArgs),
+    /// Network slices: selection p50/p99 at a request rate with the ledger idle and
+    /// appending; forecast MAPE/MASE vs seasonal naive; ledger appends/s and durable-ack
+    /// p99 on redb and etcd beside raw etcd puts of the same size (needs etcd).
+    Slice(slice::SliceArgs),
     /// Multi-operator C-V2X: N vehicles on two operators in network namespaces
     /// (authorization, link establishment, one-way latency direct and through both MECs
     /// against bare UDP, losses, revocation, operator change). Needs root, ip, nft.
@@ -132,6 +138,11 @@ pub enum BenchCmd {
     /// over sessions (WebSocket) against one-off POSTs at the same rate; in-process
     /// server and agent on the sim driver. `-o json` prints the report as JSON.
     Terminal(terminal::TerminalArgs),
+    /// Resource tables: grant call p50/p99, grant + notify + update + revoke against a
+    /// Unix-socket round trip, 4 KiB updates under a standing grant against sending them
+    /// over the socket, kill -9 → revoke, grants/s with 1,000 devices × 65,536 entries.
+    /// Needs Linux ≥ 5.19 (userfaultfd write-protect on shared memory).
+    Shm(shm::ShmArgs),
     /// vSwitch classification + forwarding, in memory and on veth, against the Linux bridge.
     Vswitch {
         /// Seconds per row.
@@ -167,6 +178,17 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchCmd::Slice(args) => {
+            let report = tokio::select! {
+                r = slice::run(&args) => r?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            };
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Table => print!("{}", slice::table(&report)),
+            }
+            Ok(())
+        }
         BenchCmd::Terminal(args) => {
             let report = tokio::select! {
                 r = terminal::run(&args) => r?,
@@ -187,6 +209,20 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => print!("{}", push::table(&report)),
+            }
+            Ok(())
+        }
+        BenchCmd::Shm(args) => {
+            let child = args.device_child.is_some();
+            let json = args.json || matches!(format, Format::Json);
+            let rows = tokio::task::spawn_blocking(move || shm::run(&args)).await??;
+            if child {
+                return Ok(());
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", shm::table(&rows));
             }
             Ok(())
         }

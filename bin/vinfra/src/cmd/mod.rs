@@ -11,6 +11,7 @@ pub mod network;
 pub mod nfv;
 pub mod operation;
 pub mod server;
+pub mod slice;
 pub mod storage;
 pub mod terminal;
 pub mod terminal_connect;

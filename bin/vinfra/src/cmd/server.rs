@@ -173,6 +173,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| data_dir.join("secrets.key")),
         ),
+        ledger_key_file: Some(data_dir.join("ledger.key")),
         ..api::ServerConfig::default()
     };
     let handle = api::serve(config, store).await?;

@@ -23,6 +23,7 @@ mod ns;
 mod ns_libvirt;
 mod readme;
 mod redundancy;
+mod slices;
 mod terminals;
 mod tls;
 mod tokens;

@@ -38,6 +38,24 @@ async fn terminal(c: &Cluster, name: &str, vm: &str) -> TerminalCredentials {
     TerminalCredentials::new(&made, &c.url)
 }
 
+/// A cluster with one agent (`host-a`), its VM `web` running, and terminal `kiosk`
+/// bound to it.
+async fn one_vm() -> (
+    Cluster,
+    std::sync::Arc<compute::SimDriver>,
+    harness::TestAgent,
+    model::Vm,
+    TerminalCredentials,
+) {
+    let c = Cluster::start().await;
+    let da = Cluster::driver();
+    let a = c.agent("host-a", &da).await;
+    let web = c.create_vm("web", "host-a").await;
+    c.wait_running(&web).await;
+    let creds = terminal(&c, "kiosk", "web").await;
+    (c, da, a, web, creds)
+}
+
 fn key(q: &str, down: bool) -> String {
     format!(r#"{{"operation":{{"op":"key","qcode":"{q}","down":{down}}}}}"#)
 }
@@ -53,12 +71,7 @@ fn performed(r: &SessionReply) -> &model::terminals::PerformedOperation {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_session_releases_the_keys_it_held() {
-    let c = Cluster::start().await;
-    let da = Cluster::driver();
-    let _a = c.agent("host-a", &da).await;
-    let web = c.create_vm("web", "host-a").await;
-    c.wait_running(&web).await;
-    let creds = terminal(&c, "kiosk", "web").await;
+    let (c, da, _a, web, creds) = one_vm().await;
     let now = control::now_ms();
 
     let mut s = TerminalSession::connect(&creds, None).await.unwrap();
@@ -116,12 +129,7 @@ async fn a_dropped_session_releases_the_keys_it_held() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_session_performs_each_number_once() {
-    let c = Cluster::start().await;
-    let da = Cluster::driver();
-    let _a = c.agent("host-a", &da).await;
-    let web = c.create_vm("web", "host-a").await;
-    c.wait_running(&web).await;
-    let creds = terminal(&c, "kiosk", "web").await;
+    let (_c, da, _a, web, creds) = one_vm().await;
     let now = control::now_ms();
     let typed = |t: &str| format!(r#"{{"operation":{{"op":"type_text","text":"{t}"}}}}"#);
 
@@ -153,6 +161,43 @@ async fn a_resumed_session_performs_each_number_once() {
     let ops = da.performed(&web.id.to_string());
     // 1, 2, 3, 4: once each.
     assert_eq!(ops.len(), 4, "{ops:?}");
+
+    // A burst sent without waiting (recorded in batches), with one number repeated
+    // inside it: every other one performed, in order; the repeat refused.
+    let (mut tx, mut rx) = s.split();
+    let burst: Vec<u64> = (5..45).chain([20]).chain(45..60).collect();
+    for seq in &burst {
+        tx.send(*seq, now, &key("a", seq % 2 == 1)).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for seq in &burst {
+        match rx.next().await.unwrap().unwrap() {
+            SessionReply::Answer { operation } => {
+                assert_eq!(
+                    (operation.seq, operation.outcome),
+                    (*seq, OperationOutcome::Performed)
+                );
+                got.push(operation.seq);
+            }
+            SessionReply::Refused {
+                seq: Some(20),
+                reason,
+                previous: Some(p),
+                ..
+            } => {
+                assert_eq!((reason.as_str(), p.seq), ("replay", 20));
+            }
+            other => panic!("{seq}: {other:?}"),
+        }
+    }
+    assert_eq!(got, (5..60).collect::<Vec<_>>());
+    let ops = da.performed(&web.id.to_string());
+    assert_eq!(ops.len(), 4 + 55, "{ops:?}");
+    let downs: Vec<bool> = ops[4..]
+        .iter()
+        .map(|o| matches!(o, Operation::Key { down: true, .. }))
+        .collect();
+    assert_eq!(downs, (5..60u64).map(|s| s % 2 == 1).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,12 +206,7 @@ async fn a_session_carries_one_terminal_and_only_from_its_own_origin() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
-    let c = Cluster::start().await;
-    let da = Cluster::driver();
-    let _a = c.agent("host-a", &da).await;
-    let web = c.create_vm("web", "host-a").await;
-    c.wait_running(&web).await;
-    let first = terminal(&c, "kiosk", "web").await;
+    let (c, da, _a, web, first) = one_vm().await;
     let second = terminal(&c, "other", "web").await;
     let now = control::now_ms();
     let addr = c.url.trim_start_matches("http://").to_owned();

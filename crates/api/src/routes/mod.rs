@@ -11,6 +11,7 @@ pub(crate) mod migrations;
 pub(crate) mod networks;
 pub(crate) mod ns_instances;
 pub(crate) mod operations;
+pub(crate) mod slices;
 pub(crate) mod storage;
 pub(crate) mod tenants;
 pub(crate) mod terminals;
@@ -120,6 +121,24 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             get(terminals::operations),
         ),
         ("/v1/terminal-operations", post(terminals::operation)),
+        ("/v1/nsis", post(slices::create_nsi).get(slices::list_nsis)),
+        (
+            "/v1/nsis/{nsi}",
+            get(slices::get_nsi).delete(slices::delete_nsi),
+        ),
+        (
+            "/v1/slices/{type}/associations",
+            post(slices::associate).get(slices::list_associations),
+        ),
+        ("/v1/slice-loads", post(slices::record_loads)),
+        (
+            "/nnssf-nsselection/v2/network-slice-information",
+            get(slices::nssf_selection),
+        ),
+        ("/v1/ledger", get(slices::ledger_head)),
+        ("/v1/ledger/entries", get(slices::ledger_entries)),
+        ("/v1/ledger/proof", get(slices::ledger_proof)),
+        ("/v1/ledger/consistency", get(slices::ledger_consistency)),
         ("/v1/terminal-sessions", get(terminals::session)),
     ]
 }
@@ -245,6 +264,8 @@ mod tests {
         for (path, _) in all_routes() {
             let concrete = path
                 .replace("{name}", "x")
+                .replace("{nsi}", "x")
+                .replace("{type}", "1")
                 .replace("{id}", "00000000-0000-4000-8000-000000000000")
                 .replace("{digest}", &format!("sha256:{}", "0".repeat(64)));
             for m in METHODS {
@@ -261,7 +282,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 73, "{served:?}");
+        assert_eq!(served.len(), 85, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json
@@ -288,6 +309,8 @@ mod tests {
                 }
                 let concrete = path
                     .replace("{name}", "x")
+                    .replace("{nsi}", "x")
+                    .replace("{type}", "1")
                     .replace("{terminal}", "x")
                     .replace("{seq}", "1")
                     .replace("{id}", "00000000-0000-4000-8000-000000000000");
@@ -338,7 +361,7 @@ mod tests {
                 probed += 1;
             }
         }
-        assert_eq!(probed, 23);
+        assert_eq!(probed, 26);
     }
 
     #[test]

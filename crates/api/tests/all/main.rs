@@ -10,6 +10,7 @@ mod ns;
 mod operations;
 mod push;
 mod routes;
+mod slices;
 mod structure;
 mod tcp;
 mod tokens;

@@ -1,0 +1,834 @@
+//! Network slices: network slice instances (NSIs) realised by NS instances, the
+//! selection of an NSI for a client by slice type (lowest forecast utilization with
+//! room), utilization inference from measured load ([`forecast`]), the allocation
+//! of the provider's resources among NSIs, and the slice ledger: every association
+//! and every allocation appended to a transparency log (`translog`) with enough
+//! inputs that an auditor recomputes each one ([`recheck`]).
+//!
+//! Records: NSIs under [`keys::NSIS`] (name index [`keys::NSI_NAMES`]), each NSI's
+//! load series under [`keys::SLICE_SERIES`], associations under
+//! [`keys::SLICE_ASSOCIATIONS`], the ledger under [`keys::SLICE_LEDGER`].
+
+pub mod forecast;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use model::slices::{
+    Association, Candidate, LedgerConsistency, LedgerHead, LedgerKey, LedgerProof, LedgerRawKey,
+    Nsi, Snssai, ValidNsi,
+};
+use model::TenantId;
+use ring::digest::{digest, SHA256};
+use serde::{Deserialize, Serialize};
+use store::{Compare, StoreError, TxnOp};
+use translog::{LogConfig, LogError, Signer, TransLog};
+
+use crate::records::{
+    get_json, insert_named, keys, list_json, now_ms, remove_named, resolve_named, to_bytes,
+    update_cas, CAS_ATTEMPTS,
+};
+use crate::{Control, ControlError, Scope};
+use forecast::{allocate, AllocInput, AllocPolicy, AllocShare};
+
+/// The slice ledger's name, in every checkpoint and entry signature.
+pub const LEDGER_ORIGIN: &str = "vinfra/slices";
+
+/// The allocation policy used unless configured: a 10 Gbit/s pool per provider,
+/// seasons of 12 samples, provisioning two samples ahead, an unserved Mbit/s four
+/// times as costly as an idle one.
+pub fn default_policy() -> AllocPolicy {
+    AllocPolicy {
+        pool: 10_000.0,
+        season: 12,
+        horizon: 2,
+        under_cost: 4.0,
+        over_cost: 1.0,
+    }
+}
+
+/// Samples of each NSI's series kept (the forecaster's window).
+pub const WINDOW: usize = 96;
+
+/// This server's slice state: the ledger's key file and, once opened, the ledger.
+#[derive(Debug, Default)]
+pub(crate) struct SliceState {
+    key_file: std::sync::OnceLock<PathBuf>,
+    ledger: tokio::sync::OnceCell<TransLog>,
+}
+
+/// Why a slice request is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SliceError {
+    /// No NSI of the caller's serves the slice type.
+    #[error("type: no network slice instance serves S-NSSAI {snssai}")]
+    NoInstance {
+        /// The S-NSSAI asked for.
+        snssai: Snssai,
+    },
+    /// Every NSI of the type is full.
+    #[error("no network slice instance of S-NSSAI {snssai} has room: {reasons}")]
+    NoRoom {
+        /// The S-NSSAI asked for.
+        snssai: Snssai,
+        /// Per NSI, why it cannot take the client.
+        reasons: String,
+    },
+    /// The NS instance named to realise an NSI does not exist in its tenant.
+    #[error("ns_instance: no ns instance {0} in the tenant")]
+    NoNsInstance(String),
+    /// A proof asked for sizes or an index the ledger does not have.
+    #[error("{0}")]
+    Proof(String),
+    /// The ledger could not be opened or appended to.
+    #[error("the slice ledger failed")]
+    Ledger(#[source] LogError),
+    /// The store, a taken name, a lost race, no such NSI.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// A ledger entry's body (JSON): what was decided and from what.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LedgerEntry {
+    /// A client associated with the NSI chosen among `candidates`.
+    Association {
+        /// Association id.
+        association: String,
+        /// Requesting tenant.
+        tenant: TenantId,
+        /// The client.
+        client: String,
+        /// The S-NSSAI asked for.
+        snssai: Snssai,
+        /// Chosen NSI id.
+        nsi: String,
+        /// Chosen NSI name.
+        nsi_name: String,
+        /// Every NSI of the type as it stood (the forecast snapshot).
+        candidates: Vec<Candidate>,
+        /// SHA-256 of the candidates' JSON.
+        forecast_hash: String,
+        /// Time, unix ms.
+        at_ms: u64,
+    },
+    /// The resources of a provider allocated among its NSIs.
+    Allocation {
+        /// The provider.
+        provider: String,
+        /// Time, unix ms.
+        at_ms: u64,
+        /// The policy (pool, season, horizon, costs).
+        policy: AllocPolicy,
+        /// Each NSI's measured window.
+        inputs: Vec<AllocInput>,
+        /// SHA-256 of the inputs' JSON.
+        input_hash: String,
+        /// SHA-256 of the policy and the learned parameters' JSON.
+        params_hash: String,
+        /// The result.
+        shares: Vec<AllocShare>,
+    },
+}
+
+/// Hex SHA-256 of a value's JSON.
+pub fn json_hash<T: Serialize>(v: &T) -> String {
+    let bytes = serde_json::to_vec(v).expect("ledger values serialize");
+    model::hex(digest(&SHA256, &bytes).as_ref())
+}
+
+fn params_hash(policy: &AllocPolicy, shares: &[AllocShare]) -> String {
+    let params: Vec<_> = shares
+        .iter()
+        .map(|s| (&s.nsi, &s.model, &s.params))
+        .collect();
+    json_hash(&(policy, params))
+}
+
+/// The NSI a selection picks: room left (clients below the maximum, forecast
+/// utilization below 1), then the lowest forecast utilization, then the name.
+pub fn choose(candidates: &[Candidate]) -> Option<&Candidate> {
+    candidates
+        .iter()
+        .filter(|c| c.clients < c.max_clients && c.utilization < 1.0)
+        .min_by(|a, b| {
+            a.utilization
+                .total_cmp(&b.utilization)
+                .then_with(|| a.name.cmp(&b.name))
+        })
+}
+
+/// Why a ledger entry does not recompute.
+#[derive(Debug, thiserror::Error)]
+pub enum RecheckError {
+    /// The body is not a ledger entry.
+    #[error("not a slice ledger entry")]
+    Decode(#[source] serde_json::Error),
+    /// A logged hash does not match the logged values.
+    #[error("{what} hash does not match the logged {what}")]
+    Hash {
+        /// `forecast`, `input` or `params`.
+        what: &'static str,
+    },
+    /// The logged choice is not what the logged candidates give.
+    #[error("association chose {logged}, the logged forecasts give {recomputed}")]
+    Choice {
+        /// Logged NSI.
+        logged: String,
+        /// Recomputed NSI (or `none`).
+        recomputed: String,
+    },
+    /// The logged allocation is not what the logged inputs give.
+    #[error("allocation of {provider} does not recompute from its logged inputs")]
+    Allocation {
+        /// The provider.
+        provider: String,
+    },
+}
+
+/// Recomputes a ledger entry from its logged inputs: an association's choice from
+/// its candidates, an allocation from its windows and policy (bit for bit), and
+/// every hash. Returns the decoded entry.
+pub fn recheck(body: &[u8]) -> Result<LedgerEntry, RecheckError> {
+    let entry: LedgerEntry = serde_json::from_slice(body).map_err(RecheckError::Decode)?;
+    match &entry {
+        LedgerEntry::Association {
+            nsi,
+            candidates,
+            forecast_hash,
+            ..
+        } => {
+            if json_hash(candidates) != *forecast_hash {
+                return Err(RecheckError::Hash { what: "forecast" });
+            }
+            let chosen = choose(candidates).map(|c| c.nsi.clone());
+            if chosen.as_deref() != Some(nsi.as_str()) {
+                return Err(RecheckError::Choice {
+                    logged: nsi.clone(),
+                    recomputed: chosen.unwrap_or_else(|| "none".into()),
+                });
+            }
+        }
+        LedgerEntry::Allocation {
+            provider,
+            policy,
+            inputs,
+            input_hash,
+            params_hash: logged_params,
+            shares,
+            ..
+        } => {
+            if json_hash(inputs) != *input_hash {
+                return Err(RecheckError::Hash { what: "input" });
+            }
+            if params_hash(policy, shares) != *logged_params {
+                return Err(RecheckError::Hash { what: "params" });
+            }
+            if allocate(inputs, policy) != *shares {
+                return Err(RecheckError::Allocation {
+                    provider: provider.clone(),
+                });
+            }
+        }
+    }
+    Ok(entry)
+}
+
+/// One NSI's load series.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Series {
+    /// Measured load per period, Mbit/s, oldest first (at most [`WINDOW`]).
+    samples: Vec<f64>,
+    /// Time of the last sample, unix ms.
+    last_at_ms: u64,
+}
+
+fn nsi_key(id: uuid::Uuid) -> String {
+    format!("{}{id}", keys::NSIS)
+}
+
+fn nsi_name_key(tenant: TenantId, name: &model::Name) -> String {
+    format!("{}{tenant}/{name}", keys::NSI_NAMES)
+}
+
+fn candidate(n: &Nsi) -> Candidate {
+    let load = n.forecast_mbps.or(n.measured_mbps).unwrap_or(0.0);
+    Candidate {
+        nsi: n.id.clone(),
+        name: n.name.to_string(),
+        utilization: load / f64::from(n.capacity_mbps.max(1)),
+        clients: n.clients,
+        max_clients: n.max_clients,
+    }
+}
+
+impl Control {
+    /// Where the slice ledger's signing key lives (created on first use). Without
+    /// one, the ledger signs with a key made for this process only.
+    pub fn set_ledger_key_file(&self, path: PathBuf) {
+        let _ = self.slices.key_file.set(path);
+    }
+
+    /// The slice ledger, opened on first use.
+    pub async fn slice_ledger(&self) -> Result<&TransLog, SliceError> {
+        self.slices
+            .ledger
+            .get_or_try_init(|| async {
+                let signer = match self.slices.key_file.get() {
+                    Some(path) => Signer::load_or_create(path),
+                    None => {
+                        tracing::warn!("no ledger key file: signing the slice ledger with a key of this process only");
+                        Signer::generate().map(|(s, _)| s)
+                    }
+                }
+                .map_err(|e| {
+                    SliceError::Ledger(LogError::Corrupt {
+                        prefix: keys::SLICE_LEDGER.into(),
+                        why: model::error_chain(&e),
+                    })
+                })?;
+                TransLog::open(
+                    self.store_arc(),
+                    LogConfig::new(keys::SLICE_LEDGER, LEDGER_ORIGIN),
+                    signer,
+                )
+                .await
+                .map_err(SliceError::Ledger)
+            })
+            .await
+    }
+
+    /// Records a new NSI; its NS instance, if named, must exist in `tenant`.
+    pub async fn create_nsi(&self, tenant: TenantId, v: ValidNsi) -> Result<Nsi, SliceError> {
+        if let Some(ns) = &v.ns_instance {
+            self.ns_instance(Scope::Tenant(tenant), ns.as_str())
+                .await
+                .map_err(|e| match e {
+                    ControlError::NotFound { .. } => SliceError::NoNsInstance(ns.to_string()),
+                    e => e.into(),
+                })?;
+        }
+        let id = uuid::Uuid::new_v4();
+        let nsi = Nsi {
+            id: id.to_string(),
+            tenant,
+            name: v.name,
+            snssai: v.snssai,
+            provider: v.provider,
+            capacity_mbps: v.capacity_mbps,
+            max_clients: v.max_clients,
+            ns_instance: v.ns_instance,
+            clients: 0,
+            measured_mbps: None,
+            forecast_mbps: None,
+            allocated_mbps: None,
+            created_at: now_ms(),
+        };
+        insert_named(
+            self.store(),
+            nsi_key(id),
+            nsi_name_key(tenant, &nsi.name),
+            &nsi,
+            &id,
+            || format!("name: network slice instance {} already exists", nsi.name),
+        )
+        .await?;
+        tracing::info!(nsi = %nsi.name, snssai = %nsi.snssai, "network slice instance created");
+        Ok(nsi)
+    }
+
+    /// The NSIs `scope` sees, by tenant then name.
+    pub async fn nsis(&self, scope: Scope) -> Result<Vec<Nsi>, ControlError> {
+        let mut v: Vec<Nsi> = list_json::<Nsi>(self.store(), keys::NSIS)
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| scope.sees(n.tenant))
+            .collect();
+        v.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
+        Ok(v)
+    }
+
+    /// One NSI by id or name.
+    pub async fn nsi(&self, scope: Scope, s: &str) -> Result<Nsi, ControlError> {
+        Ok(resolve_named::<uuid::Uuid, Nsi>(
+            self.store(),
+            scope,
+            s,
+            "network slice instance",
+            keys::NSI_NAMES,
+            nsi_key,
+            |n| n.tenant,
+        )
+        .await?
+        .0)
+    }
+
+    /// Deletes an NSI (its associations stay in the ledger and in their records).
+    pub async fn delete_nsi(&self, scope: Scope, s: &str) -> Result<(), ControlError> {
+        let nsi = self.nsi(scope, s).await?;
+        let id: uuid::Uuid = nsi
+            .id
+            .parse()
+            .map_err(|e| ControlError::Invariant(format!("stored nsi id {}: {e}", nsi.id)))?;
+        remove_named(
+            self.store(),
+            nsi_key(id),
+            nsi_name_key(nsi.tenant, &nsi.name),
+            None,
+        )
+        .await?;
+        self.store()
+            .delete(&format!("{}{id}", keys::SLICE_SERIES))
+            .await?;
+        Ok(())
+    }
+
+    /// The NSI a request for `snssai` gets now, and every candidate as it stands
+    /// (read only: [`Control::associate`] commits the choice).
+    pub async fn select_nsi(
+        &self,
+        scope: Scope,
+        snssai: &Snssai,
+    ) -> Result<(Candidate, Vec<Candidate>, Vec<Nsi>), SliceError> {
+        let nsis: Vec<Nsi> = self
+            .nsis(scope)
+            .await?
+            .into_iter()
+            .filter(|n| n.snssai.serves(snssai))
+            .collect();
+        if nsis.is_empty() {
+            return Err(SliceError::NoInstance {
+                snssai: snssai.clone(),
+            });
+        }
+        let candidates: Vec<Candidate> = nsis.iter().map(candidate).collect();
+        match choose(&candidates) {
+            Some(c) => Ok((c.clone(), candidates.clone(), nsis)),
+            None => Err(SliceError::NoRoom {
+                snssai: snssai.clone(),
+                reasons: candidates
+                    .iter()
+                    .map(|c| {
+                        if c.clients >= c.max_clients {
+                            format!("{} has {} of {} clients", c.name, c.clients, c.max_clients)
+                        } else {
+                            format!(
+                                "{} is forecast at {:.0}% utilization",
+                                c.name,
+                                c.utilization * 100.0
+                            )
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }),
+        }
+    }
+
+    /// Associates `client` with the NSI of `snssai` that has room and the lowest
+    /// forecast utilization, among the NSIs of `tenant`; records the association
+    /// and appends it to the ledger (durable before this returns).
+    pub async fn associate(
+        &self,
+        tenant: TenantId,
+        snssai: &Snssai,
+        client: String,
+    ) -> Result<Association, SliceError> {
+        let ledger = self.slice_ledger().await?;
+        for _ in 0..CAS_ATTEMPTS {
+            let (chosen, candidates, nsis) = self.select_nsi(Scope::Tenant(tenant), snssai).await?;
+            let id = uuid::Uuid::new_v4();
+            let nsi_id: uuid::Uuid = chosen.nsi.parse().map_err(|e| {
+                ControlError::Invariant(format!("stored nsi id {}: {e}", chosen.nsi))
+            })?;
+            let Some((mut nsi, rev)) = get_json::<Nsi>(self.store(), &nsi_key(nsi_id)).await?
+            else {
+                continue;
+            };
+            if nsis.iter().find(|n| n.id == nsi.id) != Some(&nsi) {
+                continue; // changed since the selection read it
+            }
+            nsi.clients += 1;
+            let at_ms = now_ms();
+            let mut assoc = Association {
+                id: id.to_string(),
+                tenant,
+                client: client.clone(),
+                snssai: snssai.clone(),
+                nsi: nsi.id.clone(),
+                nsi_name: nsi.name.to_string(),
+                forecast_hash: json_hash(&candidates),
+                candidates,
+                ledger_index: 0,
+                created_at: at_ms,
+            };
+            let key = format!("{}{id}", keys::SLICE_ASSOCIATIONS);
+            let res = self
+                .store()
+                .txn(
+                    vec![Compare::ModRevision {
+                        key: nsi_key(nsi_id),
+                        expect: Some(rev),
+                    }],
+                    vec![
+                        TxnOp::Put {
+                            key: nsi_key(nsi_id),
+                            value: to_bytes(&nsi)?,
+                        },
+                        TxnOp::Put {
+                            key: key.clone(),
+                            value: to_bytes(&assoc)?,
+                        },
+                    ],
+                )
+                .await;
+            match res {
+                Ok(_) => {}
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(ControlError::from(e).into()),
+            }
+            let entry = LedgerEntry::Association {
+                association: assoc.id.clone(),
+                tenant,
+                client: assoc.client.clone(),
+                snssai: snssai.clone(),
+                nsi: assoc.nsi.clone(),
+                nsi_name: assoc.nsi_name.clone(),
+                candidates: assoc.candidates.clone(),
+                forecast_hash: assoc.forecast_hash.clone(),
+                at_ms,
+            };
+            let appended = ledger
+                .append(serde_json::to_vec(&entry).map_err(ControlError::Encode)?)
+                .await
+                .map_err(SliceError::Ledger)?;
+            assoc.ledger_index = appended.index;
+            // The index is a convenience for proofs; the entry itself is the record.
+            self.store()
+                .put(&key, to_bytes(&assoc)?)
+                .await
+                .map_err(ControlError::from)?;
+            tracing::info!(client = %assoc.client, nsi = %assoc.nsi_name, index = appended.index, "client associated with a network slice instance");
+            return Ok(assoc);
+        }
+        Err(ControlError::Contended {
+            what: format!("the network slice instances of {snssai}"),
+        }
+        .into())
+    }
+
+    /// The associations `scope` sees, oldest first.
+    pub async fn slice_associations(&self, scope: Scope) -> Result<Vec<Association>, ControlError> {
+        let mut v: Vec<Association> =
+            list_json::<Association>(self.store(), keys::SLICE_ASSOCIATIONS)
+                .await?
+                .into_iter()
+                .map(|(a, _)| a)
+                .filter(|a| scope.sees(a.tenant))
+                .collect();
+        v.sort_by_key(|a| (a.created_at, a.id.clone()));
+        Ok(v)
+    }
+
+    /// Takes one sampling period's measured load per NSI (Mbit/s, by NSI id; NSIs
+    /// not named measured nothing: 0), forecasts each NSI, allocates every
+    /// provider's pool among its NSIs, appends each allocation to the ledger, and
+    /// updates the NSIs' measured, forecast and allocated figures. Returns the
+    /// ledger indices of the allocations.
+    pub async fn record_slice_loads(
+        &self,
+        loads: &BTreeMap<String, f64>,
+        policy: &AllocPolicy,
+    ) -> Result<Vec<u64>, SliceError> {
+        let ledger = self.slice_ledger().await?;
+        let at_ms = now_ms();
+        let nsis = self.nsis(Scope::All).await?;
+        let mut by_provider: BTreeMap<String, Vec<(Nsi, Vec<f64>)>> = BTreeMap::new();
+        for nsi in nsis {
+            let load = loads.get(&nsi.id).copied().unwrap_or(0.0).max(0.0);
+            let key = format!("{}{}", keys::SLICE_SERIES, nsi.id);
+            if self
+                .store()
+                .get(&key)
+                .await
+                .map_err(ControlError::from)?
+                .is_none()
+            {
+                let _ = self
+                    .store()
+                    .cas(&key, None, to_bytes(&Series::default())?)
+                    .await;
+            }
+            let series: Series = update_cas(
+                self.store(),
+                &key,
+                || format!("the load series of {}", nsi.name),
+                || ControlError::NotFound {
+                    kind: "network slice instance",
+                    id: nsi.id.clone(),
+                },
+                |s: &mut Series| {
+                    s.samples.push(load);
+                    if s.samples.len() > WINDOW {
+                        let drop = s.samples.len() - WINDOW;
+                        s.samples.drain(..drop);
+                    }
+                    s.last_at_ms = at_ms;
+                    Ok::<(), ControlError>(())
+                },
+            )
+            .await?;
+            by_provider
+                .entry(nsi.provider.to_string())
+                .or_default()
+                .push((nsi, series.samples));
+        }
+        let mut indices = Vec::new();
+        for (provider, members) in by_provider {
+            let inputs: Vec<AllocInput> = members
+                .iter()
+                .map(|(n, w)| AllocInput {
+                    nsi: n.id.clone(),
+                    capacity: f64::from(n.capacity_mbps),
+                    window: w.clone(),
+                })
+                .collect();
+            let shares = allocate(&inputs, policy);
+            let entry = LedgerEntry::Allocation {
+                provider: provider.clone(),
+                at_ms,
+                policy: policy.clone(),
+                input_hash: json_hash(&inputs),
+                params_hash: params_hash(policy, &shares),
+                inputs,
+                shares: shares.clone(),
+            };
+            let appended = ledger
+                .append(serde_json::to_vec(&entry).map_err(ControlError::Encode)?)
+                .await
+                .map_err(SliceError::Ledger)?;
+            indices.push(appended.index);
+            for ((nsi, window), share) in members.iter().zip(&shares) {
+                let Ok(id) = nsi.id.parse::<uuid::Uuid>() else {
+                    continue;
+                };
+                let measured = window.last().copied();
+                let r = update_cas(
+                    self.store(),
+                    &nsi_key(id),
+                    || format!("network slice instance {}", nsi.name),
+                    || ControlError::NotFound {
+                        kind: "network slice instance",
+                        id: nsi.id.clone(),
+                    },
+                    |n: &mut Nsi| {
+                        n.measured_mbps = measured;
+                        n.forecast_mbps = Some(share.forecast);
+                        n.allocated_mbps = Some(share.share);
+                        Ok::<(), ControlError>(())
+                    },
+                )
+                .await;
+                match r {
+                    Ok(_) | Err(ControlError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(indices)
+    }
+}
+
+fn ledger_err(e: LogError) -> SliceError {
+    match e {
+        LogError::Proof(p) => SliceError::Proof(p.to_string()),
+        e => SliceError::Ledger(e),
+    }
+}
+
+impl Control {
+    /// The ledger's latest checkpoint and the keys announced for it.
+    pub async fn ledger_head(&self) -> Result<LedgerHead, SliceError> {
+        let ledger = self.slice_ledger().await?;
+        let head = ledger.head().await.map_err(ledger_err)?;
+        let keys = self
+            .store()
+            .list(&translog::log::keys::key(keys::SLICE_LEDGER, ""))
+            .await
+            .map_err(ControlError::from)?
+            .into_iter()
+            .filter_map(|kv| {
+                let id = kv.key.rsplit('/').next()?.to_owned();
+                Some(LedgerKey {
+                    id,
+                    public_key: String::from_utf8(kv.value.to_vec()).ok()?,
+                })
+            })
+            .collect();
+        Ok(LedgerHead {
+            origin: LEDGER_ORIGIN.into(),
+            size: head.size,
+            root: model::hex(&head.root),
+            checkpoint: serde_json::to_string(&head.signed).map_err(ControlError::Encode)?,
+            keys,
+        })
+    }
+
+    /// Every raw key of the ledger (for an auditor).
+    pub async fn ledger_raw(&self) -> Result<Vec<LedgerRawKey>, SliceError> {
+        let raw = self.slice_ledger().await?.raw().await.map_err(ledger_err)?;
+        Ok(raw
+            .into_iter()
+            .map(|(key, v)| LedgerRawKey {
+                key,
+                value: String::from_utf8_lossy(&v).into_owned(),
+            })
+            .collect())
+    }
+
+    /// Entry `index` with its inclusion proof in the tree of `size` entries (the
+    /// latest when `None`).
+    pub async fn ledger_proof(
+        &self,
+        index: u64,
+        size: Option<u64>,
+    ) -> Result<LedgerProof, SliceError> {
+        let ledger = self.slice_ledger().await?;
+        let size = match size {
+            Some(s) => s,
+            None => ledger.head().await.map_err(ledger_err)?.size,
+        };
+        let inclusion = ledger
+            .inclusion_proof(index, size)
+            .await
+            .map_err(ledger_err)?;
+        let root = ledger.root_at(size).await.map_err(ledger_err)?;
+        let entry = ledger
+            .entry(index)
+            .await
+            .map_err(ledger_err)?
+            .ok_or_else(|| SliceError::Proof(format!("no entry {index}")))?;
+        Ok(LedgerProof {
+            index,
+            size,
+            root: model::hex(&root),
+            entry: String::from_utf8_lossy(&entry).into_owned(),
+            inclusion: inclusion.iter().map(|h| model::hex(h)).collect(),
+        })
+    }
+
+    /// The proof that the ledger at `from` entries is a prefix of it at `to`.
+    pub async fn ledger_consistency(
+        &self,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<LedgerConsistency, SliceError> {
+        let ledger = self.slice_ledger().await?;
+        let to = match to {
+            Some(t) => t,
+            None => ledger.head().await.map_err(ledger_err)?.size,
+        };
+        let proof = ledger
+            .consistency_proof(from, to)
+            .await
+            .map_err(ledger_err)?;
+        Ok(LedgerConsistency {
+            from,
+            to,
+            proof: proof.iter().map(|h| model::hex(h)).collect(),
+        })
+    }
+
+    /// Records one sampling period of loads named by NSI name or id, as `scope`
+    /// sees them, with the default policy.
+    pub async fn record_slice_loads_named(
+        &self,
+        scope: Scope,
+        loads: &BTreeMap<String, f64>,
+    ) -> Result<Vec<u64>, SliceError> {
+        let mut by_id = BTreeMap::new();
+        for (name, v) in loads {
+            let nsi = self.nsi(scope, name).await?;
+            by_id.insert(nsi.id, *v);
+        }
+        self.record_slice_loads(&by_id, &default_policy()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str, u: f64, clients: u32) -> Candidate {
+        Candidate {
+            nsi: format!("id-{name}"),
+            name: name.into(),
+            utilization: u,
+            clients,
+            max_clients: 10,
+        }
+    }
+
+    #[test]
+    fn the_least_utilized_nsi_with_room_is_chosen() {
+        let v = vec![
+            c("a", 0.5, 0),
+            c("b", 0.2, 10),
+            c("c", 0.3, 9),
+            c("d", 1.2, 0),
+        ];
+        assert_eq!(choose(&v).unwrap().name, "c");
+        assert!(choose(&[c("x", 0.1, 10), c("y", 1.0, 0)]).is_none());
+    }
+
+    #[test]
+    fn recheck_catches_a_wrong_choice_and_a_wrong_allocation() {
+        let candidates = vec![c("a", 0.5, 0), c("b", 0.2, 0)];
+        let mut e = LedgerEntry::Association {
+            association: "x".into(),
+            tenant: TenantId::new_random(),
+            client: "ue".into(),
+            snssai: Snssai { sst: 1, sd: None },
+            nsi: "id-b".into(),
+            nsi_name: "b".into(),
+            forecast_hash: json_hash(&candidates),
+            candidates,
+            at_ms: 1,
+        };
+        recheck(&serde_json::to_vec(&e).unwrap()).unwrap();
+        if let LedgerEntry::Association { nsi, .. } = &mut e {
+            *nsi = "id-a".into();
+        }
+        assert!(matches!(
+            recheck(&serde_json::to_vec(&e).unwrap()),
+            Err(RecheckError::Choice { .. })
+        ));
+        let policy = default_policy();
+        let inputs = vec![AllocInput {
+            nsi: "a".into(),
+            capacity: 100.0,
+            window: (0..30).map(|i| f64::from(i % 12)).collect(),
+        }];
+        let mut shares = allocate(&inputs, &policy);
+        let mut a = LedgerEntry::Allocation {
+            provider: "p".into(),
+            at_ms: 1,
+            policy: policy.clone(),
+            input_hash: json_hash(&inputs),
+            params_hash: params_hash(&policy, &shares),
+            inputs: inputs.clone(),
+            shares: shares.clone(),
+        };
+        recheck(&serde_json::to_vec(&a).unwrap()).unwrap();
+        shares[0].share += 1.0;
+        if let LedgerEntry::Allocation { shares: s, .. } = &mut a {
+            *s = shares;
+        }
+        assert!(matches!(
+            recheck(&serde_json::to_vec(&a).unwrap()),
+            Err(RecheckError::Allocation { .. })
+        ));
+    }
+}
