@@ -279,13 +279,48 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
         .unwrap_or(0)
         .min(sessions.len() / 2);
     let dropped_before = lab.gate().counters().await.map_err(e)?.dropped_packets;
+    // A VIS subscriber of PC5 provisioning changes (WebSocket channel) at B's MEC: it hears
+    // of each revocation through the peer release.
+    let vis = &mecs[1].mec.vis;
+    let (_, created, _) = vis
+        .subscribe(
+            serde_json::json!({"subscriptionType": "ProvChgPc5Subscription",
+            "websockNotifConfig": {"requestWebsocketUri": true},
+            "filterCriteria": {"locationInfo": vis.location(),
+                               "dstLayer2Id": crate::types::dst_layer2_id(36)}}),
+        )
+        .map_err(e)?;
+    let sub_id = created["_links"]["self"]["href"]
+        .as_str()
+        .and_then(|h| h.rsplit('/').next())
+        .unwrap_or("")
+        .to_owned();
+    let (ntx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    vis.attach_ws(&sub_id, ntx)
+        .ok_or_else(|| BenchError("no WebSocket subscription".into()))?;
     let mut lat = Vec::new();
+    let mut note_lat = Vec::new();
     for i in 0..k {
         let t = Instant::now();
         mecs[0].mec.revoke(&format!("car-0-{i}")).await.map_err(e)?;
         lat.push(ns_since(t));
+        if tokio::time::timeout(Duration::from_secs(1), notes.recv())
+            .await
+            .is_ok()
+        {
+            note_lat.push(ns_since(t));
+        }
     }
     rows.push(row("revocation -> link down (both MECs)", lat, ""));
+    rows.push(row(
+        "revocation -> peer's VIS subscriber notified",
+        note_lat,
+        "<= 100 ms",
+    ));
+    // What the traffic phases left queued is not "after the revocation": drain it first.
+    for (_, sb) in sessions.iter().take(k) {
+        while sb.recv(Duration::from_millis(2)).await.is_some() {}
+    }
     for (sa, _) in sessions.iter().take(k) {
         let _ = sa.send(&payload).await;
     }
@@ -320,6 +355,7 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
         }
         let t_last = Instant::now();
         let (a, b) = &mut devices[i];
+        a.detach().await.map_err(e)?;
         a.attach(plmns[1].clone(), TwoOperators::visited_http(0), tok.clone());
         a.authorize().await.map_err(e)?;
         let b_ip = b.spec.pc5;
@@ -374,6 +410,11 @@ async fn traffic(pairs: &[Pair], secs: u64, payload: &[u8], relay: bool) -> (Vec
         for (tx, rx) in [(a.clone(), b.clone()), (b.clone(), a.clone())] {
             let p = payload.to_vec();
             senders.push(tokio::spawn(async move {
+                // Vehicles are not synchronised: each starts at its own phase of the 100 ms.
+                let mut ph = [0u8; 2];
+                let _ = getrandom::fill(&mut ph);
+                let phase = u64::from(u16::from_le_bytes(ph) % 100);
+                tokio::time::sleep(Duration::from_millis(phase)).await;
                 let mut t = tokio::time::interval(Duration::from_millis(100));
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut sent = 0u64;

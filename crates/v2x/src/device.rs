@@ -149,6 +149,12 @@ impl Device {
         Err(DeviceError::Timeout("the MEC"))
     }
 
+    /// Tells the current operator the device leaves (its links there close).
+    pub async fn detach(&mut self) -> Result<(), DeviceError> {
+        let path = format!("/v2x/v1/authorizations/{}", self.spec.id);
+        self.call("DELETE", &path, None).await.map(drop)
+    }
+
     /// Moves the device to another operator's MEC (after a handover): new credential, new
     /// MEC address; its parameters are gone until it authorizes there.
     pub fn attach(&mut self, plmn: Plmn, mec: SocketAddr, token: String) {

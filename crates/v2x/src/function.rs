@@ -249,6 +249,18 @@ impl V2xFunction {
         Ok(down)
     }
 
+    /// The device leaves this operator (it moved to another one): its authorization and
+    /// links go, its subscription stays.
+    pub async fn release(&self, token: &str, device: &str) -> Result<Teardown, V2xError> {
+        let down = {
+            let mut st = self.lock();
+            self.check_token(&st, device, token)?;
+            Self::take_device(&mut st, device)
+        };
+        self.close_links(&down.links).await?;
+        Ok(down)
+    }
+
     fn take_device(st: &mut State, device: &str) -> Teardown {
         let address = st.auths.remove(device).map(|a| a.pc5);
         let ids: Vec<String> = st

@@ -4,6 +4,7 @@
 //! - V2X API (operator token): `PUT|GET|DELETE /v2x/v1/subscriptions/{device}`,
 //!   `GET /v2x/v1/subscriptions`, `GET /v2x/v1/links`, `GET /v2x/v1/gate`.
 //! - V2X application function (device token): `POST /v2x/v1/authorizations`,
+//!   `DELETE /v2x/v1/authorizations/{device}` (the device leaves this operator),
 //!   `POST /v2x/v1/links`, `DELETE /v2x/v1/links/{id}?device=`.
 //! - Inter-operator (peer token): `POST /v2x/v1/peer/releases`.
 //! - MEC 030 VIS (operator token, as a MEC application presents it): `/vis/v2/…`.
@@ -148,6 +149,10 @@ pub fn router(mec: Arc<Mec>) -> Router {
             put(provision).get(show_device).delete(revoke),
         )
         .route("/v2x/v1/authorizations", post(authorize))
+        .route(
+            "/v2x/v1/authorizations/{device}",
+            axum::routing::delete(release),
+        )
         .route("/v2x/v1/links", post(open_link).get(list_links))
         .route("/v2x/v1/links/{id}", axum::routing::delete(close_link))
         .route("/v2x/v1/gate", get(gate))
@@ -231,6 +236,15 @@ async fn authorize(
     let token = bearer(&h).unwrap_or("");
     let p = m.function.authorize(token, &req, Some(from.ip()))?;
     Ok(json_resp(StatusCode::CREATED, &to_value(&p), None))
+}
+
+async fn release(
+    State(m): State<AppState>,
+    h: HeaderMap,
+    Path(device): Path<String>,
+) -> Result<StatusCode, Problem> {
+    m.release(bearer(&h).unwrap_or(""), &device).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn open_link(

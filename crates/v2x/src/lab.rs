@@ -157,8 +157,7 @@ impl TwoOperators {
             if k > 250 * 250 {
                 return Err(LabFailure::Other("too many devices".into()));
             }
-            // 10.77.{1,2}.x for the first 250, then 10.77.{1,2}+2j.x … kept in the side's /24
-            // block only while k <= 250; beyond, spill into 10.78+.
+            // 10.77.{1,2}.1-250 for the first 250, then 10.78.{1,2}.x, 10.79.{1,2}.x, …
             let a = if k <= 250 {
                 Ipv4Addr::new(10, 77, third, u8::try_from(k).unwrap_or(0))
             } else {
@@ -172,7 +171,9 @@ impl TwoOperators {
         // Routes for the spill-over blocks.
         let other = 1 - side;
         let max_hi = self.pc5_count[side] / 250;
-        let gw = if side == 0 { "10.77.0.2" } else { "10.77.0.1" };
+        // The other side reaches this side's addresses through its neighbour entry for
+        // this side's MAC.
+        let gw = if side == 0 { "10.77.0.1" } else { "10.77.0.2" };
         let mut r = String::new();
         for hi in 1..=max_hi {
             let net = format!("10.{}.{}.0/24", 77 + hi, third);

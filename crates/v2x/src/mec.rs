@@ -71,8 +71,27 @@ impl Mec {
         }
     }
 
-    /// After links went down: tell the peers whose devices they reached, and subscribers.
+    /// After links went down: tell the peers whose devices they reached (they close their
+    /// way back), then subscribers, so a notification means the link is down on both sides.
     async fn after_teardown(&self, t: &Teardown) {
+        if let Some(addr) = t.address {
+            let cfg = self.function.config();
+            let token = self.peer_token();
+            for p in &cfg.peers {
+                if !t.links.iter().any(|l| l.peer_plmn == p.plmn) {
+                    continue;
+                }
+                let url = format!("{}/v2x/v1/peer/releases", p.uri.trim_end_matches('/'));
+                let body = serde_json::json!({"address": addr});
+                match post_json(self.netns.as_deref(), &url, &token, &body).await {
+                    Ok(s) if s < 300 => {}
+                    Ok(s) => tracing::warn!(peer = %p.plmn, status = s, "peer refused the release"),
+                    Err(e) => {
+                        tracing::warn!(peer = %p.plmn, error = %e, "peer did not take the release")
+                    }
+                }
+            }
+        }
         let mut dsts: Vec<String> = t
             .links
             .iter()
@@ -82,23 +101,6 @@ impl Mec {
         dsts.dedup();
         for d in dsts {
             self.deliver(self.vis.pc5_changed(&d));
-        }
-        let Some(addr) = t.address else { return };
-        let cfg = self.function.config();
-        let token = self.peer_token();
-        for p in &cfg.peers {
-            if !t.links.iter().any(|l| l.peer_plmn == p.plmn) {
-                continue;
-            }
-            let url = format!("{}/v2x/v1/peer/releases", p.uri.trim_end_matches('/'));
-            let body = serde_json::json!({"address": addr});
-            match post_json(self.netns.as_deref(), &url, &token, &body).await {
-                Ok(s) if s < 300 => {}
-                Ok(s) => tracing::warn!(peer = %p.plmn, status = s, "peer refused the release"),
-                Err(e) => {
-                    tracing::warn!(peer = %p.plmn, error = %e, "peer did not take the release")
-                }
-            }
         }
     }
 
@@ -116,6 +118,13 @@ impl Mec {
     /// V2X API: revoke. Returns once the device's PC5 paths are closed here and at the peers.
     pub async fn revoke(&self, device: &str) -> Result<Teardown, V2xError> {
         let down = self.function.revoke(device).await?;
+        self.after_teardown(&down).await;
+        Ok(down)
+    }
+
+    /// A device leaves this operator: its links close here and at the peers.
+    pub async fn release(&self, token: &str, device: &str) -> Result<Teardown, V2xError> {
+        let down = self.function.release(token, device).await?;
         self.after_teardown(&down).await;
         Ok(down)
     }

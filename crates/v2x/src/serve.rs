@@ -98,6 +98,13 @@ pub async fn start(o: ServeOptions) -> std::io::Result<MecHandle> {
     let ws_addr = ws.local_addr()?;
     let relay = netns::udp(ns, SocketAddr::new(o.listen.ip(), o.relay_port))?;
     let relay_addr = relay.local_addr()?;
+    // Every device of the operator sends through this one socket: give bursts room (the
+    // forced size needs CAP_NET_ADMIN; without it the kernel's default stays).
+    let room = 8usize << 20;
+    if nix::sys::socket::setsockopt(&relay, nix::sys::socket::sockopt::RcvBufForce, &room).is_err()
+    {
+        let _ = nix::sys::socket::setsockopt(&relay, nix::sys::socket::sockopt::RcvBuf, &room);
+    }
     let seen = |a: SocketAddr| SocketAddr::new(o.advertise.unwrap_or(a.ip()), a.port());
     let cfg = OperatorConfig {
         cell_id: cell_of(&o.plmn),

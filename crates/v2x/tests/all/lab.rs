@@ -144,6 +144,12 @@ async fn cross_operator_link_direct_and_through_both_mecs() {
         let (_, _, len, relayed) = sb.recv(T).await.expect("the relayed CAM arrives");
         assert_eq!((len, relayed), (350, true));
     }
+    // A leaves operator A: its path closes there and at B's MEC (the peer release).
+    a.detach().await.unwrap();
+    assert!(w.mecs[0].mec.function.links(None).is_empty());
+    assert!(w.mecs[1].mec.function.links(None).is_empty());
+    assert!(w.passed(a_ip, b_ip).await.is_none());
+    assert!(w.passed(b_ip, a_ip).await.is_none());
 }
 
 #[tokio::test]
@@ -242,12 +248,13 @@ async fn revocation_expiry_and_moving_operator() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The notification goes out once the gate is closed (and the peer told).
+    let n: serde_json::Value = serde_json::from_str(&notes.recv().await.unwrap()).unwrap();
+    assert_eq!(n["notificationType"], "ProvChgPc5Notification");
     assert!(
         w.passed(b_ip, a_ip).await.is_none(),
         "B's direction is closed"
     );
-    let n: serde_json::Value = serde_json::from_str(&notes.recv().await.unwrap()).unwrap();
-    assert_eq!(n["notificationType"], "ProvChgPc5Notification");
     let second = b.authorize().await.unwrap();
     assert!(second.expires_at_ms > first.expires_at_ms);
     // The peer's MEC closed its way towards B too when B's parameters ran out; for the rest,
