@@ -155,8 +155,12 @@ if [ "$DIRTY" -gt 0 ]; then
 fi
 # Keys a terminal operates the VM with reach the PS/2 keyboard, whose input goes to the
 # first virtual terminal of the VGA console: each line typed there is echoed here.
+# Opened here, before READY, not in the background reader: keys typed on a VT nobody has
+# open are dropped, and under load the reader could open it after the first keys came.
 [ -c /dev/tty1 ] || mknod /dev/tty1 c 4 1 2>/dev/null
-[ -c /dev/tty1 ] && ( while read -r line; do echo "GUEST: TYPED $line"; done < /dev/tty1 ) &
+if exec 3</dev/tty1; then
+  ( while read -r line <&3; do echo "GUEST: TYPED $line"; done ) &
+fi
 echo "GUEST: READY vda=${MIB}MiB uptime $(cut -d' ' -f1 /proc/uptime)s"
 # Each tick: O_DIRECT read of 1 MiB at a strided offset + header check (data came through the
 # disk path, not the page cache), then a 4 KiB sequence record written with fsync into the last
