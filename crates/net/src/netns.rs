@@ -92,3 +92,21 @@ impl Drop for NetnsLab {
         }
     }
 }
+
+/// Runs `f` on a thread inside network namespace `netns` (`/run/netns/NAME`), or here.
+/// A socket `f` makes belongs to that namespace for its whole life.
+pub fn in_netns<T: Send + 'static>(
+    netns: Option<&str>,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let Some(ns) = netns else { return f() };
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        f()
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("netns thread panicked"))?
+}
