@@ -28,6 +28,7 @@ mod checkpoint;
 #[cfg(feature = "nbd")]
 mod device;
 mod open;
+mod precopy;
 mod read;
 mod write;
 
@@ -148,6 +149,10 @@ pub struct OpenReport {
     pub dropped_generation: u64,
     /// Blocks dropped because their slot or index was out of range.
     pub dropped_invalid: u64,
+    /// Blocks dropped because a migration's cache pre-copy into this cache was
+    /// interrupted before the source's dirty list arrived.
+    #[serde(default)]
+    pub dropped_precopy: u64,
     /// Journal records replayed.
     pub journal_records: u64,
     /// Whether the journal ended in a torn record.
@@ -224,6 +229,11 @@ struct State {
     /// origin's, so misses on them must skip the peer.
     peer_stale: std::collections::HashSet<BlockIdx>,
     peer_attached: bool,
+    /// Source of a migration: blocks written since the snapshot (see `precopy`).
+    dirty: Option<std::collections::BTreeSet<u64>>,
+    /// Destination during a pre-copy: blocks copied that the source may have rewritten
+    /// since; never served until the dirty list is applied (see `precopy`).
+    provisional: Option<std::collections::HashSet<BlockIdx>>,
     /// `tick` at the last checkpoint.
     checkpointed_tick: u64,
 }

@@ -164,7 +164,14 @@ impl BlockCache {
         let mut entries: Vec<(BlockIdx, Mapping)> = map.into_iter().collect();
         entries.sort_by_key(|(b, _)| *b);
         let mut map = HashMap::new();
+        // A pre-copy was interrupted: which blocks were provisional is not known, so none
+        // is trusted (see `precopy`).
+        let precopy_interrupted = super::precopy::interrupted(&cfg.dir);
         for (b, m) in entries {
+            if precopy_interrupted {
+                report.dropped_precopy += 1;
+                continue;
+            }
             let in_range = m.slot < cfg.capacity_blocks && b.0 < total_blocks;
             if !in_range || slots[State::slot_index(m.slot)].is_some() {
                 report.dropped_invalid += 1;
@@ -202,6 +209,8 @@ impl BlockCache {
             rng: SplitMix64::new(0x5eed_cace),
             peer_stale: std::collections::HashSet::new(),
             peer_attached: false,
+            dirty: None,
+            provisional: None,
             checkpointed_tick: 0,
         };
         let mut state = state;
@@ -231,6 +240,17 @@ impl BlockCache {
                 err: io::Error::other(error_chain(&other)),
             }),
         })?;
+        if precopy_interrupted {
+            let marker = cache.cfg.dir.join(super::precopy::MARKER);
+            std::fs::remove_file(&marker).map_err(|err| {
+                meta_err(MetaSaveError::Io {
+                    step: "remove the pre-copy marker",
+                    path: marker.clone(),
+                    err,
+                })
+            })?;
+            tracing::warn!(dir = %cache.cfg.dir.display(), dropped = report.dropped_precopy, "a cache pre-copy was interrupted: its blocks were dropped");
+        }
         tracing::info!(
             dir = %cache.cfg.dir.display(),
             verified = report.verified,

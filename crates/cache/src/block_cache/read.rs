@@ -69,7 +69,10 @@ impl BlockCache {
                     st.pattern.record(b);
                     first = false;
                 }
-                st.map.get(&b).map(|m| {
+                // A provisional block (copied during a pre-copy, the source's dirty list
+                // not applied yet) may be stale: fetch it afresh instead.
+                let provisional = st.provisional.as_ref().is_some_and(|p| p.contains(&b));
+                st.map.get(&b).filter(|_| !provisional).map(|m| {
                     (
                         m.slot,
                         self.epochs[State::slot_index(m.slot)].load(Ordering::SeqCst),
@@ -178,6 +181,9 @@ impl BlockCache {
         let crc = crc32fast::hash(data);
         let mut st = lock(&self.state);
         st.map_block(b, Mapping { slot, gen: g0, crc })?;
+        if let Some(p) = st.provisional.as_mut() {
+            p.insert(b);
+        }
         self.maybe_checkpoint(st)?;
         Ok(true)
     }

@@ -42,11 +42,21 @@ impl BlockCache {
                 if st.peer_attached {
                     st.peer_stale.insert(b);
                 }
-                let old = st.map.remove(&b);
+                if let Some(d) = st.dirty.as_mut() {
+                    d.insert(b.0);
+                }
+                let mut old = st.map.remove(&b);
                 if let Some(m) = old {
                     let i = State::slot_index(m.slot);
                     st.slots[i] = None;
                     st.epochs[i].fetch_add(1, Ordering::SeqCst);
+                }
+                // A provisional copy may be stale: a partial write must not merge into it
+                // (read-modify-write), so its slot is freed and the write goes around.
+                if st.provisional.as_mut().is_some_and(|p| p.remove(&b)) {
+                    if let Some(m) = old.take() {
+                        st.free.push(m.slot);
+                    }
                 }
                 touched.push((b, g, old));
             }

@@ -4,6 +4,7 @@ mod block_cache;
 mod crash;
 #[cfg(feature = "nbd")]
 mod nbd;
+mod precopy;
 mod rebuild;
 
 use std::path::Path;
