@@ -13,7 +13,7 @@ fn main() {
     if let Some(w) = std::env::args().nth(1) {
         opts.workloads.retain(|x| x.name() == w);
     }
-    let rows = cache::bench::run_bench(opts);
+    let rows = cache::bench::run_bench(opts).expect("workloads");
     for r in &rows {
         let c: Vec<String> = r
             .curve

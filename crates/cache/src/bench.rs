@@ -77,6 +77,35 @@ pub enum WorkloadSpec {
         /// Bytes per table.
         table_bytes: u64,
     },
+    /// A recurring scan beside a hot set (see [`trace::scan_hot`]).
+    ScanHot {
+        /// Generator parameters.
+        spec: SynthSpec,
+        /// Zipf exponent of the hot set.
+        theta: f64,
+        /// Bytes of the hot set.
+        hot_bytes: u64,
+        /// Bytes the scan covers.
+        scan_bytes: u64,
+        /// One request in this many is the scan's.
+        scan_every: u32,
+    },
+    /// B-tree index lookups (see [`trace::btree`]).
+    BTree {
+        /// Generator parameters.
+        spec: SynthSpec,
+        /// Children per inner node.
+        fanout: u64,
+        /// Zipf exponent of key popularity.
+        theta: f64,
+    },
+    /// A Pareto popularity mix of 4–64 KiB requests (see [`trace::pareto`]).
+    Pareto {
+        /// Generator parameters.
+        spec: SynthSpec,
+        /// Pareto shape.
+        alpha: f64,
+    },
     /// A block trace file, replayed `speedup` times faster than recorded.
     Trace {
         /// Name in the table.
@@ -97,6 +126,9 @@ impl WorkloadSpec {
             WorkloadSpec::Zipf { .. } => "zipf".into(),
             WorkloadSpec::Sequential { .. } => "sequential".into(),
             WorkloadSpec::Mixed { .. } => "mixed".into(),
+            WorkloadSpec::ScanHot { .. } => "scan+hot".into(),
+            WorkloadSpec::BTree { .. } => "btree".into(),
+            WorkloadSpec::Pareto { .. } => "pareto".into(),
             WorkloadSpec::Trace { name, .. } => name.clone(),
         }
     }
@@ -114,6 +146,19 @@ impl WorkloadSpec {
                 tables,
                 table_bytes,
             } => trace::mixed(spec, *theta, *read_pct, *seq_every, *tables, *table_bytes),
+            WorkloadSpec::ScanHot {
+                spec,
+                theta,
+                hot_bytes,
+                scan_bytes,
+                scan_every,
+            } => trace::scan_hot(spec, *theta, 70, *hot_bytes, *scan_bytes, *scan_every),
+            WorkloadSpec::BTree {
+                spec,
+                fanout,
+                theta,
+            } => trace::btree(spec, *fanout, *theta),
+            WorkloadSpec::Pareto { spec, alpha } => trace::pareto(spec, *alpha, 70),
             WorkloadSpec::Trace {
                 path,
                 format,
@@ -164,6 +209,12 @@ pub struct BenchOptions {
     pub warm_threshold: f64,
     /// Misses and latencies are measured over this many seconds after switch-over.
     pub early_s: f64,
+    /// Seconds the memory copy takes (QEMU's stream, beside the peer link), during which
+    /// the guest still runs on the source.
+    pub memory_copy_s: f64,
+    /// Strategies also run with cache pre-copy (prefetching from the migration start;
+    /// rows named `STRATEGY+precopy`).
+    pub precopy: Vec<Strategy>,
 }
 
 impl BenchOptions {
@@ -190,6 +241,26 @@ impl BenchOptions {
                 seq_every: 4,
                 tables: 8,
                 table_bytes: 64 << 20,
+            },
+            // Shapes chosen to test that the method carries over beyond the first two:
+            // hot-by-count blocks that are useless first (the scan), an order that starts
+            // at the same few blocks (the tree), and a heavy-tailed mix of sizes.
+            WorkloadSpec::ScanHot {
+                spec: spec(3),
+                theta: 1.1,
+                hot_bytes: 512 << 20,
+                scan_bytes: 2 << 30,
+                // 500 scan reads/s of 128 KiB: most of the origin link, not all of it.
+                scan_every: 8,
+            },
+            WorkloadSpec::BTree {
+                spec: spec(4),
+                fanout: 128,
+                theta: 0.9,
+            },
+            WorkloadSpec::Pareto {
+                spec: spec(5),
+                alpha: 1.16,
             },
         ];
         if let Some(path) = cloudphysics {
@@ -218,7 +289,27 @@ impl BenchOptions {
             interval_reads: 250,
             warm_threshold: 0.95,
             early_s: 10.0,
+            // A 2 GiB guest on a 10 Gbit/s migration network, with a few dirty rounds.
+            memory_copy_s: 4.0,
+            precopy: vec![Strategy::Heat, Strategy::HeatPattern],
         }
+    }
+}
+
+impl BenchOptions {
+    /// Adds a trace file as a workload named after the file (its stem), replayed
+    /// `speedup` times faster than recorded.
+    pub fn with_trace(mut self, path: PathBuf, format: TraceFormat, speedup: f64) -> Self {
+        let name = path
+            .file_stem()
+            .map_or_else(|| "trace".to_owned(), |s| s.to_string_lossy().into_owned());
+        self.workloads.push(WorkloadSpec::Trace {
+            name,
+            path,
+            format,
+            speedup,
+        });
+        self
     }
 }
 
@@ -251,6 +342,20 @@ pub struct BenchRow {
     pub planned_blocks: u64,
     /// Seconds of workload replayed after the migration.
     pub run_s: f64,
+    /// Destination block-read misses in excess of the twin's over the same requests, over
+    /// the whole run: the migration's cost in misses. Unlike `time_to_warm_s` it cannot
+    /// saturate when the twin itself misses a lot. Negative when prefetching beat the twin.
+    pub penalty_misses: i64,
+    /// The same, over the reads in the first `early_s` seconds after switch-over.
+    pub penalty_misses_10s: i64,
+    /// Guest read-stall seconds in excess of the twin's (the sum over read requests of
+    /// the time each waited for data, minus the twin's for the same request), whole run.
+    pub penalty_stall_s: f64,
+    /// The same, over the first `early_s` seconds after switch-over.
+    pub penalty_stall_10s_s: f64,
+    /// Seconds from the migration start until 95% of the final excess misses had accrued
+    /// (the switch-over time when there is no excess).
+    pub penalty_warm_s: f64,
     /// Destination hit ratio per interval: `(end of interval in s, ratio)`.
     #[serde(skip)]
     pub curve: Vec<(f64, f64)>,
@@ -373,19 +478,18 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-/// Runs the benchmark: every workload under every strategy. A workload whose trace cannot
-/// be read is skipped with a warning.
-pub fn run_bench(opts: BenchOptions) -> Vec<BenchRow> {
-    let mut rows = Vec::new();
+/// Runs the benchmark: every workload under every strategy. Fails, before simulating
+/// anything, on the first trace that cannot be read.
+pub fn run_bench(opts: BenchOptions) -> Result<Vec<BenchRow>, TraceError> {
+    let mut loaded = Vec::with_capacity(opts.workloads.len());
     for w in &opts.workloads {
-        match w.requests() {
-            Ok(reqs) => rows.extend(run_workload(&opts, &w.name(), &reqs)),
-            Err(e) => {
-                tracing::warn!(workload = %w.name(), error = %model::error_chain(&e), "workload skipped")
-            }
-        }
+        loaded.push((w.name(), w.requests()?));
     }
-    rows
+    let mut rows = Vec::new();
+    for (name, reqs) in &loaded {
+        rows.extend(run_workload(&opts, name, reqs));
+    }
+    Ok(rows)
 }
 
 /// Runs every strategy of `opts` on one workload given as requests.
@@ -404,7 +508,6 @@ pub fn run_workload(opts: &BenchOptions, name: &str, reqs: &[IoRequest]) -> Vec<
     }
     let t0 = rest.first().map_or(0, |r| r.time_us);
     let run_s = rest.last().map_or(0.0, |r| secs(r.time_us - t0));
-    let have: BlockSet = source.map.keys().map(|b| BlockIdx(*b)).collect();
     let total_blocks = reqs
         .iter()
         .map(|r| (r.offset + u64::from(r.len)).div_ceil(bs))
@@ -412,20 +515,31 @@ pub fn run_workload(opts: &BenchOptions, name: &str, reqs: &[IoRequest]) -> Vec<
         .unwrap_or(0);
 
     // The twin: the source cache carrying on as if nothing moved.
+    // Its read stalls use the same origin link model as the destination's, so that the
+    // penalty compares like with like.
     let mut twin = source.clone();
     let mut twin_reads: Vec<(f64, bool)> = Vec::new();
+    let mut twin_stalls: Vec<f64> = Vec::new();
     let mut twin_origin_bytes = 0u64;
+    let mut twin_origin_free = 0.0f64;
+    let (o_xfer, o_lat) = (opts.origin.xfer_s(bs), opts.origin.latency_us / 1e6);
     for r in rest {
         let t = secs(r.time_us - t0);
         if r.op == Op::Read {
+            let mut stall: f64 = 0.0;
             for (b, _) in blocks_of(r, bs) {
                 let hit = twin.touch(b);
-                if !hit {
+                if hit {
+                    stall = stall.max(opts.hit_latency_us / 1e6);
+                } else {
                     twin.insert(b);
                     twin_origin_bytes += bs;
+                    twin_origin_free = twin_origin_free.max(t) + o_xfer;
+                    stall = stall.max(twin_origin_free - t + o_lat);
                 }
                 twin_reads.push((t, hit));
             }
+            twin_stalls.push(stall);
         } else {
             twin.apply(r, bs);
         }
@@ -433,31 +547,30 @@ pub fn run_workload(opts: &BenchOptions, name: &str, reqs: &[IoRequest]) -> Vec<
     let twin_curve = curve(&twin_reads, opts.interval_reads);
 
     let mut rows = Vec::new();
-    for &s in &opts.strategies {
-        let plan = plan_fetch(
-            s,
-            &source.heat,
-            &source.pattern,
-            &have,
-            source.pattern.cursor(),
-            total_blocks,
-        );
+    let runs = opts
+        .strategies
+        .iter()
+        .map(|s| (*s, false))
+        .chain(opts.precopy.iter().map(|s| (*s, true)));
+    for (s, precopy) in runs {
         let mut row = simulate(
             opts,
             s,
+            precopy,
             &source,
-            &have,
-            &plan,
             rest,
             t0,
-            &twin_reads,
+            Twin {
+                reads: &twin_reads,
+                stalls: &twin_stalls,
+            },
             total_blocks,
         );
         row.workload = name.to_owned();
         row.run_s = run_s;
         row.twin_origin_bytes = twin_origin_bytes;
         row.twin_curve.clone_from(&twin_curve);
-        tracing::info!(workload = name, strategy = %s, time_to_warm_s = ?row.time_to_warm_s, "strategy simulated");
+        tracing::info!(workload = name, strategy = %row.strategy, penalty_misses = row.penalty_misses, "strategy simulated");
         rows.push(row);
     }
     rows
@@ -516,80 +629,168 @@ fn time_to_warm(
     warm_from.map(|i| dest[((i + 1) * n).min(len) - 1].0)
 }
 
+/// What the twin saw over the requests after the migration point.
+#[derive(Clone, Copy)]
+struct Twin<'a> {
+    /// Per block read: (time, hit).
+    reads: &'a [(f64, bool)],
+    /// Per read request: stall seconds.
+    stalls: &'a [f64],
+}
+
+/// The migration penalty: the destination's misses and stalls in excess of the twin's over
+/// the same requests. Both sequences are in request order, so index *i* is the same read
+/// on both sides.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Penalty {
+    misses: i64,
+    misses_early: i64,
+    stall_s: f64,
+    stall_early_s: f64,
+    warm_s: f64,
+}
+
+/// Share of the final excess misses after which the destination counts as warm.
+const PENALTY_WARM_SHARE: f64 = 0.95;
+
+impl Penalty {
+    fn measure(
+        dest: &[(f64, bool)],
+        twin: &[(f64, bool)],
+        dest_stalls: &[(f64, f64)],
+        twin_stalls: &[f64],
+        switchover: f64,
+        early_s: f64,
+    ) -> Self {
+        let early = |t: f64| t >= switchover && t - switchover < early_s;
+        let miss = |hit: bool| i64::from(!hit);
+        let mut cum: Vec<(f64, i64)> = Vec::with_capacity(dest.len());
+        let (mut misses, mut misses_early) = (0i64, 0i64);
+        for (d, w) in dest.iter().zip(twin) {
+            let x = miss(d.1) - miss(w.1);
+            misses += x;
+            if early(d.0) {
+                misses_early += x;
+            }
+            cum.push((d.0, misses));
+        }
+        let (mut stall_s, mut stall_early_s) = (0.0, 0.0);
+        for (d, w) in dest_stalls.iter().zip(twin_stalls) {
+            let x = d.1 - w;
+            stall_s += x;
+            if early(d.0) {
+                stall_early_s += x;
+            }
+        }
+        // The first moment the running excess reaches 95% of the final one. The running
+        // excess can dip (a prefetched block the twin missed), so "reaches" is the first
+        // crossing, which is when the migration's cost was essentially paid.
+        let warm_s = if misses <= 0 {
+            switchover
+        } else {
+            #[allow(clippy::cast_precision_loss)]
+            let goal = PENALTY_WARM_SHARE * misses as f64;
+            #[allow(clippy::cast_precision_loss)]
+            let at = cum
+                .iter()
+                .find(|c| c.1 as f64 >= goal)
+                .map_or(switchover, |c| c.0);
+            at.max(switchover)
+        };
+        Self {
+            misses,
+            misses_early,
+            stall_s,
+            stall_early_s,
+            warm_s,
+        }
+    }
+}
+
 /// Blocks the look-ahead proposes per guest read.
 const LOOKAHEAD: usize = 16;
 /// Bound on look-ahead blocks waiting for the link (the oldest guesses go first).
 const LANE_MAX: usize = 256;
 
-/// One strategy on the destination. Times are in seconds from the migration start.
+/// One strategy on the destination, with or without cache pre-copy. Times are in seconds
+/// from the migration start.
+///
+/// The migration: the memory copy runs for `memory_copy_s` on QEMU's own stream while the
+/// guest keeps running on the source (it sees exactly what the twin sees). Without
+/// pre-copy the plan is made from the source's cache at switch-over and prefetching
+/// starts then; full copy sends the whole plan before switching over. With pre-copy the
+/// plan is made at the migration start and prefetching starts at once; every block the
+/// guest writes on the source meanwhile is on the source's dirty list, which the
+/// destination receives at switch-over: it drops those blocks (and any fill of them in
+/// flight, by generation), and fetches them again from the source, which has them fresh.
 #[allow(clippy::too_many_arguments)]
 fn simulate(
     opts: &BenchOptions,
     strategy: Strategy,
-    source: &SimCache,
-    have: &BlockSet,
-    plan: &[BlockIdx],
+    precopy: bool,
+    at_start: &SimCache,
     rest: &[IoRequest],
     t0: u64,
-    twin_reads: &[(f64, bool)],
+    twin: Twin<'_>,
     total_blocks: u64,
 ) -> BenchRow {
     // The pattern strategies also follow the VM as it moves (see `plan::lookahead`).
     let follow = matches!(strategy, Strategy::Pattern | Strategy::HeatPattern);
+    let precopy = precopy && strategy.uses_peer() && strategy != Strategy::FullCopy;
     let mut lane: VecDeque<u64> = VecDeque::new();
     let mut lane_set: HashSet<u64> = HashSet::new();
     let bs = u64::from(opts.block_size.max(512));
     let (p_xfer, o_xfer) = (opts.peer.xfer_s(bs), opts.origin.xfer_s(bs));
     let (p_lat, o_lat) = (opts.peer.latency_us / 1e6, opts.origin.latency_us / 1e6);
+    let plan_of = |c: &SimCache| {
+        let have: BlockSet = c.map.keys().map(|b| BlockIdx(*b)).collect();
+        let plan = plan_fetch(
+            strategy,
+            &c.heat,
+            &c.pattern,
+            &have,
+            c.pattern.cursor(),
+            total_blocks,
+        );
+        (plan, have)
+    };
+
+    // The source runs the guest until switch-over.
+    let mut src = at_start.clone();
     let mut dest = SimCache::new(opts.cache_blocks);
-    dest.heat = source.heat.clone();
-    dest.pattern = source.pattern.clone();
-    dest.tick = source.tick;
-    let peer_has = |b: u64| have.contains(&BlockIdx(b));
-    let mut peer_stale: HashSet<u64> = HashSet::new();
+    dest.heat = at_start.heat.clone();
+    dest.pattern = at_start.pattern.clone();
+    dest.tick = at_start.tick;
     let mut gens: HashMap<u64, u64> = HashMap::new();
+    let mut dirty: HashSet<u64> = HashSet::new();
     let (mut peer_free, mut origin_free) = (0.0f64, 0.0f64);
     let (mut peer_bytes, mut origin_bytes) = (0u64, 0u64);
-
-    // Full copy: the whole plan crosses the peer link before the VM switches over; until
-    // then the VM runs on the source, and at switch-over the destination holds what the
-    // source holds then (writes during the copy are re-sent, as dirty tracking would).
-    let mut switchover = 0.0;
-    let mut queue: &[BlockIdx] = plan;
-    if strategy == Strategy::FullCopy {
-        #[allow(clippy::cast_precision_loss)]
-        let n = plan.len() as f64;
-        switchover = n * p_xfer + p_lat;
-        dest = source.clone();
-        peer_bytes += plan.len() as u64 * bs;
-        queue = &[];
-    }
-    let mut next = 0usize;
     let mut inflight: VecDeque<(u64, f64, u64)> = VecDeque::new();
     let mut inflight_set: HashMap<u64, f64> = HashMap::new();
-    let mut reads: Vec<(f64, bool)> = Vec::with_capacity(twin_reads.len());
-    let mut early_lat: Vec<f64> = Vec::new();
-    let mut early_misses = 0u64;
+    let mut reads: Vec<(f64, bool)> = Vec::with_capacity(twin.reads.len());
+    // Per read request, in order (aligned with `twin.stalls`): (time, stall seconds).
+    let mut stalls: Vec<(f64, f64)> = Vec::with_capacity(twin.stalls.len());
 
-    for r in rest {
-        let t = secs(r.time_us - t0);
-        if t < switchover {
-            // Still on the source (`dest` is its copy until switch-over).
-            if r.op == Op::Read {
-                for (b, _) in blocks_of(r, bs) {
-                    let hit = dest.touch(b);
-                    if !hit {
-                        dest.insert(b);
-                    }
-                    reads.push((t, hit));
-                }
-            } else {
-                dest.apply(r, bs);
-            }
-            continue;
-        }
-        // Prefetches that completed by now are installed, if no write raced them.
-        while inflight.front().is_some_and(|f| f.1 <= t) {
+    // Completed fills are installed if no write raced them; then the prefetcher uses the
+    // peer link whenever it was idle before `now`, look-ahead guesses before the plan.
+    #[allow(clippy::too_many_arguments)]
+    fn pump(
+        now: f64,
+        not_before: f64,
+        dest: &mut SimCache,
+        queue: &[BlockIdx],
+        next: &mut usize,
+        lane: &mut VecDeque<u64>,
+        lane_set: &mut HashSet<u64>,
+        inflight: &mut VecDeque<(u64, f64, u64)>,
+        inflight_set: &mut HashMap<u64, f64>,
+        gens: &HashMap<u64, u64>,
+        usable: &dyn Fn(u64) -> bool,
+        peer_free: &mut f64,
+        (p_xfer, p_lat, bs): (f64, f64, u64),
+        peer_bytes: &mut u64,
+    ) {
+        while inflight.front().is_some_and(|f| f.1 <= now) {
             if let Some((b, _, g)) = inflight.pop_front() {
                 inflight_set.remove(&b);
                 if gens.get(&b).copied().unwrap_or(0) == g {
@@ -597,27 +798,175 @@ fn simulate(
                 }
             }
         }
-        // The prefetcher uses the peer link whenever it was idle before now; blocks the
-        // look-ahead found go before the static plan.
-        while (next < queue.len() || !lane.is_empty()) && peer_free <= t {
+        while (*next < queue.len() || !lane.is_empty()) && *peer_free <= now {
             let b = if let Some(b) = lane.pop_front() {
                 lane_set.remove(&b);
                 b
             } else {
-                next += 1;
-                queue[next - 1].0
+                *next += 1;
+                queue[*next - 1].0
             };
-            if dest.map.contains_key(&b) || peer_stale.contains(&b) || inflight_set.contains_key(&b)
-            {
+            if dest.map.contains_key(&b) || !usable(b) || inflight_set.contains_key(&b) {
                 continue;
             }
-            let start = peer_free.max(switchover);
-            peer_free = start + p_xfer;
-            let done = peer_free + p_lat;
+            let start = peer_free.max(not_before);
+            *peer_free = start + p_xfer;
+            let done = *peer_free + p_lat;
             inflight.push_back((b, done, gens.get(&b).copied().unwrap_or(0)));
             inflight_set.insert(b, done);
-            peer_bytes += bs;
+            *peer_bytes += bs;
         }
+    }
+
+    let mem = opts.memory_copy_s.max(0.0);
+    let mut i = 0usize;
+    let mut next = 0usize;
+    let (mut plan, mut have) = if precopy {
+        plan_of(at_start)
+    } else {
+        (Vec::new(), BlockSet::default())
+    };
+    // The guest on the source, until `until`: what the twin sees (same cache, same
+    // requests); with pre-copy the prefetcher fills the destination meanwhile.
+    let mut on_source = |until: f64,
+                         src: &mut SimCache,
+                         dest: &mut SimCache,
+                         plan: &[BlockIdx],
+                         next: &mut usize,
+                         i: &mut usize,
+                         pump_on: bool| {
+        while *i < rest.len() && secs(rest[*i].time_us - t0) < until {
+            let r = &rest[*i];
+            let t = secs(r.time_us - t0);
+            if pump_on {
+                let live = |b: u64| src.map.contains_key(&b);
+                pump(
+                    t,
+                    0.0,
+                    dest,
+                    plan,
+                    next,
+                    &mut lane,
+                    &mut lane_set,
+                    &mut inflight,
+                    &mut inflight_set,
+                    &gens,
+                    &live,
+                    &mut peer_free,
+                    (p_xfer, p_lat, bs),
+                    &mut peer_bytes,
+                );
+            }
+            if r.op == Op::Read {
+                for (b, _) in blocks_of(r, bs) {
+                    let hit = src.touch(b);
+                    if !hit {
+                        src.insert(b);
+                    }
+                    reads.push((t, hit));
+                }
+                let same = twin.stalls.get(stalls.len()).copied().unwrap_or(0.0);
+                stalls.push((t, same));
+            } else {
+                for (b, _) in blocks_of(r, bs) {
+                    *gens.entry(b).or_insert(0) += 1;
+                    dirty.insert(b);
+                }
+                src.apply(r, bs);
+            }
+            *i += 1;
+        }
+    };
+    on_source(mem, &mut src, &mut dest, &plan, &mut next, &mut i, precopy);
+    let mut switchover = mem;
+    if !precopy {
+        (plan, have) = plan_of(&src);
+    }
+    let planned_blocks = plan.len() as u64;
+    let mut queue: &[BlockIdx] = &plan;
+    if strategy == Strategy::FullCopy {
+        // The whole plan crosses the peer link before the VM switches over; at switch-over
+        // the destination holds what the source holds then (writes during the copy are
+        // sent again, as dirty tracking would).
+        #[allow(clippy::cast_precision_loss)]
+        let n = plan.len() as f64;
+        switchover = mem + n * p_xfer + p_lat;
+        on_source(
+            switchover,
+            &mut src,
+            &mut dest,
+            &[],
+            &mut next,
+            &mut i,
+            false,
+        );
+        peer_bytes += plan.len() as u64 * bs;
+        dest = src.clone();
+        have = src.map.keys().map(|b| BlockIdx(*b)).collect();
+        queue = &[];
+    } else {
+        if precopy {
+            // Fills done by now land; then the dirty list: written blocks leave the
+            // destination, fills of them in flight are void (their generation moved on),
+            // and the source's fresh copies are fetched first.
+            pump(
+                switchover,
+                0.0,
+                &mut dest,
+                &[],
+                &mut 0,
+                &mut VecDeque::new(),
+                &mut HashSet::new(),
+                &mut inflight,
+                &mut inflight_set,
+                &gens,
+                &|_| false,
+                &mut peer_free,
+                (p_xfer, p_lat, bs),
+                &mut peer_bytes,
+            );
+            let mut dropped: Vec<u64> = dirty.iter().copied().collect();
+            dropped.sort_unstable();
+            for b in dropped {
+                if let Some(slot) = dest.map.remove(&b) {
+                    dest.slots[slot] = None;
+                    dest.free.push(slot);
+                }
+                if src.map.contains_key(&b) && lane_set.insert(b) {
+                    lane.push_front(b);
+                }
+            }
+            have = src.map.keys().map(|b| BlockIdx(*b)).collect();
+        }
+        // The source's heat map and pattern as of switch-over travel with the VM.
+        dest.heat = src.heat.clone();
+        dest.pattern = src.pattern.clone();
+        dest.tick = src.tick;
+    }
+
+    let peer_has = |b: u64| have.contains(&BlockIdx(b));
+    let mut peer_stale: HashSet<u64> = HashSet::new();
+    let mut early_lat: Vec<f64> = Vec::new();
+    let mut early_misses = 0u64;
+    for r in &rest[i..] {
+        let t = secs(r.time_us - t0);
+        let usable = |b: u64| peer_has(b) && !peer_stale.contains(&b);
+        pump(
+            t,
+            switchover,
+            &mut dest,
+            queue,
+            &mut next,
+            &mut lane,
+            &mut lane_set,
+            &mut inflight,
+            &mut inflight_set,
+            &gens,
+            &usable,
+            &mut peer_free,
+            (p_xfer, p_lat, bs),
+            &mut peer_bytes,
+        );
         let early = t - switchover < opts.early_s;
         let mut req_lat: f64 = 0.0;
         for (b, full) in blocks_of(r, bs) {
@@ -673,16 +1022,31 @@ fn simulate(
             };
             req_lat = req_lat.max(lat);
         }
-        if r.op == Op::Read && early {
-            early_lat.push(req_lat * 1e6);
+        if r.op == Op::Read {
+            stalls.push((t, req_lat));
+            if early {
+                early_lat.push(req_lat * 1e6);
+            }
         }
     }
+    let penalty = Penalty::measure(
+        &reads,
+        twin.reads,
+        &stalls,
+        twin.stalls,
+        switchover,
+        opts.early_s,
+    );
 
-    let time_to_warm = time_to_warm(&reads, twin_reads, opts.interval_reads, opts.warm_threshold)
+    let time_to_warm = time_to_warm(&reads, twin.reads, opts.interval_reads, opts.warm_threshold)
         .map(|t| t.max(switchover));
     BenchRow {
         workload: String::new(),
-        strategy: strategy.name().to_owned(),
+        strategy: if precopy {
+            format!("{}+precopy", strategy.name())
+        } else {
+            strategy.name().to_owned()
+        },
         time_to_warm_s: time_to_warm,
         switchover_s: switchover,
         misses_first_10s: early_misses,
@@ -691,8 +1055,13 @@ fn simulate(
         twin_origin_bytes: 0,
         read_p50_us: percentile(&mut early_lat, 0.5),
         read_p99_us: percentile(&mut early_lat, 0.99),
-        planned_blocks: plan.len() as u64,
+        planned_blocks,
         run_s: 0.0,
+        penalty_misses: penalty.misses,
+        penalty_misses_10s: penalty.misses_early,
+        penalty_stall_s: penalty.stall_s,
+        penalty_stall_10s_s: penalty.stall_early_s,
+        penalty_warm_s: penalty.warm_s,
         curve: curve(&reads, opts.interval_reads),
         twin_curve: Vec::new(),
     }
@@ -720,22 +1089,25 @@ mod tests {
             table_bytes: 16 << 20,
         }];
         o.cache_blocks = 1024;
+        // The run after the migration point is 1.25 s long.
+        o.memory_copy_s = 0.25;
         o
     }
 
     #[test]
     fn bench_is_deterministic_and_reports_every_strategy() {
-        let a = run_bench(small());
-        let b = run_bench(small());
+        let a = run_bench(small()).unwrap();
+        let b = run_bench(small()).unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.len(), Strategy::ALL.len());
+        assert_eq!(a.len(), Strategy::ALL.len() + small().precopy.len());
         let row = |s: Strategy| a.iter().find(|r| r.strategy == s.name()).unwrap();
         // Cold: everything from the origin, nothing from the peer.
         assert_eq!(row(Strategy::None).peer_bytes, 0);
         assert!(row(Strategy::None).origin_bytes > 0);
-        // Only full copy pays before switch-over.
-        assert!(row(Strategy::FullCopy).switchover_s > 0.0);
-        assert_eq!(row(Strategy::HeatPattern).switchover_s, 0.0);
+        // Every strategy waits for the memory copy; only full copy also for its disk copy.
+        let mem = small().memory_copy_s;
+        assert!(row(Strategy::FullCopy).switchover_s > mem);
+        assert_eq!(row(Strategy::HeatPattern).switchover_s, mem);
         // Prefetching from the peer saves origin traffic.
         assert!(row(Strategy::HeatPattern).origin_bytes < row(Strategy::None).origin_bytes);
         let json = serde_json::to_value(&a).unwrap();
@@ -749,8 +1121,63 @@ mod tests {
             "peer_bytes",
             "read_p50_us",
             "read_p99_us",
+            "penalty_misses",
+            "penalty_misses_10s",
+            "penalty_stall_s",
+            "penalty_stall_10s_s",
+            "penalty_warm_s",
         ] {
             assert!(json[0].get(key).is_some(), "missing {key}");
+        }
+    }
+
+    #[test]
+    fn penalty_counts_only_the_excess_over_the_twin() {
+        // The twin misses a lot (a scan): the old warm metric would call the destination
+        // warm at once; the penalty still sees the 3 extra misses, two of them early.
+        let twin = [
+            (0.0, false),
+            (1.0, false),
+            (2.0, true),
+            (12.0, false),
+            (13.0, true),
+        ];
+        let dest = [
+            (0.0, false),
+            (1.0, false),
+            (2.0, false),
+            (12.0, false),
+            (13.0, false),
+        ];
+        let p = Penalty::measure(&dest, &twin, &[], &[], 0.0, 10.0);
+        assert_eq!((p.misses, p.misses_early), (2, 1));
+        // 95% of 2 excess misses = 1.9: reached at the 13 s read.
+        assert_eq!(p.warm_s, 13.0);
+        // Stalls: per request, the excess over the twin's, split at 10 s.
+        let p = Penalty::measure(
+            &dest,
+            &twin,
+            &[(0.0, 0.5), (11.0, 0.25)],
+            &[0.25, 0.5],
+            0.0,
+            10.0,
+        );
+        assert_eq!((p.stall_s, p.stall_early_s), (0.0, 0.25));
+        // A destination that beat the twin has a negative penalty and is warm at switch-over.
+        let p = Penalty::measure(&twin, &dest, &[], &[], 3.0, 10.0);
+        assert_eq!((p.misses, p.warm_s), (-2, 3.0));
+    }
+
+    #[test]
+    fn a_saturating_workload_still_separates_the_strategies() {
+        let rows = run_bench(small()).unwrap();
+        let row = |s: Strategy| rows.iter().find(|r| r.strategy == s.name()).unwrap();
+        // Cold start pays the most, and the penalty says so even where warm_s cannot.
+        assert!(row(Strategy::None).penalty_misses > 0);
+        assert!(row(Strategy::HeatPattern).penalty_misses < row(Strategy::None).penalty_misses);
+        assert!(row(Strategy::None).penalty_stall_s > row(Strategy::HeatPattern).penalty_stall_s);
+        for r in &rows {
+            assert!(r.penalty_warm_s >= r.switchover_s, "{r:?}");
         }
     }
 

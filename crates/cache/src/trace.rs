@@ -72,6 +72,115 @@ pub enum TraceFormat {
     Alibaba,
 }
 
+impl TraceFormat {
+    /// Every format, in the order [`TraceFormat::detect`] tries them.
+    pub const ALL: [TraceFormat; 3] = [
+        TraceFormat::Msr,
+        TraceFormat::Alibaba,
+        TraceFormat::CloudPhysics,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceFormat::CloudPhysics => "cloudphysics",
+            TraceFormat::Msr => "msr",
+            TraceFormat::Alibaba => "alibaba",
+        }
+    }
+
+    /// Recognises a format from a trace's first non-empty, non-comment line: a header
+    /// (`version,…`, `Timestamp,…`, `device_id,…`) or the shape of a first record (field
+    /// count and the op field's spelling). `None` when no format fits.
+    pub fn detect(first_line: &str) -> Option<TraceFormat> {
+        let f: Vec<&str> = first_line.split(',').map(str::trim).collect();
+        let head = f.first().map(|s| s.to_ascii_lowercase());
+        match head.as_deref() {
+            Some("version") => return Some(TraceFormat::CloudPhysics),
+            Some("timestamp") => return Some(TraceFormat::Msr),
+            Some("device_id") => return Some(TraceFormat::Alibaba),
+            _ => {}
+        }
+        let numeric = |i: usize| f.get(i).is_some_and(|s| s.parse::<u64>().is_ok());
+        let op = |i: usize| f.get(i).map(|s| s.to_ascii_lowercase());
+        if f.len() == 7 && numeric(0) && matches!(op(3).as_deref(), Some("read" | "write")) {
+            Some(TraceFormat::Msr)
+        } else if f.len() == 5 && numeric(0) && matches!(op(1).as_deref(), Some("r" | "w")) {
+            Some(TraceFormat::Alibaba)
+        } else if f.len() == 5 && numeric(1) && matches!(op(2).as_deref(), Some("28" | "2a")) {
+            Some(TraceFormat::CloudPhysics)
+        } else {
+            None
+        }
+    }
+}
+
+impl std::str::FromStr for TraceFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TraceFormat::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                format!("unknown trace format {s:?} (expected msr, alibaba or cloudphysics)")
+            })
+    }
+}
+
+/// Recognises the format of the trace at `path` from its first record (see
+/// [`TraceFormat::detect`]).
+pub fn detect_format(path: &Path) -> Result<TraceFormat, TraceError> {
+    let f = File::open(path).map_err(|err| TraceError::Io {
+        path: path.to_owned(),
+        err,
+    })?;
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|err| TraceError::Io {
+            path: path.to_owned(),
+            err,
+        })?;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        return TraceFormat::detect(line).ok_or_else(|| TraceError::Parse {
+            path: path.to_owned(),
+            line: i + 1,
+            what: "not a trace in a known format (msr, alibaba, cloudphysics): pass --trace-format"
+                .into(),
+        });
+    }
+    Err(TraceError::Parse {
+        path: path.to_owned(),
+        line: 0,
+        what: "the trace is empty".into(),
+    })
+}
+
+/// One request as a SNIA / MSR Cambridge CSV line (no newline): `Timestamp` in Windows
+/// filetime ticks of 100 ns counted from `epoch_ticks`, `Hostname`, `DiskNumber`, `Type`,
+/// `Offset`, `Size`, `ResponseTime` (ticks). The format most block-trace tools read, and
+/// the one [`parse_trace`] reads back exactly (time to the µs).
+pub fn msr_line(
+    epoch_ticks: u64,
+    host: &str,
+    disk: u32,
+    r: &IoRequest,
+    response_ticks: u64,
+) -> String {
+    let op = match r.op {
+        Op::Read => "Read",
+        Op::Write => "Write",
+    };
+    format!(
+        "{},{},{disk},{op},{},{},{response_ticks}",
+        epoch_ticks.saturating_add(r.time_us.saturating_mul(10)),
+        host.replace(',', "_"),
+        r.offset,
+        r.len
+    )
+}
+
 /// Reads the trace at `path` in `format`.
 pub fn read_trace(path: &Path, format: TraceFormat) -> Result<Vec<IoRequest>, TraceError> {
     let f = File::open(path).map_err(|err| TraceError::Io {
@@ -349,6 +458,152 @@ pub fn mixed(
         .collect()
 }
 
+/// A recurring scan beside a hot set: an application reads and writes (`read_pct`% reads)
+/// a zipf(`theta`) hot set of `hot_bytes`, while a backup or report job reads a region of
+/// `scan_bytes` (larger than a cache, typically) start to end in 128 KiB requests, over and
+/// over. One request in `scan_every` is the scan's. The scan's blocks are hot by count but
+/// useless to prefetch; the hot set is what a moved VM needs first.
+pub fn scan_hot(
+    spec: &SynthSpec,
+    theta: f64,
+    read_pct: u8,
+    hot_bytes: u64,
+    scan_bytes: u64,
+    scan_every: u32,
+) -> Vec<IoRequest> {
+    let hot = zipf_random(
+        &SynthSpec {
+            span_bytes: hot_bytes.min(spec.span_bytes),
+            ..spec.clone()
+        },
+        theta,
+        read_pct,
+    );
+    let mut rng = SplitMix64::new(spec.seed ^ u64_mask());
+    let scan_io: u64 = 128 * 1024;
+    let scan_len = (scan_bytes / scan_io).max(1);
+    // The hot set lives at the start of the disk; the scanned region somewhere after it.
+    let first = hot_bytes.div_ceil(scan_io);
+    let room = (spec.span_bytes / scan_io)
+        .saturating_sub(first + scan_len)
+        .max(1);
+    let base = first + rng.below(room);
+    let mut pos = 0u64;
+    hot.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if scan_every > 0 && i % scan_every as usize == 0 {
+                let req = IoRequest {
+                    time_us: r.time_us,
+                    op: Op::Read,
+                    offset: (base + pos) * scan_io,
+                    len: 128 * 1024,
+                };
+                pos = (pos + 1) % scan_len;
+                req
+            } else {
+                r
+            }
+        })
+        .collect()
+}
+
+/// B-tree index lookups: a tree of the given `fanout` whose leaves fill the span, stored
+/// level by level (the root first). Each lookup of a zipf(`theta`)-popular key reads the
+/// root, one inner node per level and the leaf; one lookup in ten then rewrites its leaf.
+/// Every lookup starts at the same few blocks and fans out: the order a moved VM needs
+/// its blocks in is the tree's, not the heat's alone.
+pub fn btree(spec: &SynthSpec, fanout: u64, theta: f64) -> Vec<IoRequest> {
+    let io = u64::from(spec.io_size.max(1));
+    let slots = (spec.span_bytes / io).max(2);
+    let fanout = fanout.max(2);
+    // Level sizes from the leaves up, until the inner nodes fit the span with them.
+    let mut leaves = slots - slots / fanout;
+    let levels = loop {
+        let mut levels = vec![leaves];
+        while levels.last().is_some_and(|n| *n > 1) {
+            let up = levels.last().copied().unwrap_or(1).div_ceil(fanout);
+            levels.push(up);
+        }
+        if levels.iter().sum::<u64>() <= slots || leaves <= 1 {
+            levels.reverse(); // root first
+            break levels;
+        }
+        leaves -= leaves / 16 + 1;
+    };
+    let starts: Vec<u64> = levels
+        .iter()
+        .scan(0u64, |acc, n| {
+            let s = *acc;
+            *acc += n;
+            Some(s)
+        })
+        .collect();
+    let leaf_count = levels.last().copied().unwrap_or(1);
+    let zipf = Zipf::new(usize::try_from(leaf_count).unwrap_or(usize::MAX), theta);
+    let mut rng = SplitMix64::new(spec.seed);
+    let depth = levels.len();
+    let mut out = Vec::with_capacity(spec.requests);
+    while out.len() < spec.requests {
+        let leaf = scatter(zipf.sample(&mut rng) as u64, leaf_count);
+        for (d, start) in starts.iter().enumerate() {
+            // The node on level d above `leaf`.
+            let node = leaf / fanout.pow(u32::try_from(depth - 1 - d).unwrap_or(0));
+            out.push((Op::Read, (start + node) * io));
+        }
+        if rng.below(10) == 0 {
+            out.push((Op::Write, (starts[depth - 1] + leaf) * io));
+        }
+    }
+    out.truncate(spec.requests);
+    out.into_iter()
+        .enumerate()
+        .map(|(i, (op, offset))| IoRequest {
+            time_us: time_of(i, spec.iops),
+            op,
+            offset,
+            len: spec.io_size,
+        })
+        .collect()
+}
+
+/// A Pareto mix: block popularity from a Pareto(`alpha`) distribution (≈80/20 at
+/// `alpha` = 1.16) scattered over the span, `read_pct`% reads, request sizes of 4, 16 or
+/// 64 KiB (aligned to their size), as a file server's mix would show.
+pub fn pareto(spec: &SynthSpec, alpha: f64, read_pct: u8) -> Vec<IoRequest> {
+    let unit: u64 = 4096;
+    let slots = (spec.span_bytes / (16 * unit)).max(1);
+    let mut rng = SplitMix64::new(spec.seed);
+    (0..spec.requests)
+        .map(|i| {
+            // Inverse CDF of Pareto(x_m = 1, alpha), shifted to start at 0 and scaled so
+            // that the head spans 1/64 of the span (at alpha 1.16: half the requests in
+            // ~1.3% of it, 90% in ~10%, 1% beyond it, wrapped around).
+            let u = rng.next_f64();
+            let x = (1.0 - u).max(1e-12).powf(-1.0 / alpha.max(0.01)) - 1.0;
+            #[allow(clippy::cast_precision_loss)]
+            let scale = (slots as f64 / 64.0).max(1.0);
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let rank = ((x * scale).min(1e18) as u64) % slots;
+            let chunk = scatter(rank, slots) * 16 * unit;
+            let len = [unit, 4 * unit, 16 * unit][usize::try_from(rng.below(3)).unwrap_or(0)];
+            let offset = chunk + rng.below(16 * unit / len) * len;
+            let op = if rng.below(100) < u64::from(read_pct) {
+                Op::Read
+            } else {
+                Op::Write
+            };
+            IoRequest {
+                time_us: time_of(i, spec.iops),
+                op,
+                offset,
+                #[allow(clippy::cast_possible_truncation)]
+                len: len as u32,
+            }
+        })
+        .collect()
+}
+
 const fn u64_mask() -> u64 {
     0x00ff_00ff_00ff_00ff
 }
@@ -412,6 +667,68 @@ mod tests {
                 len: 4096
             }
         );
+    }
+
+    #[test]
+    fn detects_each_format_from_its_header_or_first_record() {
+        let cases = [
+            ("version,time,op,size,lbn", Some(TraceFormat::CloudPhysics)),
+            ("1,100,28,4096,8", Some(TraceFormat::CloudPhysics)),
+            (
+                "Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime",
+                Some(TraceFormat::Msr),
+            ),
+            (
+                "128166372003061629,hm,0,Read,383496192,32768,1153",
+                Some(TraceFormat::Msr),
+            ),
+            (
+                "device_id,opcode,offset,length,timestamp",
+                Some(TraceFormat::Alibaba),
+            ),
+            ("3,W,0,4096,1577808000500", Some(TraceFormat::Alibaba)),
+            ("hello,world", None),
+            ("1,2,3,4,5", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(TraceFormat::detect(line), want, "{line}");
+        }
+        assert_eq!("MSR".parse::<TraceFormat>(), Ok(TraceFormat::Msr));
+        assert!("blk"
+            .parse::<TraceFormat>()
+            .unwrap_err()
+            .contains("msr, alibaba"));
+    }
+
+    #[test]
+    fn msr_lines_read_back_exactly() {
+        let reqs = [
+            IoRequest {
+                time_us: 0,
+                op: Op::Read,
+                offset: 4096,
+                len: 65536,
+            },
+            IoRequest {
+                time_us: 1_234_567,
+                op: Op::Write,
+                offset: 1 << 33,
+                len: 512,
+            },
+        ];
+        let text: String = reqs
+            .iter()
+            .map(|r| msr_line(133_000_000_000_000_000, "host,a", 2, r, 7) + "\n")
+            .collect();
+        assert!(
+            text.starts_with("133000000000000000,host_a,2,Read,4096,65536,7\n"),
+            "{text}"
+        );
+        assert_eq!(
+            TraceFormat::detect(text.lines().next().unwrap()),
+            Some(TraceFormat::Msr)
+        );
+        assert_eq!(parse(&text, TraceFormat::Msr).unwrap(), reqs);
     }
 
     #[test]
@@ -487,5 +804,49 @@ mod tests {
         let writes = m.iter().filter(|r| r.op == Op::Write).count();
         assert!(writes > 3000 && writes < 6000, "{writes}");
         assert!(m.iter().filter(|r| r.len == 128 * 1024).count() >= 5000);
+
+        // Scan beside a hot set: every 4th request continues one sequential scan.
+        let h = scan_hot(&spec, 1.1, 70, 64 << 20, 256 << 20, 4);
+        let scan: Vec<&IoRequest> = h.iter().step_by(4).collect();
+        assert!(scan
+            .windows(2)
+            .all(|w| w[1].offset == w[0].offset + 128 * 1024 || w[1].offset == scan[0].offset));
+        assert!(
+            scan.iter().skip(1).any(|r| r.offset == scan[0].offset),
+            "the scan recurs"
+        );
+        assert!(scan[0].offset >= 64 << 20);
+        assert!(h
+            .iter()
+            .filter(|r| r.len == 4096)
+            .all(|r| r.offset < 64 << 20));
+
+        // B-tree: every lookup starts at the root (offset 0); leaves are rewritten.
+        let b = btree(&spec, 64, 1.0);
+        assert_eq!(b.len(), spec.requests);
+        let roots = b.iter().filter(|r| r.offset == 0).count();
+        assert!(roots > spec.requests / 5, "{roots}");
+        assert!(b.iter().all(|r| r.offset + 4096 <= spec.span_bytes));
+        assert!(b.iter().any(|r| r.op == Op::Write));
+        assert_eq!(b, btree(&spec, 64, 1.0));
+
+        // Pareto: heavy head, aligned requests of three sizes inside the span.
+        let p = pareto(&spec, 1.16, 70);
+        assert!(p
+            .iter()
+            .all(|r| r.offset % u64::from(r.len) == 0
+                && r.offset + u64::from(r.len) <= spec.span_bytes));
+        let mut chunks = std::collections::HashMap::new();
+        for r in &p {
+            *chunks.entry(r.offset / 65536).or_insert(0usize) += 1;
+        }
+        let mut c: Vec<usize> = chunks.into_values().collect();
+        c.sort_unstable_by(|a, b| b.cmp(a));
+        let top5: usize = c.iter().take(c.len() / 5).sum();
+        assert!(
+            top5 * 10 > p.len() * 6,
+            "top 20% of chunks take {top5} of {}",
+            p.len()
+        );
     }
 }

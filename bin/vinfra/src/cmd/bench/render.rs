@@ -19,9 +19,13 @@ pub fn migrate_table(rows: &[BenchRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<13} {:<13} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9}",
+        "{:<13} {:<20} {:>9} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9}",
         "workload",
         "strategy",
+        "pen_miss",
+        "pen_10s",
+        "pen_stl_s",
+        "pen_warm",
         "warm_s",
         "switch_s",
         "miss_10s",
@@ -37,9 +41,13 @@ pub fn migrate_table(rows: &[BenchRow]) -> String {
             .map_or_else(|| format!(">{:.1}", r.run_s), |t| format!("{t:.1}"));
         let _ = writeln!(
             s,
-            "{:<13} {:<13} {:>8} {:>9.2} {:>9} {:>11.1} {:>11.1} {:>9.1} {:>9.0} {:>9.0}",
+            "{:<13} {:<20} {:>9} {:>8} {:>9.2} {:>9.1} {:>8} {:>9.2} {:>9} {:>11.1} {:>11.1} {:>9.1} {:>9.0} {:>9.0}",
             r.workload,
             r.strategy,
+            r.penalty_misses,
+            r.penalty_misses_10s,
+            r.penalty_stall_s,
+            r.penalty_warm_s,
             warm,
             r.switchover_s,
             r.misses_first_10s,
@@ -252,9 +260,12 @@ mod tests {
             table_bytes: 16 << 20,
         }];
         o.cache_blocks = 1024;
-        let rows = run_bench(o);
+        o.memory_copy_s = 0.25;
+        let precopy = o.precopy.len();
+        let rows = run_bench(o).unwrap();
         let table = migrate_table(&rows);
-        assert_eq!(table.lines().count(), 1 + Strategy::ALL.len());
+        assert_eq!(table.lines().count(), 1 + Strategy::ALL.len() + precopy);
+        assert!(table.contains("heat+pattern+precopy") && table.contains("pen_miss"));
         let svg = migrate_svg(&rows);
         assert!(
             svg.starts_with("<svg")
