@@ -7,13 +7,12 @@ use api::{ApiError, AppState};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::Form;
 use maud::{html, Markup};
 use model::{Host, Maintenance, Role, Vm};
 
 use crate::layout::{self, badge, field, form_error, FormError};
 use crate::session::{check_origin, Session};
-use crate::{done, val, Fields};
+use crate::{done, val, Fields, Posted};
 
 struct HostsView {
     hosts: Vec<Host>,
@@ -224,7 +223,7 @@ pub(crate) async fn maintenance(
     State(state): State<AppState>,
     s: Session,
     headers: HeaderMap,
-    Form(form): Form<Fields>,
+    Posted(form): Posted,
 ) -> Response {
     let r: Result<(Option<Maintenance>, String), ApiError> = async {
         check_origin(&headers)?;

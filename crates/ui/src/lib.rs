@@ -30,6 +30,26 @@ use axum::Router;
 /// A posted form's fields.
 pub(crate) type Fields = HashMap<String, String>;
 
+/// A posted form (`application/x-www-form-urlencoded`, at most 64 KiB): its fields.
+#[derive(Debug)]
+pub(crate) struct Posted(pub Fields);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Response> {
+        let bad = |m: &str| {
+            layout::error_page(&api::ApiError::BadRequest(format!("form: {m}")))
+        };
+        let body = axum::body::to_bytes(req.into_body(), 64 << 10)
+            .await
+            .map_err(|_| bad("cannot be read or larger than 64 KiB"))?;
+        serde_urlencoded::from_bytes::<Fields>(&body)
+            .map(Posted)
+            .map_err(|_| bad("not a urlencoded form"))
+    }
+}
+
 /// A field's value, empty when absent.
 pub(crate) fn val<'a>(form: &'a Fields, k: &str) -> &'a str {
     form.get(k).map(String::as_str).unwrap_or("")

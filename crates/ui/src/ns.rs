@@ -7,14 +7,13 @@ use api::{ApiError, AppState};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::Form;
 use maud::{html, Markup};
 use model::api::{CreateNsInstance, NsInstanceRecord, SiteSpec, StoredDescriptor};
 use model::Role;
 
 use crate::layout::{self, badge, field, form_error, wire, FormError};
 use crate::session::{check_origin, Session};
-use crate::{done, val, Fields};
+use crate::{done, val, Fields, Posted};
 
 async fn load(state: &AppState, s: &Session) -> Result<Vec<NsInstanceRecord>, ApiError> {
     api::ns::list_for(state, &s.caller).await
@@ -215,7 +214,7 @@ pub(crate) async fn instantiate(
     State(state): State<AppState>,
     s: Session,
     headers: HeaderMap,
-    Form(form): Form<Fields>,
+    Posted(form): Posted,
 ) -> Response {
     let r: Result<NsInstanceRecord, ApiError> = async {
         check_origin(&headers)?;
@@ -249,7 +248,7 @@ pub(crate) async fn terminate(
     s: Session,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<Fields>,
+    Posted(form): Posted,
 ) -> Response {
     let r: Result<NsInstanceRecord, ApiError> = async {
         check_origin(&headers)?;

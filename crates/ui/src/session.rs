@@ -14,12 +14,12 @@ use api::{ApiError, AppState, Caller};
 use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Form;
 use maud::html;
 use model::Role;
 use sha2::{Digest, Sha256};
 
 use crate::layout::{self, FormError};
+use crate::Posted;
 
 /// The session cookie's name.
 pub(crate) const COOKIE: &str = "vinfra_ui";
@@ -179,11 +179,7 @@ pub(crate) async fn login(
     req_ext: axum::extract::Request,
 ) -> Response {
     let tls = over_tls(req_ext.extensions());
-    let form =
-        <Form<HashMap<String, String>> as axum::extract::FromRequest<AppState>>::from_request(
-            req_ext, &state,
-        )
-        .await;
+    let form = <Posted as axum::extract::FromRequest<AppState>>::from_request(req_ext, &state).await;
     let fail = |e: ApiError| {
         let fe = FormError::from_api("login", &e, &["token"]);
         let status = e.status().0;
@@ -193,7 +189,7 @@ pub(crate) async fn login(
         return fail(e);
     }
     let token = match &form {
-        Ok(Form(f)) => f
+        Ok(Posted(f)) => f
             .get("token")
             .map(|t| t.trim().to_owned())
             .unwrap_or_default(),
@@ -248,7 +244,7 @@ pub(crate) async fn logout(
     State(state): State<AppState>,
     session: Session,
     headers: HeaderMap,
-    Form(form): Form<HashMap<String, String>>,
+    Posted(form): Posted,
 ) -> Response {
     let sent = form.get(CSRF_FIELD).map(String::as_str).unwrap_or("");
     if check_origin(&headers).is_err() || !same(sent.as_bytes(), session.csrf().as_bytes()) {

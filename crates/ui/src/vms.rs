@@ -7,14 +7,13 @@ use api::{ApiError, AppState};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use axum::Form;
 use maud::{html, Markup};
 use model::{DesiredState, Host, Role, Vm};
 
 use crate::hosts::strategy_field;
 use crate::layout::{self, badge, field, form_error, FormError};
 use crate::session::{check_origin, Session};
-use crate::{done, val, Fields};
+use crate::{done, val, Fields, Posted};
 
 struct VmsView {
     vms: Vec<Vm>,
@@ -207,7 +206,7 @@ pub(crate) async fn create(
     State(state): State<AppState>,
     s: Session,
     headers: HeaderMap,
-    Form(form): Form<Fields>,
+    Posted(form): Posted,
 ) -> Response {
     let r: Result<Vm, ApiError> = async {
         check_origin(&headers)?;
@@ -247,7 +246,7 @@ pub(crate) async fn act(
     s: Session,
     headers: HeaderMap,
     Path((id, verb)): Path<(String, String)>,
-    Form(form): Form<Fields>,
+    Posted(form): Posted,
 ) -> Response {
     let r: Result<String, ApiError> = async {
         check_origin(&headers)?;
@@ -422,7 +421,7 @@ pub(crate) async fn migrate(
     s: Session,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<Fields>,
+    Posted(form): Posted,
 ) -> Response {
     let r: Result<model::Migration, ApiError> = async {
         check_origin(&headers)?;
