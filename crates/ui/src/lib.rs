@@ -38,9 +38,7 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Posted {
     type Rejection = Response;
 
     async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Response> {
-        let bad = |m: &str| {
-            layout::error_page(&api::ApiError::BadRequest(format!("form: {m}")))
-        };
+        let bad = |m: &str| layout::error_page(&api::ApiError::BadRequest(format!("form: {m}")));
         let body = axum::body::to_bytes(req.into_body(), 64 << 10)
             .await
             .map_err(|_| bad("cannot be read or larger than 64 KiB"))?;
@@ -136,7 +134,7 @@ async fn headers(req: axum::extract::Request, next: axum::middleware::Next) -> R
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     if !is_asset {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

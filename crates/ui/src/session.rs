@@ -179,7 +179,8 @@ pub(crate) async fn login(
     req_ext: axum::extract::Request,
 ) -> Response {
     let tls = over_tls(req_ext.extensions());
-    let form = <Posted as axum::extract::FromRequest<AppState>>::from_request(req_ext, &state).await;
+    let form =
+        <Posted as axum::extract::FromRequest<AppState>>::from_request(req_ext, &state).await;
     let fail = |e: ApiError| {
         let fe = FormError::from_api("login", &e, &["token"]);
         let status = e.status().0;

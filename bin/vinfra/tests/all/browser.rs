@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use test_utils::ChildGuard;
 
 /// W3C's key for an element reference.
-const ELEMENT: &str = "element-6066-11e4-a52e-4a6f94ef9acb";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// How long waits for the page to show something last.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -153,7 +153,7 @@ impl Browser {
     pub async fn goto(&self, url: &str) {
         self.try_call(reqwest::Method::POST, "/url", Some(json!({"url": url})))
             .await
-            .unwrap_or_else(|e| panic!("goto {url}: {e}"));
+            .unwrap_or_else(|e| panic!("goto {url}: {e}\nchromedriver:\n{}", self.log()));
     }
 
     pub async fn url(&self) -> String {
@@ -189,7 +189,10 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        panic!("no element {css}: {last}\npage text:\n{}", self.body_text().await);
+        panic!(
+            "no element {css}: {last}\npage text:\n{}",
+            self.body_text().await
+        );
     }
 
     pub async fn click(&self, css: &str) {
@@ -197,7 +200,11 @@ impl Browser {
         for _ in 0..10 {
             let e = self.element(css).await;
             if self
-                .try_call(reqwest::Method::POST, &format!("/element/{e}/click"), Some(json!({})))
+                .try_call(
+                    reqwest::Method::POST,
+                    &format!("/element/{e}/click"),
+                    Some(json!({})),
+                )
                 .await
                 .is_ok()
             {
@@ -211,9 +218,13 @@ impl Browser {
     /// Clears the field `css` and types `text` into it.
     pub async fn fill(&self, css: &str, text: &str) {
         let e = self.element(css).await;
-        self.try_call(reqwest::Method::POST, &format!("/element/{e}/clear"), Some(json!({})))
-            .await
-            .unwrap_or_else(|err| panic!("clear {css}: {err}"));
+        self.try_call(
+            reqwest::Method::POST,
+            &format!("/element/{e}/clear"),
+            Some(json!({})),
+        )
+        .await
+        .unwrap_or_else(|err| panic!("clear {css}: {err}"));
         self.try_call(
             reqwest::Method::POST,
             &format!("/element/{e}/value"),
@@ -225,7 +236,8 @@ impl Browser {
 
     /// Picks the option with `value` of the select `css`.
     pub async fn select(&self, css: &str, value: &str) {
-        self.click(&format!("{css} option[value=\"{value}\"]")).await;
+        self.click(&format!("{css} option[value=\"{value}\"]"))
+            .await;
     }
 
     /// Runs `script` (a function body; `arguments` as given) and returns its value.
@@ -274,7 +286,10 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        panic!("{css} never showed {what}; last text: {t:?}\npage:\n{}", self.body_text().await);
+        panic!(
+            "{css} never showed {what}; last text: {t:?}\npage:\n{}",
+            self.body_text().await
+        );
     }
 
     /// Waits until `css`'s text contains `needle`.
@@ -302,9 +317,7 @@ impl Browser {
 
     /// Ends the session and the driver (Chromium with it).
     pub async fn quit(mut self) {
-        let _ = self
-            .try_call(reqwest::Method::DELETE, "", None)
-            .await;
+        let _ = self.try_call(reqwest::Method::DELETE, "", None).await;
         self.driver.kill();
     }
 }

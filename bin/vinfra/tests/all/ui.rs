@@ -81,7 +81,8 @@ async fn sim_cluster() -> (Server, Vec<test_utils::ChildGuard>) {
 async fn log_in(b: &Browser, s: &Server, token: &str) {
     b.goto(&format!("{}/ui/login", s.url)).await;
     b.fill("#token", token).await;
-    b.click("form[action='/ui/login'] button[type=submit]").await;
+    b.click("form[action='/ui/login'] button[type=submit]")
+        .await;
     b.wait_for_text("h1", "Hosts").await;
 }
 
@@ -96,14 +97,19 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.goto(&format!("{}/ui/vms", s.url)).await;
     b.wait_for_text("h1", "Log in").await;
     b.fill("#token", "vinfra_0000").await;
-    b.click("form[action='/ui/login'] button[type=submit]").await;
+    b.click("form[action='/ui/login'] button[type=submit]")
+        .await;
     b.wait_for_text("#token-error", "token: unknown or revoked token")
         .await;
     b.screenshot("login").await;
     log_in(&b, &s, &admin_token).await;
     // The cookie is HttpOnly: no script of the page can read the token.
     let cookies = b.exec("return document.cookie;", json!([])).await;
-    assert_eq!(cookies, json!(""), "the session cookie is visible to scripts");
+    assert_eq!(
+        cookies,
+        json!(""),
+        "the session cookie is visible to scripts"
+    );
 
     // Hosts, live.
     for h in HOSTS {
@@ -127,7 +133,8 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.fill("#name", "web-1").await;
     b.select("#host", "host-a").await;
     b.click("#create-vm button[type=submit]").await;
-    b.wait_for_text(".flash", "VM web-1 created on host-a").await;
+    b.wait_for_text(".flash", "VM web-1 created on host-a")
+        .await;
     b.wait_for_text("tr[data-vm='web-1'] td.state", "running")
         .await;
     b.screenshot("vms").await;
@@ -153,7 +160,8 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     .expect("the hit-ratio curve is plotted");
     b.screenshot("migration").await;
     b.goto(&format!("{}/ui/migrations", s.url)).await;
-    b.wait_for_text("#migrations-table tbody", "completed").await;
+    b.wait_for_text("#migrations-table tbody", "completed")
+        .await;
     test_utils::wait_for(Duration::from_secs(30), || async {
         b.exec(
             "const e = document.getElementById('curves'); return e.dataset.states === 'completed' && !!e.querySelector('canvas');",
@@ -175,25 +183,41 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.click("#maintenance-form button[value=preview]").await;
     b.wait_for_text("#drain-plan", "web-1").await;
     b.screenshot("hosts-maintenance-preview").await;
-    assert!(s.admin().get_host("host-b").await.unwrap().maintenance.is_none());
+    assert!(s
+        .admin()
+        .get_host("host-b")
+        .await
+        .unwrap()
+        .maintenance
+        .is_none());
     b.select("#host", "host-b").await;
     b.click("#maintenance-form button[value=enter]").await;
-    b.wait_for_text(".flash", "host-b entering maintenance").await;
+    b.wait_for_text(".flash", "host-b entering maintenance")
+        .await;
     b.wait_for_text("tr[data-host='host-b'] td.maintenance", "in_maintenance")
         .await;
-    b.wait_text("tr[data-host='host-b'] td.vms", "no VM on host-b", str::is_empty)
-        .await;
+    b.wait_text(
+        "tr[data-host='host-b'] td.vms",
+        "no VM on host-b",
+        str::is_empty,
+    )
+    .await;
     b.screenshot("hosts").await;
     b.select("#host", "host-b").await;
     b.click("#maintenance-form button[value=exit]").await;
     b.wait_for_text(".flash", "host-b released").await;
-    b.wait_text("tr[data-host='host-b'] td.maintenance", "no maintenance", |t| t == "—")
-        .await;
+    b.wait_text(
+        "tr[data-host='host-b'] td.maintenance",
+        "no maintenance",
+        |t| t == "—",
+    )
+    .await;
 
     // Operations: the migration and the drain.
     b.goto(&format!("{}/ui/operations", s.url)).await;
     b.wait_for_text("#operations-table tbody", "drain").await;
-    b.wait_for_text("#operations-table tbody", "migration").await;
+    b.wait_for_text("#operations-table tbody", "migration")
+        .await;
     b.screenshot("operations").await;
     b.goto(&format!("{}/ui/ns", s.url)).await;
     b.wait_for_text("h1", "Network services").await;
@@ -263,7 +287,10 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     };
     for page in ["hosts", "vms", "migrations", "operations", "ns"] {
         let text = seen(page).await;
-        assert!(!text.contains("web-1"), "{page} shows web-1 to another tenant:\n{text}");
+        assert!(
+            !text.contains("web-1"),
+            "{page} shows web-1 to another tenant:\n{text}"
+        );
     }
     b.goto(&format!("{}/ui/vms", s.url)).await;
     b.wait_for_text("#vms-table caption", "VMs (0)").await;
