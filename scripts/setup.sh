@@ -32,7 +32,7 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
   $SUDO chmod +x /usr/sbin/policy-rc.d
 fi
 
-BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc virsh libvirtd virtlogd nft clang bpftool tc nfcapd nfdump"
+BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc virsh libvirtd virtlogd nft clang bpftool tc nfcapd nfdump chromium chromedriver"
 if need $BINS && [ -x /bin/busybox ] && busybox --list | grep -qx cpio; then
   echo "setup: all packages present"
 else
@@ -65,6 +65,9 @@ else
   # -sysv variant avoids upgrading systemd, which is not PID 1 here.
   $SUDO apt-get install -y -qq --no-install-recommends \
     libvirt-daemon-system libvirt-clients libvirt-daemon-system-sysv >/dev/null
+  # The dashboard's browser tests: Debian's Chromium, driven headless over WebDriver by
+  # chromedriver (nothing downloads a browser).
+  $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
 
 # Both halves of QEMU must be present: the conflict above is silent otherwise.

@@ -270,16 +270,10 @@ impl FromRequestParts<AppState> for Caller {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        let key = keys::token(&auth::hash_token(token));
-        let Some((rec, _)) = get_json::<TokenRecord>(state.store(), &key).await? else {
-            return Err(ApiError::Unauthorized);
-        };
-        if rec.expired_at(now_ms()) {
-            return Err(ApiError::TokenExpired);
-        }
+        let caller = authenticate(state, token, &parts.method).await?;
         // Over TLS an agent proves itself twice: its token and the client
         // certificate it got when it joined (a stolen token alone is not enough).
-        if rec.role == Role::Agent {
+        if caller.role == Role::Agent {
             let peer = parts
                 .extensions
                 .get::<axum::extract::ConnectInfo<crate::Peer>>();
@@ -287,15 +281,34 @@ impl FromRequestParts<AppState> for Caller {
                 return Err(ApiError::AgentCertRequired);
             }
         }
-        check_scope(rec.scope, &parts.method)?;
-        Ok(Caller {
-            role: rec.role,
-            tenant: rec.tenant,
-            token_id: rec.id,
-            scope: rec.scope,
-            expires_at: rec.expires_at,
-        })
+        Ok(caller)
     }
+}
+
+/// The caller a token stands for, for a request with `method`: its record read from the
+/// store (no cache: a revocation or an expiry holds at once), refused when unknown,
+/// expired, or read-only for a method that changes something. The bearer extractor and
+/// the web UI (whose cookie carries the token) both authenticate through this.
+pub async fn authenticate(
+    state: &AppState,
+    token: &str,
+    method: &Method,
+) -> Result<Caller, ApiError> {
+    let key = keys::token(&auth::hash_token(token));
+    let Some((rec, _)) = get_json::<TokenRecord>(state.store(), &key).await? else {
+        return Err(ApiError::Unauthorized);
+    };
+    if rec.expired_at(now_ms()) {
+        return Err(ApiError::TokenExpired);
+    }
+    check_scope(rec.scope, method)?;
+    Ok(Caller {
+        role: rec.role,
+        tenant: rec.tenant,
+        token_id: rec.id,
+        scope: rec.scope,
+        expires_at: rec.expires_at,
+    })
 }
 
 /// A read-only token may only read: `GET` and `HEAD`.

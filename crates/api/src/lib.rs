@@ -15,6 +15,7 @@
 
 mod auth;
 mod blobs;
+mod curves;
 mod error;
 mod extract;
 mod limits;
@@ -38,12 +39,23 @@ use store::Store;
 pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
 pub use blobs::{BlobConfig, BlobError, BlobFiles, DEFAULT_MAX_BLOB_BYTES};
 pub use control::Scope;
+pub use curves::ProgressSample;
 pub use error::ApiError;
-pub use extract::{AppJson, Caller};
+pub use extract::{authenticate, AppJson, Caller};
 pub use limits::RateLimit;
 pub use listen::Peer;
 pub use openapi::{openapi, openapi_json};
 pub use pki::TlsConfig;
+
+/// Network-service instances for callers other than the REST handlers (the web UI).
+pub mod ns {
+    pub use crate::routes::ns_instances::{instantiate, list_for, terminate};
+}
+
+/// Tenants for callers other than the REST handlers (the web UI).
+pub mod tenants {
+    pub use crate::routes::tenants::write_tenant;
+}
 
 /// Default port of the control-plane API.
 pub const DEFAULT_PORT: u16 = 7070;
@@ -102,6 +114,10 @@ pub struct ServerConfig {
     /// A host event stream (`GET /v1/hosts/{name}/events`) quiet for this long gets a
     /// `ping` line, so that both ends notice a dead connection. Default 10 s.
     pub push_keepalive: Duration,
+    /// Routes served beside the API under `/ui` (the web dashboard, crate `ui`, which
+    /// builds on this crate and so cannot be called from it): built over this server's
+    /// state. `None`: no dashboard.
+    pub ui: Option<fn(AppState) -> Router>,
 }
 
 impl Default for ServerConfig {
@@ -122,6 +138,7 @@ impl Default for ServerConfig {
             secrets_key_file: None,
             ledger_key_file: None,
             push_keepalive: control::push::DEFAULT_KEEPALIVE,
+            ui: None,
         }
     }
 }
@@ -141,6 +158,10 @@ struct Inner {
     /// Migration cache snapshots, from the source agent to the destination agent.
     /// In memory: used once within seconds; a server restart fails the migration.
     snapshots: Mutex<HashMap<MigrationId, axum::body::Bytes>>,
+    /// The cache-rebuild progress of recent migrations as reported, one sample a report:
+    /// the curves the dashboard plots. In memory like the console tails (the record keeps
+    /// the latest figures only); a restart starts the curves anew.
+    curves: Mutex<curves::Curves>,
     http: metrics::HttpCounters,
     /// The vSwitch controller of this server's domain, when statistics are on.
     traffic: Option<net::Controller>,
@@ -178,6 +199,7 @@ impl AppState {
                 .with_push_keepalive(config.push_keepalive),
                 consoles: Mutex::new(HashMap::new()),
                 snapshots: Mutex::new(HashMap::new()),
+                curves: Mutex::new(curves::Curves::default()),
                 http: metrics::HttpCounters::default(),
                 traffic: config
                     .vswitch_listen
@@ -228,11 +250,14 @@ impl AppState {
         self.consoles().insert(vm, tail);
     }
 
-    pub(crate) fn console(&self, vm: VmId) -> String {
+    /// The latest console tail the VM's agent reported (empty if none since this server
+    /// started).
+    pub fn console(&self, vm: VmId) -> String {
         self.consoles().get(&vm).cloned().unwrap_or_default()
     }
 
-    pub(crate) fn forget_console(&self, vm: VmId) {
+    /// Forgets a VM's console tail (the VM is gone).
+    pub fn forget_console(&self, vm: VmId) {
         self.consoles().remove(&vm);
     }
 
@@ -247,6 +272,16 @@ impl AppState {
 
     pub(crate) fn set_snapshot(&self, m: MigrationId, snap: axum::body::Bytes) {
         lock(&self.inner.snapshots).insert(m, snap);
+    }
+
+    /// Adds a sample of `m`'s progress to its curve.
+    pub(crate) fn record_progress(&self, m: &model::Migration) {
+        lock(&self.inner.curves).record(m, control::now_ms());
+    }
+
+    /// The progress samples of migration `m` this server received, oldest first.
+    pub fn curve(&self, m: MigrationId) -> Vec<ProgressSample> {
+        lock(&self.inner.curves).get(m)
     }
 
     pub(crate) fn snapshot(&self, m: MigrationId) -> Option<axum::body::Bytes> {
@@ -397,7 +432,10 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     };
     let _ = state.inner.self_url.set(format!("{scheme}://{own}"));
     routes::ns_instances::resume(&state).await;
-    let app = router(state.clone());
+    let mut app = router(state.clone());
+    if let Some(ui) = config.ui {
+        app = app.nest("/ui", ui(state.clone()));
+    }
     let switches = match (config.vswitch_listen, state.traffic().cloned()) {
         (Some(at), Some(ctrl)) => {
             // The totals of earlier runs first, before any switch reports.

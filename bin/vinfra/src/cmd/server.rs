@@ -174,6 +174,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| data_dir.join("secrets.key")),
         ),
         ledger_key_file: Some(data_dir.join("ledger.key")),
+        // The web dashboard at /ui (docs/UI.md).
+        ui: Some(ui::router),
         ..api::ServerConfig::default()
     };
     let handle = api::serve(config, store).await?;

@@ -184,6 +184,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
         println!("vinfra is up in {:.1} s", started.elapsed().as_secs_f64());
         println!("  API        {url}/v1   (OpenAPI: {url}/v1/openapi.json)");
+        println!("  dashboard  {url}/ui   (log in with the admin token)");
         println!("  admin token {}", token_path.display());
         println!(
             "  hosts      {}{}",

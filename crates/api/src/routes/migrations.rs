@@ -94,6 +94,7 @@ pub(crate) async fn report_migration(
     caller.require(&[Role::Agent, Role::Admin], "reporting on a migration")?;
     let host = body.validate()?;
     let m = state.control().report_migration(&id, &host, &body).await?;
+    state.record_progress(&m);
     if m.state.is_final() {
         state.forget_snapshot(m.id);
     }

@@ -58,13 +58,29 @@ pub(crate) async fn create(
     headers: HeaderMap,
     AppJson(body): AppJson<CreateNsInstance>,
 ) -> Result<(StatusCode, Json<NsInstanceRecord>), ApiError> {
+    let token = crate::extract::bearer(&headers)
+        .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
+        .to_owned();
+    let rec = instantiate(&state, &caller, &token, body).await?;
+    Ok((StatusCode::ACCEPTED, Json(rec)))
+}
+
+/// Instantiates an NS for `caller`, whose `token` the site drivers act with (the web UI
+/// calls this with its session's token); the record as the caller may see it.
+pub async fn instantiate(
+    state: &AppState,
+    caller: &Caller,
+    token: &str,
+    body: CreateNsInstance,
+) -> Result<NsInstanceRecord, ApiError> {
+    let token = token.to_owned();
     caller.require(
         &[Role::Admin, Role::Member],
         "instantiating a network service",
     )?;
     let endpoints = body.validate()?;
-    let tenant = write_tenant(&state, &caller, None).await?;
-    let (nsd_text, vnfd_texts) = load_nsd(&state, tenant, &body.nsd).await?;
+    let tenant = write_tenant(state, caller, None).await?;
+    let (nsd_text, vnfd_texts) = load_nsd(state, tenant, &body.nsd).await?;
     let sites: Vec<String> = body.sites.keys().cloned().collect();
     // Validating every stored descriptor and planning is the CPU-heavy part: off the
     // async workers, behind the same bound as descriptor uploads.
@@ -77,11 +93,8 @@ pub(crate) async fn create(
                 .map_err(|e| ApiError::Unprocessable(format!("sites: {e}")))
         })
         .await??;
-    let token = crate::extract::bearer(&headers)
-        .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
-        .to_owned();
     let drivers = build_drivers(
-        &state,
+        state,
         caller.role == Role::Admin,
         tenant,
         &body.sites,
@@ -125,7 +138,7 @@ pub(crate) async fn create(
         .control()
         .instantiate_ns(rec, plan, drivers, endpoints)
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
+    Ok(redacted(rec))
 }
 
 /// The caller's NS instances.
@@ -135,16 +148,7 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<NsInstanceRecord>>, ApiError> {
-    caller.require(&[Role::Admin, Role::Member], "listing network services")?;
-    let mut out: Vec<NsInstanceRecord> = state
-        .control()
-        .ns_instances(caller.scope()?)
-        .await?
-        .into_iter()
-        .map(redacted)
-        .collect();
-    out.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
-    Ok(Json(out))
+    Ok(Json(list_for(&state, &caller).await?))
 }
 
 /// One NS instance, by name or id, with its VNFs, links and SOL003 records.
@@ -202,23 +206,57 @@ pub(crate) async fn delete(
         state.control().forget_ns(scope, &name).await?;
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let (rec, _) = resolve(&state, scope, &name).await?;
     let token = crate::extract::bearer(&headers)
         .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
         .to_owned();
+    let rec = terminate(&state, &caller, &token, &name).await?;
+    Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
+}
+
+/// Starts terminating `caller`'s NS `name` on every site, the drivers acting with
+/// `token`; the record as the caller may see it.
+pub async fn terminate(
+    state: &AppState,
+    caller: &Caller,
+    token: &str,
+    name: &str,
+) -> Result<NsInstanceRecord, ApiError> {
+    caller.require(
+        &[Role::Admin, Role::Member],
+        "terminating a network service",
+    )?;
+    let scope = caller.scope()?;
+    let (rec, _) = resolve(state, scope, name).await?;
     let drivers = build_drivers(
-        &state,
+        state,
         caller.role == Role::Admin,
         rec.tenant,
         &rec.sites,
-        &token,
+        token,
     )
     .await?;
     let rec = state
         .control()
-        .terminate_ns(scope, &name, state.server_id(), drivers)
+        .terminate_ns(scope, name, state.server_id(), drivers)
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(redacted(rec))).into_response())
+    Ok(redacted(rec))
+}
+
+/// The NS instances `caller` sees, by tenant then name (site credentials redacted).
+pub async fn list_for(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<Vec<NsInstanceRecord>, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "listing network services")?;
+    let mut out: Vec<NsInstanceRecord> = state
+        .control()
+        .ns_instances(caller.scope()?)
+        .await?
+        .into_iter()
+        .map(redacted)
+        .collect();
+    out.sort_by(|a, b| (a.tenant, &a.name).cmp(&(b.tenant, &b.name)));
+    Ok(out)
 }
 
 /// Scales one VNF of an instantiated NS out or in by one VDU (202; the state is

@@ -93,7 +93,7 @@ pub(crate) async fn tenant_by_name(
 
 /// The tenant a write goes to: the member's own; for an admin the named one
 /// or `default` (created on first use).
-pub(crate) async fn write_tenant(
+pub async fn write_tenant(
     state: &AppState,
     caller: &Caller,
     requested: Option<&Name>,

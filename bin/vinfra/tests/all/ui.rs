@@ -1,0 +1,311 @@
+//! The web dashboard (`/ui`) in a real headless Chromium, driven over WebDriver, against
+//! a real `vinfra server` with three agents on the sim driver (the real agent, disk stack
+//! and migration protocol; a simulated hypervisor, so that the pages, not TCG boots, are
+//! what this test waits for): log in (a bad token first), create a VM (a bad name first)
+//! and see it running, migrate it and see the hit-ratio curve appear and the migration
+//! end at `completed`, preview, enter and exit maintenance, the server killed and
+//! restarted under an open page without logging the user out, and another tenant's
+//! member seeing none of it. Screenshots of each page go to `$VINFRA_SCREENSHOTS`
+//! (`docs/ui` regenerates the README's).
+
+use std::time::Duration;
+
+use model::api::{CreateImage, CreateToken};
+use model::{HostState, Role};
+use serde_json::json;
+
+use crate::browser::Browser;
+use crate::harness::{path_in, spawn_agent_in, Server};
+
+const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
+
+/// A server with three sim agents and the sim image as `default`.
+async fn sim_cluster() -> (Server, Vec<test_utils::ChildGuard>) {
+    let s = Server::start().await;
+    let admin = s.admin();
+    let token = admin
+        .create_token(&CreateToken::new(Role::Agent))
+        .await
+        .unwrap()
+        .token;
+    let token_file = path_in(&s, "agent-token");
+    std::fs::write(&token_file, token).unwrap();
+    let img = compute::sim::write_image(&path_in(&s, "image"), 16).unwrap();
+    admin
+        .upload_image(
+            &client::ImageFiles {
+                kernel: Some(img.kernel),
+                initrd: Some(img.initrd),
+                disk_template: Some(img.disk_template),
+            },
+            CreateImage {
+                name: "default".into(),
+                kernel: None,
+                initrd: None,
+                disk_template: None,
+                cmdline: img.cmdline,
+                disk_mib: 16,
+                tenant: None,
+            },
+        )
+        .await
+        .unwrap();
+    let agents = HOSTS
+        .iter()
+        .map(|h| {
+            spawn_agent_in(
+                &s,
+                h,
+                &path_in(&s, h),
+                &token_file,
+                &[],
+                None,
+                &["--driver", "sim", "--sim-boot-ms", "100"],
+            )
+        })
+        .collect();
+    for h in HOSTS {
+        test_utils::wait_for(Duration::from_secs(30), || async {
+            admin
+                .get_host(h)
+                .await
+                .is_ok_and(|x| x.state == HostState::Up)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{h} did not come up:\n{}", s.log()));
+    }
+    (s, agents)
+}
+
+/// Logs in with `token` from the login page.
+async fn log_in(b: &Browser, s: &Server, token: &str) {
+    b.goto(&format!("{}/ui/login", s.url)).await;
+    b.fill("#token", token).await;
+    b.click("form[action='/ui/login'] button[type=submit]")
+        .await;
+    b.wait_for_text("h1", "Hosts").await;
+}
+
+#[tokio::test]
+async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants_apart() {
+    let b = Browser::start().await;
+    let (mut s, _agents) = sim_cluster().await;
+    let admin_token = s.admin_token();
+
+    // Every page needs a session: the login page, where a bad token gets the message
+    // beside the field.
+    b.goto(&format!("{}/ui/vms", s.url)).await;
+    b.wait_for_text("h1", "Log in").await;
+    b.fill("#token", "vinfra_0000").await;
+    b.click("form[action='/ui/login'] button[type=submit]")
+        .await;
+    b.wait_for_text("#token-error", "token: unknown or revoked token")
+        .await;
+    b.screenshot("login").await;
+    log_in(&b, &s, &admin_token).await;
+    // The cookie is HttpOnly: no script of the page can read the token.
+    let cookies = b.exec("return document.cookie;", json!([])).await;
+    assert_eq!(
+        cookies,
+        json!(""),
+        "the session cookie is visible to scripts"
+    );
+
+    // Hosts, live.
+    for h in HOSTS {
+        b.wait_for_text(&format!("tr[data-host='{h}'] td.state"), "up")
+            .await;
+    }
+
+    // A VM: a bad name first (the API's message beside the field, the form kept), then
+    // a good one, which the live table shows running.
+    b.goto(&format!("{}/ui/vms", s.url)).await;
+    b.fill("#name", "Not A Name").await;
+    b.select("#host", "host-a").await;
+    b.click("#create-vm button[type=submit]").await;
+    let err = b.wait_for_text("#name-error", "name:").await;
+    assert!(!err.is_empty());
+    assert_eq!(
+        b.exec("return document.querySelector('#name').value;", json!([]))
+            .await,
+        json!("Not A Name")
+    );
+    b.fill("#name", "web-1").await;
+    b.select("#host", "host-a").await;
+    b.click("#create-vm button[type=submit]").await;
+    b.wait_for_text(".flash", "VM web-1 created on host-a")
+        .await;
+    b.wait_for_text("tr[data-vm='web-1'] td.state", "running")
+        .await;
+    b.screenshot("vms").await;
+
+    // Its page, then a live migration to host-b: the curve appears, the state ends at
+    // completed.
+    b.click("tr[data-vm='web-1'] th a").await;
+    b.wait_for_text("h1", "VM web-1").await;
+    b.select("#to", "host-b").await;
+    b.select("#strategy", "heat+pattern").await;
+    b.click("#migrate-form button[type=submit]").await;
+    b.wait_for_text("h1", "Migration of web-1").await;
+    b.wait_for_text("#migration-state", "completed").await;
+    test_utils::wait_for(Duration::from_secs(30), || async {
+        b.exec(
+            "const e = document.getElementById('curve'); return Number(e.dataset.points || 0) > 0 && !!e.querySelector('canvas');",
+            json!([]),
+        )
+        .await
+            == json!(true)
+    })
+    .await
+    .expect("the hit-ratio curve is plotted");
+    b.screenshot("migration").await;
+    b.goto(&format!("{}/ui/migrations", s.url)).await;
+    b.wait_for_text("#migrations-table tbody", "completed")
+        .await;
+    test_utils::wait_for(Duration::from_secs(30), || async {
+        b.exec(
+            "const e = document.getElementById('curves'); return e.dataset.states === 'completed' && !!e.querySelector('canvas');",
+            json!([]),
+        )
+        .await
+            == json!(true)
+    })
+    .await
+    .expect("the migrations page plots the completed curve");
+    b.screenshot("migrations").await;
+    let vm = s.admin().get_vm("web-1").await.unwrap();
+    assert_eq!(vm.host.as_str(), "host-b");
+
+    // Maintenance of host-b: the dry run lists web-1 and changes nothing; entering moves
+    // it away live; exiting releases the host.
+    b.goto(&format!("{}/ui/hosts", s.url)).await;
+    b.select("#host", "host-b").await;
+    b.click("#maintenance-form button[value=preview]").await;
+    b.wait_for_text("#drain-plan", "web-1").await;
+    b.screenshot("hosts-maintenance-preview").await;
+    assert!(s
+        .admin()
+        .get_host("host-b")
+        .await
+        .unwrap()
+        .maintenance
+        .is_none());
+    b.select("#host", "host-b").await;
+    b.click("#maintenance-form button[value=enter]").await;
+    b.wait_for_text(".flash", "host-b entering maintenance")
+        .await;
+    b.wait_for_text("tr[data-host='host-b'] td.maintenance", "in_maintenance")
+        .await;
+    b.wait_text(
+        "tr[data-host='host-b'] td.vms",
+        "no VM on host-b",
+        str::is_empty,
+    )
+    .await;
+    b.screenshot("hosts").await;
+    b.select("#host", "host-b").await;
+    b.click("#maintenance-form button[value=exit]").await;
+    b.wait_for_text(".flash", "host-b released").await;
+    b.wait_text(
+        "tr[data-host='host-b'] td.maintenance",
+        "no maintenance",
+        |t| t == "—",
+    )
+    .await;
+
+    // Operations: the migration and the drain.
+    b.goto(&format!("{}/ui/operations", s.url)).await;
+    b.wait_for_text("#operations-table tbody", "drain").await;
+    b.wait_for_text("#operations-table tbody", "migration")
+        .await;
+    b.screenshot("operations").await;
+    b.goto(&format!("{}/ui/ns", s.url)).await;
+    b.wait_for_text("h1", "Network services").await;
+    b.screenshot("ns-empty").await;
+
+    // A server restart under an open page: it keeps polling, and the user stays logged in
+    // (a lost session would have sent the whole page to the login form, mark and all).
+    b.goto(&format!("{}/ui/vms", s.url)).await;
+    b.wait_for_text("tr[data-vm='web-1'] td.state", "running")
+        .await;
+    b.exec(
+        "document.querySelector('#vms-live').dataset.mark = 'before';",
+        json!([]),
+    )
+    .await;
+    s.kill9_and_restart().await;
+    b.exec(
+        "document.querySelector('#vms-table').dataset.seen = 'before-poll';",
+        json!([]),
+    )
+    .await;
+    test_utils::wait_for(Duration::from_secs(30), || async {
+        b.exec(
+            "const t = document.querySelector('#vms-table'); \
+             return !!t && !t.dataset.seen && t.innerText.includes('web-1');",
+            json!([]),
+        )
+        .await
+            == json!(true)
+    })
+    .await
+    .expect("the live table is refreshed after the restart");
+    assert_eq!(
+        b.exec(
+            "return document.querySelector('#vms-live').dataset.mark || '';",
+            json!([])
+        )
+        .await,
+        json!("before"),
+        "the page was reloaded"
+    );
+    b.goto(&format!("{}/ui/hosts", s.url)).await;
+    b.wait_for_text("h1", "Hosts").await;
+    assert!(b.url().await.ends_with("/ui/hosts"));
+
+    // A member of another tenant sees the hosts but none of the admin's objects, and
+    // the VM's page is not found.
+    let other = s.admin().create_tenant("blue").await.unwrap().token;
+    b.click("form[action='/ui/logout'] button").await;
+    b.wait_for_text("h1", "Log in").await;
+    log_in(&b, &s, &other).await;
+    b.wait_for_text("#who", "member").await;
+    for h in HOSTS {
+        b.wait_for_text(&format!("tr[data-host='{h}'] td.state"), "up")
+            .await;
+    }
+    let seen = |page: &'static str| {
+        let b = &b;
+        let url = format!("{}/ui/{page}", s.url);
+        async move {
+            b.goto(&url).await;
+            b.wait_for_text("main", "").await;
+            // One refresh of the live region too.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            b.body_text().await
+        }
+    };
+    for page in ["hosts", "vms", "migrations", "operations", "ns"] {
+        let text = seen(page).await;
+        assert!(
+            !text.contains("web-1"),
+            "{page} shows web-1 to another tenant:\n{text}"
+        );
+    }
+    b.goto(&format!("{}/ui/vms", s.url)).await;
+    b.wait_for_text("#vms-table caption", "VMs (0)").await;
+    b.screenshot("vms-other-tenant").await;
+    b.goto(&format!("{}/ui/vms/{}", s.url, vm.id)).await;
+    b.wait_for_text("main", "not found").await;
+    // A change posted without the session's CSRF token is refused.
+    let status = b
+        .exec(
+            "return fetch('/ui/vms', {method: 'POST', headers: {'Content-Type': 'application/x-www-form-urlencoded'}, \
+             body: 'name=x&image=default&vcpus=1&memory_mib=64'}).then((r) => r.status);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(status, json!(403));
+    assert!(s.admin().get_vm("x").await.is_err());
+    b.quit().await;
+}

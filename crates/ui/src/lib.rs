@@ -1,0 +1,237 @@
+//! vinfra's web dashboard: server-rendered pages under `/ui`, served by `vinfra server`
+//! beside the REST API (the API crate nests [`router`] at `/ui` through
+//! `ServerConfig::ui`).
+//!
+//! Owns: the pages, their live fragments (polled every second by htmx), the session
+//! cookie and CSRF checks, and the vendored scripts (htmx, uPlot) embedded in the binary.
+//! Must not: call the API over HTTP. Handlers here do what the REST handlers do:
+//! authenticate (the token from the cookie, through `api::authenticate`), parse, make one
+//! call into the control layer (or an `api` function where the REST handler's own work is
+//! more than a call: NS jobs), and show the typed error's API message. Tenancy is the
+//! API's: every list is read with the caller's scope.
+#![warn(missing_docs)]
+
+mod hosts;
+mod layout;
+mod migrations;
+mod ns;
+mod ops;
+mod session;
+mod vms;
+
+use std::collections::HashMap;
+
+use api::AppState;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+/// A posted form's fields.
+pub(crate) type Fields = HashMap<String, String>;
+
+/// A posted form (`application/x-www-form-urlencoded`, at most 64 KiB): its fields.
+#[derive(Debug)]
+pub(crate) struct Posted(pub Fields);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Response> {
+        let bad = |m: &str| layout::error_page(&api::ApiError::BadRequest(format!("form: {m}")));
+        let body = axum::body::to_bytes(req.into_body(), 64 << 10)
+            .await
+            .map_err(|_| bad("cannot be read or larger than 64 KiB"))?;
+        serde_urlencoded::from_bytes::<Fields>(&body)
+            .map(Posted)
+            .map_err(|_| bad("not a urlencoded form"))
+    }
+}
+
+/// A field's value, empty when absent.
+pub(crate) fn val<'a>(form: &'a Fields, k: &str) -> &'a str {
+    form.get(k).map(String::as_str).unwrap_or("")
+}
+
+/// After a change: back to `to` with a message (303, so a reload does not post again).
+pub(crate) fn done(to: &str, msg: &str) -> Response {
+    let sep = if to.contains('?') { '&' } else { '?' };
+    Redirect::to(&format!("{to}{sep}done={}", percent(msg))).into_response()
+}
+
+/// Percent-encodes all but unreserved characters (RFC 3986).
+fn percent(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The vendored libraries and our own script and style, compiled in.
+const ASSETS: [(&str, &str, &str); 5] = [
+    (
+        "htmx.min.js",
+        "text/javascript",
+        include_str!("../assets/vendor/htmx-2.0.11.min.js"),
+    ),
+    (
+        "uPlot.iife.min.js",
+        "text/javascript",
+        include_str!("../assets/vendor/uPlot-1.6.32.iife.min.js"),
+    ),
+    (
+        "uPlot.min.css",
+        "text/css",
+        include_str!("../assets/vendor/uPlot-1.6.32.min.css"),
+    ),
+    (
+        "app.js",
+        "text/javascript",
+        include_str!("../assets/app.js"),
+    ),
+    ("app.css", "text/css", include_str!("../assets/app.css")),
+];
+
+async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Response {
+    match ASSETS.iter().find(|(n, _, _)| *n == name) {
+        Some((_, ct, body)) => (
+            [
+                (header::CONTENT_TYPE, *ct),
+                (header::CACHE_CONTROL, "public, max-age=300"),
+            ],
+            *body,
+        )
+            .into_response(),
+        None => (axum::http::StatusCode::NOT_FOUND, "no such asset").into_response(),
+    }
+}
+
+/// Security headers on every dashboard answer: scripts only from here (no inline
+/// script: the CSP allows none), no framing, no referrer, and no caching of pages that
+/// show a tenant's objects.
+async fn headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let is_asset =
+        req.uri().path().starts_with("/ui/assets/") || req.uri().path().starts_with("/assets/");
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+             img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; \
+             form-action 'self'; base-uri 'none'; object-src 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    if !is_asset {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    res
+}
+
+/// The dashboard's routes, to be nested at `/ui`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/ui/hosts") }))
+        .route("/assets/{name}", get(asset))
+        .route("/login", get(session::login_page).post(session::login))
+        .route("/logout", post(session::logout))
+        .route("/hosts", get(hosts::page))
+        .route("/hosts/live", get(hosts::live))
+        .route("/hosts/maintenance", post(hosts::maintenance))
+        .route("/vms", get(vms::page).post(vms::create))
+        .route("/vms/live", get(vms::live))
+        .route("/vms/{id}", get(vms::show))
+        .route("/vms/{id}/live", get(vms::show_live))
+        .route("/vms/{id}/console", get(vms::console))
+        .route("/vms/{id}/migrate", post(vms::migrate))
+        .route("/vms/{id}/{verb}", post(vms::act))
+        .route("/migrations", get(migrations::page))
+        .route("/migrations/live", get(migrations::live))
+        .route("/migrations/curves.json", get(migrations::curves))
+        .route("/migrations/{id}", get(migrations::show))
+        .route("/migrations/{id}/live", get(migrations::show_live))
+        .route("/migrations/{id}/curve.json", get(migrations::curve_json))
+        .route("/operations", get(ops::page))
+        .route("/operations/live", get(ops::live))
+        .route("/ns", get(ns::page).post(ns::instantiate))
+        .route("/ns/live", get(ns::live))
+        .route("/ns/{id}/terminate", post(ns::terminate))
+        .layer(axum::middleware::from_fn(headers))
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn app() -> Router {
+        let store = Arc::new(store::testing::MemStore::new());
+        let state = AppState::new(store, &api::ServerConfig::default());
+        Router::new().nest("/ui", router(state))
+    }
+
+    async fn get(app: &Router, path: &str, cookie: Option<&str>) -> Response {
+        let mut req = Request::builder().uri(path);
+        if let Some(c) = cookie {
+            req = req.header(header::COOKIE, c);
+        }
+        app.clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pages_need_a_session_and_assets_do_not() {
+        let app = app();
+        for p in [
+            "/ui/hosts",
+            "/ui/vms",
+            "/ui/migrations",
+            "/ui/operations",
+            "/ui/ns",
+        ] {
+            let r = get(&app, p, None).await;
+            assert_eq!(r.status(), StatusCode::SEE_OTHER, "{p}");
+            assert_eq!(r.headers()[header::LOCATION], "/ui/login", "{p}");
+            let r = get(&app, p, Some("vinfra_ui=vinfra_nope")).await;
+            assert_eq!(r.status(), StatusCode::SEE_OTHER, "{p}");
+        }
+        let r = get(&app, "/ui/assets/htmx.min.js", None).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'"));
+        assert_eq!(
+            get(&app, "/ui/assets/nope.js", None).await.status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(get(&app, "/ui/login", None).await.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn flash_messages_are_encoded() {
+        assert_eq!(percent("a b/é"), "a%20b%2F%C3%A9");
+    }
+}

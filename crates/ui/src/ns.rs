@@ -1,0 +1,285 @@
+//! Network services: each NS instance as a topology (its VNFs per site, its links with
+//! their states), instantiate from a stored NSD, terminate.
+
+use std::collections::{BTreeMap, HashMap};
+
+use api::{ApiError, AppState};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use maud::{html, Markup};
+use model::api::{CreateNsInstance, NsInstanceRecord, SiteSpec, StoredDescriptor};
+use model::Role;
+
+use crate::layout::{self, badge, field, form_error, wire, FormError};
+use crate::session::{check_origin, Session};
+use crate::{done, val, Fields, Posted};
+
+async fn load(state: &AppState, s: &Session) -> Result<Vec<NsInstanceRecord>, ApiError> {
+    api::ns::list_for(state, &s.caller).await
+}
+
+async fn nsds(state: &AppState, s: &Session) -> Result<Vec<StoredDescriptor>, ApiError> {
+    Ok(state
+        .control()
+        .descriptors(s.caller.scope()?, "nsd")
+        .await?)
+}
+
+fn link_text(l: &serde_json::Value, k: &str) -> String {
+    l[k].as_str().unwrap_or("?").to_owned()
+}
+
+fn topology(s: &Session, r: &NsInstanceRecord) -> Markup {
+    let mut by_site: BTreeMap<&str, Vec<&model::api::NsVnfStatus>> = BTreeMap::new();
+    for v in &r.vnfs {
+        by_site.entry(v.site.as_str()).or_default().push(v);
+    }
+    html! {
+        article.ns data-ns=(r.name) aria-labelledby={ "ns-" (r.name) } {
+            h3 id={ "ns-" (r.name) } { (r.name) " " span.muted { "(" (r.nsd) ")" } " " (badge(&wire(&r.state))) }
+            @if let Some(e) = &r.error { p.error { (e) } }
+            div.sites {
+                @for (site, vnfs) in &by_site {
+                    section.site aria-label={ "site " (site) } {
+                        h4 { "site " (site) }
+                        ul {
+                            @for v in vnfs {
+                                li data-vnf=(v.vnf) { (v.vnf) " " (badge(&v.state)) }
+                            }
+                        }
+                    }
+                }
+            }
+            @if !r.links.is_empty() {
+                table.links {
+                    caption { "Links" }
+                    thead { tr { th scope="col" { "Link" } th scope="col" { "Between" } th scope="col" { "State" } } }
+                    tbody {
+                        @for l in &r.links {
+                            @let st = l["state"]["state"].as_str().unwrap_or("?");
+                            tr data-link=(link_text(l, "link")) {
+                                th scope="row" { (link_text(l, "link")) }
+                                td { (link_text(l, "second_vnf")) "/" (link_text(l, "second_cp")) " → "
+                                     (link_text(l, "first_vnf")) "/" (link_text(l, "first_cp")) }
+                                td.state { (badge(st))
+                                    @if let Some(why) = l["state"]["reason"].as_str() { br; span.error { (why) } } }
+                            }
+                        }
+                    }
+                }
+            }
+            form.inline method="post" action={ "/ui/ns/" (r.id) "/terminate" } {
+                (layout::csrf(s))
+                button type="submit" aria-label={ "Terminate " (r.name) } { "Terminate" }
+            }
+        }
+    }
+}
+
+fn list(s: &Session, recs: &[NsInstanceRecord]) -> Markup {
+    html! {
+        @if recs.is_empty() { p { "No network service instances." } }
+        @for r in recs { (topology(s, r)) }
+    }
+}
+
+const FIELDS: [&str; 3] = ["name", "nsd", "sites"];
+
+/// `site-a=vinfra:host-a` lines (or commas) into sites, as `vinfra ns instantiate
+/// --site-map` reads them.
+fn parse_sites(text: &str) -> Result<BTreeMap<String, SiteSpec>, ApiError> {
+    let bad = |m: String| ApiError::Unprocessable(format!("sites: {m}"));
+    let mut out = BTreeMap::new();
+    for item in text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (name, spec) = item.split_once('=').ok_or_else(|| {
+            bad(format!(
+                "'{item}': expected NAME=vinfra[:HOST] or NAME=libvirt:URI:WORK_DIR"
+            ))
+        })?;
+        let spec = match spec.split_once(':') {
+            None if spec == "vinfra" => SiteSpec::Vinfra { host: None },
+            Some(("vinfra", host)) => SiteSpec::Vinfra {
+                host: Some(host.to_owned()),
+            },
+            Some(("libvirt", rest)) => {
+                let (uri, work_dir) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| bad(format!("'{item}': libvirt needs URI:WORK_DIR")))?;
+                SiteSpec::Libvirt {
+                    uri: uri.to_owned(),
+                    work_dir: work_dir.to_owned(),
+                }
+            }
+            _ => {
+                return Err(bad(format!(
+                    "'{item}': unknown site driver (vinfra, libvirt)"
+                )))
+            }
+        };
+        out.insert(name.trim().to_owned(), spec);
+    }
+    if out.is_empty() {
+        return Err(bad("name at least one site".to_owned()));
+    }
+    Ok(out)
+}
+
+fn render(
+    s: &Session,
+    recs: &[NsInstanceRecord],
+    nsds: &[StoredDescriptor],
+    flash: Option<&str>,
+    err: Option<&FormError>,
+    values: &Fields,
+) -> Markup {
+    let body = html! {
+        (form_error(err, "terminate"))
+        (layout::live("ns-live", "/ui/ns/live", "network services", list(s, recs)))
+        section aria-labelledby="inst-h" {
+            h2 #inst-h { "Instantiate" }
+            form.card #ns-form method="post" action="/ui/ns" {
+                (layout::csrf(s))
+                (form_error(err, "instantiate"))
+                (field(err, "nsd", "NSD", html! {
+                    select #nsd name="nsd" aria-describedby="nsd-error" {
+                        @for d in nsds {
+                            option value=(d.id) selected[d.id == val(values, "nsd")] { (d.id) }
+                        }
+                    }
+                }))
+                (field(err, "name", "Instance name", html! {
+                    input #name name="name" required value=(val(values, "name")) aria-describedby="name-error";
+                }))
+                (field(err, "sites", "Sites (NAME=vinfra:HOST, one a line)", html! {
+                    textarea #sites name="sites" rows="2" aria-describedby="sites-error" { (val(values, "sites")) }
+                }))
+                div.actions { button type="submit" { "Instantiate" } }
+            }
+        }
+    };
+    layout::page(s, "/ui/ns", "Network services", flash, body)
+}
+
+async fn render_with(
+    state: &AppState,
+    s: &Session,
+    flash: Option<&str>,
+    err: Option<(&FormError, axum::http::StatusCode)>,
+    values: &Fields,
+) -> Response {
+    let r = async { Ok::<_, ApiError>((load(state, s).await?, nsds(state, s).await?)) }.await;
+    match r {
+        Ok((recs, ds)) => {
+            let page = render(s, &recs, &ds, flash, err.map(|e| e.0), values);
+            match err {
+                Some((_, status)) => (status, page).into_response(),
+                None => page.into_response(),
+            }
+        }
+        Err(e) => layout::error_page(&e),
+    }
+}
+
+/// `GET /ui/ns`.
+pub(crate) async fn page(
+    State(state): State<AppState>,
+    s: Session,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    render_with(
+        &state,
+        &s,
+        q.get("done").map(String::as_str),
+        None,
+        &Fields::new(),
+    )
+    .await
+}
+
+/// `GET /ui/ns/live`.
+pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
+    match load(&state, &s).await {
+        Ok(recs) => list(&s, &recs).into_response(),
+        Err(e) => layout::error_page(&e),
+    }
+}
+
+/// `POST /ui/ns`: instantiate.
+pub(crate) async fn instantiate(
+    State(state): State<AppState>,
+    s: Session,
+    headers: HeaderMap,
+    Posted(form): Posted,
+) -> Response {
+    let r: Result<NsInstanceRecord, ApiError> = async {
+        check_origin(&headers)?;
+        s.check_post(&state, &form).await?;
+        s.caller.require(
+            &[Role::Admin, Role::Member],
+            "instantiating a network service",
+        )?;
+        let body = CreateNsInstance {
+            name: val(&form, "name").trim().to_owned(),
+            nsd: val(&form, "nsd").trim().to_owned(),
+            sites: parse_sites(val(&form, "sites"))?,
+            endpoints: BTreeMap::new(),
+            link_deadline_ms: None,
+        };
+        api::ns::instantiate(&state, &s.caller, &s.token, body).await
+    }
+    .await;
+    match r {
+        Ok(rec) => done("/ui/ns", &format!("instantiating {}", rec.name)),
+        Err(e) => {
+            let fe = FormError::from_api("instantiate", &e, &FIELDS);
+            render_with(&state, &s, None, Some((&fe, e.status().0)), &form).await
+        }
+    }
+}
+
+/// `POST /ui/ns/{id}/terminate`.
+pub(crate) async fn terminate(
+    State(state): State<AppState>,
+    s: Session,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Posted(form): Posted,
+) -> Response {
+    let r: Result<NsInstanceRecord, ApiError> = async {
+        check_origin(&headers)?;
+        s.check_post(&state, &form).await?;
+        api::ns::terminate(&state, &s.caller, &s.token, &id).await
+    }
+    .await;
+    match r {
+        Ok(rec) => done("/ui/ns", &format!("terminating {}", rec.name)),
+        Err(e) => {
+            let fe = FormError::from_api("terminate", &e, &[]);
+            render_with(&state, &s, None, Some((&fe, e.status().0)), &Fields::new()).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_maps_parse_like_the_cli() {
+        let s = parse_sites("site-a=vinfra:host-a\nsite-b=vinfra:host-c").unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(matches!(&s["site-a"], SiteSpec::Vinfra { host: Some(h) } if h == "host-a"));
+        let e = parse_sites("site-a").unwrap_err();
+        assert!(
+            e.to_string().starts_with("sites: 'site-a': expected"),
+            "{e}"
+        );
+        assert!(parse_sites(" ").is_err());
+        assert!(parse_sites("a=k8s:x").is_err());
+    }
+}
