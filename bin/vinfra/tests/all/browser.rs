@@ -13,7 +13,7 @@ use test_utils::ChildGuard;
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// How long waits for the page to show something last.
-pub const WAIT: Duration = Duration::from_secs(60);
+pub const WAIT: Duration = Duration::from_secs(120);
 
 pub struct Browser {
     http: reqwest::Client,

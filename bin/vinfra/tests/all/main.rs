@@ -30,6 +30,7 @@ mod tls;
 mod tokens;
 mod traffic;
 mod ui;
+mod ui_qemu;
 mod up_sim;
 mod v2x;
 mod vm_lifecycle;

@@ -158,7 +158,7 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     })
     .await
     .expect("the hit-ratio curve is plotted");
-    b.screenshot("migration").await;
+    b.screenshot("migration-sim").await;
     b.goto(&format!("{}/ui/migrations", s.url)).await;
     b.wait_for_text("#migrations-table tbody", "completed")
         .await;
@@ -172,7 +172,7 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     })
     .await
     .expect("the migrations page plots the completed curve");
-    b.screenshot("migrations").await;
+    b.screenshot("migrations-sim").await;
     let vm = s.admin().get_vm("web-1").await.unwrap();
     assert_eq!(vm.host.as_str(), "host-b");
 
