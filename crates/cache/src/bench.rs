@@ -712,6 +712,88 @@ const LOOKAHEAD: usize = 16;
 /// Bound on look-ahead blocks waiting for the link (the oldest guesses go first).
 const LANE_MAX: usize = 256;
 
+/// The destination's background fetcher on the peer link: blocks to fetch again first
+/// (pre-copy's dirty list), then look-ahead guesses, then the static plan.
+struct Prefetcher<'p> {
+    plan: &'p [BlockIdx],
+    next: usize,
+    refetch: VecDeque<u64>,
+    lane: VecDeque<u64>,
+    lane_set: HashSet<u64>,
+    inflight: VecDeque<(u64, f64, u64)>,
+    inflight_set: HashMap<u64, f64>,
+    peer_free: f64,
+    peer_bytes: u64,
+    /// Transfer time, latency (s) and size of one block on the peer link.
+    xfer: f64,
+    latency: f64,
+    bs: u64,
+}
+
+impl Prefetcher<'_> {
+    /// Installs the fills completed by `now` whose generation no write moved on, then
+    /// uses the link whenever it was idle before `now` (never before `not_before`).
+    fn pump(
+        &mut self,
+        now: f64,
+        not_before: f64,
+        dest: &mut SimCache,
+        gens: &HashMap<u64, u64>,
+        usable: &dyn Fn(u64) -> bool,
+    ) {
+        while self.inflight.front().is_some_and(|f| f.1 <= now) {
+            if let Some((b, _, g)) = self.inflight.pop_front() {
+                self.inflight_set.remove(&b);
+                if gens.get(&b).copied().unwrap_or(0) == g {
+                    dest.insert(b);
+                }
+            }
+        }
+        while self.peer_free <= now {
+            let b = if let Some(b) = self.refetch.pop_front() {
+                b
+            } else if let Some(b) = self.lane.pop_front() {
+                self.lane_set.remove(&b);
+                b
+            } else if self.next < self.plan.len() {
+                self.next += 1;
+                self.plan[self.next - 1].0
+            } else {
+                break;
+            };
+            if dest.map.contains_key(&b) || !usable(b) || self.inflight_set.contains_key(&b) {
+                continue;
+            }
+            let start = self.peer_free.max(not_before);
+            self.peer_free = start + self.xfer;
+            let done = self.peer_free + self.latency;
+            self.inflight
+                .push_back((b, done, gens.get(&b).copied().unwrap_or(0)));
+            self.inflight_set.insert(b, done);
+            self.peer_bytes += self.bs;
+        }
+    }
+
+    /// After a guest read: queue what the access pattern says comes next.
+    fn follow(&mut self, dest: &SimCache, total_blocks: u64, useful: &dyn Fn(u64) -> bool) {
+        for a in lookahead(&dest.pattern, LOOKAHEAD, total_blocks) {
+            let a = a.0;
+            if useful(a) && !self.inflight_set.contains_key(&a) && self.lane_set.insert(a) {
+                self.lane.push_back(a);
+                if self.lane.len() > LANE_MAX {
+                    if let Some(old) = self.lane.pop_front() {
+                        self.lane_set.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Called before each request the guest makes on the source: (time, the source's cache,
+/// the block generations).
+type OnSourceStep<'a> = dyn FnMut(f64, &SimCache, &HashMap<u64, u64>) + 'a;
+
 /// One strategy on the destination, with or without cache pre-copy. Times are in seconds
 /// from the migration start.
 ///
@@ -737,11 +819,9 @@ fn simulate(
     // The pattern strategies also follow the VM as it moves (see `plan::lookahead`).
     let follow = matches!(strategy, Strategy::Pattern | Strategy::HeatPattern);
     let precopy = precopy && strategy.uses_peer() && strategy != Strategy::FullCopy;
-    let mut lane: VecDeque<u64> = VecDeque::new();
-    let mut lane_set: HashSet<u64> = HashSet::new();
     let bs = u64::from(opts.block_size.max(512));
-    let (p_xfer, o_xfer) = (opts.peer.xfer_s(bs), opts.origin.xfer_s(bs));
-    let (p_lat, o_lat) = (opts.peer.latency_us / 1e6, opts.origin.latency_us / 1e6);
+    let o_xfer = opts.origin.xfer_s(bs);
+    let o_lat = opts.origin.latency_us / 1e6;
     let plan_of = |c: &SimCache| {
         let have: BlockSet = c.map.keys().map(|b| BlockIdx(*b)).collect();
         let plan = plan_fetch(
@@ -754,177 +834,103 @@ fn simulate(
         );
         (plan, have)
     };
+    let mem = opts.memory_copy_s.max(0.0);
 
-    // The source runs the guest until switch-over.
+    // The source runs the guest until switch-over; without pre-copy the plan is made then.
     let mut src = at_start.clone();
-    let mut dest = SimCache::new(opts.cache_blocks);
-    dest.heat = at_start.heat.clone();
-    dest.pattern = at_start.pattern.clone();
-    dest.tick = at_start.tick;
+    let mut i = 0usize;
     let mut gens: HashMap<u64, u64> = HashMap::new();
     let mut dirty: HashSet<u64> = HashSet::new();
-    let (mut peer_free, mut origin_free) = (0.0f64, 0.0f64);
-    let (mut peer_bytes, mut origin_bytes) = (0u64, 0u64);
-    let mut inflight: VecDeque<(u64, f64, u64)> = VecDeque::new();
-    let mut inflight_set: HashMap<u64, f64> = HashMap::new();
     let mut reads: Vec<(f64, bool)> = Vec::with_capacity(twin.reads.len());
     // Per read request, in order (aligned with `twin.stalls`): (time, stall seconds).
     let mut stalls: Vec<(f64, f64)> = Vec::with_capacity(twin.stalls.len());
-
-    // Completed fills are installed if no write raced them; then the prefetcher uses the
-    // peer link whenever it was idle before `now`, look-ahead guesses before the plan.
-    #[allow(clippy::too_many_arguments)]
-    fn pump(
-        now: f64,
-        not_before: f64,
-        dest: &mut SimCache,
-        queue: &[BlockIdx],
-        next: &mut usize,
-        lane: &mut VecDeque<u64>,
-        lane_set: &mut HashSet<u64>,
-        inflight: &mut VecDeque<(u64, f64, u64)>,
-        inflight_set: &mut HashMap<u64, f64>,
-        gens: &HashMap<u64, u64>,
-        usable: &dyn Fn(u64) -> bool,
-        peer_free: &mut f64,
-        (p_xfer, p_lat, bs): (f64, f64, u64),
-        peer_bytes: &mut u64,
-    ) {
-        while inflight.front().is_some_and(|f| f.1 <= now) {
-            if let Some((b, _, g)) = inflight.pop_front() {
-                inflight_set.remove(&b);
-                if gens.get(&b).copied().unwrap_or(0) == g {
-                    dest.insert(b);
+    // The guest on the source until `until`: what the twin sees (same cache, same
+    // requests), every write on the dirty list.
+    let mut on_source =
+        |until: f64, src: &mut SimCache, i: &mut usize, mut each: Option<&mut OnSourceStep<'_>>| {
+            while *i < rest.len() && secs(rest[*i].time_us - t0) < until {
+                let r = &rest[*i];
+                let t = secs(r.time_us - t0);
+                if let Some(f) = each.as_mut() {
+                    f(t, src, &gens);
                 }
+                if r.op == Op::Read {
+                    for (b, _) in blocks_of(r, bs) {
+                        let hit = src.touch(b);
+                        if !hit {
+                            src.insert(b);
+                        }
+                        reads.push((t, hit));
+                    }
+                    let same = twin.stalls.get(stalls.len()).copied().unwrap_or(0.0);
+                    stalls.push((t, same));
+                } else {
+                    for (b, _) in blocks_of(r, bs) {
+                        *gens.entry(b).or_insert(0) += 1;
+                        dirty.insert(b);
+                    }
+                    src.apply(r, bs);
+                }
+                *i += 1;
             }
-        }
-        while (*next < queue.len() || !lane.is_empty()) && *peer_free <= now {
-            let b = if let Some(b) = lane.pop_front() {
-                lane_set.remove(&b);
-                b
-            } else {
-                *next += 1;
-                queue[*next - 1].0
-            };
-            if dest.map.contains_key(&b) || !usable(b) || inflight_set.contains_key(&b) {
-                continue;
-            }
-            let start = peer_free.max(not_before);
-            *peer_free = start + p_xfer;
-            let done = *peer_free + p_lat;
-            inflight.push_back((b, done, gens.get(&b).copied().unwrap_or(0)));
-            inflight_set.insert(b, done);
-            *peer_bytes += bs;
-        }
-    }
-
-    let mem = opts.memory_copy_s.max(0.0);
-    let mut i = 0usize;
-    let mut next = 0usize;
-    let (mut plan, mut have) = if precopy {
+        };
+    let (plan, mut have) = if precopy {
         plan_of(at_start)
     } else {
         (Vec::new(), BlockSet::default())
     };
-    // The guest on the source, until `until`: what the twin sees (same cache, same
-    // requests); with pre-copy the prefetcher fills the destination meanwhile.
-    let mut on_source = |until: f64,
-                         src: &mut SimCache,
-                         dest: &mut SimCache,
-                         plan: &[BlockIdx],
-                         next: &mut usize,
-                         i: &mut usize,
-                         pump_on: bool| {
-        while *i < rest.len() && secs(rest[*i].time_us - t0) < until {
-            let r = &rest[*i];
-            let t = secs(r.time_us - t0);
-            if pump_on {
-                let live = |b: u64| src.map.contains_key(&b);
-                pump(
-                    t,
-                    0.0,
-                    dest,
-                    plan,
-                    next,
-                    &mut lane,
-                    &mut lane_set,
-                    &mut inflight,
-                    &mut inflight_set,
-                    &gens,
-                    &live,
-                    &mut peer_free,
-                    (p_xfer, p_lat, bs),
-                    &mut peer_bytes,
-                );
-            }
-            if r.op == Op::Read {
-                for (b, _) in blocks_of(r, bs) {
-                    let hit = src.touch(b);
-                    if !hit {
-                        src.insert(b);
-                    }
-                    reads.push((t, hit));
-                }
-                let same = twin.stalls.get(stalls.len()).copied().unwrap_or(0.0);
-                stalls.push((t, same));
-            } else {
-                for (b, _) in blocks_of(r, bs) {
-                    *gens.entry(b).or_insert(0) += 1;
-                    dirty.insert(b);
-                }
-                src.apply(r, bs);
-            }
-            *i += 1;
-        }
+    let mut dest = SimCache::new(opts.cache_blocks);
+    dest.heat = at_start.heat.clone();
+    dest.pattern = at_start.pattern.clone();
+    dest.tick = at_start.tick;
+    let mut pf = Prefetcher {
+        plan: &plan,
+        next: 0,
+        refetch: VecDeque::new(),
+        lane: VecDeque::new(),
+        lane_set: HashSet::new(),
+        inflight: VecDeque::new(),
+        inflight_set: HashMap::new(),
+        peer_free: 0.0,
+        peer_bytes: 0,
+        xfer: opts.peer.xfer_s(bs),
+        latency: opts.peer.latency_us / 1e6,
+        bs,
     };
-    on_source(mem, &mut src, &mut dest, &plan, &mut next, &mut i, precopy);
-    let mut switchover = mem;
-    if !precopy {
-        (plan, have) = plan_of(&src);
+    if precopy {
+        // Pre-copy: the plan goes over the peer link while memory moves.
+        let mut fill = |t: f64, src: &SimCache, gens: &HashMap<u64, u64>| {
+            pf.pump(t, 0.0, &mut dest, gens, &|b| src.map.contains_key(&b));
+        };
+        on_source(mem, &mut src, &mut i, Some(&mut fill));
+    } else {
+        on_source(mem, &mut src, &mut i, None);
     }
-    let planned_blocks = plan.len() as u64;
-    let mut queue: &[BlockIdx] = &plan;
+    let mut switchover = mem;
+    let late_plan;
+    if !precopy {
+        (late_plan, have) = plan_of(&src);
+        pf.plan = &late_plan;
+    }
+    let planned_blocks = pf.plan.len() as u64;
     if strategy == Strategy::FullCopy {
         // The whole plan crosses the peer link before the VM switches over; at switch-over
         // the destination holds what the source holds then (writes during the copy are
         // sent again, as dirty tracking would).
         #[allow(clippy::cast_precision_loss)]
-        let n = plan.len() as f64;
-        switchover = mem + n * p_xfer + p_lat;
-        on_source(
-            switchover,
-            &mut src,
-            &mut dest,
-            &[],
-            &mut next,
-            &mut i,
-            false,
-        );
-        peer_bytes += plan.len() as u64 * bs;
+        let n = pf.plan.len() as f64;
+        switchover = mem + n * pf.xfer + pf.latency;
+        on_source(switchover, &mut src, &mut i, None);
+        pf.peer_bytes += pf.plan.len() as u64 * bs;
+        pf.next = pf.plan.len();
         dest = src.clone();
         have = src.map.keys().map(|b| BlockIdx(*b)).collect();
-        queue = &[];
     } else {
         if precopy {
             // Fills done by now land; then the dirty list: written blocks leave the
             // destination, fills of them in flight are void (their generation moved on),
             // and the source's fresh copies are fetched first.
-            pump(
-                switchover,
-                0.0,
-                &mut dest,
-                &[],
-                &mut 0,
-                &mut VecDeque::new(),
-                &mut HashSet::new(),
-                &mut inflight,
-                &mut inflight_set,
-                &gens,
-                &|_| false,
-                &mut peer_free,
-                (p_xfer, p_lat, bs),
-                &mut peer_bytes,
-            );
+            pf.pump(switchover, 0.0, &mut dest, &gens, &|_| false);
             let mut dropped: Vec<u64> = dirty.iter().copied().collect();
             dropped.sort_unstable();
             for b in dropped {
@@ -932,8 +938,8 @@ fn simulate(
                     dest.slots[slot] = None;
                     dest.free.push(slot);
                 }
-                if src.map.contains_key(&b) && lane_set.insert(b) {
-                    lane.push_front(b);
+                if src.map.contains_key(&b) {
+                    pf.refetch.push_back(b);
                 }
             }
             have = src.map.keys().map(|b| BlockIdx(*b)).collect();
@@ -944,29 +950,15 @@ fn simulate(
         dest.tick = src.tick;
     }
 
-    let peer_has = |b: u64| have.contains(&BlockIdx(b));
+    let mut origin_free = 0.0f64;
+    let mut origin_bytes = 0u64;
     let mut peer_stale: HashSet<u64> = HashSet::new();
     let mut early_lat: Vec<f64> = Vec::new();
     let mut early_misses = 0u64;
     for r in &rest[i..] {
         let t = secs(r.time_us - t0);
-        let usable = |b: u64| peer_has(b) && !peer_stale.contains(&b);
-        pump(
-            t,
-            switchover,
-            &mut dest,
-            queue,
-            &mut next,
-            &mut lane,
-            &mut lane_set,
-            &mut inflight,
-            &mut inflight_set,
-            &gens,
-            &usable,
-            &mut peer_free,
-            (p_xfer, p_lat, bs),
-            &mut peer_bytes,
-        );
+        let usable = |b: u64| have.contains(&BlockIdx(b)) && !peer_stale.contains(&b);
+        pf.pump(t, switchover, &mut dest, &gens, &usable);
         let early = t - switchover < opts.early_s;
         let mut req_lat: f64 = 0.0;
         for (b, full) in blocks_of(r, bs) {
@@ -983,19 +975,12 @@ fn simulate(
             let hit = dest.touch(b);
             reads.push((t, hit));
             if follow {
-                for a in lookahead(&dest.pattern, LOOKAHEAD, total_blocks) {
-                    let a = a.0;
-                    let useful =
-                        peer_has(a) && !peer_stale.contains(&a) && !dest.map.contains_key(&a);
-                    if useful && !inflight_set.contains_key(&a) && lane_set.insert(a) {
-                        lane.push_back(a);
-                        if lane.len() > LANE_MAX {
-                            if let Some(old) = lane.pop_front() {
-                                lane_set.remove(&old);
-                            }
-                        }
-                    }
-                }
+                let useful = |a: u64| {
+                    have.contains(&BlockIdx(a))
+                        && !peer_stale.contains(&a)
+                        && !dest.map.contains_key(&a)
+                };
+                pf.follow(&dest, total_blocks, &useful);
             }
             let lat = if hit {
                 opts.hit_latency_us / 1e6
@@ -1003,15 +988,18 @@ fn simulate(
                 if early {
                     early_misses += 1;
                 }
-                if let Some(done) = inflight_set.get(&b) {
+                if let Some(done) = pf.inflight_set.get(&b) {
                     // A prefetch is bringing it: wait for that, not a second fetch.
                     (done - t).max(0.0)
-                } else if strategy.uses_peer() && peer_has(b) && !peer_stale.contains(&b) {
-                    let start = peer_free.max(t);
-                    peer_free = start + p_xfer;
-                    peer_bytes += bs;
+                } else if strategy.uses_peer()
+                    && have.contains(&BlockIdx(b))
+                    && !peer_stale.contains(&b)
+                {
+                    let start = pf.peer_free.max(t);
+                    pf.peer_free = start + pf.xfer;
+                    pf.peer_bytes += bs;
                     dest.insert(b);
-                    peer_free - t + p_lat
+                    pf.peer_free - t + pf.latency
                 } else {
                     let start = origin_free.max(t);
                     origin_free = start + o_xfer;
@@ -1051,7 +1039,7 @@ fn simulate(
         switchover_s: switchover,
         misses_first_10s: early_misses,
         origin_bytes,
-        peer_bytes,
+        peer_bytes: pf.peer_bytes,
         twin_origin_bytes: 0,
         read_p50_us: percentile(&mut early_lat, 0.5),
         read_p99_us: percentile(&mut early_lat, 0.99),

@@ -202,6 +202,8 @@ struct Node {
     cost: f64,
     depth: u32,
     prob: f64,
+    /// The least likely step on the path so far (1 at a start point).
+    step: f64,
     run: u64,
     scale: f64,
     /// Cost of the start point this path began at (how long ago its stream was active).
@@ -229,9 +231,12 @@ fn pattern_costs(
     cursor: Option<BlockIdx>,
     total_blocks: u64,
 ) -> HashMap<BlockIdx, f64> {
-    walk(pattern, cursor, total_blocks, MAX_WALK)
+    // Only the cursor and the live streams: a block read just before switch-over is no
+    // likelier than its heat says to be read again soon (the heat map has it), and
+    // pricing it as imminent put useless fetches first on random workloads.
+    walk(pattern, cursor, total_blocks, MAX_WALK, 0)
         .into_iter()
-        .map(|(b, c, _)| (b, c))
+        .map(|(b, c, _, _)| (b, c))
         .collect()
 }
 
@@ -244,14 +249,21 @@ fn pattern_costs(
 /// further out would displace cached blocks for data that may never be read.
 pub fn lookahead(pattern: &AccessPattern, k: usize, total_blocks: u64) -> Vec<BlockIdx> {
     let limit = k + START_POINTS + crate::pattern::STREAMS + 1;
-    walk(pattern, pattern.cursor(), total_blocks, limit)
+    walk(pattern, pattern.cursor(), total_blocks, limit, START_POINTS)
         .into_iter()
         // Start points (the cursor, recent blocks, stream heads) were read already.
-        .filter(|(_, cost, depth)| *depth > 0 && *cost <= LOOKAHEAD_HORIZON)
-        .map(|(b, _, _)| b)
+        .filter(|(_, cost, depth, step)| {
+            *depth > 0 && *cost <= LOOKAHEAD_HORIZON && *step >= MIN_GUESS_PROB
+        })
+        .map(|(b, _, _, _)| b)
         .take(k)
         .collect()
 }
+
+/// Every step on a look-ahead guess's path must be more likely than not: fetching one of
+/// several possible children (a B-tree node's) ahead of the static plan takes the link
+/// from blocks the heat map ranks surer, while a scan's next blocks qualify however far.
+pub const MIN_GUESS_PROB: f64 = 0.5;
 
 /// Best-first walk; returns up to `limit` blocks with their costs and depths, cheapest first.
 fn walk(
@@ -259,7 +271,8 @@ fn walk(
     cursor: Option<BlockIdx>,
     total_blocks: u64,
     limit: usize,
-) -> Vec<(BlockIdx, f64, u32)> {
+    start_points: usize,
+) -> Vec<(BlockIdx, f64, u32, f64)> {
     let scale = pattern.accesses_per_transition();
     let now = pattern.accesses();
     let mut heap = BinaryHeap::new();
@@ -268,7 +281,7 @@ fn walk(
         pattern
             .recent()
             .filter(|b| Some(*b) != cursor)
-            .take(START_POINTS),
+            .take(start_points),
     );
     for (rank, b) in starts.into_iter().enumerate() {
         // The i-th most recent block: the VM is likely still near it, less so the older it is.
@@ -280,6 +293,7 @@ fn walk(
             cost: base,
             depth: 0,
             prob,
+            step: 1.0,
             run,
             scale,
             base,
@@ -301,6 +315,7 @@ fn walk(
             cost: idle,
             depth: 0,
             prob,
+            step: 1.0,
             run: st.run,
             scale: spacing,
             base: idle,
@@ -308,7 +323,7 @@ fn walk(
         });
     }
     let mut done: HashMap<BlockIdx, f64> = HashMap::new();
-    let mut order: Vec<(BlockIdx, f64, u32)> = Vec::new();
+    let mut order: Vec<(BlockIdx, f64, u32, f64)> = Vec::new();
     while let Some(n) = heap.pop() {
         if done.len() >= limit {
             break;
@@ -317,11 +332,12 @@ fn walk(
             continue;
         }
         done.insert(n.block, n.cost);
-        order.push((n.block, n.cost, n.depth));
+        order.push((n.block, n.cost, n.depth, n.step));
         let depth = n.depth + 1;
         let next = n.block.0.checked_add(1).map(BlockIdx);
         let mut push = |b: BlockIdx, p: f64| {
             let prob = n.prob * p;
+            let step = n.step.min(p);
             if b.0 < total_blocks && prob > 1e-9 && !done.contains_key(&b) {
                 let cost = n.base + f64::from(depth) / prob * n.scale;
                 let run = if Some(b) == next {
@@ -333,6 +349,7 @@ fn walk(
                     cost,
                     depth,
                     prob,
+                    step,
                     run,
                     scale: n.scale,
                     base: n.base,
