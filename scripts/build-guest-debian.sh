@@ -18,15 +18,17 @@
 # The Rust side (compute::guest) embeds this file and runs it with `bash -s OUTDIR`.
 #
 # Environment knobs:
-#   DISK_MIB=1024                size of the root file system image (sparse)
-#   PGBENCH_SCALE=4              pgbench scale factor of the database in the image (~60 MiB)
+#   DISK_MIB=1536                size of the root file system image (sparse)
+#   PGBENCH_SCALE=20             pgbench scale factor of the database in the image (~300 MiB:
+#                                more than the guest's page cache at 256 MiB of RAM, so that
+#                                pgbench reads reach the disk and its block cache)
 #   DEBIAN_MIRROR=               default: the host's Debian mirror (/etc/apt), else deb.debian.org
 #   GUEST_BUILDER_SHA256=        recorded in the manifest (see build-guest.sh)
 set -euo pipefail
 
 OUT=${1:?usage: build-guest-debian.sh OUTDIR}
-DISK_MIB=${DISK_MIB:-1024}
-SCALE=${PGBENCH_SCALE:-4}
+DISK_MIB=${DISK_MIB:-1536}
+SCALE=${PGBENCH_SCALE:-20}
 BUILDER_SHA=${GUEST_BUILDER_SHA256:-unknown}
 SUITE=bookworm
 # systemd.show_status=0: only the workload's lines on the console, not a line per unit.

@@ -33,7 +33,7 @@ async fn migrates_the_debian_guest_running_postgresql_under_pgbench() {
             name: "pg".into(),
             image: "debian".into(),
             vcpus: 1,
-            memory_mib: 512,
+            memory_mib: 256,
             host: Some("host-a".into()),
             kernel_args: Some(format!(
                 "vinfra.workload=pgbench vinfra.pgbench_secs={PGBENCH_SECS}"
