@@ -31,7 +31,7 @@ pub enum GuestKind {
     /// The busybox guest with a disk loop (~10 MiB, boots in seconds under TCG).
     Default,
     /// Debian bookworm with systemd, PostgreSQL 15 + pgbench and fio on an ext4 root
-    /// (1 GiB sparse disk, ~0.5 GiB used; READY in ~15 s under TCG).
+    /// (1.5 GiB sparse disk, ~0.75 GiB used; READY in ~15 s under TCG).
     Debian,
 }
 
