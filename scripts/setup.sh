@@ -32,7 +32,7 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
   $SUDO chmod +x /usr/sbin/policy-rc.d
 fi
 
-BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc virsh libvirtd virtlogd nft clang bpftool tc nfcapd nfdump chromium chromedriver"
+BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc virsh libvirtd virtlogd nft clang bpftool tc nfcapd nfdump chromium chromedriver mmdebstrap depmod mkfs.ext4"
 if need $BINS && [ -x /bin/busybox ] && busybox --list | grep -qx cpio; then
   echo "setup: all packages present"
 else
@@ -56,6 +56,9 @@ else
   $SUDO apt-get install -y -qq --no-install-recommends \
     busybox-static nbdkit libnbd-bin fio socat etcd-server etcd-client iproute2 iputils-ping \
     xz-utils cpio gzip protobuf-compiler nftables >/dev/null
+  # The Debian guest image (scripts/build-guest-debian.sh): mmdebstrap makes its root file
+  # system, kmod's depmod the kernel's module list, e2fsprogs the ext4 image.
+  $SUDO apt-get install -y -qq --no-install-recommends mmdebstrap kmod e2fsprogs >/dev/null
   # The in-kernel traffic classifier: clang compiles it (net's build.rs, with libbpf-dev's
   # headers), bpftool loads it and reads its maps, tc attaches it; nfdump's nfcapd is the
   # IPFIX collector of the traffic tests.

@@ -3,8 +3,8 @@
 //! Owns: the `qemu` driver ([`qemu::QemuDriver`]: QEMU processes, their QMP connections,
 //! adoption after an agent restart, live migration, terminal operations), the `sim` driver
 //! ([`sim::SimDriver`]: the same contract without a hypervisor, for tests and for trying the
-//! control plane with many hosts), the QMP client ([`qmp`]), the default test guest image
-//! ([`guest`]), screenshot PNGs ([`png`]), and a stop-gap disk server
+//! control plane with many hosts), the QMP client ([`qmp`]), the Debian guest's workload lines ([`workload`]), the guest images
+//! ([`guest`]: the busybox default and the Debian one), screenshot PNGs ([`png`]), and a stop-gap disk server
 //! ([`disk::QemuNbdDisk`], qemu-nbd) until the block cache serves VM disks.
 //! Must not depend on: the control plane, the store, the API, the cache. The node agent
 //! calls us. (`nbd` only as a client: the simulated guest reads its disk over NBD; `model`
@@ -40,6 +40,7 @@ pub use proc::kill_qemus_under;
 pub mod qemu;
 pub mod qmp;
 pub mod sim;
+pub mod workload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,7 +50,9 @@ use model::terminal_ops::Operation;
 use serde::{Deserialize, Serialize};
 
 pub use disk::{prepare_vm_disk, DiskError, NbdListen, QemuNbdDisk};
-pub use guest::{default_cache_dir, ensure_default_image, GuestImage, GuestImageError};
+pub use guest::{
+    default_cache_dir, ensure_default_image, ensure_image, GuestImage, GuestImageError, GuestKind,
+};
 pub use qemu::QemuDriver;
 pub use qmp::{QmpClient, QmpError, QmpEvent};
 pub use sim::{SimConfig, SimDriver};

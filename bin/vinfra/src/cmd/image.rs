@@ -44,12 +44,18 @@ pub enum ImageCmd {
         #[command(flatten)]
         meta: ImageMeta,
     },
-    /// Build vinfra's guest image (a Debian kernel and a busybox initramfs whose
-    /// init runs a disk workload) and upload it.
+    /// Build one of vinfra's guest images offline from Debian packages (cached; rebuilt
+    /// when its builder changes) and upload it: `default` (a Debian kernel and a busybox
+    /// initramfs whose init runs a disk workload) or `debian` (systemd, PostgreSQL 15
+    /// with pgbench, and fio on an ext4 root; `vinfra.workload=pgbench|fio` on the
+    /// kernel command line, see docs/CACHE.md).
     Build {
-        /// Image name.
-        #[arg(default_value = DEFAULT_IMAGE)]
-        name: String,
+        /// Which image: default or debian.
+        #[arg(default_value = DEFAULT_IMAGE, value_parser = parse_kind)]
+        kind: compute::GuestKind,
+        /// Image name (default: the kind's name).
+        #[arg(long)]
+        name: Option<String>,
         /// Admin: the tenant that owns it (an admin's image is public otherwise).
         #[arg(long)]
         tenant: Option<String>,
@@ -156,10 +162,14 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<()> {
             req.disk_template = disk.map(|d| d.0);
             show(ctx, &c.create_image(&req).await?)
         }
-        ImageCmd::Build { name, tenant } => {
+        ImageCmd::Build { kind, name, tenant } => {
             // Built where the tests build it too (VINFRA_GUEST_CACHE or /var/cache/vinfra/guest).
-            let img = ensure_default(&compute::default_cache_dir()).await?;
-            show(ctx, &upload_guest(&c, &img, &name, tenant).await?)
+            let img = ensure(kind, &compute::default_cache_dir()).await?;
+            let name = name.unwrap_or_else(|| kind.name().to_owned());
+            let bar = progress::spinner(format!("uploading image {name}"));
+            let up = upload_guest(&c, &img, &name, tenant).await;
+            bar.finish_and_clear();
+            show(ctx, &up?)
         }
         ImageCmd::Delete { name } => {
             c.delete_image(&name).await?;
@@ -190,19 +200,31 @@ pub async fn run(ctx: &Ctx, cmd: ImageCmd) -> anyhow::Result<()> {
     }
 }
 
+fn parse_kind(s: &str) -> Result<compute::GuestKind, String> {
+    compute::GuestKind::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = compute::GuestKind::ALL.iter().map(|k| k.name()).collect();
+        format!("no guest image '{s}': one of {}", names.join(", "))
+    })
+}
+
 /// Builds the default guest image in `cache` or finds it there.
 pub async fn ensure_default(cache: &Path) -> anyhow::Result<GuestImage> {
+    ensure(compute::GuestKind::Default, cache).await
+}
+
+/// Builds the guest image of `kind` in `cache` or finds it there.
+pub async fn ensure(kind: compute::GuestKind, cache: &Path) -> anyhow::Result<GuestImage> {
     let cache = cache.to_owned();
-    let bar = progress::spinner("guest image");
+    let bar = progress::spinner(format!("guest image {kind}"));
     let bar2 = bar.clone();
     let img = tokio::task::spawn_blocking(move || {
-        compute::ensure_default_image(&cache, |line| {
-            bar2.set_message(format!("guest image: {line}"))
+        compute::ensure_image(kind, &cache, |line| {
+            bar2.set_message(format!("guest image {kind}: {line}"))
         })
     })
     .await
     .context("the image builder panicked")?
-    .context("cannot build the default guest image")?;
+    .with_context(|| format!("cannot build the {kind} guest image"))?;
     bar.finish_with_message(format!("guest image ready ({})", img.kernel_package));
     Ok(img)
 }

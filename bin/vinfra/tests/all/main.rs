@@ -13,6 +13,7 @@ mod ha;
 mod harness;
 mod maintenance;
 mod migration;
+mod migration_pgbench;
 // The libvirtd fixture and namespaces of the nfv tests, shared rather than copied.
 #[allow(dead_code)]
 #[path = "../../../../crates/nfv/tests/all/libvirtd.rs"]

@@ -44,5 +44,6 @@ pub fn write_image(dir: &Path, disk_mib: u64) -> Result<GuestImage, GuestImageEr
         disk_template: disk,
         cmdline: format!("console=ttyS0 quiet {SIM_IMAGE_MARK}"),
         kernel_package: "none (sim driver placeholder)".into(),
+        pgbench_scale: None,
     })
 }
