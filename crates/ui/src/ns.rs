@@ -8,7 +8,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
-use model::api::{CreateNsInstance, NsInstanceRecord, SiteSpec, StoredDescriptor};
+use model::api::{
+    CreateNsInstance, NsInstanceRecord, ScaleDirection, ScaleNsInstance, SiteSpec, StoredDescriptor,
+};
 use model::Role;
 
 use crate::layout::{self, badge, field, form_error, wire, FormError};
@@ -69,9 +71,20 @@ fn topology(s: &Session, r: &NsInstanceRecord) -> Markup {
                     }
                 }
             }
-            form.inline method="post" action={ "/ui/ns/" (r.id) "/terminate" } {
-                (layout::csrf(s))
-                button type="submit" aria-label={ "Terminate " (r.name) } { "Terminate" }
+            div.actions {
+                @let vnfs: std::collections::BTreeSet<&str> = r.vnfs.iter().map(|v| v.vnf.as_str()).collect();
+                @for v in &vnfs {
+                    form.inline method="post" action={ "/ui/ns/" (r.id) "/scale" } {
+                        (layout::csrf(s))
+                        input type="hidden" name="vnf" value=(v);
+                        button type="submit" name="direction" value="out" aria-label={ "Scale " (v) " of " (r.name) " out" } { "Scale " (v) " out" }
+                        button type="submit" name="direction" value="in" aria-label={ "Scale " (v) " of " (r.name) " in" } { "in" }
+                    }
+                }
+                form.inline method="post" action={ "/ui/ns/" (r.id) "/terminate" } {
+                    (layout::csrf(s))
+                    button.terminate type="submit" aria-label={ "Terminate " (r.name) } { "Terminate" }
+                }
             }
         }
     }
@@ -258,6 +271,50 @@ pub(crate) async fn terminate(
     .await;
     match r {
         Ok(rec) => done("/ui/ns", &format!("terminating {}", rec.name)),
+        Err(e) => {
+            let fe = FormError::from_api("terminate", &e, &[]);
+            render_with(&state, &s, None, Some((&fe, e.status().0)), &Fields::new()).await
+        }
+    }
+}
+
+/// `POST /ui/ns/{id}/scale`: one VNF out or in by one VDU.
+pub(crate) async fn scale(
+    State(state): State<AppState>,
+    s: Session,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Posted(form): Posted,
+) -> Response {
+    let r: Result<NsInstanceRecord, ApiError> = async {
+        check_origin(&headers)?;
+        s.check_post(&state, &form).await?;
+        let direction = match val(&form, "direction") {
+            "out" => ScaleDirection::Out,
+            "in" => ScaleDirection::In,
+            other => {
+                return Err(ApiError::Unprocessable(format!(
+                    "direction: must be out or in, got {other:?}"
+                )))
+            }
+        };
+        let body = ScaleNsInstance {
+            vnf: val(&form, "vnf").to_owned(),
+            direction,
+        };
+        api::ns::scale(&state, &s.caller, &s.token, &id, body).await
+    }
+    .await;
+    match r {
+        Ok(rec) => done(
+            "/ui/ns",
+            &format!(
+                "scaling {} {} {}",
+                rec.name,
+                val(&form, "vnf"),
+                val(&form, "direction")
+            ),
+        ),
         Err(e) => {
             let fe = FormError::from_api("terminate", &e, &[]);
             render_with(&state, &s, None, Some((&fe, e.status().0)), &Fields::new()).await
