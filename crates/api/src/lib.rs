@@ -49,7 +49,7 @@ pub use pki::TlsConfig;
 
 /// Network-service instances for callers other than the REST handlers (the web UI).
 pub mod ns {
-    pub use crate::routes::ns_instances::{instantiate, list_for, terminate};
+    pub use crate::routes::ns_instances::{instantiate, list_for, scale_by as scale, terminate};
 }
 
 /// Tenants for callers other than the REST handlers (the web UI).
@@ -292,7 +292,8 @@ impl AppState {
         lock(&self.inner.snapshots).remove(&m);
     }
 
-    pub(crate) fn traffic(&self) -> Option<&net::Controller> {
+    /// This server's vSwitch controller, when traffic statistics are on.
+    pub fn traffic(&self) -> Option<&net::Controller> {
         self.inner.traffic.as_ref()
     }
 

@@ -62,7 +62,7 @@ function plot(el) {
       height: 280,
       scales: { x: { time: false }, y: { range: [0, 100] } },
       axes: [{ label: "seconds" }, { label: "hit ratio %" }],
-      series: [{ label: "s" }].concat(series.map((s, i) => ({
+      series: [{ label: "seconds" }].concat(series.map((s, i) => ({
         label: s.label, stroke: COLOURS[i % COLOURS.length], width: 2, spanGaps: true,
       }))),
     }, data, el);
@@ -71,8 +71,57 @@ function plot(el) {
   setInterval(refresh, 1000);
 }
 
+// Per-class traffic rates: one sample a second, kept since the page opened (2 minutes).
+function rates(el) {
+  const xs = [];
+  const ys = {};
+  let chart = null;
+  let classes = [];
+  async function refresh() {
+    let doc;
+    try {
+      const r = await fetch(el.dataset.src, { credentials: "same-origin" });
+      if (!r.ok) return;
+      doc = await r.json();
+    } catch (_) {
+      return;
+    }
+    xs.push(doc.t);
+    for (const c of doc.rates) {
+      if (!ys[c.class]) ys[c.class] = xs.slice(0, -1).map(() => null);
+      ys[c.class].push(c.bytes_per_s);
+    }
+    for (const k of Object.keys(ys)) {
+      while (ys[k].length < xs.length) ys[k].push(null);
+      if (ys[k].length > 120) ys[k].shift();
+    }
+    if (xs.length > 120) xs.shift();
+    el.dataset.points = String(xs.length);
+    const names = Object.keys(ys).sort();
+    const data = [xs.slice()].concat(names.map((k) => ys[k].slice()));
+    if (chart && names.join("|") === classes.join("|")) {
+      chart.setData(data);
+      return;
+    }
+    if (chart) chart.destroy();
+    classes = names;
+    el.textContent = "";
+    chart = new uPlot({
+      width: Math.max(320, Math.min(el.clientWidth || 800, 900)),
+      height: 240,
+      axes: [{}, { label: "bytes/s" }],
+      series: [{ label: "time" }].concat(names.map((k, i) => ({
+        label: k, stroke: COLOURS[i % COLOURS.length], width: 2,
+      }))),
+    }, data, el);
+  }
+  refresh();
+  setInterval(refresh, 1000);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
-  document.querySelectorAll(".plot[data-src]").forEach(plot);
+  document.querySelectorAll(".plot[data-src]").forEach((el) =>
+    el.dataset.kind === "rates" ? rates(el) : plot(el));
   const c = document.getElementById("console");
   if (c) c.scrollTop = c.scrollHeight;
 });

@@ -17,6 +17,7 @@ mod migrations;
 mod ns;
 mod ops;
 mod session;
+mod traffic;
 mod vms;
 
 use std::collections::HashMap;
@@ -170,6 +171,11 @@ pub fn router(state: AppState) -> Router {
         .route("/ns", get(ns::page).post(ns::instantiate))
         .route("/ns/live", get(ns::live))
         .route("/ns/{id}/terminate", post(ns::terminate))
+        .route("/ns/{id}/scale", post(ns::scale))
+        .route("/operations/{id}/cancel", post(ops::cancel))
+        .route("/traffic", get(traffic::page))
+        .route("/traffic/live", get(traffic::live))
+        .route("/traffic/rates.json", get(traffic::rates))
         .layer(axum::middleware::from_fn(headers))
         .with_state(state)
 }
@@ -179,7 +185,7 @@ mod tests {
     use std::sync::Arc;
 
     use axum::body::Body;
-    use axum::http::{Request, StatusCode};
+    use axum::http::{HeaderValue, Request, StatusCode};
     use tower::ServiceExt;
 
     use super::*;
@@ -228,6 +234,154 @@ mod tests {
             StatusCode::NOT_FOUND
         );
         assert_eq!(get(&app, "/ui/login", None).await.status(), StatusCode::OK);
+    }
+
+    async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+        let r = app.clone().oneshot(req).await.unwrap();
+        let (parts, body) = r.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    fn post(path: &str, cookie: Option<&str>, body: &str) -> Request<Body> {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header(header::HOST, "127.0.0.1:7070")
+            .header(header::ORIGIN, "http://127.0.0.1:7070")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(c) = cookie {
+            req = req.header(header::COOKIE, c);
+        }
+        req.body(Body::from(body.to_owned())).unwrap()
+    }
+
+    /// Log in, the cookie's attributes, CSRF and Origin refusals, and a refused form
+    /// with the API's message beside its field: in process, on a memory store.
+    #[tokio::test]
+    async fn login_cookie_csrf_and_field_errors() {
+        let store: Arc<dyn store::Store> = Arc::new(store::testing::MemStore::new());
+        let dir = std::env::temp_dir().join(format!("vinfra-ui-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join(api::ADMIN_TOKEN_FILE));
+        let token = api::bootstrap_admin(store.as_ref(), &dir)
+            .await
+            .unwrap()
+            .expect("a new admin token");
+        let state = AppState::new(store, &api::ServerConfig::default());
+        let app = Router::new().nest("/ui", router(state));
+
+        // A bad token: 422 with the message beside the field.
+        let (status, _, body) = send(&app, post("/ui/login", None, "token=vinfra_00")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            body.contains("id=\"token-error\"") && body.contains("unknown or revoked token"),
+            "{body}"
+        );
+        // A form from another site: refused.
+        let mut req = post("/ui/login", None, &format!("token={token}"));
+        req.headers_mut().insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://evil.example"),
+        );
+        assert_eq!(send(&app, req).await.0, StatusCode::FORBIDDEN);
+        // The token: a cookie for /ui only, not for scripts, not for other sites.
+        let (status, headers, _) =
+            send(&app, post("/ui/login", None, &format!("token={token}"))).await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        let set = headers[header::SET_COOKIE].to_str().unwrap().to_owned();
+        assert!(
+            set.starts_with(&format!("{}={token};", session::COOKIE)),
+            "{set}"
+        );
+        for attr in ["Path=/ui", "HttpOnly", "SameSite=Strict"] {
+            assert!(set.contains(attr), "{set}");
+        }
+        assert!(!set.contains("Secure"), "plain HTTP: {set}");
+        let cookie = format!("{}={token}", session::COOKIE);
+        let csrf = session::csrf_for(&token);
+
+        let (status, _, page) = send(
+            &app,
+            Request::builder()
+                .uri("/ui/vms")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            page.contains(&format!("value=\"{csrf}\"")),
+            "the forms carry the CSRF token"
+        );
+        assert!(page.contains("VMs (0)"), "{page}");
+
+        // No CSRF token, or a wrong one: 403, nothing created.
+        for body in [
+            "name=a&image=default&vcpus=1&memory_mib=64".to_owned(),
+            "_csrf=00&name=a&image=default&vcpus=1&memory_mib=64".to_owned(),
+        ] {
+            let (status, _, page) = send(&app, post("/ui/vms", Some(&cookie), &body)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{page}");
+            assert!(page.contains("CSRF"), "{page}");
+        }
+        // A bad name: the API's message beside the field, the typed values kept.
+        let (status, _, page) = send(
+            &app,
+            post(
+                "/ui/vms",
+                Some(&cookie),
+                &format!("_csrf={csrf}&name=Bad+Name&image=default&vcpus=1&memory_mib=64"),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            page.contains("id=\"name-error\"") && page.contains("value=\"Bad Name\""),
+            "{page}"
+        );
+        // Not a number: the same, beside vCPUs.
+        let (status, _, page) = send(
+            &app,
+            post(
+                "/ui/vms",
+                Some(&cookie),
+                &format!("_csrf={csrf}&name=ok&image=default&vcpus=many&memory_mib=64"),
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(page.contains("id=\"vcpus-error\""), "{page}");
+        // Without an image in the store the create is refused with the API's message.
+        let (status, _, page) = send(
+            &app,
+            post(
+                "/ui/vms",
+                Some(&cookie),
+                &format!("_csrf={csrf}&name=ok&image=nope&vcpus=1&memory_mib=64"),
+            ),
+        )
+        .await;
+        assert!(status.is_client_error(), "{status}");
+        assert!(page.contains("role=\"alert\""), "{page}");
+        // Traffic statistics are off on this server: said on the page.
+        let (status, _, page) = send(
+            &app,
+            Request::builder()
+                .uri("/ui/traffic")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(page.contains("--vswitch-listen"), "{page}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

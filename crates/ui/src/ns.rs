@@ -8,15 +8,31 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
-use model::api::{CreateNsInstance, NsInstanceRecord, SiteSpec, StoredDescriptor};
+use model::api::{
+    CreateNsInstance, NsInstanceRecord, ScaleDirection, ScaleNsInstance, SiteSpec, StoredDescriptor,
+};
 use model::Role;
 
 use crate::layout::{self, badge, field, form_error, wire, FormError};
 use crate::session::{check_origin, Session};
 use crate::{done, val, Fields, Posted};
 
-async fn load(state: &AppState, s: &Session) -> Result<Vec<NsInstanceRecord>, ApiError> {
-    api::ns::list_for(state, &s.caller).await
+/// The caller's NS instances, with the VMs (VDUs) of the caller's scope: a VNF's VDUs
+/// are the VMs named `{ns}-{vnf}-…` of the NS's tenant.
+async fn load(
+    state: &AppState,
+    s: &Session,
+) -> Result<(Vec<NsInstanceRecord>, Vec<model::Vm>), ApiError> {
+    let recs = api::ns::list_for(state, &s.caller).await?;
+    let vms = state.control().vms(s.caller.scope()?).await?;
+    Ok((recs, vms))
+}
+
+fn vdus<'a>(vms: &'a [model::Vm], r: &NsInstanceRecord, vnf: &str) -> Vec<&'a model::Vm> {
+    let prefix = format!("{}-{vnf}-", r.name);
+    vms.iter()
+        .filter(|v| v.tenant == r.tenant && v.name.as_str().starts_with(&prefix))
+        .collect()
 }
 
 async fn nsds(state: &AppState, s: &Session) -> Result<Vec<StoredDescriptor>, ApiError> {
@@ -30,7 +46,7 @@ fn link_text(l: &serde_json::Value, k: &str) -> String {
     l[k].as_str().unwrap_or("?").to_owned()
 }
 
-fn topology(s: &Session, r: &NsInstanceRecord) -> Markup {
+fn topology(s: &Session, r: &NsInstanceRecord, vms: &[model::Vm]) -> Markup {
     let mut by_site: BTreeMap<&str, Vec<&model::api::NsVnfStatus>> = BTreeMap::new();
     for v in &r.vnfs {
         by_site.entry(v.site.as_str()).or_default().push(v);
@@ -45,7 +61,18 @@ fn topology(s: &Session, r: &NsInstanceRecord) -> Markup {
                         h4 { "site " (site) }
                         ul {
                             @for v in vnfs {
-                                li data-vnf=(v.vnf) { (v.vnf) " " (badge(&v.state)) }
+                                @let on = vdus(vms, r, &v.vnf);
+                                li data-vnf=(v.vnf) {
+                                    (v.vnf) " " (badge(&v.state))
+                                    " " span.vdus { (on.len()) " VDU" @if on.len() != 1 { "s" } }
+                                    @if !on.is_empty() {
+                                        ": "
+                                        @for (i, vm) in on.iter().enumerate() {
+                                            @if i > 0 { ", " }
+                                            a href={ "/ui/vms/" (vm.id) } { (vm.name) } " on " (vm.host)
+                                        }
+                                    }
+                                }
                             }
                         }
                     }
@@ -69,18 +96,29 @@ fn topology(s: &Session, r: &NsInstanceRecord) -> Markup {
                     }
                 }
             }
-            form.inline method="post" action={ "/ui/ns/" (r.id) "/terminate" } {
-                (layout::csrf(s))
-                button type="submit" aria-label={ "Terminate " (r.name) } { "Terminate" }
+            div.actions {
+                @let vnfs: std::collections::BTreeSet<&str> = r.vnfs.iter().map(|v| v.vnf.as_str()).collect();
+                @for v in &vnfs {
+                    form.inline method="post" action={ "/ui/ns/" (r.id) "/scale" } {
+                        (layout::csrf(s))
+                        input type="hidden" name="vnf" value=(v);
+                        button type="submit" name="direction" value="out" aria-label={ "Scale " (v) " of " (r.name) " out" } { "Scale " (v) " out" }
+                        button type="submit" name="direction" value="in" aria-label={ "Scale " (v) " of " (r.name) " in" } { "in" }
+                    }
+                }
+                form.inline method="post" action={ "/ui/ns/" (r.id) "/terminate" } {
+                    (layout::csrf(s))
+                    button.terminate type="submit" aria-label={ "Terminate " (r.name) } { "Terminate" }
+                }
             }
         }
     }
 }
 
-fn list(s: &Session, recs: &[NsInstanceRecord]) -> Markup {
+fn list(s: &Session, recs: &[NsInstanceRecord], vms: &[model::Vm]) -> Markup {
     html! {
         @if recs.is_empty() { p { "No network service instances." } }
-        @for r in recs { (topology(s, r)) }
+        @for r in recs { (topology(s, r, vms)) }
     }
 }
 
@@ -131,7 +169,7 @@ fn parse_sites(text: &str) -> Result<BTreeMap<String, SiteSpec>, ApiError> {
 
 fn render(
     s: &Session,
-    recs: &[NsInstanceRecord],
+    (recs, vms): (&[NsInstanceRecord], &[model::Vm]),
     nsds: &[StoredDescriptor],
     flash: Option<&str>,
     err: Option<&FormError>,
@@ -139,7 +177,7 @@ fn render(
 ) -> Markup {
     let body = html! {
         (form_error(err, "terminate"))
-        (layout::live("ns-live", "/ui/ns/live", "network services", list(s, recs)))
+        (layout::live("ns-live", "/ui/ns/live", "network services", list(s, recs, vms)))
         section aria-labelledby="inst-h" {
             h2 #inst-h { "Instantiate" }
             form.card #ns-form method="post" action="/ui/ns" {
@@ -174,8 +212,8 @@ async fn render_with(
 ) -> Response {
     let r = async { Ok::<_, ApiError>((load(state, s).await?, nsds(state, s).await?)) }.await;
     match r {
-        Ok((recs, ds)) => {
-            let page = render(s, &recs, &ds, flash, err.map(|e| e.0), values);
+        Ok(((recs, vms), ds)) => {
+            let page = render(s, (&recs, &vms), &ds, flash, err.map(|e| e.0), values);
             match err {
                 Some((_, status)) => (status, page).into_response(),
                 None => page.into_response(),
@@ -204,7 +242,7 @@ pub(crate) async fn page(
 /// `GET /ui/ns/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
     match load(&state, &s).await {
-        Ok(recs) => list(&s, &recs).into_response(),
+        Ok((recs, vms)) => list(&s, &recs, &vms).into_response(),
         Err(e) => layout::error_page(&e),
     }
 }
@@ -258,6 +296,50 @@ pub(crate) async fn terminate(
     .await;
     match r {
         Ok(rec) => done("/ui/ns", &format!("terminating {}", rec.name)),
+        Err(e) => {
+            let fe = FormError::from_api("terminate", &e, &[]);
+            render_with(&state, &s, None, Some((&fe, e.status().0)), &Fields::new()).await
+        }
+    }
+}
+
+/// `POST /ui/ns/{id}/scale`: one VNF out or in by one VDU.
+pub(crate) async fn scale(
+    State(state): State<AppState>,
+    s: Session,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Posted(form): Posted,
+) -> Response {
+    let r: Result<NsInstanceRecord, ApiError> = async {
+        check_origin(&headers)?;
+        s.check_post(&state, &form).await?;
+        let direction = match val(&form, "direction") {
+            "out" => ScaleDirection::Out,
+            "in" => ScaleDirection::In,
+            other => {
+                return Err(ApiError::Unprocessable(format!(
+                    "direction: must be out or in, got {other:?}"
+                )))
+            }
+        };
+        let body = ScaleNsInstance {
+            vnf: val(&form, "vnf").to_owned(),
+            direction,
+        };
+        api::ns::scale(&state, &s.caller, &s.token, &id, body).await
+    }
+    .await;
+    match r {
+        Ok(rec) => done(
+            "/ui/ns",
+            &format!(
+                "scaling {} {} {}",
+                rec.name,
+                val(&form, "vnf"),
+                val(&form, "direction")
+            ),
+        ),
         Err(e) => {
             let fe = FormError::from_api("terminate", &e, &[]);
             render_with(&state, &s, None, Some((&fe, e.status().0)), &Fields::new()).await

@@ -1,14 +1,16 @@
 //! Operations: every long job (migrations, drains, NS jobs) with its step and progress.
 
 use api::{ApiError, AppState};
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
-use model::api::Operation;
+use model::api::{Operation, OperationKind, OperationState};
 use model::Role;
 
-use crate::layout::{self, badge, wire};
-use crate::session::Session;
+use crate::layout::{self, badge, form_error, wire, FormError};
+use crate::session::{check_origin, Session};
+use crate::{done, Fields, Posted};
 
 async fn list(state: &AppState, s: &Session) -> Result<Vec<Operation>, ApiError> {
     s.caller
@@ -16,14 +18,14 @@ async fn list(state: &AppState, s: &Session) -> Result<Vec<Operation>, ApiError>
     Ok(state.control().operations(s.caller.scope()?).await?)
 }
 
-fn table(ops: &[Operation]) -> Markup {
+fn table(s: &Session, ops: &[Operation]) -> Markup {
     html! {
         table #operations-table {
             caption { "Operations (" (ops.len()) "), newest first, updated every second" }
             thead { tr {
                 th scope="col" { "Kind" } th scope="col" { "Target" } th scope="col" { "State" }
                 th scope="col" { "Step" } th scope="col" { "Progress" }
-                th scope="col" { "Started" } th scope="col" { "Finished" }
+                th scope="col" { "Started" } th scope="col" { "Finished" } th scope="col" { "Actions" }
             } }
             tbody {
                 @for o in ops {
@@ -40,6 +42,16 @@ fn table(ops: &[Operation]) -> Markup {
                         }
                         td { (layout::clock(o.started_at)) }
                         td { @match o.finished_at { Some(f) => (layout::clock(f)), None => "—" } }
+                        td {
+                            // Only a drain stops on request; the others finish on their own
+                            // (the API says so when asked).
+                            @if o.state == OperationState::Running && o.kind == OperationKind::Drain {
+                                form.inline method="post" action={ "/ui/operations/" (o.id) "/cancel" } {
+                                    (layout::csrf(s))
+                                    button type="submit" aria-label={ "Cancel " (o.target) } { "Cancel" }
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -48,25 +60,68 @@ fn table(ops: &[Operation]) -> Markup {
 }
 
 /// `GET /ui/operations`.
-pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response {
-    match list(&state, &s).await {
+pub(crate) async fn page(
+    State(state): State<AppState>,
+    s: Session,
+    Query(q): Query<Fields>,
+) -> Response {
+    render(&state, &s, q.get("done").map(String::as_str), None).await
+}
+
+async fn render(
+    state: &AppState,
+    s: &Session,
+    flash: Option<&str>,
+    err: Option<(&FormError, axum::http::StatusCode)>,
+) -> Response {
+    match list(state, s).await {
         Ok(ops) => {
-            let body = layout::live(
-                "operations-live",
-                "/ui/operations/live",
-                "operations",
-                table(&ops),
-            );
-            layout::page(&s, "/ui/operations", "Operations", None, body).into_response()
+            let body = html! {
+                (form_error(err.map(|e| e.0), "cancel"))
+                (layout::live("operations-live", "/ui/operations/live", "operations", table(s, &ops)))
+            };
+            let page = layout::page(s, "/ui/operations", "Operations", flash, body);
+            match err {
+                Some((_, status)) => (status, page).into_response(),
+                None => page.into_response(),
+            }
         }
         Err(e) => layout::error_page(&e),
+    }
+}
+
+/// `POST /ui/operations/{id}/cancel`.
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    s: Session,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Posted(form): Posted,
+) -> Response {
+    let r: Result<Operation, ApiError> = async {
+        check_origin(&headers)?;
+        s.check_post(&state, &form).await?;
+        s.caller
+            .require(&[Role::Admin, Role::Member], "cancelling an operation")?;
+        Ok(state
+            .control()
+            .cancel_operation(s.caller.scope()?, &id)
+            .await?)
+    }
+    .await;
+    match r {
+        Ok(o) => done("/ui/operations", &format!("{} cancelled", o.target)),
+        Err(e) => {
+            let fe = FormError::from_api("cancel", &e, &[]);
+            render(&state, &s, None, Some((&fe, e.status().0))).await
+        }
     }
 }
 
 /// `GET /ui/operations/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
     match list(&state, &s).await {
-        Ok(ops) => table(&ops).into_response(),
+        Ok(ops) => table(&s, &ops).into_response(),
         Err(e) => layout::error_page(&e),
     }
 }

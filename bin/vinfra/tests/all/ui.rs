@@ -3,7 +3,7 @@
 //! and migration protocol; a simulated hypervisor, so that the pages, not TCG boots, are
 //! what this test waits for): log in (a bad token first), create a VM (a bad name first)
 //! and see it running, migrate it and see the hit-ratio curve appear and the migration
-//! end at `completed`, preview, enter and exit maintenance, the server killed and
+//! end at `completed`, preview, enter and exit maintenance, the traffic page, the server killed and
 //! restarted under an open page without logging the user out, and another tenant's
 //! member seeing none of it. Screenshots of each page go to `$VINFRA_SCREENSHOTS`
 //! (`docs/ui` regenerates the README's).
@@ -21,7 +21,14 @@ const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
 
 /// A server with three sim agents and the sim image as `default`.
 async fn sim_cluster() -> (Server, Vec<test_utils::ChildGuard>) {
-    let s = Server::start().await;
+    let dir = tempfile::Builder::new()
+        .prefix("vi")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let store = format!("redb:{}", dir.path().join("state.redb").display());
+    // Traffic statistics on, for the Traffic page (sim guests have no NICs: it stays empty).
+    let vswitch = format!("127.0.0.1:{}", test_utils::free_tcp_port());
+    let s = Server::start_with_args(dir, store, &["--vswitch-listen", &vswitch]).await;
     let admin = s.admin();
     let token = admin
         .create_token(&CreateToken::new(Role::Agent))
@@ -222,6 +229,21 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.goto(&format!("{}/ui/ns", s.url)).await;
     b.wait_for_text("h1", "Network services").await;
     b.screenshot("ns-empty").await;
+    // Traffic: the tables, and the rates sampled every second.
+    b.goto(&format!("{}/ui/traffic", s.url)).await;
+    b.wait_for_text("#traffic-classes", "intra_server").await;
+    test_utils::wait_for(Duration::from_secs(30), || async {
+        b.exec(
+            "const e = document.getElementById('rates'); \
+             return Number(e.dataset.points || 0) >= 2 && !!e.querySelector('canvas');",
+            json!([]),
+        )
+        .await
+            == json!(true)
+    })
+    .await
+    .expect("the traffic rates are plotted");
+    b.screenshot("traffic").await;
 
     // A server restart under an open page: it keeps polling, and the user stays logged in
     // (a lost session would have sent the whole page to the login form, mark and all).
@@ -285,6 +307,10 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
             b.body_text().await
         }
     };
+    // Traffic statistics are an admin's, as in the API.
+    b.goto(&format!("{}/ui/traffic", s.url)).await;
+    b.wait_for_text("main .error", "needs a token with role admin")
+        .await;
     for page in ["hosts", "vms", "migrations", "operations", "ns"] {
         let text = seen(page).await;
         assert!(

@@ -3,7 +3,8 @@
 //! guest's TICK lines), migrates live from its page with its hit-ratio curve plotted from
 //! the destination's reports until `completed`; the example NS instantiated from the
 //! Network services page shows its VNFs per site and its link going up inside the guests,
-//! another tenant's member does not see it, and terminating it leaves nothing.
+//! scales its web VNF out and back in, another tenant's member does not see it, and
+//! terminating it leaves nothing.
 
 use std::path::Path;
 use std::time::Duration;
@@ -110,7 +111,28 @@ async fn dashboard_with_qemu_guests_migrates_with_a_curve_and_links_the_example_
     .await;
     b.wait_for_text("article[data-ns='edge'] h3", "instantiated")
         .await;
+    b.wait_for_text("article[data-ns='edge'] li[data-vnf='web'] .vdus", "1 VDU")
+        .await;
     b.screenshot("ns").await;
+    // Scale the web VNF out by one VDU (a third guest boots), then back in.
+    b.click(
+        "article[data-ns='edge'] form[action$='/scale'] input[value='web'] ~ button[value='out']",
+    )
+    .await;
+    b.wait_for_text(".flash", "scaling edge web out").await;
+    b.wait_for_text("article[data-ns='edge'] li[data-vnf='web'] .vdus", "2 VDUs")
+        .await;
+    b.wait_for_text("article[data-ns='edge'] h3", "instantiated")
+        .await;
+    b.click(
+        "article[data-ns='edge'] form[action$='/scale'] input[value='web'] ~ button[value='in']",
+    )
+    .await;
+    b.wait_for_text(".flash", "scaling edge web in").await;
+    b.wait_for_text("article[data-ns='edge'] li[data-vnf='web'] .vdus", "1 VDU")
+        .await;
+    b.wait_for_text("article[data-ns='edge'] h3", "instantiated")
+        .await;
 
     // Another tenant's member sees none of it.
     let other = s.admin().create_tenant("blue").await.unwrap().token;
@@ -131,7 +153,7 @@ async fn dashboard_with_qemu_guests_migrates_with_a_curve_and_links_the_example_
     b.click("form[action='/ui/logout'] button").await;
     log_in(&b, &s, &t).await;
     b.goto(&format!("{}/ui/ns", s.url)).await;
-    b.click("article[data-ns='edge'] form button").await;
+    b.click("article[data-ns='edge'] button.terminate").await;
     b.wait_for_text(".flash", "terminating edge").await;
     b.wait_for_text("#ns-live", "No network service instances.")
         .await;

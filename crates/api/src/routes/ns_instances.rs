@@ -276,32 +276,45 @@ pub(crate) async fn scale(
     AppPath(name): AppPath,
     AppJson(body): AppJson<ScaleNsInstance>,
 ) -> Result<(StatusCode, Json<NsInstanceRecord>), ApiError> {
-    caller.require(&[Role::Admin, Role::Member], "scaling a network service")?;
-    let scope = caller.scope()?;
-    let (rec, _) = resolve(&state, scope, &name).await?;
     let token = crate::extract::bearer(&headers)
         .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
         .to_owned();
+    let rec = scale_by(&state, &caller, &token, &name, body).await?;
+    Ok((StatusCode::ACCEPTED, Json(rec)))
+}
+
+/// Starts scaling one VNF of `caller`'s NS `name` by one VDU, the drivers acting with
+/// `token`; the record as the caller may see it.
+pub async fn scale_by(
+    state: &AppState,
+    caller: &Caller,
+    token: &str,
+    name: &str,
+    body: ScaleNsInstance,
+) -> Result<NsInstanceRecord, ApiError> {
+    caller.require(&[Role::Admin, Role::Member], "scaling a network service")?;
+    let scope = caller.scope()?;
+    let (rec, _) = resolve(state, scope, name).await?;
     let drivers = build_drivers(
-        &state,
+        state,
         caller.role == Role::Admin,
         rec.tenant,
         &rec.sites,
-        &token,
+        token,
     )
     .await?;
     let rec = state
         .control()
         .scale_ns(
             scope,
-            &name,
+            name,
             body.vnf,
             body.direction,
             state.server_id(),
             drivers,
         )
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(redacted(rec))))
+    Ok(redacted(rec))
 }
 
 pub(crate) async fn resolve(
