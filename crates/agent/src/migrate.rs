@@ -62,6 +62,9 @@ pub enum MigrateError {
     /// The hypervisor failed.
     #[error("the hypervisor failed")]
     Compute(#[from] compute::ComputeError),
+    /// The cache could not start or finish a pre-copy.
+    #[error("cache pre-copy failed")]
+    Precopy(#[from] cache::CacheError),
 }
 
 impl VmTask {
@@ -73,6 +76,7 @@ impl VmTask {
             qemu: None,
             progress: None,
             error: None,
+            dirty: None,
         }
     }
 
@@ -137,7 +141,16 @@ impl VmTask {
                     }
                 }
                 let cache = self.open_cache(a).await?;
-                let snap = tokio::task::spawn_blocking(move || cache.migration_snapshot()).await?;
+                let precopy = m.precopy;
+                let snap = tokio::task::spawn_blocking(move || {
+                    // From the snapshot on, every write is on the dirty list: with
+                    // pre-copy the destination drops those blocks at switch-over.
+                    if precopy {
+                        cache.track_writes();
+                    }
+                    cache.migration_snapshot()
+                })
+                .await?;
                 let bytes = serde_json::to_vec(&snap).map_err(MigrateError::Snapshot)?;
                 tracing::info!(migration = %m.id, blocks = snap.blocks.len(), bytes = bytes.len(), "uploading cache snapshot");
                 self.host.client.put_migration_snapshot(m.id, bytes).await?;
@@ -190,6 +203,9 @@ impl VmTask {
                 }
                 let mut r = self.mig_report(MigrationState::Warming);
                 r.qemu = self.phase.mig().and_then(|x| x.qemu.clone());
+                if m.precopy {
+                    r.dirty = Some(self.dirty_list());
+                }
                 self.send_mig(m.id, &r).await?;
                 Ok(())
             }
@@ -207,6 +223,35 @@ impl VmTask {
             }
             MigrationState::Completed | MigrationState::Failed => Ok(()),
         }
+    }
+
+    /// Source, pre-copy, after QEMU's switch-over (the guest here can no longer write):
+    /// the blocks written since the snapshot. Taken once and kept for a re-sent report;
+    /// without the tracking (the cache was reopened) or over the size limit, a superset.
+    fn dirty_list(&mut self) -> Vec<[u64; 2]> {
+        if let Some(d) = self.phase.mig().and_then(|x| x.dirty.clone()) {
+            return d;
+        }
+        let cache = self.disk.cache.clone();
+        let mut dirty = match cache.as_ref().and_then(|c| c.take_dirty()) {
+            Some(d) => d,
+            // Every block: the destination then trusts nothing it copied early.
+            None => vec![[
+                0,
+                cache
+                    .as_ref()
+                    .map_or(u64::MAX >> 1, |c| c.total_blocks().max(1)),
+            ]],
+        };
+        if dirty.len() > model::api::MAX_DIRTY_RANGES {
+            let first = dirty.first().map_or(0, |r| r[0]);
+            let end = dirty.last().map_or(0, |r| r[0] + r[1]);
+            dirty = vec![[first, end - first]];
+        }
+        if let Some(x) = self.phase.mig_mut() {
+            x.dirty = Some(dirty.clone());
+        }
+        dirty
     }
 
     /// The VM's cache on this host, opened (after fetching its image's files) if needed.
@@ -247,6 +292,22 @@ impl VmTask {
                     }
                 }
                 let cache = self.disk.cache.clone();
+                let pending = cache.as_ref().is_some_and(|c| c.precopy_pending());
+                if pending {
+                    // Pre-copy: the source's dirty list came with the switch-over; until it
+                    // is applied the copied blocks are provisional (never served).
+                    let Some(dirty) = m.dirty.clone() else {
+                        return Ok(()); // not recorded yet: the next pass
+                    };
+                    if let Some(c) = cache.clone() {
+                        let dropped =
+                            tokio::task::spawn_blocking(move || c.apply_dirty(&dirty)).await??;
+                        tracing::info!(migration = %m.id, dropped, "pre-copy: the source's dirty list applied");
+                        if let Some(x) = self.phase.mig_mut() {
+                            x.precopy_dropped = Some(dropped);
+                        }
+                    }
+                }
                 let Some(x) = self.phase.mig_mut() else {
                     return Ok(());
                 };
@@ -338,6 +399,21 @@ impl VmTask {
                 tracing::info!(migration = %m.id, installed = done.installed, "full copy done before switch-over");
             }
         }
+        let mut rebuild = None;
+        if m.precopy && strategy.uses_peer() && strategy != Strategy::FullCopy {
+            // Pre-copy: fetch while the memory moves; what arrives is provisional until
+            // the source's dirty list (at switch-over) says which blocks it rewrote.
+            if let Some(p) = plan.take() {
+                let c3 = cache.clone();
+                rebuild = Some(
+                    tokio::task::spawn_blocking(move || {
+                        c3.begin_precopy().map(|()| Rebuild::start(c3, p))
+                    })
+                    .await??,
+                );
+                tracing::info!(migration = %m.id, "pre-copy: rebuilding the cache while memory moves");
+            }
+        }
         h.plumbing()
             .plug(self.files.run_dir(), a.vm.name.as_str(), &a.vm.nics)
             .await
@@ -367,6 +443,7 @@ impl VmTask {
         let uri = format!("tcp:{incoming}");
         if let Some(x) = self.phase.mig_mut() {
             x.plan = plan;
+            x.rebuild = rebuild;
             x.incoming_uri = Some(uri.clone());
         }
         tracing::info!(migration = %m.id, %uri, "ready for the migration stream");
@@ -386,6 +463,7 @@ fn progress(x: &MigLocal, cache: Option<&cache::BlockCache>) -> CacheProgress {
         planned,
         done,
         left,
+        precopy_dropped: x.precopy_dropped.unwrap_or(0),
         ..Default::default()
     };
     if let Some(c) = cache {

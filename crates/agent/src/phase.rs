@@ -105,6 +105,12 @@ pub struct MigLocal {
     pub paused_at: Option<Instant>,
     /// Destination, `full-copy`: the guest (which arrives paused) was resumed.
     pub resumed: bool,
+    /// Source, pre-copy: the dirty list taken at switch-over, kept to re-send if the
+    /// `warming` report failed (taking it ends the tracking).
+    pub dirty: Option<Vec<[u64; 2]>>,
+    /// Destination, pre-copy: blocks dropped when the source's dirty list was applied
+    /// (`None` until then).
+    pub precopy_dropped: Option<u64>,
 }
 
 impl MigLocal {
@@ -122,6 +128,8 @@ impl MigLocal {
             base: None,
             paused_at: None,
             resumed: false,
+            dirty: None,
+            precopy_dropped: None,
         }
     }
 }

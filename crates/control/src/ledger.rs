@@ -183,6 +183,8 @@ mod tests {
             from_host: n(from),
             to_host: n(to),
             strategy: "heat".into(),
+            precopy: false,
+            dirty: None,
             state,
             peer_nbd: None,
             incoming_uri: None,

@@ -465,7 +465,7 @@ impl Control {
         }
         if vm.desired == DesiredState::Running {
             match self
-                .try_start_migration(vm, rev, &item.to, &m.strategy)
+                .try_start_migration(vm, rev, &item.to, &m.strategy, false)
                 .await
             {
                 Ok(Some(mig)) => {

@@ -157,17 +157,22 @@ impl Control {
         .await
     }
 
-    /// Starts a live migration of the VM `vm` (id or name, as `scope` sees it) to `to`.
+    /// Starts a live migration of the VM `vm` (id or name, as `scope` sees it) to `to`,
+    /// with cache pre-copy if `precopy`.
     pub async fn start_migration(
         &self,
         scope: Scope,
         vm: &str,
         to: &Name,
         strategy: &str,
+        precopy: bool,
     ) -> Result<Migration, MigrateStartError> {
         for _ in 0..CAS_ATTEMPTS {
             let (record, rev) = self.vm(scope, vm).await?;
-            if let Some(m) = self.try_start_migration(record, rev, to, strategy).await? {
+            if let Some(m) = self
+                .try_start_migration(record, rev, to, strategy, precopy)
+                .await?
+            {
                 return Ok(m);
             }
         }
@@ -186,6 +191,7 @@ impl Control {
         rev: Revision,
         to: &Name,
         strategy: &str,
+        precopy: bool,
     ) -> Result<Option<Migration>, MigrateStartError> {
         if let Some(migration) = vm.migration {
             return Err(MigrateStartError::AlreadyMigrating {
@@ -234,6 +240,8 @@ impl Control {
             from_host: vm.host.clone(),
             to_host: to.clone(),
             strategy: strategy.to_owned(),
+            precopy,
+            dirty: None,
             state: MigrationState::Pending,
             peer_nbd: Some(peer_nbd),
             incoming_uri: None,
@@ -336,6 +344,9 @@ impl Control {
             }
             if report.progress.is_some() {
                 m.progress = report.progress.clone();
+            }
+            if report.dirty.is_some() {
+                m.dirty = report.dirty.clone();
             }
             // At switch-over the VM's record moves to the destination. A ledger read in
             // two steps (the VM before, its migration after it ended) would count it
@@ -442,6 +453,8 @@ mod tests {
             from_host: model::validate_name("n", "a").unwrap(),
             to_host: model::validate_name("n", "b").unwrap(),
             strategy: "heat+pattern".into(),
+            precopy: false,
+            dirty: None,
             state,
             peer_nbd: None,
             incoming_uri: None,
@@ -464,6 +477,7 @@ mod tests {
                 qemu: None,
                 progress: None,
                 error: None,
+                dirty: None,
             },
         )
     }

@@ -1083,6 +1083,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dirty_lists_must_be_sorted_disjoint_ranges() {
+        assert!(validate_dirty(&[]).is_ok());
+        assert!(validate_dirty(&[[0, 2], [2, 1], [9, 4]]).is_ok());
+        let bad = |d: &[[u64; 2]], what: &str| {
+            let e = validate_dirty(d).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        bad(&[[5, 0]], "range 0 is empty");
+        bad(&[[5, 2], [6, 1]], "sorted and disjoint");
+        bad(&[[9, 1], [3, 1]], "sorted and disjoint");
+        bad(&[[u64::MAX, 2]], "beyond the largest block");
+        let many: Vec<[u64; 2]> = (0..=MAX_DIRTY_RANGES as u64).map(|i| [2 * i, 1]).collect();
+        bad(&many, "at most");
+    }
+
+    #[test]
     fn host_events_are_tagged_by_kind() {
         let vm = crate::VmId::new_random();
         for (ev, line) in [
@@ -1289,6 +1305,11 @@ pub struct MigrateVm {
     /// Fetch order of the cache rebuild; default `heat+pattern`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
+    /// Cache pre-copy: the destination starts fetching from the source's cache while the
+    /// memory still moves (not only at switch-over); the source's dirty list then drops
+    /// what its guest rewrote meanwhile. No effect with `none` and `full-copy`.
+    #[serde(default)]
+    pub precopy: bool,
 }
 
 impl MigrateVm {
@@ -1319,6 +1340,46 @@ pub struct MigrationReport {
     /// With `failed`: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Source, with `warming` of a pre-copy migration: the blocks its guest wrote since
+    /// the snapshot, as sorted disjoint ranges `[first block, count]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Vec<u64>>>)]
+    pub dirty: Option<Vec<[u64; 2]>>,
+}
+
+/// Most ranges a dirty list may have; a source with more sends their hull instead (a
+/// superset, which is always safe).
+pub const MAX_DIRTY_RANGES: usize = 65_536;
+
+/// Checks a dirty list: at most [`MAX_DIRTY_RANGES`] ranges, each non-empty, sorted,
+/// disjoint and inside `u64`.
+pub fn validate_dirty(dirty: &[[u64; 2]]) -> Result<(), ValidationError> {
+    if dirty.len() > MAX_DIRTY_RANGES {
+        return Err(ValidationError::new(
+            "dirty",
+            format!("{} ranges, at most {MAX_DIRTY_RANGES}", dirty.len()),
+        ));
+    }
+    let mut end = 0u64;
+    for (i, r) in dirty.iter().enumerate() {
+        let [first, count] = *r;
+        if count == 0 {
+            return Err(ValidationError::new("dirty", format!("range {i} is empty")));
+        }
+        if i > 0 && first < end {
+            return Err(ValidationError::new(
+                "dirty",
+                format!("range {i} starts at block {first}, before the end of the previous one ({end}): ranges must be sorted and disjoint"),
+            ));
+        }
+        end = first.checked_add(count).ok_or_else(|| {
+            ValidationError::new(
+                "dirty",
+                format!("range {i} ends beyond the largest block number"),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 impl MigrationReport {
@@ -1326,6 +1387,9 @@ impl MigrationReport {
     pub fn validate(&self) -> Result<Name, ValidationError> {
         let host = validate_name("host", &self.host)?;
         validate_error_len(self.error.as_deref())?;
+        if let Some(d) = &self.dirty {
+            validate_dirty(d)?;
+        }
         if let Some(u) = &self.incoming_uri {
             let ok = u
                 .strip_prefix("tcp:")

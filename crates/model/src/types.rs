@@ -603,6 +603,10 @@ pub struct CacheProgress {
     pub misses: u64,
     /// `hits / (hits + misses)`, 0 when there were none.
     pub hit_ratio: f64,
+    /// With cache pre-copy: blocks copied before switch-over that the source's guest
+    /// rewrote meanwhile, dropped when its dirty list arrived.
+    #[serde(default)]
+    pub precopy_dropped: u64,
 }
 
 /// A live migration of one VM from one host to another, with its cache.
@@ -622,6 +626,15 @@ pub struct Migration {
     pub to_host: Name,
     /// Fetch order of the cache rebuild (`heat+pattern`, `heat`, ...).
     pub strategy: String,
+    /// Cache pre-copy: the destination fetches from the source's cache while the memory
+    /// moves (see [`crate::api::MigrateVm::precopy`]).
+    #[serde(default)]
+    pub precopy: bool,
+    /// With pre-copy, from the source at switch-over: the blocks its guest wrote since
+    /// the cache snapshot, as sorted disjoint ranges `[first block, count]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Vec<u64>>>)]
+    pub dirty: Option<Vec<[u64; 2]>>,
     /// Where it is.
     pub state: MigrationState,
     /// The source host's NBD server, where the destination pulls blocks from.

@@ -431,11 +431,12 @@ pub(crate) async fn migrate(
         let body = model::api::MigrateVm {
             to: val(&form, "to").to_owned(),
             strategy: Some(val(&form, "strategy").to_owned()).filter(|x| !x.is_empty()),
+            precopy: val(&form, "precopy") == "on",
         };
         let (to, strategy) = body.validate()?;
         Ok(state
             .control()
-            .start_migration(s.caller.scope()?, &id, &to, &strategy)
+            .start_migration(s.caller.scope()?, &id, &to, &strategy, body.precopy)
             .await?)
     }
     .await;

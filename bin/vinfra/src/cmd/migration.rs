@@ -85,10 +85,20 @@ pub async fn migrate(
     vm: &str,
     to: String,
     strategy: Option<String>,
+    precopy: bool,
     no_wait: bool,
 ) -> anyhow::Result<()> {
     let c = ctx.client()?;
-    let m = c.migrate_vm(vm, &MigrateVm { to, strategy }).await?;
+    let m = c
+        .migrate_vm(
+            vm,
+            &MigrateVm {
+                to,
+                strategy,
+                precopy,
+            },
+        )
+        .await?;
     if no_wait {
         return show(ctx, &[m]);
     }

@@ -79,6 +79,11 @@ pub enum VmCmd {
         /// Fetch order: none, redirect, linear, full-copy, heat, pattern, heat+pattern.
         #[arg(long)]
         strategy: Option<String>,
+        /// Cache pre-copy: start fetching from this host's cache while the memory still
+        /// moves, not only at switch-over (what the guest rewrites meanwhile is dropped
+        /// by the dirty list handed over at switch-over).
+        #[arg(long)]
+        precopy: bool,
         /// Return at once instead of following the migration.
         #[arg(long)]
         no_wait: bool,
@@ -179,8 +184,9 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             vm,
             to,
             strategy,
+            precopy,
             no_wait,
-        } => crate::cmd::migration::migrate(ctx, &vm, to, strategy, no_wait).await,
+        } => crate::cmd::migration::migrate(ctx, &vm, to, strategy, precopy, no_wait).await,
         VmCmd::Show { vm } => show(ctx, &[c.get_vm(&vm).await?]),
         VmCmd::Start { vm } => {
             let vm = c.start_vm(&vm).await?;

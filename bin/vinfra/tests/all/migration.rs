@@ -85,6 +85,7 @@ async fn a_running_vm_moves_and_keeps_its_workload_with_a_cache_rebuilt_from_the
             &MigrateVm {
                 to: "host-a".into(),
                 strategy: Some("fastest".into()),
+                precopy: false,
             },
         )
         .await
@@ -96,6 +97,7 @@ async fn a_running_vm_moves_and_keeps_its_workload_with_a_cache_rebuilt_from_the
             &MigrateVm {
                 to: "host-b".into(),
                 strategy: None,
+                precopy: false,
             },
         )
         .await
@@ -131,6 +133,7 @@ async fn the_destination_finishes_from_the_restarted_source_cache_after_a_kill9(
             &MigrateVm {
                 to: "host-b".into(),
                 strategy: None,
+                precopy: false,
             },
         )
         .await

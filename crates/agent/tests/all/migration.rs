@@ -63,6 +63,7 @@ async fn a_vm_moves_with_its_memory_and_its_cache() {
             &MigrateVm {
                 to: "host-b".into(),
                 strategy: None,
+                precopy: false,
             },
         )
         .await
@@ -119,6 +120,7 @@ async fn a_full_copy_pauses_the_guest_and_resumes_it_on_the_destination() {
             &MigrateVm {
                 to: "host-b".into(),
                 strategy: Some("full-copy".into()),
+                precopy: false,
             },
         )
         .await
@@ -147,6 +149,7 @@ async fn an_interrupted_migration_fails_and_the_vm_stays_on_the_source() {
             &MigrateVm {
                 to: "host-b".into(),
                 strategy: None,
+                precopy: false,
             },
         )
         .await
@@ -205,6 +208,7 @@ async fn a_slow_start_does_not_delay_another_vms_migration() {
             &MigrateVm {
                 to: "host-b".into(),
                 strategy: None,
+                precopy: false,
             },
         )
         .await
@@ -218,4 +222,86 @@ async fn a_slow_start_does_not_delay_another_vms_migration() {
         took < std::time::Duration::from_secs(5),
         "the migration waited for another VM's start: {took:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_precopy_migration_drops_what_the_source_guest_rewrote_and_serves_only_fresh_blocks() {
+    let c = Cluster::start().await;
+    // A memory stream long enough (256 MiB at the source's 1 GiB/s cap) for the guest to
+    // write several sequence records while the destination already copies its cache.
+    let slow_ram = || {
+        std::sync::Arc::new(compute::SimDriver::new(compute::SimConfig {
+            boot_time: std::time::Duration::from_millis(100),
+            ram_bytes_per_mib: 4 << 20,
+            ..compute::SimConfig::default()
+        }))
+    };
+    let (da, db) = (slow_ram(), slow_ram());
+    let _a = c.agent("host-a", &da).await;
+    let _b = c.agent("host-b", &db).await;
+    let vm = c.create_vm("web", "host-a").await;
+    let id = vm.id.to_string();
+    c.wait_running(&vm).await;
+    c.wait_ticks(&vm, 0, 6).await;
+
+    let m = c
+        .admin
+        .migrate_vm(
+            &id,
+            &MigrateVm {
+                to: "host-b".into(),
+                strategy: None,
+                precopy: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(m.precopy);
+    let done = wait_migration(&c, &m, MigrationState::Completed).await;
+    assert_eq!(done.error, None);
+    // The guest rewrote its sequence record during the memory copy: that block is on the
+    // source's dirty list, and the destination dropped the copy it had made of it.
+    let dirty = done.dirty.clone().expect("the source sends its dirty list");
+    let seq_block =
+        compute::sim::guest::seq_offset(16) / u64::from(cache::BlockSize::DEFAULT.bytes());
+    assert!(
+        dirty
+            .iter()
+            .any(|r| (r[0]..r[0] + r[1]).contains(&seq_block)),
+        "the sequence block {seq_block} is dirty: {dirty:?}"
+    );
+    let p = done.progress.expect("the destination reports the rebuild");
+    assert!(p.precopy_dropped >= 1, "{p:?}");
+    assert!(p.peer_bytes > 0, "{p:?}");
+
+    // Freeze the guest, then every block the destination serves equals the origin's.
+    db.pause(&id).await.unwrap();
+    let hosts = c.admin.list_hosts().await.unwrap();
+    let nbd_addr: std::net::SocketAddr = hosts
+        .iter()
+        .find(|h| h.name.as_str() == "host-b")
+        .and_then(|h| h.nbd_addr.clone())
+        .expect("host-b serves NBD")
+        .parse()
+        .unwrap();
+    let origin = c.dir.path().join("origin").join(format!("{id}.img"));
+    let export = agent::disks::guest_export(vm.id);
+    tokio::task::spawn_blocking(move || {
+        let want = std::fs::read(&origin).unwrap();
+        let mut client = nbd::NbdClient::connect(&nbd::NbdAddr::Tcp(nbd_addr), &export).unwrap();
+        assert_eq!(client.size(), want.len() as u64);
+        let bs = cache::BlockSize::DEFAULT.as_usize();
+        let mut buf = vec![0u8; bs];
+        for (i, chunk) in want.chunks(bs).enumerate() {
+            client
+                .read_at(&mut buf[..chunk.len()], (i * bs) as u64)
+                .unwrap();
+            assert!(
+                buf[..chunk.len()] == *chunk,
+                "block {i} served by the destination differs from the origin"
+            );
+        }
+    })
+    .await
+    .unwrap();
 }

@@ -281,6 +281,7 @@ async fn operations_sent_during_a_migration_reach_the_vm_once_each_in_order() {
             &MigrateVm {
                 to: "host-b".into(),
                 strategy: None,
+                precopy: false,
             },
         )
         .await

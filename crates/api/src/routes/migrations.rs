@@ -37,7 +37,7 @@ pub(crate) async fn migrate_vm(
     let (to, strategy) = body.validate()?;
     let m = state
         .control()
-        .start_migration(caller.scope()?, &id, &to, &strategy)
+        .start_migration(caller.scope()?, &id, &to, &strategy, body.precopy)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(m)))
 }

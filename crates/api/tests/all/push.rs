@@ -236,6 +236,7 @@ async fn a_migration_reaches_both_ends_and_its_end_unassigns_the_source() {
             &MigrateVm {
                 to: "h2".into(),
                 strategy: None,
+                precopy: false,
             },
         )
         .await
@@ -256,6 +257,7 @@ async fn a_migration_reaches_both_ends_and_its_end_unassigns_the_source() {
         qemu: None,
         progress: None,
         error: None,
+        dirty: None,
     };
     // Each step reaches both ends; at switch-over the VM's host is the destination.
     for (who, state) in [

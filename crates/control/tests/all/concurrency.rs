@@ -146,6 +146,7 @@ async fn agents(c: Control, stop: Arc<AtomicUsize>) {
                 qemu: None,
                 progress: None,
                 error: None,
+                dirty: None,
             };
             let _ = c.report_migration(&m.id.to_string(), who, &report).await;
         }
@@ -233,7 +234,7 @@ async fn creates_migrations_and_a_drain_at_once_never_overcommit_a_host() {
                 .filter(|h| *h != v.host.as_str())
                 .collect();
             let to = n(others[pick % others.len()]);
-            c.start_migration(Scope::All, &vm, &to, "heat")
+            c.start_migration(Scope::All, &vm, &to, "heat", false)
                 .await
                 .map(drop)
                 .map_err(|e| {

@@ -75,6 +75,7 @@ fn report(host: &str, state: MigrationState) -> MigrationReport {
         qemu: None,
         progress: None,
         error: None,
+        dirty: None,
     }
 }
 

@@ -34,7 +34,8 @@ pub struct MigrateVmArgs {
     /// Seconds after the switch-over that are compared.
     #[arg(long, default_value_t = 60)]
     pub window: u32,
-    /// Cache-rebuild strategies to migrate with, in order (`vinfra vm migrate --strategy`).
+    /// Cache-rebuild strategies to migrate with, in order (`vinfra vm migrate --strategy`;
+    /// `STRATEGY+precopy` migrates with `--precopy`).
     #[arg(long, value_delimiter = ',', default_value = "none,heat,heat+pattern")]
     pub strategies: Vec<String>,
     /// pgbench clients.
@@ -337,12 +338,17 @@ async fn one_run(
                 .last()
                 .is_some_and(|&t| t >= args.migrate_at)
             {
+                // `STRATEGY+precopy` is the strategy with cache pre-copy.
+                let (s, precopy) = s
+                    .strip_suffix("+precopy")
+                    .map_or((s.as_str(), false), |base| (base, true));
                 let m = admin
                     .migrate_vm(
                         name,
                         &MigrateVm {
                             to: "host-b".into(),
-                            strategy: Some(s.clone()),
+                            strategy: Some(s.to_owned()),
+                            precopy,
                         },
                     )
                     .await
