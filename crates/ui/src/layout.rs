@@ -8,13 +8,14 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use crate::session::{Session, CSRF_FIELD};
 
 /// The pages in the navigation: (path, title).
-pub(crate) const NAV: [(&str, &str); 6] = [
+pub(crate) const NAV: [(&str, &str); 7] = [
     ("/ui/hosts", "Hosts"),
     ("/ui/vms", "VMs"),
     ("/ui/migrations", "Migrations"),
     ("/ui/operations", "Operations"),
     ("/ui/ns", "Network services"),
     ("/ui/traffic", "Traffic"),
+    ("/ui/slices", "Slices"),
 ];
 
 fn head(title: &str) -> Markup {

@@ -17,6 +17,7 @@ mod migrations;
 mod ns;
 mod ops;
 mod session;
+mod slices;
 mod traffic;
 mod vms;
 
@@ -173,6 +174,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ns/{id}/terminate", post(ns::terminate))
         .route("/ns/{id}/scale", post(ns::scale))
         .route("/operations/{id}/cancel", post(ops::cancel))
+        .route("/slices", get(slices::page))
+        .route("/slices/live", get(slices::live))
         .route("/traffic", get(traffic::page))
         .route("/traffic/live", get(traffic::live))
         .route("/traffic/rates.json", get(traffic::rates))

@@ -15,7 +15,7 @@ use model::{HostState, Role};
 use serde_json::json;
 
 use crate::browser::Browser;
-use crate::harness::{path_in, spawn_agent_in, Server};
+use crate::harness::{cli, path_in, spawn_agent_in, Server};
 
 const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
 
@@ -244,6 +244,31 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     .await
     .expect("the traffic rates are plotted");
     b.screenshot("traffic").await;
+    // Slices: an instance and an association (through the CLI), then the page with the
+    // ledger's signed head and the association's inclusion proof checked.
+    for args in [
+        &[
+            "slice",
+            "create",
+            "embb-a",
+            "--sst",
+            "1",
+            "--provider",
+            "site-a",
+            "--capacity-mbps",
+            "100",
+        ][..],
+        &["slice", "associate", "embb", "ue-1"][..],
+    ] {
+        let (ok, out, err) = cli(&s, &admin_token, args);
+        assert!(ok, "vinfra {args:?}: {out}{err}");
+    }
+    b.goto(&format!("{}/ui/slices", s.url)).await;
+    b.wait_for_text("#nsis-table", "embb-a").await;
+    b.wait_for_text("tr[data-client='ue-1']", "embb-a").await;
+    b.wait_for_text("#ledger-head .signature", "verified").await;
+    b.wait_for_text("tr[data-proof='ue-1']", "verified").await;
+    b.screenshot("slices").await;
 
     // A server restart under an open page: it keeps polling, and the user stays logged in
     // (a lost session would have sent the whole page to the login form, mark and all).
@@ -311,11 +336,11 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.goto(&format!("{}/ui/traffic", s.url)).await;
     b.wait_for_text("main .error", "needs a token with role admin")
         .await;
-    for page in ["hosts", "vms", "migrations", "operations", "ns"] {
+    for page in ["hosts", "vms", "migrations", "operations", "ns", "slices"] {
         let text = seen(page).await;
         assert!(
-            !text.contains("web-1"),
-            "{page} shows web-1 to another tenant:\n{text}"
+            !text.contains("web-1") && !text.contains("embb-a") && !text.contains("ue-1"),
+            "{page} shows the admin's objects to another tenant:\n{text}"
         );
     }
     b.goto(&format!("{}/ui/vms", s.url)).await;
