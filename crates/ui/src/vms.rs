@@ -312,7 +312,7 @@ fn detail(vm: &Vm) -> Markup {
     }
 }
 
-const MIGRATE_FIELDS: [&str; 2] = ["to", "strategy"];
+const MIGRATE_FIELDS: [&str; 3] = ["to", "strategy", "precopy"];
 
 fn render_one(
     s: &Session,
@@ -338,6 +338,10 @@ fn render_one(
                     }
                 }))
                 (strategy_field(err, val(values, "strategy")))
+                (field(err, "precopy", "Pre-copy the cache", html! {
+                    input #precopy type="checkbox" name="precopy" checked[val(values, "precopy") == "on"]
+                        aria-describedby="precopy-error";
+                }))
                 div.actions { button type="submit" { "Migrate live" } }
             }
         }
