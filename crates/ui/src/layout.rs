@@ -8,7 +8,7 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use crate::session::{Session, CSRF_FIELD};
 
 /// The pages in the navigation: (path, title).
-pub(crate) const NAV: [(&str, &str); 7] = [
+pub(crate) const NAV: [(&str, &str); 8] = [
     ("/ui/hosts", "Hosts"),
     ("/ui/vms", "VMs"),
     ("/ui/migrations", "Migrations"),
@@ -16,6 +16,7 @@ pub(crate) const NAV: [(&str, &str); 7] = [
     ("/ui/ns", "Network services"),
     ("/ui/traffic", "Traffic"),
     ("/ui/slices", "Slices"),
+    ("/ui/terminals", "Terminals"),
 ];
 
 fn head(title: &str) -> Markup {

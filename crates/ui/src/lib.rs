@@ -18,6 +18,7 @@ mod ns;
 mod ops;
 mod session;
 mod slices;
+mod terminals;
 mod traffic;
 mod vms;
 
@@ -174,6 +175,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ns/{id}/terminate", post(ns::terminate))
         .route("/ns/{id}/scale", post(ns::scale))
         .route("/operations/{id}/cancel", post(ops::cancel))
+        .route("/terminals", get(terminals::page))
+        .route("/terminals/live", get(terminals::live))
         .route("/slices", get(slices::page))
         .route("/slices/live", get(slices::live))
         .route("/traffic", get(traffic::page))

@@ -269,6 +269,27 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.wait_for_text("#ledger-head .signature", "verified").await;
     b.wait_for_text("tr[data-proof='ue-1']", "verified").await;
     b.screenshot("slices").await;
+    // Terminals: one bound to web-1 (host-a or host-c after the drain) that sends a line.
+    let creds = path_in(&s, "kiosk.json").display().to_string();
+    for args in [
+        &["terminal", "create", "kiosk", "--credentials", &creds][..],
+        &["terminal", "bind", "kiosk", "web-1"][..],
+    ] {
+        let (ok, out, err) = cli(&s, &admin_token, args);
+        assert!(ok, "vinfra {args:?}: {out}{err}");
+    }
+    let (ok, out, err) = cli(
+        &s,
+        "no-token-needed",
+        &["terminal", "send", "--credentials", &creds, "--text", "hi"],
+    );
+    assert!(ok, "terminal send: {out}{err}");
+    b.goto(&format!("{}/ui/terminals", s.url)).await;
+    b.wait_for_text("article[data-terminal='kiosk'] .binding", "bound to web-1")
+        .await;
+    b.wait_for_text("article[data-terminal='kiosk'] tbody", "hi")
+        .await;
+    b.screenshot("terminals").await;
 
     // A server restart under an open page: it keeps polling, and the user stays logged in
     // (a lost session would have sent the whole page to the login form, mark and all).
@@ -336,10 +357,21 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.goto(&format!("{}/ui/traffic", s.url)).await;
     b.wait_for_text("main .error", "needs a token with role admin")
         .await;
-    for page in ["hosts", "vms", "migrations", "operations", "ns", "slices"] {
+    for page in [
+        "hosts",
+        "vms",
+        "migrations",
+        "operations",
+        "ns",
+        "slices",
+        "terminals",
+    ] {
         let text = seen(page).await;
         assert!(
-            !text.contains("web-1") && !text.contains("embb-a") && !text.contains("ue-1"),
+            !text.contains("web-1")
+                && !text.contains("embb-a")
+                && !text.contains("ue-1")
+                && !text.contains("kiosk"),
             "{page} shows the admin's objects to another tenant:\n{text}"
         );
     }
