@@ -118,10 +118,16 @@ impl FormError {
     /// The API's message for `e`; beside `field` when the message starts with `field:`
     /// and the form has that field (the API's validation messages name the field first).
     pub fn from_api(form: &'static str, e: &ApiError, fields: &[&str]) -> Self {
+        if e.status().0.is_server_error() {
+            // The page says "internal error", as the API does; the chain goes to the log.
+            tracing::error!(error = %model::error_chain(e), form, "dashboard change failed");
+        }
         let message = e.problem().detail;
+        // `nics[0].network: …` belongs beside `nics`.
         let field = message
             .split_once(':')
             .map(|(f, _)| f.trim())
+            .map(|f| f.split(['[', '.']).next().unwrap_or(f))
             .filter(|f| fields.contains(f))
             .map(str::to_owned);
         FormError {
@@ -227,4 +233,30 @@ pub(crate) fn badge(state: &str) -> Markup {
 #[allow(dead_code)]
 pub(crate) fn raw(s: &'static str) -> PreEscaped<&'static str> {
     PreEscaped(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_messages_go_beside_the_field_they_name() {
+        let fields = ["name", "nics"];
+        let at = |m: &str| {
+            FormError::from_api("f", &ApiError::Unprocessable(m.to_owned()), &fields).field
+        };
+        assert_eq!(at("name: must be lowercase").as_deref(), Some("name"));
+        assert_eq!(
+            at("nics[0].network: no network named x").as_deref(),
+            Some("nics")
+        );
+        assert_eq!(at("vm web-1 not found"), None);
+        assert_eq!(
+            at("image: no image named x"),
+            None,
+            "not a field of this form"
+        );
+        let e = FormError::from_api("f", &ApiError::invariant("boom"), &fields);
+        assert_eq!(e.message, "internal error", "a 5xx shows no detail");
+    }
 }

@@ -104,7 +104,16 @@ fn table(s: &Session, v: &VmsView) -> Markup {
     }
 }
 
-const CREATE_FIELDS: [&str; 6] = ["name", "image", "vcpus", "memory_mib", "host", "tenant"];
+const CREATE_FIELDS: [&str; 8] = [
+    "name",
+    "image",
+    "vcpus",
+    "memory_mib",
+    "host",
+    "tenant",
+    "nics",
+    "kernel_args",
+];
 
 fn create_form(s: &Session, v: &VmsView, err: Option<&FormError>, values: &Fields) -> Markup {
     let or = |k: &str, d: &'static str| {
@@ -140,6 +149,12 @@ fn create_form(s: &Session, v: &VmsView, err: Option<&FormError>, values: &Field
                             option value=(h.name) selected[h.name.as_str() == val(values, "host")] { (h.name) }
                         }
                     }
+                }))
+                (field(err, "nics", "NICs (network names, comma-separated)", html! {
+                    input #nics name="nics" value=(val(values, "nics")) aria-describedby="nics-error";
+                }))
+                (field(err, "kernel_args", "Extra kernel arguments", html! {
+                    input #kernel_args name="kernel_args" value=(val(values, "kernel_args")) aria-describedby="kernel_args-error";
                 }))
                 @if s.is_admin() {
                     (field(err, "tenant", "Tenant (empty: default)", html! {
@@ -221,6 +236,17 @@ pub(crate) async fn create(
             memory_mib: number(&form, "memory_mib")?,
             host: opt("host"),
             tenant: opt("tenant"),
+            nics: val(&form, "nics")
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| model::api::NicRequest {
+                    network: n.to_owned(),
+                    name: None,
+                    ip: None,
+                })
+                .collect(),
+            kernel_args: opt("kernel_args"),
             ..Default::default()
         };
         let req = body.validate()?;

@@ -45,6 +45,16 @@ async fn up_with_50_simulated_hosts_spreads_200_vms() {
     .await;
     assert!(banner.is_ok(), "vinfra up did not come up:\n{}", up_log());
     let started = t0.elapsed();
+    // The banner names the dashboard, which answers with its login page.
+    let ui = format!("http://127.0.0.1:{api}/ui");
+    assert!(
+        up_log().contains(&format!("dashboard  {ui}")),
+        "{}",
+        up_log()
+    );
+    let login = reqwest::get(format!("{ui}/login")).await.unwrap();
+    assert!(login.status().is_success());
+    assert!(login.text().await.unwrap().contains("API token"));
     let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
     let admin = client::Client::new(&format!("http://127.0.0.1:{api}"), token.trim()).unwrap();
     let hosts = admin.list_hosts().await.unwrap();
