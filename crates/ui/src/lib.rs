@@ -182,9 +182,11 @@ pub fn router(state: AppState) -> Router {
         .route("/traffic", get(traffic::page))
         .route("/traffic/live", get(traffic::live))
         .route("/traffic/rates.json", get(traffic::rates))
+        // Nested at /ui, which the nested router does not see (axum's `original-uri`
+        // feature is off).
         .fallback(|uri: axum::http::Uri| async move {
             layout::error_page(&api::ApiError::NoRoute {
-                path: uri.path().to_owned(),
+                path: format!("/ui{}", uri.path()),
             })
         })
         .layer(axum::middleware::from_fn(headers))
