@@ -182,6 +182,13 @@ pub fn router(state: AppState) -> Router {
         .route("/traffic", get(traffic::page))
         .route("/traffic/live", get(traffic::live))
         .route("/traffic/rates.json", get(traffic::rates))
+        // Nested at /ui, which the nested router does not see (axum's `original-uri`
+        // feature is off).
+        .fallback(|uri: axum::http::Uri| async move {
+            layout::error_page(&api::ApiError::NoRoute {
+                path: format!("/ui{}", uri.path()),
+            })
+        })
         .layer(axum::middleware::from_fn(headers))
         .with_state(state)
 }
@@ -229,6 +236,20 @@ mod tests {
             let r = get(&app, p, Some("vinfra_ui=vinfra_nope")).await;
             assert_eq!(r.status(), StatusCode::SEE_OTHER, "{p}");
         }
+        // A live region's poll without a session: htmx is told to load the login page.
+        let r = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/ui/vms/live")
+                    .header("hx-request", "true")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers()["hx-redirect"], "/ui/login");
         let r = get(&app, "/ui/assets/htmx.min.js", None).await;
         assert_eq!(r.status(), StatusCode::OK);
         assert!(r.headers()[header::CONTENT_SECURITY_POLICY]
@@ -240,6 +261,13 @@ mod tests {
             StatusCode::NOT_FOUND
         );
         assert_eq!(get(&app, "/ui/login", None).await.status(), StatusCode::OK);
+        // An unknown page: an HTML page that says so, not the API's JSON.
+        let r = get(&app, "/ui/nope", None).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(r.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
     }
 
     async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {

@@ -117,6 +117,10 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     );
     b.fill("#token", &format!("{admin_token}\u{E007}")).await;
     b.wait_for_text("h1", "Hosts").await;
+    // An unknown page is an HTML page that says so.
+    b.goto(&format!("{}/ui/nope", s.url)).await;
+    b.wait_for_text("main", "no route for /ui/nope").await;
+    b.goto(&format!("{}/ui/hosts", s.url)).await;
     // The cookie is HttpOnly: no script of the page can read the token.
     let cookies = b.exec("return document.cookie;", json!([])).await;
     assert_eq!(
