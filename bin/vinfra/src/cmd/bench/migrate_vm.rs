@@ -94,6 +94,9 @@ pub struct VmRun {
     pub tps_10s: f64,
     /// Mean tps over the window.
     pub tps_window: f64,
+    /// The host's mean 1-minute load average over the window (the machine is shared: a
+    /// TCG guest's speed follows the CPU it gets).
+    pub load: Option<f64>,
     /// Highest p99 latency in the first 10 s, ms.
     pub p99_max_10s_ms: Option<f64>,
     /// Seconds after the switch-over until tps (mean of 5 s) is back to 95% of the
@@ -122,7 +125,8 @@ pub struct MigrateVmReport {
     pub secs: u32,
     /// The compared window after the switch-over, s.
     pub window: u32,
-    /// The unmigrated run's mean tps over the window (the 95% reference).
+    /// The unmigrated runs' mean tps over the window (the 95% reference; one run before
+    /// the migrations and one after, against drift in what the shared machine gives).
     pub baseline_tps: f64,
     /// Every run.
     pub runs: Vec<VmRun>,
@@ -139,6 +143,17 @@ struct RawRun {
     tps_total: Option<f64>,
     consistent: bool,
     scale: Option<u32>,
+    /// (unix ms, 1-minute load average) sampled during the run.
+    load: Vec<(u64, f64)>,
+}
+
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn unix_ms() -> u64 {
@@ -250,14 +265,23 @@ pub async fn run(args: &MigrateVmArgs) -> anyhow::Result<MigrateVmReport> {
         }
     }
 
+    // The destination fetches the image (1.5 GiB) on its first VM: not inside a run.
+    warm_host(&admin, "host-b").await?;
+    // Unmigrated runs first and last: the machine is shared, and what it gives drifts.
     let mut plan: Vec<Option<String>> = vec![None];
     plan.extend(args.strategies.iter().cloned().map(Some));
+    plan.push(None);
     let mut raw = Vec::new();
     for (i, strategy) in plan.into_iter().enumerate() {
-        let label = strategy.clone().unwrap_or_else(|| "no migration".into());
+        let label = match (&strategy, i) {
+            (Some(s), _) => s.clone(),
+            (None, 0) => "no migration".into(),
+            (None, _) => "no migration (again)".into(),
+        };
         eprintln!("run {}: {label}", i + 1);
         let r = one_run(&admin, &format!("pg{i}"), strategy, args, dir).await;
-        let r = r.with_context(|| format!("run {label}"))?;
+        let mut r = r.with_context(|| format!("run {label}"))?;
+        r.label = label;
         eprintln!(
             "  done: tps {} consistent {}",
             r.tps_total.map_or("-".into(), |t| format!("{t:.1}")),
@@ -277,6 +301,45 @@ impl Drop for QemuReaper {
     fn drop(&mut self) {
         compute::kill_qemus_under(&self.0);
     }
+}
+
+/// Boots an idle Debian guest on `host` and deletes it once READY, so that the host has
+/// the image's files before anything is measured on it.
+async fn warm_host(admin: &client::Client, host: &str) -> anyhow::Result<()> {
+    eprintln!("fetching the image on {host}");
+    admin
+        .create_vm(&CreateVm {
+            name: "warm".into(),
+            image: "debian".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            host: Some(host.into()),
+            kernel_args: Some("vinfra.workload=idle".into()),
+            ..Default::default()
+        })
+        .await
+        .context("cannot create the warm-up VM")?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !admin
+        .console("warm")
+        .await
+        .unwrap_or_default()
+        .contains("GUEST: READY")
+    {
+        if Instant::now() > deadline {
+            bail!("the warm-up VM on {host} did not boot");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    admin
+        .delete_vm("warm")
+        .await
+        .context("cannot delete the warm-up VM")?;
+    let gone = Instant::now() + Duration::from_secs(60);
+    while admin.get_vm("warm").await.is_ok() && Instant::now() < gone {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
 }
 
 async fn one_run(
@@ -310,6 +373,7 @@ async fn one_run(
         tps_total: None,
         consistent: false,
         scale: None,
+        load: Vec::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(u64::from(args.secs) + 300);
     let mut migration: Option<model::MigrationId> = None;
@@ -324,6 +388,9 @@ async fn one_run(
         }
         let text = admin.console(name).await.unwrap_or_default();
         let now = unix_ms();
+        if let Some(l) = loadavg() {
+            run.load.push((now, l));
+        }
         let p = parse_pgbench(&text);
         for pr in &p.progress {
             // Whole seconds (pgbench -P 1): the key is the second, the line's tps the value.
@@ -444,6 +511,23 @@ fn report(raw: Vec<RawRun>, args: &MigrateVmArgs) -> MigrateVmReport {
                     .collect::<Vec<_>>()
             };
             let w = i32::try_from(args.window).unwrap_or(i32::MAX);
+            let seen = |k: i64| {
+                u32::try_from(first + k)
+                    .ok()
+                    .and_then(|t| r.progress.get(&t))
+                    .map(|p| p.1)
+            };
+            let (from, to) = (
+                seen(0).unwrap_or(0),
+                seen(i64::from(w) - 1).unwrap_or(u64::MAX),
+            );
+            let in_window: Vec<f64> = r
+                .load
+                .iter()
+                .filter(|(t, _)| *t >= from && *t <= to)
+                .map(|p| p.1)
+                .collect();
+            let load = (!in_window.is_empty()).then(|| mean(in_window.iter().copied()));
             VmRun {
                 label: r.label.clone(),
                 strategy: r.strategy.clone(),
@@ -458,6 +542,7 @@ fn report(raw: Vec<RawRun>, args: &MigrateVmArgs) -> MigrateVmReport {
                     .and_then(|m| m.qemu.as_ref())
                     .map(|q| q.total_ms),
                 switch_t_s: sw,
+                load,
                 tps_10s: mean(after(0, 10).iter().map(|s| s.tps)),
                 tps_window: mean(after(0, w).iter().map(|s| s.tps)),
                 p99_max_10s_ms: after(0, 10)
@@ -481,10 +566,11 @@ fn report(raw: Vec<RawRun>, args: &MigrateVmArgs) -> MigrateVmReport {
             }
         })
         .collect();
-    let baseline_tps = runs
-        .iter()
-        .find(|r| r.strategy.is_none())
-        .map_or(0.0, |r| r.tps_window);
+    let baseline_tps = mean(
+        runs.iter()
+            .filter(|r| r.strategy.is_none())
+            .map(|r| r.tps_window),
+    );
     for r in &mut runs {
         r.back_to_95_s = back_to(&r.seconds, 0.95 * baseline_tps, args.window);
     }
@@ -537,17 +623,17 @@ pub fn table(rep: &MigrateVmReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n| run | downtime ms | QEMU total ms | tps 0-10 s | tps 0-{} s | p99 max 0-10 s ms | back to 95% s | peer MiB | origin MiB | pgbench tps | consistent |",
+        "\n| run | downtime ms | QEMU total ms | tps 0-10 s | tps 0-{} s | p99 max 0-10 s ms | back to 95% s | peer MiB | origin MiB | pgbench tps | load | consistent |",
         rep.window
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     );
     for r in &rep.runs {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             r.label,
             r.downtime_ms.map_or("-".into(), |d| d.to_string()),
             r.qemu_total_ms.map_or("-".into(), |d| d.to_string()),
@@ -561,6 +647,7 @@ pub fn table(rep: &MigrateVmReport) -> String {
             mib(r.peer_bytes),
             mib(r.origin_bytes),
             opt(r.tps_total, 1),
+            opt(r.load, 1),
             if r.consistent { "yes" } else { "NO" }
         );
     }
@@ -725,6 +812,7 @@ mod tests {
             tps_10s: 30.0,
             tps_window: 35.0,
             p99_max_10s_ms: Some(120.0),
+            load: Some(2.0),
             back_to_95_s: None,
             peer_bytes: strategy.map(|_| 40 << 20),
             origin_bytes: strategy.map(|_| 1 << 20),
