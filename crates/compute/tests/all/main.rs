@@ -1,4 +1,4 @@
-//! Integration tests of the compute crate against real QEMU, qemu-nbd and the default guest.
+//! Integration tests of the compute crate against real QEMU, qemu-nbd and the guest images.
 //!
 //! The guest image is cached in `$VINFRA_GUEST_CACHE` (default `/var/cache/vinfra/guest`), so
 //! only the first run builds it (~10 s). VM tests run one at a time: each TCG QEMU eats a core.
@@ -462,5 +462,51 @@ async fn guest_poweroff_is_reported_stopped() {
         "{console}"
     );
     assert_eq!(ticks(&console), vec![(0, true), (1, true)]);
+    assert!(wait_gone(rt.pid).await);
+}
+
+/// The Debian image (`compute::ensure_image(GuestKind::Debian, …)`, built on first use in
+/// ~2 minutes) boots systemd from its ext4 root on the virtio disk and runs fio inside the
+/// guest when asked on the kernel command line, reporting on the serial console.
+#[tokio::test]
+async fn debian_guest_boots_systemd_and_runs_fio() {
+    need_tools();
+    let img = tokio::task::spawn_blocking(|| {
+        compute::ensure_image(compute::GuestKind::Debian, &default_cache_dir(), |l| {
+            eprintln!("{l}")
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("debian guest image: {e} (run scripts/setup.sh as root)"));
+    assert_eq!(img.pgbench_scale, Some(20));
+    let _one_at_a_time = VM_LOCK.lock().await;
+    let tmp = scratch();
+    let disk = tmp.path().join("disk.img");
+    prepare_vm_disk(&img.disk_template, &disk).await.unwrap();
+    let run_dir = tmp.path().join("run");
+    let mut guard = KillGuard::default();
+    let drv = QemuDriver::new();
+    let mut s = spec("fio-1", &img, DiskTarget::File(disk), run_dir.clone());
+    s.cmdline
+        .push_str(" vinfra.workload=fio vinfra.fio_secs=3 vinfra.fio_mib=8");
+    let rt = drv.start(&s).await.unwrap();
+    guard.add(rt.pid, &run_dir);
+    wait_console(&rt.console_log, "fio done", Duration::from_secs(240), |c| {
+        c.contains("GUEST: WORKLOAD DONE fio")
+    })
+    .await;
+    let console = read(&rt.console_log);
+    assert!(
+        console.contains("GUEST: READY vda=1536MiB"),
+        "systemd started the workload unit:\n{console}"
+    );
+    let r = console
+        .lines()
+        .find_map(compute::workload::parse_fio)
+        .unwrap_or_else(|| panic!("no FIO RESULT line:\n{console}"));
+    assert_eq!(r.err, 0, "{console}");
+    assert!(r.read_iops > 0.0 && r.write_iops > 0.0, "{console}");
+    drv.stop("fio-1").await.unwrap();
     assert!(wait_gone(rt.pid).await);
 }
