@@ -8,9 +8,10 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 use crate::session::{Session, CSRF_FIELD};
 
 /// The pages in the navigation: (path, title).
-pub(crate) const NAV: [(&str, &str); 8] = [
+pub(crate) const NAV: [(&str, &str); 9] = [
     ("/ui/hosts", "Hosts"),
     ("/ui/vms", "VMs"),
+    ("/ui/networks", "Networks"),
     ("/ui/migrations", "Migrations"),
     ("/ui/operations", "Operations"),
     ("/ui/ns", "Network services"),

@@ -14,6 +14,7 @@
 mod hosts;
 mod layout;
 mod migrations;
+mod networks;
 mod ns;
 mod ops;
 mod session;
@@ -162,6 +163,9 @@ pub fn router(state: AppState) -> Router {
         .route("/vms/{id}/console", get(vms::console))
         .route("/vms/{id}/migrate", post(vms::migrate))
         .route("/vms/{id}/{verb}", post(vms::act))
+        .route("/networks", get(networks::page).post(networks::create))
+        .route("/networks/live", get(networks::live))
+        .route("/networks/{id}/delete", post(networks::delete))
         .route("/migrations", get(migrations::page))
         .route("/migrations/live", get(migrations::live))
         .route("/migrations/curves.json", get(migrations::curves))

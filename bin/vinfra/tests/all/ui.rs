@@ -157,6 +157,30 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
         .await;
     b.screenshot("vms").await;
 
+    // Networks: a bad subnet (the message beside it), then two; one deleted again.
+    b.goto(&format!("{}/ui/networks", s.url)).await;
+    b.fill("#name", "green").await;
+    b.fill("#cidr", "10.70.0.0/33").await;
+    b.click("#network-form button[type=submit]").await;
+    b.wait_for_text("#cidr-error", "cidr:").await;
+    b.fill("#cidr", "10.70.0.0/24").await;
+    b.click("#network-form button[type=submit]").await;
+    b.wait_for_text(".flash", "network green (10.70.0.0/24) created")
+        .await;
+    b.fill("#name", "tmp").await;
+    b.fill("#cidr", "10.71.0.0/24").await;
+    b.click("#network-form button[type=submit]").await;
+    b.wait_for_text("tr[data-network='tmp']", "10.71.0.0/24")
+        .await;
+    b.click("tr[data-network='tmp'] form button").await;
+    b.wait_for_text(".flash", "network deleted").await;
+    b.wait_text("#networks-table tbody", "tmp gone", |t| {
+        t.contains("green") && !t.contains("tmp")
+    })
+    .await;
+    b.screenshot("networks").await;
+    b.goto(&format!("{}/ui/vms", s.url)).await;
+
     // Its page, then a live migration to host-b: the curve appears, the state ends at
     // completed.
     b.click("tr[data-vm='web-1'] th a").await;
@@ -376,13 +400,15 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
         "ns",
         "slices",
         "terminals",
+        "networks",
     ] {
         let text = seen(page).await;
         assert!(
             !text.contains("web-1")
                 && !text.contains("embb-a")
                 && !text.contains("ue-1")
-                && !text.contains("kiosk"),
+                && !text.contains("kiosk")
+                && !text.contains("green"),
             "{page} shows the admin's objects to another tenant:\n{text}"
         );
     }
