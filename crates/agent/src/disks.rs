@@ -76,6 +76,82 @@ pub struct DiskStack {
     /// The peer exports again, on the data network with TLS required, for
     /// migrations to other machines (present on a joined agent with an uplink).
     peers: Option<(ServerHandle, SocketAddr)>,
+    /// Per VM, the recorder slot its guest export writes through (`vinfra vm trace`).
+    traces: std::sync::Mutex<std::collections::HashMap<VmId, Arc<TraceSlot>>>,
+}
+
+/// Where a VM's guest export records its requests while a trace is on: checked with one
+/// atomic load per request when off.
+#[derive(Debug, Default)]
+pub struct TraceSlot {
+    on: std::sync::atomic::AtomicBool,
+    rec: std::sync::Mutex<Option<cache::trace::MsrRecorder>>,
+}
+
+impl TraceSlot {
+    fn record(&self, op: cache::trace::Op, offset: u64, len: usize, at: std::time::Instant) {
+        if !self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let took = at.elapsed();
+        let mut g = self
+            .rec
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(r) = g.as_mut() {
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            if let Err(e) = r.record(op, offset, len, at, took) {
+                // A full disk must not fail the guest's I/O: the trace stops instead.
+                tracing::warn!(error = %e, "trace recording failed; stopped");
+                *g = None;
+                self.on.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A VM's guest export: its cache, with the requests recorded while a trace is on.
+struct TracedDisk {
+    cache: Arc<BlockCache>,
+    slot: Arc<TraceSlot>,
+}
+
+impl nbd::BlockDevice for TracedDisk {
+    fn size(&self) -> u64 {
+        nbd::BlockDevice::size(self.cache.as_ref())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let at = std::time::Instant::now();
+        let r = self.cache.read_at(buf, offset);
+        self.slot
+            .record(cache::trace::Op::Read, offset, buf.len(), at);
+        r
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        let at = std::time::Instant::now();
+        let r = self.cache.write_at(data, offset, fua);
+        self.slot
+            .record(cache::trace::Op::Write, offset, data.len(), at);
+        r
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        nbd::BlockDevice::flush(self.cache.as_ref())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.cache.trim(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        let at = std::time::Instant::now();
+        let r = self.cache.write_zeroes(offset, len, fua);
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        self.slot.record(cache::trace::Op::Write, offset, len, at);
+        r
+    }
 }
 
 /// Where peer exports are served beyond loopback, and the TLS they require.
@@ -169,6 +245,7 @@ impl DiskStack {
             server,
             addr,
             peers,
+            traces: std::sync::Mutex::default(),
         })
     }
 
@@ -245,10 +322,55 @@ impl DiskStack {
         Ok(Arc::new(cache))
     }
 
-    /// Exports the VM's disk (through `cache`) and the cache itself for peers.
+    /// Exports the VM's disk (through `cache`, and its trace slot) and the cache
+    /// itself for peers.
     pub fn export(&self, id: VmId, cache: &Arc<BlockCache>) {
-        self.server.add_export(guest_export(id), cache.clone());
+        let disk = TracedDisk {
+            cache: cache.clone(),
+            slot: self.trace_slot(id),
+        };
+        self.server.add_export(guest_export(id), Arc::new(disk));
         self.export_peer(id, cache);
+    }
+
+    fn trace_slot(&self, id: VmId) -> Arc<TraceSlot> {
+        let mut t = self
+            .traces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        t.entry(id).or_default().clone()
+    }
+
+    /// Whether the VM's guest export is recording.
+    pub fn tracing(&self, id: VmId) -> bool {
+        self.trace_slot(id)
+            .on
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts recording the VM's guest requests into `path` (MSR Cambridge CSV).
+    pub fn start_trace(&self, id: VmId, path: &Path, host: &str) -> std::io::Result<()> {
+        let slot = self.trace_slot(id);
+        let rec = cache::trace::MsrRecorder::create(path, host)?;
+        *slot
+            .rec
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(rec);
+        slot.on.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stops recording; returns the file and its request count (`None` if it was not
+    /// recording).
+    pub fn stop_trace(&self, id: VmId) -> std::io::Result<Option<(PathBuf, u64)>> {
+        let slot = self.trace_slot(id);
+        slot.on.store(false, std::sync::atomic::Ordering::Relaxed);
+        let rec = slot
+            .rec
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        rec.map(cache::trace::MsrRecorder::finish).transpose()
     }
 
     /// Exports only the cache for peers (a migration source after switch-over).
@@ -274,8 +396,12 @@ impl DiskStack {
         }
     }
 
-    /// Removes the VM's origin image (the VM is deleted).
+    /// Removes the VM's origin image (the VM is deleted), and its trace slot.
     pub fn remove_origin(&self, id: VmId) {
+        self.traces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
         let p = self.origin_path(id);
         if let Err(e) = std::fs::remove_file(&p) {
             if e.kind() != std::io::ErrorKind::NotFound {

@@ -52,6 +52,10 @@ impl VmFiles {
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.join("cache")
     }
+    /// Where a block-trace recording of the VM's disk is written until uploaded.
+    pub fn trace_file(&self) -> PathBuf {
+        self.dir.join("trace.csv")
+    }
     /// Creates the run dir and records the VM id in it (found again by [`scan`]).
     pub fn create(&self) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;

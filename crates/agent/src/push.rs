@@ -253,6 +253,7 @@ mod tests {
             redundancy: None,
             nics: Vec::new(),
             kernel_args: None,
+            trace: None,
         };
         let key = format!("/vinfra/vms/{}", vm.id);
 

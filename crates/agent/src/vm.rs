@@ -362,9 +362,59 @@ impl VmTask {
             }
         }
         if let Some(a) = &assignment {
+            self.trace_step(a).await;
             self.report(a).await;
         }
         true
+    }
+
+    /// Follows the VM's trace recording (`vinfra vm trace`): records while it is wanted
+    /// and the guest runs here; after a stop, uploads the file (again on later passes if
+    /// the upload failed) and removes it.
+    async fn trace_step(&mut self, a: &Assignment) {
+        let id = self.id();
+        let here = a.vm.host.as_str() == self.host.cfg.host_name;
+        let want = here && a.vm.trace.as_ref().is_some_and(|t| t.recording);
+        let disks = &self.host.disks;
+        if want && !disks.tracing(id) && matches!(self.phase, VmPhase::Running) {
+            let file = self.files.trace_file();
+            match disks.start_trace(id, &file, &self.host.cfg.host_name) {
+                Ok(()) => tracing::info!(vm = %id, file = %file.display(), "trace recording"),
+                Err(e) => tracing::warn!(vm = %id, error = %e, "cannot start the trace"),
+            }
+            return;
+        }
+        if !want && disks.tracing(id) {
+            match disks.stop_trace(id) {
+                Ok(Some((_, n))) => tracing::info!(vm = %id, requests = n, "trace stopped"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(vm = %id, error = %e, "cannot finish the trace file"),
+            }
+        }
+        let awaited = here
+            && a.vm
+                .trace
+                .as_ref()
+                .is_some_and(|t| !t.recording && t.blob.is_none());
+        let file = self.files.trace_file();
+        if awaited && !disks.tracing(id) && file.exists() {
+            let up = self
+                .host
+                .client
+                .upload_trace(id, &self.host.cfg.host_name, &file)
+                .await;
+            match up {
+                Ok(()) => {
+                    tracing::info!(vm = %id, "trace uploaded");
+                    if let Err(e) = std::fs::remove_file(&file) {
+                        tracing::warn!(vm = %id, error = %e, "cannot remove the uploaded trace file");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %model::error_chain(&e), "trace upload failed; retried on the next pass")
+                }
+            }
+        }
     }
 
     /// What the server wants of this host, from the VM's assignment.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use model::api::{CreateImage, ImportBlob};
-use model::{Blob, BlobDigest, Image};
+use model::{Blob, BlobDigest, Image, VmId};
 use reqwest::Method;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -75,6 +75,34 @@ impl Client {
             })?;
         let res = Self::check(Method::POST, segments.join("/"), res).await?;
         self.decode(Method::POST, &segments, res).await
+    }
+
+    /// `PUT /v1/vms/{id}/trace/data` (agent): streams a stopped trace's file into the
+    /// blob store for the VM's tenant.
+    pub async fn upload_trace(&self, vm: VmId, host: &str, path: &Path) -> Result<(), ClientError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ClientError::from_io("open", path, e))?;
+        let id = vm.to_string();
+        let segments = ["v1", "vms", id.as_str(), "trace", "data"];
+        let mut url = self.url(&segments);
+        url.query_pairs_mut().append_pair("host", host);
+        let res = self
+            .http
+            .put(url)
+            .bearer_auth(&self.token)
+            .timeout(BLOB_TIMEOUT)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(file)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: Method::PUT,
+                path: segments.join("/"),
+                source,
+            })?;
+        Self::check(Method::PUT, segments.join("/"), res).await?;
+        Ok(())
     }
 
     /// `POST /v1/blobs/import` (admin): a file from the server's import directory.

@@ -562,6 +562,16 @@ impl Client {
         })
     }
 
+    /// `PUT /v1/vms/{id}/trace`: start or stop recording the VM disk's requests.
+    pub async fn set_trace(&self, id_or_name: &str, recording: bool) -> Result<Vm, ClientError> {
+        self.json(
+            Method::PUT,
+            &["v1", "vms", id_or_name, "trace"],
+            Some(&model::api::SetTrace { recording }),
+        )
+        .await
+    }
+
     // ---- agent side ----
 
     /// `GET /v1/hosts/{name}/assignments`: what the host must run.

@@ -32,6 +32,7 @@ pub mod slices;
 pub mod storage;
 mod takeover;
 pub mod terminals;
+mod traces;
 mod traffic;
 mod vms;
 

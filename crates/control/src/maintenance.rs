@@ -569,6 +569,7 @@ mod tests {
             redundancy: None,
             nics: Vec::new(),
             kernel_args: None,
+            trace: None,
         }
     }
 

@@ -576,6 +576,7 @@ mod tests {
             redundancy: None,
             nics: Vec::new(),
             kernel_args: None,
+            trace: None,
         }
     }
 

@@ -169,6 +169,7 @@ impl Control {
                 redundancy,
                 nics: nets.nics,
                 kernel_args: req.kernel_args.clone(),
+                trace: None,
             };
             let res = self
                 .store()
@@ -243,6 +244,22 @@ pub enum VmChangeError {
         /// What is asked of it.
         desired: DesiredState,
     },
+    /// A trace was asked of a VM that does not run.
+    #[error("vm {vm} is {} (desired {}): only a running vm's disk can be traced", .observed.as_str(), .desired.as_str())]
+    NotRunning {
+        /// The VM.
+        vm: Name,
+        /// What it is.
+        observed: ObservedState,
+        /// What is asked of it.
+        desired: DesiredState,
+    },
+    /// A trace stop of a VM that is not recording.
+    #[error("vm {0} is not recording a trace")]
+    NotRecording(Name),
+    /// An agent uploaded a trace nobody is waiting for.
+    #[error("vm {0} has no stopped trace waiting for its file")]
+    NoTraceAwaited(VmId),
     /// The store, a lost race, or no such VM.
     #[error(transparent)]
     Control(#[from] ControlError),

@@ -1320,6 +1320,14 @@ impl MigrateVm {
     }
 }
 
+/// `PUT /v1/vms/{id}/trace`: start or stop recording the VM disk's block requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetTrace {
+    /// `true` starts a new recording (replacing a finished one); `false` stops it.
+    pub recording: bool,
+}
+
 /// `PUT /v1/migrations/{id}/report`: an agent moves a migration along.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

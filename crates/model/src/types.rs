@@ -407,6 +407,30 @@ pub struct Vm {
     /// Extra kernel arguments appended to the image's command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_args: Option<String>,
+    /// Block-trace recording of the VM's disk (`vinfra vm trace start|stop`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<VmTrace>,
+}
+
+/// A recording of a VM disk's block requests, made by the agent's NBD server on the
+/// host the VM runs on, in the SNIA / MSR Cambridge CSV format
+/// (`Timestamp,Hostname,DiskNumber,Type,Offset,Size,ResponseTime`), which
+/// `vinfra bench migrate-cache --trace` replays.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmTrace {
+    /// Recording is wanted: the host's agent records while this is true.
+    pub recording: bool,
+    /// When recording was asked for, unix ms.
+    pub started_at: u64,
+    /// When it was stopped, unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<u64>,
+    /// The trace file in the blob store, once the agent has uploaded it after the stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobDigest>,
+    /// Its size, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 /// A virtual network: one L2 segment with one IPv4 subnet, owned by a tenant. VM NICs

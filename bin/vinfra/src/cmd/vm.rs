@@ -88,6 +88,10 @@ pub enum VmCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Record the block requests the VM's disk receives on its host (MSR Cambridge
+    /// CSV, which `vinfra bench migrate-cache --trace` replays).
+    #[command(subcommand)]
+    Trace(TraceCmd),
     /// Print the VM's serial console output.
     Console {
         /// VM name or id.
@@ -96,6 +100,72 @@ pub enum VmCmd {
         #[arg(short, long)]
         follow: bool,
     },
+}
+
+/// `vinfra vm trace …`
+#[derive(Debug, clap::Subcommand)]
+pub enum TraceCmd {
+    /// Start recording (a new recording replaces a finished one).
+    Start {
+        /// VM name or id.
+        vm: String,
+    },
+    /// Stop recording and download the trace.
+    Stop {
+        /// VM name or id.
+        vm: String,
+        /// Where to write the trace.
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+    },
+}
+
+/// How long `trace stop` waits for the host's agent to upload the file.
+const TRACE_UPLOAD_WAIT: Duration = Duration::from_secs(120);
+
+async fn trace(c: &client::Client, cmd: TraceCmd) -> anyhow::Result<()> {
+    match cmd {
+        TraceCmd::Start { vm } => {
+            let v = c.set_trace(&vm, true).await?;
+            println!(
+                "recording the block requests of vm {} on {}",
+                v.name, v.host
+            );
+            Ok(())
+        }
+        TraceCmd::Stop { vm, output } => {
+            let v = c.set_trace(&vm, false).await?;
+            let bar = progress::spinner(format!("waiting for {} to upload the trace", v.host));
+            let deadline = Instant::now() + TRACE_UPLOAD_WAIT;
+            let (digest, size) = loop {
+                let now = c.get_vm(&v.id.to_string()).await?;
+                if let Some((d, n)) = now.trace.and_then(|t| t.blob.zip(t.size)) {
+                    break (d, n);
+                }
+                if Instant::now() > deadline {
+                    bar.finish_and_clear();
+                    bail!(
+                        "the agent of {} did not upload the trace within {} s (is it up?); `vinfra vm trace stop {vm} -o FILE` again waits again",
+                        v.host,
+                        TRACE_UPLOAD_WAIT.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            };
+            bar.finish_and_clear();
+            c.download_blob(&digest, &output)
+                .await
+                .with_context(|| format!("cannot download the trace to {}", output.display()))?;
+            let requests = std::fs::read_to_string(&output)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            println!(
+                "{requests} requests ({size} bytes, MSR Cambridge CSV) written to {}",
+                output.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 fn parse_nic(s: &str) -> Result<NicRequest, String> {
@@ -223,6 +293,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             println!("deleted vm {} ({})", target.name, target.id);
             Ok(())
         }
+        VmCmd::Trace(cmd) => trace(&c, cmd).await,
         VmCmd::Console { vm, follow } => {
             let mut printed = String::new();
             loop {

@@ -9,3 +9,4 @@ mod lifecycle;
 mod migration;
 mod sessions;
 mod terminals;
+mod traces;

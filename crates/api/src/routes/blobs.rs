@@ -22,12 +22,12 @@ pub(crate) struct UploadBlobQuery {
     expect: Option<String>,
 }
 
-fn files(state: &AppState) -> Result<&BlobFiles, ApiError> {
+pub(crate) fn files(state: &AppState) -> Result<&BlobFiles, ApiError> {
     state.blobs().ok_or(ApiError::ImageStoreOff)
 }
 
 /// Records that `owner` (a tenant; `None`: shared, for an admin) may use a stored file.
-async fn record(
+pub(crate) async fn record(
     state: &AppState,
     owner: Option<TenantId>,
     stored: Stored,

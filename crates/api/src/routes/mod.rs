@@ -16,6 +16,7 @@ pub(crate) mod storage;
 pub(crate) mod tenants;
 pub(crate) mod terminals;
 pub(crate) mod tokens;
+pub(crate) mod traces;
 pub(crate) mod traffic;
 pub(crate) mod vms;
 
@@ -70,6 +71,10 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/vms/{id}/start", post(vms::start_vm)),
         ("/v1/vms/{id}/stop", post(vms::stop_vm)),
         ("/v1/vms/{id}/console", get(vms::console)),
+        (
+            "/v1/vms/{id}/trace",
+            put(traces::set_trace).get(traces::get_trace),
+        ),
         ("/v1/vms/{id}/migrate", post(migrations::migrate_vm)),
         ("/v1/migrations", get(migrations::list_migrations)),
         ("/v1/hosts/{name}/maintenance", post(maintenance::enter)),
@@ -155,6 +160,8 @@ pub(crate) fn agent_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         // A response that lasts as long as the connection (newline-delimited JSON).
         ("/v1/hosts/{name}/events", get(hosts::host_events)),
         ("/v1/vms/{id}/observed", put(vms::report_observed)),
+        // Streamed into the blob store under its limit.
+        ("/v1/vms/{id}/trace/data", put(traces::upload_trace)),
         (
             "/v1/migrations/{id}/report",
             put(migrations::report_migration),
@@ -282,7 +289,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 85, "{served:?}");
+        assert_eq!(served.len(), 88, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json
@@ -361,7 +368,7 @@ mod tests {
                 probed += 1;
             }
         }
-        assert_eq!(probed, 26);
+        assert_eq!(probed, 27);
     }
 
     #[test]

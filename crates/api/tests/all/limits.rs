@@ -211,7 +211,7 @@ async fn every_json_body_is_an_object_of_application_json() {
             }
         }
     }
-    assert_eq!(json_bodies.len(), 26, "{json_bodies:?}");
+    assert_eq!(json_bodies.len(), 27, "{json_bodies:?}");
     // The POST and PUT routes without a JSON body: a new one must be looked at here.
     let expected: BTreeSet<String> = [
         // Its body is the file, application/octet-stream (415 otherwise, tested in images.rs).
@@ -223,6 +223,8 @@ async fn every_json_body_is_an_object_of_application_json() {
         "POST /v1/vms/{id}/start",
         "POST /v1/vms/{id}/stop",
         "PUT /v1/migrations/{id}/snapshot",
+        // The recorded trace file, application/octet-stream, streamed into the blob store.
+        "PUT /v1/vms/{id}/trace/data",
     ]
     .into_iter()
     .map(str::to_owned)

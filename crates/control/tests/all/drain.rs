@@ -62,6 +62,7 @@ pub(crate) async fn vm(store: &dyn Store, tenant: TenantId, name: &str, on: &str
         redundancy: None,
         nics: Vec::new(),
         kernel_args: None,
+        trace: None,
     };
     put(store, &control::records::keys::vm(v.id), &v).await;
     v.id

@@ -122,6 +122,7 @@ fn vm(image: model::ImageId, on: &str) -> model::Vm {
         redundancy: None,
         nics: Vec::new(),
         kernel_args: None,
+        trace: None,
     }
 }
 

@@ -65,6 +65,7 @@ async fn redundant_vm(store: &dyn Store, primary: &str, standby: &str) -> VmId {
         }),
         nics: Vec::new(),
         kernel_args: None,
+        trace: None,
     };
     put(store, &control::records::keys::vm(v.id), &v).await;
     v.id
