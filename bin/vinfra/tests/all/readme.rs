@@ -200,6 +200,7 @@ const PROMISES: &[&str] = &[
     "network create blue",
     "vm create n1",
     "vm create n2",
+    "vm trace stop demo",
     "vm migrate demo",
     "migration list",
     "host maintenance enter host-c --dry-run",
@@ -651,6 +652,25 @@ async fn keep(
             let line = promised(step, "console: ", true)?;
             let what = format!("{line:?}");
             console_shows(&admin, arg(step, 2)?, &what, |c| c.contains(line), guest).await
+        }
+        // "MSR Cambridge CSV": the file is there, each line a request in that format.
+        "vm trace stop demo" => {
+            let file = up.dir.path().join(flag(step, "-o")?);
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            has(out, &format!("written to {}", flag(step, "-o")?))?;
+            match text.lines().next() {
+                None => Ok(()),
+                Some(l)
+                    if cache::trace::TraceFormat::detect(l)
+                        == Some(cache::trace::TraceFormat::Msr) =>
+                {
+                    cache::trace::read_trace(&file, cache::trace::TraceFormat::Msr)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+                Some(l) => Err(format!("not an MSR Cambridge line: {l:?}")),
+            }
         }
         "vm migrate demo" => {
             let (name, to) = (arg(step, 2)?, flag(step, "--to")?);
