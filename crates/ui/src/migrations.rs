@@ -55,6 +55,53 @@ fn table(ms: &[Migration]) -> Markup {
     }
 }
 
+/// The completed migrations of each strategy side by side: how many, median downtime,
+/// median time from switch-over to a warm cache, mean bytes from peer and origin, mean
+/// final hit ratio. A comparison over this cluster's own migrations (workloads differ
+/// between them), not a benchmark.
+fn by_strategy(ms: &[Migration]) -> Markup {
+    let mut groups: std::collections::BTreeMap<&str, Vec<&Migration>> = Default::default();
+    for m in ms
+        .iter()
+        .filter(|m| m.state == model::MigrationState::Completed)
+    {
+        groups.entry(m.strategy.as_str()).or_default().push(m);
+    }
+    let median = |mut v: Vec<u64>| -> Option<u64> {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    };
+    html! {
+        @if !groups.is_empty() {
+            table #strategies-table {
+                caption { "Completed migrations by cache fetch order (this cluster's own; workloads differ)" }
+                thead { tr {
+                    th scope="col" { "Strategy" } th scope="col" { "Migrations" }
+                    th scope="col" { "Median downtime" } th scope="col" { "Median warm-up" }
+                    th scope="col" { "Mean from peer" } th scope="col" { "Mean from origin" }
+                    th scope="col" { "Mean final hit ratio" }
+                } }
+                tbody {
+                    @for (st, g) in &groups {
+                        @let n = g.len() as u64;
+                        @let p = |f: fn(&model::CacheProgress) -> u64| g.iter().filter_map(|m| m.progress.as_ref().map(f)).sum::<u64>() / n.max(1);
+                        @let ratio = g.iter().filter_map(|m| m.progress.as_ref().map(|p| p.hit_ratio)).sum::<f64>() / g.len().max(1) as f64;
+                        tr data-strategy=(st) {
+                            th scope="row" { (st) }
+                            td { (n) }
+                            td { @match median(g.iter().filter_map(|m| m.qemu.as_ref().map(|q| q.downtime_ms)).collect()) { Some(d) => { (d) " ms" }, None => "—" } }
+                            td { @match median(g.iter().filter_map(|m| Some(m.finished_at?.saturating_sub(m.switched_at?))).collect()) { Some(d) => { (d) " ms" }, None => "—" } }
+                            td { (bytes(p(|x| x.peer_bytes))) }
+                            td { (bytes(p(|x| x.origin_bytes))) }
+                            td { (format!("{:.1} %", ratio * 100.0)) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn chart(id: &str, src: &str, label: &str) -> Markup {
     html! {
         figure.chart {
@@ -71,7 +118,10 @@ pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response 
             let body = html! {
                 (chart("curves", "/ui/migrations/curves.json",
                     "Destination cache hit ratio after switch-over, one curve per recent migration (seconds since its first report)"))
-                (layout::live("migrations-live", "/ui/migrations/live", "migrations", table(&ms)))
+                (layout::live("migrations-live", "/ui/migrations/live", "migrations", html! {
+                    (table(&ms))
+                    (by_strategy(&ms))
+                }))
             };
             layout::page(&s, "/ui/migrations", "Migrations", None, body).into_response()
         }
@@ -82,7 +132,7 @@ pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response 
 /// `GET /ui/migrations/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
     match list(&state, &s).await {
-        Ok(ms) => table(&ms).into_response(),
+        Ok(ms) => html! { (table(&ms)) (by_strategy(&ms)) }.into_response(),
         Err(e) => layout::error_page(&e),
     }
 }

@@ -214,6 +214,8 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     })
     .await
     .expect("the migrations page plots the completed curve");
+    b.wait_for_text("#strategies-table tr[data-strategy='heat+pattern'] td", "1")
+        .await;
     b.screenshot("migrations-sim").await;
     let vm = s.admin().get_vm("web-1").await.unwrap();
     assert_eq!(vm.host.as_str(), "host-b");

@@ -91,6 +91,8 @@ async fn dashboard_with_qemu_guests_migrates_with_a_curve_and_links_the_example_
     b.goto(&format!("{}/ui/migrations", s.url)).await;
     b.wait_for_text("#migrations-table tbody", "completed")
         .await;
+    b.wait_for_text("#strategies-table tr[data-strategy='heat+pattern'] td", "1")
+        .await;
     b.screenshot("migrations").await;
 
     // The example NS, instantiated from the page: VNFs per site, then its link up.
