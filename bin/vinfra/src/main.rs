@@ -228,4 +228,12 @@ mod tests {
             "the API changed: run `cargo run -- openapi > openapi/vinfra.json` and commit it"
         );
     }
+
+    /// Clap checks the whole command tree: a subcommand flag that collides with a global
+    /// one (`-o`) would otherwise only panic when that subcommand is run.
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -10,6 +10,7 @@ use crate::output::Format;
 pub mod control;
 pub mod migrate_vm;
 pub mod push;
+mod record;
 mod render;
 pub mod shm;
 pub mod slice;
@@ -94,6 +95,11 @@ pub enum BenchCmd {
         /// the others).
         #[arg(long, requires = "trace")]
         trace_speedup: Option<f64>,
+        /// Also replay traces recorded from real applications in the Debian guest (boot +
+        /// PostgreSQL + pgbench, and fio), recorded on first use (several minutes under
+        /// TCG; needs root and QEMU) and cached under the guest image cache.
+        #[arg(long, conflicts_with = "real")]
+        recorded: bool,
         /// Run on the real stack instead of the simulation: caches on disk, the source
         /// exported over NBD, the workload replayed through an NBD client (wall clock).
         #[arg(long)]
@@ -290,9 +296,15 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             trace,
             trace_format,
             trace_speedup,
+            recorded,
             real: false,
         } => {
             let mut opts = cache::bench::BenchOptions::standard(quick, None);
+            if recorded {
+                for path in record::ensure_recorded(&compute::default_cache_dir()).await? {
+                    opts = opts.with_trace(path, cache::trace::TraceFormat::Msr, 1.0);
+                }
+            }
             let traces = if trace.is_empty() {
                 let found: Vec<PathBuf> = default_trace().into_iter().collect();
                 if found.is_empty() {

@@ -114,9 +114,8 @@ pub enum TraceCmd {
     Stop {
         /// VM name or id.
         vm: String,
-        /// Where to write the trace.
-        #[arg(short, long)]
-        output: std::path::PathBuf,
+        /// Where to write the trace (`-o` is the global output format).
+        file: std::path::PathBuf,
     },
 }
 
@@ -133,7 +132,7 @@ async fn trace(c: &client::Client, cmd: TraceCmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        TraceCmd::Stop { vm, output } => {
+        TraceCmd::Stop { vm, file: output } => {
             let v = c.set_trace(&vm, false).await?;
             let bar = progress::spinner(format!("waiting for {} to upload the trace", v.host));
             let deadline = Instant::now() + TRACE_UPLOAD_WAIT;
@@ -145,7 +144,7 @@ async fn trace(c: &client::Client, cmd: TraceCmd) -> anyhow::Result<()> {
                 if Instant::now() > deadline {
                     bar.finish_and_clear();
                     bail!(
-                        "the agent of {} did not upload the trace within {} s (is it up?); `vinfra vm trace stop {vm} -o FILE` again waits again",
+                        "the agent of {} did not upload the trace within {} s (is it up?); `vinfra vm trace stop {vm} FILE` again waits again",
                         v.host,
                         TRACE_UPLOAD_WAIT.as_secs()
                     );

@@ -655,10 +655,10 @@ async fn keep(
         }
         // "MSR Cambridge CSV": the file is there, each line a request in that format.
         "vm trace stop demo" => {
-            let file = up.dir.path().join(flag(step, "-o")?);
+            let file = up.dir.path().join(arg(step, 4)?);
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            has(out, &format!("written to {}", flag(step, "-o")?))?;
+            has(out, &format!("written to {}", arg(step, 4)?))?;
             match text.lines().next() {
                 None => Ok(()),
                 Some(l)

@@ -1,0 +1,231 @@
+//! Block traces recorded from real applications in the Debian guest, for `vinfra bench
+//! migrate-cache --recorded`: generated on first use and cached (never committed) under
+//! `<cache>/traces/`:
+//! - `boot-pgbench.csv`: the guest boots (systemd, PostgreSQL starting), initialises
+//!   pgbench's tables and runs pgbench — the case where the blocks needed first after a
+//!   move are not the hottest;
+//! - `fio.csv`: fio's 4 KiB random 70/30 read/write job (zipf 1.1) inside the guest.
+//!
+//! Each is recorded by the agent's NBD server (`vinfra vm trace`) from the moment the VM
+//! runs until its workload prints `GUEST: WORKLOAD DONE`, with a real `vinfra server` and
+//! `vinfra agent` of this binary and QEMU (TCG). A trace is kept with a manifest naming the
+//! image it came from; another image (a rebuilt guest) records again.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use model::api::CreateVm;
+use tokio::process::{Child, Command};
+
+use super::control::procs;
+
+/// The recorded workloads: (file stem, kernel arguments).
+const WORKLOADS: [(&str, &str); 2] = [
+    (
+        "boot-pgbench",
+        "vinfra.workload=pgbench vinfra.pgbench_secs=60 vinfra.pgbench_clients=2",
+    ),
+    ("fio", "vinfra.workload=fio vinfra.fio_secs=60"),
+];
+
+/// Longest a recording may take (boot + workload under TCG on a loaded machine).
+const RECORD_WAIT: Duration = Duration::from_secs(900);
+
+/// The recorded traces, recording those missing or made from another image first.
+pub async fn ensure_recorded(cache: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let image = crate::cmd::image::ensure(compute::GuestKind::Debian, cache).await?;
+    let dir = cache.join("traces");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // The image's identity: its manifest (sizes and sha256 of every file) as built.
+    let manifest = image
+        .disk_template
+        .parent()
+        .map(|d| d.join("manifest.json"))
+        .context("the image has no directory")?;
+    let stamp = client::file_digest(&manifest).await?.to_string();
+    let fresh = |stem: &str| {
+        std::fs::read_to_string(dir.join(format!("{stem}.image"))).is_ok_and(|s| s.trim() == stamp)
+            && dir.join(format!("{stem}.csv")).is_file()
+    };
+    let missing: Vec<(&str, &str)> = WORKLOADS
+        .iter()
+        .copied()
+        .filter(|(s, _)| !fresh(s))
+        .collect();
+    if !missing.is_empty() {
+        record(&image, &dir, &missing, &stamp).await?;
+    }
+    Ok(WORKLOADS
+        .iter()
+        .map(|(s, _)| dir.join(format!("{s}.csv")))
+        .collect())
+}
+
+async fn record(
+    image: &compute::GuestImage,
+    out: &Path,
+    workloads: &[(&str, &str)],
+    stamp: &str,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find this binary")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("vrec")
+        .tempdir_in("/tmp")
+        .context("cannot make a work dir")?;
+    let dir = tmp.path();
+    let _reaper = Reaper(dir.to_owned());
+    let mut server = procs::Server::spawn(
+        &exe,
+        "s1",
+        &dir.join("server"),
+        &format!("redb:{}", dir.join("server/state.redb").display()),
+        &dir.join("blobs"),
+        4,
+    )?;
+    let token = server.wait_ready(None).await?;
+    let admin = client::Client::new(&server.url, &token)?;
+    let agent_token = admin
+        .create_token(&model::api::CreateToken::new(model::Role::Agent))
+        .await
+        .context("cannot mint an agent token")?
+        .token;
+    let token_file = dir.join("agent-token");
+    std::fs::write(&token_file, &agent_token)?;
+    crate::cmd::image::upload_guest(&admin, image, "debian", None).await?;
+    let _agent = spawn_agent(
+        &exe,
+        &server.url,
+        &dir.join("host-a"),
+        &token_file,
+        &dir.join("origin"),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !admin
+        .get_host("host-a")
+        .await
+        .is_ok_and(|h| h.state == model::HostState::Up)
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not register; its log:\n{}",
+                procs::log_tail(&dir.join("host-a/agent.log"), 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (stem, args) in workloads {
+        eprintln!("recording {stem} (the Debian guest under TCG: several minutes)");
+        let name = stem.replace('+', "-");
+        let vm = admin
+            .create_vm(&CreateVm {
+                name: name.clone(),
+                image: "debian".into(),
+                vcpus: 1,
+                memory_mib: 256,
+                host: Some("host-a".into()),
+                kernel_args: Some((*args).to_owned()),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create the {stem} VM"))?;
+        let id = vm.id.to_string();
+        let deadline = Instant::now() + RECORD_WAIT;
+        // From the moment it runs: QEMU boots the kernel from files, so the disk's
+        // first request (the root mount) comes after this.
+        loop {
+            match admin.set_trace(&id, true).await {
+                Ok(_) => break,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("the VM did not start"),
+            }
+        }
+        loop {
+            let console = admin.console(&id).await.unwrap_or_default();
+            if console.contains("GUEST: WORKLOAD DONE") {
+                if console.contains("RESULT FAIL") {
+                    bail!(
+                        "the {stem} workload failed in the guest:\n{}",
+                        tail(&console)
+                    );
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the {stem} workload did not finish in time:\n{}",
+                    tail(&console)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        admin.set_trace(&id, false).await?;
+        let digest = loop {
+            if let Some(d) = admin.get_vm(&id).await?.trace.and_then(|t| t.blob) {
+                break d;
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not upload the {stem} trace");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let file = out.join(format!("{stem}.csv"));
+        admin.download_blob(&digest, &file).await?;
+        std::fs::write(out.join(format!("{stem}.image")), stamp)?;
+        admin.delete_vm(&id).await?;
+        eprintln!("recorded {}", file.display());
+    }
+    server.stop().await;
+    Ok(())
+}
+
+fn tail(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Ends every QEMU whose files are under its dir when dropped.
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        compute::kill_qemus_under(&self.0);
+    }
+}
+
+fn spawn_agent(
+    exe: &Path,
+    url: &str,
+    dir: &Path,
+    token_file: &Path,
+    origin: &Path,
+) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log = std::fs::File::create(dir.join("agent.log"))
+        .with_context(|| format!("cannot create {}/agent.log", dir.display()))?;
+    Command::new(exe)
+        .args([
+            "agent",
+            "--server",
+            url,
+            "--host-name",
+            "host-a",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .arg("--token-file")
+        .arg(token_file)
+        .arg("--origin-dir")
+        .arg(origin)
+        .args(["--accel", "tcg"])
+        .arg("--exit-with-stdin")
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the agent")
+}
