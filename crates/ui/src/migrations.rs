@@ -29,7 +29,7 @@ fn row(m: &Migration) -> Markup {
         tr data-migration=(m.id) {
             th scope="row" { a href={ "/ui/migrations/" (m.id) } { (m.vm_name) } }
             td { (m.from_host) " → " (m.to_host) }
-            td { (m.strategy) }
+            td { (m.strategy) @if m.precopy { " + pre-copy" } }
             td.state { (badge(m.state.as_str())) @if let Some(e) = &m.error { br; span.error { (e) } } }
             td { @match &m.qemu { Some(q) => { (q.downtime_ms) " ms" }, None => "—" } }
             td { (bytes(p.peer_bytes)) }
@@ -188,7 +188,7 @@ fn facts(m: &Migration) -> Markup {
         dl.facts #migration-facts {
             dt { "VM" } dd { a href={ "/ui/vms/" (m.vm) } { (m.vm_name) } }
             dt { "Hosts" } dd { (m.from_host) " → " (m.to_host) }
-            dt { "Strategy" } dd { (m.strategy) }
+            dt { "Strategy" } dd { (m.strategy) @if m.precopy { ", cache pre-copied (" (p.precopy_dropped) " blocks rewritten meanwhile, dropped)" } }
             dt { "State" } dd.state #migration-state { (badge(m.state.as_str())) }
             dt { "Downtime" } dd { @match &m.qemu { Some(q) => { (q.downtime_ms) " ms (QEMU, total " (q.total_ms) " ms)" }, None => "—" } }
             dt { "Bytes from peer" } dd { (bytes(p.peer_bytes)) }

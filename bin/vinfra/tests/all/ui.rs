@@ -187,9 +187,11 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.wait_for_text("h1", "VM web-1").await;
     b.select("#to", "host-b").await;
     b.select("#strategy", "heat+pattern").await;
+    b.click("#precopy").await;
     b.click("#migrate-form button[type=submit]").await;
     b.wait_for_text("h1", "Migration of web-1").await;
     b.wait_for_text("#migration-state", "completed").await;
+    b.wait_for_text("#migration-facts", "cache pre-copied").await;
     test_utils::wait_for(Duration::from_secs(30), || async {
         b.exec(
             "const e = document.getElementById('curve'); return Number(e.dataset.points || 0) > 0 && !!e.querySelector('canvas');",
