@@ -17,6 +17,13 @@ fuzz_target!(|data: &[u8]| {
         1 => TraceFormat::Msr,
         _ => TraceFormat::Alibaba,
     };
+    // Format detection (`--trace` without `--trace-format`) reads the first line.
+    if let Some(first) = std::str::from_utf8(text).ok().and_then(|t| t.lines().next()) {
+        if let Some(f) = TraceFormat::detect(first) {
+            // A detected format names itself back.
+            assert_eq!(f.name().parse::<TraceFormat>().ok(), Some(f));
+        }
+    }
     match parse_trace(text, Path::new("trace.csv"), format) {
         Ok(reqs) => assert!(reqs.iter().all(|r| r.len > 0)),
         Err(TraceError::Parse { line, .. }) => assert!(line >= 1),
