@@ -191,7 +191,8 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     b.click("#migrate-form button[type=submit]").await;
     b.wait_for_text("h1", "Migration of web-1").await;
     b.wait_for_text("#migration-state", "completed").await;
-    b.wait_for_text("#migration-facts", "cache pre-copied").await;
+    b.wait_for_text("#migration-facts", "cache pre-copied")
+        .await;
     test_utils::wait_for(Duration::from_secs(30), || async {
         b.exec(
             "const e = document.getElementById('curve'); return Number(e.dataset.points || 0) > 0 && !!e.querySelector('canvas');",
