@@ -2,7 +2,8 @@
 //! not the benchmark, is what gets tuned): per workload, the migration penalty (excess
 //! misses over the never-moved twin) of `none`, `heat`, `heat+pattern` and the pre-copy
 //! variants, and whether `heat+pattern` keeps to at most 1/3 of `none`'s penalty and
-//! within 5% of `heat`'s. `cargo run --release -p cache --example robustness [WORKLOAD]`.
+//! within 5% of `heat`'s. `cargo run --release -p cache --example robustness [WORKLOAD]
+//! [TRACE.csv]...`: trace files (format detected) are added as workloads.
 use cache::bench::{run_bench, BenchOptions, BenchRow, WorkloadSpec};
 use cache::trace::SynthSpec;
 use cache::Strategy;
@@ -61,13 +62,22 @@ fn penalty(rows: &[&BenchRow], s: &str) -> i64 {
 }
 
 fn main() {
-    let only = std::env::args().nth(1);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (files, names): (Vec<&String>, Vec<&String>) = args
+        .iter()
+        .partition(|a| std::path::Path::new(a.as_str()).is_file());
+    let only = names.first().map(|s| (*s).clone());
     let trace = std::path::PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../../shared/traces/cloudphysics.csv"
     ));
     let strategies = vec![Strategy::None, Strategy::Heat, Strategy::HeatPattern];
     let mut o = BenchOptions::standard(true, trace.exists().then_some(trace));
+    for f in files {
+        let path = std::path::PathBuf::from(f);
+        let format = cache::trace::detect_format(&path).expect("a trace in a known format");
+        o = o.with_trace(path, format, 1.0);
+    }
     let mut v = o.clone();
     v.workloads = variants();
     for opts in [&mut o, &mut v] {
