@@ -205,6 +205,14 @@ impl VmTask {
                 r.qemu = self.phase.mig().and_then(|x| x.qemu.clone());
                 if m.precopy {
                     r.dirty = Some(self.dirty_list());
+                    // The cache as of switch-over, for the destination to plan again
+                    // (replacing the first snapshot; sent again with a re-sent report).
+                    if let Some(cache) = self.disk.cache.clone() {
+                        let snap =
+                            tokio::task::spawn_blocking(move || cache.migration_snapshot()).await?;
+                        let bytes = serde_json::to_vec(&snap).map_err(MigrateError::Snapshot)?;
+                        self.host.client.put_migration_snapshot(m.id, bytes).await?;
+                    }
                 }
                 self.send_mig(m.id, &r).await?;
                 Ok(())
@@ -300,12 +308,14 @@ impl VmTask {
                         return Ok(()); // not recorded yet: the next pass
                     };
                     if let Some(c) = cache.clone() {
+                        let c2 = c.clone();
                         let dropped =
-                            tokio::task::spawn_blocking(move || c.apply_dirty(&dirty)).await??;
+                            tokio::task::spawn_blocking(move || c2.apply_dirty(&dirty)).await??;
                         tracing::info!(migration = %m.id, dropped, "pre-copy: the source's dirty list applied");
                         if let Some(x) = self.phase.mig_mut() {
                             x.precopy_dropped = Some(dropped);
                         }
+                        self.replan(m, &c).await?;
                     }
                 }
                 let Some(x) = self.phase.mig_mut() else {
@@ -340,6 +350,74 @@ impl VmTask {
         }
     }
 
+    /// The source's cache as a block source: its NBD peer export, asked only for the
+    /// blocks `snap` lists.
+    async fn peer_source(
+        &self,
+        m: &Migration,
+        snap: &MigrationSnapshot,
+    ) -> Result<Arc<dyn BlockSource>, MigrateError> {
+        let h = &self.host;
+        let peer_addr: std::net::SocketAddr = m
+            .peer_nbd
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+            .ok_or(MigrateError::NoPeer(m.id))?;
+        let block_size = BlockSize::new(snap.block_size).unwrap_or(BlockSize::DEFAULT);
+        let have = snap.block_set();
+        let export = peer_export(m.vm);
+        let policy = ReconnectPolicy {
+            tls: crate::peer_tls(&h.cfg, peer_addr, m.from_host.as_str())
+                .map_err(MigrateError::PeerTls)?,
+            ..ReconnectPolicy::default()
+        };
+        let peer = tokio::task::spawn_blocking(move || {
+            PeerNbdSource::connect(NbdAddr::Tcp(peer_addr), &export, policy, have, block_size)
+        })
+        .await?
+        .map_err(MigrateError::Peer)?;
+        Ok(match peer_delay() {
+            Some(delay) => Arc::new(SlowSource { inner: peer, delay }),
+            None => Arc::new(peer),
+        })
+    }
+
+    /// Pre-copy, at switch-over: the plan made when the migration started went stale
+    /// while memory moved (the guest read blocks it does not know, and heat moved). With
+    /// the source's snapshot as of switch-over, plan again; what is cached is skipped.
+    /// Without that snapshot (a restarted server), the first rebuild goes on.
+    async fn replan(
+        &mut self,
+        m: &Migration,
+        cache: &Arc<cache::BlockCache>,
+    ) -> Result<(), MigrateError> {
+        let Some(bytes) = self.host.client.get_migration_snapshot(m.id).await? else {
+            return Ok(());
+        };
+        let snap: MigrationSnapshot =
+            serde_json::from_slice(&bytes).map_err(MigrateError::Snapshot)?;
+        let strategy = Strategy::from_str(&m.strategy)
+            .map_err(|_| MigrateError::Strategy(m.strategy.clone()))?;
+        let peer = self.peer_source(m, &snap).await?;
+        let old = self.phase.mig_mut().and_then(|x| x.rebuild.take());
+        let c = cache.clone();
+        let rebuild = tokio::task::spawn_blocking(move || {
+            // Stops the first rebuild after the block in hand (dropping joins it).
+            drop(old);
+            let plan = prepare_destination(&c, &snap, peer, strategy);
+            tracing::info!(
+                planned = plan.blocks.len(),
+                "pre-copy: planned again at switch-over"
+            );
+            Rebuild::start(c, plan)
+        })
+        .await?;
+        if let Some(x) = self.phase.mig_mut() {
+            x.rebuild = Some(rebuild);
+        }
+        Ok(())
+    }
+
     /// Opens the destination cache with the source as peer, plans, exports the disk and
     /// starts QEMU waiting for the stream. `None` while the snapshot is not there yet.
     async fn prepare_incoming(
@@ -356,11 +434,6 @@ impl VmTask {
             serde_json::from_slice(&bytes).map_err(MigrateError::Snapshot)?;
         let strategy = Strategy::from_str(&m.strategy)
             .map_err(|_| MigrateError::Strategy(m.strategy.clone()))?;
-        let peer_addr: std::net::SocketAddr = m
-            .peer_nbd
-            .as_deref()
-            .and_then(|p| p.parse().ok())
-            .ok_or(MigrateError::NoPeer(m.id))?;
         let image = h
             .images
             .paths(&a.image)
@@ -368,23 +441,7 @@ impl VmTask {
             .map_err(local::StartError::from)?;
         let spec = local::vm_spec(&self.files, a, &image, h.cfg.accel, h.disks.addr())?;
         let cache = local::ensure_cache(&h.disks, &self.files, a, &image, &mut self.disk).await?;
-        let block_size = BlockSize::new(snap.block_size).unwrap_or(BlockSize::DEFAULT);
-        let have = snap.block_set();
-        let export = peer_export(id);
-        let policy = ReconnectPolicy {
-            tls: crate::peer_tls(&h.cfg, peer_addr, m.from_host.as_str())
-                .map_err(MigrateError::PeerTls)?,
-            ..ReconnectPolicy::default()
-        };
-        let peer = tokio::task::spawn_blocking(move || {
-            PeerNbdSource::connect(NbdAddr::Tcp(peer_addr), &export, policy, have, block_size)
-        })
-        .await?
-        .map_err(MigrateError::Peer)?;
-        let peer: Arc<dyn BlockSource> = match peer_delay() {
-            Some(delay) => Arc::new(SlowSource { inner: peer, delay }),
-            None => Arc::new(peer),
-        };
+        let peer = self.peer_source(m, &snap).await?;
         let c2 = cache.clone();
         let mut plan = Some(
             tokio::task::spawn_blocking(move || prepare_destination(&c2, &snap, peer, strategy))

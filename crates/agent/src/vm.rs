@@ -181,6 +181,12 @@ impl VmTask {
         let mut act = true;
         loop {
             if act {
+                // Operations that arrived first are performed first: a migration step
+                // may move the guest away, and an operation the server routed here
+                // before it held them would then fail.
+                while let Ok(op) = ops.try_recv() {
+                    self.terminal_operation(op).await;
+                }
                 let msg = rx.borrow_and_update().clone();
                 if !self.handle(msg).await {
                     return;

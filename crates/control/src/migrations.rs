@@ -384,12 +384,15 @@ impl Control {
             } else {
                 // Terminal operations held while memory moved go, in the same
                 // transaction, to the host the VM runs on from now on.
-                let (held_compares, held_writes) =
-                    if m.state != previous && m.state != MigrationState::Migrating {
-                        self.release_held(vm.id, &vm.host).await?
-                    } else {
-                        (Vec::new(), Vec::new())
-                    };
+                let (held_compares, held_writes) = if m.state != previous
+                    && !matches!(
+                        m.state,
+                        MigrationState::Pending | MigrationState::Ready | MigrationState::Migrating
+                    ) {
+                    self.release_held(vm.id, &vm.host).await?
+                } else {
+                    (Vec::new(), Vec::new())
+                };
                 self.store()
                     .txn(
                         [

@@ -1055,7 +1055,18 @@ impl Control {
                 key: mkey,
                 expect: m.as_ref().map(|(_, r)| *r),
             });
-            if m.is_some_and(|(m, _)| m.state == model::MigrationState::Migrating) {
+            // Held from the migration's start, not only while memory moves: an operation
+            // sent to the source just before it moves the memory would reach its VM task
+            // after the guest left (the task is busy moving it) and fail.
+            let moving = m.is_some_and(|(m, _)| {
+                matches!(
+                    m.state,
+                    model::MigrationState::Pending
+                        | model::MigrationState::Ready
+                        | model::MigrationState::Migrating
+                )
+            });
+            if moving {
                 let hkey = held_key(vm_id);
                 let list = get_json::<HeldOperations>(self.store(), &hkey).await?;
                 compares.push(Compare::ModRevision {

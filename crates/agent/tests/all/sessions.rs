@@ -274,6 +274,18 @@ async fn operations_sent_during_a_migration_reach_the_vm_once_each_in_order() {
 
     let s = TerminalSession::connect(&creds, None).await.unwrap();
     let (mut tx, mut rx) = s.split();
+    let keys = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    let mut sent = 0u64;
+    // One press and release before the migration: performed on host-a. From the
+    // migration's start the server holds them, and host-b performs them in order.
+    for _ in 0..2 {
+        let q = keys[(sent as usize / 2) % keys.len()];
+        tx.send(sent + 1, now, &key(q, sent.is_multiple_of(2)))
+            .await
+            .unwrap();
+        sent += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let m = c
         .admin
         .migrate_vm(
@@ -287,8 +299,6 @@ async fn operations_sent_during_a_migration_reach_the_vm_once_each_in_order() {
         .await
         .unwrap();
     // Press and release key `n` for n = 1, 2, … until the migration is over, 20 ms apart.
-    let keys = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
-    let mut sent = 0u64;
     let deadline = Instant::now() + WAIT;
     loop {
         let q = keys[(sent as usize / 2) % keys.len()];

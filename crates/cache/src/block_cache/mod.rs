@@ -354,12 +354,18 @@ impl BlockCache {
         self.cfg.block_size.blocks_for(self.disk_size)
     }
 
-    /// Sets (or clears) the peer that misses try before the origin.
+    /// Sets (or clears) the peer that misses try before the origin. Blocks written since
+    /// a peer was first attached stay barred from the peer when it is replaced (a
+    /// pre-copy's re-plan at switch-over attaches the same source again: its copies of
+    /// what the guest wrote here since are older than the origin's); detaching forgets
+    /// them.
     pub fn set_peer(&self, peer: Option<Arc<dyn BlockSource>>) {
         {
             let mut st = lock(&self.state);
             st.peer_attached = peer.is_some();
-            st.peer_stale.clear();
+            if peer.is_none() {
+                st.peer_stale.clear();
+            }
         }
         *self.peer.write().unwrap_or_else(PoisonError::into_inner) = peer;
     }

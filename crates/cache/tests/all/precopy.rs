@@ -185,3 +185,29 @@ fn without_tracking_there_is_no_dirty_list() {
     assert_eq!(src.take_dirty(), Some(vec![[3, 2], [9, 1]]));
     assert_eq!(src.take_dirty(), None, "taking it ends it");
 }
+
+#[test]
+fn attaching_the_peer_again_keeps_what_was_written_here_away_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = origin(dir.path(), 16);
+    let (src, _) = open(dir.path(), "src", 8, &o);
+    let mut buf = vec![0u8; BS as usize];
+    src.read(&mut buf, 5 * BSU).unwrap();
+    let snap = src.migration_snapshot();
+    let (dst, _) = open(dir.path(), "dst", 1, &o);
+    let peer = || Arc::new(CacheSource::new(src.clone()));
+    let _ = prepare_destination(&dst, &snap, peer(), Strategy::Heat);
+    // The destination's guest writes block 5 partly (write-around: not cached here);
+    // the source's cache still holds the old block 5.
+    dst.write(&[0x77u8; 10], 5 * BSU, false).unwrap();
+    // A re-plan attaches the same source again (as pre-copy does at switch-over).
+    let snap2 = src.migration_snapshot();
+    let _ = prepare_destination(&dst, &snap2, peer(), Strategy::Heat);
+    dst.read(&mut buf, 5 * BSU).unwrap();
+    assert_eq!(
+        &buf[..10],
+        &[0x77u8; 10][..],
+        "read the source's older copy"
+    );
+    assert_eq!(buf, block_of(&image(dir.path()), 5));
+}
