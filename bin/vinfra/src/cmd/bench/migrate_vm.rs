@@ -162,14 +162,16 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn spawn_agent(
+/// Starts `vinfra agent` for `host` (a child that ends with us) on the shared `origin`,
+/// throttled like a SAN (`--origin-rate-mbps`, `--origin-latency-ms` of `args`).
+pub(super) fn spawn_agent(
     exe: &Path,
     url: &str,
     host: &str,
     dir: &Path,
     token_file: &Path,
     origin: &Path,
-    args: &MigrateVmArgs,
+    args: &AgentArgs<'_>,
 ) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let log = std::fs::File::create(dir.join("agent.log"))
@@ -181,7 +183,7 @@ fn spawn_agent(
         .arg(token_file)
         .arg("--origin-dir")
         .arg(origin)
-        .args(["--accel", &args.accel])
+        .args(["--accel", args.accel])
         .args(["--origin-rate-mbps", &args.origin_rate_mbps.to_string()])
         .args(["--origin-latency-ms", &args.origin_latency_ms.to_string()])
         // Ends with us, even if we are killed: we hold its stdin.
@@ -192,6 +194,16 @@ fn spawn_agent(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start agent {host}"))
+}
+
+/// How the benchmark's agents run.
+pub(super) struct AgentArgs<'a> {
+    /// `--accel`.
+    pub accel: &'a str,
+    /// The origin's rate, MB/s.
+    pub origin_rate_mbps: u64,
+    /// The origin's latency per request, ms.
+    pub origin_latency_ms: u64,
 }
 
 /// Runs the benchmark.
@@ -245,7 +257,11 @@ pub async fn run(args: &MigrateVmArgs) -> anyhow::Result<MigrateVmReport> {
             &dir.join(h),
             &token_file,
             &origin,
-            args,
+            &AgentArgs {
+                accel: &args.accel,
+                origin_rate_mbps: args.origin_rate_mbps,
+                origin_latency_ms: args.origin_latency_ms,
+            },
         )?);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -295,7 +311,7 @@ pub async fn run(args: &MigrateVmArgs) -> anyhow::Result<MigrateVmReport> {
 }
 
 /// Ends every QEMU whose files are under its dir when dropped.
-struct QemuReaper(PathBuf);
+pub(super) struct QemuReaper(pub(super) PathBuf);
 
 impl Drop for QemuReaper {
     fn drop(&mut self) {

@@ -12,12 +12,10 @@
 //! image it came from; another image (a rebuilt guest) records again.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use model::api::CreateVm;
-use tokio::process::{Child, Command};
 
 use super::control::procs;
 
@@ -75,7 +73,7 @@ async fn record(
         .tempdir_in("/tmp")
         .context("cannot make a work dir")?;
     let dir = tmp.path();
-    let _reaper = Reaper(dir.to_owned());
+    let _reaper = super::migrate_vm::QemuReaper(dir.to_owned());
     let mut server = procs::Server::spawn(
         &exe,
         "s1",
@@ -94,12 +92,19 @@ async fn record(
     let token_file = dir.join("agent-token");
     std::fs::write(&token_file, &agent_token)?;
     crate::cmd::image::upload_guest(&admin, image, "debian", None).await?;
-    let _agent = spawn_agent(
+    let _agent = super::migrate_vm::spawn_agent(
         &exe,
         &server.url,
+        "host-a",
         &dir.join("host-a"),
         &token_file,
         &dir.join("origin"),
+        // A SAN as `migrate-vm` models it.
+        &super::migrate_vm::AgentArgs {
+            accel: "tcg",
+            origin_rate_mbps: 100,
+            origin_latency_ms: 1,
+        },
     )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !admin
@@ -185,47 +190,4 @@ async fn record(
 fn tail(console: &str) -> String {
     let lines: Vec<&str> = console.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// Ends every QEMU whose files are under its dir when dropped.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        compute::kill_qemus_under(&self.0);
-    }
-}
-
-fn spawn_agent(
-    exe: &Path,
-    url: &str,
-    dir: &Path,
-    token_file: &Path,
-    origin: &Path,
-) -> anyhow::Result<Child> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let log = std::fs::File::create(dir.join("agent.log"))
-        .with_context(|| format!("cannot create {}/agent.log", dir.display()))?;
-    Command::new(exe)
-        .args([
-            "agent",
-            "--server",
-            url,
-            "--host-name",
-            "host-a",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .arg("--token-file")
-        .arg(token_file)
-        .arg("--origin-dir")
-        .arg(origin)
-        .args(["--accel", "tcg"])
-        .arg("--exit-with-stdin")
-        .stdin(Stdio::piped())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the agent")
 }
