@@ -151,11 +151,18 @@ pub fn migrate_svg(rows: &[BenchRow]) -> String {
                 .join(" ")
         };
         for (i, r) in mine.iter().enumerate() {
-            let c = COLORS[Strategy::ALL
-                .iter()
-                .position(|st| st.name() == r.strategy)
-                .unwrap_or(7)
-                % COLORS.len()];
+            // Pre-copy rows (`STRATEGY+precopy`) get colours of their own.
+            let c = match r.strategy.as_str() {
+                "heat+precopy" => "#f28e2b",
+                "heat+pattern+precopy" => "#17becf",
+                name => {
+                    COLORS[Strategy::ALL
+                        .iter()
+                        .position(|st| st.name() == name)
+                        .unwrap_or(7)
+                        % COLORS.len()]
+                }
+            };
             let wdt = if r.strategy == Strategy::HeatPattern.name() {
                 2.5
             } else {
