@@ -196,6 +196,34 @@ pub(super) fn spawn_agent(
         .with_context(|| format!("cannot start agent {host}"))
 }
 
+/// A `vinfra server` (redb) under `dir`, an admin client to it, an agent token in
+/// `dir/agent-token`, and `image` uploaded as the image `debian`.
+pub(super) async fn debian_server(
+    exe: &Path,
+    dir: &Path,
+    image: &compute::GuestImage,
+) -> anyhow::Result<(procs::Server, client::Client, PathBuf)> {
+    let mut server = procs::Server::spawn(
+        exe,
+        "s1",
+        &dir.join("server"),
+        &format!("redb:{}", dir.join("server/state.redb").display()),
+        &dir.join("blobs"),
+        4,
+    )?;
+    let token = server.wait_ready(None).await?;
+    let admin = client::Client::new(&server.url, &token)?;
+    let agent_token = admin
+        .create_token(&model::api::CreateToken::new(model::Role::Agent))
+        .await
+        .context("cannot mint an agent token")?
+        .token;
+    let token_file = dir.join("agent-token");
+    std::fs::write(&token_file, &agent_token)?;
+    crate::cmd::image::upload_guest(&admin, image, "debian", None).await?;
+    Ok((server, admin, token_file))
+}
+
 /// How the benchmark's agents run.
 pub(super) struct AgentArgs<'a> {
     /// `--accel`.
@@ -228,25 +256,8 @@ pub async fn run(args: &MigrateVmArgs) -> anyhow::Result<MigrateVmReport> {
     // VMs outlive their agents by design (a restarted agent adopts them): whatever way
     // this ends (error, Ctrl-C), end the QEMUs under the work dir before it is removed.
     let _reaper = QemuReaper(dir.to_owned());
-    let mut server = procs::Server::spawn(
-        &exe,
-        "s1",
-        &dir.join("server"),
-        &format!("redb:{}", dir.join("server/state.redb").display()),
-        &dir.join("blobs"),
-        4,
-    )?;
-    let token = server.wait_ready(None).await?;
-    let admin = client::Client::new(&server.url, &token)?;
-    let agent_token = admin
-        .create_token(&model::api::CreateToken::new(model::Role::Agent))
-        .await
-        .context("cannot mint an agent token")?
-        .token;
-    let token_file = dir.join("agent-token");
-    std::fs::write(&token_file, &agent_token)?;
-    eprintln!("uploading the debian image");
-    crate::cmd::image::upload_guest(&admin, &image, "debian", None).await?;
+    eprintln!("starting a server and uploading the debian image");
+    let (server, admin, token_file) = debian_server(&exe, dir, &image).await?;
     let origin = dir.join("origin");
     let mut agents = Vec::new();
     for h in ["host-a", "host-b"] {

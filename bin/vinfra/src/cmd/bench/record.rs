@@ -74,24 +74,7 @@ async fn record(
         .context("cannot make a work dir")?;
     let dir = tmp.path();
     let _reaper = super::migrate_vm::QemuReaper(dir.to_owned());
-    let mut server = procs::Server::spawn(
-        &exe,
-        "s1",
-        &dir.join("server"),
-        &format!("redb:{}", dir.join("server/state.redb").display()),
-        &dir.join("blobs"),
-        4,
-    )?;
-    let token = server.wait_ready(None).await?;
-    let admin = client::Client::new(&server.url, &token)?;
-    let agent_token = admin
-        .create_token(&model::api::CreateToken::new(model::Role::Agent))
-        .await
-        .context("cannot mint an agent token")?
-        .token;
-    let token_file = dir.join("agent-token");
-    std::fs::write(&token_file, &agent_token)?;
-    crate::cmd::image::upload_guest(&admin, image, "debian", None).await?;
+    let (server, admin, token_file) = super::migrate_vm::debian_server(&exe, dir, image).await?;
     let _agent = super::migrate_vm::spawn_agent(
         &exe,
         &server.url,
