@@ -24,7 +24,9 @@ async fn a_trace_records_the_guests_disk_requests_and_comes_back_as_msr() {
     assert!(v.trace.as_ref().is_some_and(|t| t.recording));
     let console = c.wait_ticks(&vm, 0, 1).await;
     let before = harness::good_ticks(&console);
-    c.wait_ticks(&vm, before, 6).await;
+    // The agent starts recording when the pushed change reaches it, a tick or so after
+    // the answer: 8 ticks leave room for at least 6 recorded ones.
+    c.wait_ticks(&vm, before, 8).await;
     c.admin.set_trace(&id, false).await.unwrap();
     let digest = {
         let deadline = tokio::time::Instant::now() + harness::WAIT;
