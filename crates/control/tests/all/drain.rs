@@ -332,7 +332,7 @@ fn small(name: &str, host: Option<&str>) -> model::api::VmRequest {
 }
 
 /// A public image in the store, for creates.
-async fn image(store: &dyn Store) {
+pub(crate) async fn image(store: &dyn Store) {
     let digest = format!("sha256:{}", "ab".repeat(32));
     let image = model::Image {
         id: ImageId::new_random(),
