@@ -396,7 +396,7 @@ impl From<control::CreateVmError> for ApiError {
             e @ (E::NoSuchImage(_) | E::ImageNotInStore(_) | E::NoSuchHost(_)) => {
                 ApiError::Unprocessable(e.to_string())
             }
-            e @ (E::NameTaken(_) | E::NoRoom(_) | E::NoRedundantPlacement(_)) => {
+            e @ (E::NameTaken(_) | E::NoRoom { .. } | E::NoRedundantPlacement(_)) => {
                 ApiError::Conflict(e.to_string())
             }
         }

@@ -24,6 +24,7 @@ mod maintenance;
 mod migrations;
 pub mod networks;
 pub mod ns;
+pub mod ns_site;
 pub mod operations;
 pub mod push;
 pub mod records;

@@ -224,8 +224,11 @@ impl Control {
         }
         // The destination's room is reserved from now until the migration ends: the
         // ledger counts it there, and its counter is bumped in the transaction below.
+        // A drain's hold for this VM ends in the transaction below (the VM gains its
+        // migration), so it does not count against the VM's own move.
         let ledger = self.ledger().await?;
-        place(&hosts, &ledger.hosts, vm.vcpus, vm.memory_mib, Some(to)).map_err(|e| match e {
+        let used = ledger.hosts_without_hold_of(vm.id);
+        place(&hosts, &used, vm.vcpus, vm.memory_mib, Some(to)).map_err(|e| match e {
             PlaceError::NoSuchHost(host) => MigrateStartError::NoSuchDestination { host },
             other => MigrateStartError::Destination(other),
         })?;

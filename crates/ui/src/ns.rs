@@ -291,7 +291,7 @@ pub(crate) async fn terminate(
     let r: Result<NsInstanceRecord, ApiError> = async {
         check_origin(&headers)?;
         s.check_post(&state, &form).await?;
-        api::ns::terminate(&state, &s.caller, &s.token, &id).await
+        api::ns::terminate(&state, &s.caller, &id).await
     }
     .await;
     match r {
@@ -327,7 +327,7 @@ pub(crate) async fn scale(
             vnf: val(&form, "vnf").to_owned(),
             direction,
         };
-        api::ns::scale(&state, &s.caller, &s.token, &id, body).await
+        api::ns::scale(&state, &s.caller, &id, body).await
     }
     .await;
     match r {

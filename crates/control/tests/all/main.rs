@@ -4,6 +4,7 @@
 
 mod concurrency;
 mod drain;
+mod ns_site;
 mod push;
 mod takeover;
 mod terminals;
