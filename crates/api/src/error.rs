@@ -403,6 +403,25 @@ impl From<control::CreateVmError> for ApiError {
     }
 }
 
+impl From<control::SnapshotError> for ApiError {
+    fn from(e: control::SnapshotError) -> Self {
+        use control::SnapshotError as E;
+        match e {
+            E::Control(c) => c.into(),
+            E::TooLarge { limit } => ApiError::PayloadTooLarge {
+                what: "snapshot",
+                size: None,
+                limit,
+            },
+            E::NotUploaded(m) => ApiError::NotFound {
+                kind: "snapshot of migration",
+                id: m.to_string(),
+            },
+            e @ (E::Finished { .. } | E::ChunkGone { .. }) => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 impl From<control::VmChangeError> for ApiError {
     fn from(e: control::VmChangeError) -> Self {
         match e {

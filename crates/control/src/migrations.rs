@@ -433,6 +433,10 @@ impl Control {
                     if m.state != previous {
                         tracing::info!(migration = %m.id, vm = %m.vm_name, state = m.state.as_str(), error = ?m.error, "migration moved");
                     }
+                    if m.state.is_final() && !previous.is_final() {
+                        // Nobody reads the cache snapshot any more.
+                        self.drop_snapshots(m.id).await;
+                    }
                     return Ok(m);
                 }
                 Err(StoreError::Conflict { .. }) => continue,

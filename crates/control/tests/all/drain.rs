@@ -68,7 +68,7 @@ pub(crate) async fn vm(store: &dyn Store, tenant: TenantId, name: &str, on: &str
     v.id
 }
 
-fn report(host: &str, state: MigrationState) -> MigrationReport {
+pub(crate) fn report(host: &str, state: MigrationState) -> MigrationReport {
     MigrationReport {
         host: host.into(),
         state,
@@ -102,7 +102,7 @@ async fn migration_of(c: &Control, session: &str, i: usize) -> String {
 }
 
 /// The agents' side of a migration up to switch-over.
-async fn switch_over(c: &Control, mig: &str) {
+pub(crate) async fn switch_over(c: &Control, mig: &str) {
     let (m, _) = c.migration(Scope::All, mig).await.unwrap();
     let (src, dst) = (m.from_host.to_string(), m.to_host.to_string());
     for (who, st) in [

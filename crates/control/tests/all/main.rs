@@ -6,5 +6,6 @@ mod concurrency;
 mod drain;
 mod ns_site;
 mod push;
+mod snapshots;
 mod takeover;
 mod terminals;
