@@ -13,6 +13,7 @@ pub mod api;
 mod error_chain;
 mod ids;
 mod name_type;
+pub mod resource_tables;
 mod rng;
 pub mod slices;
 pub mod terminal_ops;
@@ -22,8 +23,8 @@ mod validate;
 
 pub use error_chain::error_chain;
 pub use ids::{
-    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TerminalId,
-    TokenId, VmId,
+    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, ResourceTableId,
+    TenantId, TerminalId, TokenId, VmId,
 };
 pub use rng::SplitMix64;
 pub use types::{
