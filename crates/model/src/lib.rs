@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod bench;
 mod error_chain;
 mod ids;
 mod name_type;
