@@ -8,17 +8,16 @@ use std::collections::HashMap;
 
 use api::{ApiError, AppState};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use maud::{html, Markup};
 use model::bench::MigrateCacheResult;
 use model::Role;
 
-use crate::layout::{self, bytes, field, form_error, FormError};
+use crate::layout::{self, bytes, field, form_error, Change, FormError};
 use crate::migrations::{chart, Curve, Curves};
-use crate::session::{check_origin, Session};
-use crate::{done, val, Posted};
+use crate::session::Session;
+use crate::{done, val};
 
 /// Upload size limit: the standard run's document is a few hundred KiB.
 pub(crate) const UPLOAD_LIMIT: usize = 4 << 20;
@@ -156,13 +155,9 @@ pub(crate) async fn curves(
 /// `POST /ui/migrations/bench`: checks and keeps the uploaded document.
 pub(crate) async fn upload(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Posted(form): Posted<UPLOAD_LIMIT>,
+    Change { s, form }: Change<UPLOAD_LIMIT>,
 ) -> Response {
     let r: Result<MigrateCacheResult, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         let key = key(&s)?;
         let text = val(&form, "doc").trim();
         if text.is_empty() {

@@ -155,10 +155,11 @@ pub(crate) async fn page(
 
 /// `GET /ui/migrations/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match list(&state, &s).await {
-        Ok(ms) => html! { (table(&ms)) (by_strategy(&ms)) }.into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(
+        list(&state, &s)
+            .await
+            .map(|ms| html! { (table(&ms)) (by_strategy(&ms)) }),
+    )
 }
 
 /// One curve for the plot: seconds since the first sample, hit ratio in percent.
@@ -260,10 +261,7 @@ pub(crate) async fn show_live(
     s: Session,
     Path(id): Path<String>,
 ) -> Response {
-    match one(&state, &s, &id).await {
-        Ok(m) => facts(&m).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(one(&state, &s, &id).await.map(|m| facts(&m)))
 }
 
 /// `GET /ui/migrations/{id}/curve.json`.

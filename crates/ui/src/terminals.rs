@@ -126,8 +126,5 @@ pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response 
 
 /// `GET /ui/terminals/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match load(&state, &s).await {
-        Ok(ts) => tables(&ts).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(load(&state, &s).await.map(|ts| tables(&ts)))
 }
