@@ -386,9 +386,28 @@ impl From<control::CreateVmError> for ApiError {
             e @ (E::NoSuchImage(_) | E::ImageNotInStore(_) | E::NoSuchHost(_)) => {
                 ApiError::Unprocessable(e.to_string())
             }
-            e @ (E::NameTaken(_) | E::NoRoom(_) | E::NoRedundantPlacement(_)) => {
+            e @ (E::NameTaken(_) | E::NoRoom { .. } | E::NoRedundantPlacement(_)) => {
                 ApiError::Conflict(e.to_string())
             }
+        }
+    }
+}
+
+impl From<control::SnapshotError> for ApiError {
+    fn from(e: control::SnapshotError) -> Self {
+        use control::SnapshotError as E;
+        match e {
+            E::Control(c) => c.into(),
+            E::TooLarge { limit } => ApiError::PayloadTooLarge {
+                what: "snapshot",
+                size: None,
+                limit,
+            },
+            E::NotUploaded(m) => ApiError::NotFound {
+                kind: "snapshot of migration",
+                id: m.to_string(),
+            },
+            e @ (E::Finished { .. } | E::ChunkGone { .. }) => ApiError::Conflict(e.to_string()),
         }
     }
 }

@@ -155,9 +155,6 @@ struct Inner {
     /// Latest console tail per VM. In memory on purpose: it is large,
     /// changes every report, and losing it on restart costs nothing.
     consoles: Mutex<HashMap<VmId, String>>,
-    /// Migration cache snapshots, from the source agent to the destination agent.
-    /// In memory: used once within seconds; a server restart fails the migration.
-    snapshots: Mutex<HashMap<MigrationId, axum::body::Bytes>>,
     /// The cache-rebuild progress of recent migrations as reported, one sample a report:
     /// the curves the dashboard plots. In memory like the console tails (the record keeps
     /// the latest figures only); a restart starts the curves anew.
@@ -198,7 +195,6 @@ impl AppState {
                 )
                 .with_push_keepalive(config.push_keepalive),
                 consoles: Mutex::new(HashMap::new()),
-                snapshots: Mutex::new(HashMap::new()),
                 curves: Mutex::new(curves::Curves::default()),
                 http: metrics::HttpCounters::default(),
                 traffic: config
@@ -270,10 +266,6 @@ impl AppState {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(crate) fn set_snapshot(&self, m: MigrationId, snap: axum::body::Bytes) {
-        lock(&self.inner.snapshots).insert(m, snap);
-    }
-
     /// Adds a sample of `m`'s progress to its curve.
     pub(crate) fn record_progress(&self, m: &model::Migration) {
         lock(&self.inner.curves).record(m, control::now_ms());
@@ -282,14 +274,6 @@ impl AppState {
     /// The progress samples of migration `m` this server received, oldest first.
     pub fn curve(&self, m: MigrationId) -> Vec<ProgressSample> {
         lock(&self.inner.curves).get(m)
-    }
-
-    pub(crate) fn snapshot(&self, m: MigrationId) -> Option<axum::body::Bytes> {
-        lock(&self.inner.snapshots).get(&m).cloned()
-    }
-
-    pub(crate) fn forget_snapshot(&self, m: MigrationId) {
-        lock(&self.inner.snapshots).remove(&m);
     }
 
     /// This server's vSwitch controller, when traffic statistics are on.

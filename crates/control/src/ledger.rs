@@ -5,8 +5,11 @@
 //! keeps its room so that it can start again), the standby of every redundant VM whose
 //! standby it is (so a takeover always fits), and the destination of every migration
 //! from the moment it starts until it ends (so a VM created during a migration cannot
-//! take the room the migrating VM lands in). What a storage holds: the disk of both
-//! halves of every redundant pair.
+//! take the room the migrating VM lands in), and the planned destination of every VM a
+//! maintenance drain has yet to move, from the moment the drain is accepted until that
+//! VM's migration starts (its own reservation takes over in the same transaction: the
+//! VM's record gains the migration and the plan's hold ends) or the drain ends. What a
+//! storage holds: the disk of both halves of every redundant pair.
 //!
 //! How it stays true under concurrency: every write that reserves on a host or a
 //! storage (a VM create, a migration start) compares and bumps that host's or storage's
@@ -16,7 +19,10 @@
 
 use std::collections::HashMap;
 
-use model::{Migration, Name, Vm};
+use model::{
+    DesiredState, DrainItemState, Maintenance, MaintenanceId, MaintenanceState, Migration, Name,
+    Vm, VmId,
+};
 use sched::Usage;
 use store::{Compare, Revision, TxnOp};
 
@@ -33,6 +39,60 @@ pub struct Ledger {
     pub storage_gib: HashMap<String, u64>,
     /// The VM records it was computed from.
     pub vms: Vec<(Vm, Revision)>,
+    /// The drains' holds on their planned destinations (counted in `hosts`).
+    pub drain_holds: Vec<DrainHold>,
+}
+
+/// Room a maintenance drain holds on a VM's planned destination until its move starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainHold {
+    /// The destination.
+    pub host: Name,
+    /// The VM that will move there.
+    pub vm: VmId,
+    /// The drain.
+    pub session: MaintenanceId,
+    /// The host being drained.
+    pub from: Name,
+    /// vCPUs held.
+    pub vcpus: u32,
+    /// Memory held, MiB.
+    pub memory_mib: u64,
+}
+
+/// The holds of the unfinished drains, pure: a pending item holds its destination while
+/// its VM is still on the drained host with no migration in flight (a migration holds
+/// its own destination; a VM gone or moved needs nothing).
+pub fn drain_holds(vms: &[Vm], sessions: &[Maintenance]) -> Vec<DrainHold> {
+    let mut out = Vec::new();
+    for m in sessions.iter().filter(|m| {
+        matches!(
+            m.state,
+            MaintenanceState::Entering | MaintenanceState::Draining
+        )
+    }) {
+        for it in m
+            .items
+            .iter()
+            .filter(|i| i.state == DrainItemState::Pending)
+        {
+            let Some(vm) = vms.iter().find(|v| v.id == it.vm) else {
+                continue;
+            };
+            if vm.host != m.host || vm.migration.is_some() || vm.desired == DesiredState::Deleted {
+                continue;
+            }
+            out.push(DrainHold {
+                host: it.to.clone(),
+                vm: vm.id,
+                session: m.id,
+                from: m.host.clone(),
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+            });
+        }
+    }
+    out
 }
 
 /// Reserved per host, pure: `vms` at their host and standby, and at the destination of
@@ -73,6 +133,61 @@ pub fn storage_reservations(vms: &[Vm]) -> HashMap<String, u64> {
 }
 
 impl Ledger {
+    /// The reservations per host without the drain hold of `vm`: what a migration of
+    /// `vm` is checked against (its start ends that hold in the same transaction).
+    pub fn hosts_without_hold_of(&self, vm: VmId) -> HashMap<Name, Usage> {
+        let mut out = self.hosts.clone();
+        for h in self.drain_holds.iter().filter(|h| h.vm == vm) {
+            if let Some(u) = out.get_mut(&h.host) {
+                u.vcpus = u.vcpus.saturating_sub(u64::from(h.vcpus));
+                u.memory_mib = u.memory_mib.saturating_sub(h.memory_mib);
+            }
+        }
+        out
+    }
+
+    /// What the drains hold on `host` (all hosts with `None`), for a refusal to name:
+    /// `None` when they hold nothing there. Names sessions and hosts, never another
+    /// tenant's VM.
+    pub fn drain_holds_note(&self, host: Option<&Name>) -> Option<String> {
+        // Per (destination, session): vCPUs and MiB.
+        let mut sums: Vec<(&Name, MaintenanceId, &Name, u64, u64)> = Vec::new();
+        for h in self
+            .drain_holds
+            .iter()
+            .filter(|h| host.is_none_or(|w| *w == h.host))
+        {
+            match sums.iter_mut().find(|s| *s.0 == h.host && s.1 == h.session) {
+                Some(s) => {
+                    s.3 = s.3.saturating_add(u64::from(h.vcpus));
+                    s.4 = s.4.saturating_add(h.memory_mib);
+                }
+                None => sums.push((
+                    &h.host,
+                    h.session,
+                    &h.from,
+                    u64::from(h.vcpus),
+                    h.memory_mib,
+                )),
+            }
+        }
+        if sums.is_empty() {
+            return None;
+        }
+        sums.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        Some(
+            sums.iter()
+                .map(|(to, session, from, vcpus, mib)| {
+                    format!(
+                        "{vcpus} vCPUs and {mib} MiB of {to} are reserved by maintenance drain \
+                         {session} of host {from} for the VMs it will move there"
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
     /// The compares and writes that make a reservation on `hosts` and `storage` part of
     /// a transaction: each counter must be where this ledger read it, and is bumped.
     pub fn reserve<'a>(
@@ -112,7 +227,7 @@ impl Ledger {
 }
 
 impl Control {
-    /// Reads the ledger: the counters first, then the VMs and migrations.
+    /// Reads the ledger: the counters first, then the VMs, migrations and drains.
     pub async fn ledger(&self) -> Result<Ledger, ControlError> {
         let mut counters = HashMap::new();
         for prefix in [keys::HOST_ALLOC, keys::STORAGE_ALLOC] {
@@ -132,12 +247,26 @@ impl Control {
                 migrations.push(m);
             }
         }
+        let sessions: Vec<Maintenance> = list_json::<Maintenance>(self.store(), keys::MAINTENANCE)
+            .await?
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
         let plain: Vec<Vm> = vms.iter().map(|(v, _)| v.clone()).collect();
+        let mut hosts = host_reservations(&plain, &migrations);
+        let holds = drain_holds(&plain, &sessions);
+        for h in &holds {
+            hosts
+                .entry(h.host.clone())
+                .or_default()
+                .add(h.vcpus, h.memory_mib);
+        }
         Ok(Ledger {
             counters,
-            hosts: host_reservations(&plain, &migrations),
+            hosts,
             storage_gib: storage_reservations(&plain),
             vms,
+            drain_holds: holds,
         })
     }
 }

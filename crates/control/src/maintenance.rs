@@ -9,6 +9,10 @@
 //! disconnect, watch, or abort, and a restarted (or newly elected) server goes on from
 //! the session's last recorded step. The cordon is a field of the host record that
 //! agents' re-registration preserves.
+//!
+//! Reservations: the accepted plan holds each VM's destination in the ledger (see
+//! [`crate::ledger`]) until that VM's migration starts or the drain ends, so a VM created
+//! during the drain cannot take the room planned for a drained VM.
 
 use std::collections::HashMap;
 
@@ -178,14 +182,21 @@ impl Control {
                 return Ok(session);
             }
             host.maintenance = Some(session.id);
+            // The plan's destinations are held from now (the ledger counts every pending
+            // item): their counters are compared and bumped with the session record, so a
+            // VM created meanwhile on a destination makes one of the two re-plan.
+            let (reserve_compares, reserve_ops) =
+                ledger.reserve(session.items.iter().map(|i| &i.to), [])?;
             let res = self
                 .store()
                 .txn(
-                    vec![Compare::ModRevision {
+                    std::iter::once(Compare::ModRevision {
                         key: keys::host(name),
                         expect: Some(hrev),
-                    }],
-                    vec![
+                    })
+                    .chain(reserve_compares)
+                    .collect(),
+                    [
                         TxnOp::Put {
                             key: keys::host(name),
                             value: to_bytes(&host)?,
@@ -194,7 +205,10 @@ impl Control {
                             key: keys::maintenance(session.id),
                             value: to_bytes(&session)?,
                         },
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(reserve_ops)
+                    .collect(),
                 )
                 .await;
             match res {

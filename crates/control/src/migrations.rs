@@ -237,8 +237,11 @@ impl Control {
         }
         // The destination's room is reserved from now until the migration ends: the
         // ledger counts it there, and its counter is bumped in the transaction below.
+        // A drain's hold for this VM ends in the transaction below (the VM gains its
+        // migration), so it does not count against the VM's own move.
         let ledger = self.ledger().await?;
-        place(&hosts, &ledger.hosts, vm.vcpus, vm.memory_mib, Some(to)).map_err(|e| match e {
+        let used = ledger.hosts_without_hold_of(vm.id);
+        place(&hosts, &used, vm.vcpus, vm.memory_mib, Some(to)).map_err(|e| match e {
             PlaceError::NoSuchHost(host) => MigrateStartError::NoSuchDestination { host },
             other => MigrateStartError::Destination(other),
         })?;
@@ -467,6 +470,10 @@ impl Control {
                 Ok(_) => {
                     if m.state != previous {
                         tracing::info!(migration = %m.id, vm = %m.vm_name, state = m.state.as_str(), error = ?m.error, "migration moved");
+                    }
+                    if m.state.is_final() && !previous.is_final() {
+                        // Nobody reads the cache snapshot any more.
+                        self.drop_snapshots(m.id).await;
                     }
                     return Ok(m);
                 }

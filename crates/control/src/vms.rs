@@ -26,9 +26,15 @@ pub enum CreateVmError {
     /// The host asked for does not exist.
     #[error("{0}")]
     NoSuchHost(PlaceError),
-    /// No room (on the host asked for, or anywhere); names the host and the constraint.
-    #[error("{0}")]
-    NoRoom(PlaceError),
+    /// No room (on the host asked for, or anywhere); names the host and the constraint,
+    /// and the drain reservations that hold room there.
+    #[error("{reason}{}", .held.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
+    NoRoom {
+        /// The constraint.
+        reason: PlaceError,
+        /// What maintenance drains hold there, if anything.
+        held: Option<String>,
+    },
     /// No storage pair and server pair fits a redundant VM; the explanation names the
     /// failed constraint of the best candidates.
     #[error("redundant: {0}")]
@@ -140,7 +146,18 @@ impl Control {
                     )
                     .map_err(|e| match e {
                         PlaceError::NoSuchHost(_) => CreateVmError::NoSuchHost(e),
-                        _ => CreateVmError::NoRoom(e),
+                        PlaceError::NoRoom { ref host, .. } => CreateVmError::NoRoom {
+                            held: ledger.drain_holds_note(Some(host)),
+                            reason: e,
+                        },
+                        PlaceError::NoHostFits { .. } => CreateVmError::NoRoom {
+                            held: ledger.drain_holds_note(None),
+                            reason: e,
+                        },
+                        _ => CreateVmError::NoRoom {
+                            reason: e,
+                            held: None,
+                        },
                     })?;
                     (host, None)
                 }

@@ -851,8 +851,8 @@ pub struct LinkReply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "driver", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SiteSpec {
-    /// This vinfra control plane (acting with the caller's token), on one host or where
-    /// the scheduler puts each VDU.
+    /// This vinfra control plane (driven in process, as the instance's tenant), on one
+    /// host or where the scheduler puts each VDU.
     Vinfra {
         /// Host for every VDU of the site.
         #[serde(default, skip_serializing_if = "Option::is_none")]

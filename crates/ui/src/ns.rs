@@ -283,7 +283,7 @@ pub(crate) async fn terminate(
     Change { s, .. }: Change,
 ) -> Response {
     let r: Result<NsInstanceRecord, ApiError> =
-        async { api::ns::terminate(&state, &s.caller, &s.token, &id).await }.await;
+        async { api::ns::terminate(&state, &s.caller, &id).await }.await;
     match r {
         Ok(rec) => done("/ui/ns", &format!("terminating {}", rec.name)),
         Err(e) => {
@@ -313,7 +313,7 @@ pub(crate) async fn scale(
             vnf: val(&form, "vnf").to_owned(),
             direction,
         };
-        api::ns::scale(&state, &s.caller, &s.token, &id, body).await
+        api::ns::scale(&state, &s.caller, &id, body).await
     }
     .await;
     match r {

@@ -29,6 +29,9 @@ pub struct BenchOptions {
     pub lifecycle: u32,
     /// Message size, bytes.
     pub msg_bytes: usize,
+    /// MECs keep their state durable (`--state-dir`, a journal synced before each answer),
+    /// as an operator runs them; false: in memory only.
+    pub durable: bool,
 }
 
 impl Default for BenchOptions {
@@ -39,6 +42,7 @@ impl Default for BenchOptions {
             relay_secs: 10,
             lifecycle: 50,
             msg_bytes: 350,
+            durable: true,
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct Row {
 pub struct Report {
     /// Vehicles.
     pub vehicles: u32,
+    /// Where the MECs kept their state: "durable" or "memory".
+    pub state: &'static str,
     /// Rows.
     pub rows: Vec<Row>,
     /// Messages sent / lost on the direct path.
@@ -150,10 +156,18 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
     let half = (o.vehicles / 2).max(1);
     let mut lab = TwoOperators::build("v2xb").map_err(e)?;
     let plmns: [Plmn; 2] = ["001-01".parse().map_err(e)?, "002-02".parse().map_err(e)?];
-    let mecs = lab
-        .start_mecs(plmns.clone(), "bench", b"bench roaming secret")
-        .await
-        .map_err(e)?;
+    // Durable state in a directory of the run, removed at the end (kept on failure).
+    let state = std::env::temp_dir().join(format!("vinfra-bench-v2x-{}", std::process::id()));
+    let dir = |side: usize| o.durable.then(|| state.join(["a", "b"][side]));
+    let secret = b"bench roaming secret";
+    let mecs = [
+        lab.start_mec(0, &plmns, "bench", secret, dir(0))
+            .await
+            .map_err(e)?,
+        lab.start_mec(1, &plmns, "bench", secret, dir(1))
+            .await
+            .map_err(e)?,
+    ];
     let ips = [
         lab.add_devices(0, half).map_err(e)?,
         lab.add_devices(1, half).map_err(e)?,
@@ -289,6 +303,7 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
             "filterCriteria": {"locationInfo": vis.location(),
                                "dstLayer2Id": crate::types::dst_layer2_id(36)}}),
         )
+        .await
         .map_err(e)?;
     let sub_id = created["_links"]["self"]["href"]
         .as_str()
@@ -379,8 +394,10 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
     drop(devices);
     drop(mecs);
     drop(lab);
+    let _ = std::fs::remove_dir_all(&state);
     Ok(Report {
         vehicles: half * 2,
+        state: if o.durable { "durable" } else { "memory" },
         rows,
         direct_sent,
         direct_lost,

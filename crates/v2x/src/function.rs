@@ -2,14 +2,17 @@
 //! authorizations (configuration parameters handed out, with their validity timer) and the
 //! links it opened on the PC5 gate. No HTTP here; `http.rs` calls in.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
+use serde::{Deserialize, Serialize};
 
 use crate::gate::{GateError, Pc5Gate};
+use crate::journal::{Journal, JournalError, Pending};
 use crate::types::{
     dst_layer2_id, pc5_qos, validate_device_id, AuthorizationRequest, ConfigurationParameters,
     Link, LinkKey, LinkRequest, Pc5Authorization, PeerServer, Plmn, Provisioned, Rat, ServiceId,
@@ -83,12 +86,173 @@ pub enum V2xError {
     /// The PC5 gate failed.
     #[error("PC5 gate: {0}")]
     Gate(#[from] GateError),
+    /// The change could not be made durable (nothing was answered as done).
+    #[error("{0}")]
+    State(#[from] JournalError),
 }
 
 #[derive(Debug)]
 struct Sub {
     data: V2xSubscription,
-    token: String,
+    /// SHA-256 of the device token (hex): the token is shown once, at provisioning.
+    token_sha256: String,
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+/// One change of the function's state, as the journal records it. Replaying the records in
+/// order rebuilds the state; the live paths make each change through [`apply`] too, so the
+/// two cannot disagree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    /// A subscription provisioned (or replaced: the device's authorization and links go).
+    Provision {
+        /// Device.
+        device: String,
+        /// Its terms.
+        subscription: V2xSubscription,
+        /// SHA-256 of its device token, hex.
+        token_sha256: String,
+    },
+    /// A subscription revoked, with the device's authorization and links.
+    Revoke {
+        /// Device.
+        device: String,
+    },
+    /// The device's authorization and links go; its subscription stays (it left this
+    /// operator, or its parameters expired).
+    Leave {
+        /// Device.
+        device: String,
+    },
+    /// Configuration parameters handed out.
+    Authorize {
+        /// Device.
+        device: String,
+        /// The parameters (their `expiresAtMs` is the validity).
+        params: ConfigurationParameters,
+        /// The device's PC5 address.
+        pc5: Ipv4Addr,
+        /// Where relayed messages reach it.
+        relay_to: Option<SocketAddr>,
+    },
+    /// A link recorded before its gate rule goes in.
+    Link {
+        /// The link.
+        link: Link,
+    },
+    /// Links gone.
+    Unlink {
+        /// Their ids.
+        ids: Vec<String>,
+    },
+    /// A peer released its device at `address`: our links towards it go.
+    PeerReleased {
+        /// The peer device's PC5 address.
+        address: Ipv4Addr,
+    },
+    /// Gate pairs still to close (written by a rewrite; removals add them implicitly).
+    Closing {
+        /// (device, peer) pairs.
+        pairs: Vec<(Ipv4Addr, Ipv4Addr)>,
+    },
+    /// Gate pairs closed.
+    Closed {
+        /// (device, peer) pairs.
+        pairs: Vec<(Ipv4Addr, Ipv4Addr)>,
+    },
+}
+
+/// Applies one change to the state; what it took down.
+fn apply(st: &mut State, c: &Change) -> Teardown {
+    let down = match c {
+        Change::Provision {
+            device,
+            subscription,
+            token_sha256,
+        } => {
+            st.subs.insert(
+                device.clone(),
+                Sub {
+                    data: subscription.clone(),
+                    token_sha256: token_sha256.clone(),
+                },
+            );
+            take_device(st, device)
+        }
+        Change::Revoke { device } => {
+            st.subs.remove(device);
+            take_device(st, device)
+        }
+        Change::Leave { device } => take_device(st, device),
+        Change::Authorize {
+            device,
+            params,
+            pc5,
+            relay_to,
+        } => {
+            let left = Duration::from_millis(params.expires_at_ms.saturating_sub(now_ms()));
+            st.auths.insert(
+                device.clone(),
+                Authorization {
+                    params: params.clone(),
+                    expires: Instant::now() + left,
+                    pc5: *pc5,
+                    relay_to: *relay_to,
+                },
+            );
+            Teardown::default()
+        }
+        Change::Link { link } => {
+            st.links.insert(link.id.clone(), link.clone());
+            Teardown::default()
+        }
+        Change::Unlink { ids } => Teardown {
+            links: ids.iter().filter_map(|i| st.links.remove(i)).collect(),
+            address: None,
+        },
+        Change::PeerReleased { address } => {
+            let ids: Vec<String> = st
+                .links
+                .values()
+                .filter(|l| l.peer_address == *address)
+                .map(|l| l.id.clone())
+                .collect();
+            Teardown {
+                links: ids.iter().filter_map(|i| st.links.remove(i)).collect(),
+                address: None,
+            }
+        }
+        Change::Closing { pairs } => {
+            st.closing.extend(pairs.iter().copied());
+            Teardown::default()
+        }
+        Change::Closed { pairs } => {
+            for p in pairs {
+                st.closing.remove(p);
+            }
+            Teardown::default()
+        }
+    };
+    // A removed link's rule may still be in the gate until `Closed` says otherwise.
+    st.closing
+        .extend(down.links.iter().map(|l| (l.address, l.peer_address)));
+    down
+}
+
+fn take_device(st: &mut State, device: &str) -> Teardown {
+    let address = st.auths.remove(device).map(|a| a.pc5);
+    let ids: Vec<String> = st
+        .links
+        .values()
+        .filter(|l| l.device_id == device)
+        .map(|l| l.id.clone())
+        .collect();
+    let links = ids.iter().filter_map(|i| st.links.remove(i)).collect();
+    Teardown { links, address }
 }
 
 /// A device's current authorization.
@@ -109,6 +273,41 @@ struct State {
     subs: HashMap<String, Sub>,
     auths: HashMap<String, Authorization>,
     links: HashMap<String, Link>,
+    /// Gate pairs of removed links whose rule may still be in the gate.
+    closing: BTreeSet<(Ipv4Addr, Ipv4Addr)>,
+}
+
+impl State {
+    /// The records that rebuild exactly this state.
+    fn snapshot(&self) -> Vec<Change> {
+        let mut v: Vec<Change> = Vec::new();
+        let mut subs: Vec<_> = self.subs.iter().collect();
+        subs.sort_by_key(|(d, _)| *d);
+        for (device, s) in subs {
+            v.push(Change::Provision {
+                device: device.clone(),
+                subscription: s.data.clone(),
+                token_sha256: s.token_sha256.clone(),
+            });
+        }
+        for (device, a) in &self.auths {
+            v.push(Change::Authorize {
+                device: device.clone(),
+                params: a.params.clone(),
+                pc5: a.pc5,
+                relay_to: a.relay_to,
+            });
+        }
+        for l in self.links.values() {
+            v.push(Change::Link { link: l.clone() });
+        }
+        if !self.closing.is_empty() {
+            v.push(Change::Closing {
+                pairs: self.closing.iter().copied().collect(),
+            });
+        }
+        v
+    }
 }
 
 /// What a lifecycle change took down (for notifications and the peer).
@@ -126,7 +325,11 @@ pub struct V2xFunction {
     cfg: OperatorConfig,
     gate: Option<Pc5Gate>,
     state: Mutex<State>,
+    journal: Option<Journal<Change>>,
 }
+
+/// File of the function's journal in a MEC state directory.
+pub const JOURNAL_FILE: &str = "v2x-function.jsonl";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -167,7 +370,94 @@ impl V2xFunction {
             cfg,
             gate,
             state: Mutex::new(State::default()),
+            journal: None,
         }
+    }
+
+    /// A function whose state lives in `dir` (created if missing): what an earlier run
+    /// acknowledged is replayed, and every change from now on is durable before it is
+    /// answered. Call [`V2xFunction::recover`] once the gate is up.
+    pub fn open(
+        cfg: OperatorConfig,
+        gate: Option<Pc5Gate>,
+        dir: &Path,
+    ) -> Result<V2xFunction, JournalError> {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(JOURNAL_FILE);
+        let mut st = State::default();
+        for c in crate::journal::read::<Change>(&path)? {
+            apply(&mut st, &c);
+        }
+        let journal = Journal::open(&path, &st.snapshot())?;
+        Ok(V2xFunction {
+            cfg,
+            gate,
+            state: Mutex::new(st),
+            journal: Some(journal),
+        })
+    }
+
+    /// After a restart: closes the gate pairs of links removed before the crash whose
+    /// close may not have happened, then (re)opens the rule of every recorded link. Both
+    /// are idempotent, so a crash during recovery is recovered by the next start.
+    pub async fn recover(&self) -> Result<(usize, usize), V2xError> {
+        let (closing, open): (Vec<_>, Vec<_>) = {
+            let st = self.lock();
+            let live: BTreeSet<(Ipv4Addr, Ipv4Addr)> = st
+                .links
+                .values()
+                .map(|l| (l.address, l.peer_address))
+                .collect();
+            (
+                st.closing.difference(&live).copied().collect(),
+                live.into_iter().collect(),
+            )
+        };
+        if let Some(g) = &self.gate {
+            for (a, b) in &closing {
+                g.close(*a, *b).await?;
+            }
+            for (a, b) in &open {
+                g.open(*a, *b).await?;
+            }
+        }
+        self.closed(&closing);
+        Ok((closing.len(), open.len()))
+    }
+
+    /// Makes `c` under the held lock `st`: applied, and queued to the journal in the same
+    /// order as it was applied.
+    fn change(&self, st: &mut State, c: Change) -> (Teardown, Pending) {
+        let down = apply(st, &c);
+        let pending = match &self.journal {
+            Some(j) => {
+                let p = j.append(c);
+                if j.wants_rewrite(st.subs.len() + st.auths.len() + st.links.len()) {
+                    j.rewrite(st.snapshot());
+                }
+                p
+            }
+            None => Pending::none(),
+        };
+        (down, pending)
+    }
+
+    /// Records that gate pairs were closed (durability not awaited: a lost `Closed` only
+    /// makes the next start close them again).
+    fn closed(&self, pairs: &[(Ipv4Addr, Ipv4Addr)]) {
+        if pairs.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        drop(self.change(
+            &mut st,
+            Change::Closed {
+                pairs: pairs.to_vec(),
+            },
+        ));
     }
 
     /// The configuration.
@@ -198,17 +488,15 @@ impl V2xFunction {
         validate_device_id(device).map_err(V2xError::Invalid)?;
         data.validate().map_err(V2xError::Invalid)?;
         let token = random_hex(16);
-        let down = {
-            let mut st = self.lock();
-            st.subs.insert(
-                device.to_owned(),
-                Sub {
-                    data: data.clone(),
-                    token: token.clone(),
-                },
-            );
-            Self::take_device(&mut st, device)
-        };
+        let (down, durable) = self.change(
+            &mut self.lock(),
+            Change::Provision {
+                device: device.to_owned(),
+                subscription: data.clone(),
+                token_sha256: sha256_hex(token.as_bytes()),
+            },
+        );
+        durable.durable().await?;
         self.close_links(&down.links).await?;
         Ok((
             Provisioned {
@@ -238,13 +526,19 @@ impl V2xFunction {
 
     /// V2X API: revokes a subscription; its authorization and links go at once.
     pub async fn revoke(&self, device: &str) -> Result<Teardown, V2xError> {
-        let down = {
+        let (down, durable) = {
             let mut st = self.lock();
-            if st.subs.remove(device).is_none() {
+            if !st.subs.contains_key(device) {
                 return Err(V2xError::NotSubscribed(device.to_owned()));
             }
-            Self::take_device(&mut st, device)
+            self.change(
+                &mut st,
+                Change::Revoke {
+                    device: device.to_owned(),
+                },
+            )
         };
+        durable.durable().await?;
         self.close_links(&down.links).await?;
         Ok(down)
     }
@@ -252,33 +546,32 @@ impl V2xFunction {
     /// The device leaves this operator (it moved to another one): its authorization and
     /// links go, its subscription stays.
     pub async fn release(&self, token: &str, device: &str) -> Result<Teardown, V2xError> {
-        let down = {
+        let (down, durable) = {
             let mut st = self.lock();
             self.check_token(&st, device, token)?;
-            Self::take_device(&mut st, device)
+            self.change(
+                &mut st,
+                Change::Leave {
+                    device: device.to_owned(),
+                },
+            )
         };
+        durable.durable().await?;
         self.close_links(&down.links).await?;
         Ok(down)
     }
 
-    fn take_device(st: &mut State, device: &str) -> Teardown {
-        let address = st.auths.remove(device).map(|a| a.pc5);
-        let ids: Vec<String> = st
-            .links
-            .values()
-            .filter(|l| l.device_id == device)
-            .map(|l| l.id.clone())
-            .collect();
-        let links = ids.iter().filter_map(|i| st.links.remove(i)).collect();
-        Teardown { links, address }
-    }
-
+    /// Closes the links' gate rules; runs only after their removal is durable, so that a
+    /// crash can never leave a rule the journal would reopen after it was closed.
     async fn close_links(&self, links: &[Link]) -> Result<(), V2xError> {
+        let pairs: Vec<(Ipv4Addr, Ipv4Addr)> =
+            links.iter().map(|l| (l.address, l.peer_address)).collect();
         if let Some(g) = &self.gate {
-            for l in links {
-                g.close(l.address, l.peer_address).await?;
+            for (a, b) in &pairs {
+                g.close(*a, *b).await?;
             }
         }
+        self.closed(&pairs);
         Ok(())
     }
 
@@ -287,7 +580,10 @@ impl V2xFunction {
             .subs
             .get(device)
             .ok_or_else(|| V2xError::NotSubscribed(device.to_owned()))?;
-        if !crate::pc5::same(sub.token.as_bytes(), token.as_bytes()) {
+        if !crate::pc5::same(
+            sub.token_sha256.as_bytes(),
+            sha256_hex(token.as_bytes()).as_bytes(),
+        ) {
             return Err(V2xError::BadCredential(device.to_owned()));
         }
         Ok(())
@@ -296,13 +592,29 @@ impl V2xFunction {
     /// The V2X application function: answers an authorization request with configuration
     /// parameters built from the device's subscription. `from` is the device's address on
     /// the access network (where relayed messages go back).
-    pub fn authorize(
+    pub async fn authorize(
         &self,
         token: &str,
         req: &AuthorizationRequest,
         from: Option<std::net::IpAddr>,
     ) -> Result<ConfigurationParameters, V2xError> {
         validate_device_id(&req.device_id).map_err(V2xError::Invalid)?;
+        // Answered without waiting for the sync: an authorization is soft state with a
+        // validity timer. A crash before the sync makes the device's next request fail with
+        // "authorize first", and it asks again, as at expiry. What must not be lost waits:
+        // a provisioned token, and a link before its rule goes in (which, being later in
+        // the same journal, also makes this record durable).
+        let (params, durable) = self.authorize_locked(token, req, from)?;
+        drop(durable);
+        Ok(params)
+    }
+
+    fn authorize_locked(
+        &self,
+        token: &str,
+        req: &AuthorizationRequest,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<(ConfigurationParameters, Pending), V2xError> {
         let mut st = self.lock();
         self.check_token(&st, &req.device_id, token)?;
         let sub = &st.subs[&req.device_id].data;
@@ -371,16 +683,16 @@ impl V2xFunction {
             (Some(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
             _ => None,
         };
-        st.auths.insert(
-            req.device_id.clone(),
-            Authorization {
+        let (_, durable) = self.change(
+            &mut st,
+            Change::Authorize {
+                device: req.device_id.clone(),
                 params: params.clone(),
-                expires: Instant::now() + Duration::from_secs(u64::from(validity)),
                 pc5: req.pc5_address,
                 relay_to,
             },
         );
-        Ok(params)
+        Ok((params, durable))
     }
 
     /// Opens the PC5 path `device → peer` for an authorized device whose parameters list the
@@ -390,7 +702,7 @@ impl V2xFunction {
             .validate()
             .map_err(|e| V2xError::Invalid(e.to_string()))?;
         let link = {
-            let st = self.lock();
+            let mut st = self.lock();
             self.check_token(&st, &req.device_id, token)?;
             let auth = st
                 .auths
@@ -427,54 +739,67 @@ impl V2xFunction {
             }) {
                 return Ok(l.clone());
             }
-            Link {
+            let link = Link {
                 id: random_hex(8),
                 device_id: req.device_id.clone(),
                 address: auth.pc5,
                 peer_address: req.peer_address,
                 peer_plmn: req.peer_plmn.clone(),
                 v2x_service_id: req.v2x_service_id,
-            }
+            };
+            let (_, durable) = self.change(&mut st, Change::Link { link: link.clone() });
+            (link, durable)
         };
-        // The rule goes in before the link is recorded: a recorded link is always open.
+        // The link is durable before its rule goes in: after a crash, a recorded link is
+        // (re)opened and an unrecorded one was never open.
+        link.1.durable().await?;
+        let link = link.0;
         if let Some(g) = &self.gate {
-            g.open(link.address, link.peer_address).await?;
+            if let Err(e) = g.open(link.address, link.peer_address).await {
+                let (down, durable) = self.change(
+                    &mut self.lock(),
+                    Change::Unlink {
+                        ids: vec![link.id.clone()],
+                    },
+                );
+                durable.durable().await?;
+                // The add may have gone in before nft failed: close it like any removal.
+                self.close_links(&down.links).await?;
+                return Err(e.into());
+            }
         }
-        self.lock().links.insert(link.id.clone(), link.clone());
         Ok(link)
     }
 
     /// Closes one of the device's links.
     pub async fn close_link(&self, token: &str, device: &str, id: &str) -> Result<Link, V2xError> {
-        let link = {
+        let (mut down, durable) = {
             let mut st = self.lock();
             self.check_token(&st, device, token)?;
             match st.links.get(id) {
                 Some(l) if l.device_id == device => {}
                 _ => return Err(V2xError::NoLink(id.to_owned())),
             }
-            st.links
-                .remove(id)
-                .ok_or_else(|| V2xError::NoLink(id.to_owned()))?
+            self.change(
+                &mut st,
+                Change::Unlink {
+                    ids: vec![id.to_owned()],
+                },
+            )
         };
-        self.close_links(std::slice::from_ref(&link)).await?;
-        Ok(link)
+        durable.durable().await?;
+        self.close_links(&down.links).await?;
+        down.links
+            .pop()
+            .ok_or_else(|| V2xError::NoLink(id.to_owned()))
     }
 
     /// A peer operator revoked the device at `address`: close every link of ours towards it.
     pub async fn peer_released(&self, address: Ipv4Addr) -> Result<Vec<Link>, V2xError> {
-        let links: Vec<Link> = {
-            let mut st = self.lock();
-            let ids: Vec<String> = st
-                .links
-                .values()
-                .filter(|l| l.peer_address == address)
-                .map(|l| l.id.clone())
-                .collect();
-            ids.iter().filter_map(|i| st.links.remove(i)).collect()
-        };
-        self.close_links(&links).await?;
-        Ok(links)
+        let (down, durable) = self.change(&mut self.lock(), Change::PeerReleased { address });
+        durable.durable().await?;
+        self.close_links(&down.links).await?;
+        Ok(down.links)
     }
 
     /// Links of one device (all when None).
@@ -492,7 +817,7 @@ impl V2xFunction {
 
     /// Authorizations whose validity timer ran out are dropped with their links.
     pub async fn expire(&self, now: Instant) -> Result<Vec<(String, Teardown)>, V2xError> {
-        let downs: Vec<(String, Teardown)> = {
+        let (downs, durable): (Vec<(String, Teardown)>, Vec<Pending>) = {
             let mut st = self.lock();
             let expired: Vec<String> = st
                 .auths
@@ -503,11 +828,14 @@ impl V2xFunction {
             expired
                 .into_iter()
                 .map(|d| {
-                    let t = Self::take_device(&mut st, &d);
-                    (d, t)
+                    let (t, p) = self.change(&mut st, Change::Leave { device: d.clone() });
+                    ((d, t), p)
                 })
-                .collect()
+                .unzip()
         };
+        for p in durable {
+            p.durable().await?;
+        }
         for (_, t) in &downs {
             self.close_links(&t.links).await?;
         }

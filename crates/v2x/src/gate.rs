@@ -126,6 +126,16 @@ impl Pc5Gate {
         self.nft(&["-f", "-"], Some(&script)).await.map(drop)
     }
 
+    /// Installs the closed gate unless its table is there already (a restarted MEC keeps
+    /// the rules of its recorded links and of other MECs on the same medium).
+    pub async fn ensure(&self) -> Result<(), GateError> {
+        match self.nft(&["list", "table", "bridge", TABLE], None).await {
+            Ok(_) => Ok(()),
+            Err(GateError::Nft { .. }) => self.install().await,
+            Err(e) => Err(e),
+        }
+    }
+
     /// Opens `src → dst`.
     pub async fn open(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Result<(), GateError> {
         let e = format!("{{ {src} . {dst} }}");

@@ -79,6 +79,8 @@ impl From<V2xError> for Problem {
             | V2xError::NotAuthorized(_)
             | V2xError::PlmnNotAuthorized { .. } => StatusCode::FORBIDDEN,
             V2xError::Gate(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // The journal cannot take changes (disk full, I/O error): nothing was done.
+            V2xError::State(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Problem::new(s, e.to_string())
     }
@@ -89,6 +91,7 @@ impl From<VisError> for Problem {
         match e {
             VisError::Invalid(d) => Problem::new(StatusCode::BAD_REQUEST, d),
             VisError::NotFound(d) => Problem::new(StatusCode::NOT_FOUND, d),
+            VisError::State(e) => Problem::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             VisError::Precondition { current } => Problem {
                 status: StatusCode::PRECONDITION_FAILED,
                 detail: format!("the subscription changed: its ETag is {current}"),
@@ -234,7 +237,7 @@ async fn authorize(
 ) -> Result<Response, Problem> {
     let req: AuthorizationRequest = parse(&body)?;
     let token = bearer(&h).unwrap_or("");
-    let p = m.function.authorize(token, &req, Some(from.ip()))?;
+    let p = m.function.authorize(token, &req, Some(from.ip())).await?;
     Ok(json_resp(StatusCode::CREATED, &to_value(&p), None))
 }
 
@@ -436,7 +439,7 @@ async fn subscribe(
     body: Bytes,
 ) -> Result<Response, Problem> {
     need(&h, &m.token)?;
-    let (id, created, ds) = m.vis.subscribe(parse(&body)?)?;
+    let (id, created, ds) = m.vis.subscribe(parse(&body)?).await?;
     m.deliver(ds);
     let (_, etag) = m.vis.get(&id)?;
     let mut r = json_resp(StatusCode::CREATED, &created, Some(etag));
@@ -467,7 +470,7 @@ async fn put_sub(
 ) -> Result<Response, Problem> {
     need(&h, &m.token)?;
     let if_match = h.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
-    let (b, etag) = m.vis.put(&id, parse(&body)?, if_match)?;
+    let (b, etag) = m.vis.put(&id, parse(&body)?, if_match).await?;
     Ok(json_resp(StatusCode::OK, &b, Some(etag)))
 }
 
@@ -477,6 +480,6 @@ async fn delete_sub(
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     need(&h, &m.token)?;
-    m.vis.delete(&id)?;
+    m.vis.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

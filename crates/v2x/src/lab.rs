@@ -190,44 +190,52 @@ impl TwoOperators {
         Pc5Gate::new(Some(&self.pc5_ns))
     }
 
-    /// Starts both MECs (A = `plmns[0]`), each in its namespace, peers of each other.
+    /// Starts both MECs (A = `plmns[0]`), each in its namespace, peers of each other, their
+    /// state in memory.
     pub async fn start_mecs(
         &self,
         plmns: [Plmn; 2],
         token: &str,
         secret: &[u8],
     ) -> std::io::Result<[MecHandle; 2]> {
+        let a = self.start_mec(0, &plmns, token, secret, None).await?;
+        let b = self.start_mec(1, &plmns, token, secret, None).await?;
+        Ok([a, b])
+    }
+
+    /// Starts the MEC of `side` (again, after it stopped: same ports), its durable state in
+    /// `state_dir` when given. A installs the gate's table; B only adds and deletes elements.
+    pub async fn start_mec(
+        &self,
+        side: usize,
+        plmns: &[Plmn; 2],
+        token: &str,
+        secret: &[u8],
+        state_dir: Option<std::path::PathBuf>,
+    ) -> std::io::Result<MecHandle> {
         let ports = [7801u16, 7802];
         let relay_ports = [4701u16, 4702];
         let xip = [Ipv4Addr::new(10, 70, 0, 1), Ipv4Addr::new(10, 70, 0, 2)];
-        let mut hs = Vec::new();
-        for side in 0..2 {
-            let other = 1 - side;
-            let mut o = ServeOptions::local(plmns[side].clone(), token, secret);
-            o.listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports[side]);
-            o.relay_port = relay_ports[side];
-            o.netns = Some(self.mec_ns[side].clone());
-            o.gate = Some(self.gate());
-            o.advertise = Some(IpAddr::V4(Ipv4Addr::new(
-                10,
-                70,
-                u8::try_from(side + 1).unwrap_or(1),
-                1,
-            )));
-            o.peers = vec![PeerOperator {
-                plmn: plmns[other].clone(),
-                uri: format!("http://{}:{}", xip[other], ports[other]),
-                relay: SocketAddr::new(xip[other].into(), relay_ports[other]),
-            }];
-            if side == 1 {
-                // One gate, two writers: A installed the table; B only adds/deletes elements.
-                o.install_gate = false;
-            }
-            hs.push(start(o).await?);
-        }
-        let b = hs.pop().ok_or_else(|| std::io::Error::other("no MEC B"))?;
-        let a = hs.pop().ok_or_else(|| std::io::Error::other("no MEC A"))?;
-        Ok([a, b])
+        let other = 1 - side;
+        let mut o = ServeOptions::local(plmns[side].clone(), token, secret);
+        o.listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports[side]);
+        o.relay_port = relay_ports[side];
+        o.netns = Some(self.mec_ns[side].clone());
+        o.gate = Some(self.gate());
+        o.advertise = Some(IpAddr::V4(Ipv4Addr::new(
+            10,
+            70,
+            u8::try_from(side + 1).unwrap_or(1),
+            1,
+        )));
+        o.peers = vec![PeerOperator {
+            plmn: plmns[other].clone(),
+            uri: format!("http://{}:{}", xip[other], ports[other]),
+            relay: SocketAddr::new(xip[other].into(), relay_ports[other]),
+        }];
+        o.install_gate = side == 0;
+        o.state_dir = state_dir;
+        start(o).await
     }
 
     /// Address a device of `side` reaches its MEC's HTTP at.

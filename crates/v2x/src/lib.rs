@@ -19,6 +19,7 @@ pub mod function;
 pub mod gate;
 pub mod http;
 pub mod httpc;
+pub mod journal;
 pub mod lab;
 pub mod mec;
 pub mod netns;

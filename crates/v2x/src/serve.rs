@@ -4,6 +4,7 @@
 //! MEC host's), bound to 127.0.0.1 by default.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +40,9 @@ pub struct ServeOptions {
     pub advertise: Option<IpAddr>,
     /// Create the gate's table (false when another MEC on the same medium did).
     pub install_gate: bool,
+    /// Directory of the durable state (subscriptions, authorizations, links, VIS
+    /// subscriptions); None keeps it in memory only.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl ServeOptions {
@@ -56,6 +60,7 @@ impl ServeOptions {
             site: (48.85, 2.35),
             advertise: None,
             install_gate: true,
+            state_dir: None,
         }
     }
 }
@@ -114,20 +119,37 @@ pub async fn start(o: ServeOptions) -> std::io::Result<MecHandle> {
         relay: seen(relay_addr),
         site: o.site,
     };
+    let other = |e: String| std::io::Error::other(e);
+    // A restart (its journal is there) keeps the gate's rules and reconciles them with what
+    // it recorded; a first start installs a closed gate, so that rules nobody recorded
+    // (an earlier run without state) do not stay open.
+    let restart = o
+        .state_dir
+        .as_ref()
+        .is_some_and(|d| d.join(crate::function::JOURNAL_FILE).exists());
     if let Some(g) = o.gate.as_ref().filter(|_| o.install_gate) {
-        g.install()
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let done = if restart {
+            g.ensure().await
+        } else {
+            g.install().await
+        };
+        done.map_err(|e| other(e.to_string()))?;
     }
     let base = format!("http://{}/vis/v2", seen(http_addr));
     let vis = Arc::new(Vis::new(&cfg, &base));
     vis.set_urls(&base, Some(&format!("ws://{}/vis/v2/ws", seen(ws_addr))));
-    let mec = Arc::new(Mec::new(
-        V2xFunction::new(cfg, o.gate),
-        vis.clone(),
-        o.token,
-        o.netns.clone(),
-    ));
+    let function = match &o.state_dir {
+        Some(dir) => {
+            let f = V2xFunction::open(cfg, o.gate, dir).map_err(|e| other(e.to_string()))?;
+            let (closed, opened) = f.recover().await.map_err(|e| other(e.to_string()))?;
+            let subs = vis.restore(dir).map_err(|e| other(e.to_string()))?;
+            tracing::info!(dir = %dir.display(), devices = f.devices().len(), links = opened,
+                closed, vis_subscriptions = subs, "MEC state restored");
+            f
+        }
+        None => V2xFunction::new(cfg, o.gate),
+    };
+    let mec = Arc::new(Mec::new(function, vis.clone(), o.token, o.netns.clone()));
     let app = crate::http::router(mec.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(e) = axum::serve(http, app).await {

@@ -13,13 +13,16 @@
 //!   filter holds the decimal string of the integer (`"2"` for CAM); anything else is a 400.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::function::{hex, OperatorConfig};
+use crate::journal::{Journal, JournalError, Pending};
 use crate::types::{dst_layer2_id, Plmn};
 
 /// A subscription type of MEC 030.
@@ -77,6 +80,40 @@ pub enum VisError {
         /// Current ETag.
         current: String,
     },
+    /// 503: the change could not be made durable.
+    #[error("{0}")]
+    State(#[from] JournalError),
+}
+
+/// File of the VIS journal in a MEC state directory.
+pub const JOURNAL_FILE: &str = "vis-subscriptions.jsonl";
+
+/// One change of the VIS subscriptions, as the journal records it. What is not recorded:
+/// a WebSocket subscription's open channel and its backlog (the client reconnects to the
+/// subscription's `websocketUri`, which a restart may change: it GETs the subscription).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum VisChange {
+    /// A subscription created or replaced.
+    Put {
+        /// Its id.
+        id: String,
+        /// Its body as answered.
+        body: Value,
+        /// Callback URI, when notified over HTTP.
+        callback: Option<String>,
+        /// Notified over WebSocket.
+        ws: bool,
+        /// Expiry deadline, Unix seconds.
+        expiry_s: Option<u64>,
+        /// ETag version.
+        version: u64,
+    },
+    /// A subscription deleted (or expired).
+    Delete {
+        /// Its id.
+        id: String,
+    },
 }
 
 #[derive(Debug)]
@@ -112,6 +149,7 @@ pub struct Vis {
     ws_base: Mutex<Option<String>>,
     subs: Mutex<HashMap<String, VisSub>>,
     next: std::sync::atomic::AtomicU64,
+    journal: OnceLock<Journal<VisChange>>,
 }
 
 /// A MEC 030 `TimeStamp` of now.
@@ -143,6 +181,7 @@ impl Vis {
             ws_base: Mutex::new(None),
             subs: Mutex::new(HashMap::new()),
             next: std::sync::atomic::AtomicU64::new(1),
+            journal: OnceLock::new(),
         }
         .with_neighbours(cfg)
     }
@@ -162,6 +201,81 @@ impl Vis {
     pub fn set_urls(&self, base: &str, ws_base: Option<&str>) {
         *lock(&self.base) = base.to_owned();
         *lock(&self.ws_base) = ws_base.map(str::to_owned);
+    }
+
+    /// Keeps the subscriptions in `dir`: replays what an earlier run acknowledged (links
+    /// rewritten to this run's URLs, so call after [`Vis::set_urls`]) and makes every later
+    /// change durable before it is answered. Returns how many subscriptions it restored.
+    pub fn restore(&self, dir: &Path) -> Result<usize, JournalError> {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(JOURNAL_FILE);
+        let records: Vec<VisChange> = crate::journal::read(&path)?;
+        let base = lock(&self.base).clone();
+        let ws_base = lock(&self.ws_base).clone();
+        let mut subs = lock(&self.subs);
+        for (n, r) in records.into_iter().enumerate() {
+            match r {
+                VisChange::Put {
+                    id,
+                    mut body,
+                    callback,
+                    ws,
+                    expiry_s,
+                    version,
+                } => {
+                    let kind = body["subscriptionType"]
+                        .as_str()
+                        .and_then(SubKind::parse)
+                        .ok_or_else(|| JournalError::Corrupt {
+                            path: path.clone(),
+                            line: n + 1,
+                            reason: format!("subscription {id} has no known subscriptionType"),
+                        })?;
+                    if let Some(k) = id.strip_prefix("sub").and_then(|k| k.parse::<u64>().ok()) {
+                        self.next
+                            .fetch_max(k + 1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    body["_links"] =
+                        json!({"self": {"href": format!("{base}/subscriptions/{id}")}});
+                    if let (true, Some(w)) = (ws, &ws_base) {
+                        body["websockNotifConfig"]["websocketUri"] = json!(format!("{w}/{id}"));
+                    }
+                    subs.insert(
+                        id,
+                        VisSub {
+                            kind,
+                            body,
+                            callback,
+                            ws,
+                            ws_tx: None,
+                            ws_backlog: Vec::new(),
+                            expiry_s,
+                            version,
+                        },
+                    );
+                }
+                VisChange::Delete { id } => {
+                    subs.remove(&id);
+                }
+            }
+        }
+        let live: Vec<VisChange> = subs.iter().map(|(id, s)| s.record(id)).collect();
+        let j = Journal::open(&path, &live)?;
+        let restored = subs.len();
+        drop(subs);
+        // A second call keeps the first journal (start calls it once).
+        let _ = self.journal.set(j);
+        Ok(restored)
+    }
+
+    /// Queues `c` (call while holding the subscriptions' lock).
+    fn record(&self, c: VisChange) -> Pending {
+        self.journal
+            .get()
+            .map_or_else(Pending::none, |j| j.append(c))
     }
 
     /// The operator's cell as a `LocationInfo`.
@@ -413,7 +527,10 @@ impl Vis {
 
     /// `POST /subscriptions`: returns the created subscription and what to deliver (a test
     /// notification when asked for).
-    pub fn subscribe(&self, mut body: Value) -> Result<(String, Value, Vec<Delivery>), VisError> {
+    pub async fn subscribe(
+        &self,
+        mut body: Value,
+    ) -> Result<(String, Value, Vec<Delivery>), VisError> {
         let kind = body["subscriptionType"]
             .as_str()
             .and_then(SubKind::parse)
@@ -435,19 +552,23 @@ impl Vis {
                 _ => {}
             }
         }
-        lock(&self.subs).insert(
-            id.clone(),
-            VisSub {
-                kind,
-                body: body.clone(),
-                callback,
-                ws,
-                ws_tx: None,
-                ws_backlog: backlog,
-                expiry_s,
-                version: 1,
-            },
-        );
+        let sub = VisSub {
+            kind,
+            body: body.clone(),
+            callback,
+            ws,
+            ws_tx: None,
+            ws_backlog: backlog,
+            expiry_s,
+            version: 1,
+        };
+        let durable = {
+            let mut subs = lock(&self.subs);
+            let p = self.record(sub.record(&id));
+            subs.insert(id.clone(), sub);
+            p
+        };
+        durable.durable().await?;
         Ok((id, body, out))
     }
 
@@ -581,12 +702,23 @@ impl Vis {
     }
 
     /// `PUT /subscriptions/{id}` with an optional If-Match.
-    pub fn put(
+    pub async fn put(
+        &self,
+        id: &str,
+        body: Value,
+        if_match: Option<&str>,
+    ) -> Result<(Value, String), VisError> {
+        let (answer, durable) = self.put_locked(id, body, if_match)?;
+        durable.durable().await?;
+        Ok(answer)
+    }
+
+    fn put_locked(
         &self,
         id: &str,
         mut body: Value,
         if_match: Option<&str>,
-    ) -> Result<(Value, String), VisError> {
+    ) -> Result<((Value, String), Pending), VisError> {
         let kind = body["subscriptionType"]
             .as_str()
             .and_then(SubKind::parse)
@@ -624,15 +756,21 @@ impl Vis {
         s.ws = ws;
         s.expiry_s = expiry_s;
         s.version += 1;
-        Ok((body, etag(id, s.version)))
+        let rec = s.record(id);
+        let tag = etag(id, s.version);
+        Ok(((body, tag), self.record(rec)))
     }
 
     /// `DELETE /subscriptions/{id}`.
-    pub fn delete(&self, id: &str) -> Result<(), VisError> {
-        lock(&self.subs)
-            .remove(id)
-            .map(drop)
-            .ok_or_else(|| VisError::NotFound(format!("no subscription {id}")))
+    pub async fn delete(&self, id: &str) -> Result<(), VisError> {
+        let durable = {
+            let mut subs = lock(&self.subs);
+            subs.remove(id)
+                .ok_or_else(|| VisError::NotFound(format!("no subscription {id}")))?;
+            self.record(VisChange::Delete { id: id.to_owned() })
+        };
+        durable.durable().await?;
+        Ok(())
     }
 
     /// Drops subscriptions whose expiry deadline passed.
@@ -645,6 +783,8 @@ impl Vis {
             .collect();
         for i in &gone {
             subs.remove(i);
+            // Not awaited: a lost record only makes the next start expire it again.
+            drop(self.record(VisChange::Delete { id: i.clone() }));
         }
         gone
     }
@@ -655,6 +795,19 @@ impl Vis {
         let s = subs.get_mut(id).filter(|s| s.ws)?;
         s.ws_tx = Some(tx);
         Some(std::mem::take(&mut s.ws_backlog))
+    }
+}
+
+impl VisSub {
+    fn record(&self, id: &str) -> VisChange {
+        VisChange::Put {
+            id: id.to_owned(),
+            body: self.body.clone(),
+            callback: self.callback.clone(),
+            ws: self.ws,
+            expiry_s: self.expiry_s,
+            version: self.version,
+        }
     }
 }
 

@@ -161,6 +161,9 @@ pub enum BenchCmd {
         /// Vehicles revoked, and vehicles moved to the other operator.
         #[arg(long, default_value_t = 50)]
         lifecycle: u32,
+        /// MECs keep their state in memory only (default: durable, as `--state-dir`).
+        #[arg(long)]
+        in_memory: bool,
     },
     /// Terminal operations: operation → performed p50/p99 with many terminals at once,
     /// over sessions (WebSocket) against one-off POSTs at the same rate; in-process
@@ -406,12 +409,14 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             secs,
             relay_secs,
             lifecycle,
+            in_memory,
         } => {
             let o = v2x::bench::BenchOptions {
                 vehicles,
                 direct_secs: secs,
                 relay_secs,
                 lifecycle,
+                durable: !in_memory,
                 ..Default::default()
             };
             let report = tokio::select! {

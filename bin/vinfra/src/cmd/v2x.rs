@@ -46,6 +46,11 @@ pub struct ServeArgs {
     /// Create the gate's table (the first MEC on a medium does; later ones only add rules).
     #[arg(long)]
     install_gate: bool,
+    /// Directory of the MEC's durable state (subscriptions, authorizations, links, VIS
+    /// subscriptions): a restart, even after kill -9, continues from it. Without it the
+    /// state lives in memory only.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 fn read_secret(path: Option<&PathBuf>, env: &str, what: &str) -> anyhow::Result<String> {
@@ -95,6 +100,7 @@ pub async fn run_mec(c: MecCmd) -> anyhow::Result<()> {
         .as_deref()
         .map(|n| v2x::gate::Pc5Gate::new(Some(n)));
     o.install_gate = a.install_gate;
+    o.state_dir = a.state_dir.clone();
     let h = v2x::serve::start(o)
         .await
         .context("cannot start the MEC service")?;
@@ -329,8 +335,8 @@ pub fn bench_table(r: &v2x::bench::Report) -> String {
         })
         .collect();
     let mut s = format!(
-        "{} vehicles, two operators in network namespaces (ms)\n",
-        r.vehicles
+        "{} vehicles, two operators in network namespaces, MEC state {} (ms)\n",
+        r.vehicles, r.state
     );
     s.push_str(&table(
         &["metric", "n", "p50", "p99", "p99.9", "max", "target"],

@@ -74,14 +74,11 @@ async fn drain_survives(victim: Victim) {
         .await
         .expect("one server leads the operation driver");
     let first = leader(&logs, None).unwrap();
-    // Agents and the test's client try the leader last, so that killing it leaves them
-    // on a server that stays (the cache snapshot of a migration lives in the memory of
-    // the server that received it).
-    let mut order: Vec<String> = (0..3)
-        .filter(|i| *i != first)
-        .map(|i| urls[i].clone())
-        .collect();
-    order.push(urls[first].clone());
+    // Agents and the test's client try the leader first, so that killing it takes the
+    // server they talk to away in the middle of a migration: a cache snapshot uploaded to
+    // it is then served by another server (it is in the store, not in its memory).
+    let mut order = vec![urls[first].clone()];
+    order.extend((0..3).filter(|i| *i != first).map(|i| urls[i].clone()));
     s.url = order.join(",");
     let admin = s.admin();
 
@@ -176,6 +173,14 @@ async fn drain_survives(victim: Victim) {
     if matches!(victim, Victim::LeaderServer) {
         let next = leader(&logs, Some(first)).expect("another server leads");
         eprintln!("server {} leads now", urls[next]);
+    }
+    // Which server took each cache snapshot (timing decides whether the killed one did).
+    for (i, l) in logs.iter().enumerate() {
+        let n = std::fs::read_to_string(l)
+            .unwrap_or_default()
+            .matches("cache snapshot stored")
+            .count();
+        eprintln!("server {} stored {n} cache snapshot(s)", urls[i]);
     }
     for name in ["web-1", "web-2"] {
         let vm = admin.get_vm(name).await.unwrap();

@@ -1,6 +1,7 @@
 //! Live migrations over HTTP; the rules are in `control::migrations`. The source's
-//! cache snapshot (heat map + access pattern + block list)
-//! passes through server memory: it is needed once, by one agent, within seconds.
+//! cache snapshot (heat map + access pattern + block list) is streamed into the store
+//! and back out of it (`control::snapshots`), so that any server can serve it, after a
+//! restart too, and none holds it whole.
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -9,12 +10,10 @@ use axum::Json;
 use model::api::{MigrateVm, MigrationReport, Problem};
 use model::{Migration, Role};
 
-use crate::extract::{read_body, AppPath};
+use crate::extract::AppPath;
 use crate::{ApiError, AppJson, AppState, Caller, Scope};
 
-/// Largest snapshot accepted: the heat map and pattern are bounded by the cache's
-/// capacity (a few MiB for a 1 GiB cache of 64 KiB blocks).
-pub(crate) const MAX_SNAPSHOT: usize = 64 << 20;
+use control::snapshots::MAX_SNAPSHOT;
 
 /// Starts a live migration of a running VM to another host (202). The VM's memory
 /// moves with QEMU's migration; its disk cache is rebuilt on the destination from
@@ -95,9 +94,6 @@ pub(crate) async fn report_migration(
     let host = body.validate()?;
     let m = state.control().report_migration(&id, &host, &body).await?;
     state.record_progress(&m);
-    if m.state.is_final() {
-        state.forget_snapshot(m.id);
-    }
     Ok(Json(m))
 }
 
@@ -113,18 +109,39 @@ pub(crate) async fn put_snapshot(
     AppPath(id): AppPath,
     req: Request,
 ) -> Result<StatusCode, ApiError> {
+    use futures_util::StreamExt;
     caller.require(&[Role::Agent, Role::Admin], "uploading a cache snapshot")?;
-    let (m, _) = load(&state, Scope::All, &id).await?;
-    if m.state.is_final() {
-        return Err(ApiError::Conflict(format!(
-            "migration {} is {}",
-            m.id,
-            m.state.as_str()
-        )));
+    let too_large = |size| ApiError::PayloadTooLarge {
+        what: "snapshot",
+        size,
+        limit: MAX_SNAPSHOT,
+    };
+    // A declared length over the limit is refused before anything is read or written.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_SNAPSHOT as u64) {
+        return Err(too_large(declared));
     }
-    // Read only once the caller and the migration are known good.
-    let body = read_body(req, "snapshot", MAX_SNAPSHOT).await?;
-    state.set_snapshot(m.id, body);
+    // Begun only once the caller and the migration are known good.
+    let mut upload = state.control().begin_snapshot(&id).await?;
+    let mut body = req.into_body().into_data_stream();
+    while let Some(frame) = body.next().await {
+        let res = match frame {
+            Ok(data) => upload.write(&data).await,
+            Err(_) => {
+                upload.abandon().await;
+                return Err(ApiError::BadRequest("snapshot: cannot be read".into()));
+            }
+        };
+        if let Err(e) = res {
+            upload.abandon().await;
+            return Err(e.into());
+        }
+    }
+    upload.finish().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -137,13 +154,22 @@ pub(crate) async fn get_snapshot(
     caller: Caller,
     AppPath(id): AppPath,
 ) -> Result<Response, ApiError> {
+    use futures_util::StreamExt;
     caller.require(&[Role::Agent, Role::Admin], "downloading a cache snapshot")?;
-    let (m, _) = load(&state, Scope::All, &id).await?;
-    match state.snapshot(m.id) {
-        Some(b) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], b).into_response()),
-        None => Err(ApiError::NotFound {
-            kind: "snapshot of migration",
-            id: m.id.to_string(),
-        }),
-    }
+    let snap = state.control().snapshot(&id).await?;
+    let len = snap.len();
+    // Chunk by chunk from the store: a chunk gone mid-way (the migration ended) cuts the
+    // response short of its Content-Length, which the client sees as an error.
+    let chunks = futures_util::stream::iter(0..snap.chunks()).then(move |i| {
+        let snap = snap.clone();
+        async move { snap.chunk(i).await }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }

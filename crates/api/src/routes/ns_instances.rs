@@ -5,9 +5,10 @@
 //! `POST` checks everything it can at once (the NSD, the plan, the drivers), records the
 //! instance as `instantiating` and answers 202; a background task runs the executor and
 //! writes per-VNF and per-link progress into the record as it happens. The plan is stored
-//! with the record, so `DELETE` can terminate after a server restart. Drivers act with the
-//! token of the request that made them (the `vinfra` site is this control plane): the
-//! server keeps no token.
+//! with the record, so `DELETE` can terminate after a server restart. The `vinfra` site is
+//! this control plane, driven in process (`control::ns_site`) as the instance's tenant;
+//! the request's token goes only into its link requests (the agents' relays check it),
+//! and the server keeps no token.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -65,8 +66,9 @@ pub(crate) async fn create(
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 
-/// Instantiates an NS for `caller`, whose `token` the site drivers act with (the web UI
-/// calls this with its session's token); the record as the caller may see it.
+/// Instantiates an NS for `caller`, whose `token` its link requests carry to the agents'
+/// relays (the web UI calls this with its session's token); the record as the caller
+/// may see it.
 pub async fn instantiate(
     state: &AppState,
     caller: &Caller,
@@ -98,7 +100,7 @@ pub async fn instantiate(
         caller.role == Role::Admin,
         tenant,
         &body.sites,
-        &token,
+        Some(&token),
     )
     .await?;
     let name = model::validate_name("name", &body.name)?;
@@ -191,7 +193,6 @@ pub(crate) struct DeleteParams {
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     AppPath(name): AppPath,
     q: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::response::Response, ApiError> {
@@ -206,19 +207,15 @@ pub(crate) async fn delete(
         state.control().forget_ns(scope, &name).await?;
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let token = crate::extract::bearer(&headers)
-        .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
-        .to_owned();
-    let rec = terminate(&state, &caller, &token, &name).await?;
+    let rec = terminate(&state, &caller, &name).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)).into_response())
 }
 
-/// Starts terminating `caller`'s NS `name` on every site, the drivers acting with
-/// `token`; the record as the caller may see it.
+/// Starts terminating `caller`'s NS `name` on every site; the record as the caller may
+/// see it.
 pub async fn terminate(
     state: &AppState,
     caller: &Caller,
-    token: &str,
     name: &str,
 ) -> Result<NsInstanceRecord, ApiError> {
     caller.require(
@@ -232,7 +229,7 @@ pub async fn terminate(
         caller.role == Role::Admin,
         rec.tenant,
         &rec.sites,
-        token,
+        None, // only an instantiate makes links
     )
     .await?;
     let rec = state
@@ -272,23 +269,18 @@ pub async fn list_for(
 pub(crate) async fn scale(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     AppPath(name): AppPath,
     AppJson(body): AppJson<ScaleNsInstance>,
 ) -> Result<(StatusCode, Json<NsInstanceRecord>), ApiError> {
-    let token = crate::extract::bearer(&headers)
-        .ok_or_else(|| ApiError::invariant("an authenticated request without a bearer token"))?
-        .to_owned();
-    let rec = scale_by(&state, &caller, &token, &name, body).await?;
+    let rec = scale_by(&state, &caller, &name, body).await?;
     Ok((StatusCode::ACCEPTED, Json(rec)))
 }
 
-/// Starts scaling one VNF of `caller`'s NS `name` by one VDU, the drivers acting with
-/// `token`; the record as the caller may see it.
+/// Starts scaling one VNF of `caller`'s NS `name` by one VDU; the record as the caller
+/// may see it.
 pub async fn scale_by(
     state: &AppState,
     caller: &Caller,
-    token: &str,
     name: &str,
     body: ScaleNsInstance,
 ) -> Result<NsInstanceRecord, ApiError> {
@@ -300,7 +292,7 @@ pub async fn scale_by(
         caller.role == Role::Admin,
         rec.tenant,
         &rec.sites,
-        token,
+        None, // only an instantiate makes links
     )
     .await?;
     let rec = state
@@ -358,53 +350,42 @@ fn validate_nsd(
     Ok((nsd, vnfds))
 }
 
-/// One driver per site, acting with `token` on this control plane.
+/// The console tails this server holds, for the in-process `vinfra` site.
+impl control::ns_site::Consoles for AppState {
+    fn tail(&self, vm: model::VmId) -> String {
+        self.console(vm)
+    }
+
+    fn forget(&self, vm: model::VmId) {
+        self.forget_console(vm);
+    }
+}
+
+/// One driver per site. The `vinfra` site is this control plane, in process, as
+/// `tenant`; `link_auth` is the token its link requests carry to the agents' relays
+/// (none after a restart: a rollback or a terminate makes no link).
 pub(crate) async fn build_drivers(
     state: &AppState,
     admin: bool,
     tenant: TenantId,
     sites: &BTreeMap<String, SiteSpec>,
-    token: &str,
+    link_auth: Option<&str>,
 ) -> Result<BTreeMap<String, Arc<dyn SiteDriver>>, ApiError> {
-    use nfv::driver::{kubernetes, libvirt, openstack, vinfra};
+    use nfv::driver::{kubernetes, libvirt, openstack};
     let mut out: BTreeMap<String, Arc<dyn SiteDriver>> = BTreeMap::new();
-    // The hosts' link relays, read by the server itself: a member's token does not
-    // see them (hosts' internal addresses are for admins and agents), yet its NS
-    // needs them to relay link requests into its own guests. The relay still
-    // checks that the token may act on the VM. Hosts registering later are asked
-    // of the API (and so found for admins only).
-    let link_addrs: BTreeMap<String, String> =
-        if sites.values().any(|s| matches!(s, SiteSpec::Vinfra { .. })) {
-            state
-                .control()
-                .hosts()
-                .await?
-                .into_iter()
-                .filter_map(|h| Some((h.name.to_string(), h.link_addr?)))
-                .collect()
-        } else {
-            BTreeMap::new()
-        };
     for (name, spec) in sites {
         let d: Arc<dyn SiteDriver> = match spec {
-            SiteSpec::Vinfra { host } => {
-                let base_url = state.self_url().ok_or_else(|| {
-                    ApiError::Unprocessable(format!(
-                        "sites.{name}: this server does not know its own URL (not started by serve)"
-                    ))
-                })?;
-                Arc::new(
-                    vinfra::VinfraDriver::new(vinfra::VinfraConfig {
-                        base_url,
-                        token: token.to_owned(),
-                        host: host.clone(),
-                        poll: Duration::from_millis(200),
-                        timeout: Duration::from_secs(180),
-                        link_addrs: link_addrs.clone(),
-                    })
-                    .map_err(|e| ApiError::internal("building the vinfra driver", e))?,
-                )
-            }
+            SiteSpec::Vinfra { host } => Arc::new(control::ns_site::LocalSite::new(
+                state.control().clone(),
+                Arc::new(state.clone()),
+                control::ns_site::LocalSiteConfig {
+                    tenant,
+                    host: host.clone(),
+                    poll: Duration::from_millis(200),
+                    timeout: Duration::from_secs(180),
+                    link_auth: link_auth.map(str::to_owned),
+                },
+            )),
             SiteSpec::Libvirt { uri, work_dir } => {
                 if !admin {
                     return Err(ApiError::Forbidden(format!(
@@ -482,26 +463,12 @@ pub(crate) async fn build_drivers(
 
 /// Takes up the NS work this server left unfinished when it died (see
 /// `Control::recover_ns`): an interrupted instantiate is rolled back, an interrupted
-/// terminate finished. The requests' tokens died with the process, so the `vinfra` sites
-/// act with a token minted here for the instance's tenant, for an hour.
+/// terminate finished. The `vinfra` sites act in process as the instance's tenant, so no
+/// token is needed (none is minted).
 pub(crate) async fn resume(state: &AppState) {
     for rec in state.control().recover_ns(state.server_id()).await {
-        let token = crate::auth::mint(
-            state.store(),
-            crate::auth::NewToken {
-                role: Role::Member,
-                tenant: Some(rec.tenant),
-                expires_at: Some(control::now_ms().saturating_add(3_600_000)),
-                scope: model::TokenScope::ReadWrite,
-                description: Some(format!("finishing ns {} after a server restart", rec.name)),
-            },
-        )
-        .await;
         // It was accepted with these sites, libvirt ones included, when it was made.
-        let drivers = match token {
-            Ok((token, _)) => build_drivers(state, true, rec.tenant, &rec.sites, &token).await,
-            Err(e) => Err(e),
-        };
+        let drivers = build_drivers(state, true, rec.tenant, &rec.sites, None).await;
         match drivers {
             Ok(d) => state.control().resume_ns(rec, d),
             Err(e) => {

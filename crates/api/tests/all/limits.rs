@@ -401,6 +401,10 @@ async fn oversized_snapshot_is_problem_json() {
         )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    // Back out of the store, as the destination agent reads it.
+    let r = app.call(Method::GET, &path, &agent, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.text, "{}");
 }
 
 /// The typed client (CLI, agents, the vinfra NS driver) waits out a 429's Retry-After

@@ -1,6 +1,7 @@
 //! Randomized concurrency against hosts near full: VM creates, migrations and a
-//! maintenance drain issued at once never reserve more than any host has, checked from
-//! the store after every change it sees; every refusal names its constraint.
+//! maintenance drain issued at once never reserve more than any host has (a drain's plan
+//! counting on its destinations), checked from the store after every change it sees;
+//! every refusal names its constraint.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -93,7 +94,17 @@ async fn check_no_overcommit(store: &dyn Store) -> Result<(), String> {
         .into_iter()
         .map(|(m, _)| m)
         .collect();
-    let used = control::ledger::host_reservations(&vms, &migrations);
+    let sessions: Vec<model::Maintenance> = list_json(store, keys::MAINTENANCE)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect();
+    let mut used = control::ledger::host_reservations(&vms, &migrations);
+    // A drain's plan holds its destinations too.
+    for h in control::ledger::drain_holds(&vms, &sessions) {
+        used.entry(h.host).or_default().add(h.vcpus, h.memory_mib);
+    }
     for h in &hosts {
         let u = used.get(&h.name).copied().unwrap_or_default();
         if u.vcpus > u64::from(h.schedulable_vcpus()) || u.memory_mib > h.memory_mib {
@@ -216,7 +227,7 @@ async fn creates_migrations_and_a_drain_at_once_never_overcommit_a_host() {
         jobs.spawn(async move {
             tokio::time::sleep(delay).await;
             c.create_vm(tenant, &r).await.map(drop).map_err(|e| {
-                let named = matches!(e, CreateVmError::NoRoom(_));
+                let named = matches!(e, CreateVmError::NoRoom { .. });
                 ("create", e.to_string(), named)
             })
         });

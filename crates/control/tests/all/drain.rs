@@ -68,7 +68,7 @@ pub(crate) async fn vm(store: &dyn Store, tenant: TenantId, name: &str, on: &str
     v.id
 }
 
-fn report(host: &str, state: MigrationState) -> MigrationReport {
+pub(crate) fn report(host: &str, state: MigrationState) -> MigrationReport {
     MigrationReport {
         host: host.into(),
         state,
@@ -102,7 +102,7 @@ async fn migration_of(c: &Control, session: &str, i: usize) -> String {
 }
 
 /// The agents' side of a migration up to switch-over.
-async fn switch_over(c: &Control, mig: &str) {
+pub(crate) async fn switch_over(c: &Control, mig: &str) {
     let (m, _) = c.migration(Scope::All, mig).await.unwrap();
     let (src, dst) = (m.from_host.to_string(), m.to_host.to_string());
     for (who, st) in [
@@ -315,4 +315,132 @@ async fn a_drain_waits_for_a_source_host_that_missed_its_heartbeats() {
     let (m, _) = c.maintenance_session(&sid).await.unwrap();
     assert_eq!(m.items[0].error, None, "{m:?}");
     d.shutdown().await;
+}
+
+fn small(name: &str, host: Option<&str>) -> model::api::VmRequest {
+    model::api::VmRequest {
+        name: n(name),
+        image: "default".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        host: host.map(n),
+        tenant: None,
+        redundant_disk_gib: None,
+        nics: vec![],
+        kernel_args: None,
+    }
+}
+
+/// A public image in the store, for creates.
+pub(crate) async fn image(store: &dyn Store) {
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let image = model::Image {
+        id: ImageId::new_random(),
+        tenant: None,
+        name: n("default"),
+        kernel: Some(digest.clone()),
+        initrd: None,
+        disk_template: Some(digest),
+        cmdline: String::new(),
+        disk_mib: 64,
+        created_at: 0,
+    };
+    put(store, &control::records::keys::image(image.id), &image).await;
+    put(
+        store,
+        &control::records::keys::image_name(None, &image.name),
+        &image.id,
+    )
+    .await;
+}
+
+/// h1 with VM `a` (1 vCPU, 512 MiB) to drain; h2, its only destination, with 1 vCPU free.
+async fn nearly_full() -> (Arc<dyn Store>, Control, TenantId) {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    for h in ["h1", "h2"] {
+        host(store.as_ref(), h).await;
+    }
+    image(store.as_ref()).await;
+    let t = TenantId::new_random();
+    vm(store.as_ref(), t, "a", "h1").await;
+    for f in ["f1", "f2", "f3"] {
+        vm(store.as_ref(), t, f, "h2").await;
+    }
+    let c = Control::new(store.clone(), 6_000);
+    (store, c, t)
+}
+
+/// The accepted plan holds the drained VM's destination before anything moves: a VM
+/// created meanwhile cannot take that room, and its refusal names the drain that holds
+/// it. The hold ends when the drain does.
+#[tokio::test]
+async fn a_create_during_a_drain_cannot_take_the_room_planned_for_a_drained_vm() {
+    let (_store, c, t) = nearly_full().await;
+    // Before the drain the last vCPU of h2 is free: this create would fit.
+    let ledger = c.ledger().await.unwrap();
+    assert_eq!(ledger.hosts[&n("h2")].vcpus, 3);
+    let session = c
+        .enter_maintenance(&n("h1"), None, "heat", false)
+        .await
+        .unwrap();
+    let sid = session.id.to_string();
+    assert_eq!(session.items[0].to, n("h2"));
+    let ledger = c.ledger().await.unwrap();
+    assert_eq!(ledger.hosts[&n("h2")].vcpus, 4, "the plan holds a's vCPU");
+
+    // No driver runs: nothing has moved, yet the room is taken.
+    for host in [Some("h2"), None] {
+        let e = c
+            .create_vm(t, &small("x", host))
+            .await
+            .unwrap_err()
+            .to_string();
+        let why = match host {
+            Some(_) => "host: h2 has 0 free vCPUs",
+            None => "host: no up host has 1 free vCPUs",
+        };
+        assert!(e.starts_with(why), "{e}");
+        assert!(
+            e.contains(&format!(
+                "1 vCPUs and 512 MiB of h2 are reserved by maintenance drain {sid} of host h1"
+            )),
+            "{e}"
+        );
+    }
+
+    // Cancelled: the hold is gone and the same create fits.
+    c.cancel_operation(Scope::All, &sid).await.unwrap();
+    assert!(c.ledger().await.unwrap().drain_holds.is_empty());
+    let x = c.create_vm(t, &small("x", Some("h2"))).await.unwrap();
+    assert_eq!(x.host, n("h2"));
+}
+
+/// When the drained VM's migration starts, its own reservation takes over from the
+/// plan's hold in the same transaction: the destination counts the VM once.
+#[tokio::test]
+async fn a_drain_hold_becomes_the_migrations_reservation_when_the_move_starts() {
+    let (_store, c, t) = nearly_full().await;
+    let session = c
+        .enter_maintenance(&n("h1"), None, "heat", false)
+        .await
+        .unwrap();
+    let sid = session.id.to_string();
+    // The hold does not count against the held VM's own move (h2 is full with it).
+    let d = Driver::start(c.clone(), fast(), Tasks::default());
+    let mig = migration_of(&c, &sid, 0).await;
+    d.shutdown().await;
+    let ledger = c.ledger().await.unwrap();
+    assert!(ledger.drain_holds.is_empty(), "{:?}", ledger.drain_holds);
+    assert_eq!(ledger.hosts[&n("h2")].vcpus, 4, "a counted once on h2");
+    let e = c
+        .create_vm(t, &small("x", Some("h2")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("h2 has 0 free vCPUs"), "{e}");
+    // The migration's reservation now, not the drain's.
+    assert!(!e.contains("maintenance drain"), "{e}");
+    switch_over(&c, &mig).await;
+    let (m, _) = c.migration(Scope::All, &mig).await.unwrap();
+    assert_eq!(m.to_host, n("h2"));
 }

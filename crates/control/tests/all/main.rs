@@ -4,6 +4,8 @@
 
 mod concurrency;
 mod drain;
+mod ns_site;
 mod push;
+mod snapshots;
 mod takeover;
 mod terminals;

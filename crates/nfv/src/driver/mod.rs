@@ -150,6 +150,18 @@ pub enum DriverError {
         #[source]
         err: Box<client::ClientError>,
     },
+    /// An in-process site (vinfra's own control layer, called without HTTP) refused or
+    /// failed a call; the cause is that layer's typed error.
+    #[error("{site}: {op}")]
+    InProcess {
+        /// Site kind.
+        site: &'static str,
+        /// What we were doing.
+        op: String,
+        /// The control layer's error.
+        #[source]
+        err: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The command is not one a site driver executes (ConnectLink is the link module's).
     #[error("{0} is not a site command")]
     NotASiteCommand(&'static str),

@@ -1,5 +1,10 @@
 //! vinfra site: a vinfra control plane, through the `client` crate; VDUs are vinfra VMs.
 //!
+//! This is the driver for a vinfra control plane reached over HTTP (another one, or this
+//! one from outside). A vinfra server running an NS on itself does not call itself back:
+//! its control layer has an in-process driver (`control::ns_site`) with the same
+//! behaviour.
+//!
 //! VM creation is asynchronous in vinfra too (the server records the VM, an agent boots it
 //! and reports `observed`), so `create_vdu` polls until `running` or `failed`, and
 //! `delete_vdu` until the record is gone.
@@ -26,6 +31,12 @@ const SITE: &str = "vinfra";
 /// Its workload's `TICK` lines follow, and can push this line out of the console tail.
 const GUEST_READY: &str = "GUEST: READY";
 const GUEST_TICK: &str = "TICK ";
+
+/// Whether a vinfra guest's console tail shows its link service running (shared with
+/// the in-process vinfra site of the control layer).
+pub fn guest_ready(console: &str) -> bool {
+    console.contains(GUEST_READY) || console.lines().any(|l| l.starts_with(GUEST_TICK))
+}
 
 /// How to reach a vinfra control plane.
 #[derive(Debug, Clone)]
@@ -281,7 +292,7 @@ impl SiteDriver for VinfraDriver {
                 .console(vdu)
                 .await
                 .map_err(|e| api("GET /v1/vms/{id}/console", e))?;
-            if console.contains(GUEST_READY) || console.lines().any(|l| l.starts_with(GUEST_TICK)) {
+            if guest_ready(&console) {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {

@@ -219,6 +219,7 @@ async fn revocation_expiry_and_moving_operator() {
         .subscribe(json!({"subscriptionType": "ProvChgPc5Subscription",
             "websockNotifConfig": {"requestWebsocketUri": true},
             "filterCriteria": {"locationInfo": vis.location(), "dstLayer2Id": "0xFF0024"}}))
+        .await
         .unwrap();
     let id = created["_links"]["self"]["href"]
         .as_str()
@@ -321,4 +322,127 @@ async fn revocation_expiry_and_moving_operator() {
         "the link works under operator B"
     );
     assert_eq!(w.mecs[1].mec.function.links(Some("car-a")).len(), 1);
+}
+
+/// Starts the MEC of `side` from `dir`, retrying while a stopped one's sockets are still
+/// being released.
+async fn start_from(lab: &TwoOperators, side: usize, dir: &std::path::Path) -> MecHandle {
+    let t0 = Instant::now();
+    loop {
+        match lab
+            .start_mec(side, &plmns(), TOKEN, b"roaming", Some(dir.to_owned()))
+            .await
+        {
+            Ok(h) => return h,
+            Err(e) if t0.elapsed() < T && e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the MEC does not start: {e}"),
+        }
+    }
+}
+
+async fn passed(lab: &TwoOperators, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
+    let c = lab.gate().counters().await.unwrap();
+    c.open.iter().any(|(a, b, _)| *a == src && *b == dst)
+}
+
+#[tokio::test]
+async fn a_restarted_mec_keeps_its_links_and_closes_what_it_had_revoked() {
+    tools();
+    let lab = TwoOperators::build("v2xrst").unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mecs = [
+        start_from(&lab, 0, dirs[0].path()).await,
+        start_from(&lab, 1, dirs[1].path()).await,
+    ];
+    let mut w = World { lab, mecs };
+    let a_ip = w.lab.add_devices(0, 1).unwrap()[0];
+    let b_ip = w.lab.add_devices(1, 1).unwrap()[0];
+    let [pa, pb] = plmns();
+    let mut a = w.device(0, "car-a", a_ip, Some(sub(&[&pb], 600))).await;
+    let mut b = w.device(1, "car-b", b_ip, Some(sub(&[&pa], 600))).await;
+    a.authorize().await.unwrap();
+    b.authorize().await.unwrap();
+    let responder = tokio::spawn(async move {
+        let s = b.respond(T).await;
+        (b, s)
+    });
+    let sa = a.initiate(b_ip, &pb, CAM, T).await.unwrap();
+    let (_b, sb) = responder.await.unwrap();
+    let sb = sb.unwrap();
+    let link = w.mecs[0].mec.function.links(None);
+    assert_eq!(link.len(), 1);
+    let World {
+        lab,
+        mecs: [a_mec, _b_mec],
+    } = w;
+
+    // A stops and starts again from its state: the device, its authorization and its link
+    // are there, the gate kept A's rule and B's, and messages still cross.
+    drop(a_mec);
+    let a_mec = start_from(&lab, 0, dirs[0].path()).await;
+    assert_eq!(a_mec.mec.function.links(None), link);
+    assert_eq!(a_mec.mec.function.devices(), vec!["car-a".to_owned()]);
+    assert!(a_mec.mec.function.authorization("car-a").is_some());
+    assert!(passed(&lab, a_ip, b_ip).await, "A's rule survived");
+    assert!(
+        passed(&lab, b_ip, a_ip).await,
+        "B's rule survived A's restart"
+    );
+    sa.send(&[7u8; 350]).await.unwrap();
+    assert!(
+        sb.recv(T).await.is_some(),
+        "the link carries messages after the restart"
+    );
+    // The token handed out before the restart is still the device's credential.
+    a.authorize().await.unwrap();
+
+    // A crash between recording a revocation and closing the gate: the journal says
+    // revoked, the rule is still in the gate. The next start closes it.
+    drop(a_mec);
+    let journal = dirs[0].path().join(v2x::function::JOURNAL_FILE);
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&journal)
+        .unwrap()
+        .write_all(b"{\"op\":\"revoke\",\"device\":\"car-a\"}\n")
+        .unwrap();
+    assert!(passed(&lab, a_ip, b_ip).await, "the rule is still there");
+    let a_mec = start_from(&lab, 0, dirs[0].path()).await;
+    assert!(a_mec.mec.function.devices().is_empty());
+    assert!(a_mec.mec.function.links(None).is_empty());
+    assert!(
+        !passed(&lab, a_ip, b_ip).await,
+        "the revoked device's rule was closed at start"
+    );
+    assert!(passed(&lab, b_ip, a_ip).await, "B's rule is B's to close");
+
+    // A journal line that is not a record: the MEC refuses to start, naming file and line.
+    drop(a_mec);
+    std::fs::write(&journal, "{\"op\":\"provision\"}\n").unwrap();
+    let t0 = Instant::now();
+    let e = loop {
+        match lab
+            .start_mec(
+                0,
+                &plmns(),
+                TOKEN,
+                b"roaming",
+                Some(dirs[0].path().to_owned()),
+            )
+            .await
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && t0.elapsed() < T => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => break e.to_string(),
+            Ok(_) => panic!("a corrupt journal was accepted"),
+        }
+    };
+    assert!(
+        e.contains("line 1") && e.contains(v2x::function::JOURNAL_FILE),
+        "{e}"
+    );
 }

@@ -393,6 +393,7 @@ async fn vis_subscriptions_notify_by_callback_and_websocket() {
     m.mec
         .function
         .authorize(&p.device_token, &req, None)
+        .await
         .unwrap();
     let lr = serde_json::from_value(json!({"deviceId": "car-9", "peerAddress": "10.77.1.8",
         "peerPlmn": {"mcc": "001", "mnc": "01"}, "v2xServiceId": 36}))
