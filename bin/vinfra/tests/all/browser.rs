@@ -246,6 +246,15 @@ impl Browser {
         self.type_keys(css, &path.display().to_string()).await;
     }
 
+    /// Logs in to the dashboard at `base` with `token` from the login page.
+    pub async fn log_in(&self, base: &str, token: &str) {
+        self.goto(&format!("{base}/ui/login")).await;
+        self.fill("#token", token).await;
+        self.click("form[action='/ui/login'] button[type=submit]")
+            .await;
+        self.wait_for_text("h1", "Hosts").await;
+    }
+
     /// Picks the option with `value` of the select `css`.
     pub async fn select(&self, css: &str, value: &str) {
         self.click(&format!("{css} option[value=\"{value}\"]"))

@@ -10,12 +10,11 @@
 
 use std::time::Duration;
 
-use model::api::{CreateImage, CreateToken};
-use model::{HostState, Role};
+use model::HostState;
 use serde_json::json;
 
 use crate::browser::Browser;
-use crate::harness::{cli, path_in, spawn_agent_in, Server};
+use crate::harness::{agent_token_file, cli, path_in, sim_default_image, spawn_agent_in, Server};
 
 const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
 
@@ -30,33 +29,8 @@ async fn sim_cluster() -> (Server, Vec<test_utils::ChildGuard>) {
     let vswitch = format!("127.0.0.1:{}", test_utils::free_tcp_port());
     let s = Server::start_with_args(dir, store, &["--vswitch-listen", &vswitch]).await;
     let admin = s.admin();
-    let token = admin
-        .create_token(&CreateToken::new(Role::Agent))
-        .await
-        .unwrap()
-        .token;
-    let token_file = path_in(&s, "agent-token");
-    std::fs::write(&token_file, token).unwrap();
-    let img = compute::sim::write_image(&path_in(&s, "image"), 16).unwrap();
-    admin
-        .upload_image(
-            &client::ImageFiles {
-                kernel: Some(img.kernel),
-                initrd: Some(img.initrd),
-                disk_template: Some(img.disk_template),
-            },
-            CreateImage {
-                name: "default".into(),
-                kernel: None,
-                initrd: None,
-                disk_template: None,
-                cmdline: img.cmdline,
-                disk_mib: 16,
-                tenant: None,
-            },
-        )
-        .await
-        .unwrap();
+    let token_file = agent_token_file(&s).await;
+    sim_default_image(&s, "").await;
     let agents = HOSTS
         .iter()
         .map(|h| {
@@ -82,15 +56,6 @@ async fn sim_cluster() -> (Server, Vec<test_utils::ChildGuard>) {
         .unwrap_or_else(|_| panic!("{h} did not come up:\n{}", s.log()));
     }
     (s, agents)
-}
-
-/// Logs in with `token` from the login page.
-async fn log_in(b: &Browser, s: &Server, token: &str) {
-    b.goto(&format!("{}/ui/login", s.url)).await;
-    b.fill("#token", token).await;
-    b.click("form[action='/ui/login'] button[type=submit]")
-        .await;
-    b.wait_for_text("h1", "Hosts").await;
 }
 
 #[tokio::test]
@@ -511,7 +476,7 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     let other = s.admin().create_tenant("blue").await.unwrap().token;
     b.click("form[action='/ui/logout'] button").await;
     b.wait_for_text("h1", "Log in").await;
-    log_in(&b, &s, &other).await;
+    b.log_in(&s.url, &other).await;
     b.wait_for_text("#who", "member").await;
     for h in HOSTS {
         b.wait_for_text(&format!("tr[data-host='{h}'] td.state"), "up")
