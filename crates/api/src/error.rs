@@ -362,6 +362,16 @@ impl From<control::StorageError> for ApiError {
     }
 }
 
+impl From<control::ResourceTableError> for ApiError {
+    fn from(e: control::ResourceTableError) -> Self {
+        use control::ResourceTableError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e @ E::TooMany { .. } => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 impl From<control::NicError> for ApiError {
     fn from(e: control::NicError) -> Self {
         use control::NicError as E;

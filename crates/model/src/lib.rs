@@ -14,6 +14,7 @@ pub mod bench;
 mod error_chain;
 mod ids;
 mod name_type;
+pub mod resource_tables;
 mod rng;
 pub mod slices;
 pub mod terminal_ops;
@@ -23,8 +24,8 @@ mod validate;
 
 pub use error_chain::error_chain;
 pub use ids::{
-    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TerminalId,
-    TokenId, VmId,
+    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, ResourceTableId,
+    TenantId, TerminalId, TokenId, VmId,
 };
 pub use rng::SplitMix64;
 pub use types::{

@@ -197,6 +197,7 @@ pub async fn run(o: &BenchOptions) -> Result<Report, BenchError> {
                 pc5: *ip,
                 access: Some(TwoOperators::device_access(side)),
                 mec: TwoOperators::mec_http(side),
+                home: None,
             })
             .await
             .map_err(e)?;

@@ -67,6 +67,8 @@ pub struct DeviceSpec {
     pub access: Option<Ipv4Addr>,
     /// Its MEC's HTTP address.
     pub mec: SocketAddr,
+    /// Its home operator while it roams (set by [`Device::roam`]).
+    pub home: Option<Plmn>,
 }
 
 /// An emulated vehicle.
@@ -165,6 +167,19 @@ impl Device {
         self.params = None;
     }
 
+    /// Roams to another operator's MEC keeping its home credential: the visited MEC fetches
+    /// its subscription from home when it authorizes.
+    pub fn roam(&mut self, plmn: Plmn, mec: SocketAddr) {
+        let home = self
+            .spec
+            .home
+            .take()
+            .unwrap_or_else(|| self.spec.plmn.clone());
+        let token = self.spec.token.clone();
+        self.attach(plmn.clone(), mec, token);
+        self.spec.home = (home != plmn).then_some(home);
+    }
+
     /// Sends the authorization request; keeps and returns the configuration parameters.
     pub async fn authorize(&mut self) -> Result<ConfigurationParameters, DeviceError> {
         let req = AuthorizationRequest {
@@ -175,6 +190,7 @@ impl Device {
                 Some(r) => Some(r.local_addr()?.port()),
                 None => None,
             },
+            home_plmn: self.spec.home.clone(),
         };
         let body = serde_json::to_value(&req).map_err(|e| DeviceError::Protocol(e.to_string()))?;
         let v = self

@@ -86,6 +86,16 @@ pub enum V2xError {
     /// The PC5 gate failed.
     #[error("PC5 gate: {0}")]
     Gate(#[from] GateError),
+    /// The device roams and its home operator's MEC could not be asked.
+    #[error("cannot fetch device {device}'s subscription from its home operator {home}: {reason}")]
+    HomeUnreachable {
+        /// Device.
+        device: String,
+        /// Its home PLMN.
+        home: Plmn,
+        /// What went wrong.
+        reason: String,
+    },
     /// The change could not be made durable (nothing was answered as done).
     #[error("{0}")]
     State(#[from] JournalError),
@@ -96,6 +106,9 @@ struct Sub {
     data: V2xSubscription,
     /// SHA-256 of the device token (hex): the token is shown once, at provisioning.
     token_sha256: String,
+    /// A roaming copy fetched from this home operator (kept only while the device's
+    /// authorization here lasts).
+    roaming_from: Option<Plmn>,
 }
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -116,6 +129,9 @@ pub enum Change {
         subscription: V2xSubscription,
         /// SHA-256 of its device token, hex.
         token_sha256: String,
+        /// Set for a roaming copy: the home operator it was fetched from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        roaming_from: Option<Plmn>,
     },
     /// A subscription revoked, with the device's authorization and links.
     Revoke {
@@ -173,12 +189,14 @@ fn apply(st: &mut State, c: &Change) -> Teardown {
             device,
             subscription,
             token_sha256,
+            roaming_from,
         } => {
             st.subs.insert(
                 device.clone(),
                 Sub {
                     data: subscription.clone(),
                     token_sha256: token_sha256.clone(),
+                    roaming_from: roaming_from.clone(),
                 },
             );
             take_device(st, device)
@@ -187,7 +205,18 @@ fn apply(st: &mut State, c: &Change) -> Teardown {
             st.subs.remove(device);
             take_device(st, device)
         }
-        Change::Leave { device } => take_device(st, device),
+        Change::Leave { device } => {
+            // A roaming copy lasts as long as the authorization it was fetched for: the
+            // next authorization fetches it again, so home's current terms apply.
+            if st
+                .subs
+                .get(device)
+                .is_some_and(|s| s.roaming_from.is_some())
+            {
+                st.subs.remove(device);
+            }
+            take_device(st, device)
+        }
         Change::Authorize {
             device,
             params,
@@ -288,6 +317,7 @@ impl State {
                 device: device.clone(),
                 subscription: s.data.clone(),
                 token_sha256: s.token_sha256.clone(),
+                roaming_from: s.roaming_from.clone(),
             });
         }
         for (device, a) in &self.auths {
@@ -494,6 +524,7 @@ impl V2xFunction {
                 device: device.to_owned(),
                 subscription: data.clone(),
                 token_sha256: sha256_hex(token.as_bytes()),
+                roaming_from: None,
             },
         );
         durable.durable().await?;
@@ -506,6 +537,85 @@ impl V2xFunction {
             },
             down,
         ))
+    }
+
+    /// Home side of roaming: the subscription of a device of ours, for a visited operator
+    /// that shows the device's own token (so a peer cannot read subscriptions at will).
+    /// A roaming copy is never handed on.
+    pub fn roaming_profile(&self, device: &str, token: &str) -> Result<V2xSubscription, V2xError> {
+        let st = self.lock();
+        self.check_token(&st, device, token)?;
+        match st.subs.get(device) {
+            Some(s) if s.roaming_from.is_none() => Ok(s.data.clone()),
+            _ => Err(V2xError::NotSubscribed(device.to_owned())),
+        }
+    }
+
+    /// Visited side of roaming: keeps the subscription `home` answered with, under the
+    /// device's home token; durable before the authorization that needs it is answered.
+    pub async fn adopt_roaming(
+        &self,
+        device: &str,
+        token: &str,
+        home: Plmn,
+        data: V2xSubscription,
+    ) -> Result<(), V2xError> {
+        validate_device_id(device).map_err(V2xError::Invalid)?;
+        data.validate().map_err(V2xError::Invalid)?;
+        let (down, durable) = {
+            let mut st = self.lock();
+            if st
+                .subs
+                .get(device)
+                .is_some_and(|s| s.roaming_from.is_none())
+            {
+                // Provisioned here by the operator: that subscription rules.
+                return Ok(());
+            }
+            self.change(
+                &mut st,
+                Change::Provision {
+                    device: device.to_owned(),
+                    subscription: data,
+                    token_sha256: sha256_hex(token.as_bytes()),
+                    roaming_from: Some(home),
+                },
+            )
+        };
+        durable.durable().await?;
+        self.close_links(&down.links).await
+    }
+
+    /// Home revoked its device: the roaming copy from `home` goes with its links
+    /// (`NotSubscribed` when there was none).
+    pub async fn drop_roaming(&self, device: &str, home: &Plmn) -> Result<Teardown, V2xError> {
+        let (down, durable) = {
+            let mut st = self.lock();
+            if st
+                .subs
+                .get(device)
+                .is_none_or(|s| s.roaming_from.as_ref() != Some(home))
+            {
+                return Err(V2xError::NotSubscribed(device.to_owned()));
+            }
+            self.change(
+                &mut st,
+                Change::Revoke {
+                    device: device.to_owned(),
+                },
+            )
+        };
+        durable.durable().await?;
+        self.close_links(&down.links).await?;
+        Ok(down)
+    }
+
+    /// Whether `device` has a subscription here provisioned by this operator (not a copy).
+    pub fn is_home_subscriber(&self, device: &str) -> bool {
+        self.lock()
+            .subs
+            .get(device)
+            .is_some_and(|s| s.roaming_from.is_none())
     }
 
     /// V2X API: a device's subscription.

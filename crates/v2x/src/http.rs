@@ -6,7 +6,9 @@
 //! - V2X application function (device token): `POST /v2x/v1/authorizations`,
 //!   `DELETE /v2x/v1/authorizations/{device}` (the device leaves this operator),
 //!   `POST /v2x/v1/links`, `DELETE /v2x/v1/links/{id}?device=`.
-//! - Inter-operator (peer token): `POST /v2x/v1/peer/releases`.
+//! - Inter-operator (peer token): `POST /v2x/v1/peer/releases`, `POST /v2x/v1/peer/roaming`
+//!   (a visited operator fetches a roaming device's subscription with the device's token),
+//!   `POST /v2x/v1/peer/revocations` (home revoked a device: drop its roaming copy).
 //! - MEC 030 VIS (operator token, as a MEC application presents it): `/vis/v2/…`.
 
 use std::net::SocketAddr;
@@ -23,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::function::V2xError;
 use crate::mec::Mec;
-use crate::types::{AuthorizationRequest, LinkRequest, V2xSubscription};
+use crate::types::{AuthorizationRequest, LinkRequest, Plmn, V2xSubscription};
 use crate::vis::VisError;
 
 /// Largest request body.
@@ -79,6 +81,7 @@ impl From<V2xError> for Problem {
             | V2xError::NotAuthorized(_)
             | V2xError::PlmnNotAuthorized { .. } => StatusCode::FORBIDDEN,
             V2xError::Gate(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            V2xError::HomeUnreachable { .. } => StatusCode::BAD_GATEWAY,
             // The journal cannot take changes (disk full, I/O error): nothing was done.
             V2xError::State(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -160,6 +163,8 @@ pub fn router(mec: Arc<Mec>) -> Router {
         .route("/v2x/v1/links/{id}", axum::routing::delete(close_link))
         .route("/v2x/v1/gate", get(gate))
         .route("/v2x/v1/peer/releases", post(peer_release))
+        .route("/v2x/v1/peer/roaming", post(peer_roaming))
+        .route("/v2x/v1/peer/revocations", post(peer_revocation))
         .route(
             "/vis/v2/queries/uu_unicast_provisioning_info",
             get(q_uu_unicast),
@@ -237,7 +242,7 @@ async fn authorize(
 ) -> Result<Response, Problem> {
     let req: AuthorizationRequest = parse(&body)?;
     let token = bearer(&h).unwrap_or("");
-    let p = m.function.authorize(token, &req, Some(from.ip())).await?;
+    let p = m.authorize(token, &req, Some(from.ip())).await?;
     Ok(json_resp(StatusCode::CREATED, &to_value(&p), None))
 }
 
@@ -330,6 +335,45 @@ async fn peer_release(
     need(&h, &m.peer_token())?;
     let r: Release = parse(&body)?;
     m.peer_released(r.address).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RoamingAsk {
+    device_id: String,
+    device_token: String,
+}
+
+/// Home side of roaming: a visited operator asks for a device's subscription with the
+/// device's own token.
+async fn peer_roaming(
+    State(m): State<AppState>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    need(&h, &m.peer_token())?;
+    let r: RoamingAsk = parse(&body)?;
+    let s = m.function.roaming_profile(&r.device_id, &r.device_token)?;
+    Ok(json_resp(StatusCode::OK, &to_value(&s), None))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HomeRevocation {
+    device_id: String,
+    home_plmn: Plmn,
+}
+
+/// Visited side: the home operator revoked one of its devices.
+async fn peer_revocation(
+    State(m): State<AppState>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Result<StatusCode, Problem> {
+    need(&h, &m.peer_token())?;
+    let r: HomeRevocation = parse(&body)?;
+    m.home_revoked(&r.device_id, &r.home_plmn).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -74,6 +74,18 @@ pub async fn post_json(
     token: &str,
     body: &Value,
 ) -> std::io::Result<u16> {
+    post_json_answer(netns, url, token, body)
+        .await
+        .map(|(s, _)| s)
+}
+
+/// POSTs `body` to `url` from inside `netns`; returns the status and the JSON answer.
+pub async fn post_json_answer(
+    netns: Option<&str>,
+    url: &str,
+    token: &str,
+    body: &Value,
+) -> std::io::Result<(u16, Value)> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| std::io::Error::other(format!("{url} is not an http:// URL")))?;
@@ -84,11 +96,10 @@ pub async fn post_json(
         .ok_or_else(|| std::io::Error::other(format!("{host} has no address")))?;
     let s = crate::netns::tcp_connect(netns, addr).await?;
     let mut c = HttpConn::new(BufReader::new(s));
-    let (status, _) = tokio::time::timeout(
+    tokio::time::timeout(
         std::time::Duration::from_secs(5),
         c.call("POST", &format!("/{path}"), token, Some(body)),
     )
     .await
-    .map_err(|_| std::io::Error::other(format!("{url} did not answer in 5 s")))??;
-    Ok(status)
+    .map_err(|_| std::io::Error::other(format!("{url} did not answer in 5 s")))?
 }

@@ -9,8 +9,11 @@ use std::time::Instant;
 use ring::hmac;
 
 use crate::function::{hex, Teardown, V2xError, V2xFunction};
-use crate::httpc::post_json;
-use crate::types::{dst_layer2_id, Provisioned, V2xSubscription};
+use crate::httpc::{post_json, post_json_answer};
+use crate::types::{
+    dst_layer2_id, AuthorizationRequest, ConfigurationParameters, Plmn, Provisioned,
+    V2xSubscription,
+};
 use crate::vis::{Delivery, Vis};
 
 /// The MEC service state shared by its HTTP handlers, relay and sweeper.
@@ -115,11 +118,85 @@ impl Mec {
         Ok(p)
     }
 
-    /// V2X API: revoke. Returns once the device's PC5 paths are closed here and at the peers.
+    /// V2X API: revoke. Returns once the device's PC5 paths are closed here and at the peers,
+    /// and, for a device of ours, once every peer has dropped a roaming copy it may hold.
     pub async fn revoke(&self, device: &str) -> Result<Teardown, V2xError> {
+        let home = self.function.is_home_subscriber(device);
         let down = self.function.revoke(device).await?;
         self.after_teardown(&down).await;
+        if home {
+            let cfg = self.function.config();
+            let body = serde_json::json!({"deviceId": device, "homePlmn": cfg.plmn.clone()});
+            for p in &cfg.peers {
+                let url = format!("{}/v2x/v1/peer/revocations", p.uri.trim_end_matches('/'));
+                match post_json(self.netns.as_deref(), &url, &self.peer_token(), &body).await {
+                    // 404: it held no copy.
+                    Ok(s) if s < 300 || s == 404 => {}
+                    Ok(s) => {
+                        tracing::warn!(peer = %p.plmn, status = s, "peer refused the revocation")
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %p.plmn, error = %e, "peer did not take the revocation")
+                    }
+                }
+            }
+        }
         Ok(down)
+    }
+
+    /// The home operator revoked its device: our roaming copy and its links go.
+    pub async fn home_revoked(&self, device: &str, home: &Plmn) -> Result<(), V2xError> {
+        let down = self.function.drop_roaming(device, home).await?;
+        self.after_teardown(&down).await;
+        Ok(())
+    }
+
+    /// The V2X application function's authorization, with roaming: a device unknown here
+    /// that names a peer as its home gets its subscription fetched from there (its own
+    /// token is the proof), kept as a roaming copy, then authorized as any other.
+    pub async fn authorize(
+        &self,
+        token: &str,
+        req: &AuthorizationRequest,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<ConfigurationParameters, V2xError> {
+        match self.function.authorize(token, req, from).await {
+            Err(V2xError::NotSubscribed(d)) => {
+                let cfg = self.function.config();
+                let Some(peer) = req
+                    .home_plmn
+                    .as_ref()
+                    .and_then(|h| cfg.peers.iter().find(|p| &p.plmn == h))
+                else {
+                    return Err(V2xError::NotSubscribed(d));
+                };
+                let url = format!("{}/v2x/v1/peer/roaming", peer.uri.trim_end_matches('/'));
+                let ask = serde_json::json!({"deviceId": d, "deviceToken": token});
+                let unreachable = |reason: String| V2xError::HomeUnreachable {
+                    device: d.clone(),
+                    home: peer.plmn.clone(),
+                    reason,
+                };
+                let (status, body) =
+                    post_json_answer(self.netns.as_deref(), &url, &self.peer_token(), &ask)
+                        .await
+                        .map_err(|e| unreachable(e.to_string()))?;
+                match status {
+                    200 => {}
+                    // Home does not know the device, or the token is not its: nothing to
+                    // authorize (the same answer a home device without subscription gets).
+                    401 | 404 => return Err(V2xError::NotSubscribed(d)),
+                    s => return Err(unreachable(format!("it answered {s}"))),
+                }
+                let sub: V2xSubscription = serde_json::from_value(body)
+                    .map_err(|e| unreachable(format!("its answer is not a subscription: {e}")))?;
+                self.function
+                    .adopt_roaming(&d, token, peer.plmn.clone(), sub)
+                    .await?;
+                self.function.authorize(token, req, from).await
+            }
+            other => other,
+        }
     }
 
     /// A device leaves this operator: its links close here and at the peers.

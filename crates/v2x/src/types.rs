@@ -162,6 +162,11 @@ pub struct AuthorizationRequest {
     /// UDP port on its access-network address where relayed messages reach it.
     #[serde(default)]
     pub relay_port: Option<u16>,
+    /// Its home operator, when it asks a visited one: the visited MEC fetches its
+    /// subscription from the home MEC over the inter-operator link (the device's token from
+    /// home is the proof), instead of needing it provisioned by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_plmn: Option<Plmn>,
 }
 
 /// PLMNs a device may use PC5 in, per radio technology (TS 24.588 §5.2.2 items b/c).

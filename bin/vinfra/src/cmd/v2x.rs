@@ -176,6 +176,10 @@ pub enum V2xCmd {
         /// The device's PC5 address.
         #[arg(long)]
         pc5_address: std::net::Ipv4Addr,
+        /// The device's home operator, when this MEC is a visited one: the MEC fetches the
+        /// subscription from the home MEC (a `--peer`), the device token being the proof.
+        #[arg(long)]
+        home_plmn: Option<v2x::types::Plmn>,
     },
 }
 
@@ -301,8 +305,12 @@ pub async fn run(a: V2xArgs, format: Format) -> anyhow::Result<()> {
             device,
             device_token,
             pc5_address,
+            home_plmn,
         } => {
-            let body = json!({"deviceId": device, "pc5Address": pc5_address});
+            let mut body = json!({"deviceId": device, "pc5Address": pc5_address});
+            if let Some(h) = home_plmn {
+                body["homePlmn"] = json!(h);
+            }
             call(
                 &a,
                 Method::POST,

@@ -79,6 +79,7 @@ impl World {
             pc5,
             access: Some(TwoOperators::device_access(side)),
             mec: TwoOperators::mec_http(side),
+            home: None,
         })
         .await
         .unwrap()
@@ -444,5 +445,76 @@ async fn a_restarted_mec_keeps_its_links_and_closes_what_it_had_revoked() {
     assert!(
         e.contains("line 1") && e.contains(v2x::function::JOURNAL_FILE),
         "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_roaming_device_is_authorized_from_its_home_subscription() {
+    let mut w = world("v2xroam").await;
+    let a_ip = w.lab.add_devices(0, 1).unwrap()[0];
+    let b_ip = w.lab.add_devices(1, 1).unwrap()[0];
+    let [pa, pb] = plmns();
+    // car-a is provisioned at home (A) only; B knows nothing of it.
+    let mut a = w.device(0, "car-a", a_ip, Some(sub(&[&pb], 600))).await;
+    let mut b = w.device(1, "car-b", b_ip, Some(sub(&[&pa], 600))).await;
+    b.authorize().await.unwrap();
+
+    // A stranger claiming A as home with a made-up token gets nothing, and B keeps nothing.
+    let x_ip = w.lab.add_devices(1, 1).unwrap()[0];
+    let mut liar = w.device(1, "car-x", x_ip, None).await;
+    liar.spec.home = Some(pa.clone());
+    assert!(
+        matches!(
+            liar.authorize().await,
+            Err(v2x::device::DeviceError::Refused { status: 404, .. })
+        ),
+        "a token home does not know is refused"
+    );
+    assert!(!w.mecs[1]
+        .mec
+        .function
+        .devices()
+        .contains(&"car-x".to_owned()));
+
+    // car-a roams to B with its home token: B fetches the subscription from A.
+    a.roam(pb.clone(), TwoOperators::visited_http(0));
+    let p = a.authorize().await.unwrap();
+    assert_eq!(p.serving_plmn, pb);
+    assert_eq!(
+        w.mecs[1].mec.function.subscription("car-a").unwrap(),
+        w.mecs[0].mec.function.subscription("car-a").unwrap(),
+        "B holds home's terms"
+    );
+    let responder = tokio::spawn(async move {
+        let s = b.respond(T).await;
+        (b, s)
+    });
+    let sa = a.initiate(b_ip, &pb, CAM, T).await.unwrap();
+    let (_b, sb) = responder.await.unwrap();
+    let sb = sb.unwrap();
+    sa.send(&[3u8; 350]).await.unwrap();
+    assert!(
+        sb.recv(T).await.is_some(),
+        "the roaming device's link works"
+    );
+
+    // Home revokes: B drops its copy and the link before the revocation is answered.
+    w.mecs[0].mec.revoke("car-a").await.unwrap();
+    assert!(!w.mecs[1]
+        .mec
+        .function
+        .devices()
+        .contains(&"car-a".to_owned()));
+    assert!(w.mecs[1].mec.function.links(Some("car-a")).is_empty());
+    assert!(
+        w.passed(a_ip, b_ip).await.is_none(),
+        "its direction is closed"
+    );
+    assert!(
+        matches!(
+            a.authorize().await,
+            Err(v2x::device::DeviceError::Refused { status: 404, .. })
+        ),
+        "home no longer vouches for it"
     );
 }
