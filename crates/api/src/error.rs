@@ -323,9 +323,9 @@ impl From<control::MigrationReportError> for ApiError {
         use control::MigrationReportError as E;
         match e {
             E::Control(c) => c.into(),
-            e @ (E::NotParticipant { .. } | E::IllegalTransition { .. }) => {
-                ApiError::Conflict(e.to_string())
-            }
+            e @ (E::NotParticipant { .. }
+            | E::IllegalTransition { .. }
+            | E::ReportWindowClosed { .. }) => ApiError::Conflict(e.to_string()),
         }
     }
 }

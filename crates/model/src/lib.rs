@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod bench;
 mod error_chain;
 mod ids;
 mod name_type;
@@ -31,7 +32,7 @@ pub use types::{
     Blob, CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image,
     ImageBlobs, Maintenance, MaintenanceState, Migration, MigrationState, Network, Nic,
     ObservedState, QemuMigrationStats, Redundancy, Role, Tenant, TokenRecord, TokenScope, Vm,
-    VmTrace,
+    VmTrace, WARMUP_REPORT_EVERY_MS, WARMUP_REPORT_MS,
 };
 pub use validate::{
     cidr_pattern, hex, parse_cidr, parse_digest, validate_agent_url, validate_cmdline,
