@@ -90,6 +90,10 @@ enum Command {
     /// Virtual networks for VM NICs (vinfra's IPAM).
     #[command(subcommand)]
     Network(cmd::network::NetworkCmd),
+    /// Shared resource tables of a host: entries every device reads, one device at a
+    /// time writes.
+    #[command(subcommand)]
+    ResourceTable(cmd::resource_table::ResourceTableCmd),
     /// API tokens: mint (with a lifetime and scope), list, revoke.
     #[command(subcommand)]
     Token(cmd::token::TokenCmd),
@@ -192,6 +196,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Vm(c) => cmd::vm::run(&ctx, c).await,
         Command::Image(c) => cmd::image::run(&ctx, c).await,
         Command::Network(c) => cmd::network::run(&ctx, c).await,
+        Command::ResourceTable(c) => cmd::resource_table::run(&ctx, c).await,
         Command::Token(c) => cmd::token::run(&ctx, c).await,
         Command::Terminal(c) => cmd::terminal::run(&ctx, c).await,
         Command::Migration(c) => cmd::migration::run(&ctx, c).await,

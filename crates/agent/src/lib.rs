@@ -35,6 +35,7 @@ mod migrate;
 pub mod netdev;
 pub mod phase;
 mod push;
+pub mod tables;
 mod terminal;
 mod vm;
 
@@ -295,8 +296,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             lease,
         }),
         vms: BTreeMap::new(),
+        tables: None,
     };
     agent.adopt_existing().await;
+    let (tables_tx, tables_rx) = tokio::sync::mpsc::channel(16);
+    let tables_task = tokio::spawn(tables::run(
+        agent.host.client.clone(),
+        agent.host.cfg.host_name.clone(),
+        agent.host.cfg.data_dir.clone(),
+        tables_rx,
+    ));
+    agent.tables = Some(tables_tx);
     let (events_tx, mut events) = tokio::sync::mpsc::channel(256);
     let pushing = tokio::spawn(push::follow(
         agent.host.client.clone(),
@@ -348,6 +358,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     watchdog.abort();
     relay.abort();
     pushing.abort();
+    // The tables' last contents are saved before the VMs stop (devices outlive it).
+    if let Some(tx) = agent.tables.take() {
+        let (done, saved) = tokio::sync::oneshot::channel();
+        if tx.send(tables::Cmd::Shutdown(done)).await.is_ok() {
+            let _ = saved.await;
+        }
+    }
+    let _ = tables_task.await;
     agent.stop_all().await;
     if let Some(sw) = agent.host.counting.clone() {
         match tokio::task::spawn_blocking(move || sw.retire()).await {
@@ -630,6 +648,8 @@ impl Host {
 struct Agent {
     host: Arc<Host>,
     vms: BTreeMap<VmId, VmHandle>,
+    /// The resource tables task's queue ([`tables`]).
+    tables: Option<tokio::sync::mpsc::Sender<tables::Cmd>>,
 }
 
 impl Agent {
@@ -730,7 +750,11 @@ impl Agent {
     fn pushed(&mut self, ev: model::api::HostEvent) -> bool {
         use model::api::HostEvent;
         match ev {
-            HostEvent::Resync => return true,
+            HostEvent::Resync => {
+                self.sync_tables();
+                return true;
+            }
+            HostEvent::ResourceTables => self.sync_tables(),
             HostEvent::Assignment { assignment } => self.route(*assignment, "push"),
             HostEvent::Unassigned { vm } => {
                 if let Some(h) = self.vms.get_mut(&vm) {
@@ -757,6 +781,14 @@ impl Agent {
             }
         }
         false
+    }
+
+    /// Asks the tables task to list this host's tables (a full queue already holds a
+    /// sync).
+    fn sync_tables(&self) {
+        if let Some(tx) = &self.tables {
+            let _ = tx.try_send(tables::Cmd::Sync);
+        }
     }
 
     /// Stops every VM (each task reports its VM stopped) and waits for the tasks.

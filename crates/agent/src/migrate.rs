@@ -11,7 +11,8 @@
 //! cache as peer (misses go to the peer, the origin only for blocks the peer lacks),
 //! plans the fetch order (`heat+pattern` by default), exports the disk and starts QEMU
 //! waiting for the stream (`ready`). At switch-over it starts the background rebuild;
-//! guest misses go first. It reports progress, and `completed` when the plan is done.
+//! guest misses go first. It reports progress, and `completed` when the plan is done;
+//! then, for [`model::WARMUP_REPORT_MS`], the cache's hits and misses (the curve's tail).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -342,12 +343,63 @@ impl VmTask {
                 self.send_mig(m.id, &r).await?;
                 if finished {
                     tracing::info!(migration = %m.id, "cache rebuilt: migration complete");
+                    if let (Some(c), Some(p)) = (&cache, r.progress.take()) {
+                        let base = self.phase.mig().and_then(|x| x.base).unwrap_or_default();
+                        self.report_after_completion(m.id, p, base, c);
+                    }
                     self.phase = VmPhase::Running;
                 }
                 Ok(())
             }
             MigrationState::Completed | MigrationState::Failed => Ok(()),
         }
+    }
+
+    /// After `completed`: reports the cache's hits and misses since switch-over once a
+    /// second for [`model::WARMUP_REPORT_MS`] (state `completed`, progress only), so that
+    /// the hit-ratio curve shows the cache serving the guest after the rebuild, which on
+    /// a small disk ends before the guest has read much. Best effort, in a task of its
+    /// own: it ends early when the VM's cache is closed (the VM deleted or gone), on a
+    /// refusal, and with the agent process; a failed request only loses its sample.
+    fn report_after_completion(
+        &self,
+        id: MigrationId,
+        last: CacheProgress,
+        base: cache::CacheStats,
+        cache: &Arc<cache::BlockCache>,
+    ) {
+        let client = self.host.client.clone();
+        let host = self.host.cfg.host_name.clone();
+        let cache = Arc::downgrade(cache);
+        tokio::spawn(async move {
+            let every = std::time::Duration::from_millis(model::WARMUP_REPORT_EVERY_MS);
+            for _ in 0..model::WARMUP_REPORT_MS / model::WARMUP_REPORT_EVERY_MS {
+                tokio::time::sleep(every).await;
+                let Some(c) = cache.upgrade() else { return };
+                let mut p = last.clone();
+                cache_figures(&mut p, &c.stats(), base);
+                drop(c);
+                let r = MigrationReport {
+                    host: host.clone(),
+                    state: MigrationState::Completed,
+                    incoming_uri: None,
+                    qemu: None,
+                    progress: Some(p),
+                    error: None,
+                    dirty: None,
+                };
+                match client.report_migration(id, &r).await {
+                    Ok(_) => {}
+                    Err(e) if e.status().is_some_and(|s| s < 500) => {
+                        tracing::debug!(migration = %id, error = %model::error_chain(&e), "figures after completion refused; stopping them");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(migration = %id, error = %model::error_chain(&e), "figures after completion not sent");
+                    }
+                }
+            }
+        });
     }
 
     /// The source's cache as a block source: its NBD peer export, asked only for the
@@ -524,23 +576,26 @@ fn progress(x: &MigLocal, cache: Option<&cache::BlockCache>) -> CacheProgress {
         ..Default::default()
     };
     if let Some(c) = cache {
-        let s = c.stats();
-        let base = x.base.unwrap_or_default();
-        out.peer_bytes = s.bytes_from_peer;
-        out.origin_bytes = s.bytes_from_origin;
-        out.hits = s.hits.saturating_sub(base.hits);
-        out.misses = s.misses.saturating_sub(base.misses);
-        let total = out.hits + out.misses;
-        #[allow(clippy::cast_precision_loss)] // a ratio for display
-        {
-            out.hit_ratio = if total == 0 {
-                0.0
-            } else {
-                out.hits as f64 / total as f64
-            };
-        }
+        cache_figures(&mut out, &c.stats(), x.base.unwrap_or_default());
     }
     out
+}
+
+/// The cache's byte counters and its guest hits and misses since `base` (switch-over).
+fn cache_figures(out: &mut CacheProgress, s: &cache::CacheStats, base: cache::CacheStats) {
+    out.peer_bytes = s.bytes_from_peer;
+    out.origin_bytes = s.bytes_from_origin;
+    out.hits = s.hits.saturating_sub(base.hits);
+    out.misses = s.misses.saturating_sub(base.misses);
+    let total = out.hits + out.misses;
+    #[allow(clippy::cast_precision_loss)] // a ratio for display
+    {
+        out.hit_ratio = if total == 0 {
+            0.0
+        } else {
+            out.hits as f64 / total as f64
+        };
+    }
 }
 
 /// Fail point for crash tests: `VINFRA_PEER_DELAY_MS` slows every block read from a

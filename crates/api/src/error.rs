@@ -323,9 +323,9 @@ impl From<control::MigrationReportError> for ApiError {
         use control::MigrationReportError as E;
         match e {
             E::Control(c) => c.into(),
-            e @ (E::NotParticipant { .. } | E::IllegalTransition { .. }) => {
-                ApiError::Conflict(e.to_string())
-            }
+            e @ (E::NotParticipant { .. }
+            | E::IllegalTransition { .. }
+            | E::ReportWindowClosed { .. }) => ApiError::Conflict(e.to_string()),
         }
     }
 }
@@ -358,6 +358,16 @@ impl From<control::StorageError> for ApiError {
         match e {
             control::StorageError::Control(c) => c.into(),
             e @ control::StorageError::Document(_) => ApiError::Unprocessable(e.to_string()),
+        }
+    }
+}
+
+impl From<control::ResourceTableError> for ApiError {
+    fn from(e: control::ResourceTableError) -> Self {
+        use control::ResourceTableError as E;
+        match e {
+            E::Control(c) => c.into(),
+            e @ E::TooMany { .. } => ApiError::Conflict(e.to_string()),
         }
     }
 }

@@ -297,6 +297,31 @@ impl BenchOptions {
 }
 
 impl BenchOptions {
+    /// A run of about a second: one mixed workload of 10,000 requests on a small cache,
+    /// every strategy (tests of what consumes the rows).
+    pub fn tiny() -> Self {
+        let mut o = BenchOptions::standard(true, None);
+        let spec = SynthSpec {
+            seed: 3,
+            requests: 10_000,
+            span_bytes: 512 << 20,
+            io_size: 4096,
+            iops: 4000,
+        };
+        o.workloads = vec![WorkloadSpec::Mixed {
+            spec,
+            theta: 1.0,
+            read_pct: 70,
+            seq_every: 4,
+            tables: 4,
+            table_bytes: 16 << 20,
+        }];
+        o.cache_blocks = 1024;
+        // The run after the migration point is 1.25 s long.
+        o.memory_copy_s = 0.25;
+        o
+    }
+
     /// Adds a trace file as a workload named after the file (its stem), replayed
     /// `speedup` times faster than recorded.
     pub fn with_trace(mut self, path: PathBuf, format: TraceFormat, speedup: f64) -> Self {
@@ -1063,31 +1088,56 @@ fn simulate(
     }
 }
 
+/// The result document the dashboard's Migrations page plots (`--result FILE`): each
+/// row's curve thinned to [`model::bench::MAX_POINTS`], and per workload the twin's
+/// (the VM that never moved) as the strategy `no migration`.
+pub fn result_doc(rows: &[BenchRow], quick: bool, now_ms: u64) -> model::bench::MigrateCacheResult {
+    use model::bench::{thin, MigrateCacheRow, MAX_POINTS};
+    let mut out = Vec::new();
+    let mut twins: Vec<&str> = Vec::new();
+    for r in rows {
+        if !twins.contains(&r.workload.as_str()) && !r.twin_curve.is_empty() {
+            twins.push(&r.workload);
+            out.push(MigrateCacheRow {
+                workload: r.workload.clone(),
+                strategy: "no migration".into(),
+                time_to_warm_s: None,
+                peer_bytes: 0,
+                origin_bytes: r.twin_origin_bytes,
+                curve: rounded(thin(&r.twin_curve, MAX_POINTS)),
+            });
+        }
+        out.push(MigrateCacheRow {
+            workload: r.workload.clone(),
+            strategy: r.strategy.clone(),
+            time_to_warm_s: r.time_to_warm_s,
+            peer_bytes: r.peer_bytes,
+            origin_bytes: r.origin_bytes,
+            curve: rounded(thin(&r.curve, MAX_POINTS)),
+        });
+    }
+    model::bench::MigrateCacheResult {
+        kind: model::bench::MIGRATE_CACHE_KIND.into(),
+        created_at_ms: now_ms,
+        quick,
+        rows: out,
+    }
+}
+
+/// Milliseconds and a hundredth of a percent are all a plot shows: a smaller document.
+fn rounded(curve: Vec<[f64; 2]>) -> Vec<[f64; 2]> {
+    curve
+        .into_iter()
+        .map(|[t, r]| [(t * 1e3).round() / 1e3, (r * 1e4).round() / 1e4])
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn small() -> BenchOptions {
-        let mut o = BenchOptions::standard(true, None);
-        let spec = SynthSpec {
-            seed: 3,
-            requests: 10_000,
-            span_bytes: 512 << 20,
-            io_size: 4096,
-            iops: 4000,
-        };
-        o.workloads = vec![WorkloadSpec::Mixed {
-            spec,
-            theta: 1.0,
-            read_pct: 70,
-            seq_every: 4,
-            tables: 4,
-            table_bytes: 16 << 20,
-        }];
-        o.cache_blocks = 1024;
-        // The run after the migration point is 1.25 s long.
-        o.memory_copy_s = 0.25;
-        o
+        BenchOptions::tiny()
     }
 
     #[test]
@@ -1200,5 +1250,17 @@ mod tests {
             blocks_of(&r, 128).collect::<Vec<_>>(),
             vec![(0, false), (1, true), (2, true), (3, false)]
         );
+    }
+
+    #[test]
+    fn the_result_document_is_one_the_dashboard_takes() {
+        let rows = run_bench(small()).unwrap();
+        let doc = result_doc(&rows, true, 1);
+        doc.validate().unwrap();
+        // Per workload the twin, then every row.
+        assert_eq!(doc.rows.len(), rows.len() + 1);
+        assert_eq!(doc.rows[0].strategy, "no migration");
+        let text = serde_json::to_string(&doc).unwrap();
+        assert_eq!(model::bench::MigrateCacheResult::parse(&text).unwrap(), doc);
     }
 }

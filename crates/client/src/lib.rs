@@ -614,6 +614,77 @@ impl Client {
             .map(drop)
     }
 
+    // ---- resource tables ----
+
+    /// `POST /v1/hosts/{name}/resource-tables`.
+    pub async fn create_resource_table(
+        &self,
+        host: &str,
+        req: &model::resource_tables::CreateResourceTable,
+    ) -> Result<model::resource_tables::ResourceTable, ClientError> {
+        self.json(
+            Method::POST,
+            &["v1", "hosts", host, "resource-tables"],
+            Some(req),
+        )
+        .await
+    }
+
+    /// `GET /v1/hosts/{name}/resource-tables`.
+    pub async fn list_resource_tables(
+        &self,
+        host: &str,
+    ) -> Result<Vec<model::resource_tables::ResourceTable>, ClientError> {
+        self.json(
+            Method::GET,
+            &["v1", "hosts", host, "resource-tables"],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `GET /v1/hosts/{name}/resource-tables/{table}` (name or id).
+    pub async fn get_resource_table(
+        &self,
+        host: &str,
+        table: &str,
+    ) -> Result<model::resource_tables::ResourceTable, ClientError> {
+        self.json(
+            Method::GET,
+            &["v1", "hosts", host, "resource-tables", table],
+            NO_BODY,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/hosts/{name}/resource-tables/{table}` (name or id).
+    pub async fn delete_resource_table(&self, host: &str, table: &str) -> Result<(), ClientError> {
+        self.send(
+            Method::DELETE,
+            &["v1", "hosts", host, "resource-tables", table],
+            NO_BODY,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `PUT /v1/hosts/{name}/resource-tables/{table}/report`: the agent's report.
+    pub async fn report_resource_table(
+        &self,
+        host: &str,
+        table: model::ResourceTableId,
+        report: &model::resource_tables::ResourceTableReport,
+    ) -> Result<(), ClientError> {
+        let id = table.to_string();
+        self.send(
+            Method::PUT,
+            &["v1", "hosts", host, "resource-tables", &id, "report"],
+            Some(report),
+        )
+        .await
+        .map(drop)
+    }
+
     // ---- migrations ----
 
     /// `POST /v1/vms/{id}/migrate`: starts a live migration.

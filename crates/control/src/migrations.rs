@@ -101,6 +101,16 @@ pub enum MigrationReportError {
         /// The state reported.
         to: MigrationState,
     },
+    /// A progress report after `completed`, later than the server accepts them.
+    #[error("state: migration {migration} completed {ago_ms} ms ago; progress after completion is accepted for {window_ms} ms")]
+    ReportWindowClosed {
+        /// The migration.
+        migration: MigrationId,
+        /// Since `finished_at`.
+        ago_ms: u64,
+        /// The window.
+        window_ms: u64,
+    },
     /// The store, a lost race, or an unknown migration.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -128,6 +138,9 @@ fn check_transition(
         (Ready, Migrating) => is_src,
         (Ready | Migrating, Warming) => is_src,
         (Warming, Warming) | (Warming, Completed) => is_dst,
+        // After the rebuild: the destination's cache figures, for the hit-ratio curve
+        // (`model::WARMUP_REPORT_MS`); nothing else of the record changes.
+        (Completed, Completed) => is_dst && report.progress.is_some(),
         _ => false,
     };
     if ok {
@@ -331,6 +344,31 @@ impl Control {
         for _ in 0..CAS_ATTEMPTS {
             let (mut m, mrev) = self.migration(Scope::All, id).await?;
             check_transition(&m, host, report)?;
+            if m.state == MigrationState::Completed {
+                // The destination's figures after the rebuild (the transition check
+                // allows nothing else from `completed`): the progress only, for a
+                // bounded time (twice the agent's window: slack for a slow pass).
+                let window_ms = 2 * model::WARMUP_REPORT_MS;
+                let now = now_ms();
+                let ago_ms = now.saturating_sub(m.finished_at.unwrap_or(now));
+                if ago_ms > window_ms {
+                    return Err(MigrationReportError::ReportWindowClosed {
+                        migration: m.id,
+                        ago_ms,
+                        window_ms,
+                    });
+                }
+                m.progress = report.progress.clone();
+                match self
+                    .store()
+                    .cas(&keys::migration(m.id), Some(mrev), to_bytes(&m)?)
+                    .await
+                {
+                    Ok(_) => return Ok(m),
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(ControlError::from(e).into()),
+                }
+            }
             let (mut vm, vrev) = get_json::<Vm>(self.store(), &keys::vm(m.vm))
                 .await?
                 .ok_or_else(|| {
@@ -507,7 +545,8 @@ mod tests {
             (Warming, "a", Failed, false, false), // after switch-over only the destination can fail it
             (Warming, "b", Failed, false, true),
             (Completed, "b", Failed, false, false),
-            (Pending, "c", Failed, false, false), // a stranger
+            (Completed, "a", Completed, false, false), // figures after completion: the destination's only
+            (Pending, "c", Failed, false, false),      // a stranger
         ];
         for (from, host, to, uri, ok) in cases {
             let (h, r) = report(host, to, uri);
@@ -517,5 +556,10 @@ mod tests {
                 "{from:?} --{host}--> {to:?}"
             );
         }
+        // Completed -> completed: only with figures.
+        let (h, mut r) = report("b", Completed, false);
+        assert!(check_transition(&m(Completed), &h, &r).is_err());
+        r.progress = Some(model::CacheProgress::default());
+        assert!(check_transition(&m(Completed), &h, &r).is_ok());
     }
 }

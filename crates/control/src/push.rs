@@ -447,6 +447,19 @@ impl Hub {
                 WatchEvent::Put(kv) if kv.key.starts_with(crate::terminals::TERMINAL_OPS) => {
                     self.terminal_operation(&kv);
                 }
+                // A table spec is written at create and deleted at delete, never
+                // changed: either way its host re-lists its tables.
+                WatchEvent::Put(store::KeyValue { key, .. }) | WatchEvent::Delete { key, .. }
+                    if key.starts_with(keys::RESOURCE_TABLES) =>
+                {
+                    let host = key[keys::RESOURCE_TABLES.len()..]
+                        .split('/')
+                        .next()
+                        .and_then(|h| model::validate_name("host", h).ok());
+                    if let Some(host) = host {
+                        self.send(&host, &Arc::new(HostEvent::ResourceTables));
+                    }
+                }
                 _ => {}
             }
         }

@@ -162,6 +162,24 @@ pub mod keys {
     pub fn ipam_prefix(net: NetworkId) -> String {
         format!("/vinfra/ipam/{net}/")
     }
+    /// Resource table specs, per host (`{RESOURCE_TABLES}{host}/{id}`). The push hub
+    /// tells a host's agent when one of its own changes.
+    pub const RESOURCE_TABLES: &str = "/vinfra/resource-tables/";
+    pub fn resource_tables(host: &Name) -> String {
+        format!("{RESOURCE_TABLES}{host}/")
+    }
+    pub fn resource_table(host: &Name, id: model::ResourceTableId) -> String {
+        format!("{RESOURCE_TABLES}{host}/{id}")
+    }
+    /// Resource table name index, per host and tenant: value is the table id.
+    pub fn resource_table_name(host: &Name, tenant: TenantId, name: &Name) -> String {
+        format!("/vinfra/resource-table-names/{host}/{tenant}/{name}")
+    }
+    /// The agent's last report of a table, apart from the spec so that reports never
+    /// race with (or wake the hub for) the spec.
+    pub fn resource_table_state(id: model::ResourceTableId) -> String {
+        format!("/vinfra/resource-table-state/{id}")
+    }
 }
 
 /// Encodes a record.

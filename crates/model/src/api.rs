@@ -811,6 +811,9 @@ pub enum HostEvent {
         /// What to perform, on which VM, for which terminal.
         operation: Box<crate::terminals::PerformedOperation>,
     },
+    /// A resource table of this host was created or deleted: the agent lists the
+    /// host's tables (`GET /v1/hosts/{name}/resource-tables`) and converges to them.
+    ResourceTables,
 }
 
 /// Link establishment, step 3: the first CP's IP and id, sent to the second VNF's link endpoint (a

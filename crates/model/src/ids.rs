@@ -99,6 +99,12 @@ typed_id!(
     "token"
 );
 
+typed_id!(
+    /// Identifies a resource table on a host.
+    ResourceTableId,
+    "resource table"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,9 +10,11 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod bench;
 mod error_chain;
 mod ids;
 mod name_type;
+pub mod resource_tables;
 mod rng;
 pub mod slices;
 pub mod terminal_ops;
@@ -22,15 +24,15 @@ mod validate;
 
 pub use error_chain::error_chain;
 pub use ids::{
-    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, TenantId, TerminalId,
-    TokenId, VmId,
+    HostId, IdParseError, ImageId, MaintenanceId, MigrationId, NetworkId, ResourceTableId,
+    TenantId, TerminalId, TokenId, VmId,
 };
 pub use rng::SplitMix64;
 pub use types::{
     Blob, CacheProgress, DesiredState, DrainItem, DrainItemState, Host, HostState, Image,
     ImageBlobs, Maintenance, MaintenanceState, Migration, MigrationState, Network, Nic,
     ObservedState, QemuMigrationStats, Redundancy, Role, Tenant, TokenRecord, TokenScope, Vm,
-    VmTrace,
+    VmTrace, WARMUP_REPORT_EVERY_MS, WARMUP_REPORT_MS,
 };
 pub use validate::{
     cidr_pattern, hex, parse_cidr, parse_digest, validate_agent_url, validate_cmdline,

@@ -608,6 +608,16 @@ pub struct QemuMigrationStats {
     pub ram_bytes: u64,
 }
 
+/// After reporting `completed`, the destination keeps reporting its cache's figures
+/// (state `completed`, [`CacheProgress`] only) for this long, one report every
+/// [`WARMUP_REPORT_EVERY_MS`]: the rebuild of a small disk ends in milliseconds, before
+/// the guest has read much, and the hit-ratio curve is meant to show the cache serving
+/// the guest afterwards. The server accepts such reports for twice as long after
+/// `finished_at` and refuses them later.
+pub const WARMUP_REPORT_MS: u64 = 30_000;
+/// The interval of the reports after `completed` (see [`WARMUP_REPORT_MS`]).
+pub const WARMUP_REPORT_EVERY_MS: u64 = 1_000;
+
 /// How the destination's cache rebuild is going.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CacheProgress {

@@ -338,6 +338,22 @@ impl Device {
         crate::probe::store(self.table.slot_addr(entry) + offset, value, &self.table)
     }
 
+    /// [`Device::stray_store`], and a refused store is reported to the element,
+    /// which audits it (`refused_store`): the kernel tells only this process, so
+    /// the audit has what devices using this library report. x86-64 only.
+    pub fn try_store(
+        &self,
+        entry: u32,
+        offset: usize,
+        value: u64,
+    ) -> Result<crate::StoreOutcome, Error> {
+        let outcome = self.stray_store(entry, offset, value)?;
+        if outcome == crate::StoreOutcome::Sigbus {
+            self.call(proto::OP_REFUSED_STORE, entry, 0)?;
+        }
+        Ok(outcome)
+    }
+
     /// Address of entry `entry`'s slot in this process (for diagnostics).
     pub fn slot_addr(&self, entry: u32) -> usize {
         self.table.slot_addr(entry)

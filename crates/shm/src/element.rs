@@ -96,6 +96,10 @@ pub enum AuditKind {
         /// The device holding it.
         holder: DeviceId,
     },
+    /// A store by the device into the entry raised SIGBUS (no grant), as the
+    /// device's library reported it ([`crate::Device::try_store`]): the kernel
+    /// tells only the storing process.
+    RefusedStore,
     /// The entry was left half-written (its writer died or lost the grant
     /// mid-write) and was put back to its content at grant time, as a new
     /// version.
@@ -154,6 +158,8 @@ pub struct Totals {
     pub revokes: u64,
     /// Requests refused.
     pub refused: u64,
+    /// Stores refused by the kernel, as the devices reported them.
+    pub refused_stores: u64,
     /// Entries rolled back.
     pub rolled_back: u64,
 }
@@ -356,6 +362,15 @@ impl Element {
         let mut buf = vec![0u8; self.shared.layout.entry_size() as usize];
         let v = self.lock().slots.read(entry, &mut buf, 1 << 20)?;
         Ok((v, buf))
+    }
+
+    /// Every entry's sequence word, in entry order: its version when even, odd
+    /// while a write is under way (0: never written).
+    pub fn versions(&self) -> Vec<u64> {
+        let st = self.lock();
+        (0..self.shared.layout.entries())
+            .map(|e| st.slots.seq(e))
+            .collect()
     }
 
     /// The element writes an entry itself (refused while a device holds it).
@@ -662,6 +677,15 @@ impl State {
             proto::OP_RELEASE => self
                 .revoke(device, entry, RevokeReason::Released)
                 .map(|()| (proto::ST_RELEASED, 0)),
+            proto::OP_REFUSED_STORE => match self.slots.layout().check(entry) {
+                Ok(()) => {
+                    let version = self.slots.seq(entry);
+                    self.totals.refused_stores += 1;
+                    self.record(device, Some(entry), version, AuditKind::RefusedStore);
+                    Ok((proto::ST_RELEASED, 0))
+                }
+                Err(e) => Err(e),
+            },
             _ => Err(Error::Protocol(format!("unknown request {op}"))),
         };
         let (status, value) = match result {

@@ -38,6 +38,7 @@ mod entry;
 mod probe;
 mod proto;
 pub mod selfcheck;
+mod snapshot;
 mod sys;
 
 pub use device::{Device, WriteGuard};
@@ -47,6 +48,7 @@ pub use element::{
 pub use entry::{Layout, MAX_ENTRIES, MAX_ENTRY_SIZE};
 pub use probe::StoreOutcome;
 pub use proto::Notify;
+pub use snapshot::{decode_snapshot, encode_snapshot};
 pub use sys::{raise_fd_limit, unshare_network};
 
 /// A device's id at its element (1, 2, …; never reused by one element).

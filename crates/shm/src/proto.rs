@@ -144,6 +144,9 @@ pub(crate) const CTRL_BYTES: usize = 4096;
 
 pub(crate) const OP_REQUEST_WRITE: u64 = 1;
 pub(crate) const OP_RELEASE: u64 = 2;
+/// The device's library caught a SIGBUS from a store into the entry (it had no
+/// grant): for the element's audit. Answered `ST_RELEASED`.
+pub(crate) const OP_REFUSED_STORE: u64 = 3;
 
 pub(crate) const ST_GRANTED: u64 = 1;
 pub(crate) const ST_RELEASED: u64 = 2;

@@ -24,7 +24,8 @@ document.addEventListener("htmx:afterSwap", (e) => {
   if (t && t.id === "console" && t.dataset.follow !== "0") t.scrollTop = t.scrollHeight;
 });
 
-const COLOURS = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#0969da"];
+const COLOURS = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#0969da",
+  "#bf3989", "#6e7781", "#e16f24", "#116329"];
 
 function plot(el) {
   let chart = null;
@@ -119,9 +120,139 @@ function rates(el) {
   setInterval(refresh, 1000);
 }
 
+// The browser terminal (Terminals page): this script is the terminal. It holds the
+// credentials in memory only, signs each operation message with the secret (HMAC-SHA256,
+// the MAC of model::terminals::mac_input) and posts it to /v1/terminal-operations as any
+// terminal does; the server checks it like any other. Keys map as `vinfra terminal
+// connect` maps them: printable runs and Enter become type_text, editing and cursor keys
+// and Ctrl-letter key_combo. One message in flight at a time (order kept); keys typed
+// meanwhile go together in the next.
+const MAC_CONTEXT = "vinfra-terminal-operation-v1";
+const NAMED_KEYS = {
+  Backspace: ["backspace"], Delete: ["delete"], Escape: ["esc"], ArrowUp: ["up"],
+  ArrowDown: ["down"], ArrowLeft: ["left"], ArrowRight: ["right"], Home: ["home"],
+  End: ["end"], PageUp: ["pgup"], PageDown: ["pgdn"],
+};
+
+function keyOp(e) {
+  if (e.metaKey || e.altKey) return null;
+  if (e.ctrlKey) {
+    return /^[a-z]$/i.test(e.key) ? { op: "key_combo", qcodes: ["ctrl", e.key.toLowerCase()] } : null;
+  }
+  if (e.key === "Enter") return { op: "type_text", text: "\n" };
+  if (NAMED_KEYS[e.key]) return { op: "key_combo", qcodes: NAMED_KEYS[e.key] };
+  if (e.key.length === 1 && e.key >= " " && e.key <= "~") return { op: "type_text", text: e.key };
+  return null; // Tab moves the focus on; other keys have no operation
+}
+
+function terminal(root) {
+  const enc = new TextEncoder();
+  const status = root.querySelector("#bt-status");
+  const pad = root.querySelector("#bt-keys");
+  const log = root.querySelector("#bt-log");
+  const creds = root.querySelector("#bt-creds");
+  let term = null;
+  const queue = [];
+  let busy = false;
+  let lastSeq = 0;
+  const say = (m) => { status.textContent = m; };
+
+  root.querySelector("#bt-file").addEventListener("change", async (e) => {
+    const f = e.target.files && e.target.files[0];
+    if (f) creds.value = await f.text();
+  });
+  root.querySelector("#bt-use").addEventListener("click", async () => {
+    let c;
+    try {
+      c = JSON.parse(creds.value);
+    } catch (_) {
+      say("Credentials: not JSON (paste the file vinfra terminal create --credentials wrote).");
+      return;
+    }
+    if (!c || typeof c.secret !== "string" || typeof c.terminal !== "string" || typeof c.server !== "string") {
+      say("Credentials: terminal, secret and server are needed.");
+      return;
+    }
+    if (!window.crypto || !crypto.subtle) {
+      say("This browser offers no WebCrypto here: open the dashboard over https (or on localhost).");
+      return;
+    }
+    const key = await crypto.subtle.importKey("raw", enc.encode(c.secret), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+    term = { id: c.terminal, server: c.server, name: c.name || c.terminal, key };
+    // Out of the page's DOM: only the non-extractable key is kept.
+    creds.value = "";
+    root.querySelector("#bt-file").value = "";
+    say(`Terminal ${term.name}: focus the box below and type.`);
+    root.dataset.ready = "1";
+  });
+
+  async function send(op) {
+    const body = JSON.stringify({ operation: op });
+    const seq = Math.max(Date.now() * 1000, lastSeq + 1);
+    lastSeq = seq;
+    const timestamp = Date.now();
+    const input = `${MAC_CONTEXT}\n${term.server}\n${term.id}\n${seq}\n${timestamp}\n${body}`;
+    const sig = new Uint8Array(await crypto.subtle.sign("HMAC", term.key, enc.encode(input)));
+    const mac = Array.from(sig, (b) => b.toString(16).padStart(2, "0")).join("");
+    const header = JSON.stringify({ server: term.server, terminal: term.id, seq, timestamp, mac });
+    const li = document.createElement("li");
+    li.textContent = `${JSON.stringify(op)} → …`;
+    log.prepend(li);
+    while (log.children.length > 20) log.lastChild.remove();
+    try {
+      // The body goes exactly as signed: the MAC covers its bytes.
+      const r = await fetch("/v1/terminal-operations", {
+        method: "POST", credentials: "omit",
+        headers: { "Content-Type": "application/json" },
+        body: `{"header":${header},"body":${body}}`,
+      });
+      const doc = await r.json().catch(() => ({}));
+      const outcome = r.ok ? doc.outcome : `refused (${r.status}): ${doc.detail || ""}`;
+      li.textContent = `${JSON.stringify(op)} → ${outcome}`;
+      li.dataset.outcome = r.ok ? doc.outcome : "refused";
+    } catch (_) {
+      li.textContent = `${JSON.stringify(op)} → not sent (the server is unreachable)`;
+      li.dataset.outcome = "unsent";
+    }
+  }
+
+  async function pump() {
+    if (busy || queue.length === 0) return;
+    busy = true;
+    let op = queue.shift();
+    // Keys typed while the last message was out go as one (type_text is at most 256).
+    while (op.op === "type_text" && queue.length > 0 && queue[0].op === "type_text"
+           && op.text.length + queue[0].text.length <= 200) {
+      op = { op: "type_text", text: op.text + queue.shift().text };
+    }
+    await send(op);
+    busy = false;
+    pump();
+  }
+
+  pad.addEventListener("keydown", (e) => {
+    if (!term) { say("Give the terminal's credentials first."); return; }
+    const op = keyOp(e);
+    if (!op) return;
+    e.preventDefault();
+    queue.push(op);
+    pump();
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll(".plot[data-src]").forEach((el) =>
     el.dataset.kind === "rates" ? rates(el) : plot(el));
   const c = document.getElementById("console");
   if (c) c.scrollTop = c.scrollHeight;
+  const bt = document.getElementById("browser-terminal");
+  if (bt) terminal(bt);
+  // The benchmark upload: a chosen file fills the text field (the form posts the text).
+  const file = document.getElementById("doc-file");
+  const doc = document.getElementById("doc");
+  if (file && doc) {
+    file.addEventListener("change", async () => {
+      if (file.files && file.files[0]) doc.value = await file.files[0].text();
+    });
+  }
 });

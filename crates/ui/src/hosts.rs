@@ -5,14 +5,13 @@ use std::collections::HashMap;
 
 use api::{ApiError, AppState};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 use model::{Host, Maintenance, Role, Vm};
 
-use crate::layout::{self, badge, field, form_error, FormError};
-use crate::session::{check_origin, Session};
-use crate::{done, val, Fields, Posted};
+use crate::layout::{self, badge, field, form_error, Change, FormError};
+use crate::session::Session;
+use crate::{done, val, Fields};
 
 struct HostsView {
     hosts: Vec<Host>,
@@ -212,22 +211,15 @@ pub(crate) async fn page(
 
 /// `GET /ui/hosts/live`: the table alone.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match load(&state, &s).await {
-        Ok(v) => table(&s, &v).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(load(&state, &s).await.map(|v| table(&s, &v)))
 }
 
 /// `POST /ui/hosts/maintenance`: preview, enter or exit.
 pub(crate) async fn maintenance(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Posted(form): Posted,
+    Change { s, form }: Change,
 ) -> Response {
     let r: Result<(Option<Maintenance>, String), ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         s.caller
             .require(&[Role::Admin], "putting a host into maintenance")?;
         let host = model::validate_name("host", val(&form, "host"))?;

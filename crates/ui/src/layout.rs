@@ -1,11 +1,51 @@
 //! The page shell, navigation, form fields with their errors, and error pages.
 
-use api::ApiError;
+use api::{ApiError, AppState};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
-use crate::session::{Session, CSRF_FIELD};
+use crate::session::{check_origin, Session, CSRF_FIELD};
+use crate::{Fields, Posted};
+
+/// A change posted from one of the dashboard's forms, checked before the handler runs:
+/// a session, the request's `Origin` this server (when the browser sends one), the
+/// form's CSRF token, and a token that may change things. A failed check is an error
+/// page naming it (403): the post did not come from this session's page, or the token
+/// is read-only (the API's refusal). Every POST handler but login and logout takes one
+/// (a form of at most `LIMIT` bytes).
+#[derive(Debug)]
+pub(crate) struct Change<const LIMIT: usize = 65_536> {
+    /// Who posted.
+    pub s: Session,
+    /// The form's fields.
+    pub form: Fields,
+}
+
+impl<const LIMIT: usize> FromRequest<AppState> for Change<LIMIT> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Response> {
+        let (mut parts, body) = req.into_parts();
+        let s = Session::from_request_parts(&mut parts, state).await?;
+        check_origin(&parts.headers).map_err(|e| error_page(&e))?;
+        let Posted(form) =
+            Posted::<LIMIT>::from_request(Request::from_parts(parts, body), state).await?;
+        s.check_post(state, &form)
+            .await
+            .map_err(|e| error_page(&e))?;
+        Ok(Change { s, form })
+    }
+}
+
+/// A live region's fragment, or the error page.
+pub(crate) fn fragment(r: Result<Markup, ApiError>) -> Response {
+    match r {
+        Ok(m) => m.into_response(),
+        Err(e) => error_page(&e),
+    }
+}
 
 /// The pages in the navigation: (path, title).
 pub(crate) const NAV: [(&str, &str); 9] = [

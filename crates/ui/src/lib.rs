@@ -11,6 +11,7 @@
 //! API's: every list is read with the caller's scope.
 #![warn(missing_docs)]
 
+mod bench;
 mod hosts;
 mod layout;
 mod migrations;
@@ -34,18 +35,24 @@ use axum::Router;
 /// A posted form's fields.
 pub(crate) type Fields = HashMap<String, String>;
 
-/// A posted form (`application/x-www-form-urlencoded`, at most 64 KiB): its fields.
+/// A posted form (`application/x-www-form-urlencoded`, at most `LIMIT` bytes, 64 KiB
+/// unless a form needs more): its fields.
 #[derive(Debug)]
-pub(crate) struct Posted(pub Fields);
+pub(crate) struct Posted<const LIMIT: usize = 65_536>(pub Fields);
 
-impl<S: Send + Sync> axum::extract::FromRequest<S> for Posted {
+impl<S: Send + Sync, const LIMIT: usize> axum::extract::FromRequest<S> for Posted<LIMIT> {
     type Rejection = Response;
 
     async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Response> {
         let bad = |m: &str| layout::error_page(&api::ApiError::BadRequest(format!("form: {m}")));
-        let body = axum::body::to_bytes(req.into_body(), 64 << 10)
+        let body = axum::body::to_bytes(req.into_body(), LIMIT)
             .await
-            .map_err(|_| bad("cannot be read or larger than 64 KiB"))?;
+            .map_err(|_| {
+                bad(&format!(
+                    "cannot be read or larger than {} KiB",
+                    LIMIT >> 10
+                ))
+            })?;
         serde_urlencoded::from_bytes::<Fields>(&body)
             .map(Posted)
             .map_err(|_| bad("not a urlencoded form"))
@@ -169,6 +176,8 @@ pub fn router(state: AppState) -> Router {
         .route("/migrations", get(migrations::page))
         .route("/migrations/live", get(migrations::live))
         .route("/migrations/curves.json", get(migrations::curves))
+        .route("/migrations/bench", post(bench::upload))
+        .route("/migrations/bench.json", get(bench::curves))
         .route("/migrations/{id}", get(migrations::show))
         .route("/migrations/{id}/live", get(migrations::show_live))
         .route("/migrations/{id}/curve.json", get(migrations::curve_json))
@@ -419,6 +428,48 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::OK);
         assert!(page.contains("--vswitch-listen"), "{page}");
+
+        // A benchmark result: a bad document gets 400 and its message beside the field,
+        // the text kept; a good one is kept and plotted.
+        for (doc, says) in [
+            ("{\"kind\": 1", "doc: not a migrate-cache result"),
+            ("", "doc: paste the result document"),
+            (
+                "{\"kind\":\"vinfra.bench.migrate-cache/v1\",\"created_at_ms\":1,\"rows\":[{\"workload\":\"w\",\"strategy\":\"heat\",\"curve\":[[0,0.5],[1,2]]}]}",
+                "rows[0].curve[1]: the hit ratio must be between 0 and 1, got 2",
+            ),
+        ] {
+            let body = format!("_csrf={csrf}&doc={}", percent(doc));
+            let (status, _, page) =
+                send(&app, post("/ui/migrations/bench", Some(&cookie), &body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{page}");
+            assert!(
+                page.contains("id=\"doc-error\"") && page.contains(says),
+                "{says}: {page}"
+            );
+        }
+        let good = "{\"kind\":\"vinfra.bench.migrate-cache/v1\",\"created_at_ms\":1,\"rows\":[{\"workload\":\"w\",\"strategy\":\"heat\",\"curve\":[[0,0.5],[1,0.75]]}]}";
+        let body = format!("_csrf={csrf}&doc={}", percent(good));
+        let (status, headers, page) =
+            send(&app, post("/ui/migrations/bench", Some(&cookie), &body)).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+        assert!(headers[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .starts_with("/ui/migrations?done=benchmark%20result%20uploaded"));
+        let (status, _, json) = send(
+            &app,
+            Request::builder()
+                .uri("/ui/migrations/bench.json?workload=0")
+                .header(header::COOKIE, &cookie)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["series"][0]["label"], "heat");
+        assert_eq!(v["series"][0]["y"], serde_json::json!([50.0, 75.0]));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -11,6 +11,7 @@ use axum::Json;
 use maud::{html, Markup};
 use model::{Migration, Role};
 
+use crate::bench;
 use crate::layout::{self, badge, bytes};
 use crate::session::Session;
 
@@ -57,7 +58,8 @@ fn table(ms: &[Migration]) -> Markup {
 
 /// The completed migrations of each strategy side by side: how many, median downtime,
 /// median time from switch-over to a warm cache, mean bytes from peer and origin, mean
-/// final hit ratio. A comparison over this cluster's own migrations (workloads differ
+/// hit ratio (the latest figures: the destination reports them for
+/// `model::WARMUP_REPORT_MS` after completion). A comparison over this cluster's own migrations (workloads differ
 /// between them), not a benchmark.
 fn by_strategy(ms: &[Migration]) -> Markup {
     let mut groups: std::collections::BTreeMap<&str, Vec<&Migration>> = Default::default();
@@ -79,7 +81,7 @@ fn by_strategy(ms: &[Migration]) -> Markup {
                     th scope="col" { "Strategy" } th scope="col" { "Migrations" }
                     th scope="col" { "Median downtime" } th scope="col" { "Median warm-up" }
                     th scope="col" { "Mean from peer" } th scope="col" { "Mean from origin" }
-                    th scope="col" { "Mean final hit ratio" }
+                    th scope="col" { "Mean hit ratio" }
                 } }
                 tbody {
                     @for (st, g) in &groups {
@@ -102,7 +104,7 @@ fn by_strategy(ms: &[Migration]) -> Markup {
     }
 }
 
-fn chart(id: &str, src: &str, label: &str) -> Markup {
+pub(crate) fn chart(id: &str, src: &str, label: &str) -> Markup {
     html! {
         figure.chart {
             div.plot id=(id) data-src=(src) role="img" aria-label=(label) {}
@@ -111,10 +113,18 @@ fn chart(id: &str, src: &str, label: &str) -> Markup {
     }
 }
 
-/// `GET /ui/migrations`.
-pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response {
-    match list(&state, &s).await {
-        Ok(ms) => {
+/// The Migrations page, with `flash`, or with a refused upload's error and the text
+/// typed.
+pub(crate) async fn respond(
+    state: &AppState,
+    s: &Session,
+    flash: Option<&str>,
+    err: Option<(&layout::FormError, axum::http::StatusCode)>,
+    typed: &str,
+) -> Response {
+    let loaded = async { Ok::<_, ApiError>((list(state, s).await?, bench::load(state, s).await?)) };
+    match loaded.await {
+        Ok((ms, doc)) => {
             let body = html! {
                 (chart("curves", "/ui/migrations/curves.json",
                     "Destination cache hit ratio after switch-over, one curve per recent migration (seconds since its first report)"))
@@ -122,28 +132,43 @@ pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response 
                     (table(&ms))
                     (by_strategy(&ms))
                 }))
+                (bench::section(s, doc.as_ref(), err.map(|e| e.0), typed))
             };
-            layout::page(&s, "/ui/migrations", "Migrations", None, body).into_response()
+            let page = layout::page(s, "/ui/migrations", "Migrations", flash, body);
+            match err {
+                Some((_, status)) => (status, page).into_response(),
+                None => page.into_response(),
+            }
         }
         Err(e) => layout::error_page(&e),
     }
 }
 
+/// `GET /ui/migrations`.
+pub(crate) async fn page(
+    State(state): State<AppState>,
+    s: Session,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    respond(&state, &s, q.get("done").map(String::as_str), None, "").await
+}
+
 /// `GET /ui/migrations/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match list(&state, &s).await {
-        Ok(ms) => html! { (table(&ms)) (by_strategy(&ms)) }.into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(
+        list(&state, &s)
+            .await
+            .map(|ms| html! { (table(&ms)) (by_strategy(&ms)) }),
+    )
 }
 
 /// One curve for the plot: seconds since the first sample, hit ratio in percent.
 #[derive(Debug, serde::Serialize)]
-struct Curve {
-    label: String,
-    state: String,
-    x: Vec<f64>,
-    y: Vec<f64>,
+pub(crate) struct Curve {
+    pub label: String,
+    pub state: String,
+    pub x: Vec<f64>,
+    pub y: Vec<f64>,
 }
 
 fn curve(state: &AppState, m: &Migration) -> Curve {
@@ -161,8 +186,8 @@ fn curve(state: &AppState, m: &Migration) -> Curve {
 }
 
 #[derive(Debug, serde::Serialize)]
-struct Curves {
-    series: Vec<Curve>,
+pub(crate) struct Curves {
+    pub series: Vec<Curve>,
 }
 
 /// `GET /ui/migrations/curves.json`: the recent migrations' curves.
@@ -236,10 +261,7 @@ pub(crate) async fn show_live(
     s: Session,
     Path(id): Path<String>,
 ) -> Response {
-    match one(&state, &s, &id).await {
-        Ok(m) => facts(&m).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(one(&state, &s, &id).await.map(|m| facts(&m)))
 }
 
 /// `GET /ui/migrations/{id}/curve.json`.

@@ -4,14 +4,13 @@ use std::collections::HashMap;
 
 use api::{ApiError, AppState};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 use model::{Network, Role, Vm};
 
-use crate::layout::{self, field, form_error, FormError};
-use crate::session::{check_origin, Session};
-use crate::{done, val, Fields, Posted};
+use crate::layout::{self, field, form_error, Change, FormError};
+use crate::session::Session;
+use crate::{done, val, Fields};
 
 async fn load(state: &AppState, s: &Session) -> Result<(Vec<Network>, Vec<Vm>), ApiError> {
     s.caller
@@ -129,22 +128,16 @@ pub(crate) async fn page(
 
 /// `GET /ui/networks/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match load(&state, &s).await {
-        Ok((nets, vms)) => table(&s, &nets, &vms).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(
+        load(&state, &s)
+            .await
+            .map(|(nets, vms)| table(&s, &nets, &vms)),
+    )
 }
 
 /// `POST /ui/networks`.
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Posted(form): Posted,
-) -> Response {
+pub(crate) async fn create(State(state): State<AppState>, Change { s, form }: Change) -> Response {
     let r: Result<Network, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         s.caller
             .require(&[Role::Admin, Role::Member], "creating a network")?;
         let body = model::api::CreateNetwork {
@@ -172,14 +165,10 @@ pub(crate) async fn create(
 /// `POST /ui/networks/{id}/delete`.
 pub(crate) async fn delete(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Posted(form): Posted,
+    Change { s, .. }: Change,
 ) -> Response {
     let r: Result<(), ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         s.caller
             .require(&[Role::Admin, Role::Member], "deleting a network")?;
         Ok(state

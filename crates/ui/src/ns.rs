@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use api::{ApiError, AppState};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 use model::api::{
@@ -13,9 +12,9 @@ use model::api::{
 };
 use model::Role;
 
-use crate::layout::{self, badge, field, form_error, wire, FormError};
-use crate::session::{check_origin, Session};
-use crate::{done, val, Fields, Posted};
+use crate::layout::{self, badge, field, form_error, wire, Change, FormError};
+use crate::session::Session;
+use crate::{done, val, Fields};
 
 /// The caller's NS instances, with the VMs (VDUs) of the caller's scope: a VNF's VDUs
 /// are the VMs named `{ns}-{vnf}-…` of the NS's tenant.
@@ -241,22 +240,19 @@ pub(crate) async fn page(
 
 /// `GET /ui/ns/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match load(&state, &s).await {
-        Ok((recs, vms)) => list(&s, &recs, &vms).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(
+        load(&state, &s)
+            .await
+            .map(|(recs, vms)| list(&s, &recs, &vms)),
+    )
 }
 
 /// `POST /ui/ns`: instantiate.
 pub(crate) async fn instantiate(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Posted(form): Posted,
+    Change { s, form }: Change,
 ) -> Response {
     let r: Result<NsInstanceRecord, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         s.caller.require(
             &[Role::Admin, Role::Member],
             "instantiating a network service",
@@ -283,17 +279,11 @@ pub(crate) async fn instantiate(
 /// `POST /ui/ns/{id}/terminate`.
 pub(crate) async fn terminate(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Posted(form): Posted,
+    Change { s, .. }: Change,
 ) -> Response {
-    let r: Result<NsInstanceRecord, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
-        api::ns::terminate(&state, &s.caller, &id).await
-    }
-    .await;
+    let r: Result<NsInstanceRecord, ApiError> =
+        async { api::ns::terminate(&state, &s.caller, &id).await }.await;
     match r {
         Ok(rec) => done("/ui/ns", &format!("terminating {}", rec.name)),
         Err(e) => {
@@ -306,14 +296,10 @@ pub(crate) async fn terminate(
 /// `POST /ui/ns/{id}/scale`: one VNF out or in by one VDU.
 pub(crate) async fn scale(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Posted(form): Posted,
+    Change { s, form }: Change,
 ) -> Response {
     let r: Result<NsInstanceRecord, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         let direction = match val(&form, "direction") {
             "out" => ScaleDirection::Out,
             "in" => ScaleDirection::In,

@@ -2,15 +2,14 @@
 
 use api::{ApiError, AppState};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 use model::api::{Operation, OperationKind, OperationState};
 use model::Role;
 
-use crate::layout::{self, badge, form_error, wire, FormError};
-use crate::session::{check_origin, Session};
-use crate::{done, Fields, Posted};
+use crate::layout::{self, badge, form_error, wire, Change, FormError};
+use crate::session::Session;
+use crate::{done, Fields};
 
 async fn list(state: &AppState, s: &Session) -> Result<Vec<Operation>, ApiError> {
     s.caller
@@ -93,14 +92,10 @@ async fn render(
 /// `POST /ui/operations/{id}/cancel`.
 pub(crate) async fn cancel(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Posted(form): Posted,
+    Change { s, .. }: Change,
 ) -> Response {
     let r: Result<Operation, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         s.caller
             .require(&[Role::Admin, Role::Member], "cancelling an operation")?;
         Ok(state
@@ -120,8 +115,5 @@ pub(crate) async fn cancel(
 
 /// `GET /ui/operations/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match list(&state, &s).await {
-        Ok(ops) => table(&s, &ops).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(list(&state, &s).await.map(|ops| table(&s, &ops)))
 }

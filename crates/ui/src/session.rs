@@ -115,7 +115,8 @@ impl FromRequestParts<AppState> for Session {
             return Err(to_login(parts));
         };
         // Read access is what a page needs; a POST checks write access itself, so that a
-        // read-only token still sees the pages and gets the API's refusal in the form.
+        // read-only token still sees the pages and gets the API's refusal on a change
+        // (`layout::Change`).
         match api::authenticate(state, &token, &Method::GET).await {
             Ok(caller) if caller.role != Role::Agent => Ok(Session { token, caller }),
             Ok(_) | Err(ApiError::Unauthorized | ApiError::TokenExpired) => Err(to_login(parts)),

@@ -193,10 +193,11 @@ pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response 
 
 /// `GET /ui/slices/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match load(&state, &s).await {
-        Ok((nsis, assoc)) => tables(&nsis, &assoc).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(
+        load(&state, &s)
+            .await
+            .map(|(nsis, assoc)| tables(&nsis, &assoc)),
+    )
 }
 
 #[cfg(test)]

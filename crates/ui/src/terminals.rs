@@ -1,7 +1,11 @@
-//! Terminals (read-only): each terminal of the caller's scope with its binding, and the
-//! operations it sent lately with their outcome. Sending operations from the browser is
-//! not built: an operation message is signed with the terminal's secret, which the
-//! dashboard does not hold (docs/UI.md).
+//! Terminals: each terminal of the caller's scope with its binding, and the operations it
+//! sent lately with their outcome; and a browser terminal. The browser terminal is the
+//! page's script acting as the terminal: the user gives it the terminal's credentials
+//! (the file `vinfra terminal create --credentials` wrote), the script signs each
+//! operation message with the secret in the browser (WebCrypto HMAC-SHA256) and posts it
+//! to `/v1/terminal-operations` like any terminal. The secret never reaches this server
+//! (no form posts it; not in the cookie, not in a URL) and the server computes nothing
+//! for the page: it checks the message as it checks every terminal's (docs/UI.md).
 
 use api::{ApiError, AppState};
 use axum::extract::State;
@@ -71,6 +75,38 @@ fn tables(ts: &[(Terminal, Vec<PerformedOperation>)]) -> Markup {
     }
 }
 
+/// The browser terminal: credentials in, keys out (`app.js`, `terminal()`). Not a form:
+/// nothing here is ever posted to the dashboard.
+fn browser_terminal() -> Markup {
+    html! {
+        section #browser-terminal aria-labelledby="bt-title" {
+            h2 #bt-title { "Browser terminal" }
+            p #bt-help {
+                "Act as a terminal from this page: give it the terminal's credentials (the file "
+                code { "vinfra terminal create NAME --credentials FILE" } " wrote), then type in the box: "
+                "each key becomes an operation message for the VM bound to that terminal. "
+                "The page signs the messages in this browser; the secret is not sent to the server, "
+                "not kept in a cookie or a URL, and forgotten when the page closes."
+            }
+            div.field {
+                label for="bt-creds" { "Terminal credentials (JSON)" }
+                textarea #bt-creds rows="3" autocomplete="off" spellcheck="false" aria-describedby="bt-help" {}
+            }
+            div.field {
+                label for="bt-file" { "or read them from the file" }
+                input #bt-file type="file" accept=".json,application/json";
+            }
+            button #bt-use type="button" { "Use these credentials" }
+            p #bt-status role="status" aria-live="polite" { "No terminal yet." }
+            div #bt-keys.keys tabindex="0" role="textbox" aria-multiline="true"
+                aria-label="Keys typed here go to the bound VM" aria-describedby="bt-status" {
+                "Focus here and type (Tab moves on)."
+            }
+            ol #bt-log aria-label="Operations sent from this page" {}
+        }
+    }
+}
+
 /// `GET /ui/terminals`.
 pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response {
     match load(&state, &s).await {
@@ -81,6 +117,7 @@ pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response 
                 "terminals",
                 tables(&ts),
             );
+            let body = html! { (browser_terminal()) (body) };
             layout::page(&s, "/ui/terminals", "Terminals", None, body).into_response()
         }
         Err(e) => layout::error_page(&e),
@@ -89,8 +126,5 @@ pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response 
 
 /// `GET /ui/terminals/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match load(&state, &s).await {
-        Ok(ts) => tables(&ts).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(load(&state, &s).await.map(|ts| tables(&ts)))
 }

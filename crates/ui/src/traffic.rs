@@ -105,10 +105,7 @@ pub(crate) async fn page(State(state): State<AppState>, s: Session) -> Response 
 
 /// `GET /ui/traffic/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match report(&state, &s, None) {
-        Ok(r) => tables(&r).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(report(&state, &s, None).map(|r| tables(&r)))
 }
 
 #[derive(Debug, serde::Serialize)]

@@ -5,15 +5,15 @@ use std::collections::HashMap;
 
 use api::{ApiError, AppState};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 use model::{DesiredState, Host, Role, Vm};
 
 use crate::hosts::strategy_field;
-use crate::layout::{self, badge, field, form_error, FormError};
-use crate::session::{check_origin, Session};
-use crate::{done, val, Fields, Posted};
+use crate::layout::{self, badge, field, form_error, Change, FormError};
+use crate::session::Session;
+use crate::{done, val, Fields};
 
 struct VmsView {
     vms: Vec<Vm>,
@@ -203,10 +203,7 @@ pub(crate) async fn page(
 
 /// `GET /ui/vms/live`.
 pub(crate) async fn live(State(state): State<AppState>, s: Session) -> Response {
-    match load(&state, &s).await {
-        Ok(v) => table(&s, &v).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(load(&state, &s).await.map(|v| table(&s, &v)))
 }
 
 fn number<T: std::str::FromStr>(form: &Fields, k: &str) -> Result<T, ApiError> {
@@ -217,15 +214,8 @@ fn number<T: std::str::FromStr>(form: &Fields, k: &str) -> Result<T, ApiError> {
 }
 
 /// `POST /ui/vms`: create.
-pub(crate) async fn create(
-    State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
-    Posted(form): Posted,
-) -> Response {
+pub(crate) async fn create(State(state): State<AppState>, Change { s, form }: Change) -> Response {
     let r: Result<Vm, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         s.caller
             .require(&[Role::Admin, Role::Member], "creating a vm")?;
         let opt = |k: &str| Some(val(&form, k).trim().to_owned()).filter(|x| !x.is_empty());
@@ -269,14 +259,10 @@ pub(crate) async fn create(
 /// `POST /ui/vms/{id}/{start|stop|delete}`.
 pub(crate) async fn act(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
     Path((id, verb)): Path<(String, String)>,
-    Posted(form): Posted,
+    Change { s, .. }: Change,
 ) -> Response {
     let r: Result<String, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         s.caller
             .require(&[Role::Admin, Role::Member], "changing a vm")?;
         let scope = s.caller.scope()?;
@@ -420,10 +406,7 @@ pub(crate) async fn show_live(
     s: Session,
     Path(id): Path<String>,
 ) -> Response {
-    match one(&state, &s, &id).await {
-        Ok((vm, _)) => detail(&vm).into_response(),
-        Err(e) => layout::error_page(&e),
-    }
+    layout::fragment(one(&state, &s, &id).await.map(|(vm, _)| detail(&vm)))
 }
 
 /// `GET /ui/vms/{id}/console`: the console tail, as text (escaped into the `<pre>`).
@@ -448,14 +431,10 @@ pub(crate) async fn console(
 /// `POST /ui/vms/{id}/migrate`.
 pub(crate) async fn migrate(
     State(state): State<AppState>,
-    s: Session,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    Posted(form): Posted,
+    Change { s, form }: Change,
 ) -> Response {
     let r: Result<model::Migration, ApiError> = async {
-        check_origin(&headers)?;
-        s.check_post(&state, &form).await?;
         s.caller
             .require(&[Role::Admin, Role::Member], "migrating a vm")?;
         let body = model::api::MigrateVm {

@@ -81,6 +81,10 @@ pub enum BenchCmd {
         /// Draw hit ratio over time, one curve per strategy, to this SVG file.
         #[arg(long, conflicts_with = "real")]
         plot: Option<PathBuf>,
+        /// Write the result with its curves, as the dashboard's Migrations page takes it
+        /// (upload it there: "Last benchmark"), to this JSON file.
+        #[arg(long, conflicts_with = "real")]
+        result: Option<PathBuf>,
         /// Block traces to replay besides the synthetic workloads, each a workload named
         /// after its file (repeat the flag for several). Default: the CloudPhysics trace
         /// in ../shared/traces/cloudphysics.csv if present.
@@ -296,6 +300,7 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
             quick,
             json,
             plot,
+            result,
             trace,
             trace_format,
             trace_speedup,
@@ -342,6 +347,15 @@ pub async fn run(cmd: BenchCmd, format: Format) -> anyhow::Result<()> {
                 std::fs::write(&p, render::migrate_svg(&rows))
                     .with_context(|| format!("cannot write {}", p.display()))?;
                 eprintln!("plot written to {}", p.display());
+            }
+            if let Some(p) = result {
+                let doc = cache::bench::result_doc(&rows, quick, ::control::now_ms());
+                std::fs::write(&p, serde_json::to_vec(&doc)?)
+                    .with_context(|| format!("cannot write {}", p.display()))?;
+                eprintln!(
+                    "result written to {} (upload it on the dashboard's Migrations page)",
+                    p.display()
+                );
             }
             Ok(())
         }

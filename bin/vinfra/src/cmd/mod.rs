@@ -10,6 +10,7 @@ pub mod nbd;
 pub mod network;
 pub mod nfv;
 pub mod operation;
+pub mod resource_table;
 pub mod server;
 pub mod slice;
 pub mod storage;

@@ -225,6 +225,13 @@ impl Browser {
         )
         .await
         .unwrap_or_else(|err| panic!("clear {css}: {err}"));
+        self.type_keys(css, text).await;
+    }
+
+    /// Types `text` into `css` (focused first) without clearing it: keys for any
+    /// focusable element (WebDriver's key codes, `\u{E003}` Backspace, `\u{E007}` Enter).
+    pub async fn type_keys(&self, css: &str, text: &str) {
+        let e = self.element(css).await;
         self.try_call(
             reqwest::Method::POST,
             &format!("/element/{e}/value"),
@@ -232,6 +239,20 @@ impl Browser {
         )
         .await
         .unwrap_or_else(|err| panic!("type into {css}: {err}"));
+    }
+
+    /// Chooses the local file `path` in the file input `css` (WebDriver types its path).
+    pub async fn choose_file(&self, css: &str, path: &std::path::Path) {
+        self.type_keys(css, &path.display().to_string()).await;
+    }
+
+    /// Logs in to the dashboard at `base` with `token` from the login page.
+    pub async fn log_in(&self, base: &str, token: &str) {
+        self.goto(&format!("{base}/ui/login")).await;
+        self.fill("#token", token).await;
+        self.click("form[action='/ui/login'] button[type=submit]")
+            .await;
+        self.wait_for_text("h1", "Hosts").await;
     }
 
     /// Picks the option with `value` of the select `css`.

@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use model::api::{CreateImage, CreateToken, CreateVm};
-use model::{HostState, ObservedState, Role, Vm};
+use model::api::CreateVm;
+use model::{HostState, ObservedState, Vm};
 
-use crate::harness::{cli, path_in, spawn_agent_in, Server};
+use crate::harness::{agent_token_file, cli, path_in, sim_default_image, spawn_agent_in, Server};
 use crate::netns::{ip, veth, Netns};
 
 /// The server's heartbeat timeout (the harness passes `--heartbeat-timeout-s 3`): the
@@ -102,34 +102,8 @@ impl Lab {
         ip(&["link", "set", &link.0, "up"]);
 
         let s = Server::start_in_netns(&ctl.name, &format!("{net}.1")).await;
-        let admin = s.admin();
-        let token = admin
-            .create_token(&CreateToken::new(Role::Agent))
-            .await
-            .unwrap()
-            .token;
-        let token_file = path_in(&s, "agent-token");
-        std::fs::write(&token_file, token).unwrap();
-        let img = compute::sim::write_image(&path_in(&s, "image"), 16).unwrap();
-        admin
-            .upload_image(
-                &client::ImageFiles {
-                    kernel: Some(img.kernel),
-                    initrd: Some(img.initrd),
-                    disk_template: Some(img.disk_template),
-                },
-                CreateImage {
-                    name: "default".into(),
-                    kernel: None,
-                    initrd: None,
-                    disk_template: None,
-                    cmdline: format!("{} vinfra.tick_ms={TICK_MS}", img.cmdline),
-                    disk_mib: 16,
-                    tenant: None,
-                },
-            )
-            .await
-            .unwrap();
+        let token_file = agent_token_file(&s).await;
+        sim_default_image(&s, &format!("vinfra.tick_ms={TICK_MS}")).await;
         let dirs = [path_in(&s, "a"), path_in(&s, "b")];
         let agents = HOSTS
             .iter()

@@ -344,14 +344,7 @@ pub async fn cluster_with(server: impl std::future::Future<Output = Server>) -> 
     .unwrap()
     .expect("default guest image (scripts/setup.sh installs what it needs)");
     let s = server.await;
-    let admin = s.admin();
-    let agent_token = admin
-        .create_token(&model::api::CreateToken::new(model::Role::Agent))
-        .await
-        .unwrap()
-        .token;
-    let token_file = path_in(&s, "agent-token");
-    std::fs::write(&token_file, &agent_token).unwrap();
+    let token_file = agent_token_file(&s).await;
     // Through the CLI, as a user would: `vinfra image upload`.
     let (ok, out, err) = cli(
         &s,
@@ -374,6 +367,45 @@ pub async fn cluster_with(server: impl std::future::Future<Output = Server>) -> 
     );
     assert!(ok, "vinfra image upload failed: {out}{err}");
     (s, token_file)
+}
+
+/// A new agent token in the file `agent-token` of the server's directory, which agents
+/// are started with.
+pub async fn agent_token_file(s: &Server) -> PathBuf {
+    let token = s
+        .admin()
+        .create_token(&model::api::CreateToken::new(model::Role::Agent))
+        .await
+        .unwrap()
+        .token;
+    let file = path_in(s, "agent-token");
+    std::fs::write(&file, token).unwrap();
+    file
+}
+
+/// The sim driver's image registered as `default` (a 16 MiB disk), with `extra`
+/// appended to its kernel command line: what agents on `--driver sim` boot.
+pub async fn sim_default_image(s: &Server, extra: &str) {
+    let img = compute::sim::write_image(&path_in(s, "image"), 16).unwrap();
+    s.admin()
+        .upload_image(
+            &client::ImageFiles {
+                kernel: Some(img.kernel),
+                initrd: Some(img.initrd),
+                disk_template: Some(img.disk_template),
+            },
+            model::api::CreateImage {
+                name: "default".into(),
+                kernel: None,
+                initrd: None,
+                disk_template: None,
+                cmdline: format!("{} {extra}", img.cmdline).trim_end().to_owned(),
+                disk_mib: 16,
+                tenant: None,
+            },
+        )
+        .await
+        .unwrap();
 }
 
 /// Waits until `host` is registered and up.

@@ -25,6 +25,7 @@ mod ns;
 mod ns_libvirt;
 mod readme;
 mod redundancy;
+mod resource_tables;
 mod slices;
 mod terminals;
 mod tls;

@@ -10,12 +10,11 @@
 
 use std::time::Duration;
 
-use model::api::{CreateImage, CreateToken};
-use model::{HostState, Role};
+use model::HostState;
 use serde_json::json;
 
 use crate::browser::Browser;
-use crate::harness::{cli, path_in, spawn_agent_in, Server};
+use crate::harness::{agent_token_file, cli, path_in, sim_default_image, spawn_agent_in, Server};
 
 const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
 
@@ -30,33 +29,8 @@ async fn sim_cluster() -> (Server, Vec<test_utils::ChildGuard>) {
     let vswitch = format!("127.0.0.1:{}", test_utils::free_tcp_port());
     let s = Server::start_with_args(dir, store, &["--vswitch-listen", &vswitch]).await;
     let admin = s.admin();
-    let token = admin
-        .create_token(&CreateToken::new(Role::Agent))
-        .await
-        .unwrap()
-        .token;
-    let token_file = path_in(&s, "agent-token");
-    std::fs::write(&token_file, token).unwrap();
-    let img = compute::sim::write_image(&path_in(&s, "image"), 16).unwrap();
-    admin
-        .upload_image(
-            &client::ImageFiles {
-                kernel: Some(img.kernel),
-                initrd: Some(img.initrd),
-                disk_template: Some(img.disk_template),
-            },
-            CreateImage {
-                name: "default".into(),
-                kernel: None,
-                initrd: None,
-                disk_template: None,
-                cmdline: img.cmdline,
-                disk_mib: 16,
-                tenant: None,
-            },
-        )
-        .await
-        .unwrap();
+    let token_file = agent_token_file(&s).await;
+    sim_default_image(&s, "").await;
     let agents = HOSTS
         .iter()
         .map(|h| {
@@ -82,15 +56,6 @@ async fn sim_cluster() -> (Server, Vec<test_utils::ChildGuard>) {
         .unwrap_or_else(|_| panic!("{h} did not come up:\n{}", s.log()));
     }
     (s, agents)
-}
-
-/// Logs in with `token` from the login page.
-async fn log_in(b: &Browser, s: &Server, token: &str) {
-    b.goto(&format!("{}/ui/login", s.url)).await;
-    b.fill("#token", token).await;
-    b.click("form[action='/ui/login'] button[type=submit]")
-        .await;
-    b.wait_for_text("h1", "Hosts").await;
 }
 
 #[tokio::test]
@@ -203,6 +168,44 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     })
     .await
     .expect("the hit-ratio curve is plotted");
+    // After `completed` the destination keeps reporting its cache's hits and misses
+    // (model::WARMUP_REPORT_MS): the curve the page plots (its JSON, as app.js fetches
+    // it) gets several points and climbs as the guest's reads hit the rebuilt cache.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let ys: Vec<f64> = loop {
+        let v = b
+            .exec(
+                "return fetch(document.getElementById('curve').dataset.src)\
+                 .then((r) => r.json()).then((d) => d.series[0].y);",
+                json!([]),
+            )
+            .await;
+        let ys: Vec<f64> = serde_json::from_value(v).unwrap_or_default();
+        if ys.len() >= 6 {
+            break ys;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the curve stopped at {ys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (first, last) = (ys[0], ys[ys.len() - 1]);
+    assert!(
+        last > first && last >= 50.0,
+        "the hit ratio does not climb: {ys:?}"
+    );
+    test_utils::wait_for(Duration::from_secs(10), || async {
+        b.exec(
+            "return Number(document.getElementById('curve').dataset.points || 0);",
+            json!([]),
+        )
+        .await
+        .as_u64()
+        .is_some_and(|n| n >= 6)
+    })
+    .await
+    .expect("the plot shows the points after completion");
     b.screenshot("migration-sim").await;
     b.goto(&format!("{}/ui/migrations", s.url)).await;
     b.wait_for_text("#migrations-table tbody", "completed")
@@ -219,7 +222,55 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     .expect("the migrations page plots the completed curve");
     b.wait_for_text("#strategies-table tr[data-strategy='heat+pattern'] td", "1")
         .await;
+    // The last benchmark: a bad document gets its message beside the field; then a
+    // small run's result (`vinfra bench migrate-cache --result`'s document), read from
+    // its file by the page, one curve per strategy.
+    b.fill("#doc", "{\"kind\": \"nope\"}").await;
+    b.click("#bench-form button[type=submit]").await;
+    b.wait_for_text("#doc-error", "doc: not a migrate-cache result")
+        .await;
+    let rows =
+        tokio::task::spawn_blocking(|| cache::bench::run_bench(cache::bench::BenchOptions::tiny()))
+            .await
+            .unwrap()
+            .unwrap();
+    let doc = cache::bench::result_doc(&rows, true, control::now_ms());
+    let doc_file = path_in(&s, "bench-result.json");
+    std::fs::write(&doc_file, serde_json::to_vec(&doc).unwrap()).unwrap();
+    b.choose_file("#doc-file", &doc_file).await;
+    test_utils::wait_for(Duration::from_secs(10), || async {
+        b.exec(
+            "return document.getElementById('doc').value.length;",
+            json!([]),
+        )
+        .await
+        .as_u64()
+        .is_some_and(|n| n > 100)
+    })
+    .await
+    .expect("the page reads the chosen file (the bad text replaced)");
+    b.click("#bench-form button[type=submit]").await;
+    b.wait_for_text(".flash", "benchmark result uploaded").await;
+    let strategies = doc.rows.len();
+    test_utils::wait_for(Duration::from_secs(30), || async {
+        b.exec(
+            "const e = document.getElementById('bench-0'); \
+             return Number(e.dataset.series || 0) === arguments[0] && !!e.querySelector('canvas');",
+            json!([strategies]),
+        )
+        .await
+            == json!(true)
+    })
+    .await
+    .expect("the benchmark's curves are plotted, one per strategy");
+    b.wait_for_text("#bench-table", "heat+pattern").await;
     b.screenshot("migrations-sim").await;
+    b.exec(
+        "document.getElementById('bench').scrollIntoView();",
+        json!([]),
+    )
+    .await;
+    b.screenshot("migrations-bench").await;
     let vm = s.admin().get_vm("web-1").await.unwrap();
     assert_eq!(vm.host.as_str(), "host-b");
 
@@ -329,6 +380,55 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
         .await;
     b.wait_for_text("article[data-terminal='kiosk'] tbody", "hi")
         .await;
+    // The browser terminal: the page reads the credentials file and its keys reach the
+    // VM (the sim guest prints a console line per input event); the secret stays out of
+    // the page and of the cookie.
+    b.choose_file("#bt-file", std::path::Path::new(&creds))
+        .await;
+    test_utils::wait_for(Duration::from_secs(10), || async {
+        b.exec(
+            "return document.getElementById('bt-creds').value.length;",
+            json!([]),
+        )
+        .await
+        .as_u64()
+        .is_some_and(|n| n > 0)
+    })
+    .await
+    .expect("the page reads the credentials file");
+    b.click("#bt-use").await;
+    b.wait_for_text("#bt-status", "Terminal kiosk").await;
+    b.type_keys("#bt-keys", "vm\u{E003}\u{E007}").await;
+    b.wait_text("#bt-log", "every key performed", |t| {
+        t.matches("performed").count() >= 2 && !t.contains("refused") && !t.contains('…')
+    })
+    .await;
+    test_utils::wait_for(Duration::from_secs(20), || async {
+        let c = s.admin().console("web-1").await.unwrap_or_default();
+        ["v", "m", "backspace", "ret"]
+            .iter()
+            .all(|k| c.contains(&format!("INPUT key {k} down")))
+    })
+    .await
+    .expect("the keys typed in the browser reach the VM");
+    b.wait_for_text("article[data-terminal='kiosk'] tbody", "backspace")
+        .await;
+    let secret =
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&creds).unwrap())
+            .unwrap()["secret"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let page = b
+        .exec(
+            "return document.documentElement.outerHTML + document.cookie + location.href;",
+            json!([]),
+        )
+        .await;
+    assert!(
+        !page.as_str().unwrap_or_default().contains(&secret),
+        "the terminal's secret is in the page"
+    );
     b.screenshot("terminals").await;
 
     // A server restart under an open page: it keeps polling, and the user stays logged in
@@ -376,7 +476,7 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     let other = s.admin().create_tenant("blue").await.unwrap().token;
     b.click("form[action='/ui/logout'] button").await;
     b.wait_for_text("h1", "Log in").await;
-    log_in(&b, &s, &other).await;
+    b.log_in(&s.url, &other).await;
     b.wait_for_text("#who", "member").await;
     for h in HOSTS {
         b.wait_for_text(&format!("tr[data-host='{h}'] td.state"), "up")
@@ -417,6 +517,9 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
             "{page} shows the admin's objects to another tenant:\n{text}"
         );
     }
+    b.goto(&format!("{}/ui/migrations", s.url)).await;
+    b.wait_for_text("#bench-meta", "No benchmark result uploaded by this tenant")
+        .await;
     b.goto(&format!("{}/ui/vms", s.url)).await;
     b.wait_for_text("#vms-table caption", "VMs (0)").await;
     b.screenshot("vms-other-tenant").await;

@@ -12,18 +12,10 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::browser::Browser;
-use crate::harness::{cli, cluster, path_in, spawn_agent, wait_host_up, Server};
+use crate::harness::{cli, cluster, path_in, spawn_agent, wait_host_up};
 
 fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nfv")
-}
-
-async fn log_in(b: &Browser, s: &Server, token: &str) {
-    b.goto(&format!("{}/ui/login", s.url)).await;
-    b.fill("#token", token).await;
-    b.click("form[action='/ui/login'] button[type=submit]")
-        .await;
-    b.wait_for_text("h1", "Hosts").await;
 }
 
 #[tokio::test]
@@ -45,7 +37,7 @@ async fn dashboard_with_qemu_guests_migrates_with_a_curve_and_links_the_example_
         let (ok, out, err) = cli(&s, &t, &[kind, "create", ex.join(file).to_str().unwrap()]);
         assert!(ok, "{kind} create {file}: {out}{err}");
     }
-    log_in(&b, &s, &t).await;
+    b.log_in(&s.url, &t).await;
 
     // A real guest: created from the form, its console followed on its page.
     b.goto(&format!("{}/ui/vms", s.url)).await;
@@ -140,7 +132,7 @@ async fn dashboard_with_qemu_guests_migrates_with_a_curve_and_links_the_example_
     let other = s.admin().create_tenant("blue").await.unwrap().token;
     b.click("form[action='/ui/logout'] button").await;
     b.wait_for_text("h1", "Log in").await;
-    log_in(&b, &s, &other).await;
+    b.log_in(&s.url, &other).await;
     for page in ["ns", "vms", "migrations", "operations", "hosts"] {
         b.goto(&format!("{}/ui/{page}", s.url)).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -153,7 +145,7 @@ async fn dashboard_with_qemu_guests_migrates_with_a_curve_and_links_the_example_
 
     // Back as the admin: terminate, and nothing is left.
     b.click("form[action='/ui/logout'] button").await;
-    log_in(&b, &s, &t).await;
+    b.log_in(&s.url, &t).await;
     b.goto(&format!("{}/ui/ns", s.url)).await;
     b.click("article[data-ns='edge'] button.terminate").await;
     b.wait_for_text(".flash", "terminating edge").await;

@@ -11,6 +11,7 @@ pub(crate) mod migrations;
 pub(crate) mod networks;
 pub(crate) mod ns_instances;
 pub(crate) mod operations;
+pub(crate) mod resource_tables;
 pub(crate) mod slices;
 pub(crate) mod storage;
 pub(crate) mod tenants;
@@ -44,6 +45,14 @@ pub(crate) fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/v1/tokens/{id}", delete(tokens::revoke_token)),
         ("/v1/hosts", get(hosts::list_hosts)),
         ("/v1/hosts/{name}", get(hosts::get_host)),
+        (
+            "/v1/hosts/{name}/resource-tables",
+            post(resource_tables::create).get(resource_tables::list),
+        ),
+        (
+            "/v1/hosts/{name}/resource-tables/{table}",
+            get(resource_tables::get).delete(resource_tables::delete),
+        ),
         (
             "/v1/images",
             post(images::create_image).get(images::list_images),
@@ -160,6 +169,10 @@ pub(crate) fn agent_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         // A response that lasts as long as the connection (newline-delimited JSON).
         ("/v1/hosts/{name}/events", get(hosts::host_events)),
         ("/v1/vms/{id}/observed", put(vms::report_observed)),
+        (
+            "/v1/hosts/{name}/resource-tables/{table}/report",
+            put(resource_tables::report),
+        ),
         // Streamed into the blob store under its limit.
         ("/v1/vms/{id}/trace/data", put(traces::upload_trace)),
         (
@@ -289,7 +302,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 88, "{served:?}");
+        assert_eq!(served.len(), 93, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json
@@ -320,6 +333,7 @@ mod tests {
                     .replace("{type}", "1")
                     .replace("{terminal}", "x")
                     .replace("{seq}", "1")
+                    .replace("{table}", "x")
                     .replace("{id}", "00000000-0000-4000-8000-000000000000");
                 // A terminal's message has its own, smaller limit.
                 let (what, limit) = if path == "/v1/terminal-operations" {
@@ -368,7 +382,7 @@ mod tests {
                 probed += 1;
             }
         }
-        assert_eq!(probed, 27);
+        assert_eq!(probed, 29);
     }
 
     #[test]

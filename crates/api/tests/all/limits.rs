@@ -183,6 +183,7 @@ async fn every_json_body_is_an_object_of_application_json() {
                 .replace("{type}", "1")
                 .replace("{terminal}", "t1")
                 .replace("{seq}", "1")
+                .replace("{table}", "t1")
                 .replace("{id}", "00000000-0000-4000-8000-000000000000");
             let admin = Some(app.admin.as_str());
             for body in [
@@ -211,7 +212,7 @@ async fn every_json_body_is_an_object_of_application_json() {
             }
         }
     }
-    assert_eq!(json_bodies.len(), 27, "{json_bodies:?}");
+    assert_eq!(json_bodies.len(), 29, "{json_bodies:?}");
     // The POST and PUT routes without a JSON body: a new one must be looked at here.
     let expected: BTreeSet<String> = [
         // Its body is the file, application/octet-stream (415 otherwise, tested in images.rs).

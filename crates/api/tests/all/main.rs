@@ -9,6 +9,7 @@ mod networks;
 mod ns;
 mod operations;
 mod push;
+mod resource_tables;
 mod routes;
 mod slices;
 mod structure;

@@ -222,6 +222,42 @@ async fn a_stop_reaches_its_hosts_stream_and_no_other() {
     w.server.shutdown().await.unwrap();
 }
 
+/// A resource table's create and delete reach its host's stream (`resource_tables`:
+/// list them), not another host's; an agent's report of it does not.
+#[tokio::test]
+async fn a_resource_table_change_reaches_its_host_only() {
+    let w = Setup::new().await;
+    let (mut h1, mut h2) = (w.follow("h1").await, w.follow("h2").await);
+    let spec = model::resource_tables::CreateResourceTable {
+        name: "flows".into(),
+        entries: 4,
+        entry_size: 8,
+        max_grant_ms: None,
+        tenant: None,
+    };
+    let t = w.member.create_resource_table("h1", &spec).await.unwrap();
+    assert_eq!(next(&mut h1).await, HostEvent::ResourceTables);
+    let report = model::resource_tables::ResourceTableReport {
+        socket: "/run/x.sock".into(),
+        ..Default::default()
+    };
+    w.agent
+        .report_resource_table("h1", t.id, &report)
+        .await
+        .unwrap();
+    w.member.delete_resource_table("h1", "flows").await.unwrap();
+    assert_eq!(next(&mut h1).await, HostEvent::ResourceTables);
+    quiet(&mut h1, Duration::from_millis(300)).await;
+    quiet(&mut h2, Duration::from_millis(300)).await;
+    // Reported after the delete: the agent hears the table is gone.
+    let e = w
+        .agent
+        .report_resource_table("h1", t.id, &report)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+}
+
 #[tokio::test]
 async fn a_migration_reaches_both_ends_and_its_end_unassigns_the_source() {
     let w = Setup::new().await;
