@@ -21,7 +21,7 @@
 //!   processes hold the streams instead, and a command is timed until the agent acted:
 //!   until its reconciler handed the change to the VM's task, and until the VM's task
 //!   called the (simulated) hypervisor to stop or start the VM; both read back from the
-//!   agents' logs after the run ([`agents`]).
+//!   agents' logs after the run (`push/agents.rs`).
 //!
 //! No pass/fail: the numbers are for people (the target is p99 under 5 ms on loopback).
 
