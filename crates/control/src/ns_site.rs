@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use model::api::{CreateNetwork, CreateVm, NicRequest};
-use model::{ObservedState, TenantId, Vm, VmId};
+use model::{TenantId, Vm, VmId};
 use nfv::descriptor::Ipv4Cidr;
 use nfv::driver::{CpInfo, DriverError, SiteDriver, SiteInventory};
 use nfv::plan::VduSpec;
@@ -125,33 +125,8 @@ impl LocalSite {
 
     /// Waits until the VM runs (or fails), or, with `gone`, until its record is gone.
     async fn wait(&self, name: &str, gone: bool) -> Result<(), DriverError> {
-        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
-        loop {
-            match self.vm(name).await {
-                Err(DriverError::NotFound { .. }) if gone => return Ok(()),
-                Err(e) => return Err(e),
-                Ok(vm) if !gone && vm.observed == ObservedState::Running => return Ok(()),
-                Ok(vm) if !gone && vm.observed == ObservedState::Failed => {
-                    return Err(DriverError::Failed {
-                        site: SITE,
-                        kind: "vm",
-                        name: name.into(),
-                        reason: vm.error.unwrap_or_else(|| "observed failed".into()),
-                    })
-                }
-                Ok(_) => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DriverError::Timeout {
-                    site: SITE,
-                    kind: "vm",
-                    name: name.into(),
-                    state: if gone { "deleted" } else { "running" },
-                    secs: self.cfg.timeout.as_secs_f64(),
-                });
-            }
-            tokio::time::sleep(self.cfg.poll).await;
-        }
+        let (timeout, poll) = (self.cfg.timeout, self.cfg.poll);
+        nfv::driver::wait_vm(SITE, name, gone, timeout, poll, || self.vm(name)).await
     }
 }
 

@@ -589,25 +589,8 @@ impl V2xFunction {
     /// Home revoked its device: the roaming copy from `home` goes with its links
     /// (`NotSubscribed` when there was none).
     pub async fn drop_roaming(&self, device: &str, home: &Plmn) -> Result<Teardown, V2xError> {
-        let (down, durable) = {
-            let mut st = self.lock();
-            if st
-                .subs
-                .get(device)
-                .is_none_or(|s| s.roaming_from.as_ref() != Some(home))
-            {
-                return Err(V2xError::NotSubscribed(device.to_owned()));
-            }
-            self.change(
-                &mut st,
-                Change::Revoke {
-                    device: device.to_owned(),
-                },
-            )
-        };
-        durable.durable().await?;
-        self.close_links(&down.links).await?;
-        Ok(down)
+        self.revoke_where(device, |s| s.roaming_from.as_ref() == Some(home))
+            .await
     }
 
     /// Whether `device` has a subscription here provisioned by this operator (not a copy).
@@ -636,9 +619,18 @@ impl V2xFunction {
 
     /// V2X API: revokes a subscription; its authorization and links go at once.
     pub async fn revoke(&self, device: &str) -> Result<Teardown, V2xError> {
+        self.revoke_where(device, |_| true).await
+    }
+
+    /// Revokes `device`'s subscription if `which` accepts it (`NotSubscribed` otherwise).
+    async fn revoke_where(
+        &self,
+        device: &str,
+        which: impl Fn(&Sub) -> bool,
+    ) -> Result<Teardown, V2xError> {
         let (down, durable) = {
             let mut st = self.lock();
-            if !st.subs.contains_key(device) {
+            if !st.subs.get(device).is_some_and(which) {
                 return Err(V2xError::NotSubscribed(device.to_owned()));
             }
             self.change(

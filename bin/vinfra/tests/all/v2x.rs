@@ -22,6 +22,21 @@ fn v2x(url: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `vinfra v2x authorize DEVICE --device-token T --pc5-address A`.
+fn authorize(url: &str, dev: &str, token: &str, pc5: &str) -> (bool, String, String) {
+    v2x(
+        url,
+        &[
+            "authorize",
+            dev,
+            "--device-token",
+            token,
+            "--pc5-address",
+            pc5,
+        ],
+    )
+}
+
 /// Starts `vinfra mec serve` for 001-01 on `listen` and waits until it answers.
 async fn mec(dir: &std::path::Path, listen: &str, state: Option<&std::path::Path>) -> ChildGuard {
     let tok = dir.join("token");
@@ -72,17 +87,7 @@ async fn mec_serve_and_the_v2x_cli() {
     assert!(ok, "{err}");
     let p: serde_json::Value = serde_json::from_str(&out).unwrap();
     let dev_token = p["deviceToken"].as_str().unwrap().to_owned();
-    let (ok, out, err) = v2x(
-        &url,
-        &[
-            "authorize",
-            "car-1",
-            "--device-token",
-            &dev_token,
-            "--pc5-address",
-            "10.77.1.1",
-        ],
-    );
+    let (ok, out, err) = authorize(&url, "car-1", &dev_token, "10.77.1.1");
     assert!(ok, "{err}");
     let cp: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(cp["validityTimer"], 120);
@@ -96,17 +101,7 @@ async fn mec_serve_and_the_v2x_cli() {
     assert!(!ok && err.contains("not a PLMN"), "{out}{err}");
     let (ok, _, err) = v2x(&url, &["revoke", "car-1"]);
     assert!(ok, "{err}");
-    let (ok, _, err) = v2x(
-        &url,
-        &[
-            "authorize",
-            "car-1",
-            "--device-token",
-            &dev_token,
-            "--pc5-address",
-            "10.77.1.1",
-        ],
-    );
+    let (ok, _, err) = authorize(&url, "car-1", &dev_token, "10.77.1.1");
     assert!(!ok && err.contains("404"), "{err}");
     let (ok, _, err) = Command::new(VINFRA)
         .args(["v2x", "--mec", &url, "--mec-token", "wrong", "devices"])
@@ -142,17 +137,7 @@ async fn mec_state_survives_kill_9() {
     };
     let t1 = provision("car-1");
     let t2 = provision("car-2");
-    let (ok, _, err) = v2x(
-        &url,
-        &[
-            "authorize",
-            "car-1",
-            "--device-token",
-            &t1,
-            "--pc5-address",
-            "10.77.1.1",
-        ],
-    );
+    let (ok, _, err) = authorize(&url, "car-1", &t1, "10.77.1.1");
     assert!(ok, "{err}");
     let http = reqwest::Client::new();
     let link: serde_json::Value = http
@@ -203,29 +188,9 @@ async fn mec_state_survives_kill_9() {
         "the link survived: {out}"
     );
     // The token shown once before the crash still authorizes; the revoked one does not.
-    let (ok, _, err) = v2x(
-        &url,
-        &[
-            "authorize",
-            "car-1",
-            "--device-token",
-            &t1,
-            "--pc5-address",
-            "10.77.1.1",
-        ],
-    );
+    let (ok, _, err) = authorize(&url, "car-1", &t1, "10.77.1.1");
     assert!(ok, "{err}");
-    let (ok, _, err) = v2x(
-        &url,
-        &[
-            "authorize",
-            "car-2",
-            "--device-token",
-            &t2,
-            "--pc5-address",
-            "10.77.1.2",
-        ],
-    );
+    let (ok, _, err) = authorize(&url, "car-2", &t2, "10.77.1.2");
     assert!(!ok && err.contains("404"), "{err}");
     // A new client: the old one's pooled connection died with the process.
     let back = reqwest::Client::new()

@@ -206,6 +206,51 @@ pub trait SiteDriver: Send + Sync + fmt::Debug {
     }
 }
 
+/// Polls `fetch` (the VM record of `name` on a vinfra site; `NotFound` when there is none)
+/// every `poll` until the VM runs — or fails — or, with `gone`, until its record is gone;
+/// `Timeout` after `timeout`. One loop for the in-process site and the HTTP driver.
+pub async fn wait_vm<F, Fut>(
+    site: &'static str,
+    name: &str,
+    gone: bool,
+    timeout: std::time::Duration,
+    poll: std::time::Duration,
+    mut fetch: F,
+) -> Result<(), DriverError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<model::Vm, DriverError>>,
+{
+    use model::ObservedState;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match fetch().await {
+            Err(DriverError::NotFound { .. }) if gone => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(vm) if !gone && vm.observed == ObservedState::Running => return Ok(()),
+            Ok(vm) if !gone && vm.observed == ObservedState::Failed => {
+                return Err(DriverError::Failed {
+                    site,
+                    kind: "vm",
+                    name: name.into(),
+                    reason: vm.error.unwrap_or_else(|| "observed failed".into()),
+                })
+            }
+            Ok(_) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DriverError::Timeout {
+                site,
+                kind: "vm",
+                name: name.into(),
+                state: if gone { "deleted" } else { "running" },
+                secs: timeout.as_secs_f64(),
+            });
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Runs one generic command on a site; AttachCp returns the CP's information.
 pub async fn apply(
     driver: &dyn SiteDriver,

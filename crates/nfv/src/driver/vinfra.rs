@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use client::{Client, ClientError, VmDeletion};
 use model::api::{CreateNetwork, CreateVm, NicRequest};
-use model::ObservedState;
 
 use super::{CpInfo, DriverError, SiteDriver, SiteInventory};
 use crate::descriptor::Ipv4Cidr;
@@ -80,42 +79,19 @@ impl VinfraDriver {
     }
 
     async fn wait(&self, name: &str, gone: bool) -> Result<(), DriverError> {
-        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
-        loop {
+        let (timeout, poll) = (self.cfg.timeout, self.cfg.poll);
+        super::wait_vm(SITE, name, gone, timeout, poll, || async {
             match self.client.get_vm(name).await {
-                Err(e) if e.status() == Some(404) => {
-                    if gone {
-                        return Ok(());
-                    }
-                    return Err(DriverError::NotFound {
-                        site: SITE,
-                        kind: "vm",
-                        name: name.into(),
-                    });
-                }
-                Err(e) => return Err(api("GET /v1/vms/{id}", e)),
-                Ok(vm) if !gone && vm.observed == ObservedState::Running => return Ok(()),
-                Ok(vm) if !gone && vm.observed == ObservedState::Failed => {
-                    return Err(DriverError::Failed {
-                        site: SITE,
-                        kind: "vm",
-                        name: name.into(),
-                        reason: vm.error.unwrap_or_else(|| "observed failed".into()),
-                    })
-                }
-                Ok(_) => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DriverError::Timeout {
+                Err(e) if e.status() == Some(404) => Err(DriverError::NotFound {
                     site: SITE,
                     kind: "vm",
                     name: name.into(),
-                    state: if gone { "deleted" } else { "running" },
-                    secs: self.cfg.timeout.as_secs_f64(),
-                });
+                }),
+                Err(e) => Err(api("GET /v1/vms/{id}", e)),
+                Ok(vm) => Ok(vm),
             }
-            tokio::time::sleep(self.cfg.poll).await;
-        }
+        })
+        .await
     }
 }
 
