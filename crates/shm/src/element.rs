@@ -323,6 +323,13 @@ impl Element {
         self.shared.layout
     }
 
+    /// The table's memfd, for a consumer that maps it by path
+    /// (`/proc/PID/fd/N`), e.g. QEMU's `memory-backend-file` behind a read-only
+    /// `ivshmem-plain` device for a guest.
+    pub fn table_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.memfd.as_fd()
+    }
+
     /// Where devices connect.
     pub fn socket_path(&self) -> &Path {
         &self.shared.socket
