@@ -500,6 +500,13 @@ pub(crate) fn api_client(
     })
 }
 
+/// The wall clock, µs since the Unix epoch (0 if it is set before it).
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// Registers, retrying while the server is unreachable; a refusal (4xx) is final.
 /// The registration is the lease's first renewal.
 async fn register(client: &Client, req: &RegisterHost) -> Result<Renewal, AgentError> {
@@ -711,7 +718,7 @@ impl Agent {
         let migrating = assignments.iter().any(|a| a.migration.is_some());
         let assigned: BTreeSet<VmId> = assignments.iter().map(|a| a.vm.id).collect();
         for a in assignments {
-            self.route(a);
+            self.route(a, "poll");
         }
         for (id, h) in self.vms.iter_mut() {
             if !assigned.contains(id) {
@@ -721,9 +728,13 @@ impl Agent {
         migrating
     }
 
-    /// Hands a VM's assignment to its task, starting one for a VM new here.
-    fn route(&mut self, a: model::api::Assignment) {
+    /// Hands a VM's assignment to its task, starting one for a VM new here; `via` says
+    /// how it came (`push`, `poll`).
+    fn route(&mut self, a: model::api::Assignment, via: &'static str) {
         let id = a.vm.id;
+        // For `vinfra bench push` (target `latency`, off unless switched on): when a
+        // change reached the VM's task, by the wall clock, to compare with the command's.
+        tracing::debug!(target: "latency", vm = %id, desired = ?a.vm.desired, via, at_us = wall_us(), "routed to the vm task");
         let msg = Msg::Assigned(Box::new(a));
         match self.vms.get_mut(&id) {
             Some(h) if !h.is_finished() => h.route(msg),
@@ -744,7 +755,7 @@ impl Agent {
                 return true;
             }
             HostEvent::ResourceTables => self.sync_tables(),
-            HostEvent::Assignment { assignment } => self.route(*assignment),
+            HostEvent::Assignment { assignment } => self.route(*assignment, "push"),
             HostEvent::Unassigned { vm } => {
                 if let Some(h) = self.vms.get_mut(&vm) {
                     h.route(Msg::Unassigned);

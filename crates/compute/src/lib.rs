@@ -4,8 +4,8 @@
 //! adoption after an agent restart, live migration, terminal operations), the `sim` driver
 //! ([`sim::SimDriver`]: the same contract without a hypervisor, for tests and for trying the
 //! control plane with many hosts), the QMP client ([`qmp`]), the Debian guest's workload lines ([`workload`]), the guest images
-//! ([`guest`]: the busybox default and the Debian one), screenshot PNGs ([`png`]), and a stop-gap disk server
-//! ([`disk::QemuNbdDisk`], qemu-nbd) until the block cache serves VM disks.
+//! ([`guest`]: the busybox default and the Debian one), screenshot PNGs ([`png`]), and a VM's own copy of its disk template
+//! ([`prepare_vm_disk`]; the agent serves VM disks, through its block cache and `nbd`).
 //! Must not depend on: the control plane, the store, the API, the cache. The node agent
 //! calls us. (`nbd` only as a client: the simulated guest reads its disk over NBD; `model`
 //! for the terminal operations the agent hands us.)
@@ -15,16 +15,17 @@
 //! tables are `std` mutexes that are never held across an `.await`.
 //!
 //! ```no_run
-//! use compute::{ComputeDriver, NbdListen, QemuDriver, QemuNbdDisk, VmSpec, Accel};
+//! use compute::{ComputeDriver, DiskTarget, QemuDriver, VmSpec, Accel};
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let img = compute::ensure_default_image(&compute::default_cache_dir(), |l| println!("{l}"))?;
 //! compute::prepare_vm_disk(&img.disk_template, "/srv/vm/web-1.img".as_ref()).await?;
-//! let disk = QemuNbdDisk::spawn("/srv/vm/web-1.img".as_ref(), NbdListen::Tcp("127.0.0.1:0".parse()?), "web-1").await?;
+//! // Any NBD server will do; the agent's is the `nbd` crate's, serving its block cache.
+//! let disk = DiskTarget::NbdTcp { host: "127.0.0.1".into(), port: 10809, export: "web-1".into() };
 //! let driver = QemuDriver::new();
 //! let vm = driver.start(&VmSpec {
 //!     id: "web-1".into(), name: "web-1".into(), vcpus: 1, memory_mib: 256,
 //!     kernel: img.kernel, initrd: img.initrd, cmdline: img.cmdline,
-//!     disk: disk.target(), nics: vec![], run_dir: "/run/vinfra/web-1".into(), accel: Accel::Auto,
+//!     disk, nics: vec![], run_dir: "/run/vinfra/web-1".into(), accel: Accel::Auto,
 //! }).await?;
 //! println!("console: {}", vm.console_log.display());
 //! driver.stop("web-1").await?;
@@ -49,7 +50,7 @@ use std::time::Duration;
 use model::terminal_ops::Operation;
 use serde::{Deserialize, Serialize};
 
-pub use disk::{prepare_vm_disk, DiskError, NbdListen, QemuNbdDisk};
+pub use disk::{prepare_vm_disk, DiskError};
 pub use guest::{
     default_cache_dir, ensure_default_image, ensure_image, GuestImage, GuestImageError, GuestKind,
 };

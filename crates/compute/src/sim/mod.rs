@@ -239,6 +239,13 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// Logs that the agent asked the simulated hypervisor to `action` VM `id`, with the wall
+/// clock in µs: `vinfra bench push` reads these lines back from the agents' logs (target
+/// `latency`, off unless switched on) to time a command until the VM's task acted.
+fn acted(id: &str, action: &'static str) {
+    tracing::debug!(target: "latency", vm = %id, action, at_us = now_us(), "sim driver called");
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -650,11 +657,13 @@ impl ComputeDriver for SimDriver {
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<VmRuntime, ComputeError> {
+        acted(&spec.id, "start");
         self.launch(spec, None).await
     }
 
     #[tracing::instrument(skip(self), fields(vm = %id))]
     async fn stop(&self, id: &str) -> Result<VmStatus, ComputeError> {
+        acted(id, "stop");
         let vm = self.get(id)?;
         if let Some(st) = vm.exited() {
             return Ok(st);

@@ -1,4 +1,5 @@
-//! Integration tests of the compute crate against real QEMU, qemu-nbd and the guest images.
+//! Integration tests of the compute crate against real QEMU and the guest images; VM
+//! disks are served over NBD by the `nbd` crate's server, as the node agent serves them.
 //!
 //! The guest image is cached in `$VINFRA_GUEST_CACHE` (default `/var/cache/vinfra/guest`), so
 //! only the first run builds it (~10 s). VM tests run one at a time: each TCG QEMU eats a core.
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use compute::{
     default_cache_dir, ensure_default_image, prepare_vm_disk, Accel, ComputeDriver, DiskTarget,
-    GuestImage, MigrateOptions, NbdListen, OpOutcome, QemuDriver, QemuNbdDisk, VmSpec, VmStatus,
+    GuestImage, MigrateOptions, OpOutcome, QemuDriver, VmSpec, VmStatus,
 };
 use model::terminal_ops::Operation;
 
@@ -18,7 +19,7 @@ mod terminal;
 static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn need_tools() {
-    for bin in ["qemu-system-x86_64", "qemu-nbd", "busybox"] {
+    for bin in ["qemu-system-x86_64", "busybox"] {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()));
         assert!(found, "{bin} not found: run scripts/setup.sh");
@@ -29,6 +30,39 @@ fn image() -> GuestImage {
     need_tools();
     ensure_default_image(&default_cache_dir(), |l| eprintln!("{l}"))
         .unwrap_or_else(|e| panic!("guest image: {e} (run scripts/setup.sh as root)"))
+}
+
+/// Serves `image` read-write as export `disk0` on `listen` through our own NBD server
+/// (the one the agent serves VM disks with, there behind its block cache). Several
+/// clients at once: a migration's destination connects while the source still is.
+/// Dropping the handle stops it.
+fn serve_disk(image: &Path, listen: nbd::NbdAddr) -> (nbd::ServerHandle, DiskTarget) {
+    let dev = nbd::FileDevice::open(image, false).expect("open the disk");
+    let mut sc = nbd::ServeConfig::new(listen);
+    sc.exports.insert(
+        "disk0".into(),
+        std::sync::Arc::new(dev) as std::sync::Arc<dyn nbd::BlockDevice>,
+    );
+    let server = nbd::serve(sc).expect("serve the disk");
+    let target = match server.local_addr() {
+        nbd::NbdAddr::Tcp(a) => DiskTarget::NbdTcp {
+            host: a.ip().to_string(),
+            port: a.port(),
+            export: "disk0".into(),
+        },
+        nbd::NbdAddr::Unix(path) => DiskTarget::NbdUnix {
+            path,
+            export: "disk0".into(),
+        },
+    };
+    (server, target)
+}
+
+/// Stops the disk server (its shutdown waits for its threads: off the runtime).
+async fn stop_disk(server: nbd::ServerHandle) {
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .expect("nbd shutdown");
 }
 
 /// Short scratch dir: unix socket paths must stay under 108 bytes.
@@ -181,17 +215,15 @@ async fn screenshot_and_keys(drv: &QemuDriver, id: &str) {
 }
 
 #[tokio::test]
-async fn boots_on_qemu_nbd_ticks_survives_agent_restart_and_stops() {
+async fn boots_on_nbd_ticks_survives_agent_restart_and_stops() {
     let img = image();
     let _one_at_a_time = VM_LOCK.lock().await;
     let tmp = scratch();
     let disk = tmp.path().join("disk.img");
     assert!(prepare_vm_disk(&img.disk_template, &disk).await.unwrap());
-    let nbd = QemuNbdDisk::spawn(&disk, NbdListen::Unix(tmp.path().join("nbd.sock")), "disk0")
-        .await
-        .unwrap();
+    let (nbd, target) = serve_disk(&disk, nbd::NbdAddr::Unix(tmp.path().join("nbd.sock")));
     let run_dir = tmp.path().join("run");
-    let spec = spec("boot-1", &img, nbd.target(), run_dir.clone());
+    let spec = spec("boot-1", &img, target, run_dir.clone());
     let mut guard = KillGuard::default();
 
     let drv = QemuDriver::new();
@@ -247,7 +279,7 @@ async fn boots_on_qemu_nbd_ticks_survives_agent_restart_and_stops() {
     );
     assert!(wait_gone(rt.pid).await, "qemu {} still running", rt.pid);
     assert_eq!(drv.status("boot-1").await.unwrap(), st);
-    nbd.stop().await.unwrap();
+    stop_disk(nbd).await;
 }
 
 #[tokio::test]
@@ -317,19 +349,13 @@ async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
     let tmp = scratch();
     let disk = tmp.path().join("disk.img");
     prepare_vm_disk(&img.disk_template, &disk).await.unwrap();
-    let nbd = QemuNbdDisk::spawn(
-        &disk,
-        NbdListen::Tcp("127.0.0.1:0".parse().unwrap()),
-        "disk0",
-    )
-    .await
-    .unwrap();
+    let (nbd, target) = serve_disk(&disk, nbd::NbdAddr::Tcp("127.0.0.1:0".parse().unwrap()));
     let mut guard = KillGuard::default();
     // Two "hosts": one driver each, the same VM id on both.
     let (host_a, host_b) = (QemuDriver::new(), QemuDriver::new());
     let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
     let src = host_a
-        .start(&spec("web-1", &img, nbd.target(), dir_a.clone()))
+        .start(&spec("web-1", &img, target.clone(), dir_a.clone()))
         .await
         .unwrap();
     guard.add(src.pid, &dir_a);
@@ -343,7 +369,7 @@ async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
 
     let dst = host_b
         .start_incoming(
-            &spec("web-1", &img, nbd.target(), dir_b.clone()),
+            &spec("web-1", &img, target.clone(), dir_b.clone()),
             "127.0.0.1:0".parse().unwrap(),
             None,
         )
@@ -424,7 +450,7 @@ async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
 
     assert!(host_b.stop("web-1").await.unwrap().is_exited());
     assert!(wait_gone(dst.pid).await);
-    nbd.stop().await.unwrap();
+    stop_disk(nbd).await;
 }
 
 #[tokio::test]

@@ -17,7 +17,15 @@
 //!   measured until the first poll answer that shows it. Fewer samples: each takes about
 //!   a period.
 //!
+//! - agents (`--agents`, default 3; 0 leaves them out): real `vinfra agent --driver sim`
+//!   processes hold the streams instead, and a command is timed until the agent acted:
+//!   until its reconciler handed the change to the VM's task, and until the VM's task
+//!   called the (simulated) hypervisor to stop or start the VM; both read back from the
+//!   agents' logs after the run (`push/agents.rs`).
+//!
 //! No pass/fail: the numbers are for people (the target is p99 under 5 ms on loopback).
+
+mod agents;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -46,6 +54,12 @@ pub struct PushArgs {
     /// The baseline's poll period, ms (the agent's reconcile period).
     #[arg(long, default_value_t = 1000)]
     pub poll_ms: u64,
+    /// Real `vinfra agent --driver sim` processes for the agent rows (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub agents: usize,
+    /// Commands measured through the agents (each waits for the agent's report).
+    #[arg(long, default_value_t = 300)]
+    pub agent_ops: usize,
 }
 
 /// How the agent learns of the command.
@@ -61,6 +75,20 @@ pub enum Measured {
     AfterAnswer,
     /// Polling the assignments: command → the first poll answer that shows it.
     Poll,
+    /// Real agents: command → the agent's reconciler handed it to the VM's task (its
+    /// log); `via_poll` of them came by the agent's poll, not pushed.
+    AgentRouted {
+        /// Samples that came by the poll.
+        via_poll: usize,
+    },
+    /// Real agents: handed to the VM's task minus the command's answer, per command.
+    AgentAfterAnswer,
+    /// Real agents: stop command → the VM's task called the sim driver's stop.
+    AgentStop,
+    /// Real agents: start command → the VM's task called the sim driver's start.
+    AgentStart,
+    /// Real agents: the command's own answer in that phase.
+    AgentAnswer,
 }
 
 impl Measured {
@@ -72,6 +100,20 @@ impl Measured {
                 "event read − answer, per command (< 0: event first)".to_owned()
             }
             Measured::Poll => format!("polling every {poll_ms} ms: command → poll that shows it"),
+            Measured::AgentRouted { via_poll } => format!(
+                "agents: command → handed to the VM's task ({via_poll} via the agent's poll)"
+            ),
+            Measured::AgentAfterAnswer => {
+                "agents: handed to the VM's task − answer, per command".to_owned()
+            }
+            Measured::AgentStop => {
+                "agents: stop → VM task calls driver stop (after its `stopping` report)".to_owned()
+            }
+            Measured::AgentStart => {
+                "agents: start → VM task calls driver start (after report, cache, export)"
+                    .to_owned()
+            }
+            Measured::AgentAnswer => "agents: (the command's own answer)".to_owned(),
         }
     }
 }
@@ -123,6 +165,8 @@ pub struct PushReport {
     pub build: &'static str,
     /// Hosts, each with one subscriber.
     pub hosts: usize,
+    /// `vinfra agent --driver sim` processes of the agent rows.
+    pub agents: usize,
     /// The baseline's poll period, ms.
     pub poll_ms: u64,
     /// Push, the commands' answers, poll.
@@ -165,10 +209,29 @@ pub async fn run(args: &PushArgs) -> anyhow::Result<PushReport> {
         args.poll_samples, args.poll_ms
     );
     let poll = measure_poll(&server.url, &admin, &agent_token, &vms, args).await?;
-    server.stop().await;
-
     let mut rows = push;
     rows.push(poll);
+    if args.agents > 0 {
+        match agents::measure(
+            &exe,
+            &server.url,
+            &admin,
+            &agent_token,
+            tmp.path(),
+            args.agents,
+            args.agent_ops,
+        )
+        .await
+        {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                server.stop().await;
+                return Err(e);
+            }
+        }
+    }
+    server.stop().await;
+
     Ok(PushReport {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         load_before,
@@ -179,6 +242,7 @@ pub async fn run(args: &PushArgs) -> anyhow::Result<PushReport> {
             "release"
         },
         hosts: args.hosts,
+        agents: args.agents,
         poll_ms: args.poll_ms,
         rows,
     })
@@ -415,8 +479,11 @@ pub fn table(r: &PushReport) -> String {
         s,
         "vinfra bench push: a VM stop/start through the API until its host's agent side has \
          it; {} hosts, one event-stream subscriber each (the typed client over loopback \
-         HTTP); one `vinfra server` on redb ({}); {} cores, load {} before; {} build",
+         HTTP), then {} `vinfra agent --driver sim` processes, one VM each (times read back \
+         from their logs); one `vinfra server` on redb ({}); {} cores, load {} before; {} \
+         build",
         r.hosts,
+        r.agents,
         r.data_fs,
         r.cores,
         r.load_before.map_or_else(
@@ -470,6 +537,7 @@ mod tests {
             data_fs: "ext4 (/)".into(),
             build: "debug",
             hosts: 3,
+            agents: 3,
             poll_ms: 1000,
             rows: vec![row, Row::of(Measured::Poll, vec![], 0)],
         };
