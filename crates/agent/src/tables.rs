@@ -9,8 +9,8 @@
 //! shutdown). Not the versions (the restored entries get new ones), the devices (they
 //! see the element gone and connect again), the grants or the audit.
 //!
-//! Tasks: one, [`run`], the only owner of the tables; it takes [`Cmd`]s from the
-//! reconciler and ticks every [`TICK`] to report and snapshot.
+//! Tasks: one, `run`, the only owner of the tables; it takes `Cmd`s from the
+//! reconciler and ticks every `TICK` to report and snapshot.
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -116,7 +116,7 @@ fn sha256_hex(b: &[u8]) -> String {
 }
 
 /// One change of the function's state, as the journal records it. Replaying the records in
-/// order rebuilds the state; the live paths make each change through [`apply`] too, so the
+/// order rebuilds the state; the live paths make each change through `apply` too, so the
 /// two cannot disagree.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
