@@ -15,6 +15,17 @@ fn not_found(name: &Name) -> ControlError {
 }
 
 impl Control {
+    /// `NotFound` unless `host` is registered.
+    pub(crate) async fn require_host(&self, host: &Name) -> Result<(), ControlError> {
+        if self.store().get(&keys::host(host)).await?.is_none() {
+            return Err(ControlError::NotFound {
+                kind: "host",
+                id: host.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// Registers `name`, or re-registers it keeping its id (capacity, drivers and
     /// addresses are replaced; the maintenance cordon stays). Counts as a heartbeat.
     /// Returns the host with its state and lease, and whether it is new.

@@ -270,22 +270,11 @@ impl SiteDriver for LocalSite {
     /// of seconds under TCG on a loaded machine) before it answers link requests.
     async fn wait_guest(&self, vdu: &str) -> Result<(), DriverError> {
         let vm = self.vm(vdu).await?;
-        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
-        loop {
-            if nfv::driver::vinfra::guest_ready(&self.consoles.tail(vm.id)) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DriverError::Timeout {
-                    site: SITE,
-                    kind: "guest",
-                    name: vdu.into(),
-                    state: "ready",
-                    secs: self.cfg.timeout.as_secs_f64(),
-                });
-            }
-            tokio::time::sleep(self.cfg.poll).await;
-        }
+        let (timeout, poll) = (self.cfg.timeout, self.cfg.poll);
+        nfv::driver::wait_guest_console(SITE, vdu, timeout, poll, || async {
+            Ok(self.consoles.tail(vm.id))
+        })
+        .await
     }
 
     /// The agent checks that this token may see the VM before relaying into its guest.

@@ -138,19 +138,7 @@ impl Control {
         if *self.push.inner.closed.borrow() {
             return Err(PushError::ShuttingDown);
         }
-        if self
-            .store()
-            .get(&keys::host(host))
-            .await
-            .map_err(ControlError::from)?
-            .is_none()
-        {
-            return Err(ControlError::NotFound {
-                kind: "host",
-                id: host.to_string(),
-            }
-            .into());
-        }
+        self.require_host(host).await?;
         let (reply, subscribed) = oneshot::channel();
         self.push
             .hub(&self.store_arc())

@@ -34,19 +34,7 @@ impl Control {
         host: &Name,
         spec: ValidTableSpec,
     ) -> Result<ResourceTable, ResourceTableError> {
-        if self
-            .store()
-            .get(&keys::host(host))
-            .await
-            .map_err(ControlError::from)?
-            .is_none()
-        {
-            return Err(ControlError::NotFound {
-                kind: "host",
-                id: host.to_string(),
-            }
-            .into());
-        }
+        self.require_host(host).await?;
         // Counted before the transaction: two creates at once may both pass at the
         // limit; the limit bounds an agent's work, it is not a quota.
         let existing = self

@@ -404,12 +404,7 @@ impl Control {
         host: &Name,
     ) -> Result<Vec<model::api::Assignment>, ControlError> {
         use crate::records::{get_json, list_json};
-        if self.store().get(&keys::host(host)).await?.is_none() {
-            return Err(ControlError::NotFound {
-                kind: "host",
-                id: host.to_string(),
-            });
-        }
+        self.require_host(host).await?;
         let mut images: std::collections::HashMap<model::ImageId, model::Image> =
             std::collections::HashMap::new();
         let mut out = Vec::new();

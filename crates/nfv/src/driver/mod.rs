@@ -251,6 +251,37 @@ where
     }
 }
 
+/// Polls `console` (the VDU's console tail) every `poll` until [`vinfra::guest_ready`] says
+/// the guest answers link requests; `Timeout` after `timeout`.
+pub async fn wait_guest_console<F, Fut>(
+    site: &'static str,
+    vdu: &str,
+    timeout: std::time::Duration,
+    poll: std::time::Duration,
+    mut console: F,
+) -> Result<(), DriverError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<String, DriverError>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if vinfra::guest_ready(&console().await?) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(DriverError::Timeout {
+                site,
+                kind: "guest",
+                name: vdu.into(),
+                state: "ready",
+                secs: timeout.as_secs_f64(),
+            });
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Runs one generic command on a site; AttachCp returns the CP's information.
 pub async fn apply(
     driver: &dyn SiteDriver,

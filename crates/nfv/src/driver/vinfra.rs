@@ -261,27 +261,14 @@ impl SiteDriver for VinfraDriver {
     /// A vinfra VM runs once QEMU starts; its guest then boots (seconds with KVM, tens
     /// of seconds under TCG on a loaded machine) before it answers link requests.
     async fn wait_guest(&self, vdu: &str) -> Result<(), DriverError> {
-        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
-        loop {
-            let console = self
-                .client
+        let (timeout, poll) = (self.cfg.timeout, self.cfg.poll);
+        super::wait_guest_console(SITE, vdu, timeout, poll, || async {
+            self.client
                 .console(vdu)
                 .await
-                .map_err(|e| api("GET /v1/vms/{id}/console", e))?;
-            if guest_ready(&console) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DriverError::Timeout {
-                    site: SITE,
-                    kind: "guest",
-                    name: vdu.into(),
-                    state: "ready",
-                    secs: self.cfg.timeout.as_secs_f64(),
-                });
-            }
-            tokio::time::sleep(self.cfg.poll).await;
-        }
+                .map_err(|e| api("GET /v1/vms/{id}/console", e))
+        })
+        .await
     }
 
     /// The agent checks that this token may see the VM before relaying into its guest.
