@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     let pairs = String::from_utf8_lossy(data.get(cut + 1..).unwrap_or_default());
     if let Ok(c) = net::kernel::counts_from_bpftool(&counters, &pairs) {
         for f in &c.flows {
-            assert!(f.counter.packets > 0 || f.counter.bytes > 0, "a pair with no count");
+            assert!(
+                f.counter.packets > 0 || f.counter.bytes > 0,
+                "a pair with no count"
+            );
         }
     }
 });

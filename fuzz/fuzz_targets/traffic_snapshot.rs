@@ -43,5 +43,9 @@ fuzz_target!(|data: &[u8]| {
         pairs.sort();
         (r.classes, r.flood, r.neighbor, r.errors, pairs)
     };
-    assert_eq!(counts(&again), counts(&controller), "restore(snapshot) keeps the counts");
+    assert_eq!(
+        counts(&again),
+        counts(&controller),
+        "restore(snapshot) keeps the counts"
+    );
 });

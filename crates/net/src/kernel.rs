@@ -705,7 +705,10 @@ mod tests {
             (r#"[{"value":[]}]"#, "key"),
             (r#"[{"key":["0x01"]}]"#, "entry without a value"),
             (r#"[{"key":["0x01"],"value":["zz"]}]"#, "value"),
-            (r#"[{"key":["0x01"],"values":[{"cpu":0}]}]"#, "per-CPU value"),
+            (
+                r#"[{"key":["0x01"],"values":[{"cpu":0}]}]"#,
+                "per-CPU value",
+            ),
         ] {
             let e = counts_from_bpftool(bad, "[]").expect_err(bad).to_string();
             assert!(e.contains(want) && e.contains("counters"), "{bad}: {e}");

@@ -17,11 +17,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::controller::unix_ms;
+use crate::core::FlowRecord;
 use crate::kernel::{AddrLocation, KernelCounts, KernelDatapath, KernelError};
 use crate::proto::ProtoError;
 use crate::stats::{ReportOutcome, SwitchReport};
 use crate::switch::ControllerLink;
-use crate::core::FlowRecord;
 use crate::types::{
     AddressTable, ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId,
 };
@@ -187,11 +187,9 @@ impl State {
                     in_report: seq,
                 },
             };
-            if self
-                .cfg
-                .pair_idle
-                .is_some_and(|t| now.duration_since(p.changed) >= t && p.in_report <= self.acked_seq)
-            {
+            if self.cfg.pair_idle.is_some_and(|t| {
+                now.duration_since(p.changed) >= t && p.in_report <= self.acked_seq
+            }) {
                 idle.push(key);
             }
             live.insert(key, p);

@@ -481,7 +481,10 @@ async fn four_guests_in_two_domains_are_counted_by_class_pair_and_nfdump_across_
     tokio::time::sleep(Duration::from_secs(2)).await;
     let re = east.top();
     assert!(settled(&re), "{re}");
-    assert_eq!(fails, 0, "no echo lost across the migration: {seen_src}\n---\n{dst}");
+    assert_eq!(
+        fails, 0,
+        "no echo lost across the migration: {seen_src}\n---\n{dst}"
+    );
     // Counted on both hosts: inter-server before, intra-server after; the pair's class is
     // where it was last counted.
     let (intra, inter) = (class(&re, "intra_server").0, class(&re, "inter_server").0);
@@ -508,8 +511,16 @@ async fn four_guests_in_two_domains_are_counted_by_class_pair_and_nfdump_across_
     assert_eq!(re2["pairs"], re["pairs"], "settled");
     let (re_pairs, rw_pairs) = (pairs_by_mac(&re), pairs_by_mac(&rw));
     assert_eq!(re_pairs.len(), 8);
-    assert_eq!(east.nf.stop_and_read(), re_pairs, "east: nfdump = traffic top");
-    assert_eq!(west.nf.stop_and_read(), rw_pairs, "west: nfdump = traffic top");
+    assert_eq!(
+        east.nf.stop_and_read(),
+        re_pairs,
+        "east: nfdump = traffic top"
+    );
+    assert_eq!(
+        west.nf.stop_and_read(),
+        rw_pairs,
+        "west: nfdump = traffic top"
+    );
 
     for (d, vms) in [(&east.s, &["a", "b", "c", "e"][..]), (&west.s, &["d"][..])] {
         for vm in vms {

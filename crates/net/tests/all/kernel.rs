@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::nfcapd::Nfcapd;
 use net::controller::{serve_switches, Controller};
 use net::kernel::KernelDatapath;
 use net::netns::NetnsLab;
-use crate::nfcapd::Nfcapd;
 use net::{
     KernelSwitch, KernelSwitchConfig, MacAddr, PortAddress, SwitchId, TrafficClass, TrafficReport,
 };
@@ -82,7 +82,10 @@ fn setup_on(vxlan: bool) -> Lab {
         lab.veth(&machines[0], "dl0", &machines[1], "dl0", None)
             .expect("data network");
         for (i, m) in machines.iter().enumerate() {
-            let (me, peer) = (format!("192.168.77.{}", i + 1), format!("192.168.77.{}", 2 - i));
+            let (me, peer) = (
+                format!("192.168.77.{}", i + 1),
+                format!("192.168.77.{}", 2 - i),
+            );
             ip(&["-n", m, "addr", "add", &format!("{me}/24"), "dev", "dl0"]);
             ip(&[
                 "-n", m, "link", "add", "vx0", "type", "vxlan", "id", "4242", "local", &me,
@@ -394,7 +397,9 @@ fn idle_pairs_age_out_of_the_kernel_map_without_losing_counts() {
     flush(&[&h1, &h2]);
     let flows = dp1.read().expect("read").flows;
     assert!(
-        flows.iter().all(|f| f.flow_seq > 1 && f.counter.packets <= 2),
+        flows
+            .iter()
+            .all(|f| f.flow_seq > 1 && f.counter.packets <= 2),
         "re-created entries: {flows:?}"
     );
     let a = lab.report(0);
@@ -420,10 +425,19 @@ fn vxlan_uplinks_between_machines_count_once_per_domain() {
     wait_tables(&[(&h1, 3), (&h2, 3), (&h3, 1)]);
     let vx_tx = |m: &str| {
         let out = Command::new("ip")
-            .args(["netns", "exec", m, "cat", "/sys/class/net/vx0/statistics/tx_packets"])
+            .args([
+                "netns",
+                "exec",
+                m,
+                "cat",
+                "/sys/class/net/vx0/statistics/tx_packets",
+            ])
             .output()
             .expect("read vx0 counters");
-        String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().unwrap_or(0)
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
     };
     let before = vx_tx(&lab.tap_ns["a"]);
 

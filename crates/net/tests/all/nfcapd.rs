@@ -17,8 +17,7 @@ impl Nfcapd {
     pub fn start() -> Nfcapd {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("vinfra-nfcapd-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("vinfra-nfcapd-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("collector dir");
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
