@@ -62,6 +62,26 @@ impl Nfcapd {
     /// Stops the collector (it writes its file on SIGTERM) and reads every flow back with
     /// `nfdump`: (source MAC, destination MAC) -> (packets, bytes), summed.
     pub fn stop_and_read(mut self) -> BTreeMap<(String, String), (u64, u64)> {
+        // nfcapd writes what it has read when it gets SIGTERM; a datagram still queued on its
+        // socket (a niced collector on a loaded machine) would be lost. Wait until it read
+        // everything: the socket's receive queue (ss's Recv-Q) is empty.
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("ss")
+                .args(["-Hunl", "sport", "=", &format!(":{}", self.addr.port())])
+                .output()
+                .expect("run ss");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let queued = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|q| q.parse::<u64>().ok());
+            if queued == Some(0) || Instant::now() > end {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
