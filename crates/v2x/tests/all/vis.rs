@@ -175,7 +175,10 @@ async fn v2x_api_authorizes_from_subscription_data() {
     let d = &st.devices[0];
     assert_eq!(d.device_id, "car-1");
     assert_eq!(d.pc5_address, Some("10.77.1.1".parse().unwrap()));
-    assert!(d.expires_in_s.is_some_and(|s| (55..=60).contains(&s)), "{d:?}");
+    assert!(
+        d.expires_in_s.is_some_and(|s| (55..=60).contains(&s)),
+        "{d:?}"
+    );
     assert_eq!(d.roaming_from, None);
     assert_eq!(st.links.len(), 1);
     assert_eq!(st.links[0].peer_address.to_string(), "10.77.2.1");
