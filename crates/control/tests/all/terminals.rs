@@ -484,7 +484,7 @@ async fn a_session_follows_its_terminals_binding_as_it_changes() {
     let now = control::now_ms();
     let mut session = c.terminal_session();
     let mut seq = 0;
-    let mut send = |seq: &mut u64| {
+    let send = |seq: &mut u64| {
         *seq += 1;
         message(server, t, secret, *seq, now, KEY_A)
     };
