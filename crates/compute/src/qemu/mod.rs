@@ -430,6 +430,7 @@ mod tests {
             nics: vec![],
             run_dir: dir.join("run"),
             accel: Accel::Tcg,
+            tables: vec![],
         }
     }
 
