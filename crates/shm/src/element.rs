@@ -786,7 +786,10 @@ impl State {
     /// the copy is taken first, then written under the sequence word).
     fn commit(&mut self, device: DeviceId, entry: u32) -> Result<u64, Error> {
         self.slots.layout().check(entry)?;
-        let dev = self.devices.get(&device).ok_or(Error::NoSuchDevice(device))?;
+        let dev = self
+            .devices
+            .get(&device)
+            .ok_or(Error::NoSuchDevice(device))?;
         if dev.guest.is_none() {
             return Err(Error::NotAGuest);
         }
@@ -813,9 +816,10 @@ impl State {
         if self.devices.get(&device).is_some_and(|d| d.guest.is_none()) {
             return Err(Error::NotAGuest);
         }
-        let held = self.brt.get(entry as usize).is_some_and(|g| {
-            g.as_ref().is_some_and(|g| g.device == device)
-        });
+        let held = self
+            .brt
+            .get(entry as usize)
+            .is_some_and(|g| g.as_ref().is_some_and(|g| g.device == device));
         if !held {
             self.grant(device, entry, None)?;
         }

@@ -206,10 +206,7 @@ impl Ctrl {
         // them only through atomics; the guest's stores are another process's
         // (QEMU's) and cannot make a Rust reference dangle.
         unsafe {
-            std::slice::from_raw_parts(
-                self.map.as_ptr().add(CTRL_BYTES) as *const AtomicU64,
-                words,
-            )
+            std::slice::from_raw_parts(self.map.as_ptr().add(CTRL_BYTES) as *const AtomicU64, words)
         }
     }
 

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use control::ResourceTableError;
 use control::Control;
+use control::ResourceTableError;
 use model::resource_tables::{ValidTableSpec, MAX_TABLES_PER_HOST};
 use model::TenantId;
 use store::testing::MemStore;

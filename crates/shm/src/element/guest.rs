@@ -73,7 +73,8 @@ pub(super) fn create(shared: &Shared, socket: &Path, name: &str) -> Result<Guest
     let page = sys::page_size();
     let payload = (shared.layout.entry_size() as usize).div_ceil(page) * page;
     let bytes = (WINDOW_PAYLOAD + payload).next_power_of_two();
-    let memfd = sys::sealed_memfd(c"vinfra-shm-window", bytes).map_err(Error::io("window memfd"))?;
+    let memfd =
+        sys::sealed_memfd(c"vinfra-shm-window", bytes).map_err(Error::io("window memfd"))?;
     let map = Mapping::shared(memfd.as_fd(), bytes).map_err(Error::io("mapping the window"))?;
     let ctrl = Ctrl::from_mapping(map);
     match std::fs::remove_file(socket) {

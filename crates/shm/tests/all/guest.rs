@@ -76,7 +76,10 @@ impl Guest {
         ));
         let end = Instant::now() + Duration::from_secs(10);
         while self.q.readq(WINDOW + RESP_SEQ) != self.seq {
-            assert!(Instant::now() < end, "no answer to op {op} on entry {entry}");
+            assert!(
+                Instant::now() < end,
+                "no answer to op {op} on entry {entry}"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         (
@@ -112,9 +115,7 @@ fn a_guest_writes_an_entry_through_its_window_only_under_a_grant() {
     let mut dev = DeviceProc::spawn(el.socket_path());
     assert!(dev.cmd("req 3 0").starts_with("granted"));
 
-    let win = el
-        .attach_guest(&dir.path().join("w.sock"), "vm-a")
-        .unwrap();
+    let win = el.attach_guest(&dir.path().join("w.sock"), "vm-a").unwrap();
     let mem_path = format!(
         "/proc/{}/fd/{}",
         std::process::id(),
@@ -143,7 +144,11 @@ fn a_guest_writes_an_entry_through_its_window_only_under_a_grant() {
             .iter()
             .any(|d| d.id == win.device && d.guest.as_deref() == Some("vm-a"))
     });
-    let info = el.devices().into_iter().find(|d| d.id == win.device).unwrap();
+    let info = el
+        .devices()
+        .into_iter()
+        .find(|d| d.id == win.device)
+        .unwrap();
     assert_eq!(info.pid, qemu.0.id() as i32);
     assert!(!win.socket.exists());
 
@@ -156,7 +161,11 @@ fn a_guest_writes_an_entry_through_its_window_only_under_a_grant() {
     assert_eq!(q.cfg_read(0), 0x1110_1af4);
     q.cfg_write(0x18, 0xffff_ffff);
     let mask = q.cfg_read(0x18) & !0xf;
-    assert_eq!(u64::from(!mask) + 1, win.window_bytes as u64, "window BAR size");
+    assert_eq!(
+        u64::from(!mask) + 1,
+        win.window_bytes as u64,
+        "window BAR size"
+    );
     q.cfg_write(0x10, REGS as u32);
     q.cfg_write(0x18, WINDOW as u32);
     q.cfg_write(0x1c, 0);
@@ -174,10 +183,7 @@ fn a_guest_writes_an_entry_through_its_window_only_under_a_grant() {
     assert_eq!(g.request(OP_COMMIT, 2), (ST_NOT_HELD, 0));
     assert_eq!(el.read(2).unwrap().0, 0);
     // Held by the process device: refused, naming it.
-    assert_eq!(
-        g.request(OP_REQUEST, 3),
-        (ST_HELD, u64::from(dev.id))
-    );
+    assert_eq!(g.request(OP_REQUEST, 3), (ST_HELD, u64::from(dev.id)));
     assert_eq!(g.request(OP_WRITE, 3), (ST_HELD, u64::from(dev.id)));
     assert_eq!(g.request(OP_REQUEST, 99).0, ST_NO_SUCH_ENTRY);
 
@@ -256,9 +262,7 @@ fn a_guest_writes_an_entry_through_its_window_only_under_a_grant() {
 fn a_window_nobody_connected_to_is_detached_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let el = Element::start(ElementConfig::new(dir.path().join("t.sock"), 4, 248)).unwrap();
-    let win = el
-        .attach_guest(&dir.path().join("w.sock"), "vm-b")
-        .unwrap();
+    let win = el.attach_guest(&dir.path().join("w.sock"), "vm-b").unwrap();
     assert!(win.socket.exists());
     assert_eq!(win.window_bytes, 8192);
     // Not a device until its QEMU connects.
