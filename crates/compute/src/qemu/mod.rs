@@ -431,6 +431,7 @@ mod tests {
             nics: vec![],
             run_dir: dir.join("run"),
             accel: Accel::Tcg,
+            tables: vec![],
         }
     }
 

@@ -56,6 +56,7 @@ impl HaltVms {
                 nics: vec![],
                 run_dir: tmp.path().join(format!("r{i}")),
                 accel: Accel::Tcg,
+                tables: vec![],
             };
             let rt = drv.start(&spec).await.unwrap();
             guard.add(rt.pid, &rt.run_dir);
