@@ -615,6 +615,9 @@ async fn start_counting(cfg: &AgentConfig) -> Result<Option<Arc<net::KernelSwitc
         domain: net::DomainId(t.domain),
         controller: Some(t.controller),
         report_interval: std::time::Duration::from_secs(1),
+        // A pair silent for 5 minutes leaves the kernel's 65 536-entry pair map (its
+        // totals stay at the controller).
+        pair_idle: Some(std::time::Duration::from_secs(300)),
     };
     let instance = netdev::datapath_instance(&cfg.host_name, &cfg.data_dir);
     let sw = tokio::task::spawn_blocking(move || net::KernelSwitch::start(kcfg, &instance))

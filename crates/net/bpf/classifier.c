@@ -47,6 +47,12 @@ struct pair_val {
 	// The `addrs` generation class_row was computed under: while it is current, a frame of
 	// a known pair costs one hash lookup, not two.
 	__u32 gen;
+	// The pair-ageing round (meta slot 2) the entry was created in: an entry user space
+	// deleted as idle and the frames re-create is a new flow record (larger flow_seq), which
+	// the controller counts in full instead of diffing it against the old one. Set on the
+	// creating CPU only; user space takes the largest over the CPUs.
+	__u32 flow;
+	__u32 pad;
 };
 
 // MAC (first six bytes, two zero bytes) -> ADDR_LOCAL / ADDR_REMOTE. Absent: other domain.
@@ -81,7 +87,8 @@ struct {
 } pairs SEC(".maps");
 
 // 0: the counter epoch (unix ns), written by user space when the maps are created;
-// 1: the `addrs` generation, bumped by user space after every change of `addrs`.
+// 1: the `addrs` generation, bumped by user space after every change of `addrs`;
+// 2: the pair-ageing round, bumped by user space before it deletes idle pairs.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 4);
@@ -108,6 +115,13 @@ static __always_inline __u64 mac_key(const __u8 *m)
 static __always_inline __u32 generation(void)
 {
 	__u32 key = 1;
+	__u64 *g = bpf_map_lookup_elem(&meta, &key);
+	return g ? (__u32)*g : 0;
+}
+
+static __always_inline __u32 ageing_round(void)
+{
+	__u32 key = 2;
 	__u64 *g = bpf_map_lookup_elem(&meta, &key);
 	return g ? (__u32)*g : 0;
 }
@@ -148,7 +162,9 @@ static __always_inline void count_pair(const struct ethhdr *eth, int fixed_row, 
 		v->gen = gen;
 		return;
 	}
-	struct pair_val n = { .packets = 1, .bytes = len, .class_row = row, .gen = gen };
+	struct pair_val n = {
+		.packets = 1, .bytes = len, .class_row = row, .gen = gen, .flow = ageing_round()
+	};
 	if (bpf_map_update_elem(&pairs, &k, &n, BPF_NOEXIST) != 0)
 		add_row(ROW_PAIRS_FULL, len);
 }

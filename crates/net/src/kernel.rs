@@ -164,12 +164,122 @@ struct Entry {
     values: Vec<Vec<u8>>,
 }
 
+/// Parses `bpftool -j map dump` output; the error says what was wrong.
+fn parse_dump(out: &str) -> Result<Vec<Entry>, String> {
+    let v: serde_json::Value = serde_json::from_str(out).map_err(|e| format!("not JSON: {e}"))?;
+    let mut entries = Vec::new();
+    for e in v.as_array().ok_or("not an array")? {
+        let key = e.get("key").and_then(bytes_of).ok_or("key")?;
+        let values = match (e.get("value"), e.get("values")) {
+            (Some(v), _) => vec![bytes_of(v).ok_or("value")?],
+            (None, Some(vs)) => vs
+                .as_array()
+                .ok_or("values")?
+                .iter()
+                .map(|c| c.get("value").and_then(bytes_of))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("per-CPU value")?,
+            (None, None) => return Err("entry without a value".into()),
+        };
+        entries.push(Entry { key, values });
+    }
+    Ok(entries)
+}
+
+/// The counts in dumps of the `counters` and `pairs` maps (CPUs summed). Rows and pairs
+/// that are not the classifier's (short keys, unknown rows or classes) are skipped.
+fn decode_counts(counter_rows: &[Entry], pair_rows: &[Entry]) -> KernelCounts {
+    let mut rows = [Counter::default(); 8];
+    for e in counter_rows {
+        let row = usize::try_from(u32_at(&e.key, 0)).unwrap_or(usize::MAX);
+        if let Some(r) = rows.get_mut(row) {
+            for v in &e.values {
+                r.add(Counter {
+                    packets: u64_at(v, 0),
+                    bytes: u64_at(v, 8),
+                });
+            }
+        }
+    }
+    let mut counters = ClassCounters::default();
+    for (i, class) in TrafficClass::ALL.into_iter().enumerate() {
+        *counters.class_mut(class) = rows[i];
+    }
+    let row = |r: u32| rows[usize::try_from(r).unwrap_or(0)];
+    counters.flood = row(ROW_FLOOD);
+    counters.neighbor = row(ROW_NEIGHBOR);
+    counters.errors = row(ROW_ERRORS).packets;
+    let mut flows = Vec::new();
+    for e in pair_rows {
+        let (Some(src), Some(dst)) = (
+            MacAddr::from_slice(e.key.get(..6).unwrap_or_default()),
+            MacAddr::from_slice(e.key.get(6..12).unwrap_or_default()),
+        ) else {
+            continue;
+        };
+        // Each CPU keeps the class it last computed, with the address-table generation
+        // it computed it under: the newest generation's is the pair's class now.
+        let mut counter = Counter::default();
+        let mut class: Option<(u32, TrafficClass)> = None;
+        let mut round = 0;
+        for v in &e.values {
+            round = round.max(u32_at(v, 24));
+            let c = Counter {
+                packets: u64_at(v, 0),
+                bytes: u64_at(v, 8),
+            };
+            let gen = u32_at(v, 20);
+            let this = u8::try_from(u32_at(v, 16))
+                .ok()
+                .and_then(|code| TrafficClass::from_code(code.checked_add(1)?));
+            if let (false, Some(k)) = (c.is_zero(), this) {
+                if class.is_none_or(|(g, _)| gen > g) {
+                    class = Some((gen, k));
+                }
+            }
+            counter.add(c);
+        }
+        if let Some((_, class)) = class {
+            flows.push(FlowRecord {
+                src,
+                dst,
+                class,
+                // The ageing round it was created in (see `age_pairs`): 1 for one never
+                // aged (and for instances loaded before pairs were aged).
+                flow_seq: u64::from(round) + 1,
+                counter,
+            });
+        }
+    }
+    KernelCounts {
+        counters,
+        flows,
+        pairs_full: row(ROW_PAIRS_FULL),
+    }
+}
+
+/// [`KernelDatapath::read`] on outputs of `bpftool -j map dump` of the `counters` and
+/// `pairs` maps: what the fuzz target and tests feed it. A malformed dump is an error
+/// naming what was wrong; counts never panic (they saturate).
+pub fn counts_from_bpftool(counters: &str, pairs: &str) -> Result<KernelCounts, KernelError> {
+    let parse = |map: &str, out: &str| {
+        parse_dump(out).map_err(|detail| KernelError::Output {
+            command: format!("bpftool -j map dump ({map})"),
+            detail,
+        })
+    };
+    Ok(decode_counts(
+        &parse("counters", counters)?,
+        &parse("pairs", pairs)?,
+    ))
+}
+
 /// What the classifier counted since its instance was loaded (its epoch).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounts {
     /// Per class, flood, neighbour discovery, malformed.
     pub counters: ClassCounters,
-    /// Per VM pair (`flow_seq` is always 1: pairs are never aged out of the map).
+    /// Per VM pair (`flow_seq`: 1 + the ageing round the map entry was created in).
     pub flows: Vec<FlowRecord>,
     /// Classified frames whose pair did not fit the full pair map (counted in their class).
     pub pairs_full: Counter,
@@ -299,6 +409,32 @@ impl KernelDatapath {
         self.update("meta", &1u32.to_le_bytes(), &next.to_le_bytes())
     }
 
+    /// Deletes the map entries of VM pairs that stopped talking, so that the 65 536-entry
+    /// pair map holds the pairs of now, not of all time. The caller passes only pairs whose
+    /// counts the controller has acknowledged and that have not changed since: their totals
+    /// are kept there. The ageing round is bumped first, so an entry a frame re-creates
+    /// afterwards carries a larger `flow_seq` and is counted from zero as a new flow.
+    ///
+    /// A frame of such a pair that arrives between the caller's last read and the delete
+    /// (milliseconds, after at least the idle time of silence) is lost from its pair row; its
+    /// class row, which is never deleted, still counts it.
+    pub fn age_pairs(&self, pairs: &[(MacAddr, MacAddr)]) -> Result<(), KernelError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        let round = (self.meta(2)? + 1) & 0xffff_ffff;
+        self.update("meta", &2u32.to_le_bytes(), &round.to_le_bytes())?;
+        let m = self.map("pairs");
+        let mut batch = String::new();
+        for (src, dst) in pairs {
+            let mut key = [0u8; 12];
+            key[..6].copy_from_slice(&src.0);
+            key[6..].copy_from_slice(&dst.0);
+            batch.push_str(&format!("map delete pinned {m} key hex {}\n", hex(&key)));
+        }
+        run("bpftool", &["batch", "file", "-"], Some(&batch)).map(|_| ())
+    }
+
     fn update(&self, map: &str, key: &[u8], value: &[u8]) -> Result<(), KernelError> {
         let (m, k, v) = (self.map(map), hex(key), hex(value));
         let mut args = vec!["map", "update", "pinned", &m, "key", "hex"];
@@ -311,29 +447,10 @@ impl KernelDatapath {
     fn dump(&self, map: &str) -> Result<Vec<Entry>, KernelError> {
         let m = self.map(map);
         let out = run("bpftool", &["-j", "map", "dump", "pinned", &m], None)?;
-        let bad = |detail: &str| KernelError::Output {
+        parse_dump(&out).map_err(|detail| KernelError::Output {
             command: format!("bpftool -j map dump pinned {m}"),
-            detail: detail.to_owned(),
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(&out).map_err(|e| bad(&format!("not JSON: {e}")))?;
-        let mut entries = Vec::new();
-        for e in v.as_array().ok_or_else(|| bad("not an array"))? {
-            let key = e.get("key").and_then(bytes_of).ok_or_else(|| bad("key"))?;
-            let values = match (e.get("value"), e.get("values")) {
-                (Some(v), _) => vec![bytes_of(v).ok_or_else(|| bad("value"))?],
-                (None, Some(vs)) => vs
-                    .as_array()
-                    .ok_or_else(|| bad("values"))?
-                    .iter()
-                    .map(|c| c.get("value").and_then(bytes_of))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| bad("per-CPU value"))?,
-                (None, None) => return Err(bad("entry without a value")),
-            };
-            entries.push(Entry { key, values });
-        }
-        Ok(entries)
+            detail,
+        })
     }
 
     /// Attaches the classifier at ingress and egress of `ifname` (in `netns`, or this
@@ -445,70 +562,7 @@ impl KernelDatapath {
 
     /// Reads every counter (summing the CPUs).
     pub fn read(&self) -> Result<KernelCounts, KernelError> {
-        let mut rows = [Counter::default(); 8];
-        for e in self.dump("counters")? {
-            let row = usize::try_from(u32_at(&e.key, 0)).unwrap_or(usize::MAX);
-            if let Some(r) = rows.get_mut(row) {
-                for v in &e.values {
-                    r.add(Counter {
-                        packets: u64_at(v, 0),
-                        bytes: u64_at(v, 8),
-                    });
-                }
-            }
-        }
-        let mut counters = ClassCounters::default();
-        for (i, class) in TrafficClass::ALL.into_iter().enumerate() {
-            *counters.class_mut(class) = rows[i];
-        }
-        let row = |r: u32| rows[usize::try_from(r).unwrap_or(0)];
-        counters.flood = row(ROW_FLOOD);
-        counters.neighbor = row(ROW_NEIGHBOR);
-        counters.errors = row(ROW_ERRORS).packets;
-        let mut flows = Vec::new();
-        for e in self.dump("pairs")? {
-            let (Some(src), Some(dst)) = (
-                MacAddr::from_slice(e.key.get(..6).unwrap_or_default()),
-                MacAddr::from_slice(e.key.get(6..12).unwrap_or_default()),
-            ) else {
-                continue;
-            };
-            // Each CPU keeps the class it last computed, with the address-table generation
-            // it computed it under: the newest generation's is the pair's class now.
-            let mut counter = Counter::default();
-            let mut class: Option<(u32, TrafficClass)> = None;
-            for v in &e.values {
-                let c = Counter {
-                    packets: u64_at(v, 0),
-                    bytes: u64_at(v, 8),
-                };
-                let gen = u32_at(v, 20);
-                let this = u8::try_from(u32_at(v, 16))
-                    .ok()
-                    .and_then(|code| TrafficClass::from_code(code.checked_add(1)?));
-                if let (false, Some(k)) = (c.is_zero(), this) {
-                    if class.is_none_or(|(g, _)| gen > g) {
-                        class = Some((gen, k));
-                    }
-                }
-                counter.add(c);
-            }
-            let class = class.map(|(_, k)| k);
-            if let Some(class) = class {
-                flows.push(FlowRecord {
-                    src,
-                    dst,
-                    class,
-                    flow_seq: 1,
-                    counter,
-                });
-            }
-        }
-        Ok(KernelCounts {
-            counters,
-            flows,
-            pairs_full: row(ROW_PAIRS_FULL),
-        })
+        Ok(decode_counts(&self.dump("counters")?, &self.dump("pairs")?))
     }
 
     /// The classifier programs' cumulative kernel run time (ns) and run count, as the
@@ -578,4 +632,90 @@ fn ensure_bpffs(root: &Path) -> Result<(), KernelError> {
         source,
     })?;
     run("mount", &["-t", "bpf", "bpf", &r], None).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn le(n: u64, len: usize) -> String {
+        n.to_le_bytes()[..len]
+            .iter()
+            .map(|b| format!("\"0x{b:02x}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// What `bpftool -j map dump` prints for the per-CPU maps (two CPUs).
+    fn counters_dump() -> String {
+        format!(
+            r#"[{{"key":[{}],"values":[{{"cpu":0,"value":[{},{}]}},{{"cpu":1,"value":[{},{}]}}]}},
+               {{"key":[{}],"values":[{{"cpu":0,"value":[{},{}]}}]}}]"#,
+            le(1, 4),
+            le(3, 8),
+            le(300, 8),
+            le(2, 8),
+            le(200, 8),
+            le(u64::from(ROW_NEIGHBOR), 4),
+            le(4, 8),
+            le(168, 8)
+        )
+    }
+
+    fn pair_value(packets: u64, row: u32, gen: u32) -> String {
+        format!(
+            "[{},{},{},{}]",
+            le(packets, 8),
+            le(packets * 98, 8),
+            le(u64::from(row), 4),
+            le(u64::from(gen), 4)
+        )
+    }
+
+    #[test]
+    fn bpftool_dumps_decode_to_counts_with_the_newest_class() {
+        let mac = |n: u8| format!("\"0x02\",\"0x00\",\"0x00\",\"0x00\",\"0x00\",\"0x{n:02x}\"");
+        let pairs = format!(
+            r#"[{{"key":[{},{}],"values":[{{"cpu":0,"value":{}}},{{"cpu":1,"value":{}}}]}}]"#,
+            mac(1),
+            mac(2),
+            pair_value(2, 1, 3),
+            pair_value(5, 0, 4)
+        );
+        let c = counts_from_bpftool(&counters_dump(), &pairs).expect("decodes");
+        assert_eq!(
+            c.counters.class(TrafficClass::InterServer),
+            Counter {
+                packets: 5,
+                bytes: 500
+            }
+        );
+        assert_eq!(c.counters.neighbor.packets, 4);
+        assert_eq!(c.flows.len(), 1);
+        // CPU 1 computed its class under the newer address table: intra-server (row 0).
+        assert_eq!(c.flows[0].class, TrafficClass::IntraServer);
+        assert_eq!(c.flows[0].counter.packets, 7);
+    }
+
+    #[test]
+    fn malformed_dumps_are_errors_naming_what_is_wrong() {
+        for (bad, want) in [
+            ("", "not JSON"),
+            ("{}", "not an array"),
+            (r#"[{"value":[]}]"#, "key"),
+            (r#"[{"key":["0x01"]}]"#, "entry without a value"),
+            (r#"[{"key":["0x01"],"value":["zz"]}]"#, "value"),
+            (
+                r#"[{"key":["0x01"],"values":[{"cpu":0}]}]"#,
+                "per-CPU value",
+            ),
+        ] {
+            let e = counts_from_bpftool(bad, "[]").expect_err(bad).to_string();
+            assert!(e.contains(want) && e.contains("counters"), "{bad}: {e}");
+        }
+        // Short keys and values and unknown rows are skipped, not a panic.
+        let odd = r#"[{"key":["0x01"],"value":["0x01"]},{"key":["0xff","0xff","0xff","0xff"],"value":[]}]"#;
+        let c = counts_from_bpftool(odd, odd).expect("decodes");
+        assert!(c.flows.is_empty());
+    }
 }

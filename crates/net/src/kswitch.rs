@@ -9,19 +9,22 @@
 //! nothing counted before a crash is lost, nothing is counted twice. Sequence numbers must
 //! keep growing across such restarts: each new report takes `max(last + 1, unix ms)`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::controller::unix_ms;
+use crate::core::FlowRecord;
 use crate::kernel::{AddrLocation, KernelCounts, KernelDatapath, KernelError};
 use crate::proto::ProtoError;
 use crate::stats::{ReportOutcome, SwitchReport};
 use crate::switch::ControllerLink;
-use crate::types::{AddressTable, ClassCounters, DomainId, MacAddr, PortAddress, SwitchId};
+use crate::types::{
+    AddressTable, ClassCounters, Counter, DomainId, MacAddr, PortAddress, SwitchId,
+};
 
 /// How to run one host's kernel-datapath switch.
 #[derive(Clone, Debug)]
@@ -34,6 +37,10 @@ pub struct KernelSwitchConfig {
     pub controller: Option<SocketAddr>,
     /// How often to report.
     pub report_interval: Duration,
+    /// Delete a VM pair's entry from the kernel's pair map once its counts have not changed
+    /// for this long and the controller has acknowledged them (the controller keeps its
+    /// totals; if the pair talks again it is counted as a new flow). `None`: never.
+    pub pair_idle: Option<Duration>,
 }
 
 /// A kernel switch could not start or do its work.
@@ -78,6 +85,8 @@ pub struct KernelSwitchStatus {
     pub reports_applied: u64,
     /// Counters as of the last report.
     pub counters: ClassCounters,
+    /// VM pairs deleted from the kernel's pair map as idle, in total.
+    pub pairs_aged: u64,
 }
 
 #[derive(Debug)]
@@ -96,6 +105,19 @@ struct State {
     table: AddressTable,
     pending: Option<SwitchReport>,
     status: KernelSwitchStatus,
+    /// Per pair in the map: its (flow_seq, counts) as last read, when they last changed, and
+    /// the sequence number of the first report that carried them.
+    seen: HashMap<(MacAddr, MacAddr), SeenPair>,
+    /// The last report sequence number the controller acknowledged.
+    acked_seq: u64,
+}
+
+#[derive(Debug)]
+struct SeenPair {
+    flow_seq: u64,
+    counter: Counter,
+    changed: Instant,
+    in_report: u64,
 }
 
 impl State {
@@ -145,6 +167,52 @@ impl State {
         }
     }
 
+    /// Tracks when each pair's counts last changed (`flows` just read, for the report
+    /// `self.status.seq`) and deletes from the kernel map the pairs that have been idle for
+    /// `pair_idle` and whose counts an acknowledged report carried. Right after the read, so
+    /// the window in which a returning frame could still hit the old entry is a bpftool call.
+    fn age(&mut self, flows: &[FlowRecord]) {
+        let now = Instant::now();
+        let seq = self.status.seq;
+        let mut live = HashMap::with_capacity(flows.len());
+        let mut idle = Vec::new();
+        for f in flows {
+            let key = (f.src, f.dst);
+            let p = match self.seen.remove(&key) {
+                Some(p) if p.flow_seq == f.flow_seq && p.counter == f.counter => p,
+                _ => SeenPair {
+                    flow_seq: f.flow_seq,
+                    counter: f.counter,
+                    changed: now,
+                    in_report: seq,
+                },
+            };
+            if self.cfg.pair_idle.is_some_and(|t| {
+                now.duration_since(p.changed) >= t && p.in_report <= self.acked_seq
+            }) {
+                idle.push(key);
+            }
+            live.insert(key, p);
+        }
+        // Pairs no longer in the map are forgotten with the rest of `seen`.
+        self.seen = live;
+        if idle.is_empty() {
+            return;
+        }
+        match self.dp.age_pairs(&idle) {
+            Ok(()) => {
+                for k in &idle {
+                    self.seen.remove(k);
+                }
+                self.status.pairs_aged += idle.len() as u64;
+                tracing::debug!(switch = %self.cfg.switch, pairs = idle.len(), "idle VM pairs aged out of the kernel map");
+            }
+            Err(e) => {
+                tracing::warn!(switch = %self.cfg.switch, error = &e as &dyn std::error::Error, "idle VM pairs not aged out")
+            }
+        }
+    }
+
     fn report(&mut self) -> Result<(), KernelSwitchError> {
         if self.pending.is_none() {
             self.prune()?;
@@ -157,6 +225,7 @@ impl State {
                 tracing::warn!(switch = %self.cfg.switch, frames = pairs_full.packets, "VM pair map full: some frames counted by class only");
             }
             self.status.seq = (self.status.seq + 1).max(unix_ms());
+            self.age(&flows);
             let mut ports: Vec<PortAddress> =
                 self.ports.values().map(|p| p.address.clone()).collect();
             ports.sort();
@@ -175,6 +244,8 @@ impl State {
         let (Some(link), Some(r)) = (&mut self.link, &self.pending) else {
             if let Some(r) = self.pending.take() {
                 self.status.counters = r.counters;
+                // Nobody to acknowledge: the counts are as safe as they get.
+                self.acked_seq = r.seq;
             }
             return Ok(());
         };
@@ -186,7 +257,10 @@ impl State {
             self.status.counters = r.counters;
         }
         match ack.outcome {
-            ReportOutcome::Applied | ReportOutcome::Duplicate => self.status.reports_applied += 1,
+            ReportOutcome::Applied | ReportOutcome::Duplicate => {
+                self.status.reports_applied += 1;
+                self.acked_seq = self.status.seq;
+            }
             o => {
                 tracing::warn!(switch = %self.cfg.switch, outcome = ?o, "controller refused report")
             }
@@ -248,6 +322,8 @@ impl KernelSwitch {
             dp,
             ports: BTreeMap::new(),
             pending: None,
+            seen: HashMap::new(),
+            acked_seq: 0,
             status: KernelSwitchStatus {
                 epoch,
                 ..KernelSwitchStatus::default()

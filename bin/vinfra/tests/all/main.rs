@@ -21,6 +21,8 @@ mod libvirtd;
 #[allow(dead_code)]
 #[path = "../../../../crates/nfv/tests/all/netns.rs"]
 mod netns;
+#[path = "../../../../crates/net/tests/all/nfcapd.rs"]
+mod nfcapd;
 mod ns;
 mod ns_libvirt;
 mod readme;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::nfcapd::Nfcapd;
 use net::controller::{serve_switches, Controller};
 use net::kernel::KernelDatapath;
 use net::netns::NetnsLab;
@@ -24,11 +25,16 @@ fn mac(n: u8) -> MacAddr {
 
 struct Lab {
     ns: BTreeMap<&'static str, String>,
-    machine: String,
+    /// The machine namespace each VM's tap is in.
+    tap_ns: BTreeMap<&'static str, String>,
     rt: tokio::runtime::Runtime,
     ctl: [Controller; 2],
     addrs: [std::net::SocketAddr; 2],
     instances: Vec<KernelDatapath>,
+    /// Unique per lab in this process (the tests run in parallel).
+    tag: String,
+    /// How idle a pair must be before its switch ages it out of the kernel map.
+    pair_idle: Option<Duration>,
     _lab: NetnsLab,
 }
 
@@ -49,15 +55,55 @@ const VMS: [(&str, &str, u8); 4] = [
 ];
 
 fn setup() -> Lab {
-    let sfx = format!("{:x}", std::process::id() % 0xfffff);
+    setup_on(false)
+}
+
+/// The lab on one machine namespace (every host's taps on one bridge, as `vinfra up` does),
+/// or with `vxlan` on two: m1 runs h1, m2 runs h2 and h3, each machine has its own bridge
+/// with a VXLAN port flooding to the other machine over a veth "data network" — what agents
+/// started with `--uplink-ip` build (`agent::netdev`: VNI, UDP 4789, `bridge fdb append`).
+fn setup_on(vxlan: bool) -> Lab {
+    static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let sfx = format!("{:x}{n}", std::process::id() % 0xfffff);
     let mut lab = NetnsLab::new();
-    let machine = format!("vk{sfx}m");
-    lab.add(&machine).expect("machine namespace");
     let ip = |args: &[&str]| net::netns::ip(args).expect("ip");
-    ip(&["-n", &machine, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &machine, "link", "set", "br0", "up"]);
+    let machines: Vec<String> = if vxlan {
+        vec![format!("vk{sfx}m"), format!("vk{sfx}n")]
+    } else {
+        vec![format!("vk{sfx}m")]
+    };
+    for m in &machines {
+        lab.add(m).expect("machine namespace");
+        ip(&["-n", m, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", m, "link", "set", "br0", "up"]);
+    }
+    if vxlan {
+        lab.veth(&machines[0], "dl0", &machines[1], "dl0", None)
+            .expect("data network");
+        for (i, m) in machines.iter().enumerate() {
+            let (me, peer) = (
+                format!("192.168.77.{}", i + 1),
+                format!("192.168.77.{}", 2 - i),
+            );
+            ip(&["-n", m, "addr", "add", &format!("{me}/24"), "dev", "dl0"]);
+            ip(&[
+                "-n", m, "link", "add", "vx0", "type", "vxlan", "id", "4242", "local", &me,
+                "dstport", "4789",
+            ]);
+            ip(&["-n", m, "link", "set", "vx0", "master", "br0", "up"]);
+            let out = Command::new("bridge")
+                .args(["-n", m, "fdb", "append", "00:00:00:00:00:00", "dev", "vx0"])
+                .args(["dst", &peer])
+                .output()
+                .expect("run bridge");
+            assert!(out.status.success(), "{out:?}");
+        }
+    }
     let mut ns = BTreeMap::new();
-    for (i, (vm, _, addr)) in VMS.iter().enumerate() {
+    let mut tap_ns = BTreeMap::new();
+    for (i, (vm, host, addr)) in VMS.iter().enumerate() {
+        let machine = machines[usize::from(vxlan && *host != "h1")].clone();
         let name = format!("vk{sfx}{vm}");
         lab.add(&name).expect("vm namespace");
         let port = format!("tap{vm}");
@@ -70,6 +116,7 @@ fn setup() -> Lab {
         )
         .expect("vm veth");
         ip(&["-n", &machine, "link", "set", "dev", &port, "master", "br0"]);
+        tap_ns.insert(*vm, machine);
         ip(&[
             "-n",
             &name,
@@ -96,18 +143,20 @@ fn setup() -> Lab {
     }
     Lab {
         ns,
-        machine,
+        tap_ns,
         rt,
         ctl,
         addrs: [addrs[0], addrs[1]],
         instances: Vec::new(),
+        tag: format!("{}-{n}", std::process::id()),
+        pair_idle: None,
         _lab: lab,
     }
 }
 
 impl Lab {
     fn instance(&mut self, host: &str) -> KernelDatapath {
-        let name = format!("test-{}-{host}", std::process::id());
+        let name = format!("test-{}-{host}", self.tag);
         let dp = KernelDatapath::open(&name)
             .expect("load the classifier (bash scripts/setup.sh installs clang and bpftool)");
         if !self.instances.iter().any(|d| d.dir() == dp.dir()) {
@@ -128,6 +177,7 @@ impl Lab {
             },
             controller: Some(self.addrs[dom]),
             report_interval: Duration::from_millis(100),
+            pair_idle: self.pair_idle,
         };
         let dp = self.instance(host);
         let sw = KernelSwitch::start_on(cfg, dp).expect("start kernel switch");
@@ -144,7 +194,7 @@ impl Lab {
             mac: mac(u8::try_from(i + 1).unwrap_or(0)),
             ip: None,
         };
-        sw.attach(Some(&self.machine), &format!("tap{vm}"), address)
+        sw.attach(Some(&self.tap_ns[vm]), &format!("tap{vm}"), address)
             .expect("attach classifier");
     }
 
@@ -307,99 +357,111 @@ fn kernel_classifier_counts_pings_by_class_and_pair_across_restart_and_move() {
     let _ = &lab.rt;
 }
 
-/// Debian's `nfcapd` (package nfdump) on a loopback port, writing into its own directory.
-struct Nfcapd {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-    addr: std::net::SocketAddr,
-}
-
-impl Nfcapd {
-    fn start() -> Nfcapd {
-        let dir = std::env::temp_dir().join(format!("vinfra-nfcapd-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("collector dir");
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free udp port")
-            .port();
-        let log = std::fs::File::create(dir.join("nfcapd.log")).expect("log");
-        let flows = dir.join("flows");
-        std::fs::create_dir(&flows).expect("flows dir");
-        let child = Command::new("nfcapd")
-            .args([
-                "-b",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-t",
-                "3600",
-                "-w",
-            ])
-            .arg(&flows)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("run nfcapd (install nfdump: bash scripts/setup.sh)");
-        let n = Nfcapd {
-            child,
-            addr: ([127, 0, 0, 1], port).into(),
-            dir,
-        };
-        let end = Instant::now() + Duration::from_secs(10);
-        while !n.log().contains("Startup") {
-            assert!(Instant::now() < end, "nfcapd did not start: {}", n.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        n
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("nfcapd.log")).unwrap_or_default()
-    }
-
-    /// Stops the collector (it writes its file on SIGTERM) and reads every flow back with
-    /// `nfdump`: (source MAC, destination MAC) -> (packets, bytes), summed.
-    fn stop_and_read(mut self) -> BTreeMap<(String, String), (u64, u64)> {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-        let out = Command::new("nfdump")
-            .arg("-R")
-            .arg(self.dir.join("flows"))
-            .args(["-o", "json"])
-            .output()
-            .expect("run nfdump");
+/// Pairs that stopped talking leave the kernel's pair map once the controller has their
+/// counts; the controller's totals keep them, and a pair that talks again is a new flow
+/// counted from zero on top of them.
+#[test]
+fn idle_pairs_age_out_of_the_kernel_map_without_losing_counts() {
+    let mut lab = setup();
+    lab.pair_idle = Some(Duration::from_millis(300));
+    let h1 = lab.switch("h1", &["a", "b"]);
+    let h2 = lab.switch("h2", &["c"]);
+    wait_tables(&[(&h1, 3), (&h2, 3)]);
+    lab.ping("a", "b", 3);
+    lab.ping("c", "a", 2);
+    flush(&[&h1, &h2]);
+    let dp1 = lab.instance("h1");
+    assert_eq!(dp1.read().expect("read").flows.len(), 3, "a->b, b->a, a->c");
+    // Idle: after 300 ms and an acknowledged report the entries go.
+    let end = Instant::now() + Duration::from_secs(20);
+    while !dp1.read().expect("read").flows.is_empty() || h2.status().pairs_aged < 1 {
         assert!(
-            out.status.success(),
-            "nfdump: {}",
-            String::from_utf8_lossy(&out.stderr)
+            Instant::now() < end,
+            "pairs not aged: {:?} {:?}",
+            h1.status(),
+            dp1.read().map(|c| c.flows)
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "nfdump json ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        });
-        let mut flows = BTreeMap::new();
-        for f in v.as_array().into_iter().flatten() {
-            let key = (
-                f["in_src_mac"].as_str().unwrap_or_default().to_owned(),
-                f["in_dst_mac"].as_str().unwrap_or_default().to_owned(),
-            );
-            let e = flows.entry(key).or_insert((0, 0));
-            e.0 += f["in_packets"].as_u64().unwrap_or(0);
-            e.1 += f["in_bytes"].as_u64().unwrap_or(0);
-        }
-        flows
+        std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(h1.status().pairs_aged, 3);
+    flush(&[&h1, &h2]);
+    let a = lab.report(0);
+    assert_eq!(class(&a, TrafficClass::IntraServer), (6, 6 * PING_FRAME));
+    assert_eq!(class(&a, TrafficClass::InterServer), (4, 4 * PING_FRAME));
+    assert_eq!(pair(&a, "a", "b"), (TrafficClass::IntraServer, 3));
+    assert_eq!(pair(&a, "c", "a"), (TrafficClass::InterServer, 2));
+
+    // The pairs talk again: new map entries (a later ageing round), added to the totals.
+    lab.ping("a", "b", 2);
+    lab.ping("c", "a", 1);
+    flush(&[&h1, &h2]);
+    let flows = dp1.read().expect("read").flows;
+    assert!(
+        flows
+            .iter()
+            .all(|f| f.flow_seq > 1 && f.counter.packets <= 2),
+        "re-created entries: {flows:?}"
+    );
+    let a = lab.report(0);
+    assert_eq!(class(&a, TrafficClass::IntraServer), (10, 10 * PING_FRAME));
+    assert_eq!(class(&a, TrafficClass::InterServer), (6, 6 * PING_FRAME));
+    assert_eq!(pair(&a, "a", "b"), (TrafficClass::IntraServer, 5));
+    assert_eq!(pair(&a, "b", "a"), (TrafficClass::IntraServer, 5));
+    assert_eq!(pair(&a, "c", "a"), (TrafficClass::InterServer, 3));
+    assert_eq!(pair(&a, "a", "c"), (TrafficClass::InterServer, 3));
+    drop((h1, h2));
+    let _ = &lab.rt;
 }
 
-impl Drop for Nfcapd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Hosts on two machines joined by VXLAN, as multi-machine agents build them: frames between
+/// machines leave through the bridge's VXLAN port and are counted once, at the sending tap;
+/// the classifier needs nothing on the VXLAN device.
+#[test]
+fn vxlan_uplinks_between_machines_count_once_per_domain() {
+    let mut lab = setup_on(true);
+    let h1 = lab.switch("h1", &["a", "b"]);
+    let h2 = lab.switch("h2", &["c"]);
+    let h3 = lab.switch("h3", &["d"]);
+    wait_tables(&[(&h1, 3), (&h2, 3), (&h3, 1)]);
+    let vx_tx = |m: &str| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                m,
+                "cat",
+                "/sys/class/net/vx0/statistics/tx_packets",
+            ])
+            .output()
+            .expect("read vx0 counters");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    let before = vx_tx(&lab.tap_ns["a"]);
+
+    lab.ping("a", "b", 2); // intra-server, on m1's bridge only
+    lab.ping("a", "c", 4); // inter-server, m1 -> VXLAN -> m2
+    lab.ping("b", "d", 3); // inter-domain, m1 -> VXLAN -> m2
+    flush(&[&h1, &h2, &h3]);
+
+    assert!(
+        vx_tx(&lab.tap_ns["a"]) >= before + 7,
+        "the echoes to c and d crossed the VXLAN port"
+    );
+    let a = lab.report(0);
+    assert_eq!(class(&a, TrafficClass::IntraServer), (4, 4 * PING_FRAME));
+    assert_eq!(class(&a, TrafficClass::InterServer), (8, 8 * PING_FRAME));
+    assert_eq!(class(&a, TrafficClass::InterDomain), (6, 6 * PING_FRAME));
+    assert_eq!(pair(&a, "a", "c"), (TrafficClass::InterServer, 4));
+    assert_eq!(pair(&a, "c", "a"), (TrafficClass::InterServer, 4));
+    assert_eq!(pair(&a, "b", "d"), (TrafficClass::InterDomain, 3));
+    assert_eq!(pair(&a, "d", "b"), (TrafficClass::InterDomain, 3));
+    assert_eq!(a.pairs.len(), 6, "only the pinged pairs: {:?}", a.pairs);
+    let b = lab.report(1);
+    assert_eq!(class(&b, TrafficClass::InterDomain), (6, 6 * PING_FRAME));
+    assert_eq!(b.pairs.len(), 2, "{:?}", b.pairs);
+    drop((h1, h2, h3));
+    let _ = &lab.rt;
 }

@@ -7,6 +7,7 @@
 //! The test's VM endpoints are AF_PACKET sockets opened the same way inside the VM namespaces.
 
 mod kernel;
+mod nfcapd;
 
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
