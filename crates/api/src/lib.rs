@@ -570,7 +570,11 @@ const RECONCILE_GRACE: Duration = Duration::from_secs(30);
 /// NSI's load from this server's counters ([`AppState::slice_counters`]), then the
 /// reconciliation of associations left without a ledger entry. Only the leader
 /// samples, so that one period gives one sample.
-async fn sample_slices_every(state: AppState, mut leading: tokio::sync::watch::Receiver<bool>, period: Duration) {
+async fn sample_slices_every(
+    state: AppState,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+    period: Duration,
+) {
     let policy = control::slices::default_policy();
     let grace = u64::try_from(RECONCILE_GRACE.as_millis()).unwrap_or(u64::MAX);
     loop {
@@ -590,12 +594,20 @@ async fn sample_slices_every(state: AppState, mut leading: tokio::sync::watch::R
                     tracing::debug!(measured = ?o.measured, allocations = ?o.allocations, "slices sampled")
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %model::error_chain(&e), "slice sampling failed; next period retries"),
+                Err(e) => {
+                    tracing::warn!(error = %model::error_chain(&e), "slice sampling failed; next period retries")
+                }
             }
             match state.control().reconcile_slice_ledger(grace).await {
                 Ok((0, 0)) => {}
-                Ok((appended, found)) => tracing::warn!(appended, found, "associations reconciled with the slice ledger"),
-                Err(e) => tracing::warn!(error = %model::error_chain(&e), "slice ledger reconciliation failed; next period retries"),
+                Ok((appended, found)) => tracing::warn!(
+                    appended,
+                    found,
+                    "associations reconciled with the slice ledger"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %model::error_chain(&e), "slice ledger reconciliation failed; next period retries")
+                }
             }
         }
     }

@@ -330,8 +330,10 @@ pub async fn run_ledger(ctx: &Ctx, cmd: LedgerCmd) -> anyhow::Result<()> {
             // The server's inclusion proof of every entry, against the root audited
             // above: a server that cannot prove an entry it stores is caught here.
             let size = audited.head.size;
-            let by_key: std::collections::HashMap<&str, &[u8]> =
-                raw.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+            let by_key: std::collections::HashMap<&str, &[u8]> = raw
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
             for i in 0..size {
                 let p = c.ledger_proof(i, Some(size)).await?;
                 let key = translog::log::keys::entry(control::records::keys::SLICE_LEDGER, i);
@@ -347,7 +349,9 @@ pub async fn run_ledger(ctx: &Ctx, cmd: LedgerCmd) -> anyhow::Result<()> {
                     &hashes(&p.inclusion)?,
                     &audited.head.root,
                 )
-                .with_context(|| format!("the server's inclusion proof of entry {i} does not verify"))?;
+                .with_context(|| {
+                    format!("the server's inclusion proof of entry {i} does not verify")
+                })?;
             }
             if let Some(path) = &witness {
                 let w = Witness {

@@ -280,7 +280,15 @@ impl SliceLab {
     /// until killed: real frames through the bridge, counted by the classifier.
     fn load(&self, interval: &str, size: &str) -> test_utils::ChildGuard {
         let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.vms[0].0, "ping", "-q", "-i", interval])
+            .args([
+                "netns",
+                "exec",
+                &self.vms[0].0,
+                "ping",
+                "-q",
+                "-i",
+                interval,
+            ])
             .args(["-s", size, &self.vms[1].1])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -350,8 +358,22 @@ async fn three_nsis_on_ns_instances_associations_follow_measured_traffic() {
     std::fs::create_dir_all(&desc).unwrap();
     std::fs::write(desc.join("vnfd-slice-app.yaml"), VNFD_SLICE).unwrap();
     std::fs::write(desc.join("nsd-slice.yaml"), NSD_SLICE).unwrap();
-    ok(&s, &["vnfd", "create", desc.join("vnfd-slice-app.yaml").to_str().unwrap()]);
-    ok(&s, &["nsd", "create", desc.join("nsd-slice.yaml").to_str().unwrap()]);
+    ok(
+        &s,
+        &[
+            "vnfd",
+            "create",
+            desc.join("vnfd-slice-app.yaml").to_str().unwrap(),
+        ],
+    );
+    ok(
+        &s,
+        &[
+            "nsd",
+            "create",
+            desc.join("nsd-slice.yaml").to_str().unwrap(),
+        ],
+    );
 
     let mut labs = Vec::new();
     for (i, n) in ["s1", "s2", "s3"].iter().enumerate() {
@@ -440,7 +462,10 @@ async fn three_nsis_on_ns_instances_associations_follow_measured_traffic() {
     assert!(m1 > 1.0 && m1 < 30.0, "s1 measured {m1} Mbit/s: {l}");
     for ue in ["ue-1", "ue-2", "ue-3"] {
         let a = json(&s, &["slice", "associate", "embb", ue]);
-        assert_eq!(a["nsi_name"], "s2", "{ue} goes to the least loaded: {a}\n{l}");
+        assert_eq!(
+            a["nsi_name"], "s2",
+            "{ue} goes to the least loaded: {a}\n{l}"
+        );
     }
 
     // Every association and allocation is in the ledger; the audit recomputes each.

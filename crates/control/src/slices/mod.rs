@@ -728,7 +728,10 @@ impl Control {
         let Some(ns) = &nsi.ns_instance else {
             return Ok(Vec::new());
         };
-        let rec = match self.ns_instance(Scope::Tenant(nsi.tenant), ns.as_str()).await {
+        let rec = match self
+            .ns_instance(Scope::Tenant(nsi.tenant), ns.as_str())
+            .await
+        {
             Ok((r, _)) => r,
             Err(ControlError::NotFound { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(e),
@@ -820,13 +823,12 @@ impl Control {
             }
             let series = match sampled.remove(&nsi.id) {
                 Some(s) => s,
-                None => get_json::<Series>(
-                    self.store(),
-                    &format!("{}{}", keys::SLICE_SERIES, nsi.id),
-                )
-                .await?
-                .map(|(s, _)| s)
-                .unwrap_or_default(),
+                None => {
+                    get_json::<Series>(self.store(), &format!("{}{}", keys::SLICE_SERIES, nsi.id))
+                        .await?
+                        .map(|(s, _)| s)
+                        .unwrap_or_default()
+                }
             };
             by_provider
                 .entry(nsi.provider.to_string())
@@ -945,7 +947,10 @@ impl Control {
     /// landed, the record's update did not) or appends it now, rebuilt from the
     /// record (the record keeps everything the entry logs, time included), then
     /// records the index. Returns how many entries were appended and how many found.
-    pub async fn reconcile_slice_ledger(&self, grace_ms: u64) -> Result<(usize, usize), SliceError> {
+    pub async fn reconcile_slice_ledger(
+        &self,
+        grace_ms: u64,
+    ) -> Result<(usize, usize), SliceError> {
         let now = now_ms();
         let missing: Vec<(Association, store::Revision)> =
             list_json::<Association>(self.store(), keys::SLICE_ASSOCIATIONS)
@@ -968,8 +973,8 @@ impl Control {
             else {
                 continue;
             };
-            if let Some(LedgerEntry::Association { association, .. }) = entry_body(&value)
-                .and_then(|b| serde_json::from_slice::<LedgerEntry>(b).ok())
+            if let Some(LedgerEntry::Association { association, .. }) =
+                entry_body(&value).and_then(|b| serde_json::from_slice::<LedgerEntry>(b).ok())
             {
                 logged.entry(association).or_insert(index);
             }
@@ -1001,7 +1006,6 @@ impl Control {
         }
         Ok((appended, found))
     }
-
 
     /// sees them, with the default policy.
     pub async fn record_slice_loads_named(

@@ -124,10 +124,18 @@ mod tests {
 
     #[test]
     fn resets_new_pairs_and_missing_readings() {
-        let a = cur(0, &[("x>y", 5_000), ("y>x", 100)], &[("vm1", 10), ("vm2", 7)]);
+        let a = cur(
+            0,
+            &[("x>y", 5_000), ("y>x", 100)],
+            &[("vm1", 10), ("vm2", 7)],
+        );
         // x>y reset (smaller): counts 1,000 anew; z>x is new: 250; y>x unread: carried.
         // vm1 unread this time: carried; vm3 first read: not counted.
-        let b = cur(1_000, &[("x>y", 1_000), ("z>x", 250)], &[("vm2", 507), ("vm3", 99)]);
+        let b = cur(
+            1_000,
+            &[("x>y", 1_000), ("z>x", 250)],
+            &[("vm2", 507), ("vm3", 99)],
+        );
         let (m, next) = measure(Some(&a), &b);
         let m = m.unwrap();
         assert!((m.mbps - 1_250.0 * 8.0 / 1e6).abs() < 1e-12, "{m:?}");

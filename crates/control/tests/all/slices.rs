@@ -91,7 +91,10 @@ async fn associations_left_without_their_entry_are_logged_once_by_the_sweep() {
         .index;
 
     // Younger than the grace: left to the server that may still be appending them.
-    assert_eq!(c.reconcile_slice_ledger(u64::MAX / 2).await.unwrap(), (0, 0));
+    assert_eq!(
+        c.reconcile_slice_ledger(u64::MAX / 2).await.unwrap(),
+        (0, 0)
+    );
     // One appended, one found; a second sweep has nothing left.
     assert_eq!(c.reconcile_slice_ledger(0).await.unwrap(), (1, 1));
     assert_eq!(c.reconcile_slice_ledger(0).await.unwrap(), (0, 0));
