@@ -212,7 +212,7 @@ impl Drop for SliceLab {
         if let Some(sw) = self.switch.take() {
             let _ = sw.stop();
         }
-        let _ = self.dp.remove();
+        let _ = self.dp.clone().remove();
     }
 }
 
