@@ -1,6 +1,7 @@
 //! What a MEC's V2X service reads from outside: PC5 link-protocol messages and relay
 //! datagrams (from any device on the medium), and the JSON bodies and query strings of its
-//! HTTP API (devices, operators, MEC applications), and its state journals as a restart reads
+//! HTTP API (devices, operators, MEC applications), the console status the dashboard reads
+//! from it, and its state journals as a restart reads
 //! them from disk. None may panic; a decoded PC5 message re-encodes to the bytes it came from.
 #![no_main]
 
@@ -40,6 +41,8 @@ fuzz_target!(|data: &[u8]| {
             let _ = serde_json::from_slice::<v2x::types::V2xSubscription>(rest).map(|s| s.validate());
             let _ = serde_json::from_slice::<v2x::types::AuthorizationRequest>(rest);
             let _ = serde_json::from_slice::<v2x::types::LinkRequest>(rest).map(|l| l.peer_plmn.validate());
+            // What the dashboard reads back from a MEC it was pointed at.
+            let _ = serde_json::from_slice::<v2x::types::MecStatus>(rest);
         }
         3 => {
             let p = Path::new("state.jsonl");

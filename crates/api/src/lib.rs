@@ -123,6 +123,50 @@ pub struct ServerConfig {
     /// (`docs/SLICES.md`), and reconciles associations left without a ledger entry.
     /// Default 60 s; `None` turns the sampler off.
     pub slice_sample_period: Option<Duration>,
+    /// MEC services (`vinfra mec serve`) the dashboard's V2X page may read, by name. Only
+    /// these: the page never fetches a URL a user typed. Their operator tokens are not
+    /// kept here; a user gives one in the page.
+    pub mecs: Vec<MecEndpoint>,
+}
+
+/// A MEC service the dashboard can show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MecEndpoint {
+    /// Its name on the page (a DNS label).
+    pub name: String,
+    /// Its base URL (`http://host:port`, no path).
+    pub url: String,
+}
+
+impl std::str::FromStr for MecEndpoint {
+    type Err = String;
+
+    /// `NAME=URL`, e.g. `op-a=http://127.0.0.1:7300`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, url) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected NAME=URL, e.g. op-a=http://127.0.0.1:7300"))?;
+        model::validate_name("MEC name", name).map_err(|e| format!("{s:?}: {e}"))?;
+        // `vinfra mec serve` speaks plain HTTP (on loopback or the operator's network).
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("{s:?}: the URL must start with http://"))?;
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty()
+            || authority.contains(['/', '?', '#', '@'])
+            || authority
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "{s:?}: the URL must be scheme://host[:port] with no path, query or user"
+            ));
+        }
+        Ok(MecEndpoint {
+            name: name.to_owned(),
+            url: url.trim_end_matches('/').to_owned(),
+        })
+    }
 }
 
 impl Default for ServerConfig {
@@ -145,6 +189,7 @@ impl Default for ServerConfig {
             push_keepalive: control::push::DEFAULT_KEEPALIVE,
             ui: None,
             slice_sample_period: Some(Duration::from_secs(60)),
+            mecs: Vec::new(),
         }
     }
 }
@@ -184,6 +229,8 @@ struct Inner {
     cpu: limits::CpuPool,
     /// This server's name among the servers of its store.
     server_id: String,
+    /// MEC services the dashboard may read.
+    mecs: Vec<MecEndpoint>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -220,6 +267,7 @@ impl AppState {
                     .server_id
                     .clone()
                     .unwrap_or_else(|| format!("server-{}", config.listen)),
+                mecs: config.mecs.clone(),
             }),
         }
     }
@@ -311,6 +359,11 @@ impl AppState {
     /// The progress samples of migration `m` this server received, oldest first.
     pub fn curve(&self, m: MigrationId) -> Vec<ProgressSample> {
         lock(&self.inner.curves).get(m)
+    }
+
+    /// The MEC services the dashboard may read (`vinfra server --mec`).
+    pub fn mecs(&self) -> &[MecEndpoint] {
+        &self.inner.mecs
     }
 
     /// This server's vSwitch controller, when traffic statistics are on.
@@ -662,6 +715,31 @@ async fn save_traffic_every(
             Err(e) => {
                 tracing::warn!(domain, error = %e, "cannot save traffic counters; will retry")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod mec_endpoint_tests {
+    use super::MecEndpoint;
+
+    #[test]
+    fn mec_endpoints_parse_or_say_why_not() {
+        let m: MecEndpoint = "op-a=http://127.0.0.1:7300/".parse().unwrap();
+        assert_eq!(m.name, "op-a");
+        assert_eq!(m.url, "http://127.0.0.1:7300");
+        for (bad, why) in [
+            ("op-a", "expected NAME=URL"),
+            ("Op=http://127.0.0.1:1", "MEC name"),
+            ("op=ftp://127.0.0.1:1", "must start with http://"),
+            ("op=https://127.0.0.1:1", "must start with http://"),
+            ("op=http://", "no path"),
+            ("op=http://127.0.0.1:1/v2x", "no path"),
+            ("op=http://u@127.0.0.1:1", "no path"),
+            ("op=http://a b", "no path"),
+        ] {
+            let e = bad.parse::<MecEndpoint>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 }

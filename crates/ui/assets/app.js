@@ -125,8 +125,10 @@ function rates(el) {
 // the MAC of model::terminals::mac_input) and posts it to /v1/terminal-operations as any
 // terminal does; the server checks it like any other. Keys map as `vinfra terminal
 // connect` maps them: printable runs and Enter become type_text, editing and cursor keys
-// and Ctrl-letter key_combo. One message in flight at a time (order kept); keys typed
-// meanwhile go together in the next.
+// and Ctrl-letter key_combo. The pointer box sends pointer_move / pointer_button / wheel,
+// the power buttons power, the screenshot button screenshot (the picture is shown). One
+// message in flight at a time (order kept); keys typed meanwhile go together in the next,
+// and of pointer moves made meanwhile only the last.
 const MAC_CONTEXT = "vinfra-terminal-operation-v1";
 const NAMED_KEYS = {
   Backspace: ["backspace"], Delete: ["delete"], Escape: ["esc"], ArrowUp: ["up"],
@@ -151,6 +153,8 @@ function terminal(root) {
   const pad = root.querySelector("#bt-keys");
   const log = root.querySelector("#bt-log");
   const creds = root.querySelector("#bt-creds");
+  const pointer = root.querySelector("#bt-pointer");
+  const shot = root.querySelector("#bt-shot");
   let term = null;
   const queue = [];
   let busy = false;
@@ -210,6 +214,12 @@ function terminal(root) {
       const outcome = r.ok ? doc.outcome : `refused (${r.status}): ${doc.detail || ""}`;
       li.textContent = `${JSON.stringify(op)} → ${outcome}`;
       li.dataset.outcome = r.ok ? doc.outcome : "refused";
+      li.dataset.op = op.op;
+      if (r.ok && doc.screenshot && shot) {
+        shot.src = `data:image/png;base64,${doc.screenshot.png_base64}`;
+        shot.alt = `The VM's display, ${doc.screenshot.width}×${doc.screenshot.height}`;
+        shot.hidden = false;
+      }
     } catch (_) {
       li.textContent = `${JSON.stringify(op)} → not sent (the server is unreachable)`;
       li.dataset.outcome = "unsent";
@@ -220,6 +230,10 @@ function terminal(root) {
     if (busy || queue.length === 0) return;
     busy = true;
     let op = queue.shift();
+    // Pointer moves made while the last message was out: only where it ended matters.
+    while (op.op === "pointer_move" && queue.length > 0 && queue[0].op === "pointer_move") {
+      op = queue.shift();
+    }
     // Keys typed while the last message was out go as one (type_text is at most 256).
     while (op.op === "type_text" && queue.length > 0 && queue[0].op === "type_text"
            && op.text.length + queue[0].text.length <= 200) {
@@ -230,14 +244,48 @@ function terminal(root) {
     pump();
   }
 
+  const enqueue = (op) => {
+    if (!term) { say("Give the terminal's credentials first."); return false; }
+    queue.push(op);
+    pump();
+    return true;
+  };
   pad.addEventListener("keydown", (e) => {
-    if (!term) { say("Give the terminal's credentials first."); return; }
     const op = keyOp(e);
     if (!op) return;
     e.preventDefault();
-    queue.push(op);
-    pump();
+    enqueue(op);
   });
+
+  // The pointer: the box stands for the VM's display (absolute positions, 0–32767 on
+  // each axis, as a tablet reports them); buttons and the wheel as pressed.
+  const BUTTONS = ["left", "middle", "right"];
+  const at = (e) => {
+    const r = pointer.getBoundingClientRect();
+    const f = (v, len) => Math.max(0, Math.min(32767, Math.round((v / Math.max(1, len)) * 32767)));
+    return { op: "pointer_move", x: f(e.clientX - r.left, r.width), y: f(e.clientY - r.top, r.height) };
+  };
+  pointer.addEventListener("mousemove", (e) => { if (term) enqueue(at(e)); });
+  pointer.addEventListener("mousedown", (e) => {
+    if (!BUTTONS[e.button]) return;
+    e.preventDefault();
+    pointer.focus();
+    if (enqueue(at(e))) enqueue({ op: "pointer_button", button: BUTTONS[e.button], down: true });
+  });
+  pointer.addEventListener("mouseup", (e) => {
+    if (BUTTONS[e.button]) enqueue({ op: "pointer_button", button: BUTTONS[e.button], down: false });
+  });
+  pointer.addEventListener("contextmenu", (e) => e.preventDefault());
+  pointer.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const notches = Math.max(-10, Math.min(10, Math.round(-e.deltaY / 100) || (e.deltaY < 0 ? 1 : -1)));
+    enqueue({ op: "wheel", delta: notches });
+  }, { passive: false });
+  // Power and screenshot buttons.
+  root.querySelectorAll("button[data-power]").forEach((b) =>
+    b.addEventListener("click", () => enqueue({ op: "power", action: b.dataset.power })));
+  const shotButton = root.querySelector("#bt-screenshot");
+  if (shotButton) shotButton.addEventListener("click", () => enqueue({ op: "screenshot" }));
 }
 
 document.addEventListener("DOMContentLoaded", () => {

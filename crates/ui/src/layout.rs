@@ -48,7 +48,7 @@ pub(crate) fn fragment(r: Result<Markup, ApiError>) -> Response {
 }
 
 /// The pages in the navigation: (path, title).
-pub(crate) const NAV: [(&str, &str); 9] = [
+pub(crate) const NAV: [(&str, &str); 10] = [
     ("/ui/hosts", "Hosts"),
     ("/ui/vms", "VMs"),
     ("/ui/networks", "Networks"),
@@ -58,6 +58,7 @@ pub(crate) const NAV: [(&str, &str); 9] = [
     ("/ui/traffic", "Traffic"),
     ("/ui/slices", "Slices"),
     ("/ui/terminals", "Terminals"),
+    ("/ui/v2x", "V2X"),
 ];
 
 fn head(title: &str) -> Markup {

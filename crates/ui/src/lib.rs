@@ -22,6 +22,7 @@ mod session;
 mod slices;
 mod terminals;
 mod traffic;
+mod v2x;
 mod vms;
 
 use std::collections::HashMap;
@@ -195,6 +196,10 @@ pub fn router(state: AppState) -> Router {
         .route("/traffic", get(traffic::page))
         .route("/traffic/live", get(traffic::live))
         .route("/traffic/rates.json", get(traffic::rates))
+        .route("/v2x", get(v2x::page))
+        .route("/v2x/{mec}/live", get(v2x::live))
+        .route("/v2x/{mec}/token", post(v2x::token))
+        .route("/v2x/{mec}/forget", post(v2x::forget))
         // Nested at /ui, which the nested router does not see (axum's `original-uri`
         // feature is off).
         .fallback(|uri: axum::http::Uri| async move {

@@ -86,7 +86,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -126,7 +126,7 @@ impl FromRequestParts<AppState> for Session {
 }
 
 /// Whether the request came over TLS (then the cookie is `Secure`).
-fn over_tls(parts_ext: &axum::http::Extensions) -> bool {
+pub(crate) fn over_tls(parts_ext: &axum::http::Extensions) -> bool {
     parts_ext
         .get::<ConnectInfo<api::Peer>>()
         .is_some_and(|p| p.0.tls)
@@ -250,7 +250,6 @@ pub(crate) async fn logout(
 ) -> Response {
     let sent = form.get(CSRF_FIELD).map(String::as_str).unwrap_or("");
     if check_origin(&headers).is_err() || !same(sent.as_bytes(), session.csrf().as_bytes()) {
-        let _ = state;
         return layout::error_page(&ApiError::Forbidden(
             "the form's CSRF token is missing or wrong: reload the page".to_owned(),
         ));
@@ -260,6 +259,10 @@ pub(crate) async fn logout(
         header::SET_COOKIE,
         HeaderValue::from_static("vinfra_ui=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"),
     );
+    // The MEC operator tokens this browser gave the V2X page go with the session.
+    for c in crate::v2x::clear_cookies(&state) {
+        res.headers_mut().append(header::SET_COOKIE, c);
+    }
     res
 }
 

@@ -102,6 +102,17 @@ fn browser_terminal() -> Markup {
                 aria-label="Keys typed here go to the bound VM" aria-describedby="bt-status" {
                 "Focus here and type (Tab moves on)."
             }
+            div #bt-pointer.pointer tabindex="0" role="application"
+                aria-label="The VM's display: moving, clicking and scrolling here act on the bound VM's pointer" {
+                "Pointer: move, click and scroll here."
+            }
+            div.actions role="group" aria-label="Power and display" {
+                @for (action, label) in [("shutdown", "Shut down"), ("reset", "Reset"), ("pause", "Pause"), ("resume", "Resume"), ("on", "Power on")] {
+                    button type="button" data-power=(action) { (label) }
+                }
+                button #bt-screenshot type="button" { "Screenshot" }
+            }
+            img #bt-shot hidden alt="";
             ol #bt-log aria-label="Operations sent from this page" {}
         }
     }

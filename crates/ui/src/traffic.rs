@@ -38,8 +38,60 @@ fn vm_name(v: &Option<String>, mac: &impl std::fmt::Display) -> String {
     v.clone().unwrap_or_else(|| mac.to_string())
 }
 
+/// The VM pairs as a matrix: one row per sender, one column per receiver, each cell the
+/// packets sent with their class (`-` where a pair never talked). At most `MATRIX_MAX`
+/// VMs across, the busiest (the pair table below lists every pair).
+fn matrix(r: &net::TrafficReport) -> Markup {
+    const MATRIX_MAX: usize = 16;
+    let mut weight: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for p in &r.pairs {
+        *weight.entry(vm_name(&p.src_vm, &p.src_mac)).or_default() += p.packets;
+        *weight.entry(vm_name(&p.dst_vm, &p.dst_mac)).or_default() += p.packets;
+    }
+    let mut vms: Vec<(String, u64)> = weight.into_iter().collect();
+    vms.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    vms.truncate(MATRIX_MAX);
+    vms.sort();
+    let cell: std::collections::HashMap<(String, String), &net::controller::PairTraffic> = r
+        .pairs
+        .iter()
+        .map(|p| {
+            (
+                (
+                    vm_name(&p.src_vm, &p.src_mac),
+                    vm_name(&p.dst_vm, &p.dst_mac),
+                ),
+                p,
+            )
+        })
+        .collect();
+    html! {
+        table #traffic-matrix {
+            caption { "Packets by VM pair: row sends, column receives" }
+            thead { tr {
+                th scope="col" { "From ↓ to →" }
+                @for (v, _) in &vms { th scope="col" { (v) } }
+            } }
+            tbody {
+                @for (src, _) in &vms {
+                    tr data-src=(src) {
+                        th scope="row" { (src) }
+                        @for (dst, _) in &vms {
+                            @match cell.get(&(src.clone(), dst.clone())) {
+                                Some(p) => td data-dst=(dst) { (p.packets) " " (badge(&wire(&p.class))) },
+                                None => td data-dst=(dst) { "-" },
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn tables(r: &net::TrafficReport) -> Markup {
     html! {
+        (matrix(r))
         table #traffic-classes {
             caption { "Totals by class" }
             thead { tr { th scope="col" { "Class" } th scope="col" { "Packets" } th scope="col" { "Bytes" } } }

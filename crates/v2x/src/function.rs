@@ -974,4 +974,27 @@ impl V2xFunction {
     pub fn authorization(&self, device: &str) -> Option<Authorization> {
         self.lock().auths.get(device).cloned()
     }
+
+    /// Every subscribed device with its authorization, read under one lock (the operator's
+    /// console).
+    pub fn device_status(&self) -> Vec<crate::types::DeviceStatus> {
+        let now = Instant::now();
+        let st = self.lock();
+        let mut v: Vec<crate::types::DeviceStatus> = st
+            .subs
+            .iter()
+            .map(|(d, s)| {
+                let auth = st.auths.get(d);
+                crate::types::DeviceStatus {
+                    device_id: d.clone(),
+                    subscription: s.data.clone(),
+                    roaming_from: s.roaming_from.clone(),
+                    pc5_address: auth.map(|a| a.pc5),
+                    expires_in_s: auth.map(|a| a.expires.saturating_duration_since(now).as_secs()),
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        v
+    }
 }

@@ -2,7 +2,8 @@
 //! its typed error to a MEC 030 `ProblemDetails` (`application/problem+json`).
 //!
 //! - V2X API (operator token): `PUT|GET|DELETE /v2x/v1/subscriptions/{device}`,
-//!   `GET /v2x/v1/subscriptions`, `GET /v2x/v1/links`, `GET /v2x/v1/gate`.
+//!   `GET /v2x/v1/subscriptions`, `GET /v2x/v1/links`, `GET /v2x/v1/gate`, and
+//!   `GET /v2x/v1/status` (all three at once, for the dashboard's V2X page).
 //! - V2X application function (device token): `POST /v2x/v1/authorizations`,
 //!   `DELETE /v2x/v1/authorizations/{device}` (the device leaves this operator),
 //!   `POST /v2x/v1/links`, `DELETE /v2x/v1/links/{id}?device=`.
@@ -25,7 +26,9 @@ use serde_json::{json, Value};
 
 use crate::function::V2xError;
 use crate::mec::Mec;
-use crate::types::{AuthorizationRequest, LinkRequest, Plmn, V2xSubscription};
+use crate::types::{
+    AuthorizationRequest, GatePair, GateStatus, LinkRequest, MecStatus, Plmn, V2xSubscription,
+};
 use crate::vis::VisError;
 
 /// Largest request body.
@@ -162,6 +165,7 @@ pub fn router(mec: Arc<Mec>) -> Router {
         .route("/v2x/v1/links", post(open_link).get(list_links))
         .route("/v2x/v1/links/{id}", axum::routing::delete(close_link))
         .route("/v2x/v1/gate", get(gate))
+        .route("/v2x/v1/status", get(status))
         .route("/v2x/v1/peer/releases", post(peer_release))
         .route("/v2x/v1/peer/roaming", post(peer_roaming))
         .route("/v2x/v1/peer/revocations", post(peer_revocation))
@@ -301,8 +305,8 @@ async fn list_links(
     ))
 }
 
-async fn gate(State(m): State<AppState>, h: HeaderMap) -> Result<Response, Problem> {
-    need(&h, &m.token)?;
+/// The gate's counters in wire form; 404 when this MEC runs no gate.
+async fn gate_status(m: &Mec) -> Result<GateStatus, Problem> {
     let Some(g) = m.function.gate() else {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
@@ -310,16 +314,36 @@ async fn gate(State(m): State<AppState>, h: HeaderMap) -> Result<Response, Probl
         ));
     };
     let c = g.counters().await.map_err(V2xError::from)?;
-    let open: Vec<Value> = c
-        .open
-        .iter()
-        .map(|(a, b, p)| json!({"src": a, "dst": b, "packets": p}))
-        .collect();
-    Ok(json_resp(
-        StatusCode::OK,
-        &json!({"droppedPackets": c.dropped_packets, "open": open}),
-        None,
-    ))
+    Ok(GateStatus {
+        dropped_packets: c.dropped_packets,
+        open: c
+            .open
+            .iter()
+            .map(|&(src, dst, packets)| GatePair { src, dst, packets })
+            .collect(),
+    })
+}
+
+async fn gate(State(m): State<AppState>, h: HeaderMap) -> Result<Response, Problem> {
+    need(&h, &m.token)?;
+    let g = gate_status(&m).await?;
+    Ok(json_resp(StatusCode::OK, &to_value(&g), None))
+}
+
+/// The operator's console: devices, links and gate in one answer.
+async fn status(State(m): State<AppState>, h: HeaderMap) -> Result<Response, Problem> {
+    need(&h, &m.token)?;
+    let gate = match m.function.gate() {
+        Some(_) => Some(gate_status(&m).await?),
+        None => None,
+    };
+    let s = MecStatus {
+        operator: m.function.config().plmn.clone(),
+        devices: m.function.device_status(),
+        links: m.function.links(None),
+        gate,
+    };
+    Ok(json_resp(StatusCode::OK, &to_value(&s), None))
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -322,3 +322,56 @@ pub fn pc5_qos(service: ServiceId) -> Pc5QosParameters {
         range,
     }
 }
+
+/// One device as the operator's console shows it (`GET /v2x/v1/status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceStatus {
+    /// Device id.
+    pub device_id: String,
+    /// Its subscription here.
+    pub subscription: V2xSubscription,
+    /// The home operator this subscription is a roaming copy from (`None`: ours).
+    pub roaming_from: Option<Plmn>,
+    /// Its PC5 address while it holds configuration parameters.
+    pub pc5_address: Option<Ipv4Addr>,
+    /// Seconds until those parameters expire (0 once expired, `None` when none).
+    pub expires_in_s: Option<u64>,
+}
+
+/// An open pair of the PC5 gate with the packets it let through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatePair {
+    /// Source PC5 address.
+    pub src: Ipv4Addr,
+    /// Destination PC5 address.
+    pub dst: Ipv4Addr,
+    /// Packets that crossed.
+    pub packets: u64,
+}
+
+/// The PC5 gate's counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GateStatus {
+    /// Packets the closed direct path dropped.
+    pub dropped_packets: u64,
+    /// Pairs open for an authorized link.
+    pub open: Vec<GatePair>,
+}
+
+/// Everything an operator's console shows of one MEC, in one answer: its devices, links and
+/// gate (`GET /v2x/v1/status`, operator token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MecStatus {
+    /// This operator's PLMN.
+    pub operator: Plmn,
+    /// Subscribed devices, by id.
+    pub devices: Vec<DeviceStatus>,
+    /// Authorized links.
+    pub links: Vec<Link>,
+    /// The gate, when this MEC runs one.
+    pub gate: Option<GateStatus>,
+}

@@ -54,6 +54,12 @@ pub struct ServerArgs {
     /// it, as they share the blob dir.
     #[arg(long)]
     pub secrets_key_file: Option<PathBuf>,
+    /// A MEC service (`vinfra mec serve`) the dashboard's V2X page may show, as
+    /// `NAME=URL` (repeatable). The page asks the user for that MEC's operator token and
+    /// keeps it in an HttpOnly cookie, never in the store; only the MECs named here are
+    /// ever fetched.
+    #[arg(long = "mec", value_name = "NAME=URL")]
+    pub mecs: Vec<api::MecEndpoint>,
     /// Largest file the image store accepts (K, M, G or T suffix).
     #[arg(long, default_value = "8G")]
     pub max_blob_size: String,
@@ -182,6 +188,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
             .then(|| std::time::Duration::from_secs(args.slice_sample_period_s)),
         // The web dashboard at /ui (docs/UI.md).
         ui: Some(ui::router),
+        mecs: args.mecs.clone(),
         ..api::ServerConfig::default()
     };
     let handle = api::serve(config, store).await?;

@@ -33,6 +33,7 @@ mod tokens;
 mod traffic;
 mod ui;
 mod ui_qemu;
+mod ui_v2x;
 mod up_sim;
 mod v2x;
 mod vm_lifecycle;

@@ -411,6 +411,41 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     })
     .await
     .expect("the keys typed in the browser reach the VM");
+    // The pointer box (a click is a move to its centre, a press and a release), the power
+    // buttons and the screenshot, whose picture the page shows.
+    b.click("#bt-pointer").await;
+    b.click("button[data-power='pause']").await;
+    b.click("button[data-power='resume']").await;
+    b.click("#bt-screenshot").await;
+    b.wait_text("#bt-log", "pointer, power and screenshot performed", |t| {
+        t.matches("performed").count() >= 7 && !t.contains("refused") && !t.contains('…')
+    })
+    .await;
+    test_utils::wait_for(Duration::from_secs(20), || async {
+        let c = s.admin().console("web-1").await.unwrap_or_default();
+        // Near the middle of the box (the centre's client coordinates may be fractional).
+        let centred = c
+            .lines()
+            .filter_map(|l| l.strip_prefix("INPUT move "))
+            .any(|xy| {
+                xy.split(' ')
+                    .filter_map(|v| v.parse::<i32>().ok())
+                    .filter(|v| (v - 16383).abs() < 1200)
+                    .count()
+                    == 2
+            });
+        centred && c.contains("INPUT button left down") && c.contains("INPUT button left up")
+    })
+    .await
+    .expect("the pointer clicked in the browser reaches the VM");
+    let shot = b
+        .exec(
+            "const i = document.getElementById('bt-shot'); return [i.hidden, i.naturalWidth, i.alt];",
+            json!([]),
+        )
+        .await;
+    assert_eq!(shot[0], json!(false), "the screenshot is not shown: {shot}");
+    assert!(shot[1].as_u64().is_some_and(|w| w > 0), "{shot}");
     b.wait_for_text("article[data-terminal='kiosk'] tbody", "backspace")
         .await;
     let secret =

@@ -9,7 +9,7 @@ use test_utils::{free_tcp_port, ChildGuard};
 
 use crate::harness::VINFRA;
 
-fn v2x(url: &str, args: &[&str]) -> (bool, String, String) {
+pub(crate) fn v2x(url: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(VINFRA)
         .args(["v2x", "--mec", url, "--mec-token", "op-token"])
         .args(args)
@@ -23,7 +23,7 @@ fn v2x(url: &str, args: &[&str]) -> (bool, String, String) {
 }
 
 /// `vinfra v2x authorize DEVICE --device-token T --pc5-address A`.
-fn authorize(url: &str, dev: &str, token: &str, pc5: &str) -> (bool, String, String) {
+pub(crate) fn authorize(url: &str, dev: &str, token: &str, pc5: &str) -> (bool, String, String) {
     v2x(
         url,
         &[
@@ -38,7 +38,11 @@ fn authorize(url: &str, dev: &str, token: &str, pc5: &str) -> (bool, String, Str
 }
 
 /// Starts `vinfra mec serve` for 001-01 on `listen` and waits until it answers.
-async fn mec(dir: &std::path::Path, listen: &str, state: Option<&std::path::Path>) -> ChildGuard {
+pub(crate) async fn mec(
+    dir: &std::path::Path,
+    listen: &str,
+    state: Option<&std::path::Path>,
+) -> ChildGuard {
     let tok = dir.join("token");
     let sec = dir.join("secret");
     std::fs::write(&tok, "op-token\n").unwrap();

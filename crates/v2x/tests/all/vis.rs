@@ -152,6 +152,37 @@ async fn v2x_api_authorizes_from_subscription_data() {
         .unwrap();
     assert_eq!(r.status(), 201);
 
+    // The operator's console: the device authorized, its link, in one answer; not for a
+    // device's token.
+    let r = c
+        .get(format!("{url}/v2x/v1/status"))
+        .bearer_auth(&dev_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let st: v2x::types::MecStatus = c
+        .get(format!("{url}/v2x/v1/status"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st.operator.to_string(), "001-01");
+    assert_eq!(st.devices.len(), 1);
+    let d = &st.devices[0];
+    assert_eq!(d.device_id, "car-1");
+    assert_eq!(d.pc5_address, Some("10.77.1.1".parse().unwrap()));
+    assert!(
+        d.expires_in_s.is_some_and(|s| (55..=60).contains(&s)),
+        "{d:?}"
+    );
+    assert_eq!(d.roaming_from, None);
+    assert_eq!(st.links.len(), 1);
+    assert_eq!(st.links[0].peer_address.to_string(), "10.77.2.1");
+
     // Revocation: the links go, the device can no longer authorize.
     let r = c
         .delete(format!("{url}/v2x/v1/subscriptions/car-1"))
