@@ -188,11 +188,29 @@ pub enum RecheckError {
     },
 }
 
+/// The logged text of the hashed and recomputed parts of an entry.
+#[derive(Deserialize)]
+struct RawParts<'a> {
+    #[serde(borrow, default)]
+    candidates: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    inputs: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    shares: Option<&'a serde_json::value::RawValue>,
+}
+
 /// Recomputes a ledger entry from its logged inputs: an association's choice from
 /// its candidates, an allocation from its windows and policy (bit for bit), and
 /// every hash. Returns the decoded entry.
 pub fn recheck(body: &[u8]) -> Result<LedgerEntry, RecheckError> {
     let entry: LedgerEntry = serde_json::from_slice(body).map_err(RecheckError::Decode)?;
+    // The hashes and the logged shares are checked against the logged *text*:
+    // serde_json's float parsing is not always exact to the last bit, so a value
+    // parsed and written again may differ from what was logged.
+    let raw: RawParts<'_> = serde_json::from_slice(body).map_err(RecheckError::Decode)?;
+    let text_hash = |v: Option<&serde_json::value::RawValue>| {
+        v.map(|r| model::hex(digest(&SHA256, r.get().as_bytes()).as_ref()))
+    };
     match &entry {
         LedgerEntry::Association {
             nsi,
@@ -200,7 +218,7 @@ pub fn recheck(body: &[u8]) -> Result<LedgerEntry, RecheckError> {
             forecast_hash,
             ..
         } => {
-            if json_hash(candidates) != *forecast_hash {
+            if text_hash(raw.candidates).as_deref() != Some(forecast_hash.as_str()) {
                 return Err(RecheckError::Hash { what: "forecast" });
             }
             let chosen = choose(candidates).map(|c| c.nsi.clone());
@@ -220,13 +238,15 @@ pub fn recheck(body: &[u8]) -> Result<LedgerEntry, RecheckError> {
             shares,
             ..
         } => {
-            if json_hash(inputs) != *input_hash {
+            if text_hash(raw.inputs).as_deref() != Some(input_hash.as_str()) {
                 return Err(RecheckError::Hash { what: "input" });
             }
             if params_hash(policy, shares) != *logged_params {
                 return Err(RecheckError::Hash { what: "params" });
             }
-            if allocate(inputs, policy) != *shares {
+            let recomputed =
+                serde_json::to_string(&allocate(inputs, policy)).map_err(RecheckError::Decode)?;
+            if raw.shares.map(serde_json::value::RawValue::get) != Some(recomputed.as_str()) {
                 return Err(RecheckError::Allocation {
                     provider: provider.clone(),
                 });
@@ -802,8 +822,11 @@ impl Control {
                     let (m, next) = sampler::measure(s.cursor.as_ref(), &now);
                     got = m;
                     if let Some(m) = m {
-                        push_window(&mut s.samples, m.mbps);
-                        push_window(&mut s.cpu, m.cores);
+                        // To the bit/s (and micro-core): logged as short decimals,
+                        // which JSON parses back exactly, so an auditor recomputes
+                        // the allocation from exactly these values.
+                        push_window(&mut s.samples, (m.mbps * 1e6).round() / 1e6);
+                        push_window(&mut s.cpu, (m.cores * 1e6).round() / 1e6);
                         s.last_at_ms = at_ms;
                     }
                     s.cursor = Some(next);
