@@ -104,6 +104,7 @@ pub fn vm_spec(
         nics: netdev::attachments(files.run_dir(), &a.vm.nics),
         run_dir: files.run_dir().to_owned(),
         accel,
+        tables: Vec::new(),
     })
 }
 

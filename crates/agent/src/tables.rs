@@ -377,6 +377,7 @@ fn build_report(
             id: d.id,
             pid: d.pid,
             grants: u32::try_from(d.grants).unwrap_or(u32::MAX),
+            vm: d.guest,
         })
         .collect();
     let grants = el

@@ -25,7 +25,7 @@
 //! let vm = driver.start(&VmSpec {
 //!     id: "web-1".into(), name: "web-1".into(), vcpus: 1, memory_mib: 256,
 //!     kernel: img.kernel, initrd: img.initrd, cmdline: img.cmdline,
-//!     disk, nics: vec![], run_dir: "/run/vinfra/web-1".into(), accel: Accel::Auto,
+//!     disk, nics: vec![], run_dir: "/run/vinfra/web-1".into(), accel: Accel::Auto, tables: vec![],
 //! }).await?;
 //! println!("console: {}", vm.console_log.display());
 //! driver.stop("web-1").await?;
@@ -85,7 +85,29 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Accelerator.
     pub accel: Accel,
+    /// Resource tables the VM maps (docs/SHM.md, "VMs as devices"): each read-only,
+    /// with the VM's own writable window on it.
+    #[serde(default)]
+    pub tables: Vec<TableAttach>,
 }
+
+/// One resource table as a VM sees it (docs/SHM.md): the table itself read-only
+/// behind an `ivshmem-plain` device (a guest store to it is dropped), and the VM's
+/// window behind an `ivshmem-doorbell` device whose ivshmem server is the table's
+/// element (`shm::Element::attach_guest`, in the agent). QEMU
+/// blocks live migration of a VM with ivshmem devices in peer mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableAttach {
+    /// The table's memfd by path (`/proc/PID/fd/N` of the element's process).
+    pub table: PathBuf,
+    /// The memfd's size: a power of two (it becomes a BAR).
+    pub table_bytes: u64,
+    /// The element's socket for this VM's window (QEMU connects to it).
+    pub window: PathBuf,
+}
+
+/// Most tables one VM maps.
+pub const MAX_VM_TABLES: usize = 8;
 
 /// One virtio NIC on a tap device that the caller created (and bridged) beforehand.
 /// QEMU opens the tap by name, so it needs no helper and no privileges beyond that.

@@ -171,6 +171,12 @@ pub mod keys {
     pub fn resource_table(host: &Name, id: model::ResourceTableId) -> String {
         format!("{RESOURCE_TABLES}{host}/{id}")
     }
+    /// How many tables the host keeps, rewritten by every create: its revision is
+    /// what concurrent creates compare, so the per-host limit holds (not under
+    /// the `RESOURCE_TABLES` prefix: the hub does not wake for it).
+    pub fn resource_table_count(host: &Name) -> String {
+        format!("/vinfra/resource-table-count/{host}")
+    }
     /// Resource table name index, per host and tenant: value is the table id.
     pub fn resource_table_name(host: &Name, tenant: TenantId, name: &Name) -> String {
         format!("/vinfra/resource-table-names/{host}/{tenant}/{name}")

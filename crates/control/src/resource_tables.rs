@@ -25,6 +25,10 @@ pub enum ResourceTableError {
     Control(#[from] ControlError),
 }
 
+/// Creates on one host retried after losing the count race (each retry means
+/// another create committed, so this bounds a burst, not a livelock).
+const CREATE_ATTEMPTS: usize = 128;
+
 impl Control {
     /// Creates a table on `host` for `tenant`; the host's agent hears of it on its
     /// event stream and creates it.
@@ -35,21 +39,6 @@ impl Control {
         spec: ValidTableSpec,
     ) -> Result<ResourceTable, ResourceTableError> {
         self.require_host(host).await?;
-        // Counted before the transaction: two creates at once may both pass at the
-        // limit; the limit bounds an agent's work, it is not a quota.
-        let existing = self
-            .store()
-            .list(&keys::resource_tables(host))
-            .await
-            .map_err(ControlError::from)?
-            .len();
-        let limit = model::resource_tables::MAX_TABLES_PER_HOST;
-        if existing >= limit {
-            return Err(ResourceTableError::TooMany {
-                host: host.clone(),
-                limit,
-            });
-        }
         let table = ResourceTable {
             id: ResourceTableId::new_random(),
             tenant,
@@ -62,37 +51,79 @@ impl Control {
             state: None,
         };
         let name_key = keys::resource_table_name(host, tenant, &table.name);
-        let r = self
-            .store()
-            .txn(
-                vec![Compare::ModRevision {
-                    key: name_key.clone(),
-                    expect: None,
-                }],
-                vec![
-                    TxnOp::Put {
-                        key: name_key,
-                        value: to_bytes(&table.id)?,
-                    },
-                    TxnOp::Put {
-                        key: keys::resource_table(host, table.id),
-                        value: to_bytes(&table)?,
-                    },
-                ],
-            )
-            .await;
-        match r {
-            Ok(_) => {
-                tracing::info!(host = %host, table = %table.name, id = %table.id, "resource table created");
-                Ok(table)
+        let count_key = keys::resource_table_count(host);
+        let limit = model::resource_tables::MAX_TABLES_PER_HOST;
+        // The count is checked inside the create transaction: every create rewrites
+        // the host's count key and compares its revision with the one read before
+        // counting, so of two creates that counted the same tables only one commits;
+        // the other counts again. (A delete does not touch the key: it only lowers
+        // the count, so a create that raced with one is at worst refused early.)
+        for _ in 0..CREATE_ATTEMPTS {
+            let guard = self
+                .store()
+                .get(&count_key)
+                .await
+                .map_err(ControlError::from)?
+                .map(|kv| kv.mod_revision);
+            let existing = self
+                .store()
+                .list(&keys::resource_tables(host))
+                .await
+                .map_err(ControlError::from)?
+                .len();
+            if existing >= limit {
+                return Err(ResourceTableError::TooMany {
+                    host: host.clone(),
+                    limit,
+                });
             }
-            Err(StoreError::Conflict { .. }) => Err(ControlError::Taken(format!(
-                "resource table {} already exists on host {host}",
-                table.name
-            ))
-            .into()),
-            Err(e) => Err(ControlError::from(e).into()),
+            let r = self
+                .store()
+                .txn(
+                    vec![
+                        Compare::ModRevision {
+                            key: name_key.clone(),
+                            expect: None,
+                        },
+                        Compare::ModRevision {
+                            key: count_key.clone(),
+                            expect: guard,
+                        },
+                    ],
+                    vec![
+                        TxnOp::Put {
+                            key: count_key.clone(),
+                            value: to_bytes(&(existing + 1))?,
+                        },
+                        TxnOp::Put {
+                            key: name_key.clone(),
+                            value: to_bytes(&table.id)?,
+                        },
+                        TxnOp::Put {
+                            key: keys::resource_table(host, table.id),
+                            value: to_bytes(&table)?,
+                        },
+                    ],
+                )
+                .await;
+            match r {
+                Ok(_) => {
+                    tracing::info!(host = %host, table = %table.name, id = %table.id, "resource table created");
+                    return Ok(table);
+                }
+                // Another create on the host committed since we counted: count again.
+                Err(StoreError::Conflict { key }) if key == count_key => continue,
+                Err(StoreError::Conflict { .. }) => {
+                    return Err(ControlError::Taken(format!(
+                        "resource table {} already exists on host {host}",
+                        table.name
+                    ))
+                    .into())
+                }
+                Err(e) => return Err(ControlError::from(e).into()),
+            }
         }
+        Err(ControlError::from(StoreError::Conflict { key: count_key }).into())
     }
 
     /// The tables on `host` that `scope` sees, each with its agent's last report.

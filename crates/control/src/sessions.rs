@@ -17,7 +17,7 @@ use model::terminals::{PerformedOperation, SERVER_SEQ_BASE};
 use model::{TerminalId, VmId};
 
 use crate::records::{get_json, now_ms};
-use crate::terminals::{op_key, Accepted, Pending, Refused};
+use crate::terminals::{op_key, Accepted, CachedTerminal, Pending, Refused};
 use crate::{Control, ControlError};
 
 /// One terminal session.
@@ -30,6 +30,8 @@ pub struct TerminalSession {
     /// meanwhile: a release goes where the press went).
     held_keys: Vec<(Accepted, QCode)>,
     held_buttons: Vec<(Accepted, PointerButton)>,
+    /// The terminal's MAC key and binding, read once and again only after they changed.
+    cache: Option<CachedTerminal>,
 }
 
 /// A refused message of a session.
@@ -53,6 +55,7 @@ impl Control {
             terminal: None,
             held_keys: Vec::new(),
             held_buttons: Vec::new(),
+            cache: None,
         }
     }
 }
@@ -125,7 +128,10 @@ impl TerminalSession {
 
     /// Checks one message and that it is this session's terminal's.
     async fn accept(&mut self, raw: &[u8]) -> Result<Accepted, Refused> {
-        let a = self.control.check_operation(raw).await?;
+        let a = self
+            .control
+            .check_operation_with(raw, Some(&mut self.cache))
+            .await?;
         match self.terminal {
             Some(session) if session != a.terminal => {
                 return Err(Refused::OtherTerminal {

@@ -12,7 +12,7 @@
 //! recent operations of each terminal are this server's memory ([`Terminals`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
 use model::terminal_ops::{Operation, PowerAction};
@@ -364,6 +364,15 @@ struct HeldOperations {
     keys: Vec<String>,
 }
 
+/// What becomes of a VM's held operations.
+#[derive(Clone, Copy)]
+enum Settle<'a> {
+    /// Sent to the host the VM runs on after its migration.
+    SendTo(&'a Name),
+    /// Answered `failed`, for this reason.
+    Fail(&'static str),
+}
+
 fn held_key(vm: VmId) -> String {
     format!("/vinfra/held-operations/{vm}")
 }
@@ -374,6 +383,49 @@ struct VmRoute {
     compares: Vec<Compare>,
     /// The VM's held list (its key, and its operations so far) while they are held.
     held: Option<(String, HeldOperations)>,
+}
+
+/// What checking a terminal's messages needs of it.
+struct TerminalView {
+    id: TerminalId,
+    tenant: TenantId,
+    /// The MAC key.
+    secret: Vec<u8>,
+    /// The key as stored, sealed: a session compares it with the record's as it changes.
+    sealed: String,
+    /// The bound VM and its host (`None`: the VM no longer exists).
+    binding: Option<(VmId, Option<Name>)>,
+}
+
+/// A session's [`TerminalView`], until a change of the terminal's record or of its VM's
+/// makes it stale.
+pub(crate) struct CachedTerminal {
+    view: TerminalView,
+    stale: Arc<std::sync::atomic::AtomicBool>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl CachedTerminal {
+    fn stale(&self) -> bool {
+        self.stale.load(std::sync::atomic::Ordering::SeqCst) || self.watcher.is_finished()
+    }
+}
+
+impl Drop for CachedTerminal {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+impl std::fmt::Debug for CachedTerminal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("CachedTerminal")
+            .field("terminal", &self.view.id)
+            .field("binding", &self.view.binding)
+            .field("stale", &self.stale())
+            .finish_non_exhaustive()
+    }
 }
 
 /// An accepted operation on its way to the VM's host.
@@ -748,6 +800,17 @@ impl Control {
     /// revealed before its MAC verifies, and the sequence number is taken (by
     /// [`Control::perform_operation`]) only for a message that passed every other check.
     pub(crate) async fn check_operation(&self, raw: &[u8]) -> Result<Accepted, Refused> {
+        self.check_operation_with(raw, None).await
+    }
+
+    /// [`Control::check_operation`], with a session's cache of its terminal's MAC key
+    /// and binding: read from the store for the first message (and again after the
+    /// terminal's record or its VM's changed), not for every message.
+    pub(crate) async fn check_operation_with(
+        &self,
+        raw: &[u8],
+        cache: Option<&mut Option<CachedTerminal>>,
+    ) -> Result<Accepted, Refused> {
         if raw.len() > MAX_OPERATION_MESSAGE {
             return Err(Refused::TooLarge { len: raw.len() });
         }
@@ -762,17 +825,26 @@ impl Control {
                 ours,
             });
         }
-        let key = terminal_key(h.terminal);
-        let Some((stored, _)) = get_json::<StoredTerminal>(self.store(), &key).await? else {
-            return Err(Refused::UnknownTerminal(h.terminal));
+        let fresh;
+        let view = match cache {
+            Some(slot) => {
+                let usable = slot
+                    .as_ref()
+                    .is_some_and(|c| c.view.id == h.terminal && !c.stale());
+                if !usable {
+                    *slot = Some(self.cache_terminal(h.terminal).await?);
+                }
+                match slot.as_ref() {
+                    Some(c) => &c.view,
+                    None => return Err(Refused::UnknownTerminal(h.terminal)),
+                }
+            }
+            None => {
+                fresh = self.terminal_view(h.terminal).await?;
+                &fresh
+            }
         };
-        let secret = self
-            .terminals()
-            .secrets
-            .get()
-            .and_then(|s| s.open(h.terminal, &stored.record.secret_sealed))
-            .ok_or(Refused::UnknownTerminal(h.terminal))?;
-        let expect = message_mac(&secret, h, body);
+        let expect = message_mac(&view.secret, h, body);
         if !constant_time_eq(expect.as_bytes(), h.mac.as_bytes()) {
             return Err(Refused::BadMac);
         }
@@ -783,32 +855,124 @@ impl Control {
         }
         let body: Body =
             serde_json::from_slice(body).map_err(|e| Refused::BadOperation(e.to_string()))?;
-        let term = &stored.record.terminal;
-        let Some(binding) = &term.binding else {
-            return Err(Refused::Unbound(term.id));
-        };
-        let Some((vm, _)) = get_json::<Vm>(self.store(), &keys::vm(binding.vm)).await? else {
-            return Err(Refused::VmGone {
-                terminal: term.id,
-                vm: binding.vm,
-            });
+        let (vm, host) = match &view.binding {
+            None => return Err(Refused::Unbound(view.id)),
+            Some((vm, None)) => {
+                return Err(Refused::VmGone {
+                    terminal: view.id,
+                    vm: *vm,
+                })
+            }
+            Some((vm, Some(host))) => (*vm, host.clone()),
         };
         self.terminals()
-            .take_token(term.id)
+            .take_token(view.id)
             .map_err(|retry_after_ms| Refused::RateLimited {
-                terminal: term.id,
+                terminal: view.id,
                 retry_after_ms,
             })?;
         let accepted = Accepted {
-            terminal: term.id,
-            tenant: term.tenant,
-            vm: vm.id,
-            host: vm.host.clone(),
+            terminal: view.id,
+            tenant: view.tenant,
+            vm,
+            // Where the VM ran when the view was read: the transaction that records the
+            // operation reads the VM again and sends it where the VM is then.
+            host,
             seq: h.seq,
             op: body.operation,
             received,
         };
         Ok(accepted)
+    }
+
+    /// What checking a message of terminal `id` needs, from the store: its MAC key, its
+    /// tenant, and its binding with the VM's host (`None`: the VM is gone). An unknown
+    /// terminal and a secret that does not open are the same refusal.
+    async fn terminal_view(&self, id: TerminalId) -> Result<TerminalView, Refused> {
+        let Some((stored, _)) = get_json::<StoredTerminal>(self.store(), &terminal_key(id)).await?
+        else {
+            return Err(Refused::UnknownTerminal(id));
+        };
+        let secret = self
+            .terminals()
+            .secrets
+            .get()
+            .and_then(|s| s.open(id, &stored.record.secret_sealed))
+            .ok_or(Refused::UnknownTerminal(id))?;
+        let term = &stored.record.terminal;
+        let binding = match &term.binding {
+            None => None,
+            Some(b) => Some((
+                b.vm,
+                get_json::<Vm>(self.store(), &keys::vm(b.vm))
+                    .await?
+                    .map(|(vm, _)| vm.host),
+            )),
+        };
+        Ok(TerminalView {
+            id,
+            tenant: term.tenant,
+            secret,
+            sealed: stored.record.secret_sealed.clone(),
+            binding,
+        })
+    }
+
+    /// [`Control::terminal_view`] for a session, watched: the watches on the terminal's
+    /// record and its VM's start before the reads, so no change slips between them, and
+    /// any change (a new binding, a deleted terminal, the VM moved or deleted) makes the
+    /// session read again before its next message.
+    async fn cache_terminal(&self, id: TerminalId) -> Result<CachedTerminal, Refused> {
+        let stale = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut on_terminal = self.store_arc().watch(&terminal_key(id)).await?;
+        let view = self.terminal_view(id).await?;
+        let mut on_vm = match &view.binding {
+            Some((vm, _)) => Some(self.store_arc().watch(&keys::vm(*vm)).await?),
+            None => None,
+        };
+        // The VM's record may have changed between the view's read and its watch: read
+        // it once more under the watch.
+        let view = match &view.binding {
+            Some(_) => self.terminal_view(id).await?,
+            None => view,
+        };
+        let flag = stale.clone();
+        let (sealed, bound) = (
+            view.sealed.clone(),
+            view.binding.as_ref().map(|(vm, _)| *vm),
+        );
+        let watcher = tokio::spawn(async move {
+            let vm_changed = async {
+                match on_vm.as_mut() {
+                    Some(w) => {
+                        w.next().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            // The terminal's record changes with every message (its replay window): only
+            // a new secret or binding, or its deletion, makes the view stale.
+            let terminal_changed = async {
+                while let Some(Ok(WatchEvent::Put(kv))) = on_terminal.next().await {
+                    match crate::records::decode::<StoredTerminal>(&kv) {
+                        Ok(t)
+                            if t.record.secret_sealed == sealed
+                                && t.record.terminal.binding.as_ref().map(|b| b.vm) == bound => {}
+                        _ => return,
+                    }
+                }
+            };
+            tokio::select! {
+                () = terminal_changed => {}
+                () = vm_changed => {}
+            }
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        Ok(CachedTerminal {
+            view,
+            stale,
+            watcher,
+        })
     }
 
     /// Checks a message (`check_operation`), takes its sequence number and
@@ -970,8 +1134,29 @@ impl Control {
                 key: tkey.clone(),
                 expect: Some(rev),
             }];
+            let bound = stored.record.terminal.binding.as_ref().map(|b| b.vm);
             for (a, record) in batch.iter().zip(records.iter_mut()) {
                 if a.seq < SERVER_SEQ_BASE {
+                    // Checked against the binding as it was (a session's is cached until
+                    // it changes): one changed since acts on nothing. (The server's own
+                    // releases go where their presses went, whatever the binding.)
+                    match bound {
+                        Some(vm) if vm == a.vm => {}
+                        None => {
+                            refused.push(Some(Refused::Unbound(terminal)));
+                            continue;
+                        }
+                        Some(vm) => {
+                            refused.push(Some(Refused::Batch {
+                                reason: "unbound",
+                                detail: format!(
+                                    "terminal {terminal} was bound to VM {vm} instead of {} while the message was checked; send it again",
+                                    a.vm
+                                ),
+                            }));
+                            continue;
+                        }
+                    }
                     if let Err(e) = stored.window.take(a.seq) {
                         refused.push(Some(Refused::Replay(e)));
                         continue;
@@ -1092,6 +1277,29 @@ impl Control {
         vm: VmId,
         host: &Name,
     ) -> Result<(Vec<Compare>, Vec<TxnOp>), ControlError> {
+        self.settle_held(vm, Settle::SendTo(host)).await
+    }
+
+    /// The writes that answer `vm`'s held operations `failed` because the VM is being
+    /// removed (no host will ever perform them, and a record left `held` would wait
+    /// forever), and the compare that makes the removal lose to an operation held
+    /// meanwhile. Nothing when none is held.
+    pub(crate) async fn fail_held(
+        &self,
+        vm: VmId,
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>), ControlError> {
+        self.settle_held(
+            vm,
+            Settle::Fail("the VM was deleted before its migration ended"),
+        )
+        .await
+    }
+
+    async fn settle_held(
+        &self,
+        vm: VmId,
+        how: Settle<'_>,
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>), ControlError> {
         let hkey = held_key(vm);
         let Some((list, rev)) = get_json::<HeldOperations>(self.store(), &hkey).await? else {
             return Ok((
@@ -1108,8 +1316,17 @@ impl Control {
                 continue; // trimmed from the log meanwhile
             };
             if op.outcome == OperationOutcome::Held {
-                op.outcome = OperationOutcome::Sent;
-                op.host = host.clone();
+                match how {
+                    Settle::SendTo(host) => {
+                        op.outcome = OperationOutcome::Sent;
+                        op.host = host.clone();
+                    }
+                    Settle::Fail(why) => {
+                        op.outcome = OperationOutcome::Failed;
+                        op.detail = Some(why.to_owned());
+                        op.performed = Some(now_ms());
+                    }
+                }
                 writes.push(TxnOp::Put {
                     key: key.clone(),
                     value: to_bytes(&op)?,

@@ -353,7 +353,7 @@ impl Control {
                     .cas(&keys::vm(vm.id), Some(rev), to_bytes(&vm)?)
                     .await
             } else {
-                self.remove_vm(&vm, rev).await
+                self.remove_vm(&vm, rev).await?
             };
             match res {
                 Ok(_) if host_up => return Ok(VmDeleted::Pending(Box::new(vm))),
@@ -370,19 +370,26 @@ impl Control {
         })
     }
 
-    /// Removes a VM record, its name and its addresses, if the record is still at `rev`.
+    /// Removes a VM record, its name and its addresses, if the record is still at `rev`;
+    /// terminal operations held for it (its migration was on) are answered `failed` in
+    /// the same transaction. The outer error is one reading the store; the inner one is
+    /// the transaction's (a conflict: read again).
     async fn remove_vm(
         &self,
         vm: &Vm,
         rev: store::Revision,
-    ) -> Result<store::Revision, StoreError> {
+    ) -> Result<Result<store::Revision, StoreError>, ControlError> {
         let key = keys::vm(vm.id);
-        self.store()
+        let (held_compares, held_writes) = self.fail_held(vm.id).await?;
+        Ok(self
+            .store()
             .txn(
-                vec![Compare::ModRevision {
+                std::iter::once(Compare::ModRevision {
                     key: key.clone(),
                     expect: Some(rev),
-                }],
+                })
+                .chain(held_compares)
+                .collect(),
                 [
                     TxnOp::Delete { key },
                     TxnOp::Delete {
@@ -391,9 +398,10 @@ impl Control {
                 ]
                 .into_iter()
                 .chain(crate::networks::release(&vm.nics))
+                .chain(held_writes)
                 .collect(),
             )
-            .await
+            .await)
     }
 
     /// Every VM assigned to `host`, across tenants, with its image and (while it
@@ -464,7 +472,7 @@ impl Control {
                             desired: vm.desired,
                         });
                     }
-                    self.remove_vm(&vm, rev).await
+                    self.remove_vm(&vm, rev).await?
                 }
                 Some(observed) => {
                     if vm.observed == observed && vm.error == error {

@@ -196,6 +196,16 @@ impl ResourceTableReport {
         if self.socket.len() > 4096 {
             return Err(ValidationError::new("socket", "must be at most 4096 bytes"));
         }
+        if self
+            .devices
+            .iter()
+            .any(|d| d.vm.as_ref().is_some_and(|v| v.len() > 256))
+        {
+            return Err(ValidationError::new(
+                "devices",
+                "a device's vm must be at most 256 bytes",
+            ));
+        }
         if self.error.as_ref().is_some_and(|e| e.len() > 4096) {
             return Err(ValidationError::new("error", "must be at most 4096 bytes"));
         }
@@ -213,6 +223,10 @@ pub struct TableDevice {
     pub pid: i32,
     /// Entries it may write now.
     pub grants: u32,
+    /// For a VM (its window on the table, docs/SHM.md): the VM's name; absent for
+    /// a process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 /// A current grant.

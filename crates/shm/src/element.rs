@@ -16,6 +16,9 @@ use crate::proto::{self, Attach, Ctrl, Notify, Welcome};
 use crate::sys::{self, Epoll, Mapping, Uffd};
 use crate::{DeviceId, Error};
 
+mod guest;
+pub use guest::{GuestWindow, ELEMENT_PEER, GUEST_PEER, WINDOW_PAYLOAD};
+
 /// How to create a table and its element.
 #[derive(Debug, Clone)]
 pub struct ElementConfig {
@@ -147,6 +150,8 @@ pub struct DeviceInfo {
     pub pid: i32,
     /// Entries it holds now.
     pub grants: usize,
+    /// For a VM ([`Element::attach_guest`]): its name.
+    pub guest: Option<String>,
 }
 
 /// Totals since the element started.
@@ -176,8 +181,13 @@ struct Grant {
 struct Dev {
     pid: i32,
     sock: UnixStream,
-    uffd: Uffd,
+    /// `None` for a guest: its table mapping is QEMU's and read-only for good,
+    /// so a grant flips no page; it lets the element copy the guest's window
+    /// into the entry.
+    uffd: Option<Uffd>,
     base: usize,
+    /// The VM's name, for a guest.
+    guest: Option<String>,
     pidfd: OwnedFd,
     ctrl: Ctrl,
     efd_req: OwnedFd,
@@ -204,6 +214,10 @@ struct State {
     audit_seq: u64,
     totals: Totals,
     spare: Vec<Vec<u64>>,
+    /// Guests whose QEMU has not connected to their window socket yet.
+    pending: BTreeMap<DeviceId, guest::Pending>,
+    /// The copy of a guest's window on its way into an entry.
+    copy: Vec<u64>,
 }
 
 struct Shared {
@@ -223,6 +237,8 @@ const TOKEN_STOP: u64 = u64::MAX - 1;
 const KIND_SOCK: u64 = 0;
 const KIND_REQ: u64 = 1;
 const KIND_PIDFD: u64 = 2;
+/// A guest's window socket, until its QEMU connects.
+const KIND_GUEST: u64 = 3;
 
 fn token(dev: DeviceId, kind: u64) -> u64 {
     (u64::from(dev) << 2) | kind
@@ -250,8 +266,13 @@ impl Element {
     /// Creates the table (zeroed) and starts serving it.
     pub fn start(cfg: ElementConfig) -> Result<Element, Error> {
         let layout = Layout::new(cfg.entries, cfg.entry_size)?;
-        let memfd = sys::sealed_memfd(c"vinfra-shm-table", layout.table_bytes())
-            .map_err(Error::io("table memfd"))?;
+        // The file is a power of two long (devices map only `table_bytes`): QEMU
+        // maps it whole behind an ivshmem BAR, and a BAR's size is a power of two.
+        let memfd = sys::sealed_memfd(
+            c"vinfra-shm-table",
+            layout.table_bytes().next_power_of_two(),
+        )
+        .map_err(Error::io("table memfd"))?;
         let map = Mapping::shared_populated(memfd.as_fd(), layout.table_bytes())
             .map_err(Error::io("mapping the table"))?;
         match std::fs::remove_file(&cfg.socket) {
@@ -295,6 +316,8 @@ impl Element {
             audit_seq: 0,
             totals: Totals::default(),
             spare: Vec::new(),
+            pending: BTreeMap::new(),
+            copy: Vec::new(),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -328,6 +351,25 @@ impl Element {
     /// `ivshmem-plain` device for a guest.
     pub fn table_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.shared.memfd.as_fd()
+    }
+
+    /// Bytes of the table's memfd: [`Layout::table_bytes`] rounded up to a
+    /// power of two (the `size` of a `memory-backend-file` mapping it whole).
+    pub fn table_file_bytes(&self) -> usize {
+        self.shared.layout.table_bytes().next_power_of_two()
+    }
+
+    /// Makes a VM a device of this table: a writable window (its own memfd)
+    /// that the VM's QEMU gets by connecting to `socket` as an
+    /// `ivshmem-doorbell` device (the element is its ivshmem server). The VM
+    /// writes a request in the window's first page and rings the doorbell; on
+    /// a granted write the element copies the window's payload into the entry
+    /// as one new version. The table itself the VM maps read-only (see
+    /// [`GuestWindow`](crate::GuestWindow) and docs/SHM.md). The guest is a
+    /// device (in [`Element::devices`], the BRT and the audit) from the moment
+    /// its QEMU connects until that connection closes or the process exits.
+    pub fn attach_guest(&self, socket: &Path, name: &str) -> Result<crate::GuestWindow, Error> {
+        guest::create(&self.shared, socket, name)
     }
 
     /// Where devices connect.
@@ -434,6 +476,7 @@ impl Element {
                 id: *id,
                 pid: d.pid,
                 grants: d.held.len(),
+                guest: d.guest.clone(),
             })
             .collect()
     }
@@ -457,6 +500,11 @@ impl Element {
     /// socket so it sees the element gone).
     pub fn detach(&self, device: DeviceId) -> Result<(), Error> {
         let mut st = self.lock();
+        if let Some(p) = st.pending.remove(&device) {
+            self.shared.epoll.delete(p.listener.as_raw_fd());
+            let _ = std::fs::remove_file(&p.socket);
+            return Ok(());
+        }
         if !st.devices.contains_key(&device) {
             return Err(Error::NoSuchDevice(device));
         }
@@ -473,6 +521,9 @@ impl Drop for Element {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.shared.socket);
+        for p in lock(&self.shared).pending.values() {
+            let _ = std::fs::remove_file(&p.socket);
+        }
     }
 }
 
@@ -535,9 +586,10 @@ impl State {
         let mut snapshot = self.spare.pop().unwrap_or_default();
         let version = self.slots.snapshot(entry, &mut snapshot);
         let off = self.slots.layout().slot_offset(entry);
-        dev.uffd
-            .protect(dev.base + off, self.slots.layout().slot_size(), false)
-            .map_err(Error::io("granting (UFFDIO_WRITEPROTECT)"))?;
+        if let Some(uffd) = &dev.uffd {
+            uffd.protect(dev.base + off, self.slots.layout().slot_size(), false)
+                .map_err(Error::io("granting (UFFDIO_WRITEPROTECT)"))?;
+        }
         let serial = self.next_serial;
         self.next_serial += 1;
         if let Some(d) = deadline {
@@ -567,8 +619,12 @@ impl State {
         }
         let off = self.slots.layout().slot_offset(entry);
         let slot = self.slots.layout().slot_size();
-        if let Some(dev) = self.devices.get(&device) {
-            match dev.uffd.protect(dev.base + off, slot, true) {
+        let protect = self
+            .devices
+            .get(&device)
+            .and_then(|d| d.uffd.as_ref().map(|u| (u, d.base)));
+        if let Some((uffd, base)) = protect {
+            match uffd.protect(base + off, slot, true) {
                 Ok(()) => {}
                 // The device's address space is gone (it exited): nothing can
                 // write through its mapping any more.
@@ -684,6 +740,8 @@ impl State {
             proto::OP_RELEASE => self
                 .revoke(device, entry, RevokeReason::Released)
                 .map(|()| (proto::ST_RELEASED, 0)),
+            proto::OP_COMMIT => self.commit(device, entry).map(|v| (proto::ST_COMMITTED, v)),
+            proto::OP_WRITE => self.write_once(device, entry),
             proto::OP_REFUSED_STORE => match self.slots.layout().check(entry) {
                 Ok(()) => {
                     let version = self.slots.seq(entry);
@@ -700,6 +758,7 @@ impl State {
             Err(Error::Held { holder, .. }) => (proto::ST_HELD, u64::from(holder)),
             Err(Error::NoSuchEntry { .. }) => (proto::ST_NO_SUCH_ENTRY, 0),
             Err(Error::NotHeld { .. }) => (proto::ST_NOT_HELD, 0),
+            Err(Error::NotAGuest) => (proto::ST_NOT_A_GUEST, 0),
             Err(e) => {
                 tracing::warn!(device, entry, error = %e, "request failed");
                 (proto::ST_FAILED, 0)
@@ -715,9 +774,60 @@ impl State {
             .word(proto::RESP_VALUE)
             .store(value, Ordering::Relaxed);
         dev.ctrl.word(proto::RESP_SEQ).store(seq, Ordering::Release);
-        if self.notify == Notify::EventFd {
+        // A guest's answer is an interrupt (QEMU's vector eventfd) in either
+        // mode: a guest that polls the word masks it.
+        if self.notify == Notify::EventFd || dev.guest.is_some() {
             let _ = sys::eventfd_signal(dev.efd_resp.as_fd());
         }
+    }
+
+    /// Copies a guest's window payload into `entry`, which it must hold, as
+    /// one new version (readers see the old or the new payload, never a mix:
+    /// the copy is taken first, then written under the sequence word).
+    fn commit(&mut self, device: DeviceId, entry: u32) -> Result<u64, Error> {
+        self.slots.layout().check(entry)?;
+        let dev = self
+            .devices
+            .get(&device)
+            .ok_or(Error::NoSuchDevice(device))?;
+        if dev.guest.is_none() {
+            return Err(Error::NotAGuest);
+        }
+        match &self.brt[entry as usize] {
+            Some(g) if g.device == device => {}
+            _ => return Err(Error::NotHeld { device, entry }),
+        }
+        let words = self.slots.layout().entry_size() as usize / 8;
+        let mut copy = std::mem::take(&mut self.copy);
+        copy.clear();
+        copy.extend(
+            dev.ctrl
+                .window_payload(words)
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed)),
+        );
+        let version = self.slots.write_words(entry, &copy);
+        self.copy = copy;
+        Ok(version)
+    }
+
+    /// A guest's one-doorbell write: grant, copy the window in, revoke.
+    fn write_once(&mut self, device: DeviceId, entry: u32) -> Result<(u64, u64), Error> {
+        if self.devices.get(&device).is_some_and(|d| d.guest.is_none()) {
+            return Err(Error::NotAGuest);
+        }
+        let held = self
+            .brt
+            .get(entry as usize)
+            .is_some_and(|g| g.as_ref().is_some_and(|g| g.device == device));
+        if !held {
+            self.grant(device, entry, None)?;
+        }
+        let version = self.commit(device, entry);
+        if !held {
+            self.revoke(device, entry, RevokeReason::Released)?;
+        }
+        Ok((proto::ST_COMMITTED, version?))
     }
 }
 
@@ -751,6 +861,7 @@ fn serve(shared: &Shared) {
             match t {
                 TOKEN_STOP => return,
                 TOKEN_LISTENER => accept_all(shared),
+                t if t & 3 == KIND_GUEST => guest::accept(shared, (t >> 2) as DeviceId),
                 t => {
                     let device = (t >> 2) as DeviceId;
                     let mut st = lock(shared);
@@ -908,8 +1019,9 @@ fn attach(shared: &Shared, sock: UnixStream) -> Result<(), Error> {
         Dev {
             pid,
             sock,
-            uffd,
+            uffd: Some(uffd),
             base,
+            guest: None,
             pidfd,
             ctrl,
             efd_req,

@@ -252,6 +252,14 @@ impl Slots {
         self.seq(entry)
     }
 
+    /// Writes a whole payload of words as the next version; returns it. The
+    /// caller must be the entry's only writer.
+    pub(crate) fn write_words(&self, entry: u32, words: &[u64]) -> u64 {
+        let version = (self.seq(entry) & !1) + 2;
+        self.restore(entry, words, version);
+        version
+    }
+
     /// Puts back a snapshot as version `version` (even).
     pub(crate) fn restore(&self, entry: u32, words: &[u64], version: u64) {
         let seq = self.seq_word(entry);

@@ -43,7 +43,8 @@ mod sys;
 
 pub use device::{Device, WriteGuard};
 pub use element::{
-    AuditEvent, AuditKind, DeviceInfo, Element, ElementConfig, GrantInfo, RevokeReason, Totals,
+    AuditEvent, AuditKind, DeviceInfo, Element, ElementConfig, GrantInfo, GuestWindow,
+    RevokeReason, Totals, ELEMENT_PEER, GUEST_PEER, WINDOW_PAYLOAD,
 };
 pub use entry::{Layout, MAX_ENTRIES, MAX_ENTRY_SIZE};
 pub use probe::StoreOutcome;
@@ -102,6 +103,10 @@ pub enum Error {
         /// Payload size.
         entry_size: u32,
     },
+    /// Only a guest's window is copied into an entry (a process writes its
+    /// entry in place).
+    #[error("only a guest (a VM's window) commits or writes through the element")]
+    NotAGuest,
     /// The element closed the connection or stopped answering.
     #[error("the element is gone")]
     ElementGone,

@@ -147,6 +147,10 @@ pub(crate) const OP_RELEASE: u64 = 2;
 /// The device's library caught a SIGBUS from a store into the entry (it had no
 /// grant): for the element's audit. Answered `ST_RELEASED`.
 pub(crate) const OP_REFUSED_STORE: u64 = 3;
+/// A guest: copy its window's payload into the entry it holds.
+pub(crate) const OP_COMMIT: u64 = 4;
+/// A guest: grant, commit and release in one request.
+pub(crate) const OP_WRITE: u64 = 5;
 
 pub(crate) const ST_GRANTED: u64 = 1;
 pub(crate) const ST_RELEASED: u64 = 2;
@@ -156,6 +160,10 @@ pub(crate) const ST_NO_SUCH_ENTRY: u64 = 4;
 pub(crate) const ST_NOT_HELD: u64 = 5;
 /// Value: errno.
 pub(crate) const ST_FAILED: u64 = 6;
+/// Value: the entry's new version.
+pub(crate) const ST_COMMITTED: u64 = 7;
+/// A process asked for a guest's operation.
+pub(crate) const ST_NOT_A_GUEST: u64 = 8;
 
 /// One device's control page (its own memfd, shared by the element and that
 /// device only): the device writes a request and bumps `REQ_SEQ`; the element
@@ -182,6 +190,24 @@ impl Ctrl {
         }
         let map = Mapping::shared(fd, CTRL_BYTES).map_err(Error::io("mapping the control page"))?;
         Ok(Ctrl { map })
+    }
+
+    /// A guest's window: the control words on its first page, then a payload.
+    pub(crate) fn from_mapping(map: Mapping) -> Ctrl {
+        assert!(map.len() >= CTRL_BYTES);
+        Ctrl { map }
+    }
+
+    /// The `words` payload words after the control page of a guest's window.
+    pub(crate) fn window_payload(&self, words: usize) -> &[AtomicU64] {
+        assert!(CTRL_BYTES + words * 8 <= self.map.len());
+        // SAFETY: the words lie within the mapping owned by `self` (checked
+        // above), are 8-aligned (page-aligned start), and this process reads
+        // them only through atomics; the guest's stores are another process's
+        // (QEMU's) and cannot make a Rust reference dangle.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(CTRL_BYTES) as *const AtomicU64, words)
+        }
     }
 
     pub(crate) fn word(&self, i: usize) -> &AtomicU64 {

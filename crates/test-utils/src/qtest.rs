@@ -165,6 +165,22 @@ impl Qtest {
             .ok_or(QtestError::Refused { command, answer: v })
     }
 
+    /// Writes one byte to an I/O port.
+    pub async fn outb(&mut self, port: u16, value: u8) -> Result<(), QtestError> {
+        self.command(&format!("outb 0x{port:x} 0x{value:x}"))
+            .await
+            .map(drop)
+    }
+
+    /// Turns on the controller's translation of the keyboard's set 2 to set 1, as
+    /// firmware does for the guests that follow it (command byte 0x43: keyboard and
+    /// mouse interrupts, translation): from then on a release is one byte, the code
+    /// with its high bit set, instead of `f0` and the code.
+    pub async fn translate_keyboard(&mut self) -> Result<(), QtestError> {
+        self.outb(I8042_STATUS, 0x60).await?;
+        self.outb(I8042_DATA, 0x43).await
+    }
+
     /// Every byte waiting in the i8042 controller, in order, with whether it came from
     /// the auxiliary (mouse) port: a read of the data port hands over the next byte of
     /// the device's queue, until the status port says the output buffer is empty.

@@ -48,7 +48,7 @@ pub(crate) fn fragment(r: Result<Markup, ApiError>) -> Response {
 }
 
 /// The pages in the navigation: (path, title).
-pub(crate) const NAV: [(&str, &str); 10] = [
+pub(crate) const NAV: [(&str, &str); 11] = [
     ("/ui/hosts", "Hosts"),
     ("/ui/vms", "VMs"),
     ("/ui/networks", "Networks"),
@@ -59,6 +59,7 @@ pub(crate) const NAV: [(&str, &str); 10] = [
     ("/ui/slices", "Slices"),
     ("/ui/terminals", "Terminals"),
     ("/ui/v2x", "V2X"),
+    ("/ui/resource-tables", "Resource tables"),
 ];
 
 fn head(title: &str) -> Markup {

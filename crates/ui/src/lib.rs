@@ -20,6 +20,7 @@ mod ns;
 mod ops;
 mod session;
 mod slices;
+mod tables;
 mod terminals;
 mod traffic;
 mod v2x;
@@ -189,6 +190,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ns/{id}/terminate", post(ns::terminate))
         .route("/ns/{id}/scale", post(ns::scale))
         .route("/operations/{id}/cancel", post(ops::cancel))
+        .route("/resource-tables", get(tables::page))
+        .route("/resource-tables/live", get(tables::live))
         .route("/terminals", get(terminals::page))
         .route("/terminals/live", get(terminals::live))
         .route("/slices", get(slices::page))
@@ -247,6 +250,7 @@ mod tests {
             "/ui/migrations",
             "/ui/operations",
             "/ui/ns",
+            "/ui/resource-tables",
         ] {
             let r = get(&app, p, None).await;
             assert_eq!(r.status(), StatusCode::SEE_OTHER, "{p}");

@@ -3,10 +3,10 @@
 //! guest echoes each line typed on its first virtual terminal to the serial console),
 //! and a screenshot is a PNG of the guest's display.
 //!
-//! The lines are short on purpose: each fits the PS/2 keyboard's 16-byte queue in one
-//! QMP command. A longer text takes several, and a guest that does not read its keyboard
-//! between two of them (a TCG guest on a loaded host) loses keys — a known bug, see
-//! docs/TERMINALS.md.
+//! The line `send` types is long on purpose: 40 characters are 120 bytes of scancodes,
+//! eight times the PS/2 keyboard's 16-byte queue, so they go out in several QMP commands
+//! and the driver must wait for the guest to read each before the next (a guest on a
+//! loaded host lost keys before it did).
 
 use std::io::Write;
 use std::process::Stdio;
@@ -46,7 +46,7 @@ async fn a_terminal_types_into_a_real_guest_and_takes_its_picture() {
             "--credentials",
             &creds_arg,
             "--text",
-            "hi vm\\n",
+            "a line longer than the PS/2 queue, typed\\n",
         ],
     );
     assert!(ok && out.contains("performed"), "terminal send: {out}{err}");
@@ -65,7 +65,7 @@ async fn a_terminal_types_into_a_real_guest_and_takes_its_picture() {
         }
     };
     assert!(
-        typed("hi vm").await,
+        typed("a line longer than the PS/2 queue, typed").await,
         "the guest never saw the line: {}",
         admin.console("demo").await.unwrap_or_default()
     );
@@ -87,10 +87,10 @@ async fn a_terminal_types_into_a_real_guest_and_takes_its_picture() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"by key\r").unwrap();
+    stdin.write_all(b"typed key by key in a session\r").unwrap();
     stdin.flush().unwrap();
     assert!(
-        typed("by key").await,
+        typed("typed key by key in a session").await,
         "the guest never saw the session's line: {}",
         admin.console("demo").await.unwrap_or_default()
     );

@@ -466,6 +466,74 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
     );
     b.screenshot("terminals").await;
 
+    // Resource tables: one made through the API on host-a, served by its agent; a
+    // device (a `vinfra resource-table attach` process on the agent's socket) takes a
+    // grant and writes an entry, and the page shows the device, the grant, the entry's
+    // version and the audit, live.
+    let (ok, out, err) = cli(
+        &s,
+        &admin_token,
+        &[
+            "resource-table",
+            "create",
+            "flows-ui",
+            "--host",
+            "host-a",
+            "--entries",
+            "16",
+            "--entry-size",
+            "248",
+        ],
+    );
+    assert!(ok, "resource-table create: {out}{err}");
+    b.goto(&format!("{}/ui/resource-tables", s.url)).await;
+    let article = "section[data-host='host-a'] article[data-table='flows-ui']";
+    b.wait_for_text(article, "16 entries of 248 bytes").await;
+    b.wait_for_text(article, "serving").await;
+    let socket = s
+        .admin()
+        .get_resource_table("host-a", "flows-ui")
+        .await
+        .unwrap()
+        .state
+        .expect("the page showed the agent's report")
+        .socket;
+    let mut dev = std::process::Command::new(crate::harness::VINFRA)
+        .args(["resource-table", "attach", &socket])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn a device");
+    let mut dev_in = dev.stdin.take().unwrap();
+    let mut dev_out = std::io::BufReader::new(dev.stdout.take().unwrap());
+    let _dev = test_utils::ChildGuard::new(dev);
+    let mut dev_cmd = |c: &str| {
+        use std::io::{BufRead, Write};
+        if !c.is_empty() {
+            writeln!(dev_in, "{c}").unwrap();
+            dev_in.flush().unwrap();
+        }
+        let mut l = String::new();
+        dev_out.read_line(&mut l).unwrap();
+        l.trim_end().to_owned()
+    };
+    assert!(dev_cmd("").starts_with("ready "));
+    assert!(dev_cmd("req 5 60000").starts_with("granted "));
+    let written = dev_cmd("write 5 seen in the browser");
+    let version = written
+        .strip_prefix("written ")
+        .unwrap_or_else(|| panic!("{written}"))
+        .to_owned();
+    b.wait_for_text(&format!("{article} table.devices tbody"), "process")
+        .await;
+    b.wait_for_text(&format!("{article} tr[data-grant-entry='5']"), "5")
+        .await;
+    b.wait_for_text(&format!("{article} tr[data-entry='5']"), &version)
+        .await;
+    b.wait_for_text(&format!("{article} table.audit"), "granted")
+        .await;
+    b.screenshot("resource-tables").await;
+
     // A server restart under an open page: it keeps polling, and the user stays logged in
     // (a lost session would have sent the whole page to the login form, mark and all).
     b.goto(&format!("{}/ui/vms", s.url)).await;
@@ -541,6 +609,7 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
         "slices",
         "terminals",
         "networks",
+        "resource-tables",
     ] {
         let text = seen(page).await;
         assert!(
@@ -548,7 +617,8 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
                 && !text.contains("embb-a")
                 && !text.contains("ue-1")
                 && !text.contains("kiosk")
-                && !text.contains("green"),
+                && !text.contains("green")
+                && !text.contains("flows-ui"),
             "{page} shows the admin's objects to another tenant:\n{text}"
         );
     }

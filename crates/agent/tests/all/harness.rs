@@ -107,12 +107,21 @@ impl Cluster {
 
     /// The config of an agent for host `name` on `driver`.
     pub fn agent_config(&self, name: &str, driver: &Arc<SimDriver>) -> agent::AgentConfig {
+        self.agent_config_on(name, driver.clone())
+    }
+
+    /// The config of an agent for host `name` on any compute driver.
+    pub fn agent_config_on(
+        &self,
+        name: &str,
+        driver: Arc<dyn compute::ComputeDriver>,
+    ) -> agent::AgentConfig {
         let mut cfg = agent::AgentConfig::simulated(
             &self.url,
             &self.agent_token,
             name,
             self.host_dir(name),
-            driver.clone(),
+            driver,
         );
         cfg.poll = POLL;
         cfg.heartbeat = HEARTBEAT;
@@ -123,7 +132,12 @@ impl Cluster {
 
     /// Starts an agent for host `name` on `driver` and waits until the host is up.
     pub async fn agent(&self, name: &str, driver: &Arc<SimDriver>) -> TestAgent {
-        let a = TestAgent::spawn(self.agent_config(name, driver));
+        self.agent_on(name, driver.clone()).await
+    }
+
+    /// [`Cluster::agent`] on any compute driver.
+    pub async fn agent_on(&self, name: &str, driver: Arc<dyn compute::ComputeDriver>) -> TestAgent {
+        let a = TestAgent::spawn(self.agent_config_on(name, driver));
         let admin = self.admin.clone();
         let host = name.to_owned();
         wait(&format!("host {name} up"), || {

@@ -37,6 +37,29 @@ pub(crate) fn validate(spec: &VmSpec) -> Result<(), ComputeError> {
             ));
         }
     }
+    if spec.tables.len() > crate::MAX_VM_TABLES {
+        return Err(invalid(
+            spec,
+            format!(
+                "at most {} resource tables per VM, got {}",
+                crate::MAX_VM_TABLES,
+                spec.tables.len()
+            ),
+        ));
+    }
+    for t in &spec.tables {
+        if !t.table_bytes.is_power_of_two() {
+            return Err(invalid(
+                spec,
+                format!(
+                    "resource table {} is {} bytes, not a power of two",
+                    t.table.display(),
+                    t.table_bytes
+                ),
+            ));
+        }
+        check_socket_path(&t.window)?;
+    }
     for (i, n) in spec.nics.iter().enumerate() {
         let tap_ok = !n.tap.is_empty()
             && n.tap.len() <= 15
@@ -219,6 +242,23 @@ pub(super) fn build_args(
     // After the disk and NICs, so that their PCI slots stay where they were before the
     // display existed (a guest names its NICs by slot).
     push(&super::terminal::DEVICE_ARGS);
+    // Resource tables last of all: a VM started without them keeps every slot.
+    for (i, t) in spec.tables.iter().enumerate() {
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=rtab{i},mem-path={},size={},share=on,readonly=on",
+                esc(utf8(spec, &t.table)?),
+                t.table_bytes
+            ),
+            "-device",
+            &format!("ivshmem-plain,memdev=rtab{i},id=rtab{i}dev"),
+            "-chardev",
+            &format!("socket,id=rwin{i},path={}", esc(utf8(spec, &t.window)?)),
+            "-device",
+            &format!("ivshmem-doorbell,chardev=rwin{i},vectors=1,id=rwin{i}dev"),
+        ]);
+    }
     let console = run_dir.join(files::CONSOLE);
     let qmp = run_dir.join(files::QMP);
     let pid = run_dir.join(files::PID);

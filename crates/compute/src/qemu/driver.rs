@@ -42,9 +42,9 @@ impl ComputeDriver for QemuDriver {
     #[tracing::instrument(skip(self, op), fields(vm = %id, op = op.kind()))]
     async fn perform(&self, id: &str, op: &Operation) -> Result<OpOutcome, ComputeError> {
         let vm = self.get(id)?;
-        let _turn = vm.ops.lock().await;
+        let mut kbd = vm.ops.lock().await;
         crate::check_operation(id, op, vm.exited())?;
-        super::terminal::perform(&vm.qmp, id, &vm.run_dir, op).await
+        super::terminal::perform(&vm.qmp, &mut kbd, id, &vm.run_dir, op).await
     }
 
     fn pidfile(&self, run_dir: &Path) -> PathBuf {
@@ -195,7 +195,7 @@ impl ComputeDriver for QemuDriver {
             exit,
             shared,
             watcher,
-            ops: tokio::sync::Mutex::new(()),
+            ops: tokio::sync::Mutex::default(),
         });
         let rt = vm.runtime();
         self.vms

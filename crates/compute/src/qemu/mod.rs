@@ -126,8 +126,9 @@ struct Vm {
     watcher: tokio::task::JoinHandle<()>,
     /// Terminal operations on this VM take turns here (tokio's mutex is fair: first come,
     /// first served), so that one operation's QMP commands are never interleaved with
-    /// another's. Held across the operation's awaits; it guards no data.
-    ops: tokio::sync::Mutex<()>,
+    /// another's. Held across the operation's awaits; it guards what is known of the
+    /// VM's keyboard queue from one operation to the next.
+    ops: tokio::sync::Mutex<terminal::KeyboardQueue>,
 }
 
 impl Drop for Vm {
@@ -384,7 +385,7 @@ impl QemuDriver {
             exit,
             shared,
             watcher,
-            ops: tokio::sync::Mutex::new(()),
+            ops: tokio::sync::Mutex::default(),
         });
         let rt = vm.runtime();
         self.vms
@@ -430,6 +431,7 @@ mod tests {
             nics: vec![],
             run_dir: dir.join("run"),
             accel: Accel::Tcg,
+            tables: vec![],
         }
     }
 

@@ -207,6 +207,22 @@ pub fn max_bytes(qcode: QCode, down: bool) -> usize {
     scancodes(qcode, down).len()
 }
 
+/// The fewest bytes the event can put in the keyboard's queue, whatever modifiers are
+/// held, for a guest that reads set 2 through the controller's translation to set 1 (what
+/// the firmware sets up and Linux and Windows keep): QEMU then queues no `f0` (it sets the
+/// translated code's high bit instead, `hw/input/ps2.c`, `ps2_put_keycode`). Alt+Print is
+/// one byte each way, Ctrl+Pause four.
+pub fn min_bytes(qcode: QCode, down: bool) -> usize {
+    match (qcode.as_str(), down) {
+        ("print" | "sysrq", _) => 1,
+        ("pause", true) => 4,
+        _ => scancodes(qcode, down)
+            .iter()
+            .filter(|b| **b != 0xf0)
+            .count(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +240,14 @@ mod tests {
         assert_eq!(max_bytes(q("pause"), true), 8);
         assert_eq!(max_bytes(q("pause"), false), 0);
         assert!(scancodes(q("unmapped"), true).is_empty());
+        // Translated: a press and its release are one byte each, extended keys two.
+        assert_eq!((min_bytes(q("a"), true), min_bytes(q("a"), false)), (1, 1));
+        assert_eq!(min_bytes(q("delete"), false), 2);
+        for c in QCode::all() {
+            for down in [true, false] {
+                assert!(min_bytes(c, down) <= max_bytes(c, down), "{c} {down}");
+            }
+        }
     }
 
     #[test]

@@ -13,12 +13,19 @@
 //! PS/2 keyboard queues only [`ps2::QUEUE_BYTES`] bytes, and a guest cannot read any of
 //! them until the command is over. So the events of an operation go out in as few
 //! commands as fit that budget ([`plan_commands`]), never splitting a group (a typed
-//! character with its Shift, a key combination) unless the group alone is too big. A guest
-//! reads its keyboard between two commands (each waits for the previous one's answer);
-//! a guest that does not read keeps the first 16 bytes.
+//! character with its Shift, a key combination) unless the group alone is too big.
+//!
+//! Between two commands the guest must read what the first queued, and QEMU's answer to
+//! the first says nothing about that: a TCG guest on a loaded host may not run at all
+//! before the next command arrives, and the keyboard drops what does not fit. The signal
+//! that it read is the keyboard interrupt: the i8042 raises IRQ 1 once for every byte it
+//! makes readable, and QEMU counts the rising edges per interrupt line (`x-query-irq`,
+//! the monitor's `info irq`). [`KeyboardQueue`] keeps, per VM, a bound on the bytes still
+//! queued (what was sent, less the edges seen since) and a command waits until it fits.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use model::terminal_ops::{InputButton, InputEvent, Operation, PowerAction};
 use serde_json::{json, Value};
@@ -57,7 +64,20 @@ fn cost(ev: &InputEvent) -> usize {
     }
 }
 
-/// Packs event groups into `input-send-event` commands of at most [`ps2::QUEUE_BYTES`]
+/// The fewest keyboard-queue bytes an event may use (see [`ps2::min_bytes`]).
+fn min_cost(ev: &InputEvent) -> usize {
+    match ev {
+        InputEvent::Key { qcode, down } => ps2::min_bytes(*qcode, *down),
+        InputEvent::Move { .. } | InputEvent::Button { .. } => 0,
+    }
+}
+
+/// Keyboard bytes one command may queue: one less than the queue, because the byte the
+/// controller shows the guest (the last edge seen) stays in the queue until it is read,
+/// and a count of edges cannot tell whether it was.
+pub(crate) const COMMAND_BYTES: usize = ps2::QUEUE_BYTES - 1;
+
+/// Packs event groups into `input-send-event` commands of at most [`COMMAND_BYTES`]
 /// keyboard bytes each, in order. A group is split only when it alone is over the budget.
 pub(crate) fn plan_commands(groups: &[Vec<InputEvent>]) -> Vec<Vec<InputEvent>> {
     let mut out: Vec<Vec<InputEvent>> = Vec::new();
@@ -65,18 +85,18 @@ pub(crate) fn plan_commands(groups: &[Vec<InputEvent>]) -> Vec<Vec<InputEvent>> 
     let mut used = 0;
     for g in groups {
         let need: usize = g.iter().map(cost).sum();
-        if !cur.is_empty() && used + need > ps2::QUEUE_BYTES {
+        if !cur.is_empty() && used + need > COMMAND_BYTES {
             out.push(std::mem::take(&mut cur));
             used = 0;
         }
-        if need <= ps2::QUEUE_BYTES {
+        if need <= COMMAND_BYTES {
             cur.extend_from_slice(g);
             used += need;
             continue;
         }
         for ev in g {
             let c = cost(ev);
-            if !cur.is_empty() && used + c > ps2::QUEUE_BYTES {
+            if !cur.is_empty() && used + c > COMMAND_BYTES {
                 out.push(std::mem::take(&mut cur));
                 used = 0;
             }
@@ -166,29 +186,159 @@ fn held(sent: &[InputEvent]) -> Vec<InputEvent> {
         .collect()
 }
 
+/// How long a guest may leave its keyboard unread (no new interrupt edge) before a command
+/// goes out anyway: it then keeps what fits, as a keyboard nobody reads does.
+pub(crate) const STALL: Duration = Duration::from_secs(2);
+
+/// How often the interrupt count is read while a command waits.
+const POLL: Duration = Duration::from_millis(2);
+
+/// What the driver knows of one VM's PS/2 keyboard queue, kept from one operation to the
+/// next (two short operations in a row overflow it as surely as one long one).
+#[derive(Debug, Default)]
+pub(crate) struct KeyboardQueue {
+    /// At most this many bytes sent are not yet readable by the guest (sent, counted with
+    /// [`min_cost`], less the edges seen since), capped at the queue's size.
+    pending: usize,
+    /// The keyboard interrupt's edge count when last read.
+    edges: Option<u64>,
+    /// The guest read nothing for [`STALL`]: commands stop waiting for it until it does.
+    stalled: bool,
+    /// QEMU gave no edge count: commands go out without waiting (as before the signal).
+    blind: bool,
+}
+
+impl KeyboardQueue {
+    /// Reads the edge count and takes the new edges off `pending`. `Ok(true)` if the
+    /// guest read something since the last look.
+    async fn refresh(&mut self, qmp: &QmpClient, id: &str) -> Result<bool, QmpError> {
+        let text = qmp.execute("x-query-irq", None).await?;
+        let text = text
+            .get("human-readable-text")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let Some(now) = keyboard_edges(text) else {
+            tracing::warn!(vm = %id, "no keyboard interrupt count from QEMU: long texts may lose keys");
+            self.blind = true;
+            return Ok(false);
+        };
+        let seen = match self.edges {
+            Some(before) => now.saturating_sub(before),
+            // First look: nothing sent before it is known to be queued.
+            None => 0,
+        };
+        self.edges = Some(now);
+        let seen = usize::try_from(seen).unwrap_or(usize::MAX);
+        self.pending = self.pending.saturating_sub(seen);
+        Ok(seen > 0)
+    }
+
+    /// Waits until `need` more bytes fit the queue (see [`COMMAND_BYTES`] for the byte
+    /// kept back), or the guest stalls.
+    async fn make_room(&mut self, qmp: &QmpClient, id: &str, need: usize) -> Result<(), QmpError> {
+        let fits = |pending: usize| pending + need < ps2::QUEUE_BYTES || pending == 0;
+        if self.blind || need == 0 {
+            return Ok(());
+        }
+        if self.edges.is_none() {
+            self.refresh(qmp, id).await?;
+        }
+        if fits(self.pending) && !self.stalled {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut progress = Instant::now();
+        loop {
+            if self.refresh(qmp, id).await? {
+                progress = Instant::now();
+                self.stalled = false;
+            }
+            if fits(self.pending) || self.blind || self.stalled {
+                break;
+            }
+            if progress.elapsed() >= STALL {
+                tracing::warn!(
+                    vm = %id,
+                    queued = self.pending,
+                    "the guest does not read its keyboard: sending anyway, it keeps what fits"
+                );
+                self.stalled = true;
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        tracing::trace!(vm = %id, waited_us = started.elapsed().as_micros() as u64, "keyboard room");
+        Ok(())
+    }
+
+    fn sent(&mut self, cmd: &[InputEvent]) {
+        let bytes: usize = cmd.iter().map(min_cost).sum();
+        self.pending = (self.pending + bytes).min(ps2::QUEUE_BYTES);
+    }
+}
+
+/// The keyboard interrupt's (IRQ 1) edge count in `x-query-irq`'s text: the I/O APIC's
+/// section if there is one, else the first that counts it. A line is listed once it
+/// fired; a section without it counts 0.
+pub(crate) fn keyboard_edges(text: &str) -> Option<u64> {
+    let mut sections: Vec<(&str, u64)> = Vec::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("IRQ statistics for ") {
+            sections.push((name.trim_end_matches(':'), 0));
+        } else if let (Some(last), Some((irq, n))) = (sections.last_mut(), line.split_once(':')) {
+            if irq.trim() == "1" {
+                last.1 = n.trim().parse().ok()?;
+            }
+        }
+    }
+    sections
+        .iter()
+        .find(|(name, _)| name.contains("ioapic"))
+        .or_else(|| sections.first())
+        .map(|(_, n)| *n)
+}
+
 /// Performs `op` on the QEMU behind `qmp` (the operation must be valid). `scratch` is a
 /// directory QEMU can write (the run dir): screenshots pass through it.
 pub(crate) async fn perform(
     qmp: &QmpClient,
+    kbd: &mut KeyboardQueue,
     id: &str,
     scratch: &Path,
     op: &Operation,
 ) -> Result<OpOutcome, ComputeError> {
     match op {
-        Operation::Power { action } => power(qmp, id, op, *action).await,
+        Operation::Power { action } => {
+            let out = power(qmp, id, op, *action).await;
+            if matches!(action, PowerAction::Reset) && out.is_ok() {
+                // A reset empties the keyboard's queue.
+                kbd.pending = 0;
+            }
+            out
+        }
         Operation::Screenshot => screenshot(qmp, id, scratch).await,
-        _ => input(qmp, id, op).await,
+        _ => input(qmp, kbd, id, op).await,
     }
 }
 
-async fn input(qmp: &QmpClient, id: &str, op: &Operation) -> Result<OpOutcome, ComputeError> {
+async fn input(
+    qmp: &QmpClient,
+    kbd: &mut KeyboardQueue,
+    id: &str,
+    op: &Operation,
+) -> Result<OpOutcome, ComputeError> {
     let commands = plan_commands(&op.input_groups());
     let mut sent: Vec<InputEvent> = Vec::new();
     for (i, cmd) in commands.iter().enumerate() {
-        if let Err(err) = qmp
-            .execute("input-send-event", Some(input_command(cmd)))
-            .await
-        {
+        let need: usize = cmd.iter().map(cost).sum();
+        let sending = match kbd.make_room(qmp, id, need).await {
+            Ok(()) => {
+                qmp.execute("input-send-event", Some(input_command(cmd)))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(err) = sending {
             // A later command of a split operation failed: do not leave its keys down.
             let release = held(&sent);
             if i > 0 && !release.is_empty() {
@@ -205,6 +355,7 @@ async fn input(qmp: &QmpClient, id: &str, op: &Operation) -> Result<OpOutcome, C
             }
             return Err(qmp_err(id, op, err));
         }
+        kbd.sent(cmd);
         sent.extend_from_slice(cmd);
     }
     tracing::debug!(vm = %id, op = op.kind(), commands = commands.len(), events = sent.len(), "input sent");
@@ -329,7 +480,7 @@ mod tests {
         assert_eq!(flat, o.input_events(), "order and content kept");
         let shift = QCode::from_name("shift").unwrap();
         for c in &cmds {
-            assert!(bytes(c) <= ps2::QUEUE_BYTES, "{}", bytes(c));
+            assert!(bytes(c) <= COMMAND_BYTES, "{}", bytes(c));
             // No command ends with Shift held: characters are never split.
             assert!(held(c).is_empty(), "{c:?}");
             assert_ne!(
@@ -349,16 +500,45 @@ mod tests {
         let cmds = plan_commands(&o.input_groups());
         assert_eq!(cmds.len(), 2);
         for c in &cmds {
-            assert!(bytes(c) <= ps2::QUEUE_BYTES);
+            assert!(bytes(c) <= COMMAND_BYTES);
         }
         assert_eq!(
             cmds.iter().flatten().copied().collect::<Vec<_>>(),
             o.input_events()
         );
-        // The first command takes all downs (10 bytes) and two ups (6): after it, these
-        // keys are down, which a failure of the second would release, last pressed first.
+        // The first command takes all downs (10 bytes) and one up (3; a second would make
+        // 16, over the 15 a command may use): after it, these keys are down, which a
+        // failure of the second would release, last pressed first.
         let rel: Vec<String> = held(&cmds[0]).iter().map(ToString::to_string).collect();
-        assert_eq!(rel, ["key meta_r up", "key alt_r up", "key ctrl_r up"]);
+        assert_eq!(
+            rel,
+            [
+                "key insert up",
+                "key meta_r up",
+                "key alt_r up",
+                "key ctrl_r up"
+            ]
+        );
+    }
+
+    #[test]
+    fn keyboard_edges_come_from_the_io_apic() {
+        let text = "IRQ statistics for isa-i8259:\n 0: 24\n 1: 11\nIRQ statistics for ioapic:\n 0: 24\n 1: 12\n 12: 3\n";
+        assert_eq!(keyboard_edges(text), Some(12));
+        // Not fired yet: not listed, 0.
+        assert_eq!(
+            keyboard_edges("IRQ statistics for ioapic:\n 0: 24\n"),
+            Some(0)
+        );
+        assert_eq!(
+            keyboard_edges("IRQ statistics for isa-i8259:\n 1: 5\n"),
+            Some(5)
+        );
+        assert_eq!(keyboard_edges("no statistics"), None);
+        assert_eq!(
+            keyboard_edges("IRQ statistics for ioapic:\n 1: many\n"),
+            None
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@
 //!     id: "web-1".into(), name: "web-1".into(), vcpus: 1, memory_mib: 256,
 //!     kernel: img.kernel, initrd: img.initrd, cmdline: "vinfra.tick_ms=10".into(),
 //!     disk: DiskTarget::File(dir.path().join("disk.img")), nics: vec![],
-//!     run_dir: dir.path().join("run"), accel: compute::Accel::Auto,
+//!     run_dir: dir.path().join("run"), accel: compute::Accel::Auto, tables: vec![],
 //! };
 //! let vm = driver.start(&spec).await?;
 //! while !std::fs::read_to_string(&vm.console_log)?.contains("read=ok write=ok") {

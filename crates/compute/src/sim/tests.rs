@@ -29,6 +29,7 @@ fn spec(dir: &Path, img: &GuestImage, id: &str, run: &str) -> VmSpec {
         nics: vec![],
         run_dir: dir.join(run),
         accel: Accel::Auto,
+        tables: vec![],
     }
 }
 

@@ -13,6 +13,7 @@ use compute::{
 };
 use model::terminal_ops::Operation;
 
+mod tables;
 mod terminal;
 
 /// Serializes the VM tests (2 cores, one per TCG QEMU).
@@ -86,6 +87,7 @@ fn spec(id: &str, img: &GuestImage, disk: DiskTarget, run_dir: PathBuf) -> VmSpe
         nics: vec![],
         run_dir,
         accel: Accel::Auto,
+        tables: vec![],
     }
 }
 

@@ -6,6 +6,7 @@ mod concurrency;
 mod drain;
 mod ns_site;
 mod push;
+mod resource_tables;
 mod slices;
 mod snapshots;
 mod takeover;

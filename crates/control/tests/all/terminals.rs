@@ -347,3 +347,183 @@ async fn a_terminal_over_its_rate_is_told_when_to_retry() {
         "{e:?}"
     );
 }
+
+/// Operations held while a VM's live migration is on are answered `failed` when the VM
+/// is deleted before the migration ends, in the deletion's transaction: none stays `held`
+/// forever, and a later message to the deleted VM is refused.
+#[tokio::test]
+async fn operations_held_for_a_deleted_vm_are_answered_failed() {
+    use model::terminals::OperationOutcome;
+    let store = Arc::new(MemStore::new());
+    let c = control(&store);
+    let tenant = TenantId::new_random();
+    // On a host that is not up: deleting the VM removes its record at once.
+    let web = vm(store.as_ref(), tenant, "web", "h1").await;
+    let key = control::records::keys::vm(web);
+    let mut rec: model::Vm =
+        serde_json::from_slice(&store.get(&key).await.unwrap().unwrap().value).unwrap();
+    let mid = model::MigrationId::new_random();
+    let m = model::Migration {
+        id: mid,
+        vm: web,
+        tenant,
+        vm_name: n("web"),
+        from_host: n("h1"),
+        to_host: n("h2"),
+        strategy: "heat".into(),
+        precopy: false,
+        dirty: None,
+        state: model::MigrationState::Pending,
+        peer_nbd: None,
+        incoming_uri: None,
+        qemu: None,
+        progress: None,
+        error: None,
+        created_at: 0,
+        switched_at: None,
+        finished_at: None,
+    };
+    crate::drain::put(store.as_ref(), &control::records::keys::migration(mid), &m).await;
+    rec.migration = Some(mid);
+    crate::drain::put(store.as_ref(), &key, &rec).await;
+
+    let made = c.create_terminal(tenant, n("kiosk")).await.unwrap();
+    let (t, secret, server) = (made.terminal.id, made.secret.clone(), made.server.clone());
+    c.bind_terminal(
+        Scope::Tenant(tenant),
+        "kiosk",
+        &web.to_string(),
+        SharePolicy::Shared,
+    )
+    .await
+    .unwrap();
+    let now = control::now_ms();
+    // Two operations, held (nobody answers): each waits for its answer meanwhile.
+    let mut waiting = Vec::new();
+    for seq in [1, 2] {
+        let (c, secret, server) = (c.clone(), secret.clone(), server.clone());
+        waiting.push(tokio::spawn(async move {
+            c.perform_operation(&message(&server, t, &secret, seq, now, KEY_A))
+                .await
+        }));
+    }
+    let held = || async {
+        c.terminal_operations(Scope::Tenant(tenant), "kiosk")
+            .await
+            .unwrap()
+            .iter()
+            .filter(|o| o.outcome == OperationOutcome::Held)
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while held().await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the operations were not held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let gone = c
+        .delete_vm(Scope::Tenant(tenant), &web.to_string())
+        .await
+        .unwrap();
+    assert!(matches!(gone, control::VmDeleted::Removed(_)), "{gone:?}");
+    let log = c
+        .terminal_operations(Scope::Tenant(tenant), "kiosk")
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 2);
+    for o in &log {
+        assert_eq!(o.outcome, OperationOutcome::Failed, "{o:?}");
+        assert!(o.performed.is_some());
+        assert!(
+            o.detail.as_deref().unwrap_or_default().contains("deleted"),
+            "{o:?}"
+        );
+    }
+    assert!(store
+        .get(&format!("/vinfra/held-operations/{web}"))
+        .await
+        .unwrap()
+        .is_none());
+    // The waiting senders got an answer (`failed`, or `held` if they stopped waiting
+    // before the deletion: 3 s).
+    for w in waiting {
+        let r = w.await.unwrap().unwrap();
+        assert!(
+            matches!(r.outcome, OperationOutcome::Failed | OperationOutcome::Held),
+            "{r:?}"
+        );
+    }
+    let e = c
+        .perform_operation(&message(&server, t, &secret, 3, now, KEY_A))
+        .await;
+    assert!(matches!(e, Err(Refused::VmGone { .. })), "{e:?}");
+}
+
+/// A session reads its terminal's MAC key and binding once and keeps them until they
+/// change: a rebind mid-session sends the next message to the new VM, an unbind refuses
+/// it, a deleted terminal's next message is refused — none acts on the VM it was
+/// checked against before the change.
+#[tokio::test]
+async fn a_session_follows_its_terminals_binding_as_it_changes() {
+    use model::terminals::OperationOutcome;
+    let store = Arc::new(MemStore::new());
+    let c = control(&store);
+    hosts_answer(&c).await;
+    let tenant = TenantId::new_random();
+    let web = vm(store.as_ref(), tenant, "web", "h1").await;
+    let db = vm(store.as_ref(), tenant, "db", "h2").await;
+    let made = c.create_terminal(tenant, n("kiosk")).await.unwrap();
+    let (t, secret, server) = (made.terminal.id, made.secret.as_str(), made.server.as_str());
+    let scope = Scope::Tenant(tenant);
+    c.bind_terminal(scope, "kiosk", &web.to_string(), SharePolicy::Shared)
+        .await
+        .unwrap();
+    let now = control::now_ms();
+    let mut session = c.terminal_session();
+    let mut seq = 0;
+    let send = |seq: &mut u64| {
+        *seq += 1;
+        message(server, t, secret, *seq, now, KEY_A)
+    };
+    for _ in 0..5 {
+        let p = session.submit(&send(&mut seq)).await.unwrap();
+        assert_eq!(p.record().vm, web);
+    }
+    // Rebound to db: the next message goes there.
+    c.bind_terminal(scope, "kiosk", &db.to_string(), SharePolicy::Shared)
+        .await
+        .unwrap();
+    let mut on_db = None;
+    for _ in 0..100 {
+        // The session learns of the change from the store's watch; a message checked
+        // before that is refused by the recording transaction, never sent to web.
+        match session.submit(&send(&mut seq)).await {
+            Ok(p) => {
+                on_db = Some(p.record().vm);
+                break;
+            }
+            Err(r) => assert_eq!(r.refused.reason(), "unbound", "{:?}", r.refused),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(on_db, Some(db));
+    // Unbound: refused.
+    c.unbind_terminal(scope, "kiosk").await.unwrap();
+    let r = session.submit(&send(&mut seq)).await.unwrap_err();
+    assert_eq!(r.refused.reason(), "unbound", "{:?}", r.refused);
+    // Deleted: refused, though the session had its key.
+    c.bind_terminal(scope, "kiosk", &web.to_string(), SharePolicy::Shared)
+        .await
+        .unwrap();
+    let p = session.submit(&send(&mut seq)).await.unwrap();
+    assert_eq!(
+        p.answer(std::time::Duration::from_secs(5)).await.outcome,
+        OperationOutcome::Performed
+    );
+    c.delete_terminal(scope, "kiosk").await.unwrap();
+    let r = session.submit(&send(&mut seq)).await.unwrap_err();
+    assert_eq!(r.refused.reason(), "unknown_terminal", "{:?}", r.refused);
+}

@@ -18,13 +18,15 @@ const BAR: u64 = 0xc000_0000;
 /// The ivshmem device's PCI slot (bus 0).
 const SLOT: u32 = 4;
 
-struct Qtest {
+pub(crate) struct Qtest {
     r: BufReader<UnixStream>,
     w: UnixStream,
+    /// The PCI slot `cfg_read`/`cfg_write` address.
+    pub slot: u32,
 }
 
 impl Qtest {
-    fn cmd(&mut self, c: &str) -> String {
+    pub fn cmd(&mut self, c: &str) -> String {
         writeln!(self.w, "{c}").unwrap();
         loop {
             let mut l = String::new();
@@ -40,29 +42,36 @@ impl Qtest {
         }
     }
 
-    fn cfg_addr(reg: u32) -> String {
-        format!("outl 0xcf8 {:#x}", 0x8000_0000u32 | (SLOT << 11) | reg)
+    fn cfg_addr(&self, reg: u32) -> String {
+        format!("outl 0xcf8 {:#x}", 0x8000_0000u32 | (self.slot << 11) | reg)
     }
 
-    fn cfg_read(&mut self, reg: u32) -> u32 {
-        self.cmd(&Self::cfg_addr(reg));
+    pub fn cfg_read(&mut self, reg: u32) -> u32 {
+        {
+            let a = self.cfg_addr(reg);
+            self.cmd(&a);
+        }
         let v = self.cmd("inl 0xcfc");
         u32::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
     }
 
-    fn cfg_write(&mut self, reg: u32, v: u32) {
-        self.cmd(&Self::cfg_addr(reg));
+    pub fn cfg_write(&mut self, reg: u32, v: u32) {
+        {
+            let a = self.cfg_addr(reg);
+            self.cmd(&a);
+        }
         self.cmd(&format!("outl 0xcfc {v:#x}"));
     }
 
-    fn readq(&mut self, addr: u64) -> u64 {
+    pub fn readq(&mut self, addr: u64) -> u64 {
         let v = self.cmd(&format!("readq {addr:#x}"));
         u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
     }
 }
 
-#[test]
-fn a_guest_sees_the_table_read_only_through_ivshmem() {
+/// QEMU started stopped (`-S`) with `extra` arguments, connected to a qtest
+/// socket in `dir`.
+pub(crate) fn start_qemu(dir: &std::path::Path, extra: &[String]) -> (Qemu, Qtest) {
     if Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
@@ -70,21 +79,8 @@ fn a_guest_sees_the_table_read_only_through_ivshmem() {
     {
         panic!("qemu-system-x86_64 is needed (scripts/setup.sh installs it)");
     }
-    let dir = tempfile::tempdir().unwrap();
-    // 16 entries of one page: a 64 KiB table, a power of two as a BAR must be.
-    let el = Element::start(ElementConfig::new(dir.path().join("t.sock"), 16, 4088)).unwrap();
-    let slot = el.layout().slot_size() as u64;
-    let size = el.layout().table_bytes();
-    let payload: Vec<u8> = (0..64u8).collect();
-    let version = el.write(1, &payload).unwrap();
-
-    let sock = dir.path().join("qtest.sock");
+    let sock = dir.join("qtest.sock");
     let listener = UnixListener::bind(&sock).unwrap();
-    let mem_path = format!(
-        "/proc/{}/fd/{}",
-        std::process::id(),
-        el.table_fd().as_raw_fd()
-    );
     let mut qemu = Command::new("qemu-system-x86_64")
         // `-S`: no vCPU runs (the firmware would probe PCI through the same ports);
         // this QEMU build has no `qtest` accelerator, so qtest drives a stopped machine.
@@ -101,12 +97,7 @@ fn a_guest_sees_the_table_read_only_through_ivshmem() {
         .arg("-qtest")
         .arg(format!("unix:{}", sock.display()))
         .args(["-qtest-log", "/dev/null"])
-        .arg("-object")
-        .arg(format!(
-            "memory-backend-file,id=table,mem-path={mem_path},size={size},share=on,readonly=on"
-        ))
-        .arg("-device")
-        .arg(format!("ivshmem-plain,memdev=table,addr={SLOT:#x}"))
+        .args(extra)
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -133,10 +124,50 @@ fn a_guest_sees_the_table_read_only_through_ivshmem() {
     conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut q = Qtest {
+    let q = Qtest {
         r: BufReader::new(conn.try_clone().unwrap()),
         w: conn,
+        slot: SLOT,
     };
+    (Qemu(qemu), q)
+}
+
+/// A QEMU process, killed when the test ends (also when it fails).
+pub(crate) struct Qemu(pub std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_guest_sees_the_table_read_only_through_ivshmem() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 entries of one page: a 64 KiB table, a power of two as a BAR must be.
+    let el = Element::start(ElementConfig::new(dir.path().join("t.sock"), 16, 4088)).unwrap();
+    let slot = el.layout().slot_size() as u64;
+    let size = el.layout().table_bytes();
+    let payload: Vec<u8> = (0..64u8).collect();
+    let version = el.write(1, &payload).unwrap();
+
+    let mem_path = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        el.table_fd().as_raw_fd()
+    );
+    let (_qemu, mut q) = start_qemu(
+        dir.path(),
+        &[
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=table,mem-path={mem_path},size={size},share=on,readonly=on"
+            ),
+            "-device".into(),
+            format!("ivshmem-plain,memdev=table,addr={SLOT:#x}"),
+        ],
+    );
 
     // Red Hat's ivshmem ids (1af4:1110), as the guest's driver would find them.
     assert_eq!(q.cfg_read(0), 0x1110_1af4);
@@ -173,8 +204,4 @@ fn a_guest_sees_the_table_read_only_through_ivshmem() {
     let v2 = el.write(1, &[9u8; 16]).unwrap();
     assert_eq!(q.readq(at), v2);
     assert_eq!(q.readq(at + 8), u64::from_le_bytes([9; 8]));
-
-    let _ = qemu.kill();
-    let out = qemu.wait_with_output().unwrap();
-    drop(out);
 }

@@ -3,6 +3,7 @@
 
 mod basic;
 mod crash;
+mod guest;
 mod ivshmem;
 mod model;
 mod storm;
