@@ -621,6 +621,11 @@ impl VmTask {
             state,
             error,
             console_tail: self.files.console_tail(16 * 1024),
+            cpu_time_ms: self
+                .host
+                .driver
+                .cpu_time(&self.files.driver_id())
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         // Skip identical reports: the console tail changes while a guest runs, so a
         // running VM is still reported every pass, an idle one is not.

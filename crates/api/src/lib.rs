@@ -118,6 +118,11 @@ pub struct ServerConfig {
     /// builds on this crate and so cannot be called from it): built over this server's
     /// state. `None`: no dashboard.
     pub ui: Option<fn(AppState) -> Router>,
+    /// The slice sampler's period: every period the leading server measures each
+    /// NSI's load from its VMs' traffic and CPU counters, forecasts and allocates
+    /// (`docs/SLICES.md`), and reconciles associations left without a ledger entry.
+    /// Default 60 s; `None` turns the sampler off.
+    pub slice_sample_period: Option<Duration>,
     /// MEC services (`vinfra mec serve`) the dashboard's V2X page may read, by name. Only
     /// these: the page never fetches a URL a user typed. Their operator tokens are not
     /// kept here; a user gives one in the page.
@@ -183,6 +188,7 @@ impl Default for ServerConfig {
             ledger_key_file: None,
             push_keepalive: control::push::DEFAULT_KEEPALIVE,
             ui: None,
+            slice_sample_period: Some(Duration::from_secs(60)),
             mecs: Vec::new(),
         }
     }
@@ -200,6 +206,10 @@ struct Inner {
     /// Latest console tail per VM. In memory on purpose: it is large,
     /// changes every report, and losing it on restart costs nothing.
     consoles: Mutex<HashMap<VmId, String>>,
+    /// The CPU time (ms) each VM's agent last reported: what the slice sampler reads.
+    /// In memory like the console tails: it is cumulative, so a restarted server
+    /// continues from the agents' next reports (the sampler keeps its own cursor).
+    cpu_ms: Mutex<HashMap<VmId, u64>>,
     /// The cache-rebuild progress of recent migrations as reported, one sample a report:
     /// the curves the dashboard plots. In memory like the console tails (the record keeps
     /// the latest figures only); a restart starts the curves anew.
@@ -242,6 +252,7 @@ impl AppState {
                 )
                 .with_push_keepalive(config.push_keepalive),
                 consoles: Mutex::new(HashMap::new()),
+                cpu_ms: Mutex::new(HashMap::new()),
                 curves: Mutex::new(curves::Curves::default()),
                 http: metrics::HttpCounters::default(),
                 traffic: config
@@ -300,9 +311,35 @@ impl AppState {
         self.consoles().get(&vm).cloned().unwrap_or_default()
     }
 
-    /// Forgets a VM's console tail (the VM is gone).
+    /// Forgets a VM's console tail and CPU time (the VM is gone).
     pub fn forget_console(&self, vm: VmId) {
         self.consoles().remove(&vm);
+        lock(&self.inner.cpu_ms).remove(&vm);
+    }
+
+    pub(crate) fn set_cpu_ms(&self, vm: VmId, ms: u64) {
+        lock(&self.inner.cpu_ms).insert(vm, ms);
+    }
+
+    /// What the slice sampler reads now: the vSwitch controller's lifetime bytes per
+    /// VM pair (none when statistics are off) and the CPU time the agents last
+    /// reported per VM.
+    pub fn slice_counters(&self) -> control::slices::Counters {
+        let pairs = self
+            .traffic()
+            .map(|c| {
+                c.traffic(&net::TrafficQuery::default())
+                    .pairs
+                    .into_iter()
+                    .map(|p| (p.src_mac.to_string(), p.dst_mac.to_string(), p.bytes))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cpu_ms = lock(&self.inner.cpu_ms)
+            .iter()
+            .map(|(vm, ms)| (vm.to_string(), *ms))
+            .collect();
+        control::slices::Counters { pairs, cpu_ms }
     }
 
     fn consoles(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, String>> {
@@ -520,6 +557,9 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         },
         state.control().jobs().clone(),
     );
+    if let Some(period) = config.slice_sample_period {
+        tokio::spawn(sample_slices_every(state.clone(), driver.leading(), period));
+    }
     let switch_server = async move {
         if let Some((l, ctrl)) = switches {
             if let Err(e) = net::controller::serve_switches(l, ctrl).await {
@@ -573,6 +613,57 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
         shutdown: tx,
         task,
     })
+}
+
+/// Associations younger than this may still be being appended by the server that
+/// made them: the sampler's reconciliation leaves them alone.
+const RECONCILE_GRACE: Duration = Duration::from_secs(30);
+
+/// The slice sampler: while this server leads, every `period` one sample of every
+/// NSI's load from this server's counters ([`AppState::slice_counters`]), then the
+/// reconciliation of associations left without a ledger entry. Only the leader
+/// samples, so that one period gives one sample.
+async fn sample_slices_every(
+    state: AppState,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+    period: Duration,
+) {
+    let policy = control::slices::default_policy();
+    let grace = u64::try_from(RECONCILE_GRACE.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return; // the driver stopped
+        }
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while *leading.borrow() {
+            tick.tick().await;
+            if !*leading.borrow() {
+                break;
+            }
+            let counters = state.slice_counters();
+            match state.control().sample_slices(&counters, &policy).await {
+                Ok(o) if !o.measured.is_empty() => {
+                    tracing::debug!(measured = ?o.measured, allocations = ?o.allocations, "slices sampled")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %model::error_chain(&e), "slice sampling failed; next period retries")
+                }
+            }
+            match state.control().reconcile_slice_ledger(grace).await {
+                Ok((0, 0)) => {}
+                Ok((appended, found)) => tracing::warn!(
+                    appended,
+                    found,
+                    "associations reconciled with the slice ledger"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %model::error_chain(&e), "slice ledger reconciliation failed; next period retries")
+                }
+            }
+        }
+    }
 }
 
 /// Continues the counters of this server's controller from its last saved snapshot. A

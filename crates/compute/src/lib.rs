@@ -522,6 +522,14 @@ pub trait ComputeDriver: Send + Sync + std::fmt::Debug {
     /// Path of the VM's serial console log.
     fn console_path(&self, id: &str) -> Result<PathBuf, ComputeError>;
 
+    /// CPU time the VM has used since its hypervisor started (user + system), when the
+    /// driver can tell; `None` when it cannot (the VM is unknown or has exited). What the
+    /// agents report and the slice sampler turns into cores in use.
+    fn cpu_time(&self, id: &str) -> Option<std::time::Duration> {
+        let _ = id;
+        None
+    }
+
     /// Re-attaches to a VM left running by a previous agent.
     async fn adopt(&self, id: &str, run_dir: &std::path::Path) -> Result<VmRuntime, ComputeError> {
         let _ = (id, run_dir);

@@ -15,6 +15,20 @@ pub(crate) fn alive(pid: u32) -> bool {
     }
 }
 
+/// CPU time `pid` has used (user + system, from `/proc/<pid>/stat`'s `utime` and
+/// `stime`, in clock ticks), or `None` if it is gone.
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ": state is field 3, utime 14, stime 15 (proc(5)).
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut f = rest.split_ascii_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    let ticks = utime.saturating_add(stime);
+    Some(Duration::from_millis(ticks.saturating_mul(1000) / hz))
+}
+
 /// The process's argv, or `None` if it is gone.
 pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;

@@ -183,6 +183,12 @@ impl Driver {
         *self.leading.borrow()
     }
 
+    /// Whether this driver leads, as a watch (for work that only the leader does
+    /// but that lives outside the driver, like the slice sampler).
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.clone()
+    }
+
     /// Waits until this driver leads.
     pub async fn until_leading(&self) {
         let mut l = self.leading.clone();

@@ -729,6 +729,11 @@ pub struct ObservedReport {
     /// The latest console output (at most 64 KiB); replaces the previous tail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_tail: Option<String>,
+    /// CPU time the VM has used since its hypervisor started, ms (user + system of the
+    /// QEMU process; the simulated driver reports 0), when the driver can tell. The
+    /// slice sampler turns its growth into cores in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time_ms: Option<u64>,
 }
 
 /// An agent's `error` text is bounded: it is stored with the record.
@@ -1266,6 +1271,7 @@ mod tests {
             state: ReportedState::Running,
             error: None,
             console_tail: Some("x".repeat(MAX_CONSOLE_TAIL + 1)),
+            cpu_time_ms: None,
         };
         assert_eq!(r.validate().unwrap_err().field, "console_tail");
         assert_eq!(ReportedState::Deleted.observed(), None);

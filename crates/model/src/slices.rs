@@ -188,6 +188,10 @@ pub struct Nsi {
     /// Resources allocated by the last allocation, Mbit/s.
     #[serde(default)]
     pub allocated_mbps: Option<f64>,
+    /// CPU its VMs used in the last sampling period, in cores (CPU seconds per
+    /// second), when the sampler measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_cores: Option<f64>,
     /// Creation time, unix ms.
     pub created_at: u64,
 }
@@ -258,8 +262,13 @@ pub struct Association {
     pub candidates: Vec<Candidate>,
     /// SHA-256 (hex) of the candidates' canonical JSON: the forecast snapshot.
     pub forecast_hash: String,
-    /// Index of its entry in the ledger.
+    /// Index of its entry in the ledger (meaningful once `logged`).
     pub ledger_index: u64,
+    /// Whether its ledger entry is known to be appended: false between the commit
+    /// of the association and the append (a server that dies there leaves it false
+    /// until the sampler's reconciliation finds or appends the entry).
+    #[serde(default)]
+    pub logged: bool,
     /// Time, unix ms.
     pub created_at: u64,
 }

@@ -89,6 +89,10 @@ pub struct ServerArgs {
     /// one etcd, a dead leader is replaced within about this time.
     #[arg(long, default_value_t = 4)]
     pub election_lease_s: u64,
+    /// Seconds between two samples of the network slices' load (their VMs' traffic
+    /// and CPU time), taken by the leading server; 0 turns the sampler off.
+    #[arg(long, default_value_t = 60)]
+    pub slice_sample_period_s: u64,
 }
 
 /// Whether a server listening on `listen` serves TLS, by `--tls`.
@@ -180,6 +184,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| data_dir.join("secrets.key")),
         ),
         ledger_key_file: Some(data_dir.join("ledger.key")),
+        slice_sample_period: (args.slice_sample_period_s > 0)
+            .then(|| std::time::Duration::from_secs(args.slice_sample_period_s)),
         // The web dashboard at /ui (docs/UI.md).
         ui: Some(ui::router),
         mecs: args.mecs.clone(),

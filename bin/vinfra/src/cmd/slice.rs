@@ -327,6 +327,32 @@ pub async fn run_ledger(ctx: &Ctx, cmd: LedgerCmd) -> anyhow::Result<()> {
                     control::slices::LedgerEntry::Allocation { .. } => alloc += 1,
                 }
             }
+            // The server's inclusion proof of every entry, against the root audited
+            // above: a server that cannot prove an entry it stores is caught here.
+            let size = audited.head.size;
+            let by_key: std::collections::HashMap<&str, &[u8]> = raw
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            for i in 0..size {
+                let p = c.ledger_proof(i, Some(size)).await?;
+                let key = translog::log::keys::entry(control::records::keys::SLICE_LEDGER, i);
+                let stored = by_key.get(key.as_str()).copied();
+                anyhow::ensure!(
+                    stored == Some(p.entry.as_bytes()),
+                    "the server's proof of entry {i} is for another entry than it stores"
+                );
+                verify_inclusion(
+                    i,
+                    size,
+                    &leaf_hash(p.entry.as_bytes()),
+                    &hashes(&p.inclusion)?,
+                    &audited.head.root,
+                )
+                .with_context(|| {
+                    format!("the server's inclusion proof of entry {i} does not verify")
+                })?;
+            }
             if let Some(path) = &witness {
                 let w = Witness {
                     size: audited.head.size,
@@ -336,7 +362,7 @@ pub async fn run_ledger(ctx: &Ctx, cmd: LedgerCmd) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot write witness {}", path.display()))?;
             }
             println!(
-                "ledger verified: {} entries ({assoc} associations, {alloc} allocations recomputed), {} checkpoints, root {}{}",
+                "ledger verified: {} entries ({assoc} associations, {alloc} allocations recomputed), every inclusion proof checked, {} checkpoints, root {}{}",
                 audited.head.size,
                 audited.checkpoints,
                 translog::hash::to_hex(&audited.head.root),

@@ -210,6 +210,9 @@ pub(crate) async fn report_observed(
             if let (Some(tail), Ok(vm)) = (&body.console_tail, id.parse()) {
                 state.set_console(vm, tail.clone());
             }
+            if let (Some(ms), Ok(vm)) = (body.cpu_time_ms, id.parse()) {
+                state.set_cpu_ms(vm, ms);
+            }
         }
     }
     Ok(StatusCode::NO_CONTENT)

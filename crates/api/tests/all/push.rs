@@ -139,6 +139,7 @@ impl Setup {
                     state,
                     error: None,
                     console_tail: None,
+                    cpu_time_ms: None,
                 },
             )
             .await

@@ -112,6 +112,7 @@ async fn client_drives_the_server_over_tcp() {
                 state: ReportedState::Running,
                 error: None,
                 console_tail: Some("booted\n".into()),
+                cpu_time_ms: None,
             },
         )
         .await
@@ -161,6 +162,7 @@ async fn client_drives_the_server_over_tcp() {
                 state: ReportedState::Deleted,
                 error: None,
                 console_tail: None,
+                cpu_time_ms: None,
             },
         )
         .await

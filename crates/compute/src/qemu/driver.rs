@@ -126,6 +126,16 @@ impl ComputeDriver for QemuDriver {
         }
     }
 
+    fn cpu_time(&self, id: &str) -> Option<std::time::Duration> {
+        let vm = self.get(id).ok()?;
+        if vm.exited().is_some() {
+            return None;
+        }
+        // The QEMU process's CPU time: its vCPU threads, device emulation and I/O
+        // threads, i.e. what the VM costs its host.
+        crate::proc::cpu_time(vm.pid)
+    }
+
     fn console_path(&self, id: &str) -> Result<PathBuf, ComputeError> {
         Ok(self.get(id)?.run_dir.join(files::CONSOLE))
     }

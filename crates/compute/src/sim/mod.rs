@@ -688,6 +688,14 @@ impl ComputeDriver for SimDriver {
         Ok(self.get(id)?.status())
     }
 
+    /// Zero while the VM runs: the simulated guest is a task of the agent's own process
+    /// that sleeps between its ticks and has no CPU time of its own to report (the
+    /// process's CPU time would be every VM's and the agent's together).
+    fn cpu_time(&self, id: &str) -> Option<std::time::Duration> {
+        let vm = self.get(id).ok()?;
+        vm.exited().is_none().then_some(Duration::ZERO)
+    }
+
     fn console_path(&self, id: &str) -> Result<PathBuf, ComputeError> {
         Ok(self.get(id)?.run_dir.join(files::CONSOLE))
     }

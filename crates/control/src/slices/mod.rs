@@ -10,6 +10,7 @@
 //! [`keys::SLICE_ASSOCIATIONS`], the ledger under [`keys::SLICE_LEDGER`].
 
 pub mod forecast;
+pub mod sampler;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -187,11 +188,29 @@ pub enum RecheckError {
     },
 }
 
+/// The logged text of the hashed and recomputed parts of an entry.
+#[derive(Deserialize)]
+struct RawParts<'a> {
+    #[serde(borrow, default)]
+    candidates: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    inputs: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    shares: Option<&'a serde_json::value::RawValue>,
+}
+
 /// Recomputes a ledger entry from its logged inputs: an association's choice from
 /// its candidates, an allocation from its windows and policy (bit for bit), and
 /// every hash. Returns the decoded entry.
 pub fn recheck(body: &[u8]) -> Result<LedgerEntry, RecheckError> {
     let entry: LedgerEntry = serde_json::from_slice(body).map_err(RecheckError::Decode)?;
+    // The hashes and the logged shares are checked against the logged *text*:
+    // serde_json's float parsing is not always exact to the last bit, so a value
+    // parsed and written again may differ from what was logged.
+    let raw: RawParts<'_> = serde_json::from_slice(body).map_err(RecheckError::Decode)?;
+    let text_hash = |v: Option<&serde_json::value::RawValue>| {
+        v.map(|r| model::hex(digest(&SHA256, r.get().as_bytes()).as_ref()))
+    };
     match &entry {
         LedgerEntry::Association {
             nsi,
@@ -199,7 +218,7 @@ pub fn recheck(body: &[u8]) -> Result<LedgerEntry, RecheckError> {
             forecast_hash,
             ..
         } => {
-            if json_hash(candidates) != *forecast_hash {
+            if text_hash(raw.candidates).as_deref() != Some(forecast_hash.as_str()) {
                 return Err(RecheckError::Hash { what: "forecast" });
             }
             let chosen = choose(candidates).map(|c| c.nsi.clone());
@@ -219,13 +238,15 @@ pub fn recheck(body: &[u8]) -> Result<LedgerEntry, RecheckError> {
             shares,
             ..
         } => {
-            if json_hash(inputs) != *input_hash {
+            if text_hash(raw.inputs).as_deref() != Some(input_hash.as_str()) {
                 return Err(RecheckError::Hash { what: "input" });
             }
             if params_hash(policy, shares) != *logged_params {
                 return Err(RecheckError::Hash { what: "params" });
             }
-            if allocate(inputs, policy) != *shares {
+            let recomputed =
+                serde_json::to_string(&allocate(inputs, policy)).map_err(RecheckError::Decode)?;
+            if raw.shares.map(serde_json::value::RawValue::get) != Some(recomputed.as_str()) {
                 return Err(RecheckError::Allocation {
                     provider: provider.clone(),
                 });
@@ -235,6 +256,28 @@ pub fn recheck(body: &[u8]) -> Result<LedgerEntry, RecheckError> {
     Ok(entry)
 }
 
+/// The ledger entry of an association record (what [`Control::associate`] appends).
+fn association_entry(a: &Association) -> LedgerEntry {
+    LedgerEntry::Association {
+        association: a.id.clone(),
+        tenant: a.tenant,
+        client: a.client.clone(),
+        snssai: a.snssai.clone(),
+        nsi: a.nsi.clone(),
+        nsi_name: a.nsi_name.clone(),
+        candidates: a.candidates.clone(),
+        forecast_hash: a.forecast_hash.clone(),
+        at_ms: a.created_at,
+    }
+}
+
+/// The body of a stored ledger entry (`key-id\nsignature-hex\nbody`).
+pub fn entry_body(stored: &[u8]) -> Option<&[u8]> {
+    let first = stored.iter().position(|&b| b == b'\n')?;
+    let second = first + 1 + stored.get(first + 1..)?.iter().position(|&b| b == b'\n')?;
+    stored.get(second + 1..)
+}
+
 /// One NSI's load series.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Series {
@@ -242,6 +285,43 @@ struct Series {
     samples: Vec<f64>,
     /// Time of the last sample, unix ms.
     last_at_ms: u64,
+    /// CPU its VMs used per sampled period, cores, oldest first (at most [`WINDOW`];
+    /// only periods the sampler measured).
+    #[serde(default)]
+    cpu: Vec<f64>,
+    /// The sampler's last reading of the NSI's counters: the next sample is the
+    /// difference from it. Replaced in the same write as a sample is appended.
+    #[serde(default)]
+    cursor: Option<sampler::Cursor>,
+}
+
+fn push_window(v: &mut Vec<f64>, x: f64) {
+    v.push(x);
+    if v.len() > WINDOW {
+        let drop = v.len() - WINDOW;
+        v.drain(..drop);
+    }
+}
+
+/// What the slice sampler reads each period: the vSwitch controller's cumulative
+/// bytes per VM pair (MACs as `02:…`, lower case) and the CPU time per VM (by id, ms)
+/// the agents last reported.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// (source MAC, destination MAC, bytes).
+    pub pairs: Vec<(String, String, u64)>,
+    /// CPU time per VM id, ms.
+    pub cpu_ms: BTreeMap<String, u64>,
+}
+
+/// What one sampling period did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SampleOutcome {
+    /// Per NSI sampled (by name): Mbit/s and cores, or `None` for a first reading
+    /// (the baseline the next period is measured from).
+    pub measured: BTreeMap<String, Option<(f64, f64)>>,
+    /// Ledger indices of the allocations made.
+    pub allocations: Vec<u64>,
 }
 
 fn nsi_key(id: uuid::Uuid) -> String {
@@ -323,6 +403,7 @@ impl Control {
             measured_mbps: None,
             forecast_mbps: None,
             allocated_mbps: None,
+            measured_cores: None,
             created_at: now_ms(),
         };
         insert_named(
@@ -462,6 +543,7 @@ impl Control {
                 forecast_hash: json_hash(&candidates),
                 candidates,
                 ledger_index: 0,
+                logged: false,
                 created_at: at_ms,
             };
             let key = format!("{}{id}", keys::SLICE_ASSOCIATIONS);
@@ -489,22 +571,13 @@ impl Control {
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => return Err(ControlError::from(e).into()),
             }
-            let entry = LedgerEntry::Association {
-                association: assoc.id.clone(),
-                tenant,
-                client: assoc.client.clone(),
-                snssai: snssai.clone(),
-                nsi: assoc.nsi.clone(),
-                nsi_name: assoc.nsi_name.clone(),
-                candidates: assoc.candidates.clone(),
-                forecast_hash: assoc.forecast_hash.clone(),
-                at_ms,
-            };
+            let entry = association_entry(&assoc);
             let appended = ledger
                 .append(serde_json::to_vec(&entry).map_err(ControlError::Encode)?)
                 .await
                 .map_err(SliceError::Ledger)?;
             assoc.ledger_index = appended.index;
+            assoc.logged = true;
             // The index is a convenience for proofs; the entry itself is the record.
             self.store()
                 .put(&key, to_bytes(&assoc)?)
@@ -542,57 +615,79 @@ impl Control {
         loads: &BTreeMap<String, f64>,
         policy: &AllocPolicy,
     ) -> Result<Vec<u64>, SliceError> {
-        let ledger = self.slice_ledger().await?;
         let at_ms = now_ms();
         let nsis = self.nsis(Scope::All).await?;
-        let mut by_provider: BTreeMap<String, Vec<(Nsi, Vec<f64>)>> = BTreeMap::new();
+        let mut by_provider: BTreeMap<String, Vec<(Nsi, Series)>> = BTreeMap::new();
         for nsi in nsis {
             let load = loads.get(&nsi.id).copied().unwrap_or(0.0).max(0.0);
-            let key = format!("{}{}", keys::SLICE_SERIES, nsi.id);
-            if self
-                .store()
-                .get(&key)
-                .await
-                .map_err(ControlError::from)?
-                .is_none()
-            {
-                let _ = self
-                    .store()
-                    .cas(&key, None, to_bytes(&Series::default())?)
-                    .await;
-            }
-            let series: Series = update_cas(
-                self.store(),
-                &key,
-                || format!("the load series of {}", nsi.name),
-                || ControlError::NotFound {
-                    kind: "network slice instance",
-                    id: nsi.id.clone(),
-                },
-                |s: &mut Series| {
-                    s.samples.push(load);
-                    if s.samples.len() > WINDOW {
-                        let drop = s.samples.len() - WINDOW;
-                        s.samples.drain(..drop);
-                    }
+            let series = self
+                .update_series(&nsi, |s| {
+                    push_window(&mut s.samples, load);
                     s.last_at_ms = at_ms;
-                    Ok::<(), ControlError>(())
-                },
-            )
-            .await?;
+                })
+                .await?;
             by_provider
                 .entry(nsi.provider.to_string())
                 .or_default()
-                .push((nsi, series.samples));
+                .push((nsi, series));
         }
+        self.allocate_providers(by_provider, policy, at_ms).await
+    }
+
+    /// Reads, changes with `f` and writes back (compare-and-swap) an NSI's series,
+    /// creating it empty first; `f` may run more than once (on a lost race).
+    async fn update_series(
+        &self,
+        nsi: &Nsi,
+        mut f: impl FnMut(&mut Series),
+    ) -> Result<Series, SliceError> {
+        let key = format!("{}{}", keys::SLICE_SERIES, nsi.id);
+        if self
+            .store()
+            .get(&key)
+            .await
+            .map_err(ControlError::from)?
+            .is_none()
+        {
+            let _ = self
+                .store()
+                .cas(&key, None, to_bytes(&Series::default())?)
+                .await;
+        }
+        Ok(update_cas(
+            self.store(),
+            &key,
+            || format!("the load series of {}", nsi.name),
+            || ControlError::NotFound {
+                kind: "network slice instance",
+                id: nsi.id.clone(),
+            },
+            |s: &mut Series| {
+                f(s);
+                Ok::<(), ControlError>(())
+            },
+        )
+        .await?)
+    }
+
+    /// Allocates each provider's pool among its NSIs from their windows, appends each
+    /// allocation to the ledger and updates the NSIs' figures. Returns the ledger
+    /// indices.
+    async fn allocate_providers(
+        &self,
+        by_provider: BTreeMap<String, Vec<(Nsi, Series)>>,
+        policy: &AllocPolicy,
+        at_ms: u64,
+    ) -> Result<Vec<u64>, SliceError> {
+        let ledger = self.slice_ledger().await?;
         let mut indices = Vec::new();
         for (provider, members) in by_provider {
             let inputs: Vec<AllocInput> = members
                 .iter()
-                .map(|(n, w)| AllocInput {
+                .map(|(n, s)| AllocInput {
                     nsi: n.id.clone(),
                     capacity: f64::from(n.capacity_mbps),
-                    window: w.clone(),
+                    window: s.samples.clone(),
                 })
                 .collect();
             let shares = allocate(&inputs, policy);
@@ -610,11 +705,16 @@ impl Control {
                 .await
                 .map_err(SliceError::Ledger)?;
             indices.push(appended.index);
-            for ((nsi, window), share) in members.iter().zip(&shares) {
+            for ((nsi, series), share) in members.iter().zip(&shares) {
                 let Ok(id) = nsi.id.parse::<uuid::Uuid>() else {
                     continue;
                 };
-                let measured = window.last().copied();
+                let measured = series.samples.last().copied();
+                let cores = series
+                    .cursor
+                    .as_ref()
+                    .filter(|c| c.at_ms == series.last_at_ms)
+                    .and(series.cpu.last().copied());
                 let r = update_cas(
                     self.store(),
                     &nsi_key(id),
@@ -625,6 +725,7 @@ impl Control {
                     },
                     |n: &mut Nsi| {
                         n.measured_mbps = measured;
+                        n.measured_cores = cores;
                         n.forecast_mbps = Some(share.forecast);
                         n.allocated_mbps = Some(share.share);
                         Ok::<(), ControlError>(())
@@ -638,6 +739,127 @@ impl Control {
             }
         }
         Ok(indices)
+    }
+
+    /// The VMs that realise an NSI: those of its NS instance's plan (its VDUs, by the
+    /// resource names the plan gave them) found in the NSI's tenant. VDUs on sites
+    /// other than this control plane are not VMs here and are not counted.
+    pub async fn nsi_vms(&self, nsi: &Nsi) -> Result<Vec<model::Vm>, ControlError> {
+        let Some(ns) = &nsi.ns_instance else {
+            return Ok(Vec::new());
+        };
+        let rec = match self
+            .ns_instance(Scope::Tenant(nsi.tenant), ns.as_str())
+            .await
+        {
+            Ok((r, _)) => r,
+            Err(ControlError::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let Ok(plan) = serde_json::from_value::<nfv::plan::NsPlan>(rec.plan.clone()) else {
+            return Ok(Vec::new());
+        };
+        let names: std::collections::BTreeSet<String> = plan
+            .sites
+            .iter()
+            .flat_map(|s| s.vnfs.iter().flat_map(|v| &v.commands))
+            .filter_map(|c| match c {
+                nfv::plan::GenericCommand::CreateVdu(spec) => Some(spec.name.clone()),
+                _ => None,
+            })
+            .collect();
+        Ok(self
+            .vms(Scope::Tenant(nsi.tenant))
+            .await?
+            .into_iter()
+            .filter(|v| names.contains(v.name.as_str()))
+            .collect())
+    }
+
+    /// One sampling period of the slice sampler: for every NSI realised by an NS
+    /// instance, reads its VMs' counters out of `counters` (the traffic of every VM
+    /// pair with one of its VMs at either end, its VMs' CPU time), appends the growth
+    /// since the last period to its series (Mbit/s; cores beside it) in the same write
+    /// as the new cursor, then forecasts and allocates every provider that has such
+    /// an NSI, as [`Control::record_slice_loads`] does. An NSI's first period is its
+    /// baseline (no sample). NSIs without an NS instance are left to
+    /// `POST /v1/slice-loads`.
+    pub async fn sample_slices(
+        &self,
+        counters: &Counters,
+        policy: &AllocPolicy,
+    ) -> Result<SampleOutcome, SliceError> {
+        let at_ms = now_ms();
+        let nsis = self.nsis(Scope::All).await?;
+        let mut out = SampleOutcome::default();
+        let mut providers = std::collections::BTreeSet::new();
+        let mut sampled: BTreeMap<String, Series> = BTreeMap::new();
+        for nsi in nsis.iter().filter(|n| n.ns_instance.is_some()) {
+            let vms = self.nsi_vms(nsi).await?;
+            let macs: std::collections::BTreeSet<String> = vms
+                .iter()
+                .flat_map(|v| v.nics.iter().map(|n| n.mac.to_ascii_lowercase()))
+                .collect();
+            let now = sampler::Cursor {
+                at_ms,
+                pairs: counters
+                    .pairs
+                    .iter()
+                    .filter(|(s, d, _)| macs.contains(s) || macs.contains(d))
+                    .map(|(s, d, b)| (sampler::pair_key(s, d), *b))
+                    .collect(),
+                cpu_ms: vms
+                    .iter()
+                    .filter_map(|v| {
+                        let id = v.id.to_string();
+                        counters.cpu_ms.get(&id).map(|ms| (id, *ms))
+                    })
+                    .collect(),
+            };
+            let mut got = None;
+            let series = self
+                .update_series(nsi, |s| {
+                    let (m, next) = sampler::measure(s.cursor.as_ref(), &now);
+                    got = m;
+                    if let Some(m) = m {
+                        // To the bit/s (and micro-core): logged as short decimals,
+                        // which JSON parses back exactly, so an auditor recomputes
+                        // the allocation from exactly these values.
+                        push_window(&mut s.samples, (m.mbps * 1e6).round() / 1e6);
+                        push_window(&mut s.cpu, (m.cores * 1e6).round() / 1e6);
+                        s.last_at_ms = at_ms;
+                    }
+                    s.cursor = Some(next);
+                })
+                .await?;
+            out.measured
+                .insert(nsi.name.to_string(), got.map(|m| (m.mbps, m.cores)));
+            if got.is_some() {
+                providers.insert(nsi.provider.to_string());
+            }
+            sampled.insert(nsi.id.clone(), series);
+        }
+        let mut by_provider: BTreeMap<String, Vec<(Nsi, Series)>> = BTreeMap::new();
+        for nsi in nsis {
+            if !providers.contains(nsi.provider.as_str()) {
+                continue;
+            }
+            let series = match sampled.remove(&nsi.id) {
+                Some(s) => s,
+                None => {
+                    get_json::<Series>(self.store(), &format!("{}{}", keys::SLICE_SERIES, nsi.id))
+                        .await?
+                        .map(|(s, _)| s)
+                        .unwrap_or_default()
+                }
+            };
+            by_provider
+                .entry(nsi.provider.to_string())
+                .or_default()
+                .push((nsi, series));
+        }
+        out.allocations = self.allocate_providers(by_provider, policy, at_ms).await?;
+        Ok(out)
     }
 }
 
@@ -741,7 +963,73 @@ impl Control {
         })
     }
 
-    /// Records one sampling period of loads named by NSI name or id, as `scope`
+    /// Finds the associations committed without their ledger entry (the server died
+    /// between the commit and the append: the record is not `logged`) that are
+    /// older than `grace_ms` (younger ones may still be being appended by the server
+    /// that made them), and for each either finds its entry in the ledger (the append
+    /// landed, the record's update did not) or appends it now, rebuilt from the
+    /// record (the record keeps everything the entry logs, time included), then
+    /// records the index. Returns how many entries were appended and how many found.
+    pub async fn reconcile_slice_ledger(
+        &self,
+        grace_ms: u64,
+    ) -> Result<(usize, usize), SliceError> {
+        let now = now_ms();
+        let missing: Vec<(Association, store::Revision)> =
+            list_json::<Association>(self.store(), keys::SLICE_ASSOCIATIONS)
+                .await?
+                .into_iter()
+                .filter(|(a, _)| !a.logged && a.created_at.saturating_add(grace_ms) <= now)
+                .collect();
+        if missing.is_empty() {
+            return Ok((0, 0));
+        }
+        let ledger = self.slice_ledger().await?;
+        // Entries already logged, by association id.
+        let entries_prefix = translog::log::keys::entry(keys::SLICE_LEDGER, 0);
+        let entries_prefix = entries_prefix.trim_end_matches('0');
+        let mut logged: BTreeMap<String, u64> = BTreeMap::new();
+        for (key, value) in ledger.raw().await.map_err(ledger_err)? {
+            let Some(index) = key
+                .strip_prefix(entries_prefix)
+                .and_then(|i| i.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if let Some(LedgerEntry::Association { association, .. }) =
+                entry_body(&value).and_then(|b| serde_json::from_slice::<LedgerEntry>(b).ok())
+            {
+                logged.entry(association).or_insert(index);
+            }
+        }
+        let (mut appended, mut found) = (0, 0);
+        for (mut a, rev) in missing {
+            let index = match logged.get(&a.id) {
+                Some(i) => {
+                    found += 1;
+                    *i
+                }
+                None => {
+                    let entry = association_entry(&a);
+                    let r = ledger
+                        .append(serde_json::to_vec(&entry).map_err(ControlError::Encode)?)
+                        .await
+                        .map_err(SliceError::Ledger)?;
+                    appended += 1;
+                    r.index
+                }
+            };
+            a.ledger_index = index;
+            a.logged = true;
+            let key = format!("{}{}", keys::SLICE_ASSOCIATIONS, a.id);
+            // Compared on the revision read: another sweep that got here first wrote
+            // the same index; losing to it is fine.
+            let _ = self.store().cas(&key, Some(rev), to_bytes(&a)?).await;
+            tracing::warn!(association = %a.id, client = %a.client, index, "association without its ledger entry reconciled");
+        }
+        Ok((appended, found))
+    }
+
     /// sees them, with the default policy.
     pub async fn record_slice_loads_named(
         &self,

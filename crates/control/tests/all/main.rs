@@ -7,6 +7,7 @@ mod drain;
 mod ns_site;
 mod push;
 mod resource_tables;
+mod slices;
 mod snapshots;
 mod takeover;
 mod terminals;
