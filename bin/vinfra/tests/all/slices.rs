@@ -232,6 +232,7 @@ fn slice_lab(tag: &str, vms: &[model::Vm], vsw: std::net::SocketAddr) -> SliceLa
             domain: "default".into(),
             controller: Some(vsw),
             report_interval: Duration::from_millis(200),
+            pair_idle: None,
         },
         dp.clone(),
     )
