@@ -433,6 +433,8 @@ pub struct Pending {
     record: PerformedOperation,
     /// The watch on its record (`None`: answered already).
     answers: Option<store::WatchStream>,
+    /// Where to read the record again when the watch fails.
+    store: Arc<dyn store::Store>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -454,30 +456,56 @@ impl Pending {
         let Pending {
             mut record,
             answers,
+            store,
         } = self;
         let Some(mut answers) = answers else {
             return record;
         };
+        let key = op_key(record.terminal, record.seq);
         let deadline = tokio::time::Instant::now() + wait;
+        // Takes a version of the record; true once it is the answer.
+        let mut take = |kv: &store::KeyValue| match crate::records::decode::<PerformedOperation>(kv)
+        {
+            Ok(r) => {
+                let done = !matches!(r.outcome, OperationOutcome::Sent | OperationOutcome::Held);
+                record = r;
+                done
+            }
+            Err(_) => false,
+        };
         loop {
             match tokio::time::timeout_at(deadline, answers.next()).await {
                 Ok(Some(Ok(WatchEvent::Put(kv)))) => {
-                    if let Ok(r) = crate::records::decode::<PerformedOperation>(&kv) {
-                        let done =
-                            !matches!(r.outcome, OperationOutcome::Sent | OperationOutcome::Held);
-                        record = r;
-                        if done {
-                            return record;
+                    if take(&kv) {
+                        break;
+                    }
+                }
+                Ok(Some(Ok(WatchEvent::Delete { .. }))) | Ok(None) | Err(_) => break,
+                Ok(Some(Err(e))) => {
+                    // A watch that fell behind (its queue overflowed under load) lost
+                    // events, not the record: watch again, then read the record as it
+                    // stands, so that an answer written meanwhile is not missed either.
+                    tracing::debug!(error = %e, "watch on a terminal operation failed: reading it again");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    match store.watch(&key).await {
+                        Ok(w) => answers = w,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watching a terminal operation failed");
+                            break;
+                        }
+                    }
+                    match store.get(&key).await {
+                        Ok(Some(kv)) if take(&kv) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading a terminal operation failed");
+                            break;
                         }
                     }
                 }
-                Ok(Some(Ok(WatchEvent::Delete { .. }))) | Ok(None) | Err(_) => return record,
-                Ok(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "watching a terminal operation failed");
-                    return record;
-                }
             }
         }
+        record
     }
 }
 
@@ -1062,7 +1090,11 @@ impl Control {
                 out.push(self.power_on(&a, &record).await);
                 continue;
             }
-            out.push(Ok(Pending { record, answers }));
+            out.push(Ok(Pending {
+                record,
+                answers,
+                store: self.store_arc(),
+            }));
         }
         let terminal = out.iter().flatten().map(|p| p.record.terminal).next();
         if let (true, Some(t)) = (trim, terminal) {
@@ -1100,6 +1132,7 @@ impl Control {
         Ok(Pending {
             record: done,
             answers: None,
+            store: self.store_arc(),
         })
     }
 
