@@ -212,6 +212,11 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, "too-many-requests")
             }
+            // The store did not answer (an etcd member killed, a leader election): a
+            // client may try again in a moment, so say so instead of "internal".
+            ApiError::Store(StoreError::Backend { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+            }
             ApiError::Store(_)
             | ApiError::Internal { .. }
             | ApiError::DataDir { .. }
@@ -223,7 +228,9 @@ impl ApiError {
     /// The problem document for this error.
     pub fn problem(&self) -> Problem {
         let (status, slug) = self.status();
-        let detail = if status.is_server_error() {
+        let detail = if slug == "store-unavailable" {
+            STORE_UNAVAILABLE.to_owned()
+        } else if status.is_server_error() {
             "internal error".to_owned()
         } else {
             self.to_string()
@@ -236,6 +243,9 @@ impl ApiError {
         }
     }
 }
+
+/// What a client sees when the store did not answer; the cause goes to the log.
+pub const STORE_UNAVAILABLE: &str = "the cluster store did not answer; try again";
 
 /// The control layer's shared failures, as HTTP answers.
 impl From<control::ControlError> for ApiError {
@@ -495,6 +505,10 @@ impl IntoResponse for ApiError {
                     HeaderValue::from(retry_after_secs.max(1)),
                 );
             }
+            ApiError::Store(StoreError::Backend { .. }) => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            }
             _ => {}
         }
         res
@@ -538,6 +552,23 @@ mod tests {
         .into_response();
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(res.headers()[header::RETRY_AFTER], "3");
+    }
+
+    #[test]
+    fn an_unreachable_store_is_503_with_retry_after_and_no_cause() {
+        let e = ApiError::Store(StoreError::backend(
+            "cannot get /vinfra/tokens/x from etcd",
+            std::io::Error::other("connection refused to 10.0.0.9"),
+        ));
+        let p = e.problem();
+        assert_eq!(p.status, 503);
+        assert_eq!(p.detail, STORE_UNAVAILABLE);
+        let res = e.into_response();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        // Any other store failure (a conflict nobody expected) stays internal.
+        let p = ApiError::Store(StoreError::Conflict { key: "/k".into() }).problem();
+        assert_eq!((p.status, p.detail.as_str()), (500, "internal error"));
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub use auth::{bootstrap_admin, hash_token, ADMIN_TOKEN_FILE};
 pub use blobs::{BlobConfig, BlobError, BlobFiles, DEFAULT_MAX_BLOB_BYTES};
 pub use control::Scope;
 pub use curves::ProgressSample;
-pub use error::ApiError;
+pub use error::{ApiError, STORE_UNAVAILABLE};
 pub use extract::{authenticate, AppJson, Caller};
 pub use limits::RateLimit;
 pub use listen::Peer;

@@ -228,7 +228,7 @@ impl Modify for Limits {
 /// Every other status an operation can return, so a client generated from the
 /// document knows every refusal: 401/403 where a token is needed, 400 where a body or a
 /// parameter can be malformed, 404 where the path names an object, 503 where the image
-/// store can be off, 500 everywhere. Added only where the handler's annotation does not
+/// store can be off or the cluster store may not answer (all but two), 500 everywhere. Added only where the handler's annotation does not
 /// already describe the status more precisely.
 struct Refusals;
 
@@ -240,6 +240,9 @@ const IMAGE_STORE: &[(&str, &str)] = &[
     ("get", "/v1/blobs/{digest}"),
     ("post", "/v1/ns-instances"),
 ];
+
+/// Paths answered without the store (no 503 when it does not answer).
+const STORELESS: &[&str] = &["/v1/openapi.json", "/v1/ca.pem"];
 
 /// Paths whose parameter names an object by name or id: an admin sees every tenant's,
 /// so a name two tenants use is ambiguous (409, "use the id").
@@ -320,7 +323,12 @@ impl Refusals {
         if IMAGE_STORE.contains(&(method, path)) {
             add(
                 "503",
-                "this server has no image store (started without a data directory)",
+                "this server has no image store (started without a data directory), or the cluster store did not answer (`Retry-After`)",
+            );
+        } else if !STORELESS.contains(&path) {
+            add(
+                "503",
+                "the cluster store did not answer (an etcd member down, a leader election); `Retry-After` says when to try again",
             );
         }
         add("500", "internal error (the server logs the cause)");

@@ -129,17 +129,13 @@ impl Client {
         let segments = ["v1", "blobs", digest.as_str()];
         let path = segments.join("/");
         let res = self
-            .http
-            .get(self.url(&segments))
-            .bearer_auth(&self.token)
-            .timeout(BLOB_TIMEOUT)
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                method: Method::GET,
-                path: path.clone(),
-                source,
-            })?;
+            .execute_any(&Method::GET, &path, |base| {
+                self.http
+                    .get(Self::join(base, &segments))
+                    .bearer_auth(&self.token)
+                    .timeout(BLOB_TIMEOUT)
+            })
+            .await?;
         let mut res = Self::check(Method::GET, path.clone(), res).await?;
         let tmp = dest.with_extension(format!("part-{}", std::process::id()));
         let result = async {

@@ -1111,7 +1111,10 @@ impl Client {
     /// Sends `req`; while the server answers 429 (over its rate limit, or too busy for
     /// CPU-heavy work — refused before anything was done, so a retry is safe), waits
     /// its `Retry-After` (at most [`MAX_RETRY_WAIT`]) and retries, up to [`RETRIES_429`]
-    /// times. The last 429 is returned as it is.
+    /// times. A GET answered 503 with `Retry-After` (the server's store did not answer,
+    /// e.g. during an etcd leader election) is retried the same way: a read changes
+    /// nothing. Other methods are not: their outcome is unknown. The last answer is
+    /// returned as it is.
     async fn execute(
         method: &Method,
         path: &str,
@@ -1129,7 +1132,7 @@ impl Client {
                 break;
             };
             let res = attempt.send().await.map_err(transport)?;
-            if res.status() != StatusCode::TOO_MANY_REQUESTS {
+            if !worth_retrying(method, &res) {
                 return Ok(res);
             }
             tokio::time::sleep(retry_after(&res)).await;
@@ -1200,11 +1203,23 @@ const NO_BODY: Option<&()> = None;
 /// The timeout of an event stream's request: a year, i.e. none (see `host_events`).
 const STREAM_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// How many times a 429 is waited out and retried before it is returned.
+/// How many times a 429 (or a GET's 503) is waited out and retried before it is returned.
 const RETRIES_429: u32 = 3;
 
 /// The longest `Retry-After` honoured; a longer one is cut to this.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether `res` says the same request may succeed in a moment (see
+/// [`Client::execute`]).
+fn worth_retrying(method: &Method, res: &reqwest::Response) -> bool {
+    match res.status() {
+        StatusCode::TOO_MANY_REQUESTS => true,
+        StatusCode::SERVICE_UNAVAILABLE => {
+            *method == Method::GET && res.headers().contains_key(reqwest::header::RETRY_AFTER)
+        }
+        _ => false,
+    }
+}
 
 /// A 429's `Retry-After` in seconds (the server sends whole seconds), 1 s when it is
 /// missing or not a number.
