@@ -654,3 +654,75 @@ fn audit_record(e: shm::AuditEvent) -> TableAuditRecord {
 const _: () = assert!(model::api::MAX_VM_TABLES == compute::MAX_VM_TABLES);
 const _: () = assert!(model::resource_tables::MAX_TABLE_ENTRIES <= shm::MAX_ENTRIES);
 const _: () = assert!(model::resource_tables::MAX_TABLE_ENTRY_SIZE <= shm::MAX_ENTRY_SIZE);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(tenant: TenantId, name: &str) -> ResourceTable {
+        ResourceTable {
+            id: ResourceTableId::new_random(),
+            tenant,
+            host: model::validate_name("host", "h").unwrap(),
+            name: model::validate_name("name", name).unwrap(),
+            entries: 4,
+            entry_size: 248,
+            max_grant_ms: 1000,
+            created_at: 0,
+            state: None,
+        }
+    }
+
+    fn n(s: &str) -> Name {
+        model::validate_name("t", s).unwrap()
+    }
+
+    /// A VM's tables resolve by its tenant and name; one missing (or another tenant's)
+    /// opens no window at all; a window has its socket in the run dir and the table's
+    /// memfd by this process's /proc path, and closing it removes the socket.
+    #[tokio::test]
+    async fn a_vms_windows_open_all_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let (a, b) = (TenantId::new_random(), TenantId::new_random());
+        let mut tables = BTreeMap::new();
+        start(&mut tables, dir.path(), spec(a, "flows")).await;
+        start(&mut tables, dir.path(), spec(b, "theirs")).await;
+        let flows = *tables.keys().find(|id| tables[*id].spec.tenant == a).unwrap();
+
+        for names in [vec![n("flows"), n("nope")], vec![n("flows"), n("theirs")]] {
+            let e = attach(&tables, a, "vm-1", &names, &run).unwrap_err();
+            assert!(
+                matches!(&e, TableAttachError::NoSuchTable { table } if *table == names[1]),
+                "{e}"
+            );
+            assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0, "a window left open");
+        }
+        let w = attach(&tables, a, "vm-1", &[n("flows")], &run).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].table, flows);
+        assert_eq!(w[0].attach.window, run.join("table-0.sock"));
+        assert!(w[0].attach.window.exists());
+        assert!(w[0]
+            .attach
+            .table
+            .starts_with(format!("/proc/{}/fd/", std::process::id())));
+        assert!(w[0].attach.table_bytes.is_power_of_two());
+        // The path is the table itself: the same bytes the element wrote.
+        let el = tables[&flows].element.as_ref().unwrap();
+        let v = el.write(2, &[9u8; 248]).unwrap();
+        assert!(v > 0);
+        let mapped = std::fs::read(&w[0].attach.table).unwrap();
+        assert_eq!(mapped.len() as u64, w[0].attach.table_bytes);
+        detach(&tables, &[(w[0].table, w[0].device)]);
+        assert!(!w[0].attach.window.exists());
+        // A table the agent could not create is named with why.
+        tables.get_mut(&flows).unwrap().element = Err("no memory".into());
+        let e = attach(&tables, a, "vm-1", &[n("flows")], &run).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "resource table flows is not served here: no memory"
+        );
+    }
+}
