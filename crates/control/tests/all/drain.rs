@@ -318,7 +318,7 @@ async fn a_drain_waits_for_a_source_host_that_missed_its_heartbeats() {
     d.shutdown().await;
 }
 
-fn small(name: &str, host: Option<&str>) -> model::api::VmRequest {
+pub(crate) fn small(name: &str, host: Option<&str>) -> model::api::VmRequest {
     model::api::VmRequest {
         name: n(name),
         image: "default".into(),
