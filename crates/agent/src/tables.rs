@@ -301,7 +301,10 @@ fn attach(
 
 /// Closes windows; one whose table is gone, or whose VM already detached (its QEMU
 /// exited), is nothing to close.
-fn detach(tables: &BTreeMap<ResourceTableId, Served>, windows: &[(ResourceTableId, shm::DeviceId)]) {
+fn detach(
+    tables: &BTreeMap<ResourceTableId, Served>,
+    windows: &[(ResourceTableId, shm::DeviceId)],
+) {
     for (id, device) in windows {
         let Some(Ok(el)) = tables.get(id).map(|t| &t.element) else {
             continue;
@@ -689,7 +692,10 @@ mod tests {
         let mut tables = BTreeMap::new();
         start(&mut tables, dir.path(), spec(a, "flows")).await;
         start(&mut tables, dir.path(), spec(b, "theirs")).await;
-        let flows = *tables.keys().find(|id| tables[*id].spec.tenant == a).unwrap();
+        let flows = *tables
+            .keys()
+            .find(|id| tables[*id].spec.tenant == a)
+            .unwrap();
 
         for names in [vec![n("flows"), n("nope")], vec![n("flows"), n("theirs")]] {
             let e = attach(&tables, a, "vm-1", &names, &run).unwrap_err();
@@ -697,7 +703,11 @@ mod tests {
                 matches!(&e, TableAttachError::NoSuchTable { table } if *table == names[1]),
                 "{e}"
             );
-            assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0, "a window left open");
+            assert_eq!(
+                std::fs::read_dir(&run).unwrap().count(),
+                0,
+                "a window left open"
+            );
         }
         let w = attach(&tables, a, "vm-1", &[n("flows")], &run).unwrap();
         assert_eq!(w.len(), 1);

@@ -505,11 +505,11 @@ impl VmTask {
                 let attach = windows.iter().map(|w| w.attach.clone()).collect();
                 self.windows = windows;
                 local::start(
-            h.driver.as_ref(),
-            &h.disks,
-            &h.images,
-            &self.files,
-            a,
+                    h.driver.as_ref(),
+                    &h.disks,
+                    &h.images,
+                    &self.files,
+                    a,
                     h.cfg.accel,
                     h.plumbing(),
                     attach,

@@ -403,10 +403,9 @@ impl From<control::CreateVmError> for ApiError {
             E::Control(c) => c.into(),
             E::Nic(n) => n.into(),
             E::Storage(s) => s.into(),
-            e @ (E::NoSuchImage(_)
-            | E::ImageNotInStore(_)
-            | E::NoSuchHost(_)
-            | E::Tables(_)) => ApiError::Unprocessable(e.to_string()),
+            e @ (E::NoSuchImage(_) | E::ImageNotInStore(_) | E::NoSuchHost(_) | E::Tables(_)) => {
+                ApiError::Unprocessable(e.to_string())
+            }
             e @ (E::NameTaken(_) | E::NoRoom { .. } | E::NoRedundantPlacement(_)) => {
                 ApiError::Conflict(e.to_string())
             }

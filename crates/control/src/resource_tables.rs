@@ -308,10 +308,7 @@ impl Control {
             .into_iter()
             .filter_map(|f| f.into_iter().find(|(h, _)| *h == pinned).map(|(_, kv)| kv))
             .collect();
-        Ok(Some(TablePin {
-            host: pinned,
-            keys,
-        }))
+        Ok(Some(TablePin { host: pinned, keys }))
     }
 
     /// The names of `tenant`'s VMs on `host` that name table `table`, sorted.
@@ -324,7 +321,9 @@ impl Control {
         let mut out: Vec<String> = list_json::<Vm>(self.store(), keys::VMS)
             .await?
             .into_iter()
-            .filter(|(v, _)| v.tenant == tenant && v.host == *host && v.resource_tables.contains(table))
+            .filter(|(v, _)| {
+                v.tenant == tenant && v.host == *host && v.resource_tables.contains(table)
+            })
             .map(|(v, _)| v.name.to_string())
             .collect();
         out.sort();
@@ -361,7 +360,12 @@ impl Control {
         t: &ResourceTable,
     ) -> Result<bool, ResourceTableError> {
         let name_key = keys::resource_table_name(host, t.tenant, &t.name);
-        let Some(kv) = self.store().get(&name_key).await.map_err(ControlError::from)? else {
+        let Some(kv) = self
+            .store()
+            .get(&name_key)
+            .await
+            .map_err(ControlError::from)?
+        else {
             return Ok(false);
         };
         let vms = self.vms_naming(t.tenant, host, &t.name).await?;

@@ -1207,11 +1207,7 @@ mod tests {
         let e = req(&["flows", "routes", "flows"], false)
             .validate()
             .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "resource_tables[2]: duplicate: flows",
-            "{e}"
-        );
+        assert_eq!(e.to_string(), "resource_tables[2]: duplicate: flows", "{e}");
         let nine: Vec<String> = (0..=MAX_VM_TABLES).map(|i| format!("t{i}")).collect();
         let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
         let e = req(&nine, false).validate().unwrap_err();

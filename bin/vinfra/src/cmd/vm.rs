@@ -48,7 +48,11 @@ pub enum VmCmd {
         /// Map resource table NAME of the VM's host (read-only, with a window of the
         /// VM's own to write entries through; docs/SHM.md); repeat for more. The VM
         /// is placed on the host that keeps them and stays there (no live migration).
-        #[arg(long = "resource-table", value_name = "NAME", conflicts_with = "redundant")]
+        #[arg(
+            long = "resource-table",
+            value_name = "NAME",
+            conflicts_with = "redundant"
+        )]
         resource_tables: Vec<String>,
     },
     /// List VMs.

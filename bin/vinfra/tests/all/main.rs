@@ -39,6 +39,6 @@ mod ui_v2x;
 mod up_sim;
 mod v2x;
 mod vm_lifecycle;
-mod vm_tables;
 mod vm_network;
+mod vm_tables;
 mod vm_traffic;

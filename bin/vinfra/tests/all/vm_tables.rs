@@ -76,14 +76,25 @@ async fn a_vm_named_on_a_table_is_its_device_while_it_runs() {
     let (ok, out, err) = cli(
         &s,
         &t,
-        &["vm", "create", "tv", "--resource-table", "flows", "--no-wait"],
+        &[
+            "vm",
+            "create",
+            "tv",
+            "--resource-table",
+            "flows",
+            "--no-wait",
+        ],
     );
     assert!(ok, "vm create failed: {out}{err}\n{}", log());
     assert!(out.contains("host-a") && out.contains("flows"), "{out}");
     let (ok, out, err) = cli(&s, &t, &["vm", "show", "tv", "-o", "json"]);
     assert!(ok, "{err}");
     let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(shown[0]["resource_tables"], serde_json::json!(["flows"]), "{out}");
+    assert_eq!(
+        shown[0]["resource_tables"],
+        serde_json::json!(["flows"]),
+        "{out}"
+    );
 
     // QEMU connects to its window as it starts: the VM is a device of the table, with
     // QEMU's pid, until it stops.
@@ -94,7 +105,11 @@ async fn a_vm_named_on_a_table_is_its_device_while_it_runs() {
     let (device, pid) = vm_device(&table).unwrap();
     let qemu = crate::vm_lifecycle::qemu_pids_under(&host_dir);
     assert_eq!(qemu.len(), 1, "one qemu: {qemu:?}");
-    assert_eq!(u32::try_from(pid).ok(), Some(qemu[0]), "the device is the vm's qemu");
+    assert_eq!(
+        u32::try_from(pid).ok(),
+        Some(qemu[0]),
+        "the device is the vm's qemu"
+    );
     let audit = &table.state.as_ref().unwrap().audit;
     assert!(
         audit
@@ -102,7 +117,11 @@ async fn a_vm_named_on_a_table_is_its_device_while_it_runs() {
             .any(|a| a.device == device && a.kind == TableAuditKind::Attached),
         "{audit:#?}"
     );
-    let (ok, out, err) = cli(&s, &t, &["resource-table", "show", "flows", "--host", "host-a"]);
+    let (ok, out, err) = cli(
+        &s,
+        &t,
+        &["resource-table", "show", "flows", "--host", "host-a"],
+    );
     assert!(ok, "{err}");
     let row = out
         .lines()
@@ -129,8 +148,13 @@ async fn a_vm_named_on_a_table_is_its_device_while_it_runs() {
     assert!(ok && out.contains("stopped"), "{out}{err}");
     let table = table_where(&admin, "the vm's device gone", |t| vm_device(t).is_none()).await;
     assert!(
-        table.state.as_ref().unwrap().audit.iter().any(|a| a.device == device
-            && a.kind == TableAuditKind::Detached),
+        table
+            .state
+            .as_ref()
+            .unwrap()
+            .audit
+            .iter()
+            .any(|a| a.device == device && a.kind == TableAuditKind::Detached),
         "{:#?}",
         table.state
     );

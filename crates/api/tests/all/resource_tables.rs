@@ -153,7 +153,11 @@ async fn vms_name_tables_of_their_host_and_stay_there() {
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     // Tenant b has a table of another name on h1, and one called `mine` on h1.
     let r = app
-        .post(TABLES, &w.b, json!({"name": "theirs", "entries": 4, "entry_size": 8}))
+        .post(
+            TABLES,
+            &w.b,
+            json!({"name": "theirs", "entries": 4, "entry_size": 8}),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let vm = |name: &str, extra: serde_json::Value| {
@@ -164,13 +168,21 @@ async fn vms_name_tables_of_their_host_and_stay_there() {
         v
     };
 
-    app.post("/v1/vms", &w.a, vm("v", json!({"resource_tables": ["nope"]})))
-        .await
-        .problem(422, "resource_tables: no resource table nope on any host");
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("v", json!({"resource_tables": ["nope"]})),
+    )
+    .await
+    .problem(422, "resource_tables: no resource table nope on any host");
     // Another tenant's table is, for a, no table at all (the same words).
-    app.post("/v1/vms", &w.a, vm("v", json!({"resource_tables": ["theirs"]})))
-        .await
-        .problem(422, "resource_tables: no resource table theirs on any host");
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("v", json!({"resource_tables": ["theirs"]})),
+    )
+    .await
+    .problem(422, "resource_tables: no resource table theirs on any host");
     app.post(
         "/v1/vms",
         &w.a,
@@ -181,7 +193,10 @@ async fn vms_name_tables_of_their_host_and_stay_there() {
     let nine: Vec<String> = (0..9).map(|i| format!("t{i}")).collect();
     app.post("/v1/vms", &w.a, vm("v", json!({"resource_tables": nine})))
         .await
-        .problem(422, "resource_tables: at most 8 resource tables per VM, got 9");
+        .problem(
+            422,
+            "resource_tables: at most 8 resource tables per VM, got 9",
+        );
     app.post(
         "/v1/vms",
         &w.a,
@@ -199,14 +214,21 @@ async fn vms_name_tables_of_their_host_and_stay_there() {
     app.post(
         "/v1/vms",
         &w.a,
-        vm("v", json!({"resource_tables": ["flows"], "redundant": true})),
+        vm(
+            "v",
+            json!({"resource_tables": ["flows"], "redundant": true}),
+        ),
     )
     .await
     .problem(422, "cannot be redundant");
 
     // Placed on the table's host, not on the roomier h2; shown on the VM.
     let r = app
-        .post("/v1/vms", &w.a, vm("v", json!({"resource_tables": ["flows"]})))
+        .post(
+            "/v1/vms",
+            &w.a,
+            vm("v", json!({"resource_tables": ["flows"]})),
+        )
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let v = r.json();
@@ -222,7 +244,10 @@ async fn vms_name_tables_of_their_host_and_stay_there() {
     // The table cannot go while the VM names it; b cannot even see it.
     app.call(Method::DELETE, &format!("{TABLES}/flows"), &w.a, None)
         .await
-        .problem(409, "resource table flows on host h1 is mapped by vm v: delete it first");
+        .problem(
+            409,
+            "resource table flows on host h1 is mapped by vm v: delete it first",
+        );
 
     // Running, it neither migrates live nor drains away with its host.
     let r = app
@@ -236,21 +261,37 @@ async fn vms_name_tables_of_their_host_and_stay_there() {
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
     app.post(&format!("/v1/vms/{id}/migrate"), &w.a, json!({"to": "h2"}))
         .await
-        .problem(409, "vm v maps resource tables of host h1 (flows): it stays on that host");
+        .problem(
+            409,
+            "vm v maps resource tables of host h1 (flows): it stays on that host",
+        );
     app.post("/v1/hosts/h1/maintenance", &app.admin, json!({}))
         .await
-        .problem(409, "vm v: cannot leave host h1: it maps resource tables of the host (flows)");
+        .problem(
+            409,
+            "vm v: cannot leave host h1: it maps resource tables of the host (flows)",
+        );
     let h1 = app.get("/v1/hosts/h1", &app.admin).await.json();
-    assert!(h1["maintenance"].is_null(), "the refused drain cordoned h1: {h1}");
+    assert!(
+        h1["maintenance"].is_null(),
+        "the refused drain cordoned h1: {h1}"
+    );
 
     // A table of the same name on two hosts: the tenant must say which.
     let r = app
         .post("/v1/hosts/h2/resource-tables", &w.a, table.clone())
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    app.post("/v1/vms", &w.a, vm("w", json!({"resource_tables": ["flows"]})))
-        .await
-        .problem(422, "hosts h1, h2 each keep resource tables of these names: give host");
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("w", json!({"resource_tables": ["flows"]})),
+    )
+    .await
+    .problem(
+        422,
+        "hosts h1, h2 each keep resource tables of these names: give host",
+    );
     let r = app
         .post(
             "/v1/vms",
@@ -262,9 +303,7 @@ async fn vms_name_tables_of_their_host_and_stay_there() {
     assert_eq!(r.json()["host"], "h2");
 
     // Once the VM is gone (its agent confirmed), the table may go.
-    let r = app
-        .call(Method::DELETE, "/v1/vms/v", &w.a, None)
-        .await;
+    let r = app.call(Method::DELETE, "/v1/vms/v", &w.a, None).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     app.call(Method::DELETE, &format!("{TABLES}/flows"), &w.a, None)
         .await
@@ -283,7 +322,12 @@ async fn vms_name_tables_of_their_host_and_stay_there() {
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
     // The h2 table is still in use by w.
-    app.call(Method::DELETE, "/v1/hosts/h2/resource-tables/flows", &w.a, None)
-        .await
-        .problem(409, "is mapped by vm w");
+    app.call(
+        Method::DELETE,
+        "/v1/hosts/h2/resource-tables/flows",
+        &w.a,
+        None,
+    )
+    .await
+    .problem(409, "is mapped by vm w");
 }

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use control::{Control, CreateVmError, Scope};
 use control::ResourceTableError;
+use control::{Control, CreateVmError, Scope};
 use model::resource_tables::{ValidTableSpec, MAX_TABLES_PER_HOST};
 use model::TenantId;
 use store::testing::MemStore;
@@ -142,16 +142,13 @@ async fn a_table_delete_and_a_vm_naming_it_never_both_commit() {
         req.memory_mib = 64;
         req.resource_tables = vec![n(&table)];
         let h1 = n(&h);
-        let (vm, del) = tokio::join!(
-            c.create_vm(tenant, &req),
-            async {
-                // Staggered, so that the delete lands before, inside and after the
-                // create's reads and transaction in different rounds.
-                tokio::time::sleep(Duration::from_millis(round * 15)).await;
-                c.delete_resource_table(Scope::Tenant(tenant), &h1, &table)
-                    .await
-            }
-        );
+        let (vm, del) = tokio::join!(c.create_vm(tenant, &req), async {
+            // Staggered, so that the delete lands before, inside and after the
+            // create's reads and transaction in different rounds.
+            tokio::time::sleep(Duration::from_millis(round * 15)).await;
+            c.delete_resource_table(Scope::Tenant(tenant), &h1, &table)
+                .await
+        });
         match (vm, del) {
             (Ok(v), Err(ResourceTableError::InUse { vms, .. })) => {
                 assert_eq!(vms, [v.name.to_string()]);
