@@ -138,7 +138,7 @@ pub async fn ensure_cache(
 }
 
 /// Opens the cache, exports the disk through it, plugs the NICs and boots the VM with
-/// its windows on resource tables (`tables`, from [`crate::tables::attach_vm`]).
+/// its windows on resource tables (`tables`, from `tables::attach_vm`).
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     driver: &dyn ComputeDriver,

@@ -11,7 +11,7 @@
 //!
 //! Tasks: one, `run`, the only owner of the tables; it takes `Cmd`s from the
 //! reconciler (sync, shutdown) and from the VM tasks (a VM's windows on the tables it
-//! names: [`attach_vm`], [`detach_vm`]), and ticks every `TICK` to report and snapshot.
+//! names: `attach_vm`, `detach_vm`), and ticks every `TICK` to report and snapshot.
 
 use std::collections::BTreeMap;
 use std::io::Write;
