@@ -128,12 +128,16 @@ async fn a_vm_named_on_a_table_is_its_device_while_it_runs() {
         .find(|l| l.split_whitespace().last() == Some("tv"))
         .unwrap_or_else(|| panic!("no device row of vm tv in:\n{out}"));
     assert!(row.starts_with(&device.to_string()), "{row}");
-    assert_eq!(
-        admin.get_vm("tv").await.unwrap().observed,
-        model::ObservedState::Running,
-        "{}",
-        log()
-    );
+    // QEMU connects before the driver's start returns: the agent reports the VM
+    // running a moment later.
+    test_utils::wait_for(Duration::from_secs(45), || async {
+        admin
+            .get_vm("tv")
+            .await
+            .is_ok_and(|v| v.observed == model::ObservedState::Running)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("vm tv did not run: {}", log()));
 
     // The table cannot be deleted under the VM.
     let (ok, _, err) = cli(
