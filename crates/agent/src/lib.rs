@@ -284,8 +284,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         renewals_tx,
     ));
     let poll = cfg.poll;
+    let (tables_tx, tables_rx) = tokio::sync::mpsc::channel(16);
     let mut agent = Agent {
         host: Arc::new(Host {
+            tables: tables_tx.clone(),
             images: images::ImageFiles::new(&cfg.data_dir, client.clone()),
             cfg,
             client,
@@ -299,7 +301,6 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         tables: None,
     };
     agent.adopt_existing().await;
-    let (tables_tx, tables_rx) = tokio::sync::mpsc::channel(16);
     let tables_task = tokio::spawn(tables::run(
         agent.host.client.clone(),
         agent.host.cfg.host_name.clone(),
@@ -603,6 +604,8 @@ pub(crate) struct Host {
     pub(crate) counting: Option<Arc<net::KernelSwitch>>,
     /// The host lease, as the watchdog publishes it (each VM task clones it).
     pub(crate) lease: watch::Receiver<Lease>,
+    /// The resource tables task's queue: VM tasks ask it for their windows.
+    pub(crate) tables: tokio::sync::mpsc::Sender<tables::Cmd>,
 }
 
 /// Loads (or finds, after a restart) this host's classifier and starts reporting it.

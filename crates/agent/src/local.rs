@@ -58,6 +58,9 @@ pub enum StartError {
     /// A blocking task died.
     #[error("a background task failed")]
     Join(#[from] tokio::task::JoinError),
+    /// The VM's resource tables cannot be mapped.
+    #[error("cannot map the vm's resource tables")]
+    Tables(#[from] crate::tables::TableAttachError),
 }
 
 impl From<crate::images::ImageError> for StartError {
@@ -134,7 +137,8 @@ pub async fn ensure_cache(
     Ok(cache)
 }
 
-/// Opens the cache, exports the disk through it, plugs the NICs and boots the VM.
+/// Opens the cache, exports the disk through it, plugs the NICs and boots the VM with
+/// its windows on resource tables (`tables`, from `tables::attach_vm`).
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     driver: &dyn ComputeDriver,
@@ -144,10 +148,12 @@ pub async fn start(
     a: &Assignment,
     accel: Accel,
     nics: netdev::Plumbing,
+    tables: Vec<compute::TableAttach>,
     vm: &mut VmDisk,
 ) -> Result<(), StartError> {
     let image = images.paths(&a.image).await?;
-    let spec = vm_spec(files, a, &image, accel, disks.addr())?;
+    let mut spec = vm_spec(files, a, &image, accel, disks.addr())?;
+    spec.tables = tables;
     let cache = ensure_cache(disks, files, a, &image, vm).await?;
     nics.plug(files.run_dir(), a.vm.name.as_str(), &a.vm.nics)
         .await?;

@@ -254,6 +254,7 @@ mod tests {
             nics: Vec::new(),
             kernel_args: None,
             trace: None,
+            resource_tables: Vec::new(),
         };
         let key = format!("/vinfra/vms/{}", vm.id);
 

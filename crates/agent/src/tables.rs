@@ -10,7 +10,8 @@
 //! see the element gone and connect again), the grants or the audit.
 //!
 //! Tasks: one, `run`, the only owner of the tables; it takes `Cmd`s from the
-//! reconciler and ticks every `TICK` to report and snapshot.
+//! reconciler (sync, shutdown) and from the VM tasks (a VM's windows on the tables it
+//! names: `attach_vm`, `detach_vm`), and ticks every `TICK` to report and snapshot.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -24,8 +25,8 @@ use model::resource_tables::{
     TableDevice, TableGrant, TableTotals, MAX_REPORTED_AUDIT, MAX_REPORTED_DEVICES,
     MAX_REPORTED_ENTRIES,
 };
-use model::ResourceTableId;
-use tokio::sync::mpsc;
+use model::{Name, ResourceTableId, TenantId};
+use tokio::sync::{mpsc, oneshot};
 
 /// Subdirectory of the data dir with the tables' sockets, specs and contents.
 pub const TABLES_DIR: &str = "resource-tables";
@@ -43,6 +44,98 @@ pub(crate) enum Cmd {
     Sync,
     /// Snapshot every table's contents and stop.
     Shutdown(tokio::sync::oneshot::Sender<()>),
+    /// Make a VM a device of the tables it names: one window each.
+    AttachVm {
+        /// The VM's tenant: only its own tables are looked at.
+        tenant: TenantId,
+        /// The VM's name (the device's `vm` in the reports).
+        vm: String,
+        /// The tables, in the VM's order.
+        tables: Vec<Name>,
+        /// Where the windows' sockets go.
+        run_dir: PathBuf,
+        /// The windows, or why not (then none is left open).
+        reply: oneshot::Sender<Result<Vec<VmWindow>, TableAttachError>>,
+    },
+    /// Close windows of a VM (its QEMU stopped, or never started).
+    DetachVm(Vec<(ResourceTableId, shm::DeviceId)>),
+}
+
+/// A VM's window on one table.
+#[derive(Debug, Clone)]
+pub(crate) struct VmWindow {
+    /// The table.
+    pub(crate) table: ResourceTableId,
+    /// The VM's device id at the table's element.
+    pub(crate) device: shm::DeviceId,
+    /// What the QEMU driver gets.
+    pub(crate) attach: compute::TableAttach,
+}
+
+/// Why a VM cannot be made a device of its tables (the VM does not start).
+#[derive(Debug, thiserror::Error)]
+pub enum TableAttachError {
+    /// The VM's tenant has no table of that name on this host.
+    #[error("no resource table {table} of the vm's tenant on this host")]
+    NoSuchTable {
+        /// The name.
+        table: Name,
+    },
+    /// The agent could not create the table.
+    #[error("resource table {table} is not served here: {reason}")]
+    NotServed {
+        /// The name.
+        table: Name,
+        /// Why.
+        reason: String,
+    },
+    /// The window could not be made.
+    #[error("cannot open the vm's window on resource table {table}")]
+    Window {
+        /// The name.
+        table: Name,
+        /// Why.
+        #[source]
+        source: shm::Error,
+    },
+    /// The tables task has ended (the agent shuts down).
+    #[error("the resource tables task has ended")]
+    Gone,
+}
+
+/// Asks the tables task for windows of VM `vm` (of `tenant`) on `tables`, their sockets
+/// in `run_dir`. Nothing to ask without tables.
+pub(crate) async fn attach_vm(
+    tx: &mpsc::Sender<Cmd>,
+    tenant: TenantId,
+    vm: &str,
+    tables: &[Name],
+    run_dir: &Path,
+) -> Result<Vec<VmWindow>, TableAttachError> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (reply, answer) = oneshot::channel();
+    tx.send(Cmd::AttachVm {
+        tenant,
+        vm: vm.to_owned(),
+        tables: tables.to_vec(),
+        run_dir: run_dir.to_owned(),
+        reply,
+    })
+    .await
+    .map_err(|_| TableAttachError::Gone)?;
+    answer.await.map_err(|_| TableAttachError::Gone)?
+}
+
+/// Closes a VM's windows (those its QEMU still holds detach it as a device).
+pub(crate) async fn detach_vm(tx: &mpsc::Sender<Cmd>, windows: Vec<VmWindow>) {
+    if windows.is_empty() {
+        return;
+    }
+    let ids = windows.into_iter().map(|w| (w.table, w.device)).collect();
+    // The task gone (the agent stops): the elements went with it.
+    let _ = tx.send(Cmd::DetachVm(ids)).await;
 }
 
 /// Where table `id`'s device socket is.
@@ -103,6 +196,15 @@ pub(crate) async fn run(
                     let _ = done.send(());
                     return;
                 }
+                Some(Cmd::AttachVm { tenant, vm, tables: names, run_dir, reply }) => {
+                    // A table created just before the VM may not be served yet: list
+                    // once before refusing.
+                    if !all_served(&tables, tenant, &names) {
+                        sync(&client, &host, &dir, &mut tables).await;
+                    }
+                    let _ = reply.send(attach(&tables, tenant, &vm, &names, &run_dir));
+                }
+                Some(Cmd::DetachVm(windows)) => detach(&tables, &windows),
                 None => {
                     snapshot_all(&dir, &mut tables, true).await;
                     return;
@@ -116,6 +218,99 @@ pub(crate) async fn run(
                 snapshot_all(&dir, &mut tables, false).await;
                 report_all(&client, &host, &dir, &mut tables).await;
             }
+        }
+    }
+}
+
+/// The served table of `tenant` named `name`.
+fn find<'a>(
+    tables: &'a BTreeMap<ResourceTableId, Served>,
+    tenant: TenantId,
+    name: &Name,
+) -> Option<&'a Served> {
+    tables
+        .values()
+        .find(|t| t.spec.tenant == tenant && t.spec.name == *name)
+}
+
+fn all_served(
+    tables: &BTreeMap<ResourceTableId, Served>,
+    tenant: TenantId,
+    names: &[Name],
+) -> bool {
+    names.iter().all(|n| find(tables, tenant, n).is_some())
+}
+
+/// Opens a window for VM `vm` on each table in `names` (all or none): the table's memfd
+/// by this process's `/proc` path, and the window's socket `table-N.sock` in `run_dir`.
+fn attach(
+    tables: &BTreeMap<ResourceTableId, Served>,
+    tenant: TenantId,
+    vm: &str,
+    names: &[Name],
+    run_dir: &Path,
+) -> Result<Vec<VmWindow>, TableAttachError> {
+    let mut resolved = Vec::with_capacity(names.len());
+    for name in names {
+        let t = find(tables, tenant, name).ok_or_else(|| TableAttachError::NoSuchTable {
+            table: name.clone(),
+        })?;
+        match &t.element {
+            Ok(el) => resolved.push((name, t.spec.id, el)),
+            Err(reason) => {
+                return Err(TableAttachError::NotServed {
+                    table: name.clone(),
+                    reason: reason.clone(),
+                })
+            }
+        }
+    }
+    let mut out: Vec<VmWindow> = Vec::with_capacity(resolved.len());
+    for (i, (name, id, el)) in resolved.into_iter().enumerate() {
+        let socket = run_dir.join(format!("table-{i}.sock"));
+        match el.attach_guest(&socket, vm) {
+            Ok(w) => {
+                use std::os::fd::AsRawFd;
+                tracing::info!(table = %name, %vm, device = w.device, "vm window on resource table opened");
+                out.push(VmWindow {
+                    table: id,
+                    device: w.device,
+                    attach: compute::TableAttach {
+                        table: PathBuf::from(format!(
+                            "/proc/{}/fd/{}",
+                            std::process::id(),
+                            el.table_fd().as_raw_fd()
+                        )),
+                        table_bytes: u64::try_from(el.table_file_bytes()).unwrap_or(u64::MAX),
+                        window: w.socket,
+                    },
+                })
+            }
+            Err(source) => {
+                let ids: Vec<_> = out.iter().map(|w| (w.table, w.device)).collect();
+                detach(tables, &ids);
+                return Err(TableAttachError::Window {
+                    table: name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Closes windows; one whose table is gone, or whose VM already detached (its QEMU
+/// exited), is nothing to close.
+fn detach(
+    tables: &BTreeMap<ResourceTableId, Served>,
+    windows: &[(ResourceTableId, shm::DeviceId)],
+) {
+    for (id, device) in windows {
+        let Some(Ok(el)) = tables.get(id).map(|t| &t.element) else {
+            continue;
+        };
+        if let Err(e) = el.detach(*device) {
+            tracing::debug!(table = %id, device, error = %model::error_chain(&e), "window already closed");
         }
     }
 }
@@ -458,6 +653,86 @@ fn audit_record(e: shm::AuditEvent) -> TableAuditRecord {
     }
 }
 
-// The API's limits must be shapes the element accepts.
+// The API's limits must be shapes the element accepts, and VMs the driver starts.
+const _: () = assert!(model::api::MAX_VM_TABLES == compute::MAX_VM_TABLES);
 const _: () = assert!(model::resource_tables::MAX_TABLE_ENTRIES <= shm::MAX_ENTRIES);
 const _: () = assert!(model::resource_tables::MAX_TABLE_ENTRY_SIZE <= shm::MAX_ENTRY_SIZE);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(tenant: TenantId, name: &str) -> ResourceTable {
+        ResourceTable {
+            id: ResourceTableId::new_random(),
+            tenant,
+            host: model::validate_name("host", "h").unwrap(),
+            name: model::validate_name("name", name).unwrap(),
+            entries: 4,
+            entry_size: 248,
+            max_grant_ms: 1000,
+            created_at: 0,
+            state: None,
+        }
+    }
+
+    fn n(s: &str) -> Name {
+        model::validate_name("t", s).unwrap()
+    }
+
+    /// A VM's tables resolve by its tenant and name; one missing (or another tenant's)
+    /// opens no window at all; a window has its socket in the run dir and the table's
+    /// memfd by this process's /proc path, and closing it removes the socket.
+    #[tokio::test]
+    async fn a_vms_windows_open_all_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let (a, b) = (TenantId::new_random(), TenantId::new_random());
+        let mut tables = BTreeMap::new();
+        start(&mut tables, dir.path(), spec(a, "flows")).await;
+        start(&mut tables, dir.path(), spec(b, "theirs")).await;
+        let flows = *tables
+            .keys()
+            .find(|id| tables[*id].spec.tenant == a)
+            .unwrap();
+
+        for names in [vec![n("flows"), n("nope")], vec![n("flows"), n("theirs")]] {
+            let e = attach(&tables, a, "vm-1", &names, &run).unwrap_err();
+            assert!(
+                matches!(&e, TableAttachError::NoSuchTable { table } if *table == names[1]),
+                "{e}"
+            );
+            assert_eq!(
+                std::fs::read_dir(&run).unwrap().count(),
+                0,
+                "a window left open"
+            );
+        }
+        let w = attach(&tables, a, "vm-1", &[n("flows")], &run).unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].table, flows);
+        assert_eq!(w[0].attach.window, run.join("table-0.sock"));
+        assert!(w[0].attach.window.exists());
+        assert!(w[0]
+            .attach
+            .table
+            .starts_with(format!("/proc/{}/fd/", std::process::id())));
+        assert!(w[0].attach.table_bytes.is_power_of_two());
+        // The path is the table itself: the same bytes the element wrote.
+        let el = tables[&flows].element.as_ref().unwrap();
+        let v = el.write(2, &[9u8; 248]).unwrap();
+        assert!(v > 0);
+        let mapped = std::fs::read(&w[0].attach.table).unwrap();
+        assert_eq!(mapped.len() as u64, w[0].attach.table_bytes);
+        detach(&tables, &[(w[0].table, w[0].device)]);
+        assert!(!w[0].attach.window.exists());
+        // A table the agent could not create is named with why.
+        tables.get_mut(&flows).unwrap().element = Err("no memory".into());
+        let e = attach(&tables, a, "vm-1", &[n("flows")], &run).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "resource table flows is not served here: no memory"
+        );
+    }
+}

@@ -76,6 +76,7 @@ impl VmHandle {
             mig_reported: None,
             redundant: None,
             confirmed_at: None,
+            windows: Vec::new(),
         };
         VmHandle {
             tx,
@@ -150,6 +151,9 @@ pub(crate) struct VmTask {
     /// ([`Step::Confirm`]): only such an answer, asked for after the lease was (re)gained,
     /// lets a redundant guest start or resume (see [`crate::lease`]).
     confirmed_at: Option<Instant>,
+    /// The VM's windows on its resource tables, from its last start (closed when it
+    /// stops).
+    windows: Vec<crate::tables::VmWindow>,
 }
 
 impl VmTask {
@@ -472,17 +476,48 @@ impl VmTask {
         self.phase = VmPhase::Starting;
         self.send(ReportedState::Starting, None).await;
         let h = self.host.clone();
-        let result = local::start(
-            h.driver.as_ref(),
-            &h.disks,
-            &h.images,
-            &self.files,
-            a,
-            h.cfg.accel,
-            h.plumbing(),
-            &mut self.disk,
-        )
-        .await;
+        // Windows of an earlier start whose QEMU is gone.
+        crate::tables::detach_vm(&h.tables, std::mem::take(&mut self.windows)).await;
+        let tables = &a.vm.resource_tables;
+        let prepared = if tables.is_empty() {
+            Ok(())
+        } else {
+            self.files.create()
+        };
+        let result = match prepared {
+            Err(err) => Err(local::StartError::Files {
+                path: self.files.run_dir().to_owned(),
+                err,
+            }),
+            Ok(()) => crate::tables::attach_vm(
+                &h.tables,
+                a.vm.tenant,
+                a.vm.name.as_str(),
+                tables,
+                self.files.run_dir(),
+            )
+            .await
+            .map_err(local::StartError::from),
+        };
+        let result = match result {
+            Err(e) => Err(e),
+            Ok(windows) => {
+                let attach = windows.iter().map(|w| w.attach.clone()).collect();
+                self.windows = windows;
+                local::start(
+                    h.driver.as_ref(),
+                    &h.disks,
+                    &h.images,
+                    &self.files,
+                    a,
+                    h.cfg.accel,
+                    h.plumbing(),
+                    attach,
+                    &mut self.disk,
+                )
+                .await
+            }
+        };
         match result {
             Ok(()) => {
                 tracing::info!(vm = %self.id(), name = %a.vm.name, "vm started");
@@ -491,6 +526,7 @@ impl VmTask {
             Err(e) => {
                 let reason = model::error_chain(&e);
                 tracing::error!(vm = %self.id(), error = %reason, "vm failed to start");
+                crate::tables::detach_vm(&h.tables, std::mem::take(&mut self.windows)).await;
                 self.phase = VmPhase::Failed {
                     desired: a.vm.desired,
                     reason,
@@ -515,6 +551,9 @@ impl VmTask {
             &mut self.disk,
         )
         .await;
+        // QEMU is gone: the element saw its window close; a window it never
+        // connected to is closed here.
+        crate::tables::detach_vm(&h.tables, std::mem::take(&mut self.windows)).await;
     }
 
     /// Pauses the guest because the host lease expired: its standby may be started any

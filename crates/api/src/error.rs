@@ -377,7 +377,7 @@ impl From<control::ResourceTableError> for ApiError {
         use control::ResourceTableError as E;
         match e {
             E::Control(c) => c.into(),
-            e @ E::TooMany { .. } => ApiError::Conflict(e.to_string()),
+            e @ (E::TooMany { .. } | E::InUse { .. }) => ApiError::Conflict(e.to_string()),
         }
     }
 }
@@ -403,7 +403,7 @@ impl From<control::CreateVmError> for ApiError {
             E::Control(c) => c.into(),
             E::Nic(n) => n.into(),
             E::Storage(s) => s.into(),
-            e @ (E::NoSuchImage(_) | E::ImageNotInStore(_) | E::NoSuchHost(_)) => {
+            e @ (E::NoSuchImage(_) | E::ImageNotInStore(_) | E::NoSuchHost(_) | E::Tables(_)) => {
                 ApiError::Unprocessable(e.to_string())
             }
             e @ (E::NameTaken(_) | E::NoRoom { .. } | E::NoRedundantPlacement(_)) => {

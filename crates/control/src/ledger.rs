@@ -301,6 +301,7 @@ mod tests {
             nics: Vec::new(),
             kernel_args: None,
             trace: None,
+            resource_tables: Vec::new(),
         }
     }
 

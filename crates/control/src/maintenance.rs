@@ -35,6 +35,17 @@ pub enum DrainPlanError {
         /// The host.
         host: Name,
     },
+    /// A VM maps resource tables of the host: it cannot leave it (live, QEMU blocks
+    /// the migration of ivshmem peers; cold, its tables stay here). Nothing is planned.
+    #[error("vm {vm}: cannot leave host {host}: it maps resource tables of the host ({}), which do not move, and QEMU does not migrate ivshmem peers live; stop and delete it first", .tables.join(", "))]
+    PinnedByTables {
+        /// The VM.
+        vm: Name,
+        /// The host.
+        host: Name,
+        /// The tables it names.
+        tables: Vec<String>,
+    },
     /// One VM fits nowhere; nothing is planned.
     #[error("vm {vm}: cannot be placed: {}", match .reason {
         PlaceError::NoHostFits { .. } => format!("no other up host has room ({})", .reason),
@@ -110,6 +121,15 @@ pub fn plan_drain(
         .iter()
         .filter(|v| &v.host == host && v.desired != DesiredState::Deleted)
         .collect();
+    // A VM pinned by its tables refuses the whole drain, before any placement.
+    mine.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(vm) = mine.iter().find(|v| !v.resource_tables.is_empty()) {
+        return Err(DrainPlanError::PinnedByTables {
+            vm: vm.name.clone(),
+            host: host.clone(),
+            tables: vm.resource_tables.iter().map(Name::to_string).collect(),
+        });
+    }
     // Biggest first: they are the hardest to fit.
     mine.sort_by(|a, b| (b.memory_mib, b.vcpus, &b.name).cmp(&(a.memory_mib, a.vcpus, &a.name)));
     for vm in mine {
@@ -516,6 +536,17 @@ impl Control {
                         .await?;
                 }
             }
+        } else if !vm.resource_tables.is_empty() {
+            // Planning refused such a VM; one that gained tables since cannot move.
+            let why = format!(
+                "vm {} could not move: it maps resource tables of host {}; VMs already moved \
+                 stay on their new hosts",
+                item.vm_name, m.host
+            );
+            self.set_item(id, i, DrainItemState::Failed, Some(why.clone()))
+                .await?;
+            self.finish_maintenance(id, MaintenanceState::Failed, Some(why))
+                .await?;
         } else {
             // A stopped VM moves cold: its disk is in the shared origin, so re-assigning
             // it is enough; the old host's agent drops its cache, the new one starts it
@@ -584,6 +615,7 @@ mod tests {
             nics: Vec::new(),
             kernel_args: None,
             trace: None,
+            resource_tables: Vec::new(),
         }
     }
 

@@ -36,6 +36,17 @@ pub enum MigrateStartError {
         /// What was asked of it.
         desired: DesiredState,
     },
+    /// The VM maps resource tables of its host: QEMU blocks live migration of a VM
+    /// with ivshmem devices in peer mode, and the tables do not leave their host.
+    #[error("vm {vm} maps resource tables of host {host} ({}): it stays on that host (QEMU does not migrate ivshmem peers live, and a table does not move); stop or delete it instead", .tables.join(", "))]
+    PinnedByTables {
+        /// The VM.
+        vm: Name,
+        /// Its host.
+        host: Name,
+        /// The tables it names.
+        tables: Vec<String>,
+    },
     /// The destination is where the VM runs.
     #[error("to: vm {vm} already runs on {host}")]
     SameHost {
@@ -210,6 +221,13 @@ impl Control {
             return Err(MigrateStartError::AlreadyMigrating {
                 vm: vm.name,
                 migration,
+            });
+        }
+        if !vm.resource_tables.is_empty() {
+            return Err(MigrateStartError::PinnedByTables {
+                tables: vm.resource_tables.iter().map(Name::to_string).collect(),
+                vm: vm.name,
+                host: vm.host,
             });
         }
         if vm.desired != DesiredState::Running || vm.observed != ObservedState::Running {

@@ -578,6 +578,7 @@ mod tests {
             nics: Vec::new(),
             kernel_args: None,
             trace: None,
+            resource_tables: Vec::new(),
         }
     }
 

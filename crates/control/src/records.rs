@@ -177,9 +177,15 @@ pub mod keys {
     pub fn resource_table_count(host: &Name) -> String {
         format!("/vinfra/resource-table-count/{host}")
     }
-    /// Resource table name index, per host and tenant: value is the table id.
+    /// Resource table name index, per host and tenant: value is the table id. A VM
+    /// create naming the table rewrites it (same value), so that its revision tells a
+    /// table delete that a VM came to use the table.
+    pub fn resource_table_name_prefix() -> String {
+        "/vinfra/resource-table-names/".to_owned()
+    }
+    /// One entry of that index.
     pub fn resource_table_name(host: &Name, tenant: TenantId, name: &Name) -> String {
-        format!("/vinfra/resource-table-names/{host}/{tenant}/{name}")
+        format!("{}{host}/{tenant}/{name}", resource_table_name_prefix())
     }
     /// The agent's last report of a table, apart from the spec so that reports never
     /// race with (or wake the hub for) the spec.

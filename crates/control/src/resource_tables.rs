@@ -3,10 +3,11 @@
 //! grant is an ioctl on a local userfaultfd): nothing here waits on the agent.
 
 use model::resource_tables::{ResourceTable, ResourceTableReport, ValidTableSpec};
-use model::{Name, ResourceTableId, TenantId};
-use store::{Compare, StoreError, TxnOp};
+use model::{Host, Name, ResourceTableId, TenantId, Vm};
+use store::{Compare, KeyValue, StoreError, TxnOp};
 
-use crate::records::{get_json, keys, list_json, now_ms, to_bytes};
+use crate::records::{get_json, keys, list_json, now_ms, to_bytes, CAS_ATTEMPTS};
+use crate::vms::CreateVmError;
 use crate::{Control, ControlError, Scope};
 
 /// Why a table cannot be created.
@@ -20,9 +21,52 @@ pub enum ResourceTableError {
         /// [`model::resource_tables::MAX_TABLES_PER_HOST`].
         limit: usize,
     },
+    /// VMs name the table in their `resource_tables`: it stays until they are gone.
+    #[error("resource table {table} on host {host} is mapped by vm {}: delete {} first", .vms.join(", "), if .vms.len() == 1 { "it" } else { "them" })]
+    InUse {
+        /// The table.
+        table: Name,
+        /// Its host.
+        host: Name,
+        /// The VMs naming it (sorted).
+        vms: Vec<String>,
+    },
     /// No such host, name taken, or the store failed.
     #[error(transparent)]
     Control(#[from] ControlError),
+}
+
+/// Where a VM with resource tables must go: the one host that keeps all of them, and
+/// their name keys as read. A VM create compares those keys and writes them again in
+/// its transaction, and a table delete compares its name key in its own: so a delete
+/// that did not see a new VM naming its table, or a create that did not see the
+/// table's delete, does not commit.
+#[derive(Debug)]
+pub(crate) struct TablePin {
+    /// The host.
+    pub(crate) host: Name,
+    keys: Vec<KeyValue>,
+}
+
+impl TablePin {
+    /// The compares and writes that hold the tables for the create's transaction.
+    pub(crate) fn txn(self) -> (Vec<Compare>, Vec<TxnOp>) {
+        self.keys
+            .into_iter()
+            .map(|kv| {
+                (
+                    Compare::ModRevision {
+                        key: kv.key.clone(),
+                        expect: Some(kv.mod_revision),
+                    },
+                    TxnOp::Put {
+                        key: kv.key,
+                        value: kv.value,
+                    },
+                )
+            })
+            .unzip()
+    }
 }
 
 /// Creates on one host retried after losing the count race (each retry means
@@ -177,18 +221,168 @@ impl Control {
         }
     }
 
+    /// Where a VM of `tenant` naming `tables` goes: `None` without tables (or with
+    /// `host` naming no host: placement refuses that); otherwise the one host among
+    /// `hosts` (only `host`, when given) where the tenant has every table. Other
+    /// tenants' tables are not looked at: a name another tenant uses on a host is,
+    /// for this tenant, no table there.
+    pub(crate) async fn pin_to_tables(
+        &self,
+        tenant: TenantId,
+        tables: &[Name],
+        host: Option<&Name>,
+        hosts: &[Host],
+    ) -> Result<Option<TablePin>, CreateVmError> {
+        if tables.is_empty() || host.is_some_and(|h| !hosts.iter().any(|x| x.name == *h)) {
+            return Ok(None);
+        }
+        let prefix = keys::resource_table_name_prefix();
+        let names = self
+            .store()
+            .list(&prefix)
+            .await
+            .map_err(ControlError::from)?;
+        let tenant_s = tenant.to_string();
+        // For each table asked for, the hosts where the tenant has it, with its key.
+        let mut found: Vec<Vec<(Name, KeyValue)>> = vec![Vec::new(); tables.len()];
+        for kv in names {
+            let Some(rest) = kv.key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let mut parts = rest.splitn(3, '/');
+            let (Some(h), Some(t), Some(n)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if t != tenant_s || host.is_some_and(|want| want.as_str() != h) {
+                continue;
+            }
+            let Some(i) = tables.iter().position(|x| x.as_str() == n) else {
+                continue;
+            };
+            let Ok(h) = model::validate_name("host", h) else {
+                continue;
+            };
+            found[i].push((h, kv));
+        }
+        let place = |h: Option<&Name>| match h {
+            Some(h) => format!("on host {h}"),
+            None => "on any host".to_owned(),
+        };
+        if let Some(i) = found.iter().position(Vec::is_empty) {
+            return Err(CreateVmError::Tables(format!(
+                "no resource table {} {}",
+                tables[i],
+                place(host)
+            )));
+        }
+        // The hosts that keep every table.
+        let mut common: Vec<Name> = found[0].iter().map(|(h, _)| h.clone()).collect();
+        common.retain(|h| found.iter().all(|f| f.iter().any(|(x, _)| x == h)));
+        common.sort();
+        let pinned = match common.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                let wheres: Vec<String> = tables
+                    .iter()
+                    .zip(&found)
+                    .map(|(t, f)| {
+                        let mut hs: Vec<&str> = f.iter().map(|(h, _)| h.as_str()).collect();
+                        hs.sort_unstable();
+                        format!("{t} on {}", hs.join(", "))
+                    })
+                    .collect();
+                return Err(CreateVmError::Tables(format!(
+                    "a VM maps tables of its own host only, and no host keeps them all ({})",
+                    wheres.join("; ")
+                )));
+            }
+            many => {
+                let hs: Vec<&str> = many.iter().map(Name::as_str).collect();
+                return Err(CreateVmError::Tables(format!(
+                    "hosts {} each keep resource tables of these names: give host",
+                    hs.join(", ")
+                )));
+            }
+        };
+        let keys = found
+            .into_iter()
+            .filter_map(|f| f.into_iter().find(|(h, _)| *h == pinned).map(|(_, kv)| kv))
+            .collect();
+        Ok(Some(TablePin { host: pinned, keys }))
+    }
+
+    /// The names of `tenant`'s VMs on `host` that name table `table`, sorted.
+    async fn vms_naming(
+        &self,
+        tenant: TenantId,
+        host: &Name,
+        table: &Name,
+    ) -> Result<Vec<String>, ControlError> {
+        let mut out: Vec<String> = list_json::<Vm>(self.store(), keys::VMS)
+            .await?
+            .into_iter()
+            .filter(|(v, _)| {
+                v.tenant == tenant && v.host == *host && v.resource_tables.contains(table)
+            })
+            .map(|(v, _)| v.name.to_string())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Deletes a table: its spec, name and last report. The agent hears of it and
-    /// stops serving the table (its devices see the element gone).
+    /// stops serving the table (its devices see the element gone). Refused while a VM
+    /// names it ([`ResourceTableError::InUse`]): the VM would lose its table under it,
+    /// and its next start would fail.
     pub async fn delete_resource_table(
         &self,
         scope: Scope,
         host: &Name,
         name_or_id: &str,
-    ) -> Result<(), ControlError> {
-        let t = self.resource_table(scope, host, name_or_id).await?;
-        self.store()
+    ) -> Result<(), ResourceTableError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let t = self.resource_table(scope, host, name_or_id).await?;
+            if self.try_delete_resource_table(host, &t).await? {
+                tracing::info!(host = %host, table = %t.name, id = %t.id, "resource table deleted");
+                return Ok(());
+            }
+        }
+        Err(ControlError::Contended {
+            what: format!("resource table {name_or_id} on host {host}"),
+        }
+        .into())
+    }
+
+    /// One attempt: `false` when a VM create touched the table meanwhile.
+    async fn try_delete_resource_table(
+        &self,
+        host: &Name,
+        t: &ResourceTable,
+    ) -> Result<bool, ResourceTableError> {
+        let name_key = keys::resource_table_name(host, t.tenant, &t.name);
+        let Some(kv) = self
+            .store()
+            .get(&name_key)
+            .await
+            .map_err(ControlError::from)?
+        else {
+            return Ok(false);
+        };
+        let vms = self.vms_naming(t.tenant, host, &t.name).await?;
+        if !vms.is_empty() {
+            return Err(ResourceTableError::InUse {
+                table: t.name.clone(),
+                host: host.clone(),
+                vms,
+            });
+        }
+        let r = self
+            .store()
             .txn(
-                Vec::new(),
+                vec![Compare::ModRevision {
+                    key: name_key,
+                    expect: Some(kv.mod_revision),
+                }],
                 vec![
                     TxnOp::Delete {
                         key: keys::resource_table(host, t.id),
@@ -201,9 +395,12 @@ impl Control {
                     },
                 ],
             )
-            .await?;
-        tracing::info!(host = %host, table = %t.name, id = %t.id, "resource table deleted");
-        Ok(())
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(ControlError::from(e).into()),
+        }
     }
 
     /// Stores the report of `host`'s agent on table `id` (stamped now). A table that is

@@ -45,6 +45,10 @@ pub enum CreateVmError {
     /// A NIC cannot get its address.
     #[error(transparent)]
     Nic(#[from] NicError),
+    /// A resource table named in `resource_tables` cannot be mapped (none of the
+    /// tenant's on the host, or not all on one host); the reason names it.
+    #[error("resource_tables: {0}")]
+    Tables(String),
     /// The store, or a lost race.
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -102,6 +106,10 @@ impl Control {
             }
             let ledger = self.ledger().await?;
             let hosts = self.hosts().await?;
+            // A VM with resource tables goes where its tables are, and nowhere else.
+            let pin = self
+                .pin_to_tables(tenant, &req.resource_tables, req.host.as_ref(), &hosts)
+                .await?;
             let (host, redundancy) = match req.redundant_disk_gib {
                 // Redundant placement: storage pair first, then a connectable server for
                 // each, paired.
@@ -142,7 +150,7 @@ impl Control {
                         &ledger.hosts,
                         req.vcpus,
                         req.memory_mib,
-                        req.host.as_ref(),
+                        pin.as_ref().map(|p| &p.host).or(req.host.as_ref()),
                     )
                     .map_err(|e| match e {
                         PlaceError::NoSuchHost(_) => CreateVmError::NoSuchHost(e),
@@ -187,7 +195,9 @@ impl Control {
                 nics: nets.nics,
                 kernel_args: req.kernel_args.clone(),
                 trace: None,
+                resource_tables: req.resource_tables.clone(),
             };
+            let (pin_compares, pin_ops) = pin.map(|p| p.txn()).unwrap_or_default();
             let res = self
                 .store()
                 .txn(
@@ -197,6 +207,7 @@ impl Control {
                     })
                     .chain(reserve_compares)
                     .chain(nets.compares)
+                    .chain(pin_compares)
                     .collect(),
                     [
                         TxnOp::Put {
@@ -211,6 +222,7 @@ impl Control {
                     .into_iter()
                     .chain(reserve_ops)
                     .chain(nets.ops)
+                    .chain(pin_ops)
                     .collect(),
                 )
                 .await;

@@ -482,6 +482,8 @@ pub struct ImportBlob {
 
 /// Most NICs one VM may have.
 pub const MAX_NICS: usize = 8;
+/// Most resource tables one VM maps (the QEMU driver's `compute::MAX_VM_TABLES`).
+pub const MAX_VM_TABLES: usize = 8;
 /// Longest `kernel_args`, bytes.
 pub const MAX_KERNEL_ARGS: usize = 1024;
 /// Kernel argument the agent sets for each NIC; users may not set it themselves.
@@ -562,6 +564,12 @@ pub struct CreateVm {
     /// `vinfra.nic=` is reserved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_args: Option<String>,
+    /// Resource tables the VM maps (docs/SHM.md, "VMs as devices"): names of the
+    /// tenant's tables on the VM's host, at most 8, each once. The VM is placed on the
+    /// host that keeps them (with `host`, they must be there), and stays there: it
+    /// neither migrates live nor moves in a drain. Not with `redundant`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resource_tables: Vec<String>,
 }
 
 /// A [`CreateVm`] whose fields passed validation.
@@ -585,6 +593,8 @@ pub struct VmRequest {
     pub nics: Vec<NicRequest>,
     /// Extra kernel arguments.
     pub kernel_args: Option<String>,
+    /// Resource tables, by name.
+    pub resource_tables: Vec<Name>,
 }
 
 impl CreateVm {
@@ -664,6 +674,7 @@ impl CreateVm {
                 "a redundant VM is placed by its storage pair; leave host out",
             ));
         }
+        let resource_tables = self.validate_tables()?;
         Ok(VmRequest {
             name,
             image: self.image.clone(),
@@ -674,7 +685,43 @@ impl CreateVm {
             redundant_disk_gib,
             nics: self.nics.clone(),
             kernel_args: self.kernel_args.clone(),
+            resource_tables,
         })
+    }
+
+    /// `resource_tables`: at most [`MAX_VM_TABLES`] valid names, each once, and not on
+    /// a redundant VM (a takeover moves it to its standby host; a table stays on its
+    /// host).
+    fn validate_tables(&self) -> Result<Vec<Name>, ValidationError> {
+        const FIELD: &str = "resource_tables";
+        if self.resource_tables.len() > MAX_VM_TABLES {
+            return Err(ValidationError::new(
+                FIELD,
+                format!(
+                    "at most {MAX_VM_TABLES} resource tables per VM, got {}",
+                    self.resource_tables.len()
+                ),
+            ));
+        }
+        if self.redundant && !self.resource_tables.is_empty() {
+            return Err(ValidationError::new(
+                FIELD,
+                "a redundant VM moves to its standby host on a takeover, and a resource \
+                 table stays on its own host: a VM with resource tables cannot be redundant",
+            ));
+        }
+        let mut out: Vec<Name> = Vec::with_capacity(self.resource_tables.len());
+        for (i, t) in self.resource_tables.iter().enumerate() {
+            let name = validate_name(&format!("{FIELD}[{i}]"), t)?;
+            if out.contains(&name) {
+                return Err(ValidationError::new(
+                    format!("{FIELD}[{i}]"),
+                    format!("duplicate: {name}"),
+                ));
+            }
+            out.push(name);
+        }
+        Ok(out)
     }
 }
 
@@ -1134,6 +1181,51 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("unknown field `vcpu`"), "{err}");
+    }
+
+    #[test]
+    fn create_vm_resource_tables_are_checked() {
+        let req = |tables: &[&str], redundant: bool| CreateVm {
+            name: "web-1".into(),
+            image: "debian".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            redundant,
+            resource_tables: tables.iter().map(|t| (*t).to_owned()).collect(),
+            ..Default::default()
+        };
+        let ok = req(&["flows", "routes"], false).validate().unwrap();
+        assert_eq!(
+            ok.resource_tables
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>(),
+            ["flows", "routes"]
+        );
+        let e = req(&["flows", "Bad"], false).validate().unwrap_err();
+        assert_eq!(e.field, "resource_tables[1]");
+        let e = req(&["flows", "routes", "flows"], false)
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.to_string(), "resource_tables[2]: duplicate: flows", "{e}");
+        let nine: Vec<String> = (0..=MAX_VM_TABLES).map(|i| format!("t{i}")).collect();
+        let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
+        let e = req(&nine, false).validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "resource_tables: at most 8 resource tables per VM, got 9"
+        );
+        let e = req(&["flows"], true).validate().unwrap_err();
+        assert_eq!(e.field, "resource_tables");
+        assert!(e.message.contains("cannot be redundant"), "{e}");
+        // Absent from the JSON when empty; read when given.
+        let json = serde_json::to_string(&req(&[], false)).unwrap();
+        assert!(!json.contains("resource_tables"), "{json}");
+        let back: CreateVm = serde_json::from_str(
+            r#"{"name":"a","image":"i","vcpus":1,"memory_mib":64,"resource_tables":["flows"]}"#,
+        )
+        .unwrap();
+        assert_eq!(back.resource_tables, ["flows"]);
     }
 
     #[test]

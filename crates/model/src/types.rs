@@ -410,6 +410,10 @@ pub struct Vm {
     /// Block-trace recording of the VM's disk (`vinfra vm trace start|stop`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<VmTrace>,
+    /// Resource tables of its host that it maps (docs/SHM.md, "VMs as devices"), by
+    /// name (the tenant's own). Such a VM stays on that host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resource_tables: Vec<Name>,
 }
 
 /// A recording of a VM disk's block requests, made by the agent's NBD server on the

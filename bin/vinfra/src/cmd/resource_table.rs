@@ -125,10 +125,15 @@ fn show(ctx: &Ctx, t: &ResourceTable) -> anyhow::Result<()> {
         print!(
             "{}",
             output::table(
-                &["device", "pid", "grants"],
+                &["device", "pid", "grants", "vm"],
                 &s.devices
                     .iter()
-                    .map(|d| vec![d.id.to_string(), d.pid.to_string(), d.grants.to_string()])
+                    .map(|d| vec![
+                        d.id.to_string(),
+                        d.pid.to_string(),
+                        d.grants.to_string(),
+                        d.vm.clone().unwrap_or_else(|| "-".into()),
+                    ])
                     .collect::<Vec<_>>()
             )
         );

@@ -45,6 +45,15 @@ pub enum VmCmd {
         /// Extra kernel arguments for the guest (e.g. `vinfra.ping=10.70.0.1`).
         #[arg(long)]
         kernel_args: Option<String>,
+        /// Map resource table NAME of the VM's host (read-only, with a window of the
+        /// VM's own to write entries through; docs/SHM.md); repeat for more. The VM
+        /// is placed on the host that keeps them and stays there (no live migration).
+        #[arg(
+            long = "resource-table",
+            value_name = "NAME",
+            conflicts_with = "redundant"
+        )]
+        resource_tables: Vec<String>,
     },
     /// List VMs.
     List,
@@ -186,7 +195,7 @@ fn parse_nic(s: &str) -> Result<NicRequest, String> {
 }
 
 const HEADER: &[&str] = &[
-    "name", "id", "host", "desired", "observed", "vcpus", "memory", "nics", "error",
+    "name", "id", "host", "desired", "observed", "vcpus", "memory", "nics", "tables", "error",
 ];
 
 fn row(v: &Vm) -> Vec<String> {
@@ -201,6 +210,11 @@ fn row(v: &Vm) -> Vec<String> {
         v.nics
             .iter()
             .map(|n| format!("{}:{}", n.network_name, n.ip))
+            .collect::<Vec<_>>()
+            .join(","),
+        v.resource_tables
+            .iter()
+            .map(|t| t.as_str())
             .collect::<Vec<_>>()
             .join(","),
         v.error.clone().unwrap_or_default(),
@@ -226,6 +240,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
             disk_gib,
             nics,
             kernel_args,
+            resource_tables,
         } => {
             let vm = c
                 .create_vm(&CreateVm {
@@ -239,6 +254,7 @@ pub async fn run(ctx: &Ctx, cmd: VmCmd) -> anyhow::Result<()> {
                     disk_gib,
                     nics,
                     kernel_args,
+                    resource_tables,
                 })
                 .await?;
             let vm = if no_wait {

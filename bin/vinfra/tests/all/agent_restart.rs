@@ -34,6 +34,7 @@ async fn a_vm_keeps_its_disk_across_a_kill9_of_its_agent() {
             disk_gib: None,
             nics: vec![],
             kernel_args: None,
+            resource_tables: vec![],
         })
         .await
         .unwrap();

@@ -188,6 +188,7 @@ impl Lab {
                 disk_gib: Some(2),
                 nics: vec![],
                 kernel_args: None,
+                resource_tables: vec![],
             })
             .await
             .unwrap();

@@ -40,4 +40,5 @@ mod up_sim;
 mod v2x;
 mod vm_lifecycle;
 mod vm_network;
+mod vm_tables;
 mod vm_traffic;

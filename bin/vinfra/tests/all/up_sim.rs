@@ -84,6 +84,7 @@ async fn up_with_50_simulated_hosts_spreads_200_vms() {
                     disk_gib: None,
                     nics: vec![],
                     kernel_args: None,
+                    resource_tables: vec![],
                 };
                 loop {
                     match admin.create_vm(&req).await {

@@ -167,6 +167,7 @@ impl Cluster {
                 disk_gib: None,
                 nics: vec![],
                 kernel_args: None,
+                resource_tables: vec![],
             })
             .await
             .unwrap()

@@ -94,7 +94,7 @@ pub(crate) async fn get(
     responses(
         (status = 204, description = "deleted"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "an admin named a table several tenants' share: use the id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "a VM names the table in its resource_tables (the detail names the VMs), or an admin named a table several tenants' share: use the id", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn delete(
     State(state): State<AppState>,

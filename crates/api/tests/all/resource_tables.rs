@@ -137,3 +137,197 @@ async fn tables_are_validated_scoped_and_show_the_agents_report() {
     let r = app.post(TABLES, &w.a, spec("t", 4, 8)).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
 }
+
+/// `resource_tables` on a VM: every refusal names the reason (missing, another
+/// tenant's, another host's, too many, duplicate, redundant, ambiguous); a VM with a
+/// table is placed on its host even when another host has more room; it neither
+/// migrates nor drains; its table cannot be deleted while it exists.
+#[tokio::test]
+async fn vms_name_tables_of_their_host_and_stay_there() {
+    let w = World::new().await;
+    let app = &w.app;
+    // h2 has more room: the scheduler would pick it for a VM without tables.
+    app.host(&w.agent, "h2", 32, 65536).await;
+    let table = json!({"name": "flows", "entries": 4, "entry_size": 8});
+    let r = app.post(TABLES, &w.a, table.clone()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // Tenant b has a table of another name on h1, and one called `mine` on h1.
+    let r = app
+        .post(
+            TABLES,
+            &w.b,
+            json!({"name": "theirs", "entries": 4, "entry_size": 8}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let vm = |name: &str, extra: serde_json::Value| {
+        let mut v = json!({"name": name, "image": "debian", "vcpus": 1, "memory_mib": 64});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("v", json!({"resource_tables": ["nope"]})),
+    )
+    .await
+    .problem(422, "resource_tables: no resource table nope on any host");
+    // Another tenant's table is, for a, no table at all (the same words).
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("v", json!({"resource_tables": ["theirs"]})),
+    )
+    .await
+    .problem(422, "resource_tables: no resource table theirs on any host");
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("v", json!({"resource_tables": ["flows"], "host": "h2"})),
+    )
+    .await
+    .problem(422, "resource_tables: no resource table flows on host h2");
+    let nine: Vec<String> = (0..9).map(|i| format!("t{i}")).collect();
+    app.post("/v1/vms", &w.a, vm("v", json!({"resource_tables": nine})))
+        .await
+        .problem(
+            422,
+            "resource_tables: at most 8 resource tables per VM, got 9",
+        );
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("v", json!({"resource_tables": ["flows", "flows"]})),
+    )
+    .await
+    .problem(422, "resource_tables[1]: duplicate: flows");
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("v", json!({"resource_tables": ["Flows"]})),
+    )
+    .await
+    .problem(422, "resource_tables[0]: must match");
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm(
+            "v",
+            json!({"resource_tables": ["flows"], "redundant": true}),
+        ),
+    )
+    .await
+    .problem(422, "cannot be redundant");
+
+    // Placed on the table's host, not on the roomier h2; shown on the VM.
+    let r = app
+        .post(
+            "/v1/vms",
+            &w.a,
+            vm("v", json!({"resource_tables": ["flows"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["host"], "h1", "{v}");
+    assert_eq!(v["resource_tables"], json!(["flows"]));
+    let id = v["id"].as_str().unwrap().to_owned();
+    let shown = app.get("/v1/vms/v", &w.a).await.json();
+    assert_eq!(shown["resource_tables"], json!(["flows"]));
+    // A VM without tables goes to h2 (the pin above was the table's doing).
+    let r = app.post("/v1/vms", &w.a, vm("plain", json!({}))).await;
+    assert_eq!(r.json()["host"], "h2", "{}", r.text);
+
+    // The table cannot go while the VM names it; b cannot even see it.
+    app.call(Method::DELETE, &format!("{TABLES}/flows"), &w.a, None)
+        .await
+        .problem(
+            409,
+            "resource table flows on host h1 is mapped by vm v: delete it first",
+        );
+
+    // Running, it neither migrates live nor drains away with its host.
+    let r = app
+        .call(
+            Method::PUT,
+            &format!("/v1/vms/{id}/observed"),
+            &w.agent,
+            Some(json!({"host": "h1", "state": "running"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    app.post(&format!("/v1/vms/{id}/migrate"), &w.a, json!({"to": "h2"}))
+        .await
+        .problem(
+            409,
+            "vm v maps resource tables of host h1 (flows): it stays on that host",
+        );
+    app.post("/v1/hosts/h1/maintenance", &app.admin, json!({}))
+        .await
+        .problem(
+            409,
+            "vm v: cannot leave host h1: it maps resource tables of the host (flows)",
+        );
+    let h1 = app.get("/v1/hosts/h1", &app.admin).await.json();
+    assert!(
+        h1["maintenance"].is_null(),
+        "the refused drain cordoned h1: {h1}"
+    );
+
+    // A table of the same name on two hosts: the tenant must say which.
+    let r = app
+        .post("/v1/hosts/h2/resource-tables", &w.a, table.clone())
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    app.post(
+        "/v1/vms",
+        &w.a,
+        vm("w", json!({"resource_tables": ["flows"]})),
+    )
+    .await
+    .problem(
+        422,
+        "hosts h1, h2 each keep resource tables of these names: give host",
+    );
+    let r = app
+        .post(
+            "/v1/vms",
+            &w.a,
+            vm("w", json!({"resource_tables": ["flows"], "host": "h2"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.json()["host"], "h2");
+
+    // Once the VM is gone (its agent confirmed), the table may go.
+    let r = app.call(Method::DELETE, "/v1/vms/v", &w.a, None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    app.call(Method::DELETE, &format!("{TABLES}/flows"), &w.a, None)
+        .await
+        .problem(409, "mapped by vm v");
+    let r = app
+        .call(
+            Method::PUT,
+            &format!("/v1/vms/{id}/observed"),
+            &w.agent,
+            Some(json!({"host": "h1", "state": "deleted"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    let r = app
+        .call(Method::DELETE, &format!("{TABLES}/flows"), &w.a, None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    // The h2 table is still in use by w.
+    app.call(
+        Method::DELETE,
+        "/v1/hosts/h2/resource-tables/flows",
+        &w.a,
+        None,
+    )
+    .await
+    .problem(409, "is mapped by vm w");
+}

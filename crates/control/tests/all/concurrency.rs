@@ -182,6 +182,7 @@ async fn creates_migrations_and_a_drain_at_once_never_overcommit_a_host() {
         redundant_disk_gib: None,
         nics: vec![],
         kernel_args: None,
+        resource_tables: vec![],
     };
     // Near full before the storm.
     for i in 0..BASE {

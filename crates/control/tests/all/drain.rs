@@ -63,6 +63,7 @@ pub(crate) async fn vm(store: &dyn Store, tenant: TenantId, name: &str, on: &str
         nics: Vec::new(),
         kernel_args: None,
         trace: None,
+        resource_tables: Vec::new(),
     };
     put(store, &control::records::keys::vm(v.id), &v).await;
     v.id
@@ -317,7 +318,7 @@ async fn a_drain_waits_for_a_source_host_that_missed_its_heartbeats() {
     d.shutdown().await;
 }
 
-fn small(name: &str, host: Option<&str>) -> model::api::VmRequest {
+pub(crate) fn small(name: &str, host: Option<&str>) -> model::api::VmRequest {
     model::api::VmRequest {
         name: n(name),
         image: "default".into(),
@@ -328,6 +329,7 @@ fn small(name: &str, host: Option<&str>) -> model::api::VmRequest {
         redundant_disk_gib: None,
         nics: vec![],
         kernel_args: None,
+        resource_tables: vec![],
     }
 }
 

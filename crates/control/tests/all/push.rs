@@ -123,6 +123,7 @@ fn vm(image: model::ImageId, on: &str) -> model::Vm {
         nics: Vec::new(),
         kernel_args: None,
         trace: None,
+        resource_tables: Vec::new(),
     }
 }
 

@@ -66,6 +66,7 @@ async fn redundant_vm(store: &dyn Store, primary: &str, standby: &str) -> VmId {
         nics: Vec::new(),
         kernel_args: None,
         trace: None,
+        resource_tables: Vec::new(),
     };
     put(store, &control::records::keys::vm(v.id), &v).await;
     v.id
