@@ -358,9 +358,13 @@ async fn four_guests_in_two_domains_are_counted_by_class_pair_and_nfdump_across_
     assert_eq!(named(&re, ib), Some(serde_json::json!("b")), "{re}");
     assert_eq!(named(&re, id), Some(Value::Null), "{re}");
     assert_eq!(named(&rw, id), Some(serde_json::json!("d")), "{rw}");
+    // ARP is counted in its own row (the class counts above are exactly the echoes, so
+    // none of it went there). How many ARP frames a domain's taps carry depends on the
+    // guests' neighbour caches and on the three pingers' requests racing each other: a CI
+    // run saw west count only one (d's request or a's answer), so at least one.
     for r in [&re, &rw] {
         assert!(
-            r["neighbor"]["packets"].as_u64().unwrap_or(0) >= 2,
+            r["neighbor"]["packets"].as_u64().unwrap_or(0) >= 1,
             "ARP in its own row: {r}"
         );
     }
