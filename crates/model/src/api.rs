@@ -807,6 +807,16 @@ impl ObservedReport {
                 ));
             }
         }
+        // The contract says int64 (what JSON tools and the sampler's arithmetic handle);
+        // 2^63 ms is 292 million years, so a larger value is a broken report.
+        if let Some(ms) = self.cpu_time_ms {
+            if i64::try_from(ms).is_err() {
+                return Err(ValidationError::new(
+                    "cpu_time_ms",
+                    format!("must be at most {}, got {ms}", i64::MAX),
+                ));
+            }
+        }
         Ok(host)
     }
 }
@@ -1366,6 +1376,20 @@ mod tests {
             cpu_time_ms: None,
         };
         assert_eq!(r.validate().unwrap_err().field, "console_tail");
+        // Found by schemathesis: 2^63 was accepted against the contract's int64.
+        let r = ObservedReport {
+            console_tail: None,
+            cpu_time_ms: Some(1 << 63),
+            ..r
+        };
+        let e = r.validate().unwrap_err();
+        assert_eq!(e.field, "cpu_time_ms");
+        assert!(e.message.contains("9223372036854775808"), "{e}");
+        let r = ObservedReport {
+            cpu_time_ms: Some(i64::MAX as u64),
+            ..r
+        };
+        assert!(r.validate().is_ok());
         assert_eq!(ReportedState::Deleted.observed(), None);
     }
 }
