@@ -18,7 +18,14 @@ static CPU_HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A server over TCP with an admin token.
 async fn server(config: ServerConfig) -> (api::ServerHandle, String, String, tempfile::TempDir) {
-    let store = Arc::new(MemStore::new());
+    server_on(Arc::new(MemStore::new()), config).await
+}
+
+/// [`server`] on `store`.
+async fn server_on(
+    store: Arc<dyn store::Store>,
+    config: ServerConfig,
+) -> (api::ServerHandle, String, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let admin = api::bootstrap_admin(store.as_ref(), dir.path())
         .await
@@ -449,17 +456,7 @@ async fn reads_during_a_store_outage_get_503_and_the_client_waits_it_out() {
             .await
             .unwrap(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let admin = api::bootstrap_admin(store.as_ref(), dir.path())
-        .await
-        .unwrap()
-        .unwrap();
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..ServerConfig::default()
-    };
-    let server = api::serve(config, store).await.unwrap();
-    let base = format!("http://{}", server.addr());
+    let (server, base, admin, _dir) = server_on(store, ServerConfig::default()).await;
     let c = client::Client::new(&base, &admin).unwrap();
     c.list_hosts().await.unwrap();
 
