@@ -22,6 +22,7 @@ mod args;
 mod child;
 mod driver;
 pub mod ps2;
+pub mod pvh;
 mod run_dir;
 mod terminal;
 
@@ -297,6 +298,22 @@ impl QemuDriver {
         for f in [files::QMP, files::PID, files::RECORD] {
             remove_if_exists(&run_dir.join(f))?;
         }
+        // The kernel's own ELF when it has a PVH entry: under TCG a bzImage spends half
+        // its boot decompressing itself (pvh.rs). Not in qtest mode, which boots no kernel.
+        let unpacked;
+        let spec = if self.firmware.is_none() {
+            let kernel = spec.kernel.clone();
+            let boot = tokio::task::spawn_blocking(move || pvh::boot_kernel(&kernel))
+                .await
+                .unwrap_or_else(|_| spec.kernel.clone());
+            unpacked = VmSpec {
+                kernel: boot,
+                ..spec.clone()
+            };
+            &unpacked
+        } else {
+            spec
+        };
         let args = build_args(
             spec,
             accel,

@@ -232,6 +232,26 @@ async fn boots_on_nbd_ticks_survives_agent_restart_and_stops() {
     let t0 = Instant::now();
     let rt = drv.start(&spec).await.unwrap();
     guard.add(rt.pid, &run_dir);
+    // QEMU boots the kernel's own ELF through its PVH entry, unpacked beside the bzImage
+    // (qemu/pvh.rs): under TCG that halves the boot.
+    let argv = std::fs::read(format!("/proc/{}/cmdline", rt.pid)).unwrap();
+    let argv: Vec<String> = argv
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let kernel = argv
+        .iter()
+        .position(|a| a == "-kernel")
+        .and_then(|i| argv.get(i + 1))
+        .expect("-kernel in QEMU's arguments");
+    assert!(
+        kernel.starts_with(&*img.kernel.to_string_lossy()) && kernel.ends_with(".pvh"),
+        "QEMU was given {kernel}, not the PVH ELF of {}",
+        img.kernel.display()
+    );
+    assert!(compute::qemu::pvh::has_pvh_entry(
+        &std::fs::read(kernel).unwrap()
+    ));
     assert_eq!(drv.console_path("boot-1").unwrap(), rt.console_log);
     assert!(matches!(
         drv.start(&spec).await,
