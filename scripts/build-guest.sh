@@ -165,18 +165,30 @@ echo "GUEST: READY vda=${MIB}MiB uptime $(cut -d' ' -f1 /proc/uptime)s"
 # Each tick: O_DIRECT read of 1 MiB at a strided offset + header check (data came through the
 # disk path, not the page cache), then a 4 KiB sequence record written with fsync into the last
 # MiB and read back O_DIRECT. `i` lives in guest RAM: after a live migration it continues.
+# Under TCG a tick costs ~70 ms of CPU, nearly all of it forking and exec'ing dd: shell
+# builtins (read, printf into a file) stand in wherever a pipe or $(...) would fork, and the
+# pause is a read with a timeout on a FIFO nobody writes (fd 5), not usleep (a tick cost
+# ~150 ms of CPU before). Each file dd writes is emptied first, so a failed read cannot
+# leave an earlier tick's bytes to compare.
 LAST=$((MIB-1)); i=0
+mkfifo /tmp/pause && [ -p /tmp/pause ] && exec 5<>/tmp/pause && PAUSE_FD=5
+PAUSE=$((TICK_MS/1000)).$(printf '%03d' $((TICK_MS%1000)))
 while [ "$TICKS" = 0 ] || [ $i -lt "$TICKS" ]; do
   o=$(( (i*37) % LAST ))
-  hdr=$(dd if=/dev/vda bs=1M skip=$o count=1 iflag=direct 2>/dev/null | head -c 9)
-  [ "$hdr" = "$(printf 'BLK%06d' $o)" ] && r=ok || r="BAD($hdr)"
-  printf 'SEQ%08d' $i | dd of=/dev/vda bs=4096 seek=$((LAST*256)) count=1 conv=sync,notrunc,fsync 2>/dev/null
-  back=$(dd if=/dev/vda bs=4096 skip=$((LAST*256)) count=1 iflag=direct 2>/dev/null | head -c 11)
-  [ "$back" = "$(printf 'SEQ%08d' $i)" ] && w=ok || w="BAD($back)"
-  echo "TICK $i up=$(cut -d' ' -f1 /proc/uptime) off=${o}MiB read=$r write=$w"
+  : > /tmp/blk; dd if=/dev/vda of=/tmp/blk bs=1M skip=$o count=1 iflag=direct 2>/dev/null
+  hdr=""; read -r -n 9 hdr < /tmp/blk
+  printf 'BLK%06d' $o > /tmp/want; want=""; read -r want < /tmp/want
+  [ "$hdr" = "$want" ] && r=ok || r="BAD($hdr)"
+  printf 'SEQ%08d' $i > /tmp/seq; seq=""; read -r seq < /tmp/seq
+  dd if=/tmp/seq of=/dev/vda bs=4096 seek=$((LAST*256)) count=1 conv=sync,notrunc,fsync 2>/dev/null
+  : > /tmp/back; dd if=/dev/vda of=/tmp/back bs=4096 skip=$((LAST*256)) count=1 iflag=direct 2>/dev/null
+  back=""; read -r -n 11 back < /tmp/back
+  [ "$back" = "$seq" ] && w=ok || w="BAD($back)"
+  read -r up _ < /proc/uptime
+  echo "TICK $i up=$up off=${o}MiB read=$r write=$w"
   if [ -n "$PING" ]; then ping -c 1 -W 1 "$PING" >/dev/null 2>&1 && echo "PING $PING ok" || echo "PING $PING fail"; fi
   i=$((i+1))
-  usleep $((TICK_MS*1000))
+  if [ -n "$PAUSE_FD" ]; then read -r -t "$PAUSE" _ <&5; else usleep $((TICK_MS*1000)); fi
 done
 off "ticks-done"
 EOF
