@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Runs every fuzz target that scripts/fuzz-build.sh built, SECONDS each (default 60), one
-# after the other, on a fresh corpus in a temp dir; prints one line per target and exits
-# non-zero when any found a crash (its reproducer is kept and named).
-#   scripts/fuzz-build.sh && scripts/fuzz-run.sh [SECONDS] [TARGET…]
+# Builds the fuzz targets optimised (scripts/fuzz-build.sh --release), then runs every one,
+# SECONDS each (default 60), one after the other, on a fresh corpus in a temp dir; prints
+# one line per target and exits non-zero when any found a crash (its reproducer is kept and
+# named).
+#   scripts/fuzz-run.sh [SECONDS] [TARGET…]
 set -euo pipefail
+bash "$(dirname "$0")/fuzz-build.sh" --release
 cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 shift || true
@@ -15,7 +17,7 @@ fi
 work=$(mktemp -d /tmp/vinfra-fuzz.XXXXXX)
 failed=0
 for t in "${targets[@]}"; do
-    [[ -x "$bin/$t" ]] || { echo "fuzz-run: $t not built: run scripts/fuzz-build.sh" >&2; exit 1; }
+    [[ -x "$bin/$t" ]] || { echo "fuzz-run: $t was not built (no such target?)" >&2; exit 1; }
     mkdir -p "$work/$t/corpus" "$work/$t/artifacts"
     extra=()
     # Descriptors are whole YAML documents: room for a realistic one.

@@ -12,7 +12,7 @@ use crate::vm_lifecycle::qemu_pids_under;
 
 /// pgbench's run length in the guest: long enough to migrate in the middle of it (boot is
 /// ~15 s, the migration of 512 MiB under TCG a few seconds), short for CI.
-const PGBENCH_SECS: u32 = 40;
+const PGBENCH_SECS: u32 = 30;
 
 #[tokio::test]
 async fn migrates_the_debian_guest_running_postgresql_under_pgbench() {
@@ -80,7 +80,7 @@ async fn migrates_the_debian_guest_running_postgresql_under_pgbench() {
     );
     assert_eq!(admin.get_vm("pg").await.unwrap().host.as_str(), "host-b");
 
-    // pgbench runs on, on the destination, and finishes. After its 40 s the guest checks
+    // pgbench runs on, on the destination, and finishes. After its 30 s the guest checks
     // the database (row counts and sums over 2 million accounts, amcheck with
     // heapallindexed): minutes under TCG on a loaded 2-core machine (a CI run with four
     // builds beside it had not printed its result 180 s after the migration). A wait, not
