@@ -109,13 +109,22 @@ async fn a_dropped_session_releases_the_keys_it_held() {
         })
         .collect();
     assert_eq!(tail, ["ctrl-", "shift-"], "{ops:?}");
-    // The releases are in the terminal's log as the server's own operations.
+    // The releases are in the terminal's log as the server's own operations. Their outcome
+    // is recorded when the agent's answer reaches the server, which can be just after the
+    // driver performed them: wait for it rather than read the log once.
+    harness::wait("the releases logged as performed", || async {
+        let log = c.admin.terminal_operations("kiosk").await.unwrap();
+        let server: Vec<_> = log.iter().filter(|o| o.seq > SERVER_SEQ_BASE).collect();
+        server.len() == 2
+            && server
+                .iter()
+                .all(|o| o.outcome == OperationOutcome::Performed)
+    })
+    .await;
     let log = c.admin.terminal_operations("kiosk").await.unwrap();
     let server: Vec<_> = log.iter().filter(|o| o.seq > SERVER_SEQ_BASE).collect();
     assert_eq!(server.len(), 2, "{log:?}");
-    assert!(server
-        .iter()
-        .all(|o| o.outcome == OperationOutcome::Performed && o.vm == web.id));
+    assert!(server.iter().all(|o| o.vm == web.id), "{log:?}");
 
     // A session closed properly while holding nothing releases nothing.
     let mut s = TerminalSession::connect(&creds, None).await.unwrap();
