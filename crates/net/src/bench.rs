@@ -2,8 +2,12 @@
 //! in-memory frame stream, and on veth ports of three datapaths side by side: the Linux bridge
 //! alone (`linux-bridge`, the baseline), the bridge with vinfra's BPF classifier on both ports
 //! attached as on VM taps (`vinfra`), and the old user-space switch (`userspace`). Rounds of
-//! the bridge and the classified path alternate and each keeps its best round, so a burst of
-//! other load on the machine does not decide the comparison.
+//! the bridge and the classified path alternate, five rounds each, and each row is its path's
+//! median round, so neither a burst of other load nor one lucky round decides the
+//! comparison. The sender and the receiver are pinned to different cores (on a machine with
+//! two or more): the sender's core then does the forwarding of every round, in softirq, and
+//! rounds differ only in the path under test (unpinned, the two threads' moves between cores
+//! made the bridge alone vary by ±15% from run to run).
 //!
 //! In-memory rows run on one thread, so frames per CPU-second is frames per second per core.
 //! Veth rows need root: they build throwaway namespaces `vb<pid>{s,w,r}` (sender, switch,
@@ -274,6 +278,7 @@ fn pump(tx: &RawPort, rx: &RawPort, frame: &[u8], dst: MacAddr, duration: Durati
     let done = AtomicBool::new(false);
     std::thread::scope(|sc| {
         let sender = sc.spawn(|| {
+            pin_to(0);
             let mut sent = 0u64;
             while !done.load(Ordering::Relaxed) {
                 // ENOBUFS under overload is part of what is measured: count only accepted frames.
@@ -283,35 +288,54 @@ fn pump(tx: &RawPort, rx: &RawPort, frame: &[u8], dst: MacAddr, duration: Durati
             }
             sent
         });
-        let mut buf = vec![0u8; 2048];
-        let mut got = 0u64;
-        let start = Instant::now();
-        let mut last_rx = Instant::now();
-        // Receive for the duration, then until 100 ms pass with nothing (the pipeline drained).
-        loop {
-            if start.elapsed() >= duration {
-                done.store(true, Ordering::Relaxed);
-                if last_rx.elapsed() > Duration::from_millis(100) {
-                    break;
-                }
-            }
-            match rx.recv(&mut buf) {
-                Ok(Recv::Frame(n)) if n >= 6 && buf[..6] == dst.0 => {
-                    got += 1;
-                    last_rx = Instant::now();
-                }
-                Ok(Recv::Frame(_)) | Ok(Recv::Outgoing) => {}
-                Ok(Recv::Empty) | Err(_) => {
-                    let mut fds = [nix::poll::PollFd::new(
-                        rx.fd(),
-                        nix::poll::PollFlags::POLLIN,
-                    )];
-                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u8));
-                }
+        let receiver = sc.spawn(|| receive(rx, dst, duration, &done));
+        (sender.join().unwrap_or(0), receiver.join().unwrap_or(0))
+    })
+}
+
+/// Pins the calling thread to core `cpu`, when the machine has another one for the other
+/// side (best effort: a refusal leaves the thread where the scheduler puts it).
+fn pin_to(cpu: usize) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return;
+    }
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// Counts the frames for `dst` arriving on `rx` for `duration`, then until 100 ms pass with
+/// nothing (the pipeline drained); tells the sender to stop when the duration is up.
+fn receive(rx: &RawPort, dst: MacAddr, duration: Duration, done: &AtomicBool) -> u64 {
+    pin_to(1);
+    let mut buf = vec![0u8; 2048];
+    let mut got = 0u64;
+    let start = Instant::now();
+    let mut last_rx = Instant::now();
+    loop {
+        if start.elapsed() >= duration {
+            done.store(true, Ordering::Relaxed);
+            if last_rx.elapsed() > Duration::from_millis(100) {
+                break;
             }
         }
-        (sender.join().unwrap_or(0), got)
-    })
+        match rx.recv(&mut buf) {
+            Ok(Recv::Frame(n)) if n >= 6 && buf[..6] == dst.0 => {
+                got += 1;
+                last_rx = Instant::now();
+            }
+            Ok(Recv::Frame(_)) | Ok(Recv::Outgoing) => {}
+            Ok(Recv::Empty) | Err(_) => {
+                let mut fds = [nix::poll::PollFd::new(
+                    rx.fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u8));
+            }
+        }
+    }
+    got
 }
 
 fn row(path: &str, len: usize, (offered, got): (u64, u64), wall: Duration) -> BenchRow {
@@ -327,14 +351,14 @@ fn row(path: &str, len: usize, (offered, got): (u64, u64), wall: Duration) -> Be
     }
 }
 
-/// Rounds per compared path (best kept).
-const ROUNDS: usize = 2;
+/// Rounds per compared path (the median is kept).
+const ROUNDS: usize = 5;
 
-fn best(a: Option<BenchRow>, b: BenchRow) -> Option<BenchRow> {
-    Some(match a {
-        Some(a) if a.frames_per_s >= b.frames_per_s => a,
-        _ => b,
-    })
+/// The round with the median frames/s (`rounds` is never empty: [`ROUNDS`] > 0).
+fn median(mut rounds: Vec<BenchRow>) -> Option<BenchRow> {
+    rounds.sort_by(|a, b| a.frames_per_s.total_cmp(&b.frames_per_s));
+    let mid = rounds.len() / 2;
+    rounds.into_iter().nth(mid)
 }
 
 /// Turns kernel BPF run-time statistics on while alive, restoring the previous setting.
@@ -418,16 +442,16 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
         addrs.insert(ms, crate::kernel::AddrLocation::Local);
         addrs.insert(mr, crate::kernel::AddrLocation::Local);
         dp.set_addresses(&addrs)?;
-        let (mut bridge, mut classified) = (None, None);
+        let (mut bridge, mut classified) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             tc_quiet(&w, &["qdisc", "del", "dev", "ws", "clsact"]);
             tc_quiet(&w, &["qdisc", "del", "dev", "wr", "clsact"]);
             let c = pump(&tx, &rx, &frame, mr, duration);
-            bridge = best(bridge, row("linux-bridge", len, c, wall));
+            bridge.push(row("linux-bridge", len, c, wall));
             dp.attach(Some(&w), "ws", ms)?;
             dp.attach(Some(&w), "wr", mr)?;
             let c = pump(&tx, &rx, &frame, mr, duration);
-            classified = best(classified, row("vinfra", len, c, wall));
+            classified.push(row("vinfra", len, c, wall));
         }
         // The classifier's own cost, from the kernel's BPF run-time statistics (off during
         // the throughput rounds: the timing itself costs a little).
@@ -437,7 +461,10 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
         let after = dp.run_stats()?;
         drop(stats);
         let ns = after.0.saturating_sub(before.0);
-        let mut rows: Vec<BenchRow> = bridge.into_iter().chain(classified).collect();
+        let mut rows: Vec<BenchRow> = median(bridge)
+            .into_iter()
+            .chain(median(classified))
+            .collect();
         if got > 0 && ns > 0 {
             if let Some(c) = rows.last_mut() {
                 c.classify_ns_per_frame = Some(ns as f64 / got as f64);
