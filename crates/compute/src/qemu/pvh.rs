@@ -406,43 +406,37 @@ mod tests {
         assert_eq!(bzimage_payload(b"HdrS"), None);
     }
 
-    #[test]
-    fn a_gzip_payload_is_unpacked_by_the_host_tool_and_kept_beside_the_kernel() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = elf(&note(b"Xen\0", 18, &[0; 4]), 8192);
+    /// `data` compressed by the host's gzip, followed by its length as the kernel build
+    /// appends it.
+    fn gzip(data: &[u8]) -> Vec<u8> {
         let mut gz = Command::new("gzip")
             .arg("-c")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("gzip (Debian package gzip) is needed");
-        gz.stdin.take().unwrap().write_all(&image).unwrap();
-        let mut payload = gz.wait_with_output().unwrap().stdout;
-        // The kernel build appends the uncompressed size after the stream.
-        payload.extend((image.len() as u32).to_le_bytes());
+        gz.stdin.take().unwrap().write_all(data).unwrap();
+        let mut out = gz.wait_with_output().unwrap().stdout;
+        out.extend((data.len() as u32).to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_gzip_payload_is_unpacked_by_the_host_tool_and_kept_beside_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = elf(&note(b"Xen\0", 18, &[0; 4]), 8192);
         let kernel = dir.path().join("vmlinuz");
-        std::fs::write(&kernel, bzimage(30, 0x20f, &payload)).unwrap();
+        std::fs::write(&kernel, bzimage(30, 0x20f, &gzip(&image))).unwrap();
         let booted = boot_kernel(&kernel);
         assert_ne!(booted, kernel);
         assert_eq!(std::fs::read(&booted).unwrap(), image);
-        // Kept: the next start finds it without a tool.
+        // Kept: the next start boots the same file.
         assert_eq!(boot_kernel(&kernel), booted);
 
         // No PVH note: the bzImage boots, and a marker says so for the next start.
         let plain = elf(&note(b"GNU\0", 3, &[0; 4]), 16);
-        let mut gz = Command::new("gzip")
-            .arg("-c")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        gz.stdin.take().unwrap().write_all(&plain).unwrap();
         let other = dir.path().join("other");
-        std::fs::write(
-            &other,
-            bzimage(30, 0x20f, &gz.wait_with_output().unwrap().stdout),
-        )
-        .unwrap();
+        std::fs::write(&other, bzimage(30, 0x20f, &gzip(&plain))).unwrap();
         assert_eq!(boot_kernel(&other), other);
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
