@@ -27,11 +27,7 @@ mkdir -p "$CARGO_TARGET_DIR"
 # links, and the dev profile recompiles a fresh clone's unchanged crates incrementally
 # (12 s on a warm target dir, against 175 s for the optimised build, which recompiles every
 # workspace crate). scripts/fuzz-run.sh builds the optimised targets it runs.
-profile=dev
-[[ ${1:-} == --release ]] && profile=release
-if [[ $profile == dev ]]; then
-  cargo fuzz build --dev --sanitizer none
-else
-  cargo fuzz build --sanitizer none
-fi
-echo "fuzz-build: built $(cargo fuzz list | wc -l) fuzz targets ($profile)"
+profile=(--dev)
+[[ ${1:-} == --release ]] && profile=()
+cargo fuzz build "${profile[@]}" --sanitizer none
+echo "fuzz-build: built $(cargo fuzz list | wc -l) fuzz targets (${profile[*]:-release})"
