@@ -15,7 +15,8 @@
 //! - `txn` is one etcd Txn whose success branch holds the ops. Its failure
 //!   branch reads every compared key, at the same revision as the failed
 //!   compares, so the first failing compare can be named without a race.
-//!   etcd limits a txn to `--max-txn-ops` (default 128) compares and ops, and
+//!   etcd limits each of a txn's compares, success ops and failure ops to
+//!   `--max-txn-ops` (default 128, [`ETCD_MAX_TXN_OPS`]), and
 //!   a request to `--max-request-bytes` (default 1.5 MiB): beyond that the
 //!   call fails with etcd's error.
 //! - Writes are durable when they return: etcd acknowledges after the raft
@@ -90,6 +91,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Largest response accepted (a `list` of a big prefix); etcd-client's default is 4 MiB.
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
+
+/// Operations etcd accepts in one txn by default (`--max-txn-ops`; etcd checks the
+/// compares, the success ops and the failure ops against it each on their own).
+pub const ETCD_MAX_TXN_OPS: usize = 128;
 
 /// A [`Store`] on an etcd v3 cluster. Cheap to clone; clones share the connection.
 ///
@@ -309,6 +314,12 @@ where
 
 #[async_trait::async_trait]
 impl Store for EtcdStore {
+    /// etcd's `--max-txn-ops` default: the client cannot ask the server for its setting,
+    /// and vinfra documents running etcd with the default (docs/OPERATIONS.md).
+    fn max_txn_ops(&self) -> usize {
+        ETCD_MAX_TXN_OPS
+    }
+
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         validate_key(key)?;
         let full = self.full(key);

@@ -231,6 +231,13 @@ pub trait Store: Send + Sync + 'static {
     /// the transaction, or [`StoreError::Conflict`] naming the first failed compare.
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<Revision, StoreError>;
 
+    /// Most operations one [`Store::txn`] may carry (and, apart from them, most
+    /// compares); beyond it the call fails with the backend's error. Writers that batch
+    /// (the slice ledger) size their batches by it. No limit unless the backend has one.
+    fn max_txn_ops(&self) -> usize {
+        usize::MAX
+    }
+
     /// Changes under `prefix` that happen after this call returns.
     ///
     /// `prefix` follows the key rules ([`validate_key`]). Events arrive in

@@ -23,19 +23,28 @@ pub struct LogConfig {
     pub prefix: String,
     /// The log's name, in every checkpoint and entry signature.
     pub origin: String,
-    /// Most entries committed in one transaction (etcd allows 128 operations per
-    /// transaction by default; each batch adds two checkpoint keys).
+    /// Most entries committed in one transaction. The writer also keeps each batch
+    /// within the store's [`Store::max_txn_ops`] (a batch adds two checkpoint keys to
+    /// its entries: 126 entries on etcd's default).
     pub max_batch: usize,
 }
 
 impl LogConfig {
-    /// A log at `prefix` named `origin`, with batches of up to 64 entries.
+    /// A log at `prefix` named `origin`, with batches of up to 1,024 entries (about
+    /// 700 KiB of association entries: one commit, one checkpoint signature).
     pub fn new(prefix: impl Into<String>, origin: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
             origin: origin.into(),
-            max_batch: 64,
+            max_batch: 1024,
         }
+    }
+
+    /// Entries per batch on `store`: at most `max_batch`, and within its transaction limit.
+    fn batch_limit(&self, store: &dyn Store) -> usize {
+        self.max_batch
+            .min(store.max_txn_ops().saturating_sub(2))
+            .max(1)
     }
 }
 
@@ -121,7 +130,9 @@ pub enum LogError {
 
 enum Cmd {
     Append {
-        body: Vec<u8>,
+        /// The entry as stored, signed by the caller's task (so that the writer task
+        /// spends its time on commits, and signatures run on every core).
+        stored: Bytes,
         reply: oneshot::Sender<Result<Appended, LogError>>,
     },
     Head {
@@ -149,6 +160,7 @@ enum Cmd {
 pub struct TransLog {
     tx: mpsc::Sender<Cmd>,
     cfg: Arc<LogConfig>,
+    signer: Arc<Signer>,
     store: Arc<dyn Store>,
 }
 
@@ -174,10 +186,12 @@ impl TransLog {
         cfg: LogConfig,
         signer: Signer,
     ) -> Result<Self, LogError> {
+        let signer = Arc::new(signer);
         let mut w = Writer {
             store: store.clone(),
+            batch: cfg.batch_limit(store.as_ref()),
             cfg: cfg.clone(),
-            signer,
+            signer: signer.clone(),
             tree: MerkleTree::new(),
             head: None,
             head_rev: None,
@@ -196,6 +210,7 @@ impl TransLog {
         Ok(Self {
             tx,
             cfg: Arc::new(cfg),
+            signer,
             store,
         })
     }
@@ -219,7 +234,8 @@ impl TransLog {
 
     /// Appends `body`; returns once it is durable in the store under a signed head.
     pub async fn append(&self, body: Vec<u8>) -> Result<Appended, LogError> {
-        self.ask(|reply| Cmd::Append { body, reply }).await
+        let stored = entry_bytes(&self.signer, &self.cfg.origin, &body);
+        self.ask(|reply| Cmd::Append { stored, reply }).await
     }
 
     /// The latest checkpoint (after reading what other servers appended).
@@ -279,7 +295,9 @@ fn entry_bytes(signer: &Signer, origin: &str, body: &[u8]) -> Bytes {
 struct Writer {
     store: Arc<dyn Store>,
     cfg: LogConfig,
-    signer: Signer,
+    /// Entries per commit ([`LogConfig::batch_limit`]).
+    batch: usize,
+    signer: Arc<Signer>,
     tree: MerkleTree,
     head: Option<Checkpoint>,
     /// Revision of the head key as last read or written (`None`: absent).
@@ -466,13 +484,13 @@ impl Writer {
                 },
             };
             match cmd {
-                Cmd::Append { body, reply } => {
-                    let mut bodies = vec![entry_bytes(&self.signer, &self.cfg.origin, &body)];
+                Cmd::Append { stored, reply } => {
+                    let mut bodies = vec![stored];
                     let mut replies = vec![reply];
-                    while replies.len() < self.cfg.max_batch.max(1) {
+                    while replies.len() < self.batch {
                         match rx.try_recv() {
-                            Ok(Cmd::Append { body, reply }) => {
-                                bodies.push(entry_bytes(&self.signer, &self.cfg.origin, &body));
+                            Ok(Cmd::Append { stored, reply }) => {
+                                bodies.push(stored);
                                 replies.push(reply);
                             }
                             Ok(other) => {

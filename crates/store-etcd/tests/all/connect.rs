@@ -83,3 +83,36 @@ async fn namespaces_do_not_see_each_other() {
         other => panic!("{other:?}"),
     }
 }
+
+/// `max_txn_ops` is what a default etcd accepts: a txn of exactly that many ops commits,
+/// one more is refused by etcd (so batching writers sized by it never are).
+#[tokio::test]
+async fn max_txn_ops_is_the_limit_of_a_default_etcd() {
+    let (store, _etcd) = super::fresh(None).await;
+    let limit = store.max_txn_ops();
+    assert_eq!(limit, store_etcd::ETCD_MAX_TXN_OPS);
+    let ops = |n: usize| {
+        (0..n)
+            .map(|i| store::TxnOp::Put {
+                key: format!("/limit/{i:04}"),
+                value: Bytes::from_static(b"x"),
+            })
+            .collect::<Vec<_>>()
+    };
+    let compare = || {
+        vec![store::Compare::ModRevision {
+            key: "/limit/none".into(),
+            expect: None,
+        }]
+    };
+    store
+        .txn(compare(), ops(limit))
+        .await
+        .expect("a txn at the limit commits");
+    let e = store.txn(compare(), ops(limit + 1)).await.unwrap_err();
+    assert!(
+        matches!(e, StoreError::Backend { .. }),
+        "one over the limit: {}",
+        model::error_chain(&e)
+    );
+}
