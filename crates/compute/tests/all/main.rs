@@ -16,8 +16,10 @@ use model::terminal_ops::Operation;
 mod tables;
 mod terminal;
 
-/// Serializes the VM tests (2 cores, one per TCG QEMU).
-static VM_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// A core per running TCG QEMU: the VM tests hold a permit per QEMU they run at once
+/// (2 cores here), so that two single-VM tests run side by side and a migration test
+/// (two QEMUs) runs alone.
+static CORES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 fn need_tools() {
     for bin in ["qemu-system-x86_64", "busybox"] {
@@ -219,7 +221,7 @@ async fn screenshot_and_keys(drv: &QemuDriver, id: &str) {
 #[tokio::test]
 async fn boots_on_nbd_ticks_survives_agent_restart_and_stops() {
     let img = image();
-    let _one_at_a_time = VM_LOCK.lock().await;
+    let _cores = CORES.acquire().await.expect("never closed");
     let tmp = scratch();
     let disk = tmp.path().join("disk.img");
     assert!(prepare_vm_disk(&img.disk_template, &disk).await.unwrap());
@@ -307,7 +309,7 @@ async fn boots_on_nbd_ticks_survives_agent_restart_and_stops() {
 #[tokio::test]
 async fn qemu_killed_from_outside_is_reported_crashed() {
     let img = image();
-    let _one_at_a_time = VM_LOCK.lock().await;
+    let _cores = CORES.acquire().await.expect("never closed");
     let tmp = scratch();
     let disk = tmp.path().join("disk.img");
     prepare_vm_disk(&img.disk_template, &disk).await.unwrap();
@@ -367,7 +369,7 @@ async fn qemu_killed_from_outside_is_reported_crashed() {
 #[tokio::test]
 async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
     let img = image();
-    let _one_at_a_time = VM_LOCK.lock().await;
+    let _cores = CORES.acquire_many(2).await.expect("never closed"); // two QEMUs
     let tmp = scratch();
     let disk = tmp.path().join("disk.img");
     prepare_vm_disk(&img.disk_template, &disk).await.unwrap();
@@ -478,7 +480,7 @@ async fn live_migration_between_two_qemus_keeps_guest_state_and_disk_io() {
 #[tokio::test]
 async fn guest_poweroff_is_reported_stopped() {
     let img = image();
-    let _one_at_a_time = VM_LOCK.lock().await;
+    let _cores = CORES.acquire().await.expect("never closed");
     let tmp = scratch();
     let disk = tmp.path().join("disk.img");
     prepare_vm_disk(&img.disk_template, &disk).await.unwrap();
@@ -528,7 +530,7 @@ async fn debian_guest_boots_systemd_and_runs_fio() {
     .unwrap()
     .unwrap_or_else(|e| panic!("debian guest image: {e} (run scripts/setup.sh as root)"));
     assert_eq!(img.pgbench_scale, Some(20));
-    let _one_at_a_time = VM_LOCK.lock().await;
+    let _cores = CORES.acquire().await.expect("never closed");
     let tmp = scratch();
     let disk = tmp.path().join("disk.img");
     prepare_vm_disk(&img.disk_template, &disk).await.unwrap();

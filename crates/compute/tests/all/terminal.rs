@@ -148,7 +148,7 @@ fn stats(what: &str, mut d: Vec<Duration>) {
 
 #[tokio::test]
 async fn qemu_knows_our_qcodes_and_sends_the_scancodes_of_our_table() {
-    let _one_at_a_time = super::VM_LOCK.lock().await;
+    let _cores = super::CORES.acquire().await.expect("never closed");
     let mut vms = HaltVms::start(1).await;
     // QEMU's QKeyCode enum, from its own schema, is exactly model's list.
     let schema = vms
@@ -193,7 +193,7 @@ async fn qemu_knows_our_qcodes_and_sends_the_scancodes_of_our_table() {
 
 #[tokio::test]
 async fn text_and_combinations_give_exact_scancodes() {
-    let _one_at_a_time = super::VM_LOCK.lock().await;
+    let _cores = super::CORES.acquire().await.expect("never closed");
     let mut vms = HaltVms::start(1).await;
     // Written out by hand (not from the table): Shift 12, h 33, i 43, Return 5a, break f0.
     vms.perform(0, &op(r#"{"op":"type_text","text":"Hi\n"}"#))
@@ -271,7 +271,7 @@ async fn text_and_combinations_give_exact_scancodes() {
 /// firmware leaves it: every byte of a 40-character text arrives, in order.
 #[tokio::test]
 async fn a_long_text_reaches_a_slow_reader_whole() {
-    let _one_at_a_time = super::VM_LOCK.lock().await;
+    let _cores = super::CORES.acquire().await.expect("never closed");
     let mut vms = HaltVms::start(1).await;
     vms.qtest[0].translate_keyboard().await.unwrap();
     let text = "the quick brown fox jumps over lazy dogs";
@@ -391,7 +391,7 @@ fn random_op(rng: &mut SplitMix64, keys: &[QCode]) -> Operation {
 
 #[tokio::test]
 async fn random_operations_reach_exactly_their_vm_in_order() {
-    let _one_at_a_time = super::VM_LOCK.lock().await;
+    let _cores = super::CORES.acquire().await.expect("never closed");
     let mut vms = HaltVms::start(4).await;
     // Print and Pause send other bytes while a modifier is down: left out here, their
     // bytes are checked one by one in the table test.
@@ -451,7 +451,7 @@ async fn random_operations_reach_exactly_their_vm_in_order() {
 
 #[tokio::test]
 async fn qmp_acknowledges_input_fast() {
-    let _one_at_a_time = super::VM_LOCK.lock().await;
+    let _cores = super::CORES.acquire().await.expect("never closed");
     let mut vms = HaltVms::start(1).await;
     let a = QCode::from_name("a").unwrap();
     let qmp = vms.drv.qmp(&vms.ids[0]).unwrap();
@@ -481,7 +481,7 @@ async fn qmp_acknowledges_input_fast() {
 
 #[tokio::test]
 async fn power_pointer_and_screenshots() {
-    let _one_at_a_time = super::VM_LOCK.lock().await;
+    let _cores = super::CORES.acquire().await.expect("never closed");
     let mut vms = HaltVms::start(1).await;
     let id = vms.ids[0].clone();
     let mut events = vms.drv.qmp(&id).unwrap().subscribe();
