@@ -82,6 +82,10 @@ pub struct AgentArgs {
     /// (like Nova's cpu_allocation_ratio; memory is never overcommitted).
     #[arg(long, default_value_t = 4.0)]
     pub cpu_allocation_ratio: f64,
+    /// Where the QEMU driver keeps kernels unpacked for direct (PVH) boot, shared by every
+    /// agent of this machine and named by each kernel's content.
+    #[arg(long, default_value = "/var/cache/vinfra/kernels")]
+    pub kernel_cache: PathBuf,
     /// The hypervisor: qemu, or sim (simulated VMs; see docs/ARCHITECTURE.md).
     #[arg(long, value_enum, default_value = "qemu")]
     pub driver: DriverKind,
@@ -170,6 +174,8 @@ pub async fn run(
         }),
     });
     cfg.accel = parse_accel(&args.accel)?;
+    cfg.driver =
+        std::sync::Arc::new(compute::QemuDriver::new().with_kernel_cache(&args.kernel_cache));
     if let Some(d) = args.origin_dir {
         cfg.disks.origin_dir = d;
     }

@@ -78,6 +78,8 @@ pub struct QemuDriver {
     binary: PathBuf,
     /// Test mode: boot this firmware instead of the spec's kernel, with a qtest socket.
     firmware: Option<PathBuf>,
+    /// Where unpacked PVH kernels are kept (`None`: beside each kernel file).
+    kernel_cache: Option<PathBuf>,
     quit_timeout: Duration,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Ids with a start or adoption in progress.
@@ -195,10 +197,18 @@ impl QemuDriver {
         Self {
             binary: binary.into(),
             firmware: None,
+            kernel_cache: None,
             quit_timeout: Duration::from_secs(5),
             vms: Mutex::new(HashMap::new()),
             starting: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Keeps the kernels unpacked for PVH boot in `dir` (shared by every agent of the
+    /// machine; named by each kernel's content) instead of beside each kernel file.
+    pub fn with_kernel_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.kernel_cache = Some(dir.into());
+        self
     }
 
     /// Test mode, never for production: VMs boot `firmware` (`-bios`, e.g. 64 KiB of `hlt`)
@@ -303,9 +313,11 @@ impl QemuDriver {
         let unpacked;
         let spec = if self.firmware.is_none() {
             let kernel = spec.kernel.clone();
-            let boot = tokio::task::spawn_blocking(move || pvh::boot_kernel(&kernel))
-                .await
-                .unwrap_or_else(|_| spec.kernel.clone());
+            let cache = self.kernel_cache.clone();
+            let boot =
+                tokio::task::spawn_blocking(move || pvh::boot_kernel(&kernel, cache.as_deref()))
+                    .await
+                    .unwrap_or_else(|_| spec.kernel.clone());
             unpacked = VmSpec {
                 kernel: boot,
                 ..spec.clone()
