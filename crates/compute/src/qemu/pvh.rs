@@ -219,7 +219,7 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// The PVH ELF of `kernel`, kept as `<kernel's name>.<16 hex of its sha256>.pvh` in
+/// The PVH ELF of `kernel`, kept as `<kernel's name>.<hex of its sha256>.pvh` in
 /// `cache` or beside it (a kernel without one leaves an empty `.nopvh` marker, so it is
 /// not decompressed at every start).
 fn pvh_elf(kernel: &Path, cache: Option<&Path>) -> Result<Option<PathBuf>, PvhError> {
@@ -231,7 +231,9 @@ fn pvh_elf(kernel: &Path, cache: Option<&Path>) -> Result<Option<PathBuf>, PvhEr
         return Ok(None);
     };
     let digest = Sha256::digest(&bz);
-    let tag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    // The whole digest: the cache is shared by every tenant's kernels on the machine, so a
+    // kernel must not be able to pass for another one by a prefix collision.
+    let tag: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let name = kernel
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
