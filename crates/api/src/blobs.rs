@@ -191,9 +191,14 @@ impl BlobFiles {
     where
         S: Stream<Item = Result<Bytes, axum::Error>> + Unpin,
     {
-        let mut file = tokio::fs::File::create(tmp)
-            .await
-            .map_err(io("create", tmp))?;
+        // Buffered: each write to a tokio file is a trip to a blocking thread, and the
+        // body arrives in chunks of a few KiB.
+        let mut file = tokio::io::BufWriter::with_capacity(
+            1 << 20,
+            tokio::fs::File::create(tmp)
+                .await
+                .map_err(io("create", tmp))?,
+        );
         let mut hash = Sha256::new();
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
@@ -207,7 +212,8 @@ impl BlobFiles {
             hash.update(&chunk);
             file.write_all(&chunk).await.map_err(io("write", tmp))?;
         }
-        file.sync_all().await.map_err(io("sync", tmp))?;
+        file.flush().await.map_err(io("write", tmp))?;
+        file.get_ref().sync_all().await.map_err(io("sync", tmp))?;
         Ok((BlobDigest::from_sha256(hash.finalize().into()), size))
     }
 
