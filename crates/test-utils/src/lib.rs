@@ -171,6 +171,37 @@ pub fn require_tool(name: &str, install_hint: &str) -> Result<PathBuf, FixtureEr
         })
 }
 
+/// SIGKILLs the QEMUs a test started when it ends, passed or failed: a VM outlives the
+/// driver or agent that started it, so without this a failed test (or an agent stopped at
+/// the end of one) leaves them running. Only a pid whose command line still names its run
+/// dir is killed: a pid reused since belongs to someone else.
+#[derive(Debug, Default)]
+pub struct QemuKillGuard(Vec<(u32, PathBuf)>);
+
+impl QemuKillGuard {
+    /// Kills `pid`, the QEMU serving `run_dir`, when the guard drops.
+    pub fn add(&mut self, pid: u32, run_dir: &Path) {
+        self.0.push((pid, run_dir.to_owned()));
+    }
+}
+
+impl Drop for QemuKillGuard {
+    fn drop(&mut self) {
+        for (pid, dir) in &self.0 {
+            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+                .unwrap_or(false);
+            if let Some(p) = i32::try_from(*pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .filter(|_| ours)
+            {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
 /// Owns a child process and kills it (SIGKILL) when dropped, so a failing test
 /// leaves no process behind. Holds a `std` or a `tokio` child.
 #[derive(Debug)]

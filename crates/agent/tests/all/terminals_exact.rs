@@ -86,25 +86,6 @@ async fn read_keyboard(q: &mut Qtest, n: usize) -> Vec<u8> {
     got
 }
 
-/// Kills the test's QEMUs (by their pid files) when it ends, passed or failed: an agent
-/// that stops leaves its VMs running (a VM outlives its agent's restart), so each run of
-/// this test left four QEMUs behind.
-struct KillQemus(Vec<std::path::PathBuf>);
-
-impl Drop for KillQemus {
-    fn drop(&mut self) {
-        for pid in self
-            .0
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-        {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", pid.trim()])
-                .status();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_key_reaches_exactly_its_bound_vms_keyboard_controller() {
     test_utils::require_tool("qemu-system-x86_64", "run scripts/setup.sh").unwrap();
@@ -128,16 +109,17 @@ async fn every_key_reaches_exactly_its_bound_vms_keyboard_controller() {
         vms.push(c.create_vm(&format!("vm{i}"), hosts[i / 2]).await);
     }
     let mut qtest = Vec::new();
-    let mut qemus = KillQemus(Vec::new());
+    // An agent that stops leaves its VMs running (a VM outlives its agent's restart).
+    let mut qemus = test_utils::QemuKillGuard::default();
     for (i, vm) in vms.iter().enumerate() {
         // No guest: running is QEMU running (no console to wait for).
         c.wait_vm(vm, "observed running", |v| {
             v.observed == model::ObservedState::Running
         })
         .await;
-        qemus
-            .0
-            .push(run_dir(&c.host_dir(hosts[i / 2]), vm).join(files::PID));
+        let dir = run_dir(&c.host_dir(hosts[i / 2]), vm);
+        let pid = std::fs::read_to_string(dir.join(files::PID)).unwrap();
+        qemus.add(pid.trim().parse().unwrap(), &dir);
         let sock = run_dir(&c.host_dir(hosts[i / 2]), vm).join(files::QTEST);
         qtest.push(
             Qtest::connect(&sock, Duration::from_secs(30))

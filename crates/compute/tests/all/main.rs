@@ -93,33 +93,8 @@ fn spec(id: &str, img: &GuestImage, disk: DiskTarget, run_dir: PathBuf) -> VmSpe
     }
 }
 
-/// SIGKILLs leftover QEMUs if a test fails halfway (only pids still serving our run dirs).
-#[derive(Default)]
-struct KillGuard(Vec<(u32, PathBuf)>);
-
-impl KillGuard {
-    fn add(&mut self, pid: u32, run_dir: &Path) {
-        self.0.push((pid, run_dir.to_owned()));
-    }
-}
-
-impl Drop for KillGuard {
-    fn drop(&mut self) {
-        for (pid, dir) in &self.0 {
-            let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
-                .unwrap_or(false);
-            if ours {
-                if let Some(p) = i32::try_from(*pid)
-                    .ok()
-                    .and_then(rustix::process::Pid::from_raw)
-                {
-                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-                }
-            }
-        }
-    }
-}
+/// Kills a test's QEMUs when it ends.
+type KillGuard = test_utils::QemuKillGuard;
 
 fn gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
