@@ -99,6 +99,11 @@ cat > "$R/init" <<'EOF'
 #   vinfra.nic=<mac>,<ip>/<prefix>[,<cp name>] (repeatable; set by the vinfra agent from the VM's NICs)
 #   GUEST: LINK <link> up|failed|accepted ...   seed 2 in the guest (see /bin/link-ctl, /bin/link-ack)
 #   vinfra.ping=<ip> (ping it once per tick and say whether it answered)
+#   vinfra.load=<ip>[,<interval s>[,<bytes>]] (after READY, ping <ip> every <interval> (0.01) with
+#     <bytes> (1400) of payload until power-off: a steady load on the network; skipped, with a
+#     line saying so, when <ip> is one of the guest's own addresses, so that every VM of a VNF
+#     can share one image whose load targets one of them)
+#   GUEST: LOAD <ip> every <s>s <bytes>B | LOAD skipped own-address <ip>   (before READY)
 /bin/busybox mkdir -p /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -114,11 +119,11 @@ n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do usleep 50000; n=$((n+1)); don
 [ -b /dev/vda ] || { echo "GUEST: FATAL no /dev/vda"; off no-disk; }
 MIB=$(( $(cat /sys/block/vda/size) / 2048 ))
 [ "$MIB" -ge 2 ] || { echo "GUEST: FATAL disk too small"; off disk-too-small; }
-TICK_MS=100; TICKS=0; DIRTY=0; NICS=""; PING=""
+TICK_MS=100; TICKS=0; DIRTY=0; NICS=""; PING=""; LOAD=""
 for a in $(cat /proc/cmdline); do
   case $a in
     vinfra.tick_ms=*) TICK_MS=${a#*=};; vinfra.ticks=*) TICKS=${a#*=};; vinfra.dirty=*) DIRTY=${a#*=};;
-    vinfra.nic=*) NICS="$NICS ${a#*=}";; vinfra.ping=*) PING=${a#*=};;
+    vinfra.nic=*) NICS="$NICS ${a#*=}";; vinfra.ping=*) PING=${a#*=};; vinfra.load=*) LOAD=${a#*=};;
   esac
 done
 ip link set lo up
@@ -160,6 +165,16 @@ fi
 [ -c /dev/tty1 ] || mknod /dev/tty1 c 4 1 2>/dev/null
 if exec 3</dev/tty1; then
   ( while read -r line <&3; do echo "GUEST: TYPED $line"; done ) &
+fi
+if [ -n "$LOAD" ]; then
+  lip=${LOAD%%,*}; lrest=${LOAD#"$lip"}; lrest=${lrest#,}
+  lint=${lrest%%,*}; lint=${lint:-0.01}; lsize=${lrest#"${lrest%%,*}"}; lsize=${lsize#,}; lsize=${lsize:-1400}
+  own=""; for nic in $NICS; do a=${nic#*,}; a=${a%%,*}; [ "${a%/*}" = "$lip" ] && own=1; done
+  if [ -n "$own" ]; then echo "GUEST: LOAD skipped own-address $lip"
+  else
+    ping -q -i "$lint" -s "$lsize" "$lip" >/dev/null 2>&1 &
+    echo "GUEST: LOAD $lip every ${lint}s ${lsize}B"
+  fi
 fi
 echo "GUEST: READY vda=${MIB}MiB uptime $(cut -d' ' -f1 /proc/uptime)s"
 # Each tick: O_DIRECT read of 1 MiB at a strided offset + header check (data came through the
