@@ -192,6 +192,15 @@ pub struct Nsi {
     /// second), when the sampler measured it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub measured_cores: Option<f64>,
+    /// Its CPU capacity, cores: the vCPUs of its VMs at the last sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Forecast CPU for the next sampling periods, cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast_cores: Option<f64>,
+    /// CPU allocated by the last allocation, cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_cores: Option<f64>,
     /// Creation time, unix ms.
     pub created_at: u64,
 }
@@ -235,8 +244,12 @@ pub struct Candidate {
     pub nsi: String,
     /// NSI name.
     pub name: String,
-    /// Forecast utilization: forecast load over capacity.
+    /// Forecast utilization: the higher of forecast traffic over capacity and,
+    /// when its CPU is measured, forecast cores over its vCPUs.
     pub utilization: f64,
+    /// The CPU part of it (forecast cores over vCPUs), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_utilization: Option<f64>,
     /// Clients associated.
     pub clients: u32,
     /// Most clients.

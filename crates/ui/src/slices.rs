@@ -36,6 +36,7 @@ fn tables(nsis: &[Nsi], assoc: &[Association]) -> Markup {
             thead { tr {
                 th scope="col" { "NSI" } th scope="col" { "S-NSSAI" } th scope="col" { "Provider" }
                 th scope="col" { "NS instance" } th scope="col" { "Clients" } th scope="col" { "Measured load" }
+                th scope="col" { "CPU (forecast / vCPUs)" }
             } }
             tbody {
                 @for n in nsis {
@@ -52,6 +53,15 @@ fn tables(nsis: &[Nsi], assoc: &[Association]) -> Markup {
                                     " " (format!("{m:.0}")) " / " (n.capacity_mbps) " Mbit/s"
                                 }
                                 None => { "— / " (n.capacity_mbps) " Mbit/s" }
+                            }
+                        }
+                        td {
+                            @match (n.forecast_cores.or(n.measured_cores), n.vcpus) {
+                                (Some(c), Some(v)) => {
+                                    meter min="0" max=(v) value=(c) aria-label={ "CPU of " (n.name) } {}
+                                    " " (format!("{c:.2}")) " / " (v) " cores"
+                                }
+                                _ => "—"
                             }
                         }
                     }

@@ -92,6 +92,15 @@ pub enum LedgerCmd {
     },
 }
 
+/// An NSI's CPU: forecast (or measured) cores over its vCPUs, `-` before the sampler
+/// has seen its VMs.
+fn cores(n: &Nsi) -> String {
+    match (n.forecast_cores.or(n.measured_cores), n.vcpus) {
+        (Some(c), Some(v)) => format!("{c:.2}/{v}"),
+        _ => "-".into(),
+    }
+}
+
 fn show_nsis(ctx: &Ctx, nsis: &[Nsi]) -> anyhow::Result<()> {
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     output::emit(
@@ -107,6 +116,7 @@ fn show_nsis(ctx: &Ctx, nsis: &[Nsi]) -> anyhow::Result<()> {
             "measured",
             "forecast",
             "allocated",
+            "cpu",
         ],
         || {
             nsis.iter()
@@ -121,6 +131,7 @@ fn show_nsis(ctx: &Ctx, nsis: &[Nsi]) -> anyhow::Result<()> {
                         f(n.measured_mbps),
                         f(n.forecast_mbps),
                         f(n.allocated_mbps),
+                        cores(n),
                     ]
                 })
                 .collect()

@@ -226,9 +226,10 @@ fn nsi_field(list: &serde_json::Value, nsi: &str, field: &str) -> Option<f64> {
 /// pings the first, heavy in s1, medium in s3, light in s2); the agent's classifier on
 /// their taps counts the frames and reports them to the server's vSwitch controller, the
 /// agents report the guests' CPU time, and the server's sampler turns both into each
-/// NSI's load every period. New associations go to the least loaded by forecast once
-/// two sampling periods have passed — s2, which ties broken by name would never pick
-/// while s1 exists; every association and allocation is in the ledger and
+/// NSI's load every period (traffic and CPU, each forecast and allocated). Once two
+/// sampling periods have passed, the forecasts rank the traffic as the loads do and new
+/// associations go to the least utilized by forecast — not s1, which ties broken by
+/// name would pick; every association and allocation is in the ledger and
 /// `vinfra ledger verify` recomputes them all and checks every proof.
 #[tokio::test]
 async fn three_nsis_on_ns_instances_of_real_vms_associations_follow_measured_traffic() {
@@ -324,7 +325,7 @@ async fn three_nsis_on_ns_instances_of_real_vms_associations_follow_measured_tra
                 "--provider",
                 "site-a",
                 "--capacity-mbps",
-                "100",
+                "4",
                 "--ns",
                 ns,
             ],
@@ -377,17 +378,36 @@ async fn three_nsis_on_ns_instances_of_real_vms_associations_follow_measured_tra
     // slower pace): measured from frames, not from the guests' settings.
     let m1 = nsi_field(&l, "s1", "measured_mbps").unwrap();
     assert!(m1 > 0.1 && m1 < 3.0, "s1 measured {m1} Mbit/s: {l}");
-    // Real guests have CPU time of their own, which the agents report.
+    // Real guests have CPU time of their own, which the agent reports; their vCPUs
+    // (one per VM) are the NSI's CPU capacity, and its CPU is forecast and allocated
+    // beside its traffic.
     for n in ["s1", "s2", "s3"] {
         let c = nsi_field(&l, n, "measured_cores").unwrap_or(0.0);
-        assert!(c > 0.0 && c < 4.0, "{n} measured {c} cores: {l}");
+        assert!(c > 0.0 && c < 2.0, "{n} measured {c} cores: {l}");
+        assert_eq!(nsi_field(&l, n, "vcpus"), Some(2.0), "{n}: {l}");
+        let fc = nsi_field(&l, n, "forecast_cores").unwrap_or(0.0);
+        assert!(fc > 0.0, "{n} forecast {fc} cores: {l}");
+        assert!(nsi_field(&l, n, "allocated_cores").is_some(), "{n}: {l}");
     }
+    // Each new association goes to the least utilized NSI as the candidates stood
+    // (forecast traffic over 4 Mbit/s, or forecast cores over 2 vCPUs, whichever is
+    // higher) — never s1, whose traffic alone is the highest utilization of all.
     for ue in ["ue-1", "ue-2", "ue-3"] {
         let a = json(&s, &["slice", "associate", "embb", ue]);
-        assert_eq!(
-            a["nsi_name"], "s2",
-            "{ue} goes to the least loaded: {a}\n{l}"
-        );
+        let cands = a["candidates"].as_array().expect("candidates");
+        let u = |n: &str| {
+            cands
+                .iter()
+                .find(|c| c["name"] == n)
+                .and_then(|c| c["utilization"].as_f64())
+                .unwrap_or_else(|| panic!("{n} not a candidate: {a}"))
+        };
+        let least = ["s1", "s2", "s3"]
+            .into_iter()
+            .min_by(|x, y| u(x).total_cmp(&u(y)).then_with(|| x.cmp(y)))
+            .unwrap();
+        assert_eq!(a["nsi_name"], least, "{ue}: {a}\n{l}");
+        assert!(u("s1") > u("s2") && u("s1") > u("s3"), "{ue}: {a}");
     }
 
     // Every association and allocation is in the ledger; the audit recomputes each.

@@ -230,6 +230,20 @@ pub struct AllocPolicy {
     pub under_cost: f64,
     /// Cost of one unit provisioned and not used.
     pub over_cost: f64,
+    /// The provider's CPU pool, cores, shared among the NSIs' VMs as Mbit/s are
+    /// shared among their traffic (the same season, horizon and costs). Absent in
+    /// allocations logged before CPU was allocated, which recompute without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_pool: Option<f64>,
+}
+
+/// One NSI's CPU inputs to an allocation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CpuInput {
+    /// Capacity, cores: the vCPUs of the NSI's VMs (it never gets more).
+    pub capacity: f64,
+    /// CPU its VMs used per sampling period, cores, oldest first.
+    pub window: Vec<f64>,
 }
 
 /// One NSI's inputs to an allocation: its recent measured loads.
@@ -241,6 +255,10 @@ pub struct AllocInput {
     pub capacity: f64,
     /// Measured load per sampling period, oldest first.
     pub window: Vec<f64>,
+    /// Its VMs' CPU, when the sampler measures them (an NSI realised by an NS
+    /// instance); absent for loads reported through the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuInput>,
 }
 
 /// One NSI's allocation.
@@ -259,6 +277,49 @@ pub struct AllocShare {
     pub margin: f64,
     /// Resources allocated (after scaling to the pool).
     pub share: f64,
+    /// Its CPU allocation, cores, when its inputs had CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuShare>,
+}
+
+/// One NSI's CPU allocation: the same model, margin and capping as its traffic's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CpuShare {
+    /// `holt-winters` or `last-value`.
+    pub model: String,
+    /// The learned parameters, when Holt-Winters.
+    pub params: Option<HwParams>,
+    /// Highest forecast over the horizon, cores.
+    pub forecast: f64,
+    /// The safety margin added, cores.
+    pub margin: f64,
+    /// Cores allocated (after scaling to the CPU pool).
+    pub share: f64,
+}
+
+/// One resource's provisioning: (model, params, forecast, margin, share before
+/// scaling to the pool) from its window, capacity and the newsvendor ratio.
+fn provision(
+    window: &[f64],
+    capacity: f64,
+    policy: &AllocPolicy,
+    ratio: f64,
+) -> (String, Option<HwParams>, f64, f64, f64) {
+    let (model, params, forecast, residuals) = forecast_one(window, policy);
+    let margin = quantile(&residuals, ratio).max(0.0);
+    let share = (forecast + margin).min(capacity).max(0.0);
+    (model, params, forecast, margin, share)
+}
+
+/// Scales `shares` down alike so that they sum to at most `pool`.
+fn fit_pool(shares: Vec<&mut f64>, pool: f64) {
+    let total: f64 = shares.iter().map(|s| **s).sum();
+    if total > pool && total > 0.0 {
+        let k = pool / total;
+        for s in shares {
+            *s *= k;
+        }
+    }
 }
 
 /// Forecasts one NSI's load: (model, params, highest forecast over the horizon,
@@ -304,24 +365,42 @@ pub fn allocate(inputs: &[AllocInput], policy: &AllocPolicy) -> Vec<AllocShare> 
     let mut shares: Vec<AllocShare> = inputs
         .iter()
         .map(|i| {
-            let (model, params, forecast, residuals) = forecast_one(&i.window, policy);
-            let margin = quantile(&residuals, ratio).max(0.0);
+            let (model, params, forecast, margin, share) =
+                provision(&i.window, i.capacity, policy, ratio);
+            let cpu = i.cpu.as_ref().map(|c| {
+                let (model, params, forecast, margin, share) =
+                    provision(&c.window, c.capacity, policy, ratio);
+                CpuShare {
+                    model,
+                    params,
+                    forecast,
+                    margin,
+                    share,
+                }
+            });
             AllocShare {
                 nsi: i.nsi.clone(),
                 model,
                 params,
                 forecast,
                 margin,
-                share: (forecast + margin).min(i.capacity).max(0.0),
+                share,
+                cpu,
             }
         })
         .collect();
-    let total: f64 = shares.iter().map(|s| s.share).sum();
-    if total > policy.pool && total > 0.0 {
-        let k = policy.pool / total;
-        for s in &mut shares {
-            s.share *= k;
-        }
+    fit_pool(
+        shares.iter_mut().map(|s| &mut s.share).collect(),
+        policy.pool,
+    );
+    if let Some(pool) = policy.cpu_pool {
+        fit_pool(
+            shares
+                .iter_mut()
+                .filter_map(|s| s.cpu.as_mut().map(|c| &mut c.share))
+                .collect(),
+            pool,
+        );
     }
     shares
 }
@@ -364,11 +443,13 @@ mod tests {
             nsi: "a".into(),
             capacity: 500.0,
             window: series(24 * 3, 5.0),
+            cpu: None,
         };
         let idle = AllocInput {
             nsi: "b".into(),
             capacity: 500.0,
             window: vec![1.0; 10],
+            cpu: None,
         };
         let mut policy = AllocPolicy {
             pool: 1000.0,
@@ -376,6 +457,7 @@ mod tests {
             horizon: 2,
             under_cost: 4.0,
             over_cost: 1.0,
+            cpu_pool: None,
         };
         let a = allocate(&[busy.clone(), idle.clone()], &policy);
         assert_eq!(a, allocate(&[busy.clone(), idle.clone()], &policy));
@@ -387,5 +469,56 @@ mod tests {
         let b = allocate(&[busy, idle], &policy);
         let total: f64 = b.iter().map(|s| s.share).sum();
         assert!((total - 50.0).abs() < 1e-6, "{b:?}");
+    }
+
+    #[test]
+    fn cpu_is_forecast_capped_at_the_vcpus_and_fits_its_own_pool() {
+        let input = |nsi: &str, cores: f64, vcpus: f64| AllocInput {
+            nsi: nsi.into(),
+            capacity: 100.0,
+            window: vec![1.0; 6],
+            cpu: Some(CpuInput {
+                capacity: vcpus,
+                window: vec![cores; 6],
+            }),
+        };
+        let mut policy = AllocPolicy {
+            pool: 1000.0,
+            season: 24,
+            horizon: 2,
+            under_cost: 4.0,
+            over_cost: 1.0,
+            cpu_pool: Some(8.0),
+        };
+        let a = allocate(&[input("a", 1.5, 4.0), input("b", 6.0, 4.0)], &policy);
+        let (ca, cb) = (a[0].cpu.clone().unwrap(), a[1].cpu.clone().unwrap());
+        assert_eq!((ca.forecast, ca.share), (1.5, 1.5));
+        // b wants 6 cores but has 4 vCPUs.
+        assert_eq!((cb.forecast, cb.share), (6.0, 4.0));
+        // Traffic is allocated as without CPU.
+        assert_eq!(a[0].share, 1.0);
+        // A CPU pool of 2.75 cores: both scaled by half.
+        policy.cpu_pool = Some(2.75);
+        let b = allocate(&[input("a", 1.5, 4.0), input("b", 6.0, 4.0)], &policy);
+        let shares: Vec<f64> = b.iter().map(|s| s.cpu.as_ref().unwrap().share).collect();
+        assert_eq!(shares, vec![0.75, 2.0]);
+    }
+
+    #[test]
+    fn allocations_without_cpu_serialize_as_before_cpu_was_allocated() {
+        // The shape of an allocation logged before CPU existed: it must parse and
+        // recompute to the same text, or old ledger entries would fail the audit.
+        let policy: AllocPolicy = serde_json::from_str(
+            r#"{"pool":10000.0,"season":12,"horizon":2,"under_cost":4.0,"over_cost":1.0}"#,
+        )
+        .unwrap();
+        let input: AllocInput =
+            serde_json::from_str(r#"{"nsi":"x","capacity":100.0,"window":[1.5,2.5]}"#).unwrap();
+        let out = serde_json::to_string(&allocate(&[input], &policy)).unwrap();
+        assert_eq!(
+            out,
+            r#"[{"nsi":"x","model":"last-value","params":null,"forecast":2.5,"margin":1.0,"share":3.5}]"#
+        );
+        assert!(!serde_json::to_string(&policy).unwrap().contains("cpu"));
     }
 }

@@ -30,14 +30,14 @@ use crate::records::{
     update_cas, CAS_ATTEMPTS,
 };
 use crate::{Control, ControlError, Scope};
-use forecast::{allocate, AllocInput, AllocPolicy, AllocShare};
+use forecast::{allocate, AllocInput, AllocPolicy, AllocShare, CpuInput, HwParams};
 
 /// The slice ledger's name, in every checkpoint and entry signature.
 pub const LEDGER_ORIGIN: &str = "vinfra/slices";
 
-/// The allocation policy used unless configured: a 10 Gbit/s pool per provider,
-/// seasons of 12 samples, provisioning two samples ahead, an unserved Mbit/s four
-/// times as costly as an idle one.
+/// The allocation policy used unless configured: a 10 Gbit/s and 64-core pool per
+/// provider, seasons of 12 samples, provisioning two samples ahead, an unserved
+/// unit four times as costly as an idle one.
 pub fn default_policy() -> AllocPolicy {
     AllocPolicy {
         pool: 10_000.0,
@@ -45,6 +45,7 @@ pub fn default_policy() -> AllocPolicy {
         horizon: 2,
         under_cost: 4.0,
         over_cost: 1.0,
+        cpu_pool: Some(64.0),
     }
 }
 
@@ -139,10 +140,30 @@ pub fn json_hash<T: Serialize>(v: &T) -> String {
     model::hex(digest(&SHA256, &bytes).as_ref())
 }
 
+/// One NSI's learned parameters in [`params_hash`]: a share without CPU hashes as
+/// it did before CPU was allocated, so that older entries still recompute.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ParamsRow<'a> {
+    Traffic((&'a str, &'a str, &'a Option<HwParams>)),
+    WithCpu(
+        (
+            &'a str,
+            &'a str,
+            &'a Option<HwParams>,
+            &'a str,
+            &'a Option<HwParams>,
+        ),
+    ),
+}
+
 fn params_hash(policy: &AllocPolicy, shares: &[AllocShare]) -> String {
     let params: Vec<_> = shares
         .iter()
-        .map(|s| (&s.nsi, &s.model, &s.params))
+        .map(|s| match &s.cpu {
+            None => ParamsRow::Traffic((&s.nsi, &s.model, &s.params)),
+            Some(c) => ParamsRow::WithCpu((&s.nsi, &s.model, &s.params, &c.model, &c.params)),
+        })
         .collect();
     json_hash(&(policy, params))
 }
@@ -293,6 +314,9 @@ struct Series {
     /// difference from it. Replaced in the same write as a sample is appended.
     #[serde(default)]
     cursor: Option<sampler::Cursor>,
+    /// The vCPUs of the NSI's VMs at the last sample: its CPU capacity.
+    #[serde(default)]
+    vcpus: u32,
 }
 
 fn push_window(v: &mut Vec<f64>, x: f64) {
@@ -332,12 +356,21 @@ fn nsi_name_key(tenant: TenantId, name: &model::Name) -> String {
     format!("{}{tenant}/{name}", keys::NSI_NAMES)
 }
 
+/// An NSI's standing for a selection: its forecast (or, before any forecast, its
+/// measured) traffic over its capacity, or its forecast CPU over its vCPUs when that
+/// is higher — an NSI whose VMs are busy has no room however quiet its links are.
 fn candidate(n: &Nsi) -> Candidate {
     let load = n.forecast_mbps.or(n.measured_mbps).unwrap_or(0.0);
+    let traffic = load / f64::from(n.capacity_mbps.max(1));
+    let cpu = match (n.forecast_cores.or(n.measured_cores), n.vcpus) {
+        (Some(cores), Some(v)) if v > 0 => Some(cores / f64::from(v)),
+        _ => None,
+    };
     Candidate {
         nsi: n.id.clone(),
         name: n.name.to_string(),
-        utilization: load / f64::from(n.capacity_mbps.max(1)),
+        utilization: cpu.map_or(traffic, |c| traffic.max(c)),
+        cpu_utilization: cpu,
         clients: n.clients,
         max_clients: n.max_clients,
     }
@@ -404,6 +437,9 @@ impl Control {
             forecast_mbps: None,
             allocated_mbps: None,
             measured_cores: None,
+            vcpus: None,
+            forecast_cores: None,
+            allocated_cores: None,
             created_at: now_ms(),
         };
         insert_named(
@@ -688,6 +724,11 @@ impl Control {
                     nsi: n.id.clone(),
                     capacity: f64::from(n.capacity_mbps),
                     window: s.samples.clone(),
+                    // CPU once the sampler has measured some of it on VMs it found.
+                    cpu: (s.vcpus > 0 && !s.cpu.is_empty()).then(|| CpuInput {
+                        capacity: f64::from(s.vcpus),
+                        window: s.cpu.clone(),
+                    }),
                 })
                 .collect();
             let shares = allocate(&inputs, policy);
@@ -728,6 +769,9 @@ impl Control {
                         n.measured_cores = cores;
                         n.forecast_mbps = Some(share.forecast);
                         n.allocated_mbps = Some(share.share);
+                        n.vcpus = (series.vcpus > 0).then_some(series.vcpus);
+                        n.forecast_cores = share.cpu.as_ref().map(|c| c.forecast);
+                        n.allocated_cores = share.cpu.as_ref().map(|c| c.share);
                         Ok::<(), ControlError>(())
                     },
                 )
@@ -816,9 +860,11 @@ impl Control {
                     })
                     .collect(),
             };
+            let vcpus = vms.iter().map(|v| v.vcpus).fold(0u32, u32::saturating_add);
             let mut got = None;
             let series = self
                 .update_series(nsi, |s| {
+                    s.vcpus = vcpus;
                     let (m, next) = sampler::measure(s.cursor.as_ref(), &now);
                     got = m;
                     if let Some(m) = m {
@@ -1054,6 +1100,7 @@ mod tests {
             nsi: format!("id-{name}"),
             name: name.into(),
             utilization: u,
+            cpu_utilization: None,
             clients,
             max_clients: 10,
         }
@@ -1098,25 +1145,42 @@ mod tests {
             nsi: "a".into(),
             capacity: 100.0,
             window: (0..30).map(|i| f64::from(i % 12)).collect(),
+            cpu: Some(CpuInput {
+                capacity: 2.0,
+                window: (0..30).map(|i| f64::from(i % 12) / 10.0).collect(),
+            }),
         }];
-        let mut shares = allocate(&inputs, &policy);
-        let mut a = LedgerEntry::Allocation {
+        let shares = allocate(&inputs, &policy);
+        assert!(shares[0].cpu.is_some());
+        let entry = |shares: Vec<AllocShare>| LedgerEntry::Allocation {
             provider: "p".into(),
             at_ms: 1,
             policy: policy.clone(),
             input_hash: json_hash(&inputs),
             params_hash: params_hash(&policy, &shares),
             inputs: inputs.clone(),
-            shares: shares.clone(),
+            shares,
         };
-        recheck(&serde_json::to_vec(&a).unwrap()).unwrap();
-        shares[0].share += 1.0;
-        if let LedgerEntry::Allocation { shares: s, .. } = &mut a {
-            *s = shares;
+        recheck(&serde_json::to_vec(&entry(shares.clone())).unwrap()).unwrap();
+        // A traffic share or a CPU share that is not what the inputs give.
+        let mut more = shares.clone();
+        more[0].share += 1.0;
+        let mut more_cpu = shares.clone();
+        if let Some(c) = more_cpu[0].cpu.as_mut() {
+            c.share += 0.5;
         }
-        assert!(matches!(
-            recheck(&serde_json::to_vec(&a).unwrap()),
-            Err(RecheckError::Allocation { .. })
-        ));
+        for bad in [more, more_cpu] {
+            assert!(matches!(
+                recheck(&serde_json::to_vec(&entry(bad)).unwrap()),
+                Err(RecheckError::Allocation { .. })
+            ));
+        }
+        // The CPU model is part of the parameters hash.
+        let before = params_hash(&policy, &shares);
+        let mut other = shares;
+        if let Some(c) = other[0].cpu.as_mut() {
+            c.model = "seasonal-naive".into();
+        }
+        assert_ne!(params_hash(&policy, &other), before);
     }
 }
