@@ -335,11 +335,18 @@ impl AppState {
                     .collect()
             })
             .unwrap_or_default();
-        let cpu_ms = lock(&self.inner.cpu_ms)
+        control::slices::Counters {
+            pairs,
+            cpu_ms: self.slice_cpu_ms(),
+        }
+    }
+
+    /// The CPU time the agents last reported per VM (by id), ms.
+    fn slice_cpu_ms(&self) -> std::collections::BTreeMap<String, u64> {
+        lock(&self.inner.cpu_ms)
             .iter()
             .map(|(vm, ms)| (vm.to_string(), *ms))
-            .collect();
-        control::slices::Counters { pairs, cpu_ms }
+            .collect()
     }
 
     fn consoles(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, String>> {
@@ -559,6 +566,7 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     );
     if let Some(period) = config.slice_sample_period {
         tokio::spawn(sample_slices_every(state.clone(), driver.leading(), period));
+        tokio::spawn(publish_slice_cpu_every(state.clone(), period));
     }
     let switch_server = async move {
         if let Some((l, ctrl)) = switches {
@@ -620,9 +628,9 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
 const RECONCILE_GRACE: Duration = Duration::from_secs(30);
 
 /// The slice sampler: while this server leads, every `period` one sample of every
-/// NSI's load from this server's counters ([`AppState::slice_counters`]), then the
-/// reconciliation of associations left without a ledger entry. Only the leader
-/// samples, so that one period gives one sample.
+/// NSI's load from the counters of every server sharing the store
+/// ([`cluster_counters`]), then the reconciliation of associations left without a
+/// ledger entry. Only the leader samples, so that one period gives one sample.
 async fn sample_slices_every(
     state: AppState,
     mut leading: tokio::sync::watch::Receiver<bool>,
@@ -641,7 +649,7 @@ async fn sample_slices_every(
             if !*leading.borrow() {
                 break;
             }
-            let counters = state.slice_counters();
+            let counters = cluster_counters(&state, period).await;
             match state.control().sample_slices(&counters, &policy).await {
                 Ok(o) if !o.measured.is_empty() => {
                     tracing::debug!(measured = ?o.measured, allocations = ?o.allocations, "slices sampled")
@@ -662,6 +670,65 @@ async fn sample_slices_every(
                     tracing::warn!(error = %model::error_chain(&e), "slice ledger reconciliation failed; next period retries")
                 }
             }
+        }
+    }
+}
+
+/// This server's counters ([`AppState::slice_counters`]) merged with what the other
+/// servers sharing the store saved: their controllers' snapshots and the CPU times
+/// their agents reported, published within the last three periods
+/// (`control::slices::peers`). A record that cannot be read is logged and left out;
+/// a store that cannot be read leaves this server's counters alone.
+async fn cluster_counters(state: &AppState, period: Duration) -> control::slices::Counters {
+    let own = state.slice_counters();
+    let stale = u64::try_from(period.as_millis().saturating_mul(3)).unwrap_or(u64::MAX);
+    let fresh_since = control::now_ms().saturating_sub(stale);
+    let peers = match state
+        .control()
+        .peer_counters(state.server_id(), fresh_since)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %model::error_chain(&e), "cannot read the other servers' counters; sampling this server's alone");
+            return own;
+        }
+    };
+    for why in &peers.unreadable {
+        tracing::warn!(record = %why, "another server's CPU report is unreadable; left out");
+    }
+    let pairs: Vec<Vec<(String, String, u64)>> = peers
+        .traffic
+        .iter()
+        .filter_map(|(key, snap)| match net::controller::snapshot_pair_bytes(snap) {
+            Ok(v) => Some(
+                v.into_iter()
+                    .map(|(s, d, b)| (s.to_string(), d.to_string(), b))
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "another server's traffic snapshot is unreadable; left out");
+                None
+            }
+        })
+        .collect();
+    control::slices::peers::merge(own, &pairs, &peers.cpu)
+}
+
+/// Publishes the CPU times this server's agents report every `period`, leader or
+/// not, for the leader's sampler.
+async fn publish_slice_cpu_every(state: AppState, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let cpu = state.slice_cpu_ms();
+        if let Err(e) = state
+            .control()
+            .publish_slice_cpu(state.server_id(), cpu)
+            .await
+        {
+            tracing::warn!(error = %model::error_chain(&e), "cannot publish CPU times for the slice sampler; next period retries");
         }
     }
 }

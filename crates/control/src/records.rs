@@ -26,11 +26,13 @@ pub mod keys {
     /// domain runs its own controller); both names hex-encoded (they are free text).
     pub fn traffic(domain: &str, server: &str) -> String {
         format!(
-            "/vinfra/traffic/{}/{}",
+            "{TRAFFIC}{}/{}",
             model::hex(domain.as_bytes()),
             model::hex(server.as_bytes())
         )
     }
+    /// Prefix of [`traffic`].
+    pub const TRAFFIC: &str = "/vinfra/traffic/";
     pub const TOKENS: &str = "/vinfra/tokens/";
     pub const TENANTS: &str = "/vinfra/tenants/";
     pub const HOSTS: &str = "/vinfra/hosts/";
@@ -145,6 +147,9 @@ pub mod keys {
     pub const SLICE_ASSOCIATIONS: &str = "/vinfra/slice-associations/";
     /// The slice ledger: a transparency log (crates/translog) under this prefix.
     pub const SLICE_LEDGER: &str = "/vinfra/translog/slices/";
+    /// Per server (hex-encoded id, free text): the CPU time its agents last reported
+    /// per VM, published for the slice sampler of whichever server leads.
+    pub const SLICE_CPU: &str = "/vinfra/slice-cpu/";
     pub const NETWORKS: &str = "/vinfra/networks/";
     pub const NETWORK_NAMES: &str = "/vinfra/network-names/";
     pub fn network(id: NetworkId) -> String {

@@ -64,6 +64,19 @@ pub enum RestoreError {
     Domain(DomainId),
 }
 
+/// The lifetime bytes per VM pair (source MAC, destination MAC, bytes) in a saved
+/// snapshot of any domain's controller: what another server's controller had counted
+/// when it last saved, for a sampler that merges the servers' counts.
+pub fn snapshot_pair_bytes(snapshot: &[u8]) -> Result<Vec<(MacAddr, MacAddr, u64)>, RestoreError> {
+    let snap: ControllerSnapshot = serde_json::from_slice(snapshot)?;
+    Ok(snap
+        .stats
+        .pairs
+        .into_iter()
+        .map(|p| (p.src, p.dst, p.counter.bytes))
+        .collect())
+}
+
 /// The controller of one domain. Cheap to clone; clones share state.
 #[derive(Clone, Debug)]
 pub struct Controller {
@@ -555,5 +568,34 @@ mod tests {
             .contains("vinfra_traffic_bytes_total{domain=\"d\\\"x\",class=\"inter_domain\"} 700"));
         assert!(text
             .contains("vinfra_traffic_packets_total{domain=\"d\\\"x\",class=\"intra_server\"} 0"));
+    }
+
+    #[test]
+    fn a_saved_snapshot_gives_the_lifetime_bytes_per_pair() {
+        let c = Controller::new("d".into());
+        let mut r = report("h1", 1, 1, 0, &[1, 2]);
+        let (a, b) = (MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]));
+        r.flows = vec![crate::core::FlowRecord {
+            src: a,
+            dst: b,
+            class: TrafficClass::IntraServer,
+            flow_seq: 1,
+            counter: Counter {
+                packets: 3,
+                bytes: 300,
+            },
+        }];
+        c.handle_report(&r);
+        r.seq = 2;
+        r.flows[0].counter = Counter {
+            packets: 5,
+            bytes: 520,
+        };
+        c.handle_report(&r);
+        assert_eq!(
+            snapshot_pair_bytes(&c.snapshot()).unwrap(),
+            vec![(a, b, 520)]
+        );
+        assert!(snapshot_pair_bytes(b"{}").is_err());
     }
 }

@@ -10,6 +10,7 @@
 //! [`keys::SLICE_ASSOCIATIONS`], the ledger under [`keys::SLICE_LEDGER`].
 
 pub mod forecast;
+pub mod peers;
 pub mod sampler;
 
 use std::collections::BTreeMap;

@@ -135,3 +135,64 @@ async fn associations_left_without_their_entry_are_logged_once_by_the_sweep() {
         }
     }
 }
+
+/// The slice sampler of the leading server reads the other servers' counters from the
+/// store: their published CPU reports (fresh ones only) and their controllers' saved
+/// traffic snapshots, never its own; a record that does not parse is reported, not
+/// fatal.
+#[tokio::test]
+async fn the_leader_reads_the_other_servers_counters_from_the_store() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (a, b, c) = (
+        Control::new(store.clone(), 6_000),
+        Control::new(store.clone(), 6_000),
+        Control::new(store.clone(), 6_000),
+    );
+    b.publish_slice_cpu("server-b", [("vm1".to_string(), 700)].into())
+        .await
+        .unwrap();
+    c.publish_slice_cpu("server-c", [("vm2".to_string(), 90)].into())
+        .await
+        .unwrap();
+    a.publish_slice_cpu("server-a", [("vm1".to_string(), 5)].into())
+        .await
+        .unwrap();
+    for (ctl, server) in [(&a, "server-a"), (&b, "server-b")] {
+        ctl.save_traffic_snapshot("east", server, format!("snapshot of {server}").into())
+            .await
+            .unwrap();
+    }
+    let p = a.peer_counters("server-a", 0).await.unwrap();
+    let mut cpu: Vec<_> = p.cpu.iter().flat_map(|r| r.cpu_ms.clone()).collect();
+    cpu.sort();
+    assert_eq!(cpu, vec![("vm1".to_string(), 700), ("vm2".to_string(), 90)]);
+    let traffic: Vec<_> = p.traffic.iter().map(|(_, v)| v.clone()).collect();
+    assert_eq!(traffic, vec![bytes::Bytes::from("snapshot of server-b")]);
+    assert!(p.unreadable.is_empty());
+
+    // Reports older than the limit are from servers that stopped: left out.
+    let later = control::now_ms() + 60_000;
+    assert!(a
+        .peer_counters("server-a", later)
+        .await
+        .unwrap()
+        .cpu
+        .is_empty());
+
+    // A record that is not a report is named, and the others still come.
+    store
+        .put(
+            &format!("{}{}", keys::SLICE_CPU, model::hex(b"server-d")),
+            bytes::Bytes::from_static(b"{not json"),
+        )
+        .await
+        .unwrap();
+    let p = a.peer_counters("server-a", 0).await.unwrap();
+    assert_eq!(p.cpu.len(), 2);
+    assert_eq!(p.unreadable.len(), 1, "{:?}", p.unreadable);
+    assert!(
+        p.unreadable[0].contains(keys::SLICE_CPU),
+        "{:?}",
+        p.unreadable
+    );
+}
