@@ -32,7 +32,7 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
   $SUDO chmod +x /usr/sbin/policy-rc.d
 fi
 
-BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc virsh libvirtd virtlogd nft clang bpftool tc nfcapd nfdump chromium chromedriver mmdebstrap depmod mkfs.ext4"
+BINS="qemu-system-x86_64 qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy fio etcd etcdctl busybox socat ip ping protoc virsh libvirtd virtlogd nft clang bpftool tc nfcapd nfdump chromium chromedriver mmdebstrap depmod mkfs.ext4 websockify"
 if need $BINS && [ -x /bin/busybox ] && busybox --list | grep -qx cpio; then
   echo "setup: all packages present"
 else
@@ -71,6 +71,19 @@ else
   # The dashboard's browser tests: Debian's Chromium, driven headless over WebDriver by
   # chromedriver (nothing downloads a browser).
   $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  # The VNC baseline of `vinfra bench terminal`: QEMU's VNC server behind websockify.
+  $SUDO apt-get install -y -qq --no-install-recommends websockify >/dev/null
+fi
+
+# ... driven by the vncdotool VNC client library (PyPI), in its own venv so that the
+# system's Python stays as Debian made it.
+VNC_VENV=/var/cache/vinfra/vnc-venv
+VNCDOTOOL_VERSION=1.4.2
+if ! "$VNC_VENV/bin/python3" -c "import vncdotool, importlib.metadata as m; assert m.version('vncdotool') == '$VNCDOTOOL_VERSION'" 2>/dev/null; then
+  $SUDO mkdir -p "$(dirname "$VNC_VENV")"
+  $SUDO python3 -m venv "$VNC_VENV"
+  $SUDO "$VNC_VENV/bin/pip" install --quiet --disable-pip-version-check "vncdotool==$VNCDOTOOL_VERSION"
+  echo "setup: vncdotool $VNCDOTOOL_VERSION in $VNC_VENV"
 fi
 
 # Both halves of QEMU must be present: the conflict above is silent otherwise.

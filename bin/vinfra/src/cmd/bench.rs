@@ -15,6 +15,7 @@ mod render;
 pub mod shm;
 pub mod slice;
 pub mod terminal;
+mod vnc;
 
 /// The control-plane benchmarks' common start on a fresh server: an agent token (its
 /// client returned beside the admin's) and an image `bench` booting `kernel`.

@@ -1,6 +1,8 @@
 //! `vinfra bench terminal` in miniature: a few terminals for a second over sessions and
-//! one-off messages. Checks the shape of the report and that every operation was
-//! performed, never a timing.
+//! one-off messages, then the bytes of one scripted typing session through vinfra's
+//! operations and through QEMU's VNC behind websockify (a real guest; vncdotool types,
+//! and the bench fails unless the guest's console shows every line). Checks the shape
+//! of the report and that every operation was performed, never a timing or a ratio.
 
 use std::process::Command;
 
@@ -50,5 +52,20 @@ fn bench_terminal_measures_sessions_and_one_off_messages() {
             0.0 < q("p50_ms") && q("p50_ms") <= q("p99_ms") && q("p99_ms") <= q("max_ms"),
             "{row}"
         );
+    }
+    let wire = r["wire"].as_array().unwrap();
+    let paths: Vec<&str> = wire.iter().map(|w| w["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        ["vinfra key", "vinfra key_combo", "vinfra type_text", "vnc"]
+    );
+    // 10 lines of 81 characters and 10 Returns: 91 keys, pressed and released.
+    assert_eq!(r["script_chars"], 91);
+    let messages: Vec<Option<u64>> = wire.iter().map(|w| w["messages"].as_u64()).collect();
+    assert_eq!(messages, [Some(182), Some(91), Some(10), None]);
+    for w in wire {
+        let b = |k: &str| w[k].as_u64().unwrap();
+        assert!(b("to_server") > 0 && b("from_server") > 0, "{w}");
+        assert_eq!(b("total"), b("to_server") + b("from_server"), "{w}");
     }
 }

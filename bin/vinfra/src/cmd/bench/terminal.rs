@@ -10,8 +10,14 @@
 //! (the host's agent performed it through the driver and answered). The one-off rows
 //! send the same operations, each its own HTTP request on a kept-alive connection.
 //!
-//! What is not here yet: the same through QEMU's keyboard controller (the qtest
-//! harness of the compute tests), and the bytes-on-the-wire comparison against VNC.
+//! Bytes on the wire, side by side in the same run: one scripted typing session
+//! ([`SCRIPT`]) sent by a terminal over a session, as key operations and as text
+//! operations, every byte of its connection counted both ways; and the same session
+//! through QEMU's VNC server behind websockify, typed by vncdotool ([`super::vnc`];
+//! `--no-vnc` leaves that row out).
+//!
+//! What is not here yet: the latency through QEMU's keyboard controller (the qtest
+//! harness of the compute tests).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,6 +47,45 @@ pub struct TerminalArgs {
     /// Seconds per row.
     #[arg(long, default_value_t = 5)]
     pub secs: u64,
+    /// Leave out the VNC row of the bytes comparison (it boots a guest under QEMU and
+    /// needs websockify and vncdotool: scripts/setup.sh).
+    #[arg(long)]
+    pub no_vnc: bool,
+    /// The Python with vncdotool installed.
+    #[arg(long, default_value = super::vnc::DEFAULT_VNC_PYTHON)]
+    pub vnc_python: std::path::PathBuf,
+}
+
+/// The scripted typing session of the bytes rows: ten lines of lower-case words, digits
+/// and spaces (keys a VNC client and a `key` operation name alike).
+pub const SCRIPT: [&str; 10] = [
+    "echo hello vinfra",
+    "uname a",
+    "ls l tmp",
+    "cat proc uptime",
+    "date",
+    "free m",
+    "df h",
+    "ps",
+    "id",
+    "echo 12345 67890",
+];
+
+/// One way of typing [`SCRIPT`]: what crossed the wire.
+#[derive(Debug, Clone, Serialize)]
+pub struct WireRow {
+    /// `vinfra key`, `vinfra key_combo`, `vinfra type_text` (the operation typed with)
+    /// or `vnc`.
+    pub path: String,
+    /// Messages the client sent (operations; for VNC, RFB requests are not counted).
+    pub messages: Option<usize>,
+    /// Bytes from the client to the server (TCP payload: WebSocket frames and the
+    /// upgrade request).
+    pub to_server: u64,
+    /// Bytes from the server to the client.
+    pub from_server: u64,
+    /// Both ways.
+    pub total: u64,
 }
 
 /// One transport's figures.
@@ -81,6 +126,10 @@ pub struct TerminalReport {
     pub vms: usize,
     /// Session and one-off rows.
     pub rows: Vec<Row>,
+    /// Characters typed by each bytes row (Return counted).
+    pub script_chars: usize,
+    /// Bytes rows: vinfra's three, then VNC's unless left out.
+    pub wire: Vec<WireRow>,
 }
 
 /// Runs the bench (progress on stderr).
@@ -205,6 +254,24 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
         args.terminals, args.rate, args.secs
     );
     let one_off = measure(&creds, args, false).await?;
+    eprintln!("[bytes] the scripted typing session as key and as text operations");
+    let mut wire = Vec::new();
+    for how in [Typing::KeyEvents, Typing::KeyPresses, Typing::Lines] {
+        wire.push(vinfra_wire(&admin, &url, how).await?);
+    }
+    if !args.no_vnc {
+        eprintln!("[bytes] the same through QEMU's VNC, websockify and vncdotool");
+        let lines: Vec<String> = SCRIPT.iter().map(|l| (*l).to_owned()).collect();
+        let (to_server, from_server) =
+            super::vnc::typing_session(&args.vnc_python, &lines, dir).await?;
+        wire.push(WireRow {
+            path: "vnc".into(),
+            messages: None,
+            to_server,
+            from_server,
+            total: to_server + from_server,
+        });
+    }
     agent.stop().await;
     drop(server);
     Ok(TerminalReport {
@@ -218,6 +285,110 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
         rate: args.rate,
         vms: args.vms,
         rows: vec![session, one_off],
+        script_chars: SCRIPT.iter().map(|l| l.len() + 1).sum(),
+        wire,
+    })
+}
+
+/// How a terminal types [`SCRIPT`].
+#[derive(Clone, Copy, PartialEq)]
+enum Typing {
+    /// A `key` operation down and one up per character (a terminal forwarding raw key
+    /// events), `ret` per line.
+    KeyEvents,
+    /// One `key_combo` of one key per character (press and release).
+    KeyPresses,
+    /// One `type_text` per line.
+    Lines,
+}
+
+impl Typing {
+    fn name(self) -> &'static str {
+        match self {
+            Typing::KeyEvents => "key",
+            Typing::KeyPresses => "key_combo",
+            Typing::Lines => "type_text",
+        }
+    }
+
+    /// The operation bodies that type [`SCRIPT`].
+    fn bodies(self) -> Vec<String> {
+        let mut out = Vec::new();
+        for line in SCRIPT {
+            if self == Typing::Lines {
+                let op = serde_json::json!({"op": "type_text", "text": format!("{line}\n")});
+                out.push(serde_json::json!({ "operation": op }).to_string());
+                continue;
+            }
+            for ch in line.chars().chain(['\n']) {
+                let qcode = match ch {
+                    ' ' => "spc".to_owned(),
+                    '\n' => "ret".to_owned(),
+                    c => c.to_string(),
+                };
+                if self == Typing::KeyPresses {
+                    out.push(format!(
+                        r#"{{"operation":{{"op":"key_combo","qcodes":["{qcode}"]}}}}"#
+                    ));
+                    continue;
+                }
+                for down in [true, false] {
+                    out.push(format!(
+                        r#"{{"operation":{{"op":"key","qcode":"{qcode}","down":{down}}}}}"#
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A new terminal bound to `vm0` types [`SCRIPT`] over one session through a byte
+/// counter, each operation answered `performed` before the next.
+async fn vinfra_wire(admin: &client::Client, url: &str, how: Typing) -> anyhow::Result<WireRow> {
+    let name = format!("wire-{}", how.name().replace('_', "-"));
+    let name = name.as_str();
+    let made = admin
+        .create_terminal(&CreateTerminal {
+            name: name.into(),
+            tenant: None,
+        })
+        .await?;
+    admin
+        .bind_terminal(
+            name,
+            &BindTerminal {
+                vm: "vm0".into(),
+                policy: SharePolicy::Shared,
+            },
+        )
+        .await?;
+    let server: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .parse()
+        .context("the bench server's address")?;
+    let counter = super::vnc::Counter::start(server).await?;
+    let creds = TerminalCredentials::new(&made, &format!("http://{}", counter.addr));
+    let bodies = how.bodies();
+    let (mut tx, mut rx) = TerminalSession::connect(&creds, None).await?.split();
+    for (n, body) in bodies.iter().enumerate() {
+        let (_, ts) = client::terminal::clock_seq();
+        tx.send(n as u64 + 1, ts, body).await?;
+        match rx.next().await {
+            Some(Ok(SessionReply::Answer { operation }))
+                if operation.outcome == OperationOutcome::Performed => {}
+            other => bail!("{name}: operation {} not performed: {other:?}", n + 1),
+        }
+    }
+    tx.close().await?;
+    drop(rx);
+    let (to_server, from_server) = counter.bytes().await?;
+    Ok(WireRow {
+        path: format!("vinfra {}", how.name()),
+        messages: Some(bodies.len()),
+        to_server,
+        from_server,
+        total: to_server + from_server,
     })
 }
 
@@ -444,5 +615,33 @@ pub fn table(r: &TerminalReport) -> String {
         }
     }
     s.push_str("\nlatency: message sent → reply `performed` (server checked and recorded it, the host's agent performed it through the driver and answered)\n");
+    if !r.wire.is_empty() {
+        s.push_str(&format!(
+            "\nbytes on the wire, one scripted typing session ({} lines, {} keys; TCP payload both ways)\n\n",
+            SCRIPT.len(),
+            r.script_chars
+        ));
+        s.push_str(&format!(
+            "{:<26} {:>9} {:>11} {:>11} {:>11} {:>12}\n",
+            "path", "messages", "to server", "from server", "total", "VNC / this"
+        ));
+        let vnc = r.wire.iter().find(|w| w.path == "vnc").map(|w| w.total);
+        for w in &r.wire {
+            let ratio = match vnc {
+                Some(v) if w.total > 0 => format!("{:.1}×", v as f64 / w.total as f64),
+                _ => "-".into(),
+            };
+            s.push_str(&format!(
+                "{:<26} {:>9} {:>11} {:>11} {:>11} {:>12}\n",
+                w.path,
+                w.messages.map_or("-".into(), |m| m.to_string()),
+                w.to_server,
+                w.from_server,
+                w.total,
+                ratio
+            ));
+        }
+        s.push_str("\nvinfra: signed operation messages over one WebSocket session, each answered; vnc: QEMU's VNC server behind websockify, vncdotool as the viewer (ZRLE; the whole screen once, then after each key its changes), over WebSocket as a browser's client\n");
+    }
     s
 }
