@@ -1,7 +1,8 @@
 //! Helpers for tests that run real processes: free ports, polling with a
 //! deadline, child processes that die with the test, required tools, a
-//! real etcd ([`EtcdFixture`]), and QEMU's qtest protocol ([`qtest`]: the
-//! scancodes at a guest-less VM's keyboard controller).
+//! and a real etcd ([`EtcdFixture`]). (QEMU's qtest client, which reads the scancodes at
+//! a guest-less VM's keyboard controller, is `compute::qemu::qtest`: the terminal bench
+//! uses it too.)
 //!
 //! Owns: nothing persistent; every fixture lives in a temp dir removed on drop.
 //! Must not depend on: any vinfra crate (every crate may dev-depend on this).
@@ -16,8 +17,6 @@
 //! blocking `wait` in `Drop` and in `kill9`; after SIGKILL that returns within
 //! milliseconds, so it is acceptable inside async tests.
 #![warn(missing_docs)]
-
-pub mod qtest;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};

@@ -8,6 +8,7 @@ use anyhow::Context;
 use crate::output::Format;
 
 pub mod control;
+mod kbd;
 pub mod migrate_vm;
 pub mod push;
 mod record;

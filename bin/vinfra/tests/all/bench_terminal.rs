@@ -3,6 +3,8 @@
 //! operations and through QEMU's VNC behind websockify (a real guest; vncdotool types,
 //! and the bench fails unless the guest's console shows every line). Checks the shape
 //! of the report and that every operation was performed, never a timing or a ratio.
+//! The keyboard row: two QEMU VMs in qtest mode, every key operation performed and its
+//! scancodes found at its VM's keyboard controller.
 
 use std::process::Command;
 
@@ -21,6 +23,10 @@ fn bench_terminal_measures_sessions_and_one_off_messages() {
             "2",
             "--secs",
             "1",
+            "--kbd-vms",
+            "2",
+            "--kbd-rate",
+            "10",
         ])
         .env("RUST_LOG", "error")
         .output()
@@ -68,4 +74,20 @@ fn bench_terminal_measures_sessions_and_one_off_messages() {
         assert!(b("to_server") > 0 && b("from_server") > 0, "{w}");
         assert_eq!(b("total"), b("to_server") + b("from_server"), "{w}");
     }
+    let k = &r["keyboard"];
+    // 2 VMs × 10 ops/s × 1 s, every one performed and at its controller.
+    assert_eq!(
+        (
+            k["sent"].as_u64(),
+            k["performed"].as_u64(),
+            k["at_controller"].as_u64()
+        ),
+        (Some(20), Some(20), Some(20)),
+        "{k}"
+    );
+    let q = |key: &str| k[key].as_f64().unwrap();
+    assert!(
+        q("controller_p50_ms") > 0.0 && q("controller_p50_ms") <= q("controller_p99_ms"),
+        "{k}"
+    );
 }

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::terminal::TerminalCredentials;
+use compute::qemu::qtest::{write_halting_firmware, Qtest};
 use compute::qemu::{files, ps2};
 use compute::{ComputeDriver, QemuDriver};
 use model::terminal_ops::{InputEvent, Operation, QCode};
 use model::terminals::{BindTerminal, CreateTerminal, OperationOutcome, SharePolicy};
 use model::SplitMix64;
-use test_utils::qtest::{write_halting_firmware, Qtest};
 
 use crate::harness::{run_dir, Cluster, TestAgent};
 

@@ -23,6 +23,7 @@ mod child;
 mod driver;
 pub mod ps2;
 pub mod pvh;
+pub mod qtest;
 mod run_dir;
 mod terminal;
 

@@ -8,8 +8,8 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use compute::qemu::files;
+use compute::qemu::qtest::{write_halting_firmware, Qtest};
 use compute::{Accel, ComputeDriver, DiskTarget, QemuDriver, TableAttach, VmSpec};
-use test_utils::qtest::{write_halting_firmware, Qtest};
 
 use super::KillGuard;
 

@@ -7,12 +7,12 @@
 
 use std::time::{Duration, Instant};
 
+use compute::qemu::qtest::{write_halting_firmware, Qtest};
 use compute::qemu::{files, ps2};
 use compute::{png, VmStatus};
 use compute::{Accel, ComputeDriver, ComputeError, DiskTarget, OpOutcome, QemuDriver, VmSpec};
 use model::terminal_ops::{InputEvent, Operation, PowerAction, QCode, QCODES};
 use model::SplitMix64;
-use test_utils::qtest::{write_halting_firmware, Qtest};
 
 use super::KillGuard;
 

@@ -16,8 +16,9 @@
 //! through QEMU's VNC server behind websockify, typed by vncdotool ([`super::vnc`];
 //! `--no-vnc` leaves that row out).
 //!
-//! What is not here yet: the latency through QEMU's keyboard controller (the qtest
-//! harness of the compute tests).
+//! And the same key operations into real QEMU processes, to the reply and to the
+//! scancodes in each VM's keyboard controller ([`super::kbd`]; `--kbd-vms 0` leaves
+//! that row out).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +48,13 @@ pub struct TerminalArgs {
     /// Seconds per row.
     #[arg(long, default_value_t = 5)]
     pub secs: u64,
+    /// VMs of the keyboard-controller row (QEMU in qtest mode, one terminal each; 0
+    /// leaves the row out).
+    #[arg(long, default_value_t = 4)]
+    pub kbd_vms: usize,
+    /// Operations per second per terminal in the keyboard-controller row.
+    #[arg(long, default_value_t = 20)]
+    pub kbd_rate: u32,
     /// Leave out the VNC row of the bytes comparison (it boots a guest under QEMU and
     /// needs websockify and vncdotool: scripts/setup.sh).
     #[arg(long)]
@@ -130,12 +138,19 @@ pub struct TerminalReport {
     pub script_chars: usize,
     /// Bytes rows: vinfra's three, then VNC's unless left out.
     pub wire: Vec<WireRow>,
+    /// Through QEMU's keyboard controller, unless left out.
+    pub keyboard: Option<super::kbd::KbdRow>,
 }
 
 /// Runs the bench (progress on stderr).
 pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
-    if args.terminals == 0 || args.rate == 0 || args.vms == 0 || args.secs == 0 {
-        bail!("--terminals, --rate, --vms and --secs must be at least 1");
+    if args.terminals == 0
+        || args.rate == 0
+        || args.vms == 0
+        || args.secs == 0
+        || args.kbd_rate == 0
+    {
+        bail!("--terminals, --rate, --vms, --secs and --kbd-rate must be at least 1");
     }
     let tmp = tempfile::Builder::new()
         .prefix("vinfra-bench-terminal-")
@@ -191,7 +206,18 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
             },
         )
         .await?;
-    let agent = spawn_agent(&url, &agent_token, dir);
+    let driver = Arc::new(compute::SimDriver::new(compute::sim::SimConfig {
+        boot_time: Duration::from_millis(100),
+        ..compute::sim::SimConfig::default()
+    }));
+    let agent = spawn_agent(
+        &url,
+        &agent_token,
+        "bench-a",
+        &dir.join("host-a"),
+        &dir.join("origin"),
+        driver,
+    );
     wait_until("the host is up", || async {
         admin
             .get_host("bench-a")
@@ -273,6 +299,26 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
         });
     }
     agent.stop().await;
+    let keyboard = if args.kbd_vms == 0 {
+        None
+    } else {
+        eprintln!(
+            "[keyboard] {} QEMU VMs (qtest), one terminal each × {} ops/s for {} s",
+            args.kbd_vms, args.kbd_rate, args.secs
+        );
+        Some(
+            super::kbd::measure(
+                &admin,
+                &url,
+                &agent_token,
+                dir,
+                args.kbd_vms,
+                args.kbd_rate,
+                args.secs,
+            )
+            .await?,
+        )
+    };
     drop(server);
     Ok(TerminalReport {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -287,6 +333,7 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
         rows: vec![session, one_off],
         script_chars: SCRIPT.iter().map(|l| l.len() + 1).sum(),
         wire,
+        keyboard,
     })
 }
 
@@ -526,7 +573,7 @@ async fn one_terminal_posts(
     Ok((ms, ops, other))
 }
 
-async fn wait_until<F, Fut>(what: &str, mut cond: F) -> anyhow::Result<()>
+pub(super) async fn wait_until<F, Fut>(what: &str, mut cond: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -542,26 +589,30 @@ where
 }
 
 /// The bench's agent on its own thread and runtime (as a separate process would be).
-struct BenchAgent {
+pub(super) struct BenchAgent {
     stop: tokio::sync::oneshot::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl BenchAgent {
     /// Stops the agent (it stops its VMs) and waits for it, before the server goes.
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         let _ = self.stop.send(());
         let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
     }
 }
 
-fn spawn_agent(url: &str, token: &str, dir: &std::path::Path) -> BenchAgent {
-    let driver = Arc::new(compute::SimDriver::new(compute::sim::SimConfig {
-        boot_time: Duration::from_millis(100),
-        ..compute::sim::SimConfig::default()
-    }));
-    let mut cfg = agent::AgentConfig::simulated(url, token, "bench-a", dir.join("host-a"), driver);
-    cfg.disks.origin_dir = dir.join("origin");
+/// An agent for host `host` with `driver`, data in `data_dir`.
+pub(super) fn spawn_agent(
+    url: &str,
+    token: &str,
+    host: &str,
+    data_dir: &std::path::Path,
+    origin_dir: &std::path::Path,
+    driver: Arc<dyn compute::ComputeDriver>,
+) -> BenchAgent {
+    let mut cfg = agent::AgentConfig::simulated(url, token, host, data_dir.to_owned(), driver);
+    cfg.disks.origin_dir = origin_dir.to_owned();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -615,6 +666,33 @@ pub fn table(r: &TerminalReport) -> String {
         }
     }
     s.push_str("\nlatency: message sent → reply `performed` (server checked and recorded it, the host's agent performed it through the driver and answered)\n");
+    if let Some(k) = &r.keyboard {
+        s.push_str(&format!(
+            "\nthrough QEMU's keyboard controller: {} VMs (qtest), one terminal each × {} key ops/s\n\n",
+            k.vms, k.rate
+        ));
+        s.push_str(&format!(
+            "{:>6} {:>10} {:>14} {:>17} {:>17} {:>17} {:>17}\n",
+            "sent",
+            "performed",
+            "at controller",
+            "performed p50 ms",
+            "performed p99 ms",
+            "i8042 p50 ms",
+            "i8042 p99 ms"
+        ));
+        s.push_str(&format!(
+            "{:>6} {:>10} {:>14} {:>17} {:>17} {:>17} {:>17}\n",
+            k.sent,
+            k.performed,
+            k.at_controller,
+            f(k.performed_p50_ms),
+            f(k.performed_p99_ms),
+            f(k.controller_p50_ms),
+            f(k.controller_p99_ms)
+        ));
+        s.push_str("performed: reply `performed` (the agent answered once QMP acknowledged input-send-event); i8042: the op's last scancode read at the VM's keyboard controller (one qtest poller over all VMs)\n");
+    }
     if !r.wire.is_empty() {
         s.push_str(&format!(
             "\nbytes on the wire, one scripted typing session ({} lines, {} keys; TCP payload both ways)\n\n",
@@ -641,7 +719,11 @@ pub fn table(r: &TerminalReport) -> String {
                 ratio
             ));
         }
-        s.push_str("\nvinfra: signed operation messages over one WebSocket session, each answered; vnc: QEMU's VNC server behind websockify, vncdotool as the viewer (ZRLE; the whole screen once, then after each key its changes), over WebSocket as a browser's client\n");
+        s.push_str("\nvinfra: signed operation messages over one WebSocket session, each answered");
+        if vnc.is_some() {
+            s.push_str("; vnc: QEMU's VNC server behind websockify, vncdotool as the viewer (ZRLE; the whole screen once, then after each key its changes), over WebSocket as a browser's client");
+        }
+        s.push('\n');
     }
     s
 }
