@@ -243,12 +243,18 @@ impl Slots {
     /// The whole payload as words, for rolling back (only while no device
     /// can write the entry).
     pub(crate) fn snapshot(&self, entry: u32, into: &mut Vec<u64>) -> u64 {
+        let words = self.payload(entry);
+        // SAFETY: `words` are initialized, aligned u64s (AtomicU64 has u64's layout)
+        // inside the mapping, alive as long as `self`. While no device can write the
+        // entry (every mapping of it protected) and the element, its only other
+        // writer, is the caller, nothing writes them during the copy, so this plain
+        // read races with nothing (other processes only read them). One memcpy instead
+        // of an atomic load per word: for a 4 KiB entry the per-word loop was a third
+        // of a grant's time beside the ioctl.
+        let plain =
+            unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u64>(), words.len()) };
         into.clear();
-        into.extend(
-            self.payload(entry)
-                .iter()
-                .map(|w| w.load(Ordering::Relaxed)),
-        );
+        into.extend_from_slice(plain);
         self.seq(entry)
     }
 

@@ -391,7 +391,8 @@ impl Typing {
 }
 
 /// A new terminal bound to `vm0` types [`SCRIPT`] over one session through a byte
-/// counter, each operation answered `performed` before the next.
+/// counter, each operation answered `performed` before the next and sent at most at 80%
+/// of a terminal's rate limit.
 async fn vinfra_wire(admin: &client::Client, url: &str, how: Typing) -> anyhow::Result<WireRow> {
     let name = format!("wire-{}", how.name().replace('_', "-"));
     let name = name.as_str();
@@ -418,7 +419,12 @@ async fn vinfra_wire(admin: &client::Client, url: &str, how: Typing) -> anyhow::
     let creds = TerminalCredentials::new(&made, &format!("http://{}", counter.addr));
     let bodies = how.bodies();
     let (mut tx, mut rx) = TerminalSession::connect(&creds, None).await?.split();
+    // Typing paced under a terminal's rate limit (a fast loopback would exceed it).
+    let mut pace = tokio::time::interval(Duration::from_secs_f64(
+        1.0 / (control::terminals::RATE_PER_SECOND * 0.8),
+    ));
     for (n, body) in bodies.iter().enumerate() {
+        pace.tick().await;
         let (_, ts) = client::terminal::clock_seq();
         tx.send(n as u64 + 1, ts, body).await?;
         match rx.next().await {
