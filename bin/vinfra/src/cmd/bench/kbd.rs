@@ -24,12 +24,12 @@ use compute::qemu::qtest::{write_halting_firmware, Qtest};
 use compute::qemu::{files, ps2};
 use model::api::CreateVm;
 use model::terminal_ops::QCode;
-use model::terminals::{BindTerminal, CreateTerminal, OperationOutcome, SessionReply, SharePolicy};
+use model::terminals::{OperationOutcome, SessionReply, SharePolicy};
 use model::ObservedState;
 use serde::Serialize;
 
 use super::control::quantile;
-use super::terminal::{spawn_agent, wait_until};
+use super::terminal::{spawn_agent, terminal_on, wait_until};
 
 /// The keyboard-controller row.
 #[derive(Debug, Clone, Serialize)]
@@ -151,22 +151,7 @@ async fn run(
             .await
             .with_context(|| format!("qtest of {name}"))?;
         controllers.push(q);
-        let t = format!("kbd-t{i}");
-        let made = admin
-            .create_terminal(&CreateTerminal {
-                name: t.clone(),
-                tenant: None,
-            })
-            .await?;
-        admin
-            .bind_terminal(
-                &t,
-                &BindTerminal {
-                    vm: name,
-                    policy: SharePolicy::Exclusive,
-                },
-            )
-            .await?;
+        let made = terminal_on(admin, &format!("kbd-t{i}"), &name, SharePolicy::Exclusive).await?;
         creds.push(TerminalCredentials::new(&made, url));
     }
     let key = QCode::from_name("a").context("qcode a")?;

@@ -27,7 +27,9 @@ use anyhow::{bail, Context};
 use client::session::TerminalSession;
 use client::terminal::TerminalCredentials;
 use model::api::{CreateImage, CreateToken, CreateVm};
-use model::terminals::{BindTerminal, CreateTerminal, OperationOutcome, SessionReply, SharePolicy};
+use model::terminals::{
+    BindTerminal, CreateTerminal, CreatedTerminal, OperationOutcome, SessionReply, SharePolicy,
+};
 use model::{ObservedState, Role};
 use serde::Serialize;
 
@@ -251,22 +253,8 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
     }
     let mut creds = Vec::new();
     for i in 0..args.terminals {
-        let name = format!("t{i}");
-        let made = admin
-            .create_terminal(&CreateTerminal {
-                name: name.clone(),
-                tenant: None,
-            })
-            .await?;
-        admin
-            .bind_terminal(
-                &name,
-                &BindTerminal {
-                    vm: format!("vm{}", i % args.vms),
-                    policy: SharePolicy::Shared,
-                },
-            )
-            .await?;
+        let vm = format!("vm{}", i % args.vms);
+        let made = terminal_on(&admin, &format!("t{i}"), &vm, SharePolicy::Shared).await?;
         creds.push(TerminalCredentials::new(&made, &url));
     }
 
@@ -337,6 +325,31 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
     })
 }
 
+/// A new terminal `name` bound to `vm`.
+pub(super) async fn terminal_on(
+    admin: &client::Client,
+    name: &str,
+    vm: &str,
+    policy: SharePolicy,
+) -> anyhow::Result<CreatedTerminal> {
+    let made = admin
+        .create_terminal(&CreateTerminal {
+            name: name.into(),
+            tenant: None,
+        })
+        .await?;
+    admin
+        .bind_terminal(
+            name,
+            &BindTerminal {
+                vm: vm.into(),
+                policy,
+            },
+        )
+        .await?;
+    Ok(made)
+}
+
 /// How a terminal types [`SCRIPT`].
 #[derive(Clone, Copy, PartialEq)]
 enum Typing {
@@ -396,21 +409,7 @@ impl Typing {
 async fn vinfra_wire(admin: &client::Client, url: &str, how: Typing) -> anyhow::Result<WireRow> {
     let name = format!("wire-{}", how.name().replace('_', "-"));
     let name = name.as_str();
-    let made = admin
-        .create_terminal(&CreateTerminal {
-            name: name.into(),
-            tenant: None,
-        })
-        .await?;
-    admin
-        .bind_terminal(
-            name,
-            &BindTerminal {
-                vm: "vm0".into(),
-                policy: SharePolicy::Shared,
-            },
-        )
-        .await?;
+    let made = terminal_on(admin, name, "vm0", SharePolicy::Shared).await?;
     let server: std::net::SocketAddr = url
         .trim_start_matches("http://")
         .parse()
