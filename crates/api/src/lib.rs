@@ -566,7 +566,11 @@ pub async fn serve(config: ServerConfig, store: Arc<dyn Store>) -> Result<Server
     );
     if let Some(period) = config.slice_sample_period {
         tokio::spawn(sample_slices_every(state.clone(), driver.leading(), period));
-        tokio::spawn(publish_slice_cpu_every(state.clone(), period));
+        tokio::spawn(publish_slice_cpu_every(
+            state.clone(),
+            driver.leading(),
+            period,
+        ));
     }
     let switch_server = async move {
         if let Some((l, ctrl)) = switches {
@@ -716,12 +720,24 @@ async fn cluster_counters(state: &AppState, period: Duration) -> control::slices
 }
 
 /// Publishes the CPU times this server's agents report every `period`, leader or
-/// not, for the leader's sampler.
-async fn publish_slice_cpu_every(state: AppState, period: Duration) {
+/// not, for the leader's sampler; stops with the operation driver (`leading` closes).
+async fn publish_slice_cpu_every(
+    state: AppState,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+    period: Duration,
+) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = leading.changed() => {
+                if r.is_err() {
+                    return; // the driver stopped
+                }
+                continue;
+            }
+        }
         let cpu = state.slice_cpu_ms();
         if let Err(e) = state
             .control()
