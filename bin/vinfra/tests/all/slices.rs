@@ -251,7 +251,7 @@ async fn three_nsis_on_ns_instances_of_real_vms_associations_follow_measured_tra
     // (NSI, NS, load level, the load: interval s and payload bytes). A tick a second
     // keeps six TCG guests' disk checks cheap; the load is a ping stream of its own.
     let nsis = [
-        ("s1", "ns1", "heavy", "0.01,1400"),
+        ("s1", "ns1", "heavy", "0.005,1400"),
         ("s2", "ns2", "light", "0.2,56"),
         ("s3", "ns3", "medium", "0.05,500"),
     ];
@@ -325,7 +325,7 @@ async fn three_nsis_on_ns_instances_of_real_vms_associations_follow_measured_tra
                 "--provider",
                 "site-a",
                 "--capacity-mbps",
-                "4",
+                "1",
                 "--ns",
                 ns,
             ],
@@ -374,10 +374,10 @@ async fn three_nsis_on_ns_instances_of_real_vms_associations_follow_measured_tra
     .unwrap_or_else(|_| panic!("loads not measured: {}\n{}\n{}", list(), s.log(), logs()));
     let l = list();
     eprintln!("NSIs after the loads: {l}");
-    // s1 carries 2 × 1442 B × 100/s ≈ 2.3 Mbit/s at most (a TCG guest's ping keeps a
+    // s1 carries 2 × 1442 B × 200/s ≈ 4.6 Mbit/s at most (a TCG guest's ping keeps a
     // slower pace): measured from frames, not from the guests' settings.
     let m1 = nsi_field(&l, "s1", "measured_mbps").unwrap();
-    assert!(m1 > 0.1 && m1 < 3.0, "s1 measured {m1} Mbit/s: {l}");
+    assert!(m1 > 0.1 && m1 < 6.0, "s1 measured {m1} Mbit/s: {l}");
     // Real guests have CPU time of their own, which the agent reports; their vCPUs
     // (one per VM) are the NSI's CPU capacity, and its CPU is forecast and allocated
     // beside its traffic.
@@ -389,9 +389,11 @@ async fn three_nsis_on_ns_instances_of_real_vms_associations_follow_measured_tra
         assert!(fc > 0.0, "{n} forecast {fc} cores: {l}");
         assert!(nsi_field(&l, n, "allocated_cores").is_some(), "{n}: {l}");
     }
-    // Each new association goes to the least utilized NSI as the candidates stood
-    // (forecast traffic over 4 Mbit/s, or forecast cores over 2 vCPUs, whichever is
-    // higher) — never s1, whose traffic alone is the highest utilization of all.
+    // Each new association goes to the least utilized NSI with room as the candidates
+    // stood (forecast traffic over 1 Mbit/s, or forecast cores over 2 vCPUs, whichever
+    // is higher) — never s1, whose traffic alone (a ping stream of 1,400 B every 5 ms,
+    // a good part of its 1 Mbit/s even when a loaded host slows the guest) makes it the
+    // most utilized, when not full.
     for ue in ["ue-1", "ue-2", "ue-3"] {
         let a = json(&s, &["slice", "associate", "embb", ue]);
         let cands = a["candidates"].as_array().expect("candidates");
@@ -404,6 +406,7 @@ async fn three_nsis_on_ns_instances_of_real_vms_associations_follow_measured_tra
         };
         let least = ["s1", "s2", "s3"]
             .into_iter()
+            .filter(|n| u(n) < 1.0)
             .min_by(|x, y| u(x).total_cmp(&u(y)).then_with(|| x.cmp(y)))
             .unwrap();
         assert_eq!(a["nsi_name"], least, "{ue}: {a}\n{l}");
