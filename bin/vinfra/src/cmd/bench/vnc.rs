@@ -14,7 +14,7 @@
 //! (`GUEST: TYPED …`), or the run fails: the bytes are those of a session that worked.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -182,8 +182,15 @@ pub async fn typing_session(
             python.display()
         );
     }
-    let websockify = which("websockify")
-        .context("websockify not found: run scripts/setup.sh (Debian package websockify)")?;
+    if Command::new("websockify")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        bail!("websockify not found: run scripts/setup.sh (Debian package websockify)");
+    }
     let image = tokio::task::spawn_blocking(|| {
         compute::ensure_default_image(&compute::default_cache_dir(), |_| {})
     })
@@ -233,7 +240,7 @@ pub async fn typing_session(
     }
     let ws: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let _websockify = Killed(
-        Command::new(websockify)
+        Command::new("websockify")
             .arg(ws.to_string())
             .arg(vnc.to_string())
             .stdin(Stdio::null())
@@ -283,12 +290,4 @@ pub async fn typing_session(
     }
     drop(qemu);
     Ok(bytes)
-}
-
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(bin))
-        .find(|p| p.is_file())
 }
