@@ -22,14 +22,12 @@ use client::session::TerminalSession;
 use client::terminal::TerminalCredentials;
 use compute::qemu::qtest::{write_halting_firmware, Qtest};
 use compute::qemu::{files, ps2};
-use model::api::CreateVm;
 use model::terminal_ops::QCode;
 use model::terminals::{OperationOutcome, SessionReply, SharePolicy};
-use model::ObservedState;
 use serde::Serialize;
 
 use super::control::quantile;
-use super::terminal::{spawn_agent, terminal_on, wait_until};
+use super::terminal::{host_up, running_vm, spawn_agent, terminal_on, wait_until};
 
 /// The keyboard-controller row.
 #[derive(Debug, Clone, Serialize)]
@@ -117,34 +115,12 @@ async fn run(
     rate: u32,
     secs: u64,
 ) -> anyhow::Result<KbdRow> {
-    wait_until("the qtest host is up", || async {
-        admin
-            .get_host("bench-q")
-            .await
-            .is_ok_and(|h| h.state == model::HostState::Up)
-    })
-    .await?;
+    host_up(admin, "bench-q").await?;
     let mut controllers = Vec::new();
     let mut creds = Vec::new();
     for i in 0..vms {
         let name = format!("kbd{i}");
-        let vm = admin
-            .create_vm(&CreateVm {
-                name: name.clone(),
-                host: Some("bench-q".into()),
-                memory_mib: 64,
-                vcpus: 1,
-                image: "bench".into(),
-                ..CreateVm::default()
-            })
-            .await?;
-        wait_until(&format!("{name} running"), || async {
-            admin
-                .get_vm(&name)
-                .await
-                .is_ok_and(|v| v.observed == ObservedState::Running)
-        })
-        .await?;
+        let vm = running_vm(admin, &name, "bench-q").await?;
         let short: String = vm.id.0.simple().to_string().chars().take(12).collect();
         let sock = host_dir.join("vms").join(short).join(files::QTEST);
         let q = Qtest::connect(&sock, Duration::from_secs(30))

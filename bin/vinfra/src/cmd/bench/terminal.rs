@@ -220,36 +220,11 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
         &dir.join("origin"),
         driver,
     );
-    wait_until("the host is up", || async {
-        admin
-            .get_host("bench-a")
-            .await
-            .is_ok_and(|h| h.state == model::HostState::Up)
-    })
-    .await?;
+    host_up(&admin, "bench-a").await?;
 
     eprintln!("[setup] {} VMs, {} terminals", args.vms, args.terminals);
     for i in 0..args.vms {
-        admin
-            .create_vm(&CreateVm {
-                name: format!("vm{i}"),
-                host: Some("bench-a".into()),
-                memory_mib: 64,
-                vcpus: 1,
-                image: "bench".into(),
-                ..CreateVm::default()
-            })
-            .await?;
-    }
-    for i in 0..args.vms {
-        let name = format!("vm{i}");
-        wait_until(&format!("{name} running"), || async {
-            admin
-                .get_vm(&name)
-                .await
-                .is_ok_and(|v| v.observed == ObservedState::Running)
-        })
-        .await?;
+        running_vm(&admin, &format!("vm{i}"), "bench-a").await?;
     }
     let mut creds = Vec::new();
     for i in 0..args.terminals {
@@ -323,6 +298,43 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
         wire,
         keyboard,
     })
+}
+
+/// Waits until `host` is registered and up.
+pub(super) async fn host_up(admin: &client::Client, host: &str) -> anyhow::Result<()> {
+    wait_until(&format!("host {host} up"), || async {
+        admin
+            .get_host(host)
+            .await
+            .is_ok_and(|h| h.state == model::HostState::Up)
+    })
+    .await
+}
+
+/// Creates VM `name` on `host` (64 MiB, the bench's image) and waits until it runs.
+pub(super) async fn running_vm(
+    admin: &client::Client,
+    name: &str,
+    host: &str,
+) -> anyhow::Result<model::Vm> {
+    let vm = admin
+        .create_vm(&CreateVm {
+            name: name.into(),
+            host: Some(host.into()),
+            memory_mib: 64,
+            vcpus: 1,
+            image: "bench".into(),
+            ..CreateVm::default()
+        })
+        .await?;
+    wait_until(&format!("{name} running"), || async {
+        admin
+            .get_vm(name)
+            .await
+            .is_ok_and(|v| v.observed == ObservedState::Running)
+    })
+    .await?;
+    Ok(vm)
 }
 
 /// A new terminal `name` bound to `vm`.
