@@ -75,6 +75,19 @@ else
   $SUDO apt-get install -y -qq --no-install-recommends websockify >/dev/null
 fi
 
+# The classifier attaches at the kernel's tcx hooks (docs/TRAFFIC.md), which bpftool knows
+# from 7.4; bookworm has 7.1, bookworm-backports 7.5 (without it vinfra falls back to a
+# clsact qdisc, slower per frame).
+if ! bpftool net help 2>&1 | grep -q tcx_ingress; then
+  if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports bpftool >/dev/null
+    echo "setup: $(bpftool version | head -1) (bookworm-backports, for tcx)"
+  else
+    echo "setup: bpftool without tcx and no bookworm-backports: the classifier uses clsact" >&2
+  fi
+fi
+
 # ... driven by the vncdotool VNC client library (PyPI), in its own venv so that the
 # system's Python stays as Debian made it.
 VNC_VENV=/var/cache/vinfra/vnc-venv

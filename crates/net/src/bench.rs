@@ -2,9 +2,10 @@
 //! in-memory frame stream, and on veth ports of three datapaths side by side: the Linux bridge
 //! alone (`linux-bridge`, the baseline), the bridge with vinfra's BPF classifier on both ports
 //! attached as on VM taps (`vinfra`), and the old user-space switch (`userspace`). Rounds of
-//! the bridge and the classified path alternate, five rounds each, and each row is its path's
-//! median round, so neither a burst of other load nor one lucky round decides the
-//! comparison. The sender and the receiver are pinned to different cores (on a machine with
+//! the bridge and the classified path alternate (which goes first alternates too), nine
+//! rounds each of half the configured time; each row is its path's median round, and the
+//! classified path's "vs bridge" is the median of its rounds' ratios to the adjacent bridge
+//! round, so neither a burst of other load nor one lucky round decides the comparison. The sender and the receiver are pinned to different cores (on a machine with
 //! two or more): the sender's core then does the forwarding of every round, in softirq, and
 //! rounds differ only in the path under test (unpinned, the two threads' moves between cores
 //! made the bridge alone vary by ±15% from run to run).
@@ -65,6 +66,10 @@ pub struct BenchRow {
     pub frames_per_cpu_s: Option<f64>,
     /// Kernel CPU time of the classifier per frame (ns; ingress + egress runs), `vinfra` rows.
     pub classify_ns_per_frame: Option<f64>,
+    /// Against the bridge: the median over rounds of this round's frames/s over the
+    /// adjacent bridge round's, with the interquartile range of those ratios — the noise
+    /// of the comparison (`vinfra` rows; others compare their frames/s).
+    pub vs_bridge: Option<Ratio>,
 }
 
 impl BenchRow {
@@ -88,8 +93,21 @@ impl BenchRow {
             "wall_s": self.wall.as_secs_f64(),
             "frames_per_cpu_s": self.frames_per_cpu_s.map(f64::round),
             "classify_ns_per_frame": self.classify_ns_per_frame.map(|v| (v * 10.0).round() / 10.0),
+            "vs_bridge": self.vs_bridge.map(|v| (v.p50 * 1e3).round() / 1e3),
+            "vs_bridge_iqr": self.vs_bridge.map(|v| [(v.p25 * 1e3).round() / 1e3, (v.p75 * 1e3).round() / 1e3]),
         })
     }
+}
+
+/// A median ratio and its interquartile range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Ratio {
+    /// 25th percentile.
+    pub p25: f64,
+    /// Median.
+    pub p50: f64,
+    /// 75th percentile.
+    pub p75: f64,
 }
 
 /// The benchmark's result.
@@ -103,7 +121,7 @@ impl fmt::Display for BenchTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "| path | frame | offered | forwarded | frames/s | vs bridge | drop | frames/s per core (CPU) | classify ns/frame |"
+            "| path | frame | offered | forwarded | frames/s | vs bridge (IQR) | drop | frames/s per core (CPU) | classify ns/frame |"
         )?;
         writeln!(
             f,
@@ -121,7 +139,10 @@ impl fmt::Display for BenchTable {
                 .filter(|b| b.frames_per_s > 0.0)
                 .map_or_else(
                     || "-".to_owned(),
-                    |b| format!("{:.2}x", r.frames_per_s / b.frames_per_s),
+                    |b| match r.vs_bridge {
+                        Some(v) => format!("{:.2}x ({:.2}–{:.2})", v.p50, v.p25, v.p75),
+                        None => format!("{:.2}x", r.frames_per_s / b.frames_per_s),
+                    },
                 );
             let ns = r
                 .classify_ns_per_frame
@@ -270,6 +291,7 @@ fn bench_memory(len: usize, duration: Duration) -> BenchRow {
         frames_per_s: n as f64 / wall.as_secs_f64(),
         frames_per_cpu_s: (!cpu.is_zero()).then(|| n as f64 / cpu.as_secs_f64()),
         classify_ns_per_frame: None,
+        vs_bridge: None,
     }
 }
 
@@ -348,17 +370,39 @@ fn row(path: &str, len: usize, (offered, got): (u64, u64), wall: Duration) -> Be
         frames_per_s: got as f64 / wall.as_secs_f64(),
         frames_per_cpu_s: None,
         classify_ns_per_frame: None,
+        vs_bridge: None,
     }
 }
 
-/// Rounds per compared path (the median is kept).
-const ROUNDS: usize = 5;
+/// Rounds per compared path (the median is kept), each the configured time over
+/// [`ROUND_DIVISOR`].
+const ROUNDS: usize = 25;
+const ROUND_DIVISOR: u32 = 10;
 
 /// The round with the median frames/s (`rounds` is never empty: [`ROUNDS`] > 0).
 fn median(mut rounds: Vec<BenchRow>) -> Option<BenchRow> {
     rounds.sort_by(|a, b| a.frames_per_s.total_cmp(&b.frames_per_s));
     let mid = rounds.len() / 2;
     rounds.into_iter().nth(mid)
+}
+
+/// The rounds' ratios `path[i] / bridge[i]` (median and quartiles): on this machine a
+/// round of the same path varies by ±15% with the hypervisor's other load, which moves two
+/// adjacent rounds together, so a paired ratio is steadier than the ratio of two medians.
+fn paired_ratio(path: &[BenchRow], bridge: &[BenchRow]) -> Option<Ratio> {
+    let mut r: Vec<f64> = path
+        .iter()
+        .zip(bridge)
+        .filter(|(_, b)| b.frames_per_s > 0.0)
+        .map(|(p, b)| p.frames_per_s / b.frames_per_s)
+        .collect();
+    r.sort_by(f64::total_cmp);
+    let at = |q: usize| r.get((r.len().saturating_sub(1)) * q / 4).copied();
+    Some(Ratio {
+        p25: at(1)?,
+        p50: at(2)?,
+        p75: at(3)?,
+    })
 }
 
 /// Turns kernel BPF run-time statistics on while alive, restoring the previous setting.
@@ -430,28 +474,45 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
     userspace.frames_per_cpu_s =
         (!st.cpu.is_zero()).then(|| counts.1 as f64 / st.cpu.as_secs_f64());
 
-    ip(&["-n", &w, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", &w, "link", "set", "dev", "ws", "master", "br0"])?;
-    ip(&["-n", &w, "link", "set", "dev", "wr", "master", "br0"])?;
-    ip(&["-n", &w, "link", "set", "dev", "br0", "up"])?;
-    // Both ports are "VM taps" of one host: the classifier counts at ingress of the sender's
-    // and egress of the receiver's, as on a host.
+    // Two identical bridged paths side by side, one with the classifier on both ports
+    // (as on a host's VM taps, where it counts at ingress of the sender's and egress of the
+    // receiver's) and one without, both set up once: rounds alternate between them with no
+    // reconfiguration in between, whose process spawns would otherwise weigh on the next
+    // round.
+    let (ms2, mr2) = (mac(3), mac(4));
+    lab.veth(&s, "eth1", &w, "ws2", Some(&ms2.to_string()))?;
+    lab.veth(&r, "eth1", &w, "wr2", Some(&mr2.to_string()))?;
+    let tx2 = RawPort::open(Some(&s), "eth1")?;
+    let rx2 = RawPort::open(Some(&r), "eth1")?;
+    let mut frame2 = build(mr2, ms2, 0x88b5, len);
+    frame2.truncate(len);
+    for (br, a, b) in [("br0", "ws", "wr"), ("br1", "ws2", "wr2")] {
+        ip(&["-n", &w, "link", "add", br, "type", "bridge"])?;
+        ip(&["-n", &w, "link", "set", "dev", a, "master", br])?;
+        ip(&["-n", &w, "link", "set", "dev", b, "master", br])?;
+        ip(&["-n", &w, "link", "set", "dev", br, "up"])?;
+    }
     let dp = crate::kernel::KernelDatapath::open(&format!("bench-{}", std::process::id()))?;
     let res = (|| {
         let mut addrs = std::collections::BTreeMap::new();
         addrs.insert(ms, crate::kernel::AddrLocation::Local);
         addrs.insert(mr, crate::kernel::AddrLocation::Local);
         dp.set_addresses(&addrs)?;
+        dp.attach(Some(&w), "ws", ms)?;
+        dp.attach(Some(&w), "wr", mr)?;
         let (mut bridge, mut classified) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            tc_quiet(&w, &["qdisc", "del", "dev", "ws", "clsact"]);
-            tc_quiet(&w, &["qdisc", "del", "dev", "wr", "clsact"]);
-            let c = pump(&tx, &rx, &frame, mr, duration);
-            bridge.push(row("linux-bridge", len, c, wall));
-            dp.attach(Some(&w), "ws", ms)?;
-            dp.attach(Some(&w), "wr", mr)?;
-            let c = pump(&tx, &rx, &frame, mr, duration);
-            classified.push(row("vinfra", len, c, wall));
+        let round = duration / ROUND_DIVISOR;
+        for i in 0..ROUNDS {
+            // Which path goes first alternates, so that neither gains from its place.
+            for classify in [i % 2 == 1, i % 2 == 0] {
+                if classify {
+                    let c = pump(&tx, &rx, &frame, mr, round);
+                    classified.push(row("vinfra", len, c, round));
+                } else {
+                    let c = pump(&tx2, &rx2, &frame2, mr2, round);
+                    bridge.push(row("linux-bridge", len, c, round));
+                }
+            }
         }
         // The classifier's own cost, from the kernel's BPF run-time statistics (off during
         // the throughput rounds: the timing itself costs a little).
@@ -461,9 +522,10 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
         let after = dp.run_stats()?;
         drop(stats);
         let ns = after.0.saturating_sub(before.0);
+        let vs_bridge = paired_ratio(&classified, &bridge);
         let mut rows: Vec<BenchRow> = median(bridge)
             .into_iter()
-            .chain(median(classified))
+            .chain(median(classified).map(|c| BenchRow { vs_bridge, ..c }))
             .collect();
         if got > 0 && ns > 0 {
             if let Some(c) = rows.last_mut() {
@@ -478,10 +540,59 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
     res
 }
 
-/// `tc -n NETNS ARGS`, whose failure (nothing to delete in the first round) is fine.
-fn tc_quiet(netns: &str, args: &[&str]) {
-    let _ = std::process::Command::new("tc")
-        .args(["-n", netns])
-        .args(args)
-        .output();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(fps: f64) -> BenchRow {
+        BenchRow {
+            frames_per_s: fps,
+            ..row("x", 64, (0, 0), Duration::from_secs(1))
+        }
+    }
+
+    #[test]
+    fn paired_ratio_is_the_median_of_round_ratios_with_quartiles() {
+        // The bridge drifts 2x over the rounds; the path is always 0.9 of its round.
+        let bridge: Vec<_> = [100.0, 200.0, 150.0, 120.0, 180.0].map(r).into();
+        let path: Vec<_> = [90.0, 180.0, 135.0, 108.0, 162.0].map(r).into();
+        let q = paired_ratio(&path, &bridge).expect("rounds");
+        assert!(
+            (q.p50 - 0.9).abs() < 1e-9 && (q.p25 - 0.9).abs() < 1e-9,
+            "{q:?}"
+        );
+        // A path twice as fast in one round moves the upper quartile only when it is a
+        // quarter of the rounds.
+        let path: Vec<_> = [90.0, 360.0, 135.0, 108.0, 162.0].map(r).into();
+        let q = paired_ratio(&path, &bridge).expect("rounds");
+        assert!(
+            (q.p50 - 0.9).abs() < 1e-9 && (q.p75 - 0.9).abs() < 1e-9,
+            "{q:?}"
+        );
+        // Rounds where the bridge forwarded nothing are left out; none left: no ratio.
+        assert!(paired_ratio(&[r(1.0)], &[r(0.0)]).is_none());
+        let t = BenchTable {
+            rows: vec![
+                r(100.0).with_path("linux-bridge"),
+                BenchRow {
+                    vs_bridge: Some(Ratio {
+                        p25: 0.9,
+                        p50: 0.95,
+                        p75: 1.0,
+                    }),
+                    ..r(90.0).with_path("vinfra")
+                },
+            ],
+        };
+        assert!(t.to_string().contains("| 0.95x (0.90–1.00) |"), "{t}");
+    }
+
+    impl BenchRow {
+        fn with_path(self, p: &str) -> BenchRow {
+            BenchRow {
+                path: p.into(),
+                ..self
+            }
+        }
+    }
 }

@@ -465,3 +465,91 @@ fn vxlan_uplinks_between_machines_count_once_per_domain() {
     drop((h1, h2, h3));
     let _ = &lab.rt;
 }
+
+/// `bpftool -j net show dev IF` in `ns`: the (kind, program name) of every tc program.
+fn hooks(ns: &str, dev: &str) -> Vec<(String, String)> {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "bpftool", "-j", "net", "show", "dev", dev,
+        ])
+        .output()
+        .expect("run bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    v[0]["tc"]
+        .as_array()
+        .expect("tc list")
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+            (s("kind"), s("name"))
+        })
+        .collect()
+}
+
+#[test]
+fn attach_is_idempotent_at_tcx_and_takes_over_from_stale_and_clsact_programs() {
+    let tag = format!("{}", std::process::id());
+    let mut lab = NetnsLab::new();
+    let (m, v) = (format!("vka{tag}m"), format!("vka{tag}v"));
+    lab.add(&m).expect("machine namespace");
+    lab.add(&v).expect("vm namespace");
+    lab.veth(&v, "eth0", &m, "tapx", None).expect("veth");
+    let old = KernelDatapath::open(&format!("test-{tag}-old")).expect("load the classifier");
+    let new = KernelDatapath::open(&format!("test-{tag}-new")).expect("load the classifier");
+    let both = [
+        ("tcx/ingress".to_owned(), "vinfra_ingress".to_owned()),
+        ("tcx/egress".to_owned(), "vinfra_egress".to_owned()),
+    ];
+    // A NIC an older vinfra classified at a clsact qdisc, and a stale instance at tcx.
+    let p = format!("{}/progs/vinfra_ingress", old.dir().display());
+    for args in [
+        vec!["-n", &m, "qdisc", "add", "dev", "tapx", "clsact"],
+        vec![
+            "-n",
+            &m,
+            "filter",
+            "add",
+            "dev",
+            "tapx",
+            "ingress",
+            "bpf",
+            "direct-action",
+            "object-pinned",
+            &p,
+        ],
+    ] {
+        let out = Command::new("tc").args(&args).output().expect("run tc");
+        assert!(out.status.success(), "tc {args:?}: {out:?}");
+    }
+    old.attach(Some(&m), "tapx", mac(9)).expect("attach old");
+    assert_eq!(hooks(&m, "tapx"), both, "tcx only, the clsact filter gone");
+    // The new instance replaces the stale one's programs; attaching again changes nothing.
+    for _ in 0..2 {
+        new.attach(Some(&m), "tapx", mac(9)).expect("attach new");
+        assert_eq!(hooks(&m, "tapx"), both);
+    }
+    let ids = |dp: &KernelDatapath| {
+        let out = Command::new("bpftool")
+            .args(["-j", "prog", "show", "pinned"])
+            .arg(dp.dir().join("progs/vinfra_ingress"))
+            .output()
+            .expect("run bpftool");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["id"].as_u64().expect("id")
+    };
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &m, "bpftool", "-j", "net", "show", "dev", "tapx",
+        ])
+        .output()
+        .expect("run bpftool");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(shown[0]["tc"][0]["prog_id"].as_u64(), Some(ids(&new)));
+    let ifindex = net::kernel::ifindex(Some(&m), "tapx").expect("ifindex");
+    new.detach(Some(&m), "tapx", ifindex).expect("detach");
+    assert!(hooks(&m, "tapx").is_empty());
+    new.detach(Some(&m), "tapx", ifindex).expect("detach twice");
+    drop(lab);
+    let _ = old.remove();
+    let _ = new.remove();
+}
