@@ -181,7 +181,8 @@ pub enum BenchCmd {
     /// at 64 B and 1500 B, with the classifier's CPU cost per frame; plus the user-space
     /// switch's core in memory.
     Vswitch {
-        /// Seconds per row.
+        /// Seconds per row; the bridge and the classified path alternate in 25 rounds of a
+        /// tenth of it each.
         #[arg(long, default_value_t = 2)]
         secs: u64,
         /// Print the rows as JSON (`path`, `frame_bytes`, `frames_per_s`, `drop_ratio`, ...).
