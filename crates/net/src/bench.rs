@@ -1,14 +1,16 @@
 //! `vinfra bench vswitch`: classification + forwarding throughput of [`SwitchCore`] on an
-//! in-memory frame stream, and on veth ports of three datapaths side by side: the Linux bridge
+//! in-memory frame stream, and on veth ports of four datapaths side by side: the Linux bridge
 //! alone (`linux-bridge`, the baseline), the bridge with vinfra's BPF classifier on both ports
-//! attached as on VM taps (`vinfra`), and the old user-space switch (`userspace`). Rounds of
-//! the bridge and the classified path alternate (which goes first alternates too), nine
-//! rounds each of half the configured time; each row is its path's median round, and the
-//! classified path's "vs bridge" is the median of its rounds' ratios to the adjacent bridge
-//! round, so neither a burst of other load nor one lucky round decides the comparison. The sender and the receiver are pinned to different cores (on a machine with
-//! two or more): the sender's core then does the forwarding of every round, in softirq, and
-//! rounds differ only in the path under test (unpinned, the two threads' moves between cores
-//! made the bridge alone vary by ±15% from run to run).
+//! attached as on VM taps (`vinfra`; at the kernel's tcx hooks), the same with the classifier
+//! as clsact filters (`vinfra-clsact`, the fallback where tcx is missing), and the old
+//! user-space switch (`userspace`). Rounds of the bridge and the classified paths take turns
+//! (the order rotating), 25 rounds each of a tenth of the configured time; each row is its
+//! path's median round, and a classified path's "vs bridge" is the median of its rounds'
+//! ratios to the bridge round of the same turn, so neither a burst of other load nor one lucky
+//! round decides the comparison. The sender and the receiver are pinned to different cores
+//! (on a machine with two or more): the sender's core then does the forwarding of every round,
+//! in softirq, and rounds differ only in the path under test (unpinned, the two threads' moves
+//! between cores made the bridge alone vary by ±15% from run to run).
 //!
 //! In-memory rows run on one thread, so frames per CPU-second is frames per second per core.
 //! Veth rows need root: they build throwaway namespaces `vb<pid>{s,w,r}` (sender, switch,
@@ -474,46 +476,65 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
     userspace.frames_per_cpu_s =
         (!st.cpu.is_zero()).then(|| counts.1 as f64 / st.cpu.as_secs_f64());
 
-    // Two identical bridged paths side by side, one with the classifier on both ports
-    // (as on a host's VM taps, where it counts at ingress of the sender's and egress of the
-    // receiver's) and one without, both set up once: rounds alternate between them with no
+    // Three identical bridged paths side by side: one with the classifier on both ports at
+    // the kernel's tcx hooks (as on a host's VM taps, where it counts at ingress of the
+    // sender's and egress of the receiver's), one with it as clsact filters (the fallback
+    // where tcx is missing) and one without, all set up once: rounds go round them with no
     // reconfiguration in between, whose process spawns would otherwise weigh on the next
     // round.
-    let (ms2, mr2) = (mac(3), mac(4));
-    lab.veth(&s, "eth1", &w, "ws2", Some(&ms2.to_string()))?;
-    lab.veth(&r, "eth1", &w, "wr2", Some(&mr2.to_string()))?;
-    let tx2 = RawPort::open(Some(&s), "eth1")?;
-    let rx2 = RawPort::open(Some(&r), "eth1")?;
-    let mut frame2 = build(mr2, ms2, 0x88b5, len);
-    frame2.truncate(len);
-    for (br, a, b) in [("br0", "ws", "wr"), ("br1", "ws2", "wr2")] {
+    let paths = [
+        (ms, mr, "eth0", "ws", "wr", "br0"),
+        (mac(3), mac(4), "eth1", "ws1", "wr1", "br1"),
+        (mac(5), mac(6), "eth2", "ws2", "wr2", "br2"),
+    ];
+    let mut ports = Vec::new();
+    for (i, &(a, b, eth, ws, wr, br)) in paths.iter().enumerate() {
+        if i > 0 {
+            lab.veth(&s, eth, &w, ws, Some(&a.to_string()))?;
+            lab.veth(&r, eth, &w, wr, Some(&b.to_string()))?;
+        }
         ip(&["-n", &w, "link", "add", br, "type", "bridge"])?;
-        ip(&["-n", &w, "link", "set", "dev", a, "master", br])?;
-        ip(&["-n", &w, "link", "set", "dev", b, "master", br])?;
+        ip(&["-n", &w, "link", "set", "dev", ws, "master", br])?;
+        ip(&["-n", &w, "link", "set", "dev", wr, "master", br])?;
         ip(&["-n", &w, "link", "set", "dev", br, "up"])?;
+        let (tx, rx) = if i == 0 {
+            (None, None)
+        } else {
+            (
+                Some(RawPort::open(Some(&s), eth)?),
+                Some(RawPort::open(Some(&r), eth)?),
+            )
+        };
+        let mut f = build(b, a, 0x88b5, len);
+        f.truncate(len);
+        ports.push((tx, rx, f, b));
     }
     let dp = crate::kernel::KernelDatapath::open(&format!("bench-{}", std::process::id()))?;
     let res = (|| {
         let mut addrs = std::collections::BTreeMap::new();
-        addrs.insert(ms, crate::kernel::AddrLocation::Local);
-        addrs.insert(mr, crate::kernel::AddrLocation::Local);
+        for &(a, b, ..) in &paths[..2] {
+            addrs.insert(a, crate::kernel::AddrLocation::Local);
+            addrs.insert(b, crate::kernel::AddrLocation::Local);
+        }
         dp.set_addresses(&addrs)?;
-        dp.attach(Some(&w), "ws", ms)?;
-        dp.attach(Some(&w), "wr", mr)?;
-        let (mut bridge, mut classified) = (Vec::new(), Vec::new());
+        dp.attach(Some(&w), "ws", paths[0].0)?;
+        dp.attach(Some(&w), "wr", paths[0].1)?;
+        dp.attach_clsact(Some(&w), "ws1", paths[1].0)?;
+        dp.attach_clsact(Some(&w), "wr1", paths[1].1)?;
+        let names = ["vinfra", "vinfra-clsact", "linux-bridge"];
+        let mut rounds: [Vec<BenchRow>; 3] = Default::default();
         let round = duration / ROUND_DIVISOR;
         for i in 0..ROUNDS {
-            // Which path goes first alternates, so that neither gains from its place.
-            for classify in [i % 2 == 1, i % 2 == 0] {
-                if classify {
-                    let c = pump(&tx, &rx, &frame, mr, round);
-                    classified.push(row("vinfra", len, c, round));
-                } else {
-                    let c = pump(&tx2, &rx2, &frame2, mr2, round);
-                    bridge.push(row("linux-bridge", len, c, round));
-                }
+            // The order rotates, so that no path gains from its place.
+            for k in 0..3 {
+                let p = (i + k) % 3;
+                let (tx_p, rx_p, f, dst) = &ports[p];
+                let (tx_p, rx_p) = (tx_p.as_ref().unwrap_or(&tx), rx_p.as_ref().unwrap_or(&rx));
+                let c = pump(tx_p, rx_p, f, *dst, round);
+                rounds[p].push(row(names[p], len, c, round));
             }
         }
+        let [classified, clsact, bridge] = rounds;
         // The classifier's own cost, from the kernel's BPF run-time statistics (off during
         // the throughput rounds: the timing itself costs a little).
         let stats = BpfStats::on();
@@ -523,15 +544,20 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
         drop(stats);
         let ns = after.0.saturating_sub(before.0);
         let vs_bridge = paired_ratio(&classified, &bridge);
+        let clsact_vs_bridge = paired_ratio(&clsact, &bridge);
+        let classify_ns_per_frame = (got > 0 && ns > 0).then(|| ns as f64 / got as f64);
         let mut rows: Vec<BenchRow> = median(bridge)
             .into_iter()
-            .chain(median(classified).map(|c| BenchRow { vs_bridge, ..c }))
+            .chain(median(classified).map(|c| BenchRow {
+                vs_bridge,
+                classify_ns_per_frame,
+                ..c
+            }))
+            .chain(median(clsact).map(|c| BenchRow {
+                vs_bridge: clsact_vs_bridge,
+                ..c
+            }))
             .collect();
-        if got > 0 && ns > 0 {
-            if let Some(c) = rows.last_mut() {
-                c.classify_ns_per_frame = Some(ns as f64 / got as f64);
-            }
-        }
         rows.push(userspace);
         Ok::<_, BenchError>(rows)
     })();

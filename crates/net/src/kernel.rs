@@ -576,7 +576,7 @@ impl KernelDatapath {
                 for hook in Hook::ALL {
                     let _ = self.detach_tcx(netns, ifname, hook);
                 }
-                self.attach_clsact(netns, ifname)?;
+                self.clsact_filters(netns, ifname)?;
             }
         }
         Ok(ifindex)
@@ -623,7 +623,22 @@ impl KernelDatapath {
         }
     }
 
-    fn attach_clsact(&self, netns: Option<&str>, ifname: &str) -> Result<(), KernelError> {
+    /// [`KernelDatapath::attach`] the way it falls back to where tcx is missing: the
+    /// programs as `cls_bpf` filters of a clsact qdisc. Public so that the benchmark
+    /// compares both ways and the tests run this one on a kernel with tcx.
+    pub fn attach_clsact(
+        &self,
+        netns: Option<&str>,
+        ifname: &str,
+        mac: MacAddr,
+    ) -> Result<u32, KernelError> {
+        let ifindex = ifindex(netns, ifname)?;
+        self.update("ports", &ifindex.to_le_bytes(), &mac_key(mac))?;
+        self.clsact_filters(netns, ifname)?;
+        Ok(ifindex)
+    }
+
+    fn clsact_filters(&self, netns: Option<&str>, ifname: &str) -> Result<(), KernelError> {
         run(
             "tc",
             &in_ns(netns, &["qdisc", "replace", "dev", ifname, "clsact"]),

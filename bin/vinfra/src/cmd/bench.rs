@@ -177,12 +177,12 @@ pub enum BenchCmd {
     /// Needs Linux ≥ 5.19 (userfaultfd write-protect on shared memory).
     Shm(shm::ShmArgs),
     /// Frames/s and drops on veth ports of the Linux bridge alone, the bridge with vinfra's
-    /// BPF classifier (the datapath VM taps use) and the old user-space switch, side by side
-    /// at 64 B and 1500 B, with the classifier's CPU cost per frame; plus the user-space
-    /// switch's core in memory.
+    /// BPF classifier (the datapath VM taps use; also as clsact filters, its fallback) and the
+    /// old user-space switch, side by side at 64 B and 1500 B, with the classifier's CPU cost
+    /// per frame; plus the user-space switch's core in memory.
     Vswitch {
-        /// Seconds per row; the bridge and the classified path alternate in 25 rounds of a
-        /// tenth of it each.
+        /// Seconds per row; the bridge and the classified paths take turns in 25 rounds of
+        /// a tenth of it each.
         #[arg(long, default_value_t = 2)]
         secs: u64,
         /// Print the rows as JSON (`path`, `frame_bytes`, `frames_per_s`, `drop_ratio`, ...).

@@ -397,9 +397,11 @@ fn bench_runs_every_row() {
             ("memory/vswitch", 1500),
             ("linux-bridge", 64),
             ("vinfra", 64),
+            ("vinfra-clsact", 64),
             ("userspace", 64),
             ("linux-bridge", 1500),
             ("vinfra", 1500),
+            ("vinfra-clsact", 1500),
             ("userspace", 1500),
         ]
     );
@@ -414,5 +416,10 @@ fn bench_runs_every_row() {
     // The kernel measured the classifier's own cost on the classified rows.
     for r in t.rows.iter().filter(|r| r.path == "vinfra") {
         assert!(r.classify_ns_per_frame.is_some_and(|ns| ns > 0.0), "{r:?}");
+    }
+    // Both classified paths are compared with the bridge round by round.
+    for r in t.rows.iter().filter(|r| r.path.starts_with("vinfra")) {
+        let q = r.vs_bridge.expect("paired ratio");
+        assert!(q.p25 <= q.p50 && q.p50 <= q.p75 && q.p25 > 0.0, "{r:?}");
     }
 }
