@@ -553,3 +553,65 @@ fn attach_is_idempotent_at_tcx_and_takes_over_from_stale_and_clsact_programs() {
     let _ = old.remove();
     let _ = new.remove();
 }
+
+#[test]
+fn both_ways_of_attaching_count_every_frame_once() {
+    let tag = format!("{}", std::process::id());
+    let mut lab = NetnsLab::new();
+    let m = format!("vkw{tag}m");
+    lab.add(&m).expect("machine namespace");
+    let (src, dst) = (mac(21), mac(22));
+    for (i, clsact) in [false, true].into_iter().enumerate() {
+        let v = format!("vkw{tag}v{i}");
+        lab.add(&v).expect("vm namespace");
+        let tap = format!("tapw{i}");
+        lab.veth(&v, "eth0", &m, &tap, Some(&src.to_string()))
+            .expect("veth");
+        let dp = KernelDatapath::open(&format!("test-{tag}-ways{i}")).expect("load the classifier");
+        let mut addrs = BTreeMap::new();
+        addrs.insert(src, net::kernel::AddrLocation::Local);
+        addrs.insert(dst, net::kernel::AddrLocation::Local);
+        dp.set_addresses(&addrs).expect("addresses");
+        if clsact {
+            dp.attach_clsact(Some(&m), &tap, src)
+                .expect("attach clsact");
+        } else {
+            dp.attach(Some(&m), &tap, src).expect("attach tcx");
+        }
+        // Frames the VM sends reach the classifier at its tap's ingress (and go nowhere:
+        // the tap is on no bridge).
+        let port = net::rawsock::RawPort::open(Some(&v), "eth0").expect("packet socket");
+        let frame = net::frame::build(dst, src, 0x88b5, 100);
+        for _ in 0..37 {
+            port.send(&frame).expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let counted = loop {
+            let c = dp.read().expect("read counters");
+            let n = c.counters.classes[0].packets;
+            if n >= 37 || Instant::now() > deadline {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let how = if clsact { "clsact" } else { "tcx" };
+        assert_eq!(
+            counted.counters.classes[0].packets, 37,
+            "{how}: {counted:?}"
+        );
+        assert_eq!(counted.counters.classes[0].bytes, 37 * 100, "{how}");
+        let f = counted
+            .flows
+            .iter()
+            .find(|f| f.src == src && f.dst == dst)
+            .expect("the pair");
+        assert_eq!(
+            (f.class, f.counter.packets),
+            (TrafficClass::IntraServer, 37),
+            "{how}"
+        );
+        drop(port);
+        let _ = dp.remove();
+    }
+    drop(lab);
+}
