@@ -544,17 +544,16 @@ impl KernelDatapath {
     ///
     /// At the kernel's tcx hooks (Linux ≥ 6.6, bpftool ≥ 7.4): a frame then pays for the
     /// program alone. A clsact qdisc with cls_bpf filters, the older way, also makes every
-    /// frame of the NIC go through the qdisc layer, which `vinfra bench vswitch` measured
-    /// at 10% of the bridge's rate; it stays as the fallback where tcx is missing.
+    /// frame of the NIC go through the qdisc layer (`vinfra bench vswitch`'s
+    /// `vinfra-clsact` row: 2–6% of the bridge's rate behind tcx); it stays as the fallback
+    /// where tcx is missing.
     pub fn attach(
         &self,
         netns: Option<&str>,
         ifname: &str,
         mac: MacAddr,
     ) -> Result<u32, KernelError> {
-        let ifindex = ifindex(netns, ifname)?;
-        // The MAC first: the egress program counts nothing for a NIC it does not know.
-        self.update("ports", &ifindex.to_le_bytes(), &mac_key(mac))?;
+        let ifindex = self.record_nic(netns, ifname, mac)?;
         let tcx = (|| {
             for hook in Hook::ALL {
                 self.attach_tcx(netns, ifname, hook)?;
@@ -632,9 +631,21 @@ impl KernelDatapath {
         ifname: &str,
         mac: MacAddr,
     ) -> Result<u32, KernelError> {
+        let ifindex = self.record_nic(netns, ifname, mac)?;
+        self.clsact_filters(netns, ifname)?;
+        Ok(ifindex)
+    }
+
+    /// Records `ifname`'s VM MAC before any program runs there: the egress program counts
+    /// nothing for a NIC it does not know.
+    fn record_nic(
+        &self,
+        netns: Option<&str>,
+        ifname: &str,
+        mac: MacAddr,
+    ) -> Result<u32, KernelError> {
         let ifindex = ifindex(netns, ifname)?;
         self.update("ports", &ifindex.to_le_bytes(), &mac_key(mac))?;
-        self.clsact_filters(netns, ifname)?;
         Ok(ifindex)
     }
 
