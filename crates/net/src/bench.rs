@@ -68,9 +68,9 @@ pub struct BenchRow {
     pub frames_per_cpu_s: Option<f64>,
     /// Kernel CPU time of the classifier per frame (ns; ingress + egress runs), `vinfra` rows.
     pub classify_ns_per_frame: Option<f64>,
-    /// Against the bridge: the median over rounds of this round's frames/s over the
-    /// adjacent bridge round's, with the interquartile range of those ratios — the noise
-    /// of the comparison (`vinfra` rows; others compare their frames/s).
+    /// Against the bridge: the median over rounds of this path's frames/s over the bridge
+    /// round's of the same turn, with the interquartile range of those ratios — the noise
+    /// of the comparison (the classified paths' rows; others compare their frames/s).
     pub vs_bridge: Option<Ratio>,
 }
 
