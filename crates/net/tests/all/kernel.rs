@@ -488,6 +488,16 @@ fn hooks(ns: &str, dev: &str) -> Vec<(String, String)> {
 
 #[test]
 fn attach_is_idempotent_at_tcx_and_takes_over_from_stale_and_clsact_programs() {
+    let help = Command::new("bpftool")
+        .args(["net", "help"])
+        .output()
+        .expect("run bpftool (bash scripts/setup.sh installs it)");
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("tcx_ingress")
+            || String::from_utf8_lossy(&help.stderr).contains("tcx_ingress"),
+        "this bpftool cannot attach at tcx: bash scripts/setup.sh installs bpftool 7.5 from \
+         bookworm-backports"
+    );
     let tag = format!("{}", std::process::id());
     let mut lab = NetnsLab::new();
     let (m, v) = (format!("vka{tag}m"), format!("vka{tag}v"));
