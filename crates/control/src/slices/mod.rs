@@ -318,6 +318,9 @@ struct Series {
     /// The vCPUs of the NSI's VMs at the last sample: its CPU capacity.
     #[serde(default)]
     vcpus: u32,
+    /// Time of the last period whose CPU was measured, unix ms (0: none yet).
+    #[serde(default)]
+    last_cpu_at_ms: u64,
 }
 
 fn push_window(v: &mut Vec<f64>, x: f64) {
@@ -342,9 +345,9 @@ pub struct Counters {
 /// What one sampling period did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SampleOutcome {
-    /// Per NSI sampled (by name): Mbit/s and cores, or `None` for a first reading
-    /// (the baseline the next period is measured from).
-    pub measured: BTreeMap<String, Option<(f64, f64)>>,
+    /// Per NSI sampled (by name): Mbit/s and cores (`None`: no CPU reading moved), or
+    /// `None` for a first reading (the baseline the next period is measured from).
+    pub measured: BTreeMap<String, Option<(f64, Option<f64>)>>,
     /// Ledger indices of the allocations made.
     pub allocations: Vec<u64>,
 }
@@ -752,11 +755,11 @@ impl Control {
                     continue;
                 };
                 let measured = series.samples.last().copied();
-                let cores = series
-                    .cursor
-                    .as_ref()
-                    .filter(|c| c.at_ms == series.last_at_ms)
-                    .and(series.cpu.last().copied());
+                // This period's CPU when it was measured; otherwise the NSI keeps showing
+                // the last one that was (a period without fresh readings is not idle).
+                let cores = (series.last_cpu_at_ms == series.last_at_ms)
+                    .then(|| series.cpu.last().copied())
+                    .flatten();
                 let r = update_cas(
                     self.store(),
                     &nsi_key(id),
@@ -767,7 +770,9 @@ impl Control {
                     },
                     |n: &mut Nsi| {
                         n.measured_mbps = measured;
-                        n.measured_cores = cores;
+                        if cores.is_some() {
+                            n.measured_cores = cores;
+                        }
                         n.forecast_mbps = Some(share.forecast);
                         n.allocated_mbps = Some(share.share);
                         n.vcpus = (series.vcpus > 0).then_some(series.vcpus);
@@ -873,7 +878,10 @@ impl Control {
                         // which JSON parses back exactly, so an auditor recomputes
                         // the allocation from exactly these values.
                         push_window(&mut s.samples, (m.mbps * 1e6).round() / 1e6);
-                        push_window(&mut s.cpu, (m.cores * 1e6).round() / 1e6);
+                        if let Some(c) = m.cores {
+                            push_window(&mut s.cpu, (c * 1e6).round() / 1e6);
+                            s.last_cpu_at_ms = at_ms;
+                        }
                         s.last_at_ms = at_ms;
                     }
                     s.cursor = Some(next);

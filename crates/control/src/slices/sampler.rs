@@ -30,8 +30,10 @@ pub struct Cursor {
 pub struct Measured {
     /// Traffic of its VMs, Mbit/s (every frame counted once, whichever end is its).
     pub mbps: f64,
-    /// CPU its VMs used, in cores (CPU seconds per second).
-    pub cores: f64,
+    /// CPU its VMs used, in cores (CPU seconds per second); `None` when no VM's CPU
+    /// reading moved since the last period (its agents have not reported since, or
+    /// none of its VMs runs): nothing is known of this period's CPU, which is not zero.
+    pub cores: Option<f64>,
 }
 
 /// How much a cumulative counter grew from `old` to `new`: a counter found smaller
@@ -72,16 +74,24 @@ pub fn measure(prev: Option<&Cursor>, now: &Cursor) -> (Option<Measured>, Cursor
         .fold(0, u64::saturating_add);
     // CPU only of VMs read both times: a VM's first reading includes its boot, which
     // did not happen in this period.
-    let cpu: u64 = now
+    let both: Vec<(u64, u64)> = now
         .cpu_ms
         .iter()
-        .filter_map(|(k, v)| prev.cpu_ms.get(k).map(|o| grew(Some(*o), *v)))
+        .filter_map(|(k, v)| prev.cpu_ms.get(k).map(|o| (*o, *v)))
+        .collect();
+    // A running guest's CPU time always grows: readings that all stand still are the
+    // last ones reported again (seen under load, when agents report late), and counting
+    // them would make the period look idle.
+    let moved = both.iter().any(|(o, n)| o != n);
+    let cpu: u64 = both
+        .iter()
+        .map(|(o, n)| grew(Some(*o), *n))
         .fold(0, u64::saturating_add);
     (
         Some(Measured {
             // bytes * 8 bits / (ms * 1000) = Mbit/s
             mbps: bytes as f64 * 8.0 / (elapsed_ms * 1000.0),
-            cores: cpu as f64 / elapsed_ms,
+            cores: moved.then(|| cpu as f64 / elapsed_ms),
         }),
         next,
     )
@@ -116,7 +126,7 @@ mod tests {
             m,
             Some(Measured {
                 mbps: 4.0,
-                cores: 0.5
+                cores: Some(0.5)
             })
         );
         assert_eq!(next, b);
@@ -139,12 +149,35 @@ mod tests {
         let (m, next) = measure(Some(&a), &b);
         let m = m.unwrap();
         assert!((m.mbps - 1_250.0 * 8.0 / 1e6).abs() < 1e-12, "{m:?}");
-        assert!((m.cores - 0.5).abs() < 1e-12, "{m:?}");
+        assert!(m.cores.is_some_and(|c| (c - 0.5).abs() < 1e-12), "{m:?}");
         assert_eq!(next.pairs["y>x"], 100);
         assert_eq!(next.cpu_ms["vm1"], 10);
         assert_eq!(next.cpu_ms["vm3"], 99);
         // No time passed: no sample, the cursor stays.
         let (m, same) = measure(Some(&b), &cur(1_000, &[("x>y", 9_999)], &[]));
         assert_eq!((m, same), (None, b));
+    }
+
+    #[test]
+    fn cpu_readings_that_stand_still_are_no_cpu_sample() {
+        let a = cur(1_000, &[("x>y", 0)], &[("vm1", 500), ("vm2", 70)]);
+        // The agents reported nothing new: traffic is measured, CPU is not known.
+        let b = cur(2_000, &[("x>y", 125_000)], &[("vm1", 500), ("vm2", 70)]);
+        let (m, next) = measure(Some(&a), &b);
+        assert_eq!(
+            m,
+            Some(Measured {
+                mbps: 1.0,
+                cores: None
+            })
+        );
+        // One VM moved: the period is measured from every VM read both times.
+        let c = cur(3_000, &[("x>y", 125_000)], &[("vm1", 750), ("vm2", 70)]);
+        let (m, _) = measure(Some(&next), &c);
+        assert_eq!(m.and_then(|m| m.cores), Some(0.25));
+        // No VM read both times: nothing known either.
+        let d = cur(4_000, &[], &[("vm9", 1)]);
+        let (m, _) = measure(Some(&a), &d);
+        assert_eq!(m.and_then(|m| m.cores), None);
     }
 }
