@@ -75,7 +75,7 @@ else
   $SUDO apt-get install -y -qq --no-install-recommends websockify >/dev/null
 fi
 
-# The classifier attaches at the kernel's tcx hooks (docs/TRAFFIC.md), which bpftool knows
+# The classifier attaches at the kernel's tcx hooks (docs/NET.md), which bpftool knows
 # from 7.4; bookworm has 7.1, bookworm-backports 7.5 (without it vinfra falls back to a
 # clsact qdisc, slower per frame).
 if ! bpftool net help 2>&1 | grep -q tcx_ingress; then
