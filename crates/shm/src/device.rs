@@ -34,9 +34,10 @@ pub struct Device {
     // exits, its copy of this userfaultfd closes, and the kernel would clear
     // write protection from the mapping if ours were the last one gone.
     _uffd: Uffd,
-    /// The last request number, and whether its answer is still to be read
-    /// (a release posted by a dropped guard).
-    seq: Mutex<(u64, bool)>,
+    /// The last request number.
+    seq: Mutex<u64>,
+    /// The last posted release's number (a dropped guard's).
+    rel_seq: Mutex<u64>,
     held: Mutex<BTreeSet<u32>>,
 }
 
@@ -122,7 +123,8 @@ impl Device {
             efd_req,
             efd_resp,
             _uffd: uffd,
-            seq: Mutex::new((0, false)),
+            seq: Mutex::new(0),
+            rel_seq: Mutex::new(0),
             held: Mutex::new(BTreeSet::new()),
         })
     }
@@ -195,39 +197,58 @@ impl Device {
     }
 
     /// Posts a release without waiting for the element (a dropped guard: this
-    /// device stops writing at once, so nothing waits on the revoke itself);
-    /// the next request collects the answer first.
+    /// device stops writing at once, so nothing waits on the revoke itself).
+    /// It goes in the control page's release words, not the request words, so
+    /// the next request is not held up by it; the element serves a posted
+    /// release before any request it sees after it.
     fn post_release(&self, entry: u32) -> Result<(), Error> {
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&entry);
-        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-        self.collect(&mut seq);
-        self.post(&mut seq, proto::OP_RELEASE, entry, 0)?;
-        seq.1 = true;
+        let mut rel = self.rel_seq.lock().unwrap_or_else(|p| p.into_inner());
+        // One release slot: the previous posted release must be done (it
+        // almost always is by the time another guard drops).
+        self.wait_word(proto::REL_DONE, *rel)?;
+        *rel += 1;
+        self.ctrl
+            .word(proto::REL_ENTRY)
+            .store(u64::from(entry), Ordering::Relaxed);
+        self.ctrl
+            .word(proto::REL_SEQ)
+            .store(*rel, Ordering::Release);
+        if self.notify == Notify::EventFd {
+            sys::eventfd_signal(self.efd_req.as_fd())
+                .map_err(Error::io("signalling the element"))?;
+        }
         Ok(())
     }
 
-    /// Reads the answer to a posted request, if one is outstanding.
-    fn collect(&self, seq: &mut (u64, bool)) {
-        if seq.1 {
-            seq.1 = false;
-            if let Err(e) = self.answer(seq.0, 0) {
-                tracing::debug!(error = %e, "posted release");
+    /// Waits (spinning, then sleeping in short steps) until control word `i`
+    /// reads `value`: for answers nobody signals.
+    fn wait_word(&self, i: usize, value: u64) -> Result<(), Error> {
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let mut spins: u32 = 0;
+        while self.ctrl.word(i).load(Ordering::Acquire) != value {
+            spins = spins.wrapping_add(1);
+            if spins < 256 {
+                std::hint::spin_loop();
+                continue;
             }
+            self.check_element(0)?;
+            if Instant::now() > deadline {
+                return Err(Error::ElementGone);
+            }
+            std::thread::sleep(Duration::from_micros(20));
         }
+        Ok(())
     }
 
-    fn post(
-        &self,
-        seq: &mut (u64, bool),
-        op: u64,
-        entry: u32,
-        timeout_ms: u64,
-    ) -> Result<u64, Error> {
-        seq.0 += 1;
-        let s = seq.0;
+    /// One request on the control page; returns the answer's value.
+    fn call(&self, op: u64, entry: u32, timeout_ms: u64) -> Result<u64, Error> {
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        *seq += 1;
+        let s = *seq;
         self.ctrl.word(proto::REQ_OP).store(op, Ordering::Relaxed);
         self.ctrl
             .word(proto::REQ_ENTRY)
@@ -240,14 +261,6 @@ impl Device {
             sys::eventfd_signal(self.efd_req.as_fd())
                 .map_err(Error::io("signalling the element"))?;
         }
-        Ok(s)
-    }
-
-    /// One request on the control page; returns the answer's value.
-    fn call(&self, op: u64, entry: u32, timeout_ms: u64) -> Result<u64, Error> {
-        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-        self.collect(&mut seq);
-        let s = self.post(&mut seq, op, entry, timeout_ms)?;
         self.answer(s, entry)
     }
 

@@ -193,6 +193,7 @@ struct Dev {
     efd_req: OwnedFd,
     efd_resp: OwnedFd,
     last_req: u64,
+    last_rel: u64,
     held: BTreeSet<u32>,
 }
 
@@ -717,12 +718,39 @@ impl State {
         tracing::debug!(device, reason, "device detached");
     }
 
-    /// Answers the device's pending request, if it made a new one.
-    fn serve_request(&mut self, device: DeviceId) {
+    /// Does the device's posted release, if it posted a new one.
+    fn serve_release(&mut self, device: DeviceId) {
         let Some(dev) = self.devices.get_mut(&device) else {
             return;
         };
+        let seq = dev.ctrl.word(proto::REL_SEQ).load(Ordering::Acquire);
+        if seq == dev.last_rel {
+            return;
+        }
+        dev.last_rel = seq;
+        let entry = dev.ctrl.word(proto::REL_ENTRY).load(Ordering::Relaxed);
+        let entry = u32::try_from(entry).unwrap_or(u32::MAX);
+        if let Err(e) = self.revoke(device, entry, RevokeReason::Released) {
+            tracing::debug!(device, entry, error = %e, "posted release");
+        }
+        if let Some(dev) = self.devices.get(&device) {
+            dev.ctrl.word(proto::REL_DONE).store(seq, Ordering::Release);
+        }
+    }
+
+    /// Does the device's posted release and answers its pending request, if
+    /// it made new ones.
+    fn serve_request(&mut self, device: DeviceId) {
+        let Some(dev) = self.devices.get(&device) else {
+            return;
+        };
+        // The request number first: a request seen here was posted after any
+        // release the next load can see, so that release is done before it.
         let seq = dev.ctrl.word(proto::REQ_SEQ).load(Ordering::Acquire);
+        self.serve_release(device);
+        let Some(dev) = self.devices.get_mut(&device) else {
+            return;
+        };
         if seq == dev.last_req {
             return;
         }
@@ -1027,6 +1055,7 @@ fn attach(shared: &Shared, sock: UnixStream) -> Result<(), Error> {
             efd_req,
             efd_resp,
             last_req: 0,
+            last_rel: 0,
             held: BTreeSet::new(),
         },
     );

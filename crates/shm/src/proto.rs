@@ -131,7 +131,8 @@ pub(crate) fn decode_ready(b: &[u8; READY_LEN]) -> Result<u32, Error> {
     Ok(u32::from_le_bytes([b[4], b[5], b[6], b[7]]))
 }
 
-// Control-page word indices. Requests and replies sit on separate cache lines.
+// Control-page word indices. Requests, replies, posted releases and their
+// acknowledgement sit on separate cache lines.
 pub(crate) const REQ_SEQ: usize = 0;
 pub(crate) const REQ_OP: usize = 1;
 pub(crate) const REQ_ENTRY: usize = 2;
@@ -139,7 +140,15 @@ pub(crate) const REQ_TIMEOUT_MS: usize = 3;
 pub(crate) const RESP_SEQ: usize = 8;
 pub(crate) const RESP_STATUS: usize = 9;
 pub(crate) const RESP_VALUE: usize = 10;
-const CTRL_WORDS: usize = 16;
+/// A dropped guard's release, posted beside the request words so that the
+/// device's next request does not wait for the revoke (device → element; the
+/// element reads `REQ_SEQ` first, so a request it sees is never served before
+/// a release posted ahead of it).
+pub(crate) const REL_SEQ: usize = 16;
+pub(crate) const REL_ENTRY: usize = 17;
+/// The last posted release the element has done (element → device).
+pub(crate) const REL_DONE: usize = 24;
+const CTRL_WORDS: usize = 32;
 pub(crate) const CTRL_BYTES: usize = 4096;
 
 pub(crate) const OP_REQUEST_WRITE: u64 = 1;
@@ -212,7 +221,7 @@ impl Ctrl {
 
     pub(crate) fn word(&self, i: usize) -> &AtomicU64 {
         assert!(i < CTRL_WORDS);
-        // SAFETY: word `i` (< 16) lies within the 4096-byte mapping owned by
+        // SAFETY: word `i` (< 32) lies within the 4096-byte mapping owned by
         // `self`, is 8-aligned (the mapping is page-aligned), and both
         // processes access the page only through atomics.
         unsafe { &*(self.map.as_ptr().add(i * 8) as *const AtomicU64) }

@@ -172,6 +172,7 @@ pub(super) fn accept(shared: &Shared, device: DeviceId) {
             efd_req: p.doorbell,
             efd_resp: p.irq,
             last_req: 0,
+            last_rel: 0,
             held: Default::default(),
         },
     );

@@ -92,3 +92,41 @@ fn bad_input_is_refused() {
     let mut a = DeviceProc::spawn(&sock);
     assert!(a.cmd("req 9 0").starts_with("err entry 9 does not exist"));
 }
+
+/// A dropped guard's release goes beside the request words: asking again for
+/// the same entry at once is served after the release, in either notification
+/// mode, and the entry ends up writable by the device that asked last.
+#[test]
+fn a_request_right_after_a_dropped_guard_is_served_after_its_release() {
+    for notify in [shm::Notify::EventFd, shm::Notify::Polled] {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("t.sock");
+        let mut cfg = ElementConfig::new(&sock, 8, 56);
+        cfg.notify = notify;
+        let el = Element::start(cfg).unwrap();
+        let mut a = DeviceProc::spawn(&sock);
+        let mut b = DeviceProc::spawn(&sock);
+        for _ in 0..50 {
+            assert!(a.cmd("req 3 0").starts_with("granted"), "{notify:?}");
+            assert_eq!(a.cmd("drop 3"), "dropped");
+        }
+        assert!(a.cmd("req 3 0").starts_with("granted"));
+        assert_eq!(a.cmd("store 3 8 1"), "stored", "{notify:?}");
+        assert_eq!(el.holder(3), Some(a.id));
+        assert_eq!(a.cmd("drop 3"), "dropped");
+        crate::wait_until("the last release is done", || el.holder(3).is_none());
+        assert_eq!(a.cmd("store 3 8 1"), "sigbus", "{notify:?}");
+        assert!(b.cmd("req 3 0").starts_with("granted"));
+        let revoked = el
+            .audit(0)
+            .iter()
+            .filter(|e| {
+                e.kind
+                    == AuditKind::Revoked {
+                        reason: RevokeReason::Released,
+                    }
+            })
+            .count();
+        assert_eq!(revoked, 51, "{notify:?}: every posted release revoked once");
+    }
+}

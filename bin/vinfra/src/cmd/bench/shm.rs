@@ -7,8 +7,9 @@
 //! - grant call: the element makes one entry of the device's mapping writable
 //!   (`UFFDIO_WRITEPROTECT` on the other process) — p50/p99; the revoke beside it.
 //! - request → grant → notify → first update → release posted (the guard dropped; the
-//!   next request collects the element's answer), measured in the device, with eventfd notification and with polled words, against one
-//!   64-byte round trip on a Unix socket between the same two processes.
+//!   element revokes while the device goes on), measured in the device, with eventfd
+//!   notification and with polled words, against one 64-byte round trip on a Unix
+//!   socket between the same two processes.
 //! - a 4 KiB update under a standing grant (written in place) against sending the
 //!   4 KiB to the element over the socket, which writes the entry and acknowledges.
 //! - kill -9 of a device holding a grant → the grant revoked (the element notices
@@ -324,7 +325,7 @@ fn device_child(args: &ShmArgs, sock: &Path) -> anyhow::Result<()> {
     }
     let n = args.iters;
     let small = [7u8; 8];
-    // Dropping the guard posts the release; the next request collects its answer.
+    // Dropping the guard posts the release; the next request does not wait for it.
     let cycle = time_n(n, || {
         let mut g = dev.request_write(0, None)?;
         g.write(&small)?;
