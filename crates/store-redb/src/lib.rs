@@ -40,12 +40,18 @@
 //! request. Calls need a tokio runtime.
 //!
 //! # Watch
-//! Watchers are in-process: a write commits, then sends its events (one batch
-//! per commit) on a [`tokio::sync::broadcast`] channel of
-//! [`WATCH_CHANNEL_COMMITS`] batches. Writers hold a mutex from `begin_write`
-//! through the send, so batches go out in revision order. Each watcher filters
-//! by its prefix. A watcher that falls more than that many commits behind gets
-//! one `Err` item and its stream ends (the caller re-lists), never a silent gap.
+//! Watchers are in-process: a write commits, then hands each watcher whose
+//! prefix matches one of its events those events (one batch per commit) on the
+//! watcher's own channel of [`WATCH_CHANNEL_COMMITS`] batches. Writers hold a
+//! mutex from `begin_write` through the hand-off, so batches go out in revision
+//! order. Watchers are indexed by prefix (a map from prefix to watchers, and the
+//! set of prefix lengths in use), so a commit costs a few map lookups per event
+//! and wakes only the watchers it concerns: with one broadcast channel that
+//! every watcher filtered, a control plane with hundreds of watches (a terminal
+//! operation waiting for its answer, a session following its terminal) woke
+//! every one of them on every commit. A watcher that falls more than that many
+//! of *its* batches behind gets one `Err` item and its stream ends (the caller
+//! re-lists), never a silent gap.
 //! Another process opening the same file is refused by redb's file lock, so no
 //! write can bypass the watchers.
 //!
@@ -59,9 +65,10 @@
 //! wait for that dead leader forever.
 #![warn(missing_docs)]
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,7 +81,7 @@ use store::{
     validate_key, validate_txn, Compare, KeyValue, Leadership, Revision, Store, StoreError, TxnOp,
     WatchEvent, WatchStream,
 };
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 
 /// key → (mod_revision, value)
 const KV: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("kv");
@@ -85,7 +92,8 @@ const META_REVISION: &str = "revision";
 /// The layout this code reads and writes (see the crate docs).
 const FORMAT: u64 = 1;
 
-/// How many commits a watcher may fall behind before it gets an error.
+/// How many of its batches (commits that touched its prefix) a watcher may fall
+/// behind before it gets an error.
 pub const WATCH_CHANNEL_COMMITS: usize = 4096;
 
 /// A [`Store`] in one redb file. Cheap to clone; clones share the database.
@@ -115,8 +123,111 @@ struct Inner {
     /// Writes waiting for the next group commit (see the crate docs).
     queue: Mutex<Vec<Job>>,
     /// Durable commits made (each one fsync), for [`RedbStore::commits`].
-    commits: std::sync::atomic::AtomicU64,
-    events: broadcast::Sender<Arc<[WatchEvent]>>,
+    commits: AtomicU64,
+    /// Shared with the watch streams (weakly), which leave it when dropped.
+    watchers: Arc<Mutex<Watchers>>,
+}
+
+/// One watch: where its batches go, and whether it fell behind.
+struct Watcher {
+    id: u64,
+    tx: mpsc::Sender<Vec<WatchEvent>>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// The watches by prefix.
+#[derive(Default)]
+struct Watchers {
+    next_id: u64,
+    by_prefix: HashMap<String, Vec<Watcher>>,
+    /// Prefix length → how many prefixes of that length are watched: the
+    /// lengths an event's key is cut at to find its watchers.
+    lengths: BTreeMap<usize, usize>,
+}
+
+impl Watchers {
+    fn add(&mut self, prefix: &str) -> (u64, mpsc::Receiver<Vec<WatchEvent>>, Arc<AtomicBool>) {
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_COMMITS);
+        let lagged = Arc::new(AtomicBool::new(false));
+        self.next_id += 1;
+        let id = self.next_id;
+        let list = self.by_prefix.entry(prefix.to_owned()).or_default();
+        if list.is_empty() {
+            *self.lengths.entry(prefix.len()).or_default() += 1;
+        }
+        list.push(Watcher {
+            id,
+            tx,
+            lagged: lagged.clone(),
+        });
+        (id, rx, lagged)
+    }
+
+    fn remove(&mut self, prefix: &str, id: u64) {
+        let Some(list) = self.by_prefix.get_mut(prefix) else {
+            return;
+        };
+        list.retain(|w| w.id != id);
+        if list.is_empty() {
+            self.by_prefix.remove(prefix);
+            if let Some(n) = self.lengths.get_mut(&prefix.len()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.lengths.remove(&prefix.len());
+                }
+            }
+        }
+    }
+
+    /// Hands one commit's events to the watchers whose prefix they match. A
+    /// watcher whose channel is full is marked lagged and dropped (its stream
+    /// ends with an error); one whose stream is gone is dropped.
+    fn dispatch(&mut self, events: &[WatchEvent]) {
+        if self.by_prefix.is_empty() {
+            return;
+        }
+        // (prefix, watcher id) → its events of this commit, in order.
+        let mut out: BTreeMap<(&str, u64), Vec<WatchEvent>> = BTreeMap::new();
+        for ev in events {
+            let key = event_key(ev);
+            for &len in self.lengths.keys() {
+                if len > key.len() {
+                    break;
+                }
+                let Some(cut) = key.get(..len) else {
+                    continue;
+                };
+                if let Some((prefix, list)) = self.by_prefix.get_key_value(cut) {
+                    for w in list {
+                        out.entry((prefix.as_str(), w.id))
+                            .or_default()
+                            .push(ev.clone());
+                    }
+                }
+            }
+        }
+        let mut gone: Vec<(String, u64)> = Vec::new();
+        for ((prefix, id), evs) in out {
+            let Some(w) = self
+                .by_prefix
+                .get(prefix)
+                .and_then(|l| l.iter().find(|w| w.id == id))
+            else {
+                continue;
+            };
+            match w.tx.try_send(evs) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    w.lagged.store(true, Ordering::Release);
+                    gone.push((prefix.to_owned(), id));
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => gone.push((prefix.to_owned(), id)),
+            }
+        }
+        for (prefix, id) in gone {
+            self.remove(&prefix, id);
+        }
+    }
 }
 
 /// A write's result, its type erased so that writes of any result share a batch.
@@ -180,9 +291,9 @@ struct UnsupportedFormat {
 
 /// A watcher fell too far behind the writers.
 #[derive(Debug, thiserror::Error)]
-#[error("watcher fell behind and missed {missed} commits")]
+#[error("watcher fell behind: more than {batches} of its batches were not read")]
 struct WatchLagged {
-    missed: u64,
+    batches: usize,
 }
 
 impl RedbStore {
@@ -233,14 +344,13 @@ impl RedbStore {
             }
         }
         tx.commit().map_err(backend(context()))?;
-        let (events, _) = broadcast::channel(WATCH_CHANNEL_COMMITS);
         let inner = Inner {
             db,
             path: path.to_owned(),
             writer: Mutex::new(()),
             queue: Mutex::new(Vec::new()),
-            commits: std::sync::atomic::AtomicU64::new(0),
-            events,
+            commits: AtomicU64::new(0),
+            watchers: Arc::default(),
         };
         let stale = inner
             .clear_elections()
@@ -470,10 +580,11 @@ impl Inner {
         };
         match run() {
             Ok(batches) => {
+                let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
                 for events in batches {
-                    // No receivers is not an error: nobody is watching.
-                    let _ = self.events.send(events.into());
+                    watchers.dispatch(&events);
                 }
+                drop(watchers);
                 for (done, r) in outcomes {
                     let _ = done.send(r);
                 }
@@ -633,8 +744,23 @@ impl Store for RedbStore {
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
         validate_key(prefix)?;
         // Subscribing is synchronous: every commit after this line is seen.
-        let rx = self.inner.events.subscribe();
-        Ok(watch_stream(rx, prefix.to_owned()))
+        let (id, rx, lagged) = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(prefix);
+        Ok(watch_stream(WatchState {
+            rx,
+            lagged,
+            pending: Vec::new().into_iter(),
+            done: false,
+            _leave: Leave {
+                watchers: Arc::downgrade(&self.inner.watchers),
+                prefix: prefix.to_owned(),
+                id,
+            },
+        }))
     }
 
     async fn campaign(
@@ -654,46 +780,60 @@ fn event_key(ev: &WatchEvent) -> &str {
     }
 }
 
-struct WatchState {
-    rx: broadcast::Receiver<Arc<[WatchEvent]>>,
+/// Takes a watch out of the store's index when its stream is dropped.
+struct Leave {
+    watchers: Weak<Mutex<Watchers>>,
     prefix: String,
-    pending: VecDeque<WatchEvent>,
-    done: bool,
+    id: u64,
 }
 
-fn watch_stream(rx: broadcast::Receiver<Arc<[WatchEvent]>>, prefix: String) -> WatchStream {
-    let state = WatchState {
-        rx,
-        prefix,
-        pending: VecDeque::new(),
-        done: false,
-    };
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if let Some(w) = self.watchers.upgrade() {
+            w.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.prefix, self.id);
+        }
+    }
+}
+
+struct WatchState {
+    rx: mpsc::Receiver<Vec<WatchEvent>>,
+    lagged: Arc<AtomicBool>,
+    pending: std::vec::IntoIter<WatchEvent>,
+    done: bool,
+    _leave: Leave,
+}
+
+fn watch_stream(state: WatchState) -> WatchStream {
     Box::pin(stream::unfold(state, |mut st| async move {
         loop {
-            if let Some(ev) = st.pending.pop_front() {
+            if let Some(ev) = st.pending.next() {
                 return Some((Ok(ev), st));
             }
             if st.done {
                 return None;
             }
+            // Fell behind: the caller re-lists, so what is still queued is of
+            // no use; say so at once.
+            if st.lagged.load(Ordering::Acquire) {
+                st.done = true;
+                let prefix = &st._leave.prefix;
+                tracing::warn!(%prefix, "redb watcher fell behind");
+                let e = StoreError::backend(
+                    format!("watch on {prefix}"),
+                    WatchLagged {
+                        batches: WATCH_CHANNEL_COMMITS,
+                    },
+                );
+                return Some((Err(e), st));
+            }
             match st.rx.recv().await {
-                Ok(batch) => st.pending.extend(
-                    batch
-                        .iter()
-                        .filter(|ev| event_key(ev).starts_with(st.prefix.as_str()))
-                        .cloned(),
-                ),
-                // The store is gone: nobody can write any more.
-                Err(broadcast::error::RecvError::Closed) => return None,
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(prefix = %st.prefix, missed, "redb watcher fell behind");
-                    st.done = true;
-                    let e = StoreError::backend(
-                        format!("watch on {}", st.prefix),
-                        WatchLagged { missed },
-                    );
-                    return Some((Err(e), st));
-                }
+                Some(batch) => st.pending = batch.into_iter(),
+                // The store is gone (nobody can write any more), or it dropped
+                // this watcher for falling behind (checked above next time).
+                None if st.lagged.load(Ordering::Acquire) => {}
+                None => return None,
             }
         }
     }))
@@ -716,12 +856,69 @@ mod tests {
                 key: "/x".into(),
                 revision: Revision(i + 1),
             };
-            store.inner.events.send(Arc::from(vec![ev])).unwrap();
+            store.inner.watchers.lock().unwrap().dispatch(&[ev]);
         }
         let e = w.next().await.unwrap().unwrap_err();
         let msg = model::error_chain(&e);
-        assert!(msg.contains("missed 1 commits"), "{msg}");
+        assert!(msg.contains("fell behind"), "{msg}");
         assert!(w.next().await.is_none(), "ends after the error");
+    }
+
+    /// Only the commits that touch a watcher's prefix count against it: a
+    /// watcher of a quiet prefix never falls behind, however busy the store.
+    #[tokio::test]
+    async fn a_watcher_of_a_quiet_prefix_never_lags() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("db")).unwrap();
+        let mut quiet = store.watch("/quiet/").await.unwrap();
+        for i in 0..=2 * WATCH_CHANNEL_COMMITS as u64 {
+            let ev = WatchEvent::Delete {
+                key: "/busy/x".into(),
+                revision: Revision(i + 1),
+            };
+            store.inner.watchers.lock().unwrap().dispatch(&[ev]);
+        }
+        store.put("/quiet/a", "1".into()).await.unwrap();
+        match quiet.next().await.unwrap().unwrap() {
+            WatchEvent::Put(kv) => assert_eq!(kv.key, "/quiet/a"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Every watcher whose prefix starts an event's key gets it, in commit
+    /// order, and no other; a dropped stream leaves the index.
+    #[tokio::test]
+    async fn events_go_to_exactly_the_matching_prefixes_and_dropped_watches_leave() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("db")).unwrap();
+        let prefixes = ["/", "/v/", "/v/a", "/v/ab", "/v/abc", "/v/b", "/w"];
+        let mut streams = Vec::new();
+        for p in prefixes {
+            streams.push((p, store.watch(p).await.unwrap()));
+        }
+        let keys = ["/v/abc", "/v/a", "/w/1", "/v/b2", "/x"];
+        for k in keys {
+            store.put(k, "v".into()).await.unwrap();
+        }
+        store.delete("/v/abc").await.unwrap();
+        let mut all = keys.to_vec();
+        all.push("/v/abc");
+        for (p, w) in &mut streams {
+            let want: Vec<&str> = all.iter().copied().filter(|k| k.starts_with(*p)).collect();
+            let mut got = Vec::new();
+            for _ in 0..want.len() {
+                got.push(event_key(&w.next().await.unwrap().unwrap()).to_owned());
+            }
+            assert_eq!(got, want, "watch on {p}");
+        }
+        // Nothing more for anyone.
+        for (p, w) in &mut streams {
+            let more = tokio::time::timeout(Duration::from_millis(50), w.next()).await;
+            assert!(more.is_err(), "watch on {p} got {more:?}");
+        }
+        drop(streams);
+        let w = store.inner.watchers.lock().unwrap();
+        assert!(w.by_prefix.is_empty() && w.lengths.is_empty());
     }
 
     #[tokio::test]
