@@ -186,8 +186,8 @@ impl Watchers {
         if self.by_prefix.is_empty() {
             return;
         }
-        // (prefix, watcher id) → its events of this commit, in order.
-        let mut out: BTreeMap<(&str, u64), Vec<WatchEvent>> = BTreeMap::new();
+        // Watcher id → the watcher, its prefix and its events of this commit, in order.
+        let mut out: BTreeMap<u64, (&str, &Watcher, Vec<WatchEvent>)> = BTreeMap::new();
         for ev in events {
             let key = event_key(ev);
             for &len in self.lengths.keys() {
@@ -199,22 +199,16 @@ impl Watchers {
                 };
                 if let Some((prefix, list)) = self.by_prefix.get_key_value(cut) {
                     for w in list {
-                        out.entry((prefix.as_str(), w.id))
-                            .or_default()
+                        out.entry(w.id)
+                            .or_insert_with(|| (prefix.as_str(), w, Vec::new()))
+                            .2
                             .push(ev.clone());
                     }
                 }
             }
         }
         let mut gone: Vec<(String, u64)> = Vec::new();
-        for ((prefix, id), evs) in out {
-            let Some(w) = self
-                .by_prefix
-                .get(prefix)
-                .and_then(|l| l.iter().find(|w| w.id == id))
-            else {
-                continue;
-            };
+        for (id, (prefix, w, evs)) in out {
             match w.tx.try_send(evs) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -755,7 +749,7 @@ impl Store for RedbStore {
             lagged,
             pending: Vec::new().into_iter(),
             done: false,
-            _leave: Leave {
+            leave: Leave {
                 watchers: Arc::downgrade(&self.inner.watchers),
                 prefix: prefix.to_owned(),
                 id,
@@ -802,7 +796,7 @@ struct WatchState {
     lagged: Arc<AtomicBool>,
     pending: std::vec::IntoIter<WatchEvent>,
     done: bool,
-    _leave: Leave,
+    leave: Leave,
 }
 
 fn watch_stream(state: WatchState) -> WatchStream {
@@ -818,7 +812,7 @@ fn watch_stream(state: WatchState) -> WatchStream {
             // no use; say so at once.
             if st.lagged.load(Ordering::Acquire) {
                 st.done = true;
-                let prefix = &st._leave.prefix;
+                let prefix = &st.leave.prefix;
                 tracing::warn!(%prefix, "redb watcher fell behind");
                 let e = StoreError::backend(
                     format!("watch on {prefix}"),

@@ -74,19 +74,16 @@ pub fn measure(prev: Option<&Cursor>, now: &Cursor) -> (Option<Measured>, Cursor
         .fold(0, u64::saturating_add);
     // CPU only of VMs read both times: a VM's first reading includes its boot, which
     // did not happen in this period.
-    let both: Vec<(u64, u64)> = now
-        .cpu_ms
-        .iter()
-        .filter_map(|(k, v)| prev.cpu_ms.get(k).map(|o| (*o, *v)))
-        .collect();
     // A running guest's CPU time always grows: readings that all stand still are the
     // last ones reported again (seen under load, when agents report late), and counting
     // them would make the period look idle.
-    let moved = both.iter().any(|(o, n)| o != n);
-    let cpu: u64 = both
+    let (moved, cpu) = now
+        .cpu_ms
         .iter()
-        .map(|(o, n)| grew(Some(*o), *n))
-        .fold(0, u64::saturating_add);
+        .filter_map(|(k, v)| prev.cpu_ms.get(k).map(|o| (*o, *v)))
+        .fold((false, 0u64), |(moved, cpu), (o, n)| {
+            (moved || o != n, cpu.saturating_add(grew(Some(o), n)))
+        });
     (
         Some(Measured {
             // bytes * 8 bits / (ms * 1000) = Mbit/s
