@@ -109,7 +109,7 @@ async fn forward(
 
 /// Exponential backoff from [`BACKOFF_MIN`] to [`BACKOFF_MAX`].
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -120,7 +120,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    fn next_wait(&mut self) -> Duration {
+    pub(crate) fn next_wait(&mut self) -> Duration {
         let wait = self.next;
         self.next = (self.next * 2).min(BACKOFF_MAX);
         wait

@@ -53,17 +53,40 @@ impl VmTask {
     }
 }
 
-/// Answers operation `op` with `result`; a failure to answer is logged (the record
-/// stays `sent`, which the terminal sees).
+/// Answers operation `op` with `result`. The server replies to the terminal as soon as it
+/// has the answer and commits it after, so an answer whose request failed — the server
+/// went away, or its store did not answer — may have reached the terminal and not the
+/// log: it is sent again (the server takes a repeated answer as the same one), with
+/// backoff, for [`ANSWER_RETRY_FOR`]. An answer the server refuses (4xx) is logged (the
+/// record stays `sent`, which the terminal sees).
 pub(crate) async fn answer(host: &Host, op: &PerformedOperation, result: OperationResult) {
-    if let Err(e) = host
-        .client
-        .answer_terminal_operation(op.terminal, op.seq, &result)
-        .await
-    {
-        tracing::warn!(terminal = %op.terminal, seq = op.seq, error = %e, "cannot answer a terminal operation");
+    let until = std::time::Instant::now() + ANSWER_RETRY_FOR;
+    let mut backoff = crate::push::Backoff::default();
+    loop {
+        let e = match host
+            .client
+            .answer_terminal_operation(op.terminal, op.seq, &result)
+            .await
+        {
+            Ok(_) => return,
+            Err(e) => e,
+        };
+        let again = match &e {
+            client::ClientError::Transport { .. } => true,
+            client::ClientError::Api { status, .. } => *status >= 500,
+            _ => false,
+        };
+        if !again || std::time::Instant::now() >= until {
+            tracing::warn!(terminal = %op.terminal, seq = op.seq, error = %model::error_chain(&e), "cannot answer a terminal operation");
+            return;
+        }
+        tracing::debug!(terminal = %op.terminal, seq = op.seq, error = %model::error_chain(&e), "answering a terminal operation again");
+        tokio::time::sleep(backoff.next_wait()).await;
     }
 }
+
+/// How long an answer the server did not take is sent again: a server restart.
+const ANSWER_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The answer for an operation this host cannot give to a VM task (no such VM here,
 /// or its queue is full).

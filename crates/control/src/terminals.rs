@@ -308,6 +308,37 @@ pub struct Terminals {
     server_id: std::sync::OnceLock<String>,
     buckets: Mutex<HashMap<TerminalId, Bucket>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Operations this server waits to answer, and answers taken but not yet committed.
+    early: Arc<Mutex<HashMap<(TerminalId, u64), Early>>>,
+}
+
+/// An operation this server waits to answer, by its host's answer given to this server
+/// (see [`Control::answer_operation`]).
+#[derive(Debug)]
+struct Early {
+    /// The record as sent (`sent`, to its host).
+    record: PerformedOperation,
+    /// The waiting reply (`None` once answered).
+    reply: Option<tokio::sync::oneshot::Sender<PerformedOperation>>,
+    /// The answered record while its commit is under way: the log shows it meanwhile.
+    answered: Option<PerformedOperation>,
+}
+
+/// A [`Pending`]'s place in [`Terminals::early`]; dropped, it leaves unless answered
+/// (then the answer's commit removes it).
+struct EarlyWait {
+    key: (TerminalId, u64),
+    answer: tokio::sync::oneshot::Receiver<PerformedOperation>,
+    registry: Arc<Mutex<HashMap<(TerminalId, u64), Early>>>,
+}
+
+impl Drop for EarlyWait {
+    fn drop(&mut self) {
+        let mut m = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&self.key).is_some_and(|e| e.answered.is_none()) {
+            m.remove(&self.key);
+        }
+    }
 }
 
 impl Terminals {
@@ -329,6 +360,70 @@ impl Terminals {
             // a few ms, positive
             let wait = ((1.0 - b.tokens) / RATE_PER_SECOND * 1000.0).ceil() as u64;
             Err(wait)
+        }
+    }
+
+    /// Waits for the answer to `record` (sent to its host) given to this server.
+    fn wait_early(&self, record: &PerformedOperation) -> EarlyWait {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let key = (record.terminal, record.seq);
+        self.early.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key,
+            Early {
+                record: record.clone(),
+                reply: Some(tx),
+                answered: None,
+            },
+        );
+        EarlyWait {
+            key,
+            answer: rx,
+            registry: self.early.clone(),
+        }
+    }
+
+    /// Hands `result` to the reply waiting for it, if it waits here and `result` comes
+    /// from the host the operation was sent to (what the commit will check too).
+    fn answer_early(&self, t: TerminalId, seq: u64, result: &OperationResult, performed: u64) {
+        let mut m = self.early.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = m.get_mut(&(t, seq)) else {
+            return;
+        };
+        if e.answered.is_some() || e.record.host.as_str() != result.host {
+            return;
+        }
+        let mut r = e.record.clone();
+        r.outcome = result.outcome;
+        r.detail = result.detail.clone();
+        r.screenshot = result.screenshot.clone();
+        r.performed = Some(performed);
+        if let Some(reply) = e.reply.take() {
+            // The reply may have given up (its wait ended): the commit still records it.
+            let _ = reply.send(r.clone());
+        }
+        e.answered = Some(r);
+    }
+
+    /// The answer to `(t, seq)` is committed (or failed to be): the store has the last word.
+    fn answer_committed(&self, t: TerminalId, seq: u64) {
+        let mut m = self.early.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&(t, seq)).is_some_and(|e| e.answered.is_some()) {
+            m.remove(&(t, seq));
+        }
+    }
+
+    /// `r` as answered here when its answer's commit is still under way.
+    fn overlay(&self, r: PerformedOperation) -> PerformedOperation {
+        if r.outcome != OperationOutcome::Sent {
+            return r;
+        }
+        let m = self.early.lock().unwrap_or_else(|p| p.into_inner());
+        match m
+            .get(&(r.terminal, r.seq))
+            .and_then(|e| e.answered.as_ref())
+        {
+            Some(a) => a.clone(),
+            None => r,
         }
     }
 
@@ -433,6 +528,8 @@ pub struct Pending {
     record: PerformedOperation,
     /// The watch on its record (`None`: answered already).
     answers: Option<store::WatchStream>,
+    /// The host's answer when it is given to this server: it comes before its commit.
+    early: Option<EarlyWait>,
     /// Where to read the record again when the watch fails.
     store: Arc<dyn store::Store>,
 }
@@ -454,13 +551,34 @@ impl Pending {
     /// Waits up to `wait` for the host's answer; the record as it then stands.
     pub async fn answer(self, wait: std::time::Duration) -> PerformedOperation {
         let Pending {
-            mut record,
+            record,
             answers,
+            early,
             store,
         } = self;
-        let Some(mut answers) = answers else {
+        let Some(answers) = answers else {
             return record;
         };
+        let watched = Self::watched(record, answers, store, wait);
+        match early {
+            Some(mut early) => {
+                tokio::select! {
+                    biased;
+                    Ok(r) = &mut early.answer => r,
+                    r = watched => r,
+                }
+            }
+            None => watched.await,
+        }
+    }
+
+    /// Follows the record in the store until it is answered or `wait` has passed.
+    async fn watched(
+        mut record: PerformedOperation,
+        mut answers: store::WatchStream,
+        store: Arc<dyn store::Store>,
+        wait: std::time::Duration,
+    ) -> PerformedOperation {
         let key = op_key(record.terminal, record.seq);
         let deadline = tokio::time::Instant::now() + wait;
         // Takes a version of the record; true once it is the answer.
@@ -1090,9 +1208,12 @@ impl Control {
                 out.push(self.power_on(&a, &record).await);
                 continue;
             }
+            let early = (answers.is_some() && record.outcome == OperationOutcome::Sent)
+                .then(|| self.terminals().wait_early(&record));
             out.push(Ok(Pending {
                 record,
                 answers,
+                early,
                 store: self.store_arc(),
             }));
         }
@@ -1132,6 +1253,7 @@ impl Control {
         Ok(Pending {
             record: done,
             answers: None,
+            early: None,
             store: self.store_arc(),
         })
     }
@@ -1385,7 +1507,13 @@ impl Control {
         result: OperationResult,
     ) -> Result<PerformedOperation, ControlError> {
         let key = op_key(t, seq);
-        crate::records::update_cas(
+        // The reply waiting on this server gets the answer now, not after the commit (an
+        // fsync): the host performed the operation, which is what the terminal waits to
+        // know. The commit follows; should this server die before it ends, the host's
+        // answer failed and the host sends it again (agent `terminal::answer`).
+        let performed = now_ms();
+        self.terminals().answer_early(t, seq, &result, performed);
+        let r = crate::records::update_cas(
             self.store(),
             &key,
             || format!("terminal operation {t}/{seq}"),
@@ -1406,11 +1534,13 @@ impl Control {
                 r.outcome = result.outcome;
                 r.detail = result.detail.clone();
                 r.screenshot = result.screenshot.clone();
-                r.performed = Some(now_ms());
+                r.performed = Some(performed);
                 Ok(())
             },
         )
-        .await
+        .await;
+        self.terminals().answer_committed(t, seq);
+        r
     }
 
     /// Removes a terminal's oldest operation records beyond [`LOG_PER_TERMINAL`].
@@ -1438,7 +1568,7 @@ impl Control {
             list_json::<PerformedOperation>(self.store(), &format!("{TERMINAL_OPS}{}/", t.id))
                 .await?
                 .into_iter()
-                .map(|(r, _)| r)
+                .map(|(r, _)| self.terminals().overlay(r))
                 .collect(),
         )
     }

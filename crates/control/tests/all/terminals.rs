@@ -527,3 +527,84 @@ async fn a_session_follows_its_terminals_binding_as_it_changes() {
     let r = session.submit(&send(&mut seq)).await.unwrap_err();
     assert_eq!(r.refused.reason(), "unknown_terminal", "{:?}", r.refused);
 }
+
+/// The waiting sender gets the host's answer as the server takes it (the commit
+/// follows), and only from the host the operation was sent to; the stored record and the
+/// log say the same as the reply.
+#[tokio::test]
+async fn the_answer_reaches_the_sender_from_its_host_only() {
+    use futures_util::StreamExt;
+    use model::terminals::{OperationOutcome, OperationResult, PerformedOperation};
+    let store = Arc::new(MemStore::new());
+    let c = control(&store);
+    let tenant = TenantId::new_random();
+    let web = vm(store.as_ref(), tenant, "web", "h1").await;
+    let made = c.create_terminal(tenant, n("kiosk")).await.unwrap();
+    let (t, secret, server) = (made.terminal.id, made.secret.clone(), made.server.clone());
+    c.bind_terminal(
+        Scope::Tenant(tenant),
+        "kiosk",
+        &web.to_string(),
+        SharePolicy::Shared,
+    )
+    .await
+    .unwrap();
+    let mut sent = store.watch(control::terminals::TERMINAL_OPS).await.unwrap();
+    let sender = {
+        let c = c.clone();
+        let raw = message(&server, t, &secret, 1, control::now_ms(), KEY_A);
+        tokio::spawn(async move { c.perform_operation(&raw).await })
+    };
+    let Some(Ok(store::WatchEvent::Put(kv))) = sent.next().await else {
+        panic!("no operation was recorded");
+    };
+    let op: PerformedOperation = serde_json::from_slice(&kv.value).unwrap();
+    assert_eq!(
+        (op.outcome, op.host.as_str()),
+        (OperationOutcome::Sent, "h1")
+    );
+    let answer = |host: &str, outcome| OperationResult {
+        host: host.to_owned(),
+        outcome,
+        detail: Some(format!("from {host}")),
+        screenshot: None,
+    };
+
+    // Another host's answer is refused and does not reach the sender.
+    let e = c
+        .answer_operation(t, 1, answer("h2", OperationOutcome::Failed))
+        .await;
+    assert!(matches!(e, Err(ControlError::Taken(_))), "{e:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !sender.is_finished(),
+        "another host's answer reached the sender"
+    );
+
+    let stored = c
+        .answer_operation(t, 1, answer("h1", OperationOutcome::Performed))
+        .await
+        .unwrap();
+    let replied = sender.await.unwrap().unwrap();
+    assert_eq!(replied.outcome, OperationOutcome::Performed);
+    assert_eq!(replied.detail.as_deref(), Some("from h1"));
+    assert_eq!(replied.performed, stored.performed);
+    assert_eq!(
+        serde_json::to_value(&replied).unwrap(),
+        serde_json::to_value(&stored).unwrap()
+    );
+    let log = c
+        .terminal_operations(Scope::Tenant(tenant), "kiosk")
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&log).unwrap(),
+        serde_json::to_value([&stored]).unwrap()
+    );
+    // A repeated answer (a host sending again after a failed request) is the same one.
+    let again = c
+        .answer_operation(t, 1, answer("h1", OperationOutcome::Performed))
+        .await
+        .unwrap();
+    assert_eq!(again.performed, stored.performed);
+}
