@@ -285,8 +285,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     ));
     let poll = cfg.poll;
     let (tables_tx, tables_rx) = tokio::sync::mpsc::channel(16);
+    let (answers, answers_rx) = tokio::sync::mpsc::channel(ANSWER_QUEUE);
+    tokio::spawn(terminal::answerer(client.clone(), answers_rx));
     let mut agent = Agent {
         host: Arc::new(Host {
+            answers,
             tables: tables_tx.clone(),
             images: images::ImageFiles::new(&cfg.data_dir, client.clone()),
             cfg,
@@ -588,6 +591,10 @@ async fn heartbeat_loop(
     }
 }
 
+/// How many answers to terminal operations may wait for the server before a VM task
+/// waits to queue its next one.
+const ANSWER_QUEUE: usize = 4096;
+
 /// What every VM task of this host shares: the config, the API client, the
 /// hypervisor, the disk stack, the image files, and the VXLAN uplink (which the
 /// reconciler refreshes as hosts come and go).
@@ -606,6 +613,9 @@ pub(crate) struct Host {
     pub(crate) lease: watch::Receiver<Lease>,
     /// The resource tables task's queue: VM tasks ask it for their windows.
     pub(crate) tables: tokio::sync::mpsc::Sender<tables::Cmd>,
+    /// The answers to terminal operations, on their way to the server
+    /// ([`terminal::answerer`]).
+    pub(crate) answers: tokio::sync::mpsc::Sender<model::terminals::OperationAnswer>,
 }
 
 /// Loads (or finds, after a restart) this host's classifier and starts reporting it.

@@ -98,6 +98,7 @@ use crate::routes;
         routes::terminals::operation,
         routes::terminals::session,
         routes::terminals::result,
+        routes::terminals::results,
         routes::slices::create_nsi,
         routes::slices::list_nsis,
         routes::slices::get_nsi,

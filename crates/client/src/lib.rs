@@ -486,6 +486,19 @@ impl Client {
         .await
     }
 
+    /// `POST /v1/terminal-operations/results`: several answers of a host at once.
+    pub async fn answer_terminal_operations(
+        &self,
+        answers: &model::terminals::OperationAnswers,
+    ) -> Result<Vec<model::terminals::AnswerOutcome>, ClientError> {
+        self.json(
+            Method::POST,
+            &["v1", "terminal-operations", "results"],
+            Some(answers),
+        )
+        .await
+    }
+
     /// `POST /v1/terminal-operations` with a signed message ([`terminal::TerminalCredentials::sign`]); the
     /// message authenticates itself, whatever this client's token.
     pub async fn send_operation(

@@ -1543,6 +1543,20 @@ impl Control {
         r
     }
 
+    /// Records several hosts' answers ([`Control::answer_operation`] each, concurrently:
+    /// the store commits them together). One result per answer, in order.
+    pub async fn answer_operations(
+        &self,
+        answers: Vec<model::terminals::OperationAnswer>,
+    ) -> Vec<Result<PerformedOperation, ControlError>> {
+        futures_util::future::join_all(
+            answers
+                .into_iter()
+                .map(|a| self.answer_operation(a.terminal, a.seq, a.result)),
+        )
+        .await
+    }
+
     /// Removes a terminal's oldest operation records beyond [`LOG_PER_TERMINAL`].
     async fn trim_operations(&self, t: TerminalId) {
         let prefix = format!("{TERMINAL_OPS}{t}/");

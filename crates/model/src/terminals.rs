@@ -287,6 +287,47 @@ pub struct OperationResult {
     pub screenshot: Option<ScreenshotPng>,
 }
 
+/// One answer of an [`OperationAnswers`] batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperationAnswer {
+    /// The operation's terminal.
+    #[schema(value_type = String)]
+    pub terminal: TerminalId,
+    /// The operation's sequence number.
+    pub seq: u64,
+    /// What the host did.
+    pub result: OperationResult,
+}
+
+/// `POST /v1/terminal-operations/results`: several answers of a host in one request (the
+/// agent sends what its VMs performed while its previous requests were under way).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperationAnswers {
+    /// At most [`MAX_ANSWERS`].
+    pub answers: Vec<OperationAnswer>,
+}
+
+/// The most answers one [`OperationAnswers`] request may carry.
+pub const MAX_ANSWERS: usize = 256;
+
+/// What became of one answer of a batch, in the batch's order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerOutcome {
+    /// The operation's terminal.
+    #[schema(value_type = String)]
+    pub terminal: TerminalId,
+    /// The operation's sequence number.
+    pub seq: u64,
+    /// The HTTP status the answer alone would have had (200: recorded; 5xx: send again).
+    pub status: u16,
+    /// Why it was not recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// How many sequence numbers below the highest seen are still accepted (once each):
 /// messages sent in parallel may arrive out of order.
 pub const REPLAY_WINDOW: u64 = 64;

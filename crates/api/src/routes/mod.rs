@@ -183,6 +183,7 @@ pub(crate) fn agent_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/v1/terminal-operations/{terminal}/{seq}/result",
             put(terminals::result),
         ),
+        ("/v1/terminal-operations/results", post(terminals::results)),
         // The snapshot's limit is applied by the handler, which names it in the 413.
         (
             "/v1/migrations/{id}/snapshot",
@@ -302,7 +303,7 @@ mod tests {
             }
         }
         assert_eq!(served, documented());
-        assert_eq!(served.len(), 93, "{served:?}");
+        assert_eq!(served.len(), 94, "{served:?}");
     }
 
     /// Every route that reads a JSON body refuses one over 2 MiB with 413 problem+json
@@ -382,7 +383,7 @@ mod tests {
                 probed += 1;
             }
         }
-        assert_eq!(probed, 29);
+        assert_eq!(probed, 30);
     }
 
     #[test]

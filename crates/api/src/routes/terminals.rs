@@ -10,8 +10,9 @@ use axum::response::Response;
 use axum::Json;
 use model::api::Problem;
 use model::terminals::{
-    BindTerminal, CreateTerminal, CreatedTerminal, OperationOutcome, OperationResult,
-    PerformedOperation, SessionReply, Terminal, MAX_OPERATION_MESSAGE,
+    AnswerOutcome, BindTerminal, CreateTerminal, CreatedTerminal, OperationAnswers,
+    OperationOutcome, OperationResult, PerformedOperation, SessionReply, Terminal, MAX_ANSWERS,
+    MAX_OPERATION_MESSAGE,
 };
 use model::{Role, TerminalId};
 
@@ -251,6 +252,54 @@ fn check_origin(headers: &HeaderMap) -> Result<(), ApiError> {
             origin.to_str().unwrap_or("(not text)")
         ))),
     }
+}
+
+/// Several answers of hosts to terminal operations they were sent, in one request (agent
+/// protocol): each recorded as `PUT …/result` would, and its own status in the answer.
+#[utoipa::path(post, path = "/v1/terminal-operations/results", tag = "agents",
+    request_body = OperationAnswers,
+    responses(
+        (status = 200, body = [AnswerOutcome], description = "one outcome per answer, in order"),
+        (status = 401, description = "no, invalid or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "not an agent or admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "bad body, or more than 256 answers", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn results(
+    State(state): State<AppState>,
+    caller: Caller,
+    AppJson(body): AppJson<OperationAnswers>,
+) -> Result<Json<Vec<AnswerOutcome>>, ApiError> {
+    caller.require(&[Role::Admin, Role::Agent], "answering terminal operations")?;
+    if body.answers.len() > MAX_ANSWERS {
+        return Err(ApiError::Unprocessable(format!(
+            "answers: {} answers exceed the limit of {MAX_ANSWERS}",
+            body.answers.len()
+        )));
+    }
+    let keys: Vec<_> = body.answers.iter().map(|a| (a.terminal, a.seq)).collect();
+    let done = state.control().answer_operations(body.answers).await;
+    Ok(Json(
+        keys.into_iter()
+            .zip(done)
+            .map(|((terminal, seq), r)| match r {
+                Ok(_) => AnswerOutcome {
+                    terminal,
+                    seq,
+                    status: 200,
+                    detail: None,
+                },
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    AnswerOutcome {
+                        terminal,
+                        seq,
+                        status: e.status().0.as_u16(),
+                        detail: Some(e.to_string()),
+                    }
+                }
+            })
+            .collect(),
+    ))
 }
 
 /// The host's answer to a terminal operation it was sent (agent protocol).
