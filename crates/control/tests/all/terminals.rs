@@ -45,6 +45,20 @@ async fn hosts_answer(c: &Control) {
     });
 }
 
+/// Terminal `kiosk` of `tenant`, bound to `vm` (shared): its id, secret and server id.
+async fn kiosk_on(c: &Control, tenant: TenantId, vm: model::VmId) -> (TerminalId, String, String) {
+    let made = c.create_terminal(tenant, n("kiosk")).await.unwrap();
+    c.bind_terminal(
+        Scope::Tenant(tenant),
+        "kiosk",
+        &vm.to_string(),
+        SharePolicy::Shared,
+    )
+    .await
+    .unwrap();
+    (made.terminal.id, made.secret, made.server)
+}
+
 /// A signed message from terminal `t` (secret `secret`) with `body`.
 fn message(server: &str, t: TerminalId, secret: &str, seq: u64, ts: u64, body: &str) -> Vec<u8> {
     let mut h = OperationHeader {
@@ -387,16 +401,7 @@ async fn operations_held_for_a_deleted_vm_are_answered_failed() {
     rec.migration = Some(mid);
     crate::drain::put(store.as_ref(), &key, &rec).await;
 
-    let made = c.create_terminal(tenant, n("kiosk")).await.unwrap();
-    let (t, secret, server) = (made.terminal.id, made.secret.clone(), made.server.clone());
-    c.bind_terminal(
-        Scope::Tenant(tenant),
-        "kiosk",
-        &web.to_string(),
-        SharePolicy::Shared,
-    )
-    .await
-    .unwrap();
+    let (t, secret, server) = kiosk_on(&c, tenant, web).await;
     let now = control::now_ms();
     // Two operations, held (nobody answers): each waits for its answer meanwhile.
     let mut waiting = Vec::new();
@@ -539,16 +544,7 @@ async fn the_answer_reaches_the_sender_from_its_host_only() {
     let c = control(&store);
     let tenant = TenantId::new_random();
     let web = vm(store.as_ref(), tenant, "web", "h1").await;
-    let made = c.create_terminal(tenant, n("kiosk")).await.unwrap();
-    let (t, secret, server) = (made.terminal.id, made.secret.clone(), made.server.clone());
-    c.bind_terminal(
-        Scope::Tenant(tenant),
-        "kiosk",
-        &web.to_string(),
-        SharePolicy::Shared,
-    )
-    .await
-    .unwrap();
+    let (t, secret, server) = kiosk_on(&c, tenant, web).await;
     let mut sent = store.watch(control::terminals::TERMINAL_OPS).await.unwrap();
     let sender = {
         let c = c.clone();
