@@ -3,10 +3,10 @@
 //! answers the server (`POST /v1/terminal-operations/results`, several answers at once
 //! when the host is busy).
 
-use base64::Engine;
-use compute::OpOutcome;
 use std::sync::Arc;
 
+use base64::Engine;
+use compute::OpOutcome;
 use model::terminals::{
     OperationAnswer, OperationAnswers, OperationOutcome, OperationResult, PerformedOperation,
     ScreenshotPng, MAX_ANSWERS,
@@ -192,9 +192,10 @@ mod tests {
 
     /// An answer the server could not take — it was down — is sent again until the
     /// server is back, and recorded then (a server that replied to the terminal and
-    /// died before its commit loses nothing).
+    /// died before its commit loses nothing); then each answer of a batch gets its own
+    /// status.
     #[tokio::test]
-    async fn an_answer_is_sent_again_until_the_server_is_back() {
+    async fn an_answer_is_sent_again_until_the_server_is_back_and_a_batch_has_statuses() {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(store::testing::MemStore::new());
         let token = api::bootstrap_admin(store.as_ref(), dir.path())
