@@ -106,6 +106,8 @@ pub struct TrafficReporting {
     pub controller: std::net::SocketAddr,
     /// The controller's domain (the server's `--domain`).
     pub domain: String,
+    /// Leave every frame to the bridge (see [`net::KernelSwitchConfig::bridge_only`]).
+    pub bridge_only: bool,
 }
 
 /// CPUs, memory and disk a host registers with, when not measured from the machine.
@@ -631,6 +633,7 @@ async fn start_counting(cfg: &AgentConfig) -> Result<Option<Arc<net::KernelSwitc
         // A pair silent for 5 minutes leaves the kernel's 65 536-entry pair map (its
         // totals stay at the controller).
         pair_idle: Some(std::time::Duration::from_secs(300)),
+        bridge_only: t.bridge_only,
     };
     let instance = netdev::datapath_instance(&cfg.host_name, &cfg.data_dir);
     let sw = tokio::task::spawn_blocking(move || net::KernelSwitch::start(kcfg, &instance))

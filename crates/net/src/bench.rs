@@ -1,9 +1,11 @@
 //! `vinfra bench vswitch`: classification + forwarding throughput of [`SwitchCore`] on an
 //! in-memory frame stream, and on veth ports of four datapaths side by side: the Linux bridge
 //! alone (`linux-bridge`, the baseline), the bridge with vinfra's BPF classifier on both ports
-//! attached as on VM taps (`vinfra`; at the kernel's tcx hooks), the same with the classifier
-//! as clsact filters (`vinfra-clsact`, the fallback where tcx is missing), and the old
-//! user-space switch (`userspace`). Rounds of the bridge and the classified paths take turns
+//! attached as on VM taps (`vinfra`; at the kernel's tcx hooks, forwarding from one port to the
+//! other itself), the same with the classifier as clsact filters (`vinfra-clsact`, the
+//! fallback where tcx is missing), the classifier leaving every frame to the bridge
+//! (`vinfra-bridge-only`, the agent's `--bridge-only`), and the old user-space switch
+//! (`userspace`). Rounds of the bridge and the classified paths take turns
 //! (the order rotating), 25 rounds each of a tenth of the configured time; each row is its
 //! path's median round, and a classified path's "vs bridge" is the median of its rounds'
 //! ratios to the bridge round of the same turn, so neither a burst of other load nor one lucky
@@ -476,19 +478,39 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
     userspace.frames_per_cpu_s =
         (!st.cpu.is_zero()).then(|| counts.1 as f64 / st.cpu.as_secs_f64());
 
-    // Three identical bridged paths side by side: one with the classifier on both ports at
-    // the kernel's tcx hooks (as on a host's VM taps, where it counts at ingress of the
-    // sender's and egress of the receiver's), one with it as clsact filters (the fallback
-    // where tcx is missing) and one without, all set up once: rounds go round them with no
-    // reconfiguration in between, whose process spawns would otherwise weigh on the next
-    // round.
-    let paths = [
-        (ms, mr, "eth0", "ws", "wr", "br0"),
-        (mac(3), mac(4), "eth1", "ws1", "wr1", "br1"),
-        (mac(5), mac(6), "eth2", "ws2", "wr2", "br2"),
+    // Four identical bridged paths side by side: the classifier on both ports at the
+    // kernel's tcx hooks (as on a host's VM taps, where it counts at ingress of the sender's
+    // and egress of the receiver's, and forwards from one to the other itself), the same as
+    // clsact filters (the fallback where tcx is missing), the same leaving every frame to the
+    // bridge (`--bridge-only`, a second instance), and the bridge alone; all set up once:
+    // rounds go round them with no reconfiguration in between, whose process spawns would
+    // otherwise weigh on the next round.
+    let names = [
+        "vinfra",
+        "vinfra-clsact",
+        "vinfra-bridge-only",
+        "linux-bridge",
     ];
+    let paths: Vec<(MacAddr, MacAddr, String, String, String, String)> = (0..names.len())
+        .map(|i| {
+            let n = u8::try_from(i).unwrap_or(0);
+            let (eth, ws, wr) = if i == 0 {
+                ("eth0".to_owned(), "ws".to_owned(), "wr".to_owned())
+            } else {
+                (format!("eth{i}"), format!("ws{i}"), format!("wr{i}"))
+            };
+            (
+                mac(2 * n + 1),
+                mac(2 * n + 2),
+                eth,
+                ws,
+                wr,
+                format!("br{i}"),
+            )
+        })
+        .collect();
     let mut ports = Vec::new();
-    for (i, &(a, b, eth, ws, wr, br)) in paths.iter().enumerate() {
+    for (i, (a, b, eth, ws, wr, br)) in paths.iter().enumerate() {
         if i > 0 {
             lab.veth(&s, eth, &w, ws, Some(&a.to_string()))?;
             lab.veth(&r, eth, &w, wr, Some(&b.to_string()))?;
@@ -505,36 +527,67 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
                 Some(RawPort::open(Some(&r), eth)?),
             )
         };
-        let mut f = build(b, a, 0x88b5, len);
+        let mut f = build(*b, *a, 0x88b5, len);
         f.truncate(len);
-        ports.push((tx, rx, f, b));
+        ports.push((tx, rx, f, *b));
     }
-    let dp = crate::kernel::KernelDatapath::open(&format!("bench-{}", std::process::id()))?;
-    let res = (|| {
-        let mut addrs = std::collections::BTreeMap::new();
-        for &(a, b, ..) in &paths[..2] {
-            addrs.insert(a, crate::kernel::AddrLocation::Local);
-            addrs.insert(b, crate::kernel::AddrLocation::Local);
+    let tag = std::process::id();
+    let dp = crate::kernel::KernelDatapath::open(&format!("bench-{tag}"))?;
+    let dp_bridged = match crate::kernel::KernelDatapath::open(&format!("bench-{tag}-b")) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = dp.remove();
+            return Err(e.into());
         }
-        dp.set_addresses(&addrs)?;
-        dp.attach(Some(&w), "ws", paths[0].0)?;
-        dp.attach(Some(&w), "wr", paths[0].1)?;
-        dp.attach_clsact(Some(&w), "ws1", paths[1].0)?;
-        dp.attach_clsact(Some(&w), "wr1", paths[1].1)?;
-        let names = ["vinfra", "vinfra-clsact", "linux-bridge"];
-        let mut rounds: [Vec<BenchRow>; 3] = Default::default();
+    };
+    let res = (|| {
+        dp_bridged.set_bridge_only(true)?;
+        let mut addrs = std::collections::BTreeMap::new();
+        for (a, b, ..) in &paths[..3] {
+            addrs.insert(*a, crate::kernel::AddrLocation::Local);
+            addrs.insert(*b, crate::kernel::AddrLocation::Local);
+        }
+        for d in [&dp, &dp_bridged] {
+            d.set_addresses(&addrs)?;
+        }
+        for (i, (a, b, _, ws, wr, _)) in paths.iter().enumerate() {
+            match i {
+                0 => {
+                    dp.attach(Some(&w), ws, *a)?;
+                    dp.attach(Some(&w), wr, *b)?;
+                }
+                1 => {
+                    dp.attach_clsact(Some(&w), ws, *a)?;
+                    dp.attach_clsact(Some(&w), wr, *b)?;
+                }
+                2 => {
+                    dp_bridged.attach(Some(&w), ws, *a)?;
+                    dp_bridged.attach(Some(&w), wr, *b)?;
+                }
+                _ => {}
+            }
+        }
+        // Like a VM, the receiver has said something (an ARP, say) before it is sent to:
+        // only then does the classifier know it runs at its port and skip the bridge to it.
+        for (i, (_, rx_p, _, dst)) in ports.iter().enumerate() {
+            let rx_p = rx_p.as_ref().unwrap_or(&rx);
+            let mut hello = build(paths[i].0, *dst, 0x88b5, 64);
+            hello.truncate(64);
+            let _ = rx_p.send(&hello);
+        }
+        let mut rounds: Vec<Vec<BenchRow>> = vec![Vec::new(); names.len()];
         let round = duration / ROUND_DIVISOR;
         for i in 0..ROUNDS {
             // The order rotates, so that no path gains from its place.
-            for k in 0..3 {
-                let p = (i + k) % 3;
+            for k in 0..names.len() {
+                let p = (i + k) % names.len();
                 let (tx_p, rx_p, f, dst) = &ports[p];
                 let (tx_p, rx_p) = (tx_p.as_ref().unwrap_or(&tx), rx_p.as_ref().unwrap_or(&rx));
                 let c = pump(tx_p, rx_p, f, *dst, round);
                 rounds[p].push(row(names[p], len, c, round));
             }
         }
-        let [classified, clsact, bridge] = rounds;
+        let bridge = rounds.pop().unwrap_or_default();
         // The classifier's own cost, from the kernel's BPF run-time statistics (off during
         // the throughput rounds: the timing itself costs a little).
         let stats = BpfStats::on();
@@ -543,26 +596,22 @@ fn bench_veth(len: usize, duration: Duration) -> Result<Vec<BenchRow>, BenchErro
         let after = dp.run_stats()?;
         drop(stats);
         let ns = after.0.saturating_sub(before.0);
-        let vs_bridge = paired_ratio(&classified, &bridge);
-        let clsact_vs_bridge = paired_ratio(&clsact, &bridge);
         let classify_ns_per_frame = (got > 0 && ns > 0).then(|| ns as f64 / got as f64);
-        let mut rows: Vec<BenchRow> = median(bridge)
-            .into_iter()
-            .chain(median(classified).map(|c| BenchRow {
+        let ratios: Vec<Option<Ratio>> = rounds.iter().map(|r| paired_ratio(r, &bridge)).collect();
+        let mut rows: Vec<BenchRow> = median(bridge).into_iter().collect();
+        for (i, (path, vs_bridge)) in rounds.into_iter().zip(ratios).enumerate() {
+            rows.extend(median(path).map(|c| BenchRow {
                 vs_bridge,
-                classify_ns_per_frame,
+                classify_ns_per_frame: if i == 0 { classify_ns_per_frame } else { None },
                 ..c
-            }))
-            .chain(median(clsact).map(|c| BenchRow {
-                vs_bridge: clsact_vs_bridge,
-                ..c
-            }))
-            .collect();
+            }));
+        }
         rows.push(userspace);
         Ok::<_, BenchError>(rows)
     })();
     drop(lab);
     let _ = dp.remove();
+    let _ = dp_bridged.remove();
     res
 }
 

@@ -1,5 +1,7 @@
 //! The in-kernel datapath: the BPF classifier of `bpf/classifier.c` at tc ingress and egress
-//! of each VM NIC (a tap, or a veth in the tests) while the Linux bridge keeps forwarding.
+//! of each VM NIC (a tap, or a veth in the tests). It counts every frame, forwards a frame
+//! between two VMs of the host on one bridge itself (straight to the destination's tap), and
+//! leaves every other frame to the Linux bridge.
 //!
 //! The program is compiled by clang at build time (`build.rs`) and embedded here. One
 //! instance per host (switch): [`KernelDatapath::open`] loads it with `bpftool prog loadall`
@@ -38,6 +40,19 @@ const ROW_PAIRS_FULL: u32 = 6;
 /// `addrs` map values.
 const ADDR_LOCAL: u32 = 1;
 const ADDR_REMOTE: u32 = 2;
+
+/// `meta` slots (see `bpf/classifier.c`).
+const META_EPOCH: u32 = 0;
+const META_GENERATION: u32 = 1;
+const META_AGEING_ROUND: u32 = 2;
+const META_BRIDGE_ONLY: u32 = 3;
+
+/// Maps an instance loaded by an older vinfra lacks: it is upgraded in place
+/// ([`KernelDatapath::open_in`]).
+const NEW_MAPS: [&str; 2] = ["taps", "fwd"];
+/// The maps whose contents an upgrade keeps: what was counted, the address table and the
+/// epoch. `taps`/`fwd` are refilled as the agent attaches its taps again.
+const KEPT_MAPS: [&str; 4] = ["addrs", "counters", "pairs", "meta"];
 
 /// A tool failed or answered something unexpected.
 #[derive(Debug, thiserror::Error)]
@@ -417,12 +432,17 @@ impl KernelDatapath {
             .all(|p| dp.dir.join(p).exists());
         if !loaded {
             dp.load()?;
+        } else if NEW_MAPS
+            .iter()
+            .any(|m| !dp.dir.join("maps").join(m).exists())
+        {
+            dp.upgrade()?;
         }
         if dp.epoch()? == 0 {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-            dp.update("meta", &0u32.to_le_bytes(), &now.to_le_bytes())?;
+            dp.update("meta", &META_EPOCH.to_le_bytes(), &now.to_le_bytes())?;
         }
         // A new process cannot know what an earlier one left in `addrs`: pairs reclassify.
         dp.bump_generation()?;
@@ -430,13 +450,43 @@ impl KernelDatapath {
     }
 
     fn load(&self) -> Result<(), KernelError> {
-        let io = |what: String| move |source| KernelError::Io { what, source };
         if self.dir.exists() {
             // A load interrupted half-way: start over.
             std::fs::remove_dir_all(&self.dir)
                 .map_err(io(format!("remove {}", self.dir.display())))?;
         }
         std::fs::create_dir_all(&self.dir).map_err(io(format!("create {}", self.dir.display())))?;
+        self.load_into(&self.dir, &[])
+    }
+
+    /// Replaces the programs of an instance an older vinfra loaded with the current ones,
+    /// keeping its counters, address table and epoch: the new programs are loaded on the old
+    /// maps (`bpftool prog loadall … map name M pinned …`) into `next/`, whose pins then take
+    /// the old ones' places. The NICs keep running the old programs until the agent attaches
+    /// them again (it does for every VM it adopts), which replaces them at the hooks. An
+    /// upgrade interrupted half-way leaves progs or maps missing: the next open loads afresh,
+    /// with a new epoch, as after a reboot.
+    fn upgrade(&self) -> Result<(), KernelError> {
+        let next = self.dir.join("next");
+        if next.exists() {
+            std::fs::remove_dir_all(&next).map_err(io(format!("remove {}", next.display())))?;
+        }
+        std::fs::create_dir_all(&next).map_err(io(format!("create {}", next.display())))?;
+        let kept: Vec<(&str, String)> = KEPT_MAPS.iter().map(|m| (*m, self.map(m))).collect();
+        self.load_into(&next, &kept)?;
+        for d in ["progs", "maps"] {
+            let (old, new) = (self.dir.join(d), next.join(d));
+            std::fs::remove_dir_all(&old).map_err(io(format!("remove {}", old.display())))?;
+            std::fs::rename(&new, &old).map_err(io(format!("rename {}", new.display())))?;
+        }
+        std::fs::remove_dir(&next).map_err(io(format!("remove {}", next.display())))?;
+        tracing::info!(dir = %self.dir.display(), "classifier upgraded, counters kept");
+        Ok(())
+    }
+
+    /// `bpftool prog loadall` of the classifier, pinning under `dir`/{progs,maps}, with the
+    /// maps of `reuse` (name, pinned path) instead of new ones.
+    fn load_into(&self, dir: &Path, reuse: &[(&str, String)]) -> Result<(), KernelError> {
         let obj = std::env::temp_dir().join(format!(
             "vinfra-classifier-{}-{}.o",
             std::process::id(),
@@ -445,22 +495,17 @@ impl KernelDatapath {
                 .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
         ));
         std::fs::write(&obj, CLASSIFIER_OBJECT).map_err(io(format!("write {}", obj.display())))?;
-        let progs = self.path("progs");
-        let maps = self.path("maps");
-        let res = run(
-            "bpftool",
-            &[
-                "prog",
-                "loadall",
-                &obj.to_string_lossy(),
-                &progs,
-                "type",
-                "classifier",
-                "pinmaps",
-                &maps,
-            ],
-            None,
+        let (obj_s, progs, maps) = (
+            obj.to_string_lossy().into_owned(),
+            dir.join("progs").to_string_lossy().into_owned(),
+            dir.join("maps").to_string_lossy().into_owned(),
         );
+        let mut args = vec!["prog", "loadall", &obj_s, &progs, "type", "classifier"];
+        for (name, path) in reuse {
+            args.extend(["map", "name", name, "pinned", path]);
+        }
+        args.extend(["pinmaps", &maps]);
+        let res = run("bpftool", &args, None);
         let _ = std::fs::remove_file(&obj);
         res.map(|_| ())
     }
@@ -480,7 +525,19 @@ impl KernelDatapath {
 
     /// The counter epoch: unix ns when the instance was loaded.
     pub fn epoch(&self) -> Result<u64, KernelError> {
-        self.meta(0)
+        self.meta(META_EPOCH)
+    }
+
+    /// Whether the classifier forwards frames between the host's VMs on one bridge itself
+    /// (the default) or leaves every frame to the bridge (`bridge_only`): for an operator
+    /// whose own filters (nftables' bridge family, `br_netfilter`) must see that traffic,
+    /// since a frame that skips the bridge skips its netfilter hooks too.
+    pub fn set_bridge_only(&self, bridge_only: bool) -> Result<(), KernelError> {
+        self.update(
+            "meta",
+            &META_BRIDGE_ONLY.to_le_bytes(),
+            &u64::from(bridge_only).to_le_bytes(),
+        )
     }
 
     fn meta(&self, slot: u32) -> Result<u64, KernelError> {
@@ -493,11 +550,11 @@ impl KernelDatapath {
 
     /// Makes every pair's cached class stale (after `addrs` changed). Never 0 (= unset).
     fn bump_generation(&self) -> Result<(), KernelError> {
-        let next = match (self.meta(1)? + 1) & 0xffff_ffff {
+        let next = match (self.meta(META_GENERATION)? + 1) & 0xffff_ffff {
             0 => 1,
             g => g,
         };
-        self.update("meta", &1u32.to_le_bytes(), &next.to_le_bytes())
+        self.update("meta", &META_GENERATION.to_le_bytes(), &next.to_le_bytes())
     }
 
     /// Deletes the map entries of VM pairs that stopped talking, so that the 65 536-entry
@@ -513,8 +570,12 @@ impl KernelDatapath {
         if pairs.is_empty() {
             return Ok(());
         }
-        let round = (self.meta(2)? + 1) & 0xffff_ffff;
-        self.update("meta", &2u32.to_le_bytes(), &round.to_le_bytes())?;
+        let round = (self.meta(META_AGEING_ROUND)? + 1) & 0xffff_ffff;
+        self.update(
+            "meta",
+            &META_AGEING_ROUND.to_le_bytes(),
+            &round.to_le_bytes(),
+        )?;
         let m = self.map("pairs");
         let mut batch = String::new();
         for (src, dst) in pairs {
@@ -641,16 +702,21 @@ impl KernelDatapath {
         Ok(ifindex)
     }
 
-    /// Records `ifname`'s VM MAC before any program runs there: the egress program counts
-    /// nothing for a NIC it does not know.
+    /// Records `ifname`'s VM MAC and bridge before any program runs there: the egress
+    /// program counts nothing for a NIC it does not know, and frames skip the bridge only
+    /// between NICs of one bridge. Not yet `live`: the first frame the VM sends sets it.
     fn record_nic(
         &self,
         netns: Option<&str>,
         ifname: &str,
         mac: MacAddr,
     ) -> Result<u32, KernelError> {
-        let ifindex = ifindex(netns, ifname)?;
-        self.update("ports", &ifindex.to_le_bytes(), &mac_key(mac))?;
+        let (ifindex, bridge) = link(netns, ifname)?;
+        let mut tap = [0u8; 16];
+        tap[..8].copy_from_slice(&mac_key(mac));
+        tap[8..12].copy_from_slice(&bridge.unwrap_or(0).to_le_bytes());
+        self.update("taps", &ifindex.to_le_bytes(), &tap)?;
+        self.update("fwd", &mac_key(mac), &ifindex.to_le_bytes())?;
         Ok(ifindex)
     }
 
@@ -688,13 +754,23 @@ impl KernelDatapath {
         Ok(())
     }
 
-    /// Detaches the classifier from `ifname` (when it still exists) and forgets NIC `ifindex`.
+    /// Detaches the classifier from `ifname` (when it still exists) and forgets NIC
+    /// `ifindex` of VM `mac`: first that frames may skip the bridge to it.
     pub fn detach(
         &self,
         netns: Option<&str>,
         ifname: &str,
         ifindex: u32,
+        mac: MacAddr,
     ) -> Result<(), KernelError> {
+        // The MAC may be on a newer NIC already (a VM restarted on a new tap).
+        if self
+            .lookup("fwd", &mac_key(mac))?
+            .is_some_and(|v| u32_at(&v, 0) == ifindex)
+        {
+            self.delete("fwd", &mac_key(mac))?;
+        }
+        self.delete("taps", &ifindex.to_le_bytes())?;
         // The device may be gone already (its hooks went with it).
         for hook in Hook::ALL {
             if let Ok(attached) = tcx_programs(netns, ifname, hook) {
@@ -710,8 +786,12 @@ impl KernelDatapath {
             &in_ns(netns, &["qdisc", "del", "dev", ifname, "clsact"]),
             None,
         );
-        let m = self.map("ports");
-        let k = hex(&ifindex.to_le_bytes());
+        Ok(())
+    }
+
+    /// Deletes `key` from `map`; a key that is not there is no error.
+    fn delete(&self, map: &str, key: &[u8]) -> Result<(), KernelError> {
+        let (m, k) = (self.map(map), hex(key));
         let mut args = vec!["map", "delete", "pinned", &m, "key", "hex"];
         args.extend(k.split(' '));
         match run("bpftool", &args, None) {
@@ -719,6 +799,32 @@ impl KernelDatapath {
             Err(KernelError::Tool { stderr, .. }) if stderr.contains("No such file") => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// The value at `key` of `map`, if any.
+    fn lookup(&self, map: &str, key: &[u8]) -> Result<Option<Vec<u8>>, KernelError> {
+        let (m, k) = (self.map(map), hex(key));
+        let mut args = vec!["-j", "map", "lookup", "pinned", &m, "key", "hex"];
+        args.extend(k.split(' '));
+        let out = match run("bpftool", &args, None) {
+            Ok(out) => out,
+            // bpftool -j prints `null` for a key that is not there (exit 254).
+            Err(KernelError::Tool { stderr, .. })
+                if stderr == "null" || stderr.contains("Not found") =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let v: Option<serde_json::Value> = serde_json::from_str(&out).ok();
+        v.as_ref()
+            .and_then(|v| v.get("value"))
+            .and_then(bytes_of)
+            .map(Some)
+            .ok_or_else(|| KernelError::Output {
+                command: format!("bpftool -j map lookup pinned {m}"),
+                detail: "no value".to_owned(),
+            })
     }
 
     /// Makes the `addrs` map exactly `want` (MAC → where it is).
@@ -809,23 +915,48 @@ impl KernelDatapath {
 
 /// The interface index of `ifname` in `netns` (or this namespace).
 pub fn ifindex(netns: Option<&str>, ifname: &str) -> Result<u32, KernelError> {
-    let out = run(
-        "ip",
-        &in_ns(netns, &["-j", "link", "show", "dev", ifname]),
-        None,
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| KernelError::Output {
-        command: format!("ip -j link show dev {ifname}"),
-        detail: e.to_string(),
-    })?;
-    v.get(0)
-        .and_then(|l| l.get("ifindex"))
+    Ok(link(netns, ifname)?.0)
+}
+
+/// The interface index of `ifname` in `netns` (or this namespace), and its bridge's (the
+/// device it is a port of), if any.
+fn link(netns: Option<&str>, ifname: &str) -> Result<(u32, Option<u32>), KernelError> {
+    let show = |dev: &str| -> Result<(u32, Option<String>), KernelError> {
+        let out = run(
+            "ip",
+            &in_ns(netns, &["-j", "link", "show", "dev", dev]),
+            None,
+        )?;
+        parse_link(&out).map_err(|detail| KernelError::Output {
+            command: format!("ip -j link show dev {dev}"),
+            detail,
+        })
+    };
+    let (index, master) = show(ifname)?;
+    let bridge = match master {
+        Some(m) => Some(show(&m)?.0),
+        None => None,
+    };
+    Ok((index, bridge))
+}
+
+/// Parses `ip -j link show dev X` (`[{"ifindex": N, "master": "br0", …}]`).
+fn parse_link(out: &str) -> Result<(u32, Option<String>), String> {
+    let v: serde_json::Value = serde_json::from_str(out).map_err(|e| e.to_string())?;
+    let l = v.get(0).ok_or("no link")?;
+    let index = l
+        .get("ifindex")
         .and_then(|i| i.as_u64())
         .and_then(|i| u32::try_from(i).ok())
-        .ok_or_else(|| KernelError::Output {
-            command: format!("ip -j link show dev {ifname}"),
-            detail: "no ifindex".to_owned(),
-        })
+        .ok_or("no ifindex")?;
+    Ok((
+        index,
+        l.get("master").and_then(|m| m.as_str()).map(str::to_owned),
+    ))
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> KernelError {
+    move |source| KernelError::Io { what, source }
 }
 
 fn ensure_bpffs(root: &Path) -> Result<(), KernelError> {

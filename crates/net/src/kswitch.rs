@@ -41,6 +41,9 @@ pub struct KernelSwitchConfig {
     /// for this long and the controller has acknowledged them (the controller keeps its
     /// totals; if the pair talks again it is counted as a new flow). `None`: never.
     pub pair_idle: Option<Duration>,
+    /// Leave every frame to the Linux bridge instead of forwarding those between two VMs of
+    /// this host on one bridge in the classifier ([`KernelDatapath::set_bridge_only`]).
+    pub bridge_only: bool,
 }
 
 /// A kernel switch could not start or do its work.
@@ -157,7 +160,7 @@ impl State {
             .collect();
         for n in &gone {
             if let Some(p) = self.ports.remove(n) {
-                let _ = self.dp.detach(None, n, p.ifindex);
+                let _ = self.dp.detach(None, n, p.ifindex, p.address.mac);
             }
         }
         if gone.is_empty() {
@@ -311,10 +314,12 @@ impl KernelSwitch {
         dp: KernelDatapath,
     ) -> Result<KernelSwitch, KernelSwitchError> {
         let switch = cfg.switch.clone();
-        let epoch = dp.epoch().map_err(|err| KernelSwitchError::Kernel {
+        let kerr = |err| KernelSwitchError::Kernel {
             switch: switch.clone(),
             err,
-        })?;
+        };
+        let epoch = dp.epoch().map_err(kerr)?;
+        dp.set_bridge_only(cfg.bridge_only).map_err(kerr)?;
         let state = State {
             link: cfg.controller.map(ControllerLink::new),
             table: AddressTable::empty(cfg.domain.clone()),
@@ -392,7 +397,7 @@ impl KernelSwitch {
             return Ok(());
         };
         st.dp
-            .detach(p.netns.as_deref(), ifname, p.ifindex)
+            .detach(p.netns.as_deref(), ifname, p.ifindex, p.address.mac)
             .map_err(|e| st.kerr(e))?;
         st.sync_addresses()?;
         drop(st);

@@ -78,6 +78,11 @@ pub struct AgentArgs {
     /// The vSwitch controller's domain (the server's --domain).
     #[arg(long, default_value = "default")]
     pub domain: String,
+    /// Leave every VM frame to the Linux bridge: by default the classifier forwards frames
+    /// between this host's VMs on one bridge itself, skipping the bridge, and with it any
+    /// nftables bridge-family or br_netfilter rules you filter VM traffic with.
+    #[arg(long)]
+    pub bridge_only: bool,
     /// vCPUs offered per CPU: the scheduler places up to CPUs × this many vCPUs here
     /// (like Nova's cpu_allocation_ratio; memory is never overcommitted).
     #[arg(long, default_value_t = 4.0)]
@@ -187,6 +192,7 @@ pub async fn run(
     cfg.traffic = args.vswitch.map(|controller| agent::TrafficReporting {
         controller,
         domain: args.domain.clone(),
+        bridge_only: args.bridge_only,
     });
     if !(args.cpu_allocation_ratio > 0.0 && args.cpu_allocation_ratio <= 64.0) {
         anyhow::bail!(

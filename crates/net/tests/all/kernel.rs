@@ -178,6 +178,7 @@ impl Lab {
             controller: Some(self.addrs[dom]),
             report_interval: Duration::from_millis(100),
             pair_idle: self.pair_idle,
+            bridge_only: false,
         };
         let dp = self.instance(host);
         let sw = KernelSwitch::start_on(cfg, dp).expect("start kernel switch");
@@ -556,9 +557,11 @@ fn attach_is_idempotent_at_tcx_and_takes_over_from_stale_and_clsact_programs() {
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(shown[0]["tc"][0]["prog_id"].as_u64(), Some(ids(&new)));
     let ifindex = net::kernel::ifindex(Some(&m), "tapx").expect("ifindex");
-    new.detach(Some(&m), "tapx", ifindex).expect("detach");
+    new.detach(Some(&m), "tapx", ifindex, mac(9))
+        .expect("detach");
     assert!(hooks(&m, "tapx").is_empty());
-    new.detach(Some(&m), "tapx", ifindex).expect("detach twice");
+    new.detach(Some(&m), "tapx", ifindex, mac(9))
+        .expect("detach twice");
     drop(lab);
     let _ = old.remove();
     let _ = new.remove();
@@ -624,4 +627,213 @@ fn both_ways_of_attaching_count_every_frame_once() {
         let _ = dp.remove();
     }
     drop(lab);
+}
+
+/// Frames of `ethertype` for `dst` that `port` receives within `within` (the socket is
+/// non-blocking: poll it until then).
+fn received(port: &net::rawsock::RawPort, dst: MacAddr, within: Duration) -> usize {
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match port.recv(&mut buf) {
+            Ok(net::rawsock::Recv::Frame(len)) if len >= 14 && buf[..6] == dst.0 => {
+                if buf[12..14] == [0x88, 0xb5] {
+                    n += 1;
+                }
+            }
+            Ok(net::rawsock::Recv::Frame(_)) | Ok(net::rawsock::Recv::Outgoing) => {}
+            Ok(net::rawsock::Recv::Empty) | Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    n
+}
+
+/// The classifier forwards a frame between two VMs of one host on one bridge itself, and
+/// only when that is what the bridge would do: here the receiver's bridge port learns nothing
+/// and floods nothing, so the bridge alone never delivers to it, and a frame that arrives
+/// there skipped the bridge. It does once the receiver has sent from its tap; not before
+/// (it may not run there yet: a migration's destination), not to another bridge's tap, not
+/// with `bridge_only`, and no longer once a frame from the receiver's MAC came in from
+/// elsewhere (it runs on another host now), until it sends from its tap again. Every frame is
+/// counted once in its pair, skipped bridge or not.
+#[test]
+fn frames_between_vms_of_one_host_skip_the_bridge_only_when_the_bridge_would_deliver_them() {
+    let tag = format!("{}", std::process::id());
+    let mut lab = NetnsLab::new();
+    let m = format!("vkf{tag}m");
+    lab.add(&m).expect("machine namespace");
+    let ip = |args: &[&str]| net::netns::ip(args).expect("ip");
+    for br in ["br0", "br1"] {
+        ip(&["-n", &m, "link", "add", br, "type", "bridge"]);
+        ip(&["-n", &m, "link", "set", br, "up"]);
+    }
+    let (x, y, z, u) = (mac(31), mac(32), mac(33), mac(34));
+    // x and y on br0, z on br1, and an uplink on br0 (what a VXLAN port is: frames from
+    // other hosts come in there), not a VM: nothing attached to it.
+    let mut ports = BTreeMap::new();
+    for (name, addr, br) in [
+        ("x", x, "br0"),
+        ("y", y, "br0"),
+        ("z", z, "br1"),
+        ("u", u, "br0"),
+    ] {
+        let v = format!("vkf{tag}{name}");
+        lab.add(&v).expect("vm namespace");
+        let tap = format!("tap{name}");
+        lab.veth(&v, "eth0", &m, &tap, Some(&addr.to_string()))
+            .expect("veth");
+        ip(&["-n", &m, "link", "set", "dev", &tap, "master", br, "up"]);
+        ports.insert(
+            name,
+            net::rawsock::RawPort::open(Some(&v), "eth0").expect("socket"),
+        );
+    }
+    let out = Command::new("bridge")
+        .args([
+            "-n", &m, "link", "set", "dev", "tapy", "learning", "off", "flood", "off",
+        ])
+        .output()
+        .expect("run bridge");
+    assert!(out.status.success(), "{out:?}");
+    let dp = KernelDatapath::open(&format!("test-{tag}-shortcut")).expect("load the classifier");
+    let addrs: BTreeMap<MacAddr, net::kernel::AddrLocation> = [x, y, z]
+        .into_iter()
+        .map(|a| (a, net::kernel::AddrLocation::Local))
+        .collect();
+    dp.set_addresses(&addrs).expect("addresses");
+    for (name, addr) in [("x", x), ("y", y), ("z", z)] {
+        dp.attach(Some(&m), &format!("tap{name}"), addr)
+            .expect("attach");
+    }
+    let send = |from: &str, dst: MacAddr, src: MacAddr, n: usize| {
+        let f = net::frame::build(dst, src, 0x88b5, 100);
+        for _ in 0..n {
+            ports[from].send(&f).expect("send");
+        }
+    };
+    let wait = Duration::from_millis(300);
+    let x_to_y = |n: usize| {
+        send("x", y, x, n);
+        received(&ports["y"], y, wait)
+    };
+
+    assert_eq!(
+        x_to_y(10),
+        0,
+        "y has not sent from its tap: the bridge's way"
+    );
+    send("y", x, y, 1);
+    assert_eq!(
+        x_to_y(10),
+        10,
+        "y runs at its tap: x's frames skip the bridge"
+    );
+    send("z", x, z, 1);
+    send("x", z, x, 10);
+    assert_eq!(
+        received(&ports["z"], z, wait),
+        0,
+        "never to another bridge's tap"
+    );
+
+    dp.set_bridge_only(true).expect("bridge only");
+    assert_eq!(x_to_y(10), 0, "bridge only: nothing skips the bridge");
+    dp.set_bridge_only(false).expect("shortcut again");
+    assert_eq!(x_to_y(10), 10);
+
+    // y's MAC comes in through the uplink (y was migrated to another host and announces
+    // itself there, as QEMU does with RARP broadcasts): frames to y go the bridge's way.
+    send("u", MacAddr([0xff; 6]), y, 1);
+    assert_eq!(x_to_y(10), 0, "y runs elsewhere: the bridge's way");
+    send("y", x, y, 1);
+    assert_eq!(x_to_y(10), 10, "y is back at its tap");
+
+    let counts = dp.read().expect("read counters");
+    let pair = counts
+        .flows
+        .iter()
+        .find(|f| f.src == x && f.dst == y)
+        .expect("the pair x -> y");
+    assert_eq!(
+        (pair.class, pair.counter.packets, pair.counter.bytes),
+        (TrafficClass::IntraServer, 60, 6000),
+        "every frame x sent y counted once, delivered or not"
+    );
+    // Detaching y stops frames skipping the bridge to its tap at once.
+    let ify = net::kernel::ifindex(Some(&m), "tapy").expect("ifindex");
+    dp.detach(Some(&m), "tapy", ify, y).expect("detach");
+    assert_eq!(x_to_y(10), 0, "y detached");
+    drop(ports);
+    drop(lab);
+    let _ = dp.remove();
+}
+
+/// An instance loaded by a vinfra from before the classifier forwarded (no `taps` or `fwd`
+/// map) gets the current programs on its old maps: what it counted and its epoch stay.
+#[test]
+fn an_instance_of_an_older_classifier_is_upgraded_keeping_its_counts() {
+    let tag = format!("{}", std::process::id());
+    let name = format!("test-{tag}-upgrade");
+    let dp = KernelDatapath::open(&name).expect("load the classifier");
+    let mut lab = NetnsLab::new();
+    let (m, v) = (format!("vku{tag}m"), format!("vku{tag}v"));
+    lab.add(&m).expect("machine namespace");
+    lab.add(&v).expect("vm namespace");
+    let (src, dst) = (mac(41), mac(42));
+    lab.veth(&v, "eth0", &m, "tapw", Some(&src.to_string()))
+        .expect("veth");
+    let addrs: BTreeMap<MacAddr, net::kernel::AddrLocation> = [src, dst]
+        .into_iter()
+        .map(|a| (a, net::kernel::AddrLocation::Local))
+        .collect();
+    dp.set_addresses(&addrs).expect("addresses");
+    dp.attach(Some(&m), "tapw", src).expect("attach");
+    let port = net::rawsock::RawPort::open(Some(&v), "eth0").expect("socket");
+    let frame = net::frame::build(dst, src, 0x88b5, 100);
+    let sent = |n: u64| {
+        for _ in 0..n {
+            port.send(&frame).expect("send");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let c = dp.read().expect("read");
+            let got = c.counters.class(TrafficClass::IntraServer).packets;
+            if got >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(sent(5), 5);
+    let epoch = dp.epoch().expect("epoch");
+    let prog = |dp: &KernelDatapath| {
+        let out = Command::new("bpftool")
+            .args(["-j", "prog", "show", "pinned"])
+            .arg(dp.dir().join("progs/vinfra_ingress"))
+            .output()
+            .expect("run bpftool");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["id"].as_u64().expect("id")
+    };
+    let old_prog = prog(&dp);
+    // What an older vinfra left: the same pins without the maps it did not have.
+    for map in ["taps", "fwd"] {
+        std::fs::remove_file(dp.dir().join("maps").join(map)).expect("unpin");
+    }
+    let up = KernelDatapath::open(&name).expect("upgrade");
+    assert!(up.dir().join("maps/taps").exists() && up.dir().join("maps/fwd").exists());
+    assert!(!up.dir().join("next").exists());
+    assert_ne!(prog(&up), old_prog, "new programs");
+    assert_eq!(up.epoch().expect("epoch"), epoch, "the same epoch");
+    // The NIC still runs the old program on the kept maps; attaching again moves it over.
+    up.attach(Some(&m), "tapw", src).expect("attach again");
+    assert_eq!(
+        sent(7),
+        12,
+        "nothing counted before the upgrade lost, nothing twice"
+    );
+    drop(port);
+    drop(lab);
+    let _ = up.remove();
 }

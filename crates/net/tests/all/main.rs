@@ -398,10 +398,12 @@ fn bench_runs_every_row() {
             ("linux-bridge", 64),
             ("vinfra", 64),
             ("vinfra-clsact", 64),
+            ("vinfra-bridge-only", 64),
             ("userspace", 64),
             ("linux-bridge", 1500),
             ("vinfra", 1500),
             ("vinfra-clsact", 1500),
+            ("vinfra-bridge-only", 1500),
             ("userspace", 1500),
         ]
     );
