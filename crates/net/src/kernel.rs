@@ -1082,6 +1082,26 @@ mod tests {
     }
 
     #[test]
+    fn a_link_and_its_bridge_are_read_from_ip() {
+        let port =
+            r#"[{"ifindex":7,"ifname":"tapx","flags":["UP"],"master":"br0","operstate":"UP"}]"#;
+        assert_eq!(parse_link(port), Ok((7, Some("br0".to_owned()))));
+        assert_eq!(
+            parse_link(r#"[{"ifindex":3,"ifname":"lo"}]"#),
+            Ok((3, None))
+        );
+        for bad in [
+            "",
+            "[]",
+            r#"[{"ifname":"x"}]"#,
+            r#"[{"ifindex":-1}]"#,
+            r#"[{"ifindex":4294967296}]"#,
+        ] {
+            assert!(parse_link(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn tcx_programs_of_one_hook_and_nic_are_read_from_bpftool() {
         let out = r#"[{"xdp":[],"tc":[
             {"devname":"t1","ifindex":3,"kind":"tcx/ingress","name":"vinfra_ingress","prog_id":120},

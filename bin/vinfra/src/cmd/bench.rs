@@ -177,9 +177,10 @@ pub enum BenchCmd {
     /// Needs Linux ≥ 5.19 (userfaultfd write-protect on shared memory).
     Shm(shm::ShmArgs),
     /// Frames/s and drops on veth ports of the Linux bridge alone, the bridge with vinfra's
-    /// BPF classifier (the datapath VM taps use; also as clsact filters, its fallback) and the
-    /// old user-space switch, side by side at 64 B and 1500 B, with the classifier's CPU cost
-    /// per frame; plus the user-space switch's core in memory.
+    /// BPF classifier (the datapath VM taps use, forwarding between the ports itself; also as
+    /// clsact filters, its fallback, and leaving every frame to the bridge, as with the
+    /// agent's --bridge-only) and the old user-space switch, side by side at 64 B and 1500 B,
+    /// with the classifier's CPU cost per frame; plus the user-space switch's core in memory.
     Vswitch {
         /// Seconds per row; the bridge and the classified paths take turns in 25 rounds of
         /// a tenth of it each.
