@@ -915,29 +915,31 @@ impl KernelDatapath {
 
 /// The interface index of `ifname` in `netns` (or this namespace).
 pub fn ifindex(netns: Option<&str>, ifname: &str) -> Result<u32, KernelError> {
-    Ok(link(netns, ifname)?.0)
+    Ok(show_link(netns, ifname)?.0)
 }
 
 /// The interface index of `ifname` in `netns` (or this namespace), and its bridge's (the
 /// device it is a port of), if any.
 fn link(netns: Option<&str>, ifname: &str) -> Result<(u32, Option<u32>), KernelError> {
-    let show = |dev: &str| -> Result<(u32, Option<String>), KernelError> {
-        let out = run(
-            "ip",
-            &in_ns(netns, &["-j", "link", "show", "dev", dev]),
-            None,
-        )?;
-        parse_link(&out).map_err(|detail| KernelError::Output {
-            command: format!("ip -j link show dev {dev}"),
-            detail,
-        })
-    };
-    let (index, master) = show(ifname)?;
+    let (index, master) = show_link(netns, ifname)?;
     let bridge = match master {
-        Some(m) => Some(show(&m)?.0),
+        Some(m) => Some(show_link(netns, &m)?.0),
         None => None,
     };
     Ok((index, bridge))
+}
+
+/// `ip -j link show dev DEV`: its index and the name of its master, if any.
+fn show_link(netns: Option<&str>, dev: &str) -> Result<(u32, Option<String>), KernelError> {
+    let out = run(
+        "ip",
+        &in_ns(netns, &["-j", "link", "show", "dev", dev]),
+        None,
+    )?;
+    parse_link(&out).map_err(|detail| KernelError::Output {
+        command: format!("ip -j link show dev {dev}"),
+        detail,
+    })
 }
 
 /// Parses `ip -j link show dev X` (`[{"ifindex": N, "master": "br0", …}]`).

@@ -487,6 +487,17 @@ fn hooks(ns: &str, dev: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The kernel's id of `dp`'s pinned ingress program.
+fn ingress_prog_id(dp: &KernelDatapath) -> u64 {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "pinned"])
+        .arg(dp.dir().join("progs/vinfra_ingress"))
+        .output()
+        .expect("run bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["id"].as_u64().expect("id")
+}
+
 #[test]
 fn attach_is_idempotent_at_tcx_and_takes_over_from_stale_and_clsact_programs() {
     let help = Command::new("bpftool")
@@ -539,15 +550,6 @@ fn attach_is_idempotent_at_tcx_and_takes_over_from_stale_and_clsact_programs() {
         new.attach(Some(&m), "tapx", mac(9)).expect("attach new");
         assert_eq!(hooks(&m, "tapx"), both);
     }
-    let ids = |dp: &KernelDatapath| {
-        let out = Command::new("bpftool")
-            .args(["-j", "prog", "show", "pinned"])
-            .arg(dp.dir().join("progs/vinfra_ingress"))
-            .output()
-            .expect("run bpftool");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        v["id"].as_u64().expect("id")
-    };
     let out = Command::new("ip")
         .args([
             "netns", "exec", &m, "bpftool", "-j", "net", "show", "dev", "tapx",
@@ -555,7 +557,10 @@ fn attach_is_idempotent_at_tcx_and_takes_over_from_stale_and_clsact_programs() {
         .output()
         .expect("run bpftool");
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(shown[0]["tc"][0]["prog_id"].as_u64(), Some(ids(&new)));
+    assert_eq!(
+        shown[0]["tc"][0]["prog_id"].as_u64(),
+        Some(ingress_prog_id(&new))
+    );
     let ifindex = net::kernel::ifindex(Some(&m), "tapx").expect("ifindex");
     new.detach(Some(&m), "tapx", ifindex, mac(9))
         .expect("detach");
@@ -807,16 +812,7 @@ fn an_instance_of_an_older_classifier_is_upgraded_keeping_its_counts() {
     };
     assert_eq!(sent(5), 5);
     let epoch = dp.epoch().expect("epoch");
-    let prog = |dp: &KernelDatapath| {
-        let out = Command::new("bpftool")
-            .args(["-j", "prog", "show", "pinned"])
-            .arg(dp.dir().join("progs/vinfra_ingress"))
-            .output()
-            .expect("run bpftool");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        v["id"].as_u64().expect("id")
-    };
-    let old_prog = prog(&dp);
+    let old_prog = ingress_prog_id(&dp);
     // What an older vinfra left: the same pins without the maps it did not have.
     for map in ["taps", "fwd"] {
         std::fs::remove_file(dp.dir().join("maps").join(map)).expect("unpin");
@@ -824,7 +820,7 @@ fn an_instance_of_an_older_classifier_is_upgraded_keeping_its_counts() {
     let up = KernelDatapath::open(&name).expect("upgrade");
     assert!(up.dir().join("maps/taps").exists() && up.dir().join("maps/fwd").exists());
     assert!(!up.dir().join("next").exists());
-    assert_ne!(prog(&up), old_prog, "new programs");
+    assert_ne!(ingress_prog_id(&up), old_prog, "new programs");
     assert_eq!(up.epoch().expect("epoch"), epoch, "the same epoch");
     // The NIC still runs the old program on the kept maps; attaching again moves it over.
     up.attach(Some(&m), "tapw", src).expect("attach again");
