@@ -103,14 +103,17 @@ async fn migrates_the_debian_guest_running_postgresql_under_pgbench() {
         "the guest rebooted on the destination:\n{text}"
     );
     // Progress after the switch-over, with transactions in it: the database went on working
-    // on the destination, not only after a stall at the end.
+    // on the destination, not only after a stall at the end. Seconds with transactions, not
+    // a count of report lines: how many of pgbench's 30 s are left after the switch-over
+    // depends on how long the migration took (a CI run whose machine was also building saw
+    // four, all with transactions).
     let after: Vec<_> = run
         .progress
         .iter()
         .filter(|p| p.t_s > last_before + 1.0)
         .collect();
     assert!(
-        after.len() >= 5 && after.iter().filter(|p| p.tps > 0.0).count() >= 3,
+        after.iter().filter(|p| p.tps > 0.0).count() >= 3,
         "pgbench progressed on the destination: {after:?}\n{text}"
     );
     let check = run
