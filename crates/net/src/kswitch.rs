@@ -1,5 +1,6 @@
-//! A host's switch on the kernel datapath: the Linux bridge forwards, the classifier of
-//! [`crate::kernel`] counts at each VM NIC, and this reports to the domain controller exactly
+//! A host's switch on the kernel datapath: the classifier of [`crate::kernel`] counts at
+//! each VM NIC (and forwards between the host's VMs on one bridge, the Linux bridge the
+//! rest), and this reports to the domain controller exactly
 //! like the user-space [`crate::switch`] (same [`SwitchReport`], same epochs and sequence
 //! numbers) and installs the controller's address table into the classifier's `addrs` map.
 //!

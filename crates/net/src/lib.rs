@@ -13,7 +13,8 @@
 //!   exports IPFIX ([`ipfix`]).
 //! - [`kernel`] + [`kswitch`]: the datapath VMs use. A BPF classifier (`bpf/classifier.c`,
 //!   compiled by clang in `build.rs`) at tc ingress/egress of each VM NIC counts in the
-//!   kernel while the Linux bridge forwards; [`kswitch::KernelSwitch`] reports its maps to
+//!   kernel and forwards between the host's VMs on one bridge, the Linux bridge the rest;
+//!   [`kswitch::KernelSwitch`] reports its maps to
 //!   the controller like a switch and installs the address table into them.
 //! - [`mod@bench`]: `vinfra bench vswitch`.
 //!
