@@ -118,7 +118,14 @@ async fn send_answers(client: &client::Client, mut batch: Vec<OperationAnswer>) 
         {
             Ok(outcomes) => {
                 let mut again = Vec::new();
-                for (a, o) in batch.into_iter().zip(outcomes) {
+                // A status per answer, in order; an answer the reply has no status for
+                // (a reply cut short) is sent again rather than dropped.
+                let mut outcomes = outcomes.into_iter();
+                for a in batch {
+                    let Some(o) = outcomes.next() else {
+                        again.push(a);
+                        continue;
+                    };
                     match o.status {
                         200 => {}
                         s if s >= 500 => again.push(a),
