@@ -50,7 +50,7 @@ pub use entry::{Layout, MAX_ENTRIES, MAX_ENTRY_SIZE};
 pub use probe::StoreOutcome;
 pub use proto::Notify;
 pub use snapshot::{decode_snapshot, encode_snapshot};
-pub use sys::{raise_fd_limit, unshare_network};
+pub use sys::{pin_current_thread, raise_fd_limit, unshare_network};
 
 /// A device's id at its element (1, 2, …; never reused by one element).
 pub type DeviceId = u32;

@@ -539,3 +539,26 @@ pub fn unshare_network() -> io::Result<()> {
     cvt(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
     Ok(())
 }
+
+/// Pins the calling thread to `cpus` (threads it starts afterwards inherit the
+/// set): `vinfra bench shm` places an element and a device on one core or on
+/// two, because a wake-up across cores costs a different amount than one on
+/// the same core, and a comparison is only fair at one placement.
+pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let bits = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    for &cpu in cpus {
+        if cpu >= bits {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("CPU {cpu} is beyond the {bits} a CPU set holds"),
+            ));
+        }
+        // SAFETY: `cpu` is within the set's bits (checked above).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
+    cvt(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })?;
+    Ok(())
+}

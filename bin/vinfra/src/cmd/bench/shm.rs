@@ -12,6 +12,9 @@
 //!   socket between the same two processes.
 //! - a 4 KiB update under a standing grant (written in place) against sending the
 //!   4 KiB to the element over the socket, which writes the entry and acknowledges.
+//! - the two rows above at two placements, each with its baseline: the device on the
+//!   element's core and on another core (see `Placement`), each row alternating with
+//!   its baseline in rounds.
 //! - kill -9 of a device holding a grant → the grant revoked (the element notices
 //!   through the pidfd / the socket closing).
 //! - grant + revoke pairs per second with `--devices` devices (one idle child process
@@ -60,6 +63,9 @@ pub struct ShmArgs {
     /// (internal) the child's baseline socket.
     #[arg(long, hide = true)]
     pub echo: Option<PathBuf>,
+    /// (internal) the CPU the device child pins itself to.
+    #[arg(long, hide = true)]
+    pub cpu: Option<usize>,
     /// (internal) the child only takes a grant and holds it.
     #[arg(long, hide = true)]
     pub hold: bool,
@@ -164,26 +170,156 @@ fn line(r: &mut impl BufRead) -> anyhow::Result<String> {
     Ok(s.trim_end().to_owned())
 }
 
+/// Where the device child runs; the element's threads and the baseline's server
+/// run on CPU 0. A sleeping thread woken on its own core costs a context switch; woken
+/// on the other core it costs an inter-processor interrupt, which on a VM is a
+/// hypervisor exit (tens of µs here when the other vCPU sleeps). Left to the
+/// scheduler, the two sides of one row and of its baseline land on one core or two at
+/// random, so each comparison is made at one placement, both measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    OneCore,
+    TwoCores,
+}
+
+impl Placement {
+    fn device_cpu(self) -> usize {
+        match self {
+            Placement::OneCore => 0,
+            Placement::TwoCores => 1,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Placement::OneCore => "one core",
+            Placement::TwoCores => "two cores",
+        }
+    }
+}
+
+/// Rounds of the alternating measurements: each row and its baseline take turns,
+/// so a change in the machine's state during the run falls on both.
+const ROUNDS: usize = 10;
+
 fn latency_rows(args: &ShmArgs, dir: &Path) -> anyhow::Result<Vec<Row>> {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    // A thread of its own, pinned to CPU 0: the elements' and the baseline server's
+    // threads started from it inherit the placement; the other rows run unpinned.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            shm::pin_current_thread(&[0]).context("pinning the element to CPU 0")?;
+            placed_rows(args, dir, cpus)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the latency rows panicked")))
+    })
+}
+
+fn placed_rows(args: &ShmArgs, dir: &Path, cpus: usize) -> anyhow::Result<Vec<Row>> {
     let mut cfg = ElementConfig::new(dir.join("evt.sock"), 8, ENTRY);
     cfg.max_grant = None;
     let el = Element::start(cfg)?;
-    let echo_path = dir.join("echo.sock");
-    let listener = UnixListener::bind(&echo_path)?;
-    let mut child = spawn_child(
-        args,
-        el.socket_path(),
-        &["--echo", &echo_path.to_string_lossy()],
-    )?;
-    let mut out = BufReader::new(child.stdout.take().context("child stdout")?);
-    let mut input = child.stdin.take().context("child stdin")?;
-    let attached = line(&mut out)?;
-    let dev: u32 = attached
-        .strip_prefix("attached ")
-        .and_then(|d| d.parse().ok())
-        .with_context(|| format!("device child said {attached:?}"))?;
+    let placements: &[Placement] = if cpus >= 2 {
+        &[Placement::OneCore, Placement::TwoCores]
+    } else {
+        eprintln!("one CPU: the two-core rows are left out");
+        &[Placement::OneCore]
+    };
+    let mut rows = Vec::new();
+    for &placement in placements {
+        let cpu = placement.device_cpu();
+        let echo_path = dir.join(format!("echo-{cpu}.sock"));
+        let listener = UnixListener::bind(&echo_path)?;
+        let mut child = spawn_child(
+            args,
+            el.socket_path(),
+            &[
+                "--echo",
+                &echo_path.to_string_lossy(),
+                "--cpu",
+                &cpu.to_string(),
+            ],
+        )?;
+        let mut out = BufReader::new(child.stdout.take().context("child stdout")?);
+        let mut input = child.stdin.take().context("child stdin")?;
+        let attached = line(&mut out)?;
+        let dev: u32 = attached
+            .strip_prefix("attached ")
+            .and_then(|d| d.parse().ok())
+            .with_context(|| format!("device child said {attached:?}"))?;
+        if rows.is_empty() {
+            rows.push(grant_row(args, &el, dev)?);
+        }
+        let report = with_baseline_server(&el, listener, || {
+            writeln!(input, "go")?;
+            serde_json::from_str::<ChildReport>(&line(&mut out)?).context("device child report")
+        })?;
+        let (rtt50, rtt99) = summary(report.rtt.clone());
+        let rtt_name = format!(
+            "one {SMALL}-byte Unix-socket round trip, {}",
+            placement.label()
+        );
+        let (c50, c99) = summary(report.cycle);
+        rows.push(Row {
+            name: format!(
+                "request+grant+notify+update+release (eventfd), {}",
+                placement.label()
+            ),
+            unit: "µs".into(),
+            p50: c50,
+            p99: c99,
+            baseline: rtt_name.clone(),
+            baseline_p50: rtt50,
+            baseline_p99: rtt99,
+            target: "≤ 1× the round trip".into(),
+        });
+        if placement == Placement::TwoCores {
+            // Polled: a second element that spins on the control pages. Not on one
+            // core, where the two spinners would take turns at the scheduler's pace.
+            let mut pcfg = ElementConfig::new(dir.join("poll.sock"), 8, ENTRY);
+            pcfg.max_grant = None;
+            pcfg.notify = Notify::Polled;
+            let pel = Element::start(pcfg)?;
+            writeln!(input, "polled {}", pel.socket_path().display())?;
+            let polled: Vec<f64> =
+                serde_json::from_str(&line(&mut out)?).context("device child report")?;
+            drop(pel);
+            let (p50, p99) = summary(polled);
+            rows.push(Row {
+                name: "request+grant+notify+update+release (polled), two cores".into(),
+                unit: "µs".into(),
+                p50,
+                p99,
+                baseline: rtt_name,
+                baseline_p50: rtt50,
+                baseline_p99: rtt99,
+                target: "≤ 0.3× the round trip".into(),
+            });
+        }
+        drop(input);
+        let _ = child.wait();
+        let (u50, u99) = summary(report.update);
+        let (s50, s99) = summary(report.socket_update);
+        rows.push(Row {
+            name: format!("4 KiB update under a standing grant, {}", placement.label()),
+            unit: "µs".into(),
+            p50: u50,
+            p99: u99,
+            baseline: format!(
+                "4 KiB sent to the element, written, acked, {}",
+                placement.label()
+            ),
+            baseline_p50: s50,
+            baseline_p99: s99,
+            target: "≥ 50× faster".into(),
+        });
+    }
+    Ok(rows)
+}
 
-    // The grant call, element side, while the device is idle.
+/// The grant call, element side, while the device is idle.
+fn grant_row(args: &ShmArgs, el: &Element, dev: u32) -> anyhow::Result<Row> {
     let mut grant = Vec::with_capacity(args.iters);
     let mut revoke = Vec::with_capacity(args.iters);
     for i in 0..args.iters {
@@ -195,10 +331,29 @@ fn latency_rows(args: &ShmArgs, dir: &Path) -> anyhow::Result<Vec<Row>> {
         revoke.push(us(t1.elapsed()));
         grant.push(us(t1 - t));
     }
+    let (g50, g99) = summary(grant);
+    let (r50, r99) = summary(revoke);
+    Ok(Row {
+        name: "grant call (element → other process's page tables)".into(),
+        unit: "µs".into(),
+        p50: g50,
+        p99: g99,
+        baseline: "revoke call".into(),
+        baseline_p50: r50,
+        baseline_p99: r99,
+        target: "grant ≤ 1 µs p50".into(),
+    })
+}
 
-    // The baseline server: the same child's socket round trips and 4 KiB updates.
-    let el_ref = &el;
-    let report: ChildReport = std::thread::scope(|s| -> anyhow::Result<ChildReport> {
+/// Runs `f` while a thread serves the baseline on `listener` (one connection): 64-byte
+/// messages come back as they are; a 4 KiB update is written to the element's entry 2,
+/// then acknowledged.
+fn with_baseline_server<T>(
+    el: &Element,
+    listener: UnixListener,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
         let server = s.spawn(move || -> anyhow::Result<()> {
             let (mut c, _) = listener.accept()?;
             let mut hdr = [0u8; 4];
@@ -213,85 +368,22 @@ fn latency_rows(args: &ShmArgs, dir: &Path) -> anyhow::Result<Vec<Row>> {
                 }
                 c.read_exact(&mut buf[..n])?;
                 if n > SMALL {
-                    // An update sent to the element: it writes the entry, then acks.
-                    el_ref.write(2, &buf[..n])?;
+                    el.write(2, &buf[..n])?;
                     c.write_all(&[0u8; 8])?;
                 } else {
                     c.write_all(&buf[..n])?;
                 }
             }
         });
-        writeln!(input, "go")?;
-        let rep = serde_json::from_str(&line(&mut out)?).context("device child report")?;
+        let out = f();
         let _ = server.join();
-        Ok(rep)
-    })?;
-
-    // Polled notification: a second element that spins on the control pages.
-    let mut pcfg = ElementConfig::new(dir.join("poll.sock"), 8, ENTRY);
-    pcfg.max_grant = None;
-    pcfg.notify = Notify::Polled;
-    let pel = Element::start(pcfg)?;
-    writeln!(input, "polled {}", pel.socket_path().display())?;
-    let polled: Vec<f64> = serde_json::from_str(&line(&mut out)?).context("device child report")?;
-    drop(pel);
-    drop(input);
-    let _ = child.wait();
-
-    let (rtt50, rtt99) = summary(report.rtt.clone());
-    let (g50, g99) = summary(grant);
-    let (r50, r99) = summary(revoke);
-    let (c50, c99) = summary(report.cycle);
-    let (p50, p99) = summary(polled);
-    let (u50, u99) = summary(report.update);
-    let (s50, s99) = summary(report.socket_update);
-    let rtt_name = format!("one {SMALL}-byte Unix-socket round trip");
-    Ok(vec![
-        Row {
-            name: "grant call (element → other process's page tables)".into(),
-            unit: "µs".into(),
-            p50: g50,
-            p99: g99,
-            baseline: "revoke call".into(),
-            baseline_p50: r50,
-            baseline_p99: r99,
-            target: "grant ≤ 1 µs p50".into(),
-        },
-        Row {
-            name: "request+grant+notify+update+release (eventfd)".into(),
-            unit: "µs".into(),
-            p50: c50,
-            p99: c99,
-            baseline: rtt_name.clone(),
-            baseline_p50: rtt50,
-            baseline_p99: rtt99,
-            target: "≤ 1× the round trip".into(),
-        },
-        Row {
-            name: "request+grant+notify+update+release (polled)".into(),
-            unit: "µs".into(),
-            p50,
-            p99,
-            baseline: rtt_name,
-            baseline_p50: rtt50,
-            baseline_p99: rtt99,
-            target: "≤ 0.3× the round trip".into(),
-        },
-        Row {
-            name: "4 KiB update under a standing grant".into(),
-            unit: "µs".into(),
-            p50: u50,
-            p99: u99,
-            baseline: "4 KiB sent to the element, written, acked".into(),
-            baseline_p50: s50,
-            baseline_p99: s99,
-            target: "≥ 50× faster".into(),
-        },
-    ])
+        out
+    })
 }
 
-/// The device child: attaches, prints `attached ID`, waits for `go`, measures, prints
-/// its report; then `polled SOCKET` runs the cycle against a polling element.
+/// The device child: pins itself, attaches, prints `attached ID`, waits for `go`,
+/// measures, prints its report; then `polled SOCKET` runs the cycle against a polling
+/// element, and the end of its input ends it.
 fn device_child(args: &ShmArgs, sock: &Path) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -305,6 +397,9 @@ fn device_child(args: &ShmArgs, sock: &Path) -> anyhow::Result<()> {
         // Until stdin closes.
         let _ = line(&mut std::io::stdin().lock());
         return Ok(());
+    }
+    if let Some(cpu) = args.cpu {
+        shm::pin_current_thread(&[cpu]).with_context(|| format!("pinning to CPU {cpu}"))?;
     }
     let dev = Device::connect(sock)?;
     if args.hold {
@@ -323,53 +418,61 @@ fn device_child(args: &ShmArgs, sock: &Path) -> anyhow::Result<()> {
     if line(&mut input)? != "go" {
         bail!("expected go");
     }
-    let n = args.iters;
+    let n = (args.iters / ROUNDS).max(1);
     let small = [7u8; 8];
-    // Dropping the guard posts the release; the next request does not wait for it.
-    let cycle = time_n(n, || {
-        let mut g = dev.request_write(0, None)?;
-        g.write(&small)?;
-        drop(g);
-        Ok(())
-    })?;
     let echo = args.echo.as_deref().context("--echo missing")?;
     let mut c = UnixStream::connect(echo)?;
     let mut msg = vec![0u8; 4 + SMALL];
     msg[..4].copy_from_slice(&(SMALL as u32).to_le_bytes());
     let mut back = [0u8; SMALL];
-    let rtt = time_n(n, || {
-        c.write_all(&msg)?;
-        c.read_exact(&mut back)?;
-        Ok(())
-    })?;
     let update_data = vec![0x5au8; ENTRY as usize];
-    let mut g = dev.request_write(1, None)?;
-    let update = time_n(n, || {
-        g.write(&update_data)?;
-        Ok(())
-    })?;
-    g.release()?;
     let mut big = vec![0x5au8; 4 + ENTRY as usize];
     big[..4].copy_from_slice(&ENTRY.to_le_bytes());
     let mut ack = [0u8; 8];
-    let socket_update = time_n(n, || {
-        c.write_all(&big)?;
-        c.read_exact(&mut ack)?;
-        Ok(())
-    })?;
-    drop(c);
-    let rep = ChildReport {
-        cycle,
-        rtt,
-        update,
-        socket_update,
+    let mut rep = ChildReport {
+        cycle: Vec::new(),
+        rtt: Vec::new(),
+        update: Vec::new(),
+        socket_update: Vec::new(),
     };
+    for _ in 0..ROUNDS {
+        // Dropping the guard posts the release; the next request does not wait for it.
+        rep.cycle.extend(time_n(n, || {
+            let mut g = dev.request_write(0, None)?;
+            g.write(&small)?;
+            drop(g);
+            Ok(())
+        })?);
+        rep.rtt.extend(time_n(n, || {
+            c.write_all(&msg)?;
+            c.read_exact(&mut back)?;
+            Ok(())
+        })?);
+        let mut g = dev.request_write(1, None)?;
+        rep.update.extend(time_n(n, || {
+            g.write(&update_data)?;
+            Ok(())
+        })?);
+        g.release()?;
+        rep.socket_update.extend(time_n(n, || {
+            c.write_all(&big)?;
+            c.read_exact(&mut ack)?;
+            Ok(())
+        })?);
+    }
+    drop(c);
     writeln!(out, "{}", serde_json::to_string(&rep)?)?;
     out.flush()?;
-    let cmd = line(&mut input)?;
-    let psock = cmd.strip_prefix("polled ").context("expected polled")?;
+    let mut cmd = String::new();
+    if input.read_line(&mut cmd)? == 0 {
+        return Ok(());
+    }
+    let psock = cmd
+        .trim_end()
+        .strip_prefix("polled ")
+        .context("expected polled")?;
     let pdev = Device::connect(Path::new(psock))?;
-    let polled = time_n(n, || {
+    let polled = time_n(args.iters, || {
         let mut g = pdev.request_write(0, None)?;
         g.write(&small)?;
         drop(g);
