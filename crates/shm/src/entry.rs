@@ -8,7 +8,8 @@
 //! payload, and makes it even again; a reader copies the payload between two
 //! loads of the sequence and retries unless both are the same even value.
 //! Every access is an atomic 64-bit load or store, so the protocol is
-//! well-defined across processes.
+//! well-defined across processes — except a device's update, one `memcpy`
+//! between the two stores of the sequence word (see `Slots::write`).
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
@@ -224,17 +225,26 @@ impl Slots {
         let s = seq.load(Ordering::Relaxed) & !1;
         seq.store(s + 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        let mut chunks = data.chunks_exact(8);
-        for (c, w) in (&mut chunks).zip(words) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            w.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        let whole = data.len() / 8 * 8;
+        // SAFETY: `words` is the entry's payload inside the mapping (aligned,
+        // alive as long as `self`, at least `entry_size` ≥ `data.len()` bytes,
+        // checked above) and `data` is a separate buffer. The caller is the
+        // entry's only writer; readers (other processes, or threads here) load
+        // it with atomic loads between two loads of the sequence word, which
+        // is odd from before this copy (the Release fence above) until after
+        // it (the Release store below), so a reader that overlaps the copy
+        // discards what it read and retries — the seqlock's usual bargain, as
+        // in crossbeam's `AtomicCell`. One `memcpy` (vector stores) instead of
+        // a store per word: 4 KiB in ~0.05 µs against ~0.2–0.35 µs, and an
+        // update in place is what a grant is for.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), words.as_ptr().cast::<u8>().cast_mut(), whole);
         }
-        let rest = chunks.remainder();
+        let rest = &data[whole..];
         if !rest.is_empty() {
             let mut b = [0u8; 8];
             b[..rest.len()].copy_from_slice(rest);
-            words[data.len() / 8].store(u64::from_le_bytes(b), Ordering::Relaxed);
+            words[whole / 8].store(u64::from_le_bytes(b), Ordering::Relaxed);
         }
         seq.store(s + 2, Ordering::Release);
         Ok(s + 2)
