@@ -203,16 +203,33 @@ impl Device {
     /// It goes in the control page's release words, not the request words, so
     /// the next request is not held up by it; the element serves a posted
     /// release before any request it sees after it.
+    ///
+    /// The element is woken for it only if this device could not protect the
+    /// entry itself: then the element's revoke is what stops its stores and
+    /// must come now. Otherwise no store of this device lands any more, and
+    /// the element's bookkeeping (its revoke, the audit line) can wait for its
+    /// next look: this device's next request, another device asking for the
+    /// entry, a read of the grants, or its periodic sweep (`SWEEP`). A wake-up
+    /// less per cycle is a third of a grant cycle when device and element
+    /// share a core (docs/SHM.md).
     fn post_release(&self, entry: u32) -> Result<(), Error> {
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&entry);
-        self.protect_own(entry);
+        let protected = self.protect_own(entry);
         let mut rel = self.rel_seq.lock().unwrap_or_else(|p| p.into_inner());
-        // One release slot: the previous posted release must be done (it
-        // almost always is by the time another guard drops).
-        self.wait_word(proto::REL_DONE, *rel)?;
+        // One release slot: the previous posted release must be done. It is
+        // whenever a request came between the two drops; if not (two guards
+        // dropped in a row), wake the element for it rather than wait for its
+        // sweep.
+        if self.ctrl.word(proto::REL_DONE).load(Ordering::Acquire) != *rel {
+            if self.notify == Notify::EventFd {
+                sys::eventfd_signal(self.efd_req.as_fd())
+                    .map_err(Error::io("signalling the element"))?;
+            }
+            self.wait_word(proto::REL_DONE, *rel)?;
+        }
         *rel += 1;
         self.ctrl
             .word(proto::REL_ENTRY)
@@ -220,7 +237,7 @@ impl Device {
         self.ctrl
             .word(proto::REL_SEQ)
             .store(*rel, Ordering::Release);
-        if self.notify == Notify::EventFd {
+        if self.notify == Notify::EventFd && !protected {
             sys::eventfd_signal(self.efd_req.as_fd())
                 .map_err(Error::io("signalling the element"))?;
         }
@@ -232,12 +249,16 @@ impl Device {
     /// from here, only this CPU's TLB is flushed, where the element's revoke would
     /// interrupt the CPU this device runs on to flush it (an IPI: about 10 µs on a VM, most
     /// of a grant cycle). The element still revokes — its guarantee does not rest on this
-    /// — and then finds nothing left to change, so nothing to flush. A failure here only
-    /// leaves that work to the element.
-    fn protect_own(&self, entry: u32) {
+    /// — and then finds nothing left to change, so nothing to flush. A failure here
+    /// leaves that work to the element, and the release then wakes it (`false`).
+    fn protect_own(&self, entry: u32) -> bool {
         let len = self.table.layout().slot_size();
-        if let Err(e) = self.uffd.protect(self.table.slot_addr(entry), len, true) {
-            tracing::debug!(entry, error = %e, "write-protecting a released entry here");
+        match self.uffd.protect(self.table.slot_addr(entry), len, true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(entry, error = %e, "write-protecting a released entry here");
+                false
+            }
         }
     }
 

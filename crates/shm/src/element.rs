@@ -219,6 +219,8 @@ struct State {
     pending: BTreeMap<DeviceId, guest::Pending>,
     /// The copy of a guest's window on its way into an entry.
     copy: Vec<u64>,
+    /// When every device's posted release was last looked at.
+    swept: Instant,
 }
 
 struct Shared {
@@ -232,6 +234,11 @@ struct Shared {
     generation: u64,
     socket: PathBuf,
 }
+
+/// How long a release a device posted without waking the element (it protected the
+/// entry itself: `Device::post_release`) may wait for the element's bookkeeping at
+/// most, while nothing else makes the element look.
+const SWEEP: Duration = Duration::from_millis(10);
 
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_STOP: u64 = u64::MAX - 1;
@@ -319,6 +326,7 @@ impl Element {
             spare: Vec::new(),
             pending: BTreeMap::new(),
             copy: Vec::new(),
+            swept: Instant::now(),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -382,6 +390,13 @@ impl Element {
         lock(&self.shared)
     }
 
+    /// The state with every posted release served: what the grants are now.
+    fn settled(&self) -> MutexGuard<'_, State> {
+        let mut st = self.lock();
+        st.settle();
+        st
+    }
+
     /// Grants `device` write access to `entry` (its attribute becomes
     /// read/write for that device only) and returns the entry's version.
     /// Devices normally ask through [`crate::Device::request_write`]; this is
@@ -397,7 +412,9 @@ impl Element {
 
     /// Takes `device`'s write access to `entry` back.
     pub fn revoke(&self, device: DeviceId, entry: u32) -> Result<(), Error> {
-        self.lock().revoke(device, entry, RevokeReason::Element)
+        let mut st = self.lock();
+        st.serve_release(device);
+        st.revoke(device, entry, RevokeReason::Element)
     }
 
     /// Revokes every grant whose timeout is at or before `now`; returns how
@@ -425,8 +442,9 @@ impl Element {
 
     /// The element writes an entry itself (refused while a device holds it).
     pub fn write(&self, entry: u32, data: &[u8]) -> Result<u64, Error> {
-        let st = self.lock();
+        let mut st = self.lock();
         st.slots.layout().check(entry)?;
+        st.serve_holders_release(entry);
         if let Some(g) = &st.brt[entry as usize] {
             return Err(Error::Held {
                 entry,
@@ -438,7 +456,7 @@ impl Element {
 
     /// Who holds `entry` now.
     pub fn holder(&self, entry: u32) -> Option<DeviceId> {
-        self.lock()
+        self.settled()
             .brt
             .get(entry as usize)
             .and_then(|g| g.as_ref().map(|g| g.device))
@@ -446,7 +464,7 @@ impl Element {
 
     /// Current grants, by entry.
     pub fn grants(&self) -> Vec<GrantInfo> {
-        let st = self.lock();
+        let st = self.settled();
         let now = Instant::now();
         st.devices
             .values()
@@ -470,7 +488,7 @@ impl Element {
 
     /// Attached devices.
     pub fn devices(&self) -> Vec<DeviceInfo> {
-        self.lock()
+        self.settled()
             .devices
             .iter()
             .map(|(id, d)| DeviceInfo {
@@ -484,7 +502,7 @@ impl Element {
 
     /// Audit events after `after` (0: all kept), oldest first.
     pub fn audit(&self, after: u64) -> Vec<AuditEvent> {
-        self.lock()
+        self.settled()
             .audit
             .iter()
             .filter(|e| e.seq > after)
@@ -494,7 +512,7 @@ impl Element {
 
     /// Totals since start.
     pub fn totals(&self) -> Totals {
-        self.lock().totals
+        self.settled().totals
     }
 
     /// Detaches a device as if it had gone (revokes its grants, closes its
@@ -562,6 +580,10 @@ impl State {
             (t, m) => t.or(m),
         };
         let deadline = timeout.map(|t| Instant::now() + t);
+        // Asking again for an entry just dropped gets a fresh grant, and an entry
+        // its holder dropped is free: serve releases posted without waking us.
+        self.serve_release(device);
+        self.serve_holders_release(entry);
         match &mut self.brt[entry as usize] {
             Some(g) if g.device == device => {
                 // Asking again extends the grant.
@@ -676,6 +698,14 @@ impl State {
                 _ => None,
             };
             if let Some(device) = due {
+                // Released before its time ran out, but not yet served.
+                self.serve_release(device);
+                let still = self.brt[entry as usize]
+                    .as_ref()
+                    .is_some_and(|g| g.serial == serial);
+                if !still {
+                    continue;
+                }
                 match self.revoke(device, entry, RevokeReason::Timeout) {
                     Ok(()) => n += 1,
                     Err(e) => {
@@ -687,18 +717,8 @@ impl State {
         n
     }
 
-    fn next_deadline_ms(&self, now: Instant) -> i32 {
-        match self.deadlines.peek() {
-            None => -1,
-            Some(Reverse((at, _, _))) => {
-                let d = at.saturating_duration_since(now);
-                // Round up so the wake-up is never before the deadline.
-                i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-            }
-        }
-    }
-
     fn gone(&mut self, epoll: &Epoll, device: DeviceId, reason: &'static str) {
+        self.serve_release(device);
         let held: Vec<u32> = match self.devices.get(&device) {
             Some(d) => d.held.iter().copied().collect(),
             None => return,
@@ -735,6 +755,49 @@ impl State {
         }
         if let Some(dev) = self.devices.get(&device) {
             dev.ctrl.word(proto::REL_DONE).store(seq, Ordering::Release);
+        }
+    }
+
+    /// Serves the posted release of `entry`'s holder, if it posted one.
+    fn serve_holders_release(&mut self, entry: u32) {
+        if let Some(holder) = self
+            .brt
+            .get(entry as usize)
+            .and_then(|g| g.as_ref().map(|g| g.device))
+        {
+            self.serve_release(holder);
+        }
+    }
+
+    /// Serves every device's posted release not done yet (a device that could
+    /// protect a dropped entry itself does not wake the element for it).
+    fn settle(&mut self) {
+        let posted: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.ctrl.word(proto::REL_SEQ).load(Ordering::Acquire) != d.last_rel)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in posted {
+            self.serve_release(id);
+        }
+        self.swept = Instant::now();
+    }
+
+    /// Milliseconds until the element must look again without being woken: the
+    /// next grant deadline, or the sweep of posted releases while any device
+    /// holds a grant (-1: none).
+    fn next_wake_ms(&self, now: Instant) -> i32 {
+        let sweep = (self.notify == Notify::EventFd && self.totals.grants > self.totals.revokes)
+            .then(|| self.swept + SWEEP);
+        let deadline = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
+        match deadline.into_iter().chain(sweep).min() {
+            None => -1,
+            Some(at) => {
+                let d = at.saturating_duration_since(now);
+                // Round up so the wake-up is never before the deadline.
+                i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            }
         }
     }
 
@@ -871,7 +934,7 @@ fn serve(shared: &Shared) {
         let timeout = if polled {
             0
         } else {
-            lock(shared).next_deadline_ms(Instant::now())
+            lock(shared).next_wake_ms(Instant::now())
         };
         // Polled: look at the sockets and pidfds every 256 passes over the
         // control pages (a syscall per pass would double the latency).
@@ -923,7 +986,11 @@ fn serve(shared: &Shared) {
                 st.serve_request(id);
             }
         }
-        st.expire(Instant::now());
+        let now = Instant::now();
+        st.expire(now);
+        if !polled && now.saturating_duration_since(st.swept) >= SWEEP {
+            st.settle();
+        }
         drop(st);
         if polled && spins.is_multiple_of(64) {
             // Let a device sharing this core run.

@@ -93,6 +93,45 @@ fn bad_input_is_refused() {
     assert!(a.cmd("req 9 0").starts_with("err entry 9 does not exist"));
 }
 
+/// A dropped guard does not wake the element (the device protected the entry
+/// itself), yet the entry is free at once: another device's request for it is
+/// granted, the element says nobody holds it, and two guards dropped in a row
+/// are both released, each revoked once.
+#[test]
+fn a_dropped_guard_is_free_at_once_for_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("t.sock");
+    let el = Element::start(ElementConfig::new(&sock, 8, 56)).unwrap();
+    let mut a = DeviceProc::spawn(&sock);
+    let mut b = DeviceProc::spawn(&sock);
+    for e in [3, 5, 6] {
+        assert!(a.cmd(&format!("req {e} 0")).starts_with("granted"));
+    }
+    assert_eq!(a.cmd("drop 3"), "dropped");
+    assert!(b.cmd("req 3 0").starts_with("granted"), "a's entry 3");
+    assert_eq!(el.holder(3), Some(b.id));
+    assert_eq!(a.cmd("drop 5"), "dropped");
+    assert_eq!(a.cmd("drop 6"), "dropped");
+    assert_eq!(el.holder(5), None);
+    assert_eq!(el.holder(6), None);
+    for e in [3, 5, 6] {
+        assert_eq!(a.cmd(&format!("store {e} 8 1")), "sigbus", "entry {e}");
+    }
+    let released: Vec<u32> = el
+        .audit(0)
+        .into_iter()
+        .filter(|e| {
+            e.device == a.id
+                && e.kind
+                    == AuditKind::Revoked {
+                        reason: RevokeReason::Released,
+                    }
+        })
+        .filter_map(|e| e.entry)
+        .collect();
+    assert_eq!(released, vec![3, 5, 6]);
+}
+
 /// A dropped guard's release goes beside the request words: asking again for
 /// the same entry at once is served after the release, in either notification
 /// mode, and the entry ends up writable by the device that asked last.
