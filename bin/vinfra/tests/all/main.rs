@@ -5,6 +5,7 @@ mod agent_restart;
 mod api_process;
 mod bench_control;
 mod bench_push;
+mod bench_shm;
 mod bench_terminal;
 mod browser;
 mod crash;
