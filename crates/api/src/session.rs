@@ -12,7 +12,7 @@ use control::sessions::{SessionRefusal, TerminalSession};
 use control::terminals::Pending;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
-use model::terminals::SessionReply;
+use model::terminals::{SessionReplies, SessionReply};
 
 /// How often the server pings an idle session. There is no idle timeout: a session
 /// that answers pings lives as long as its client wants.
@@ -49,13 +49,11 @@ fn frame_bytes(frame: Option<Result<Message, axum::Error>>) -> Frame {
 }
 
 /// The reply to one message, once its host answered.
-fn reply(r: Result<Pending, SessionRefusal>) -> Reply {
+fn reply(r: Result<Pending, SessionRefusal>, form: SessionReplies) -> Reply {
     match r {
-        Ok(pending) => Box::pin(async move {
-            SessionReply::Answer {
-                operation: Box::new(pending.answer(ANSWER_WAIT).await),
-            }
-        }),
+        Ok(pending) => {
+            Box::pin(async move { SessionReply::answer(pending.answer(ANSWER_WAIT).await, form) })
+        }
         Err(r) => Box::pin(std::future::ready(SessionReply::Refused {
             seq: r.seq,
             reason: r.refused.reason().to_owned(),
@@ -66,8 +64,12 @@ fn reply(r: Result<Pending, SessionRefusal>) -> Reply {
 }
 
 /// Serves one session until its client closes it, drops, or stays silent; then ends
-/// the session (which releases what it holds).
-pub(crate) async fn serve(mut socket: WebSocket, mut session: TerminalSession) {
+/// the session (which releases what it holds). Answers go in `form`.
+pub(crate) async fn serve(
+    mut socket: WebSocket,
+    mut session: TerminalSession,
+    form: SessionReplies,
+) {
     let mut replies: FuturesOrdered<Reply> = FuturesOrdered::new();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -99,7 +101,7 @@ pub(crate) async fn serve(mut socket: WebSocket, mut session: TerminalSession) {
                 }
                 let slices: Vec<&[u8]> = raws.iter().map(Vec::as_slice).collect();
                 for r in session.submit_all(&slices).await {
-                    replies.push_back(reply(r));
+                    replies.push_back(reply(r, form));
                 }
                 if let Some(why) = end {
                     // Send what was answered, then end.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use model::terminals::SessionReply;
+use model::terminals::{SessionReplies, SessionReply};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -90,10 +90,21 @@ impl std::fmt::Debug for SessionReceiver {
 }
 
 impl TerminalSession {
-    /// Opens a session to the first server of the credentials' URL.
+    /// Opens a session to the first server of the credentials' URL; answers carry the
+    /// operation's record.
     pub async fn connect(
         creds: &TerminalCredentials,
         tls: Option<&ClientTls>,
+    ) -> Result<Self, SessionError> {
+        Self::connect_with(creds, tls, SessionReplies::Full).await
+    }
+
+    /// Opens a session whose answers come in `form` (`Brief`: the sequence number and
+    /// outcome, [`SessionReply::Outcome`]).
+    pub async fn connect_with(
+        creds: &TerminalCredentials,
+        tls: Option<&ClientTls>,
+        form: SessionReplies,
     ) -> Result<Self, SessionError> {
         let first = creds.url.split(',').next().unwrap_or_default().trim();
         let url = reqwest::Url::parse(first).map_err(|_| SessionError::Url(first.to_owned()))?;
@@ -128,7 +139,12 @@ impl TerminalSession {
             }
             _ => return Err(SessionError::Url(first.to_owned())),
         };
-        let request = format!("{scheme}://{addr}/v1/terminal-sessions");
+        let request = match form {
+            SessionReplies::Full => format!("{scheme}://{addr}/v1/terminal-sessions"),
+            SessionReplies::Brief => {
+                format!("{scheme}://{addr}/v1/terminal-sessions?replies=brief")
+            }
+        };
         let (ws, _) = tokio_tungstenite::client_async(request, io)
             .await
             .map_err(Box::new)?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use client::session::TerminalSession;
-use model::terminals::{OperationOutcome, SessionReply};
+use model::terminals::{OperationOutcome, SessionReplies, SessionReply};
 use tokio::io::AsyncReadExt;
 
 use crate::cmd::Ctx;
@@ -158,7 +158,12 @@ pub async fn connect(ctx: &Ctx, credentials: &PathBuf, console: bool) -> anyhow:
         }),
         None => None,
     };
-    let session = TerminalSession::connect(&creds, tls.as_ref()).await?;
+    // Brief answers: this client knows what it sent, and a keystroke's answer is then
+    // ~60 bytes instead of its whole record (~270).
+    let session =
+        TerminalSession::connect_with(&creds, tls.as_ref(), SessionReplies::Brief).await?;
+    // What each sent number was, for a failure's message.
+    let sent: std::sync::Mutex<std::collections::BTreeMap<u64, String>> = Default::default();
     let (mut tx, mut rx) = session.split();
     // The console needs an API token that can read the VM; without one, keys only.
     let follow = if console {
@@ -175,19 +180,33 @@ pub async fn connect(ctx: &Ctx, credentials: &PathBuf, console: bool) -> anyhow:
     let replies = async {
         while let Some(r) = rx.next().await {
             match r {
+                Ok(SessionReply::Outcome {
+                    seq,
+                    outcome,
+                    detail,
+                    ..
+                }) => {
+                    let kind = sent.lock().ok().and_then(|mut m| m.remove(&seq));
+                    if outcome == OperationOutcome::Failed {
+                        let kind = kind.unwrap_or_else(|| "operation".into());
+                        let detail = detail.unwrap_or_default();
+                        say(is_raw, &format!("[{kind} failed: {detail}]"));
+                    }
+                }
                 Ok(SessionReply::Answer { operation }) => {
+                    // Not asked for; said as the brief answer would be.
                     if operation.outcome == OperationOutcome::Failed {
+                        let detail = operation.detail.unwrap_or_default();
                         say(
                             is_raw,
-                            &format!(
-                                "[{} failed: {}]",
-                                operation.op.kind(),
-                                operation.detail.unwrap_or_default()
-                            ),
+                            &format!("[{} failed: {detail}]", operation.op.kind()),
                         );
                     }
                 }
-                Ok(SessionReply::Refused { detail, .. }) => {
+                Ok(SessionReply::Refused { seq, detail, .. }) => {
+                    if let (Some(seq), Ok(mut m)) = (seq, sent.lock()) {
+                        m.remove(&seq);
+                    }
                     say(is_raw, &format!("[refused: {detail}]"));
                 }
                 Err(e) => {
@@ -218,6 +237,9 @@ pub async fn connect(ctx: &Ctx, credentials: &PathBuf, console: bool) -> anyhow:
                 // Two keys in one microsecond still get two numbers.
                 last_seq = seq.max(last_seq + 1);
                 let body = serde_json::to_string(&serde_json::json!({ "operation": op }))?;
+                if let (Some(kind), Ok(mut m)) = (op["op"].as_str(), sent.lock()) {
+                    m.insert(last_seq, kind.to_owned());
+                }
                 tx.send(last_seq, ts, &body).await?;
             }
             if k.quit {

@@ -63,12 +63,41 @@ fn bench_terminal_measures_sessions_and_one_off_messages() {
     let paths: Vec<&str> = wire.iter().map(|w| w["path"].as_str().unwrap()).collect();
     assert_eq!(
         paths,
-        ["vinfra key", "vinfra key_combo", "vinfra type_text", "vnc"]
+        [
+            "vinfra key",
+            "vinfra key_combo",
+            "vinfra type_text",
+            "vinfra key, brief",
+            "vinfra key_combo, brief",
+            "vinfra type_text, brief",
+            "vnc"
+        ]
     );
     // 10 lines of 81 characters and 10 Returns: 91 keys, pressed and released.
     assert_eq!(r["script_chars"], 91);
     let messages: Vec<Option<u64>> = wire.iter().map(|w| w["messages"].as_u64()).collect();
-    assert_eq!(messages, [Some(182), Some(91), Some(10), None]);
+    assert_eq!(
+        messages,
+        [
+            Some(182),
+            Some(91),
+            Some(10),
+            Some(182),
+            Some(91),
+            Some(10),
+            None
+        ]
+    );
+    // Brief answers: the same messages to the server, fewer bytes back.
+    let bytes = |i: usize, k: &str| wire[i][k].as_u64().unwrap();
+    for i in 0..3 {
+        assert!(
+            bytes(i + 3, "from_server") < bytes(i, "from_server"),
+            "{} against {}",
+            wire[i + 3],
+            wire[i]
+        );
+    }
     for w in wire {
         let b = |k: &str| w[k].as_u64().unwrap();
         assert!(b("to_server") > 0 && b("from_server") > 0, "{w}");

@@ -10,7 +10,8 @@ use client::terminal::TerminalCredentials;
 use model::api::MigrateVm;
 use model::terminal_ops::Operation;
 use model::terminals::{
-    BindTerminal, CreateTerminal, OperationOutcome, SessionReply, SharePolicy, SERVER_SEQ_BASE,
+    BindTerminal, CreateTerminal, OperationOutcome, SessionReplies, SessionReply, SharePolicy,
+    SERVER_SEQ_BASE,
 };
 use model::MigrationState;
 
@@ -267,6 +268,55 @@ async fn a_session_carries_one_terminal_and_only_from_its_own_origin() {
     req.headers_mut()
         .insert("origin", format!("http://{addr}").parse().unwrap());
     tokio_tungstenite::connect_async(req).await.unwrap();
+}
+
+/// `?replies=brief`: each answer is the message's number and outcome (a failure's reason
+/// with it), not the record; refusals are as on any session; the records are in the log as
+/// always. A mode the server does not know is refused before the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brief_session_answers_with_number_and_outcome() {
+    let (c, da, _a, web, creds) = one_vm().await;
+    let now = control::now_ms();
+    let mut s = TerminalSession::connect_with(&creds, None, SessionReplies::Brief)
+        .await
+        .unwrap();
+    for (seq, down) in [(1, true), (2, false)] {
+        match s.call(seq, now, &key("a", down)).await.unwrap() {
+            SessionReply::Outcome {
+                seq: got,
+                outcome: OperationOutcome::Performed,
+                detail: None,
+                screenshot: None,
+            } => assert_eq!(got, seq),
+            other => panic!("message {seq}: {other:?}"),
+        }
+    }
+    match s.call(2, now, &key("a", true)).await.unwrap() {
+        SessionReply::Refused {
+            reason,
+            seq: Some(2),
+            ..
+        } => assert_eq!(reason, "replay"),
+        other => panic!("a replay: {other:?}"),
+    }
+    let sent = serde_json::to_string(&SessionReply::Outcome {
+        seq: 1,
+        outcome: OperationOutcome::Performed,
+        detail: None,
+        screenshot: None,
+    })
+    .unwrap();
+    assert!(sent.len() < 64, "{sent}");
+    assert_eq!(da.performed(&web.id.to_string()).len(), 2);
+    let log = c.admin.terminal_operations("kiosk").await.unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
+
+    let addr = c.url.trim_start_matches("http://").to_owned();
+    let err =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/v1/terminal-sessions?replies=terse"))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("400"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,15 +4,15 @@
 //! on the VM of the terminal's binding only (`control::terminals`).
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Request, State, WebSocketUpgrade};
+use axum::extract::{Query, Request, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use model::api::Problem;
 use model::terminals::{
     AnswerOutcome, BindTerminal, CreateTerminal, CreatedTerminal, OperationAnswers,
-    OperationOutcome, OperationResult, PerformedOperation, SessionReply, Terminal, MAX_ANSWERS,
-    MAX_OPERATION_MESSAGE,
+    OperationOutcome, OperationResult, PerformedOperation, SessionReplies, SessionReply, Terminal,
+    MAX_ANSWERS, MAX_OPERATION_MESSAGE,
 };
 use model::{Role, TerminalId};
 
@@ -210,26 +210,41 @@ pub(crate) async fn operation(
 /// The server pings every 5 s and there is no idle timeout; when the session ends
 /// (closed, dropped, or silent for 15 s) every key and pointer button its operations
 /// hold down is released on the VM. A browser's request must come from this server's
-/// own origin.
+/// own origin. With `replies=brief` an answer is the operation's sequence number and
+/// outcome (`SessionReply::Outcome`) instead of its whole record.
 #[utoipa::path(get, path = "/v1/terminal-sessions", tag = "terminals",
     security(()),
+    params(SessionParams),
     responses(
         (status = 101, description = "switching to the WebSocket protocol; then one `SessionReply` per message", body = SessionReply),
-        (status = 400, description = "not a WebSocket handshake", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "not a WebSocket handshake, or a `replies` other than `full` or `brief`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "an `Origin` other than this server's", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn session(
     State(state): State<AppState>,
     headers: HeaderMap,
+    q: Result<Query<SessionParams>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     check_origin(&headers)?;
+    let Query(q) = q.map_err(|e| ApiError::BadRequest(format!("query: {}", e.body_text())))?;
     let ws = ws.map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
     let session = state.control().terminal_session();
     Ok(ws
         .max_message_size(MAX_OPERATION_MESSAGE)
         .max_frame_size(MAX_OPERATION_MESSAGE)
-        .on_upgrade(move |socket| crate::session::serve(socket, session)))
+        .on_upgrade(move |socket| crate::session::serve(socket, session, q.replies)))
+}
+
+/// `GET /v1/terminal-sessions?replies=brief`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct SessionParams {
+    /// `full` (default): each answer carries the operation's record; `brief`: its
+    /// sequence number and outcome only (and a screenshot's picture, a failure's reason).
+    #[serde(default)]
+    replies: SessionReplies,
 }
 
 /// A browser sends `Origin` with a WebSocket handshake: only a page of this server

@@ -28,7 +28,8 @@ use client::session::TerminalSession;
 use client::terminal::TerminalCredentials;
 use model::api::{CreateImage, CreateToken, CreateVm};
 use model::terminals::{
-    BindTerminal, CreateTerminal, CreatedTerminal, OperationOutcome, SessionReply, SharePolicy,
+    BindTerminal, CreateTerminal, CreatedTerminal, OperationOutcome, SessionReplies, SessionReply,
+    SharePolicy,
 };
 use model::{ObservedState, Role};
 use serde::Serialize;
@@ -245,8 +246,10 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
     let one_off = measure(&creds, args, false).await?;
     eprintln!("[bytes] the scripted typing session as key and as text operations");
     let mut wire = Vec::new();
-    for how in [Typing::KeyEvents, Typing::KeyPresses, Typing::Lines] {
-        wire.push(vinfra_wire(&admin, &url, how).await?);
+    for form in [SessionReplies::Full, SessionReplies::Brief] {
+        for how in [Typing::KeyEvents, Typing::KeyPresses, Typing::Lines] {
+            wire.push(vinfra_wire(&admin, &url, how, form).await?);
+        }
     }
     if !args.no_vnc {
         eprintln!("[bytes] the same through QEMU's VNC, websockify and vncdotool");
@@ -417,9 +420,19 @@ impl Typing {
 
 /// A new terminal bound to `vm0` types [`SCRIPT`] over one session through a byte
 /// counter, each operation answered `performed` before the next and sent at most at 80%
-/// of a terminal's rate limit.
-async fn vinfra_wire(admin: &client::Client, url: &str, how: Typing) -> anyhow::Result<WireRow> {
-    let name = format!("wire-{}", how.name().replace('_', "-"));
+/// of a terminal's rate limit; the session's answers in `form`.
+async fn vinfra_wire(
+    admin: &client::Client,
+    url: &str,
+    how: Typing,
+    form: SessionReplies,
+) -> anyhow::Result<WireRow> {
+    let brief = form == SessionReplies::Brief;
+    let name = format!(
+        "wire-{}{}",
+        how.name().replace('_', "-"),
+        if brief { "-brief" } else { "" }
+    );
     let name = name.as_str();
     let made = terminal_on(admin, name, "vm0", SharePolicy::Shared).await?;
     let server: std::net::SocketAddr = url
@@ -429,7 +442,9 @@ async fn vinfra_wire(admin: &client::Client, url: &str, how: Typing) -> anyhow::
     let counter = super::vnc::Counter::start(server).await?;
     let creds = TerminalCredentials::new(&made, &format!("http://{}", counter.addr));
     let bodies = how.bodies();
-    let (mut tx, mut rx) = TerminalSession::connect(&creds, None).await?.split();
+    let (mut tx, mut rx) = TerminalSession::connect_with(&creds, None, form)
+        .await?
+        .split();
     // Typing paced under a terminal's rate limit (a fast loopback would exceed it).
     let mut pace = tokio::time::interval(Duration::from_secs_f64(
         1.0 / (control::terminals::RATE_PER_SECOND * 0.8),
@@ -440,7 +455,9 @@ async fn vinfra_wire(admin: &client::Client, url: &str, how: Typing) -> anyhow::
         tx.send(n as u64 + 1, ts, body).await?;
         match rx.next().await {
             Some(Ok(SessionReply::Answer { operation }))
-                if operation.outcome == OperationOutcome::Performed => {}
+                if !brief && operation.outcome == OperationOutcome::Performed => {}
+            Some(Ok(SessionReply::Outcome { seq, outcome, .. }))
+                if brief && outcome == OperationOutcome::Performed && seq == n as u64 + 1 => {}
             other => bail!("{name}: operation {} not performed: {other:?}", n + 1),
         }
     }
@@ -448,7 +465,11 @@ async fn vinfra_wire(admin: &client::Client, url: &str, how: Typing) -> anyhow::
     drop(rx);
     let (to_server, from_server) = counter.bytes().await?;
     Ok(WireRow {
-        path: format!("vinfra {}", how.name()),
+        path: format!(
+            "vinfra {}{}",
+            how.name(),
+            if brief { ", brief" } else { "" }
+        ),
         messages: Some(bodies.len()),
         to_server,
         from_server,
@@ -534,6 +555,7 @@ async fn one_terminal_session(
                 Some(Ok(SessionReply::Answer { operation })) => {
                     other.push(format!("{:?}", operation.outcome).to_lowercase());
                 }
+                Some(Ok(SessionReply::Outcome { .. })) => other.push("brief answer".into()),
                 Some(Ok(SessionReply::Refused { reason, .. })) => other.push(reason),
                 Some(Err(e)) => {
                     other.push(format!("session: {e}"));
