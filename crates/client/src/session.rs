@@ -3,6 +3,7 @@
 //! order. TCP and TLS are set up here (trusting the cluster CA, like the REST client);
 //! tungstenite does only the WebSocket handshake and framing.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures_util::stream::{SplitSink, SplitStream};
@@ -54,6 +55,9 @@ pub enum SessionError {
 pub struct TerminalSession {
     ws: Ws,
     creds: TerminalCredentials,
+    /// The server answered one of this session's messages: the session has this
+    /// terminal, and later messages leave it and the server out of their headers.
+    established: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for TerminalSession {
@@ -68,11 +72,38 @@ impl std::fmt::Debug for TerminalSession {
 pub struct SessionSender {
     sink: SplitSink<Ws, Message>,
     creds: TerminalCredentials,
+    established: Arc<AtomicBool>,
 }
 
 /// Reads a session's replies.
 pub struct SessionReceiver {
     stream: SplitStream<Ws>,
+    established: Arc<AtomicBool>,
+}
+
+/// A message signed for a session: in full until the server answered one of them.
+fn signed(
+    creds: &TerminalCredentials,
+    established: &AtomicBool,
+    seq: u64,
+    ts: u64,
+    body: &str,
+) -> Vec<u8> {
+    if established.load(Ordering::Acquire) {
+        creds.sign_in_session(seq, ts, body)
+    } else {
+        creds.sign(seq, ts, body)
+    }
+}
+
+/// Notes an answer on `established` (a refusal says nothing about the session's terminal).
+fn note(reply: &SessionReply, established: &AtomicBool) {
+    if matches!(
+        reply,
+        SessionReply::Answer { .. } | SessionReply::Outcome { .. }
+    ) {
+        established.store(true, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for SessionSender {
@@ -151,6 +182,7 @@ impl TerminalSession {
         Ok(Self {
             ws,
             creds: creds.clone(),
+            established: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -161,12 +193,14 @@ impl TerminalSession {
         timestamp: u64,
         body: &str,
     ) -> Result<SessionReply, SessionError> {
-        let msg = self.creds.sign(seq, timestamp, body);
+        let msg = signed(&self.creds, &self.established, seq, timestamp, body);
         self.ws
             .send(Message::Binary(msg.into()))
             .await
             .map_err(Box::new)?;
-        next_reply(&mut self.ws).await
+        let reply = next_reply(&mut self.ws).await?;
+        note(&reply, &self.established);
+        Ok(reply)
     }
 
     /// The two halves, to send and read at once.
@@ -176,8 +210,12 @@ impl TerminalSession {
             SessionSender {
                 sink,
                 creds: self.creds,
+                established: Arc::clone(&self.established),
             },
-            SessionReceiver { stream },
+            SessionReceiver {
+                stream,
+                established: self.established,
+            },
         )
     }
 }
@@ -185,7 +223,7 @@ impl TerminalSession {
 impl SessionSender {
     /// Sends one operation message (`body` a JSON object).
     pub async fn send(&mut self, seq: u64, timestamp: u64, body: &str) -> Result<(), SessionError> {
-        let msg = self.creds.sign(seq, timestamp, body);
+        let msg = signed(&self.creds, &self.established, seq, timestamp, body);
         self.sink
             .send(Message::Binary(msg.into()))
             .await
@@ -207,6 +245,9 @@ impl SessionReceiver {
                 Err(e) => return Some(Err(Box::new(e).into())),
             };
             if let Some(r) = decode(frame) {
+                if let Ok(reply) = &r {
+                    note(reply, &self.established);
+                }
                 return Some(r);
             }
         }

@@ -47,6 +47,24 @@ impl TerminalCredentials {
         let head = serde_json::to_string(&header).unwrap_or_default();
         format!("{{\"header\":{head},\"body\":{body}}}").into_bytes()
     }
+
+    /// A signed message for a session that already has this terminal (its first
+    /// accepted message named it): the header leaves out `server` and `terminal`, which
+    /// the MAC covers all the same (~100 bytes fewer per message).
+    pub fn sign_in_session(&self, seq: u64, timestamp: u64, body: &str) -> Vec<u8> {
+        let header = OperationHeader {
+            server: self.server.clone(),
+            terminal: self.terminal,
+            seq,
+            timestamp,
+            mac: String::new(),
+        };
+        let mac = message_mac(self.secret.as_bytes(), &header, body.as_bytes());
+        format!(
+            "{{\"header\":{{\"seq\":{seq},\"timestamp\":{timestamp},\"mac\":\"{mac}\"}},\"body\":{body}}}"
+        )
+        .into_bytes()
+    }
 }
 
 /// A sequence number for a terminal that keeps no counter: microseconds since the

@@ -130,7 +130,7 @@ impl TerminalSession {
     async fn accept(&mut self, raw: &[u8]) -> Result<Accepted, Refused> {
         let a = self
             .control
-            .check_operation_with(raw, Some(&mut self.cache))
+            .check_operation_with(raw, Some(&mut self.cache), self.terminal)
             .await?;
         match self.terminal {
             Some(session) if session != a.terminal => {

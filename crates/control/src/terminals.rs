@@ -261,9 +261,26 @@ impl From<StoreError> for Refused {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Message<'a> {
-    header: OperationHeader,
+    header: SentHeader,
     #[serde(borrow)]
     body: &'a serde_json::value::RawValue,
+}
+
+/// [`OperationHeader`] as it may come on a session: once the session has a terminal
+/// (its first accepted message named it), a message may leave out `server` and
+/// `terminal` — they are the session's, and the MAC still covers them, so nothing a
+/// message proves is lost, and ~100 bytes per message are. A single message (and a
+/// session's first) names both.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SentHeader {
+    #[serde(default)]
+    server: Option<String>,
+    #[serde(default)]
+    terminal: Option<TerminalId>,
+    seq: u64,
+    timestamp: u64,
+    mac: String,
 }
 
 /// A message's body: one operation. Other fields (a VM named by the terminal) are not
@@ -946,25 +963,55 @@ impl Control {
     /// revealed before its MAC verifies, and the sequence number is taken (by
     /// [`Control::perform_operation`]) only for a message that passed every other check.
     pub(crate) async fn check_operation(&self, raw: &[u8]) -> Result<Accepted, Refused> {
-        self.check_operation_with(raw, None).await
+        self.check_operation_with(raw, None, None).await
     }
 
     /// [`Control::check_operation`], with a session's cache of its terminal's MAC key
     /// and binding: read from the store for the first message (and again after the
-    /// terminal's record or its VM's changed), not for every message.
+    /// terminal's record or its VM's changed), not for every message; and the session's
+    /// terminal, once it has one, for a header that leaves it out ([`SentHeader`]).
     pub(crate) async fn check_operation_with(
         &self,
         raw: &[u8],
         cache: Option<&mut Option<CachedTerminal>>,
+        session: Option<TerminalId>,
     ) -> Result<Accepted, Refused> {
         if raw.len() > MAX_OPERATION_MESSAGE {
             return Err(Refused::TooLarge { len: raw.len() });
         }
         let msg: Message<'_> =
             serde_json::from_slice(raw).map_err(|e| Refused::Malformed(e.to_string()))?;
-        let h = &msg.header;
         let body = msg.body.get().as_bytes();
         let ours = self.server_id().await?;
+        let sent = msg.header;
+        let (server, terminal) = match (sent.server, sent.terminal, session) {
+            (Some(server), Some(terminal), _) => (server, terminal),
+            (None, None, Some(terminal)) => (ours.clone(), terminal),
+            (None, None, None) => {
+                return Err(Refused::Malformed(
+                    "header: server and terminal are missing (only a session's messages \
+                     after its first accepted one may leave them out)"
+                        .into(),
+                ))
+            }
+            (None, Some(_), _) => {
+                return Err(Refused::Malformed(
+                    "header: terminal without server (name both, or neither on a session)".into(),
+                ))
+            }
+            (Some(_), None, _) => {
+                return Err(Refused::Malformed(
+                    "header: server without terminal (name both, or neither on a session)".into(),
+                ))
+            }
+        };
+        let h = &OperationHeader {
+            server,
+            terminal,
+            seq: sent.seq,
+            timestamp: sent.timestamp,
+            mac: sent.mac,
+        };
         if h.server != ours {
             return Err(Refused::WrongServer {
                 got: h.server.clone(),

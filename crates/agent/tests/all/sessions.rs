@@ -319,6 +319,69 @@ async fn a_brief_session_answers_with_number_and_outcome() {
     assert!(err.to_string().contains("400"), "{err}");
 }
 
+/// Once a session has its terminal, a message's header may leave out the server and the
+/// terminal (the MAC still covers the session's): refused before the first accepted
+/// message and on a one-off POST; a message signed as another terminal but sent without
+/// naming it is taken as the session's terminal's and fails its MAC. The Rust client
+/// sends such headers once the session answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_header_may_leave_out_what_the_session_knows() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (c, da, _a, web, creds) = one_vm().await;
+    let other = terminal(&c, "other", "web").await;
+    let now = control::now_ms();
+    let addr = c.url.trim_start_matches("http://").to_owned();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/terminal-sessions"))
+        .await
+        .unwrap();
+    let mut call = async |m: Vec<u8>| -> SessionReply {
+        ws.send(Message::Binary(m.into())).await.unwrap();
+        loop {
+            if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
+                return serde_json::from_str(t.as_str()).unwrap();
+            }
+        }
+    };
+    let short = creds.sign_in_session(1, now, &key("a", true));
+    assert!(short.len() + 90 < creds.sign(1, now, &key("a", true)).len());
+    match call(short).await {
+        SessionReply::Refused {
+            reason,
+            seq: Some(1),
+            detail,
+            ..
+        } => {
+            assert_eq!(reason, "malformed", "{detail}");
+        }
+        other => panic!("before the session has a terminal: {other:?}"),
+    }
+    performed(&call(creds.sign(2, now, &key("a", true))).await);
+    performed(&call(creds.sign_in_session(3, now, &key("a", false))).await);
+    match call(other.sign_in_session(4, now, &key("b", true))).await {
+        SessionReply::Refused { reason, .. } => assert_eq!(reason, "bad_mac"),
+        r => panic!("another terminal's message without its name: {r:?}"),
+    }
+    let err = c
+        .admin
+        .send_operation(creds.sign_in_session(5, now, &key("c", true)))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("server and terminal are missing"),
+        "{err}"
+    );
+    assert_eq!(da.performed(&web.id.to_string()).len(), 2);
+
+    // The client: its first message names the terminal, the ones after it need not.
+    let mut s = TerminalSession::connect(&creds, None).await.unwrap();
+    for seq in 6..9 {
+        performed(&s.call(seq, now, &key("d", seq % 2 == 0)).await.unwrap());
+    }
+    assert_eq!(da.performed(&web.id.to_string()).len(), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_sent_during_a_migration_reach_the_vm_once_each_in_order() {
     let c = Cluster::start().await;
