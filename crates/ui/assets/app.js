@@ -122,8 +122,10 @@ function rates(el) {
 
 // The browser terminal (Terminals page): this script is the terminal. It holds the
 // credentials in memory only, signs each operation message with the secret (HMAC-SHA256,
-// the MAC of model::terminals::mac_input) and posts it to /v1/terminal-operations as any
-// terminal does; the server checks it like any other. Keys map as `vinfra terminal
+// the MAC of model::terminals::mac_input) and sends it over a terminal session (a
+// WebSocket to /v1/terminal-sessions with brief answers) as any terminal does; the
+// server checks it like any other, and releases what it held if the tab goes. Once the
+// session answered, headers leave out the server and terminal (the MAC covers them). Keys map as `vinfra terminal
 // connect` maps them: printable runs and Enter become type_text, editing and cursor keys
 // and Ctrl-letter key_combo. The pointer box sends pointer_move / pointer_button / wheel,
 // the power buttons power, the screenshot button screenshot (the picture is shown). One
@@ -160,6 +162,31 @@ function terminal(root) {
   let busy = false;
   let lastSeq = 0;
   const say = (m) => { status.textContent = m; };
+  // The session: opened at the first message, again after it closed. Answers come in
+  // the order messages went; `waiting` resolves them so.
+  let ws = null;
+  let established = false;
+  const waiting = [];
+  function session() {
+    if (ws && ws.readyState === WebSocket.OPEN) return Promise.resolve(ws);
+    return new Promise((resolve, reject) => {
+      const s = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/terminal-sessions?replies=brief`);
+      established = false;
+      s.onopen = () => { ws = s; resolve(s); };
+      s.onmessage = (e) => {
+        let reply = {};
+        try { reply = JSON.parse(e.data); } catch (_) { /* answered as not understood */ }
+        if (reply.reply === "outcome") established = true;
+        const w = waiting.shift();
+        if (w) w(reply);
+      };
+      s.onclose = () => {
+        if (ws === s) ws = null;
+        while (waiting.length) waiting.shift()({ reply: "lost" });
+        reject(new Error("closed"));
+      };
+    });
+  }
 
   root.querySelector("#bt-file").addEventListener("change", async (e) => {
     const f = e.target.files && e.target.files[0];
@@ -198,24 +225,30 @@ function terminal(root) {
     const input = `${MAC_CONTEXT}\n${term.server}\n${term.id}\n${seq}\n${timestamp}\n${body}`;
     const sig = new Uint8Array(await crypto.subtle.sign("HMAC", term.key, enc.encode(input)));
     const mac = Array.from(sig, (b) => b.toString(16).padStart(2, "0")).join("");
-    const header = JSON.stringify({ server: term.server, terminal: term.id, seq, timestamp, mac });
     const li = document.createElement("li");
     li.textContent = `${JSON.stringify(op)} → …`;
     log.prepend(li);
     while (log.children.length > 20) log.lastChild.remove();
     try {
+      const s = await session();
+      const header = JSON.stringify(established
+        ? { seq, timestamp, mac }
+        : { server: term.server, terminal: term.id, seq, timestamp, mac });
+      const answered = new Promise((resolve) => waiting.push(resolve));
       // The body goes exactly as signed: the MAC covers its bytes.
-      const r = await fetch("/v1/terminal-operations", {
-        method: "POST", credentials: "omit",
-        headers: { "Content-Type": "application/json" },
-        body: `{"header":${header},"body":${body}}`,
-      });
-      const doc = await r.json().catch(() => ({}));
-      const outcome = r.ok ? doc.outcome : `refused (${r.status}): ${doc.detail || ""}`;
+      s.send(`{"header":${header},"body":${body}}`);
+      const doc = await answered;
+      if (doc.reply === "lost") {
+        li.textContent = `${JSON.stringify(op)} → unknown (the session closed before its answer)`;
+        li.dataset.outcome = "unsent";
+        return;
+      }
+      const ok = doc.reply === "outcome";
+      const outcome = ok ? doc.outcome : `refused (${doc.reason || "?"}): ${doc.detail || ""}`;
       li.textContent = `${JSON.stringify(op)} → ${outcome}`;
-      li.dataset.outcome = r.ok ? doc.outcome : "refused";
+      li.dataset.outcome = ok ? doc.outcome : "refused";
       li.dataset.op = op.op;
-      if (r.ok && doc.screenshot && shot) {
+      if (ok && doc.screenshot && shot) {
         shot.src = `data:image/png;base64,${doc.screenshot.png_base64}`;
         shot.alt = `The VM's display, ${doc.screenshot.width}×${doc.screenshot.height}`;
         shot.hidden = false;
