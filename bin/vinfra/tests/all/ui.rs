@@ -465,6 +465,27 @@ async fn dashboard_in_chromium_logs_in_creates_migrates_drains_and_keeps_tenants
         "the terminal's secret is in the page"
     );
     b.screenshot("terminals").await;
+    // A button pressed in the pointer box and never released: leaving the page ends the
+    // terminal's session, and the server releases the button on the VM.
+    let ups = |c: &str| c.matches("INPUT button left up").count();
+    let before = ups(&s.admin().console("web-1").await.unwrap_or_default());
+    b.exec(
+        "const p = document.getElementById('bt-pointer'); const r = p.getBoundingClientRect(); \
+         p.dispatchEvent(new MouseEvent('mousedown', {button: 0, bubbles: true, \
+         clientX: r.left + 5, clientY: r.top + 5})); return true;",
+        json!([]),
+    )
+    .await;
+    b.wait_text("#bt-log", "the press performed", |t| {
+        t.matches("performed").count() >= 9 && !t.contains('…')
+    })
+    .await;
+    b.goto(&format!("{}/ui/terminals", s.url)).await;
+    test_utils::wait_for(Duration::from_secs(20), || async {
+        ups(&s.admin().console("web-1").await.unwrap_or_default()) > before
+    })
+    .await
+    .expect("the button held when the page went is released");
 
     // Resource tables: one made through the API on host-a, served by its agent; a
     // device (a `vinfra resource-table attach` process on the agent's socket) takes a
