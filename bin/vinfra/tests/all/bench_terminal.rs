@@ -27,6 +27,9 @@ fn bench_terminal_measures_sessions_and_one_off_messages() {
             "2",
             "--kbd-rate",
             "10",
+            // The latency rows over brief-answer sessions (the bytes rows take both).
+            "--replies",
+            "brief",
         ])
         .env("RUST_LOG", "error")
         .output()
@@ -59,6 +62,7 @@ fn bench_terminal_measures_sessions_and_one_off_messages() {
             "{row}"
         );
     }
+    assert_eq!(r["replies"], "brief");
     let wire = r["wire"].as_array().unwrap();
     let paths: Vec<&str> = wire.iter().map(|w| w["path"].as_str().unwrap()).collect();
     assert_eq!(

@@ -65,6 +65,10 @@ pub struct TerminalArgs {
     /// The Python with vncdotool installed.
     #[arg(long, default_value = super::vnc::DEFAULT_VNC_PYTHON)]
     pub vnc_python: std::path::PathBuf,
+    /// What the latency rows' sessions ask to be answered with: `full` (the record) or
+    /// `brief` (number and outcome; what `vinfra terminal connect` asks for).
+    #[arg(long, default_value = "full", value_parser = ["full", "brief"])]
+    pub replies: String,
 }
 
 /// The scripted typing session of the bytes rows: ten lines of lower-case words, digits
@@ -135,11 +139,14 @@ pub struct TerminalReport {
     pub rate: u32,
     /// VMs.
     pub vms: usize,
+    /// What the session rows' answers carried (`full` or `brief`).
+    pub replies: String,
     /// Session and one-off rows.
     pub rows: Vec<Row>,
     /// Characters typed by each bytes row (Return counted).
     pub script_chars: usize,
-    /// Bytes rows: vinfra's three, then VNC's unless left out.
+    /// Bytes rows: vinfra's three with full answers, the three with brief ones, then VNC's
+    /// unless left out.
     pub wire: Vec<WireRow>,
     /// Through QEMU's keyboard controller, unless left out.
     pub keyboard: Option<super::kbd::KbdRow>,
@@ -295,6 +302,7 @@ pub async fn run(args: &TerminalArgs) -> anyhow::Result<TerminalReport> {
         },
         terminals: args.terminals,
         rate: args.rate,
+        replies: args.replies.clone(),
         vms: args.vms,
         rows: vec![session, one_off],
         script_chars: SCRIPT.iter().map(|l| l.len() + 1).sum(),
@@ -485,6 +493,11 @@ async fn measure(
 ) -> anyhow::Result<Row> {
     let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
     let ops_each = usize::try_from(u64::from(args.rate) * args.secs)?;
+    let form = if args.replies == "brief" {
+        SessionReplies::Brief
+    } else {
+        SessionReplies::Full
+    };
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, c) in creds.iter().enumerate() {
@@ -494,7 +507,7 @@ async fn measure(
         tasks.spawn(async move {
             tokio::time::sleep(offset).await;
             if over_session {
-                one_terminal_session(c, period, ops_each).await
+                one_terminal_session(c, period, ops_each, form).await
             } else {
                 one_terminal_posts(c, period, ops_each).await
             }
@@ -539,8 +552,9 @@ async fn one_terminal_session(
     c: TerminalCredentials,
     period: Duration,
     ops: usize,
+    form: SessionReplies,
 ) -> anyhow::Result<Measured> {
-    let s = TerminalSession::connect(&c, None).await?;
+    let s = TerminalSession::connect_with(&c, None, form).await?;
     let (mut tx, mut rx) = s.split();
     let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let reader = tokio::spawn(async move {
@@ -555,7 +569,13 @@ async fn one_terminal_session(
                 Some(Ok(SessionReply::Answer { operation })) => {
                     other.push(format!("{:?}", operation.outcome).to_lowercase());
                 }
-                Some(Ok(SessionReply::Outcome { .. })) => other.push("brief answer".into()),
+                Some(Ok(SessionReply::Outcome {
+                    outcome: OperationOutcome::Performed,
+                    ..
+                })) => ms.push(at.elapsed().as_secs_f64() * 1000.0),
+                Some(Ok(SessionReply::Outcome { outcome, .. })) => {
+                    other.push(format!("{outcome:?}").to_lowercase());
+                }
                 Some(Ok(SessionReply::Refused { reason, .. })) => other.push(reason),
                 Some(Err(e)) => {
                     other.push(format!("session: {e}"));
@@ -676,8 +696,8 @@ pub(super) fn spawn_agent(
 pub fn table(r: &TerminalReport) -> String {
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
     let mut s = format!(
-        "vinfra bench terminal: {} terminals × {} ops/s on {} VMs (sim driver), {} build, {} cores\n\n",
-        r.terminals, r.rate, r.vms, r.build, r.cores
+        "vinfra bench terminal: {} terminals × {} ops/s on {} VMs (sim driver), {} build, {} cores, {} session answers\n\n",
+        r.terminals, r.rate, r.vms, r.build, r.cores, r.replies
     );
     s.push_str(&format!(
         "{:<10} {:>8} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9}\n",
