@@ -35,14 +35,7 @@ impl TerminalCredentials {
 
     /// A signed message carrying `body` (a JSON object, sent byte for byte as given).
     pub fn sign(&self, seq: u64, timestamp: u64, body: &str) -> Vec<u8> {
-        let mut header = OperationHeader {
-            server: self.server.clone(),
-            terminal: self.terminal,
-            seq,
-            timestamp,
-            mac: String::new(),
-        };
-        header.mac = message_mac(self.secret.as_bytes(), &header, body.as_bytes());
+        let header = self.header(seq, timestamp, body);
         // The header serializes infallibly (strings and numbers only).
         let head = serde_json::to_string(&header).unwrap_or_default();
         format!("{{\"header\":{head},\"body\":{body}}}").into_bytes()
@@ -52,18 +45,24 @@ impl TerminalCredentials {
     /// accepted message named it): the header leaves out `server` and `terminal`, which
     /// the MAC covers all the same (~100 bytes fewer per message).
     pub fn sign_in_session(&self, seq: u64, timestamp: u64, body: &str) -> Vec<u8> {
-        let header = OperationHeader {
+        let OperationHeader { mac, .. } = self.header(seq, timestamp, body);
+        format!(
+            "{{\"header\":{{\"seq\":{seq},\"timestamp\":{timestamp},\"mac\":\"{mac}\"}},\"body\":{body}}}"
+        )
+        .into_bytes()
+    }
+
+    /// The header of a message carrying `body`, its MAC computed.
+    fn header(&self, seq: u64, timestamp: u64, body: &str) -> OperationHeader {
+        let mut header = OperationHeader {
             server: self.server.clone(),
             terminal: self.terminal,
             seq,
             timestamp,
             mac: String::new(),
         };
-        let mac = message_mac(self.secret.as_bytes(), &header, body.as_bytes());
-        format!(
-            "{{\"header\":{{\"seq\":{seq},\"timestamp\":{timestamp},\"mac\":\"{mac}\"}},\"body\":{body}}}"
-        )
-        .into_bytes()
+        header.mac = message_mac(self.secret.as_bytes(), &header, body.as_bytes());
+        header
     }
 }
 
