@@ -210,7 +210,7 @@ impl Device {
     /// the element's bookkeeping (its revoke, the audit line) can wait for its
     /// next look: this device's next request, another device asking for the
     /// entry, a read of the grants, or its periodic sweep (`SWEEP`). A wake-up
-    /// less per cycle is a third of a grant cycle when device and element
+    /// less per cycle is two context switches fewer when device and element
     /// share a core (docs/SHM.md).
     fn post_release(&self, entry: u32) -> Result<(), Error> {
         self.held
