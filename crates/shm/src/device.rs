@@ -321,6 +321,16 @@ impl Device {
                     }
                 }
                 Notify::EventFd => {
+                    // Say what this thread sleeps for, then look once more
+                    // (sequentially consistent with the element's answer and
+                    // its load of this word): the element signals only a
+                    // device that says it sleeps.
+                    self.ctrl
+                        .word(proto::RESP_WAITING)
+                        .store(s, Ordering::SeqCst);
+                    if self.ctrl.word(proto::RESP_SEQ).load(Ordering::SeqCst) == s {
+                        break;
+                    }
                     let left = deadline.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(Error::ElementGone);

@@ -635,6 +635,19 @@ impl State {
     }
 
     fn revoke(&mut self, device: DeviceId, entry: u32, reason: RevokeReason) -> Result<(), Error> {
+        self.revoke_with(device, entry, reason, true)
+    }
+
+    /// `protect`: write-protect the entry in the device's address space. Left
+    /// out only for a release the same device's next request takes straight
+    /// back (`serve_request`), whose grant would undo it at once.
+    fn revoke_with(
+        &mut self,
+        device: DeviceId,
+        entry: u32,
+        reason: RevokeReason,
+        protect: bool,
+    ) -> Result<(), Error> {
         self.slots.layout().check(entry)?;
         match &self.brt[entry as usize] {
             Some(g) if g.device == device => {}
@@ -642,11 +655,12 @@ impl State {
         }
         let off = self.slots.layout().slot_offset(entry);
         let slot = self.slots.layout().slot_size();
-        let protect = self
+        let uffd = self
             .devices
             .get(&device)
-            .and_then(|d| d.uffd.as_ref().map(|u| (u, d.base)));
-        if let Some((uffd, base)) = protect {
+            .and_then(|d| d.uffd.as_ref().map(|u| (u, d.base)))
+            .filter(|_| protect);
+        if let Some((uffd, base)) = uffd {
             match uffd.protect(base + off, slot, true) {
                 Ok(()) => {}
                 // The device's address space is gone (it exited): nothing can
@@ -740,21 +754,53 @@ impl State {
 
     /// Does the device's posted release, if it posted a new one.
     fn serve_release(&mut self, device: DeviceId) {
+        self.serve_release_before(device, None);
+    }
+
+    /// Does the device's posted release, if it posted a new one; `regrant`:
+    /// the entry the device's pending request is about to be granted. A
+    /// release of that same entry leaves its page as it is rather than
+    /// write-protect it for the grant to clear again: one call into the
+    /// device's page tables saved per cycle of a device that keeps updating
+    /// one entry. Returns whether it did so (the page's protection is then
+    /// whatever the device left: the grant must not fail silently).
+    fn serve_release_before(&mut self, device: DeviceId, regrant: Option<u32>) -> bool {
         let Some(dev) = self.devices.get_mut(&device) else {
-            return;
+            return false;
         };
         let seq = dev.ctrl.word(proto::REL_SEQ).load(Ordering::Acquire);
         if seq == dev.last_rel {
-            return;
+            return false;
         }
         dev.last_rel = seq;
         let entry = dev.ctrl.word(proto::REL_ENTRY).load(Ordering::Relaxed);
         let entry = u32::try_from(entry).unwrap_or(u32::MAX);
-        if let Err(e) = self.revoke(device, entry, RevokeReason::Released) {
-            tracing::debug!(device, entry, error = %e, "posted release");
-        }
+        let keep = regrant == Some(entry);
+        let kept = match self.revoke_with(device, entry, RevokeReason::Released, !keep) {
+            Ok(()) => keep,
+            Err(e) => {
+                tracing::debug!(device, entry, error = %e, "posted release");
+                false
+            }
+        };
         if let Some(dev) = self.devices.get(&device) {
             dev.ctrl.word(proto::REL_DONE).store(seq, Ordering::Release);
+        }
+        kept
+    }
+
+    /// Write-protects a released `entry` in `device`'s address space, if it
+    /// is still attached (best effort: a device whose address space is gone
+    /// writes nothing).
+    fn protect_released(&mut self, device: DeviceId, entry: u32) {
+        let off = self.slots.layout().slot_offset(entry);
+        let slot = self.slots.layout().slot_size();
+        if let Some(d) = self.devices.get(&device) {
+            if let Some(uffd) = &d.uffd {
+                if let Err(e) = uffd.protect(d.base + off, slot, true) {
+                    tracing::warn!(device, entry, error = %e, "write-protecting a released entry");
+                }
+            }
         }
     }
 
@@ -810,23 +856,29 @@ impl State {
         // The request number first: a request seen here was posted after any
         // release the next load can see, so that release is done before it.
         let seq = dev.ctrl.word(proto::REQ_SEQ).load(Ordering::Acquire);
-        self.serve_release(device);
-        let Some(dev) = self.devices.get_mut(&device) else {
-            return;
-        };
-        if seq == dev.last_req {
-            return;
-        }
-        dev.last_req = seq;
+        let new = seq != dev.last_req;
         let op = dev.ctrl.word(proto::REQ_OP).load(Ordering::Relaxed);
         let entry = dev.ctrl.word(proto::REQ_ENTRY).load(Ordering::Relaxed);
         let timeout_ms = dev.ctrl.word(proto::REQ_TIMEOUT_MS).load(Ordering::Relaxed);
         let entry = u32::try_from(entry).unwrap_or(u32::MAX);
+        let regrant = (new && op == proto::OP_REQUEST_WRITE).then_some(entry);
+        let kept = self.serve_release_before(device, regrant);
+        if !new {
+            return;
+        }
+        if let Some(dev) = self.devices.get_mut(&device) {
+            dev.last_req = seq;
+        }
         let result = match op {
             proto::OP_REQUEST_WRITE => {
                 let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
-                self.grant(device, entry, timeout)
-                    .map(|v| (proto::ST_GRANTED, v))
+                let granted = self.grant(device, entry, timeout);
+                if granted.is_err() && kept {
+                    // The release above left the page as the device did; the
+                    // entry is free now, so no page of it may stay writable.
+                    self.protect_released(device, entry);
+                }
+                granted.map(|v| (proto::ST_GRANTED, v))
             }
             proto::OP_RELEASE => self
                 .revoke(device, entry, RevokeReason::Released)
@@ -864,10 +916,17 @@ impl State {
         dev.ctrl
             .word(proto::RESP_VALUE)
             .store(value, Ordering::Relaxed);
-        dev.ctrl.word(proto::RESP_SEQ).store(seq, Ordering::Release);
+        // Sequentially consistent with the device's `RESP_WAITING` store and
+        // reload (`Device::answer`): either the device sees this answer before
+        // it sleeps, or this thread sees that it sleeps and wakes it.
+        dev.ctrl.word(proto::RESP_SEQ).store(seq, Ordering::SeqCst);
         // A guest's answer is an interrupt (QEMU's vector eventfd) in either
-        // mode: a guest that polls the word masks it.
-        if self.notify == Notify::EventFd || dev.guest.is_some() {
+        // mode: a guest that polls the word masks it. A device is woken only
+        // if it went to sleep for this answer; one that has not got that far
+        // (it was preempted by this thread on a shared core) finds the answer
+        // and does not sleep — a write here and a wait and read there saved.
+        let sleeping = dev.ctrl.word(proto::RESP_WAITING).load(Ordering::SeqCst) == seq;
+        if dev.guest.is_some() || (self.notify == Notify::EventFd && sleeping) {
             let _ = sys::eventfd_signal(dev.efd_resp.as_fd());
         }
     }
@@ -957,12 +1016,8 @@ fn serve(shared: &Shared) {
                     let device = (t >> 2) as DeviceId;
                     let mut st = lock(shared);
                     match t & 3 {
-                        KIND_REQ => {
-                            if let Some(d) = st.devices.get(&device) {
-                                let _ = sys::eventfd_drain(d.efd_req.as_fd());
-                            }
-                            st.serve_request(device);
-                        }
+                        // Edge-triggered: nothing to read back (`Epoll::add_eventfd`).
+                        KIND_REQ => st.serve_request(device),
                         KIND_PIDFD => st.gone(&shared.epoll, device, "process exited"),
                         KIND_SOCK => {
                             let reason = match st.devices.get(&device) {
@@ -1104,7 +1159,7 @@ fn attach(shared: &Shared, sock: UnixStream) -> Result<(), Error> {
     if notify == Notify::EventFd {
         shared
             .epoll
-            .add(efd_req.as_raw_fd(), token(device, KIND_REQ))
+            .add_eventfd(efd_req.as_raw_fd(), token(device, KIND_REQ))
             .map_err(Error::io("epoll"))?;
     }
     sys::send_with_fds(sock.as_fd(), &proto::encode_ready(0), &[])

@@ -9,7 +9,8 @@ use crate::sys::{self, Mapping};
 use crate::Error;
 
 const MAGIC: u32 = 0x5653_484d; // "VSHM"
-const VERSION: u16 = 1;
+                                // 2: the element signals a device only when `RESP_WAITING` says it sleeps.
+const VERSION: u16 = 2;
 
 /// How the element learns of a device's request and the device of the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +141,9 @@ pub(crate) const REQ_TIMEOUT_MS: usize = 3;
 pub(crate) const RESP_SEQ: usize = 8;
 pub(crate) const RESP_STATUS: usize = 9;
 pub(crate) const RESP_VALUE: usize = 10;
+/// The request whose answer the device sleeps on its eventfd for (device →
+/// element): the element signals the eventfd only for that one.
+pub(crate) const RESP_WAITING: usize = 11;
 /// A dropped guard's release, posted beside the request words so that the
 /// device's next request does not wait for the revoke (device → element; the
 /// element reads `REQ_SEQ` first, so a request it sees is never served before

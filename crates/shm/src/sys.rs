@@ -299,8 +299,19 @@ impl Epoll {
     }
 
     pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.add_with(fd, token, libc::EPOLLIN | libc::EPOLLRDHUP)
+    }
+
+    /// Adds an eventfd edge-triggered: every write to it is one event, so its
+    /// reader need not read the counter back to zero (a syscall saved per
+    /// wake-up); what was signalled is in the control page, not the count.
+    pub(crate) fn add_eventfd(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.add_with(fd, token, libc::EPOLLIN | libc::EPOLLET)
+    }
+
+    fn add_with(&self, fd: RawFd, token: u64, events: i32) -> io::Result<()> {
         let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+            events: events as u32,
             u64: token,
         };
         // SAFETY: `ev` is a valid epoll_event for the call's duration.

@@ -148,10 +148,14 @@ pub(super) fn accept(shared: &Shared, device: DeviceId) {
     let added = [
         (sock.as_raw_fd(), KIND_SOCK),
         (pidfd.as_raw_fd(), KIND_PIDFD),
-        (p.doorbell.as_raw_fd(), KIND_REQ),
     ]
     .iter()
-    .try_for_each(|(fd, kind)| shared.epoll.add(*fd, token(device, *kind)));
+    .try_for_each(|(fd, kind)| shared.epoll.add(*fd, token(device, *kind)))
+    .and_then(|()| {
+        shared
+            .epoll
+            .add_eventfd(p.doorbell.as_raw_fd(), token(device, KIND_REQ))
+    });
     if let Err(e) = added {
         for fd in [sock.as_raw_fd(), pidfd.as_raw_fd(), p.doorbell.as_raw_fd()] {
             shared.epoll.delete(fd);
