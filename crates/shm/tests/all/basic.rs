@@ -146,8 +146,13 @@ fn a_request_right_after_a_dropped_guard_is_served_after_its_release() {
         let mut a = DeviceProc::spawn(&sock);
         let mut b = DeviceProc::spawn(&sock);
         for _ in 0..50 {
+            // Asked again straight after its drop, the entry is granted again
+            // without being write-protected in between by the element (the
+            // device protected it): writable under each grant, never between.
             assert!(a.cmd("req 3 0").starts_with("granted"), "{notify:?}");
+            assert_eq!(a.cmd("store 3 8 1"), "stored", "{notify:?}");
             assert_eq!(a.cmd("drop 3"), "dropped");
+            assert_eq!(a.cmd("store 3 8 1"), "sigbus", "{notify:?}");
         }
         assert!(a.cmd("req 3 0").starts_with("granted"));
         assert_eq!(a.cmd("store 3 8 1"), "stored", "{notify:?}");
