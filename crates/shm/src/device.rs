@@ -30,6 +30,10 @@ pub struct Device {
     sock: UnixStream,
     efd_req: OwnedFd,
     efd_resp: OwnedFd,
+    /// Ends a wait for an answer that outlived `ANSWER_TIMEOUT` (the wait
+    /// itself has no timeout: see `sys::timerfd`), and when it is armed for.
+    watchdog: OwnedFd,
+    watchdog_at: Mutex<Option<Instant>>,
     // Kept open so that the protection outlives the element: if the element
     // exits, its copy of this userfaultfd closes, and the kernel would clear
     // write protection from the mapping if ours were the last one gone. Also
@@ -123,6 +127,8 @@ impl Device {
             sock,
             efd_req,
             efd_resp,
+            watchdog: sys::timerfd().map_err(Error::io("timerfd"))?,
+            watchdog_at: Mutex::new(None),
             uffd,
             seq: Mutex::new(0),
             rel_seq: Mutex::new(0),
@@ -331,17 +337,25 @@ impl Device {
                     if self.ctrl.word(proto::RESP_SEQ).load(Ordering::SeqCst) == s {
                         break;
                     }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
+                    if Instant::now() >= deadline {
                         return Err(Error::ElementGone);
                     }
+                    self.arm_watchdog(deadline)?;
                     let ready = sys::poll_readable(
-                        &[self.efd_resp.as_fd(), self.sock.as_fd()],
-                        i32::try_from(left.as_millis()).unwrap_or(i32::MAX),
+                        &[
+                            self.efd_resp.as_fd(),
+                            self.sock.as_fd(),
+                            self.watchdog.as_fd(),
+                        ],
+                        -1,
                     )
                     .map_err(Error::io("waiting for the element"))?;
                     if ready[1] {
                         self.check_element(0)?;
+                    }
+                    if ready[2] {
+                        sys::eventfd_drain(self.watchdog.as_fd()).map_err(Error::io("timerfd"))?;
+                        *self.watchdog_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     }
                     if ready[0] {
                         sys::eventfd_drain(self.efd_resp.as_fd()).map_err(Error::io("eventfd"))?;
@@ -361,6 +375,20 @@ impl Device {
                 self.table.layout().entries(),
             )),
         }
+    }
+
+    /// Makes sure the watchdog fires by `deadline`. One armed for an earlier
+    /// request's deadline that has not come yet is kept (it comes sooner; when
+    /// it fires, the wait re-arms for its own): so a device that keeps asking
+    /// arms it once per `ANSWER_TIMEOUT`, not per request.
+    fn arm_watchdog(&self, deadline: Instant) -> Result<(), Error> {
+        let mut at = self.watchdog_at.lock().unwrap_or_else(|p| p.into_inner());
+        if at.is_some_and(|t| t > Instant::now() && t <= deadline) {
+            return Ok(());
+        }
+        sys::timerfd_set(self.watchdog.as_fd(), Some(deadline)).map_err(Error::io("timerfd"))?;
+        *at = Some(deadline);
+        Ok(())
     }
 
     /// The element never sends after the handshake: a readable socket means

@@ -227,6 +227,8 @@ struct Shared {
     state: Mutex<State>,
     epoll: Epoll,
     stop: OwnedFd,
+    /// Wakes the serving thread for the next grant timeout or sweep.
+    timer: OwnedFd,
     stopping: AtomicU64,
     listener: UnixListener,
     memfd: OwnedFd,
@@ -242,6 +244,7 @@ const SWEEP: Duration = Duration::from_millis(10);
 
 const TOKEN_LISTENER: u64 = u64::MAX;
 const TOKEN_STOP: u64 = u64::MAX - 1;
+const TOKEN_TIMER: u64 = u64::MAX - 2;
 const KIND_SOCK: u64 = 0;
 const KIND_REQ: u64 = 1;
 const KIND_PIDFD: u64 = 2;
@@ -306,6 +309,10 @@ impl Element {
         epoll
             .add(stop.as_raw_fd(), TOKEN_STOP)
             .map_err(Error::io("epoll"))?;
+        let timer = sys::timerfd().map_err(Error::io("timerfd"))?;
+        epoll
+            .add(timer.as_raw_fd(), TOKEN_TIMER)
+            .map_err(Error::io("epoll"))?;
         let generation = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -332,6 +339,7 @@ impl Element {
             state: Mutex::new(state),
             epoll,
             stop,
+            timer,
             stopping: AtomicU64::new(0),
             listener,
             memfd,
@@ -833,18 +841,13 @@ impl State {
     /// Milliseconds until the element must look again without being woken: the
     /// next grant deadline, or the sweep of posted releases while any device
     /// holds a grant (-1: none).
-    fn next_wake_ms(&self, now: Instant) -> i32 {
+    /// When the serving thread must look without being asked: the next grant
+    /// timeout, or the next sweep while grants are held.
+    fn next_wake(&self) -> Option<Instant> {
         let sweep = (self.notify == Notify::EventFd && self.totals.grants > self.totals.revokes)
             .then(|| self.swept + SWEEP);
         let deadline = self.deadlines.peek().map(|Reverse((at, _, _))| *at);
-        match deadline.into_iter().chain(sweep).min() {
-            None => -1,
-            Some(at) => {
-                let d = at.saturating_duration_since(now);
-                // Round up so the wake-up is never before the deadline.
-                i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-            }
-        }
+        deadline.into_iter().chain(sweep).min()
     }
 
     /// Does the device's posted release and answers its pending request, if
@@ -986,6 +989,9 @@ fn serve(shared: &Shared) {
     let mut ids: Vec<DeviceId> = Vec::new();
     let mut spins: u32 = 0;
     let polled = lock(shared).notify == Notify::Polled;
+    // What the timer is armed for: re-armed only when that changes (a sweep
+    // every 10 ms, an earlier grant timeout), not on every sleep.
+    let mut armed: Option<Instant> = None;
     loop {
         if shared.stopping.load(Ordering::Acquire) != 0 {
             return;
@@ -993,7 +999,22 @@ fn serve(shared: &Shared) {
         let timeout = if polled {
             0
         } else {
-            lock(shared).next_wake_ms(Instant::now())
+            let want = lock(shared).next_wake();
+            if want != armed {
+                match sys::timerfd_set(shared.timer.as_fd(), want) {
+                    Ok(()) => armed = want,
+                    Err(e) => tracing::error!(error = %e, "arming the element's timer"),
+                }
+            }
+            match (want == armed, want) {
+                (true, _) | (false, None) => -1,
+                // The timer could not be armed: the wait's own timeout then
+                // (rounded up, never before the time).
+                (false, Some(at)) => {
+                    let d = at.saturating_duration_since(Instant::now());
+                    i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+                }
+            }
         };
         // Polled: look at the sockets and pidfds every 256 passes over the
         // control pages (a syscall per pass would double the latency).
@@ -1010,6 +1031,10 @@ fn serve(shared: &Shared) {
         for &t in &ready {
             match t {
                 TOKEN_STOP => return,
+                TOKEN_TIMER => {
+                    let _ = sys::eventfd_drain(shared.timer.as_fd());
+                    armed = None;
+                }
                 TOKEN_LISTENER => accept_all(shared),
                 t if t & 3 == KIND_GUEST => guest::accept(shared, (t >> 2) as DeviceId),
                 t => {

@@ -234,6 +234,50 @@ pub(crate) fn eventfd() -> io::Result<OwnedFd> {
     owned(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
 }
 
+/// A one-shot `CLOCK_MONOTONIC` timerfd (close-on-exec, non-blocking; read it
+/// with [`eventfd_drain`], whose 8-byte read is a timerfd's too).
+///
+/// Why not a timeout on the wait itself: a timed `epoll_wait` or `poll` arms and
+/// cancels a kernel timer on every sleep, and on this kind of VM reprogramming
+/// the timer costs ~0.5 µs each time (docs/SHM.md, *Waits without a timer*); a
+/// timerfd is armed once for a wake-up time that rarely changes.
+pub(crate) fn timerfd() -> io::Result<OwnedFd> {
+    // SAFETY: returns a new descriptor or -1.
+    owned(unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    })
+}
+
+/// Arms a timerfd to fire once at `at` (at once if that has passed), or disarms
+/// it (`None`).
+pub(crate) fn timerfd_set(fd: BorrowedFd<'_>, at: Option<std::time::Instant>) -> io::Result<()> {
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let value = match at {
+        None => zero,
+        Some(at) => {
+            let d = at.saturating_duration_since(std::time::Instant::now());
+            libc::timespec {
+                tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+                // A zero value would disarm: a due time fires after 1 ns.
+                tv_nsec: libc::c_long::from(d.subsec_nanos()).max(i64::from(d.is_zero())),
+            }
+        }
+    };
+    let spec = libc::itimerspec {
+        it_interval: zero,
+        it_value: value,
+    };
+    // SAFETY: `spec` is a valid itimerspec for the call; the old value is not asked for.
+    cvt(unsafe { libc::timerfd_settime(fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) })?;
+    Ok(())
+}
+
 /// Adds one to an eventfd (wakes its waiter).
 pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
     let one: u64 = 1;
