@@ -239,7 +239,7 @@ pub(crate) fn eventfd() -> io::Result<OwnedFd> {
 ///
 /// Why not a timeout on the wait itself: a timed `epoll_wait` or `poll` arms and
 /// cancels a kernel timer on every sleep, and on this kind of VM reprogramming
-/// the timer costs ~0.5 µs each time (docs/SHM.md, *Waits without a timer*); a
+/// the timer costs ~0.5 µs each time (docs/SHM.md, *waits without a timer*); a
 /// timerfd is armed once for a wake-up time that rarely changes.
 pub(crate) fn timerfd() -> io::Result<OwnedFd> {
     // SAFETY: returns a new descriptor or -1.
