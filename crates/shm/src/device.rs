@@ -34,6 +34,8 @@ pub struct Device {
     /// itself has no timeout: see `sys::timerfd`), and when it is armed for.
     watchdog: OwnedFd,
     watchdog_at: Mutex<Option<Instant>>,
+    /// `ANSWER_TIMEOUT` (shorter in this module's tests).
+    answer_timeout: Duration,
     // Kept open so that the protection outlives the element: if the element
     // exits, its copy of this userfaultfd closes, and the kernel would clear
     // write protection from the mapping if ours were the last one gone. Also
@@ -129,6 +131,7 @@ impl Device {
             efd_resp,
             watchdog: sys::timerfd().map_err(Error::io("timerfd"))?,
             watchdog_at: Mutex::new(None),
+            answer_timeout: ANSWER_TIMEOUT,
             uffd,
             seq: Mutex::new(0),
             rel_seq: Mutex::new(0),
@@ -271,7 +274,7 @@ impl Device {
     /// Waits (spinning, then sleeping in short steps) until control word `i`
     /// reads `value`: for answers nobody signals.
     fn wait_word(&self, i: usize, value: u64) -> Result<(), Error> {
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let deadline = Instant::now() + self.answer_timeout;
         let mut spins: u32 = 0;
         while self.ctrl.word(i).load(Ordering::Acquire) != value {
             spins = spins.wrapping_add(1);
@@ -310,7 +313,7 @@ impl Device {
 
     /// Waits for the answer to request `s`.
     fn answer(&self, s: u64, entry: u32) -> Result<u64, Error> {
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let deadline = Instant::now() + self.answer_timeout;
         let mut spins: u32 = 0;
         while self.ctrl.word(proto::RESP_SEQ).load(Ordering::Acquire) != s {
             match self.notify {
@@ -380,7 +383,7 @@ impl Device {
     /// Makes sure the watchdog fires by `deadline`. One armed for an earlier
     /// request's deadline that has not come yet is kept (it comes sooner; when
     /// it fires, the wait re-arms for its own): so a device that keeps asking
-    /// arms it once per `ANSWER_TIMEOUT`, not per request.
+    /// arms it once per answer timeout, not per request.
     fn arm_watchdog(&self, deadline: Instant) -> Result<(), Error> {
         let mut at = self.watchdog_at.lock().unwrap_or_else(|p| p.into_inner());
         if at.is_some_and(|t| t > Instant::now() && t <= deadline) {
@@ -494,5 +497,113 @@ impl Drop for WriteGuard<'_> {
                 tracing::debug!(entry = self.entry, error = %e, "release on drop");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::proto::{Attach, Ctrl};
+
+    /// An element that attaches one device, answers its first `answered`
+    /// requests with a grant 50 ms late (so that the device sleeps for each),
+    /// then never answers again (hung, not gone: its socket stays open until
+    /// `stop` is dropped).
+    fn hung_element(
+        socket: &Path,
+        answered: u64,
+    ) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+        let listener = UnixListener::bind(socket).unwrap();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let layout = Layout::new(2, 56).unwrap();
+            let memfd = sys::sealed_memfd(c"hung", layout.table_bytes()).unwrap();
+            let (ctrl, ctrl_fd) = Ctrl::create().unwrap();
+            let efd_req = sys::eventfd().unwrap();
+            let efd_resp = sys::eventfd().unwrap();
+            let welcome = Welcome {
+                device: 1,
+                notify: Notify::EventFd,
+                entries: layout.entries(),
+                entry_size: layout.entry_size(),
+                generation: 1,
+            };
+            let fds = [
+                memfd.as_fd(),
+                ctrl_fd.as_fd(),
+                efd_req.as_fd(),
+                efd_resp.as_fd(),
+            ];
+            sys::send_with_fds(sock.as_fd(), &welcome.encode(), &fds).unwrap();
+            let mut buf = [0u8; proto::ATTACH_LEN];
+            let _uffd = sys::recv_with_fds(sock.as_fd(), &mut buf).unwrap();
+            Attach::decode(&buf).unwrap();
+            sys::send_with_fds(sock.as_fd(), &proto::encode_ready(0), &[]).unwrap();
+            for seq in 1..=answered {
+                while ctrl.word(proto::REQ_SEQ).load(Ordering::Acquire) < seq {
+                    sys::poll_readable(&[efd_req.as_fd()], 1000).unwrap();
+                    sys::eventfd_drain(efd_req.as_fd()).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                ctrl.word(proto::RESP_STATUS)
+                    .store(proto::ST_GRANTED, Ordering::Relaxed);
+                ctrl.word(proto::RESP_SEQ).store(seq, Ordering::SeqCst);
+                if ctrl.word(proto::RESP_WAITING).load(Ordering::SeqCst) == seq {
+                    sys::eventfd_signal(efd_resp.as_fd()).unwrap();
+                }
+            }
+            let _ = stopped.recv();
+        });
+        (thread, stop)
+    }
+
+    #[test]
+    fn a_hung_element_ends_the_wait_at_its_own_timeout() {
+        let dir = std::env::temp_dir().join(format!("shm-hung-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("hung.sock");
+        let _ = std::fs::remove_file(&socket);
+        let (thread, stop) = hung_element(&socket, 1);
+        let mut dev = Device::connect(&socket).unwrap();
+        let timeout = Duration::from_millis(400);
+        dev.answer_timeout = timeout;
+        // Answered after the device went to sleep for it: the watchdog is
+        // armed for this request's deadline.
+        let first = Instant::now();
+        drop(dev.request_write(0, None).unwrap());
+        // Asked half a timeout later, unanswered: the watchdog armed for the
+        // first request fires first, and the wait goes on to its own deadline.
+        std::thread::sleep((timeout / 2).saturating_sub(first.elapsed()));
+        let t = Instant::now();
+        let err = dev.request_write(1, None).err();
+        let waited = t.elapsed();
+        assert!(
+            matches!(err, Some(Error::ElementGone)),
+            "a hung element: {err:?}"
+        );
+        assert!(
+            waited >= timeout,
+            "gave up after {waited:?}, before {timeout:?}"
+        );
+        assert!(
+            waited < timeout * 5,
+            "waited {waited:?} for a {timeout:?} timeout"
+        );
+        // And again, with nothing armed left over.
+        let t = Instant::now();
+        assert!(matches!(
+            dev.request_write(1, None).err(),
+            Some(Error::ElementGone)
+        ));
+        let waited = t.elapsed();
+        assert!(waited >= timeout && waited < timeout * 5, "{waited:?}");
+        drop(stop);
+        thread.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
