@@ -638,21 +638,23 @@ fn read_error<E: std::fmt::Display>(e: E) -> StoreError {
 impl Store for RedbStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         validate_key(key)?;
-        let key = key.to_owned();
-        self.blocking(move |inner| {
-            let tx = inner.db.begin_read().map_err(read_error)?;
-            let table = tx.open_table(KV).map_err(read_error)?;
-            let kv = table.get(key.as_str()).map_err(read_error)?.map(|g| {
-                let (rev, value) = g.value();
-                KeyValue {
-                    key: key.clone(),
-                    value: Bytes::copy_from_slice(value),
-                    mod_revision: Revision(rev),
-                }
-            });
-            Ok(kv)
-        })
-        .await
+        // On the caller's thread, not the blocking pool: one key is a few
+        // microseconds of B-tree walk in redb's page cache (a page read from
+        // the file at worst), where a hand-off to the pool and back is two
+        // thread wake-ups — on a 2-vCPU VM most of the cost of a get, and gets
+        // are on every terminal operation's path (docs/TERMINALS.md).
+        let inner = &self.inner;
+        let tx = inner.db.begin_read().map_err(read_error)?;
+        let table = tx.open_table(KV).map_err(read_error)?;
+        let kv = table.get(key).map_err(read_error)?.map(|g| {
+            let (rev, value) = g.value();
+            KeyValue {
+                key: key.to_owned(),
+                value: Bytes::copy_from_slice(value),
+                mod_revision: Revision(rev),
+            }
+        });
+        Ok(kv)
     }
 
     async fn put(&self, key: &str, value: Bytes) -> Result<Revision, StoreError> {
