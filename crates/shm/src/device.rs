@@ -30,7 +30,7 @@ pub struct Device {
     sock: UnixStream,
     efd_req: OwnedFd,
     efd_resp: OwnedFd,
-    /// Ends a wait for an answer that outlived `ANSWER_TIMEOUT` (the wait
+    /// Ends a wait for an answer that outlived its answer timeout (the wait
     /// itself has no timeout: see `sys::timerfd`), and when it is armed for.
     watchdog: OwnedFd,
     watchdog_at: Mutex<Option<Instant>>,

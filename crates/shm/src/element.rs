@@ -800,7 +800,7 @@ impl State {
     /// Write-protects a released `entry` in `device`'s address space, if it
     /// is still attached (best effort: a device whose address space is gone
     /// writes nothing).
-    fn protect_released(&mut self, device: DeviceId, entry: u32) {
+    fn protect_released(&self, device: DeviceId, entry: u32) {
         let off = self.slots.layout().slot_offset(entry);
         let slot = self.slots.layout().slot_size();
         if let Some(d) = self.devices.get(&device) {
@@ -838,11 +838,8 @@ impl State {
         self.swept = Instant::now();
     }
 
-    /// Milliseconds until the element must look again without being woken: the
-    /// next grant deadline, or the sweep of posted releases while any device
-    /// holds a grant (-1: none).
     /// When the serving thread must look without being asked: the next grant
-    /// timeout, or the next sweep while grants are held.
+    /// timeout, or the next sweep of posted releases while grants are held.
     fn next_wake(&self) -> Option<Instant> {
         let sweep = (self.notify == Notify::EventFd && self.totals.grants > self.totals.revokes)
             .then(|| self.swept + SWEEP);

@@ -9,7 +9,7 @@ use crate::sys::{self, Mapping};
 use crate::Error;
 
 const MAGIC: u32 = 0x5653_484d; // "VSHM"
-                                // 2: the element signals a device only when `RESP_WAITING` says it sleeps.
+/// 2: the element signals a device only when `RESP_WAITING` says it sleeps.
 const VERSION: u16 = 2;
 
 /// How the element learns of a device's request and the device of the answer.

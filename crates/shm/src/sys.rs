@@ -265,7 +265,7 @@ pub(crate) fn timerfd_set(fd: BorrowedFd<'_>, at: Option<std::time::Instant>) ->
             libc::timespec {
                 tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
                 // A zero value would disarm: a due time fires after 1 ns.
-                tv_nsec: libc::c_long::from(d.subsec_nanos()).max(i64::from(d.is_zero())),
+                tv_nsec: libc::c_long::from(d.subsec_nanos()).max(libc::c_long::from(d.is_zero())),
             }
         }
     };
