@@ -16,11 +16,11 @@
 //! a write that returned `Ok` survives `kill -9` and the revision never goes
 //! backwards after a restart.
 //!
-//! **Group commit.** Writes that arrive while another is committing wait in a
-//! queue; the next writer to get the write lock runs every queued write, one
-//! after another in arrival order (each sees the ones before it, each takes its
-//! own revision and sends its own watch batch), in one redb transaction with one
-//! fsync, and hands each its result. An fsync is most of a write's time, so
+//! **Group commit.** Writes wait in a queue; one committer takes every queued
+//! write and runs them one after another in arrival order (each sees the ones
+//! before it, each takes its own revision and sends its own watch batch), in one
+//! redb transaction with one fsync, hands each its result, and goes on with what
+//! was queued meanwhile until the queue is empty. An fsync is most of a write's time, so
 //! concurrent writers (hundreds of terminal operations a second, each taking a
 //! sequence number) share it instead of queueing for one each; a lone writer
 //! commits at once, as before. A write that fails its compare takes no part;
@@ -32,9 +32,12 @@
 //! sizes (megabytes).
 //!
 //! # Threads and tasks
-//! redb is a blocking API. Each operation runs on tokio's blocking pool
+//! redb is a blocking API. The committer runs on tokio's blocking pool
 //! ([`tokio::task::spawn_blocking`]): a commit waits for an fsync (milliseconds),
-//! which must not stall a runtime worker. Consequence for cancellation: if the
+//! which must not stall a runtime worker; a write's task waits for its result
+//! without holding a thread. So do lists (a long one would hold a worker). A
+//! `get` runs on the caller's thread: a few microseconds in redb's page cache,
+//! where a hand-off to the pool and back would cost two thread wake-ups. Consequence for cancellation: if the
 //! caller drops the future of a write, the write still runs to completion (or
 //! not) in the background, the same "maybe applied" outcome as a cancelled etcd
 //! request. Calls need a tokio runtime.
@@ -121,7 +124,7 @@ struct Inner {
     /// holding it leaves nothing inconsistent (redb aborts the transaction).
     writer: Mutex<()>,
     /// Writes waiting for the next group commit (see the crate docs).
-    queue: Mutex<Vec<Job>>,
+    queue: Mutex<Queue>,
     /// Durable commits made (each one fsync), for [`RedbStore::commits`].
     commits: AtomicU64,
     /// Shared with the watch streams (weakly), which leave it when dropped.
@@ -233,7 +236,62 @@ type WriteFn = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Result<Erased, StoreError> +
 /// A queued write and where its result goes.
 struct Job {
     f: WriteFn,
-    done: std::sync::mpsc::SyncSender<Result<Erased, StoreError>>,
+    done: tokio::sync::oneshot::Sender<Result<Erased, StoreError>>,
+}
+
+impl Job {
+    /// `f` as a job, and where its result will come.
+    fn new<R: Send + 'static>(
+        f: impl FnOnce(&mut WriteCtx<'_>) -> Result<R, StoreError> + Send + 'static,
+    ) -> (
+        Job,
+        tokio::sync::oneshot::Receiver<Result<Erased, StoreError>>,
+    ) {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let f: WriteFn =
+            Box::new(move |ctx: &mut WriteCtx<'_>| f(ctx).map(|r| Box::new(r) as Erased));
+        (Job { f, done }, result)
+    }
+}
+
+/// A write's result as its writer gets it (`None`: its batch was aborted
+/// before it ran).
+fn unerase<R: 'static>(result: Option<Result<Erased, StoreError>>) -> Result<R, StoreError> {
+    let erased = result.ok_or_else(|| {
+        StoreError::backend(
+            "redb write",
+            RedbError("the group commit was aborted before this write ran".into()),
+        )
+    })??;
+    match erased.downcast::<R>() {
+        Ok(r) => Ok(*r),
+        Err(_) => Err(StoreError::backend(
+            "redb write",
+            RedbError("a write's result has the wrong type".into()),
+        )),
+    }
+}
+
+/// The writes waiting for a group commit, and whether a committer is running
+/// (then it takes them; otherwise the writer that queues one starts it).
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    committing: bool,
+}
+
+/// Ends a committer: whatever way it leaves (a panic in a write included),
+/// the next write starts a new one.
+struct Committing<'a>(&'a Inner);
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        self.0
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .committing = false;
+    }
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -342,7 +400,7 @@ impl RedbStore {
             db,
             path: path.to_owned(),
             writer: Mutex::new(()),
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue::default()),
             commits: AtomicU64::new(0),
             watchers: Arc::default(),
         };
@@ -382,13 +440,33 @@ impl RedbStore {
         }
     }
 
-    /// Runs `f` in one durable write transaction (see [`Inner::write`]).
+    /// One write: `f` reads and writes through the [`WriteCtx`]; if it returns
+    /// `Ok` and changed something, it takes the next revision, is committed
+    /// durably (in a group commit with the writes queued beside it) and its
+    /// events go to watchers. On `Err` nothing of it is written.
+    ///
+    /// The write waits as a task, not as a thread: it is queued, and the one
+    /// committer (on the blocking pool, started by the write that found none
+    /// running) commits what is queued, batch after batch, until the queue is
+    /// empty. Before, each write held a pool thread and the writers of a batch
+    /// handed a lock on one after another to find their write done — a thread
+    /// wake-up per write on top of its answer's.
     async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
-        self.blocking(move |inner| inner.write(f)).await
+        let (job, result) = Job::new(f);
+        let start = {
+            let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.jobs.push(job);
+            !std::mem::replace(&mut q.committing, true)
+        };
+        if start {
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || inner.commit_queued());
+        }
+        unerase(result.await.ok())
     }
 }
 
@@ -460,44 +538,36 @@ impl WriteCtx<'_> {
 }
 
 impl Inner {
-    /// One write: `f` reads and writes through the [`WriteCtx`]; if it returns
-    /// `Ok` and changed something, it takes the next revision, is committed
-    /// durably (in a group commit with the writes queued beside it) and its
-    /// events go to watchers. On `Err` nothing of it is written.
-    fn write<R: Send + 'static>(
+    /// One write committed at once on this thread: for opening the store,
+    /// before anything else can write.
+    fn write_now<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut WriteCtx<'_>) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
-        let (done, result) = std::sync::mpsc::sync_channel(1);
-        let job = Job {
-            f: Box::new(move |ctx: &mut WriteCtx<'_>| f(ctx).map(|r| Box::new(r) as Erased)),
-            done,
-        };
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(job);
+        let (job, mut result) = Job::new(f);
         {
             let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            // Whoever held the lock before may have committed this write already
-            // (then the queue holds only later ones, or none).
-            let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
-            if !batch.is_empty() {
-                self.commit_batch(batch);
-            }
+            self.commit_batch(vec![job]);
         }
-        let erased = result.recv().map_err(|_| {
-            StoreError::backend(
-                "redb write",
-                RedbError("the group commit was aborted before this write ran".into()),
-            )
-        })??;
-        match erased.downcast::<R>() {
-            Ok(r) => Ok(*r),
-            Err(_) => Err(StoreError::backend(
-                "redb write",
-                RedbError("a write's result has the wrong type".into()),
-            )),
+        // The batch's commit answered every write of it before returning.
+        unerase(result.try_recv().ok())
+    }
+
+    /// The committer: commits what is queued, one group commit at a time,
+    /// until nothing is (`RedbStore::write` starts it when none runs).
+    fn commit_queued(&self) {
+        let _running = Committing(self);
+        loop {
+            let batch = {
+                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if q.jobs.is_empty() {
+                    q.committing = false;
+                    return;
+                }
+                std::mem::take(&mut q.jobs)
+            };
+            let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            self.commit_batch(batch);
         }
     }
 
@@ -607,7 +677,7 @@ impl Inner {
     /// Deletes every election key (see the crate docs: their holders are
     /// gone) in one write; returns how many there were.
     fn clear_elections(&self) -> Result<usize, StoreError> {
-        self.write(|ctx| {
+        self.write_now(|ctx| {
             let mut stale = Vec::new();
             for entry in ctx
                 .kv
