@@ -280,17 +280,51 @@ struct Queue {
     committing: bool,
 }
 
-/// Ends a committer: whatever way it leaves (a panic in a write included),
-/// the next write starts a new one.
-struct Committing<'a>(&'a Inner);
+/// The committer: commits what is queued, one group commit at a time, until
+/// nothing is (`RedbStore::write` starts it when none runs). Whether more is
+/// queued is settled before a batch's answers go out; after the last batch
+/// it lets go of the store first (see [`Committer`]).
+fn commit_queued(inner: Arc<Inner>) {
+    let mut running = Committer(Some(inner));
+    while let Some(inner) = running.0.clone() {
+        let batch = std::mem::take(&mut inner.queue.lock().unwrap_or_else(|p| p.into_inner()).jobs);
+        let outcomes = inner.commit_batch(batch);
+        let last = {
+            let mut q = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.committing = !q.jobs.is_empty();
+            !q.committing
+        };
+        drop(inner);
+        if last {
+            running.0 = None;
+        }
+        for (done, r) in outcomes {
+            let _ = done.send(r);
+        }
+    }
+}
 
-impl Drop for Committing<'_> {
+/// A write's answer, sent once its batch is settled.
+type Outcome = (
+    tokio::sync::oneshot::Sender<Result<Erased, StoreError>>,
+    Result<Erased, StoreError>,
+);
+
+/// The committer's hold on the store. Dropped before the last batch's answers
+/// go out, so that a writer that has its answer and drops the store closes the
+/// file (and may open it again at once). If the committer leaves otherwise (a
+/// panic in a write), the next write starts a new one.
+struct Committer(Option<Arc<Inner>>);
+
+impl Drop for Committer {
     fn drop(&mut self) {
-        self.0
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .committing = false;
+        if let Some(inner) = &self.0 {
+            inner
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .committing = false;
+        }
     }
 }
 
@@ -464,7 +498,7 @@ impl RedbStore {
         };
         if start {
             let inner = self.inner.clone();
-            tokio::task::spawn_blocking(move || inner.commit_queued());
+            tokio::task::spawn_blocking(move || commit_queued(inner));
         }
         unerase(result.await.ok())
     }
@@ -545,36 +579,17 @@ impl Inner {
         f: impl FnOnce(&mut WriteCtx<'_>) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (job, mut result) = Job::new(f);
-        {
-            let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            self.commit_batch(vec![job]);
+        for (done, r) in self.commit_batch(vec![job]) {
+            let _ = done.send(r);
         }
-        // The batch's commit answered every write of it before returning.
         unerase(result.try_recv().ok())
     }
 
-    /// The committer: commits what is queued, one group commit at a time,
-    /// until nothing is (`RedbStore::write` starts it when none runs).
-    fn commit_queued(&self) {
-        let _running = Committing(self);
-        loop {
-            let batch = {
-                let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                if q.jobs.is_empty() {
-                    q.committing = false;
-                    return;
-                }
-                std::mem::take(&mut q.jobs)
-            };
-            let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            self.commit_batch(batch);
-        }
-    }
-
-    /// Runs `batch` in one redb transaction, commits it with one fsync, sends
-    /// each write's events (in revision order: the caller holds the writer lock)
-    /// and each write its result.
-    fn commit_batch(&self, batch: Vec<Job>) {
+    /// Runs `batch` in one redb transaction, commits it with one fsync and
+    /// sends each write's events (in revision order, under the writer lock);
+    /// returns each write's answer, for the caller to send.
+    fn commit_batch(&self, batch: Vec<Job>) -> Vec<Outcome> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut outcomes = Vec::with_capacity(batch.len());
         let run = || -> Result<Vec<Vec<WatchEvent>>, StoreError> {
             let mut tx = self
@@ -649,25 +664,26 @@ impl Inner {
                     watchers.dispatch(&events);
                 }
                 drop(watchers);
-                for (done, r) in outcomes {
-                    let _ = done.send(r);
-                }
+                outcomes
             }
             Err(e) => {
                 // Nothing of the batch was applied: every write of it fails (one that
                 // failed on its own keeps its error; writes never run see their
                 // sender dropped).
                 let msg = e.to_string();
-                for (done, r) in outcomes {
-                    let r = match r {
-                        Err(own) => Err(own),
-                        Ok(_) => Err(StoreError::backend(
-                            "redb write",
-                            RedbError(format!("the group commit was aborted: {msg}")),
-                        )),
-                    };
-                    let _ = done.send(r);
-                }
+                outcomes
+                    .into_iter()
+                    .map(|(done, r)| {
+                        let r = match r {
+                            Err(own) => Err(own),
+                            Ok(_) => Err(StoreError::backend(
+                                "redb write",
+                                RedbError(format!("the group commit was aborted: {msg}")),
+                            )),
+                        };
+                        (done, r)
+                    })
+                    .collect()
             }
         }
     }

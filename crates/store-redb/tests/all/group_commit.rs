@@ -82,3 +82,35 @@ async fn concurrent_writes_share_commits_and_keep_their_own_revisions() {
     let distinct: BTreeSet<_> = won.iter().map(|(r, ..)| *r).collect();
     assert_eq!(distinct.len(), 151);
 }
+
+/// The committer lets go of the store before a write has its answer: a store
+/// dropped right after a write opens again at once (the file's lock is free),
+/// with the write in it — over and over, and with writes in flight from other
+/// tasks up to the last answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_dropped_after_its_last_answer_opens_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    for round in 0..50u32 {
+        let redb = RedbStore::open(&path).unwrap();
+        let writes: Vec<_> = (0..4u32)
+            .map(|i| {
+                let s = redb.clone();
+                tokio::spawn(
+                    async move { s.put(&format!("/r{round}/{i}"), "v".into()).await.unwrap() },
+                )
+            })
+            .collect();
+        for w in writes {
+            w.await.unwrap();
+        }
+        redb.put("/last", round.to_string().into()).await.unwrap();
+        drop(redb);
+        let again = RedbStore::open(&path).unwrap_or_else(|e| {
+            panic!("round {round}: reopening right after the last answer: {e}")
+        });
+        let last = again.get("/last").await.unwrap().unwrap();
+        assert_eq!(&last.value[..], round.to_string().as_bytes());
+        assert_eq!(again.list(&format!("/r{round}/")).await.unwrap().len(), 4);
+    }
+}
