@@ -20,27 +20,28 @@
 //! write and runs them one after another in arrival order (each sees the ones
 //! before it, each takes its own revision and sends its own watch batch), in one
 //! redb transaction with one fsync, hands each its result, and goes on with what
-//! was queued meanwhile until the queue is empty. An fsync is most of a write's time, so
-//! concurrent writers (hundreds of terminal operations a second, each taking a
-//! sequence number) share it instead of queueing for one each; a lone writer
-//! commits at once, as before. A write that fails its compare takes no part;
-//! a backend error in the middle of a batch aborts the batch and every write of
-//! it gets the error (none was applied). A write that changes nothing (a delete of an absent key, a failed
-//! compare) takes no revision, as in etcd. Opening a file with an unknown
-//! `format` fails instead of guessing. After an unclean shutdown redb repairs
-//! the file on open; that walks the whole file, which is fine at control-plane
-//! sizes (megabytes).
+//! was queued meanwhile until the queue is empty. An fsync is most of a write's
+//! time, so concurrent writers (hundreds of terminal operations a second, each
+//! taking a sequence number) share it instead of queueing for one each; a lone
+//! writer commits at once, as before. A write that fails its compare takes no
+//! part; a backend error in the middle of a batch aborts the batch and every
+//! write of it gets the error (none was applied). A write that changes nothing
+//! (a delete of an absent key, a failed compare) takes no revision, as in etcd.
+//! Opening a file with an unknown `format` fails instead of guessing. After an
+//! unclean shutdown redb repairs the file on open; that walks the whole file,
+//! which is fine at control-plane sizes (megabytes).
 //!
 //! # Threads and tasks
 //! redb is a blocking API. The committer runs on tokio's blocking pool
 //! ([`tokio::task::spawn_blocking`]): a commit waits for an fsync (milliseconds),
-//! which must not stall a runtime worker; a write's task waits for its result
-//! without holding a thread. So do lists (a long one would hold a worker). A
-//! `get` runs on the caller's thread: a few microseconds in redb's page cache,
-//! where a hand-off to the pool and back would cost two thread wake-ups. Consequence for cancellation: if the
-//! caller drops the future of a write, the write still runs to completion (or
-//! not) in the background, the same "maybe applied" outcome as a cancelled etcd
-//! request. Calls need a tokio runtime.
+//! which must not stall a runtime worker; a write's task awaits its result
+//! without holding a thread. Lists run on the pool too (a long one would hold a
+//! worker). A `get` runs on the caller's thread: a few microseconds in redb's
+//! page cache, where a hand-off to the pool and back would cost two thread
+//! wake-ups. Consequence for cancellation: if the caller drops the future of a
+//! write, the write still runs to completion (or not) in the background, the
+//! same "maybe applied" outcome as a cancelled etcd request. Calls need a tokio
+//! runtime.
 //!
 //! # Watch
 //! Watchers are in-process: a write commits, then hands each watcher whose
