@@ -661,27 +661,12 @@ impl State {
             Some(g) if g.device == device => {}
             _ => return Err(Error::NotHeld { device, entry }),
         }
-        let off = self.slots.layout().slot_offset(entry);
-        let slot = self.slots.layout().slot_size();
-        let uffd = self
-            .devices
-            .get(&device)
-            .and_then(|d| d.uffd.as_ref().map(|u| (u, d.base)))
-            .filter(|_| protect);
-        if let Some((uffd, base)) = uffd {
-            match uffd.protect(base + off, slot, true) {
-                Ok(()) => {}
-                // The device's address space is gone (it exited): nothing can
-                // write through its mapping any more.
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                // The page is still writable: say so rather than record a revoke.
-                Err(e) => {
-                    return Err(Error::Io {
-                        what: "revoking (UFFDIO_WRITEPROTECT)",
-                        source: e,
-                    })
-                }
-            }
+        if protect {
+            // The page is still writable on failure: say so rather than record a revoke.
+            self.write_protect(device, entry).map_err(|e| Error::Io {
+                what: "revoking (UFFDIO_WRITEPROTECT)",
+                source: e,
+            })?;
         }
         let Some(g) = self.brt[entry as usize].take() else {
             return Err(Error::NotHeld { device, entry });
@@ -797,18 +782,21 @@ impl State {
         kept
     }
 
-    /// Write-protects a released `entry` in `device`'s address space, if it
-    /// is still attached (best effort: a device whose address space is gone
-    /// writes nothing).
-    fn protect_released(&self, device: DeviceId, entry: u32) {
+    /// Write-protects `entry` in `device`'s address space. Nothing to do for a
+    /// device without one here (a guest) or whose address space is gone (it
+    /// exited: nothing can write through its mapping any more).
+    fn write_protect(&self, device: DeviceId, entry: u32) -> std::io::Result<()> {
+        let Some((uffd, base)) = self
+            .devices
+            .get(&device)
+            .and_then(|d| d.uffd.as_ref().map(|u| (u, d.base)))
+        else {
+            return Ok(());
+        };
         let off = self.slots.layout().slot_offset(entry);
-        let slot = self.slots.layout().slot_size();
-        if let Some(d) = self.devices.get(&device) {
-            if let Some(uffd) = &d.uffd {
-                if let Err(e) = uffd.protect(d.base + off, slot, true) {
-                    tracing::warn!(device, entry, error = %e, "write-protecting a released entry");
-                }
-            }
+        match uffd.protect(base + off, self.slots.layout().slot_size(), true) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            r => r,
         }
     }
 
@@ -876,7 +864,9 @@ impl State {
                 if granted.is_err() && kept {
                     // The release above left the page as the device did; the
                     // entry is free now, so no page of it may stay writable.
-                    self.protect_released(device, entry);
+                    if let Err(e) = self.write_protect(device, entry) {
+                        tracing::warn!(device, entry, error = %e, "write-protecting a released entry");
+                    }
                 }
                 granted.map(|v| (proto::ST_GRANTED, v))
             }
